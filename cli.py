@@ -1,0 +1,182 @@
+"""clipfail command line: one click group, one thin command per stage.
+
+Each command parses its options, opens the database, calls one toolkit function and
+prints what it returns. User errors (toolkit.errors.UserError) print one message and exit
+with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+import pandas as pd
+
+import toolkit
+from toolkit import db
+from toolkit.errors import UserError
+
+
+class ClipfailGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("Interrupted. The interrupted stage wrote nothing to the database.", err=True)
+            ctx.exit(130)
+
+
+def db_option(f):
+    """Every command takes --db; it may also be given before the command name."""
+
+    @click.option(
+        "--db",
+        "db_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="DuckDB file (default: $CLIPFAIL_DB or ./clipfail.duckdb).",
+    )
+    @click.pass_context
+    @functools.wraps(f)
+    def wrapper(ctx, db_path, *args, **kwargs):
+        path = db_path or (ctx.obj or {}).get("db_path") or db.default_db_path()
+        return ctx.invoke(f, *args, db_path=path, **kwargs)
+
+    return wrapper
+
+
+def echo_df(df: pd.DataFrame, floatfmt: str = "{:.4f}") -> None:
+    """Print a DataFrame as a plain aligned table."""
+    if df.empty:
+        click.echo("(no rows)")
+        return
+    shown = df.copy()
+    for col in shown.columns:
+        if pd.api.types.is_float_dtype(shown[col]):
+            shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else floatfmt.format(v))
+    click.echo(shown.to_string(index=False))
+
+
+@click.group(cls=ClipfailGroup)
+@click.version_option(toolkit.__version__, prog_name="clipfail")
+@click.option(
+    "--db",
+    "db_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="DuckDB file for every command (default: $CLIPFAIL_DB or ./clipfail.duckdb).",
+)
+@click.pass_context
+def cli(ctx, db_path):
+    """Why does CLIP miss at text-to-image retrieval on COCO, and does a text-side fix help?
+
+    Every stage reads and writes one DuckDB file. Run `clipfail demo` for an offline tour.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["db_path"] = db_path
+
+
+@cli.command()
+@db_option
+def init(db_path):
+    """Create the database, or upgrade its schema, and apply the views.
+
+    Example: clipfail --db study.duckdb init
+    """
+    con = db.open_database(db_path)
+    version = db.schema_version(con)
+    con.close()
+    click.echo(f"Database {db_path} is ready (schema version {version}).")
+
+
+@cli.command("make-synthetic-coco")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--images", "n_images", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_synthetic_coco(dest, n_images, seed):
+    """Write a small COCO-format dataset of drawn scenes (for tests and the demo).
+
+    Example: clipfail make-synthetic-coco /tmp/coco --images 40
+    """
+    from toolkit.synthetic import make_synthetic_coco as make
+
+    path = make(dest, n_images, seed=seed)
+    click.echo(f"Wrote {n_images} images and {path}. Ingest with: clipfail ingest --coco-root {dest}")
+
+
+@cli.command()
+@click.option("--coco-root", type=click.Path(), help="Folder with annotations/captions_val2017.json and val2017/.")
+@click.option("--captions-json", type=click.Path(), help="A COCO captions JSON (instead of --coco-root).")
+@click.option("--images-dir", type=click.Path(), help="The folder its file_names are relative to.")
+@click.option("--karpathy-json", type=click.Path(), help="Karpathy's dataset_coco.json (image root: --images-dir).")
+@click.option("--split", default=None, help="Karpathy split to take (default: test).")
+@click.option("--num-images", default="5000", show_default=True, help="Images to sample, or 'all'.")
+@click.option("--captions-per-image", type=int, default=5, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--name", default=None, help="Subset name (default: <num-images>-seed<seed>).")
+@click.option("--skip-bad-images", is_flag=True, help="Exclude missing/unreadable images before sampling.")
+@click.option("--replace", is_flag=True, help="Rebuild an existing subset of this name with a new config.")
+@db_option
+def ingest(db_path, **options):
+    """Read COCO captions and images, and draw a seeded subset.
+
+    Sampling: sort the image ids, draw with numpy's default_rng(seed); captions keep
+    ascending annotation-id order, the first --captions-per-image of each image.
+
+    Example: clipfail ingest --coco-root ~/coco --num-images 5000 --seed 42
+    """
+    from toolkit.ingest import ingest as run_ingest
+
+    con = db.open_database(db_path)
+    try:
+        res = run_ingest(con, **options)
+    finally:
+        con.close()
+    if res.is_noop:
+        click.echo(f"Subset {res.name!r} is already ingested with this configuration; nothing changed.")
+    else:
+        click.echo(f"Ingested subset {res.name!r} (id {res.subset_id}, run {res.run_id}).")
+    click.echo(f"  images:   {res.num_images}")
+    click.echo(f"  captions: {res.num_captions}")
+    click.echo("  captions per image: " + ", ".join(f"{n}: {c} images" for n, c in res.captions_histogram.items()))
+    if res.num_short_images:
+        click.echo(f"  {res.num_short_images} images have fewer captions than asked; they keep what they have.")
+    if res.num_bad_images:
+        click.echo(f"  {res.num_bad_images} bad images were excluded before sampling (table bad_images).")
+
+
+@cli.command()
+@click.argument("query")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the result to this CSV file.")
+@db_option
+def sql(db_path, query, csv_path):
+    """Run a read-only SQL query and print the result as a table.
+
+    Example: clipfail sql "SELECT * FROM recall_summary"
+    """
+    import duckdb
+
+    con = db.open_database(db_path, read_only=True)
+    try:
+        try:
+            df = con.execute(query).df()
+        except duckdb.Error as exc:
+            raise UserError(f"The query failed: {exc}") from None
+    finally:
+        con.close()
+    echo_df(df)
+    if csv_path:
+        df.to_csv(csv_path, index=False)
+        click.echo(f"Wrote {len(df)} rows to {csv_path}.")
+
+
+def main():
+    cli(prog_name="clipfail")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Every table of a clipfail database, as SQLAlchemy Core metadata.
+
+`toolkit.db` compiles these definitions with the DuckDB dialect and creates
+whatever is missing each time a database is opened. Adding a table or a
+nullable column is an upgrade that `clipfail init` (and every other command)
+applies by itself; bump SCHEMA_VERSION whenever the declared schema changes so
+that an older toolkit refuses a database written by a newer one.
+
+Naming: plural table names, keys `<thing>_id`, timestamps `<event>_at`,
+booleans `is_<x>`.
+"""
+
+import sqlalchemy as sa
+
+SCHEMA_VERSION = 1
+
+metadata = sa.MetaData()
+
+
+def _id(name: str) -> sa.Column:
+    """A BIGINT primary key filled from its own sequence."""
+    seq = sa.Sequence(f"{name}_seq", metadata=metadata)
+    return sa.Column(name, sa.BigInteger, seq, server_default=seq.next_value(), primary_key=True)
+
+
+def _run_id() -> sa.Column:
+    return sa.Column("run_id", sa.BigInteger, nullable=False)
+
+
+Timestamp = sa.DateTime(timezone=True)
+
+schema_info = sa.Table(
+    "schema_info",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+# Provenance: one row per stage invocation that wrote something.
+runs = sa.Table(
+    "runs",
+    metadata,
+    _id("run_id"),
+    sa.Column("stage", sa.Text, nullable=False),
+    sa.Column("config_json", sa.Text, nullable=False),  # canonical JSON
+    sa.Column("config_hash", sa.Text, nullable=False),  # sha256 of config_json
+    sa.Column("seed", sa.BigInteger),
+    sa.Column("model", sa.Text),
+    sa.Column("pretrained", sa.Text),
+    sa.Column("package_version", sa.Text, nullable=False),
+    sa.Column("started_at", Timestamp, nullable=False),
+    sa.Column("finished_at", Timestamp),
+    sa.Column("status", sa.Text, nullable=False),  # 'completed' (rows are only ever committed complete)
+)
+
+# COCO images. image_id is the COCO image id; rel_path is relative to the
+# image root recorded on the subset that uses it.
+images = sa.Table(
+    "images",
+    metadata,
+    sa.Column("image_id", sa.BigInteger, primary_key=True),
+    sa.Column("file_name", sa.Text, nullable=False),
+    sa.Column("width", sa.Integer),
+    sa.Column("height", sa.Integer),
+    sa.Column("rel_path", sa.Text, nullable=False),
+)
+
+# COCO caption annotations. caption_id is the COCO annotation id (for the
+# Karpathy split file: its sentid).
+captions = sa.Table(
+    "captions",
+    metadata,
+    sa.Column("caption_id", sa.BigInteger, primary_key=True),
+    sa.Column("image_id", sa.BigInteger, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+)
+
+subsets = sa.Table(
+    "subsets",
+    metadata,
+    _id("subset_id"),
+    sa.Column("name", sa.Text, nullable=False, unique=True),
+    sa.Column("seed", sa.BigInteger),
+    sa.Column("num_images", sa.Integer, nullable=False),  # images actually in the subset
+    sa.Column("captions_per_image", sa.Integer, nullable=False),  # requested maximum
+    sa.Column("source_file", sa.Text, nullable=False),  # absolute path of the captions JSON
+    sa.Column("source_sha256", sa.Text, nullable=False),
+    sa.Column("image_root", sa.Text, nullable=False),  # absolute path; images.rel_path is below it
+    sa.Column("split", sa.Text),  # Karpathy split name, else NULL
+    sa.Column("config_hash", sa.Text, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    _run_id(),
+)
+
+subset_images = sa.Table(
+    "subset_images",
+    metadata,
+    sa.Column("subset_id", sa.BigInteger, primary_key=True),
+    sa.Column("image_id", sa.BigInteger, primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),  # 0.. in ascending image_id order
+)
+
+subset_captions = sa.Table(
+    "subset_captions",
+    metadata,
+    sa.Column("subset_id", sa.BigInteger, primary_key=True),
+    sa.Column("caption_id", sa.BigInteger, primary_key=True),
+    sa.Column("image_id", sa.BigInteger, nullable=False),
+    # 0..captions_per_image-1 within the image, by ascending caption_id
+    sa.Column("position", sa.Integer, nullable=False),
+)
+
+# Images excluded by `ingest --skip-bad-images`, with the reason.
+bad_images = sa.Table(
+    "bad_images",
+    metadata,
+    sa.Column("run_id", sa.BigInteger, primary_key=True),
+    sa.Column("image_id", sa.BigInteger, primary_key=True),
+    sa.Column("file_name", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+)
+
+# A reference to one .npy file of embeddings (rows x dim), checksummed.
+embedding_sets = sa.Table(
+    "embedding_sets",
+    metadata,
+    _id("embedding_set_id"),
+    sa.Column("kind", sa.Text, nullable=False),  # 'image' | 'text' | 'prompt'
+    sa.Column("subset_id", sa.BigInteger),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("pretrained", sa.Text),
+    sa.Column("checkpoint_sha256", sa.Text),
+    sa.Column("precision", sa.Text, nullable=False),
+    sa.Column("config_json", sa.Text, nullable=False),
+    sa.Column("config_hash", sa.Text, nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("rows", sa.BigInteger, nullable=False),
+    sa.Column("dim", sa.Integer, nullable=False),
+    sa.Column("dtype", sa.Text, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    _run_id(),
+)
+
+# Row order of an embedding set: row_index -> image_id or caption_id.
+embedding_rows = sa.Table(
+    "embedding_rows",
+    metadata,
+    sa.Column("embedding_set_id", sa.BigInteger, primary_key=True),
+    sa.Column("row_index", sa.BigInteger, primary_key=True),
+    sa.Column("item_id", sa.BigInteger, nullable=False),
+)
+
+retrieval_runs = sa.Table(
+    "retrieval_runs",
+    metadata,
+    _id("retrieval_run_id"),
+    sa.Column("subset_id", sa.BigInteger, nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("text_embedding_set_id", sa.BigInteger, nullable=False),
+    sa.Column("image_embedding_set_id", sa.BigInteger, nullable=False),
+    sa.Column("direction", sa.Text, nullable=False),  # 'text-to-image' | 'image-to-text'
+    sa.Column("tie_policy", sa.Text, nullable=False),
+    sa.Column("topk", sa.Integer, nullable=False),
+    sa.Column("config_hash", sa.Text, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    _run_id(),
+)
+
+# One row per query. For text-to-image: query_id = caption_id, gt_id = image_id,
+# ids in top-k are image ids. For image-to-text: query_id = image_id, gt_id =
+# the best-ranked of its captions, top-k ids are caption ids.
+retrieval_ranks = sa.Table(
+    "retrieval_ranks",
+    metadata,
+    sa.Column("retrieval_run_id", sa.BigInteger, primary_key=True),
+    sa.Column("query_id", sa.BigInteger, primary_key=True),
+    sa.Column("gt_id", sa.BigInteger, nullable=False),
+    sa.Column("gt_rank", sa.BigInteger, nullable=False),
+    sa.Column("n_tied", sa.BigInteger, nullable=False),
+    sa.Column("gt_score", sa.REAL, nullable=False),
+    sa.Column("top1_id", sa.BigInteger, nullable=False),
+    sa.Column("top1_score", sa.REAL, nullable=False),
+    sa.Column("topk_ids", sa.ARRAY(sa.BigInteger), nullable=False),
+    sa.Column("topk_scores", sa.ARRAY(sa.REAL), nullable=False),
+)
+
+# The failure taxonomy as data.
+categories = sa.Table(
+    "categories",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("is_actionable", sa.Boolean, nullable=False),
+    sa.Column("definition", sa.Text, nullable=False),
+    sa.Column("example", sa.Text),
+    sa.Column("position", sa.Integer, nullable=False),
+)
+
+category_aliases = sa.Table(
+    "category_aliases",
+    metadata,
+    sa.Column("alias", sa.Text, primary_key=True),  # normalised: lower case, single spaces
+    sa.Column("category", sa.Text, nullable=False),
+)
+
+failure_samples = sa.Table(
+    "failure_samples",
+    metadata,
+    _id("sample_id"),
+    sa.Column("retrieval_run_id", sa.BigInteger, nullable=False),
+    sa.Column("caption_id", sa.BigInteger, nullable=False),
+    sa.Column("draw_order", sa.Integer, nullable=False),
+    sa.Column("set_name", sa.Text, nullable=False),  # 'overlap' | annotator name | 'backup'
+    sa.Column("config_hash", sa.Text, nullable=False),
+    _run_id(),
+)
+
+annotations = sa.Table(
+    "annotations",
+    metadata,
+    sa.Column("sample_id", sa.BigInteger, primary_key=True),
+    sa.Column("annotator", sa.Text, primary_key=True),
+    sa.Column("raw_label", sa.Text, nullable=False),
+    sa.Column("category", sa.Text, nullable=False),
+    sa.Column("secondary_category", sa.Text),
+    sa.Column("notes", sa.Text),
+    sa.Column("source_file", sa.Text, nullable=False),
+    sa.Column("is_simulated", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("imported_at", Timestamp, nullable=False),
+    _run_id(),
+)
+
+prompt_templates = sa.Table(
+    "prompt_templates",
+    metadata,
+    sa.Column("template_set", sa.Text, primary_key=True),
+    sa.Column("category", sa.Text, primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True),
+    sa.Column("template", sa.Text, nullable=False),
+)
+
+
+# Natural keys (COCO ids, names) are given, never generated: without this, single-column
+# integer keys would compile to SERIAL types that DuckDB does not have.
+for _table in metadata.tables.values():
+    for _col in _table.primary_key.columns:
+        if _col.server_default is None:
+            _col.autoincrement = False

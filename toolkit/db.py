@@ -1,0 +1,239 @@
+"""Opening a clipfail database: schema creation and upgrade, views, runs, transactions.
+
+Every command goes through `open_database`, which
+- refuses a database written by a newer schema version,
+- creates missing tables and sequences and adds missing columns (the upgrade),
+- applies every view in `queries/*.sql` with CREATE OR REPLACE,
+- turns DuckDB's lock and "not a database" errors into a UserError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+import duckdb_engine
+import pandas as pd
+from sqlalchemy.schema import CreateSequence, CreateTable
+
+import toolkit
+from schema import SCHEMA_VERSION, metadata
+from toolkit.errors import UserError
+
+DEFAULT_DB = "clipfail.duckdb"
+_DIALECT = duckdb_engine.Dialect()
+
+
+def default_db_path() -> str:
+    return os.environ.get("CLIPFAIL_DB") or DEFAULT_DB
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def canonical_json(config: dict) -> str:
+    """JSON with sorted keys and no spaces: the same config always gives the same text."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
+
+
+def _connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    path = str(path)
+    if read_only and not Path(path).exists():
+        raise UserError(f"Database {path} does not exist. Create it with: clipfail --db {path} init")
+    try:
+        return duckdb.connect(path, read_only=read_only)
+    except duckdb.IOException as exc:
+        msg = str(exc)
+        if "lock" in msg.lower():
+            raise UserError(
+                f"Database {path} is locked by another process (another clipfail command, a notebook or a "
+                "DuckDB shell has it open). Close that connection and run the command again."
+            ) from None
+        if "not a valid duckdb" in msg.lower() or "invalid" in msg.lower() or "magic" in msg.lower():
+            raise UserError(f"{path} is not a DuckDB database file. Give another --db path.") from None
+        raise UserError(f"Cannot open database {path}: {msg}") from None
+    except duckdb.Error as exc:
+        raise UserError(f"Cannot open database {path}: {exc}") from None
+
+
+def _table_exists(con, name: str) -> bool:
+    return bool(
+        con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'",
+            [name],
+        ).fetchone()[0]
+    )
+
+
+def schema_version(con) -> int | None:
+    if not _table_exists(con, "schema_info"):
+        return None
+    row = con.execute("SELECT value FROM schema_info WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else None
+
+
+def ensure_schema(con, path: str = "") -> None:
+    """Create or upgrade the declared schema in one transaction."""
+    found = schema_version(con)
+    if found is not None and found > SCHEMA_VERSION:
+        raise UserError(
+            f"Database {path} was written by a newer clipfail (schema version {found}; this clipfail "
+            f"{toolkit.__version__} knows up to {SCHEMA_VERSION}). Upgrade clipfail to use it."
+        )
+    if found == SCHEMA_VERSION and _all_tables_present(con):
+        return
+    with transaction(con):
+        for seq in metadata._sequences.values():
+            con.execute(str(CreateSequence(seq, if_not_exists=True).compile(dialect=_DIALECT)))
+        for table in metadata.sorted_tables:
+            if not _table_exists(con, table.name):
+                con.execute(str(CreateTable(table, if_not_exists=True).compile(dialect=_DIALECT)))
+                continue
+            have = {
+                r[0]
+                for r in con.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table.name]
+                ).fetchall()
+            }
+            for col in table.columns:
+                if col.name not in have:
+                    coltype = col.type.compile(dialect=_DIALECT)
+                    con.execute(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {coltype}')
+        con.execute(
+            "INSERT OR REPLACE INTO schema_info (key, value) VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
+        )
+
+
+def _all_tables_present(con) -> bool:
+    have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    return all(t.name in have for t in metadata.sorted_tables)
+
+
+def view_sql() -> dict[str, str]:
+    """The view definitions shipped in queries/*.sql, by view name (file stem)."""
+    out = {}
+    for entry in resources.files("queries").iterdir():
+        if entry.name.endswith(".sql"):
+            out[entry.name[: -len(".sql")]] = entry.read_text(encoding="utf-8")
+    return dict(sorted(out.items()))
+
+
+def apply_views(con) -> None:
+    """CREATE OR REPLACE every view; views that depend on others are retried until all resolve."""
+    pending = view_sql()
+    while pending:
+        failed = {}
+        for name, sql in pending.items():
+            try:
+                con.execute(sql)
+            except duckdb.CatalogException as exc:
+                failed[name] = (sql, exc)
+        if len(failed) == len(pending):
+            name, (_, exc) = next(iter(failed.items()))
+            raise RuntimeError(f"view {name} in queries/{name}.sql does not apply: {exc}")
+        pending = {k: v[0] for k, v in failed.items()}
+
+
+def open_database(path: str | Path | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open (creating if needed) a clipfail database with an up-to-date schema and views."""
+    path = str(path or default_db_path())
+    if read_only:
+        # Bring schema and views up to date first, then reopen read-only.
+        if Path(path).exists():
+            open_database(path).close()
+        return _connect(path, read_only=True)
+    if Path(path).parent and not Path(path).parent.exists():
+        raise UserError(f"Folder {Path(path).parent} for database {path} does not exist. Create it first.")
+    con = _connect(path)
+    try:
+        ensure_schema(con, path)
+        apply_views(con)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+@contextlib.contextmanager
+def transaction(con):
+    """BEGIN ... COMMIT, rolling back on any exception (Ctrl-C included)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def insert_run(
+    con,
+    stage: str,
+    config: dict,
+    started_at: dt.datetime,
+    *,
+    seed: int | None = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+) -> int:
+    """Record a completed stage run; call inside the stage's transaction. Returns run_id."""
+    cfg_json = canonical_json(config)
+    row = con.execute(
+        """
+        INSERT INTO runs (stage, config_json, config_hash, seed, model, pretrained, package_version,
+                          started_at, finished_at, status)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'completed')
+        RETURNING run_id
+        """,
+        [stage, cfg_json, config_hash(config), seed, model, pretrained, toolkit.__version__, started_at, now()],
+    ).fetchone()
+    return int(row[0])
+
+
+def find_run(con, stage: str, config: dict) -> int | None:
+    """The id of an earlier completed run of `stage` with exactly this config, if any."""
+    row = con.execute(
+        "SELECT max(run_id) FROM runs WHERE stage = ? AND config_hash = ? AND status = 'completed'",
+        [stage, config_hash(config)],
+    ).fetchone()
+    return None if row[0] is None else int(row[0])
+
+
+def insert_df(con, table: str, df: pd.DataFrame) -> None:
+    """Bulk insert a DataFrame by column name through DuckDB's own scan (no executemany)."""
+    if not re.fullmatch(r"[a-z_]+", table):
+        raise ValueError(table)
+    if len(df) == 0:
+        return
+    con.register("_clipfail_insert_df", df)
+    try:
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _clipfail_insert_df")
+    finally:
+        con.unregister("_clipfail_insert_df")
+
+
+def get_subset(con, name: str | None) -> dict:
+    """Look a subset up by name; with name None, the only (or most recent) subset."""
+    if name is None:
+        rows = con.execute("SELECT * FROM subsets ORDER BY subset_id DESC").df()
+        if rows.empty:
+            raise UserError("The database has no subset yet. Run: clipfail ingest --coco-root DIR")
+        return rows.iloc[0].to_dict()
+    rows = con.execute("SELECT * FROM subsets WHERE name = ?", [name]).df()
+    if rows.empty:
+        known = [r[0] for r in con.execute("SELECT name FROM subsets ORDER BY name").fetchall()]
+        hint = f" Known subsets: {', '.join(known)}." if known else " Run clipfail ingest first."
+        raise UserError(f"No subset named {name!r}.{hint}")
+    return rows.iloc[0].to_dict()

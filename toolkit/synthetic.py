@@ -1,0 +1,165 @@
+"""A generated dataset in COCO captions format, for tests and the offline demo.
+
+`make_synthetic_coco(root, n_images)` writes exactly the layout of the real download:
+
+    root/annotations/captions_val2017.json   (info, licenses, images, annotations)
+    root/val2017/000000xxxxxx.jpg
+
+Each image is a drawn scene: one to three groups of coloured shapes (circles, squares,
+triangles) with a count, a size and a left/right placement, on a coloured background;
+some images are greyscale JPEGs. Each image gets 5-7 captions that describe its scene.
+Annotation ids are shuffled with respect to image order, as in real COCO, so caption
+order tests are meaningful. Everything is derived from the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (240, 220, 40),
+    "purple": (140, 50, 170),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+BACKGROUNDS = {"grey": (128, 128, 128), "beige": (225, 210, 170), "sky blue": (150, 200, 240), "dark": (40, 40, 50)}
+SHAPES = ["circle", "square", "triangle"]
+NUMBERS = {1: "a", 2: "two", 3: "three", 4: "four"}
+
+
+@dataclass
+class Group:
+    count: int
+    colour: str
+    shape: str
+    side: str  # 'left' | 'right'
+    size: str  # 'small' | 'large'
+
+    def phrase(self, with_size: bool = False) -> str:
+        noun = self.shape + ("s" if self.count > 1 else "")
+        size = f"{self.size} " if with_size else ""
+        return f"{NUMBERS[self.count]} {size}{self.colour} {noun}"
+
+
+def _draw_scene(rng: random.Random, width: int, height: int, groups: list[Group], background: str) -> Image.Image:
+    img = Image.new("RGB", (width, height), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(img)
+    for g in groups:
+        x0 = 0 if g.side == "left" else width // 2
+        r = max(4, int(min(width, height) * (0.16 if g.size == "large" else 0.08)))
+        for _ in range(g.count):
+            cx = rng.randint(x0 + r, max(x0 + r, x0 + width // 2 - r))
+            cy = rng.randint(r, max(r, height - r))
+            box = (cx - r, cy - r, cx + r, cy + r)
+            colour = COLOURS[g.colour]
+            if g.shape == "circle":
+                draw.ellipse(box, fill=colour)
+            elif g.shape == "square":
+                draw.rectangle(box, fill=colour)
+            else:
+                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    return img
+
+
+def _captions(rng: random.Random, groups: list[Group], background: str, grey: bool) -> list[str]:
+    main = groups[0]
+    caps = [
+        f"{main.phrase()} on the {main.side}".capitalize(),
+        f"A picture of {' and '.join(g.phrase() for g in groups)}.",
+        f"{main.phrase(with_size=True)} on a {background} background".capitalize(),
+        f"There {'is' if main.count == 1 else 'are'} {main.phrase()} in this image.",
+        f"{sum(g.count for g in groups)} shapes drawn on a {background} background".capitalize(),
+    ]
+    if len(groups) > 1:
+        other = groups[1]
+        caps.append(f"{main.phrase()} to the {main.side} of {other.phrase()}".capitalize())
+    if grey:
+        caps.append(f"A black and white photo of {main.phrase()}.")
+    if rng.random() < 0.15:
+        caps.append(f'A "{main.colour}" {main.shape}, drawn on a {background} backdrop — café style')
+    rng.shuffle(caps)
+    return caps[: rng.randint(5, min(7, len(caps)))] if len(caps) > 5 else caps
+
+
+def make_synthetic_coco(
+    root: str | Path,
+    n_images: int,
+    seed: int = 0,
+    size: tuple[int, int] | None = None,
+    grey_fraction: float = 0.1,
+    first_image_id: int = 1000,
+) -> Path:
+    """Write a COCO-format captions dataset of `n_images` drawn scenes under `root`; returns the JSON path."""
+    rng = random.Random(seed)
+    root = Path(root)
+    img_dir = root / "val2017"
+    ann_dir = root / "annotations"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    ann_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    ids = rng.sample(range(first_image_id, first_image_id + 50 * max(n_images, 1)), n_images)
+    for image_id in sorted(ids):
+        width, height = size if size else (rng.randint(96, 160), rng.randint(72, 120))
+        n_groups = rng.randint(1, 3)
+        sides = ["left", "right"]
+        rng.shuffle(sides)
+        groups = [
+            Group(
+                count=rng.randint(1, 4),
+                colour=rng.choice(list(COLOURS)),
+                shape=rng.choice(SHAPES),
+                side=sides[i % 2],
+                size=rng.choice(["small", "large"]),
+            )
+            for i in range(n_groups)
+        ]
+        background = rng.choice(list(BACKGROUNDS))
+        grey = rng.random() < grey_fraction
+        img = _draw_scene(rng, width, height, groups, background)
+        if grey:
+            img = img.convert("L")
+        file_name = f"{image_id:012d}.jpg"
+        img.save(img_dir / file_name, quality=90)
+        images.append(
+            {
+                "license": 1,
+                "file_name": file_name,
+                "coco_url": f"http://images.cocodataset.org/val2017/{file_name}",
+                "height": height,
+                "width": width,
+                "date_captured": "2013-11-14 17:02:52",
+                "flickr_url": "",
+                "id": image_id,
+            }
+        )
+        for text in _captions(rng, groups, background, grey):
+            annotations.append({"image_id": image_id, "id": None, "caption": text})
+    # Annotation ids are unique but not in image order, as in the real file.
+    ann_ids = rng.sample(range(100_000, 100_000 + 20 * max(len(annotations), 1)), len(annotations))
+    for ann, ann_id in zip(annotations, ann_ids):
+        ann["id"] = ann_id
+    rng.shuffle(annotations)
+    data = {
+        "info": {
+            "description": "clipfail synthetic COCO-format captions",
+            "version": "1.0",
+            "year": 2026,
+            "contributor": "clipfail",
+            "date_created": "2026/01/01",
+        },
+        "licenses": [{"url": "", "id": 1, "name": "generated"}],
+        "images": images,
+        "annotations": annotations,
+    }
+    out = ann_dir / "captions_val2017.json"
+    out.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return out
