@@ -1,0 +1,52 @@
+"""Shared fixtures: a generated COCO-format dataset and temporary database paths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from toolkit.synthetic import make_synthetic_coco
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def synthetic_coco_master(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco_master")
+    make_synthetic_coco(root, 40, seed=0)
+    return root
+
+
+@pytest.fixture
+def synthetic_coco(synthetic_coco_master, tmp_path):
+    """A private copy of a 40-image generated COCO dataset (tests may damage it)."""
+    dest = tmp_path / "coco"
+    shutil.copytree(synthetic_coco_master, dest)
+    return dest
+
+
+@pytest.fixture
+def tmp_db(tmp_path):
+    return str(tmp_path / "test.duckdb")
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke the real CLI in-process; returns click's Result."""
+    from cli import cli
+
+    runner = CliRunner()
+
+    def _run(*args, expect=0):
+        result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=True)
+        if expect is not None and result.exit_code != expect:
+            raise AssertionError(
+                f"clipfail {' '.join(map(str, args))} exited {result.exit_code}, expected {expect}:\n"
+                f"{result.output}\n{result.exception!r}"
+            )
+        return result
+
+    return _run
