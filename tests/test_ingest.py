@@ -1,0 +1,361 @@
+"""Ingest stage and database foundation, through the real CLI against temporary DuckDB files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import duckdb
+import numpy as np
+import pytest
+
+from schema import SCHEMA_VERSION, metadata
+
+DATA_TABLES = ["runs", "images", "captions", "subsets", "subset_images", "subset_captions", "bad_images"]
+
+
+def counts(db_path):
+    con = duckdb.connect(db_path, read_only=True)
+    try:
+        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in DATA_TABLES}
+    finally:
+        con.close()
+
+
+def query(db_path, sql):
+    con = duckdb.connect(db_path, read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def subset_image_ids(db_path, name):
+    return [
+        r[0]
+        for r in query(
+            db_path,
+            "SELECT image_id FROM subset_images JOIN subsets USING (subset_id) "
+            f"WHERE name = '{name}' ORDER BY position",
+        )
+    ]
+
+
+def test_ingest_writes_tables_and_second_run_is_noop(run_cli, synthetic_coco, tmp_db):
+    res = run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 30)
+    assert "images:   30" in res.output and "captions: 150" in res.output
+    before = counts(tmp_db)
+    assert before["subset_images"] == 30 and before["subset_captions"] == 150 and before["runs"] == 1
+    res = run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 30)
+    assert "nothing changed" in res.output
+    assert counts(tmp_db) == before
+
+
+def test_sample_is_deterministic_and_follows_documented_method(run_cli, synthetic_coco, tmp_path):
+    a, b, c = (str(tmp_path / f"{x}.duckdb") for x in "abc")
+    run_cli("--db", a, "ingest", "--coco-root", synthetic_coco, "--num-images", 10, "--seed", 7, "--name", "s")
+    run_cli("--db", b, "ingest", "--coco-root", synthetic_coco, "--num-images", 10, "--seed", 7, "--name", "s")
+    run_cli("--db", c, "ingest", "--coco-root", synthetic_coco, "--num-images", 10, "--seed", 8, "--name", "s")
+    ids_a, ids_b, ids_c = (subset_image_ids(p, "s") for p in (a, b, c))
+    assert ids_a == ids_b
+    assert ids_a != ids_c
+    # The documented method: sorted ids, numpy default_rng(seed).choice without replacement.
+    data = json.loads((synthetic_coco / "annotations" / "captions_val2017.json").read_text())
+    all_ids = sorted(im["id"] for im in data["images"])
+    expected = sorted(np.array(all_ids)[np.random.default_rng(7).choice(len(all_ids), 10, replace=False)].tolist())
+    assert ids_a == expected
+
+
+def test_caption_order_is_ascending_annotation_id(run_cli, synthetic_coco, tmp_db):
+    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", "all", "--name", "every")
+    data = json.loads((synthetic_coco / "annotations" / "captions_val2017.json").read_text())
+    by_image: dict[int, list[int]] = {}
+    for ann in data["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann["id"])
+    rows = query(tmp_db, "SELECT image_id, caption_id, position FROM subset_captions ORDER BY image_id, position")
+    got: dict[int, list[int]] = {}
+    for image_id, caption_id, position in rows:
+        assert position == len(got.setdefault(image_id, []))
+        got[image_id].append(caption_id)
+    assert len(got) == len(data["images"])
+    for image_id, ids in got.items():
+        assert ids == sorted(by_image[image_id])[:5]
+
+
+def test_fewer_captions_than_asked_keeps_what_it_has(run_cli, synthetic_coco, tmp_db):
+    res = run_cli(
+        "--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", "all", "--captions-per-image", 7
+    )
+    data = json.loads((synthetic_coco / "annotations" / "captions_val2017.json").read_text())
+    per_image: dict[int, int] = {}
+    for ann in data["annotations"]:
+        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+    short = sum(1 for n in per_image.values() if n < 7)
+    assert short > 0
+    assert f"{short} images have fewer captions than asked" in res.output
+    assert counts(tmp_db)["subset_captions"] == sum(per_image.values())
+
+
+def test_separate_captions_json_and_images_dir(run_cli, synthetic_coco, tmp_db):
+    run_cli(
+        "--db",
+        tmp_db,
+        "ingest",
+        "--captions-json",
+        synthetic_coco / "annotations" / "captions_val2017.json",
+        "--images-dir",
+        synthetic_coco / "val2017",
+        "--num-images",
+        5,
+    )
+    assert counts(tmp_db)["subset_images"] == 5
+
+
+def test_db_option_after_command_and_env_var(run_cli, synthetic_coco, tmp_path, monkeypatch):
+    p1 = str(tmp_path / "after.duckdb")
+    run_cli("ingest", "--coco-root", synthetic_coco, "--num-images", 3, "--db", p1)
+    assert counts(p1)["subset_images"] == 3
+    p2 = str(tmp_path / "env.duckdb")
+    monkeypatch.setenv("CLIPFAIL_DB", p2)
+    run_cli("init")
+    assert query(p2, "SELECT value FROM schema_info")[0][0] == str(SCHEMA_VERSION)
+
+
+def test_different_config_under_same_name_needs_replace(run_cli, synthetic_coco, tmp_db):
+    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 10, "--name", "s")
+    before = counts(tmp_db)
+    res = run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 12, "--name", "s", expect=2)
+    assert "--replace" in res.output
+    assert counts(tmp_db) == before
+    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 12, "--name", "s", "--replace")
+    assert len(subset_image_ids(tmp_db, "s")) == 12
+    assert query(tmp_db, "SELECT count(*) FROM subsets")[0][0] == 1
+
+
+# ---- bad input: one clear message, exit 2, nothing written ------------------------------------
+
+
+@pytest.fixture
+def seeded_db(run_cli, synthetic_coco, tmp_db):
+    """A database that already holds one ingest, to check that failures leave it unchanged."""
+    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 5, "--name", "first")
+    return tmp_db
+
+
+def _ann(root):
+    return root / "annotations" / "captions_val2017.json"
+
+
+def _assert_refused(run_cli, db_path, args, *needles):
+    before = counts(db_path)
+    res = run_cli("--db", db_path, "ingest", *args, expect=2)
+    assert "Traceback" not in res.output
+    for needle in needles:
+        assert needle in res.output, res.output
+    assert counts(db_path) == before
+    return res
+
+
+def test_missing_json(run_cli, seeded_db, synthetic_coco):
+    _ann(synthetic_coco).unlink()
+    _assert_refused(run_cli, seeded_db, ["--coco-root", synthetic_coco, "--name", "x"], "not found", "--captions-json")
+
+
+def test_malformed_json(run_cli, seeded_db, synthetic_coco):
+    _ann(synthetic_coco).write_text('{"images": [1, 2', encoding="utf-8")
+    _assert_refused(run_cli, seeded_db, ["--coco-root", synthetic_coco, "--name", "x"], "not valid JSON", "line 1")
+
+
+def test_json_not_in_coco_captions_format(run_cli, seeded_db, synthetic_coco):
+    instances = {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 1, "image_id": 1, "bbox": [0]}]}
+    _ann(synthetic_coco).write_text(json.dumps(instances), encoding="utf-8")
+    _assert_refused(run_cli, seeded_db, ["--coco-root", synthetic_coco, "--name", "x"], "instances", "positions")
+    _ann(synthetic_coco).write_text(json.dumps([1, 2, 3]), encoding="utf-8")
+    _assert_refused(run_cli, seeded_db, ["--coco-root", synthetic_coco, "--name", "x"], "not in COCO captions format")
+
+
+def test_captions_pointing_at_unknown_images(run_cli, seeded_db, synthetic_coco):
+    data = json.loads(_ann(synthetic_coco).read_text())
+    for i, ann in enumerate(data["annotations"][:7]):
+        ann["image_id"] = 999_999_000 + i
+    _ann(synthetic_coco).write_text(json.dumps(data), encoding="utf-8")
+    res = _assert_refused(run_cli, seeded_db, ["--coco-root", synthetic_coco, "--name", "x"], "7 in all", "999999000")
+    assert "and 2 more" in res.output
+
+
+def test_missing_and_unreadable_sampled_images(run_cli, seeded_db, synthetic_coco):
+    files = sorted((synthetic_coco / "val2017").glob("*.jpg"))
+    files[0].unlink()
+    files[1].write_bytes(b"this is not a jpeg")
+    res = _assert_refused(
+        run_cli, seeded_db, ["--coco-root", synthetic_coco, "--num-images", "all", "--name", "x"], "2 in all"
+    )
+    assert files[0].name in res.output and files[1].name in res.output and "--skip-bad-images" in res.output
+
+
+def test_skip_bad_images_excludes_and_records(run_cli, seeded_db, synthetic_coco):
+    files = sorted((synthetic_coco / "val2017").glob("*.jpg"))
+    files[0].unlink()
+    files[1].write_bytes(b"\xff\xd8 truncated")
+    res = run_cli(
+        "--db", seeded_db, "ingest", "--coco-root", synthetic_coco, "--num-images", "all", "--name", "x",
+        "--skip-bad-images",
+    )  # fmt: skip
+    assert "2 bad images were excluded" in res.output
+    bad = query(seeded_db, "SELECT file_name, reason FROM bad_images ORDER BY file_name")
+    assert [b[0] for b in bad] == [files[0].name, files[1].name]
+    assert bad[0][1] == "missing file" and "header does not open" in bad[1][1]
+    ids = subset_image_ids(seeded_db, "x")
+    assert len(ids) == 38 and int(files[0].stem) not in ids and int(files[1].stem) not in ids
+
+
+def test_too_many_images_requested(run_cli, seeded_db, synthetic_coco):
+    _assert_refused(run_cli, seeded_db, ["--coco-root", synthetic_coco, "--num-images", 41, "--name", "x"], "more than")
+
+
+def test_newer_schema_version_is_refused(run_cli, seeded_db):
+    con = duckdb.connect(seeded_db)
+    con.execute("UPDATE schema_info SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)])
+    con.close()
+    res = run_cli("--db", seeded_db, "init", expect=2)
+    assert "newer clipfail" in res.output and "Traceback" not in res.output
+
+
+def test_locked_database_gives_clear_message(run_cli, seeded_db):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import duckdb, sys, time
+                con = duckdb.connect({seeded_db!r})
+                print("locked", flush=True)
+                sys.stdin.readline()
+                """
+            ),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        res = run_cli("--db", seeded_db, "init", expect=2)
+        assert "locked by another process" in res.output and "Traceback" not in res.output
+    finally:
+        holder.communicate("\n", timeout=30)
+
+
+def test_not_a_database_file(run_cli, tmp_path):
+    bogus = tmp_path / "notes.duckdb"
+    bogus.write_text("hello, this is text\n" * 100)
+    res = run_cli("--db", bogus, "init", expect=2)
+    assert "Traceback" not in res.output and str(bogus) in res.output
+
+
+def test_upgrade_adds_missing_table_and_column(run_cli, seeded_db):
+    con = duckdb.connect(seeded_db)
+    con.execute("DROP TABLE bad_images")
+    con.execute("ALTER TABLE subsets DROP COLUMN split")
+    con.close()
+    run_cli("--db", seeded_db, "init")
+    cols = {
+        r[0] for r in query(seeded_db, "SELECT column_name FROM information_schema.columns WHERE table_name='subsets'")
+    }
+    assert "split" in cols
+    assert query(seeded_db, "SELECT count(*) FROM bad_images")[0][0] == 0
+    assert counts(seeded_db)["subset_images"] == 5
+
+
+def test_fresh_schema_matches_declaration_and_keys_are_unique(run_cli, synthetic_coco, tmp_db):
+    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 20)
+    con = duckdb.connect(tmp_db, read_only=True)
+    try:
+        for table in metadata.sorted_tables:
+            cols = [
+                r[0]
+                for r in con.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+                    [table.name],
+                ).fetchall()
+            ]
+            assert cols == [c.name for c in table.columns], table.name
+            keys = [c.name for c in table.primary_key.columns]
+            if not keys:
+                continue
+            key_sql = ", ".join(keys)
+            nulls = " OR ".join(f"{k} IS NULL" for k in keys)
+            assert con.execute(f"SELECT count(*) FROM {table.name} WHERE {nulls}").fetchone()[0] == 0
+            dupes = con.execute(
+                f"SELECT count(*) FROM (SELECT {key_sql} FROM {table.name} GROUP BY {key_sql} HAVING count(*) > 1)"
+            ).fetchone()[0]
+            assert dupes == 0, table.name
+    finally:
+        con.close()
+
+
+def test_karpathy_reader(run_cli, synthetic_coco, tmp_db):
+    coco = json.loads(_ann(synthetic_coco).read_text())
+    caps: dict[int, list[dict]] = {}
+    for ann in coco["annotations"]:
+        caps.setdefault(ann["image_id"], []).append(ann)
+    images = []
+    for i, im in enumerate(sorted(coco["images"], key=lambda x: x["id"])):
+        sents = [
+            {"raw": a["caption"], "sentid": 500_000 + a["id"], "tokens": a["caption"].lower().split(), "imgid": i}
+            for a in caps[im["id"]]
+        ]
+        images.append(
+            {
+                "filepath": "val2017",
+                "filename": im["file_name"],
+                "cocoid": im["id"],
+                "imgid": i,
+                "split": "test" if i < 12 else "train",
+                "sentences": sents,
+                "sentids": [s["sentid"] for s in sents],
+            }
+        )
+    path = synthetic_coco / "dataset_coco.json"
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}), encoding="utf-8")
+    res = run_cli(
+        "--db", tmp_db, "ingest", "--karpathy-json", path, "--images-dir", synthetic_coco, "--num-images", "all"
+    )
+    assert "karpathy-test" in res.output
+    rows = query(tmp_db, "SELECT split, num_images FROM subsets")
+    assert rows == [("test", 12)]
+    rel = query(tmp_db, "SELECT rel_path, width FROM images ORDER BY image_id LIMIT 1")[0]
+    assert rel[0].startswith("val2017/") and rel[1] is not None
+    first = min(im["cocoid"] for im in images[:12])
+    got = query(tmp_db, f"SELECT caption_id FROM subset_captions WHERE image_id = {first} ORDER BY position")
+    assert [g[0] for g in got] == sorted(500_000 + a["id"] for a in caps[first])[:5]
+    res = run_cli("--db", tmp_db, "ingest", "--karpathy-json", path, "--images-dir", synthetic_coco, "--split", "val",
+                  expect=2)  # fmt: skip
+    assert "no images in split 'val'" in res.output
+
+
+def test_sql_command_is_read_only_and_writes_csv(run_cli, seeded_db, tmp_path):
+    out = tmp_path / "q.csv"
+    res = run_cli("--db", seeded_db, "sql", "SELECT count(*) AS n FROM subset_images", "--csv", out)
+    assert "5" in res.output
+    assert out.read_text().splitlines() == ["n", "5"]
+    res = run_cli("--db", seeded_db, "sql", "DELETE FROM subset_images", expect=2)
+    assert "read-only" in res.output.lower() or "read only" in res.output.lower()
+    assert counts(seeded_db)["subset_images"] == 5
+
+
+def test_make_synthetic_coco_looks_like_coco(run_cli, tmp_path):
+    run_cli("make-synthetic-coco", tmp_path / "c", "--images", 6)
+    data = json.loads((tmp_path / "c" / "annotations" / "captions_val2017.json").read_text())
+    assert set(data) == {"info", "licenses", "images", "annotations"}
+    assert len(data["images"]) == 6
+    assert {"id", "file_name", "width", "height"} <= set(data["images"][0])
+    per = {}
+    for a in data["annotations"]:
+        per[a["image_id"]] = per.get(a["image_id"], 0) + 1
+    assert all(5 <= n <= 7 for n in per.values())
+    for im in data["images"]:
+        assert (tmp_path / "c" / "val2017" / im["file_name"]).exists()
