@@ -174,6 +174,82 @@ def sql(db_path, query, csv_path):
         click.echo(f"Wrote {len(df)} rows to {csv_path}.")
 
 
+@cli.group()
+def categories():
+    """The failure taxonomy: list categories and aliases, or add to them.
+
+    Example: clipfail categories list
+    """
+
+
+@categories.command("list")
+@db_option
+def categories_list(db_path):
+    """List the categories (in position order) with their aliases.
+
+    Example: clipfail categories list
+    """
+    from toolkit.taxonomy import list_categories
+
+    con = db.open_database(db_path)
+    try:
+        df = list_categories(con)
+    finally:
+        con.close()
+    for row in df.itertuples():
+        kind = "actionable" if row.is_actionable else "not actionable"
+        click.echo(f"{row.position}. {row.name} ({kind}): {row.definition}")
+        if row.example:
+            click.echo(f"   example: {row.example}")
+        click.echo(f"   aliases: {row.aliases or '(none)'}")
+
+
+@categories.command("add")
+@click.argument("name")
+@click.option("--definition", required=True, help="One line that annotators read in README.txt.")
+@click.option("--actionable/--not-actionable", default=True, show_default=True)
+@click.option("--example", default=None, help="An example caption and what went wrong.")
+@click.option("--position", type=int, default=None, help="Sort position (default: after the last).")
+@db_option
+def categories_add(db_path, name, definition, actionable, example, position):
+    """Add a category to the taxonomy.
+
+    Example: clipfail categories add Text --definition "The caption quotes text in the image." --example "A STOP sign"
+    """
+    from toolkit.taxonomy import add_category
+
+    con = db.open_database(db_path)
+    try:
+        row = add_category(con, name, definition, is_actionable=actionable, example=example, position=position)
+    finally:
+        con.close()
+    kind = "actionable" if row["is_actionable"] else "not actionable"
+    click.echo(f"Added category {row['name']!r} ({kind}) at position {row['position']}.")
+
+
+@categories.command("add-alias")
+@click.argument("alias")
+@click.argument("category")
+@click.option("--replace", is_flag=True, help="Re-point an alias that already names another category.")
+@db_option
+def categories_add_alias(db_path, alias, category, replace):
+    """Let ALIAS (stored normalised: lower case, single spaces) stand for CATEGORY in labels.
+
+    Example: clipfail categories add-alias "wrong colour" Attribute
+    """
+    from toolkit.taxonomy import add_alias
+
+    con = db.open_database(db_path)
+    try:
+        res = add_alias(con, alias, category, replace=replace)
+    finally:
+        con.close()
+    if res["is_noop"]:
+        click.echo(f"Alias {res['alias']!r} already means {res['category']}; nothing changed.")
+    else:
+        click.echo(f"Alias {res['alias']!r} now means {res['category']}.")
+
+
 def main():
     cli(prog_name="clipfail")
 

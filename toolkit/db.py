@@ -160,6 +160,9 @@ def open_database(path: str | Path | None = None, read_only: bool = False) -> du
     try:
         ensure_schema(con, path)
         apply_views(con)
+        from toolkit.taxonomy import seed_taxonomy
+
+        seed_taxonomy(con)  # inserts only missing default categories/aliases; two SELECTs otherwise
     except BaseException:
         con.close()
         raise
