@@ -250,6 +250,65 @@ def categories_add_alias(db_path, alias, category, replace):
         click.echo(f"Alias {res['alias']!r} now means {res['category']}.")
 
 
+@cli.command("sample-failures")
+@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: latest text-to-image).")
+@click.option("--n", type=int, default=200, show_default=True, help="Failures to draw.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--overlap", type=int, default=30, show_default=True, help="Drawn first; every annotator labels them.")
+@click.option("--per-annotator", type=int, default=50, show_default=True)
+@click.option("--annotators", default="A,B,C", show_default=True, help="Comma-separated annotator names.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="failure_analysis", show_default=True)
+@click.option("--pictures/--no-pictures", default=True, show_default=True, help="Write vis_<sample_id>.png.")
+@click.option("--replace", is_flag=True, help="Draw a new sample for a run that has one (refused once labelled).")
+@db_option
+def sample_failures(db_path, run_id, n, seed, overlap, per_annotator, annotators, out_dir, pictures, replace):
+    """Draw a seeded sample of R@1 failures and export CSVs and pictures for annotators.
+
+    Failures (gt_rank > 1) are sorted by caption id and numpy's default_rng(seed) draws --n of
+    them; the first --overlap drawn go to everyone, then --per-annotator to each annotator in
+    the order given, the rest are backup.
+
+    Example: clipfail sample-failures --n 200 --seed 42 --overlap 30 --per-annotator 50 --annotators A,B,C
+    """
+    from toolkit.failures import sample_failures as run_sample
+
+    con = db.open_database(db_path)
+    try:
+        res = run_sample(
+            con,
+            run_id=run_id,
+            n=n,
+            seed=seed,
+            overlap=overlap,
+            per_annotator=per_annotator,
+            annotators=annotators,
+            out_dir=out_dir,
+            pictures=pictures,
+            replace=replace,
+        )
+    finally:
+        con.close()
+    if res.is_noop:
+        click.echo(
+            f"Retrieval run {res.retrieval_run_id} already has this sample (run {res.run_id}); "
+            "the database is unchanged."
+        )
+    else:
+        replaced = f", replacing {res.replaced_samples} earlier samples" if res.replaced_samples else ""
+        click.echo(
+            f"Sampled {res.n} of {res.n_failures} R@1 failures of retrieval run {res.retrieval_run_id} "
+            f"(seed {res.seed}; run {res.run_id}{replaced})."
+        )
+    echo_df(pd.DataFrame({"set": list(res.set_sizes), "samples": list(res.set_sizes.values())}))
+    click.echo(f"Files in {res.out_dir}/: {', '.join(res.written)}")
+    if res.kept:
+        click.echo(f"  kept as they were (labels filled in): {', '.join(res.kept)}")
+    if pictures:
+        click.echo(f"  {res.n_pictures} pictures written (vis_<sample_id>.png, 1500x600).")
+    if res.missing_images:
+        click.echo(f"  {len(res.missing_images)} images could not be read and are drawn as placeholders.")
+
+
 def main():
     cli(prog_name="clipfail")
 

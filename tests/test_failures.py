@@ -1,0 +1,415 @@
+"""sample-failures: the seeded sample and its sets, size and replace refusals, CSV exports with hostile
+captions, pictures (and placeholders for missing images), all through the CLI against a DuckDB file.
+
+The retrieval run is built by hand here (rows inserted into retrieval_runs / retrieval_ranks for an
+ingested generated subset) so that these tests do not depend on the evaluate stage.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from toolkit import db
+from toolkit.failures import ASSIGN_COLUMNS, PICTURE_SIZE, SAMPLE_COLUMNS, PictureRenderer
+
+HOSTILE = [
+    "A dog, a cat, and a bird",
+    'A sign that reads "STOP" on a pole',
+    "Two lines\nin one caption",
+    "Crème brûlée on a plate — naïve café 日本 🐱",
+    "=SUM(A1:A9) on a screen",
+    "-1 apples, +2 pears; @home",
+    'Quotes "inside", commas, and\r\nCRLF too',
+    "  leading and trailing spaces  ",
+]
+N_CAPTIONS = None  # filled by the base fixture
+
+
+def make_retrieval_run(con, subset_id: int, seed: int = 0, direction: str = "text-to-image", topk: int = 10) -> int:
+    """A self-consistent retrieval run: each caption gets a seeded gt rank, top-k lists agree with it."""
+    rng = np.random.default_rng(seed)
+    caps = con.execute(
+        "SELECT caption_id, image_id FROM subset_captions WHERE subset_id = ? ORDER BY caption_id", [subset_id]
+    ).df()
+    image_ids = [
+        r[0]
+        for r in con.execute(
+            "SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [subset_id]
+        ).fetchall()
+    ]
+    m = len(image_ids)
+    rows = []
+    for cap, gt in zip(caps["caption_id"], caps["image_id"]):
+        rank = int(rng.integers(1, m + 1)) if rng.random() < 0.8 else 1
+        others = [i for i in rng.permutation(image_ids).tolist() if i != gt]
+        order = others[: rank - 1] + [gt] + others[rank - 1 :]
+        scores = [round(0.6 - 0.01 * k, 4) for k in range(m)]
+        rows.append(
+            {
+                "query_id": int(cap),
+                "gt_id": int(gt),
+                "gt_rank": rank,
+                "n_tied": 0,
+                "gt_score": scores[rank - 1],
+                "top1_id": int(order[0]),
+                "top1_score": scores[0],
+                "topk_ids": [int(x) for x in order[:topk]],
+                "topk_scores": scores[:topk],
+            }
+        )
+    with db.transaction(con):
+        rrid = con.execute(
+            """
+            INSERT INTO retrieval_runs (subset_id, model, text_embedding_set_id, image_embedding_set_id, direction,
+                                        tie_policy, topk, config_hash, created_at, run_id)
+            VALUES (?, 'hand-made', 0, 0, ?, 'optimistic', ?, ?, now(), 0)
+            RETURNING retrieval_run_id
+            """,
+            [subset_id, direction, topk, f"test-{seed}-{direction}"],
+        ).fetchone()[0]
+        df = pd.DataFrame(rows)
+        df.insert(0, "retrieval_run_id", rrid)
+        db.insert_df(con, "retrieval_ranks", df)
+    return int(rrid)
+
+
+@pytest.fixture(scope="module")
+def base_db(synthetic_coco_master, tmp_path_factory):
+    """A database with a 30-image subset (hostile captions) and one hand-made text-to-image run."""
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    path = tmp_path_factory.mktemp("failures_base") / "base.duckdb"
+    res = CliRunner().invoke(
+        cli, ["--db", str(path), "ingest", "--coco-root", str(synthetic_coco_master), "--num-images", "30"]
+    )
+    assert res.exit_code == 0, res.output
+    con = db.open_database(path)
+    ids = [r[0] for r in con.execute("SELECT caption_id FROM captions ORDER BY caption_id").fetchall()]
+    texts = pd.DataFrame({"caption_id": ids, "text": [f"{HOSTILE[i % len(HOSTILE)]} {i}" for i in range(len(ids))]})
+    con.register("new_texts", texts)
+    con.execute("UPDATE captions SET text = n.text FROM new_texts n WHERE captions.caption_id = n.caption_id")
+    con.unregister("new_texts")
+    subset_id = con.execute("SELECT subset_id FROM subsets").fetchone()[0]
+    make_retrieval_run(con, subset_id, seed=0)
+    con.close()
+    return path
+
+
+@pytest.fixture
+def dbfile(base_db, tmp_path):
+    dest = tmp_path / "db.duckdb"
+    shutil.copy(base_db, dest)
+    return str(dest)
+
+
+def table(path, sql, params=None):
+    con = db.open_database(path)
+    try:
+        return con.execute(sql, params or []).df()
+    finally:
+        con.close()
+
+
+def snapshot(path):
+    return (
+        table(path, "SELECT * FROM failure_samples ORDER BY sample_id"),
+        table(path, "SELECT run_id, stage, config_hash FROM runs ORDER BY run_id"),
+    )
+
+
+def assert_unchanged(path, before):
+    after = snapshot(path)
+    for a, b in zip(before, after):
+        pd.testing.assert_frame_equal(a, b)
+
+
+SMALL = ["--n", 40, "--overlap", 10, "--per-annotator", 8, "--annotators", "A,B,C"]
+
+
+def sample(run_cli, dbfile, out, *extra, expect=0):
+    return run_cli("--db", dbfile, "sample-failures", "--out", out, *extra, expect=expect)
+
+
+def test_seeded_sample_sets_and_failures(run_cli, dbfile, tmp_path):
+    out = tmp_path / "fa"
+    res = sample(run_cli, dbfile, out, *SMALL, "--no-pictures")
+    assert "Sampled 40 of" in res.output
+    fs = table(dbfile, "SELECT * FROM failure_samples ORDER BY draw_order")
+    assert len(fs) == 40
+    assert list(fs["draw_order"]) == list(range(40))
+    assert fs["caption_id"].is_unique and fs["sample_id"].is_unique
+    assert fs.groupby("set_name").size().to_dict() == {"overlap": 10, "A": 8, "B": 8, "C": 8, "backup": 6}
+    # sets follow draw order: overlap first, then A, B, C, then backup
+    assert list(fs["set_name"]) == ["overlap"] * 10 + ["A"] * 8 + ["B"] * 8 + ["C"] * 8 + ["backup"] * 6
+    # every sampled caption is an R@1 failure of that run
+    ranks = table(dbfile, "SELECT query_id, gt_rank FROM retrieval_ranks").set_index("query_id")["gt_rank"]
+    assert (ranks.loc[fs["caption_id"]] > 1).all()
+    # the documented method: failures sorted by caption id, default_rng(seed).choice(..., replace=False)
+    failures = np.sort(ranks[ranks > 1].index.to_numpy())
+    expected = failures[np.random.default_rng(42).choice(len(failures), 40, replace=False)]
+    assert list(fs["caption_id"]) == list(expected)
+    run = table(dbfile, "SELECT * FROM runs WHERE run_id = ?", [int(fs["run_id"].iloc[0])]).iloc[0]
+    assert run["stage"] == "sample-failures" and run["seed"] == 42
+    assert set(fs["config_hash"]) == {run["config_hash"]}
+
+    # the same config again is a no-op
+    before = snapshot(dbfile)
+    res = sample(run_cli, dbfile, out, *SMALL, "--no-pictures")
+    assert "already has this sample" in res.output
+    assert_unchanged(dbfile, before)
+
+
+def test_same_seed_same_sample_different_seed_different(run_cli, base_db, tmp_path):
+    picks = {}
+    for name, seed in [("a", 42), ("b", 42), ("c", 7)]:
+        path = tmp_path / f"{name}.duckdb"
+        shutil.copy(base_db, path)
+        sample(run_cli, str(path), tmp_path / name, *SMALL, "--seed", seed, "--no-pictures")
+        picks[name] = list(table(str(path), "SELECT caption_id FROM failure_samples ORDER BY draw_order")["caption_id"])
+    assert picks["a"] == picks["b"]
+    assert picks["a"] != picks["c"]
+    assert set(picks["a"]) != set(picks["c"])
+
+
+def test_bad_sizes_and_inputs_are_refused_and_change_nothing(run_cli, dbfile, tmp_path):
+    n_failures = int(table(dbfile, "SELECT count(*) AS n FROM retrieval_ranks WHERE gt_rank > 1")["n"].iloc[0])
+    con = db.open_database(dbfile)
+    subset_id = con.execute("SELECT subset_id FROM subsets").fetchone()[0]
+    i2t = make_retrieval_run(con, subset_id, seed=1, direction="image-to-text")
+    con.close()
+    before = snapshot(dbfile)
+    cases = [
+        (["--n", 40, "--overlap", 20, "--per-annotator", 8], "do not fit"),  # 20 + 3*8 = 44 > 40
+        (["--n", n_failures + 1, "--overlap", 0, "--per-annotator", 1], f"{n_failures} R@1 failures"),
+        (["--n", 0], "--n must be at least 1"),
+        (["--n", 10, "--overlap", -1, "--per-annotator", 1], "--overlap must be at least 0"),
+        (["--n", 10, "--overlap", 1, "--per-annotator", 1, "--annotators", "A,a"], "must differ"),
+        (["--n", 10, "--overlap", 1, "--per-annotator", 1, "--annotators", "A,../x"], "file names"),
+        (["--n", 10, "--overlap", 1, "--per-annotator", 1, "--annotators", "A,backup"], "set name of its own"),
+        (["--n", 10, "--overlap", 1, "--per-annotator", 1, "--annotators", " , "], "at least one annotator"),
+        (["--n", 10, "--overlap", 1, "--per-annotator", 1, "--seed", -3], "--seed"),
+        (["--n", 10, "--overlap", 1, "--per-annotator", 1, "--run", i2t], "image-to-text"),
+        (["--n", 10, "--overlap", 1, "--per-annotator", 1, "--run", 999], "No retrieval run with id 999"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "never"
+        res = sample(run_cli, dbfile, out, *args, expect=2)
+        assert message in res.output, (args, res.output)
+        assert "Traceback" not in res.output
+        assert not out.exists()
+    assert_unchanged(dbfile, before)
+
+
+def test_no_text_to_image_run_is_a_clear_error(run_cli, synthetic_coco, tmp_db, tmp_path):
+    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 10)
+    res = sample(run_cli, tmp_db, tmp_path / "o", expect=2)
+    assert "clipfail evaluate" in res.output
+
+
+def test_replace_needed_and_refused_once_labelled(run_cli, dbfile, tmp_path):
+    out = tmp_path / "fa"
+    sample(run_cli, dbfile, out, *SMALL)
+    old = table(dbfile, "SELECT * FROM failure_samples ORDER BY sample_id")
+    assert (out / f"vis_{old['sample_id'].iloc[0]}.png").exists()
+
+    other = ["--n", 30, "--overlap", 6, "--per-annotator", 8, "--annotators", "A,B,C", "--seed", 1]
+    before = snapshot(dbfile)
+    res = sample(run_cli, dbfile, tmp_path / "fb", *other, expect=2)
+    assert "--replace" in res.output
+    assert_unchanged(dbfile, before)
+
+    res = sample(run_cli, dbfile, out, *other, "--replace")
+    assert "replacing 40 earlier samples" in res.output
+    new = table(dbfile, "SELECT * FROM failure_samples ORDER BY sample_id")
+    assert len(new) == 30 and not set(new["sample_id"]) & set(old["sample_id"])
+    assert new.groupby("set_name").size().to_dict() == {"overlap": 6, "A": 8, "B": 8, "C": 8}
+    assert not any((out / f"vis_{sid}.png").exists() for sid in old["sample_id"])
+    assert all((out / f"vis_{sid}.png").exists() for sid in new["sample_id"])
+    assert len(pd.read_csv(out / "assign_backup.csv", encoding="utf-8-sig")) == 0
+
+    # a label for the current sample: --replace is refused and nothing changes
+    con = db.open_database(dbfile)
+    con.execute(
+        "INSERT INTO annotations (sample_id, annotator, raw_label, category, source_file, imported_at, run_id) "
+        "VALUES (?, 'A', 'obj', 'Object', 'assign_A.csv', now(), 0)",
+        [int(new["sample_id"].iloc[0])],
+    )
+    con.close()
+    before = snapshot(dbfile)
+    res = sample(run_cli, dbfile, tmp_path / "fc", *SMALL, "--replace", expect=2)
+    assert "--replace refused" in res.output and "1 labels" in res.output
+    assert_unchanged(dbfile, before)
+    assert not (tmp_path / "fc").exists()
+
+
+def read_with_csv_module(path):
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_csv_exports_round_trip_hostile_captions(run_cli, dbfile, tmp_path):
+    out = tmp_path / "fa"
+    sample(run_cli, dbfile, out, *SMALL, "--no-pictures")
+    fs = table(
+        dbfile,
+        """
+        SELECT f.sample_id, f.set_name, f.caption_id, c.text, gi.file_name AS gt_file, r.gt_rank, r.gt_score,
+               r.topk_ids, r.topk_scores
+        FROM failure_samples f JOIN captions c USING (caption_id)
+        JOIN retrieval_ranks r ON r.retrieval_run_id = f.retrieval_run_id AND r.query_id = f.caption_id
+        JOIN images gi ON gi.image_id = r.gt_id
+        ORDER BY f.draw_order
+        """,
+    )
+    files = dict(table(dbfile, "SELECT image_id, file_name FROM images").itertuples(index=False))
+    assert set(fs["text"].map(lambda t: t.rsplit(" ", 1)[0])) >= set(HOSTILE[:4])  # hostile ones were drawn
+
+    def shown(text):  # the documented spreadsheet escape for formula-like starts
+        return "'" + text if text[:1] in "=+-@" else text
+
+    raw = (out / "failure_samples.csv").read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf")  # UTF-8 BOM
+    assert raw.count(b"\r\n") >= 41  # CRLF records
+    expected_sets = {"overlap": 10, "A": 8, "B": 8, "C": 8, "backup": 6}
+    for name, columns, subset in [("failure_samples.csv", SAMPLE_COLUMNS, fs)] + [
+        (f"assign_{s}.csv", ASSIGN_COLUMNS, fs[fs["set_name"] == s]) for s in expected_sets
+    ]:
+        via_pandas = pd.read_csv(out / name, encoding="utf-8-sig", dtype=str, keep_default_na=False)
+        via_csv = read_with_csv_module(out / name)
+        assert list(via_pandas.columns) == columns
+        assert len(via_pandas) == len(via_csv) == len(subset)
+        assert via_pandas.to_dict("records") == via_csv
+        assert list(via_pandas["sample_id"].astype(int)) == list(subset["sample_id"])
+        assert list(via_pandas["caption"]) == [shown(t) for t in subset["text"]]
+        assert list(via_pandas["gt_image"]) == list(subset["gt_file"])
+        assert list(via_pandas["gt_rank"].astype(int)) == list(subset["gt_rank"])
+        np.testing.assert_allclose(via_pandas["gt_score"].astype(float), subset["gt_score"], atol=1e-6)
+        for k in range(5):
+            assert list(via_pandas[f"top{k + 1}_image"]) == [files[int(ids[k])] for ids in subset["topk_ids"]]
+            np.testing.assert_allclose(
+                via_pandas[f"top{k + 1}_score"].astype(float), [s[k] for s in subset["topk_scores"]], atol=1e-6
+            )
+        assert (via_pandas["category"] == "").all() and (via_pandas["notes"] == "").all()
+        assert (via_pandas["picture"] == "").all()  # --no-pictures
+    # a caption with a newline stays one record
+    assert any("\n" in c for c in pd.read_csv(out / "failure_samples.csv", encoding="utf-8-sig")["caption"])
+
+    readme = (out / "README.txt").read_text(encoding="utf-8-sig")
+    cats = table(dbfile, "SELECT * FROM categories")
+    for row in cats.itertuples():
+        assert row.name in readme
+        assert row.example.split()[0] in readme
+    assert "assign_A.csv" in readme and "Primary; Secondary" in readme
+
+
+def test_pictures_size_noop_reexport_and_placeholders(run_cli, dbfile, synthetic_coco, tmp_path):
+    # point the subset at a private copy of the images and remove one ground-truth image
+    con = db.open_database(dbfile)
+    con.execute("UPDATE subsets SET image_root = ?", [str(synthetic_coco / "val2017")])
+    con.close()
+    out = tmp_path / "fa"
+    plan = sample(run_cli, dbfile, out, *SMALL, "--no-pictures")
+    assert "pictures written" not in plan.output
+    fs = table(
+        dbfile,
+        "SELECT f.sample_id, r.gt_id, i.rel_path, i.file_name FROM failure_samples f "
+        "JOIN retrieval_ranks r ON r.query_id = f.caption_id JOIN images i ON i.image_id = r.gt_id "
+        "ORDER BY f.draw_order",
+    )
+    assert not list(out.glob("vis_*.png"))
+    gone = fs.iloc[0]
+    (synthetic_coco / "val2017" / gone["rel_path"]).unlink()
+
+    # the same config with pictures: the DB is unchanged, the missing pictures are written
+    before = snapshot(dbfile)
+    res = sample(run_cli, dbfile, out, *SMALL)
+    assert_unchanged(dbfile, before)
+    assert "40 pictures written" in res.output
+    assert "drawn as placeholders" in res.output
+    for sid in fs["sample_id"]:
+        with Image.open(out / f"vis_{sid}.png") as im:
+            assert im.size == PICTURE_SIZE
+            assert im.mode == "RGB"
+    listed = pd.read_csv(out / "failure_samples.csv", encoding="utf-8-sig", dtype=str)["picture"]
+    assert list(listed) == [f"vis_{sid}.png" for sid in fs["sample_id"]]
+
+    # the missing ground truth is a grey placeholder; a present one is the image itself
+    def gt_pixel(sid):
+        with Image.open(out / f"vis_{sid}.png") as im:
+            colw = PICTURE_SIZE[0] // PictureRenderer.COLS
+            x0 = (colw - PictureRenderer.BOX[0]) // 2  # left edge of the first column's image area
+            # right of the placeholder's text, at the vertical middle of the image area
+            return im.getpixel((x0 + PictureRenderer.BOX[0] - 12, PictureRenderer.TOP + PictureRenderer.BOX[1] // 2))
+
+    assert gt_pixel(gone["sample_id"]) == (205, 205, 205)
+    present = fs[fs["gt_id"] != gone["gt_id"]].iloc[0]
+    assert gt_pixel(present["sample_id"]) != (205, 205, 205)
+
+    # deleted files come back on a re-run; nothing else changes
+    (out / "assign_B.csv").unlink()
+    victim = out / f"vis_{present['sample_id']}.png"
+    victim.unlink()
+    res = sample(run_cli, dbfile, out, *SMALL)
+    assert "1 pictures written" in res.output
+    assert victim.exists() and (out / "assign_B.csv").exists()
+    assert_unchanged(dbfile, before)
+
+
+def test_labelled_csvs_are_never_overwritten(run_cli, dbfile, tmp_path):
+    out = tmp_path / "fa"
+    sample(run_cli, dbfile, out, *SMALL, "--no-pictures")
+    path = out / "assign_A.csv"
+    df = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
+    df.loc[0, "category"] = "Object"
+    # as a spreadsheet might re-save it: ';' separators, no BOM
+    text = df.to_csv(index=False, sep=";")
+    path.write_bytes(text.encode("utf-8"))
+    res = sample(run_cli, dbfile, out, *SMALL, "--no-pictures")
+    assert "kept as they were" in res.output and "assign_A.csv" in res.output
+    assert path.read_bytes() == text.encode("utf-8")
+
+    # a new sample would overwrite labels of the old one: refused before anything is written
+    before = snapshot(dbfile)
+    res = sample(run_cli, dbfile, out, *SMALL, "--seed", 5, "--replace", "--no-pictures", expect=2)
+    assert "filled-in labels" in res.output and "assign_A.csv" in res.output
+    assert_unchanged(dbfile, before)
+    assert path.read_bytes() == text.encode("utf-8")
+
+
+def test_csv_quoting_is_what_spreadsheets_expect(run_cli, dbfile, tmp_path):
+    out = tmp_path / "fa"
+    sample(run_cli, dbfile, out, *SMALL, "--no-pictures")
+    text = (out / "failure_samples.csv").read_text(encoding="utf-8-sig")
+    # a field with a quote is wrapped in quotes with the quote doubled (RFC 4180)
+    assert '"A sign that reads ""STOP"" on a pole' in text
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    assert all(len(r) == len(SAMPLE_COLUMNS) for r in rows)
+
+
+def test_picture_renderer_is_fast_and_sized(synthetic_coco_master):
+    import time
+
+    r = PictureRenderer(Path(synthetic_coco_master) / "val2017")
+    files = sorted(p.name for p in (Path(synthetic_coco_master) / "val2017").glob("*.jpg"))[:6]
+    infos = [(i, (f, f)) for i, f in enumerate(files)]
+    t0 = time.perf_counter()
+    for _ in range(10):
+        im = r.render(
+            caption="A very long caption " * 30,
+            header="sample 1",
+            gt=(infos[0][0], infos[0][1], 7, 0.25),
+            retrieved=[(i, info, 0.3) for i, info in infos[1:5]] + [(999, None, 0.1)],
+        )
+    assert im.size == PICTURE_SIZE
+    assert time.perf_counter() - t0 < 5
+    assert "image 999 (not in images table)" in r.missing
