@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from toolkit import db
-from toolkit.failures import ASSIGN_COLUMNS, PICTURE_SIZE, SAMPLE_COLUMNS, PictureRenderer
+from toolkit.failures import ASSIGN_COLUMNS, PICTURE_SIZE, SAMPLE_COLUMNS, PictureRenderer, _font, wrap_to_width
 
 HOSTILE = [
     "A dog, a cat, and a bird",
@@ -329,6 +329,8 @@ def test_pictures_size_noop_reexport_and_placeholders(run_cli, dbfile, synthetic
     assert not list(out.glob("vis_*.png"))
     gone = fs.iloc[0]
     (synthetic_coco / "val2017" / gone["rel_path"]).unlink()
+    broken = fs[fs["gt_id"] != gone["gt_id"]].iloc[0]  # a file that is not an image
+    (synthetic_coco / "val2017" / broken["rel_path"]).write_bytes(b"\xff\xd8 not really a jpeg")
 
     # the same config with pictures: the DB is unchanged, the missing pictures are written
     before = snapshot(dbfile)
@@ -352,7 +354,8 @@ def test_pictures_size_noop_reexport_and_placeholders(run_cli, dbfile, synthetic
             return im.getpixel((x0 + PictureRenderer.BOX[0] - 12, PictureRenderer.TOP + PictureRenderer.BOX[1] // 2))
 
     assert gt_pixel(gone["sample_id"]) == (205, 205, 205)
-    present = fs[fs["gt_id"] != gone["gt_id"]].iloc[0]
+    assert gt_pixel(broken["sample_id"]) == (205, 205, 205)
+    present = fs[~fs["gt_id"].isin([gone["gt_id"], broken["gt_id"]])].iloc[0]
     assert gt_pixel(present["sample_id"]) != (205, 205, 205)
 
     # deleted files come back on a re-run; nothing else changes
@@ -413,3 +416,25 @@ def test_picture_renderer_is_fast_and_sized(synthetic_coco_master):
     assert im.size == PICTURE_SIZE
     assert time.perf_counter() - t0 < 5
     assert "image 999 (not in images table)" in r.missing
+
+
+@pytest.mark.parametrize(
+    "text, max_lines",
+    [
+        ("A dog and a cat sitting together on a red couch in the living room " * 3, 3),
+        ("short", 3),
+        ("x" * 300, 2),  # one word wider than the line: hard breaks
+        ("a " + "y" * 300 + " b", 5),
+        ("Two lines\nin one caption, naïve café", 3),
+    ],
+)
+def test_wrap_to_width(text, max_lines):
+    font = _font(20)
+    lines = wrap_to_width(text, font, 300, max_lines)
+    assert 1 <= len(lines) <= max_lines
+    assert all(font.getlength(line) <= 300 for line in lines)
+    joined = "".join(lines).replace(" ", "")
+    if lines[-1].endswith("…"):
+        assert text.replace(" ", "").replace("\n", "").startswith(joined[:-1])
+    else:
+        assert joined == text.replace(" ", "").replace("\n", "")

@@ -31,12 +31,14 @@ Pictures: `vis_<sample_id>.png`, 1500x600 px (see `PictureRenderer`).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import csv
 import importlib.util
 import io
 import os
 import re
 import textwrap
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -512,7 +514,9 @@ def export(
         if only_missing_pictures and path.exists():
             continue
         todo.append((row, path))
-    for row, path in progress(todo, desc="pictures", unit="pic"):
+
+    def write_one(item) -> None:
+        row, path = item
         ids = [int(x) for x in list(row.topk_ids)[:TOPN]]
         scores = [float(x) for x in list(row.topk_scores)[:TOPN]]
         pic = renderer.render(
@@ -527,7 +531,12 @@ def export(
         tmp = path.with_name(path.name + ".tmp")
         pic.save(tmp, "PNG", compress_level=1)
         os.replace(tmp, path)
-        result.n_pictures += 1
+
+    # PIL releases the GIL while decoding, resizing and compressing, so threads help.
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for _ in progress(pool.map(write_one, todo), total=len(todo), desc="pictures", unit="pic"):
+            result.n_pictures += 1
     result.missing_images = sorted(renderer.missing)
 
 
@@ -564,17 +573,16 @@ def wrap_to_width(text: str, font, width: int, max_lines: int) -> list[str]:
     lines, cur = [], ""
     for word in words:
         trial = f"{cur} {word}".strip()
-        if font.getlength(trial) <= width or not cur:
-            cur = trial
-            while font.getlength(cur) > width and len(cur) > 1:  # a single over-long word: hard break
-                cut = len(cur)
-                while cut > 1 and font.getlength(cur[:cut]) > width:
-                    cut -= 1
-                lines.append(cur[:cut])
-                cur = cur[cut:]
-        else:
+        if cur and font.getlength(trial) > width:
             lines.append(cur)
-            cur = word
+            trial = word
+        cur = trial
+        while font.getlength(cur) > width and len(cur) > 1:  # a single over-long word: hard break
+            cut = len(cur) - 1
+            while cut > 1 and font.getlength(cur[:cut]) > width:
+                cut -= 1
+            lines.append(cur[:cut])
+            cur = cur[cut:]
     lines.append(cur)
     if len(lines) > max_lines:
         lines = lines[:max_lines]
@@ -604,6 +612,7 @@ class PictureRenderer:
         self.cache: collections.OrderedDict = collections.OrderedDict()
         self.cache_size = cache_size
         self.missing: set[str] = set()
+        self.lock = threading.Lock()  # render() may run in several threads at once
         self.f_caption = _font(26)
         self.f_label = _font(18, bold=True)
         self.f_small = _font(15)
@@ -611,7 +620,7 @@ class PictureRenderer:
     def _placeholder(self, name: str) -> Image.Image:
         im = Image.new("RGB", self.BOX, (205, 205, 205))
         d = ImageDraw.Draw(im)
-        lines = ["image not found:"] + wrap_to_width(name, self.f_small, self.BOX[0] - 16, 4)
+        lines = ["missing or unreadable:"] + wrap_to_width(name, self.f_small, self.BOX[0] - 16, 4)
         y = self.BOX[1] // 2 - 12 * len(lines)
         for line in lines:
             d.text((8, y), line, fill=(60, 60, 60), font=self.f_small)
@@ -619,9 +628,10 @@ class PictureRenderer:
         return im
 
     def thumbnail(self, image_id: int, info: tuple[str, str] | None) -> Image.Image:
-        if image_id in self.cache:
-            self.cache.move_to_end(image_id)
-            return self.cache[image_id]
+        with self.lock:
+            if image_id in self.cache:
+                self.cache.move_to_end(image_id)
+                return self.cache[image_id]
         name = info[0] if info else f"image {image_id} (not in images table)"
         im = None
         if info and self.image_root is not None:
@@ -629,14 +639,15 @@ class PictureRenderer:
                 with Image.open(self.image_root / info[1]) as src:
                     src.draft("RGB", self.BOX)  # JPEG: decode at reduced scale, still >= BOX
                     im = ImageOps.contain(src.convert("RGB"), self.BOX, Image.Resampling.BILINEAR)
-            except (OSError, ValueError, Image.DecompressionBombError):
+            except Exception:  # missing, truncated, not an image, too large: all become a placeholder
                 im = None
-        if im is None:
-            self.missing.add(name)
-            im = self._placeholder(name)
-        self.cache[image_id] = im
-        if len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+        with self.lock:
+            if im is None:
+                self.missing.add(name)
+                im = self._placeholder(name)
+            self.cache[image_id] = im
+            if len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
         return im
 
     def _column(self, canvas, draw, col: int, thumb, colour, border: int, lines: list[tuple[str, object, tuple]]):
