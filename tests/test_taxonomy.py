@@ -10,6 +10,16 @@ from toolkit.taxonomy import LabelError, Taxonomy, normalise_label, resolve_labe
 SEVEN = ["Ambiguous", "Object", "Attribute", "Action", "Context", "Count", "Spatial"]
 
 
+@pytest.fixture(scope="module")
+def taxonomy(tmp_path_factory):
+    """The default taxonomy as seeded into a fresh database."""
+    con = db.open_database(tmp_path_factory.mktemp("taxonomy") / "t.duckdb")
+    try:
+        return Taxonomy.load(con)
+    finally:
+        con.close()
+
+
 def _tables(path):
     con = db.open_database(path)
     try:
@@ -106,25 +116,24 @@ def test_normalise_label(raw, norm):
         (None, (None, None)),
     ],
 )
-def test_resolve_label(tmp_db, raw, expected):
+def test_resolve_label(taxonomy, raw, expected):
+    assert resolve_label(taxonomy, raw) == expected
+
+
+def test_resolve_label_with_a_connection(tmp_db):
     con = db.open_database(tmp_db)
     try:
-        assert resolve_label(con, raw) == expected
+        assert resolve_label(con, "obj + colour") == ("Object", "Attribute")
     finally:
         con.close()
 
 
 @pytest.mark.parametrize("raw", ["Objekt", "Object; Colr", "Object; Attribute; Count", "location", "s", "es"])
-def test_resolve_label_refuses_unknown(tmp_db, raw):
-    con = db.open_database(tmp_db)
-    try:
-        tax = Taxonomy.load(con)
-        with pytest.raises(LabelError) as info:
-            tax.resolve(raw)
-        assert info.value.raw == raw
-        assert raw in str(info.value)
-    finally:
-        con.close()
+def test_resolve_label_refuses_unknown(taxonomy, raw):
+    with pytest.raises(LabelError) as info:
+        taxonomy.resolve(raw)
+    assert info.value.raw == raw
+    assert raw in str(info.value)
 
 
 def test_categories_cli_list_add_alias(tmp_db, run_cli):
