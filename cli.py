@@ -257,7 +257,14 @@ def categories_add_alias(db_path, alias, category, replace):
 @click.option("--overlap", type=int, default=30, show_default=True, help="Drawn first; every annotator labels them.")
 @click.option("--per-annotator", type=int, default=50, show_default=True)
 @click.option("--annotators", default="A,B,C", show_default=True, help="Comma-separated annotator names.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="failure_analysis", show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="failure_analysis",
+    show_default=True,
+    help="Folder for the CSVs, README.txt and pictures.",
+)
 @click.option("--pictures/--no-pictures", default=True, show_default=True, help="Write vis_<sample_id>.png.")
 @click.option("--replace", is_flag=True, help="Draw a new sample for a run that has one (refused once labelled).")
 @db_option
