@@ -316,6 +316,37 @@ def sample_failures(db_path, run_id, n, seed, overlap, per_annotator, annotators
         click.echo(f"  {len(res.missing_images)} images could not be read and are drawn as placeholders.")
 
 
+@cli.command("download-coco")
+@click.option("--dest", required=True, type=click.Path(file_okay=False), help="Folder to download and extract into.")
+@click.option(
+    "--base-url",
+    default="http://images.cocodataset.org",
+    show_default=True,
+    help="Server holding annotations/annotations_trainval2017.zip and zips/val2017.zip (a mirror).",
+)
+@click.option("--images/--no-images", default=True, show_default=True, help="Also download val2017.zip (778 MiB).")
+def download_coco(dest, base_url, images):
+    """Download COCO 2017 val captions (and images) into the layout `ingest --coco-root` reads.
+
+    Resumes interrupted downloads (HTTP Range on DEST/zips/*.part), checks sizes and every zip
+    member's CRC, and refuses archives with members that would land outside DEST.
+
+    Example: clipfail download-coco --dest ~/coco && clipfail ingest --coco-root ~/coco
+    """
+    from toolkit.download import download_coco as run_download
+
+    res = run_download(dest, base_url=base_url, images=images)
+    for f in res.files:
+        click.echo(
+            f"{f.name}: {f.action} ({f.size:,} bytes, CRC checked); "
+            f"extracted {f.n_extracted} files, {f.n_kept} already there."
+        )
+    click.echo(f"Captions: {res.captions_json}")
+    if res.images_dir is not None:
+        click.echo(f"Images:   {res.images_dir}/ ({res.n_images} files)")
+    click.echo(f"Next: clipfail ingest --coco-root {res.dest}")
+
+
 def main():
     cli(prog_name="clipfail")
 
