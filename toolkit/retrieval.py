@@ -1,0 +1,331 @@
+"""Exact retrieval ranks, top-k and Recall@K, computed in chunks of queries with bounded memory.
+
+The score of a query against a gallery item is the float32 dot product that `torch.mm` computes
+(the cosine similarity when both sides are L2-normalised, as CLIP embeddings are). Queries are
+processed `chunk` rows at a time, so the working memory is about `chunk x M x 4` bytes (the float32
+score block), plus small per-thread buffers, whatever the number of queries N.
+
+Definitions (all computed from the SAME score block, never from a separate dot product, so the
+comparisons below are consistent with each other bit for bit):
+
+- GT score: the score of the query's ground-truth item, read from the computed score row. With
+  several ground-truth items (image-to-text: an image has several captions) it is the best of them,
+  and `gt_index` is that caption (the lowest gallery index if several GT items share the best score).
+- `gt_rank` (tie policy "optimistic"): 1 + the number of gallery items whose score is STRICTLY
+  higher than the GT score. Rank 1 is best. An item tied with the GT score does not push it down.
+  With several GT items this is the best rank among them (no other GT item can score strictly
+  higher than the best one), which is how CLIP papers score image-to-text retrieval: a hit at K if
+  any of the image's captions is in the top K.
+- `n_tied`: the number of NON-ground-truth gallery items whose score is exactly equal to the GT
+  score. `gt_rank + n_tied` is the pessimistic rank: the worst position at which the (first)
+  ground-truth item could appear under an adversarial ordering of ties.
+- Recall@K = mean(gt_rank <= K) (optimistic ranks).
+- Top-k: the k highest scores of the row, in descending score order; among equal scores the lower
+  gallery index comes first. That rule also decides which tied items make it into the top-k when a
+  tie straddles position k, so the output is fully deterministic. It equals a stable descending
+  sort of the full row, truncated to k.
+
+Exactness: comparisons are exact IEEE float32 comparisons of the computed scores, so the ranks,
+ties and top-k agree with each other and with a full-matrix reference that uses the same scores.
+A BLAS does not promise the same rounding for every matrix shape: MKL, for one, rounds a product
+with fewer than 12 query rows differently in the last bit. So the GEMM is always issued in blocks
+of exactly MM_ROWS query rows, aligned at multiples of MM_ROWS (the last block zero-padded), and
+`chunk` (rows scored together, which bounds memory) is rounded up to a multiple of MM_ROWS. A
+query's scores therefore come from an identical BLAS call whatever the chunk size, and chunking
+cannot change a score, a rank or a tie. Another BLAS or device may still round a score differently
+in the last bit (about 1e-7), which can only swap items whose scores are that close.
+
+On CPU the comparison counts run in NumPy (faster than torch's elementwise kernels here) on
+threads, in cache-sized row blocks; on CUDA everything stays in torch on the device.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+TIE_POLICY = "optimistic"
+TIE_POLICY_DOC = (
+    "optimistic: gt_rank = 1 + #items scoring strictly higher than the GT score; n_tied = #non-GT items "
+    "with exactly the GT score (pessimistic rank = gt_rank + n_tied); top-k ties broken by lower index"
+)
+DEFAULT_CHUNK = 1024
+MM_ROWS = 512  # query rows per GEMM call (fixed; see "Exactness" above)
+
+
+@dataclass
+class RankResult:
+    """Per-query results, one row per query (numpy arrays)."""
+
+    gt_rank: np.ndarray  # int64 (N,), optimistic rank, 1 = best
+    n_tied: np.ndarray  # int64 (N,), non-GT items with exactly the GT score
+    gt_score: np.ndarray  # float32 (N,)
+    gt_index: np.ndarray  # int64 (N,), gallery index of the (best) GT item
+    topk_indices: np.ndarray  # int64 (N, k)
+    topk_scores: np.ndarray  # float32 (N, k)
+    tie_policy: str = TIE_POLICY
+
+    @property
+    def pessimistic_rank(self) -> np.ndarray:
+        return self.gt_rank + self.n_tied
+
+    def recall_at(self, k: int) -> float:
+        return recall_at_k(self.gt_rank, k)
+
+
+def recall_at_k(gt_rank, k: int) -> float:
+    """Recall@K = mean(rank <= K); NaN for no queries."""
+    gt_rank = np.asarray(gt_rank)
+    if gt_rank.size == 0:
+        return float("nan")
+    return float(np.mean(gt_rank <= k))
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' picks cuda when available, else cpu; anything else is passed to torch.device."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _as_2d(x, name: str) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D array (rows x dim), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    return t
+
+
+def _check_finite(t: torch.Tensor, name: str, chunk: int) -> None:
+    for s in range(0, t.shape[0], max(chunk, 1) * 16):
+        if not bool(torch.isfinite(t[s : s + chunk * 16]).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
+
+
+class _NumpyCounter:
+    """Per-row counts of scores strictly above / exactly equal to the GT score, in NumPy on threads.
+
+    NumPy's comparisons and byte sums are several times faster than torch's broadcasting
+    comparisons on this kind of CPU, and its ufuncs release the GIL, so blocks of rows (about 4 MB
+    of scores each, so both passes find them in cache) run in parallel.
+    """
+
+    def __init__(self, n_cols: int, threads: int):
+        self.block = max(8, (4 << 20) // (4 * n_cols))
+        self.threads = max(1, threads)
+        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self.bufs = [np.empty((self.block, n_cols), dtype=bool) for _ in range(self.threads)]
+        # the counts are sums of 0/1 bytes; uint16 is enough (and faster) below 65536 columns
+        self.sum_dtype = np.uint16 if n_cols < 65536 else np.int64
+
+    def _work(self, t, S, g, n_gt, n_eq, r0, r1):
+        buf = self.bufs[t]
+        for s in range(r0, r1, self.block):
+            e = min(s + self.block, r1)
+            x, gg, b = S[s:e], g[s:e, None], buf[: e - s]
+            u8 = b.view(np.uint8)
+            np.greater(x, gg, out=b)
+            n_gt[s:e] = np.add.reduce(u8, axis=1, dtype=self.sum_dtype)
+            np.equal(x, gg, out=b)
+            n_eq[s:e] = np.add.reduce(u8, axis=1, dtype=self.sum_dtype)
+
+    def __call__(self, S: np.ndarray, g: np.ndarray, n_gt: np.ndarray, n_eq: np.ndarray) -> None:
+        n = S.shape[0]
+        if self.pool is None or n < 2 * self.block:
+            self._work(0, S, g, n_gt, n_eq, 0, n)
+            return
+        step = -(-n // self.threads)
+        futs = [
+            self.pool.submit(self._work, t, S, g, n_gt, n_eq, t * step, min(n, (t + 1) * step))
+            for t in range(self.threads)
+            if t * step < n
+        ]
+        for f in futs:
+            f.result()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _order_topk(S: torch.Tensor, vals_all: torch.Tensor, idx_all: torch.Tensor, k: int):
+    """From the k(+1) largest scores of each row (sorted by value), the deterministic top-k.
+
+    Descending score, ties broken by lower index (= a stable descending sort of the row, cut at k).
+    """
+    vals, idx = vals_all[:, :k], idx_all[:, :k]
+    # put equal scores in index order: sort by index, then stable sort by score (descending)
+    idx, perm = torch.sort(idx, dim=1)
+    vals = torch.gather(vals, 1, perm)
+    vals, perm = torch.sort(vals, dim=1, descending=True, stable=True)
+    idx = torch.gather(idx, 1, perm)
+    if vals_all.shape[1] > k:
+        # a tie straddling position k: which tied items get in is not defined by topk, so redo
+        # those (rare) rows with a full stable sort
+        boundary = torch.nonzero(vals_all[:, k - 1] == vals_all[:, k]).flatten()
+        if boundary.numel():
+            sv, si = torch.sort(S[boundary], dim=1, descending=True, stable=True)
+            vals[boundary] = sv[:, :k]
+            idx[boundary] = si[:, :k]
+    return vals, idx
+
+
+def rank_queries(
+    queries,
+    gallery,
+    gt_indptr,
+    gt_indices,
+    *,
+    k: int = 10,
+    chunk: int = DEFAULT_CHUNK,
+    device: str | torch.device = "auto",
+    progress: bool | None = False,
+    desc: str = "ranking",
+    backend: str | None = None,
+) -> RankResult:
+    """Rank every query's ground-truth item(s) against the whole gallery.
+
+    queries: N x d, gallery: M x d (float; cast to float32 a chunk at a time).
+    Ground truth in CSR form: query i's GT gallery indices are gt_indices[gt_indptr[i]:gt_indptr[i+1]]
+    (at least one each). See the module docstring for the exact definitions and tie policy.
+    """
+    Q = _as_2d(queries, "queries")
+    G = _as_2d(gallery, "gallery")
+    N, d = Q.shape
+    M = G.shape[0]
+    if G.shape[1] != d:
+        raise ValueError(f"queries have dim {d} but gallery has dim {G.shape[1]}")
+    if M == 0:
+        raise ValueError("the gallery is empty")
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    if chunk < 1:
+        raise ValueError("chunk must be >= 1")
+    indptr = np.asarray(gt_indptr, dtype=np.int64)
+    indices = np.asarray(gt_indices, dtype=np.int64)
+    if indptr.shape != (N + 1,) or indptr[0] != 0 or indptr[-1] != len(indices):
+        raise ValueError("gt_indptr must have N+1 entries, start at 0 and end at len(gt_indices)")
+    counts = np.diff(indptr)
+    if (counts < 1).any():
+        raise ValueError(f"{int((counts < 1).sum())} queries have no ground-truth item")
+    if len(indices) and (indices.min() < 0 or indices.max() >= M):
+        raise ValueError(f"ground-truth indices must be in [0, {M})")
+    _check_finite(Q, "queries", chunk)
+    _check_finite(G, "gallery", chunk)
+
+    dev = resolve_device(device)
+    k = min(k, M)
+    Gt = G.to(dev, torch.float32).T  # d x M view; no copy when already float32 on dev
+    single = bool((counts == 1).all())
+    indices_t = torch.from_numpy(indices).to(dev)
+
+    out = RankResult(
+        gt_rank=np.empty(N, dtype=np.int64),
+        n_tied=np.empty(N, dtype=np.int64),
+        gt_score=np.empty(N, dtype=np.float32),
+        gt_index=np.empty(N, dtype=np.int64),
+        topk_indices=np.empty((N, k), dtype=np.int64),
+        topk_scores=np.empty((N, k), dtype=np.float32),
+    )
+    if N == 0:
+        return out
+
+    # chunk rounded up to whole GEMM blocks, and no bigger than the (block-padded) query count
+    n_blocks = -(-N // MM_ROWS)
+    rows_per = MM_ROWS * min(n_blocks, max(1, -(-chunk // MM_ROWS)))
+    S_buf = torch.empty((rows_per, M), dtype=torch.float32, device=dev)
+    Q_buf = torch.empty((MM_ROWS, d), dtype=torch.float32, device=dev)
+    kk = min(k + 1, M)
+    if backend is None:
+        backend = "numpy" if dev.type == "cpu" else "torch"
+    counter = _NumpyCounter(M, torch.get_num_threads()) if backend == "numpy" else None
+    starts = range(0, N, rows_per)
+    if progress is not False:
+        from toolkit.progress import progress as _progress
+
+        starts = _progress(starts, total=len(starts), desc=desc, unit="chunk", enabled=progress)
+    try:
+        with torch.inference_mode():
+            for s in starts:
+                e = min(s + rows_per, N)
+                c = e - s
+                S = S_buf[:c]
+                for b in range(s, e, MM_ROWS):
+                    # every GEMM has the same shape and the same row alignment whatever `chunk` is
+                    bn = min(MM_ROWS, e - b)
+                    Q_buf[:bn].copy_(Q[b : b + bn])
+                    if bn < MM_ROWS:
+                        Q_buf[bn:].zero_()
+                    torch.mm(Q_buf, Gt, out=S_buf[b - s : b - s + MM_ROWS])
+                ar = torch.arange(c, device=dev)
+                # the GT score is read from the computed row, so it is compared with the very same numbers
+                if single:
+                    gidx = indices_t[s:e]
+                    g = S[ar, gidx]
+                    n_gt_at_best = torch.ones(c, dtype=torch.int64, device=dev)
+                else:
+                    lo, hi = int(indptr[s]), int(indptr[e])
+                    cols = indices_t[lo:hi]
+                    rows = torch.repeat_interleave(ar, torch.from_numpy(counts[s:e]).to(dev))
+                    v = S[rows, cols]
+                    g = torch.full((c,), -torch.inf, device=dev).scatter_reduce(0, rows, v, "amax")
+                    at_best = v == g[rows]
+                    cand = torch.where(at_best, cols, torch.full_like(cols, M))
+                    gidx = torch.full((c,), M, dtype=torch.int64, device=dev).scatter_reduce(0, rows, cand, "amin")
+                    n_gt_at_best = torch.zeros(c, dtype=torch.int64, device=dev).scatter_add(
+                        0, rows, at_best.to(torch.int64)
+                    )
+                g_np = g.cpu().numpy()
+                n_gt = out.gt_rank[s:e]
+                n_eq = out.n_tied[s:e]
+                if counter is not None:
+                    counter(S.cpu().numpy(), g_np, n_gt, n_eq)
+                else:
+                    gcol = g[:, None]
+                    n_gt[:] = (S > gcol).sum(1).cpu().numpy()
+                    n_eq[:] = (S == gcol).sum(1).cpu().numpy()
+                vals_all, idx_all = torch.topk(S, kk, dim=1, largest=True, sorted=True)
+                tv, ti = _order_topk(S, vals_all, idx_all, k)
+                out.topk_scores[s:e] = tv.cpu().numpy()
+                out.topk_indices[s:e] = ti.cpu().numpy()
+                n_gt += 1  # gt_rank = 1 + strictly higher
+                n_eq -= n_gt_at_best.cpu().numpy()  # n_tied = equal scores that are not GT items
+                out.gt_score[s:e] = g_np
+                out.gt_index[s:e] = gidx.cpu().numpy()
+    finally:
+        if counter is not None:
+            counter.close()
+    return out
+
+
+def rank_text_to_image(text_emb, image_emb, text_gt_image, **kw) -> RankResult:
+    """Each text (row of text_emb) against all images; text i's GT is image row text_gt_image[i]."""
+    gt = np.asarray(text_gt_image, dtype=np.int64)
+    n = len(gt)
+    return rank_queries(text_emb, image_emb, np.arange(n + 1, dtype=np.int64), gt, **kw)
+
+
+def image_to_text_gt(text_gt_image, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR ground truth for image-to-text: image j's GTs are the text rows whose image is j (ascending)."""
+    gt = np.asarray(text_gt_image, dtype=np.int64)
+    order = np.argsort(gt, kind="stable")
+    counts = np.bincount(gt, minlength=n_images)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return indptr, order.astype(np.int64)
+
+
+def rank_image_to_text(image_emb, text_emb, text_gt_image, **kw) -> RankResult:
+    """Each image against all texts; a hit at K if any of its captions is in its top K.
+
+    Its rank is the best rank among its captions; gt_index is that caption's text row. Every image
+    must have at least one caption (drop caption-less images before calling).
+    """
+    n_images = _as_2d(image_emb, "image_emb").shape[0]
+    indptr, indices = image_to_text_gt(text_gt_image, n_images)
+    return rank_queries(image_emb, text_emb, indptr, indices, **kw)
