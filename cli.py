@@ -347,6 +347,32 @@ def download_coco(dest, base_url, images):
     click.echo(f"Next: clipfail ingest --coco-root {res.dest}")
 
 
+@cli.command("status")
+@db_option
+def status(db_path):
+    """Show which stages have run, for which subset and model, with row counts, and what to do next.
+
+    Example: clipfail --db study.duckdb status
+    """
+    from toolkit.status import study_status
+
+    con = db.open_database(db_path)
+    try:
+        res = study_status(con)
+    finally:
+        con.close()
+    click.echo(f"Database {db_path}")
+    if res.stages.empty:
+        click.echo("No stage has run yet.")
+    else:
+        echo_df(res.stages)
+    if res.has_simulated_labels:
+        click.echo("NOTE: some labels are SIMULATED (demo annotators), not human judgements.")
+    click.echo("\nNext:")
+    for step in res.next_steps:
+        click.echo(f"  {step}")
+
+
 def main():
     cli(prog_name="clipfail")
 
