@@ -316,6 +316,103 @@ def sample_failures(db_path, run_id, n, seed, overlap, per_annotator, annotators
         click.echo(f"  {len(res.missing_images)} images could not be read and are drawn as placeholders.")
 
 
+@cli.command("import-labels")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=True))
+@click.option("--annotator", default=None, help="Whose labels these are (default: from assign_<NAME>.csv).")
+@db_option
+def import_labels(db_path, files, annotator):
+    """Import filled-in label CSVs (assign_<annotator>.csv) into the annotations table.
+
+    Every row is checked first; any unknown category, unknown sample or sample not assigned to
+    the annotator rejects the whole import with a list of row numbers. A re-import replaces
+    that annotator's labels for the samples in the file. For assign_overlap.csv, give
+    --annotator or an 'annotator' column.
+
+    Example: clipfail import-labels failure_analysis/assign_A.csv failure_analysis/assign_B.csv
+    """
+    from toolkit.annotations import import_labels as run_import
+
+    con = db.open_database(db_path)
+    try:
+        res = run_import(con, list(files), annotator=annotator)
+    finally:
+        con.close()
+    if res.is_noop:
+        click.echo("These labels are already imported exactly as they are; the database is unchanged.")
+    else:
+        click.echo(f"Imported {res.n_labelled} labels (run {res.run_id}).")
+    echo_df(
+        pd.DataFrame(
+            {
+                "file": [f.path for f in res.files],
+                "annotator": [",".join(f.annotators) for f in res.files],
+                "rows": [f.n_rows for f in res.files],
+                "labelled": [f.n_labelled for f in res.files],
+                "unlabeled": [f.n_unlabeled for f in res.files],
+                "two_categories": [f.n_secondary for f in res.files],
+                "replaced": [f.n_replaced for f in res.files],
+                "cleared": [f.n_cleared for f in res.files],
+            }
+        )
+    )
+    if res.n_unlabeled:
+        click.echo(f"{res.n_unlabeled} rows have no label yet (unlabeled); they were not imported.")
+    if res.n_replaced and not res.is_noop:
+        click.echo(f"{res.n_replaced} earlier labels were replaced by the file's.")
+    if res.n_cleared and not res.is_noop:
+        click.echo(f"{res.n_cleared} earlier labels were removed: their rows are blank in the file now.")
+    click.echo("Next: clipfail analyze")
+
+
+def _percent_table(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    shown = df[[c for c in columns if c in df.columns]].copy()
+    for col in ("percent", "percent_lr", "percent_agreement"):
+        if col in shown.columns:
+            shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{float(v):.2f}")
+    return shown
+
+
+@cli.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="analysis", show_default=True)
+@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: the one labelled last).")
+@db_option
+def analyze(db_path, out_dir, run_id):
+    """Print the failure taxonomy and annotator agreement; write them as CSV, with Figures 1-2.
+
+    The tables are the views taxonomy_distribution, taxonomy_actionable, taxonomy_by_annotator
+    and annotator_agreement, for one retrieval run. Counts merge the annotators and exclude the
+    overlap set; percent is rounded half up to 2 decimals (percent_lr: largest remainder, sums
+    to exactly 100).
+
+    Example: clipfail analyze --out failure_analysis/analysis
+    """
+    from toolkit.analysis import analyze as run_analyze
+
+    con = db.open_database(db_path)
+    try:
+        res = run_analyze(con, out_dir=out_dir, retrieval_run_id=run_id)
+    finally:
+        con.close()
+    if res.is_simulated:
+        click.echo("NOTE: some of these labels are SIMULATED (demo annotators), not human judgements.")
+    click.echo(
+        f"Failure taxonomy of retrieval run {res.retrieval_run_id}: {res.n_labelled_samples} labelled samples "
+        "(merged over annotators, overlap set excluded)"
+    )
+    echo_df(_percent_table(res.distribution, ["category", "count", "percent", "percent_lr"]))
+    click.echo("\nActionable categories only (re-normalised)")
+    echo_df(_percent_table(res.actionable, ["category", "count", "percent", "percent_lr"]))
+    click.echo("\nBy annotator")
+    echo_df(_percent_table(res.by_annotator, ["annotator", "category", "count", "percent"]))
+    click.echo(f"\nAgreement on the overlap set ({res.n_overlap_samples} labelled samples)")
+    echo_df(
+        _percent_table(res.agreement, ["measure", "annotators", "n_items", "n_agree", "percent_agreement", "kappa"])
+    )
+    if res.agreement["kappa"].isna().any():
+        click.echo("(kappa is blank where it is undefined: every label was the same category, so p_e = 1.)")
+    click.echo(f"\nWrote to {res.out_dir}/: {', '.join(p.name for p in res.written)}")
+
+
 @cli.command("download-coco")
 @click.option("--dest", required=True, type=click.Path(file_okay=False), help="Folder to download and extract into.")
 @click.option(

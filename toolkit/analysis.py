@@ -1,0 +1,132 @@
+"""Analyze imported labels: the taxonomy tables, annotator agreement, Figures 1 and 2.
+
+Every number comes from the views (queries/taxonomy_distribution.sql, taxonomy_actionable.sql,
+taxonomy_by_annotator.sql, annotator_agreement.sql) for one retrieval run; this module only
+selects them, writes them as CSV and draws the two bar charts (toolkit.figures).
+
+Files written in `out_dir`:
+  taxonomy_distribution.csv, taxonomy_actionable.csv, taxonomy_by_annotator.csv,
+  annotator_agreement.csv, figure1_taxonomy.png/.svg, figure2_actionable.png/.svg
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from toolkit.errors import UserError
+
+PERCENT_COLUMNS = ("percent", "percent_lr", "percent_agreement")
+
+
+@dataclass
+class AnalysisResult:
+    retrieval_run_id: int
+    distribution: pd.DataFrame
+    actionable: pd.DataFrame
+    by_annotator: pd.DataFrame
+    agreement: pd.DataFrame
+    is_simulated: bool
+    n_labelled_samples: int  # outside the overlap set (the taxonomy's n)
+    n_overlap_samples: int  # labelled overlap samples (the agreement's items)
+    out_dir: Path
+    written: list[Path] = field(default_factory=list)
+
+
+def pick_labelled_run(con, retrieval_run_id: int | None) -> int:
+    """The given retrieval run (which must have labels), or the one labelled most recently."""
+    runs = con.execute(
+        """
+        SELECT s.retrieval_run_id, max(a.imported_at) AS last_import, count(*) AS n_labels
+        FROM annotations a JOIN failure_samples s USING (sample_id)
+        GROUP BY s.retrieval_run_id
+        ORDER BY last_import DESC, s.retrieval_run_id DESC
+        """
+    ).fetchall()
+    if not runs:
+        raise UserError(
+            "No labels have been imported yet. Fill in the assign_<annotator>.csv files that sample-failures "
+            "wrote, then run: clipfail import-labels failure_analysis/assign_*.csv"
+        )
+    if retrieval_run_id is None:
+        return int(runs[0][0])
+    if int(retrieval_run_id) not in {int(r[0]) for r in runs}:
+        have = ", ".join(f"{r[0]} ({r[2]} labels)" for r in runs)
+        raise UserError(f"Retrieval run {retrieval_run_id} has no imported labels. Runs with labels: {have}.")
+    return int(retrieval_run_id)
+
+
+def _view(con, name: str, rrid: int) -> pd.DataFrame:
+    df = con.execute(f"SELECT * FROM {name} WHERE retrieval_run_id = ?", [rrid]).df()
+    return df.reset_index(drop=True)
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    """CSV with percentages printed with exactly 2 decimals (as the views round them)."""
+    out = df.copy()
+    for col in PERCENT_COLUMNS:
+        if col in out.columns:
+            out[col] = out[col].map(lambda v: "" if pd.isna(v) else f"{float(v):.2f}")
+    out.to_csv(path, index=False, lineterminator="\n")
+    return path
+
+
+def analyze(con, out_dir="analysis", retrieval_run_id: int | None = None, figures: bool = True) -> AnalysisResult:
+    """Select the taxonomy tables and the agreement of one retrieval run; write CSVs and figures."""
+    from toolkit.figures import taxonomy_bar_chart
+
+    rrid = pick_labelled_run(con, retrieval_run_id)
+    out_dir = Path(out_dir)
+    dist = _view(con, "taxonomy_distribution", rrid)
+    act = _view(con, "taxonomy_actionable", rrid)
+    by_ann = _view(con, "taxonomy_by_annotator", rrid)
+    agree = _view(con, "annotator_agreement", rrid)
+    counts = con.execute(
+        "SELECT count(*) FILTER (WHERE NOT is_overlap), count(*) FILTER (WHERE is_overlap), "
+        "coalesce(bool_or(is_simulated), false) FROM sample_labels WHERE retrieval_run_id = ?",
+        [rrid],
+    ).fetchone()
+    result = AnalysisResult(
+        retrieval_run_id=rrid,
+        distribution=dist,
+        actionable=act,
+        by_annotator=by_ann,
+        agreement=agree,
+        is_simulated=bool(counts[2]),
+        n_labelled_samples=int(counts[0]),
+        n_overlap_samples=int(counts[1]),
+        out_dir=out_dir,
+    )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"Cannot create the output folder {out_dir}: {exc.strerror or exc}.") from None
+    for name, df in (
+        ("taxonomy_distribution", dist),
+        ("taxonomy_actionable", act),
+        ("taxonomy_by_annotator", by_ann),
+        ("annotator_agreement", agree),
+    ):
+        result.written.append(write_csv(df, out_dir / f"{name}.csv"))
+    if figures:
+        note = " (SIMULATED labels)" if result.is_simulated else ""
+        if not dist.empty:
+            n = int(dist["n_total"].iloc[0])
+            result.written += taxonomy_bar_chart(
+                dist,
+                f"Figure 1. Failure categories{note}",
+                out_dir / "figure1_taxonomy",
+                subtitle=f"retrieval run {rrid}: {n} labelled R@1 failures, merged over annotators, overlap set "
+                "excluded",
+            )
+        if not act.empty:
+            n = int(act["n_total"].iloc[0])
+            result.written += taxonomy_bar_chart(
+                act,
+                f"Figure 2. Actionable failure categories{note}",
+                out_dir / "figure2_actionable",
+                subtitle=f"retrieval run {rrid}: {n} actionable failures (not-actionable categories removed)",
+            )
+    return result
