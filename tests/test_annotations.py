@@ -275,6 +275,17 @@ def test_reference_table_exactly(study, tmp_path):
     for name in ("taxonomy_actionable", "taxonomy_by_annotator", "annotator_agreement"):
         assert (out / f"{name}.csv").stat().st_size > 0
 
+    # the README's example queries run (queries/examples/labels.sql)
+    examples = Path(__file__).parent.parent / "queries" / "examples" / "labels.sql"
+    statements = [s for s in examples.read_text().split(";") if s.strip()]
+    assert len(statements) == 5
+    statements = ["\n".join(ln for ln in s.splitlines() if not ln.startswith("--")) for s in statements]
+    for stmt in statements:
+        res = invoke("--db", dbpath, "sql", stmt)
+        assert res.exit_code == 0, (stmt, res.output)
+    gap = invoke("--db", dbpath, "sql", statements[-1]).output
+    assert "Ambiguous 67 " in gap and "Spatial  1 " in gap  # the overlap set's 60 Spatial labels stay out
+
 
 # ---------------------------------------------------------------------------------------------
 # Agreement: a hand-computed example and textbook examples, through the view
