@@ -459,6 +459,10 @@ def resave(src: Path, dest: Path, labels, variant: str) -> Path:
         return write_labels(src, dest, labels)
     if variant == "semicolon-lf-no-bom":  # LibreOffice in a ';' locale
         return write_labels(src, dest, labels, delimiter=";", encoding="utf-8", newline="\n")
+    if variant == "excel-sep-line":  # Excel's "sep=;" hint before the header
+        write_labels(src, dest, labels, delimiter=";")
+        dest.write_bytes(b"sep=;\r\n" + dest.read_bytes().removeprefix(b"\xef\xbb\xbf"))
+        return dest
     if variant == "utf16-tab":  # Excel's "Unicode text"
         return write_labels(src, dest, labels, delimiter="\t", encoding="utf-16")
     if variant == "cp1252-reordered":  # Excel "CSV (Comma delimited)" on Windows, columns moved, one added
@@ -476,7 +480,9 @@ def resave(src: Path, dest: Path, labels, variant: str) -> Path:
     raise AssertionError(variant)
 
 
-@pytest.mark.parametrize("variant", ["excel-comma", "semicolon-lf-no-bom", "utf16-tab", "cp1252-reordered"])
+@pytest.mark.parametrize(
+    "variant", ["excel-comma", "semicolon-lf-no-bom", "excel-sep-line", "utf16-tab", "cp1252-reordered"]
+)
 def test_resaved_spreadsheets_import_the_same(study, tmp_path, variant):
     dbpath, export, rrid = study
     ids = sample_ids(export, "assign_B.csv")

@@ -16,9 +16,10 @@ Names are matched to the sample's annotators ignoring case (`b` -> B).
 
 Reading is lenient about what spreadsheet programs do when they re-save a file: a UTF-8 BOM (or
 none), UTF-16 ("Unicode text"), Windows-1252, CRLF or LF line ends, `,` `;` or tab separators
-(the one under which the header has a `sample_id` column), quoted fields with separators, quotes
-and newlines, extra, missing optional or reordered columns, header case and spaces
-(`Sample ID`), and trailing empty rows. The label column is `category` (or `label`).
+(the one under which the header has a `sample_id` column, or the one an Excel `sep=` line
+names), quoted fields with separators, quotes and newlines, extra, missing optional or
+reordered columns, header case and spaces (`Sample ID`), and trailing empty rows. The label
+column is `category` (or `label`).
 
 Labels go through the taxonomy (`toolkit.taxonomy.Taxonomy.resolve`): case, spaces, plurals and
 aliases; a label naming two categories (`Object; Attribute`, `Object/Attribute`) becomes a
@@ -204,10 +205,10 @@ def _records(text: str, delimiter: str):
     return csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
 
 
-def _pick_delimiter(text: str, path: Path) -> tuple[str, list[str]]:
+def _pick_delimiter(text: str, path: Path, only: str | None = None) -> tuple[str, list[str]]:
     """The separator under which the header has a sample_id column, and that header."""
     best = None
-    for delim in DELIMITERS:
+    for delim in [only] if only else DELIMITERS:
         try:
             header = next(_records(text, delim), [])
         except csv.Error:
@@ -290,7 +291,12 @@ def _read_file(path: Path, option: str | None, info: _SampleInfo, tax: Taxonomy,
     text = _decode(data, path)
     if not text.strip():
         raise UserError(f"{path} is empty. Fill in the exported file and import that.")
-    delim, header = _pick_delimiter(text, path)
+    # Excel's "sep=;" hint line: Excel hides it and shows the header as row 1, so do we.
+    first, _, after = text.partition("\n")
+    hint = re.fullmatch(r'"?sep=(.)"?', first.rstrip("\r"))
+    if hint:
+        text = after
+    delim, header = _pick_delimiter(text, path, only=hint.group(1) if hint else None)
     col = _column_index(header, path)
     known = info.all_annotators
 
