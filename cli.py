@@ -319,14 +319,16 @@ def sample_failures(db_path, run_id, n, seed, overlap, per_annotator, annotators
 @cli.command("import-labels")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @click.option("--annotator", default=None, help="Whose labels these are (default: from assign_<NAME>.csv).")
+@click.option("--clear-blank", is_flag=True, help="Blank rows remove labels imported earlier (default: keep them).")
 @db_option
-def import_labels(db_path, files, annotator):
+def import_labels(db_path, files, annotator, clear_blank):
     """Import filled-in label CSVs (assign_<annotator>.csv) into the annotations table.
 
     Every row is checked first; any unknown category, unknown sample or sample not assigned to
     the annotator rejects the whole import with a list of row numbers. A re-import replaces
-    that annotator's labels for the samples in the file. For assign_overlap.csv, give
-    --annotator or an 'annotator' column.
+    that annotator's labels for the samples labelled in the file; blank rows keep earlier
+    labels unless --clear-blank. For assign_overlap.csv, give --annotator or an 'annotator'
+    column.
 
     Example: clipfail import-labels failure_analysis/assign_A.csv failure_analysis/assign_B.csv
     """
@@ -334,10 +336,12 @@ def import_labels(db_path, files, annotator):
 
     con = db.open_database(db_path)
     try:
-        res = run_import(con, list(files), annotator=annotator)
+        res = run_import(con, list(files), annotator=annotator, clear_blank=clear_blank)
     finally:
         con.close()
-    if res.is_noop:
+    if res.is_noop and res.n_labelled == 0 and not res.n_kept:
+        click.echo("Nothing to import: every row's category is blank. The database is unchanged.")
+    elif res.is_noop:
         click.echo("These labels are already imported exactly as they are; the database is unchanged.")
     else:
         click.echo(f"Imported {res.n_labelled} labels (run {res.run_id}).")
@@ -351,6 +355,7 @@ def import_labels(db_path, files, annotator):
                 "unlabeled": [f.n_unlabeled for f in res.files],
                 "two_categories": [f.n_secondary for f in res.files],
                 "replaced": [f.n_replaced for f in res.files],
+                "kept": [f.n_kept for f in res.files],
                 "cleared": [f.n_cleared for f in res.files],
             }
         )
@@ -359,8 +364,13 @@ def import_labels(db_path, files, annotator):
         click.echo(f"{res.n_unlabeled} rows have no label yet (unlabeled); they were not imported.")
     if res.n_replaced and not res.is_noop:
         click.echo(f"{res.n_replaced} earlier labels were replaced by the file's.")
+    if res.n_kept:
+        click.echo(
+            f"{res.n_kept} blank rows have a label imported earlier, which was kept "
+            "(give --clear-blank to remove such labels)."
+        )
     if res.n_cleared and not res.is_noop:
-        click.echo(f"{res.n_cleared} earlier labels were removed: their rows are blank in the file now.")
+        click.echo(f"{res.n_cleared} earlier labels were removed (--clear-blank): their rows are blank in the file.")
     click.echo("Next: clipfail analyze")
 
 
@@ -468,6 +478,57 @@ def status(db_path):
     click.echo("\nNext:")
     for step in res.next_steps:
         click.echo(f"  {step}")
+
+
+@cli.command()
+@click.option("--subset", "subset_name", default=None, help="Subset name (default: the most recent subset).")
+@click.option("--model", default=None, help="Model spec the subset was embedded with (default: its only model).")
+@click.option("--pretrained", default=None, help="Pretrained tag, when the subset has sets of several weights.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Local weights the sets came from.")
+@click.option("--topk", type=click.IntRange(1), default=10, show_default=True, help="Top-k ids and scores stored.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu or cuda.")
+@click.option(
+    "--direction",
+    type=click.Choice(["text-to-image", "image-to-text"]),
+    default="text-to-image",
+    show_default=True,
+)
+@click.option(
+    "--chunk", type=click.IntRange(1), default=1024, show_default=True, help="Queries scored at a time (memory)."
+)
+@db_option
+def evaluate(db_path, subset_name, model, pretrained, checkpoint, topk, device, direction, chunk):
+    """Exact ranks of every query's ground truth from the cached embeddings, and Recall@K.
+
+    Writes retrieval_runs and retrieval_ranks, then prints the run's row of the recall_summary
+    view. Rank = 1 + the number of gallery items scoring strictly higher (ties: optimistic;
+    n_tied gives the pessimistic rank). For image-to-text an image's rank is the best rank among
+    its captions. Re-running with the same embeddings is a no-op.
+
+    Example: clipfail evaluate --subset 5000-seed42 --model openai/clip-vit-base-patch32
+    """
+    from toolkit.evaluate import evaluate as run_evaluate
+
+    con = db.open_database(db_path)
+    try:
+        res = run_evaluate(
+            con,
+            subset_name,
+            model=model,
+            topk=topk,
+            device=device,
+            direction=direction,
+            chunk=chunk,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+        )
+    finally:
+        con.close()
+    state = "already evaluated, nothing changed" if res.is_noop else f"{res.n_queries:,} queries ranked"
+    click.echo(
+        f"Retrieval run {res.retrieval_run_id} ({res.direction}, subset {res.subset}, model {res.model}): {state}"
+    )
+    echo_df(res.summary)
 
 
 def main():

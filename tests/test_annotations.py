@@ -700,20 +700,36 @@ def test_reimport_replaces_never_duplicates(study, tmp_path):
     assert again.exit_code == 0 and "already imported exactly as they are" in again.output
     assert table(dbpath, "SELECT count(*) AS n FROM runs WHERE stage = 'import-labels'")["n"][0] == runs
 
-    # change 5 labels, blank 3: replaced and cleared, still one row per (sample, annotator)
+    # change 5 labels, blank 3: 67 replaced, the 3 blank rows keep their labels, one row per key
     changed = {s: ("Count" if i < 5 else None if i < 8 else "Object") for i, s in enumerate(ids)}
     (tmp_path / "v2").mkdir()
     f2 = write_labels(export / "assign_A.csv", tmp_path / "v2" / "assign_A.csv", changed)
     res = invoke("--db", dbpath, "import-labels", f2)
     assert res.exit_code == 0, res.output
-    assert "67 earlier labels were replaced" in res.output and "3 earlier labels were removed" in res.output
-    got = table(
-        dbpath, "SELECT sample_id, category, count(*) OVER (PARTITION BY sample_id, annotator) AS k FROM annotations"
-    )
+    assert "Imported 67 labels" in res.output and "67 earlier labels were replaced" in res.output
+    assert "3 blank rows have a label imported earlier, which was kept" in res.output
+    count_per_key = "count(*) OVER (PARTITION BY sample_id, annotator) AS k"
+    got = table(dbpath, f"SELECT sample_id, category, {count_per_key} FROM annotations")
+    assert len(got) == 70 and (got["k"] == 1).all()
+    assert (got["category"] == "Count").sum() == 5 and (got["category"] == "Object").sum() == 65
+    # again: a no-op (the kept labels do not count as a change)
+    assert "already imported exactly" in invoke("--db", dbpath, "import-labels", f2).output
+
+    # --clear-blank removes the labels of blank rows
+    res = invoke("--db", dbpath, "import-labels", f2, "--clear-blank")
+    assert res.exit_code == 0 and "3 earlier labels were removed (--clear-blank)" in res.output, res.output
+    got = table(dbpath, f"SELECT sample_id, category, {count_per_key} FROM annotations")
     assert len(got) == 67 and (got["k"] == 1).all()
-    assert (got["category"] == "Count").sum() == 5
-    assert table(dbpath, "SELECT count(DISTINCT run_id) AS n FROM annotations")["n"][0] == 1
+    assert set(got["sample_id"]) == {s for s, lab in changed.items() if lab}
     assert table(dbpath, "SELECT count(*) AS n FROM sample_labels")["n"][0] == 67
+
+    # the unfilled export, imported by mistake, destroys nothing
+    res = invoke("--db", dbpath, "import-labels", export / "assign_A.csv")
+    assert res.exit_code == 0 and "67 blank rows have a label imported earlier, which was kept" in res.output
+    assert n_annotations(dbpath) == 67
+    res = invoke("--db", dbpath, "import-labels", export / "assign_B.csv")
+    assert "Nothing to import: every row's category is blank" in res.output
+    assert n_annotations(dbpath) == 67
 
 
 def test_import_is_one_transaction(study, tmp_path, monkeypatch):

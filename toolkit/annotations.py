@@ -33,11 +33,12 @@ collected and reported together in one UserError, by spreadsheet row number (the
 1, the first data row is row 2, a caption with a line break is still one row). Nothing is
 imported if any file has a problem.
 
-Writing: the rows of a file define that annotator's labels for those samples. One transaction
-deletes the stored labels of every (sample, annotator) that the files have rows for, and inserts
-the non-blank ones, so a re-import replaces labels and never duplicates them (a label blanked in
-the file is removed). Importing files whose labels are already stored exactly as they are is a
-no-op that records nothing.
+Writing: a labelled row replaces that annotator's label for that sample. One transaction deletes
+the stored labels of every (sample, annotator) that the files label, and inserts the new ones, so
+a re-import replaces labels and never duplicates them. A blank row leaves a stored label alone,
+so that importing an unfilled copy by mistake destroys nothing; `clear_blank=True` (the CLI's
+`--clear-blank`) makes blank rows remove stored labels instead. Importing files whose labels are
+already stored exactly as they are is a no-op that records nothing.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class FileSummary:
     n_unlabeled: int = 0  # rows with a blank label (not imported)
     n_secondary: int = 0  # labels that named two categories
     n_replaced: int = 0  # labelled rows whose sample already had a label from that annotator
-    n_cleared: int = 0  # stored labels removed because the row is blank now
+    n_cleared: int = 0  # stored labels removed because the row is blank now (clear_blank)
+    n_kept: int = 0  # blank rows whose stored label was kept (without clear_blank)
 
 
 @dataclass
@@ -104,6 +106,10 @@ class ImportResult:
     @property
     def n_cleared(self) -> int:
         return sum(f.n_cleared for f in self.files)
+
+    @property
+    def n_kept(self) -> int:
+        return sum(f.n_kept for f in self.files)
 
 
 @dataclass
@@ -445,8 +451,14 @@ def _format_problems(parsed: list[_ParsedFile], file_errors: list[str], tax: Tax
 # Import
 
 
-def import_labels(con, files, annotator: str | None = None, simulated: bool = False) -> ImportResult:
-    """Check every file, then write all their labels in one transaction (or nothing)."""
+def import_labels(
+    con, files, annotator: str | None = None, simulated: bool = False, clear_blank: bool = False
+) -> ImportResult:
+    """Check every file, then write all their labels in one transaction (or nothing).
+
+    A blank row leaves a label stored earlier for that sample and annotator as it is (so that
+    importing an unfilled copy by mistake destroys nothing); with clear_blank it removes it.
+    """
     started = db.now()
     paths = [Path(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
     if not paths:
@@ -496,14 +508,22 @@ def import_labels(con, files, annotator: str | None = None, simulated: bool = Fa
     cols += ["source_file", "is_simulated"]
     rows = pd.DataFrame.from_records(records, columns=cols)
     rows["sample_id"] = rows["sample_id"].astype("int64")
-    stored = _stored_labels(con, rows[["sample_id", "annotator"]])
+    # The (sample, annotator) pairs this import decides: the labelled rows, and with
+    # clear_blank also the blank ones (whose stored labels are then removed).
+    in_scope = rows if clear_blank else rows[rows["category"].notna()]
+    keys = in_scope[["sample_id", "annotator"]].drop_duplicates().reset_index(drop=True)
+    all_stored = _stored_labels(con, rows[["sample_id", "annotator"]])
+    stored_keys = set(zip(all_stored["sample_id"], all_stored["annotator"]))
+    scope_keys = set(zip(keys["sample_id"], keys["annotator"]))
+    in_keys = [k in scope_keys for k in zip(all_stored["sample_id"], all_stored["annotator"])]
+    stored = all_stored.loc[pd.Series(in_keys, index=all_stored.index, dtype=bool)]
 
     summaries = []
     for i, p in enumerate(parsed):
         mine = rows[rows["file_index"] == i]
         labelled = mine[mine["category"].notna()]
         blank = mine[mine["category"].isna()]
-        stored_keys = set(zip(stored["sample_id"], stored["annotator"]))
+        blank_stored = sum((s, a) in stored_keys for s, a in zip(blank["sample_id"], blank["annotator"]))
         summaries.append(
             FileSummary(
                 path=str(p.path),
@@ -513,7 +533,8 @@ def import_labels(con, files, annotator: str | None = None, simulated: bool = Fa
                 n_unlabeled=len(blank),
                 n_secondary=int(labelled["secondary_category"].notna().sum()),
                 n_replaced=sum((s, a) in stored_keys for s, a in zip(labelled["sample_id"], labelled["annotator"])),
-                n_cleared=sum((s, a) in stored_keys for s, a in zip(blank["sample_id"], blank["annotator"])),
+                n_cleared=blank_stored if clear_blank else 0,
+                n_kept=0 if clear_blank else blank_stored,
             )
         )
     info_runs = sorted({info.run_of[int(s)] for s in rows["sample_id"]})
@@ -529,8 +550,8 @@ def import_labels(con, files, annotator: str | None = None, simulated: bool = Fa
         "files": [{"path": str(p.path.resolve()), "sha256": p.sha256} for p in parsed],
         "annotator": annotator,
         "simulated": bool(simulated),
+        "clear_blank": bool(clear_blank),
     }
-    keys = rows[["sample_id", "annotator"]].drop_duplicates().reset_index(drop=True)
     with db.transaction(con):
         run_id = db.insert_run(con, STAGE, config, started)
         con.register("_clipfail_label_keys", keys)
