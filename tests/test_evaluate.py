@@ -1,0 +1,272 @@
+"""evaluate: stored ranks and the recall_summary view equal the Python computation; idempotence; messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from toolkit import artifacts, db
+from toolkit import retrieval as R
+from toolkit.errors import UserError
+from toolkit.evaluate import evaluate
+from toolkit.ingest import ingest
+
+MODEL = "hand-built-16d"
+
+
+@pytest.fixture
+def subset_db(tmp_db, synthetic_coco):
+    con = db.open_database(tmp_db)
+    ingest(con, coco_root=synthetic_coco, num_images=30, captions_per_image=5, seed=42, name="s30")
+    con.close()
+    return tmp_db
+
+
+def _members(con, name="s30"):
+    sid = db.get_subset(con, name)["subset_id"]
+    imgs = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).fetchnumpy()[
+        "image_id"
+    ]
+    caps = con.execute(
+        """
+        SELECT c.caption_id, c.image_id FROM subset_captions c
+        JOIN subset_images i ON i.subset_id = c.subset_id AND i.image_id = c.image_id
+        WHERE c.subset_id = ? ORDER BY i.position, c.position
+        """,
+        [sid],
+    ).df()
+    return int(sid), imgs.astype(np.int64), caps
+
+
+def _register(con, tmp_path, kind, array, item_ids, model=MODEL, subset="s30", tag=""):
+    sid = int(db.get_subset(con, subset)["subset_id"])
+    path = tmp_path / f"{kind}{tag}-{model}.npy"
+    sha = artifacts.save_array(path, array)
+    cfg = {"kind": kind, "model": model, "test": tag}
+    with db.transaction(con):
+        run_id = db.insert_run(con, "embed", cfg, db.now(), model=model)
+        return artifacts.register_embedding_set(
+            con,
+            kind=kind,
+            subset_id=sid,
+            model=model,
+            pretrained=None,
+            checkpoint_sha256=None,
+            precision="fp32",
+            config=cfg,
+            path=path,
+            array=array,
+            item_ids=item_ids,
+            sha256=sha,
+            run_id=run_id,
+        )
+
+
+def _embeddings(caps, n_images, d=16, seed=0, noise=2.0):
+    """Seeded normalised embeddings; each caption is a noisy copy of its image (varied ranks)."""
+    rng = np.random.default_rng(seed)
+    img = rng.standard_normal((n_images, d)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    return img, rng, d, noise
+
+
+def _make_sets(con, tmp_path, model=MODEL, seed=0, tag=""):
+    _, img_ids, caps = _members(con)
+    img, rng, d, noise = _embeddings(caps, len(img_ids), seed=seed)
+    row_of = {int(i): r for r, i in enumerate(img_ids)}
+    gt_rows = np.array([row_of[int(i)] for i in caps["image_id"]])
+    txt = img[gt_rows] + noise * rng.standard_normal((len(gt_rows), d)).astype(np.float32) / np.sqrt(d)
+    txt = (txt / np.linalg.norm(txt, axis=1, keepdims=True)).astype(np.float32)
+    _register(con, tmp_path, "image", img, img_ids, model=model, tag=tag)
+    _register(con, tmp_path, "text", txt, caps["caption_id"].to_numpy(), model=model, tag=tag)
+    return img, txt, img_ids, caps["caption_id"].to_numpy(dtype=np.int64), gt_rows
+
+
+def _counts(con):
+    return tuple(
+        con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("runs", "retrieval_runs", "retrieval_ranks")
+    )
+
+
+def test_text_to_image_rows_and_view_equal_python(subset_db, tmp_path):
+    con = db.open_database(subset_db)
+    img, txt, img_ids, cap_ids, gt_rows = _make_sets(con, tmp_path)
+    res = evaluate(con, "s30", model=MODEL, topk=7, device="cpu")
+    assert not res.is_noop and res.n_queries == len(cap_ids) == 150
+
+    py = R.rank_text_to_image(txt, img, gt_rows, k=7, device="cpu")
+    assert 0.05 < py.recall_at(1) < 0.95  # ranks are spread out: the comparison below means something
+    view = con.execute("SELECT * FROM recall_summary WHERE retrieval_run_id = ?", [res.retrieval_run_id]).df()
+    assert len(view) == 1
+    row = view.iloc[0]
+    assert (row["subset"], row["model"], row["direction"]) == ("s30", MODEL, "text-to-image")
+    assert row["n_queries"] == 150
+    for K in (1, 5, 10):
+        assert row[f"r_at_{K}"] == pytest.approx(py.recall_at(K), abs=1e-12)
+    assert row["mean_rank"] == pytest.approx(np.mean(py.gt_rank), abs=1e-12)
+    assert row["median_rank"] == pytest.approx(np.median(py.gt_rank), abs=1e-12)
+    assert row["n_r1_failures"] == int((py.gt_rank > 1).sum())
+    # the result carries exactly that view row
+    assert res.summary.to_dict("records") == view.to_dict("records")
+
+    # per-query rows: ids mapped through embedding_rows, numbers bit-identical to the Python result
+    ranks = con.execute(
+        "SELECT * FROM retrieval_ranks WHERE retrieval_run_id = ? ORDER BY query_id", [res.retrieval_run_id]
+    ).df()
+    order = np.argsort(cap_ids)
+    np.testing.assert_array_equal(ranks["query_id"], cap_ids[order])
+    np.testing.assert_array_equal(ranks["gt_id"], img_ids[gt_rows][order])
+    np.testing.assert_array_equal(ranks["gt_rank"], py.gt_rank[order])
+    np.testing.assert_array_equal(ranks["n_tied"], py.n_tied[order])
+    np.testing.assert_array_equal(ranks["gt_score"].to_numpy(np.float32), py.gt_score[order])
+    topk_ids = np.stack(ranks["topk_ids"].to_numpy())
+    np.testing.assert_array_equal(topk_ids, img_ids[py.topk_indices][order])
+    np.testing.assert_array_equal(np.stack(ranks["topk_scores"].to_numpy()).astype(np.float32), py.topk_scores[order])
+    np.testing.assert_array_equal(ranks["top1_id"], topk_ids[:, 0])
+    # a caption is an R@1 failure exactly when its top-1 image is not its own (no ties here)
+    assert ((ranks["gt_rank"] > 1) == (ranks["top1_id"] != ranks["gt_id"])).all()
+
+    run = con.execute("SELECT * FROM retrieval_runs WHERE retrieval_run_id = ?", [res.retrieval_run_id]).df().iloc[0]
+    assert run["tie_policy"] == R.TIE_POLICY and run["topk"] == 7
+    assert con.execute("SELECT stage FROM runs WHERE run_id = ?", [int(run["run_id"])]).fetchone()[0] == "evaluate"
+    con.close()
+
+
+def test_image_to_text_view_equals_python(subset_db, tmp_path):
+    con = db.open_database(subset_db)
+    img, txt, img_ids, cap_ids, gt_rows = _make_sets(con, tmp_path)
+    res = evaluate(con, "s30", model=MODEL, device="cpu", direction="image-to-text")
+    py = R.rank_image_to_text(img, txt, gt_rows, k=10, device="cpu")
+    row = res.summary.iloc[0]
+    assert row["direction"] == "image-to-text" and row["n_queries"] == 30
+    for K in (1, 5, 10):
+        assert row[f"r_at_{K}"] == pytest.approx(py.recall_at(K), abs=1e-12)
+    assert row["mean_rank"] == pytest.approx(np.mean(py.gt_rank), abs=1e-12)
+    assert row["median_rank"] == pytest.approx(np.median(py.gt_rank), abs=1e-12)
+    assert row["n_r1_failures"] == int((py.gt_rank > 1).sum())
+    ranks = con.execute(
+        """
+        SELECT r.query_id, r.gt_id, r.gt_rank, c.image_id AS caption_image
+        FROM retrieval_ranks r JOIN captions c ON c.caption_id = r.gt_id
+        WHERE retrieval_run_id = ? ORDER BY query_id
+        """,
+        [res.retrieval_run_id],
+    ).df()
+    # queries are images; gt_id is one of the image's own captions (its best-ranked one)
+    assert (ranks["query_id"] == ranks["caption_image"]).all()
+    order = np.argsort(img_ids)
+    np.testing.assert_array_equal(ranks["gt_rank"], py.gt_rank[order])
+    np.testing.assert_array_equal(ranks["gt_id"], cap_ids[py.gt_index][order])
+    con.close()
+
+
+def test_rerun_is_noop_and_other_inputs_make_a_new_run(subset_db, tmp_path):
+    con = db.open_database(subset_db)
+    _make_sets(con, tmp_path)
+    first = evaluate(con, "s30", model=MODEL, device="cpu")
+    before = _counts(con)
+    again = evaluate(con, "s30", model=MODEL, device="cpu", chunk=3)  # chunk cannot change a result
+    assert again.is_noop and again.retrieval_run_id == first.retrieval_run_id
+    assert _counts(con) == before
+    assert again.summary.to_dict("records") == first.summary.to_dict("records")
+    other = evaluate(con, "s30", model=MODEL, device="cpu", topk=3)
+    assert not other.is_noop and other.retrieval_run_id != first.retrieval_run_id
+    # re-embedding (a new set) is a new run too, never an overwrite
+    _make_sets(con, tmp_path, seed=1, tag="b")
+    newer = evaluate(con, "s30", model=MODEL, device="cpu")
+    assert not newer.is_noop and newer.retrieval_run_id not in (first.retrieval_run_id, other.retrieval_run_id)
+    n_rows = con.execute("SELECT retrieval_run_id, count(*) FROM retrieval_ranks GROUP BY 1 ORDER BY 1").fetchall()
+    assert n_rows == [(first.retrieval_run_id, 150), (other.retrieval_run_id, 150), (newer.retrieval_run_id, 150)]
+    con.close()
+
+
+def test_without_embeddings_names_the_embed_command(subset_db, tmp_path):
+    con = db.open_database(subset_db)
+    with pytest.raises(UserError) as exc:
+        evaluate(con, "s30", model="openai/clip-vit-base-patch32")
+    assert "clipfail embed --subset s30 --model openai/clip-vit-base-patch32" in str(exc.value)
+    # only the image set: the message says which one is missing
+    _, img_ids, _ = _members(con)
+    _register(con, tmp_path, "image", np.eye(30, 16, dtype=np.float32), img_ids)
+    with pytest.raises(UserError, match=r"text embeddings .* missing.*clipfail embed --subset s30 --model " + MODEL):
+        evaluate(con, "s30", model=MODEL)
+    assert _counts(con)[1:] == (0, 0)
+    con.close()
+
+
+def test_tampered_file_is_refused_and_nothing_written(subset_db, tmp_path):
+    con = db.open_database(subset_db)
+    _make_sets(con, tmp_path)
+    before = _counts(con)
+    path = con.execute("SELECT path FROM embedding_sets WHERE kind = 'text'").fetchone()[0]
+    arr = np.load(path)
+    arr[0, 0] += 0.5
+    np.save(path, arr)
+    with pytest.raises(UserError, match=r"changed since it was written.*--recompute"):
+        evaluate(con, "s30", model=MODEL, device="cpu")
+    assert _counts(con) == before
+    con.close()
+
+
+def test_several_models_need_model_option(subset_db, tmp_path):
+    con = db.open_database(subset_db)
+    _make_sets(con, tmp_path, model="model-a")
+    _make_sets(con, tmp_path, model="model-b", seed=2)
+    with pytest.raises(UserError, match=r"several models: model-a, model-b.*--model"):
+        evaluate(con, "s30", device="cpu")
+    res = evaluate(con, "s30", model="model-b", device="cpu")
+    assert res.model == "model-b"
+    with pytest.raises(UserError, match="No cached embeddings for subset 's30' and model 'model-c'"):
+        evaluate(con, "s30", model="model-c", device="cpu")
+    con.close()
+
+
+def test_failed_write_leaves_database_unchanged(subset_db, tmp_path, monkeypatch):
+    con = db.open_database(subset_db)
+    _make_sets(con, tmp_path)
+    before = _counts(con)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(db, "insert_df", boom)  # dies after the run and retrieval_runs rows were inserted
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(con, "s30", model=MODEL, device="cpu")
+    assert _counts(con) == before
+    con.close()
+
+
+def test_cli_prints_the_view(subset_db, tmp_path, run_cli):
+    out = run_cli("--db", subset_db, "evaluate", "--subset", "s30", expect=2).output
+    assert "No cached embeddings for subset 's30'" in out and "clipfail embed --subset s30 --model" in out
+    assert "Traceback" not in out
+
+    con = db.open_database(subset_db)
+    _make_sets(con, tmp_path)
+    con.close()
+    out = run_cli("--db", subset_db, "evaluate", "--subset", "s30", "--device", "cpu").output
+    con = db.open_database(subset_db, read_only=True)
+    view = con.execute("SELECT * FROM recall_summary").df()
+    con.close()
+    assert len(view) == 1
+    row = view.iloc[0]
+    assert f"Retrieval run {row['retrieval_run_id']} (text-to-image, subset s30, model {MODEL}): 150 queries" in out
+    header, values = [line.split() for line in out.strip().splitlines()[-2:]]
+    assert header == list(view.columns)
+    assert values == [
+        str(row["retrieval_run_id"]),
+        "s30",
+        MODEL,
+        "text-to-image",
+        "150",
+        f"{row['r_at_1']:.4f}",
+        f"{row['r_at_5']:.4f}",
+        f"{row['r_at_10']:.4f}",
+        f"{row['mean_rank']:.4f}",
+        f"{row['median_rank']:.4f}",
+        str(row["n_r1_failures"]),
+    ]
+    again = run_cli("--db", subset_db, "evaluate", "--direction", "text-to-image", "--device", "cpu").output
+    assert "already evaluated, nothing changed" in again
+    i2t = run_cli("--db", subset_db, "evaluate", "--direction", "image-to-text", "--topk", "3").output
+    assert "image-to-text" in i2t and ": 30 queries ranked" in i2t

@@ -1,0 +1,287 @@
+"""The evaluate stage: exact retrieval ranks of a subset's cached embeddings, stored as tables.
+
+`evaluate(con, subset_name, model=...)` finds the subset's image and text embedding sets (written
+by `clipfail embed`), verifies their checksums, ranks every query against the whole gallery with
+`toolkit.retrieval` and writes, in one transaction,
+
+- a `runs` row (stage 'evaluate'),
+- a `retrieval_runs` row: subset, model, the two embedding set ids, direction, tie policy, top-k,
+- one `retrieval_ranks` row per query: gt_id, gt_rank, n_tied, gt_score, top1_id/top1_score and
+  the top-k ids and scores as list columns.
+
+Directions:
+- text-to-image: a query is a caption (query_id = caption_id), the gallery is the subset's
+  images, gt_id is the caption's image, the top-k ids are image ids.
+- image-to-text: a query is an image (query_id = image_id; images without a caption in the subset
+  are skipped), the gallery is the subset's captions. Its rank is the best rank among its captions
+  (a hit at K if any of them is in the top K, as CLIP papers report it); gt_id is that best
+  caption, the top-k ids are caption ids.
+
+Ranks follow `toolkit.retrieval`'s tie policy ("optimistic": 1 + the number of gallery items
+scoring strictly higher; `n_tied` other items have exactly the GT score, so the pessimistic rank is
+gt_rank + n_tied). Recall@K, mean and median rank and the R@1 failures are read from the
+`recall_summary` view, never computed on the side.
+
+The same inputs (the same two embedding files, direction, top-k) are a no-op that returns the
+existing run; device and chunk size cannot change a result (see toolkit.retrieval) and are only
+recorded in the `runs` row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from toolkit import artifacts, db
+from toolkit import retrieval as R
+from toolkit.errors import UserError
+
+STAGE = "evaluate"
+DIRECTIONS = ("text-to-image", "image-to-text")
+METHOD = "v1: float32 torch.mm scores in fixed 512-row GEMM blocks; exact comparison counts; stable top-k"
+
+
+@dataclass
+class EvaluateResult:
+    retrieval_run_id: int
+    run_id: int
+    is_noop: bool
+    subset: str
+    model: str
+    direction: str
+    n_queries: int
+    summary: pd.DataFrame  # this run's row of the recall_summary view
+
+
+def _embed_command(subset: str, model: str | None, pretrained: str | None, checkpoint: str | None) -> str:
+    cmd = f"clipfail embed --subset {subset} --model {model or 'openai/clip-vit-base-patch32'}"
+    if pretrained:
+        cmd += f" --pretrained {pretrained}"
+    if checkpoint:
+        cmd += f" --checkpoint {checkpoint}"
+    return cmd
+
+
+def _model_names(model: str) -> list[str]:
+    """The names an embedding set may record for a model spec: the spec itself and what it resolves to."""
+    names = [model]
+    try:
+        from toolkit.models import resolve_spec
+
+        resolved = resolve_spec(model)
+        for attr in ("model_name", "spec", "name"):
+            value = getattr(resolved, attr, None)
+            if isinstance(value, str) and value not in names:
+                names.append(value)
+    except Exception:  # an unknown spec simply matches nothing more
+        pass
+    return names
+
+
+def find_embedding_sets(
+    con, subset: dict, model: str | None = None, pretrained: str | None = None, checkpoint: str | None = None
+) -> tuple[dict, dict]:
+    """The image and text embedding sets to evaluate: the latest of each kind for one model.
+
+    Sets belong to the same model when model, pretrained tag and checkpoint sha256 agree. Without
+    `model`, the subset must have embeddings of exactly one model.
+    """
+    name = subset["name"]
+    fix = f"Run: {_embed_command(name, model, pretrained, checkpoint)}"
+    sets = con.execute(
+        """
+        SELECT embedding_set_id, kind, model, pretrained, checkpoint_sha256, precision, path, rows, sha256
+        FROM embedding_sets WHERE subset_id = ? AND kind IN ('image', 'text')
+        ORDER BY embedding_set_id
+        """,
+        [int(subset["subset_id"])],
+    ).df()
+    if model is not None:
+        sets = sets[sets["model"].isin(_model_names(model))]
+    if pretrained is not None:
+        sets = sets[sets["pretrained"] == pretrained]
+    if checkpoint is not None:
+        sha = artifacts.sha256_file(checkpoint) if _exists(checkpoint) else None
+        sets = sets[sets["checkpoint_sha256"] == sha]
+    what = f"subset {name!r}" + (f" and model {model!r}" if model else "")
+    if sets.empty:
+        raise UserError(f"No cached embeddings for {what}. Embed the subset first. {fix}")
+    keys = {(r.model, _str_or_none(r.pretrained), _str_or_none(r.checkpoint_sha256)) for r in sets.itertuples()}
+    if len(keys) > 1:
+        options = ", ".join(sorted({_describe(r) for r in sets.itertuples()}))
+        raise UserError(f"Subset {name!r} has embeddings of several models: {options}. Choose one with --model.")
+    images = sets[sets["kind"] == "image"]
+    texts = sets[sets["kind"] == "text"]
+    if images.empty or texts.empty:
+        missing = "image" if images.empty else "text"
+        raise UserError(f"The {missing} embeddings for {what} are missing. {fix}")
+    return images.iloc[-1].to_dict(), texts.iloc[-1].to_dict()
+
+
+def _exists(path) -> bool:
+    from pathlib import Path
+
+    return Path(path).is_file()
+
+
+def _describe(row) -> str:
+    s = str(row.model)
+    if isinstance(row.pretrained, str) and row.pretrained:
+        s += f" --pretrained {row.pretrained}"
+    if isinstance(row.checkpoint_sha256, str) and row.checkpoint_sha256:
+        s += f" (checkpoint {row.checkpoint_sha256[:12]})"
+    return s
+
+
+def summary(con, retrieval_run_id: int) -> pd.DataFrame:
+    """This run's row of the recall_summary view."""
+    return con.execute("SELECT * FROM recall_summary WHERE retrieval_run_id = ?", [int(retrieval_run_id)]).df()
+
+
+def evaluate(
+    con,
+    subset_name: str | None = None,
+    model: str | None = None,
+    topk: int = 10,
+    device: str = "auto",
+    direction: str = "text-to-image",
+    chunk: int = R.DEFAULT_CHUNK,
+    *,
+    pretrained: str | None = None,
+    checkpoint: str | None = None,
+    progress: bool | None = None,
+) -> EvaluateResult:
+    """Rank the subset's queries against its gallery and store the ranks; see the module docstring."""
+    started = db.now()
+    if direction not in DIRECTIONS:
+        raise UserError(f"--direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}.")
+    if topk < 1:
+        raise UserError("--topk must be at least 1.")
+    if chunk < 1:
+        raise UserError("--chunk must be at least 1.")
+    subset = db.get_subset(con, subset_name)
+    subset_id, name = int(subset["subset_id"]), str(subset["name"])
+    img_set, txt_set = find_embedding_sets(con, subset, model, pretrained, checkpoint)
+    model_name = str(img_set["model"])
+    config = {
+        "subset_id": subset_id,
+        "direction": direction,
+        "topk": int(topk),
+        "tie_policy": R.TIE_POLICY,
+        "method": METHOD,
+        "image_embedding_set_id": int(img_set["embedding_set_id"]),
+        "text_embedding_set_id": int(txt_set["embedding_set_id"]),
+        "image_sha256": img_set["sha256"],
+        "text_sha256": txt_set["sha256"],
+    }
+    chash = db.config_hash(config)
+    existing = con.execute(
+        "SELECT retrieval_run_id, run_id FROM retrieval_runs WHERE config_hash = ? ORDER BY 1 LIMIT 1", [chash]
+    ).fetchone()
+    if existing is not None:
+        n = con.execute("SELECT count(*) FROM retrieval_ranks WHERE retrieval_run_id = ?", [existing[0]]).fetchone()[0]
+        return EvaluateResult(
+            int(existing[0]), int(existing[1]), True, name, model_name, direction, int(n), summary(con, existing[0])
+        )
+
+    fix = f"Run: {_embed_command(name, model or model_name, pretrained, checkpoint)} --recompute"
+    images = artifacts.load_embedding_set(con, int(img_set["embedding_set_id"]), fix=fix)
+    texts = artifacts.load_embedding_set(con, int(txt_set["embedding_set_id"]), fix=fix)
+    image_ids, caption_ids = images.item_ids, texts.item_ids
+    caption_image = _caption_images(con, subset_id, name, image_ids, caption_ids, fix)
+    # text row -> image row
+    order = np.argsort(image_ids, kind="stable")
+    text_gt_row = order[np.searchsorted(image_ids, caption_image, sorter=order)]
+
+    try:
+        if direction == "text-to-image":
+            res = R.rank_text_to_image(
+                texts.array, images.array, text_gt_row, k=topk, chunk=chunk, device=device, progress=progress
+            )
+            query_ids, gt_ids = caption_ids, image_ids[res.gt_index]
+            topk_ids = image_ids[res.topk_indices]
+        else:
+            has_caption = np.bincount(text_gt_row, minlength=len(image_ids)) > 0
+            keep = np.flatnonzero(has_caption)
+            remap = np.full(len(image_ids), -1, dtype=np.int64)
+            remap[keep] = np.arange(len(keep))
+            res = R.rank_image_to_text(
+                images.array[keep], texts.array, remap[text_gt_row], k=topk, chunk=chunk, device=device,
+                progress=progress,
+            )  # fmt: skip
+            query_ids, gt_ids = image_ids[keep], caption_ids[res.gt_index]
+            topk_ids = caption_ids[res.topk_indices]
+    except ValueError as exc:  # bad numbers in an embedding file (NaN, wrong dim)
+        raise UserError(f"Cannot rank the embeddings of subset {name!r}: {exc}. {fix}") from None
+    if len(query_ids) == 0:
+        raise UserError(f"Subset {name!r} has no queries for {direction}.")
+
+    ranks = pd.DataFrame(
+        {
+            "query_id": np.asarray(query_ids, dtype=np.int64),
+            "gt_id": np.asarray(gt_ids, dtype=np.int64),
+            "gt_rank": res.gt_rank,
+            "n_tied": res.n_tied,
+            "gt_score": res.gt_score,
+            "top1_id": topk_ids[:, 0],
+            "top1_score": res.topk_scores[:, 0],
+            "topk_ids": list(topk_ids),
+            "topk_scores": list(res.topk_scores),
+        }
+    )
+    run_config = config | {"device": str(R.resolve_device(device)), "chunk": int(chunk), "subset": name}
+    with db.transaction(con):
+        run_id = db.insert_run(
+            con, STAGE, run_config, started, model=model_name, pretrained=_str_or_none(img_set["pretrained"])
+        )
+        rrid = con.execute(
+            """
+            INSERT INTO retrieval_runs (subset_id, model, text_embedding_set_id, image_embedding_set_id, direction,
+                                        tie_policy, topk, config_hash, created_at, run_id)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            RETURNING retrieval_run_id
+            """,
+            [
+                subset_id,
+                model_name,
+                config["text_embedding_set_id"],
+                config["image_embedding_set_id"],
+                direction,
+                R.TIE_POLICY,
+                res.topk_indices.shape[1],
+                chash,
+                db.now(),
+                run_id,
+            ],
+        ).fetchone()[0]
+        db.insert_df(con, "retrieval_ranks", ranks.assign(retrieval_run_id=np.int64(rrid)))
+    return EvaluateResult(int(rrid), run_id, False, name, model_name, direction, len(ranks), summary(con, rrid))
+
+
+def _str_or_none(v):
+    return v if isinstance(v, str) and v else None
+
+
+def _caption_images(con, subset_id: int, name: str, image_ids: np.ndarray, caption_ids: np.ndarray, fix: str):
+    """Each text row's image id, checking that both sets cover exactly the subset's current members."""
+    members = con.execute(
+        "SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY image_id", [subset_id]
+    ).fetchnumpy()["image_id"]
+    caps = con.execute(
+        "SELECT caption_id, image_id FROM subset_captions WHERE subset_id = ? ORDER BY caption_id", [subset_id]
+    ).df()
+    stale = (
+        len(np.unique(image_ids)) != len(image_ids)
+        or len(np.unique(caption_ids)) != len(caption_ids)
+        or not np.array_equal(np.sort(image_ids), np.asarray(members, dtype=np.int64))
+        or not np.array_equal(np.sort(caption_ids), caps["caption_id"].to_numpy(dtype=np.int64))
+    )
+    if stale:
+        raise UserError(
+            f"The cached embeddings do not match the current members of subset {name!r} (was it rebuilt "
+            f"with --replace?). {fix}"
+        )
+    cap_ids = caps["caption_id"].to_numpy(dtype=np.int64)
+    return caps["image_id"].to_numpy(dtype=np.int64)[np.searchsorted(cap_ids, caption_ids)]
