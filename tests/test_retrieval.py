@@ -98,6 +98,26 @@ def test_duplicate_images_make_ties_in_random_data(backend):
     assert straddle.any()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_heavily_tied_scores_equal_reference(backend, k):
+    """Coarse embeddings ({-1, 0, 1} entries, plus zero rows) give scores with many exact ties."""
+    rng = np.random.default_rng(7)
+    img = rng.integers(-1, 2, size=(200, 6)).astype(np.float32)
+    img[::17] = 0.0  # some all-zero images: score 0 (and -0.0 against negative entries is still == 0)
+    gt = rng.integers(0, 200, size=700)
+    txt = rng.integers(-1, 2, size=(700, 6)).astype(np.float32)
+    S = _full_scores(txt, img)
+    g = S[np.arange(len(gt)), gt]
+    r = R.rank_text_to_image(txt, img, gt, k=k, device="cpu", backend=backend, chunk=300)
+    np.testing.assert_array_equal(r.gt_rank, 1 + (S > g[:, None]).sum(1))
+    np.testing.assert_array_equal(r.n_tied, (S == g[:, None]).sum(1) - 1)
+    assert r.n_tied.mean() > 5  # the data really is full of ties
+    order = np.argsort(-S, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(r.topk_indices, order)
+    np.testing.assert_array_equal(r.topk_scores, np.take_along_axis(S, order, axis=1))
+
+
 def test_identical_for_chunk_sizes_and_backends():
     txt, img, gt = _dataset(seed=1, n_images=520, caps=5, d=12)  # N = 2600: not a multiple of any chunk below
     assert len(gt) % R.MM_ROWS != 0

@@ -35,8 +35,8 @@ query's scores therefore come from an identical BLAS call whatever the chunk siz
 cannot change a score, a rank or a tie. Another BLAS or device may still round a score differently
 in the last bit (about 1e-7), which can only swap items whose scores are that close.
 
-On CPU the comparison counts run in NumPy (faster than torch's elementwise kernels here) on
-threads, in cache-sized row blocks; on CUDA everything stays in torch on the device.
+On CPU the counts and the top-k run in NumPy on threads, in cache-sized row blocks (see
+`_NumpyRows`); on CUDA everything stays in torch on the device (torch.topk, then a stable re-sort).
 """
 
 from __future__ import annotations
@@ -108,23 +108,57 @@ def _check_finite(t: torch.Tensor, name: str, chunk: int) -> None:
             raise ValueError(f"{name} contains NaN or infinite values")
 
 
-class _NumpyCounter:
-    """Per-row counts of scores strictly above / exactly equal to the GT score, in NumPy on threads.
+def _descending_keys(vals: np.ndarray) -> np.ndarray:
+    """uint32 keys whose ascending order is the descending order of the float32 values (-0.0 == 0.0)."""
+    bits = (vals + np.float32(0.0)).view(np.uint32)  # + 0.0 turns -0.0 into +0.0
+    mono = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))  # order-preserving map to uint32
+    return ~mono
 
-    NumPy's comparisons and byte sums are several times faster than torch's broadcasting
-    comparisons on this kind of CPU, and its ufuncs release the GIL, so blocks of rows (about 4 MB
-    of scores each, so both passes find them in cache) run in parallel.
+
+class _NumpyRows:
+    """CPU statistics of a block of score rows, in NumPy, on threads, a cache-sized block at a time.
+
+    NumPy's comparisons and byte sums are several times faster than torch's broadcasting ones on
+    this kind of CPU, its ufuncs release the GIL (so blocks run in parallel), and the top-k below
+    avoids torch.topk's per-row overhead.
+
+    Counts: bytes of `x > g` and `x == g`, summed per row.
+
+    Top-k: split each row into k column ranges; every range's maximum is >= tau, the smallest of
+    those k maxima, so at least k scores are >= tau, and the top-k (ties included) are among the
+    scores >= tau. Those few candidates (about 3k per row on random data) are sorted by (row,
+    descending score, ascending index) and the first k of each row are taken. That is exactly a
+    stable descending sort of the row cut at k, with no special case for ties at the cut.
     """
 
-    def __init__(self, n_cols: int, threads: int):
-        self.block = max(8, (4 << 20) // (4 * n_cols))
+    def __init__(self, n_cols: int, k: int, threads: int):
+        self.M, self.k = n_cols, k
+        self.block = max(8, (4 << 20) // (4 * n_cols))  # ~4 MB of scores per block
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self.bufs = [np.empty((self.block, n_cols), dtype=bool) for _ in range(self.threads)]
         # the counts are sums of 0/1 bytes; uint16 is enough (and faster) below 65536 columns
         self.sum_dtype = np.uint16 if n_cols < 65536 else np.int64
+        self.bounds = [(i * n_cols) // k for i in range(k + 1)]  # k non-empty column ranges (k <= M)
 
-    def _work(self, t, S, g, n_gt, n_eq, r0, r1):
+    def _topk(self, x: np.ndarray, b: np.ndarray, tv: np.ndarray, ti: np.ndarray) -> None:
+        r, M, k = x.shape[0], self.M, self.k
+        maxima = np.empty((r, k), dtype=np.float32)
+        for j in range(k):
+            np.max(x[:, self.bounds[j] : self.bounds[j + 1]], axis=1, out=maxima[:, j])
+        tau = maxima.min(axis=1)
+        np.greater_equal(x, tau[:, None], out=b)
+        flat = np.flatnonzero(b)  # row-major: by row, then ascending column
+        rows, cols = np.divmod(flat, M)
+        vals = x.reshape(-1)[flat]
+        key = (rows.astype(np.uint64) << np.uint64(32)) | _descending_keys(vals).astype(np.uint64)
+        order = np.argsort(key, kind="stable")  # stable: equal scores keep ascending column order
+        starts = np.searchsorted(rows, np.arange(r))  # first candidate of each row (rows is sorted)
+        take = order[starts[:, None] + np.arange(k)]
+        ti[:] = cols[take]
+        tv[:] = vals[take]
+
+    def _work(self, t, S, g, n_gt, n_eq, tv, ti, r0, r1):
         buf = self.bufs[t]
         for s in range(r0, r1, self.block):
             e = min(s + self.block, r1)
@@ -134,15 +168,17 @@ class _NumpyCounter:
             n_gt[s:e] = np.add.reduce(u8, axis=1, dtype=self.sum_dtype)
             np.equal(x, gg, out=b)
             n_eq[s:e] = np.add.reduce(u8, axis=1, dtype=self.sum_dtype)
+            self._topk(x, b, tv[s:e], ti[s:e])
 
-    def __call__(self, S: np.ndarray, g: np.ndarray, n_gt: np.ndarray, n_eq: np.ndarray) -> None:
+    def __call__(self, S: np.ndarray, g: np.ndarray, n_gt, n_eq, tv, ti) -> None:
+        """Fill n_gt, n_eq (counts against g) and tv, ti (ordered top-k) for the rows of S."""
         n = S.shape[0]
         if self.pool is None or n < 2 * self.block:
-            self._work(0, S, g, n_gt, n_eq, 0, n)
+            self._work(0, S, g, n_gt, n_eq, tv, ti, 0, n)
             return
         step = -(-n // self.threads)
         futs = [
-            self.pool.submit(self._work, t, S, g, n_gt, n_eq, t * step, min(n, (t + 1) * step))
+            self.pool.submit(self._work, t, S, g, n_gt, n_eq, tv, ti, t * step, min(n, (t + 1) * step))
             for t in range(self.threads)
             if t * step < n
         ]
@@ -244,7 +280,7 @@ def rank_queries(
     kk = min(k + 1, M)
     if backend is None:
         backend = "numpy" if dev.type == "cpu" else "torch"
-    counter = _NumpyCounter(M, torch.get_num_threads()) if backend == "numpy" else None
+    rowstats = _NumpyRows(M, k, torch.get_num_threads()) if backend == "numpy" else None
     starts = range(0, N, rows_per)
     if progress is not False:
         from toolkit.progress import progress as _progress
@@ -284,23 +320,23 @@ def rank_queries(
                 g_np = g.cpu().numpy()
                 n_gt = out.gt_rank[s:e]
                 n_eq = out.n_tied[s:e]
-                if counter is not None:
-                    counter(S.cpu().numpy(), g_np, n_gt, n_eq)
+                if rowstats is not None:
+                    rowstats(S.numpy(), g_np, n_gt, n_eq, out.topk_scores[s:e], out.topk_indices[s:e])
                 else:
                     gcol = g[:, None]
                     n_gt[:] = (S > gcol).sum(1).cpu().numpy()
                     n_eq[:] = (S == gcol).sum(1).cpu().numpy()
-                vals_all, idx_all = torch.topk(S, kk, dim=1, largest=True, sorted=True)
-                tv, ti = _order_topk(S, vals_all, idx_all, k)
-                out.topk_scores[s:e] = tv.cpu().numpy()
-                out.topk_indices[s:e] = ti.cpu().numpy()
+                    vals_all, idx_all = torch.topk(S, kk, dim=1, largest=True, sorted=True)
+                    tv, ti = _order_topk(S, vals_all, idx_all, k)
+                    out.topk_scores[s:e] = tv.cpu().numpy()
+                    out.topk_indices[s:e] = ti.cpu().numpy()
                 n_gt += 1  # gt_rank = 1 + strictly higher
                 n_eq -= n_gt_at_best.cpu().numpy()  # n_tied = equal scores that are not GT items
                 out.gt_score[s:e] = g_np
                 out.gt_index[s:e] = gidx.cpu().numpy()
     finally:
-        if counter is not None:
-            counter.close()
+        if rowstats is not None:
+            rowstats.close()
     return out
 
 
