@@ -1,0 +1,504 @@
+"""Resolve a model spec to an open_clip model, its preprocess and its tokenizer.
+
+A spec is one of:
+
+- an open_clip architecture name, with a pretrained tag: ``ViT-B-32-quickgelu`` + ``openai``;
+- a Hugging Face style name of an OpenAI CLIP, mapped through `HF_NAME_TABLE`
+  (``openai/clip-vit-base-patch32`` -> ``ViT-B-32-quickgelu`` + ``openai``). The table names the
+  ``-quickgelu`` configs on purpose: since open_clip 2.29 plain ``ViT-B-32`` builds GELU, while
+  OpenAI's weights were trained with QuickGELU, and the mismatch costs accuracy;
+- ``hf-hub:org/repo`` (an open_clip model published on the Hugging Face hub);
+- ``local-dir:/path`` (open_clip's own local folder format);
+- a path to an open_clip model-config JSON (``embed_dim``, ``vision_cfg``, ``text_cfg``), registered
+  with open_clip under the file's stem; ``tiny-clip`` is such a config shipped with this package,
+  small enough for a CPU, for tests and the demo.
+
+Weights come from the pretrained tag, or from ``checkpoint=PATH`` (a local state dict, for offline
+use; its sha256 is recorded). Weights that are not in the local cache are downloaded only when the
+hub is reachable: with ``HF_HUB_OFFLINE`` set or no network, `load_model` fails within seconds
+with a `UserError` that suggests ``--checkpoint``, instead of retrying for minutes.
+
+Device ``auto`` picks cuda, then mps, then cpu. The model is always in eval mode; encoders run
+under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import threading
+import warnings
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from toolkit.errors import UserError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+TINY_CONFIG = "tiny-clip"
+
+# Hugging Face style names of OpenAI's CLIP models -> (open_clip architecture, pretrained tag).
+# The architectures are the QuickGELU variants, which is how OpenAI trained these weights.
+HF_NAME_TABLE: dict[str, tuple[str, str]] = {
+    "openai/clip-vit-base-patch32": ("ViT-B-32-quickgelu", "openai"),
+    "openai/clip-vit-base-patch16": ("ViT-B-16-quickgelu", "openai"),
+    "openai/clip-vit-large-patch14": ("ViT-L-14-quickgelu", "openai"),
+    "openai/clip-vit-large-patch14-336": ("ViT-L-14-336-quickgelu", "openai"),
+}
+
+_WEIGHTS_HINT = (
+    "Download the weights on a machine with internet access and pass the file with --checkpoint PATH "
+    "(or pre-populate the Hugging Face cache, $HF_HOME)."
+)
+
+
+@dataclass
+class ModelSpec:
+    """What a spec resolves to before anything is built or downloaded."""
+
+    spec: str  # as given
+    kind: str  # 'open_clip' | 'hf-name' | 'hf-hub' | 'local-dir' | 'config-json'
+    model_name: str  # the open_clip name (or 'hf-hub:...' / 'local-dir:...')
+    pretrained: str | None
+    config_path: str | None = None  # for 'config-json'
+
+
+@dataclass
+class ModelBundle:
+    model: object  # open_clip CLIP / CustomTextCLIP, in eval mode on `device`
+    preprocess: object  # PIL image -> tensor (open_clip's eval transform)
+    tokenizer: object
+    model_name: str
+    pretrained: str | None
+    checkpoint_path: str | None
+    checkpoint_sha256: str | None
+    device: str
+    precision: str
+    context_length: int
+    spec: str
+    image_size: tuple[int, int] = (224, 224)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def input_dtype(self):
+        """The dtype the vision tower expects its pixels in."""
+        import torch
+
+        for p in self.model.visual.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    def describe(self) -> dict:
+        """Plain provenance: what made the embeddings (goes into run configs)."""
+        return {
+            "model": self.model_name,
+            "pretrained": self.pretrained,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "precision": self.precision,
+            "spec": self.spec,
+        }
+
+
+# --------------------------------------------------------------------------- spec resolution
+
+
+def tiny_config_path() -> Path:
+    """The packaged tiny open_clip config (tests and the offline demo)."""
+    return Path(str(resources.files("toolkit") / "data" / f"{TINY_CONFIG}.json"))
+
+
+def _register_config(path: Path) -> str:
+    """Register an open_clip model-config JSON under its stem; return that name."""
+    import open_clip
+
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"Cannot read the model config {path}: {exc}") from None
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise UserError(
+            f"{path} is not an open_clip model config: it lacks {', '.join(missing)}. "
+            "See open_clip's model_configs/*.json for the format."
+        )
+    name = path.stem
+    known = open_clip.get_model_config(name)
+    if known is not None and known != cfg:
+        raise UserError(
+            f"The model config {path} is named {name!r}, which open_clip already knows with a different "
+            "architecture. Rename the file."
+        )
+    if known is None:
+        open_clip.add_model_config(path)
+    return name
+
+
+def resolve_spec(spec: str, pretrained: str | None = None) -> ModelSpec:
+    """Turn a model spec (and optional pretrained tag) into what open_clip needs. Touches no network."""
+    import open_clip
+
+    spec = str(spec).strip()
+    if not spec:
+        raise UserError("Give a model with --model (for example openai/clip-vit-base-patch32).")
+    if spec.startswith("hf-hub:"):
+        if pretrained:
+            raise UserError(f"{spec} names its own weights; drop --pretrained (or use --checkpoint PATH).")
+        return ModelSpec(spec, "hf-hub", spec, None)
+    if spec.startswith("local-dir:"):
+        return ModelSpec(spec, "local-dir", spec, None)
+    if spec.lower() in HF_NAME_TABLE:
+        arch, tag = HF_NAME_TABLE[spec.lower()]
+        if pretrained and pretrained != tag:
+            raise UserError(
+                f"{spec} means open_clip {arch} with {tag!r} weights; it cannot take --pretrained {pretrained}. "
+                f"Use --model {arch} --pretrained {pretrained} instead."
+            )
+        return ModelSpec(spec, "hf-name", arch, tag)
+    if spec.endswith(".json") or os.sep in spec or (os.altsep and os.altsep in spec):
+        path = Path(spec).expanduser()
+        if spec.endswith(".json") or path.exists():
+            if not path.is_file():
+                raise UserError(f"Model config file {path} does not exist.")
+            name = _register_config(path.resolve())
+            return ModelSpec(spec, "config-json", name, pretrained, str(path.resolve()))
+    if spec == TINY_CONFIG and open_clip.get_model_config(spec) is None:
+        _register_config(tiny_config_path())
+        return ModelSpec(spec, "config-json", spec, pretrained, str(tiny_config_path()))
+    if open_clip.get_model_config(spec) is not None:
+        name = spec
+        if pretrained:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            if pretrained not in tags and not os.path.isfile(pretrained):
+                shown = ", ".join(tags) if tags else "none"
+                raise UserError(f"open_clip has no pretrained tag {pretrained!r} for {name}. Known tags: {shown}.")
+            cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
+            model_cfg = open_clip.get_model_config(name)
+            if cfg.get("quick_gelu") and not model_cfg.get("quick_gelu"):
+                # OpenAI-style weights trained with QuickGELU: use the matching architecture.
+                qg = f"{name}-quickgelu"
+                if open_clip.get_model_config(qg) is not None:
+                    name = qg
+        return ModelSpec(spec, "open_clip", name, pretrained)
+    hf_like = [k for k in HF_NAME_TABLE if spec.lower().split("/")[-1] in k]
+    hint = f" Known Hugging Face style names: {', '.join(HF_NAME_TABLE)}." if "/" in spec or hf_like else ""
+    raise UserError(
+        f"Unknown model {spec!r}: not an open_clip architecture (see open_clip.list_models()), a Hugging Face "
+        f"style name from the mapping table, an hf-hub: name, or a model-config JSON file.{hint}"
+    )
+
+
+# --------------------------------------------------------------------------- weights, offline handling
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for, but CUDA is not available here. Use --device auto or cpu.")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for, but MPS is not available here. Use --device auto or cpu.")
+    return device
+
+
+def _offline_env() -> bool:
+    v = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # pragma: no cover - huggingface_hub missing
+        return False
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Can we open a TCP connection to host within `timeout` s (DNS included)?"""
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1.0)
+    return bool(result and result[0])
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip logs 'initialized randomly' warnings on the root logger even when we load a
+    checkpoint right after; keep them off the user's terminal (errors still show)."""
+    import logging
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+@contextlib.contextmanager
+def _hf_offline(enabled: bool = True):
+    """Make huggingface_hub serve from its cache without any HTTP request."""
+    if not enabled:
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    old_const, old_env = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+def _hf_cached(repo_id: str, filenames, cache_dir: str | None) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return None
+    for fn in filenames:
+        hit = try_to_load_from_cache(repo_id, fn, cache_dir=cache_dir)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return hit
+    return None
+
+
+_HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _need_download(what: str, host: str) -> None:
+    """Raise quickly if `what` cannot be downloaded (offline mode or no network)."""
+    if _offline_env():
+        raise UserError(
+            f"{what}: not in the local cache, and HF_HUB_OFFLINE is set, so nothing can be downloaded. " + _WEIGHTS_HINT
+        )
+    if not _reachable(host):
+        raise UserError(f"{what}: not in the local cache, and {host} cannot be reached (no network?). " + _WEIGHTS_HINT)
+
+
+def _tag_weights_file(model_name: str, pretrained: str, cache_dir: str | None) -> str:
+    """Local path of the weights for an open_clip pretrained tag, downloading them if possible."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        if os.path.isfile(pretrained):
+            return pretrained
+        raise UserError(f"open_clip has no pretrained tag {pretrained!r} for {model_name}.")
+    if cfg.get("file"):
+        return cfg["file"]
+    what = f"The {pretrained!r} weights of {model_name}"
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        if hub.endswith("/"):
+            repo_id, names = hub.rstrip("/"), list(_HF_WEIGHT_FILES)
+        else:
+            repo_id, filename = os.path.split(hub)
+            names = [filename[: -len(".bin")] + ".safetensors", filename] if filename.endswith(".bin") else [filename]
+        hit = _hf_cached(repo_id, names, cache_dir)
+        if hit:
+            return hit
+        _need_download(what, "huggingface.co")
+        try:
+            return open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+        except Exception as exc:
+            raise UserError(
+                f"{what} could not be downloaded from the Hugging Face hub ({exc}). " + _WEIGHTS_HINT
+            ) from None
+    url = cfg.get("url", "")
+    if url:
+        target = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if target.is_file():
+            return str(target)
+        host = url.split("/")[2]
+        _need_download(what, host)
+        try:
+            return open_clip.download_pretrained(cfg, prefer_hf_hub=False, cache_dir=cache_dir)
+        except Exception as exc:
+            raise UserError(f"{what} could not be downloaded from {url} ({exc}). " + _WEIGHTS_HINT) from None
+    raise UserError(f"open_clip's pretrained config for {model_name}/{pretrained} names no download source.")
+
+
+def _tag_preprocess_overrides(model_name: str, pretrained: str) -> dict:
+    """The tag's preprocess settings, which open_clip applies only when it downloads by tag itself."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or {}
+    out = {}
+    for key, arg in (
+        ("mean", "image_mean"),
+        ("std", "image_std"),
+        ("interpolation", "image_interpolation"),
+        ("resize_mode", "image_resize_mode"),
+    ):
+        if cfg.get(key) is not None:
+            out[arg] = cfg[key]
+    return out
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- building
+
+
+def load_model(
+    spec: str,
+    pretrained: str | None = None,
+    checkpoint: str | Path | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    cache_dir: str | None = None,
+) -> ModelBundle:
+    """Build the model a spec names, load its weights, and return it with preprocess and tokenizer.
+
+    With neither a pretrained tag nor a checkpoint the model is randomly initialised (only
+    sensible for tests and benchmarks; recorded as pretrained None, checkpoint None).
+    """
+    import open_clip
+
+    if precision not in PRECISIONS:
+        raise UserError(f"Unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
+    resolved = resolve_spec(spec, pretrained)
+    dev = pick_device(device)
+    notes: list[str] = []
+    if resolved.model_name != spec and resolved.kind == "open_clip":
+        notes.append(f"{spec} + {resolved.pretrained} uses the QuickGELU architecture {resolved.model_name}.")
+    ckpt_path = ckpt_sha = None
+    if checkpoint is not None:
+        ckpt = Path(checkpoint).expanduser()
+        if not ckpt.is_file():
+            raise UserError(f"Checkpoint file {ckpt} does not exist.")
+        ckpt_path, ckpt_sha = str(ckpt.resolve()), sha256_file(ckpt)
+
+    kwargs = dict(precision=precision, device=dev, cache_dir=cache_dir)
+    offline = False
+    if resolved.kind in ("hf-hub",):
+        repo_id = resolved.model_name[len("hf-hub:") :]
+        have_cfg = _hf_cached(repo_id, ["open_clip_config.json"], cache_dir)
+        have_weights = ckpt_path is not None or _hf_cached(repo_id, _HF_WEIGHT_FILES, cache_dir)
+        if have_cfg and have_weights:
+            offline = True
+        else:
+            _need_download(f"The hub model {repo_id}", "huggingface.co")
+        create_name, create_pretrained = resolved.model_name, None
+        if ckpt_path:
+            kwargs["load_weights"] = False
+    else:
+        create_name = resolved.model_name
+        create_pretrained = None
+        if ckpt_path is None and resolved.pretrained and resolved.kind != "local-dir":
+            create_pretrained = _tag_weights_file(resolved.model_name, resolved.pretrained, cache_dir)
+            kwargs.update(_tag_preprocess_overrides(resolved.model_name, resolved.pretrained))
+        elif (
+            ckpt_path and resolved.pretrained and open_clip.get_pretrained_cfg(resolved.model_name, resolved.pretrained)
+        ):
+            kwargs.update(_tag_preprocess_overrides(resolved.model_name, resolved.pretrained))
+        offline = True  # everything is local from here on
+
+    try:
+        with _hf_offline(offline), _quiet_open_clip(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                create_name, pretrained=create_pretrained, **kwargs
+            )
+            if ckpt_path:
+                try:
+                    open_clip.load_checkpoint(model, ckpt_path, strict=True)
+                except Exception as exc:
+                    raise UserError(
+                        f"The checkpoint {ckpt_path} does not fit {create_name}: {str(exc).splitlines()[0][:300]}"
+                    ) from None
+                model.to(dev)
+            tokenizer = open_clip.get_tokenizer(create_name, cache_dir=cache_dir)
+    except UserError:
+        raise
+    except Exception as exc:
+        msg = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise UserError(f"Could not build model {spec!r}: {msg}. " + _WEIGHTS_HINT) from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    ctx = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", None) or 77
+    size = getattr(getattr(model, "visual", None), "image_size", 224)
+    size = tuple(size) if isinstance(size, list | tuple) else (int(size), int(size))
+    # With --checkpoint the weights are the file's (recorded by sha256), whatever tag the name implies.
+    label = None if ckpt_path else resolved.pretrained
+    return ModelBundle(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        model_name=resolved.model_name,
+        pretrained=label,
+        checkpoint_path=ckpt_path,
+        checkpoint_sha256=ckpt_sha,
+        device=dev,
+        precision=precision,
+        context_length=int(ctx),
+        spec=spec,
+        image_size=size,
+        notes=notes,
+    )
+
+
+def save_random_checkpoint(path: str | Path, spec: str = TINY_CONFIG, seed: int = 0) -> str:
+    """Save a randomly initialised model's weights (seeded) to `path`; return the file's sha256.
+
+    A ``.safetensors`` path gives the same bytes for the same seed; any other suffix is written
+    with ``torch.save`` (the same tensors, but not the same bytes).
+
+    The demo uses this so that the checkpoint-loading path is the one exercised.
+    """
+    import open_clip
+    import torch
+
+    resolved = resolve_spec(spec)
+    with torch.random.fork_rng(devices=[]), _quiet_open_clip(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        model = open_clip.create_model(resolved.model_name, pretrained=None, device="cpu")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    if path.suffix == ".safetensors":  # byte-for-byte reproducible for a given seed
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    else:  # torch.save embeds a random serialization id: same tensors, different bytes
+        torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return sha256_file(path)
