@@ -280,6 +280,8 @@ def rank_queries(
     kk = min(k + 1, M)
     if backend is None:
         backend = "numpy" if dev.type == "cpu" else "torch"
+    if backend not in ("numpy", "torch") or (backend == "numpy" and dev.type != "cpu"):
+        raise ValueError(f"backend {backend!r} does not run on device {dev}")
     rowstats = _NumpyRows(M, k, torch.get_num_threads()) if backend == "numpy" else None
     starts = range(0, N, rows_per)
     if progress is not False:
