@@ -438,3 +438,74 @@ def test_wrap_to_width(text, max_lines):
         assert text.replace(" ", "").replace("\n", "").startswith(joined[:-1])
     else:
         assert joined == text.replace(" ", "").replace("\n", "")
+
+
+def test_end_to_end_from_evaluate(run_cli, synthetic_coco, tmp_db, tmp_path):
+    """ingest -> cached embeddings -> the real `clipfail evaluate` -> sample-failures on its run."""
+    from toolkit import artifacts
+
+    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 30, "--name", "s30")
+    con = db.open_database(tmp_db)
+    sid = int(db.get_subset(con, "s30")["subset_id"])
+    img_ids = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
+    caps = con.execute(
+        "SELECT c.caption_id, c.image_id FROM subset_captions c JOIN subset_images i USING (subset_id, image_id) "
+        "WHERE c.subset_id = ? ORDER BY i.position, c.position",
+        [sid],
+    ).df()
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((len(img_ids), 16)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    row_of = {int(i): r for r, i in enumerate(img_ids["image_id"])}
+    txt = img[[row_of[int(i)] for i in caps["image_id"]]] + 0.5 * rng.standard_normal((len(caps), 16)).astype(
+        np.float32
+    )
+    txt = (txt / np.linalg.norm(txt, axis=1, keepdims=True)).astype(np.float32)
+    for kind, array, ids in [("image", img, img_ids["image_id"]), ("text", txt, caps["caption_id"])]:
+        path = tmp_path / f"{kind}.npy"
+        sha = artifacts.save_array(path, array)
+        cfg = {"kind": kind, "model": "hand-built"}
+        with db.transaction(con):
+            run_id = db.insert_run(con, "embed", cfg, db.now(), model="hand-built")
+            artifacts.register_embedding_set(
+                con,
+                kind=kind,
+                subset_id=sid,
+                model="hand-built",
+                pretrained=None,
+                checkpoint_sha256=None,
+                precision="fp32",
+                config=cfg,
+                path=path,
+                array=array,
+                item_ids=ids.to_numpy(dtype=np.int64),
+                sha256=sha,
+                run_id=run_id,
+            )
+    con.close()
+
+    run_cli("--db", tmp_db, "evaluate", "--subset", "s30", "--device", "cpu")
+    summary = table(tmp_db, "SELECT * FROM recall_summary").iloc[0]
+    n_fail = int(summary["n_r1_failures"])
+    assert n_fail >= 20
+    out = tmp_path / "fa"
+    res = sample(run_cli, tmp_db, out, "--n", 20, "--overlap", 5, "--per-annotator", 6, "--annotators", "A,B")
+    assert f"Sampled 20 of {n_fail} R@1 failures of retrieval run {summary['retrieval_run_id']}" in res.output
+
+    got = pd.read_csv(out / "failure_samples.csv", encoding="utf-8-sig", dtype=str, keep_default_na=False)
+    ranks = table(
+        tmp_db,
+        "SELECT r.query_id, r.gt_rank, gi.file_name AS gt_file, ti.file_name AS top1_file FROM retrieval_ranks r "
+        "JOIN images gi ON gi.image_id = r.gt_id JOIN images ti ON ti.image_id = r.top1_id",
+    ).set_index("query_id")
+    sampled = ranks.loc[got["caption_id"].astype(int)]
+    assert (sampled["gt_rank"] > 1).all()
+    assert list(got["gt_rank"].astype(int)) == list(sampled["gt_rank"])
+    assert list(got["top1_image"]) == list(sampled["top1_file"])
+    # where the ground truth is in the top 5, its column names the ground-truth file
+    for row in got.itertuples():
+        if int(row.gt_rank) <= 5:
+            assert getattr(row, f"top{row.gt_rank}_image") == row.gt_image
+    assert got.groupby("set_name").size().to_dict() == {"overlap": 5, "A": 6, "B": 6, "backup": 3}
+    for sid_ in got["sample_id"]:
+        assert (out / f"vis_{sid_}.png").exists()
