@@ -30,20 +30,10 @@ def _exists(con, name: str) -> bool:
     )
 
 
-def _columns(con, table: str) -> set[str]:
-    return {
-        r[0]
-        for r in con.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_schema = 'main' AND table_name = ?",
-            [table],
-        ).fetchall()
-    }
-
-
 def _weights(pretrained, checkpoint_sha256) -> str:
     if isinstance(checkpoint_sha256, str) and checkpoint_sha256:
         return f"checkpoint {checkpoint_sha256[:12]}"
-    return pretrained if isinstance(pretrained, str) and pretrained else "random init"
+    return pretrained if isinstance(pretrained, str) and pretrained else "no pretrained tag"
 
 
 def study_status(con) -> StatusResult:
@@ -152,16 +142,14 @@ def study_status(con) -> StatusResult:
         )
 
     improvements = pd.DataFrame()
-    if _exists(con, "improvement_runs") and "retrieval_run_id" in _columns(con, "improvement_runs"):
-        has_ranks = _exists(con, "improvement_ranks")
-        n_ranks = (
-            "(SELECT count(*) FROM improvement_ranks k WHERE k.improvement_run_id = i.improvement_run_id)"
-            if has_ranks and "improvement_run_id" in _columns(con, "improvement_ranks")
-            else "0"
-        )
+    if _exists(con, "improvement_runs") and _exists(con, "improvement_ranks"):
         improvements = con.execute(
-            f"""
-            SELECT i.retrieval_run_id, count(*) AS n_runs, sum({n_ranks}) AS n_ranks
+            """
+            SELECT i.retrieval_run_id, count(DISTINCT i.improvement_id) AS n_runs,
+                   count(DISTINCT i.run_id) AS n_invocations,
+                   string_agg(DISTINCT i.population, ',' ORDER BY i.population) AS populations,
+                   (SELECT count(*) FROM improvement_ranks k JOIN improvement_runs j USING (improvement_id)
+                    WHERE j.retrieval_run_id = i.retrieval_run_id) AS n_ranks
             FROM improvement_runs i GROUP BY i.retrieval_run_id ORDER BY i.retrieval_run_id
             """
         ).df()
@@ -172,8 +160,8 @@ def study_status(con) -> StatusResult:
                     stage="improve",
                     subset=r.subset if r else "",
                     model=r.model if r else "",
-                    detail=f"retrieval run {m.retrieval_run_id}",
-                    rows=f"{m.n_runs} improvement runs, {int(m.n_ranks or 0)} ranks",
+                    detail=f"retrieval run {m.retrieval_run_id}, populations {m.populations}",
+                    rows=f"{m.n_runs} improvement runs from {m.n_invocations} invocations, {m.n_ranks} ranks",
                 )
             )
 

@@ -1,0 +1,207 @@
+"""report: every table on the page is what the views return; figures embedded; simulated labels flagged.
+
+The data: a generated COCO subset with hand-built embeddings, evaluate, a failure sample, simulated
+labels and improve runs with a seeded fake prompt encoder (the real model path is covered by
+test_demo.py). Built once per module.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from toolkit import artifacts, db
+from toolkit.evaluate import evaluate
+from toolkit.failures import sample_failures
+from toolkit.improve import improve
+from toolkit.ingest import ingest
+from toolkit.report import write_report
+from toolkit.simulate import simulate_labels
+from toolkit.synthetic import make_synthetic_coco
+
+
+def _register(con, tmp_path, kind, array, item_ids, subset_id):
+    path = tmp_path / f"{kind}.npy"
+    cfg = {"kind": kind, "model": "hand-built", "test": "report"}
+    with db.transaction(con):
+        run_id = db.insert_run(con, "embed", cfg, db.now(), model="hand-built")
+        artifacts.register_embedding_set(
+            con,
+            kind=kind,
+            subset_id=subset_id,
+            model="hand-built",
+            pretrained=None,
+            checkpoint_sha256=None,
+            precision="fp32",
+            config=cfg,
+            path=path,
+            array=array,
+            item_ids=item_ids,
+            sha256=artifacts.save_array(path, array),
+            run_id=run_id,
+        )
+
+
+def _fake_encoder(texts):
+    """A seeded 16-d embedding per distinct text (stands in for the model in this file)."""
+    rows = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:12], 16)).normal(size=16) for t in texts]
+    out = np.asarray(rows, dtype=np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report_study")
+    make_synthetic_coco(root / "coco", 60, seed=1)
+    path = root / "study.duckdb"
+    con = db.open_database(path)
+    ingest(con, coco_root=root / "coco", num_images=60, captions_per_image=5, seed=42, name="s60")
+    sid = int(db.get_subset(con, "s60")["subset_id"])
+    imgs = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
+    caps = con.execute(
+        "SELECT c.caption_id, c.image_id FROM subset_captions c JOIN subset_images i USING (subset_id, image_id) "
+        "WHERE c.subset_id = ? ORDER BY i.position, c.position",
+        [sid],
+    ).df()
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(len(imgs), 16)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    pos = {int(i): k for k, i in enumerate(imgs["image_id"])}
+    txt = img[[pos[int(i)] for i in caps["image_id"]]] + 1.2 * rng.normal(size=(len(caps), 16)).astype(np.float32)
+    txt = (txt / np.linalg.norm(txt, axis=1, keepdims=True)).astype(np.float32)
+    _register(con, root, "image", img, imgs["image_id"].to_numpy(), sid)
+    _register(con, root, "text", txt, caps["caption_id"].to_numpy(), sid)
+    evaluate(con, "s60", device="cpu")
+    sample_failures(con, n=200, seed=42, overlap=30, per_annotator=50, out_dir=root / "fa", pictures=False)
+    simulate_labels(con, root / "fa", root / "labels", seed=0)
+    kw = dict(poolings="all", encoder=_fake_encoder, cache_dir=root / "cache")
+    improve(con, "Object", control="successes:20", **kw)
+    improve(con, "Attribute", **kw)
+    improve(con, "Object,Attribute", template_mode="union", **kw)
+    res = write_report(con, out_dir=root / "report", db_path=str(path))
+    yield con, res, root
+    con.close()
+
+
+def _html_tables(html: str) -> dict[str, pd.DataFrame]:
+    """Every <table data-name=...> of the page as a DataFrame of strings."""
+    out = {}
+    for m in re.finditer(r'<table data-name="([^"]+)">(.*?)</table>', html, re.S):
+        body = m.group(2)
+        head = [re.sub(r"<[^>]+>", "", h) for h in re.findall(r"<th>(.*?)</th>", body, re.S)]
+        rows = [
+            [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", r, re.S)]
+            for r in re.findall(r"<tr>(.*?)</tr>", body.split("<tbody>")[1], re.S)
+        ]
+        out[m.group(1)] = pd.DataFrame(rows, columns=head)
+    return out
+
+
+def test_report_tables_are_the_views(study):
+    con, res, root = study
+    page = res.html_path.read_text(encoding="utf-8")
+    tables = _html_tables(page)
+    rrid = res.retrieval_run_id
+
+    # Baseline: the CSV is the view, value for value; the page shows the same numbers.
+    view = con.execute("SELECT * FROM recall_summary ORDER BY retrieval_run_id").df()
+    csv = pd.read_csv(root / "report" / "tables" / "recall_summary.csv")
+    pd.testing.assert_frame_equal(csv, view, check_dtype=False)
+    assert tables["recall_summary"]["r_at_1"].tolist() == [f"{v:.4f}" for v in view["r_at_1"]]
+    assert tables["recall_summary"]["n_r1_failures"].tolist() == [f"{v:,}" for v in view["n_r1_failures"]]
+
+    # Taxonomy and agreement: the rows of the views for this retrieval run.
+    dist = con.execute(
+        "SELECT category, count, percent FROM taxonomy_distribution WHERE retrieval_run_id = ? ORDER BY rank", [rrid]
+    ).df()
+    shown = tables["taxonomy_distribution"]
+    assert shown["category"].tolist() == dist["category"].tolist()
+    assert shown["count"].tolist() == [str(c) for c in dist["count"]]
+    assert shown["percent"].tolist() == [f"{p:.2f}" for p in dist["percent"]]
+    kappa = con.execute(
+        "SELECT kappa FROM annotator_agreement WHERE retrieval_run_id = ? AND measure = 'fleiss'", [rrid]
+    ).fetchone()[0]
+    agree = tables["annotator_agreement"]
+    assert agree.loc[agree["measure"] == "fleiss", "kappa"].tolist() == [f"{kappa:.4f}"]
+
+    # One study-shaped table per failure subset, a row per pooling, numbers from improvement_recall.
+    recall = con.execute("SELECT * FROM improvement_recall WHERE population = 'failures'").df()
+    subsets = sorted(recall["categories"].unique())
+    assert subsets == ["Attribute", "Object", "Object,Attribute"]
+    for categories in subsets:
+        mode = "union" if "," in categories else "own"
+        slug = re.sub(r"[^a-z0-9]+", "_", f"{categories}_default_{mode}".lower())
+        table = tables[f"improvement_{slug}"]
+        assert table["pooling"].tolist() == ["max", "mean", "logsumexp (tau=1)"]
+        for row in table.itertuples(index=False):
+            rid = int(row[-1])
+            for k, improved, delta, p in ((1, row[1], row[4], row[10]), (10, row[3], row[6], row[12])):
+                v = recall[(recall["improvement_id"] == rid) & (recall["k"] == k)].iloc[0]
+                assert improved == f"{v['improved_pct']:.2f}"
+                assert delta == f"{v['delta_pp']:+.2f}"
+                assert p == ("<0.0001" if v["mcnemar_p"] < 1e-4 else f"{v['mcnemar_p']:.4f}")
+        csv = pd.read_csv(root / "report" / "tables" / f"improvement_{slug}.csv")
+        assert len(csv) == 3
+    assert "improvement_object_attribute_default_union_by_category" in tables  # per-category breakdown
+
+    # Consolidated: every improvement run once; controls: the success-population rows of the view.
+    consolidated = pd.read_csv(root / "report" / "tables" / "improvement_runs_consolidated.csv")
+    assert sorted(consolidated["improvement_id"]) == sorted(
+        r[0] for r in con.execute("SELECT improvement_id FROM improvement_runs").fetchall()
+    )
+    controls = pd.read_csv(root / "report" / "tables" / "improvement_controls.csv")
+    assert set(controls["population"]) == {"successes"} and len(controls) == 3 * 3
+    view = con.execute(
+        "SELECT n_broken FROM improvement_recall WHERE population = 'successes' ORDER BY improvement_id, k"
+    ).df()
+    assert controls.sort_values(["improvement_id", "k"])["n_broken"].tolist() == view["n_broken"].tolist()
+
+
+def test_report_is_self_contained_and_flags_simulated_labels(study):
+    con, res, root = study
+    page = res.html_path.read_text(encoding="utf-8")
+    assert res.is_simulated and 'id="simulated-banner"' in page and page.count("SIMULATED") >= 5
+    # Figures 1-2 (taxonomy) and 3-5 (one per improvement subset), each as PNG + SVG, each embedded.
+    pngs = sorted(p.name for p in res.figures if p.suffix == ".png")
+    assert pngs == [
+        "figure1_taxonomy.png",
+        "figure2_actionable.png",
+        "figure3_attribute_default_own.png",
+        "figure4_object_default_own.png",
+        "figure5_object_attribute_default_union.png",
+    ]
+    assert all(p.with_suffix(".svg").exists() for p in res.figures)
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert len(srcs) == 5 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for src in srcs:
+        im = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        im.verify()
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing is fetched from anywhere
+    # Provenance: the config hash of every run, and package versions.
+    for (h,) in con.execute("SELECT config_hash FROM runs WHERE stage <> 'report'").fetchall():
+        assert h in page
+    assert "open_clip_torch" in page and "duckdb" in page
+
+
+def test_report_run_is_recorded_once_per_database_state(study):
+    con, res, root = study
+    again = write_report(con, out_dir=root / "report")
+    assert again.is_noop and again.run_id == res.run_id
+    assert con.execute("SELECT count(*) FROM runs WHERE stage = 'report'").fetchone()[0] == 1
+
+
+def test_report_of_an_empty_database_says_what_is_missing(run_cli, tmp_db, tmp_path, synthetic_coco):
+    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 10)
+    res = run_cli("--db", tmp_db, "report", "--out", tmp_path / "r")
+    assert "not in the report yet: a text-to-image retrieval run" in res.output
+    page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert "No retrieval run yet" in page and "SIMULATED" not in page
+    res = run_cli("--db", tmp_db, "report", "--run", 7, "--out", tmp_path / "r", expect=2)
+    assert "There is no retrieval run 7" in res.output

@@ -1,0 +1,746 @@
+"""The study's report: one self-contained HTML page, with its figures as PNG/SVG and its tables as CSV.
+
+`write_report(con, out_dir, retrieval_run_id=None)` writes
+
+    out_dir/report.html                  every figure embedded as a base64 data URI (no other files needed)
+    out_dir/figures/figureN_*.png|.svg   Figure 1-2 (taxonomy), Figure 3.. (one per improvement subset)
+    out_dir/tables/*.csv                 every table of the page
+
+Every number on the page is a value that a SQL view returned (recall_summary, taxonomy_distribution,
+taxonomy_actionable, taxonomy_by_annotator, annotator_agreement, improvement_summary,
+improvement_controls, ...): the queries below only select, filter and order. Python formats
+values (decimal places, a sign) and never computes one. The provenance section lists what made
+the numbers: model, weights, subset, seeds, package versions and every run's config hash.
+
+Labels written by the demo's simulated annotators (annotations.is_simulated) are flagged in a
+banner at the top of the page and beside every table and figure that uses them.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import importlib.metadata
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+import toolkit
+from toolkit import db
+from toolkit.errors import UserError
+
+PACKAGES = ["clipfail", "torch", "torchvision", "open_clip_torch", "duckdb", "numpy", "pandas", "matplotlib", "pillow"]
+
+
+@dataclass
+class ReportResult:
+    out_dir: Path
+    html_path: Path
+    retrieval_run_id: int | None
+    run_id: int | None
+    is_noop: bool
+    is_simulated: bool
+    figures: list[Path] = field(default_factory=list)
+    tables: list[Path] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)  # titles of the sections with content
+    missing: list[str] = field(default_factory=list)  # what has not run yet, with the command
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _view_exists(con, name: str) -> bool:
+    return bool(
+        con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' AND table_name = ?", [name]
+        ).fetchone()[0]
+    )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "x"
+
+
+def _fmt(value, kind: str) -> str:
+    """Format one value; kind: 'int', 'f2', 'f4', 'pp' (signed 2 decimals), 'p' (p-value), 'text'."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return ""
+    if kind == "int":
+        return f"{int(value):,}"
+    if kind == "f2":
+        return f"{float(value):.2f}"
+    if kind == "f4":
+        return f"{float(value):.4f}"
+    if kind == "pp":
+        return f"{float(value):+.2f}"
+    if kind == "p":
+        v = float(value)
+        return "<0.0001" if v < 1e-4 else f"{v:.4f}"
+    if kind == "bool":
+        return "yes" if bool(value) else "no"
+    return str(value)
+
+
+def _guess_kind(series: pd.Series) -> str:
+    if pd.api.types.is_bool_dtype(series):
+        return "bool"
+    if pd.api.types.is_integer_dtype(series):
+        return "int"
+    if pd.api.types.is_float_dtype(series):
+        return "f4"
+    return "text"
+
+
+class _Page:
+    """Collects sections of HTML, the CSVs and the figures of one report."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.tables_dir = out_dir / "tables"
+        self.figures_dir = out_dir / "figures"
+        self.parts: list[str] = []
+        self.toc: list[tuple[str, str]] = []
+        self.tables: list[Path] = []
+        self.figures: list[Path] = []
+        self.n_figure = 0
+
+    def h2(self, anchor: str, title: str) -> None:
+        self.toc.append((anchor, title))
+        self.parts.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>')
+
+    def h3(self, title: str) -> None:
+        self.parts.append(f"<h3>{html.escape(title)}</h3>")
+
+    def p(self, text: str, cls: str | None = None, raw: bool = False) -> None:
+        body = text if raw else html.escape(text)
+        self.parts.append(f'<p class="{cls}">{body}</p>' if cls else f"<p>{body}</p>")
+
+    def table(
+        self, df: pd.DataFrame, name: str, caption: str, formats: dict[str, str] | None = None, csv: bool = True
+    ) -> None:
+        """An HTML table of df (formatted per column) and, with csv=True, tables/<name>.csv of the raw values."""
+        formats = formats or {}
+        if csv:
+            self.tables_dir.mkdir(parents=True, exist_ok=True)
+            path = self.tables_dir / f"{name}.csv"
+            df.to_csv(path, index=False, lineterminator="\n")
+            self.tables.append(path)
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+        kinds = {c: formats.get(c) or _guess_kind(df[c]) for c in df.columns}
+        rows = []
+        for rec in df.itertuples(index=False):
+            cells = []
+            for col, value in zip(df.columns, rec):
+                kind = kinds[col]
+                cls = ' class="num"' if kind in ("int", "f2", "f4", "pp", "p") else ""
+                cells.append(f"<td{cls}>{html.escape(_fmt(value, kind))}</td>")
+            rows.append("<tr>" + "".join(cells) + "</tr>")
+        link = f' <a class="csv" href="tables/{name}.csv">{name}.csv</a>' if csv else ""
+        self.parts.append(
+            f'<div class="scroll"><table data-name="{html.escape(name)}"><caption>{html.escape(caption)}{link}'
+            f"</caption><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+        )
+
+    def figure(self, paths: list[Path], caption: str) -> None:
+        png = next(p for p in paths if p.suffix == ".png")
+        self.figures.extend(paths)
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        links = " ".join(f'<a href="figures/{p.name}">{p.suffix[1:].upper()}</a>' for p in paths)
+        self.parts.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)} ({links})</figcaption></figure>"
+        )
+
+    def next_figure(self) -> int:
+        self.n_figure += 1
+        return self.n_figure
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#1d1d1d;line-height:1.45}
+h1{font-size:1.7em;margin-bottom:.2em}h2{border-bottom:2px solid #3b6ea5;padding-bottom:.2em;margin-top:2em}
+h3{margin-top:1.5em}
+div.scroll{overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;margin:.8em 0 1.4em;font-size:.85em}
+caption{text-align:left;font-weight:600;padding-bottom:.3em}
+th,td{border:1px solid #c8c8c8;padding:.25em .6em}th{background:#eef2f7;text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+tbody tr:nth-child(even){background:#fafafa}
+figure{margin:1em 0}figure img{max-width:min(100%,760px);border:1px solid #ddd}figcaption{font-size:.9em;color:#444}
+.meta{color:#555;font-size:.9em}.note{color:#444;font-size:.9em}
+.banner{background:#fff1d6;border:2px solid #d48806;padding:.7em 1em;font-weight:600;margin:1em 0}
+.missing{background:#f4f4f4;border-left:4px solid #999;padding:.5em 1em}
+a.csv{font-weight:normal;font-size:.85em;margin-left:.5em}
+nav ul{columns:2;list-style:none;padding-left:0}
+code{background:#f2f2f2;padding:0 .2em}
+"""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _baseline(con, page: _Page, rrid: int | None) -> None:
+    page.h2("baseline", "1. Baseline retrieval (Recall@K)")
+    df = con.execute(
+        """
+        SELECT retrieval_run_id, subset, model, direction, n_queries, r_at_1, r_at_5, r_at_10,
+               mean_rank, median_rank, n_r1_failures
+        FROM recall_summary ORDER BY retrieval_run_id
+        """
+    ).df()
+    if df.empty:
+        page.p("No retrieval run yet. Run: clipfail evaluate", cls="missing")
+        return
+    page.p(
+        "Recall@K is the share of queries whose own image ranks within the top K among all images of the "
+        "subset (fractions, as in the reference study). Ranks are optimistic: 1 + the number of images "
+        "scoring strictly higher." + (f" The rest of this report is about retrieval run {rrid}." if rrid else "")
+    )
+    page.table(
+        df,
+        "recall_summary",
+        "Table 1. Recall@K of every retrieval run (view recall_summary)",
+        {"mean_rank": "f2", "median_rank": "f2"},
+    )
+
+
+def _taxonomy(con, page: _Page, rrid: int, simulated: bool) -> None:
+    from toolkit.figures import taxonomy_bar_chart
+
+    page.h2("taxonomy", "2. Failure taxonomy")
+    flag = " SIMULATED labels." if simulated else ""
+    n = con.execute(
+        "SELECT count(*) FILTER (WHERE NOT is_overlap), count(*) FILTER (WHERE is_overlap) "
+        "FROM sample_labels WHERE retrieval_run_id = ?",
+        [rrid],
+    ).fetchone()
+    page.p(
+        f"Labelled R@1 failures of retrieval run {rrid}: {n[0]} outside the overlap set (merged over annotators; "
+        f"the taxonomy's n) and {n[1]} in the overlap set (used for agreement).{flag}"
+    )
+    dist = con.execute(
+        "SELECT category, is_actionable, count, percent, percent_lr, n_total FROM taxonomy_distribution "
+        "WHERE retrieval_run_id = ? ORDER BY rank",
+        [rrid],
+    ).df()
+    act = con.execute(
+        "SELECT category, count, percent, percent_lr, n_total FROM taxonomy_actionable "
+        "WHERE retrieval_run_id = ? ORDER BY rank",
+        [rrid],
+    ).df()
+    by_ann = con.execute(
+        "SELECT annotator, category, count, percent, n_total FROM taxonomy_by_annotator "
+        "WHERE retrieval_run_id = ? ORDER BY annotator, rank",
+        [rrid],
+    ).df()
+    pct = {"percent": "f2", "percent_lr": "f2"}
+    page.table(
+        dist,
+        "taxonomy_distribution",
+        f"Table 2. Failure categories, merged over annotators, overlap set excluded (view taxonomy_distribution; "
+        f"percent rounded half up, percent_lr sums to 100).{flag}",
+        pct,
+    )
+    if not dist.empty:
+        num = page.next_figure()
+        page.figure(
+            taxonomy_bar_chart(
+                dist,
+                f"Figure {num}. Failure categories" + (" (SIMULATED labels)" if simulated else ""),
+                page.figures_dir / f"figure{num}_taxonomy",
+                subtitle=f"retrieval run {rrid}: labelled R@1 failures, overlap set excluded",
+            ),
+            f"Figure {num}. Overall category distribution (all labels).{flag}",
+        )
+    page.table(
+        act,
+        "taxonomy_actionable",
+        f"Table 3. Actionable categories only, re-normalised (view taxonomy_actionable).{flag}",
+        pct,
+    )
+    if not act.empty:
+        num = page.next_figure()
+        page.figure(
+            taxonomy_bar_chart(
+                act,
+                f"Figure {num}. Actionable failure categories" + (" (SIMULATED labels)" if simulated else ""),
+                page.figures_dir / f"figure{num}_actionable",
+                subtitle=f"retrieval run {rrid}: not-actionable categories removed",
+            ),
+            f"Figure {num}. Actionable-only distribution (excluding Ambiguous).{flag}",
+        )
+    page.table(
+        by_ann, "taxonomy_by_annotator", f"Table 4. Each annotator's own set (view taxonomy_by_annotator).{flag}", pct
+    )
+
+
+def _agreement(con, page: _Page, rrid: int, simulated: bool) -> None:
+    page.h2("agreement", "3. Annotator agreement on the overlap set")
+    df = con.execute(
+        """
+        SELECT measure, annotators, n_annotators, n_items, n_agree, percent_agreement,
+               observed_agreement, expected_agreement, kappa
+        FROM annotator_agreement WHERE retrieval_run_id = ? ORDER BY measure, annotators
+        """,
+        [rrid],
+    ).df()
+    if df.empty:
+        page.p("No overlap sample was labelled by two or more annotators.", cls="missing")
+        return
+    page.p(
+        "Pairwise percent agreement and Cohen's kappa for each pair of annotators, and Fleiss' kappa over all "
+        "of them (n_agree: unanimous items), on the overlap samples. The reference study measured none."
+        + (" These agreements are between SIMULATED annotators." if simulated else "")
+    )
+    page.table(
+        df,
+        "annotator_agreement",
+        "Table 5. Agreement (view annotator_agreement)" + (" SIMULATED labels." if simulated else ""),
+        {"percent_agreement": "f2"},
+    )
+
+
+def _provenance(con, page: _Page, rrid: int | None) -> None:
+    page.h2("provenance", "Provenance")
+    if rrid is not None:
+        info = con.execute(
+            """
+            SELECT r.retrieval_run_id, s.name AS subset, s.subset_id, s.num_images, s.captions_per_image,
+                   s.seed AS subset_seed, s.source_file, s.source_sha256, r.model,
+                   ie.pretrained, ie.checkpoint_sha256, ie.precision,
+                   r.image_embedding_set_id, ie.sha256 AS image_embeddings_sha256,
+                   r.text_embedding_set_id, te.sha256 AS text_embeddings_sha256,
+                   r.direction, r.tie_policy, r.topk
+            FROM retrieval_runs r
+            JOIN subsets s USING (subset_id)
+            JOIN embedding_sets ie ON ie.embedding_set_id = r.image_embedding_set_id
+            JOIN embedding_sets te ON te.embedding_set_id = r.text_embedding_set_id
+            WHERE r.retrieval_run_id = ?
+            """,
+            [rrid],
+        ).df()
+        if not info.empty:
+            long = pd.DataFrame({"field": list(info.columns), "value": [str(v) for v in info.iloc[0]]})
+            long.loc[long["value"].isin(["None", "nan", "<NA>"]), "value"] = ""
+            page.table(long, "provenance_retrieval_run", f"Retrieval run {rrid}: data, model and weights", csv=True)
+    runs = con.execute(
+        """
+        SELECT run_id, stage, started_at, finished_at, seed, model, pretrained, package_version,
+               config_hash, config_json
+        FROM runs ORDER BY run_id
+        """
+    ).df()
+    page.table(runs, "provenance_runs", "Every stage run in this database (table runs), with its config hash")
+    versions = []
+    for name in PACKAGES:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = toolkit.__version__ if name == "clipfail" else "(not installed)"
+        versions.append((name, version))
+    versions.append(("python", platform.python_version()))
+    page.table(
+        pd.DataFrame(versions, columns=["package", "version"]),
+        "provenance_versions",
+        "Package versions that wrote this report (each run's clipfail version is in the table above)",
+    )
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def pick_run(con, retrieval_run_id: int | None) -> int | None:
+    """The retrieval run the report is about: the one given, else the one labelled last, else the latest
+    text-to-image run, else None."""
+    if retrieval_run_id is not None:
+        ok = con.execute("SELECT count(*) FROM retrieval_runs WHERE retrieval_run_id = ?", [retrieval_run_id])
+        if not ok.fetchone()[0]:
+            known = [r[0] for r in con.execute("SELECT retrieval_run_id FROM retrieval_runs ORDER BY 1").fetchall()]
+            raise UserError(
+                f"There is no retrieval run {retrieval_run_id}. Known runs: {', '.join(map(str, known)) or 'none'}."
+            )
+        return int(retrieval_run_id)
+    row = con.execute(
+        """
+        SELECT s.retrieval_run_id FROM annotations a JOIN failure_samples s USING (sample_id)
+        GROUP BY s.retrieval_run_id ORDER BY max(a.imported_at) DESC, s.retrieval_run_id DESC LIMIT 1
+        """
+    ).fetchone()
+    if row:
+        return int(row[0])
+    row = con.execute("SELECT max(retrieval_run_id) FROM retrieval_runs WHERE direction = 'text-to-image'").fetchone()
+    return None if row[0] is None else int(row[0])
+
+
+def write_report(con, out_dir="report", retrieval_run_id: int | None = None, db_path: str | None = None):
+    """Write report.html, figures/ and tables/ for one retrieval run (default: the one labelled last)."""
+    started = db.now()
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"Cannot create the report folder {out_dir}: {exc.strerror or exc}.") from None
+    rrid = pick_run(con, retrieval_run_id)
+    page = _Page(out_dir)
+    missing: list[str] = []
+    simulated = False
+    if rrid is not None:
+        row = con.execute(
+            "SELECT coalesce(bool_or(is_simulated), false), count(*) FROM sample_labels WHERE retrieval_run_id = ?",
+            [rrid],
+        ).fetchone()
+        simulated, n_labelled = bool(row[0]), int(row[1])
+    else:
+        n_labelled = 0
+
+    _baseline(con, page, rrid)
+    if rrid is None:
+        missing.append("a text-to-image retrieval run: clipfail evaluate")
+    if n_labelled:
+        _taxonomy(con, page, rrid, simulated)
+        _agreement(con, page, rrid, simulated)
+    else:
+        page.h2("taxonomy", "2. Failure taxonomy")
+        page.p(
+            "No labels yet. Sample failures (clipfail sample-failures), fill in the assign_*.csv files, then: "
+            "clipfail import-labels failure_analysis/assign_*.csv",
+            cls="missing",
+        )
+        missing.append("labels: clipfail sample-failures, then clipfail import-labels")
+    _improvement_sections(con, page, rrid, simulated, missing)
+    _provenance(con, page, rrid)
+
+    # The run row: the same database state and options again is a no-op (the files are rewritten anyway).
+    state = con.execute("SELECT coalesce(max(run_id), 0) FROM runs WHERE stage <> 'report'").fetchone()[0]
+    config = {"out_dir": str(out_dir.resolve()), "retrieval_run_id": rrid, "last_run_id": int(state)}
+    run_id = db.find_run(con, "report", config)
+    is_noop = run_id is not None
+    if not is_noop:
+        with db.transaction(con):
+            run_id = db.insert_run(con, "report", config, started)
+
+    title = "CLIP text-to-image retrieval: failure analysis"
+    banner = ""
+    if simulated:
+        banner = (
+            '<div class="banner" id="simulated-banner">SIMULATED LABELS. The failure labels in this report were '
+            "written by seeded simulated annotators (clipfail demo), not by people. The taxonomy, the agreement "
+            "and every per-category improvement below say nothing about CLIP; they only show the pipeline "
+            "working.</div>"
+        )
+    meta = (
+        f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} by clipfail {toolkit.__version__}"
+        + (f" from {html.escape(str(db_path))}" if db_path else "")
+        + (f"; retrieval run {rrid}" if rrid is not None else "")
+        + f"; report run {run_id}."
+    )
+    toc = "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t in page.toc)
+    doc = (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
+        f"<style>{CSS}</style></head><body>"
+        f'<h1>{title}</h1><p class="meta">{meta}</p>{banner}'
+        f"<nav><ul>{toc}</ul></nav>{''.join(page.parts)}</body></html>\n"
+    )
+    html_path = out_dir / "report.html"
+    tmp = html_path.with_suffix(".html.tmp")
+    tmp.write_text(doc, encoding="utf-8")
+    tmp.replace(html_path)
+    return ReportResult(
+        out_dir=out_dir,
+        html_path=html_path,
+        retrieval_run_id=rrid,
+        run_id=run_id,
+        is_noop=is_noop,
+        is_simulated=simulated,
+        figures=page.figures,
+        tables=page.tables,
+        sections=[t for _, t in page.toc],
+        missing=missing,
+    )
+
+
+POOLING_ORDER = "CASE pooling WHEN 'max' THEN 0 WHEN 'mean' THEN 1 WHEN 'logsumexp' THEN 2 ELSE 3 END"
+
+# One row per improvement run, its K = 1/5/10 rows of improvement_recall side by side (SQL only selects).
+WIDE_SQL = f"""
+SELECT
+    improvement_id, run_id, retrieval_run_id, categories, population, pooling, tau, template_set, template_mode,
+    k_per_category, any_value(n) AS n,
+    any_value(baseline_pct) FILTER (WHERE k = 1) AS baseline_r1,
+    any_value(baseline_pct) FILTER (WHERE k = 5) AS baseline_r5,
+    any_value(baseline_pct) FILTER (WHERE k = 10) AS baseline_r10,
+    any_value(improved_pct) FILTER (WHERE k = 1) AS improved_r1,
+    any_value(improved_pct) FILTER (WHERE k = 5) AS improved_r5,
+    any_value(improved_pct) FILTER (WHERE k = 10) AS improved_r10,
+    any_value(delta_pp) FILTER (WHERE k = 1) AS delta_r1_pp,
+    any_value(delta_pp) FILTER (WHERE k = 5) AS delta_r5_pp,
+    any_value(delta_pp) FILTER (WHERE k = 10) AS delta_r10_pp,
+    any_value(ci_low_pp) FILTER (WHERE k = 1) AS ci_low_r1_pp,
+    any_value(ci_high_pp) FILTER (WHERE k = 1) AS ci_high_r1_pp,
+    any_value(ci_low_pp) FILTER (WHERE k = 5) AS ci_low_r5_pp,
+    any_value(ci_high_pp) FILTER (WHERE k = 5) AS ci_high_r5_pp,
+    any_value(ci_low_pp) FILTER (WHERE k = 10) AS ci_low_r10_pp,
+    any_value(ci_high_pp) FILTER (WHERE k = 10) AS ci_high_r10_pp,
+    any_value(mcnemar_p) FILTER (WHERE k = 1) AS mcnemar_p_r1,
+    any_value(mcnemar_p) FILTER (WHERE k = 5) AS mcnemar_p_r5,
+    any_value(mcnemar_p) FILTER (WHERE k = 10) AS mcnemar_p_r10,
+    any_value(n_fixed) FILTER (WHERE k = 1) AS n_fixed_r1,
+    any_value(n_broken) FILTER (WHERE k = 1) AS n_broken_r1
+FROM improvement_recall
+WHERE retrieval_run_id = ?
+GROUP BY improvement_id, run_id, retrieval_run_id, categories, population, pooling, tau, template_set,
+    template_mode, k_per_category
+ORDER BY categories, template_set, template_mode, population, {POOLING_ORDER}, tau, improvement_id
+"""
+
+PCT = {
+    "baseline_r1": "f2",
+    "baseline_r5": "f2",
+    "baseline_r10": "f2",
+    "improved_r1": "f2",
+    "improved_r5": "f2",
+    "improved_r10": "f2",
+    "delta_r1_pp": "pp",
+    "delta_r5_pp": "pp",
+    "delta_r10_pp": "pp",
+    "mcnemar_p_r1": "p",
+    "mcnemar_p_r5": "p",
+    "mcnemar_p_r10": "p",
+}
+
+
+def _pooling_label(pooling: str, tau) -> str:
+    return f"logsumexp (tau={float(tau):g})" if pooling == "logsumexp" and not pd.isna(tau) else str(pooling)
+
+
+def _ci(lo, hi) -> str:
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return ""
+    return f"[{float(lo):+.2f}, {float(hi):+.2f}]"
+
+
+def _study_table(group: pd.DataFrame) -> pd.DataFrame:
+    """The reference study's table shape: one row per pooling, improved R@K and deltas, then the statistics."""
+    return pd.DataFrame(
+        {
+            "pooling": [_pooling_label(p, t) for p, t in zip(group["pooling"], group["tau"])],
+            "improved R@1": group["improved_r1"].to_numpy(),
+            "improved R@5": group["improved_r5"].to_numpy(),
+            "improved R@10": group["improved_r10"].to_numpy(),
+            "ΔR@1 (pp)": group["delta_r1_pp"].to_numpy(),
+            "ΔR@5 (pp)": group["delta_r5_pp"].to_numpy(),
+            "ΔR@10 (pp)": group["delta_r10_pp"].to_numpy(),
+            "95% CI ΔR@1": [_ci(a, b) for a, b in zip(group["ci_low_r1_pp"], group["ci_high_r1_pp"])],
+            "95% CI ΔR@5": [_ci(a, b) for a, b in zip(group["ci_low_r5_pp"], group["ci_high_r5_pp"])],
+            "95% CI ΔR@10": [_ci(a, b) for a, b in zip(group["ci_low_r10_pp"], group["ci_high_r10_pp"])],
+            "McNemar p R@1": group["mcnemar_p_r1"].to_numpy(),
+            "McNemar p R@5": group["mcnemar_p_r5"].to_numpy(),
+            "McNemar p R@10": group["mcnemar_p_r10"].to_numpy(),
+            "improvement_id": group["improvement_id"].to_numpy(),
+        }
+    )
+
+
+STUDY_FORMATS = {
+    "improved R@1": "f2",
+    "improved R@5": "f2",
+    "improved R@10": "f2",
+    "ΔR@1 (pp)": "pp",
+    "ΔR@5 (pp)": "pp",
+    "ΔR@10 (pp)": "pp",
+    "McNemar p R@1": "p",
+    "McNemar p R@5": "p",
+    "McNemar p R@10": "p",
+    "improvement_id": "int",
+}
+
+
+def improvement_bar_chart(group: pd.DataFrame, title: str, path_stem: Path, subtitle: str | None = None) -> list[Path]:
+    """Grouped bars: for R@1, R@5, R@10 the baseline and each pooling's improved Recall@K (in %, from the view)."""
+    from matplotlib.figure import Figure
+
+    from toolkit.figures import DPI
+
+    first = group.iloc[0]
+    series = [("baseline", [first["baseline_r1"], first["baseline_r5"], first["baseline_r10"]])]
+    for row in group.itertuples():
+        series.append((_pooling_label(row.pooling, row.tau), [row.improved_r1, row.improved_r5, row.improved_r10]))
+    colours = ["#9a9a9a", "#3b6ea5", "#e08a2c", "#4e9a4e", "#a04ea0", "#c44e52", "#5aa0c8"]
+    fig = Figure(figsize=(7.5, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    for j, (label, values) in enumerate(series):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(3)]
+        bars = ax.bar(
+            xs,
+            [float(v) for v in values],
+            width=width,
+            label=label,
+            color=colours[j % len(colours)],
+            edgecolor="#2b2b2b",
+            linewidth=0.5,
+        )
+        for bar, v in zip(bars, values):
+            ax.annotate(
+                f"{float(v):.1f}",
+                xy=(bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+    ax.set_xticks(range(3), ["R@1", "R@5", "R@10"])
+    ax.set_ylabel("Recall@K (%)")
+    top = max(float(v) for _, values in series for v in values)
+    ax.set_ylim(0, max(10.0, top * 1.18))
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(frameon=False, fontsize=8, loc="upper left")
+    fig.suptitle(title, fontsize=12, fontweight="bold")
+    if subtitle:
+        ax.set_title(subtitle, fontsize=9, color="#444444")
+    return _save_figure(fig, Path(path_stem), DPI)
+
+
+def _save_figure(fig, path_stem: Path, dpi: int) -> list[Path]:
+    """PNG and SVG, reproducible (no timestamps, fixed SVG hash salt), as toolkit.figures writes them."""
+    import matplotlib
+
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    png, svg = path_stem.with_name(path_stem.name + ".png"), path_stem.with_name(path_stem.name + ".svg")
+    fig.savefig(png, dpi=dpi, metadata={"Software": None})
+    with matplotlib.rc_context({"svg.hashsalt": "clipfail", "svg.fonttype": "none"}):
+        fig.savefig(svg, metadata={"Date": None, "Creator": None})
+    return [png, svg]
+
+
+def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list[str]) -> None:
+    page.h2("improvement", "4. Category-aware prompt ensembling")
+    flag = " SIMULATED labels chose these captions." if simulated else ""
+    if rrid is None or not _view_exists(con, "improvement_recall"):
+        page.p("No improvement run yet. Run: clipfail improve --categories Object --pooling all", cls="missing")
+        missing.append("improvement runs: clipfail improve")
+        return
+    wide = con.execute(WIDE_SQL, [rrid]).df()
+    if wide.empty:
+        page.p("No improvement run yet. Run: clipfail improve --categories Object --pooling all", cls="missing")
+        missing.append("improvement runs: clipfail improve")
+        return
+    page.p(
+        "Each caption of a labelled subset is expanded into K templated prompts; each prompt is scored "
+        "against every image and the scores are pooled per image (max, mean, or logsumexp with temperature "
+        "tau). All values are percentages; deltas are percentage points (pp) against the same captions' baseline. "
+        "The 95% interval is a paired bootstrap (10,000 resamples, seeded) and p is the exact McNemar test "
+        "of the paired hit/miss outcomes; both are stored by improve and read from view improvement_recall." + flag
+    )
+    keys = ["categories", "template_set", "template_mode"]
+    failures = wide[wide["population"] == "failures"]
+    for n_sub, (key, group) in enumerate(failures.groupby(keys, sort=False), start=1):
+        categories, template_set, template_mode = key
+        group = group.reset_index(drop=True)
+        first = group.iloc[0]
+        page.h3(f"4.{n_sub} {categories} (n={int(first['n'])}, templates {template_set}, mode {template_mode})")
+        page.p(
+            f"Baseline: R@1 {_fmt(first['baseline_r1'], 'f2')}, R@5 {_fmt(first['baseline_r5'], 'f2')}, "
+            f"R@10 {_fmt(first['baseline_r10'], 'f2')}. Prompts per category (K): {first['k_per_category']}."
+        )
+        slug = _slug(f"{categories}_{template_set}_{template_mode}")
+        page.table(
+            _study_table(group),
+            f"improvement_{slug}",
+            f"Table 6.{n_sub}. {categories}: baseline vs improved Recall@K per pooling (view improvement_recall)."
+            + flag,
+            STUDY_FORMATS,
+        )
+        num = page.next_figure()
+        page.figure(
+            improvement_bar_chart(
+                group,
+                f"Figure {num}. {categories} subset (n={int(first['n'])})"
+                + (" (SIMULATED labels)" if simulated else ""),
+                page.figures_dir / f"figure{num}_{slug}",
+                subtitle=f"baseline vs improved Recall@K across poolings; templates {template_set}, {template_mode}",
+            ),
+            f"Figure {num}. {categories} subset: baseline vs improved R@1/5/10 across pooling.{flag}",
+        )
+        if len(str(categories).split(",")) > 1:
+            per_cat = con.execute(
+                f"""
+                SELECT improvement_id, pooling, tau, category, k, n, baseline_pct, improved_pct, delta_pp,
+                       ci_low_pp, ci_high_pp, mcnemar_p
+                FROM category_recall_delta
+                WHERE list_contains(?, improvement_id)
+                ORDER BY {POOLING_ORDER}, improvement_id, category, k
+                """,
+                [[int(i) for i in group["improvement_id"]]],
+            ).df()
+            page.table(
+                per_cat,
+                f"improvement_{slug}_by_category",
+                f"Table 6.{n_sub}b. {categories}: the same runs per category (view category_recall_delta).",
+                {
+                    "baseline_pct": "f2",
+                    "improved_pct": "f2",
+                    "delta_pp": "pp",
+                    "ci_low_pp": "pp",
+                    "ci_high_pp": "pp",
+                    "mcnemar_p": "p",
+                    "tau": "f2",
+                },
+            )
+
+    page.h2("consolidated", "5. All improvement runs (consolidated)")
+    page.p(
+        "Every improvement run of this retrieval run, failures and controls, with R@1/5/10 side by side "
+        "(view improvement_recall). This is the consolidated table the reference study left as a CSV to be added."
+    )
+    page.table(
+        wide, "improvement_runs_consolidated", "Table 7. Consolidated improvement runs." + flag, PCT | {"tau": "f2"}
+    )
+
+    page.h2("controls", "6. Controls")
+    controls = con.execute(
+        f"""
+        SELECT improvement_id, categories, population, pooling, tau, k, n, baseline_pct, improved_pct, delta_pp,
+               ci_low_pp, ci_high_pp, mcnemar_p, n_fixed, n_broken
+        FROM improvement_recall
+        WHERE retrieval_run_id = ? AND population <> 'failures'
+        ORDER BY categories, population, {POOLING_ORDER}, tau, improvement_id, k
+        """,
+        [rrid],
+    ).df()
+    if controls.empty:
+        page.p(
+            "No control run. A gain measured on R@1 failures alone is biased upward (their baseline R@1 is 0, so "
+            "R@1 can only improve). Run the same configuration on successes: clipfail improve --categories ... "
+            "--pooling all --control successes:200",
+            cls="missing",
+        )
+        missing.append("a control: clipfail improve ... --control successes:N")
+        return
+    page.p(
+        "The same configurations run on R@1 successes (population 'successes': their baseline R@1 is 100%, so "
+        "only losses are possible there; n_broken counts the successes the prompts break) or on every caption "
+        "of the retrieval run (population 'all': the net effect). n_fixed: baseline miss, improved hit; "
+        "n_broken: baseline hit, improved miss, at that K."
+    )
+    page.table(
+        controls,
+        "improvement_controls",
+        "Table 8. Control runs (view improvement_recall).",
+        {
+            "baseline_pct": "f2",
+            "improved_pct": "f2",
+            "delta_pp": "pp",
+            "ci_low_pp": "pp",
+            "ci_high_pp": "pp",
+            "mcnemar_p": "p",
+            "tau": "f2",
+        },
+    )
