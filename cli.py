@@ -531,6 +531,217 @@ def evaluate(db_path, subset_name, model, pretrained, checkpoint, topk, device, 
     echo_df(res.summary)
 
 
+@cli.group()
+def templates():
+    """Prompt-template sets for `clipfail improve` (table prompt_templates).
+
+    A set has, per category, templates in position order; position 0 is the identity
+    {caption}. Slots: {caption}, {objects}, {attributes}, {actions}, {count}, {relation}
+    (filled from the caption by a lexicon-based phrase extractor; a template whose slot is
+    empty for a caption falls back to the caption). The set 'default' ships with clipfail.
+
+    Example: clipfail templates export --set default --out my_templates.csv
+    """
+
+
+@templates.command("list")
+@click.option("--set", "template_set", default=None, help="Show this set's templates (default: a summary of sets).")
+@db_option
+def templates_list(db_path, template_set):
+    """List template sets (K per category), or one set's templates.
+
+    Example: clipfail templates list --set default
+    """
+    from toolkit import templates as tpl
+
+    con = db.open_database(db_path)
+    try:
+        df = tpl.list_sets(con) if template_set is None else tpl.load_set(con, template_set)
+    finally:
+        con.close()
+    echo_df(df)
+
+
+@templates.command("import")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--set", "template_set", default=None, help="Import every row into this set (overrides template_set).")
+@click.option("--replace", is_flag=True, help="Replace an existing set of that name (refused once a run used it).")
+@db_option
+def templates_import(db_path, file, template_set, replace):
+    """Import a CSV with columns template_set, category, position, template.
+
+    Every category of a set must include the identity template {caption}. position may be
+    left out (file order). All rows are checked first; any problem imports nothing.
+
+    Example: clipfail templates import my_templates.csv --set mine
+    """
+    from toolkit import templates as tpl
+
+    con = db.open_database(db_path)
+    try:
+        res = tpl.import_templates(con, file, set_name=template_set, replace=replace)
+    finally:
+        con.close()
+    for name, n in res.sets.items():
+        if name in res.unchanged:
+            click.echo(f"Template set {name!r} is already in the database exactly as in the file; nothing changed.")
+        elif name in res.replaced:
+            click.echo(f"Replaced template set {name!r}: {n} templates.")
+        else:
+            click.echo(f"Imported template set {name!r}: {n} templates.")
+
+
+@templates.command("export")
+@click.option("--set", "template_set", default=None, help="Export only this set (default: all sets).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None, help="CSV file (default: stdout).")
+@db_option
+def templates_export(db_path, template_set, out_file):
+    """Write template sets as CSV (the format `templates import` reads).
+
+    Example: clipfail templates export --set default --out templates.csv
+    """
+    from pathlib import Path
+
+    from toolkit import templates as tpl
+
+    con = db.open_database(db_path)
+    try:
+        text = tpl.export_csv(con, template_set)
+    finally:
+        con.close()
+    if out_file is None:
+        click.echo(text, nl=False)
+    else:
+        Path(out_file).write_text(text, encoding="utf-8")
+        click.echo(f"Wrote {out_file}")
+
+
+def _improve_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """Per population: a title, the reference study's table (one row per pooling), the statistics."""
+    out = []
+    for population, grp in summary.groupby("population", sort=False):
+        first = grp.iloc[0]
+        base = grp.drop_duplicates("k").set_index("k")["baseline_pct"]
+        n = int(grp["n"].iloc[0])
+        title = (
+            f"{first['categories'].replace(',', '+')} {population} (n={n}, K per category {first['k_per_category']}, "
+            f"retrieval run {first['retrieval_run_id']}). Baseline: R@1 {base[1]:.2f}, R@5 {base[5]:.2f}, "
+            f"R@10 {base[10]:.2f}"
+        )
+        rows, stat_rows = [], []
+        for _improvement_id, g in grp.groupby("improvement_id", sort=False):
+            g = g.set_index("k")
+            p = g["pooling"].iloc[0]
+            label = f"logsumexp (tau={g['tau'].iloc[0]:g})" if p == "logsumexp" else p
+            rows.append(
+                {"pooling": label}
+                | {f"improved R@{k}": g.loc[k, "improved_pct"] for k in (1, 5, 10)}
+                | {f"ΔR@{k} (pp)": g.loc[k, "delta_pp"] for k in (1, 5, 10)}
+            )
+            for k in (1, 5, 10):
+                stat_rows.append(
+                    {
+                        "pooling": label,
+                        "K": k,
+                        "Δ (pp)": g.loc[k, "delta_pp"],
+                        "95% CI (pp)": f"[{g.loc[k, 'ci_low_pp']:+.2f}, {g.loc[k, 'ci_high_pp']:+.2f}]",
+                        "McNemar p": f"{g.loc[k, 'mcnemar_p']:.4g}",
+                        "fixed": int(g.loc[k, "n_fixed"]),
+                        "broken": int(g.loc[k, "n_broken"]),
+                    }
+                )
+        out.append((title, pd.DataFrame(rows), pd.DataFrame(stat_rows)))
+    return out
+
+
+@cli.command()
+@click.option("--categories", required=True, help="Comma-separated failure categories, e.g. Object,Attribute.")
+@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: the latest labelled one).")
+@click.option("--max-subset", type=click.IntRange(1), default=200, show_default=True, help="Cap (seeded draw).")
+@click.option("--pooling", default="logsumexp", show_default=True, help="max, mean, logsumexp, or all (comma list ok).")
+@click.option("--tau", type=float, default=1.0, show_default=True, help="logsumexp temperature.")
+@click.option("--template-set", default="default", show_default=True)
+@click.option("--template-mode", type=click.Choice(["own", "union"]), default="own", show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True, help="Subset draw, controls and bootstrap.")
+@click.option("--include-overlap", is_flag=True, help="Add the overlap set with its majority labels.")
+@click.option("--control", default=None, help="Also run on R@1 successes: successes:N, or on every caption: all.")
+@click.option("--model", default=None, help="Model spec for new prompts (default: the text embeddings' model).")
+@click.option("--pretrained", default=None, help="Its pretrained tag (default: the text embeddings').")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Local weights (offline).")
+@click.option("--device", default="auto", show_default=True, help="Device for encoding new prompts.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Prompts per batch.")
+@db_option
+def improve(
+    db_path,
+    categories,
+    run_id,
+    max_subset,
+    pooling,
+    tau,
+    template_set,
+    template_mode,
+    seed,
+    include_overlap,
+    control,
+    model,
+    pretrained,
+    checkpoint,
+    device,
+    batch_size,
+):
+    """Category-aware prompt ensembling on labelled R@1 failures: baseline vs improved R@1/5/10.
+
+    Each caption of the chosen categories becomes K templated prompts; each prompt is scored
+    against every image and the scores are pooled per image (max, mean, or tau*log-mean-exp).
+    Prompt embeddings are cached by (model, prompt text), so another pooling or tau encodes
+    nothing. Mean pooling ranks exactly as CLIP's embedding-average ensemble. Each delta comes
+    with a paired bootstrap 95% interval and an exact McNemar p. --control adds the same run on
+    R@1 successes (how many the fix breaks) or on every caption. Results: views
+    improvement_recall and category_recall_delta.
+
+    Example: clipfail improve --categories Object,Attribute --pooling all --control successes:200
+    """
+    from toolkit import improve as imp
+
+    con = db.open_database(db_path)
+    try:
+        res = imp.improve(
+            con,
+            categories,
+            retrieval_run_id=run_id,
+            max_subset=max_subset,
+            poolings=pooling,
+            tau=tau,
+            template_set=template_set,
+            template_mode=template_mode,
+            seed=seed,
+            include_overlap=include_overlap,
+            control=control,
+            encoder_factory=imp.model_encoder_factory(
+                model=model, pretrained=pretrained, checkpoint=checkpoint, device=device, batch_size=batch_size
+            ),
+        )
+        summary = imp.summary(con, res.improvement_ids)
+    finally:
+        con.close()
+    if res.is_noop:
+        click.echo("Already computed with exactly this configuration; nothing changed.")
+    else:
+        click.echo(
+            f"Improve run {res.run_id}: {res.n_prompts} distinct prompts besides the captions, "
+            f"{res.n_encoded} encoded now, {res.n_prompts - res.n_encoded} from the cache."
+        )
+    for title, table, stat in _improve_tables(summary):
+        click.echo("")
+        click.echo(title)
+        echo_df(table, floatfmt="{:.2f}")
+        echo_df(stat, floatfmt="{:+.2f}")
+    click.echo("")
+    click.echo(
+        f"Improvement ids: {', '.join(map(str, res.improvement_ids))} (views improvement_recall, category_recall_delta)"
+    )
+
+
 @cli.command("report")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="report", show_default=True)
 @click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: the one labelled last).")

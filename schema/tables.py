@@ -239,6 +239,76 @@ prompt_templates = sa.Table(
     sa.Column("template", sa.Text, nullable=False),
 )
 
+# --- improve stage -----------------------------------------------------------------------------
+
+# Prompt texts (any model). A prompt-embedding shard is an embedding_sets row of kind 'prompt'
+# whose embedding_rows.item_id are prompt_ids; the cache key is (model identity of the set:
+# model, pretrained, checkpoint_sha256, precision; prompt text).
+prompts = sa.Table(
+    "prompts",
+    metadata,
+    _id("prompt_id"),
+    sa.Column("text", sa.Text, nullable=False, unique=True),
+)
+
+# One row per (pooling, population) of an `improve` invocation; the invocation is the run_id.
+improvement_runs = sa.Table(
+    "improvement_runs",
+    metadata,
+    _id("improvement_id"),
+    sa.Column("retrieval_run_id", sa.BigInteger, nullable=False),
+    sa.Column("categories", sa.Text, nullable=False),  # comma-separated, taxonomy order
+    sa.Column("population", sa.Text, nullable=False),  # 'failures' | 'successes' | 'all'
+    sa.Column("pooling", sa.Text, nullable=False),  # 'max' | 'mean' | 'logsumexp'
+    sa.Column("tau", sa.Double),  # logsumexp only, else NULL
+    sa.Column("template_set", sa.Text, nullable=False),
+    sa.Column("templates_sha256", sa.Text, nullable=False),  # of the set's content when run
+    sa.Column("template_mode", sa.Text, nullable=False),  # 'own' | 'union'
+    sa.Column("k_per_category", sa.Text, nullable=False),  # JSON {category: K}
+    sa.Column("n_captions", sa.Integer, nullable=False),
+    sa.Column("max_subset", sa.Integer),
+    sa.Column("seed", sa.BigInteger, nullable=False),
+    sa.Column("is_overlap_included", sa.Boolean, nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("config_hash", sa.Text, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    _run_id(),
+)
+
+improvement_ranks = sa.Table(
+    "improvement_ranks",
+    metadata,
+    sa.Column("improvement_id", sa.BigInteger, primary_key=True),
+    sa.Column("caption_id", sa.BigInteger, primary_key=True),
+    sa.Column("sample_id", sa.BigInteger),  # the failure sample it came from, if any
+    sa.Column("category", sa.Text),  # its label (NULL for unlabelled control captions)
+    sa.Column("n_prompts", sa.Integer, nullable=False),  # K for this caption
+    sa.Column("baseline_rank", sa.BigInteger, nullable=False),  # retrieval_ranks.gt_rank
+    sa.Column("improved_rank", sa.BigInteger, nullable=False),  # same tie policy, pooled scores
+    sa.Column("improved_score", sa.Double, nullable=False),  # pooled score of the GT image
+)
+
+# Paired statistics of each delta (bootstrap interval, exact McNemar), computed by toolkit.stats
+# and stored; category '*' is the whole improvement run.
+improvement_stats = sa.Table(
+    "improvement_stats",
+    metadata,
+    sa.Column("improvement_id", sa.BigInteger, primary_key=True),
+    sa.Column("category", sa.Text, primary_key=True),
+    sa.Column("k", sa.Integer, primary_key=True),
+    sa.Column("n", sa.Integer, nullable=False),
+    sa.Column("baseline_hits", sa.Integer, nullable=False),
+    sa.Column("improved_hits", sa.Integer, nullable=False),
+    sa.Column("n_fixed", sa.Integer, nullable=False),  # baseline miss -> improved hit
+    sa.Column("n_broken", sa.Integer, nullable=False),  # baseline hit -> improved miss
+    sa.Column("ci_low_pp", sa.Double),
+    sa.Column("ci_high_pp", sa.Double),
+    sa.Column("ci_level", sa.Double, nullable=False),
+    sa.Column("bootstrap_resamples", sa.Integer, nullable=False),
+    sa.Column("bootstrap_seed", sa.BigInteger, nullable=False),
+    sa.Column("mcnemar_p", sa.Double, nullable=False),
+)
+
 
 # Natural keys (COCO ids, names) are given, never generated: without this, single-column
 # integer keys would compile to SERIAL types that DuckDB does not have.

@@ -163,6 +163,9 @@ def open_database(path: str | Path | None = None, read_only: bool = False) -> du
         from toolkit.taxonomy import seed_taxonomy
 
         seed_taxonomy(con)  # inserts only missing default categories/aliases; two SELECTs otherwise
+        from toolkit.templates import seed_templates
+
+        seed_templates(con)  # the shipped default prompt-template set, once; one SELECT otherwise
     except BaseException:
         con.close()
         raise

@@ -1,0 +1,573 @@
+"""The improve stage through its toolkit function and the CLI, on a real database.
+
+The world: a generated COCO subset (ingest), hand-built embeddings registered as embedding sets
+(a fake text encoder: a seeded random unit vector per text, images near the mean of their
+captions), the real `evaluate`, `sample-failures` and `import-labels` commands, then `improve`
+with the same fake encoder for new prompts (its calls are counted).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from toolkit import db, phrases, pooling, stats
+from toolkit import improve as imp
+
+D = 16
+MODEL = "fake-16"
+CATS = ["Object", "Attribute", "Count", "Ambiguous", "Action", "Spatial", "Context"]
+SUBJECTS = [
+    "A man",
+    "Two dogs",
+    "A black cat",
+    "Three people",
+    "A red bus",
+    "A woman",
+    "A pair of skis",
+    "Several giraffes",
+    "A small boy",
+    "A white horse",
+    "Something",
+    "A plate",
+]
+ACTIONS = [
+    "riding a horse",
+    "sitting on the couch",
+    "holding an umbrella",
+    "standing",
+    "eating a pizza",
+    "",
+    "walking down the street",
+    "parked",
+]
+PLACES = ["on a beach", "in a kitchen", "next to a wooden bench", "under a tree", "in front of a large window", "",
+          "on top of a table"]  # fmt: skip
+
+
+def coco_like_captions(n: int) -> list[str]:
+    """COCO-like captions that exercise every slot (and some that have none)."""
+    rng = np.random.default_rng(11)
+    out = []
+    for _ in range(n):
+        words = [SUBJECTS[rng.integers(len(SUBJECTS))], ACTIONS[rng.integers(len(ACTIONS))],
+                 PLACES[rng.integers(len(PLACES))]]  # fmt: skip
+        out.append(" ".join(w for w in words if w) + ".")
+    return out
+
+
+def fake_vec(text: str) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+    v = np.random.default_rng(seed).standard_normal(D)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+class FakeEncoder:
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts):
+        self.calls.append(list(texts))
+        return np.stack([fake_vec(t) for t in texts]) if texts else np.zeros((0, D), np.float32)
+
+    @property
+    def n_texts(self):
+        return sum(len(c) for c in self.calls)
+
+
+def _cli(args):
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    assert res.exit_code == 0, f"{args}: {res.output}\n{res.exception!r}"
+    return res
+
+
+@pytest.fixture(scope="module")
+def world(synthetic_coco_master, tmp_path_factory):
+    """Path of a database with a labelled failure sample of a text-to-image retrieval run."""
+    from toolkit.artifacts import register_embedding_set, save_array
+
+    root = tmp_path_factory.mktemp("improve_world")
+    path = root / "base.duckdb"
+    _cli(["--db", path, "ingest", "--coco-root", synthetic_coco_master, "--num-images", "40"])
+    con = db.open_database(path)
+    ids = [r[0] for r in con.execute("SELECT caption_id FROM captions ORDER BY caption_id").fetchall()]
+    con.register("new_texts", pd.DataFrame({"caption_id": ids, "text": coco_like_captions(len(ids))}))
+    con.execute("UPDATE captions SET text = n.text FROM new_texts n WHERE captions.caption_id = n.caption_id")
+    con.unregister("new_texts")
+    sid = con.execute("SELECT subset_id FROM subsets").fetchall()[0][0]
+    caps = con.execute(
+        """
+        SELECT sc.caption_id, sc.image_id, c.text FROM subset_captions sc
+        JOIN subset_images si ON si.subset_id = sc.subset_id AND si.image_id = sc.image_id
+        JOIN captions c ON c.caption_id = sc.caption_id
+        WHERE sc.subset_id = ? ORDER BY si.position, sc.position
+        """,
+        [sid],
+    ).df()
+    image_ids = [
+        r[0]
+        for r in con.execute(
+            "SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]
+        ).fetchall()
+    ]
+    T = np.stack([fake_vec(t) for t in caps["text"]])
+    rng = np.random.default_rng(0)
+    img = []
+    for iid in image_ids:
+        v = T[(caps["image_id"] == iid).to_numpy()].mean(axis=0) + 0.2 * rng.standard_normal(D)
+        img.append(v / np.linalg.norm(v))
+    imgs = np.stack(img).astype(np.float32)
+    with db.transaction(con):
+        run_id = db.insert_run(con, "embed", {"test": "hand-built"}, db.now(), model=MODEL)
+        for kind, arr, ids in (("image", imgs, image_ids), ("text", T, caps["caption_id"].tolist())):
+            f = root / f"{kind}.npy"
+            register_embedding_set(
+                con, kind=kind, subset_id=sid, model=MODEL, pretrained=None, checkpoint_sha256=None,
+                precision="fp32", config={"kind": kind}, path=f, array=arr, item_ids=ids,
+                sha256=save_array(f, arr), run_id=run_id,
+            )  # fmt: skip
+    con.close()
+    _cli(["--db", path, "evaluate", "--model", MODEL])
+    out = root / "fa"
+    _cli(["--db", path, "sample-failures", "--n", 60, "--overlap", 9, "--per-annotator", 15, "--out", out,
+          "--no-pictures"])  # fmt: skip
+    # labels: cycle through the categories; the overlap file is labelled identically by A, B and C
+    k = 0
+    for name in ["assign_A.csv", "assign_B.csv", "assign_C.csv", "assign_overlap.csv"]:
+        with open(out / name, encoding="utf-8-sig", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        for r in rows:
+            r["category"] = CATS[k % len(CATS)]
+            k += 1
+        with open(out / name, "w", encoding="utf-8", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    _cli(["--db", path, "import-labels", out / "assign_A.csv", out / "assign_B.csv", out / "assign_C.csv"])
+    for a in "ABC":
+        _cli(["--db", path, "import-labels", out / "assign_overlap.csv", "--annotator", a])
+    return path
+
+
+@pytest.fixture
+def dbfile(world, tmp_path):
+    dest = tmp_path / "db.duckdb"
+    shutil.copy(world, dest)
+    return dest
+
+
+@pytest.fixture
+def con(dbfile):
+    """One open connection to a private copy of the world (for tests that do not run the CLI)."""
+    c = db.open_database(dbfile)
+    yield c
+    c.close()
+
+
+class Opened:
+    """A database path or an open connection, used as a connection (opened and closed only for a path)."""
+
+    def __init__(self, target):
+        self.target = target
+        self.con = None
+
+    def __enter__(self):
+        if isinstance(target := self.target, (str, Path)):
+            self.con = db.open_database(target)
+            return self.con
+        return target
+
+    def __exit__(self, *exc):
+        if self.con is not None:
+            self.con.close()
+
+
+def q(target, sql, params=None):
+    with Opened(target) as con:
+        return con.execute(sql, params or []).df()
+
+
+def run_improve(target, categories="Object", encoder=None, **kw):
+    with Opened(target) as con:
+        cache = imp.default_cache_dir(con)
+        return imp.improve(con, categories, encoder=encoder or FakeEncoder(), cache_dir=cache, **kw)
+
+
+def snapshot(target):
+    tables = ["runs", "improvement_runs", "improvement_ranks", "improvement_stats", "prompts", "embedding_sets"]
+    with Opened(target) as con:
+        return {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").df() for t in tables}
+
+
+def assert_unchanged(path, before):
+    after = snapshot(path)
+    for t in before:
+        pd.testing.assert_frame_equal(before[t], after[t], obj=t)
+
+
+def test_world_is_not_trivial(world):
+    labels = q(world, "SELECT category, count(*) AS n FROM sample_labels WHERE NOT is_overlap GROUP BY 1")
+    n = dict(zip(labels["category"], labels["n"]))
+    assert n["Object"] >= 5 and n["Attribute"] >= 5 and n["Count"] >= 5
+    succ = q(world, "SELECT count(*) AS n FROM retrieval_ranks WHERE gt_rank = 1")["n"][0]
+    assert succ >= 10
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def reference_ranks(target, res, pooling_name, tau=1.0, mode="own", categories=("Object",)):
+    """Plain recomputation: prompts by phrases.fill, fake embeddings, float64 scores, pooled by loops."""
+    with Opened(target) as con:
+        imp_id = con.execute(
+            "SELECT improvement_id FROM improvement_runs WHERE list_contains(?, improvement_id) AND pooling = ? "
+            "AND population = 'failures'",
+            [res.improvement_ids, pooling_name],
+        ).fetchone()[0]
+        rows = con.execute(
+            "SELECT r.*, c.text, c.image_id FROM improvement_ranks r JOIN captions c USING (caption_id) "
+            "WHERE improvement_id = ? ORDER BY caption_id",
+            [imp_id],
+        ).df()
+        rr = con.execute("SELECT * FROM retrieval_runs WHERE retrieval_run_id = ?", [res.retrieval_run_id]).df()
+        from toolkit.artifacts import load_embedding_set
+
+        images = load_embedding_set(con, int(rr["image_embedding_set_id"][0]))
+        tdf = con.execute("SELECT * FROM prompt_templates WHERE template_set = 'default' ORDER BY position").df()
+    gallery = images.array.astype(np.float64)
+    col = {int(i): j for j, i in enumerate(images.item_ids)}
+    union = list(dict.fromkeys(t for c in categories for t in tdf[tdf["category"] == c]["template"]))
+    want = []
+    for r in rows.itertuples():
+        tl = list(tdf[tdf["category"] == r.category]["template"]) if mode == "own" else union
+        P = np.stack([fake_vec(phrases.fill(t, r.text)) for t in tl]).astype(np.float64)
+        S = P @ gallery.T
+        pooled = []
+        for j in range(S.shape[1]):
+            s = [float(x) for x in S[:, j]]
+            if pooling_name == "max":
+                pooled.append(max(s))
+            elif pooling_name == "mean":
+                pooled.append(math.fsum(s) / len(s))
+            else:
+                m = max(s)
+                pooled.append(m + tau * math.log(math.fsum(math.exp((x - m) / tau) for x in s) / len(s)))
+        g = pooled[col[int(r.image_id)]]
+        want.append(1 + sum(p > g for p in pooled))
+    return rows, np.array(want)
+
+
+@pytest.mark.parametrize("mode", ["own", "union"])
+def test_pooled_ranks_equal_a_reference_computation(con, mode):
+    cats = ("Object", "Count")
+    res = run_improve(con, ",".join(cats), poolings="all", tau=0.2, template_mode=mode)
+    assert len(res.improvement_ids) == 3
+    for p in pooling.POOLINGS:
+        rows, want = reference_ranks(con, res, p, tau=0.2, mode=mode, categories=cats)
+        assert np.array_equal(rows["improved_rank"].to_numpy(), want), p
+        assert set(rows["category"]) == set(cats)
+    # the baseline is the retrieval run's own rank
+    base = q(
+        con,
+        "SELECT r.caption_id, r.baseline_rank, rr.gt_rank FROM improvement_ranks r JOIN retrieval_ranks rr "
+        "ON rr.query_id = r.caption_id AND rr.retrieval_run_id = ? WHERE improvement_id = ?",
+        [res.retrieval_run_id, res.improvement_ids[0]],
+    )
+    assert (base["baseline_rank"] == base["gt_rank"]).all() and (base["gt_rank"] > 1).all()
+    k = q(con, "SELECT DISTINCT k_per_category FROM improvement_runs")["k_per_category"].tolist()
+    assert k == (['{"Object": 10, "Count": 10}'] if mode == "own" else ['{"Object": 19, "Count": 19}'])
+
+
+def _set_templates(target, name, per_cat):
+    with Opened(target) as con:
+        rows = [(name, c, i, t) for c, ts in per_cat.items() for i, t in enumerate(ts)]
+        df = pd.DataFrame(rows, columns=["template_set", "category", "position", "template"])
+        db.insert_df(con, "prompt_templates", df)
+
+
+@pytest.mark.parametrize(
+    "templates",
+    [
+        ["{caption}"],
+        ["{caption}", "{caption}", "{caption}"],  # exact duplicates of the caption
+        ["{caption}", "{count} zzz qqq"],  # falls back to the caption where no count is found
+    ],
+)
+def test_identity_templates_reproduce_the_baseline_ranks(con, templates):
+    _set_templates(con, "ident", {"Object": templates, "Attribute": templates, "Count": templates})
+    enc = FakeEncoder()
+    res = run_improve(con, "Object,Attribute,Count", encoder=enc, poolings="all", tau=0.05, template_set="ident",
+                      control="all")  # fmt: skip
+    ranks = q(con, "SELECT * FROM improvement_ranks")
+    assert len(ranks) == 3 * (res.populations["failures"] + res.populations["all"])
+    if templates[-1].startswith("{count}"):
+        assert enc.n_texts > 0  # some captions do have a count: those prompts differ
+        ranks = ranks[ranks["n_prompts"] > 0]
+        fallback = q(con, "SELECT caption_id, text FROM captions")
+        no_count = {c for c, t in zip(fallback["caption_id"], fallback["text"]) if not phrases.extract(t)["count"]}
+        ranks = ranks[ranks["caption_id"].isin(no_count)]
+        assert len(ranks) > 10
+    else:
+        assert enc.calls == []  # every prompt is the caption: nothing to encode
+    assert (ranks["improved_rank"] == ranks["baseline_rank"]).all()
+    # scores, not just ranks: the pooled GT score is the retrieval run's GT score
+    gt = q(con, "SELECT query_id AS caption_id, gt_score FROM retrieval_ranks")
+    m = ranks.merge(gt, on="caption_id")
+    assert np.array_equal(m["improved_score"].to_numpy(), m["gt_score"].to_numpy(np.float64))
+
+
+def test_another_pooling_or_tau_encodes_nothing(con):
+    enc = FakeEncoder()
+    r1 = run_improve(con, "Object,Attribute", encoder=enc, poolings="max")
+    first = enc.n_texts
+    assert first > 0 and len(enc.calls) == 1 and r1.n_encoded == first
+    assert len(set(enc.calls[0])) == first  # each distinct prompt encoded once
+    r2 = run_improve(con, "Object,Attribute", encoder=enc, poolings="mean")
+    r3 = run_improve(con, "Object,Attribute", encoder=enc, poolings="logsumexp", tau=0.3)
+    r4 = run_improve(con, "Object,Attribute", encoder=enc, poolings="all")  # max reused, lse tau=1 new
+    assert enc.n_texts == first and len(enc.calls) == 1
+    assert r2.n_encoded == r3.n_encoded == r4.n_encoded == 0
+    assert r4.reused_ids == r1.improvement_ids + r2.improvement_ids
+    assert len(set(r1.improvement_ids + r2.improvement_ids + r3.improvement_ids + r4.improvement_ids)) == 4
+    shards = q(con, "SELECT * FROM embedding_sets WHERE kind = 'prompt'")
+    assert len(shards) == 1 and shards["rows"][0] == first
+    # a new template set with partly new prompts encodes only those
+    tdf = con.execute("SELECT * FROM prompt_templates WHERE template_set = 'default'").df()
+    tdf["template_set"] = "plus"
+    extra = pd.DataFrame([["plus", "Object", 99, "an unusual photo of {objects}."]], columns=tdf.columns)
+    db.insert_df(con, "prompt_templates", pd.concat([tdf, extra], ignore_index=True))
+    r5 = run_improve(con, "Object,Attribute", encoder=enc, poolings="max", template_set="plus")
+    assert 0 < r5.n_encoded == enc.n_texts - first
+    assert all(t.startswith("an unusual photo of") for t in enc.calls[-1])
+
+
+def test_same_config_is_a_noop(con):
+    run_improve(con, "Object", poolings="all", control="successes:5")
+    before = snapshot(con)
+    enc = FakeEncoder()
+    res = run_improve(con, "Object", encoder=enc, poolings="all", control="successes:5")
+    assert res.is_noop and enc.calls == []
+    assert_unchanged(con, before)
+
+
+def test_subset_cap_is_seeded_and_overlap_optional(con):
+    n_obj = q(con, "SELECT count(*) AS n FROM sample_labels WHERE category = 'Object' AND NOT is_overlap")["n"][0]
+    n_all = q(con, "SELECT count(*) AS n FROM sample_labels WHERE category = 'Object'")["n"][0]
+    assert n_all > n_obj >= 5
+
+    def chosen(**kw):
+        res = run_improve(con, "Object", poolings="max", **kw)
+        ids = q(con, "SELECT caption_id FROM improvement_ranks WHERE improvement_id = ? ORDER BY 1",
+                [res.improvement_ids[0]])  # fmt: skip
+        return res, ids["caption_id"].tolist()
+
+    _, full = chosen()
+    assert len(full) == n_obj
+    _, a = chosen(max_subset=4, seed=1)
+    _, b = chosen(max_subset=4, seed=1)
+    _, c = chosen(max_subset=4, seed=2)
+    assert a == b and len(a) == 4 and set(a) <= set(full)
+    assert a != c
+    res, with_overlap = chosen(include_overlap=True)
+    assert len(with_overlap) == n_all
+    assert q(con, "SELECT is_overlap_included FROM improvement_runs WHERE improvement_id = ?",
+             [res.improvement_ids[0]])["is_overlap_included"][0]  # fmt: skip
+
+
+def test_controls(con):
+    res = run_improve(con, "Object,Attribute", poolings="max,mean", control="successes:6", seed=3)
+    assert res.populations["successes"] == 6
+    runs = q(con, "SELECT * FROM improvement_runs ORDER BY improvement_id")
+    assert list(runs["population"]) == ["failures", "failures", "successes", "successes"]
+    assert runs["run_id"].nunique() == 1
+    succ = q(con, "SELECT r.* FROM improvement_ranks r JOIN improvement_runs u USING (improvement_id) "
+             "WHERE u.population = 'successes'")  # fmt: skip
+    assert (succ["baseline_rank"] == 1).all()
+    assert (succ["n_prompts"] == 19).all()  # union of Object and Attribute (identity shared)
+    view = q(con, "SELECT * FROM improvement_recall WHERE population = 'successes' AND k = 1")
+    for row in view.itertuples():
+        broke = int((succ[succ["improvement_id"] == row.improvement_id]["improved_rank"] > 1).sum())
+        assert row.n_broken == broke and row.n_fixed == 0
+        assert row.baseline_pct == 100.0
+        assert row.delta_pp == pytest.approx(-100 * broke / 6, abs=0.006)
+    res_all = run_improve(con, "Object", poolings="max", control="all")
+    n_caps = q(con, "SELECT count(*) AS n FROM retrieval_ranks")["n"][0]
+    assert res_all.populations["all"] == n_caps
+    all_ranks = q(con, "SELECT * FROM improvement_ranks WHERE improvement_id = ?", [res_all.improvement_ids[-1]])
+    labelled = all_ranks.dropna(subset=["category"])
+    assert 0 < len(labelled) < len(all_ranks)  # labelled captions keep their label, the rest are NULL
+
+
+def test_views_and_stored_statistics_agree_with_the_ranks(con):
+    res = run_improve(con, "Object,Attribute,Count", poolings="all", seed=7)
+    ranks = q(con, "SELECT * FROM improvement_ranks")
+    view = q(con, "SELECT * FROM improvement_recall")
+    assert len(view) == 3 * len(res.improvement_ids)
+    for row in view.itertuples():
+        g = ranks[ranks["improvement_id"] == row.improvement_id]
+        b = (g["baseline_rank"] <= row.k).to_numpy()
+        a = (g["improved_rank"] <= row.k).to_numpy()
+        assert row.n == len(g)
+        assert row.baseline_pct == round(100 * b.mean(), 2)
+        assert row.improved_pct == round(100 * a.mean(), 2)
+        assert row.delta_pp == pytest.approx(100 * (a.mean() - b.mean()), abs=0.0051)
+        assert row.mcnemar_p == pytest.approx(stats.mcnemar_exact(b, a), rel=1e-12)
+        lo, hi = stats.paired_bootstrap_ci(b, a, seed=7)
+        assert (row.ci_low_pp, row.ci_high_pp) == (round(100 * lo, 2), round(100 * hi, 2))
+        assert row.n_fixed == int((~b & a).sum()) and row.n_broken == int((b & ~a).sum())
+    assert (view[view["k"] == 1]["baseline_pct"] == 0).all()  # R@1 failures by construction
+    cat = q(con, "SELECT * FROM category_recall_delta")
+    assert set(cat["category"]) == {"Object", "Attribute", "Count"}
+    for row in cat.itertuples():
+        g = ranks[(ranks["improvement_id"] == row.improvement_id) & (ranks["category"] == row.category)]
+        a = (g["improved_rank"] <= row.k).to_numpy()
+        assert row.n == len(g) and row.improved_pct == round(100 * a.mean(), 2)
+        assert row.mcnemar_p == pytest.approx(stats.mcnemar_exact((g["baseline_rank"] <= row.k).to_numpy(), a))
+    st = q(con, "SELECT * FROM improvement_stats")
+    assert len(st) == 3 * 4 * len(res.improvement_ids)  # K x (whole run + 3 categories)
+    assert (st["bootstrap_resamples"] == 10_000).all() and (st["bootstrap_seed"] == 7).all()
+
+
+def test_cli_prints_the_reference_table_shape(dbfile, run_cli):
+    # fill the prompt cache through the API (the CLI would load a real model for new prompts)
+    run_improve(dbfile, "Object", poolings="max")
+    out = run_cli("--db", dbfile, "improve", "--categories", "object", "--pooling", "all").output
+    # with every prompt cached, the CLI encodes nothing and never needs the model
+    assert "0 encoded now" in out
+    assert "Object failures (n=" in out and "Baseline: R@1 0.00" in out
+    for label in ("max", "mean", "logsumexp (tau=1)"):
+        assert label in out
+    for col in ("improved R@1", "improved R@10", "ΔR@1 (pp)", "ΔR@10 (pp)", "95% CI (pp)", "McNemar p"):
+        assert col in out
+    again = run_cli("--db", dbfile, "improve", "--categories", "Object", "--pooling", "all").output
+    assert "nothing changed" in again
+
+
+BAD_IMPROVE = [
+    (["--categories", "Nonsense"], "Unknown categories: Nonsense"),
+    (["--categories", "Ambiguous"], "no templates for Ambiguous"),
+    (["--categories", "Object", "--pooling", "median"], "Unknown pooling"),
+    (["--categories", "Object", "--pooling", "logsumexp", "--tau", "0"], "--tau must be a positive"),
+    (["--categories", "Object", "--control", "some"], "--control 'some' is not understood"),
+    (["--categories", "Object", "--control", "successes:100000"], "more than the"),
+    (["--categories", "Object", "--template-set", "nope"], "No template set named 'nope'"),
+    (["--categories", "Object", "--run", "999"], "No retrieval run with id 999"),
+]
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(dbfile, run_cli):
+    before = snapshot(dbfile)
+    for args, message in BAD_IMPROVE:
+        res = run_cli("--db", dbfile, "improve", *args, expect=2)
+        assert message in res.output, (args, res.output)
+        assert "Traceback" not in res.output
+    assert_unchanged(dbfile, before)
+
+
+def test_no_labels_is_a_clear_error(run_cli, tmp_path):
+    res = run_cli("--db", tmp_path / "empty.duckdb", "improve", "--categories", "Object", expect=2)
+    assert "No labelled failures yet" in res.output
+
+
+def test_interrupted_write_leaves_the_database_unchanged(con, monkeypatch):
+    before = snapshot(con)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(imp, "compute_stats", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_improve(con, "Object", poolings="all")
+    assert_unchanged(con, before)
+
+
+def test_tampered_prompt_shard_is_refused(con):
+    run_improve(con, "Object", poolings="max")
+    path = q(con, "SELECT path FROM embedding_sets WHERE kind = 'prompt'")["path"][0]
+    arr = np.load(path)
+    arr[0, 0] += 1
+    np.save(path, arr)
+    from toolkit.errors import UserError
+
+    with pytest.raises(UserError, match="has changed since it was written"):
+        run_improve(con, "Object", poolings="mean")
+
+
+# ------------------------------------------------------------------------------------------------
+# templates
+
+
+def test_templates_list_export_import_round_trip(dbfile, run_cli, tmp_path):
+    out = run_cli("--db", dbfile, "templates", "list").output
+    assert "default" in out and "Spatial" in out
+    shown = run_cli("--db", dbfile, "templates", "list", "--set", "default").output
+    assert "{caption}" in shown and "{objects}" in shown
+    f = tmp_path / "t.csv"
+    run_cli("--db", dbfile, "templates", "export", "--set", "default", "--out", f)
+    text = f.read_text(encoding="utf-8")
+    assert text.splitlines()[0] == "template_set,category,position,template"
+    res = run_cli("--db", dbfile, "templates", "import", f).output
+    assert "nothing changed" in res
+    res = run_cli("--db", dbfile, "templates", "import", f, "--set", "copy").output
+    assert "Imported template set 'copy': 60 templates" in res
+    a = q(
+        dbfile, "SELECT category, position, template FROM prompt_templates WHERE template_set = 'default' ORDER BY ALL"
+    )
+    b = q(dbfile, "SELECT category, position, template FROM prompt_templates WHERE template_set = 'copy' ORDER BY ALL")
+    pd.testing.assert_frame_equal(a, b)
+    assert run_cli("--db", dbfile, "templates", "export").output.count("\n") == 121
+
+
+def _write(path, rows, header=("template_set", "category", "position", "template")):
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize(
+    "rows,message",
+    [
+        ([["s", "Objekt", 0, "{caption}"]], "unknown category 'Objekt'"),
+        ([["s", "Object", 0, "{caption}"], ["s", "Object", 1, "a {thing}"]], "uses {thing}"),
+        ([["s", "Object", 0, "a photo of {objects}"]], "no identity template"),
+        ([["s", "Object", 0, "{caption}"], ["s", "Object", 0, "x {objects}"]], "position 0 given twice"),
+        ([["s", "Object", "x", "{caption}"]], "not a whole number"),
+        ([["s", "Object", 0, "{caption}"], ["s", "Object", 1, "{caption"]], "malformed"),
+    ],
+)
+def test_bad_template_files_import_nothing(dbfile, run_cli, tmp_path, rows, message):
+    before = q(dbfile, "SELECT * FROM prompt_templates ORDER BY ALL")
+    res = run_cli("--db", dbfile, "templates", "import", _write(tmp_path / "bad.csv", rows), expect=2)
+    assert message in res.output and "Traceback" not in res.output
+    pd.testing.assert_frame_equal(before, q(dbfile, "SELECT * FROM prompt_templates ORDER BY ALL"))
+
+
+def test_template_replace_rules(dbfile, run_cli, tmp_path):
+    f1 = _write(tmp_path / "a.csv", [["mine", "Object", 0, "{caption}"], ["mine", "Object", 1, "a photo of {objects}"]])
+    f2 = _write(tmp_path / "b.csv", [["mine", "Object", 0, "{caption}"], ["mine", "Object", 1, "{objects}!"]])
+    run_cli("--db", dbfile, "templates", "import", f1)
+    assert "already exists" in run_cli("--db", dbfile, "templates", "import", f2, expect=2).output
+    assert "Replaced" in run_cli("--db", dbfile, "templates", "import", f2, "--replace").output
+    run_improve(dbfile, "Object", poolings="max", template_set="mine")
+    res = run_cli("--db", dbfile, "templates", "import", f1, "--replace", expect=2)
+    assert "--replace refused" in res.output
+    # without positions: file order
+    f3 = _write(
+        tmp_path / "c.csv", [["Object", "{caption}"], ["Object", "x {objects}"]], header=("category", "template")
+    )
+    run_cli("--db", dbfile, "templates", "import", f3, "--set", "nopos")
+    got = q(dbfile, "SELECT position, template FROM prompt_templates WHERE template_set = 'nopos' ORDER BY 1")
+    assert got["template"].tolist() == ["{caption}", "x {objects}"]

@@ -1,0 +1,752 @@
+"""Improve: category-aware prompt ensembling with max/mean/logsumexp pooling, stored as runs.
+
+Method (one `improve` invocation, `improve()` below):
+
+1. Subset. The labelled failures of a text-to-image retrieval run (view `sample_labels`) whose
+   category is one of the chosen categories; the overlap set is left out unless
+   ``include_overlap`` (then its majority label counts). Candidates are ordered by the failure
+   sample's draw order; when there are more than ``max_subset``, ``numpy.random.default_rng(seed)
+   .choice(n, max_subset, replace=False)`` picks which, kept in draw order.
+2. Prompts. Every caption is expanded with the templates of a set (`toolkit.templates`): in
+   ``own`` mode the templates of its own category, in ``union`` mode the union of the chosen
+   categories' templates (in taxonomy order, then position; a template text that several
+   categories share is used once). `toolkit.phrases.fill` fills the slots; a template whose slot is
+   empty for a caption falls back to the caption itself, and that copy is kept, so every caption of
+   a category has the same K (a caption with few extractable phrases leans more on its own text).
+3. Embeddings. A prompt whose text is exactly its caption takes the caption's row of the retrieval
+   run's text embedding set (the same model's embedding of the same text, so the identity template
+   reproduces the baseline exactly). Every other prompt comes from the prompt-embedding cache,
+   keyed by (model identity = model, pretrained, checkpoint sha256, precision; prompt text):
+   `prompts` holds the texts, and each shard of new embeddings is an `embedding_sets` row of kind
+   'prompt' (a checksummed .npy) whose `embedding_rows.item_id` are prompt ids. Only prompts not in
+   the cache are encoded, through `toolkit.encode.encode_texts` (the embed stage's fast path), so a
+   re-run with another pooling or tau encodes nothing, and `pooling="all"` encodes once for all
+   three.
+4. Scores and ranks. Each prompt is scored against every image embedding of the retrieval run with
+   the same float32 GEMM blocks as `toolkit.retrieval` (rows in blocks of ``MM_ROWS``), the K
+   scores per image are pooled (`toolkit.pooling`: max, mean, or tau * log-mean-exp), and the GT
+   image's rank is 1 + the number of images with a strictly higher pooled score (retrieval's
+   optimistic tie policy). The baseline rank is the retrieval run's own `gt_rank`.
+   Mean pooling ranks exactly as CLIP's embedding-average prompt ensemble (mean of the K
+   normalised prompt embeddings, re-normalised, dotted with the image embeddings): see
+   `toolkit.pooling` and `tests/test_improve_core.py`.
+5. Statistics (`toolkit.stats`), stored per improvement run and per category, for K in 1, 5, 10:
+   a paired bootstrap 95% interval of the delta (10,000 resamples, seeded with ``seed``) and the
+   exact McNemar p-value of the paired hit/miss outcomes, with the counts of fixed and broken
+   captions.
+6. Controls. A gain measured on R@1 failures only is biased upward (their baseline R@1 is 0, so
+   R@1 can only improve). ``control=("successes", N)`` also runs the configuration on N R@1
+   successes of the same retrieval run (drawn with ``default_rng(seed)`` from the caption-id-sorted
+   successes), ``control=("all", None)`` on every caption of the run. Control captions have no
+   failure label, so they use the union of the chosen categories' templates (the same templates as
+   ``own`` when one category is chosen); their rows carry the caption's label when it has one.
+
+Each (population, pooling) is one `improvement_runs` row with its `improvement_ranks` and
+`improvement_stats`; all of an invocation's rows, new prompts and prompt shards are written in
+one transaction under one `runs` row. A (population, pooling) whose full configuration (retrieval
+run, categories, subset, prompts, model, pooling, tau, seed, ...) was already run is reused, not
+recomputed; when all were, the call is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from toolkit import db, phrases, pooling, stats, templates
+from toolkit.errors import UserError
+
+STAGE = "improve"
+METHOD = "prompt-ensemble/v1"
+POPULATIONS = ("failures", "successes", "all")
+RECALL_KS = (1, 5, 10)
+SCORE_BUDGET = 8_000_000  # score elements (c captions x K prompts x M images) held at once
+
+Encoder = Callable[[list[str]], np.ndarray]
+
+
+@dataclass
+class ImproveResult:
+    run_id: int | None  # the runs row written (None when nothing new was written)
+    retrieval_run_id: int
+    improvement_ids: list[int]  # every improvement run of this call, new and reused, in order
+    reused_ids: list[int]
+    populations: dict[str, int]  # population -> number of captions
+    k_per_category: dict[str, dict[str, int]]  # population -> {category: K}
+    n_prompts: int = 0  # distinct prompt texts (not counting identity prompts)
+    n_encoded: int = 0  # of which encoded now (the rest came from the cache)
+    n_identity: int = 0  # prompts that are their caption (baseline embedding reused)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_noop(self) -> bool:
+        return self.run_id is None
+
+
+# ------------------------------------------------------------------------------ option parsing
+
+
+def parse_poolings(value: str | Sequence[str]) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for item in items:
+        for part in str(item).split(","):
+            p = part.strip().lower()
+            if not p:
+                continue
+            if p == "all":
+                out.extend(pooling.POOLINGS)
+            elif p in pooling.POOLINGS:
+                out.append(p)
+            else:
+                raise UserError(f"Unknown pooling {part.strip()!r}; use max, mean, logsumexp or all.")
+    out = list(dict.fromkeys(out))
+    if not out:
+        raise UserError("Give at least one pooling: max, mean, logsumexp or all.")
+    return out
+
+
+def parse_control(value: str | None) -> tuple[str, int | None] | None:
+    """'successes:N' -> ('successes', N); 'all' -> ('all', None); None/'' /'none' -> None."""
+    if value is None or str(value).strip().lower() in ("", "none"):
+        return None
+    v = str(value).strip().lower()
+    if v == "all":
+        return ("all", None)
+    if v.startswith("successes:"):
+        try:
+            n = int(v.split(":", 1)[1])
+        except ValueError:
+            n = -1
+        if n < 1:
+            raise UserError(f"--control {value!r}: N must be a whole number >= 1, as in successes:100.")
+        return ("successes", n)
+    raise UserError(f"--control {value!r} is not understood; use successes:N or all.")
+
+
+def parse_categories(con, value: str | Sequence[str]) -> list[str]:
+    """Category names (aliases and case allowed), in taxonomy order, without duplicates."""
+    from toolkit.taxonomy import Taxonomy, normalise_label
+
+    items = [value] if isinstance(value, str) else list(value)
+    raw = [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+    if not raw:
+        raise UserError("Give at least one category, e.g. --categories Object or --categories Object,Attribute.")
+    tax = Taxonomy.load(con)
+    found, unknown = [], []
+    for r in raw:
+        cat = tax._find(normalise_label(r))
+        if cat is None:
+            unknown.append(r)
+        else:
+            found.append(cat)
+    if unknown:
+        raise UserError(f"Unknown categories: {', '.join(unknown)}. Known: {', '.join(tax.names)}.")
+    order = {n: i for i, n in enumerate(tax.names)}
+    return sorted(dict.fromkeys(found), key=lambda c: order[c])
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def pick_labelled_run(con, retrieval_run_id: int | None) -> dict:
+    """The given retrieval run, or the most recent one that has labelled failure samples."""
+    if retrieval_run_id is None:
+        row = con.execute("SELECT max(retrieval_run_id) FROM sample_labels").fetchall()[0]
+        if row[0] is None:
+            raise UserError(
+                "No labelled failures yet: improve works on annotated R@1 failures. Run clipfail sample-failures, "
+                "fill in the CSVs, then clipfail import-labels."
+            )
+        retrieval_run_id = int(row[0])
+    rows = con.execute("SELECT * FROM retrieval_runs WHERE retrieval_run_id = ?", [int(retrieval_run_id)]).df()
+    if rows.empty:
+        raise UserError(
+            f"No retrieval run with id {retrieval_run_id}. See: clipfail sql 'SELECT * FROM retrieval_runs'"
+        )
+    rr = rows.iloc[0].to_dict()
+    if rr["direction"] != "text-to-image":
+        raise UserError(f"Retrieval run {retrieval_run_id} is {rr['direction']}; improve needs a text-to-image run.")
+    return rr
+
+
+def select_failures(
+    con, rrid: int, categories: list[str], max_subset: int | None, seed: int, include_overlap: bool
+) -> pd.DataFrame:
+    """caption_id, sample_id, category of the chosen labelled failures (see the module doc, step 1)."""
+    df = con.execute(
+        """
+        SELECT caption_id, sample_id, category, is_overlap, draw_order
+        FROM sample_labels
+        WHERE retrieval_run_id = ? AND list_contains(?, category) AND (? OR NOT is_overlap)
+        ORDER BY draw_order
+        """,
+        [rrid, categories, bool(include_overlap)],
+    ).df()
+    if df.empty:
+        have = con.execute(
+            "SELECT category, count(*) FILTER (WHERE NOT is_overlap), count(*) FILTER (WHERE is_overlap) "
+            "FROM sample_labels WHERE retrieval_run_id = ? GROUP BY 1 ORDER BY 1",
+            [rrid],
+        ).fetchall()
+        listing = ", ".join(f"{c}: {a} (+{b} overlap)" for c, a, b in have) or "none"
+        raise UserError(
+            f"Retrieval run {rrid} has no labelled failures in {', '.join(categories)}"
+            f"{'' if include_overlap else ' outside the overlap set'}. Labelled: {listing}."
+        )
+    if max_subset is not None and len(df) > max_subset:
+        pick = np.sort(np.random.default_rng(seed).choice(len(df), size=max_subset, replace=False))
+        df = df.iloc[pick]
+    return df[["caption_id", "sample_id", "category"]].reset_index(drop=True)
+
+
+def select_control(con, rrid: int, control: tuple[str, int | None], seed: int) -> pd.DataFrame:
+    kind, n = control
+    where = "AND r.gt_rank = 1" if kind == "successes" else ""
+    df = con.execute(
+        f"""
+        SELECT r.query_id AS caption_id, l.sample_id, l.category
+        FROM retrieval_ranks r
+        LEFT JOIN sample_labels l ON l.retrieval_run_id = r.retrieval_run_id AND l.caption_id = r.query_id
+        WHERE r.retrieval_run_id = ? {where}
+        ORDER BY r.query_id
+        """,
+        [rrid],
+    ).df()
+    if kind == "successes":
+        if n > len(df):
+            raise UserError(
+                f"--control successes:{n} asks for more than the {len(df)} R@1 successes of retrieval run {rrid}."
+            )
+        pick = np.sort(np.random.default_rng(seed).choice(len(df), size=n, replace=False))
+        df = df.iloc[pick]
+    return df.reset_index(drop=True)
+
+
+def template_lists(tdf: pd.DataFrame, categories: list[str], mode: str) -> tuple[dict[str, list[str]], list[str]]:
+    """({category: templates} for `mode`, union of the categories' templates)."""
+    per_cat = {c: list(tdf.loc[tdf["category"] == c].sort_values("position")["template"]) for c in categories}
+    missing = [c for c, ts in per_cat.items() if not ts]
+    if missing:
+        have = sorted(set(tdf["category"]))
+        raise UserError(
+            f"Template set {tdf['template_set'].iloc[0]!r} has no templates for {', '.join(missing)} "
+            f"(it has {', '.join(have)}). Import some with clipfail templates import FILE."
+        )
+    union = list(dict.fromkeys(t for c in categories for t in per_cat[c]))
+    if mode == "union":
+        per_cat = {c: union for c in categories}
+    elif mode != "own":
+        raise UserError(f"Unknown template mode {mode!r}; use own or union.")
+    return per_cat, union
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+# ------------------------------------------------------------------------------ prompt cache
+
+
+def model_identity(text_set: dict) -> dict:
+    """What makes two embeddings of the same text interchangeable: the prompt cache's model key."""
+
+    def clean(v):
+        return None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+
+    return {k: clean(text_set[k]) for k in ("model", "pretrained", "checkpoint_sha256", "precision")}
+
+
+def cached_prompts(con, identity: dict, texts: list[str]) -> pd.DataFrame:
+    """text, prompt_id, embedding_set_id, row_index of the cached embeddings of `texts` (one row each)."""
+    if not texts:
+        return pd.DataFrame(columns=["text", "prompt_id", "embedding_set_id", "row_index"])
+    wanted = pd.DataFrame({"text": texts})
+    con.register("_improve_wanted", wanted)
+    try:
+        return con.execute(
+            """
+            SELECT p.text, p.prompt_id, min(es.embedding_set_id) AS embedding_set_id,
+                   arg_min(er.row_index, es.embedding_set_id) AS row_index
+            FROM _improve_wanted w
+            JOIN prompts p ON p.text = w.text
+            JOIN embedding_rows er ON er.item_id = p.prompt_id
+            JOIN embedding_sets es ON es.embedding_set_id = er.embedding_set_id
+            WHERE es.kind = 'prompt' AND es.model = ? AND es.precision = ?
+              AND es.pretrained IS NOT DISTINCT FROM ? AND es.checkpoint_sha256 IS NOT DISTINCT FROM ?
+            GROUP BY p.text, p.prompt_id
+            """,
+            [identity["model"], identity["precision"], identity["pretrained"], identity["checkpoint_sha256"]],
+        ).df()
+    finally:
+        con.unregister("_improve_wanted")
+
+
+def default_cache_dir(con) -> Path:
+    """`<database folder>/<database stem>_cache/prompts` (beside the database file)."""
+    rows = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
+    row = rows[0] if rows else None
+    dbfile = Path(row[0]) if row and row[0] else Path("clipfail.duckdb")
+    return dbfile.resolve().parent / f"{dbfile.stem}_cache" / "prompts"
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def score_rows(queries: np.ndarray, image_emb_t) -> np.ndarray:
+    """float32 scores (R x M) of query rows against images, in retrieval's fixed GEMM blocks.
+
+    `image_emb_t` is the (d x M) float32 torch view of the image embeddings. Every GEMM has
+    MM_ROWS query rows (the last block zero-padded), exactly as `toolkit.retrieval.rank_queries`
+    issues them, so a caption embedding gets bit-identical scores here and there.
+    """
+    import torch
+
+    from toolkit.retrieval import MM_ROWS
+
+    R, d = queries.shape
+    M = image_emb_t.shape[1]
+    out = torch.empty((-(-R // MM_ROWS) * MM_ROWS, M), dtype=torch.float32)
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    buf = torch.zeros((MM_ROWS, d), dtype=torch.float32)
+    with torch.inference_mode():
+        for b in range(0, R, MM_ROWS):
+            bn = min(MM_ROWS, R - b)
+            buf[:bn].copy_(q[b : b + bn])
+            if bn < MM_ROWS:
+                buf[bn:].zero_()
+            torch.mm(buf, image_emb_t, out=out[b : b + MM_ROWS])
+    return out[:R].numpy()
+
+
+@dataclass
+class _Population:
+    name: str
+    captions: pd.DataFrame  # caption_id, sample_id, category, text, gt_index, baseline_rank, text_row
+    templates: list[list[str]]  # per caption
+    k_per_category: dict[str, int]
+    prompts: list[list[str]] = field(default_factory=list)  # per caption, filled
+
+
+def _rank_population(pop: _Population, prompt_index, P: np.ndarray, Gt, poolings, tau) -> dict[str, pd.DataFrame]:
+    """Improved rank and GT score per caption, for each pooling."""
+    caps = pop.captions
+    M = Gt.shape[1]
+    n = len(caps)
+    out = {p: (np.empty(n, np.int64), np.empty(n, np.float64)) for p in poolings}
+    # group captions with the same K so that the (c, K, M) blocks are rectangular
+    ks = np.array([len(p) for p in pop.prompts])
+    for K in np.unique(ks):
+        members = np.flatnonzero(ks == K)
+        step = max(1, SCORE_BUDGET // (int(K) * M))
+        for s in range(0, len(members), step):
+            rows = members[s : s + step]
+            idx = np.array([prompt_index[i] for i in rows], dtype=np.int64)  # (c, K) rows of P
+            S = score_rows(P[idx.reshape(-1)], Gt).reshape(len(rows), int(K), M)
+            gt = caps["gt_index"].to_numpy()[rows]
+            for p in poolings:
+                pooled = pooling.pool_scores(S, p, tau=tau)
+                out[p][0][rows] = pooling.gt_ranks(pooled, gt)
+                out[p][1][rows] = pooled[np.arange(len(rows)), gt]
+    return {
+        p: pd.DataFrame(
+            {
+                "caption_id": caps["caption_id"].to_numpy(np.int64),
+                "sample_id": caps["sample_id"].astype("Int64"),
+                "category": caps["category"].astype(object).where(caps["category"].notna(), None),
+                "n_prompts": ks.astype(np.int32),
+                "baseline_rank": caps["baseline_rank"].to_numpy(np.int64),
+                "improved_rank": r,
+                "improved_score": sc,
+            }
+        )
+        for p, (r, sc) in out.items()
+    }
+
+
+def compute_stats(ranks: pd.DataFrame, seed: int, n_resamples: int = stats.BOOTSTRAP_RESAMPLES) -> pd.DataFrame:
+    """improvement_stats rows (without improvement_id) for the whole run ('*') and each category."""
+    rows = []
+    groups = [("*", ranks)] + [(c, g) for c, g in ranks.groupby("category", sort=True)]
+    for cat, g in groups:
+        base_r = g["baseline_rank"].to_numpy()
+        new_r = g["improved_rank"].to_numpy()
+        for k in RECALL_KS:
+            b, a = base_r <= k, new_r <= k
+            lo, hi = stats.paired_bootstrap_ci(b, a, n_resamples=n_resamples, seed=seed)
+            rows.append(
+                {
+                    "category": cat,
+                    "k": k,
+                    "n": len(g),
+                    "baseline_hits": int(b.sum()),
+                    "improved_hits": int(a.sum()),
+                    "n_fixed": int((~b & a).sum()),
+                    "n_broken": int((b & ~a).sum()),
+                    "ci_low_pp": 100 * lo,
+                    "ci_high_pp": 100 * hi,
+                    "ci_level": 0.95,
+                    "bootstrap_resamples": n_resamples,
+                    "bootstrap_seed": seed,
+                    "mcnemar_p": stats.mcnemar_exact(b, a),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+def improve(
+    con,
+    categories: str | Sequence[str],
+    *,
+    retrieval_run_id: int | None = None,
+    max_subset: int | None = 200,
+    poolings: str | Sequence[str] = "logsumexp",
+    tau: float = 1.0,
+    template_set: str = templates.DEFAULT_SET,
+    template_mode: str = "own",
+    seed: int = 42,
+    include_overlap: bool = False,
+    control: str | tuple | None = None,
+    encoder: Encoder | None = None,
+    encoder_factory: Callable[[dict], Encoder] | None = None,
+    cache_dir: str | Path | None = None,
+) -> ImproveResult:
+    """Run (or reuse) prompt ensembling on a labelled failure subset; see the module docstring.
+
+    `encoder(texts) -> (len(texts), d) float32 L2-normalised array` encodes prompts; by default
+    `encoder_factory(text_set_row)` builds one from the model that made the retrieval run's text
+    embeddings (only when some prompt is not cached). Tests pass a fake encoder.
+    """
+    started = db.now()
+    pools = parse_poolings(poolings)
+    if "logsumexp" in pools and not (float(tau) > 0 and np.isfinite(float(tau))):
+        raise UserError(f"--tau must be a positive number (got {tau}).")
+    tau = float(tau)
+    if max_subset is not None and int(max_subset) < 1:
+        raise UserError("--max-subset must be at least 1.")
+    max_subset = None if max_subset is None else int(max_subset)
+    seed = int(seed)
+    if seed < 0:
+        raise UserError(f"--seed must be 0 or more (got {seed}).")
+    ctl = parse_control(control) if not isinstance(control, tuple) else control
+    cats = parse_categories(con, categories)
+    rr = pick_labelled_run(con, retrieval_run_id)
+    rrid = int(rr["retrieval_run_id"])
+    tdf = templates.load_set(con, template_set)
+    t_sha = templates.templates_sha256(tdf)
+    per_cat, union = template_lists(tdf, cats, template_mode)
+
+    # --- populations
+    frames = [("failures", select_failures(con, rrid, cats, max_subset, seed, include_overlap))]
+    if ctl is not None:
+        frames.append((ctl[0], select_control(con, rrid, ctl, seed)))
+    base = con.execute(
+        """
+        SELECT r.query_id AS caption_id, r.gt_rank AS baseline_rank, r.gt_id AS image_id, c.text
+        FROM retrieval_ranks r JOIN captions c ON c.caption_id = r.query_id
+        WHERE r.retrieval_run_id = ?
+        """,
+        [rrid],
+    ).df()
+    base = base.set_index("caption_id")
+    pops: list[_Population] = []
+    for name, df in frames:
+        df = df.join(base, on="caption_id")
+        if df["baseline_rank"].isna().any():
+            raise UserError(f"Some captions of the {name} subset have no rank in retrieval run {rrid}.")
+        if name == "failures":
+            tl = [per_cat[c] for c in df["category"]]
+            kpc = {c: len(per_cat[c]) for c in cats if (df["category"] == c).any()}
+        else:
+            tl = [union] * len(df)
+            kpc = {"*": len(union)}
+        pops.append(_Population(name, df.reset_index(drop=True), tl, kpc))
+
+    # --- prompts (filled text per caption)
+    text_set = (
+        con.execute("SELECT * FROM embedding_sets WHERE embedding_set_id = ?", [int(rr["text_embedding_set_id"])])
+        .df()
+        .iloc[0]
+        .to_dict()
+    )
+    identity = model_identity(text_set)
+    slot_cache: dict[str, dict[str, str]] = {}
+    for pop in pops:
+        for text, tl in zip(pop.captions["text"], pop.templates):
+            slots = slot_cache.get(text)
+            if slots is None:
+                slots = slot_cache[text] = phrases.extract(text)
+            pop.prompts.append([phrases.fill(t, text, slots) for t in tl])
+
+    # --- unit configs and idempotence
+    common = {
+        "stage": STAGE,
+        "method": METHOD,
+        "retrieval_run_id": rrid,
+        "categories": cats,
+        "template_set": template_set,
+        "templates_sha256": t_sha,
+        "template_mode": template_mode,
+        "max_subset": max_subset,
+        "seed": seed,
+        "include_overlap": bool(include_overlap),
+        "model": identity,
+    }
+    units = []  # (pop, pooling, config, hash)
+    for pop in pops:
+        subset_sig = _sha(
+            [
+                [int(c), None if pd.isna(s) else int(s), None if pd.isna(k) else str(k), p]
+                for c, s, k, p in zip(
+                    pop.captions["caption_id"], pop.captions["sample_id"], pop.captions["category"], pop.prompts
+                )
+            ]
+        )
+        for p in pools:
+            cfg = dict(
+                common,
+                population=pop.name,
+                control=list(ctl) if ctl and pop.name != "failures" else None,
+                pooling=p,
+                tau=tau if p == "logsumexp" else None,
+                subset_sha256=subset_sig,
+            )
+            units.append((pop, p, cfg, db.config_hash(cfg)))
+    existing = dict(
+        con.execute(
+            "SELECT config_hash, improvement_id FROM improvement_runs WHERE list_contains(?, config_hash)",
+            [[u[3] for u in units]],
+        ).fetchall()
+    )
+    result = ImproveResult(
+        run_id=None,
+        retrieval_run_id=rrid,
+        improvement_ids=[],
+        reused_ids=[],
+        populations={pop.name: len(pop.captions) for pop in pops},
+        k_per_category={pop.name: pop.k_per_category for pop in pops},
+    )
+    todo = [u for u in units if u[3] not in existing]
+    if not todo:
+        result.improvement_ids = [int(existing[u[3]]) for u in units]
+        result.reused_ids = list(result.improvement_ids)
+        return result
+
+    # --- embeddings: identity rows from the text set, the rest from the cache or the encoder
+    from toolkit.artifacts import load_embedding_set, register_embedding_set, save_array
+
+    fix = "Re-run clipfail embed (with --recompute) and clipfail evaluate."
+    img = load_embedding_set(con, int(rr["image_embedding_set_id"]), fix=fix)
+    txt = load_embedding_set(con, int(rr["text_embedding_set_id"]), fix=fix)
+    img_row = {int(i): r for r, i in enumerate(img.item_ids)}
+    txt_row = {int(i): r for r, i in enumerate(txt.item_ids)}
+    todo_pops = {u[0].name for u in todo}
+    pops_run = [p for p in pops if p.name in todo_pops]
+    for pop in pops_run:
+        missing = [int(i) for i in pop.captions["image_id"] if int(i) not in img_row]
+        missing += [int(c) for c in pop.captions["caption_id"] if int(c) not in txt_row]
+        if missing:
+            raise UserError(f"Retrieval run {rrid}'s embedding sets lack {len(missing)} of its own items. {fix}")
+        pop.captions["gt_index"] = [img_row[int(i)] for i in pop.captions["image_id"]]
+        pop.captions["text_row"] = [txt_row[int(c)] for c in pop.captions["caption_id"]]
+
+    other = sorted(
+        {pr for pop in pops_run for text, prs in zip(pop.captions["text"], pop.prompts) for pr in prs if pr != text}
+    )
+    cached = cached_prompts(con, identity, other)
+    have = dict(zip(cached["text"], zip(cached["embedding_set_id"], cached["row_index"])))
+    new_texts = [t for t in other if t not in have]
+    dim = txt.array.shape[1]
+    vec: dict[str, np.ndarray] = {}
+    for set_id, grp in pd.DataFrame(
+        {"text": list(have), "set": [v[0] for v in have.values()], "row": [v[1] for v in have.values()]}
+    ).groupby("set"):
+        arr = load_embedding_set(con, int(set_id), fix="Delete that prompt shard's rows or restore the file.").array
+        for t, r in zip(grp["text"], grp["row"]):
+            vec[t] = arr[int(r)]
+    new_arr = None
+    if new_texts:
+        if encoder is None:
+            make = encoder_factory or model_encoder_factory()
+            encoder = make(dict(identity, config=json.loads(text_set["config_json"] or "{}")))
+        enc = encoder
+        new_arr = np.asarray(enc(list(new_texts)), dtype=np.float32)
+        if new_arr.shape != (len(new_texts), dim):
+            raise RuntimeError(f"encoder returned shape {new_arr.shape}, expected {(len(new_texts), dim)}")
+        for t, v in zip(new_texts, new_arr):
+            vec[t] = v
+    result.n_prompts = len(other)
+    result.n_encoded = len(new_texts)
+
+    # prompt matrix: the caption text rows first, then the other prompts
+    text_rows = sorted({int(r) for pop in pops_run for r in pop.captions["text_row"]})
+    pos_text = {r: i for i, r in enumerate(text_rows)}
+    pos_other = {t: len(text_rows) + i for i, t in enumerate(other)}
+    P = np.empty((len(text_rows) + len(other), dim), dtype=np.float32)
+    P[: len(text_rows)] = txt.array[text_rows]
+    for t, i in pos_other.items():
+        P[i] = vec[t]
+    import torch
+
+    Gt = torch.from_numpy(np.ascontiguousarray(img.array, dtype=np.float32)).T
+
+    computed = {}  # (population, pooling) -> ranks frame
+    n_identity = 0
+    for pop in pops_run:
+        index = []
+        for text, row, prs in zip(pop.captions["text"], pop.captions["text_row"], pop.prompts):
+            ids = [pos_text[int(row)] if pr == text else pos_other[pr] for pr in prs]
+            n_identity += sum(pr == text for pr in prs)
+            index.append(ids)
+        wanted = [p for (pp, p, _c, h) in todo if pp is pop]
+        ranks = _rank_population(pop, index, P, Gt, wanted, tau)
+        for p, df in ranks.items():
+            computed[(pop.name, p)] = df
+    result.n_identity = n_identity
+
+    # --- write everything in one transaction
+    run_config = dict(common, poolings=pools, tau=tau, control=list(ctl) if ctl else None, units=[u[3] for u in units])
+    with db.transaction(con):
+        run_id = db.insert_run(con, STAGE, run_config, started, seed=seed, model=identity["model"])
+        if new_texts:
+            db.insert_df(
+                con,
+                "prompts",
+                pd.DataFrame({"text": [t for t in new_texts]})
+                .merge(con.execute("SELECT text FROM prompts").df(), how="left", indicator=True)
+                .query("_merge == 'left_only'")[["text"]],
+            )
+            ids = dict(
+                con.execute(
+                    "SELECT text, prompt_id FROM prompts WHERE list_contains(?, text)", [list(new_texts)]
+                ).fetchall()
+            )
+            shard_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(con)
+            shard = shard_dir / f"prompts-{_sha(identity)[:12]}-{_sha(new_texts)[:16]}.npy"
+            sha = save_array(shard, new_arr)
+            register_embedding_set(
+                con,
+                kind="prompt",
+                subset_id=None,
+                model=identity["model"],
+                pretrained=identity["pretrained"],
+                checkpoint_sha256=identity["checkpoint_sha256"],
+                precision=identity["precision"],
+                config={"stage": STAGE, "model": identity, "n_prompts": len(new_texts)},
+                path=shard,
+                array=new_arr,
+                item_ids=[ids[t] for t in new_texts],
+                sha256=sha,
+                run_id=run_id,
+            )
+        for pop, p, cfg, h in units:
+            if h in existing:
+                result.improvement_ids.append(int(existing[h]))
+                result.reused_ids.append(int(existing[h]))
+                continue
+            row = con.execute(
+                """
+                INSERT INTO improvement_runs (retrieval_run_id, categories, population, pooling, tau, template_set,
+                    templates_sha256, template_mode, k_per_category, n_captions, max_subset, seed,
+                    is_overlap_included, model, config_hash, created_at, run_id)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                RETURNING improvement_id
+                """,
+                [
+                    rrid,
+                    ",".join(cats),
+                    pop.name,
+                    p,
+                    cfg["tau"],
+                    template_set,
+                    t_sha,
+                    template_mode,
+                    json.dumps(pop.k_per_category),
+                    len(pop.captions),
+                    max_subset,
+                    seed,
+                    bool(include_overlap),
+                    identity["model"],
+                    h,
+                    db.now(),
+                    run_id,
+                ],
+            ).fetchall()[0]
+            imp_id = int(row[0])
+            ranks = computed[(pop.name, p)].copy()
+            ranks.insert(0, "improvement_id", imp_id)
+            db.insert_df(con, "improvement_ranks", ranks)
+            st = compute_stats(ranks, seed)
+            st.insert(0, "improvement_id", imp_id)
+            db.insert_df(con, "improvement_stats", st)
+            result.improvement_ids.append(imp_id)
+    result.run_id = run_id
+    return result
+
+
+# ------------------------------------------------------------------------------ model encoder
+
+
+def model_encoder_factory(
+    model: str | None = None,
+    pretrained: str | None = None,
+    checkpoint: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 256,
+    text_set_config: dict | None = None,
+) -> Callable[[dict], Encoder]:
+    """A factory that loads the model of a text embedding set and encodes with the embed fast path.
+
+    The model spec, pretrained tag and checkpoint default to what the text embeddings recorded
+    (`model_identity` plus a checkpoint path in the set's config, if the embed stage stored one);
+    whatever is loaded must have the same identity (model, pretrained, checkpoint sha256), and it
+    runs at the set's precision, so cached prompts and captions always come from the same model.
+    """
+
+    def factory(identity: dict) -> Encoder:
+        from toolkit.encode import encode_texts
+        from toolkit.models import load_model
+
+        cfg = (text_set_config or {}) | dict(identity.get("config") or {})
+        ckpt = checkpoint
+        if ckpt is None and identity["checkpoint_sha256"]:
+            for key in ("checkpoint", "checkpoint_path"):
+                if cfg.get(key) and Path(str(cfg[key])).is_file():
+                    ckpt = str(cfg[key])
+                    break
+            if ckpt is None:
+                raise UserError(
+                    "New prompts must be encoded with the model of the text embeddings, which came from a local "
+                    f"checkpoint (sha256 {identity['checkpoint_sha256'][:12]}…). Give --checkpoint PATH."
+                )
+        spec = model or cfg.get("spec") or identity["model"]
+        tag = pretrained if pretrained is not None else (None if ckpt else identity["pretrained"])
+        bundle = load_model(spec, pretrained=tag, checkpoint=ckpt, device=device, precision=identity["precision"])
+        got = (bundle.model_name, bundle.pretrained, bundle.checkpoint_sha256)
+        want = (identity["model"], identity["pretrained"], identity["checkpoint_sha256"])
+        if got != want:
+            raise UserError(
+                f"The model loaded for new prompts ({got[0]}, pretrained {got[1]}, checkpoint {str(got[2])[:12]}) is "
+                f"not the one that made the text embeddings ({want[0]}, pretrained {want[1]}, checkpoint "
+                f"{str(want[2])[:12]}). Give the same --model/--pretrained/--checkpoint as for clipfail embed."
+            )
+        return lambda texts: encode_texts(bundle, texts, batch_size=batch_size)
+
+    return factory
+
+
+def summary(con, improvement_ids: Sequence[int]) -> pd.DataFrame:
+    """Rows of the view `improvement_recall` for these improvement runs (K = 1, 5, 10)."""
+    return con.execute(
+        "SELECT * FROM improvement_recall WHERE list_contains(?, improvement_id) ORDER BY improvement_id, k",
+        [[int(i) for i in improvement_ids]],
+    ).df()
