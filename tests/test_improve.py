@@ -571,3 +571,14 @@ def test_template_replace_rules(dbfile, run_cli, tmp_path):
     run_cli("--db", dbfile, "templates", "import", f3, "--set", "nopos")
     got = q(dbfile, "SELECT position, template FROM prompt_templates WHERE template_set = 'nopos' ORDER BY 1")
     assert got["template"].tolist() == ["{caption}", "x {objects}"]
+
+
+def test_readme_example_queries_run(con):
+    run_improve(con, "Object,Attribute", poolings="max,mean", control="successes:4")
+    examples = Path(__file__).parent.parent / "queries" / "examples" / "improve.sql"
+    statements = [s for s in examples.read_text(encoding="utf-8").split(";") if s.strip()]
+    assert len(statements) == 6
+    results = [con.execute(s).df() for s in statements]
+    assert all(len(r) > 0 for r in results)
+    table = results[0]
+    assert list(table["pooling"]) == ["max", "mean"] and set(table["categories"]) == {"Object,Attribute"}
