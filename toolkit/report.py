@@ -377,8 +377,16 @@ def pick_run(con, retrieval_run_id: int | None) -> int | None:
     return None if row[0] is None else int(row[0])
 
 
-def write_report(con, out_dir="report", retrieval_run_id: int | None = None, db_path: str | None = None):
-    """Write report.html, figures/ and tables/ for one retrieval run (default: the one labelled last)."""
+def write_report(
+    con,
+    out_dir="report",
+    retrieval_run_id: int | None = None,
+    db_path: str | None = None,
+    notes: list[str] | None = None,
+):
+    """Write report.html, figures/ and tables/ for one retrieval run (default: the one labelled last).
+
+    `notes` are shown in a box under the title (the demo says there that its model is random)."""
     started = db.now()
     out_dir = Path(out_dir)
     try:
@@ -433,6 +441,8 @@ def write_report(con, out_dir="report", retrieval_run_id: int | None = None, db_
             "and every per-category improvement below say nothing about CLIP; they only show the pipeline "
             "working.</div>"
         )
+    for note in notes or []:
+        banner += f'<div class="banner note-box">{html.escape(note)}</div>'
     meta = (
         f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} by clipfail {toolkit.__version__}"
         + (f" from {html.escape(str(db_path))}" if db_path else "")
