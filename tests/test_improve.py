@@ -342,6 +342,13 @@ def test_another_pooling_or_tau_encodes_nothing(con):
     assert len(set(r1.improvement_ids + r2.improvement_ids + r3.improvement_ids + r4.improvement_ids)) == 4
     shards = q(con, "SELECT * FROM embedding_sets WHERE kind = 'prompt'")
     assert len(shards) == 1 and shards["rows"][0] == first
+    # the cache key is (model identity, text): another model or precision finds nothing
+    identity = {"model": MODEL, "pretrained": None, "checkpoint_sha256": None, "precision": "fp32"}
+    texts = sorted(set(enc.calls[0]))
+    assert len(imp.cached_prompts(con, identity, texts)) == len(texts)
+    assert imp.cached_prompts(con, identity | {"model": "other"}, texts).empty
+    assert imp.cached_prompts(con, identity | {"precision": "fp16"}, texts).empty
+    assert imp.cached_prompts(con, identity | {"checkpoint_sha256": "ab" * 32}, texts).empty
     # a new template set with partly new prompts encodes only those
     tdf = con.execute("SELECT * FROM prompt_templates WHERE template_set = 'default'").df()
     tdf["template_set"] = "plus"

@@ -618,13 +618,15 @@ def improve(
     with db.transaction(con):
         run_id = db.insert_run(con, STAGE, run_config, started, seed=seed, model=identity["model"])
         if new_texts:
-            db.insert_df(
-                con,
-                "prompts",
-                pd.DataFrame({"text": [t for t in new_texts]})
-                .merge(con.execute("SELECT text FROM prompts").df(), how="left", indicator=True)
-                .query("_merge == 'left_only'")[["text"]],
-            )
+            # texts another model already cached have a prompts row; add only the others
+            con.register("_improve_new_texts", pd.DataFrame({"text": list(new_texts)}))
+            try:
+                con.execute(
+                    "INSERT INTO prompts (text) SELECT n.text FROM _improve_new_texts n "
+                    "ANTI JOIN prompts p ON p.text = n.text ORDER BY n.text"
+                )
+            finally:
+                con.unregister("_improve_new_texts")
             ids = dict(
                 con.execute(
                     "SELECT text, prompt_id FROM prompts WHERE list_contains(?, text)", [list(new_texts)]
