@@ -103,13 +103,71 @@ class _CausalTextTower:
         ids = ids[:, :length]
         x = o.token_embedding(ids).to(cast)
         x = x + o.positional_embedding[:length].to(cast)
-        x = o.transformer(x, attn_mask=o.attn_mask[:length, :length])
-        x = x[torch.arange(x.shape[0], device=x.device), pool_idx]
+        mask = o.attn_mask[:length, :length]
+        blocks = o.transformer.resblocks
+        if _plain_blocks(o.transformer):
+            for blk in blocks[:-1]:
+                x = blk(x, attn_mask=mask)
+            x = _last_block_at(blocks[-1], x, pool_idx)
+        else:
+            x = o.transformer(x, attn_mask=mask)
+            x = x[torch.arange(x.shape[0], device=x.device), pool_idx]
         x = o.ln_final(x)  # per-token LayerNorm: pooling first gives the same numbers
         proj = o.text_projection
         if proj is not None:
             x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
         return x
+
+
+def _plain_blocks(transformer) -> bool:
+    """open_clip's standard pre-LN blocks, batch first: the last one can be run for one query."""
+    import torch.nn as nn
+    from open_clip.transformer import ResidualAttentionBlock
+
+    blocks = transformer.resblocks
+    return (
+        getattr(transformer, "batch_first", False)
+        and len(blocks) > 0
+        and all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv") for b in blocks)
+        and type(blocks[-1].attn) is nn.MultiheadAttention
+    )
+
+
+def _last_block_at(blk, x, pool_idx):
+    """The last block's output at the pooled position only.
+
+    Only the EOT row of the last block reaches the output, so its query, attention output and MLP
+    are computed for that row alone; keys and values still cover every position up to it (the
+    causal mask becomes a key padding mask for that single query). Same weights, same ops.
+    """
+    import torch
+
+    b, n, _ = x.shape
+    rows = torch.arange(b, device=x.device)
+    h = blk.ln_1(x)
+    q = h[rows, pool_idx].unsqueeze(1)
+    future = torch.arange(n, device=x.device).unsqueeze(0) > pool_idx.unsqueeze(1)  # True = not attended
+    a = blk.attn(q, h, h, need_weights=False, key_padding_mask=future)[0]
+    y = x[rows, pool_idx].unsqueeze(1) + blk.ls_1(a)
+    y = y + blk.ls_2(blk.mlp(blk.ln_2(y)))
+    return y[:, 0]
+
+
+def _length_batches(lengths, batch_size: int):
+    """Batches over captions sorted by descending length: (start, end) pairs.
+
+    A batch holds at most `batch_size` captions. Past a quarter of that, it only takes captions
+    as long as its first one, so batches rarely carry padding; on a CPU the cost is proportional
+    to the tokens run, so smaller, padding-free batches are cheaper than full, padded ones.
+    """
+    lengths = [int(v) for v in lengths]
+    n, min_fill, i = len(lengths), max(1, batch_size // 4), 0
+    while i < n:
+        j = i + 1
+        while j < n and j - i < batch_size and (lengths[j] == lengths[i] or j - i < min_fill):
+            j += 1
+        yield i, j
+        i = j
 
 
 def fast_text_tower(model) -> _CausalTextTower | None:
@@ -187,8 +245,12 @@ def encode_texts_with_info(
                 order = torch.argsort(-lengths, stable=True)
             else:
                 order = torch.arange(n)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
+            if tower is not None:
+                spans = _length_batches(lengths[order].tolist(), batch_size)
+            else:
+                spans = ((i, min(n, i + batch_size)) for i in range(0, n, batch_size))
+            for start, end in spans:
+                idx = order[start:end]
                 batch = ids[idx].to(bundle.device, non_blocking=True)
                 if tower is not None:
                     pidx = pool_idx[idx].to(bundle.device)
