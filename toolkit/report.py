@@ -66,11 +66,14 @@ def _slug(text: str) -> str:
 
 
 def _fmt(value, kind: str) -> str:
-    """Format one value; kind: 'int', 'f2', 'f4', 'pp' (signed 2 decimals), 'p' (p-value), 'text'."""
+    """Format one value; kind: 'int', 'id' (no separators), 'f2', 'f4', 'pp' (signed, 2 decimals),
+    'p' (p-value), 'bool', 'text'."""
     if value is None or (not isinstance(value, str) and pd.isna(value)):
         return ""
     if kind == "int":
         return f"{int(value):,}"
+    if kind == "id":
+        return str(int(value))
     if kind == "f2":
         return f"{float(value):.2f}"
     if kind == "f4":
@@ -120,23 +123,35 @@ class _Page:
         self.parts.append(f'<p class="{cls}">{body}</p>' if cls else f"<p>{body}</p>")
 
     def table(
-        self, df: pd.DataFrame, name: str, caption: str, formats: dict[str, str] | None = None, csv: bool = True
+        self,
+        df: pd.DataFrame,
+        name: str,
+        caption: str,
+        formats: dict[str, str] | None = None,
+        csv: bool = True,
+        html_columns: list[str] | None = None,
     ) -> None:
-        """An HTML table of df (formatted per column) and, with csv=True, tables/<name>.csv of the raw values."""
+        """An HTML table of df (formatted per column; only html_columns, if given) and, with csv=True,
+        tables/<name>.csv of all the raw values."""
         formats = formats or {}
         if csv:
             self.tables_dir.mkdir(parents=True, exist_ok=True)
             path = self.tables_dir / f"{name}.csv"
             df.to_csv(path, index=False, lineterminator="\n")
             self.tables.append(path)
+        if html_columns is not None:
+            df = df[html_columns]
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
         kinds = {c: formats.get(c) or _guess_kind(df[c]) for c in df.columns}
+        for c in df.columns:  # ids and seeds are labels, not quantities: no thousands separators
+            if c not in formats and kinds[c] in ("int", "f4") and (str(c).endswith("_id") or c == "seed"):
+                kinds[c] = "id"
         rows = []
         for rec in df.itertuples(index=False):
             cells = []
             for col, value in zip(df.columns, rec):
                 kind = kinds[col]
-                cls = ' class="num"' if kind in ("int", "f2", "f4", "pp", "p") else ""
+                cls = ' class="num"' if kind in ("int", "id", "f2", "f4", "pp", "p") else ""
                 cells.append(f"<td{cls}>{html.escape(_fmt(value, kind))}</td>")
             rows.append("<tr>" + "".join(cells) + "</tr>")
         link = f' <a class="csv" href="tables/{name}.csv">{name}.csv</a>' if csv else ""
@@ -178,6 +193,8 @@ figure{margin:1em 0}figure img{max-width:min(100%,760px);border:1px solid #ddd}f
 a.csv{font-weight:normal;font-size:.85em;margin-left:.5em}
 nav ul{columns:2;list-style:none;padding-left:0}
 code{background:#f2f2f2;padding:0 .2em}
+dl.configs dd{margin:0 0 .5em 1em;word-break:break-all;font-size:.85em}
+summary{cursor:pointer;color:#3b6ea5}
 """
 
 
@@ -335,7 +352,20 @@ def _provenance(con, page: _Page, rrid: int | None) -> None:
         FROM runs ORDER BY run_id
         """
     ).df()
-    page.table(runs, "provenance_runs", "Every stage run in this database (table runs), with its config hash")
+    page.table(
+        runs,
+        "provenance_runs",
+        "Every stage run in this database (table runs), with its config hash (configs in the CSV and below)",
+        html_columns=[c for c in runs.columns if c != "config_json"],
+    )
+    configs = "".join(
+        f"<dt>run {int(r.run_id)} ({html.escape(str(r.stage))})</dt>"
+        f"<dd><code>{html.escape(str(r.config_json))}</code></dd>"
+        for r in runs.itertuples()
+    )
+    page.parts.append(
+        f'<details><summary>Every run\'s config (canonical JSON)</summary><dl class="configs">{configs}</dl></details>'
+    )
     versions = []
     for name in PACKAGES:
         try:
