@@ -207,6 +207,14 @@ class TextEncoding:
     fast_path: bool  # False when the model's encode_text was used
 
 
+def _bar(progress, total: int, desc: str, unit: str):
+    """(bar, owned): `progress` may be True/False/None (a bar of our own, shown only on a
+    terminal when None) or an existing tqdm-like bar to update (the caller closes it)."""
+    if hasattr(progress, "update"):
+        return progress, False
+    return _progress(total=total, desc=desc, unit=unit, enabled=progress), True
+
+
 def _normalise(x) -> np.ndarray:
     import torch.nn.functional as F
 
@@ -217,7 +225,7 @@ def encode_texts_with_info(
     bundle,
     texts: Sequence[str],
     batch_size: int = DEFAULT_TEXT_BATCH,
-    progress: bool | None = None,
+    progress=None,
     fast: bool = True,
 ) -> TextEncoding:
     """Encode texts (fast path when the tower allows it); also report truncation."""
@@ -231,7 +239,7 @@ def encode_texts_with_info(
     model = bundle.model
     tower = fast_text_tower(model) if fast else None
     out = None
-    bar = _progress(total=n, desc="captions", unit="caption", enabled=progress)
+    bar, owned = _bar(progress, n, "captions", "caption")
     try:
         with torch.inference_mode():
             if n == 0:
@@ -263,7 +271,8 @@ def encode_texts_with_info(
                 out[idx.numpy()] = feats
                 bar.update(len(idx))
     finally:
-        bar.close()
+        if owned:
+            bar.close()
     return TextEncoding(out, toks.n_truncated, toks.truncated, tower is not None)
 
 
@@ -271,7 +280,7 @@ def encode_texts(
     bundle,
     texts: Sequence[str],
     batch_size: int = DEFAULT_TEXT_BATCH,
-    progress: bool | None = None,
+    progress=None,
     fast: bool = True,
 ) -> np.ndarray:
     """L2-normalised float32 text embeddings [len(texts), dim], in input order."""
@@ -345,7 +354,7 @@ def encode_images(
     batch_size: int = DEFAULT_IMAGE_BATCH,
     num_workers: int | None = None,
     draft: bool = False,
-    progress: bool | None = None,
+    progress=None,
 ) -> np.ndarray:
     """L2-normalised float32 image embeddings [len(paths), dim], in input order."""
     import torch
@@ -369,7 +378,7 @@ def encode_images(
     )
     dtype = bundle.input_dtype
     out = None
-    bar = _progress(total=len(paths), desc="images", unit="image", enabled=progress)
+    bar, owned = _bar(progress, len(paths), "images", "image")
     try:
         with torch.inference_mode():
             for x, idx, errs in loader:
@@ -386,7 +395,8 @@ def encode_images(
                 out[idx.numpy()] = feats
                 bar.update(len(idx))
     finally:
-        bar.close()
+        if owned:
+            bar.close()
     if out is None:
         out = np.zeros((0, _image_dim(bundle)), np.float32)
     return out

@@ -38,6 +38,7 @@ from pathlib import Path
 from toolkit.errors import UserError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+RANDOM_INIT_SEED = 0  # a model built without any weights is initialised from this seed
 TINY_CONFIG = "tiny-clip"
 
 # Hugging Face style names of OpenAI's CLIP models -> (open_clip architecture, pretrained tag).
@@ -242,6 +243,19 @@ def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
 
 
 @contextlib.contextmanager
+def _seeded(enabled: bool, seed: int = 0):
+    """Seed torch's CPU generator for the block without disturbing the caller's random state."""
+    if not enabled:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
 def _quiet_open_clip():
     """open_clip logs 'initialized randomly' warnings on the root logger even when we load a
     checkpoint right after; keep them off the user's terminal (errors still show)."""
@@ -372,6 +386,18 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def weights_identity(spec: str, pretrained: str | None = None, checkpoint: str | Path | None = None) -> dict:
+    """What `load_model` would record as model, pretrained and checkpoint_sha256, without building it."""
+    resolved = resolve_spec(spec, pretrained)
+    sha = None
+    if checkpoint is not None:
+        ckpt = Path(checkpoint).expanduser()
+        if not ckpt.is_file():
+            raise UserError(f"Checkpoint file {ckpt} does not exist.")
+        sha = sha256_file(ckpt)
+    return {"model": resolved.model_name, "pretrained": None if sha else resolved.pretrained, "checkpoint_sha256": sha}
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -385,8 +411,9 @@ def load_model(
 ) -> ModelBundle:
     """Build the model a spec names, load its weights, and return it with preprocess and tokenizer.
 
-    With neither a pretrained tag nor a checkpoint the model is randomly initialised (only
-    sensible for tests and benchmarks; recorded as pretrained None, checkpoint None).
+    With neither a pretrained tag nor a checkpoint the model is randomly initialised from
+    `RANDOM_INIT_SEED` (only sensible for tests and benchmarks; recorded as pretrained None,
+    checkpoint None), so the same spec always gives the same weights.
     """
     import open_clip
 
@@ -429,8 +456,13 @@ def load_model(
             kwargs.update(_tag_preprocess_overrides(resolved.model_name, resolved.pretrained))
         offline = True  # everything is local from here on
 
+    # No weights at all: random initialisation, seeded so that the same spec always gives the same
+    # model (its embeddings are then reproducible and safe to cache under the same identity).
+    random_weights = ckpt_path is None and create_pretrained is None and resolved.kind not in ("hf-hub", "local-dir")
+    if random_weights:
+        notes.append(f"{resolved.model_name} has random weights (seed {RANDOM_INIT_SEED}): for tests and benchmarks.")
     try:
-        with _hf_offline(offline), _quiet_open_clip(), warnings.catch_warnings():
+        with _hf_offline(offline), _quiet_open_clip(), warnings.catch_warnings(), _seeded(random_weights):
             warnings.simplefilter("ignore")
             model, _, preprocess = open_clip.create_model_and_transforms(
                 create_name, pretrained=create_pretrained, **kwargs
@@ -487,9 +519,8 @@ def save_random_checkpoint(path: str | Path, spec: str = TINY_CONFIG, seed: int 
     import torch
 
     resolved = resolve_spec(spec)
-    with torch.random.fork_rng(devices=[]), _quiet_open_clip(), warnings.catch_warnings():
+    with _seeded(True, seed), _quiet_open_clip(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.manual_seed(seed)
         model = open_clip.create_model(resolved.model_name, pretrained=None, device="cpu")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

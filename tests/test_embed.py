@@ -1,0 +1,209 @@
+"""The embed stage through the real CLI, on a generated COCO subset with the tiny random model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit import artifacts, db, encode, models
+
+TINY = ["--model", "tiny-clip", "--num-workers", "0"]
+
+
+@pytest.fixture
+def ingested(synthetic_coco, tmp_db, run_cli):
+    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 30, "--name", "s30")
+    return tmp_db
+
+
+def query(db_path, sql, params=()):
+    con = db.open_database(db_path, read_only=True)
+    try:
+        return con.execute(sql, list(params)).df()
+    finally:
+        con.close()
+
+
+def sets(db_path):
+    return query(db_path, "SELECT * FROM embedding_sets ORDER BY embedding_set_id")
+
+
+def stored(db_path, set_id):
+    con = db.open_database(db_path, read_only=True)
+    try:
+        return artifacts.load_embedding_set(con, int(set_id))
+    finally:
+        con.close()
+
+
+def subset_order(db_path):
+    images = query(
+        db_path,
+        "SELECT si.image_id, s.image_root || '/' || i.rel_path AS path FROM subset_images si "
+        "JOIN images i USING (image_id) JOIN subsets s USING (subset_id) ORDER BY si.position",
+    )
+    caps = query(
+        db_path,
+        "SELECT sc.caption_id, c.text FROM subset_captions sc JOIN captions c USING (caption_id) "
+        "JOIN subset_images si ON si.subset_id = sc.subset_id AND si.image_id = sc.image_id "
+        "ORDER BY si.position, sc.position",
+    )
+    return images, caps
+
+
+def test_embeddings_are_written_normalised_and_referenced(ingested, run_cli):
+    out = run_cli("--db", ingested, "embed", "--subset", "s30", *TINY).output
+    assert "Embedded subset 's30' with tiny-clip" in out and "captions truncated at 77 tokens: 0" in out
+    df = sets(ingested)
+    assert sorted(df["kind"]) == ["image", "text"]
+    assert set(df["model"]) == {"tiny-clip"} and set(df["precision"]) == {"fp32"}
+    assert df["pretrained"].isna().all() and df["checkpoint_sha256"].isna().all()
+    runs = query(ingested, "SELECT run_id, stage FROM runs WHERE stage = 'embed'")
+    assert len(runs) == 1 and set(df["run_id"]) == {runs["run_id"][0]}
+    images, caps = subset_order(ingested)
+    for row in df.itertuples():
+        path = Path(row.path)
+        assert path.is_file() and path.parent.parent.parent.name == Path(ingested).stem + "_cache"
+        assert artifacts.sha256_file(path) == row.sha256
+        es = stored(ingested, row.embedding_set_id)
+        assert es.array.dtype == np.float32 and es.array.shape == (row.rows, row.dim) == (row.rows, 64)
+        np.testing.assert_allclose(np.linalg.norm(es.array, axis=1), 1.0, atol=1e-5)
+        want = images["image_id"] if row.kind == "image" else caps["caption_id"]
+        assert es.item_ids.tolist() == want.tolist()  # row order: subset positions
+    assert not list(Path(df["path"][0]).parent.glob(".partial/*"))  # shards cleaned up after the commit
+
+
+def test_rerun_is_a_noop_and_other_configs_never_mix(ingested, run_cli):
+    run_cli("--db", ingested, "embed", *TINY)
+    before = sets(ingested)
+    mtimes = [Path(p).stat().st_mtime_ns for p in before["path"]]
+    out = run_cli("--db", ingested, "embed", *TINY).output
+    assert "Already embedded" in out and "nothing recomputed" in out
+    after = sets(ingested)
+    assert after.equals(before)
+    assert [Path(p).stat().st_mtime_ns for p in after["path"]] == mtimes
+    assert len(query(ingested, "SELECT * FROM runs WHERE stage = 'embed'")) == 1
+    # Draft decoding changes what the image model sees: a new image set; captions are reused.
+    out = run_cli("--db", ingested, "embed", *TINY, "--draft-decode").output
+    assert "Embedded" in out
+    now = sets(ingested)
+    assert len(now) == 3 and list(now["kind"]).count("image") == 2
+    new_image = now.iloc[-1]
+    assert new_image["kind"] == "image" and '"draft":true' in new_image["config_json"]
+    assert f"embedding set {before[before.kind == 'text'].embedding_set_id.iloc[0]}:" in out
+
+
+def test_tampered_or_missing_file_is_refused_until_recompute(ingested, run_cli):
+    run_cli("--db", ingested, "embed", *TINY)
+    before = sets(ingested)
+    text_path = Path(before[before.kind == "text"]["path"].iloc[0])
+    arr = np.load(text_path)
+    arr[0, 0] += 0.5
+    np.save(text_path, arr)
+    res = run_cli("--db", ingested, "embed", *TINY, expect=2)
+    assert "has changed since it was written" in res.output and "--recompute" in res.output
+    assert str(text_path) in res.output and "Traceback" not in res.output
+    assert sets(ingested).equals(before)
+    out = run_cli("--db", ingested, "embed", *TINY, "--recompute").output
+    assert "Embedded" in out
+    after = sets(ingested)
+    assert len(after) == 4  # two new sets; the old rows stay as history
+    new_text = after[after.kind == "text"].iloc[-1]
+    # The model is deterministic, so the rebuilt file has the original content and name again.
+    assert new_text["path"] == str(text_path) and new_text["sha256"] == before[before.kind == "text"]["sha256"].iloc[0]
+    restored = stored(ingested, new_text["embedding_set_id"])
+    np.testing.assert_allclose(np.linalg.norm(restored.array, axis=1), 1.0, atol=1e-5)
+    text_path.unlink()
+    res = run_cli("--db", ingested, "embed", *TINY, expect=2)
+    assert "is missing" in res.output and "--recompute" in res.output
+
+
+def test_interrupted_run_resumes_from_its_shards(ingested, run_cli, monkeypatch, tmp_path):
+    from toolkit import embed as embed_mod
+
+    monkeypatch.setattr(embed_mod, "SHARD_ROWS", {"image": 8, "text": 40})  # 4 image + 4 text shards
+    saved = []
+    real_save = embed_mod._Shards.save
+
+    def save_then_interrupt(self, i, arr):
+        real_save(self, i, arr)
+        saved.append(self.path(i))
+        if len(saved) == 3:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived after the third shard
+
+    monkeypatch.setattr(embed_mod._Shards, "save", save_then_interrupt)
+    res = run_cli("--db", ingested, "embed", *TINY, expect=130)
+    assert "Interrupted" in res.output
+    assert sets(ingested).empty and query(ingested, "SELECT * FROM runs WHERE stage = 'embed'").empty
+    assert all(p.is_file() for p in saved) and len(saved) == 3
+    monkeypatch.setattr(embed_mod._Shards, "save", real_save)
+
+    calls = []
+    real_encode = encode.encode_images
+    monkeypatch.setattr(encode, "encode_images", lambda *a, **k: calls.append(len(a[1])) or real_encode(*a, **k))
+    out = run_cli("--db", ingested, "embed", *TINY).output
+    assert "3 shard(s) reused from an interrupted run" in out
+    assert calls == [6]  # only the last image shard (30 = 8 + 8 + 8 + 6) was computed again
+    resumed = sets(ingested)
+    assert len(resumed) == 2 and all(not p.exists() for p in saved)
+
+    # the resumed set equals an uninterrupted run into another database
+    other = str(tmp_path / "other.duckdb")
+    run_cli("--db", other, "ingest", "--coco-root", _coco_root(ingested), "--num-images", 30, "--name", "s30")
+    run_cli("--db", other, "embed", *TINY)
+    for kind in ("image", "text"):
+        a = stored(ingested, resumed[resumed.kind == kind].embedding_set_id.iloc[0]).array
+        o = sets(other)
+        b = stored(other, o[o.kind == kind].embedding_set_id.iloc[0]).array
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _coco_root(db_path):
+    return Path(query(db_path, "SELECT image_root FROM subsets")["image_root"][0]).parent
+
+
+def test_checkpoint_gives_the_same_embeddings_as_the_in_memory_model(ingested, run_cli, tmp_path):
+    bundle = models.load_model("tiny-clip", device="cpu")
+    with torch.no_grad():
+        for p in bundle.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # not the default random weights
+    ckpt = tmp_path / "weights.pt"
+    torch.save(bundle.model.state_dict(), ckpt)
+    out = run_cli("--db", ingested, "embed", "--model", "tiny-clip", "--checkpoint", ckpt, "--num-workers", 0).output
+    assert f"checkpoint {models.sha256_file(ckpt)[:12]}" in out
+    df = sets(ingested)
+    assert set(df["checkpoint_sha256"]) == {models.sha256_file(ckpt)}
+    images, caps = subset_order(ingested)
+    img = stored(ingested, df[df.kind == "image"].embedding_set_id.iloc[0]).array
+    txt = stored(ingested, df[df.kind == "text"].embedding_set_id.iloc[0]).array
+    np.testing.assert_allclose(img, encode.encode_images(bundle, images["path"], num_workers=0), atol=1e-6)
+    np.testing.assert_allclose(txt, encode.encode_texts(bundle, caps["text"].tolist()), atol=1e-6)
+
+
+def test_bad_inputs_give_one_message_and_write_nothing(ingested, run_cli, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))  # even if a dev has weights
+    res = run_cli(
+        "--db", ingested, "embed", "--model", "tiny-clip", "--pretrained", "x", "--checkpoint", "x.pt", expect=2
+    )
+    assert "either --pretrained TAG or --checkpoint PATH" in res.output
+    res = run_cli("--db", ingested, "embed", *TINY, "--subset", "nope", expect=2)
+    assert "No subset named 'nope'" in res.output
+    # the reference model's weights are not cached and the tests run offline: a fast, clear refusal
+    res = run_cli("--db", ingested, "embed", "--model", "openai/clip-vit-base-patch32", expect=2)
+    assert "--checkpoint" in res.output and "Traceback" not in res.output
+    images, _ = subset_order(ingested)
+    gone = Path(images["path"][3])
+    gone.unlink()
+    res = run_cli("--db", ingested, "embed", *TINY, expect=2)
+    assert gone.name in res.output and "missing" in res.output
+    corrupt = Path(images["path"][5])
+    corrupt.write_bytes(corrupt.read_bytes()[:200])
+    gone.write_bytes(Path(images["path"][4]).read_bytes())
+    res = run_cli("--db", ingested, "embed", *TINY, expect=2)
+    assert corrupt.name in res.output and "Cannot decode" in res.output
+    assert sets(ingested).empty and query(ingested, "SELECT * FROM runs WHERE stage = 'embed'").empty
