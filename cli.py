@@ -454,6 +454,13 @@ def download_coco(dest, base_url, images):
     click.echo(f"Next: clipfail ingest --coco-root {res.dest}")
 
 
+def _with_db(step: str, db_path: str) -> str:
+    """Spell out --db in a suggested command when the database is not the default one."""
+    if db_path == db.default_db_path():
+        return step
+    return step.replace("clipfail ", f"clipfail --db {db_path} ", 1)
+
+
 @cli.command("status")
 @db_option
 def status(db_path):
@@ -477,7 +484,7 @@ def status(db_path):
         click.echo("NOTE: some labels are SIMULATED (demo annotators), not human judgements.")
     click.echo("\nNext:")
     for step in res.next_steps:
-        click.echo(f"  {step}")
+        click.echo(f"  {_with_db(step, db_path)}")
 
 
 @cli.command()
@@ -847,6 +854,90 @@ def embed(
     click.echo(f"  captions: {res.n_captions} x {res.dim} -> embedding set {res.text_set_id}: {res.text_path}")
     if res.n_truncated is not None:
         click.echo(f"  captions truncated at {res.context_length} tokens: {res.n_truncated}")
+
+
+@cli.command("run")
+@click.option("--coco-root", type=click.Path(), help="Folder with annotations/captions_val2017.json and val2017/.")
+@click.option("--captions-json", type=click.Path(), help="A COCO captions JSON (instead of --coco-root).")
+@click.option("--images-dir", type=click.Path(), help="The folder its file_names are relative to.")
+@click.option("--num-images", default="5000", show_default=True, help="Images to sample, or 'all'.")
+@click.option("--captions-per-image", type=int, default=5, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True, help="Subset seed.")
+@click.option("--name", default=None, help="Subset name (default: <num-images>-seed<seed>).")
+@click.option("--skip-bad-images", is_flag=True, help="Exclude missing/unreadable images before sampling.")
+@click.option("--model", default="openai/clip-vit-base-patch32", show_default=True, help="Model spec (see embed).")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Local weights file (offline).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Embedding batch size (default: embed's).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False), default=None, help="Embedding cache (default: beside the db)."
+)
+@click.option("--n", "n_failures", type=int, default=200, show_default=True, help="R@1 failures to sample.")
+@click.option("--failure-seed", type=int, default=42, show_default=True)
+@click.option("--overlap", type=int, default=30, show_default=True)
+@click.option("--per-annotator", type=int, default=50, show_default=True)
+@click.option("--annotators", default="A,B,C", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="failure_analysis", show_default=True)
+@click.option("--pictures/--no-pictures", default=True, show_default=True)
+@db_option
+def run(db_path, **options):
+    """Run init, ingest, embed, evaluate and sample-failures in one go, resuming what is done.
+
+    Every stage is idempotent, so after an interruption the same command carries on where the
+    database stands. Ends with what to do next: label the CSVs, import-labels, improve, report.
+
+    Example: clipfail run --coco-root ~/coco --model openai/clip-vit-base-patch32 --num-images 5000
+    """
+    from toolkit.pipeline import run_pipeline
+
+    con = db.open_database(db_path)
+    try:
+        res = run_pipeline(con, **options)
+    finally:
+        con.close()
+    echo_df(
+        pd.DataFrame(
+            {
+                "stage": [s.stage for s in res.stages],
+                "status": [s.status for s in res.stages],
+                "seconds": [f"{s.seconds:.1f}" for s in res.stages],
+                "result": [s.detail for s in res.stages],
+            }
+        )
+    )
+    click.echo("")
+    echo_df(res.summary[["retrieval_run_id", "subset", "model", "n_queries", "r_at_1", "r_at_5", "r_at_10"]])
+    click.echo("\nNext steps:")
+    for i, step in enumerate(res.next_steps, start=1):
+        click.echo(f"  {i}. {_with_db(step, db_path)}")
+
+
+@cli.command("demo")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo_out", show_default=True)
+@click.option("--images", "n_images", type=click.IntRange(60), default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Data, model and simulated-annotator seed.")
+@click.option("--pictures/--no-pictures", default=True, show_default=True, help="Draw the annotators' pictures.")
+def demo(out_dir, n_images, seed, pictures):
+    """Run the whole study offline on generated data with a random tiny model, and write the report.
+
+    Generates a COCO-format dataset, saves a randomly initialised tiny open_clip model as a
+    local checkpoint, runs ingest, embed, evaluate and sample-failures, fills the labels with
+    SIMULATED annotators (flagged as such everywhere), runs improve with all poolings on four
+    subsets plus a control, and writes OUT/report/report.html. The database is OUT/demo.duckdb.
+
+    Example: clipfail demo --out demo_out
+    """
+    from toolkit.demo import run_demo
+
+    res = run_demo(out_dir, n_images=n_images, seed=seed, pictures=pictures)
+    echo_df(pd.DataFrame({"step": [s for s, _ in res.timings], "seconds": [f"{t:.1f}" for _, t in res.timings]}))
+    click.echo("")
+    echo_df(res.recall[["retrieval_run_id", "subset", "model", "n_queries", "r_at_1", "r_at_5", "r_at_10"]])
+    click.echo(f"\nImprovement subsets: {'; '.join(res.improvement_subsets)} (labels are SIMULATED).")
+    click.echo(f"Database: {res.db_path}  (try: clipfail --db {res.db_path} status)")
+    click.echo(f"Report:   {res.report_path}")
 
 
 def main():

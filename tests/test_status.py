@@ -9,7 +9,7 @@ from toolkit.status import study_status
 def test_status_of_an_empty_database(run_cli, tmp_db):
     res = run_cli("--db", tmp_db, "status")
     assert "No stage has run yet." in res.output
-    assert "clipfail download-coco" in res.output and "clipfail demo" in res.output
+    assert f"clipfail --db {tmp_db} download-coco" in res.output and "clipfail demo" in res.output
 
 
 def test_status_after_ingest_counts_rows_and_names_the_next_stage(run_cli, tmp_db, synthetic_coco):
@@ -30,4 +30,4 @@ def test_status_after_ingest_counts_rows_and_names_the_next_stage(run_cli, tmp_d
     assert res.next_steps == ["Embed the subset:  clipfail embed --subset small --model openai/clip-vit-base-patch32"]
 
     out = run_cli("--db", tmp_db, "status").output
-    assert "small" in out and "bigger" in out and "clipfail embed --subset small" in out
+    assert "small" in out and "bigger" in out and f"clipfail --db {tmp_db} embed --subset small" in out

@@ -208,8 +208,9 @@ def _next_steps(subsets, emb, retrieval, samples, labels, improvements, runs) ->
     unlabelled = sorted(sampled - labelled)
     if unlabelled:
         return [
-            "Fill in the category column of failure_analysis/assign_*.csv (see failure_analysis/README.txt),",
-            "then:  clipfail import-labels failure_analysis/assign_*.csv",
+            "Fill in the category column of assign_<annotator>.csv, and of each annotator's copy of",
+            "assign_overlap.csv, in the sample-failures --out folder (default failure_analysis/; see README.txt",
+            "there), then:  clipfail import-labels failure_analysis/assign_*.csv",
         ]
     improved = set(improvements["retrieval_run_id"]) if len(improvements) else set()
     steps = []

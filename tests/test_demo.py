@@ -1,0 +1,187 @@
+"""End to end: `clipfail demo` into a temporary folder, then the database, the report's tables and the
+page as headless Chromium renders it.
+
+The demo runs once per module, without the annotators' pictures (sample-failures' own tests cover
+them), in about 20-30 s on 2 cores: a real tiny open_clip model loaded from a saved checkpoint,
+every stage, simulated labels, improve, report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from toolkit import db
+from toolkit.status import study_status
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+]
+
+# Appended to a copy of the page: after load, write what the page holds into the DOM for --dump-dom.
+CHECK_SCRIPT = """
+<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message || e)));
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const result = {
+    n_images: imgs.length,
+    broken: imgs.filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt),
+    sizes: imgs.map(i => [i.naturalWidth, i.naturalHeight]),
+    n_tables: document.querySelectorAll('table').length,
+    resources: performance.getEntriesByType('resource').map(r => r.name),
+    errors: window.__errors,
+    title: document.title,
+  };
+  const pre = document.createElement('pre');
+  pre.id = 'clipfail-check';
+  pre.textContent = JSON.stringify(result);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    out = tmp_path_factory.mktemp("demo") / "demo_out"
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--no-pictures"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_demo_fills_every_table(demo):
+    out, output = demo
+    assert f"Report:   {out / 'report' / 'report.html'}" in output
+    con = db.open_database(out / "demo.duckdb", read_only=True)
+    try:
+        q = lambda sql, *p: con.execute(sql, list(p)).fetchall()  # noqa: E731
+        assert q("SELECT num_images, captions_per_image FROM subsets") == [(100, 5)]
+        assert q("SELECT count(*) FROM subset_captions") == [(500,)]
+        # the embeddings came from the saved checkpoint, not from a random model in memory
+        ckpt = out / "model" / "tiny-clip-random.safetensors"
+        sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+        sets = con.execute("SELECT kind, rows, checkpoint_sha256, pretrained FROM embedding_sets ORDER BY kind").df()
+        assert sets.loc[sets["kind"] == "image", "rows"].tolist() == [100]
+        assert sets.loc[sets["kind"] == "text", "rows"].tolist() == [500]
+        assert set(sets["checkpoint_sha256"]) == {sha}
+        emb = np.load(con.execute("SELECT path FROM embedding_sets WHERE kind = 'image'").fetchone()[0])
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+        rrid = q("SELECT retrieval_run_id FROM retrieval_runs WHERE direction = 'text-to-image'")[0][0]
+        assert q("SELECT n_queries FROM recall_summary WHERE retrieval_run_id = ?", rrid) == [(500,)]
+        sizes = dict(q("SELECT set_name, count(*) FROM failure_samples GROUP BY ALL"))
+        assert sizes == {"overlap": 30, "A": 50, "B": 50, "C": 50, "backup": 20}
+        # simulated labels, flagged; every annotator labelled the overlap set
+        assert q("SELECT count(*), bool_and(is_simulated) FROM annotations") == [(3 * 50 + 3 * 30, True)]
+        assert q("SELECT count(DISTINCT annotator) FROM annotations JOIN failure_samples USING (sample_id) "
+                 "WHERE set_name = 'overlap'") == [(3,)]  # fmt: skip
+        agree = q("SELECT percent_agreement FROM annotator_agreement WHERE measure = 'fleiss'")[0][0]
+        assert 0 < agree < 100  # the simulated annotators disagree on part of the overlap set
+        # improve: four failure subsets x three poolings, plus one control configuration x three poolings
+        runs = con.execute("SELECT categories, population, pooling FROM improvement_runs").df()
+        fail = runs[runs["population"] == "failures"]
+        assert fail.groupby("categories")["pooling"].apply(sorted).tolist() == [["logsumexp", "max", "mean"]] * 4
+        assert len(runs[runs["population"] != "failures"]) == 3
+        assert q("SELECT count(*) FROM improvement_stats WHERE category = '*'") == [(len(runs) * 3,)]
+        stages = {r[0] for r in q("SELECT stage FROM runs")}
+        assert {"ingest", "embed", "evaluate", "sample-failures", "import-labels", "improve", "report"} <= stages
+
+        status = study_status(con)
+        assert list(status.stages["stage"].drop_duplicates()) == [
+            "ingest",
+            "embed",
+            "evaluate",
+            "sample-failures",
+            "import-labels",
+            "improve",
+            "report",
+        ]
+        assert status.has_simulated_labels
+    finally:
+        con.close()
+
+
+def test_demo_report_tables(demo):
+    out, _ = demo
+    rep = out / "report"
+    con = db.open_database(out / "demo.duckdb", read_only=True)
+    try:
+        pd.testing.assert_frame_equal(
+            pd.read_csv(rep / "tables" / "recall_summary.csv"),
+            con.execute("SELECT * FROM recall_summary").df(),
+            check_dtype=False,
+        )
+        dist = pd.read_csv(rep / "tables" / "taxonomy_distribution.csv")
+        view = con.execute("SELECT category, count FROM taxonomy_distribution ORDER BY rank").df()
+        assert dist[["category", "count"]].values.tolist() == view.values.tolist()
+        consolidated = pd.read_csv(rep / "tables" / "improvement_runs_consolidated.csv")
+        recall = con.execute("SELECT improvement_id, k, improved_pct FROM improvement_recall").df()
+        for row in consolidated.itertuples():
+            for k, col in ((1, "improved_r1"), (5, "improved_r5"), (10, "improved_r10")):
+                want = recall[(recall["improvement_id"] == row.improvement_id) & (recall["k"] == k)]["improved_pct"]
+                assert getattr(row, col) == pytest.approx(float(want.iloc[0]), abs=0)
+    finally:
+        con.close()
+    study_tables = sorted(p.name for p in (rep / "tables").glob("improvement_*_own.csv"))
+    assert len(study_tables) == 3
+    assert len(list((rep / "tables").glob("improvement_*_union.csv"))) == 1
+    for name in study_tables:
+        t = pd.read_csv(rep / "tables" / name)
+        assert t["pooling"].tolist() == ["max", "mean", "logsumexp (tau=1)"]
+    figures = sorted(p.name for p in (rep / "figures").glob("*.png"))
+    assert [f.split("_")[0] for f in figures] == [f"figure{i}" for i in range(1, 7)]
+    page = (rep / "report.html").read_text(encoding="utf-8")
+    assert 'id="simulated-banner"' in page and "randomly initialised" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")
+def test_report_renders_in_headless_chromium_without_broken_images(demo, tmp_path):
+    out, _ = demo
+    page = (out / "report" / "report.html").read_text(encoding="utf-8")
+    check = out / "report" / "report_check.html"  # beside the report: same relative links
+    check.write_text(page.replace("</body>", CHECK_SCRIPT + "</body>"), encoding="utf-8")
+    profile = tmp_path / "chromium-profile"
+    dom = subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom",
+         check.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    m = re.search(r'<pre id="clipfail-check">(.*?)</pre>', dom.stdout, re.S)
+    assert m, f"the check did not run; chromium said:\n{dom.stderr[-2000:]}"
+    found = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert found["n_images"] == 6 and found["broken"] == []
+    assert all(w > 300 and h > 200 for w, h in found["sizes"])
+    assert found["n_tables"] >= 10 and found["errors"] == []
+    assert [r for r in found["resources"] if not r.startswith("data:")] == []  # nothing fetched
+
+    shot = out / "report" / "screenshot.png"
+    subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1280,4000",
+         f"--screenshot={shot}", (out / "report" / "report.html").as_uri()],
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    im = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert im.shape == (4000, 1280)
+    assert im.std() > 20  # text, tables and charts, not a blank page

@@ -1,0 +1,53 @@
+"""clipfail run: init + ingest + embed + evaluate + sample-failures in one go, resuming what is done."""
+
+from __future__ import annotations
+
+import pytest
+
+from toolkit import db
+from toolkit.models import TINY_CONFIG, save_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_random_checkpoint(path, spec=TINY_CONFIG, seed=1)
+    return path
+
+
+def test_run_resumes_and_ends_with_next_steps(run_cli, tmp_db, tmp_path, synthetic_coco, checkpoint):
+    common = ["--db", tmp_db, "run", "--coco-root", synthetic_coco, "--num-images", 40]
+    # an earlier, separate ingest: `run` finds it done and carries on from there
+    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 40)
+    opts = ["--model", TINY_CONFIG, "--checkpoint", checkpoint, "--device", "cpu", "--n", 60, "--overlap", 10]
+    opts += ["--per-annotator", 20, "--annotators", "A,B", "--out", tmp_path / "fa", "--no-pictures"]
+    out = run_cli(*common, *opts).output
+    status = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:5]}
+    assert status == {"ingest": "already", "embed": "done", "evaluate": "done", "sample-failures": "done"}
+    assert "Next steps:" in out and f"clipfail --db {tmp_db} import-labels {tmp_path / 'fa' / 'assign_A.csv'}" in out
+    assert f"import-labels {tmp_path / 'fa' / 'assign_overlap_B.csv'} --annotator B" in out
+    assert "report --out report/" in out and "improve --categories" in out
+    assert (tmp_path / "fa" / "assign_B.csv").exists()
+
+    con = db.open_database(tmp_db, read_only=True)
+    try:
+        r1 = con.execute("SELECT r_at_1 FROM recall_summary").fetchone()[0]
+        n_runs = con.execute("SELECT count(*) FROM runs").fetchone()[0]
+        assert con.execute("SELECT count(*) FROM failure_samples").fetchone()[0] == 60
+    finally:
+        con.close()
+    assert f"{r1:.4f}" in out  # the printed R@1 is the view's
+
+    # the same command again: every stage is already done and nothing is written
+    again = run_cli(*common, *opts).output
+    assert [line.split()[1] for line in again.splitlines()[1:5]] == ["already"] * 4
+    con = db.open_database(tmp_db, read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == n_runs
+    finally:
+        con.close()
+
+
+def test_run_without_data_is_one_clear_error(run_cli, tmp_db, tmp_path):
+    res = run_cli("--db", tmp_db, "run", "--coco-root", tmp_path / "nope", expect=2)
+    assert "Error:" in res.output and "download-coco" in res.output and "Traceback" not in res.output

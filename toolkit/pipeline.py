@@ -1,0 +1,175 @@
+"""`clipfail run`: ingest, embed, evaluate and sample-failures in one go, resuming what is done.
+
+Each stage is called through its own toolkit function, which is idempotent: the same inputs
+again are a no-op that reports so, and an interrupted embed resumes from its shards. So
+`run_pipeline` can be started again after any failure or Ctrl-C and it carries on where the
+database stands. What is left for people (labelling the exported CSVs) and the later stages
+(import-labels, improve, report) are returned as next steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    status: str  # 'done' | 'already done'
+    detail: str
+    seconds: float
+
+
+@dataclass
+class PipelineResult:
+    subset: str
+    retrieval_run_id: int
+    failures_dir: Path
+    stages: list[StageOutcome] = field(default_factory=list)
+    next_steps: list[str] = field(default_factory=list)
+    summary: object = None  # the run's recall_summary row (DataFrame)
+    annotators: list[str] = field(default_factory=list)
+
+
+def embed_stage(con, *, subset_name, model, pretrained, checkpoint, device, batch_size, precision, cache_dir=None):
+    """Call the embed stage (toolkit.embed.embed) with the pipeline's options."""
+    from toolkit.embed import embed
+
+    return embed(
+        con,
+        subset_name=subset_name,
+        model=model,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        device=device,
+        batch_size=batch_size,
+        precision=precision,
+        cache_dir=cache_dir,
+    )
+
+
+def _timed(outcomes: list[StageOutcome], stage: str, fn, describe):
+    t0 = time.perf_counter()
+    res = fn()
+    noop = bool(getattr(res, "is_noop", False))
+    outcomes.append(StageOutcome(stage, "already done" if noop else "done", describe(res), time.perf_counter() - t0))
+    return res
+
+
+def run_pipeline(
+    con,
+    *,
+    coco_root=None,
+    captions_json=None,
+    images_dir=None,
+    num_images: int | str = 5000,
+    captions_per_image: int = 5,
+    seed: int = 42,
+    name: str | None = None,
+    skip_bad_images: bool = False,
+    model: str = "openai/clip-vit-base-patch32",
+    pretrained: str | None = None,
+    checkpoint: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    precision: str = "fp32",
+    cache_dir=None,
+    topk: int = 10,
+    n_failures: int = 200,
+    failure_seed: int = 42,
+    overlap: int = 30,
+    per_annotator: int = 50,
+    annotators: str = "A,B,C",
+    out_dir="failure_analysis",
+    pictures: bool = True,
+) -> PipelineResult:
+    """init + ingest + embed + evaluate (text-to-image) + sample-failures; see the module docstring."""
+    from toolkit.evaluate import evaluate
+    from toolkit.failures import parse_annotators, sample_failures
+    from toolkit.ingest import ingest
+
+    stages: list[StageOutcome] = []
+    ing = _timed(
+        stages,
+        "ingest",
+        lambda: ingest(
+            con,
+            coco_root=coco_root,
+            captions_json=captions_json,
+            images_dir=images_dir,
+            num_images=num_images,
+            captions_per_image=captions_per_image,
+            seed=seed,
+            name=name,
+            skip_bad_images=skip_bad_images,
+        ),
+        lambda r: f"subset {r.name!r}: {r.num_images} images, {r.num_captions} captions",
+    )
+    emb_kw = dict(model=model, pretrained=pretrained, checkpoint=checkpoint, device=device, precision=precision)
+    if batch_size is not None:
+        emb_kw["batch_size"] = batch_size
+    else:
+        emb_kw["batch_size"] = None
+    _timed(
+        stages,
+        "embed",
+        lambda: embed_stage(con, subset_name=ing.name, cache_dir=cache_dir, **emb_kw),
+        lambda r: (
+            f"model {model}" + (f" ({pretrained})" if pretrained else "") + (" (checkpoint)" if checkpoint else "")
+        ),
+    )
+    ev = _timed(
+        stages,
+        "evaluate",
+        lambda: evaluate(
+            con,
+            ing.name,
+            model=model,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            topk=topk,
+            device=device,
+            direction="text-to-image",
+        ),
+        lambda r: f"retrieval run {r.retrieval_run_id}: {r.n_queries} captions ranked",
+    )
+    _timed(
+        stages,
+        "sample-failures",
+        lambda: sample_failures(
+            con,
+            run_id=ev.retrieval_run_id,
+            n=n_failures,
+            seed=failure_seed,
+            overlap=overlap,
+            per_annotator=per_annotator,
+            annotators=annotators,
+            out_dir=out_dir,
+            pictures=pictures,
+        ),
+        lambda r: f"{r.n} of {r.n_failures} R@1 failures -> {r.out_dir}/",
+    )
+    names = parse_annotators(annotators)
+    out = Path(out_dir)
+    files = " ".join(str(out / f"assign_{a}.csv") for a in names)
+    steps = [
+        f"Label the failures: each annotator fills the category column of their {out}/assign_<name>.csv and of "
+        f"their own copy of {out}/assign_overlap.csv, saved as assign_overlap_<name>.csv (definitions and "
+        f"examples in {out}/README.txt; pictures vis_<sample_id>.png).",
+        f"clipfail import-labels {files}",
+        *(f"clipfail import-labels {out}/assign_overlap_{a}.csv --annotator {a}" for a in names),
+        "clipfail analyze",
+        "clipfail improve --categories Object --pooling all --control successes:200",
+        "clipfail report --out report/",
+    ]
+    return PipelineResult(
+        subset=ing.name,
+        retrieval_run_id=ev.retrieval_run_id,
+        failures_dir=out,
+        stages=stages,
+        next_steps=steps,
+        summary=ev.summary,
+        annotators=names,
+    )
