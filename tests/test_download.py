@@ -37,7 +37,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         start = 0
         rng = self.headers.get("Range")
         if rng and not srv.ignore_range:
-            start = int(rng.split("=")[1].split("-")[0])
+            start = 0 if srv.wrong_range else int(rng.split("=")[1].split("-")[0])
             if start >= len(data):
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(data)}")
@@ -65,6 +65,7 @@ def server(tmp_path):
     root.mkdir()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.root, httpd.requests, httpd.ignore_range, httpd.drop_after = root, [], False, None
+    httpd.wrong_range = False  # answer a Range request with 206 for the whole file (a broken server)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -167,6 +168,18 @@ def test_server_ignoring_range_restarts_cleanly(served_coco, tmp_path):
     assert (dest / "zips" / "annotations_trainval2017.zip").read_bytes() == (
         served_coco.root / "annotations" / "annotations_trainval2017.zip"
     ).read_bytes()
+
+
+def test_a_206_for_the_wrong_range_restarts_instead_of_appending(served_coco, tmp_path):
+    dest = tmp_path / "coco_dl"
+    full = (served_coco.root / "annotations" / "annotations_trainval2017.zip").read_bytes()
+    (dest / "zips").mkdir(parents=True)
+    (dest / "zips" / "annotations_trainval2017.zip.part").write_bytes(full[:1000])
+    served_coco.wrong_range = True
+    res = download_coco(dest, base_url=served_coco.base_url, images=False)
+    assert res.files[0].action == "downloaded"
+    assert [r[1] for r in served_coco.requests] == ["bytes=1000-", None]
+    assert (dest / "zips" / "annotations_trainval2017.zip").read_bytes() == full
 
 
 def _evil_zip(path: Path, name: str, symlink: bool = False) -> None:

@@ -129,7 +129,12 @@ def _fetch(url: str, part: Path, base_url: str, known_size: int | None) -> tuple
 
     with response:
         if response.status == 206:
-            total = _total_from_content_range(response.headers.get("Content-Range"))
+            content_range = response.headers.get("Content-Range") or ""
+            if not content_range.startswith(f"bytes {have}-"):  # not the rest we asked for: start again
+                response.close()
+                part.unlink(missing_ok=True)
+                return _fetch(url, part, base_url, known_size)
+            total = _total_from_content_range(content_range)
             mode, start, action = "ab", have, "resumed"
         else:  # 200: the server sends the whole file (it ignored or did not get a Range)
             length = response.headers.get("Content-Length")
