@@ -162,21 +162,27 @@ def main() -> None:
         bundle = load_model(MODEL, device="cpu")  # random weights: the real model's cost
         print(f"setup {time.perf_counter() - t0:.1f} s; model {MODEL} (random init), torch threads "
               f"{torch.get_num_threads()}")  # fmt: skip
-        calls = {"n": 0, "texts": 0}
+        calls = {"n": 0, "texts": 0, "seconds": 0.0}
 
         def encoder(texts):
             calls["n"] += 1
             calls["texts"] += len(texts)
-            return encode_texts(bundle, texts)
+            t = time.perf_counter()
+            out = encode_texts(bundle, texts)
+            calls["seconds"] += time.perf_counter() - t
+            return out
 
         encoder(["warm-up caption"])
         # Interleaved and repeated (the machine may be shared): each configuration's best time counts.
         times: dict[str, list[float]] = {"all": [], "max": [], "mean": [], "logsumexp": []}
+        rest: dict[str, list[float]] = {p: [] for p in times}  # seconds outside the encoder
         ranks_all = res_all = None
         for rep in range(args.repeats):
             for p in ("all", "max", "mean", "logsumexp"):
+                enc0 = calls["seconds"]
                 secs, res, ranks = timed_run(base, tmp / f"{p}{rep}.duckdb", encoder, poolings=p)
                 times[p].append(secs)
+                rest[p].append(secs - (calls["seconds"] - enc0))
                 if p == "all":
                     res_all, ranks_all = res, ranks
                 else:
@@ -197,14 +203,23 @@ def main() -> None:
         assert calls["texts"] == n_before, "the cached re-run encoded prompts"
     mean_single = sum(singles.values()) / 3
     every = json.dumps({k: [round(x, 2) for x in v] for k, v in times.items()})
+    enc = min(t - r for p in times for t, r in zip(times[p], rest[p]))  # the same encoding work in every run
+    rest_all = min(rest["all"])
+    rest_one = sum(min(rest[p]) for p in singles) / 3
     print(f"seconds (best of {args.repeats}; every run: {every}):")
-    print(f"  three poolings in one run (--pooling all) : {t_all:7.2f}")
+    print(f"  three poolings in one run (--pooling all) : {t_all:7.2f}   (outside the encoder {rest_all:.2f})")
     for p, s in singles.items():
-        print(f"  {p:<9} alone, empty prompt cache       : {s:7.2f}")
+        print(f"  {p:<9} alone, empty prompt cache       : {s:7.2f}   (outside the encoder {min(rest[p]):.2f})")
     print(f"  three separate runs, no cache (sum)       : {sum(singles.values()):7.2f}")
     print(f"  re-run, another tau, every prompt cached  : {t_cached:7.2f}")
-    print(f"ratio all-in-one / one pooling (mean of the three): {t_all / mean_single:.3f}   (target <= 1.2)")
-    print(f"speed-up all-in-one vs three separate runs: {sum(singles.values()) / t_all:.2f}x")
+    print(f"  encoding the {res_all.n_encoded} prompts (fastest of all runs): {enc:7.2f}")
+    print(f"ratio all-in-one / one pooling, wall clock (best times): {t_all / mean_single:.3f}   (target <= 1.2)")
+    print(
+        f"ratio all-in-one / one pooling, same encoding time: {(enc + rest_all) / (enc + rest_one):.3f}"
+        "   (every run encodes the same prompts; on a shared machine the wall-clock ratio mostly measures load)"
+    )
+    print(f"speed-up all-in-one vs three separate runs: {sum(singles.values()) / t_all:.2f}x wall clock, "
+          f"{3 * (enc + rest_one) / (enc + rest_all):.2f}x at equal encoding time")  # fmt: skip
     print("identical ranks: the all-in-one run equals each separate run")
 
 

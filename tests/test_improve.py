@@ -589,3 +589,94 @@ def test_readme_example_queries_run(con):
     assert all(len(r) > 0 for r in results)
     table = results[0]
     assert list(table["pooling"]) == ["max", "mean"] and set(table["categories"]) == {"Object,Attribute"}
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end with a real (tiny, randomly initialised) open_clip model through every stage's CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_world(synthetic_coco_master, tmp_path_factory):
+    from toolkit.models import save_random_checkpoint
+
+    root = tmp_path_factory.mktemp("improve_tiny")
+    path = root / "tiny.duckdb"
+    ckpt = root / "tiny-clip.pt"
+    save_random_checkpoint(ckpt, "tiny-clip", seed=3)
+    _cli(["--db", path, "ingest", "--coco-root", synthetic_coco_master, "--num-images", "30"])
+    _cli(["--db", path, "embed", "--model", "tiny-clip", "--checkpoint", ckpt, "--device", "cpu"])
+    _cli(["--db", path, "evaluate", "--device", "cpu"])
+    out = root / "fa"
+    _cli(["--db", path, "sample-failures", "--n", 40, "--overlap", 4, "--per-annotator", 12, "--out", out,
+          "--no-pictures"])  # fmt: skip
+    cats = ["Count", "Attribute", "Spatial", "Object"]
+    for name in ["assign_A.csv", "assign_B.csv", "assign_C.csv"]:
+        with open(out / name, encoding="utf-8-sig", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        for i, r in enumerate(rows):
+            r["category"] = cats[i % len(cats)]
+        with open(out / name, "w", encoding="utf-8", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        _cli(["--db", path, "import-labels", out / name])
+    return path, ckpt
+
+
+def test_end_to_end_with_a_tiny_open_clip_model(tiny_world, tmp_path, run_cli):
+    path, ckpt = tiny_world  # only this test uses (and changes) it
+    # the checkpoint is found from the text embeddings' record; prompts are encoded by that model
+    out = run_cli("--db", path, "improve", "--categories", "Count,Attribute", "--pooling", "max").output
+    assert "Attribute+Count failures" in out and "Baseline: R@1 0.00" in out
+    encoded = int(out.split(" encoded now")[0].rsplit(", ", 1)[1])
+    assert encoded > 0
+    again = run_cli("--db", path, "improve", "--categories", "Count,Attribute", "--pooling", "all", "--tau", "0.5")
+    assert "0 encoded now" in again.output  # another pooling and tau: nothing to encode
+    for label in ("max", "mean", "logsumexp (tau=0.5)"):
+        assert label in again.output
+    # the cache holds exactly what the embed stage's fast text path gives for those prompts
+    from toolkit.artifacts import load_embedding_set
+    from toolkit.encode import encode_texts
+    from toolkit.models import load_model
+
+    con = db.open_database(path)
+    try:
+        sid = con.execute("SELECT embedding_set_id FROM embedding_sets WHERE kind = 'prompt'").fetchall()[0][0]
+        shard = load_embedding_set(con, sid)
+        texts = (
+            con.execute(
+                "SELECT p.text FROM embedding_rows er JOIN prompts p ON p.prompt_id = er.item_id "
+                "WHERE er.embedding_set_id = ? ORDER BY er.row_index",
+                [sid],
+            )
+            .df()["text"]
+            .tolist()
+        )
+    finally:
+        con.close()
+    assert len(texts) == encoded
+    bundle = load_model("tiny-clip", checkpoint=ckpt, device="cpu")
+    np.testing.assert_allclose(encode_texts(bundle, texts[:50]), shard.array[:50], atol=1e-6, rtol=0)
+    # identity-only templates: every pooling reproduces the evaluate stage's ranks exactly
+    f = _write(tmp_path / "ident.csv", [["ident", c, 0, "{caption}"] for c in ("Count", "Attribute", "Spatial")])
+    run_cli("--db", path, "templates", "import", f)
+    run_cli("--db", path, "improve", "--categories", "Count,Attribute,Spatial", "--pooling", "all",
+            "--template-set", "ident", "--control", "all")  # fmt: skip
+    ranks = q(
+        path,
+        "SELECT r.baseline_rank, r.improved_rank, r.improved_score, rr.gt_rank, rr.gt_score "
+        "FROM improvement_ranks r JOIN improvement_runs u USING (improvement_id) "
+        "JOIN retrieval_ranks rr ON rr.retrieval_run_id = u.retrieval_run_id AND rr.query_id = r.caption_id "
+        "WHERE u.template_set = 'ident'",
+    )
+    n_fail = q(path, "SELECT count(*) AS n FROM sample_labels WHERE category <> 'Object' AND NOT is_overlap")["n"][0]
+    assert len(ranks) == 3 * (q(path, "SELECT count(*) AS n FROM retrieval_ranks")["n"][0] + n_fail)
+    assert (ranks["improved_rank"] == ranks["gt_rank"]).all() and (ranks["baseline_rank"] == ranks["gt_rank"]).all()
+    assert np.array_equal(ranks["improved_score"].to_numpy(), ranks["gt_score"].to_numpy(np.float64))
+    # another model's weights are refused for new prompts, with a clear message
+    other = tmp_path / "other.pt"
+    from toolkit.models import save_random_checkpoint
+
+    save_random_checkpoint(other, "tiny-clip", seed=4)
+    res = run_cli("--db", path, "improve", "--categories", "Spatial", "--checkpoint", other, expect=2)
+    assert "is not the one that made the text embeddings" in res.output

@@ -422,9 +422,11 @@ def improve(
 ) -> ImproveResult:
     """Run (or reuse) prompt ensembling on a labelled failure subset; see the module docstring.
 
-    `encoder(texts) -> (len(texts), d) float32 L2-normalised array` encodes prompts; by default
-    `encoder_factory(text_set_row)` builds one from the model that made the retrieval run's text
-    embeddings (only when some prompt is not cached). Tests pass a fake encoder.
+    `encoder(texts) -> (len(texts), d) float32 L2-normalised array` encodes prompts. Without one,
+    `encoder_factory(identity)` (default: `model_encoder_factory()`) builds it from the model that
+    made the retrieval run's text embeddings; `identity` is `model_identity` of that set plus its
+    recorded config under "config". The model is built only when some prompt is not cached.
+    Prompt shards go to `cache_dir` (default: `default_cache_dir`). Tests pass a fake encoder.
     """
     started = db.now()
     pools = parse_poolings(poolings)
