@@ -30,6 +30,7 @@ the same picture up to resize-interpolation noise, for a fraction of the decode 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -339,13 +340,40 @@ class ImageFiles:
             return torch.zeros(3, *self.size), i, f"{path} ({reason})"
 
 
+@contextlib.contextmanager
+def _single_threaded_torch():
+    """Run small tensor ops (ToTensor, Normalize) on one thread, as DataLoader workers do.
+
+    On a busy machine a multi-threaded elementwise op on a 224x224 image waits for a descheduled
+    OpenMP thread and takes tens of milliseconds instead of a fraction of one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _in_process_batches(ds: ImageFiles, batch_size: int):
+    """What a DataLoader with num_workers=0 yields, with decoding on one torch thread."""
+    from torch.utils.data import default_collate
+
+    for start in range(0, len(ds), batch_size):
+        with _single_threaded_torch():
+            batch = default_collate([ds[i] for i in range(start, min(len(ds), start + batch_size))])
+        yield batch
+
+
 def default_num_workers(device: str) -> int:
-    """Decode workers: on a GPU the model is fast, so decode with most cores; on CPU the model
-    competes with decoding for the same cores, so one worker (overlap, not oversubscription)."""
+    """Decode workers. On a GPU the model is fast, so most cores decode. On a CPU the model already
+    uses every core, so a worker only competes with it: none on 1-2 cores (decoding in between
+    batches on one thread costs less than oversubscription), about a quarter of the cores beyond."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.startswith("cuda") or device == "mps":
         return max(1, min(16, cores - 1))
-    return 1 if cores >= 2 else 0
+    return 0 if cores <= 2 else max(1, cores // 4)
 
 
 def encode_images(
@@ -368,14 +396,17 @@ def encode_images(
         num_workers = default_num_workers(bundle.device)
     num_workers = max(0, min(int(num_workers), len(paths) // max(1, batch_size) + 1))
     ds = ImageFiles(paths, bundle.preprocess, bundle.image_size, draft=draft)
-    loader = DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=bundle.device.startswith("cuda"),
-        persistent_workers=False,
-    )
+    if num_workers == 0:
+        loader = _in_process_batches(ds, batch_size)
+    else:
+        loader = DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=bundle.device.startswith("cuda"),
+            persistent_workers=False,
+        )
     dtype = bundle.input_dtype
     out = None
     bar, owned = _bar(progress, len(paths), "images", "image")
