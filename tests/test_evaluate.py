@@ -38,7 +38,7 @@ def _members(con, name="s30"):
     return int(sid), imgs.astype(np.int64), caps
 
 
-def _register(con, tmp_path, kind, array, item_ids, model=MODEL, subset="s30", tag=""):
+def _register(con, tmp_path, kind, array, item_ids, model=MODEL, subset="s30", tag="", pretrained=None):
     sid = int(db.get_subset(con, subset)["subset_id"])
     path = tmp_path / f"{kind}{tag}-{model}.npy"
     sha = artifacts.save_array(path, array)
@@ -50,7 +50,7 @@ def _register(con, tmp_path, kind, array, item_ids, model=MODEL, subset="s30", t
             kind=kind,
             subset_id=sid,
             model=model,
-            pretrained=None,
+            pretrained=pretrained,
             checkpoint_sha256=None,
             precision="fp32",
             config=cfg,
@@ -70,15 +70,15 @@ def _embeddings(caps, n_images, d=16, seed=0, noise=2.0):
     return img, rng, d, noise
 
 
-def _make_sets(con, tmp_path, model=MODEL, seed=0, tag=""):
+def _make_sets(con, tmp_path, model=MODEL, seed=0, tag="", pretrained=None):
     _, img_ids, caps = _members(con)
     img, rng, d, noise = _embeddings(caps, len(img_ids), seed=seed)
     row_of = {int(i): r for r, i in enumerate(img_ids)}
     gt_rows = np.array([row_of[int(i)] for i in caps["image_id"]])
     txt = img[gt_rows] + noise * rng.standard_normal((len(gt_rows), d)).astype(np.float32) / np.sqrt(d)
     txt = (txt / np.linalg.norm(txt, axis=1, keepdims=True)).astype(np.float32)
-    _register(con, tmp_path, "image", img, img_ids, model=model, tag=tag)
-    _register(con, tmp_path, "text", txt, caps["caption_id"].to_numpy(), model=model, tag=tag)
+    _register(con, tmp_path, "image", img, img_ids, model=model, tag=tag, pretrained=pretrained)
+    _register(con, tmp_path, "text", txt, caps["caption_id"].to_numpy(), model=model, tag=tag, pretrained=pretrained)
     return img, txt, img_ids, caps["caption_id"].to_numpy(dtype=np.int64), gt_rows
 
 
@@ -184,11 +184,13 @@ def test_without_embeddings_names_the_embed_command(subset_db, tmp_path):
     con = db.open_database(subset_db)
     with pytest.raises(UserError) as exc:
         evaluate(con, "s30", model="openai/clip-vit-base-patch32")
-    assert "clipfail embed --subset s30 --model openai/clip-vit-base-patch32" in str(exc.value)
+    assert f"Run: clipfail --db {subset_db} embed --subset s30 --model openai/clip-vit-base-patch32" in str(exc.value)
     # only the image set: the message says which one is missing
     _, img_ids, _ = _members(con)
     _register(con, tmp_path, "image", np.eye(30, 16, dtype=np.float32), img_ids)
-    with pytest.raises(UserError, match=r"text embeddings .* missing.*clipfail embed --subset s30 --model " + MODEL):
+    with pytest.raises(
+        UserError, match=r"text embeddings .* missing.*clipfail --db .* embed --subset s30 --model " + MODEL
+    ):
         evaluate(con, "s30", model=MODEL)
     assert _counts(con)[1:] == (0, 0)
     con.close()
@@ -221,6 +223,23 @@ def test_several_models_need_model_option(subset_db, tmp_path):
     con.close()
 
 
+def test_hugging_face_name_finds_the_resolved_model_and_weights(subset_db, tmp_path):
+    """embed records open_clip's name; the HF-style name maps to ViT-B-32-quickgelu + 'openai' weights."""
+    con = db.open_database(subset_db)
+    _make_sets(con, tmp_path, model="ViT-B-32-quickgelu", pretrained="openai")
+    _make_sets(con, tmp_path, model="ViT-B-32-quickgelu", pretrained="laion400m_e32", seed=3, tag="laion")
+    with pytest.raises(UserError, match="several models"):
+        evaluate(con, "s30", model="ViT-B-32-quickgelu", device="cpu")
+    res = evaluate(con, "s30", model="openai/clip-vit-base-patch32", device="cpu")
+    sets = con.execute(
+        "SELECT e.pretrained FROM retrieval_runs r "
+        "JOIN embedding_sets e ON e.embedding_set_id = r.text_embedding_set_id WHERE retrieval_run_id = ?",
+        [res.retrieval_run_id],
+    ).fetchall()
+    assert res.model == "ViT-B-32-quickgelu" and sets == [("openai",)]
+    con.close()
+
+
 def test_failed_write_leaves_database_unchanged(subset_db, tmp_path, monkeypatch):
     con = db.open_database(subset_db)
     _make_sets(con, tmp_path)
@@ -238,7 +257,10 @@ def test_failed_write_leaves_database_unchanged(subset_db, tmp_path, monkeypatch
 
 def test_cli_prints_the_view(subset_db, tmp_path, run_cli):
     out = run_cli("--db", subset_db, "evaluate", "--subset", "s30", expect=2).output
-    assert "No cached embeddings for subset 's30'" in out and "clipfail embed --subset s30 --model" in out
+    assert (
+        "No cached embeddings for subset 's30'" in out
+        and f"clipfail --db {subset_db} embed --subset s30 --model" in out
+    )
     assert "Traceback" not in out
 
     con = db.open_database(subset_db)

@@ -29,7 +29,9 @@ recorded in the `runs` row.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -55,8 +57,19 @@ class EvaluateResult:
     summary: pd.DataFrame  # this run's row of the recall_summary view
 
 
-def _embed_command(subset: str, model: str | None, pretrained: str | None, checkpoint: str | None) -> str:
-    cmd = f"clipfail embed --subset {subset} --model {model or 'openai/clip-vit-base-patch32'}"
+def _clipfail(con) -> str:
+    """`clipfail`, with `--db PATH` when the connection is not the default database."""
+    try:
+        path = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    except Exception:
+        return "clipfail"
+    if not path or not path[0] or Path(path[0]).resolve() == Path(db.default_db_path()).resolve():
+        return "clipfail"
+    return f"clipfail --db {shlex.quote(str(path[0]))}"
+
+
+def _embed_command(con, subset: str, model: str | None, pretrained: str | None, checkpoint: str | None) -> str:
+    cmd = f"{_clipfail(con)} embed --subset {shlex.quote(subset)} --model {model or 'openai/clip-vit-base-patch32'}"
     if pretrained:
         cmd += f" --pretrained {pretrained}"
     if checkpoint:
@@ -64,20 +77,18 @@ def _embed_command(subset: str, model: str | None, pretrained: str | None, check
     return cmd
 
 
-def _model_names(model: str) -> list[str]:
-    """The names an embedding set may record for a model spec: the spec itself and what it resolves to."""
-    names = [model]
+def _resolve(model: str) -> tuple[list[str], str | None]:
+    """The names an embedding set may record for a model spec (the spec itself and the open_clip
+    name it resolves to), and the pretrained tag the spec implies (openai/clip-vit-base-patch32 ->
+    ViT-B-32-quickgelu with 'openai' weights)."""
     try:
         from toolkit.models import resolve_spec
 
         resolved = resolve_spec(model)
-        for attr in ("model_name", "spec", "name"):
-            value = getattr(resolved, attr, None)
-            if isinstance(value, str) and value not in names:
-                names.append(value)
-    except Exception:  # an unknown spec simply matches nothing more
-        pass
-    return names
+    except Exception:  # not a spec this toolkit resolves: match the recorded name as given
+        return [model], None
+    names = [model] + ([resolved.model_name] if resolved.model_name != model else [])
+    return names, resolved.pretrained if resolved.kind == "hf-name" else None
 
 
 def find_embedding_sets(
@@ -89,7 +100,7 @@ def find_embedding_sets(
     `model`, the subset must have embeddings of exactly one model.
     """
     name = subset["name"]
-    fix = f"Run: {_embed_command(name, model, pretrained, checkpoint)}"
+    fix = f"Run: {_embed_command(con, name, model, pretrained, checkpoint)}"
     sets = con.execute(
         """
         SELECT embedding_set_id, kind, model, pretrained, checkpoint_sha256, precision, path, rows, sha256
@@ -99,7 +110,9 @@ def find_embedding_sets(
         [int(subset["subset_id"])],
     ).df()
     if model is not None:
-        sets = sets[sets["model"].isin(_model_names(model))]
+        names, implied = _resolve(model)
+        sets = sets[sets["model"].isin(names)]
+        pretrained = pretrained or implied
     if pretrained is not None:
         sets = sets[sets["pretrained"] == pretrained]
     if checkpoint is not None:
@@ -121,8 +134,6 @@ def find_embedding_sets(
 
 
 def _exists(path) -> bool:
-    from pathlib import Path
-
     return Path(path).is_file()
 
 
@@ -186,7 +197,7 @@ def evaluate(
             int(existing[0]), int(existing[1]), True, name, model_name, direction, int(n), summary(con, existing[0])
         )
 
-    fix = f"Run: {_embed_command(name, model or model_name, pretrained, checkpoint)} --recompute"
+    fix = f"Run: {_embed_command(con, name, model or model_name, pretrained, checkpoint)} --recompute"
     images = artifacts.load_embedding_set(con, int(img_set["embedding_set_id"]), fix=fix)
     texts = artifacts.load_embedding_set(con, int(txt_set["embedding_set_id"]), fix=fix)
     image_ids, caption_ids = images.item_ids, texts.item_ids
