@@ -53,11 +53,11 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_mib() -> float:
-    """VmHWM of this process (peak resident set since the last reset), in MiB."""
+def _status_mib(key: str = "VmHWM:") -> float:
+    """VmHWM (peak resident set since the last reset) or VmRSS of this process, in MiB."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key):
                 return float(line.split()[1]) / 1024
     except OSError:
         pass
@@ -111,12 +111,13 @@ def main() -> None:
         t_bare1 = bare_forward(bundle, len(paths), args.batch_size)
         c_bare1 = _cpu() - c
         reset = _reset_peak_rss()
+        rss_start = _status_mib("VmRSS:")
         c, t = _cpu(), time.perf_counter()
         emb = encode.encode_images(
             bundle, paths, batch_size=args.batch_size, num_workers=workers, draft=args.draft, progress=False
         )
         t_embed, c_embed = time.perf_counter() - t, _cpu() - c
-        rss_main = _peak_rss_mib()
+        rss_main = _status_mib()
         rss_worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if workers else 0.0
         c = _cpu()
         t_bare2 = bare_forward(bundle, len(paths), args.batch_size)
@@ -131,7 +132,8 @@ def main() -> None:
     print(f"ratio embed/bare: {t_bare / t_embed:.3f} (target >= 0.9)")
     since = "during the embed run" if reset else "over the whole benchmark"
     print(
-        f"peak RSS {since}: main process {rss_main:.0f} MiB (model weights {_weights_mib(bundle):.0f} MiB)"
+        f"peak RSS {since}: main process {rss_main:.0f} MiB ({rss_start:.0f} MiB when it started; model "
+        f"weights {_weights_mib(bundle):.0f} MiB)"
         + (
             f"; largest decode worker {rss_worker:.0f} MiB (a forked worker's RSS counts the parent's pages "
             "it shares copy-on-write)"
