@@ -41,6 +41,7 @@ On CPU the counts and the top-k run in NumPy on threads, in cache-sized row bloc
 
 from __future__ import annotations
 
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -116,11 +117,11 @@ def _descending_keys(vals: np.ndarray) -> np.ndarray:
 
 
 class _NumpyRows:
-    """CPU statistics of a block of score rows, in NumPy, on threads, a cache-sized block at a time.
+    """CPU statistics of a block of score rows in NumPy, a cache-sized sub-block at a time.
 
     NumPy's comparisons and byte sums are several times faster than torch's broadcasting ones on
-    this kind of CPU, its ufuncs release the GIL (so blocks run in parallel), and the top-k below
-    avoids torch.topk's per-row overhead.
+    this kind of CPU, its ufuncs release the GIL, and the top-k below avoids torch.topk's per-row
+    overhead.
 
     Counts: bytes of `x > g` and `x == g`, summed per row.
 
@@ -131,15 +132,15 @@ class _NumpyRows:
     stable descending sort of the row cut at k, with no special case for ties at the cut.
     """
 
-    def __init__(self, n_cols: int, k: int, threads: int):
+    def __init__(self, n_cols: int, k: int):
         self.M, self.k = n_cols, k
-        self.block = max(8, (4 << 20) // (4 * n_cols))  # ~4 MB of scores per block
-        self.threads = max(1, threads)
-        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
-        self.bufs = [np.empty((self.block, n_cols), dtype=bool) for _ in range(self.threads)]
+        self.block = max(8, (4 << 20) // (4 * n_cols))  # ~4 MB of scores per sub-block
         # the counts are sums of 0/1 bytes; uint16 is enough (and faster) below 65536 columns
         self.sum_dtype = np.uint16 if n_cols < 65536 else np.int64
         self.bounds = [(i * n_cols) // k for i in range(k + 1)]  # k non-empty column ranges (k <= M)
+
+    def new_buffer(self) -> np.ndarray:
+        return np.empty((self.block, self.M), dtype=bool)
 
     def _topk(self, x: np.ndarray, b: np.ndarray, tv: np.ndarray, ti: np.ndarray) -> None:
         r, M, k = x.shape[0], self.M, self.k
@@ -158,10 +159,10 @@ class _NumpyRows:
         ti[:] = cols[take]
         tv[:] = vals[take]
 
-    def _work(self, t, S, g, n_gt, n_eq, tv, ti, r0, r1):
-        buf = self.bufs[t]
-        for s in range(r0, r1, self.block):
-            e = min(s + self.block, r1)
+    def __call__(self, S: np.ndarray, g: np.ndarray, n_gt, n_eq, tv, ti, buf: np.ndarray) -> None:
+        """Fill n_gt, n_eq (counts against g) and tv, ti (ordered top-k) for the rows of S."""
+        for s in range(0, S.shape[0], self.block):
+            e = min(s + self.block, S.shape[0])
             x, gg, b = S[s:e], g[s:e, None], buf[: e - s]
             u8 = b.view(np.uint8)
             np.greater(x, gg, out=b)
@@ -169,25 +170,6 @@ class _NumpyRows:
             np.equal(x, gg, out=b)
             n_eq[s:e] = np.add.reduce(u8, axis=1, dtype=self.sum_dtype)
             self._topk(x, b, tv[s:e], ti[s:e])
-
-    def __call__(self, S: np.ndarray, g: np.ndarray, n_gt, n_eq, tv, ti) -> None:
-        """Fill n_gt, n_eq (counts against g) and tv, ti (ordered top-k) for the rows of S."""
-        n = S.shape[0]
-        if self.pool is None or n < 2 * self.block:
-            self._work(0, S, g, n_gt, n_eq, tv, ti, 0, n)
-            return
-        step = -(-n // self.threads)
-        futs = [
-            self.pool.submit(self._work, t, S, g, n_gt, n_eq, tv, ti, t * step, min(n, (t + 1) * step))
-            for t in range(self.threads)
-            if t * step < n
-        ]
-        for f in futs:
-            f.result()
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.shutdown()
 
 
 def _order_topk(S: torch.Tensor, vals_all: torch.Tensor, idx_all: torch.Tensor, k: int):
@@ -258,7 +240,6 @@ def rank_queries(
     dev = resolve_device(device)
     k = min(k, M)
     Gt = G.to(dev, torch.float32).T  # d x M view; no copy when already float32 on dev
-    single = bool((counts == 1).all())
     indices_t = torch.from_numpy(indices).to(dev)
 
     out = RankResult(
@@ -272,74 +253,143 @@ def rank_queries(
     if N == 0:
         return out
 
-    # chunk rounded up to whole GEMM blocks, and no bigger than the (block-padded) query count
-    n_blocks = -(-N // MM_ROWS)
-    rows_per = MM_ROWS * min(n_blocks, max(1, -(-chunk // MM_ROWS)))
-    S_buf = torch.empty((rows_per, M), dtype=torch.float32, device=dev)
-    Q_buf = torch.empty((MM_ROWS, d), dtype=torch.float32, device=dev)
-    kk = min(k + 1, M)
     if backend is None:
         backend = "numpy" if dev.type == "cpu" else "torch"
     if backend not in ("numpy", "torch") or (backend == "numpy" and dev.type != "cpu"):
         raise ValueError(f"backend {backend!r} does not run on device {dev}")
-    rowstats = _NumpyRows(M, k, torch.get_num_threads()) if backend == "numpy" else None
-    starts = range(0, N, rows_per)
+    gt = _GroundTruth(indices_t, indptr, counts, M)
+    # rows scored at the same time: `chunk` rounded up to whole GEMM blocks, at most all queries
+    n_blocks = -(-N // MM_ROWS)
+    blocks_at_once = min(n_blocks, max(1, -(-chunk // MM_ROWS)))
+    bar = None
     if progress is not False:
         from toolkit.progress import progress as _progress
 
-        starts = _progress(starts, total=len(starts), desc=desc, unit="chunk", enabled=progress)
+        bar = _progress(total=N, desc=desc, unit="query", enabled=progress)
     try:
         with torch.inference_mode():
-            for s in starts:
-                e = min(s + rows_per, N)
-                c = e - s
-                S = S_buf[:c]
-                for b in range(s, e, MM_ROWS):
-                    # every GEMM has the same shape and the same row alignment whatever `chunk` is
-                    bn = min(MM_ROWS, e - b)
-                    Q_buf[:bn].copy_(Q[b : b + bn])
-                    if bn < MM_ROWS:
-                        Q_buf[bn:].zero_()
-                    torch.mm(Q_buf, Gt, out=S_buf[b - s : b - s + MM_ROWS])
-                ar = torch.arange(c, device=dev)
-                # the GT score is read from the computed row, so it is compared with the very same numbers
-                if single:
-                    gidx = indices_t[s:e]
-                    g = S[ar, gidx]
-                    n_gt_at_best = torch.ones(c, dtype=torch.int64, device=dev)
-                else:
-                    lo, hi = int(indptr[s]), int(indptr[e])
-                    cols = indices_t[lo:hi]
-                    rows = torch.repeat_interleave(ar, torch.from_numpy(counts[s:e]).to(dev))
-                    v = S[rows, cols]
-                    g = torch.full((c,), -torch.inf, device=dev).scatter_reduce(0, rows, v, "amax")
-                    at_best = v == g[rows]
-                    cand = torch.where(at_best, cols, torch.full_like(cols, M))
-                    gidx = torch.full((c,), M, dtype=torch.int64, device=dev).scatter_reduce(0, rows, cand, "amin")
-                    n_gt_at_best = torch.zeros(c, dtype=torch.int64, device=dev).scatter_add(
-                        0, rows, at_best.to(torch.int64)
-                    )
-                g_np = g.cpu().numpy()
-                n_gt = out.gt_rank[s:e]
-                n_eq = out.n_tied[s:e]
-                if rowstats is not None:
-                    rowstats(S.numpy(), g_np, n_gt, n_eq, out.topk_scores[s:e], out.topk_indices[s:e])
-                else:
-                    gcol = g[:, None]
-                    n_gt[:] = (S > gcol).sum(1).cpu().numpy()
-                    n_eq[:] = (S == gcol).sum(1).cpu().numpy()
-                    vals_all, idx_all = torch.topk(S, kk, dim=1, largest=True, sorted=True)
-                    tv, ti = _order_topk(S, vals_all, idx_all, k)
-                    out.topk_scores[s:e] = tv.cpu().numpy()
-                    out.topk_indices[s:e] = ti.cpu().numpy()
-                n_gt += 1  # gt_rank = 1 + strictly higher
-                n_eq -= n_gt_at_best.cpu().numpy()  # n_tied = equal scores that are not GT items
-                out.gt_score[s:e] = g_np
-                out.gt_index[s:e] = gidx.cpu().numpy()
+            if backend == "numpy":
+                _rank_cpu(Q, Gt, gt, out, k, blocks_at_once, bar)
+            else:
+                _rank_torch(Q, Gt, gt, out, k, blocks_at_once, bar)
     finally:
-        if rowstats is not None:
-            rowstats.close()
+        if bar is not None:
+            bar.close()
     return out
+
+
+class _GroundTruth:
+    """Reads each query's GT score from its computed score row (best GT item when there are several)."""
+
+    def __init__(self, indices: torch.Tensor, indptr: np.ndarray, counts: np.ndarray, M: int):
+        self.indices, self.indptr, self.counts, self.M = indices, indptr, counts, M
+        self.single = bool((counts == 1).all())
+
+    def __call__(self, S: torch.Tensor, s: int, e: int):
+        """For rows s..e (S = their scores): GT score, GT index, and how many GT items have that score."""
+        c, dev, M = e - s, S.device, self.M
+        ar = torch.arange(c, device=dev)
+        if self.single:
+            gidx = self.indices[s:e]
+            return S[ar, gidx], gidx, torch.ones(c, dtype=torch.int64, device=dev)
+        lo, hi = int(self.indptr[s]), int(self.indptr[e])
+        cols = self.indices[lo:hi]
+        rows = torch.repeat_interleave(ar, torch.from_numpy(self.counts[s:e]).to(dev))
+        v = S[rows, cols]
+        g = torch.full((c,), -torch.inf, device=dev).scatter_reduce(0, rows, v, "amax")
+        at_best = v == g[rows]
+        cand = torch.where(at_best, cols, torch.full_like(cols, M))
+        gidx = torch.full((c,), M, dtype=torch.int64, device=dev).scatter_reduce(0, rows, cand, "amin")
+        n_at_best = torch.zeros(c, dtype=torch.int64, device=dev).scatter_add(0, rows, at_best.to(torch.int64))
+        return g, gidx, n_at_best
+
+
+def _scores(Q: torch.Tensor, Gt: torch.Tensor, b: int, q_buf: torch.Tensor, s_out: torch.Tensor) -> int:
+    """Scores of queries b .. b+MM_ROWS into s_out (MM_ROWS x M): always the same GEMM shape and
+    row alignment (the last block zero-padded), so chunking cannot change a score. Returns the
+    number of real rows."""
+    n = min(MM_ROWS, Q.shape[0] - b)
+    q_buf[:n].copy_(Q[b : b + n])
+    if n < MM_ROWS:
+        q_buf[n:].zero_()
+    torch.mm(q_buf, Gt, out=s_out)
+    return n
+
+
+def _store(out: RankResult, s: int, e: int, g, gidx, n_at_best) -> None:
+    out.gt_rank[s:e] += 1  # held the count of strictly higher scores
+    out.n_tied[s:e] -= n_at_best.cpu().numpy()  # held the count of equal scores, GT items included
+    out.gt_score[s:e] = g.cpu().numpy()
+    out.gt_index[s:e] = gidx.cpu().numpy()
+
+
+def _rank_cpu(Q, Gt, gt: _GroundTruth, out: RankResult, k: int, blocks_at_once: int, bar) -> None:
+    """CPU: independent tasks of one GEMM block each, on `blocks_at_once` (<= torch threads) threads.
+
+    Each task runs its GEMM on one thread, then its NumPy statistics on the rows it just computed.
+    Threads never wait for each other (no barrier between the GEMM and the statistics, and no
+    spinning OpenMP team competing with NumPy), which is what makes this path fast on few cores.
+    torch's thread count is set to 1 for the duration and restored afterwards.
+    """
+    d, M = Gt.shape
+    N = Q.shape[0]
+    workers = max(1, min(blocks_at_once, torch.get_num_threads()))
+    stats = _NumpyRows(M, k)
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(workers):
+        free.put((torch.empty((MM_ROWS, d)), torch.empty((MM_ROWS, M)), stats.new_buffer()))
+
+    def task(b: int) -> int:
+        q_buf, s_buf, bool_buf = free.get()
+        try:
+            with torch.inference_mode():
+                n = _scores(Q, Gt, b, q_buf, s_buf)
+                e = b + n
+                S = s_buf[:n]
+                g, gidx, n_at_best = gt(S, b, e)
+                counts_and_topk = (out.gt_rank[b:e], out.n_tied[b:e], out.topk_scores[b:e], out.topk_indices[b:e])
+                stats(S.numpy(), g.numpy(), *counts_and_topk, bool_buf)
+                _store(out, b, e, g, gidx, n_at_best)
+            return n
+        finally:
+            free.put((q_buf, s_buf, bool_buf))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for fut in [pool.submit(task, b) for b in range(0, N, MM_ROWS)]:
+                n = fut.result()
+                if bar is not None:
+                    bar.update(n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rank_torch(Q, Gt, gt: _GroundTruth, out: RankResult, k: int, blocks_at_once: int, bar) -> None:
+    """torch on the device (CUDA): chunks of `blocks_at_once` GEMM blocks; torch.topk, then a stable re-sort."""
+    d, M = Gt.shape
+    N, dev = Q.shape[0], Gt.device
+    rows_per = blocks_at_once * MM_ROWS
+    s_buf = torch.empty((rows_per, M), dtype=torch.float32, device=dev)
+    q_buf = torch.empty((MM_ROWS, d), dtype=torch.float32, device=dev)
+    kk = min(k + 1, M)
+    for s in range(0, N, rows_per):
+        e = min(s + rows_per, N)
+        for b in range(s, e, MM_ROWS):
+            _scores(Q, Gt, b, q_buf, s_buf[b - s : b - s + MM_ROWS])
+        S = s_buf[: e - s]
+        g, gidx, n_at_best = gt(S, s, e)
+        gcol = g[:, None]
+        out.gt_rank[s:e] = (S > gcol).sum(1).cpu().numpy()
+        out.n_tied[s:e] = (S == gcol).sum(1).cpu().numpy()
+        vals_all, idx_all = torch.topk(S, kk, dim=1, largest=True, sorted=True)
+        tv, ti = _order_topk(S, vals_all, idx_all, k)
+        out.topk_scores[s:e] = tv.cpu().numpy()
+        out.topk_indices[s:e] = ti.cpu().numpy()
+        _store(out, s, e, g, gidx, n_at_best)
+        if bar is not None:
+            bar.update(e - s)
 
 
 def rank_text_to_image(text_emb, image_emb, text_gt_image, **kw) -> RankResult:
