@@ -501,7 +501,10 @@ def status(db_path):
     show_default=True,
 )
 @click.option(
-    "--chunk", type=click.IntRange(1), default=1024, show_default=True, help="Queries scored at a time (memory)."
+    "--chunk",
+    type=click.IntRange(1),
+    default=None,
+    help="Queries scored at a time; memory is about chunk x images x 4 bytes (default: 512 per CPU thread).",
 )
 @db_option
 def evaluate(db_path, subset_name, model, pretrained, checkpoint, topk, device, direction, chunk):

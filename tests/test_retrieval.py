@@ -121,7 +121,7 @@ def test_heavily_tied_scores_equal_reference(backend, k):
 def test_identical_for_chunk_sizes_and_backends():
     txt, img, gt = _dataset(seed=1, n_images=520, caps=5, d=12)  # N = 2600: not a multiple of any chunk below
     assert len(gt) % R.MM_ROWS != 0
-    base = R.rank_text_to_image(txt, img, gt, k=7, device="cpu", chunk=R.DEFAULT_CHUNK)
+    base = R.rank_text_to_image(txt, img, gt, k=7, device="cpu")  # default chunk: one block per thread
     for chunk in (1, 100, R.MM_ROWS, 1000, 3 * R.MM_ROWS, 5000):
         for backend in BACKENDS:
             r = R.rank_text_to_image(txt, img, gt, k=7, device="cpu", chunk=chunk, backend=backend)

@@ -158,7 +158,7 @@ def evaluate(
     topk: int = 10,
     device: str = "auto",
     direction: str = "text-to-image",
-    chunk: int = R.DEFAULT_CHUNK,
+    chunk: int | None = None,
     *,
     pretrained: str | None = None,
     checkpoint: str | None = None,
@@ -170,7 +170,7 @@ def evaluate(
         raise UserError(f"--direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}.")
     if topk < 1:
         raise UserError("--topk must be at least 1.")
-    if chunk < 1:
+    if chunk is not None and chunk < 1:
         raise UserError("--chunk must be at least 1.")
     subset = db.get_subset(con, subset_name)
     subset_id, name = int(subset["subset_id"]), str(subset["name"])
@@ -242,7 +242,7 @@ def evaluate(
             "topk_scores": list(res.topk_scores),
         }
     )
-    run_config = config | {"device": str(R.resolve_device(device)), "chunk": int(chunk), "subset": name}
+    run_config = config | {"device": str(R.resolve_device(device)), "chunk": chunk, "subset": name}
     with db.transaction(con):
         run_id = db.insert_run(
             con, STAGE, run_config, started, model=model_name, pretrained=_str_or_none(img_set["pretrained"])

@@ -3,7 +3,9 @@
 The score of a query against a gallery item is the float32 dot product that `torch.mm` computes
 (the cosine similarity when both sides are L2-normalised, as CLIP embeddings are). Queries are
 processed `chunk` rows at a time, so the working memory is about `chunk x M x 4` bytes (the float32
-score block), plus small per-thread buffers, whatever the number of queries N.
+score blocks), plus small per-thread buffers, whatever the number of queries N. The default
+(chunk=None) is one 512-row block per CPU thread on CPU, and as many blocks as fit in
+AUTO_CHUNK_BYTES (1 GiB) of scores on CUDA; on CPU it is capped by that too.
 
 Definitions (all computed from the SAME score block, never from a separate dot product, so the
 comparisons below are consistent with each other bit for bit):
@@ -53,7 +55,7 @@ TIE_POLICY_DOC = (
     "optimistic: gt_rank = 1 + #items scoring strictly higher than the GT score; n_tied = #non-GT items "
     "with exactly the GT score (pessimistic rank = gt_rank + n_tied); top-k ties broken by lower index"
 )
-DEFAULT_CHUNK = 1024
+AUTO_CHUNK_BYTES = 1 << 30  # cap on the score blocks held at once when chunk=None
 MM_ROWS = 512  # query rows per GEMM call (fixed; see "Exactness" above)
 
 
@@ -103,9 +105,9 @@ def _as_2d(x, name: str) -> torch.Tensor:
     return t
 
 
-def _check_finite(t: torch.Tensor, name: str, chunk: int) -> None:
-    for s in range(0, t.shape[0], max(chunk, 1) * 16):
-        if not bool(torch.isfinite(t[s : s + chunk * 16]).all()):
+def _check_finite(t: torch.Tensor, name: str, step: int = 1 << 14) -> None:
+    for s in range(0, t.shape[0], step):
+        if not bool(torch.isfinite(t[s : s + step]).all()):
             raise ValueError(f"{name} contains NaN or infinite values")
 
 
@@ -201,7 +203,7 @@ def rank_queries(
     gt_indices,
     *,
     k: int = 10,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     device: str | torch.device = "auto",
     progress: bool | None = False,
     desc: str = "ranking",
@@ -223,7 +225,7 @@ def rank_queries(
         raise ValueError("the gallery is empty")
     if k < 1:
         raise ValueError("k must be >= 1")
-    if chunk < 1:
+    if chunk is not None and chunk < 1:
         raise ValueError("chunk must be >= 1")
     indptr = np.asarray(gt_indptr, dtype=np.int64)
     indices = np.asarray(gt_indices, dtype=np.int64)
@@ -234,8 +236,8 @@ def rank_queries(
         raise ValueError(f"{int((counts < 1).sum())} queries have no ground-truth item")
     if len(indices) and (indices.min() < 0 or indices.max() >= M):
         raise ValueError(f"ground-truth indices must be in [0, {M})")
-    _check_finite(Q, "queries", chunk)
-    _check_finite(G, "gallery", chunk)
+    _check_finite(Q, "queries")
+    _check_finite(G, "gallery")
 
     dev = resolve_device(device)
     k = min(k, M)
@@ -260,7 +262,12 @@ def rank_queries(
     gt = _GroundTruth(indices_t, indptr, counts, M)
     # rows scored at the same time: `chunk` rounded up to whole GEMM blocks, at most all queries
     n_blocks = -(-N // MM_ROWS)
-    blocks_at_once = min(n_blocks, max(1, -(-chunk // MM_ROWS)))
+    if chunk is None:
+        fit = max(1, AUTO_CHUNK_BYTES // (MM_ROWS * M * 4))
+        blocks_at_once = min(fit, torch.get_num_threads()) if dev.type == "cpu" else fit
+    else:
+        blocks_at_once = -(-chunk // MM_ROWS)
+    blocks_at_once = min(n_blocks, max(1, blocks_at_once))
     bar = None
     if progress is not False:
         from toolkit.progress import progress as _progress
