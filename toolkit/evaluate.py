@@ -97,7 +97,9 @@ def find_embedding_sets(
     """The image and text embedding sets to evaluate: the latest of each kind for one model.
 
     Sets belong to the same model when model, pretrained tag and checkpoint sha256 agree. Without
-    `model`, the subset must have embeddings of exactly one model.
+    `model`, the subset must have embeddings of exactly one model. If a model was embedded more
+    than once (another precision, draft decoding, --recompute), the newest set of each kind is
+    used; retrieval_runs records which.
     """
     name = subset["name"]
     fix = f"Run: {_embed_command(con, name, model, pretrained, checkpoint)}"
@@ -116,8 +118,9 @@ def find_embedding_sets(
     if pretrained is not None:
         sets = sets[sets["pretrained"] == pretrained]
     if checkpoint is not None:
-        sha = artifacts.sha256_file(checkpoint) if _exists(checkpoint) else None
-        sets = sets[sets["checkpoint_sha256"] == sha]
+        if not Path(checkpoint).is_file():
+            raise UserError(f"Checkpoint file {checkpoint} does not exist.")
+        sets = sets[sets["checkpoint_sha256"] == artifacts.sha256_file(checkpoint)]
     what = f"subset {name!r}" + (f" and model {model!r}" if model else "")
     if sets.empty:
         raise UserError(f"No cached embeddings for {what}. Embed the subset first. {fix}")
@@ -131,10 +134,6 @@ def find_embedding_sets(
         missing = "image" if images.empty else "text"
         raise UserError(f"The {missing} embeddings for {what} are missing. {fix}")
     return images.iloc[-1].to_dict(), texts.iloc[-1].to_dict()
-
-
-def _exists(path) -> bool:
-    return Path(path).is_file()
 
 
 def _describe(row) -> str:
