@@ -145,6 +145,18 @@ def test_small_query_batches_score_like_big_ones():
         assert one.gt_rank[0] == full.gt_rank[i]
 
 
+def test_score_rows_are_the_scores_rank_queries_compares():
+    txt, img, gt = _dataset(seed=6, n_images=150)  # N = 750: a partial last block
+    r = R.rank_text_to_image(txt, img, gt, k=5, device="cpu")
+    S = R.score_rows(txt, img)
+    assert S.shape == (750, 150) and S.dtype == np.float32
+    np.testing.assert_array_equal(S[np.arange(len(gt)), gt], r.gt_score)
+    np.testing.assert_array_equal(np.take_along_axis(S, r.topk_indices, axis=1), r.topk_scores)
+    np.testing.assert_array_equal(1 + (S > r.gt_score[:, None]).sum(1), r.gt_rank)
+    # a few rows alone give the same bits
+    np.testing.assert_array_equal(R.score_rows(txt[100:103], img), S[100:103])
+
+
 def _reference_i2t(img, txt, gt):
     """Plain reference for image-to-text: argsort each image's row; best rank over its captions."""
     S = _full_scores(img, txt)

@@ -399,6 +399,49 @@ def _rank_torch(Q, Gt, gt: _GroundTruth, out: RankResult, k: int, blocks_at_once
             bar.update(e - s)
 
 
+def score_rows(queries, gallery, device: str | torch.device = "cpu") -> np.ndarray:
+    """The float32 score matrix (N x M) of queries against the gallery, bit for bit the scores that
+    `rank_queries` compares (same GEMM blocks, issued the same way on the same device).
+
+    For later stages that re-score some queries (a subset of captions, prompt variants) and need
+    exactly the ranks evaluate stored. Memory is N x M x 4 bytes: pass a few thousand rows at a time.
+    """
+    Q = _as_2d(queries, "queries")
+    G = _as_2d(gallery, "gallery")
+    dev = resolve_device(device)
+    Gt = G.to(dev, torch.float32).T
+    N, d = Q.shape
+    M = G.shape[0]
+    out = torch.empty((-(-N // MM_ROWS) * MM_ROWS, M), dtype=torch.float32, device=dev)
+    starts = range(0, N, MM_ROWS)
+    with torch.inference_mode():
+        if dev.type != "cpu":
+            q_buf = torch.empty((MM_ROWS, d), device=dev)
+            for b in starts:
+                _scores(Q, Gt, b, q_buf, out[b : b + MM_ROWS])
+            return out[:N].cpu().numpy()
+        threads = torch.get_num_threads()
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(threads):
+            free.put(torch.empty((MM_ROWS, d)))
+
+        def task(b: int) -> None:
+            q_buf = free.get()
+            try:
+                with torch.inference_mode():
+                    _scores(Q, Gt, b, q_buf, out[b : b + MM_ROWS])
+            finally:
+                free.put(q_buf)
+
+        torch.set_num_threads(1)  # as in _rank_cpu: one single-threaded GEMM per block
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(task, starts))
+        finally:
+            torch.set_num_threads(threads)
+    return out[:N].numpy()
+
+
 def rank_text_to_image(text_emb, image_emb, text_gt_image, **kw) -> RankResult:
     """Each text (row of text_emb) against all images; text i's GT is image row text_gt_image[i]."""
     gt = np.asarray(text_gt_image, dtype=np.int64)
