@@ -780,85 +780,6 @@ def report(db_path, out_dir, run_id):
         click.echo(f"  not in the report yet: {item}")
 
 
-@cli.command()
-@click.option("--subset", "subset_name", default=None, help="Subset name (default: the most recent subset).")
-@click.option(
-    "--model",
-    required=True,
-    help="open_clip name, openai/clip-vit-base-patch32-style name, hf-hub:..., or config JSON.",
-)
-@click.option("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Local weights file (offline use).")
-@click.option("--device", default="auto", show_default=True, help="auto picks cuda, then mps, then cpu.")
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="Default: 64 images / 256 captions on CPU.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
-@click.option(
-    "--cache-dir", type=click.Path(file_okay=False), default=None, help="Default: <db stem>_cache/ beside the database."
-)
-@click.option("--recompute", is_flag=True, help="Rebuild the embeddings even if a cached set exists.")
-@click.option("--draft-decode", "draft", is_flag=True, help="Opt-in JPEG draft decoding (faster; resize noise only).")
-@click.option(
-    "--num-workers", type=click.IntRange(0), default=None, help="Image decoding workers (default: automatic)."
-)
-@db_option
-def embed(
-    db_path,
-    subset_name,
-    model,
-    pretrained,
-    checkpoint,
-    device,
-    batch_size,
-    precision,
-    cache_dir,
-    recompute,
-    draft,
-    num_workers,
-):
-    """Compute (or reuse) L2-normalised CLIP embeddings of a subset's images and captions.
-
-    Files go to a cache folder beside the database and are registered in embedding_sets with
-    their sha256; a re-run reuses them, an interrupted run resumes from its last shard.
-
-    Example: clipfail embed --subset 5000-seed42 --model openai/clip-vit-base-patch32
-    """
-    from toolkit.embed import embed as run_embed
-
-    if pretrained and checkpoint:
-        raise UserError("Give either --pretrained TAG or --checkpoint PATH, not both.")
-    con = db.open_database(db_path)
-    try:
-        res = run_embed(
-            con,
-            subset_name,
-            model=model,
-            pretrained=pretrained,
-            checkpoint=checkpoint,
-            device=device,
-            batch_size=batch_size,
-            precision=precision,
-            cache_dir=cache_dir,
-            recompute=recompute,
-            draft=draft,
-            num_workers=num_workers,
-        )
-    finally:
-        con.close()
-    weights = res.pretrained or (f"checkpoint {res.checkpoint_sha256[:12]}" if res.checkpoint_sha256 else "random")
-    what = f"subset {res.subset!r} with {res.model} ({weights}, {res.precision}{', draft decode' if res.draft else ''})"
-    for note in res.notes:
-        click.echo(f"Note: {note}")
-    if res.is_noop:
-        click.echo(f"Already embedded {what}; checksums match, nothing recomputed.")
-    else:
-        resumed = f", {res.reused_shards} shard(s) reused from an interrupted run" if res.reused_shards else ""
-        click.echo(f"Embedded {what} in {res.seconds:.1f} s (run {res.run_id}{resumed}).")
-    click.echo(f"  images:   {res.n_images} x {res.dim} -> embedding set {res.image_set_id}: {res.image_path}")
-    click.echo(f"  captions: {res.n_captions} x {res.dim} -> embedding set {res.text_set_id}: {res.text_path}")
-    if res.n_truncated is not None:
-        click.echo(f"  captions truncated at {res.context_length} tokens: {res.n_truncated}")
-
-
 @cli.command("run")
 @click.option("--coco-root", type=click.Path(), help="Folder with annotations/captions_val2017.json and val2017/.")
 @click.option("--captions-json", type=click.Path(), help="A COCO captions JSON (instead of --coco-root).")
@@ -941,6 +862,85 @@ def demo(out_dir, n_images, seed, pictures):
     click.echo(f"\nImprovement subsets: {'; '.join(res.improvement_subsets)} (labels are SIMULATED).")
     click.echo(f"Database: {res.db_path}  (try: clipfail --db {res.db_path} status)")
     click.echo(f"Report:   {res.report_path}")
+
+
+@cli.command()
+@click.option("--subset", "subset_name", default=None, help="Subset name (default: the most recent subset).")
+@click.option(
+    "--model",
+    required=True,
+    help="open_clip name, openai/clip-vit-base-patch32-style name, hf-hub:..., or config JSON.",
+)
+@click.option("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Local weights file (offline use).")
+@click.option("--device", default="auto", show_default=True, help="auto picks cuda, then mps, then cpu.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Default: 64 images / 256 captions on CPU.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False), default=None, help="Default: <db stem>_cache/ beside the database."
+)
+@click.option("--recompute", is_flag=True, help="Rebuild the embeddings even if a cached set exists.")
+@click.option("--draft-decode", "draft", is_flag=True, help="Opt-in JPEG draft decoding (faster; resize noise only).")
+@click.option(
+    "--num-workers", type=click.IntRange(0), default=None, help="Image decoding workers (default: automatic)."
+)
+@db_option
+def embed(
+    db_path,
+    subset_name,
+    model,
+    pretrained,
+    checkpoint,
+    device,
+    batch_size,
+    precision,
+    cache_dir,
+    recompute,
+    draft,
+    num_workers,
+):
+    """Compute (or reuse) L2-normalised CLIP embeddings of a subset's images and captions.
+
+    Files go to a cache folder beside the database and are registered in embedding_sets with
+    their sha256; a re-run reuses them, an interrupted run resumes from its last shard.
+
+    Example: clipfail embed --subset 5000-seed42 --model openai/clip-vit-base-patch32
+    """
+    from toolkit.embed import embed as run_embed
+
+    if pretrained and checkpoint:
+        raise UserError("Give either --pretrained TAG or --checkpoint PATH, not both.")
+    con = db.open_database(db_path)
+    try:
+        res = run_embed(
+            con,
+            subset_name,
+            model=model,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            device=device,
+            batch_size=batch_size,
+            precision=precision,
+            cache_dir=cache_dir,
+            recompute=recompute,
+            draft=draft,
+            num_workers=num_workers,
+        )
+    finally:
+        con.close()
+    weights = res.pretrained or (f"checkpoint {res.checkpoint_sha256[:12]}" if res.checkpoint_sha256 else "random")
+    what = f"subset {res.subset!r} with {res.model} ({weights}, {res.precision}{', draft decode' if res.draft else ''})"
+    for note in res.notes:
+        click.echo(f"Note: {note}")
+    if res.is_noop:
+        click.echo(f"Already embedded {what}; checksums match, nothing recomputed.")
+    else:
+        resumed = f", {res.reused_shards} shard(s) reused from an interrupted run" if res.reused_shards else ""
+        click.echo(f"Embedded {what} in {res.seconds:.1f} s (run {res.run_id}{resumed}).")
+    click.echo(f"  images:   {res.n_images} x {res.dim} -> embedding set {res.image_set_id}: {res.image_path}")
+    click.echo(f"  captions: {res.n_captions} x {res.dim} -> embedding set {res.text_set_id}: {res.text_path}")
+    if res.n_truncated is not None:
+        click.echo(f"  captions truncated at {res.context_length} tokens: {res.n_truncated}")
 
 
 def main():
