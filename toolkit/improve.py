@@ -23,7 +23,7 @@ Method (one `improve` invocation, `improve()` below):
    re-run with another pooling or tau encodes nothing, and `pooling="all"` encodes once for all
    three.
 4. Scores and ranks. Each prompt is scored against every image embedding of the retrieval run with
-   the same float32 GEMM blocks as `toolkit.retrieval` (rows in blocks of ``MM_ROWS``), the K
+   `toolkit.retrieval.score_rows` (the very GEMM blocks that evaluate ranked with), the K
    scores per image are pooled (`toolkit.pooling`: max, mean, or tau * log-mean-exp), and the GT
    image's rank is 1 + the number of images with a strictly higher pooled score (retrieval's
    optimistic tie policy). The baseline rank is the retrieval run's own `gt_rank`.
@@ -299,32 +299,6 @@ def default_cache_dir(con) -> Path:
 # ------------------------------------------------------------------------------ scoring
 
 
-def score_rows(queries: np.ndarray, image_emb_t) -> np.ndarray:
-    """float32 scores (R x M) of query rows against images, in retrieval's fixed GEMM blocks.
-
-    `image_emb_t` is the (d x M) float32 torch view of the image embeddings. Every GEMM has
-    MM_ROWS query rows (the last block zero-padded), exactly as `toolkit.retrieval.rank_queries`
-    issues them, so a caption embedding gets bit-identical scores here and there.
-    """
-    import torch
-
-    from toolkit.retrieval import MM_ROWS
-
-    R, d = queries.shape
-    M = image_emb_t.shape[1]
-    out = torch.empty((-(-R // MM_ROWS) * MM_ROWS, M), dtype=torch.float32)
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    buf = torch.zeros((MM_ROWS, d), dtype=torch.float32)
-    with torch.inference_mode():
-        for b in range(0, R, MM_ROWS):
-            bn = min(MM_ROWS, R - b)
-            buf[:bn].copy_(q[b : b + bn])
-            if bn < MM_ROWS:
-                buf[bn:].zero_()
-            torch.mm(buf, image_emb_t, out=out[b : b + MM_ROWS])
-    return out[:R].numpy()
-
-
 @dataclass
 class _Population:
     name: str
@@ -336,6 +310,8 @@ class _Population:
 
 def _rank_population(pop: _Population, prompt_index, P: np.ndarray, Gt, poolings, tau) -> dict[str, pd.DataFrame]:
     """Improved rank and GT score per caption, for each pooling."""
+    from toolkit import retrieval  # imports torch; only needed once there is something to score
+
     caps = pop.captions
     M = Gt.shape[1]
     n = len(caps)
@@ -348,7 +324,7 @@ def _rank_population(pop: _Population, prompt_index, P: np.ndarray, Gt, poolings
         for s in range(0, len(members), step):
             rows = members[s : s + step]
             idx = np.array([prompt_index[i] for i in rows], dtype=np.int64)  # (c, K) rows of P
-            S = score_rows(P[idx.reshape(-1)], Gt).reshape(len(rows), int(K), M)
+            S = retrieval.score_rows(P[idx.reshape(-1)], Gt.T).reshape(len(rows), int(K), M)
             gt = caps["gt_index"].to_numpy()[rows]
             for p in poolings:
                 pooled = pooling.pool_scores(S, p, tau=tau)
