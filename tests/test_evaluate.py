@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import register_hand_built
 
-from toolkit import artifacts, db
+from toolkit import db
 from toolkit import retrieval as R
 from toolkit.errors import UserError
 from toolkit.evaluate import evaluate
@@ -41,25 +42,8 @@ def _members(con, name="s30"):
 def _register(con, tmp_path, kind, array, item_ids, model=MODEL, subset="s30", tag="", pretrained=None):
     sid = int(db.get_subset(con, subset)["subset_id"])
     path = tmp_path / f"{kind}{tag}-{model}.npy"
-    sha = artifacts.save_array(path, array)
     cfg = {"kind": kind, "model": model, "test": tag}
-    with db.transaction(con):
-        run_id = db.insert_run(con, "embed", cfg, db.now(), model=model)
-        return artifacts.register_embedding_set(
-            con,
-            kind=kind,
-            subset_id=sid,
-            model=model,
-            pretrained=pretrained,
-            checkpoint_sha256=None,
-            precision="fp32",
-            config=cfg,
-            path=path,
-            array=array,
-            item_ids=item_ids,
-            sha256=sha,
-            run_id=run_id,
-        )
+    return register_hand_built(con, path, kind, array, item_ids, sid, model=model, pretrained=pretrained, config=cfg)
 
 
 def _embeddings(caps, n_images, d=16, seed=0, noise=2.0):

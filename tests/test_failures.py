@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import register_hand_built
 from PIL import Image
 
 from toolkit import db
@@ -442,7 +443,6 @@ def test_wrap_to_width(text, max_lines):
 
 def test_end_to_end_from_evaluate(run_cli, synthetic_coco, tmp_db, tmp_path):
     """ingest -> cached embeddings -> the real `clipfail evaluate` -> sample-failures on its run."""
-    from toolkit import artifacts
 
     run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 30, "--name", "s30")
     con = db.open_database(tmp_db)
@@ -462,26 +462,7 @@ def test_end_to_end_from_evaluate(run_cli, synthetic_coco, tmp_db, tmp_path):
     )
     txt = (txt / np.linalg.norm(txt, axis=1, keepdims=True)).astype(np.float32)
     for kind, array, ids in [("image", img, img_ids["image_id"]), ("text", txt, caps["caption_id"])]:
-        path = tmp_path / f"{kind}.npy"
-        sha = artifacts.save_array(path, array)
-        cfg = {"kind": kind, "model": "hand-built"}
-        with db.transaction(con):
-            run_id = db.insert_run(con, "embed", cfg, db.now(), model="hand-built")
-            artifacts.register_embedding_set(
-                con,
-                kind=kind,
-                subset_id=sid,
-                model="hand-built",
-                pretrained=None,
-                checkpoint_sha256=None,
-                precision="fp32",
-                config=cfg,
-                path=path,
-                array=array,
-                item_ids=ids.to_numpy(dtype=np.int64),
-                sha256=sha,
-                run_id=run_id,
-            )
+        register_hand_built(con, tmp_path / f"{kind}.npy", kind, array, ids, sid)
     con.close()
 
     run_cli("--db", tmp_db, "evaluate", "--subset", "s30", "--device", "cpu")

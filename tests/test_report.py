@@ -15,9 +15,10 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import register_hand_built
 from PIL import Image
 
-from toolkit import artifacts, db
+from toolkit import db
 from toolkit.evaluate import evaluate
 from toolkit.failures import sample_failures
 from toolkit.improve import improve
@@ -28,25 +29,7 @@ from toolkit.synthetic import make_synthetic_coco
 
 
 def _register(con, tmp_path, kind, array, item_ids, subset_id):
-    path = tmp_path / f"{kind}.npy"
-    cfg = {"kind": kind, "model": "hand-built", "test": "report"}
-    with db.transaction(con):
-        run_id = db.insert_run(con, "embed", cfg, db.now(), model="hand-built")
-        artifacts.register_embedding_set(
-            con,
-            kind=kind,
-            subset_id=subset_id,
-            model="hand-built",
-            pretrained=None,
-            checkpoint_sha256=None,
-            precision="fp32",
-            config=cfg,
-            path=path,
-            array=array,
-            item_ids=item_ids,
-            sha256=artifacts.save_array(path, array),
-            run_id=run_id,
-        )
+    register_hand_built(con, tmp_path / f"{kind}.npy", kind, array, item_ids, subset_id)
 
 
 def _fake_encoder(texts):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import register_hand_built
 
-from toolkit import artifacts, db
+from toolkit import db
 from toolkit.evaluate import evaluate
 from toolkit.failures import sample_failures
 from toolkit.ingest import ingest
@@ -13,26 +14,7 @@ from toolkit.simulate import NOTE, simulate_labels
 
 
 def _register(con, tmp_path, kind, array, item_ids, subset_id):
-    path = tmp_path / f"{kind}.npy"
-    sha = artifacts.save_array(path, array)
-    cfg = {"kind": kind, "model": "hand-built", "test": "simulate"}
-    with db.transaction(con):
-        run_id = db.insert_run(con, "embed", cfg, db.now(), model="hand-built")
-        artifacts.register_embedding_set(
-            con,
-            kind=kind,
-            subset_id=subset_id,
-            model="hand-built",
-            pretrained=None,
-            checkpoint_sha256=None,
-            precision="fp32",
-            config=cfg,
-            path=path,
-            array=array,
-            item_ids=item_ids,
-            sha256=sha,
-            run_id=run_id,
-        )
+    register_hand_built(con, tmp_path / f"{kind}.npy", kind, array, item_ids, subset_id)
 
 
 @pytest.fixture
