@@ -436,7 +436,8 @@ def download_coco(dest, base_url, images):
     """Download COCO 2017 val captions (and images) into the layout `ingest --coco-root` reads.
 
     Resumes interrupted downloads (HTTP Range on DEST/zips/*.part), checks sizes and every zip
-    member's CRC, and refuses archives with members that would land outside DEST.
+    member's CRC, extracts only val2017/*.jpg and the val annotation JSONs, refuses unsafe or
+    oversized archives (renamed to *.rejected), and never replaces a different existing file.
 
     Example: clipfail download-coco --dest ~/coco && clipfail ingest --coco-root ~/coco
     """
@@ -444,9 +445,13 @@ def download_coco(dest, base_url, images):
 
     res = run_download(dest, base_url=base_url, images=images)
     for f in res.files:
+        skipped = ""
+        if f.n_skipped:
+            examples = ", ".join(repr(n) for n in f.skipped_examples) + (", ..." if f.n_skipped > 3 else "")
+            skipped = f"; skipped {f.n_skipped} member{'s' if f.n_skipped != 1 else ''} not needed here ({examples})"
         click.echo(
             f"{f.name}: {f.action} ({f.size:,} bytes, CRC checked); "
-            f"extracted {f.n_extracted} files, {f.n_kept} already there."
+            f"extracted {f.n_extracted} files, {f.n_kept} already there{skipped}."
         )
     click.echo(f"Captions: {res.captions_json}")
     if res.images_dir is not None:

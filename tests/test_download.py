@@ -109,7 +109,7 @@ def test_download_extract_then_ingest(served_coco, synthetic_coco, tmp_path, run
     assert (dest / "annotations" / "captions_val2017.json").read_bytes() == (
         synthetic_coco / "annotations" / "captions_val2017.json"
     ).read_bytes()
-    assert not (dest / "annotations" / "instances_val2017.json").exists()  # only the captions are extracted
+    assert (dest / "annotations" / "instances_val2017.json").read_bytes() == b"{}"  # extracted when present
     src = sorted(p.name for p in (synthetic_coco / "val2017").iterdir())
     assert sorted(p.name for p in (dest / "val2017").iterdir()) == src
     assert not list(dest.rglob("*.part")) and not list(dest.rglob("*.extracting"))
