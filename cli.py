@@ -11,6 +11,7 @@ import functools
 import sys
 
 import click
+import duckdb
 import pandas as pd
 
 import toolkit
@@ -44,7 +45,12 @@ def db_option(f):
     @functools.wraps(f)
     def wrapper(ctx, db_path, *args, **kwargs):
         path = db_path or (ctx.obj or {}).get("db_path") or db.default_db_path()
-        return ctx.invoke(f, *args, db_path=path, **kwargs)
+        try:
+            return ctx.invoke(f, *args, db_path=path, **kwargs)
+        except duckdb.Error as exc:
+            if db.is_corruption(exc):  # a damaged block can surface in any query, not only on open
+                raise db.damaged_database_error(path, exc) from None
+            raise
 
     return wrapper
 
@@ -85,9 +91,12 @@ def cli(ctx, db_path):
 def init(db_path):
     """Create the database, or upgrade its schema, and apply the views.
 
+    Every writing command upgrades by itself; run init once before read-only commands (status, sql,
+    analyze, report) on a database made by an older clipfail. It also restores missing tables/columns.
+
     Example: clipfail --db study.duckdb init
     """
-    con = db.open_database(db_path)
+    con = db.open_database(db_path, force_upgrade=True)
     version = db.schema_version(con)
     con.close()
     click.echo(f"Database {db_path} is ready (schema version {version}).")
@@ -398,7 +407,7 @@ def analyze(db_path, out_dir, run_id):
     """
     from toolkit.analysis import analyze as run_analyze
 
-    con = db.open_database(db_path)
+    con = db.open_database(db_path, read_only=True)
     try:
         res = run_analyze(con, out_dir=out_dir, retrieval_run_id=run_id)
     finally:
@@ -470,7 +479,7 @@ def status(db_path):
     """
     from toolkit.status import study_status
 
-    con = db.open_database(db_path)
+    con = db.open_database(db_path, read_only=True)
     try:
         res = study_status(con)
     finally:
@@ -767,7 +776,7 @@ def report(db_path, out_dir, run_id):
     """
     from toolkit.report import write_report
 
-    con = db.open_database(db_path)
+    con = db.open_database(db_path, read_only=True)
     try:
         res = write_report(con, out_dir=out_dir, retrieval_run_id=run_id, db_path=db_path)
     finally:
