@@ -158,28 +158,44 @@ def ingest(db_path, **options):
         click.echo(f"  {res.num_bad_images} bad images were excluded before sampling (table bad_images).")
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("query")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the result to this CSV file.")
 @db_option
 def sql(db_path, query, csv_path):
-    """Run a read-only SQL query and print the result as a table.
+    """Run one read-only SQL query (a SELECT) and print the result as a table.
+
+    The database is opened read-only and the query cannot read or write any other file: COPY,
+    EXPORT, ATTACH, SET, PRAGMA, CALL, INSTALL/LOAD and several statements at once are refused.
+    Save a result with --csv. A query that starts with `--` (a comment) can also be given
+    after a lone `--`, so that it is never read as an option:
+
+    \b
+    clipfail sql -- "-- per subset ..."
 
     Example: clipfail sql "SELECT * FROM recall_summary"
     """
-    import duckdb
+    from pathlib import Path
 
+    from toolkit.adhoc import run_query
+
+    if csv_path:
+        folder = Path(csv_path).parent
+        if not folder.is_dir():
+            raise UserError(
+                f"Folder {folder} for --csv {csv_path} does not exist (or is not a folder). Create it first."
+            )
     con = db.open_database(db_path, read_only=True)
     try:
-        try:
-            df = con.execute(query).df()
-        except duckdb.Error as exc:
-            raise UserError(f"The query failed: {exc}") from None
+        df = run_query(con, query)
     finally:
         con.close()
     echo_df(df)
     if csv_path:
-        df.to_csv(csv_path, index=False)
+        try:
+            df.to_csv(csv_path, index=False)
+        except OSError as exc:
+            raise UserError(f"Cannot write --csv {csv_path}: {exc.strerror or exc}.") from None
         click.echo(f"Wrote {len(df)} rows to {csv_path}.")
 
 
