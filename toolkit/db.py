@@ -110,21 +110,22 @@ def _table_exists(con, name: str) -> bool:
         con.execute(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'",
             [name],
-        ).fetchone()[0]
+        ).fetchall()[0][0]
     )
 
 
 def schema_version(con) -> int | None:
     if not _table_exists(con, "schema_info"):
         return None
-    row = con.execute("SELECT value FROM schema_info WHERE key = 'schema_version'").fetchone()
+    # fetchall, not fetchone: a half-read result blocks the connection's next register() (DuckDB 2)
+    row = next(iter(con.execute("SELECT value FROM schema_info WHERE key = 'schema_version'").fetchall()), None)
     return int(row[0]) if row else None
 
 
 def stored_schema_hash(con) -> str | None:
     if not _table_exists(con, "schema_info"):
         return None
-    row = con.execute("SELECT value FROM schema_info WHERE key = 'schema_hash'").fetchone()
+    row = next(iter(con.execute("SELECT value FROM schema_info WHERE key = 'schema_hash'").fetchall()), None)
     return row[0] if row else None
 
 
@@ -225,7 +226,8 @@ def upgrade(con, path: str = "") -> None:
 
 def is_read_only(con) -> bool:
     """Whether `con` was opened read-only (it can write nothing to the database)."""
-    row = con.execute("SELECT readonly FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    rows = con.execute("SELECT readonly FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
+    row = rows[0] if rows else None
     return bool(row and row[0])
 
 
