@@ -240,6 +240,10 @@ def test_sql_runs_one_select_and_saves_it_with_csv(run_cli, study, tmp_path):
     assert "the_name" in run_cli("--db", study, "sql", query).output
     assert "the_name" in run_cli("--db", study, "sql", "--", query).output
     assert 'clipfail sql -- "-- ' in run_cli("sql", "--help").output
+    # PIVOT: with an IN list it is one SELECT; without one DuckDB makes it several statements (refused, with why)
+    assert "true" in run_cli("--db", study, "sql", "PIVOT categories ON is_actionable IN (true) USING count(*)").output
+    res = run_cli("--db", study, "sql", "PIVOT categories ON is_actionable USING count(*)", expect=2)
+    assert_one_message(res, "IN (...)")
     run_cli("--db", study, "sql", "SELECT name FROM subsets", "--csv", tmp_path / "s.csv")
     assert (tmp_path / "s.csv").read_text().splitlines() == ["name", "s20"]
 

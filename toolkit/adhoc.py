@@ -2,14 +2,15 @@
 
 Three locks, each enough to stop a write on its own for the cases it covers:
 1. The text must hold exactly one statement, of DuckDB's statement type SELECT (which includes
-   WITH ... SELECT, FROM ..., VALUES, DESCRIBE, SHOW, SUMMARIZE and PIVOT ... USING), or an EXPLAIN
-   of one. COPY, EXPORT, ATTACH, DETACH, SET, RESET, PRAGMA, CALL, INSTALL, LOAD, CREATE, INSERT,
-   UPDATE, DELETE, PREPARE/EXECUTE and several statements at once are refused before anything runs.
+   WITH ... SELECT, FROM ..., VALUES, DESCRIBE, SHOW, SUMMARIZE, UNPIVOT, and PIVOT with an explicit
+   `IN (...)` list; a PIVOT without one is several statements for DuckDB), or an EXPLAIN of one.
+   COPY, EXPORT, ATTACH, DETACH, SET, RESET, PRAGMA, CALL, INSTALL, LOAD, CREATE, INSERT, UPDATE,
+   DELETE, PREPARE/EXECUTE and several statements at once are refused before anything runs.
 2. The database is opened read-only (a data-modifying CTE inside a SELECT is refused by DuckDB).
 3. Before the query runs, the connection turns off spilling to a temporary folder
-   (`temp_directory = ''`) and `enable_external_access` (no file, URL or
-   extension can be read or written: COPY TO, EXPORT DATABASE, ATTACH, read_csv, INSTALL/LOAD),
-   and then sets `lock_configuration`, so the query cannot undo either.
+   (`temp_directory = ''`) and `enable_external_access` (no file, URL or extension can be read or
+   written: COPY TO, EXPORT DATABASE, ATTACH, read_csv, INSTALL/LOAD), and then sets
+   `lock_configuration`, so the query cannot undo either.
 
 Reading local files (read_csv, read_parquet, glob) is not allowed: DuckDB's `allowed_directories`
 and `allowed_paths` exempt a path from `enable_external_access = false` for writing as well as for
@@ -68,6 +69,11 @@ def check_query(con, query: str) -> None:
     elif kind == duckdb.StatementType.SELECT:
         return
     name = kind.name if hasattr(kind, "name") else str(kind)
+    if kind == duckdb.StatementType.MULTI:
+        raise UserError(
+            "DuckDB runs this query as several statements (a PIVOT without an IN (...) list does), and clipfail "
+            "sql runs one read-only statement. For a PIVOT, list the values: PIVOT t ON col IN ('a', 'b') USING ..."
+        )
     raise UserError(
         f"clipfail sql runs only read-only queries: one {_READ_KINDS}. This {name} statement is refused; "
         "nothing was run. To save a result, add --csv FILE; to change the study, use the clipfail commands."
