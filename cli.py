@@ -11,6 +11,7 @@ import functools
 import sys
 
 import click
+import duckdb
 import pandas as pd
 
 import toolkit
@@ -44,7 +45,12 @@ def db_option(f):
     @functools.wraps(f)
     def wrapper(ctx, db_path, *args, **kwargs):
         path = db_path or (ctx.obj or {}).get("db_path") or db.default_db_path()
-        return ctx.invoke(f, *args, db_path=path, **kwargs)
+        try:
+            return ctx.invoke(f, *args, db_path=path, **kwargs)
+        except duckdb.Error as exc:
+            if db.is_corruption(exc):  # a damaged block can surface in any query, not only on open
+                raise db.damaged_database_error(path, exc) from None
+            raise
 
     return wrapper
 
@@ -85,9 +91,12 @@ def cli(ctx, db_path):
 def init(db_path):
     """Create the database, or upgrade its schema, and apply the views.
 
+    Every writing command upgrades by itself; run init once before read-only commands (status, sql,
+    analyze, report) on a database made by an older clipfail. It also restores missing tables/columns.
+
     Example: clipfail --db study.duckdb init
     """
-    con = db.open_database(db_path)
+    con = db.open_database(db_path, force_upgrade=True)
     version = db.schema_version(con)
     con.close()
     click.echo(f"Database {db_path} is ready (schema version {version}).")
@@ -149,28 +158,44 @@ def ingest(db_path, **options):
         click.echo(f"  {res.num_bad_images} bad images were excluded before sampling (table bad_images).")
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("query")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the result to this CSV file.")
 @db_option
 def sql(db_path, query, csv_path):
-    """Run a read-only SQL query and print the result as a table.
+    """Run one read-only SQL query (a SELECT) and print the result as a table.
+
+    The database is opened read-only and the query cannot read or write any other file: COPY,
+    EXPORT, ATTACH, SET, PRAGMA, CALL, INSTALL/LOAD and several statements at once are refused.
+    Save a result with --csv. A query that starts with `--` (a comment) can also be given
+    after a lone `--`, so that it is never read as an option:
+
+    \b
+    clipfail sql -- "-- per subset ..."
 
     Example: clipfail sql "SELECT * FROM recall_summary"
     """
-    import duckdb
+    from pathlib import Path
 
+    from toolkit.adhoc import run_query
+
+    if csv_path:
+        folder = Path(csv_path).parent
+        if not folder.is_dir():
+            raise UserError(
+                f"Folder {folder} for --csv {csv_path} does not exist (or is not a folder). Create it first."
+            )
     con = db.open_database(db_path, read_only=True)
     try:
-        try:
-            df = con.execute(query).df()
-        except duckdb.Error as exc:
-            raise UserError(f"The query failed: {exc}") from None
+        df = run_query(con, query)
     finally:
         con.close()
     echo_df(df)
     if csv_path:
-        df.to_csv(csv_path, index=False)
+        try:
+            df.to_csv(csv_path, index=False)
+        except OSError as exc:
+            raise UserError(f"Cannot write --csv {csv_path}: {exc.strerror or exc}.") from None
         click.echo(f"Wrote {len(df)} rows to {csv_path}.")
 
 
@@ -398,7 +423,7 @@ def analyze(db_path, out_dir, run_id):
     """
     from toolkit.analysis import analyze as run_analyze
 
-    con = db.open_database(db_path)
+    con = db.open_database(db_path, read_only=True)
     try:
         res = run_analyze(con, out_dir=out_dir, retrieval_run_id=run_id)
     finally:
@@ -475,7 +500,7 @@ def status(db_path):
     """
     from toolkit.status import study_status
 
-    con = db.open_database(db_path)
+    con = db.open_database(db_path, read_only=True)
     try:
         res = study_status(con)
     finally:
@@ -772,7 +797,7 @@ def report(db_path, out_dir, run_id):
     """
     from toolkit.report import write_report
 
-    con = db.open_database(db_path)
+    con = db.open_database(db_path, read_only=True)
     try:
         res = write_report(con, out_dir=out_dir, retrieval_run_id=run_id, db_path=db_path)
     finally:

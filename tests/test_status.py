@@ -7,6 +7,7 @@ from toolkit.status import study_status
 
 
 def test_status_of_an_empty_database(run_cli, tmp_db):
+    run_cli("--db", tmp_db, "init")  # status only reads: it refuses a database that does not exist
     res = run_cli("--db", tmp_db, "status")
     assert "No stage has run yet." in res.output
     assert f"clipfail --db {tmp_db} download-coco" in res.output and "clipfail demo" in res.output

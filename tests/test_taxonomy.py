@@ -49,12 +49,14 @@ def test_seeding_is_idempotent_and_restores_only_missing_rows(tmp_db, run_cli):
     cats1, aliases1 = _tables(tmp_db)
     cats2, aliases2 = _tables(tmp_db)
     assert cats1.equals(cats2) and aliases1.equals(aliases2)
-    # a re-pointed default alias stays re-pointed; a deleted default row comes back
+    # a re-pointed default alias stays re-pointed; a deleted default row comes back with `init`
+    # (an ordinary open seeds only when the schema hash changed; init always re-checks)
     run_cli("--db", tmp_db, "categories", "add-alias", "scene", "Spatial", "--replace")
     con = db.open_database(tmp_db)
     con.execute("DELETE FROM category_aliases WHERE alias = 'obj'")
     con.execute("DELETE FROM categories WHERE name = 'Count'")
     con.close()
+    run_cli("--db", tmp_db, "init")
     cats3, aliases3 = _tables(tmp_db)
     assert list(cats3["name"]) == SEVEN
     got = dict(zip(aliases3["alias"], aliases3["category"]))

@@ -2,15 +2,20 @@
 
 Every command goes through `open_database`, which
 - refuses a database written by a newer schema version,
-- creates missing tables and sequences and adds missing columns (the upgrade),
-- applies every view in `queries/*.sql` with CREATE OR REPLACE,
-- turns DuckDB's lock and "not a database" errors into a UserError.
+- for writing: when the stored schema hash (`schema_info.schema_hash`) differs from this clipfail's
+  (declared tables and columns, `queries/*.sql`, the default taxonomy and templates), creates missing
+  tables and sequences, adds missing columns, applies every view with CREATE OR REPLACE, inserts the
+  missing seed rows, and then stores the new hash; when the hash matches it writes nothing,
+- for reading (`read_only=True`): never writes; refuses a missing file, and a database whose hash is
+  out of date (with the command that upgrades it),
+- turns DuckDB's lock, "not a database" and corrupt-file errors into a UserError.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -48,14 +53,44 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
 
 
+def missing_database_message(path: str) -> str:
+    return (
+        f"Database {path} does not exist. Give the study's database file with --db PATH (or $CLIPFAIL_DB); "
+        f"to start a new study there: clipfail --db {path} init"
+    )
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """Whether a DuckDB error says that the file's bytes are damaged (a block checksum or its decoding)."""
+    msg = str(exc).lower()
+    return isinstance(exc, duckdb.Error) and (
+        "corrupt database file" in msg
+        or "checksum" in msg
+        or isinstance(exc, duckdb.SerializationException)
+        or "database has been invalidated" in msg
+    )
+
+
+def damaged_database_error(path: str, exc: BaseException) -> UserError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(
+        f"Database {path} is damaged and cannot be read (DuckDB: {first}). clipfail cannot repair it: "
+        "restore the file from a backup copy, or start a new database with --db NEW_PATH and re-run the stages."
+    )
+
+
 def _connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     path = str(path)
     if read_only and not Path(path).exists():
-        raise UserError(f"Database {path} does not exist. Create it with: clipfail --db {path} init")
+        raise UserError(missing_database_message(path))
+    if Path(path).is_dir():
+        raise UserError(f"--db {path} is a folder, not a DuckDB database file. Give the database file's path.")
     try:
         return duckdb.connect(path, read_only=read_only)
     except duckdb.IOException as exc:
         msg = str(exc)
+        if is_corruption(exc):
+            raise damaged_database_error(path, exc) from None
         if "lock" in msg.lower():
             raise UserError(
                 f"Database {path} is locked by another process (another clipfail command, a notebook or a "
@@ -65,6 +100,8 @@ def _connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnec
             raise UserError(f"{path} is not a DuckDB database file. Give another --db path.") from None
         raise UserError(f"Cannot open database {path}: {msg}") from None
     except duckdb.Error as exc:
+        if is_corruption(exc):
+            raise damaged_database_error(path, exc) from None
         raise UserError(f"Cannot open database {path}: {exc}") from None
 
 
@@ -73,27 +110,57 @@ def _table_exists(con, name: str) -> bool:
         con.execute(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'",
             [name],
-        ).fetchone()[0]
+        ).fetchall()[0][0]
     )
 
 
 def schema_version(con) -> int | None:
     if not _table_exists(con, "schema_info"):
         return None
-    row = con.execute("SELECT value FROM schema_info WHERE key = 'schema_version'").fetchone()
+    # fetchall, not fetchone: a half-read result blocks the connection's next register() (DuckDB 2)
+    row = next(iter(con.execute("SELECT value FROM schema_info WHERE key = 'schema_version'").fetchall()), None)
     return int(row[0]) if row else None
 
 
-def ensure_schema(con, path: str = "") -> None:
-    """Create or upgrade the declared schema in one transaction."""
+def stored_schema_hash(con) -> str | None:
+    if not _table_exists(con, "schema_info"):
+        return None
+    row = next(iter(con.execute("SELECT value FROM schema_info WHERE key = 'schema_hash'").fetchall()), None)
+    return row[0] if row else None
+
+
+_SEED_FILES = ("data/categories.csv", "data/category_aliases.csv", "data/templates_default.csv")
+
+
+@functools.lru_cache(maxsize=1)
+def schema_hash() -> str:
+    """A hash of everything an upgrade applies: the schema version, the declared sequences, tables and
+    columns (their DDL), the views in queries/*.sql and the shipped seed data. Any change to one of
+    them makes the next writing command upgrade the database."""
+    h = hashlib.sha256(f"schema_version={SCHEMA_VERSION}\n".encode())
+    for name in sorted(metadata._sequences):
+        h.update(str(CreateSequence(metadata._sequences[name]).compile(dialect=_DIALECT)).encode("utf-8"))
+    for table in sorted(metadata.sorted_tables, key=lambda t: t.name):
+        h.update(str(CreateTable(table).compile(dialect=_DIALECT)).encode("utf-8"))
+    for name, sql in view_sql().items():
+        h.update(f"\nview {name}\n".encode() + sql.encode("utf-8"))
+    for rel in _SEED_FILES:
+        h.update(f"\nseed {rel}\n".encode() + resources.files("toolkit").joinpath(rel).read_bytes())
+    return h.hexdigest()
+
+
+def _refuse_newer(con, path: str) -> None:
     found = schema_version(con)
     if found is not None and found > SCHEMA_VERSION:
         raise UserError(
             f"Database {path} was written by a newer clipfail (schema version {found}; this clipfail "
             f"{toolkit.__version__} knows up to {SCHEMA_VERSION}). Upgrade clipfail to use it."
         )
-    if found == SCHEMA_VERSION and _all_tables_present(con):
-        return
+
+
+def ensure_schema(con, path: str = "") -> None:
+    """Create or upgrade the declared schema in one transaction (missing sequences, tables, columns)."""
+    _refuse_newer(con, path)
     with transaction(con):
         for seq in metadata._sequences.values():
             con.execute(str(CreateSequence(seq, if_not_exists=True).compile(dialect=_DIALECT)))
@@ -114,11 +181,6 @@ def ensure_schema(con, path: str = "") -> None:
         con.execute(
             "INSERT OR REPLACE INTO schema_info (key, value) VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
         )
-
-
-def _all_tables_present(con) -> bool:
-    have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-    return all(t.name in have for t in metadata.sorted_tables)
 
 
 def view_sql() -> dict[str, str]:
@@ -146,26 +208,70 @@ def apply_views(con) -> None:
         pending = {k: v[0] for k, v in failed.items()}
 
 
-def open_database(path: str | Path | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open (creating if needed) a clipfail database with an up-to-date schema and views."""
+def upgrade(con, path: str = "") -> None:
+    """Apply the declared schema, the views and the missing seed rows, then store the schema hash.
+
+    Each step only adds what is missing, so a run interrupted before the hash is stored is simply
+    completed by the next writing open."""
+    ensure_schema(con, path)
+    apply_views(con)
+    from toolkit.taxonomy import seed_taxonomy
+
+    seed_taxonomy(con)  # inserts only missing default categories/aliases
+    from toolkit.templates import seed_templates
+
+    seed_templates(con)  # the shipped default prompt-template set, when the database has none
+    con.execute("INSERT OR REPLACE INTO schema_info (key, value) VALUES ('schema_hash', ?)", [schema_hash()])
+
+
+def is_read_only(con) -> bool:
+    """Whether `con` was opened read-only (it can write nothing to the database)."""
+    rows = con.execute("SELECT readonly FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
+    row = rows[0] if rows else None
+    return bool(row and row[0])
+
+
+def open_database(
+    path: str | Path | None = None, read_only: bool = False, *, force_upgrade: bool = False
+) -> duckdb.DuckDBPyConnection:
+    """Open a clipfail database.
+
+    For writing (the default) the file is created if needed, and upgraded when its schema hash differs
+    from this clipfail's (`force_upgrade=True`, used by `clipfail init`, re-checks every table and column
+    anyway). With `read_only=True` nothing is ever written: the file must exist and be up to date."""
     path = str(path or default_db_path())
     if read_only:
-        # Bring schema and views up to date first, then reopen read-only.
-        if Path(path).exists():
-            open_database(path).close()
-        return _connect(path, read_only=True)
+        con = _connect(path, read_only=True)
+        try:
+            _refuse_newer(con, path)
+            if stored_schema_hash(con) != schema_hash():
+                raise UserError(
+                    f"Database {path} has not been set up by this version of clipfail yet (its tables, views or "
+                    "default data differ), and this command only reads it. Upgrade it once with: "
+                    f"clipfail --db {path} init (this needs write access to the file and its folder), then run "
+                    "the command again."
+                )
+        except duckdb.Error as exc:
+            con.close()
+            if is_corruption(exc):
+                raise damaged_database_error(path, exc) from None
+            raise
+        except BaseException:
+            con.close()
+            raise
+        return con
     if Path(path).parent and not Path(path).parent.exists():
         raise UserError(f"Folder {Path(path).parent} for database {path} does not exist. Create it first.")
     con = _connect(path)
     try:
-        ensure_schema(con, path)
-        apply_views(con)
-        from toolkit.taxonomy import seed_taxonomy
-
-        seed_taxonomy(con)  # inserts only missing default categories/aliases; two SELECTs otherwise
-        from toolkit.templates import seed_templates
-
-        seed_templates(con)  # the shipped default prompt-template set, once; one SELECT otherwise
+        _refuse_newer(con, path)
+        if force_upgrade or stored_schema_hash(con) != schema_hash():
+            upgrade(con, path)
+    except duckdb.Error as exc:
+        con.close()
+        if is_corruption(exc):
+            raise damaged_database_error(path, exc) from None
+        raise
     except BaseException:
         con.close()
         raise

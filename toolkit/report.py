@@ -458,7 +458,7 @@ def write_report(
     config = {"out_dir": str(out_dir.resolve()), "retrieval_run_id": rrid, "last_run_id": int(state)}
     run_id = db.find_run(con, "report", config)
     is_noop = run_id is not None
-    if not is_noop:
+    if not is_noop and not db.is_read_only(con):  # `clipfail report` reads only: no run row
         with db.transaction(con):
             run_id = db.insert_run(con, "report", config, started)
 
@@ -477,7 +477,7 @@ def write_report(
         f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} by clipfail {toolkit.__version__}"
         + (f" from {html.escape(str(db_path))}" if db_path else "")
         + (f"; retrieval run {rrid}" if rrid is not None else "")
-        + f"; report run {run_id}."
+        + (f"; report run {run_id}." if run_id is not None else ".")
     )
     toc = "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t in page.toc)
     doc = (

@@ -7,10 +7,10 @@ Tables (declared in schema/tables.py):
 - `category_aliases(alias, category)`: other spellings people write, from
   `toolkit/data/category_aliases.csv`. Aliases are stored normalised (see `normalise_label`).
 
-Seeding: `toolkit.db.open_database` calls `seed_taxonomy` every time a database is opened. It
-inserts the default categories and aliases that are missing (by name / by alias) and never
-changes a row that exists, so edits made with `clipfail categories add-alias --replace` stay.
-When nothing is missing it only runs two small SELECTs.
+Seeding: `toolkit.db.open_database` calls `seed_taxonomy` when it upgrades a database (a writing
+open whose schema hash differs, or `clipfail init`). It inserts the default categories and aliases
+that are missing (by name / by alias) and never changes a row that exists, so edits made with
+`clipfail categories add-alias --replace` stay. When nothing is missing it only runs two small SELECTs.
 
 Label policy (`resolve_label`), used when annotators' CSVs are imported:
 1. The label is normalised: Unicode NFKC, lower case, `_` and `-` read as spaces, runs of

@@ -1,0 +1,289 @@
+"""Issue 11, items 7, 8, 17 and 25 (part): read-only commands never write, `sql` runs one read-only query,
+missing or damaged databases get one clear message.
+
+Note: when the tests run as root, chmod does not stop writes; the byte-identical and
+no-new-file checks below are what prove that nothing was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import stat
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+from helpers import register_hand_built
+
+from toolkit import db
+from toolkit.evaluate import evaluate
+from toolkit.failures import sample_failures
+from toolkit.ingest import ingest
+from toolkit.simulate import simulate_labels
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def listing(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def labelled_master(tmp_path_factory, synthetic_coco_master):
+    """A small study with a retrieval run and simulated labels (built once; tests use a copy)."""
+    root = tmp_path_factory.mktemp("readonly_master")
+    path = root / "study.duckdb"
+    con = db.open_database(path)
+    try:
+        ingest(con, coco_root=synthetic_coco_master, num_images=20, captions_per_image=2, seed=1, name="s20")
+        sid = int(db.get_subset(con, "s20")["subset_id"])
+        imgs = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
+        caps = con.execute(
+            "SELECT c.caption_id FROM subset_captions c JOIN subset_images i USING (subset_id, image_id) "
+            "WHERE c.subset_id = ? ORDER BY i.position, c.position",
+            [sid],
+        ).df()
+        rng = np.random.default_rng(1)
+        for kind, ids in (("image", imgs["image_id"]), ("text", caps["caption_id"])):
+            arr = rng.normal(size=(len(ids), 8)).astype(np.float32)
+            arr /= np.linalg.norm(arr, axis=1, keepdims=True)
+            register_hand_built(con, root / f"{kind}.npy", kind, arr, ids.to_numpy(), sid)
+        evaluate(con, "s20", device="cpu")
+        sample_failures(con, n=20, seed=1, overlap=5, per_annotator=5, out_dir=root / "fa", pictures=False)
+        simulate_labels(con, root / "fa", root / "labels", seed=1)
+    finally:
+        con.close()
+    return path
+
+
+@pytest.fixture
+def study(labelled_master, tmp_path):
+    """A private copy of the labelled study, alone in its folder tmp_path/study/."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    path = folder / "study.duckdb"
+    shutil.copy(labelled_master, path)
+    return path
+
+
+@pytest.fixture
+def protected(study):
+    """The study's file chmod 444 and its folder 555; restored afterwards."""
+    folder = study.parent
+    study.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    yield study
+    folder.chmod(0o755)
+    study.chmod(0o644)
+
+
+def assert_one_message(res, *needles):
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+    assert res.output.count("Error:") == 1, res.output
+    for needle in needles:
+        assert needle in res.output, (needle, res.output)
+
+
+# --------------------------------------------------------------------------- item 8: reads never write
+
+
+def test_read_commands_leave_a_write_protected_study_byte_identical(run_cli, protected, tmp_path):
+    before, files = sha256(protected), listing(protected.parent)
+    out = run_cli("--db", protected, "status").output
+    assert "s20" in out and "import-labels" in out
+    out = run_cli("--db", protected, "sql", "SELECT count(*) AS n FROM sample_labels").output
+    assert "20" in out
+    run_cli("--db", protected, "sql", "SELECT * FROM recall_summary", "--csv", tmp_path / "recall.csv")
+    assert (tmp_path / "recall.csv").read_text().startswith("retrieval_run_id")
+    run_cli("--db", protected, "analyze", "--out", tmp_path / "analysis")
+    assert (tmp_path / "analysis" / "taxonomy_distribution.csv").exists()
+    res = run_cli("--db", protected, "report", "--out", tmp_path / "report")
+    assert (tmp_path / "report" / "report.html").exists() and "Wrote" in res.output
+    assert sha256(protected) == before
+    assert listing(protected.parent) == files  # no .wal, no .tmp folder beside the database
+
+
+def test_a_writing_command_with_nothing_to_upgrade_does_not_touch_the_file(run_cli, study):
+    before = sha256(study)
+    run_cli("--db", study, "categories", "list")
+    run_cli("--db", study, "templates", "list")
+    assert sha256(study) == before
+
+
+def test_a_changed_declaration_upgrades_on_the_next_writing_command(run_cli, study, monkeypatch):
+    # An older database: another schema hash, a column and a view missing.
+    con = duckdb.connect(str(study))
+    con.execute("UPDATE schema_info SET value = 'older' WHERE key = 'schema_hash'")
+    con.execute("DROP VIEW recall_summary")
+    con.execute("ALTER TABLE subsets DROP COLUMN split")
+    con.close()
+    before = sha256(study)
+    res = run_cli("--db", study, "status", expect=2)  # reading never upgrades; it says how to
+    assert f"clipfail --db {study} init" in res.output and sha256(study) == before
+    run_cli("--db", study, "categories", "list")  # any writing command upgrades
+    con = duckdb.connect(str(study), read_only=True)
+    try:
+        sql = "SELECT column_name FROM information_schema.columns WHERE table_name = 'subsets'"
+        cols = {r[0] for r in con.execute(sql).fetchall()}
+        assert "split" in cols
+        assert con.execute("SELECT count(*) FROM recall_summary").fetchone()[0] > 0
+        assert db.stored_schema_hash(con) == db.schema_hash()
+    finally:
+        con.close()
+    run_cli("--db", study, "status")
+
+    # The hash covers the view texts (and the declared tables and seed files the same way).
+    db.schema_hash.cache_clear()
+    views = db.view_sql()
+    monkeypatch.setattr(db, "view_sql", lambda: {**views, "recall_summary": views["recall_summary"] + "\n"})
+    con = duckdb.connect(str(study), read_only=True)
+    try:
+        assert db.schema_hash() != db.stored_schema_hash(con)
+    finally:
+        con.close()
+        monkeypatch.undo()
+        db.schema_hash.cache_clear()
+
+
+@pytest.mark.parametrize("command", ["status", "sql", "report", "analyze"])
+def test_read_commands_refuse_a_missing_database(run_cli, tmp_path, command):
+    typo = tmp_path / "stduy.duckdb"
+    args = {"sql": ["SELECT 1"], "report": ["--out", tmp_path / "r"], "analyze": ["--out", tmp_path / "a"]}
+    res = run_cli("--db", typo, command, *args.get(command, []), expect=2)
+    assert_one_message(res, str(typo), "--db")
+    assert not typo.exists() and not (tmp_path / "r").exists() and not (tmp_path / "a").exists()
+
+
+# --------------------------------------------------------------------------- item 7: sql is one read-only query
+
+
+def test_sql_refuses_every_statement_that_could_write(run_cli, study, tmp_path):
+    other = tmp_path / "other.duckdb"
+    con = duckdb.connect(str(other))
+    con.execute("CREATE TABLE keep AS SELECT * FROM range(5) t(i)")
+    con.close()
+    before_study, before_other = sha256(study), sha256(other)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    target = work / "leak"
+    attacks = [
+        f"COPY subsets TO '{target}.csv'",
+        f"COPY (SELECT * FROM captions) TO '{target}.parquet' (FORMAT parquet)",
+        f"EXPORT DATABASE '{target}_dir'",
+        f"ATTACH '{other}' AS o (READ_WRITE)",
+        f"ATTACH '{other}' AS o (READ_WRITE); DELETE FROM o.keep",
+        f"ATTACH '{target}.duckdb' AS n",
+        "SET threads = 1",
+        "SET enable_external_access = true",
+        "RESET lock_configuration",
+        "PRAGMA enable_profiling",
+        "SELECT 1; DELETE FROM subsets",
+        "DELETE FROM subsets",
+        "WITH d AS (DELETE FROM subsets RETURNING *) SELECT * FROM d",
+        "WITH i AS (INSERT INTO schema_info VALUES ('x', 'y') RETURNING *) SELECT * FROM i",
+        "CALL pragma_version()",
+        "CHECKPOINT",
+        "INSTALL httpfs",
+        "LOAD httpfs",
+        "CREATE TABLE t AS SELECT 1",
+        f"EXPLAIN ANALYZE COPY subsets TO '{target}.csv'",
+        f"SELECT * FROM read_csv('{Path(__file__).parent.parent / 'toolkit' / 'data' / 'categories.csv'}')",
+        f"SELECT * FROM query('COPY subsets TO ''{target}.csv''')",
+    ]
+    for q in attacks:
+        res = run_cli("--db", study, "sql", q, expect=None)
+        assert res.exit_code == 2, (q, res.output)
+        assert res.output.startswith("Error:") and "Traceback" not in res.output, (q, res.output)
+        assert listing(work) == [] and listing(tmp_path / "cwd") == [], q
+        assert sha256(study) == before_study and sha256(other) == before_other, q
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "other.duckdb", "study"]
+    con = duckdb.connect(str(other), read_only=True)
+    assert con.execute("SELECT count(*) FROM keep").fetchone()[0] == 5
+    con.close()
+
+
+def test_the_locked_connection_refuses_writes_even_past_the_statement_check(study, tmp_path):
+    """Layer 3 alone: the connection `sql` runs on cannot reach any file, and cannot be unlocked."""
+    from toolkit import adhoc
+
+    con = db.open_database(study, read_only=True)
+    try:
+        adhoc.lock_down(con)
+        for q in (
+            f"COPY subsets TO '{tmp_path / 'x.csv'}'",
+            f"EXPORT DATABASE '{tmp_path / 'exp'}'",
+            f"ATTACH '{tmp_path / 'new.duckdb'}' AS n",
+            "SET enable_external_access = true",
+            "SET lock_configuration = false",
+            "INSTALL httpfs",
+        ):
+            with pytest.raises(duckdb.Error):
+                con.execute(q)
+        assert con.execute("SELECT current_setting('enable_external_access')").fetchone()[0] is False
+    finally:
+        con.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study"]
+
+
+def test_sql_runs_one_select_and_saves_it_with_csv(run_cli, study, tmp_path):
+    out = run_cli("--db", study, "sql", "SELECT name FROM subsets").output
+    assert "s20" in out
+    assert "physical_plan" in run_cli("--db", study, "sql", "EXPLAIN SELECT * FROM subsets").output
+    assert "categories" in run_cli("--db", study, "sql", "SHOW TABLES").output
+    # a query that starts with a comment: as it is, and after a lone `--` (documented in --help)
+    query = "-- subsets by name\nSELECT name AS the_name FROM subsets"
+    assert "the_name" in run_cli("--db", study, "sql", query).output
+    assert "the_name" in run_cli("--db", study, "sql", "--", query).output
+    assert 'clipfail sql -- "-- ' in run_cli("sql", "--help").output
+    # PIVOT: with an IN list it is one SELECT; without one DuckDB makes it several statements (refused, with why)
+    assert "true" in run_cli("--db", study, "sql", "PIVOT categories ON is_actionable IN (true) USING count(*)").output
+    res = run_cli("--db", study, "sql", "PIVOT categories ON is_actionable USING count(*)", expect=2)
+    assert_one_message(res, "IN (...)")
+    run_cli("--db", study, "sql", "SELECT name FROM subsets", "--csv", tmp_path / "s.csv")
+    assert (tmp_path / "s.csv").read_text().splitlines() == ["name", "s20"]
+
+
+@pytest.mark.parametrize("query", ["", ";", "  ;  ; ", "-- only a comment"])
+def test_sql_with_no_statement_says_so(run_cli, study, query):
+    res = run_cli("--db", study, "sql", query, expect=2)
+    assert_one_message(res, "No SQL statement given")
+
+
+def test_sql_csv_into_a_missing_folder_is_refused_before_running(run_cli, study, tmp_path):
+    dest = tmp_path / "no" / "such" / "out.csv"
+    res = run_cli("--db", study, "sql", "SELECT 1", "--csv", dest, expect=2)
+    assert_one_message(res, str(dest.parent), "does not exist")
+    assert not (tmp_path / "no").exists()
+
+
+# --------------------------------------------------------------------------- item 17: a damaged database
+
+
+def _corrupt(path: Path, first_block: int) -> None:
+    """Overwrite 64 bytes in every 4 KiB of every storage block from `first_block` on (256 KiB blocks
+    after DuckDB's 12 KiB of headers), so that reading any of them fails its checksum."""
+    data = bytearray(path.read_bytes())
+    start = 3 * 4096 + first_block * 256 * 1024
+    for off in range(start + 64, len(data) - 64, 4096):
+        data[off : off + 64] = b"\xa5" * 64
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("first_block", [0, 1], ids=["catalog-block", "data-blocks"])
+def test_a_damaged_database_gives_one_clear_message(run_cli, tmp_path, first_block):
+    path = tmp_path / "damaged.duckdb"
+    run_cli("--db", path, "init")
+    _corrupt(path, first_block)
+    for args in (
+        ["init"],  # the upgrade reads the categories in seed_taxonomy
+        ["categories", "list"],
+        ["status"] if first_block == 0 else ["sql", "SELECT * FROM categories"],
+        ["sql", "SELECT * FROM prompt_templates"],
+    ):
+        res = run_cli("--db", path, *args, expect=2)
+        assert_one_message(res, f"Database {path} is damaged", "backup")
