@@ -307,5 +307,6 @@ def test_bad_checkpoints_say_what_is_wrong(ingested, run_cli, tmp_path):
             assert "1 unexpected weight(s) (e.g. extra.weight)" in out and "of another shape" in out
             assert "text_projection: [64, 32] in the file, [64, 64] in the model" in out
     assert sets(ingested).empty
+    assert not (Path(ingested).parent / f"{Path(ingested).stem}_cache").exists()  # no folder was made either
     res = run_cli("--db", ingested, "embed", "--model", "tiny-clip", "--checkpoint", good, "--device", "tpu", expect=2)
     assert "Unknown --device 'tpu'" in res.output and "Download the weights" not in res.output

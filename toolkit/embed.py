@@ -237,6 +237,11 @@ class _PartialLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             except FileNotFoundError:  # the parent was removed by a finishing run: make it again
                 continue
+            except OSError as exc:  # a symlink planted at the lock's path, a read-only folder, ...
+                raise UserError(
+                    f"Cannot create the lock file {self.path} ({exc.strerror or exc}). Remove whatever is at "
+                    "that path, or choose a writable --cache-dir."
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -453,24 +458,25 @@ def embed(
                     f"{list_offenders(missing, limit=3)}. Restore them, or ingest again with --skip-bad-images."
                 )
         partial = plan.folder / ".partial"
+        bundle = models.load_model(
+            model, pretrained=pretrained, checkpoint=checkpoint, device=device, precision=precision
+        )
+        got = {
+            "model": bundle.model_name,
+            "pretrained": bundle.pretrained,
+            "checkpoint_sha256": bundle.checkpoint_sha256,
+        }
+        if got != weights:  # pragma: no cover - weights_identity and load_model must agree
+            raise RuntimeError(f"model identity mismatch: {got} != {weights}")
+        notes.extend(bundle.notes)
         locks = {
             kind: _PartialLock(partial / f"{kind}-{hashes[kind][:16]}.lock", f"{kind} embeddings of subset {name!r}")
             for kind in plan.todo
         }
+        new_dirs = [d for d in (partial, *partial.parents) if not d.exists()]  # removed again if left empty
         try:
             for lock in locks.values():
                 lock.acquire()
-            bundle = models.load_model(
-                model, pretrained=pretrained, checkpoint=checkpoint, device=device, precision=precision
-            )
-            got = {
-                "model": bundle.model_name,
-                "pretrained": bundle.pretrained,
-                "checkpoint_sha256": bundle.checkpoint_sha256,
-            }
-            if got != weights:  # pragma: no cover - weights_identity and load_model must agree
-                raise RuntimeError(f"model identity mismatch: {got} != {weights}")
-            notes.extend(bundle.notes)
             rows_per = dict(SHARD_ROWS, **(shard_rows or {}))
             on_gpu = bundle.device != "cpu"
             img_bs = batch_size or (256 if on_gpu else encode.DEFAULT_IMAGE_BATCH)
@@ -556,11 +562,11 @@ def embed(
         finally:
             for lock in locks.values():
                 lock.release()
-        if partial.is_dir() and not any(partial.iterdir()):
-            try:
-                partial.rmdir()
-            except OSError:  # another process has just started a set there
-                pass
+            for d in (partial, *new_dirs):  # deepest first; a folder another process uses is not empty
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
 
     text_cfg = existing["text"]["config"]
     if n_truncated is None:
