@@ -232,8 +232,8 @@ class _PartialLock:
         except ImportError:  # pragma: no cover - not POSIX
             return self
         for _ in range(50):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             except FileNotFoundError:  # the parent was removed by a finishing run: make it again
                 continue
