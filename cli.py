@@ -940,24 +940,21 @@ def embed(
 
     if pretrained and checkpoint:
         raise UserError("Give either --pretrained TAG or --checkpoint PATH, not both.")
-    con = db.open_database(db_path)
-    try:
-        res = run_embed(
-            con,
-            subset_name,
-            model=model,
-            pretrained=pretrained,
-            checkpoint=checkpoint,
-            device=device,
-            batch_size=batch_size,
-            precision=precision,
-            cache_dir=cache_dir,
-            recompute=recompute,
-            draft=draft,
-            num_workers=num_workers,
-        )
-    finally:
-        con.close()
+    # embed opens the database only to read its inputs and to register the results, not while encoding
+    res = run_embed(
+        db_path,
+        subset_name,
+        model=model,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        device=device,
+        batch_size=batch_size,
+        precision=precision,
+        cache_dir=cache_dir,
+        recompute=recompute,
+        draft=draft,
+        num_workers=num_workers,
+    )
     weights = res.pretrained or (f"checkpoint {res.checkpoint_sha256[:12]}" if res.checkpoint_sha256 else "random")
     what = f"subset {res.subset!r} with {res.model} ({weights}, {res.precision}{', draft decode' if res.draft else ''})"
     for note in res.notes:

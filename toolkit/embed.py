@@ -14,12 +14,21 @@ file that is missing or changed is an error that suggests ``--recompute``, never
 reused. Device, batch size and workers are recorded but are not part of the identity.
 
 Resume. Rows are computed in shards (512 images or 4096 captions) written atomically under
-``.partial/`` in the cache folder. An interrupted run (Ctrl-C, kill) leaves complete shards
-behind, and the next run with the same identity reuses them. Only when every shard of a set is
-there is the final file written (its name carries the identity and content hashes, so a
-recompute never overwrites a file that another set row still references), and all sets of the
-run are registered in one transaction together with the run row; the shards are removed after
-the commit. The database therefore never references a half-written set.
+``.partial/<kind>-<identity>/`` in the cache folder, each with its sha256 in the folder's
+manifest. An interrupted run (Ctrl-C, kill) leaves complete shards behind, and the next run with
+the same identity reuses those whose checksum matches the manifest (any other shard is computed
+again). A lock file (``flock``) beside the folder is held while a set is computed, so two
+processes embedding the same set into one cache folder never share or delete each other's shards:
+the second one is refused with a message to wait. Every shard and every final array is checked
+(finite, unit length within the precision's tolerance) before it is saved or registered. Only
+when every shard of a set is there is the final file written (its name carries the identity and
+content hashes, so a recompute never overwrites a file that another set row still references),
+and all sets of the run are registered in one transaction together with the run row; the shards
+are removed after the commit. The database therefore never references a half-written set.
+
+The database is not held open while the model encodes: `embed` reads its inputs, closes the
+database, computes, and opens it again to register the sets, checking the identity again there
+(a set that another process registered meanwhile is reused, not duplicated).
 """
 
 from __future__ import annotations
@@ -130,23 +139,41 @@ def _existing_set(con, subset_id: int, kind: str, identity_hash: str):
 
 
 class _Shards:
-    """Atomic shard files of one set under construction: shard-000000.npy, ... plus a manifest."""
+    """Atomic shard files of one set under construction: shard-000000.npy, ... plus a manifest.
+
+    The manifest records the identity, the row layout and the sha256 of every shard written. A
+    shard is reused only when its file's checksum matches its manifest entry; a shard without an
+    entry (an older run, a crash between the shard and the manifest write) or with another checksum
+    is computed again. The caller holds the folder's `_PartialLock` throughout.
+    """
 
     def __init__(self, folder: Path, identity_hash: str, rows: int, shard_rows: int):
         self.folder, self.rows, self.shard_rows = folder, rows, shard_rows
         self.n = max(1, -(-rows // shard_rows))
-        manifest = {"identity_hash": identity_hash, "rows": rows, "shard_rows": shard_rows}
-        mpath = folder / "manifest.json"
+        self.header = {"identity_hash": identity_hash, "rows": rows, "shard_rows": shard_rows}
+        self.mpath = folder / "manifest.json"
+        self.sums: dict[str, str] = {}
         if folder.exists():
             try:
-                same = json.loads(mpath.read_text()) == manifest
-            except (OSError, ValueError):
-                same = False
+                manifest = json.loads(self.mpath.read_text())
+                same = {k: manifest.get(k) for k in self.header} == self.header
+            except (OSError, ValueError, AttributeError):
+                manifest, same = {}, False
             if not same:
                 shutil.rmtree(folder)
+            elif isinstance(manifest.get("shards"), dict):
+                self.sums = {str(k): str(v) for k, v in manifest["shards"].items()}
         folder.mkdir(parents=True, exist_ok=True)
-        if not mpath.exists():
-            mpath.write_text(json.dumps(manifest))
+        if not self.mpath.exists():
+            self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        tmp = self.mpath.with_name(self.mpath.name + f".tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump({**self.header, "shards": self.sums}, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.mpath)
 
     def span(self, i: int) -> tuple[int, int]:
         return i * self.shard_rows, min(self.rows, (i + 1) * self.shard_rows)
@@ -155,11 +182,14 @@ class _Shards:
         return self.folder / f"shard-{i:06d}.npy"
 
     def load(self, i: int, dim: int | None) -> np.ndarray | None:
-        """A complete earlier shard, or None."""
+        """A complete earlier shard whose checksum matches the manifest, or None."""
         p = self.path(i)
-        if not p.exists():
+        want = self.sums.get(str(i))
+        if want is None or not p.is_file():
             return None
         try:
+            if artifacts.sha256_file(p) != want:
+                return None
             arr = np.load(p, allow_pickle=False)
         except (OSError, ValueError):
             return None
@@ -169,48 +199,141 @@ class _Shards:
         return arr
 
     def save(self, i: int, arr: np.ndarray) -> None:
+        """Write shard i atomically, then record its sha256 in the manifest (also atomically)."""
         p = self.path(i)
         tmp = p.with_name(p.name + f".tmp{os.getpid()}")
         with open(tmp, "wb") as f:
             np.save(f, arr, allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
+        sha = artifacts.sha256_file(tmp)
         os.replace(tmp, p)
+        self.sums[str(i)] = sha
+        self._write_manifest()
 
 
-def embed(
-    con,
-    subset_name: str | None = None,
-    model: str = "openai/clip-vit-base-patch32",
-    pretrained: str | None = None,
-    checkpoint: str | Path | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    precision: str = "fp32",
-    cache_dir: str | Path | None = None,
-    recompute: bool = False,
-    draft: bool = False,
-    num_workers: int | None = None,
-    *,
-    progress: bool | None = None,
-    shard_rows: dict | None = None,
-    on_shard: Callable[[str, int, int], None] | None = None,
-) -> EmbedResult:
-    """Embed a subset's images and captions (or reuse the cached sets); see the module docstring.
+class _PartialLock:
+    """An exclusive, non-blocking ``flock`` on ``<partial folder>.lock``.
 
-    `on_shard(kind, shard_index, n_shards)` is called after each shard is on disk (tests use it
-    to simulate an interruption).
+    Held from before a set's shards are read or written until they are registered (or the run
+    fails), so that two processes embedding the same set into one cache folder (two databases with
+    the same subset sharing ``--cache-dir``) never share, reset or delete each other's shards. The
+    second one gets a clear UserError instead. The lock file is removed on release; an acquirer
+    checks that the file it locked is still the one at the path (else it retries), so removing it
+    is safe. Where fcntl is unavailable (Windows), no lock is taken.
     """
-    from toolkit import encode, models
 
-    t0 = time.perf_counter()
-    started = db.now()
-    if precision not in models.PRECISIONS:
-        raise UserError(f"Unknown precision {precision!r}; use one of {', '.join(models.PRECISIONS)}.")
-    if batch_size is not None and batch_size < 1:
-        raise UserError("--batch-size must be at least 1.")
-    if num_workers is not None and num_workers < 0:
-        raise UserError("--num-workers must be 0 or more.")
+    def __init__(self, path: Path, what: str):
+        self.path, self.what, self.fd = path, what, None
+
+    def acquire(self) -> _PartialLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        for _ in range(50):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except FileNotFoundError:  # the parent was removed by a finishing run: make it again
+                continue
+            except OSError as exc:  # a symlink planted at the lock's path, a read-only folder, ...
+                raise UserError(
+                    f"Cannot create the lock file {self.path} ({exc.strerror or exc}). Remove whatever is at "
+                    "that path, or choose a writable --cache-dir."
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = ""
+                try:
+                    holder = os.read(fd, 64).decode("ascii", "replace").strip()
+                finally:
+                    os.close(fd)
+                pid = f" (process {holder})" if holder.isdigit() else ""
+                raise UserError(
+                    f"Another clipfail embed{pid} is computing the same {self.what} into {self.path.parent}. "
+                    "Wait for it to finish, then run this command again."
+                ) from None
+            try:
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                self.fd = fd
+                return self
+            os.close(fd)  # we locked a file that its holder removed on release: lock the new one
+        raise UserError(f"Could not lock {self.path}; run the command again.")  # pragma: no cover
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+NORM_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1e-2}
+
+
+def check_embeddings(array: np.ndarray, kind: str, precision: str, item_ids: np.ndarray, what: str) -> None:
+    """Refuse an array that is not finite and L2-normalised (within the precision's tolerance)."""
+    unit = "image_id" if kind == "image" else "caption_id"
+    if array.ndim != 2 or array.shape[0] != len(item_ids) or (array.size and array.shape[1] < 1):
+        raise UserError(f"The {what} have shape {array.shape}, expected {len(item_ids)} rows.")
+    finite = np.isfinite(array).all(axis=1)
+    norms = np.linalg.norm(np.where(np.isfinite(array), array, 0).astype(np.float64), axis=1)
+    bad_norm = finite & (np.abs(norms - 1.0) > NORM_TOLERANCE.get(precision, 1e-4))
+    half = precision != "fp32"
+    if not finite.all():
+        rows = np.flatnonzero(~finite)
+        detail = f"{len(rows)} row(s) contain NaN or infinite values"
+        hint = (
+            f"--precision {precision} can overflow for this model: use --precision fp32"
+            + (" or bf16" if precision == "fp16" else "")
+            if half
+            else "Check the model's weights (--checkpoint / --pretrained)"
+        )
+    elif bad_norm.any():
+        rows = np.flatnonzero(bad_norm)
+        detail = f"{len(rows)} row(s) are not unit length (norm {norms[rows[0]]:.6g})"
+        hint = "Check the model's weights (--checkpoint / --pretrained)"
+    else:
+        return
+    raise UserError(
+        f"The {what} are not usable: {detail} (first: row {int(rows[0])}, {unit} {int(item_ids[rows[0]])}). "
+        f"Nothing was registered. {hint}, then run the command again."
+    )
+
+
+@dataclass
+class _Plan:
+    """What embed needs from the database, read in one short connection."""
+
+    subset_id: int
+    name: str
+    weights: dict
+    ckpt_path: str | None
+    items: dict
+    paths: list
+    captions: list
+    image_root: Path
+    identities: dict
+    hashes: dict
+    existing: dict  # kind -> set row (reused)
+    known: dict  # kind -> the newest set id of that identity when the inputs were read (or None)
+    todo: list
+    folder: Path
+
+
+def _plan(con, subset_name, model, pretrained, checkpoint, precision, cache_dir, recompute, draft) -> _Plan:
+    from toolkit import models
+
     subset = db.get_subset(con, subset_name)
     subset_id, name = int(subset["subset_id"]), str(subset["name"])
     weights = models.weights_identity(model, pretrained, checkpoint)
@@ -239,31 +362,102 @@ def embed(
     hashes = {k: db.config_hash(v) for k, v in identities.items()}
 
     fix = "Run the same command with --recompute to rebuild it."
-    existing, todo = {}, []
+    existing, known, todo = {}, {}, []
     for kind in KINDS:
-        found = None if recompute else _existing_set(con, subset_id, kind, hashes[kind])
-        if found is not None:
+        found = _existing_set(con, subset_id, kind, hashes[kind])
+        known[kind] = None if found is None else int(found["embedding_set_id"])
+        if found is not None and not recompute:
             artifacts.verify_file(found["path"], found["sha256"], what=f"{kind} embedding file", fix=fix)
             existing[kind] = found
         else:
             todo.append(kind)
-
     cache_root = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir(con)
-    folder = cache_root / _slug(name)
+    return _Plan(
+        subset_id=subset_id,
+        name=name,
+        weights=weights,
+        ckpt_path=ckpt_path,
+        items=items,
+        paths=paths,
+        captions=caps["text"].tolist(),
+        image_root=image_root,
+        identities=identities,
+        hashes=hashes,
+        existing=existing,
+        known=known,
+        todo=todo,
+        folder=cache_root / _slug(name),
+    )
+
+
+def embed(
+    database,
+    subset_name: str | None = None,
+    model: str = "openai/clip-vit-base-patch32",
+    pretrained: str | None = None,
+    checkpoint: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    precision: str = "fp32",
+    cache_dir: str | Path | None = None,
+    recompute: bool = False,
+    draft: bool = False,
+    num_workers: int | None = None,
+    *,
+    progress: bool | None = None,
+    shard_rows: dict | None = None,
+    on_shard: Callable[[str, int, int], None] | None = None,
+) -> EmbedResult:
+    """Embed a subset's images and captions (or reuse the cached sets); see the module docstring.
+
+    `database` is the path of the DuckDB file: it is opened to read the inputs, closed while the
+    model encodes (so `clipfail status` and other readers can open it), and opened again to
+    register the results in one transaction. An open connection is accepted too (a notebook's);
+    it then stays open, and locked, throughout.
+
+    `on_shard(kind, shard_index, n_shards)` is called after each shard is on disk (tests use it
+    to simulate an interruption).
+    """
+    from toolkit import encode, models
+
+    t0 = time.perf_counter()
+    started = db.now()
+    if precision not in models.PRECISIONS:
+        raise UserError(f"Unknown precision {precision!r}; use one of {', '.join(models.PRECISIONS)}.")
+    if batch_size is not None and batch_size < 1:
+        raise UserError("--batch-size must be at least 1.")
+    if num_workers is not None and num_workers < 0:
+        raise UserError("--num-workers must be 0 or more.")
+    models.pick_device(device)  # an unavailable or unknown --device is refused before any work
+    args = (subset_name, model, pretrained, checkpoint, precision, cache_dir, recompute, draft)
+    db_path = str(database) if isinstance(database, str | os.PathLike) else None
+    if db_path is not None:
+        con = db.open_database(db_path)
+        try:
+            plan = _plan(con, *args)
+        finally:
+            con.close()
+        con = None
+    else:
+        con = database
+        plan = _plan(con, *args)
+    name, items, weights, hashes = plan.name, plan.items, plan.weights, plan.hashes
+    existing = plan.existing
     notes: list[str] = []
-    bundle = None
     computed: dict[str, dict] = {}
     reused_shards = 0
     n_truncated = context_length = None
     fast_text = None
-    if todo:
-        if "image" in todo:
-            missing = [p for p in paths if not os.path.isfile(p)]
+    run_id, registered = None, []
+    if plan.todo:
+        if "image" in plan.todo:
+            missing = [p for p in plan.paths if not os.path.isfile(p)]
             if missing:
                 raise UserError(
-                    f"Image files of subset {name!r} are missing under {image_root}: "
+                    f"Image files of subset {name!r} are missing under {plan.image_root}: "
                     f"{list_offenders(missing, limit=3)}. Restore them, or ingest again with --skip-bad-images."
                 )
+        partial = plan.folder / ".partial"
         bundle = models.load_model(
             model, pretrained=pretrained, checkpoint=checkpoint, device=device, precision=precision
         )
@@ -275,108 +469,111 @@ def embed(
         if got != weights:  # pragma: no cover - weights_identity and load_model must agree
             raise RuntimeError(f"model identity mismatch: {got} != {weights}")
         notes.extend(bundle.notes)
-        rows_per = dict(SHARD_ROWS, **(shard_rows or {}))
-        on_gpu = bundle.device != "cpu"
-        img_bs = batch_size or (256 if on_gpu else encode.DEFAULT_IMAGE_BATCH)
-        txt_bs = batch_size or (1024 if on_gpu else encode.DEFAULT_TEXT_BATCH)
-        for kind in todo:
-            n = len(items[kind])
-            shards = _Shards(folder / ".partial" / f"{kind}-{hashes[kind][:16]}", hashes[kind], n, rows_per[kind])
-            parts, dim = [], None
-            unit = "image" if kind == "image" else "caption"
-            bar = _progress(total=n, desc=f"{kind} embeddings", unit=unit, enabled=progress)
-            try:
-                for i in range(shards.n):
-                    a, b = shards.span(i)
-                    arr = shards.load(i, dim)
-                    fresh = arr is None
-                    if not fresh:
-                        reused_shards += 1
-                        bar.update(b - a)
-                    elif kind == "image":
-                        arr = encode.encode_images(
-                            bundle, paths[a:b], batch_size=img_bs, num_workers=num_workers, draft=draft, progress=bar
-                        )
-                    else:
-                        res = encode.encode_texts_with_info(bundle, caps["text"].iloc[a:b].tolist(), txt_bs, bar)
-                        arr, fast_text = res.embeddings, res.fast_path
-                    if arr.shape[0] != b - a:  # pragma: no cover - encoders return one row per item
-                        raise RuntimeError("encoder returned the wrong number of rows")
-                    if dim is None:
-                        dim = arr.shape[1]
-                    if fresh:
-                        shards.save(i, arr)
-                        if on_shard is not None:
-                            on_shard(kind, i, shards.n)
-                    parts.append(arr)
-            finally:
-                bar.close()
-            array = np.concatenate(parts) if parts else np.zeros((0, dim or 0), np.float32)
-            array = np.ascontiguousarray(array, dtype=np.float32)
-            set_cfg = dict(identities[kind], identity_hash=hashes[kind], spec=model, checkpoint=ckpt_path)
-            set_cfg.update(_made_with(bundle, kind, img_bs if kind == "image" else txt_bs, num_workers))
-            if kind == "text":
-                toks = encode.tokenize(bundle, caps["text"].tolist())
-                n_truncated, context_length = toks.n_truncated, bundle.context_length
-                set_cfg.update(n_truncated=n_truncated, context_length=context_length, fast_text_path=fast_text)
-            stem = f"{kind}-{_slug(bundle.model_name)}-{hashes[kind][:12]}"
-            tmp = folder / f".{stem}.npy.tmp{os.getpid()}"
-            sha = artifacts.save_array(tmp, array)
-            final = folder / f"{stem}-{sha[:12]}.npy"
-            os.replace(tmp, final)
-            computed[kind] = {"array": array, "sha": sha, "path": final, "config": set_cfg, "shards": shards}
-
-        run_config = {
-            "stage": "embed",
-            "subset_id": subset_id,
-            **weights,
-            "precision": precision,
-            "draft": bool(draft),
-            "spec": model,
-            "checkpoint": ckpt_path,
-            "computed": {k: hashes[k] for k in computed},
-            "recompute": bool(recompute),
+        locks = {
+            kind: _PartialLock(partial / f"{kind}-{hashes[kind][:16]}.lock", f"{kind} embeddings of subset {name!r}")
+            for kind in plan.todo
         }
-        with db.transaction(con):
-            run_id = db.insert_run(
-                con, "embed", run_config, started, model=weights["model"], pretrained=weights["pretrained"]
-            )
-            for kind, c in computed.items():
-                set_id = artifacts.register_embedding_set(
-                    con,
-                    kind=kind,
-                    subset_id=subset_id,
-                    model=weights["model"],
-                    pretrained=weights["pretrained"],
-                    checkpoint_sha256=weights["checkpoint_sha256"],
-                    precision=precision,
-                    config=c["config"],
-                    path=c["path"],
-                    array=c["array"],
-                    item_ids=items[kind],
-                    sha256=c["sha"],
-                    run_id=run_id,
-                )
-                existing[kind] = {
-                    "embedding_set_id": set_id,
-                    "path": str(c["path"]),
-                    "dim": c["array"].shape[1],
-                    "config": c["config"],
-                }
-        for c in computed.values():
-            shutil.rmtree(c["shards"].folder, ignore_errors=True)
-        partial = folder / ".partial"
-        if partial.is_dir() and not any(partial.iterdir()):
-            partial.rmdir()
-    else:
-        run_id = None
+        new_dirs = [d for d in (partial, *partial.parents) if not d.exists()]  # removed again if left empty
+        try:
+            for lock in locks.values():
+                lock.acquire()
+            rows_per = dict(SHARD_ROWS, **(shard_rows or {}))
+            on_gpu = bundle.device != "cpu"
+            img_bs = batch_size or (256 if on_gpu else encode.DEFAULT_IMAGE_BATCH)
+            txt_bs = batch_size or (1024 if on_gpu else encode.DEFAULT_TEXT_BATCH)
+            for kind in plan.todo:
+                n = len(items[kind])
+                shards = _Shards(partial / f"{kind}-{hashes[kind][:16]}", hashes[kind], n, rows_per[kind])
+                what = f"{kind} embeddings of subset {name!r} ({bundle.model_name}, {precision})"
+                parts, dim = [], None
+                unit = "image" if kind == "image" else "caption"
+                bar = _progress(total=n, desc=f"{kind} embeddings", unit=unit, enabled=progress)
+                try:
+                    for i in range(shards.n):
+                        a, b = shards.span(i)
+                        arr = shards.load(i, dim)
+                        fresh = arr is None
+                        if not fresh:
+                            reused_shards += 1
+                            bar.update(b - a)
+                        elif kind == "image":
+                            arr = encode.encode_images(
+                                bundle,
+                                plan.paths[a:b],
+                                batch_size=img_bs,
+                                num_workers=num_workers,
+                                draft=draft,
+                                progress=bar,
+                            )
+                        else:
+                            res = encode.encode_texts_with_info(bundle, plan.captions[a:b], txt_bs, bar)
+                            arr, fast_text = res.embeddings, res.fast_path
+                        if arr.shape[0] != b - a:  # pragma: no cover - encoders return one row per item
+                            raise RuntimeError("encoder returned the wrong number of rows")
+                        if dim is None:
+                            dim = arr.shape[1]
+                        if fresh:
+                            check_embeddings(arr, kind, precision, items[kind][a:b], what)  # never saved if bad
+                            shards.save(i, arr)
+                            if on_shard is not None:
+                                on_shard(kind, i, shards.n)
+                        parts.append(arr)
+                finally:
+                    bar.close()
+                array = np.concatenate(parts) if parts else np.zeros((0, dim or 0), np.float32)
+                array = np.ascontiguousarray(array, dtype=np.float32)
+                try:
+                    check_embeddings(array, kind, precision, items[kind], what)
+                except UserError:
+                    shutil.rmtree(shards.folder, ignore_errors=True)  # nothing in it is to be trusted again
+                    raise
+                set_cfg = dict(plan.identities[kind], identity_hash=hashes[kind], spec=model, checkpoint=plan.ckpt_path)
+                set_cfg.update(_made_with(bundle, kind, img_bs if kind == "image" else txt_bs, num_workers))
+                if kind == "text":
+                    toks = encode.tokenize(bundle, plan.captions)
+                    n_truncated, context_length = toks.n_truncated, bundle.context_length
+                    set_cfg.update(n_truncated=n_truncated, context_length=context_length, fast_text_path=fast_text)
+                stem = f"{kind}-{_slug(bundle.model_name)}-{hashes[kind][:12]}"
+                tmp = plan.folder / f".{stem}.npy.tmp{os.getpid()}"
+                sha = artifacts.save_array(tmp, array)
+                final = plan.folder / f"{stem}-{sha[:12]}.npy"
+                os.replace(tmp, final)
+                computed[kind] = {"array": array, "sha": sha, "path": final, "config": set_cfg, "shards": shards}
+
+            run_config = {
+                "stage": "embed",
+                "subset_id": plan.subset_id,
+                **weights,
+                "precision": precision,
+                "draft": bool(draft),
+                "spec": model,
+                "checkpoint": plan.ckpt_path,
+                "computed": {k: hashes[k] for k in computed},
+                "recompute": bool(recompute),
+            }
+            reg = db.open_database(db_path) if db_path is not None else con
+            try:
+                run_id, registered = _register(reg, plan, computed, run_config, started, precision, notes)
+            finally:
+                if db_path is not None:
+                    reg.close()
+            for c in computed.values():
+                shutil.rmtree(c["shards"].folder, ignore_errors=True)
+        finally:
+            for lock in locks.values():
+                lock.release()
+            for d in (partial, *new_dirs):  # deepest first; a folder another process uses is not empty
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
 
     text_cfg = existing["text"]["config"]
     if n_truncated is None:
         n_truncated, context_length = text_cfg.get("n_truncated"), text_cfg.get("context_length")
     return EmbedResult(
         subset=name,
-        subset_id=subset_id,
+        subset_id=plan.subset_id,
         model=weights["model"],
         pretrained=weights["pretrained"],
         checkpoint_sha256=weights["checkpoint_sha256"],
@@ -391,12 +588,79 @@ def embed(
         dim=int(existing["image"]["dim"]),
         n_truncated=n_truncated,
         context_length=context_length,
-        computed=list(computed),
+        computed=[k for k in computed if k in registered],
         reused_shards=reused_shards,
         run_id=run_id,
         seconds=time.perf_counter() - t0,
         notes=notes,
     )
+
+
+def _register(con, plan: _Plan, computed: dict, run_config: dict, started, precision: str, notes: list):
+    """Register the computed sets (and the run) in one transaction; returns (run id, kinds registered).
+    A set that another process registered with the same identity while this one computed is reused,
+    not added twice (run id None when that is so for every set).
+
+    The subset is checked again first: rebuilt (``ingest --replace``) while the model ran, the
+    computed rows no longer belong to it and nothing is registered."""
+    weights, existing = plan.weights, plan.existing
+    with db.transaction(con):
+        subset = db.get_subset(con, plan.name)
+        imgs, caps = subset_items(con, plan.subset_id)
+        now_items = {"image": imgs["image_id"].to_numpy(np.int64), "text": caps["caption_id"].to_numpy(np.int64)}
+        if (
+            int(subset["subset_id"]) != plan.subset_id
+            or str(subset["config_hash"]) != plan.identities["image"]["subset_config_hash"]
+            or any(_ids_sha(now_items[k]) != _ids_sha(plan.items[k]) for k in KINDS)
+        ):
+            raise UserError(
+                f"Subset {plan.name!r} was rebuilt while its embeddings were computed; nothing was registered. "
+                "Run the command again."
+            )
+        new = {}
+        for kind, c in computed.items():
+            found = _existing_set(con, plan.subset_id, kind, plan.hashes[kind])
+            if found is not None and int(found["embedding_set_id"]) != plan.known.get(kind):
+                try:  # registered by another process meanwhile: reuse it rather than add a duplicate
+                    artifacts.verify_file(found["path"], found["sha256"], what=f"{kind} embedding file")
+                except UserError:
+                    pass
+                else:
+                    existing[kind] = found
+                    notes.append(
+                        f"Another process registered the same {kind} embeddings (set {found['embedding_set_id']}) "
+                        "while this one computed them; that set is used."
+                    )
+                    continue
+            new[kind] = c
+        if not new:
+            return None, []
+        run_id = db.insert_run(
+            con, "embed", run_config, started, model=weights["model"], pretrained=weights["pretrained"]
+        )
+        for kind, c in new.items():
+            set_id = artifacts.register_embedding_set(
+                con,
+                kind=kind,
+                subset_id=plan.subset_id,
+                model=weights["model"],
+                pretrained=weights["pretrained"],
+                checkpoint_sha256=weights["checkpoint_sha256"],
+                precision=precision,
+                config=c["config"],
+                path=c["path"],
+                array=c["array"],
+                item_ids=plan.items[kind],
+                sha256=c["sha"],
+                run_id=run_id,
+            )
+            existing[kind] = {
+                "embedding_set_id": set_id,
+                "path": str(c["path"]),
+                "dim": c["array"].shape[1],
+                "config": c["config"],
+            }
+    return run_id, list(new)
 
 
 def _made_with(bundle, kind: str, batch_size: int, num_workers) -> dict:

@@ -29,6 +29,7 @@ recorded in the `runs` row.
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,49 @@ def _embed_command(con, subset: str, model: str | None, pretrained: str | None, 
     if checkpoint:
         cmd += f" --checkpoint {checkpoint}"
     return cmd
+
+
+def _db_flag(con) -> str:
+    """`--db PATH` of the connection's database file (always given, so a command can be pasted anywhere)."""
+    try:
+        path = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    except Exception:
+        path = None
+    return f"--db {shlex.quote(str(path[0]))}" if path and path[0] else ""
+
+
+def recompute_command(con, subset: str, sets: list[dict], recompute: bool = True) -> str:
+    """The `embed ... --recompute` command that rebuilds these embedding sets exactly as they were made:
+    the model spec, weights (--pretrained tag or --checkpoint file), precision and draft decoding
+    recorded in their config, and --db. Without the weights it would embed a randomly initialised model."""
+    configs = []
+    for s in sets:
+        row = con.execute(
+            "SELECT config_json FROM embedding_sets WHERE embedding_set_id = ?", [int(s["embedding_set_id"])]
+        ).fetchone()
+        try:
+            configs.append(json.loads(row[0]) if row and row[0] else {})
+        except ValueError:
+            configs.append({})
+    configs.sort(key=lambda c: c.get("kind") != "image")  # the image set's config first: it records --draft-decode
+    cfg = {k: v for c in reversed(configs) for k, v in c.items()}
+    first = sets[0] if sets else {}
+    spec = cfg.get("spec") or cfg.get("model") or first.get("model") or "openai/clip-vit-base-patch32"
+    parts = ["clipfail", _db_flag(con), "embed", "--subset", shlex.quote(subset), "--model", shlex.quote(str(spec))]
+    checkpoint = cfg.get("checkpoint")
+    pretrained = cfg.get("pretrained") or _str_or_none(first.get("pretrained"))
+    if checkpoint:
+        parts += ["--checkpoint", shlex.quote(str(checkpoint))]
+    elif pretrained:
+        parts += ["--pretrained", shlex.quote(str(pretrained))]
+    precision = cfg.get("precision") or _str_or_none(first.get("precision"))
+    if precision and precision != "fp32":
+        parts += ["--precision", precision]
+    if cfg.get("draft"):
+        parts.append("--draft-decode")
+    if recompute:
+        parts.append("--recompute")
+    return " ".join(p for p in parts if p)
 
 
 def _resolve(model: str) -> tuple[list[str], str | None]:
@@ -132,6 +176,8 @@ def find_embedding_sets(
     texts = sets[sets["kind"] == "text"]
     if images.empty or texts.empty:
         missing = "image" if images.empty else "text"
+        have = (texts if images.empty else images).iloc[-1].to_dict()
+        fix = f"Run: {recompute_command(con, name, [have], recompute=False)}"  # the same spec as the other kind
         raise UserError(f"The {missing} embeddings for {what} are missing. {fix}")
     return images.iloc[-1].to_dict(), texts.iloc[-1].to_dict()
 
@@ -171,6 +217,7 @@ def evaluate(
         raise UserError("--topk must be at least 1.")
     if chunk is not None and chunk < 1:
         raise UserError("--chunk must be at least 1.")
+    device = str(R.resolve_device(device))  # an unavailable or unknown --device is a UserError, before any work
     subset = db.get_subset(con, subset_name)
     subset_id, name = int(subset["subset_id"]), str(subset["name"])
     img_set, txt_set = find_embedding_sets(con, subset, model, pretrained, checkpoint)
@@ -196,7 +243,7 @@ def evaluate(
             int(existing[0]), int(existing[1]), True, name, model_name, direction, int(n), summary(con, existing[0])
         )
 
-    fix = f"Run: {_embed_command(con, name, model or model_name, pretrained, checkpoint)} --recompute"
+    fix = f"Run: {recompute_command(con, name, [img_set, txt_set])}"
     images = artifacts.load_embedding_set(con, int(img_set["embedding_set_id"]), fix=fix)
     texts = artifacts.load_embedding_set(con, int(txt_set["embedding_set_id"]), fix=fix)
     image_ids, caption_ids = images.item_ids, texts.item_ids
@@ -241,7 +288,7 @@ def evaluate(
             "topk_scores": list(res.topk_scores),
         }
     )
-    run_config = config | {"device": str(R.resolve_device(device)), "chunk": chunk, "subset": name}
+    run_config = config | {"device": device, "chunk": chunk, "subset": name}
     with db.transaction(con):
         run_id = db.insert_run(
             con, STAGE, run_config, started, model=model_name, pretrained=_str_or_none(img_set["pretrained"])

@@ -85,12 +85,21 @@ class ModelBundle:
 
     @property
     def input_dtype(self):
-        """The dtype the vision tower expects its pixels in."""
+        """The dtype the vision tower expects its pixels in.
+
+        With fp16/bf16, open_clip converts the convolution and linear weights but keeps some
+        parameters (class and positional embeddings, LayerNorms) in float32, so the first
+        parameter says nothing: the patch embedding's (or else any half) dtype is the input's."""
         import torch
 
-        for p in self.model.visual.parameters():
-            if p.is_floating_point():
-                return p.dtype
+        visual = self.model.visual
+        conv = getattr(visual, "conv1", None)
+        if isinstance(getattr(conv, "weight", None), torch.Tensor):
+            return conv.weight.dtype
+        dtypes = {p.dtype for p in visual.parameters() if p.is_floating_point()}
+        for low in (torch.float16, torch.bfloat16):
+            if low in dtypes:
+                return low
         return torch.float32
 
     def describe(self) -> dict:
@@ -196,21 +205,55 @@ def resolve_spec(spec: str, pretrained: str | None = None) -> ModelSpec:
 
 
 def pick_device(device: str = "auto") -> str:
-    import torch
+    """The device to run on; an alias of `toolkit.devices.resolve_device` (the one resolver)."""
+    from toolkit.devices import resolve_device
 
-    device = (device or "auto").lower()
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return "mps"
-        return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} was asked for, but CUDA is not available here. Use --device auto or cpu.")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps was asked for, but MPS is not available here. Use --device auto or cpu.")
-    return device
+    return resolve_device(device)
+
+
+_PROBED: dict[tuple[str, str], str | None] = {}
+
+
+def check_precision(device: str, precision: str) -> None:
+    """Refuse, with a clear message, a half precision that this torch cannot run on `device`.
+
+    A few tiny ops of the kinds a CLIP tower runs (convolution, matmul, LayerNorm, attention,
+    GELU) are tried once per (device, precision) in that dtype; any failure becomes a UserError.
+    """
+    if precision == "fp32":
+        return
+    key = (str(device), precision)
+    if key not in _PROBED:
+        _PROBED[key] = _probe_precision(str(device), precision)
+    problem = _PROBED[key]
+    if problem:
+        raise UserError(
+            f"--precision {precision} is not supported on {device} by this PyTorch: {problem}. "
+            "Use --precision fp32" + (" or bf16" if precision == "fp16" else "") + ", or another --device."
+        )
+
+
+def _probe_precision(device: str, precision: str) -> str | None:
+    import torch
+    import torch.nn.functional as F
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if device.startswith("cuda") and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bfloat16 support"
+    try:
+        with torch.inference_mode():
+            x = torch.randn(2, 3, 8, 8).to(device=device, dtype=dtype)
+            w = torch.randn(4, 3, 4, 4).to(device=device, dtype=dtype)
+            y = F.conv2d(x, w, stride=4).flatten(1)  # 2 x 16
+            y = F.gelu(F.linear(y, torch.randn(8, 16).to(device=device, dtype=dtype)))
+            y = F.layer_norm(y, (8,))
+            q = y.reshape(1, 1, 2, 8)
+            y = F.scaled_dot_product_attention(q, q, q).float().cpu()
+        if not bool(torch.isfinite(y).all()):
+            return "a test computation gave NaN"
+    except Exception as exc:  # RuntimeError "not implemented for 'Half'", and the like
+        return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return None
 
 
 def _offline_env() -> bool:
@@ -421,6 +464,7 @@ def load_model(
         raise UserError(f"Unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
     resolved = resolve_spec(spec, pretrained)
     dev = pick_device(device)
+    check_precision(dev, precision)
     notes: list[str] = []
     if resolved.model_name != spec and resolved.kind == "open_clip":
         notes.append(f"{spec} + {resolved.pretrained} uses the QuickGELU architecture {resolved.model_name}.")
@@ -430,6 +474,7 @@ def load_model(
         if not ckpt.is_file():
             raise UserError(f"Checkpoint file {ckpt} does not exist.")
         ckpt_path, ckpt_sha = str(ckpt.resolve()), sha256_file(ckpt)
+        check_checkpoint_file(ckpt_path)
 
     kwargs = dict(precision=precision, device=dev, cache_dir=cache_dir)
     offline = False
@@ -468,19 +513,15 @@ def load_model(
                 create_name, pretrained=create_pretrained, **kwargs
             )
             if ckpt_path:
-                try:
-                    open_clip.load_checkpoint(model, ckpt_path, strict=True)
-                except Exception as exc:
-                    raise UserError(
-                        f"The checkpoint {ckpt_path} does not fit {create_name}: {str(exc).splitlines()[0][:300]}"
-                    ) from None
+                load_checkpoint_into(model, ckpt_path, create_name)
                 model.to(dev)
             tokenizer = open_clip.get_tokenizer(create_name, cache_dir=cache_dir)
     except UserError:
         raise
     except Exception as exc:
-        msg = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        raise UserError(f"Could not build model {spec!r}: {msg}. " + _WEIGHTS_HINT) from None
+        msg = _first_line(exc)
+        hint = " " + _WEIGHTS_HINT if resolved.kind == "hf-hub" or create_pretrained else ""
+        raise UserError(f"Could not build model {spec!r} on {dev} ({precision}): {msg}.{hint}") from None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -504,6 +545,148 @@ def load_model(
         spec=spec,
         image_size=size,
         notes=notes,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without PyTorch's advice to unpickle untrusted
+    code (``weights_only=False``), which clipfail never follows and never passes on."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip() and "weights_only" not in ln]
+    return lines[0].strip()[:300] if lines else type(exc).__name__
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Refuse a file that cannot be a checkpoint, saying what it is (cheap: reads its first bytes).
+
+    Accepted: a ``.safetensors`` file with a readable header; a ``torch.save`` file (zip format or
+    the legacy pickle format); open_clip's ``.npz``/``.npy`` big_vision weights (not checked here).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(
+            f"The checkpoint {path} is empty (0 bytes): a download or copy did not finish. Copy the file again."
+        )
+    if path.suffix in (".npz", ".npy"):
+        return
+    with open(path, "rb") as f:
+        head = f.read(8)
+    is_safetensors = _safetensors_header_ok(path, size)
+    if path.suffix == ".safetensors":
+        if not is_safetensors:
+            raise UserError(
+                f"The checkpoint {path} is not a valid .safetensors file (its header is damaged or the file is "
+                "truncated). Copy or download it again."
+            )
+        return
+    if head.startswith(b"PK\x03\x04"):
+        import zipfile
+
+        if not zipfile.is_zipfile(path):
+            raise UserError(
+                f"The checkpoint {path} is a damaged or truncated torch.save file. Copy or download it again."
+            )
+        return
+    if head[:1] == b"\x80":  # pickle protocol 2+: torch.save's legacy format
+        return
+    if is_safetensors:
+        raise UserError(
+            f"The checkpoint {path} is a safetensors file without the .safetensors suffix. "
+            "Rename it to end in .safetensors."
+        )
+    raise UserError(
+        f"{path} is not a model checkpoint: neither a torch.save file (.pt/.bin) nor a .safetensors file "
+        f"(it starts with {head!r}). Pass the weights file with --checkpoint."
+    )
+
+
+def _safetensors_header_ok(path: Path, size: int) -> bool:
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            (n,) = struct.unpack("<Q", head)
+            if n < 2 or n > min(size - 8, 100_000_000):
+                return False
+            header = json.loads(f.read(n))
+        return isinstance(header, dict)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
+def load_checkpoint_into(model, ckpt_path: str, model_name: str) -> None:
+    """open_clip.load_checkpoint(strict=True), with a message that says what is wrong with the file."""
+    import pickle
+
+    import open_clip
+
+    try:
+        open_clip.load_checkpoint(model, ckpt_path, strict=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+            raise UserError(
+                f"The checkpoint {ckpt_path} holds pickled Python objects, not only weights (for example a whole "
+                "model saved with torch.save(model)). clipfail loads weights only, so that a file cannot run code: "
+                "save the model's state_dict() (or a .safetensors file) and pass that."
+            ) from None
+        raise UserError(
+            f"The checkpoint {ckpt_path} cannot be read as a torch.save file ({_first_line(exc)}): it is damaged or "
+            "not a checkpoint. Copy or download it again."
+        ) from None
+    except RuntimeError as exc:
+        text = str(exc)
+        if "Error(s) in loading state_dict" in text:
+            raise UserError(
+                f"The checkpoint {ckpt_path} does not fit {model_name}: {_state_dict_problems(text)}."
+            ) from None
+        raise UserError(
+            f"The checkpoint {ckpt_path} cannot be loaded ({_first_line(exc)}): it is damaged or not a checkpoint. "
+            "Copy or download it again."
+        ) from None
+    except (AttributeError, TypeError, KeyError, StopIteration, IndexError) as exc:
+        raise UserError(
+            f"The checkpoint {ckpt_path} does not hold a state dict (a mapping of weight names to tensors; "
+            f"{_first_line(exc)}). Save the model's state_dict() and pass that."
+        ) from None
+    except Exception as exc:
+        raise UserError(
+            f"The checkpoint {ckpt_path} cannot be loaded: {_first_line(exc)}. Copy or download it again."
+        ) from None
+
+
+def _state_dict_problems(text: str) -> str:
+    """'N weights missing (e.g. ...), M unexpected (e.g. ...), K of another shape (e.g. ...)' from
+    torch's load_state_dict error, plus what it most likely means."""
+    import re
+
+    def keys(label):
+        m = re.search(label + r" key\(s\) in state_dict: (.*?)(?:\.\s*$|\.\s*\n)", text, flags=re.M | re.S)
+        return re.findall(r'"([^"]+)"', m.group(1)) if m else []
+
+    missing, unexpected = keys("Missing"), keys("Unexpected")
+    shapes = re.findall(
+        r"size mismatch for ([^:]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from checkpoint, "
+        r"the shape in current model is (torch.Size\(\[[^\]]*\]\))",
+        text,
+    )
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weight(s) missing from the file (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected weight(s) (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        name, got, want = shapes[0]
+        fmt = lambda s: s.replace("torch.Size(", "").rstrip(")")  # noqa: E731
+        parts.append(
+            f"{len(shapes)} weight(s) of another shape (e.g. {name}: {fmt(got)} in the file, {fmt(want)} in the model)"
+        )
+    detail = "; ".join(parts) or _first_line(RuntimeError(text))
+    return (
+        f"{detail}. The file is for another architecture (or is not a CLIP checkpoint): pass the --model it was "
+        "trained as"
     )
 
 

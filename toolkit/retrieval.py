@@ -88,12 +88,11 @@ def recall_at_k(gt_rank, k: int) -> float:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' picks cuda when available, else cpu; anything else is passed to torch.device."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """`toolkit.devices.resolve_device` as a torch.device: 'auto' picks cuda when available, else cpu
+    (never mps: ranks stay on the CPU on a Mac); a device that is unavailable or unknown is a UserError."""
+    from toolkit.devices import resolve_device as _resolve
+
+    return torch.device(_resolve(device, auto_mps=False))
 
 
 def _as_2d(x, name: str) -> torch.Tensor:
