@@ -317,6 +317,11 @@ def test_reused_analyze_folder_keeps_nothing_of_the_earlier_analysis(run_cli, la
     (an / "notes.txt").write_text("keep me", encoding="utf-8")
     res = run_cli("--db", dbfile, "analyze", "--out", an, expect=2)
     assert "notes.txt" in res.output and (an / "notes.txt").read_text(encoding="utf-8") == "keep me"
+    # a report into the analysis folder would remove the analysis: its files are not the report's
+    (an / "notes.txt").unlink()
+    files = folder_bytes(an)
+    res = run_cli("--db", dbfile, "report", "--out", an, expect=2)
+    assert "annotator_agreement.csv" in res.output and folder_bytes(an) == files
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,9 +43,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_manifest(folder: Path) -> tuple[dict[str, str], set[str]]:
+def _read_manifest(folder: Path, what: str | None) -> tuple[dict[str, str], set[str]]:
+    """The files and folders that the manifest vouches for: none if it is missing, unreadable, or
+    written by another command (a report never removes an analysis that shares its folder)."""
     try:
         data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        if what is not None and data.get("what") != what:
+            return {}, set()
         files = {str(k): str(v) for k, v in dict(data.get("files", {})).items()}
         dirs = {str(d) for d in data.get("dirs", [])}
         return files, dirs
@@ -57,12 +61,12 @@ def _is_ours_temp(name: str) -> bool:
     return name.startswith(STAGING_PREFIX) or name.startswith(OLD_PREFIX)
 
 
-def foreign_files(folder: Path) -> list[str]:
-    """Paths (relative to folder, '/'-separated) that the manifest does not vouch for."""
+def foreign_files(folder: Path, what: str | None = None) -> list[str]:
+    """Paths (relative to folder, '/'-separated) that the manifest (of command `what`) does not vouch for."""
     folder = Path(folder)
     if not folder.exists():
         return []
-    files, dirs = _read_manifest(folder)
+    files, dirs = _read_manifest(folder, what)
     foreign: list[str] = []
 
     def walk(current: Path, rel: str) -> None:
@@ -108,7 +112,7 @@ class FreshFolder:
 
     def _refuse_foreign(self) -> None:
         try:
-            foreign = foreign_files(self.out_dir)
+            foreign = foreign_files(self.out_dir, self.what)
         except OSError as exc:
             raise UserError(f"Cannot read the {self.what} folder {self.out_dir}: {exc.strerror or exc}.") from None
         if foreign:
