@@ -193,6 +193,22 @@ def test_a_file_that_cannot_be_read_is_not_written_over(run_cli, dbfile, tmp_pat
     assert (out / "assign_C.csv").stat().st_size > 100
 
 
+def test_rerunning_run_keeps_labels_saved_under_another_header_spelling(run_cli, tmp_db, tmp_path, synthetic_coco):
+    from toolkit.models import TINY_CONFIG, save_random_checkpoint
+
+    ckpt = tmp_path / "tiny.safetensors"
+    save_random_checkpoint(ckpt, spec=TINY_CONFIG, seed=1)
+    out = tmp_path / "fa"
+    cmd = ["--db", tmp_db, "run", "--coco-root", synthetic_coco, "--num-images", 20, "--model", TINY_CONFIG]
+    cmd += ["--checkpoint", ckpt, "--device", "cpu", "--n", 20, "--overlap", 4, "--per-annotator", 6]
+    cmd += ["--annotators", "A,B", "--out", out, "--no-pictures"]
+    run_cli(*cmd)
+    data = resave(out / "assign_A.csv", first_row("category", "Object"), rename={"category": "label"})
+    res = run_cli(*cmd)
+    assert (out / "assign_A.csv").read_bytes() == data
+    assert [line.split()[1] for line in res.output.splitlines()[1:5]] == ["already"] * 4
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. --replace into a folder that cannot be written changes nothing
 
