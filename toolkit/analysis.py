@@ -7,6 +7,9 @@ selects them, writes them as CSV and draws the two bar charts (toolkit.figures).
 Files written in `out_dir`:
   taxonomy_distribution.csv, taxonomy_actionable.csv, taxonomy_by_annotator.csv,
   annotator_agreement.csv, figure1_taxonomy.png/.svg, figure2_actionable.png/.svg
+and nothing else: the files are staged and swapped in (toolkit.outdir), so a reused out_dir keeps no
+table or figure of an earlier analysis, and a folder holding files that no analysis wrote is
+refused. Text cells of the CSVs are guarded against spreadsheet formulas (toolkit.sheets).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from toolkit.errors import UserError
+from toolkit.outdir import FreshFolder
+from toolkit.sheets import write_frame_csv
 
 PERCENT_COLUMNS = ("percent", "percent_lr", "percent_agreement")
 
@@ -64,19 +69,17 @@ def _view(con, name: str, rrid: int) -> pd.DataFrame:
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
-    """CSV with percentages printed with exactly 2 decimals (as the views round them)."""
+    """CSV with percentages printed with exactly 2 decimals (as the views round them), text cells
+    guarded against spreadsheet formulas."""
     out = df.copy()
     for col in PERCENT_COLUMNS:
         if col in out.columns:
             out[col] = out[col].map(lambda v: "" if pd.isna(v) else f"{float(v):.2f}")
-    out.to_csv(path, index=False, lineterminator="\n")
-    return path
+    return write_frame_csv(out, path)
 
 
 def analyze(con, out_dir="analysis", retrieval_run_id: int | None = None, figures: bool = True) -> AnalysisResult:
     """Select the taxonomy tables and the agreement of one retrieval run; write CSVs and figures."""
-    from toolkit.figures import taxonomy_bar_chart
-
     rrid = pick_labelled_run(con, retrieval_run_id)
     out_dir = Path(out_dir)
     dist = _view(con, "taxonomy_distribution", rrid)
@@ -99,10 +102,17 @@ def analyze(con, out_dir="analysis", retrieval_run_id: int | None = None, figure
         n_overlap_samples=int(counts[1]),
         out_dir=out_dir,
     )
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"Cannot create the output folder {out_dir}: {exc.strerror or exc}.") from None
+    with FreshFolder(out_dir, "analysis") as fresh:
+        _write_files(result, fresh, figures)
+    return result
+
+
+def _write_files(result: AnalysisResult, fresh: FreshFolder, figures: bool) -> None:
+    """The CSVs and figures, written into the staging folder and swapped into result.out_dir."""
+    from toolkit.figures import taxonomy_bar_chart
+
+    rrid, dist, act, agree = result.retrieval_run_id, result.distribution, result.actionable, result.agreement
+    by_ann, out_dir = result.by_annotator, fresh.staging
     for name, df in (
         ("taxonomy_distribution", dist),
         ("taxonomy_actionable", act),
@@ -129,4 +139,5 @@ def analyze(con, out_dir="analysis", retrieval_run_id: int | None = None, figure
                 out_dir / "figure2_actionable",
                 subtitle=f"retrieval run {rrid}: {n} actionable failures (not-actionable categories removed)",
             )
-    return result
+    result.written = [fresh.final(p) for p in result.written]
+    fresh.commit()

@@ -202,7 +202,8 @@ def _decode(data: bytes, path: Path) -> str:
     return text.lstrip("\ufeff")
 
 
-def _norm_header(name: str) -> str:
+def norm_header(name: str) -> str:
+    """A header cell as the column names are matched: lower case, spaces and hyphens as '_'."""
     s = str(name).replace("\ufeff", "").strip().strip('"').strip().lower()
     return re.sub(r"[\s\-]+", "_", s)
 
@@ -219,7 +220,7 @@ def _pick_delimiter(text: str, path: Path, only: str | None = None) -> tuple[str
             header = next(_records(text, delim), [])
         except csv.Error:
             continue
-        names = [_norm_header(h) for h in header]
+        names = [norm_header(h) for h in header]
         has_id = any(n in COLUMN_NAMES["sample_id"] for n in names)
         key = (has_id, len(names))
         if best is None or key > best[0]:
@@ -233,8 +234,8 @@ def _pick_delimiter(text: str, path: Path, only: str | None = None) -> tuple[str
     return best[1], best[2]
 
 
-def _column_index(header: list[str], path: Path) -> dict[str, int]:
-    names = [_norm_header(h) for h in header]
+def _column_index(header: list[str], path: Path, require_category: bool = True) -> dict[str, int]:
+    names = [norm_header(h) for h in header]
     index: dict[str, int] = {}
     for key, spellings in COLUMN_NAMES.items():
         hits = [i for i, n in enumerate(names) if n in spellings]
@@ -243,7 +244,7 @@ def _column_index(header: list[str], path: Path) -> dict[str, int]:
             raise UserError(f"{path} has {len(hits)} {key} columns: {cols}. Keep one and import again.")
         if hits:
             index[key] = hits[0]
-    if "category" not in index:
+    if require_category and "category" not in index:
         shown = ", ".join(repr(h) for h in header[:20])
         raise UserError(
             f"{path} has no category column (columns: {shown}). Put each label in a column named 'category', "
@@ -252,7 +253,7 @@ def _column_index(header: list[str], path: Path) -> dict[str, int]:
     return index
 
 
-def _parse_sample_id(text: str) -> int | None:
+def parse_sample_id(text: str) -> int | None:
     s = text.strip().lstrip("'")
     if re.fullmatch(r"[+]?\d+", s):
         return int(s)
@@ -283,8 +284,23 @@ def _file_annotator(path: Path, known: list[str]) -> tuple[str | None, str | Non
     )
 
 
-def _read_file(path: Path, option: str | None, info: _SampleInfo, tax: Taxonomy, seen: dict) -> _ParsedFile:
-    """Parse and check one file. File-level problems raise UserError; row problems are collected."""
+@dataclass
+class LabelTable:
+    """A label CSV as import-labels reads it: its header, the columns it recognises, its records."""
+
+    path: Path
+    sha256: str
+    header: list[str]
+    columns: dict[str, int]  # key of COLUMN_NAMES -> column index
+    records: list[list[str]]  # the data records (after the header), as csv gives them
+
+
+def read_label_table(path: Path, require_category: bool = True) -> LabelTable:
+    """Read a label CSV the way import-labels does (encodings, separators, `sep=` line, header
+    spellings). Anything that import-labels would refuse for the whole file raises UserError.
+
+    sample-failures uses it too, to tell whether an export holds labels before it writes over it."""
+    path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist. Check the path (give the filled-in assign_<annotator>.csv files).")
     if path.is_dir():
@@ -293,7 +309,6 @@ def _read_file(path: Path, option: str | None, info: _SampleInfo, tax: Taxonomy,
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"{path} cannot be read: {exc.strerror or exc}.") from None
-    parsed = _ParsedFile(path=path, sha256=hashlib.sha256(data).hexdigest())
     text = _decode(data, path)
     if not text.strip():
         raise UserError(f"{path} is empty. Fill in the exported file and import that.")
@@ -303,7 +318,19 @@ def _read_file(path: Path, option: str | None, info: _SampleInfo, tax: Taxonomy,
     if hint:
         text = after
     delim, header = _pick_delimiter(text, path, only=hint.group(1) if hint else None)
-    col = _column_index(header, path)
+    col = _column_index(header, path, require_category=require_category)
+    try:
+        records = list(_records(text, delim))
+    except csv.Error as exc:
+        raise UserError(f"{path} is not a readable CSV ({exc}). Save it again as CSV from the spreadsheet.") from None
+    return LabelTable(path, hashlib.sha256(data).hexdigest(), header, col, records[1:])
+
+
+def _read_file(path: Path, option: str | None, info: _SampleInfo, tax: Taxonomy, seen: dict) -> _ParsedFile:
+    """Parse and check one file. File-level problems raise UserError; row problems are collected."""
+    table = read_label_table(path)
+    parsed = _ParsedFile(path=path, sha256=table.sha256)
+    col = table.columns
     known = info.all_annotators
 
     def canonical(name: str) -> str | None:
@@ -327,11 +354,7 @@ def _read_file(path: Path, option: str | None, info: _SampleInfo, tax: Taxonomy,
         )
 
     n_data = 0
-    try:
-        records = list(_records(text, delim))
-    except csv.Error as exc:
-        raise UserError(f"{path} is not a readable CSV ({exc}). Save it again as CSV from the spreadsheet.") from None
-    for index, record in enumerate(records[1:]):
+    for index, record in enumerate(table.records):
         row_number = index + 2
         cells = [c.strip() for c in record]
         if not any(cells):
@@ -346,7 +369,7 @@ def _read_file(path: Path, option: str | None, info: _SampleInfo, tax: Taxonomy,
         if not raw_id:
             parsed.problems.append(f"row {row_number}: the sample_id is blank")
             continue
-        sample_id = _parse_sample_id(raw_id)
+        sample_id = parse_sample_id(raw_id)
         if sample_id is None:
             parsed.problems.append(f"row {row_number}: sample_id {raw_id!r} is not a whole number")
             continue
@@ -474,7 +497,7 @@ def import_labels(
     for path in paths:
         full = path.resolve() if path.exists() else path
         if full in resolved_paths:
-            file_errors.append(f"{path}: given twice")
+            file_errors.append(f"{path} is given twice; give each file once.")
             continue
         resolved_paths.append(full)
         try:
@@ -483,7 +506,8 @@ def import_labels(
             file_errors.append(str(exc))
     if file_errors or any(p.problems for p in parsed):
         if len(file_errors) == 1 and not any(p.problems for p in parsed):
-            raise UserError(f"{file_errors[0]} Nothing was imported.")
+            first = file_errors[0].rstrip()
+            raise UserError(f"{first}{'' if first.endswith(('.', '!', '?')) else '.'} Nothing was imported.")
         raise UserError(_format_problems(parsed, file_errors, tax))
 
     # Everything checked: build the rows and compare with what is stored.

@@ -18,25 +18,37 @@ sample, so that no label is orphaned.
 Exports (in `out_dir`): failure_samples.csv (every sample, with its set), assign_overlap.csv,
 assign_<annotator>.csv, assign_backup.csv and README.txt for annotators. The CSVs are UTF-8 with
 a BOM and CRLF line ends, quoted by Python's csv module (fields with commas, quotes or newlines
-are quoted), so Excel and LibreOffice open them as they are. A caption that starts with `=`,
-`+`, `-` or `@` is written with a leading `'` so that a spreadsheet shows it as text instead of
-running it as a formula (the exact text is in the `captions` table).
+are quoted), so Excel and LibreOffice open them as they are. A cell that starts with `=`,
+`+`, `-` or `@` (a caption, an image file name) is written with a leading `'` so that a spreadsheet
+shows it as text instead of running it as a formula (toolkit.sheets; the exact text is in the
+database).
 
-An existing assign CSV that already has labels filled in is never overwritten: a re-run with the
-same sample keeps it, and a new sample is refused until the file is imported or moved away.
+An existing export that holds anything that writing over it would lose is never overwritten: a
+re-run with the same sample keeps it, and a new sample is refused until the file is imported or
+moved away. "Anything" is a non-blank cell in a column that import-labels reads (category/label,
+notes/comment, annotator, in any of the header spellings it accepts: the same matching, from
+toolkit.annotations) or in a column that the export does not write. A file that cannot be read as
+a CSV at all is refused rather than guessed about.
+
+The files are written into a staging folder inside `out_dir` (`.clipfail-staging-*`) and renamed
+into place only once all of them, pictures included, were written. A new sample's database rows are
+committed only after that: if the folder cannot be written, or writing fails half-way, the database
+keeps its earlier sample and the folder its earlier files.
 
 Pictures: `vis_<sample_id>.png`, 1500x600 px (see `PictureRenderer`).
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
 import concurrent.futures
 import csv
 import importlib.util
-import io
 import os
 import re
+import shutil
+import tempfile
 import textwrap
 import threading
 from dataclasses import dataclass, field
@@ -47,13 +59,19 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from toolkit import db
+from toolkit.annotations import COLUMN_NAMES, norm_header, parse_sample_id, read_label_table
 from toolkit.errors import UserError, list_offenders
+from toolkit.sheets import sheet_text
 
 STAGE = "sample-failures"
 METHOD = "v1: failures sorted by caption id; numpy default_rng(seed).choice(n_failures, n, replace=False)"
 TOPN = 5  # retrieved images shown per sample (columns top1..top5)
 RESERVED_SETS = ("overlap", "backup")
-LABEL_COLUMNS = ("category", "notes")
+# What import-labels reads from a row besides its sample id (keys of annotations.COLUMN_NAMES, whose
+# spellings it accepts: 'Category', 'label', 'Notes', 'comment', ...). A non-blank cell in one of these
+# is a label, or part of one, and is never written over.
+LABEL_KEYS = tuple(k for k in COLUMN_NAMES if k != "sample_id")
+STAGING_PREFIX = ".clipfail-staging-"
 
 PICTURE_SIZE = (1500, 600)  # width, height in pixels
 
@@ -240,6 +258,7 @@ def sample_failures(
             f"Give --n {len(failures)} or less (and sets that fit in it)."
         )
     _refuse_labelled_exports(out_dir, annotators, keep_ids=None)
+    prepare_out_dir(out_dir)  # before the transaction: an unwritable --out changes nothing
 
     picks = draw(len(failures), n, seed)
     rows = pd.DataFrame(
@@ -251,20 +270,19 @@ def sample_failures(
             "config_hash": chash,
         }
     )
+    # The files are written inside the transaction (they need the new sample ids) and renamed into
+    # place just before it commits: a failure on the way rolls the sample back and leaves the folder as it was.
     with db.transaction(con):
         if old_ids:
             con.execute("DELETE FROM failure_samples WHERE retrieval_run_id = ?", [rrid])
         new_run = db.insert_run(con, STAGE, config, started, seed=seed, model=rr.get("model"))
         rows["run_id"] = new_run
         db.insert_df(con, "failure_samples", rows)
-
-    result = SampleResult(rrid, new_run, False, len(failures), n, seed, _sizes(sets), out_dir)
-    result.replaced_samples = len(old_ids)
-    for sid in old_ids:  # pictures of the replaced sample would only mislead
-        stale = out_dir / f"vis_{sid}.png"
-        if stale.exists():
-            stale.unlink()
-    export(con, rrid, out_dir, pictures=pictures, result=result, only_missing_pictures=False)
+        result = SampleResult(rrid, new_run, False, len(failures), n, seed, _sizes(sets), out_dir)
+        result.replaced_samples = len(old_ids)
+        # pictures of the replaced sample would only mislead: removed once the new files are in place
+        stale = [f"vis_{sid}.png" for sid in old_ids]
+        export(con, rrid, out_dir, pictures=pictures, result=result, only_missing_pictures=False, remove=stale)
     return result
 
 
@@ -314,12 +332,6 @@ def _image_lookup(con, image_ids) -> dict[int, tuple[str, str]]:
     return {int(i): (f, r) for i, f, r in rows}
 
 
-def _sheet_text(value) -> str:
-    """Text as a spreadsheet should show it: a leading = + - @ would start a formula."""
-    s = "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
-    return "'" + s if s[:1] in ("=", "+", "-", "@") else s
-
-
 def _fmt_score(value) -> str:
     return "" if value is None or pd.isna(value) else f"{float(value):.6f}"
 
@@ -335,7 +347,7 @@ def export_rows(df: pd.DataFrame, images: dict[int, tuple[str, str]], pictures: 
             "set_name": row.set_name,
             "draw_order": str(row.draw_order),
             "caption_id": str(row.caption_id),
-            "caption": _sheet_text(row.caption),
+            "caption": sheet_text(row.caption),
             "gt_image": images.get(int(row.gt_id), (f"image {row.gt_id}", ""))[0],
             "gt_rank": str(row.gt_rank),
             "gt_score": _fmt_score(row.gt_score),
@@ -361,31 +373,60 @@ SAMPLE_COLUMNS = ["sample_id", "set_name", "draw_order"] + ASSIGN_COLUMNS[1:]
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    """UTF-8 with BOM, CRLF, minimal quoting; written to a temporary file and renamed."""
+    """UTF-8 with BOM, CRLF, minimal quoting, every cell through the formula guard (toolkit.sheets);
+    written to a temporary file and renamed."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8-sig", newline="") as fh:
         writer = csv.writer(fh, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
         writer.writerow(columns)
         for rec in rows:
-            writer.writerow([rec.get(c, "") for c in columns])
+            writer.writerow([sheet_text(rec.get(c, "")) for c in columns])
     os.replace(tmp, path)
 
 
+EXPORT_HEADERS = frozenset(norm_header(c) for c in SAMPLE_COLUMNS + ASSIGN_COLUMNS)
+
+
 def read_labelled_ids(path: Path) -> set[str] | None:
-    """Sample ids of an existing CSV if any row has a category or notes filled in, else None."""
+    """The sample ids of an existing export if writing over it would lose something, else None.
+
+    The file is read as import-labels reads it (toolkit.annotations.read_label_table: encodings,
+    separators, an Excel `sep=` line, header spellings such as `Category`, `label`, `Comments`).
+    Something would be lost if any row has a non-blank cell in a column that import-labels reads
+    besides sample_id (LABEL_KEYS), in a column that the export does not write, or past the last
+    column. A file that cannot be read so (not a CSV, no sample_id column, two category columns, ...)
+    raises UserError: it is not written over on a guess. An empty file holds nothing.
+    """
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} exists but cannot be read ({exc}); move it away and run again.") from None
-    first = text.split("\n", 1)[0]
-    delim = max([",", ";", "\t"], key=first.count)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delim)
-    labelled, ids = False, set()
-    for rec in reader:
-        ids.add((rec.get("sample_id") or "").strip())
-        if any((rec.get(c) or "").strip() for c in LABEL_COLUMNS):
-            labelled = True
-    return ids if labelled else None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path} exists but cannot be read ({exc.strerror or exc}); move it away, run again.") from None
+    if not data.replace(codecs.BOM_UTF8, b"").strip():
+        return None
+    try:
+        table = read_label_table(path, require_category=False)
+    except UserError as exc:
+        raise UserError(
+            f"{path} would be written over, but it cannot be read to check that it holds no labels, so it is left as "
+            f"it is. ({exc}) Import it or move it away, then run again."
+        ) from None
+    label_cols = {table.columns[k] for k in LABEL_KEYS if k in table.columns}
+    id_col = table.columns.get("sample_id")
+    content_cols = label_cols | {
+        i for i, h in enumerate(table.header) if i != id_col and norm_header(h) not in EXPORT_HEADERS
+    }
+    width = len(table.header)
+    holds, ids = False, set()
+    for record in table.records:
+        cells = [c.strip() for c in record]
+        if not any(cells):
+            continue
+        raw_id = cells[id_col] if id_col is not None and id_col < len(cells) else ""
+        parsed = parse_sample_id(raw_id) if raw_id else None
+        ids.add(str(parsed) if parsed is not None else raw_id)
+        if any(cells[i] for i in content_cols if i < len(cells)) or any(cells[width:]):
+            holds = True
+    return ids if holds else None
 
 
 def _assign_files(annotators: list[str]) -> list[str]:
@@ -408,14 +449,18 @@ def _refuse_labelled_exports(out_dir: Path, annotators: list[str], keep_ids: dic
             clash.append(str(path))
     if clash:
         raise UserError(
-            "These files already hold filled-in labels for another sample and would be overwritten: "
-            f"{list_offenders(clash)}. Import them (clipfail import-labels) or move them away, then run again."
+            "These files already hold filled-in labels (or other cells that the export does not write) for another "
+            f"sample and would be overwritten: {list_offenders(clash)}. Import them (clipfail import-labels) or move "
+            "them away, then run again."
         )
     return keep
 
 
 def annotator_readme(con, set_sizes: dict[str, int]) -> str:
-    cats = con.execute("SELECT name, is_actionable, definition, example FROM categories ORDER BY position, name").df()
+    cats = con.execute(
+        "SELECT name, is_actionable, coalesce(definition, '') AS definition, coalesce(example, '') AS example "
+        "FROM categories ORDER BY position, name"
+    ).df()
     aliases = con.execute("SELECT category, string_agg(alias, ', ' ORDER BY alias) FROM category_aliases GROUP BY 1")
     alias_map = dict(aliases.fetchall())
     annot = [s for s in set_sizes if s not in RESERVED_SETS]
@@ -460,6 +505,21 @@ def annotator_readme(con, set_sizes: dict[str, int]) -> str:
     return "\r\n".join(lines)
 
 
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create out_dir and check that files can be created in it, or raise UserError (nothing written yet)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a folder. Give --out a folder for the annotators' files.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    except OSError as exc:
+        raise UserError(
+            f"Cannot write the annotators' files into {out_dir}: {exc.strerror or exc}. Give --out a folder that "
+            "you can write to. Nothing was changed."
+        ) from None
+
+
 def export(
     con,
     retrieval_run_id: int,
@@ -468,13 +528,39 @@ def export(
     pictures: bool = True,
     result: SampleResult,
     only_missing_pictures: bool = False,
+    remove: list[str] | tuple = (),
 ) -> None:
-    """Write the CSVs, README.txt and pictures of a retrieval run's sample into out_dir."""
+    """Write the CSVs, README.txt and pictures of a retrieval run's sample into out_dir.
+
+    Everything is first written into a staging folder inside out_dir, then renamed into place
+    (pictures first, the CSVs last); `remove` names files of out_dir to delete after that. An error
+    before the renames leaves out_dir as it was."""
     out_dir = Path(out_dir)
+    prepare_out_dir(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    placing = False
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        staged = _write_exports(con, retrieval_run_id, out_dir, staging, pictures, result, only_missing_pictures)
+        placing = True
+        for name in staged:
+            os.replace(staging / name, out_dir / name)
+        for name in remove:
+            (out_dir / name).unlink(missing_ok=True)
     except OSError as exc:
-        raise UserError(f"Cannot create output folder {out_dir}: {exc}") from None
+        where = "" if placing else " Nothing in it was changed."
+        raise UserError(
+            f"Could not write the annotators' files into {out_dir}: {exc.strerror or exc}"
+            f"{f' ({exc.filename})' if exc.filename else ''}.{where} Check the folder (space, permissions) and "
+            "run again; the database keeps its earlier sample."
+        ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_exports(
+    con, retrieval_run_id: int, out_dir: Path, staging: Path, pictures: bool, result: SampleResult, only_missing: bool
+) -> list[str]:
+    """Write the files into staging; return their names in the order to move them into out_dir."""
     df = sample_table(con, retrieval_run_id)
     annotators = [s for s in result.set_sizes if s not in RESERVED_SETS]
     image_ids = set(df["gt_id"].astype(int))
@@ -489,17 +575,28 @@ def export(
         groups[fname] = [r for r in rows if r["set_name"] == s]
     planned_ids = {name: {r["sample_id"] for r in recs} for name, recs in groups.items()}
     keep = _refuse_labelled_exports(out_dir, annotators, keep_ids=planned_ids)
+    csvs = []
     for name, recs in groups.items():
         if name in keep:
             result.kept.append(name)
             continue
-        write_csv(out_dir / name, recs, SAMPLE_COLUMNS if name == "failure_samples.csv" else ASSIGN_COLUMNS)
-        result.written.append(name)
-    (out_dir / "README.txt").write_text(annotator_readme(con, result.set_sizes), encoding="utf-8-sig")
-    result.written.append("README.txt")
+        write_csv(staging / name, recs, SAMPLE_COLUMNS if name == "failure_samples.csv" else ASSIGN_COLUMNS)
+        csvs.append(name)
+    (staging / "README.txt").write_text(annotator_readme(con, result.set_sizes), encoding="utf-8-sig")
 
-    if not pictures:
-        return
+    pngs: list[str] = []
+    if pictures:
+        pngs = _write_pictures(con, retrieval_run_id, df, rows, images, out_dir, staging, result, only_missing)
+    # Again, just before the files go into place: an annotator may have saved labels meanwhile.
+    if _refuse_labelled_exports(out_dir, annotators, keep_ids=planned_ids) != keep:
+        raise UserError(
+            f"A file in {out_dir} was changed while the files were written; nothing was written over. Run again."
+        )
+    result.written += csvs + ["README.txt"]
+    return pngs + ["README.txt"] + csvs
+
+
+def _write_pictures(con, retrieval_run_id, df, rows, images, out_dir, staging, result, only_missing) -> list[str]:
     subset = con.execute(
         "SELECT s.image_root, (SELECT count(*) FROM subset_images si WHERE si.subset_id = s.subset_id) "
         "FROM retrieval_runs r JOIN subsets s USING (subset_id) WHERE r.retrieval_run_id = ?",
@@ -512,13 +609,12 @@ def export(
 
     todo = []
     for row, rec in zip(df.itertuples(index=False), rows):
-        path = out_dir / rec["picture"]
-        if only_missing_pictures and path.exists():
+        if only_missing and (out_dir / rec["picture"]).exists():
             continue
-        todo.append((row, path))
+        todo.append((row, rec["picture"]))
 
     def write_one(item) -> None:
-        row, path = item
+        row, name = item
         ids = [int(x) for x in list(row.topk_ids)[:TOPN]]
         scores = [float(x) for x in list(row.topk_scores)[:TOPN]]
         pic = renderer.render(
@@ -530,9 +626,7 @@ def export(
             gt=(int(row.gt_id), images.get(int(row.gt_id)), int(row.gt_rank), float(row.gt_score)),
             retrieved=[(i, images.get(i), s) for i, s in zip(ids, scores)],
         )
-        tmp = path.with_name(path.name + ".tmp")
-        pic.save(tmp, "PNG", compress_level=1)
-        os.replace(tmp, path)
+        pic.save(staging / name, "PNG", compress_level=1)
 
     # PIL releases the GIL while decoding, resizing and compressing, so threads help.
     workers = max(1, min(4, os.cpu_count() or 1))
@@ -540,6 +634,7 @@ def export(
         for _ in progress(pool.map(write_one, todo), total=len(todo), desc="pictures", unit="pic"):
             result.n_pictures += 1
     result.missing_images = sorted(renderer.missing)
+    return [name for _, name in todo]
 
 
 # ---------------------------------------------------------------------------------------------

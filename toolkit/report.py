@@ -4,7 +4,11 @@
 
     out_dir/report.html                  every figure embedded as a base64 data URI (no other files needed)
     out_dir/figures/figureN_*.png|.svg   Figure 1-2 (taxonomy), Figure 3.. (one per improvement subset)
-    out_dir/tables/*.csv                 every table of the page
+    out_dir/tables/*.csv                 every table of the page (text cells guarded against spreadsheet
+                                         formulas by toolkit.sheets: `=HYPERLINK(..)` is written `'=HYPERLINK(..)`)
+
+and nothing else: the files are staged and swapped in, so a reused out_dir keeps nothing of an
+earlier report, and a folder holding files that no report wrote is refused (toolkit.outdir).
 
 Every number on the page is a value that a SQL view returned (recall_summary, taxonomy_distribution,
 taxonomy_actionable, taxonomy_by_annotator, annotator_agreement, improvement_summary,
@@ -32,6 +36,8 @@ import pandas as pd
 import toolkit
 from toolkit import db
 from toolkit.errors import UserError
+from toolkit.outdir import FreshFolder
+from toolkit.sheets import write_frame_csv
 
 PACKAGES = ["clipfail", "torch", "torchvision", "open_clip_torch", "duckdb", "numpy", "pandas", "matplotlib", "pillow"]
 
@@ -136,8 +142,7 @@ class _Page:
         formats = formats or {}
         if csv:
             self.tables_dir.mkdir(parents=True, exist_ok=True)
-            path = self.tables_dir / f"{name}.csv"
-            df.to_csv(path, index=False, lineterminator="\n")
+            path = write_frame_csv(df, self.tables_dir / f"{name}.csv")  # text cells guarded against formulas
             self.tables.append(path)
         if html_columns is not None:
             df = df[html_columns]
@@ -416,15 +421,20 @@ def write_report(
 ):
     """Write report.html, figures/ and tables/ for one retrieval run (default: the one labelled last).
 
-    `notes` are shown in a box under the title (the demo says there that its model is random)."""
+    `notes` are shown in a box under the title (the demo says there that its model is random).
+
+    The report is written into a fresh staging folder and swapped into out_dir (toolkit.outdir), so
+    out_dir then holds this report only. A folder holding files that an earlier report did not write
+    (or that changed since) is refused, listing them, before anything is written."""
+    with FreshFolder(out_dir, "report") as fresh:
+        return _write_report(con, fresh, retrieval_run_id, db_path, notes)
+
+
+def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> ReportResult:
     started = db.now()
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"Cannot create the report folder {out_dir}: {exc.strerror or exc}.") from None
+    out_dir = fresh.out_dir
     rrid = pick_run(con, retrieval_run_id)
-    page = _Page(out_dir)
+    page = _Page(fresh.staging)
     missing: list[str] = []
     simulated = False
     if rrid is not None:
@@ -487,19 +497,18 @@ def write_report(
         f'<h1>{title}</h1><p class="meta">{meta}</p>{banner}'
         f"<nav><ul>{toc}</ul></nav>{''.join(page.parts)}</body></html>\n"
     )
-    html_path = out_dir / "report.html"
-    tmp = html_path.with_suffix(".html.tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(html_path)
+    (fresh.staging / "report.html").write_text(doc, encoding="utf-8")
+    figures, tables = [fresh.final(p) for p in page.figures], [fresh.final(p) for p in page.tables]
+    fresh.commit()  # out_dir now holds this report, and nothing of an earlier one
     return ReportResult(
         out_dir=out_dir,
-        html_path=html_path,
+        html_path=out_dir / "report.html",
         retrieval_run_id=rrid,
         run_id=run_id,
         is_noop=is_noop,
         is_simulated=simulated,
-        figures=page.figures,
-        tables=page.tables,
+        figures=figures,
+        tables=tables,
         sections=[t for _, t in page.toc],
         missing=missing,
     )

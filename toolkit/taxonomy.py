@@ -173,14 +173,16 @@ def resolve_label(con_or_taxonomy, raw) -> tuple[str | None, str | None]:
 
 
 def list_categories(con) -> pd.DataFrame:
-    """Categories in position order, with their aliases joined into one column."""
+    """Categories in position order, with their aliases joined into one column ('' where there are
+    none, and '' for a missing example, never NaN)."""
     return con.execute(
         """
         WITH alias_lists AS (
             SELECT category, string_agg(alias, ', ' ORDER BY alias) AS aliases
             FROM category_aliases GROUP BY category
         )
-        SELECT c.position, c.name, c.is_actionable, c.definition, c.example, coalesce(a.aliases, '') AS aliases
+        SELECT c.position, c.name, c.is_actionable, coalesce(c.definition, '') AS definition,
+               coalesce(c.example, '') AS example, coalesce(a.aliases, '') AS aliases
         FROM categories c LEFT JOIN alias_lists a ON a.category = c.name
         ORDER BY c.position, c.name
         """

@@ -1,0 +1,60 @@
+"""CSV files that people open in a spreadsheet: one formula guard for every such file.
+
+A cell whose text starts with `=`, `+`, `-`, `@`, a tab or a carriage return is run as a formula by
+Excel, LibreOffice and Google Sheets when the CSV is opened (`=HYPERLINK(...)` in a category name or
+a caption becomes a live link). `sheet_text` writes such text with a leading `'`, which a
+spreadsheet shows as text. Plain numbers (`-0.25`, `+3`, `1e-5`) are left alone: a spreadsheet
+reads them as the number they are, never as a formula. The exact text stays in the database.
+
+Used by every CSV the toolkit writes for people: the annotators' exports (toolkit.failures), the
+analysis tables (toolkit.analysis) and the report's tables (toolkit.report).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _is_number(s: str) -> bool:
+    try:
+        value = float(s)
+    except ValueError:
+        return False
+    return not math.isnan(value) and s.strip() == s
+
+
+def sheet_text(value) -> str:
+    """Text as a spreadsheet should show it: '' for None/NaN, a leading ' before a would-be formula."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    try:
+        if pd.isna(value) is True:  # pd.NA, NaT
+            return ""
+    except (TypeError, ValueError):
+        pass
+    s = str(value)
+    if s[:1] in FORMULA_STARTS and not _is_number(s):
+        return "'" + s
+    return s
+
+
+def guard_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of df whose text cells (object and string columns) went through sheet_text."""
+    out = df.copy()
+    for col in out.columns:
+        dtype = out[col].dtype
+        if pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype):
+            out[col] = [v if isinstance(v, (int, float)) else sheet_text(v) for v in out[col]]
+    return out
+
+
+def write_frame_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    """df as CSV (UTF-8, LF, header, no index) with its text cells guarded against formulas."""
+    path = Path(path)
+    guard_frame(df).to_csv(path, index=False, lineterminator="\n")
+    return path
