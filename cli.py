@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import click
 import duckdb
@@ -797,7 +798,11 @@ def report(db_path, out_dir, run_id):
     """
     from toolkit.report import write_report
 
-    con = db.open_database(db_path, read_only=True)
+    # A writable study records the report as a run (so `status` knows it is written); a write-protected
+    # one is only read, and left byte-identical.
+    if not Path(db_path).exists():
+        raise UserError(db.missing_database_message(db_path))
+    con = db.open_database(db_path, read_only=not db.is_writable(db_path))
     try:
         res = write_report(con, out_dir=out_dir, retrieval_run_id=run_id, db_path=db_path)
     finally:

@@ -8,6 +8,7 @@ no-new-file checks below are what prove that nothing was written.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import stat
 from pathlib import Path
@@ -287,3 +288,16 @@ def test_a_damaged_database_gives_one_clear_message(run_cli, tmp_path, first_blo
     ):
         res = run_cli("--db", path, *args, expect=2)
         assert_one_message(res, f"Database {path} is damaged", "backup")
+
+
+def test_report_on_a_writable_study_is_recorded_so_status_stops_asking_for_it(run_cli, study, tmp_path):
+    assert "Write the report" in run_cli("--db", study, "status").output
+    run_cli("--db", study, "report", "--out", tmp_path / "report")
+    out = run_cli("--db", study, "status").output
+    assert "Write the report" not in out and "last written" in out
+    assert db.is_writable(study)
+    os.chmod(study, 0o444)
+    try:
+        assert not db.is_writable(study)  # protected by its mode bits, even for root
+    finally:
+        os.chmod(study, 0o644)

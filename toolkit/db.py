@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from importlib import resources
 from pathlib import Path
 
@@ -222,6 +223,19 @@ def upgrade(con, path: str = "") -> None:
 
     seed_templates(con)  # the shipped default prompt-template set, when the database has none
     con.execute("INSERT OR REPLACE INTO schema_info (key, value) VALUES ('schema_hash', ?)", [schema_hash()])
+
+
+def is_writable(path: str | Path) -> bool:
+    """Whether the user lets clipfail write to the database file: it exists, has a write permission bit
+    and its folder is writable. A file made read-only (chmod a-w) counts as protected even for root, who
+    could write it anyway: a command that can do its job reading only (report) then reads only."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return False
+    has_write_bit = bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    return has_write_bit and os.access(p, os.W_OK) and os.access(p.parent, os.W_OK)
 
 
 def is_read_only(con) -> bool:
