@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from toolkit import db, phrases, pooling, stats
+from toolkit import db, paths, phrases, pooling, stats
 from toolkit import improve as imp
 
 D = 16
@@ -501,7 +501,7 @@ def test_interrupted_write_leaves_the_database_unchanged(con, monkeypatch):
 
 def test_tampered_prompt_shard_is_refused(con):
     run_improve(con, "Object", poolings="max")
-    path = q(con, "SELECT path FROM embedding_sets WHERE kind = 'prompt'")["path"][0]
+    path = paths.resolve(con, q(con, "SELECT path FROM embedding_sets WHERE kind = 'prompt'")["path"][0])
     arr = np.load(path)
     arr[0, 0] += 1
     np.save(path, arr)

@@ -47,6 +47,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from toolkit import db
+from toolkit import paths as study_paths
 from toolkit.errors import UserError, list_offenders
 
 STAGE = "sample-failures"
@@ -505,7 +506,7 @@ def export(
         "FROM retrieval_runs r JOIN subsets s USING (subset_id) WHERE r.retrieval_run_id = ?",
         [retrieval_run_id],
     ).fetchone()
-    image_root = Path(subset[0]) if subset else None
+    image_root = study_paths.resolve(con, subset[0]) if subset else None
     n_images = int(subset[1]) if subset else None
     renderer = PictureRenderer(image_root)
     from toolkit.progress import progress
