@@ -98,7 +98,8 @@ def world(synthetic_coco_master, tmp_path_factory):
     from toolkit.artifacts import register_embedding_set, save_array
 
     root = tmp_path_factory.mktemp("improve_world")
-    path = root / "base.duckdb"
+    path = root / "db" / "base.duckdb"  # the .npy files lie outside its folder: stored absolute, so copies share them
+    path.parent.mkdir()
     _cli(["--db", path, "ingest", "--coco-root", synthetic_coco_master, "--num-images", "40"])
     con = db.open_database(path)
     ids = [r[0] for r in con.execute("SELECT caption_id FROM captions ORDER BY caption_id").fetchall()]

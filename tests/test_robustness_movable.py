@@ -161,6 +161,9 @@ def test_relocate_cache_outside_the_folder_checks_every_file(run_cli, synthetic_
     assert "embedding files missing or damaged, 2 in all" in status
     assert f"clipfail --db {dbp} relocate --cache-dir NEW_FOLDER" in status
 
+    assert "Give what moved" in run_cli("--db", dbp, "relocate", expect=2).output
+    res = run_cli("--db", tmp_path / "typo.duckdb", "relocate", "--cache-dir", moved, expect=2)
+    assert "does not exist" in res.output and not (tmp_path / "typo.duckdb").exists()
     # a copy with one damaged file: refused by sha256, nothing changed
     bad = tmp_path / "bad-copy"
     shutil.copytree(moved, bad)
