@@ -511,35 +511,30 @@ def relocate(db_path, images_root, subset_name, captions_json, cache_dir):
 
     from toolkit import paths
 
-    if not (images_root or captions_json or cache_dir):
-        raise UserError("Give what moved: --images-root DIR, --captions-json FILE and/or --cache-dir DIR.")
     if not Path(db_path).is_file():
         raise UserError(f"Database {db_path} does not exist. Give the study's database with --db PATH.")
+    if not (images_root or captions_json or cache_dir):
+        raise UserError("Give what moved: --images-root DIR, --captions-json FILE and/or --cache-dir DIR.")
     con = db.open_database(db_path)
     try:
-        results = []
-        if images_root:
-            results.append(paths.relocate_images(con, images_root, subset_name))
-        if captions_json:
-            results.append(paths.relocate_captions(con, captions_json, subset_name))
-        if cache_dir:
-            results.append(paths.relocate_cache(con, cache_dir))
+        res = paths.relocate(
+            con, images_root=images_root, subset_name=subset_name, captions_json=captions_json, cache_dir=cache_dir
+        )
     finally:
         con.close()
-    for res in results:
-        for name, old, new in res.images:
-            click.echo(f"subset {name!r}: images {old} -> {new} ({res.checked_images} files found)")
-        for name, old, new in res.captions:
-            click.echo(f"subset {name!r}: captions JSON {old} -> {new} (sha256 matches)")
-        if res.embeddings:
-            click.echo(f"{len(res.embeddings)} embedding file(s) rebound (sha256 matches), e.g.:")
-            for set_id, old, new in res.embeddings[:3]:
-                click.echo(f"  set {set_id}: {old} -> {new}")
-        for note in res.unchanged[:3]:
-            click.echo(f"unchanged: {note}")
-        if len(res.unchanged) > 3:
-            click.echo(f"unchanged: {len(res.unchanged) - 3} more")
-    if not any(r.images or r.captions or r.embeddings for r in results):
+    for name, old, new in res.images:
+        click.echo(f"subset {name!r}: images {old} -> {new} ({res.checked_images} files found)")
+    for name, old, new in res.captions:
+        click.echo(f"subset {name!r}: captions JSON {old} -> {new} (sha256 matches)")
+    if res.embeddings:
+        click.echo(f"{len(res.embeddings)} embedding file(s) rebound (sha256 matches), e.g.:")
+        for set_id, old, new in res.embeddings[:3]:
+            click.echo(f"  set {set_id}: {old} -> {new}")
+    for note in res.unchanged[:3]:
+        click.echo(f"unchanged: {note}")
+    if len(res.unchanged) > 3:
+        click.echo(f"unchanged: {len(res.unchanged) - 3} more")
+    if not res.updates:
         click.echo("Nothing to change: the database already points there.")
 
 

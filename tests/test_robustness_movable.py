@@ -126,6 +126,11 @@ def test_relocate_images_outside_the_folder_is_checked_then_rebound(run_cli, syn
     assert "not the ingested ones" in res.output and "recorded" in res.output
     res = run_cli("--db", dbp, "relocate", "--images-root", moved / "val2017", "--subset", "nope", expect=2)
     assert "No subset named 'nope'" in res.output
+    # good images but a cache that is not there: all or nothing, the image root stays as it was
+    os.rename(folder / "study_cache", tmp_path / "cache-away")
+    res = run_cli("--db", dbp, "relocate", "--images-root", moved / "val2017", "--cache-dir", fake, expect=2)
+    assert "Nothing was changed" in res.output and "neither under" in res.output
+    os.rename(tmp_path / "cache-away", folder / "study_cache")
     assert rows(dbp, "SELECT * FROM subsets") == before
 
     out = run_cli("--db", dbp, "relocate", "--images-root", moved / "val2017", "--subset", "s").output

@@ -215,8 +215,7 @@ def relocate_hints(con, missing: MissingFiles) -> list[str]:
     for name in missing.images:
         hints.append(f"Images moved? Rebind them:  clipfail relocate --images-root NEW_FOLDER --subset {name}")
     for name in missing.captions:
-        if name not in missing.images:
-            hints.append(f"Captions JSON moved?  clipfail relocate --captions-json NEW_FILE --subset {name}")
+        hints.append(f"Captions JSON moved?  clipfail relocate --captions-json NEW_FILE --subset {name}")
     if missing.embeddings:
         hints.append("Embedding cache moved? Rebind it:  clipfail relocate --cache-dir NEW_FOLDER")
     return hints
@@ -233,6 +232,7 @@ class RelocateResult:
     unchanged: list[str] = field(default_factory=list)  # notes: what stayed where it was
     checked_images: int = 0
     checked_sizes: int = 0
+    updates: list[tuple[str, list]] = field(default_factory=list)  # (UPDATE statement, parameters), not yet run
 
 
 def _subsets(con, subset_name: str | None) -> list[tuple]:
@@ -274,15 +274,37 @@ def _check_image_sizes(con, subset_id: int, root: Path, limit: int = 200) -> tup
     return wrong, len(rows)
 
 
-def relocate_images(con, new_root, subset_name: str | None = None) -> RelocateResult:
-    """Point subsets' image roots at `new_root`, after checking every image file is there (and a sample's size)."""
+def relocate(con, *, images_root=None, subset_name: str | None = None, captions_json=None, cache_dir=None):
+    """`clipfail relocate`: check everything first, then change every row in one transaction (or none)."""
     from toolkit import db
 
+    if not (images_root or captions_json or cache_dir):
+        raise UserError("Give what moved: --images-root DIR, --captions-json FILE and/or --cache-dir DIR.")
+    result = RelocateResult()
+    for given, plan in (
+        (images_root, lambda: plan_images(con, images_root, subset_name)),
+        (captions_json, lambda: plan_captions(con, captions_json, subset_name)),
+        (cache_dir, lambda: plan_cache(con, cache_dir)),
+    ):
+        if given:
+            part = plan()
+            for name in ("images", "captions", "embeddings", "unchanged", "updates"):
+                getattr(result, name).extend(getattr(part, name))
+            result.checked_images += part.checked_images
+            result.checked_sizes += part.checked_sizes
+    if result.updates:
+        with db.transaction(con):
+            for sql, params in result.updates:
+                con.execute(sql, params)
+    return result
+
+
+def plan_images(con, new_root, subset_name: str | None = None) -> RelocateResult:
+    """The rows that point subsets' image roots at `new_root`, after checking every image (and a sample's size)."""
     new_root = Path(os.path.abspath(os.path.expanduser(os.fspath(new_root))))
     if not new_root.is_dir():
         raise UserError(f"--images-root {new_root} is not a folder. Give the folder that holds the images.")
-    result = RelocateResult()
-    updates, problems = [], []
+    result, problems = RelocateResult(), []
     for subset_id, name, image_root, _src, _sha in _subsets(con, subset_name):
         rels = _subset_images(con, subset_id)
         gone = _missing_under(new_root, rels)
@@ -302,53 +324,43 @@ def relocate_images(con, new_root, subset_name: str | None = None) -> RelocateRe
         if new == image_root:
             result.unchanged.append(f"subset {name!r} already uses {new_root}")
         else:
-            updates.append((new, subset_id))
+            result.updates.append(("UPDATE subsets SET image_root = ? WHERE subset_id = ?", [new, subset_id]))
             result.images.append((name, image_root, new))
     if problems:
         hint = "" if subset_name else " Give --subset NAME to relocate one subset at a time."
         raise UserError(f"Nothing was changed: {'; '.join(problems)}.{hint}")
-    if updates:
-        with db.transaction(con):
-            for new, subset_id in updates:
-                con.execute("UPDATE subsets SET image_root = ? WHERE subset_id = ?", [new, subset_id])
     return result
 
 
-def relocate_captions(con, new_file, subset_name: str | None = None) -> RelocateResult:
-    """Point subsets' captions JSON at `new_file`, after checking its sha256 against the ingested one."""
-    from toolkit import db
+def plan_captions(con, new_file, subset_name: str | None = None) -> RelocateResult:
+    """The rows that point subsets' captions JSON at `new_file`, after checking its sha256 against the ingested one."""
     from toolkit.artifacts import sha256_file
 
     new_file = Path(os.path.abspath(os.path.expanduser(os.fspath(new_file))))
     if not new_file.is_file():
         raise UserError(f"--captions-json {new_file} is not a file.")
     sha = sha256_file(new_file)
-    result, updates, problems = RelocateResult(), [], []
+    result, problems = RelocateResult(), []
     for subset_id, name, _root, src, want in _subsets(con, subset_name):
         if sha != want:
             problems.append(f"subset {name!r} was ingested from a file with sha256 {want[:12]}…, not {sha[:12]}…")
             continue
         new = to_stored(con, new_file)
         if new != src:
-            updates.append((new, subset_id))
+            result.updates.append(("UPDATE subsets SET source_file = ? WHERE subset_id = ?", [new, subset_id]))
             result.captions.append((name, src, new))
     if problems:
         raise UserError(f"Nothing was changed: {new_file} is not the captions JSON of {'; '.join(problems)}.")
-    if updates:
-        with db.transaction(con):
-            for new, subset_id in updates:
-                con.execute("UPDATE subsets SET source_file = ? WHERE subset_id = ?", [new, subset_id])
     return result
 
 
-def relocate_cache(con, new_dir) -> RelocateResult:
-    """Point embedding sets at the files of the same name under `new_dir` (searched recursively).
+def plan_cache(con, new_dir) -> RelocateResult:
+    """The rows that point embedding sets at the files of the same name under `new_dir` (searched recursively).
 
     Each candidate must have the sha256 the database recorded. Sets whose file is found under
     `new_dir` move there; a set whose file exists where it is and not under `new_dir` stays; a set
     whose file is in neither place refuses the whole relocation (nothing is changed).
     """
-    from toolkit import db
     from toolkit.artifacts import sha256_file
 
     new_dir = Path(os.path.abspath(os.path.expanduser(os.fspath(new_dir))))
@@ -358,7 +370,7 @@ def relocate_cache(con, new_dir) -> RelocateResult:
     for p in new_dir.rglob("*.npy"):
         if ".partial" not in p.relative_to(new_dir).parts:
             by_name.setdefault(p.name, []).append(p)
-    result, updates, missing, damaged = RelocateResult(), [], [], []
+    result, missing, damaged = RelocateResult(), [], []
     sha_cache: dict[Path, str] = {}
     for set_id, kind, stored, sha in con.execute(
         "SELECT embedding_set_id, kind, path, sha256 FROM embedding_sets ORDER BY embedding_set_id"
@@ -383,7 +395,7 @@ def relocate_cache(con, new_dir) -> RelocateResult:
         result.checked_sizes += 1
         new = to_stored(con, match)
         if new != stored:
-            updates.append((new, set_id))
+            result.updates.append(("UPDATE embedding_sets SET path = ? WHERE embedding_set_id = ?", [new, set_id]))
             result.embeddings.append((int(set_id), str(stored), new))
     if missing or damaged:
         parts = []
@@ -397,10 +409,6 @@ def relocate_cache(con, new_dir) -> RelocateResult:
             f"Nothing was changed: {'; '.join(parts)}. Copy the whole cache folder (or rebuild with "
             "clipfail embed ... --recompute), then run relocate again."
         )
-    if updates:
-        with db.transaction(con):
-            for new, set_id in updates:
-                con.execute("UPDATE embedding_sets SET path = ? WHERE embedding_set_id = ?", [new, set_id])
     return result
 
 
