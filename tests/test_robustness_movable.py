@@ -94,6 +94,17 @@ def test_demo_in_a_copied_folder_reuses_every_stage(run_cli, tmp_path):
     assert (rows(cdb, counts), rows(cdb, stages)) == before  # nothing embedded, ranked, improved or labelled again
     status = run_cli("--db", cdb, "status").output
     assert "MISSING" not in status
+    # new prompts are encoded with the checkpoint recorded (relative to the folder) with the text embeddings
+    assert rows(cdb, "SELECT DISTINCT json_extract_string(config_json, '$.checkpoint') FROM embedding_sets "
+                     "WHERE kind = 'text'") == [("model/tiny-clip-random.safetensors",)]  # fmt: skip
+    n_prompt_sets = rows(cdb, "SELECT count(*) FROM embedding_sets WHERE kind = 'prompt'")[0][0]
+    cat = rows(
+        cdb,
+        "SELECT s.category FROM sample_labels s JOIN categories c ON c.name = s.category WHERE c.is_actionable "
+        "AND s.category NOT IN (SELECT categories FROM improvement_runs) GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1",
+    )[0][0]
+    run_cli("--db", cdb, "improve", "--categories", cat, "--pooling", "max", "--device", "cpu")
+    assert rows(cdb, "SELECT count(*) FROM embedding_sets WHERE kind = 'prompt'")[0][0] == n_prompt_sets + 1
 
 
 def test_relocate_images_outside_the_folder_is_checked_then_rebound(run_cli, synthetic_coco, tmp_path):
