@@ -513,9 +513,60 @@ def status(db_path):
         echo_df(res.stages)
     if res.has_simulated_labels:
         click.echo("NOTE: some labels are SIMULATED (demo annotators), not human judgements.")
+    if res.missing_files:
+        click.echo("\nMISSING FILES (the database references them; the stages that read them will stop):")
+        for line in res.missing_files:
+            click.echo(f"  {line}")
     click.echo("\nNext:")
     for step in res.next_steps:
         click.echo(f"  {_with_db(step, db_path)}")
+
+
+@cli.command("relocate")
+@click.option("--images-root", type=click.Path(file_okay=False), default=None, help="New folder of a subset's images.")
+@click.option("--subset", "subset_name", default=None, help="Only this subset (default: every subset).")
+@click.option("--captions-json", type=click.Path(dir_okay=False), default=None, help="New place of the captions JSON.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Folder with the moved .npy files.")
+@db_option
+def relocate(db_path, images_root, subset_name, captions_json, cache_dir):
+    """Rebind stored paths after images, the captions JSON or the embedding cache moved.
+
+    Paths under the database's folder are stored relative to it and move with it; this is for the
+    others. Nothing changes unless every referenced file is found at the new place: every image
+    (and the recorded size of a sample of them), the captions JSON by sha256, every embedding file
+    by sha256 (searched by name under --cache-dir). All rows change in one transaction.
+
+    Example: clipfail --db study.duckdb relocate --images-root /data/coco/val2017 --cache-dir /data/study_cache
+    """
+    from pathlib import Path
+
+    from toolkit import paths
+
+    if not Path(db_path).is_file():
+        raise UserError(f"Database {db_path} does not exist. Give the study's database with --db PATH.")
+    if not (images_root or captions_json or cache_dir):
+        raise UserError("Give what moved: --images-root DIR, --captions-json FILE and/or --cache-dir DIR.")
+    con = db.open_database(db_path)
+    try:
+        res = paths.relocate(
+            con, images_root=images_root, subset_name=subset_name, captions_json=captions_json, cache_dir=cache_dir
+        )
+    finally:
+        con.close()
+    for name, old, new in res.images:
+        click.echo(f"subset {name!r}: images {old} -> {new} ({res.checked_images} files found)")
+    for name, old, new in res.captions:
+        click.echo(f"subset {name!r}: captions JSON {old} -> {new} (sha256 matches)")
+    if res.embeddings:
+        click.echo(f"{len(res.embeddings)} embedding file(s) rebound (sha256 matches), e.g.:")
+        for set_id, old, new in res.embeddings[:3]:
+            click.echo(f"  set {set_id}: {old} -> {new}")
+    for note in res.unchanged[:3]:
+        click.echo(f"unchanged: {note}")
+    if len(res.unchanged) > 3:
+        click.echo(f"unchanged: {len(res.unchanged) - 3} more")
+    if not res.updates:
+        click.echo("Nothing to change: the database already points there.")
 
 
 @cli.command()

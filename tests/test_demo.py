@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from toolkit import db
+from toolkit import db, paths
 from toolkit.status import study_status
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -86,7 +86,9 @@ def test_demo_fills_every_table(demo):
         assert sets.loc[sets["kind"] == "image", "rows"].tolist() == [100]
         assert sets.loc[sets["kind"] == "text", "rows"].tolist() == [500]
         assert set(sets["checkpoint_sha256"]) == {sha}
-        emb = np.load(con.execute("SELECT path FROM embedding_sets WHERE kind = 'image'").fetchone()[0])
+        emb = np.load(
+            paths.resolve(con, con.execute("SELECT path FROM embedding_sets WHERE kind = 'image'").fetchone()[0])
+        )
         np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
         rrid = q("SELECT retrieval_run_id FROM retrieval_runs WHERE direction = 'text-to-image'")[0][0]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit import artifacts, db, encode, models
+from toolkit import artifacts, db, encode, models, paths
 
 TINY = ["--model", "tiny-clip", "--num-workers", "0"]
 
@@ -28,7 +28,8 @@ def query(db_path, sql, params=()):
 
 
 def sets(db_path):
-    return query(db_path, "SELECT * FROM embedding_sets ORDER BY embedding_set_id")
+    df = query(db_path, "SELECT * FROM embedding_sets ORDER BY embedding_set_id")
+    return df.assign(path=[str(paths.resolve(db_path, p)) for p in df["path"]])  # stored relative to the db folder
 
 
 def stored(db_path, set_id):
@@ -45,6 +46,7 @@ def subset_order(db_path):
         "SELECT si.image_id, s.image_root || '/' || i.rel_path AS path FROM subset_images si "
         "JOIN images i USING (image_id) JOIN subsets s USING (subset_id) ORDER BY si.position",
     )
+    images["path"] = [str(paths.resolve(db_path, p)) for p in images["path"]]
     caps = query(
         db_path,
         "SELECT sc.caption_id, c.text FROM subset_captions sc JOIN captions c USING (caption_id) "
@@ -162,7 +164,7 @@ def test_interrupted_run_resumes_from_its_shards(ingested, run_cli, monkeypatch,
 
 
 def _coco_root(db_path):
-    return Path(query(db_path, "SELECT image_root FROM subsets")["image_root"][0]).parent
+    return paths.resolve(db_path, query(db_path, "SELECT image_root FROM subsets")["image_root"][0]).parent
 
 
 def test_checkpoint_gives_the_same_embeddings_as_the_in_memory_model(ingested, run_cli, tmp_path):

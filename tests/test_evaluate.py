@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import register_hand_built
 
-from toolkit import db
+from toolkit import db, paths
 from toolkit import retrieval as R
 from toolkit.errors import UserError
 from toolkit.evaluate import evaluate
@@ -184,7 +184,7 @@ def test_tampered_file_is_refused_and_nothing_written(subset_db, tmp_path):
     con = db.open_database(subset_db)
     _make_sets(con, tmp_path)
     before = _counts(con)
-    path = con.execute("SELECT path FROM embedding_sets WHERE kind = 'text'").fetchone()[0]
+    path = paths.resolve(con, con.execute("SELECT path FROM embedding_sets WHERE kind = 'text'").fetchone()[0])
     arr = np.load(path)
     arr[0, 0] += 0.5
     np.save(path, arr)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from toolkit import db, phrases, pooling, stats
+from toolkit import db, paths, phrases, pooling, stats
 from toolkit import improve as imp
 
 D = 16
@@ -98,7 +98,8 @@ def world(synthetic_coco_master, tmp_path_factory):
     from toolkit.artifacts import register_embedding_set, save_array
 
     root = tmp_path_factory.mktemp("improve_world")
-    path = root / "base.duckdb"
+    path = root / "db" / "base.duckdb"  # the .npy files lie outside its folder: stored absolute, so copies share them
+    path.parent.mkdir()
     _cli(["--db", path, "ingest", "--coco-root", synthetic_coco_master, "--num-images", "40"])
     con = db.open_database(path)
     ids = [r[0] for r in con.execute("SELECT caption_id FROM captions ORDER BY caption_id").fetchall()]
@@ -501,7 +502,7 @@ def test_interrupted_write_leaves_the_database_unchanged(con, monkeypatch):
 
 def test_tampered_prompt_shard_is_refused(con):
     run_improve(con, "Object", poolings="max")
-    path = q(con, "SELECT path FROM embedding_sets WHERE kind = 'prompt'")["path"][0]
+    path = paths.resolve(con, q(con, "SELECT path FROM embedding_sets WHERE kind = 'prompt'")["path"][0])
     arr = np.load(path)
     arr[0, 0] += 1
     np.save(path, arr)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from toolkit import artifacts, db, encode, models
+from toolkit import paths as study_paths
 from toolkit.errors import UserError
 
 TINY = ["--model", "tiny-clip", "--num-workers", "0"]
@@ -55,7 +56,8 @@ def image_paths(db_path):
         "SELECT s.image_root || '/' || i.rel_path AS path FROM subset_images si "
         "JOIN images i USING (image_id) JOIN subsets s USING (subset_id) ORDER BY si.position",
     )
-    return df["path"].tolist()
+    # image_root is stored relative to the database's folder when the images lie under it
+    return [str(study_paths.resolve(db_path, p)) for p in df["path"]]
 
 
 def partial_folders(db_path, kind):
@@ -261,7 +263,7 @@ def test_the_suggested_recompute_repeats_the_stored_spec(ingested, run_cli, tmp_
     common = ["--model", "tiny-clip", "--checkpoint", ckpt, "--num-workers", "0"]
     run_cli("--db", ingested, "embed", *common, "--precision", "bf16")
     image = sets(ingested).query("kind == 'image'").iloc[0]
-    Path(image["path"]).unlink()
+    study_paths.resolve(ingested, image["path"]).unlink()  # stored relative to the database folder
     res = run_cli("--db", ingested, "evaluate", expect=2)
     assert "is missing" in res.output
     cmd = shlex.split(res.output.split("Run: ", 1)[1].strip())

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from toolkit import db
+from toolkit import paths as study_paths
 from toolkit.errors import UserError
 
 
@@ -88,7 +89,7 @@ def register_embedding_set(
             precision,
             db.canonical_json(config),
             db.config_hash(config),
-            str(Path(path).resolve()),
+            study_paths.to_stored(con, path),
             int(array.shape[0]),
             int(array.shape[1]),
             str(array.dtype),
@@ -133,6 +134,9 @@ def load_embedding_set(con, embedding_set_id: int, fix: str = "") -> EmbeddingSe
     if row is None:
         raise UserError(f"No embedding set {embedding_set_id} in the database.")
     kind, model, path, rows, dim, dtype, sha = row
+    path = str(study_paths.resolve(con, path))
+    if not os.path.exists(path):
+        fix = f"{study_paths.moved_hint(con, '--cache-dir')} {fix}"
     verify_file(path, sha, what=f"{kind} embedding file", fix=fix)
     array = np.load(path, allow_pickle=False)
     if array.shape != (rows, dim) or str(array.dtype) != dtype:

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit import artifacts, db
+from toolkit import paths as study_paths
 from toolkit.errors import UserError, list_offenders
 from toolkit.progress import progress as _progress
 
@@ -135,6 +136,7 @@ def _existing_set(con, subset_id: int, kind: str, identity_hash: str):
     keys = ("embedding_set_id", "path", "sha256", "rows", "dim", "config_json")
     out = dict(zip(keys, row))
     out["config"] = json.loads(out.pop("config_json") or "{}")
+    out["path"] = str(study_paths.resolve(con, out["path"]))
     return out
 
 
@@ -337,12 +339,12 @@ def _plan(con, subset_name, model, pretrained, checkpoint, precision, cache_dir,
     subset = db.get_subset(con, subset_name)
     subset_id, name = int(subset["subset_id"]), str(subset["name"])
     weights = models.weights_identity(model, pretrained, checkpoint)
-    ckpt_path = str(Path(checkpoint).expanduser().resolve()) if checkpoint is not None else None
+    ckpt_path = study_paths.to_stored(con, checkpoint) if checkpoint is not None else None
 
     imgs, caps = subset_items(con, subset_id)
     if imgs.empty:
         raise UserError(f"Subset {name!r} has no images. Ingest it again.")
-    image_root = Path(str(subset["image_root"]))
+    image_root = study_paths.resolve(con, subset["image_root"])
     paths = [str(image_root / p) for p in imgs["rel_path"]]
     items = {
         "image": np.asarray(imgs["image_id"], dtype=np.int64),
@@ -455,7 +457,8 @@ def embed(
             if missing:
                 raise UserError(
                     f"Image files of subset {name!r} are missing under {plan.image_root}: "
-                    f"{list_offenders(missing, limit=3)}. Restore them, or ingest again with --skip-bad-images."
+                    f"{list_offenders(missing, limit=3)}. Restore them, or ingest again with --skip-bad-images. "
+                    f"{study_paths.moved_hint(db_path if db_path is not None else con, '--images-root', name)}"
                 )
         partial = plan.folder / ".partial"
         bundle = models.load_model(

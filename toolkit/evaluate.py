@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from toolkit import artifacts, db
+from toolkit import paths as study_paths
 from toolkit import retrieval as R
 from toolkit.errors import UserError
 
@@ -107,8 +108,8 @@ def recompute_command(con, subset: str, sets: list[dict], recompute: bool = True
     parts = ["clipfail", _db_flag(con), "embed", "--subset", shlex.quote(subset), "--model", shlex.quote(str(spec))]
     checkpoint = cfg.get("checkpoint")
     pretrained = cfg.get("pretrained") or _str_or_none(first.get("pretrained"))
-    if checkpoint:
-        parts += ["--checkpoint", shlex.quote(str(checkpoint))]
+    if checkpoint:  # stored relative to the database's folder when it lies under it
+        parts += ["--checkpoint", shlex.quote(str(study_paths.resolve(con, checkpoint)))]
     elif pretrained:
         parts += ["--pretrained", shlex.quote(str(pretrained))]
     precision = cfg.get("precision") or _str_or_none(first.get("precision"))

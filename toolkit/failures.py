@@ -59,6 +59,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from toolkit import db
+from toolkit import paths as study_paths
 from toolkit.annotations import COLUMN_NAMES, norm_header, parse_sample_id, read_label_table
 from toolkit.errors import UserError, list_offenders
 from toolkit.sheets import sheet_text
@@ -602,7 +603,7 @@ def _write_pictures(con, retrieval_run_id, df, rows, images, out_dir, staging, r
         "FROM retrieval_runs r JOIN subsets s USING (subset_id) WHERE r.retrieval_run_id = ?",
         [retrieval_run_id],
     ).fetchone()
-    image_root = Path(subset[0]) if subset else None
+    image_root = study_paths.resolve(con, subset[0]) if subset else None
     n_images = int(subset[1]) if subset else None
     renderer = PictureRenderer(image_root)
     from toolkit.progress import progress

@@ -60,6 +60,7 @@ import numpy as np
 import pandas as pd
 
 from toolkit import db, phrases, pooling, stats, templates
+from toolkit import paths as study_paths
 from toolkit.errors import UserError
 
 STAGE = "improve"
@@ -555,7 +556,8 @@ def improve(
     if new_texts:
         if encoder is None:
             make = encoder_factory or model_encoder_factory()
-            encoder = make(dict(identity, config=json.loads(text_set["config_json"] or "{}")))
+            set_config = study_paths.resolve_keys(con, json.loads(text_set["config_json"] or "{}"), ("checkpoint",))
+            encoder = make(dict(identity, config=set_config))
         enc = encoder
         new_arr = np.asarray(enc(list(new_texts)), dtype=np.float32)
         if new_arr.shape != (len(new_texts), dim):

@@ -21,6 +21,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from toolkit import coco, db
+from toolkit import paths as study_paths
 from toolkit.artifacts import sha256_file
 from toolkit.errors import UserError, list_offenders
 
@@ -128,7 +129,7 @@ def ingest(
     source_sha = sha256_file(ann_path)
     config = {
         "source_sha256": source_sha,
-        "image_root": str(image_root.resolve()),
+        "image_root": study_paths.to_stored(con, image_root),
         "split": split,
         "num_images": "all" if take_all else num_images,
         "captions_per_image": captions_per_image,
@@ -138,7 +139,7 @@ def ingest(
     }
     chash = db.config_hash(config)
     existing = con.execute("SELECT subset_id, config_hash, run_id FROM subsets WHERE name = ?", [name]).fetchone()
-    if existing and existing[1] == chash:
+    if existing and existing[1] in (chash, study_paths.rebound_config_hash(con, existing[0], config, image_root)):
         return _summary(con, existing[0], name, existing[2], is_noop=True)
     if existing and not replace:
         raise UserError(
@@ -218,9 +219,9 @@ def ingest(
                 seed,
                 len(chosen),
                 captions_per_image,
-                str(ann_path.resolve()),
+                study_paths.to_stored(con, ann_path),
                 source_sha,
-                str(image_root.resolve()),
+                study_paths.to_stored(con, image_root),
                 split,
                 chash,
                 db.now(),

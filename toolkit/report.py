@@ -35,6 +35,7 @@ import pandas as pd
 
 import toolkit
 from toolkit import db
+from toolkit import paths as study_paths
 from toolkit.errors import UserError
 from toolkit.outdir import FreshFolder
 from toolkit.sheets import write_frame_csv
@@ -347,6 +348,7 @@ def _provenance(con, page: _Page, rrid: int | None) -> None:
             [rrid],
         ).df()
         if not info.empty:
+            info["source_file"] = [str(study_paths.resolve(con, v)) for v in info["source_file"]]  # stored relative
             long = pd.DataFrame({"field": list(info.columns), "value": [str(v) for v in info.iloc[0]]})
             long.loc[long["value"].isin(["None", "nan", "<NA>"]), "value"] = ""
             page.table(long, "provenance_retrieval_run", f"Retrieval run {rrid}: data, model and weights", csv=True)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from toolkit import paths as study_paths
+
 STAGES = ["ingest", "embed", "evaluate", "sample-failures", "import-labels", "improve", "report"]
 
 
@@ -20,6 +22,7 @@ class StatusResult:
     runs: pd.DataFrame  # stage, runs, last_finished_at
     next_steps: list[str] = field(default_factory=list)
     has_simulated_labels: bool = False
+    missing_files: list[str] = field(default_factory=list)  # referenced files not in place (paths.missing_files)
 
 
 def _exists(con, name: str) -> bool:
@@ -176,11 +179,16 @@ def study_status(con) -> StatusResult:
         rows.append(dict(stage="report", subset="", model="", detail=f"last written {last:%Y-%m-%d %H:%M}", rows=""))
 
     stages = pd.DataFrame(rows, columns=["stage", "subset", "model", "detail", "rows"])
+    steps = _next_steps(subsets, emb, retrieval, samples, labels, improvements, runs)
+    missing = study_paths.missing_files(con)
+    if missing:  # never "up to date" while a referenced file is not where the database says
+        steps = study_paths.relocate_hints(con, missing) + [s for s in steps if not s.startswith("Everything is")]
     return StatusResult(
         stages=stages,
         runs=runs,
-        next_steps=_next_steps(subsets, emb, retrieval, samples, labels, improvements, runs),
+        next_steps=steps,
         has_simulated_labels=has_simulated,
+        missing_files=missing.lines(),
     )
 
 
