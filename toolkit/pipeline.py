@@ -9,9 +9,12 @@ database stands. What is left for people (labelling the exported CSVs) and the l
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+SUGGESTED_CONTROL = 200  # R@1 successes in the suggested improve control (fewer if the run has fewer)
 
 
 @dataclass
@@ -153,15 +156,23 @@ def run_pipeline(
     )
     names = parse_annotators(annotators)
     out = Path(out_dir)
-    files = " ".join(str(out / f"assign_{a}.csv") for a in names)
+    files = " ".join(shlex.quote(str(out / f"assign_{a}.csv")) for a in names)
+    # the control must fit the run: improve refuses successes:N beyond its R@1 successes
+    n_successes = con.execute(
+        "SELECT count(*) FROM retrieval_ranks WHERE retrieval_run_id = ? AND gt_rank = 1", [ev.retrieval_run_id]
+    ).fetchone()[0]
+    control = f" --control successes:{min(SUGGESTED_CONTROL, n_successes)}" if n_successes else ""
     steps = [
         f"Label the failures: each annotator fills the category column of their {out}/assign_<name>.csv and of "
         f"their own copy of {out}/assign_overlap.csv, saved as assign_overlap_<name>.csv (definitions and "
         f"examples in {out}/README.txt; pictures vis_<sample_id>.png).",
         f"clipfail import-labels {files}",
-        *(f"clipfail import-labels {out}/assign_overlap_{a}.csv --annotator {a}" for a in names),
+        *(
+            f"clipfail import-labels {shlex.quote(str(out / f'assign_overlap_{a}.csv'))} --annotator {shlex.quote(a)}"
+            for a in names
+        ),
         "clipfail analyze",
-        "clipfail improve --categories Object --pooling all --control successes:200",
+        f"clipfail improve --categories Object --pooling all{control}",
         "clipfail report --out report/",
     ]
     return PipelineResult(
