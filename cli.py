@@ -261,16 +261,16 @@ def categories_add_alias(db_path, alias, category, replace):
     default=None,
     help="Retrieval run id (default: latest text-to-image).",
 )
-@click.option("--n", type=click.IntRange(1, 2**31 - 1), default=200, show_default=True, help="Failures to draw.")
+@click.option("--n", type=click.IntRange(1, 1_000_000), default=200, show_default=True, help="Failures to draw.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True)
 @click.option(
     "--overlap",
-    type=click.IntRange(0, 2**31 - 1),
+    type=click.IntRange(0, 1_000_000),
     default=30,
     show_default=True,
     help="Drawn first; every annotator labels them.",
 )
-@click.option("--per-annotator", type=click.IntRange(0, 2**31 - 1), default=50, show_default=True)
+@click.option("--per-annotator", type=click.IntRange(0, 1_000_000), default=50, show_default=True)
 @click.option("--annotators", default="A,B,C", show_default=True, help="Comma-separated annotator names.")
 @click.option(
     "--out",
@@ -846,14 +846,14 @@ def report(db_path, out_dir, run_id):
 @click.option(
     "--n",
     "n_failures",
-    type=click.IntRange(1, 2**31 - 1),
+    type=click.IntRange(1, 1_000_000),
     default=200,
     show_default=True,
     help="R@1 failures to sample.",
 )
 @click.option("--failure-seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True)
-@click.option("--overlap", type=click.IntRange(0, 2**31 - 1), default=30, show_default=True)
-@click.option("--per-annotator", type=click.IntRange(0, 2**31 - 1), default=50, show_default=True)
+@click.option("--overlap", type=click.IntRange(0, 1_000_000), default=30, show_default=True)
+@click.option("--per-annotator", type=click.IntRange(0, 1_000_000), default=50, show_default=True)
 @click.option("--annotators", default="A,B,C", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="failure_analysis", show_default=True)
 @click.option("--pictures/--no-pictures", default=True, show_default=True)
