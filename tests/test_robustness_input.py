@@ -378,14 +378,17 @@ def test_run_suggests_a_control_that_fits_and_commands_that_work(run_cli, tmp_pa
         n_successes = con.execute("SELECT count(*) FROM retrieval_ranks WHERE gt_rank = 1").fetchone()[0]
     finally:
         con.close()
-    assert 0 < n_successes < 200
+    assert n_successes < 200  # 60 queries (2 R@1 successes with this seed and CPU)
     steps = [line.split(". ", 1)[1] for line in res.output.split("Next steps:")[1].strip().splitlines()]
     commands = [shlex.split(s) for s in steps if s.startswith("clipfail ")]
     assert len(commands) == 6
     for argv in commands:
         assert argv[1:3] == ["--db", str(db_path)], argv
     improve = next(a for a in commands if a[3] == "improve")
-    assert improve[improve.index("--control") + 1] == f"successes:{n_successes}"
+    if n_successes:
+        assert improve[improve.index("--control") + 1] == f"successes:{n_successes}"
+    else:  # no success to draw a control from: no control is suggested
+        assert "--control" not in improve
     # the suggested import commands, split as a shell would, run against the same database
     for name in "AB":  # each annotator's own copy of the overlap file (still blank)
         shutil.copy(out_dir / "assign_overlap.csv", out_dir / f"assign_overlap_{name}.csv")
