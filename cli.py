@@ -261,11 +261,11 @@ def categories_add_alias(db_path, alias, category, replace):
     default=None,
     help="Retrieval run id (default: latest text-to-image).",
 )
-@click.option("--n", type=click.IntRange(1, 1_000_000), default=200, show_default=True, help="Failures to draw.")
+@click.option("--n", type=click.IntRange(max=1_000_000), default=200, show_default=True, help="Failures to draw.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True)
 @click.option(
     "--overlap",
-    type=click.IntRange(0, 1_000_000),
+    type=click.IntRange(max=1_000_000),
     default=30,
     show_default=True,
     help="Drawn first; every annotator labels them.",

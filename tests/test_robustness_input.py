@@ -294,7 +294,7 @@ INT_CASES = [
     (["ingest", "--coco-root", "{coco}", "--name", "y", "--captions-per-image", str(2**31)], "--captions-per-image"),
     (["sample-failures", "--seed", str(10**23 - 1)], "--seed"),
     (["sample-failures", "--n", str(2**31)], "--n"),
-    (["sample-failures", "--overlap", "-1"], "--overlap"),
+    (["sample-failures", "--overlap", str(2**40)], "--overlap"),  # below 0: sample-failures' own message
     (["sample-failures", "--per-annotator", str(2**40)], "--per-annotator"),
     (["sample-failures", "--run", str(2**63)], "--run"),
     (["improve", "--categories", "Object", "--seed", "-1"], "--seed"),
