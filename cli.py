@@ -8,6 +8,7 @@ with status 2, without a traceback.
 from __future__ import annotations
 
 import functools
+import shlex
 import sys
 from pathlib import Path
 
@@ -105,8 +106,8 @@ def init(db_path):
 
 @cli.command("make-synthetic-coco")
 @click.argument("dest", type=click.Path(file_okay=False))
-@click.option("--images", "n_images", type=click.IntRange(1), default=40, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--images", "n_images", type=click.IntRange(1, 1_000_000), default=40, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 def make_synthetic_coco(dest, n_images, seed):
     """Write a small COCO-format dataset of drawn scenes (for tests and the demo).
 
@@ -125,8 +126,8 @@ def make_synthetic_coco(dest, n_images, seed):
 @click.option("--karpathy-json", type=click.Path(), help="Karpathy's dataset_coco.json (image root: --images-dir).")
 @click.option("--split", default=None, help="Karpathy split to take (default: test).")
 @click.option("--num-images", default="5000", show_default=True, help="Images to sample, or 'all'.")
-@click.option("--captions-per-image", type=int, default=5, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--captions-per-image", type=click.IntRange(1, 2**31 - 1), default=5, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True)
 @click.option("--name", default=None, help="Subset name (default: <num-images>-seed<seed>).")
 @click.option("--skip-bad-images", is_flag=True, help="Exclude missing/unreadable images before sampling.")
 @click.option("--replace", is_flag=True, help="Rebuild an existing subset of this name with a new config.")
@@ -235,7 +236,9 @@ def categories_list(db_path):
 @click.option("--definition", required=True, help="One line that annotators read in README.txt.")
 @click.option("--actionable/--not-actionable", default=True, show_default=True)
 @click.option("--example", default=None, help="An example caption and what went wrong.")
-@click.option("--position", type=int, default=None, help="Sort position (default: after the last).")
+@click.option(
+    "--position", type=click.IntRange(0, 1_000_000), default=None, help="Sort position (default: after the last)."
+)
 @db_option
 def categories_add(db_path, name, definition, actionable, example, position):
     """Add a category to the taxonomy.
@@ -277,11 +280,23 @@ def categories_add_alias(db_path, alias, category, replace):
 
 
 @cli.command("sample-failures")
-@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: latest text-to-image).")
-@click.option("--n", type=int, default=200, show_default=True, help="Failures to draw.")
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--overlap", type=int, default=30, show_default=True, help="Drawn first; every annotator labels them.")
-@click.option("--per-annotator", type=int, default=50, show_default=True)
+@click.option(
+    "--run",
+    "run_id",
+    type=click.IntRange(1, 2**63 - 1),
+    default=None,
+    help="Retrieval run id (default: latest text-to-image).",
+)
+@click.option("--n", type=click.IntRange(max=1_000_000), default=200, show_default=True, help="Failures to draw.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True)
+@click.option(
+    "--overlap",
+    type=click.IntRange(max=1_000_000),
+    default=30,
+    show_default=True,
+    help="Drawn first; every annotator labels them.",
+)
+@click.option("--per-annotator", type=click.IntRange(0, 1_000_000), default=50, show_default=True)
 @click.option("--annotators", default="A,B,C", show_default=True, help="Comma-separated annotator names.")
 @click.option(
     "--out",
@@ -397,7 +412,7 @@ def import_labels(db_path, files, annotator, clear_blank):
         )
     if res.n_cleared and not res.is_noop:
         click.echo(f"{res.n_cleared} earlier labels were removed (--clear-blank): their rows are blank in the file.")
-    click.echo("Next: clipfail analyze")
+    click.echo("Next: " + _with_db("clipfail analyze", db_path))
 
 
 def _percent_table(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -410,7 +425,13 @@ def _percent_table(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 
 @cli.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="analysis", show_default=True)
-@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: the one labelled last).")
+@click.option(
+    "--run",
+    "run_id",
+    type=click.IntRange(1, 2**63 - 1),
+    default=None,
+    help="Retrieval run id (default: the one labelled last).",
+)
 @db_option
 def analyze(db_path, out_dir, run_id):
     """Print the failure taxonomy and annotator agreement; write them as CSV, with Figures 1-2.
@@ -489,7 +510,7 @@ def _with_db(step: str, db_path: str) -> str:
     """Spell out --db in a suggested command when the database is not the default one."""
     if db_path == db.default_db_path():
         return step
-    return step.replace("clipfail ", f"clipfail --db {db_path} ", 1)
+    return step.replace("clipfail ", f"clipfail --db {shlex.quote(db_path)} ", 1)
 
 
 @cli.command("status")
@@ -574,7 +595,9 @@ def relocate(db_path, images_root, subset_name, captions_json, cache_dir):
 @click.option("--model", default=None, help="Model spec the subset was embedded with (default: its only model).")
 @click.option("--pretrained", default=None, help="Pretrained tag, when the subset has sets of several weights.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Local weights the sets came from.")
-@click.option("--topk", type=click.IntRange(1), default=10, show_default=True, help="Top-k ids and scores stored.")
+@click.option(
+    "--topk", type=click.IntRange(1, 2**31 - 1), default=10, show_default=True, help="Top-k ids and scores stored."
+)
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu or cuda.")
 @click.option(
     "--direction",
@@ -584,7 +607,7 @@ def relocate(db_path, images_root, subset_name, captions_json, cache_dir):
 )
 @click.option(
     "--chunk",
-    type=click.IntRange(1),
+    type=click.IntRange(1, 2**31 - 1),
     default=None,
     help="Queries scored at a time; memory is about chunk x images x 4 bytes (default: 512 per CPU thread).",
 )
@@ -748,20 +771,34 @@ def _improve_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame, pd.D
 
 @cli.command()
 @click.option("--categories", required=True, help="Comma-separated failure categories, e.g. Object,Attribute.")
-@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: the latest labelled one).")
-@click.option("--max-subset", type=click.IntRange(1), default=200, show_default=True, help="Cap (seeded draw).")
+@click.option(
+    "--run",
+    "run_id",
+    type=click.IntRange(1, 2**63 - 1),
+    default=None,
+    help="Retrieval run id (default: the latest labelled one).",
+)
+@click.option(
+    "--max-subset", type=click.IntRange(1, 2**31 - 1), default=200, show_default=True, help="Cap (seeded draw)."
+)
 @click.option("--pooling", default="logsumexp", show_default=True, help="max, mean, logsumexp, or all (comma list ok).")
 @click.option("--tau", type=float, default=1.0, show_default=True, help="logsumexp temperature.")
 @click.option("--template-set", default="default", show_default=True)
 @click.option("--template-mode", type=click.Choice(["own", "union"]), default="own", show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True, help="Subset draw, controls and bootstrap.")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**32 - 1),
+    default=42,
+    show_default=True,
+    help="Subset draw, controls and bootstrap.",
+)
 @click.option("--include-overlap", is_flag=True, help="Add the overlap set with its majority labels.")
 @click.option("--control", default=None, help="Also run on R@1 successes: successes:N, or on every caption: all.")
 @click.option("--model", default=None, help="Model spec for new prompts (default: the text embeddings' model).")
 @click.option("--pretrained", default=None, help="Its pretrained tag (default: the text embeddings').")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Local weights (offline).")
 @click.option("--device", default="auto", show_default=True, help="Device for encoding new prompts.")
-@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Prompts per batch.")
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True, help="Prompts per batch.")
 @db_option
 def improve(
     db_path,
@@ -836,7 +873,13 @@ def improve(
 
 @cli.command("report")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="report", show_default=True)
-@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: the one labelled last).")
+@click.option(
+    "--run",
+    "run_id",
+    type=click.IntRange(1, 2**63 - 1),
+    default=None,
+    help="Retrieval run id (default: the one labelled last).",
+)
 @db_option
 def report(db_path, out_dir, run_id):
     """Write the study's report: a self-contained report.html, figures (PNG/SVG) and tables (CSV).
@@ -871,23 +914,32 @@ def report(db_path, out_dir, run_id):
 @click.option("--captions-json", type=click.Path(), help="A COCO captions JSON (instead of --coco-root).")
 @click.option("--images-dir", type=click.Path(), help="The folder its file_names are relative to.")
 @click.option("--num-images", default="5000", show_default=True, help="Images to sample, or 'all'.")
-@click.option("--captions-per-image", type=int, default=5, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True, help="Subset seed.")
+@click.option("--captions-per-image", type=click.IntRange(1, 2**31 - 1), default=5, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True, help="Subset seed.")
 @click.option("--name", default=None, help="Subset name (default: <num-images>-seed<seed>).")
 @click.option("--skip-bad-images", is_flag=True, help="Exclude missing/unreadable images before sampling.")
 @click.option("--model", default="openai/clip-vit-base-patch32", show_default=True, help="Model spec (see embed).")
 @click.option("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Local weights file (offline).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="Embedding batch size (default: embed's).")
+@click.option(
+    "--batch-size", type=click.IntRange(1, 65536), default=None, help="Embedding batch size (default: embed's)."
+)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option(
     "--cache-dir", type=click.Path(file_okay=False), default=None, help="Embedding cache (default: beside the db)."
 )
-@click.option("--n", "n_failures", type=int, default=200, show_default=True, help="R@1 failures to sample.")
-@click.option("--failure-seed", type=int, default=42, show_default=True)
-@click.option("--overlap", type=int, default=30, show_default=True)
-@click.option("--per-annotator", type=int, default=50, show_default=True)
+@click.option(
+    "--n",
+    "n_failures",
+    type=click.IntRange(1, 1_000_000),
+    default=200,
+    show_default=True,
+    help="R@1 failures to sample.",
+)
+@click.option("--failure-seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True)
+@click.option("--overlap", type=click.IntRange(0, 1_000_000), default=30, show_default=True)
+@click.option("--per-annotator", type=click.IntRange(0, 1_000_000), default=50, show_default=True)
 @click.option("--annotators", default="A,B,C", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="failure_analysis", show_default=True)
 @click.option("--pictures/--no-pictures", default=True, show_default=True)
@@ -902,11 +954,7 @@ def run(db_path, **options):
     """
     from toolkit.pipeline import run_pipeline
 
-    con = db.open_database(db_path)
-    try:
-        res = run_pipeline(con, **options)
-    finally:
-        con.close()
+    res = run_pipeline(db_path, **options)  # each stage opens the database; embed does not hold it while encoding
     echo_df(
         pd.DataFrame(
             {
@@ -926,8 +974,14 @@ def run(db_path, **options):
 
 @cli.command("demo")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo_out", show_default=True)
-@click.option("--images", "n_images", type=click.IntRange(60), default=100, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Data, model and simulated-annotator seed.")
+@click.option("--images", "n_images", type=click.IntRange(60, 100_000), default=100, show_default=True)
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**32 - 1),
+    default=0,
+    show_default=True,
+    help="Data, model and simulated-annotator seed.",
+)
 @click.option("--pictures/--no-pictures", default=True, show_default=True, help="Draw the annotators' pictures.")
 def demo(out_dir, n_images, seed, pictures):
     """Run the whole study offline on generated data with a random tiny model, and write the report.
@@ -960,7 +1014,9 @@ def demo(out_dir, n_images, seed, pictures):
 @click.option("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Local weights file (offline use).")
 @click.option("--device", default="auto", show_default=True, help="auto picks cuda, then mps, then cpu.")
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="Default: 64 images / 256 captions on CPU.")
+@click.option(
+    "--batch-size", type=click.IntRange(1, 65536), default=None, help="Default: 64 images / 256 captions on CPU."
+)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option(
     "--cache-dir", type=click.Path(file_okay=False), default=None, help="Default: <db stem>_cache/ beside the database."
@@ -968,7 +1024,7 @@ def demo(out_dir, n_images, seed, pictures):
 @click.option("--recompute", is_flag=True, help="Rebuild the embeddings even if a cached set exists.")
 @click.option("--draft-decode", "draft", is_flag=True, help="Opt-in JPEG draft decoding (faster; resize noise only).")
 @click.option(
-    "--num-workers", type=click.IntRange(0), default=None, help="Image decoding workers (default: automatic)."
+    "--num-workers", type=click.IntRange(0, 64), default=None, help="Image decoding workers (default: automatic)."
 )
 @db_option
 def embed(

@@ -6,6 +6,11 @@ Both return two DataFrames:
 
 A file that is missing, is not JSON, is not in the expected format, or has captions
 pointing at unknown images raises a UserError that names the file and the first offenders.
+So does a record with a value the database cannot hold exactly: an id that is not a JSON
+whole number from 0 to 2^63-1 (a fractional id such as 1.5 is refused, never truncated), a
+width or height that is not a whole number from 1 to 2^31-1, a text that is not a string or
+holds a lone surrogate (not encodable as UTF-8), or a caption that is empty or only
+whitespace (COCO's own files have none; an empty query would only add noise to the recall).
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from pathlib import Path
 import pandas as pd
 
 from toolkit.errors import UserError, list_offenders
+
+MAX_ID = 2**63 - 1  # BIGINT ids
+MAX_INT32 = 2**31 - 1  # INTEGER width / height
 
 
 def _read_json(path: Path, what: str, hint: str):
@@ -33,6 +41,64 @@ def _read_json(path: Path, what: str, hint: str):
         ) from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{what} {path} is not UTF-8 JSON ({exc.reason}).") from None
+    except RecursionError:
+        raise UserError(
+            f"{what} {path} is nested too deeply to read (thousands of levels of [ or {{). "
+            "It is not a captions file; fetch the file again."
+        ) from None
+    except ValueError as exc:  # e.g. an integer literal with more digits than Python converts
+        raise UserError(f"{what} {path} holds a value that cannot be read ({exc}). Fetch the file again.") from None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class _Problems:
+    """Bad values found in a file's records, grouped by what is wrong, for one UserError."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.by_kind: dict[str, list[str]] = {}
+
+    def add(self, kind: str, record: str) -> None:
+        self.by_kind.setdefault(kind, []).append(record)
+
+    def whole(self, value, lo: int, hi: int, record: str, what: str) -> bool:
+        """A JSON integer (not bool, not float) within [lo, hi]; otherwise record the problem."""
+        if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi:
+            return True
+        hi_text = "2^63-1" if hi == MAX_ID else "2^31-1" if hi == MAX_INT32 else str(hi)
+        self.add(f"{what} is not a whole number from {lo} to {hi_text}", f"{record} ({what} {_short(value)})")
+        return False
+
+    def text(self, value, record: str, what: str, *, non_empty: bool = False) -> bool:
+        """A string that UTF-8 can encode (and, if asked, not blank); otherwise record the problem."""
+        if not isinstance(value, str):
+            self.add(f"{what} is not a string", f"{record} ({what} {_short(value)})")
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            self.add(
+                f"{what} holds a lone surrogate (not valid Unicode, cannot be stored)",
+                f"{record} (at character {exc.start}: {value[exc.start]!r})",
+            )
+            return False
+        if non_empty and not value.strip():
+            self.add(f"{what} is empty or only whitespace", record)
+            return False
+        return True
+
+    def raise_if_any(self) -> None:
+        if not self.by_kind:
+            return
+        parts = [f"{kind}: {list_offenders(records)}" for kind, records in self.by_kind.items()]
+        hint = "Fix or remove these records in the file (a downloaded COCO file has none: fetch it again)."
+        if any("empty" in kind for kind in self.by_kind):
+            hint += " An empty caption cannot be a retrieval query, so such annotations are refused, not skipped."
+        raise UserError(f"{self.path} has records that cannot be ingested. {'; '.join(parts)}. {hint}")
 
 
 def load_coco_captions(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -71,10 +137,24 @@ def load_coco_captions(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             f"{path}: annotations without 'id', 'image_id' or a text 'caption' at positions "
             f"{list_offenders(bad_anns)}.{hint} {fmt}"
         )
+    problems = _Problems(path)
+    for i, im in enumerate(data["images"]):
+        record = f"images[{i}]" + (f" (id {im['id']})" if isinstance(im["id"], int) else "")
+        problems.whole(im["id"], 0, MAX_ID, f"images[{i}]", "id")
+        problems.text(im["file_name"], record, "file_name", non_empty=True)
+        for key in ("width", "height"):
+            if im.get(key) is not None:
+                problems.whole(im[key], 1, MAX_INT32, record, key)
+    for i, a in enumerate(data["annotations"]):
+        record = f"annotations[{i}]" + (f" (id {a['id']})" if isinstance(a["id"], int) else "")
+        problems.whole(a["id"], 0, MAX_ID, f"annotations[{i}]", "id")
+        problems.whole(a["image_id"], 0, MAX_ID, record, "image_id")
+        problems.text(a["caption"], record, "caption", non_empty=True)
+    problems.raise_if_any()
     images = pd.DataFrame(
         {
             "image_id": pd.array([im["id"] for im in data["images"]], dtype="int64"),
-            "file_name": [str(im["file_name"]) for im in data["images"]],
+            "file_name": [im["file_name"] for im in data["images"]],
             "width": pd.array([im.get("width") for im in data["images"]], dtype="Int32"),
             "height": pd.array([im.get("height") for im in data["images"]], dtype="Int32"),
         }
@@ -105,18 +185,37 @@ def load_karpathy(path: str | Path, split: str) -> tuple[pd.DataFrame, pd.DataFr
     bad = [i for i, im in enumerate(data["images"]) if not isinstance(im, dict) or not need <= im.keys()]
     if bad:
         raise UserError(f"{path}: images entries without {sorted(need)} at positions {list_offenders(bad)}.")
+    problems = _Problems(path)
+    for i, im in enumerate(data["images"]):
+        problems.text(im["split"], f"images[{i}]", "split")
+    problems.raise_if_any()
     splits = sorted({im["split"] for im in data["images"]})
-    chosen = [im for im in data["images"] if im["split"] == split]
+    chosen = [(i, im) for i, im in enumerate(data["images"]) if im["split"] == split]
     if not chosen:
         raise UserError(f"{path} has no images in split {split!r}. Its splits are: {', '.join(splits)}.")
-    img_rows, cap_rows = [], []
-    for im in chosen:
-        rel = f"{im['filepath']}/{im['filename']}" if im.get("filepath") else im["filename"]
-        img_rows.append((int(im["cocoid"]), im["filename"], None, None, rel))
-        for s in im["sentences"]:
+    for i, im in chosen:
+        record = f"images[{i}]" + (f" (cocoid {im['cocoid']})" if isinstance(im["cocoid"], int) else "")
+        problems.whole(im["cocoid"], 0, MAX_ID, f"images[{i}]", "cocoid")
+        problems.text(im["filename"], record, "filename", non_empty=True)
+        if im.get("filepath") is not None:
+            problems.text(im["filepath"], record, "filepath")
+        if not isinstance(im["sentences"], list):
+            problems.add("sentences is not a list", record)
+            continue
+        for j, s in enumerate(im["sentences"]):
+            where = f"{record} sentences[{j}]"
             if not isinstance(s, dict) or "sentid" not in s or "raw" not in s:
-                raise UserError(f"{path}: image {im['cocoid']} has a sentence without 'sentid' and 'raw'.")
-            cap_rows.append((int(s["sentid"]), int(im["cocoid"]), str(s["raw"]).strip()))
+                problems.add("sentence without 'sentid' and 'raw'", where)
+                continue
+            problems.whole(s["sentid"], 0, MAX_ID, where, "sentid")
+            problems.text(s["raw"], where, "raw", non_empty=True)
+    problems.raise_if_any()
+    img_rows, cap_rows = [], []
+    for _, im in chosen:
+        rel = f"{im['filepath']}/{im['filename']}" if im.get("filepath") else im["filename"]
+        img_rows.append((im["cocoid"], im["filename"], None, None, rel))
+        for s in im["sentences"]:
+            cap_rows.append((s["sentid"], im["cocoid"], s["raw"].strip()))
     images = pd.DataFrame(img_rows, columns=["image_id", "file_name", "width", "height", "rel_path"])
     images["width"] = images["width"].astype("Int32")
     images["height"] = images["height"].astype("Int32")

@@ -13,6 +13,9 @@ Sampling (documented, machine-independent):
 from __future__ import annotations
 
 import collections
+import os
+import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,14 +69,37 @@ def resolve_paths(coco_root=None, captions_json=None, images_dir=None, karpathy_
 
 
 def check_image(path: Path) -> tuple[str | None, int | None, int | None]:
-    """Open an image's header. Returns (problem or None, width, height)."""
-    if not path.exists():
-        return "missing file", None, None
+    """Open an image's header. Returns (problem or None, width, height).
+
+    Only a regular file is opened (a FIFO or device in its place would block or have side
+    effects), and an image with more pixels than Pillow's decompression-bomb limit
+    (Image.MAX_IMAGE_PIXELS) is a problem, not a crash.
+    """
     try:
-        with Image.open(path) as im:
-            return None, im.width, im.height
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        return f"header does not open ({type(exc).__name__}: {exc})", None, None
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing file", None, None
+    except OSError as exc:
+        return f"cannot be read ({type(exc).__name__}: {exc})", None, None
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file", None, None
+    try:
+        # O_NONBLOCK: should a FIFO replace the file after the stat, opening it does not hang
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        return f"cannot be read ({type(exc).__name__}: {exc})", None, None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return "not a regular file", None, None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as im:
+                    return None, im.width, im.height
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            return f"too many pixels, a possible decompression bomb ({exc})", None, None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            return f"header does not open ({type(exc).__name__}: {exc})", None, None
 
 
 def _check_images(root: Path, images: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[int, str, str]]]:

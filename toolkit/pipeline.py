@@ -9,9 +9,16 @@ database stands. What is left for people (labelling the exported CSVs) and the l
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from toolkit import db
+
+SUGGESTED_CONTROL = 200  # R@1 successes in the suggested improve control (fewer if the run has fewer)
 
 
 @dataclass
@@ -33,12 +40,12 @@ class PipelineResult:
     annotators: list[str] = field(default_factory=list)
 
 
-def embed_stage(con, *, subset_name, model, pretrained, checkpoint, device, batch_size, precision, cache_dir=None):
+def embed_stage(database, *, subset_name, model, pretrained, checkpoint, device, batch_size, precision, cache_dir=None):
     """Call the embed stage (toolkit.embed.embed) with the pipeline's options."""
     from toolkit.embed import embed
 
     return embed(
-        con,
+        database,
         subset_name=subset_name,
         model=model,
         pretrained=pretrained,
@@ -58,8 +65,21 @@ def _timed(outcomes: list[StageOutcome], stage: str, fn, describe):
     return res
 
 
+@contextlib.contextmanager
+def _connection(database):
+    """The caller's open connection, or the database at this path opened for one stage and closed after."""
+    if isinstance(database, str | os.PathLike):
+        con = db.open_database(database)
+        try:
+            yield con
+        finally:
+            con.close()
+    else:
+        yield database
+
+
 def run_pipeline(
-    con,
+    database,
     *,
     coco_root=None,
     captions_json=None,
@@ -85,17 +105,24 @@ def run_pipeline(
     out_dir="failure_analysis",
     pictures: bool = True,
 ) -> PipelineResult:
-    """init + ingest + embed + evaluate (text-to-image) + sample-failures; see the module docstring."""
+    """init + ingest + embed + evaluate (text-to-image) + sample-failures; see the module docstring.
+
+    `database` is a path (each stage opens it and closes it again, so the long embed stage does not
+    hold the database while it encodes and `clipfail status` can watch it) or an open connection."""
     from toolkit.evaluate import evaluate
     from toolkit.failures import parse_annotators, sample_failures
     from toolkit.ingest import ingest
+
+    def _in(stage_fn, *args, **kwargs):
+        with _connection(database) as con:
+            return stage_fn(con, *args, **kwargs)
 
     stages: list[StageOutcome] = []
     ing = _timed(
         stages,
         "ingest",
-        lambda: ingest(
-            con,
+        lambda: _in(
+            ingest,
             coco_root=coco_root,
             captions_json=captions_json,
             images_dir=images_dir,
@@ -115,7 +142,7 @@ def run_pipeline(
     _timed(
         stages,
         "embed",
-        lambda: embed_stage(con, subset_name=ing.name, cache_dir=cache_dir, **emb_kw),
+        lambda: embed_stage(database, subset_name=ing.name, cache_dir=cache_dir, **emb_kw),
         lambda r: (
             f"model {model}" + (f" ({pretrained})" if pretrained else "") + (" (checkpoint)" if checkpoint else "")
         ),
@@ -123,8 +150,8 @@ def run_pipeline(
     ev = _timed(
         stages,
         "evaluate",
-        lambda: evaluate(
-            con,
+        lambda: _in(
+            evaluate,
             ing.name,
             model=model,
             pretrained=pretrained,
@@ -138,8 +165,8 @@ def run_pipeline(
     _timed(
         stages,
         "sample-failures",
-        lambda: sample_failures(
-            con,
+        lambda: _in(
+            sample_failures,
             run_id=ev.retrieval_run_id,
             n=n_failures,
             seed=failure_seed,
@@ -153,15 +180,24 @@ def run_pipeline(
     )
     names = parse_annotators(annotators)
     out = Path(out_dir)
-    files = " ".join(str(out / f"assign_{a}.csv") for a in names)
+    files = " ".join(shlex.quote(str(out / f"assign_{a}.csv")) for a in names)
+    # the control must fit the run: improve refuses successes:N beyond its R@1 successes
+    with _connection(database) as con:
+        n_successes = con.execute(
+            "SELECT count(*) FROM retrieval_ranks WHERE retrieval_run_id = ? AND gt_rank = 1", [ev.retrieval_run_id]
+        ).fetchone()[0]
+    control = f" --control successes:{min(SUGGESTED_CONTROL, n_successes)}" if n_successes else ""
     steps = [
         f"Label the failures: each annotator fills the category column of their {out}/assign_<name>.csv and of "
         f"their own copy of {out}/assign_overlap.csv, saved as assign_overlap_<name>.csv (definitions and "
         f"examples in {out}/README.txt; pictures vis_<sample_id>.png).",
         f"clipfail import-labels {files}",
-        *(f"clipfail import-labels {out}/assign_overlap_{a}.csv --annotator {a}" for a in names),
+        *(
+            f"clipfail import-labels {shlex.quote(str(out / f'assign_overlap_{a}.csv'))} --annotator {shlex.quote(a)}"
+            for a in names
+        ),
         "clipfail analyze",
-        "clipfail improve --categories Object --pooling all --control successes:200",
+        f"clipfail improve --categories Object --pooling all{control}",
         "clipfail report --out report/",
     ]
     return PipelineResult(

@@ -32,6 +32,7 @@ from toolkit.errors import UserError
 DEFAULT_SET = "default"
 COLUMNS = ["template_set", "category", "position", "template"]
 IDENTITY = "{caption}"
+MAX_POSITION = 2**31 - 1  # prompt_templates.position is a 32-bit INTEGER
 
 
 def _default_csv_text() -> str:
@@ -151,10 +152,10 @@ def _parse(text: str, source: str, known_categories: set[str] | None, set_name: 
         if pos:
             try:
                 position = int(pos)
-                if position < 0:
+                if not 0 <= position <= MAX_POSITION:
                     raise ValueError
             except ValueError:
-                problems.append(f"row {lineno}: position {pos!r} is not a whole number >= 0")
+                problems.append(f"row {lineno}: position {pos!r} is not a whole number from 0 to {MAX_POSITION}")
         rows.append({"lineno": lineno, "template_set": tset, "category": cat, "position": position, "template": tmpl})
     if not rows and not problems:
         problems.append("no templates in the file")
