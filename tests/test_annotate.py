@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -216,8 +217,11 @@ def test_status_and_analyze_see_browser_labels(study, server, tmp_path):
     res = invoke("--db", study, "status")
     assert res.exit_code == 0, res.output
     assert "3 labels on 3 samples" in res.output, res.output
-    got = dict(rows(study, "SELECT category, n FROM taxonomy_distribution"))
+    got = dict(rows(study, "SELECT category, count FROM taxonomy_distribution WHERE count > 0"))
     assert got == {"Object": 2, "Count": 1}
+    res = invoke("--db", study, "analyze", "--out", tmp_path / "analysis")
+    assert res.exit_code == 0, res.output
+    assert re.search(r"Object\s+2\b", res.output) and re.search(r"Count\s+1\b", res.output), res.output
     assert run.stop() == 3
     assert rows(study, "SELECT count(*) FROM runs WHERE stage = 'annotate'") == [(1,)]
 
@@ -280,6 +284,57 @@ def test_other_hosts_need_each_annotators_token(study, server):
                         headers={"Cookie": f"clipfail_A={token}"})  # fmt: skip
     assert status == 200
     assert rows(study, "SELECT annotator, category FROM annotations") == [("A", "Object")]
+
+
+def table_fingerprints(dbpath):
+    """A hash of every table's content, by table name."""
+    con = db.open_database(dbpath, read_only=True)
+    try:
+        names = [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() ORDER BY 1").fetchall()]
+        return {n: con.execute(f"SELECT count(*), sum(hash(t)) FROM {n} t").fetchone() for n in names}
+    finally:
+        con.close()
+
+
+def test_requests_cannot_run_sql_or_write_outside_annotations(study, server):
+    run = server(names=("A",))
+    before = table_fingerprints(study)
+    sid = run.wb.items["A"][0]["sample_id"]
+    hostile = "'); DROP TABLE runs; --"
+    for body, status in [
+        ({"sample_id": f"{sid} OR 1=1", "category": "Object"}, 400),
+        ({"sample_id": sid, "category": hostile}, 400),
+        ({"sample_id": sid, "category": ["Object"]}, 400),
+        ({"sample_id": sid, "secondary": "Count"}, 400),
+        ({"sample_id": sid, "category": "Object", "notes": hostile}, 200),
+    ]:
+        got, answer = post(f"{run.url}/a/A/api/label", body)
+        assert got == status, (body, answer)
+    after = table_fingerprints(study)
+    assert {k: v for k, v in after.items() if k != "annotations"} == {
+        k: v for k, v in before.items() if k != "annotations"
+    }
+    assert rows(study, "SELECT sample_id, category, notes FROM annotations") == [(sid, "Object", hostile)]
+
+
+def test_a_locked_database_answers_which_process_to_stop_and_nothing_is_lost(study, server, monkeypatch):
+    run = server(names=("A",))
+    monkeypatch.setattr(annotate, "LOCK_WAIT_S", 0.3)
+    sid = run.wb.items["A"][0]["sample_id"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, sys; c = duckdb.connect({study!r}); print('ok', flush=True); "
+         "sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        status, body = post(f"{run.url}/a/A/api/label", {"sample_id": sid, "category": "Object"})
+        assert status == 503 and f"locked by process {holder.pid}" in body["error"], body
+        assert "Stop that process" in body["error"]
+    finally:
+        holder.communicate("\n", timeout=20)
+    status, body = post(f"{run.url}/a/A/api/label", {"sample_id": sid, "category": "Object"})
+    assert status == 200 and body["progress"]["labelled"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +406,38 @@ def test_cli_starts_prints_the_url_and_stops_cleanly(study):
         out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0, out
     assert "Stopped. No label was saved in this session" in out
+
+
+def start_cli(study):
+    proc = subprocess.Popen(
+        [sys.executable, "cli.py", "--db", study, "annotate", "--annotator", "A", "--port", "0"],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    proc.stdout.readline()
+    return proc, proc.stdout.readline().split(": ", 1)[1].strip()
+
+
+def test_a_killed_server_keeps_every_saved_label(study):
+    proc, url = start_cli(study)
+    try:
+        sid = items_of(study, "A")[0]
+        status, body = post(url + "api/label", {"sample_id": sid, "category": "Action", "notes": "kept"})
+        assert status == 200 and body["action"] == "saved"
+    finally:
+        proc.kill()  # SIGKILL: no shutdown code runs
+        proc.communicate(timeout=20)
+    assert rows(study, "SELECT sample_id, annotator, category, notes FROM annotations") == [
+        (sid, "A", "Action", "kept")
+    ]
+    # The next session resumes at the first unlabelled item.
+    proc, url = start_cli(study)
+    try:
+        state = json.loads(get(url + "api/state")[1])
+        assert state["first_unlabelled"] == 1 and state["labels"][str(sid)]["category"] == "Action"
+    finally:
+        proc.send_signal(2)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
 
 
 # ---------------------------------------------------------------------------------------------
