@@ -263,6 +263,7 @@ def test_images_only_the_items_files_and_no_traversal(study, server):
     assert status == 403
     # A Host that is not local (DNS rebinding) is refused.
     assert get(f"{run.url}/a/A/api/state", headers={"Host": "evil.example:80"})[0] == 403
+    assert get(f"{run.url}/a/A/api/state", headers={"Host": "localhost:9000"})[0] == 200  # an SSH tunnel
     assert rows(study, "SELECT count(*) FROM annotations") == [(0,)]
 
 
@@ -502,6 +503,7 @@ def test_keyboard_labelling_reload_back_and_change(study, server, browser):
     page.wait_for_function("document.getElementById('count').textContent === '3 / 10 labelled'")
     assert current_sample(page) == order[3]
     if SHOT:
+        page.wait_for_function("[...document.querySelectorAll('#images img')].every(i => i.complete)")
         page.screenshot(path=SHOT)
 
     expected = {
@@ -544,6 +546,13 @@ def test_keyboard_labelling_reload_back_and_change(study, server, browser):
     # The category definitions are a key away.
     page.keyboard.press("?")
     assert page.locator("#help.open").is_visible() and "Count" in page.inner_text("#help")
+    page.keyboard.press("Escape")
+    # Where the ground truth is among the top 5, it is framed there too.
+    j = next(i for i, it in enumerate(run.wb.items["A"]) if any(t["is_gt"] for t in it["top"]))
+    page.evaluate(f"show({j})")
+    rank = run.wb.items["A"][j]["gt"]["rank"]
+    assert page.locator("#images figure.gt").count() == 2
+    assert page.locator("#images figure.gt").nth(1).inner_text().startswith(f"#{rank} = ground truth")
     page.close()
 
 

@@ -330,14 +330,19 @@ def build_app(wb: Workbench):
     from toolkit.taxonomy import LabelError
 
     page_template = _page_html()
-    local_hosts = {f"{h}:{wb.port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+    local_names = {"127.0.0.1", "localhost", "[::1]"}
+
+    def local_host_header(value: str) -> bool:
+        # Any port: an SSH tunnel (ssh -L 9000:localhost:8765) reaches us as localhost:9000.
+        name = value.rsplit(":", 1)[0] if not value.endswith("]") else value
+        return name.lower() in local_names
 
     def not_found(_request=None):
         return PlainTextResponse("Not found", status_code=404)
 
     def refuse(request: Request, annotator: str | None):
         """None if the request may go on, else the response that refuses it."""
-        if not wb.needs_token and request.headers.get("host", "") not in local_hosts:
+        if not wb.needs_token and not local_host_header(request.headers.get("host", "")):
             return PlainTextResponse("Forbidden: unexpected Host header", status_code=403)
         if annotator is not None and annotator not in wb.items:
             return not_found()

@@ -39,6 +39,10 @@ a re-import replaces labels and never duplicates them. A blank row leaves a stor
 so that importing an unfilled copy by mistake destroys nothing; `clear_blank=True` (the CLI's
 `--clear-blank`) makes blank rows remove stored labels instead. Importing files whose labels are
 already stored exactly as they are is a no-op that records nothing.
+
+The same checks and writing serve the other ways labels arrive: `save_label` stores one label in
+its own transaction (the browser workbench, toolkit.annotate), and toolkit.labelstudio imports
+Label Studio's JSON export through `_write_labels`.
 """
 
 from __future__ import annotations
