@@ -394,7 +394,11 @@ def import_labels(db_path, files, annotator, clear_blank, fmt, user_map):
 @cli.command()
 @click.option("--annotator", "annotators", multiple=True, required=True, help="Whose labels (repeat for several).")
 @click.option(
-    "--set", "set_choice", default="all", show_default=True, help="mine, overlap, all (mine + overlap) or backup."
+    "--set",
+    "set_choice",
+    default="all",
+    show_default=True,
+    help="mine, overlap or all (mine + overlap); backup is assigned to nobody and refused.",
 )
 @click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: any free port.")
