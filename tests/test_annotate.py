@@ -281,6 +281,15 @@ def test_other_hosts_need_each_annotators_token(study, server):
                         headers={"Cookie": f"clipfail_A={token}"})  # fmt: skip
     assert status == 200
     assert rows(study, "SELECT annotator, category FROM annotations") == [("A", "Object")]
+    # The printed link keeps the token in a cookie for A's pages only and drops it from the address.
+    conn = http.client.HTTPConnection("127.0.0.2", run.wb.port, timeout=10)
+    conn.request("GET", f"/a/A/?token={token}")
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    cookie = resp.getheader("set-cookie")
+    assert resp.status == 303 and resp.getheader("location") == "/a/A/"
+    assert cookie.startswith(f"clipfail_A={token};") and "Path=/a/A/" in cookie and "HttpOnly" in cookie
 
 
 def table_fingerprints(dbpath):

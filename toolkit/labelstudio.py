@@ -251,7 +251,7 @@ def _user_candidates(annotation: dict) -> tuple[list[str], str]:
 
 
 def _read_export(path: Path, option: str | None, user_map: dict, info, tax, seen: dict):
-    from toolkit.annotations import _ParsedFile, _Row, canonical_annotator
+    from toolkit.annotations import _ParsedFile, _Row, assignment_problem, canonical_annotator
     from toolkit.taxonomy import LabelError
 
     if not path.exists():
@@ -314,8 +314,6 @@ def _read_export(path: Path, option: str | None, user_map: dict, info, tax, seen
                         "--annotator NAME, or --user-map USER=NAME"
                     )
                     continue
-            from toolkit.annotations import assignment_problem
-
             problem = assignment_problem(info, sample_id, annotator)
             if problem:
                 parsed.problems.append(f"{here}: {problem}")
