@@ -361,23 +361,40 @@ def sample_failures(db_path, run_id, n, seed, overlap, per_annotator, annotators
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @click.option("--annotator", default=None, help="Whose labels these are (default: from assign_<NAME>.csv).")
 @click.option("--clear-blank", is_flag=True, help="Blank rows remove labels imported earlier (default: keep them).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "labelstudio"]),
+    default="csv",
+    show_default=True,
+    help="csv: assign_<annotator>.csv files; labelstudio: Label Studio's JSON export.",
+)
+@click.option("--user-map", multiple=True, help="labelstudio: USER=ANNOTATOR, a Label Studio user id or email.")
 @db_option
-def import_labels(db_path, files, annotator, clear_blank):
+def import_labels(db_path, files, annotator, clear_blank, fmt, user_map):
     """Import filled-in label CSVs (assign_<annotator>.csv) into the annotations table.
 
     Every row is checked first; any unknown category, unknown sample or sample not assigned to
     the annotator rejects the whole import with a list of row numbers. A re-import replaces
     that annotator's labels for the samples labelled in the file; blank rows keep earlier
     labels unless --clear-blank. For assign_overlap.csv, give --annotator or an 'annotator'
-    column.
+    column. With --format labelstudio, FILES are Label Studio JSON exports of the tasks that
+    export-labelstudio wrote; whose labels: --annotator, --user-map, or the annotation's user.
 
     Example: clipfail import-labels failure_analysis/assign_A.csv failure_analysis/assign_B.csv
     """
     from toolkit.annotations import import_labels as run_import
 
+    if user_map and fmt != "labelstudio":
+        raise UserError("--user-map is for --format labelstudio (Label Studio users); CSV files name annotators.")
     con = db.open_database(db_path)
     try:
-        res = run_import(con, list(files), annotator=annotator, clear_blank=clear_blank)
+        if fmt == "labelstudio":
+            from toolkit.labelstudio import import_labelstudio
+
+            res = import_labelstudio(con, list(files), annotator=annotator, user_map=user_map, clear_blank=clear_blank)
+        else:
+            res = run_import(con, list(files), annotator=annotator, clear_blank=clear_blank)
     finally:
         con.close()
     if res.is_noop and res.n_labelled == 0 and not res.n_kept:
@@ -413,6 +430,101 @@ def import_labels(db_path, files, annotator, clear_blank):
     if res.n_cleared and not res.is_noop:
         click.echo(f"{res.n_cleared} earlier labels were removed (--clear-blank): their rows are blank in the file.")
     click.echo("Next: " + _with_db("clipfail analyze", db_path))
+
+
+@cli.command()
+@click.option("--annotator", "annotators", multiple=True, required=True, help="Whose labels (repeat for several).")
+@click.option(
+    "--set",
+    "set_choice",
+    default="all",
+    show_default=True,
+    help="mine, overlap or all (mine + overlap); backup is assigned to nobody and refused.",
+)
+@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: any free port.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Any other host requires the printed tokens.")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default web browser.")
+@db_option
+def annotate(db_path, annotators, set_choice, run_id, port, host, open_browser):
+    """Label the failure sample in the browser; each label is saved to the database as it is given.
+
+    Serves one item per page (caption, ground truth and top-5 images, keys 1-7 for the categories)
+    until Ctrl-C. Labels go through import-labels' checks and replace rules. The database is
+    opened only for each save, so other commands can run meanwhile.
+
+    Example: clipfail annotate --annotator A --set all --open
+    """
+    from toolkit import annotate as wb_mod
+
+    wb = wb_mod.prepare(db_path, list(annotators), set_choice=set_choice, retrieval_run_id=run_id, host=host)
+    sock = wb_mod.bind(host, port)
+    try:
+        wb.port = sock.getsockname()[1]
+        wb_mod.start_session(wb)
+    except BaseException:
+        sock.close()
+        raise
+    click.echo(
+        f"Labelling retrieval run {wb.retrieval_run_id} (set {wb.set_choice}) into {db_path}; "
+        f"session run {wb.run_id}. Stop with Ctrl-C."
+    )
+    for name, url in wb.links().items():
+        click.echo(f"  {name} ({len(wb.items[name])} items): {url}")
+    if wb.needs_token:
+        click.echo("  Each link holds that annotator's token: give it to them only.")
+    if open_browser:
+        import threading
+        import webbrowser
+
+        first = next(iter(wb.links().values()))
+        threading.Timer(0.5, webbrowser.open, args=[first.replace("0.0.0.0", "127.0.0.1")]).start()
+    try:
+        wb_mod.serve(wb, sock)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how the server is stopped; every label was saved as it was given
+    finally:
+        n = wb_mod.finish_session(wb)
+        if n:
+            click.echo(f"Stopped. The labels of {n} items carry this session's run id {wb.run_id}.")
+        else:
+            click.echo("Stopped. No label was saved in this session (its run record was removed).")
+
+
+@cli.command("export-labelstudio")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last).")
+@click.option("--image-url-prefix", default=None, help="Image URLs = PREFIX + path under the image root.")
+@click.option("--force", is_flag=True, help="Overwrite tasks.json / labeling_config.xml that differ.")
+@db_option
+def export_labelstudio(db_path, out_dir, run_id, image_url_prefix, force):
+    """Write the failure sample as Label Studio tasks (tasks.json) and labelling config (labeling_config.xml).
+
+    Import the labels back with: clipfail import-labels --format labelstudio EXPORT.json
+
+    Example: clipfail export-labelstudio labelstudio/
+    """
+    from toolkit.labelstudio import export_labelstudio as run_export
+
+    con = db.open_database(db_path, read_only=True)
+    try:
+        res = run_export(con, out_dir, retrieval_run_id=run_id, image_url_prefix=image_url_prefix, force=force)
+    finally:
+        con.close()
+    click.echo(f"{res.n_tasks} tasks of retrieval run {res.retrieval_run_id} (every set but backup) in {res.out_dir}/.")
+    if res.written:
+        click.echo(f"  written: {', '.join(res.written)}")
+    if res.unchanged:
+        click.echo(f"  already up to date: {', '.join(res.unchanged)}")
+    click.echo(
+        "In Label Studio: create a project, paste labeling_config.xml as its labelling interface, import tasks.json."
+    )
+    if res.url_mode == "local-files":
+        click.echo(
+            "  Images are local-files URLs: start Label Studio with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true and "
+            f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={res.image_root}, and add a Local Files storage for that folder."
+        )
+    click.echo("Then export as JSON and run: clipfail import-labels --format labelstudio EXPORT.json")
 
 
 def _percent_table(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:

@@ -39,6 +39,10 @@ a re-import replaces labels and never duplicates them. A blank row leaves a stor
 so that importing an unfilled copy by mistake destroys nothing; `clear_blank=True` (the CLI's
 `--clear-blank`) makes blank rows remove stored labels instead. Importing files whose labels are
 already stored exactly as they are is a no-op that records nothing.
+
+The same checks and writing serve the other ways labels arrive: `save_label` stores one label in
+its own transaction (the browser workbench, toolkit.annotate), and toolkit.labelstudio imports
+Label Studio's JSON export through `_write_labels`.
 """
 
 from __future__ import annotations
@@ -176,6 +180,33 @@ class _SampleInfo:
         for names in self.annotators.values():
             out += [n for n in names if n not in out]
         return sorted(out)
+
+
+def assignment_problem(info: _SampleInfo, sample_id: int, annotator: str) -> str | None:
+    """Why `annotator` may not label `sample_id` (None if they may): the sample must be in the failure
+    sample, and in the annotator's own set or the overlap set of its retrieval run."""
+    if sample_id not in info.set_name:
+        return f"sample {sample_id} is not in the failure sample"
+    set_name = info.set_name[sample_id]
+    rrid = info.run_of[sample_id]
+    if set_name == "overlap":
+        if annotator not in info.annotators.get(rrid, []):
+            return (
+                f"sample {sample_id} is in the overlap set of retrieval run {rrid}, whose "
+                f"annotators are {', '.join(info.annotators.get(rrid, [])) or 'none'}, not {annotator}"
+            )
+    elif set_name != annotator:
+        whose = "the backup set (assigned to nobody)" if set_name == "backup" else f"{set_name}'s set"
+        return f"sample {sample_id} is in {whose}, not {annotator}'s"
+    return None
+
+
+def canonical_annotator(info: _SampleInfo, name: str) -> str | None:
+    """The sample's spelling of an annotator name given in any case (None if no annotator has it)."""
+    for k in info.all_annotators:
+        if k.lower() == str(name).strip().lower():
+            return k
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,21 +428,9 @@ def _read_file(path: Path, option: str | None, info: _SampleInfo, tax: Taxonomy,
             continue
 
         # Is the sample there, and this annotator's to label?
-        if sample_id not in info.set_name:
-            parsed.problems.append(f"row {row_number}: sample {sample_id} is not in the failure sample")
-            continue
-        set_name = info.set_name[sample_id]
-        rrid = info.run_of[sample_id]
-        if set_name == "overlap":
-            if annotator not in info.annotators.get(rrid, []):
-                parsed.problems.append(
-                    f"row {row_number}: sample {sample_id} is in the overlap set of retrieval run {rrid}, whose "
-                    f"annotators are {', '.join(info.annotators.get(rrid, [])) or 'none'}, not {annotator}"
-                )
-                continue
-        elif set_name != annotator:
-            whose = "the backup set (assigned to nobody)" if set_name == "backup" else f"{set_name}'s set"
-            parsed.problems.append(f"row {row_number}: sample {sample_id} is in {whose}, not {annotator}'s")
+        problem = assignment_problem(info, sample_id, annotator)
+        if problem:
+            parsed.problems.append(f"row {row_number}: {problem}")
             continue
 
         key = (sample_id, annotator)
@@ -510,6 +529,20 @@ def import_labels(
             raise UserError(f"{first}{'' if first.endswith(('.', '!', '?')) else '.'} Nothing was imported.")
         raise UserError(_format_problems(parsed, file_errors, tax))
 
+    config = {
+        "files": [{"path": str(p.path.resolve()), "sha256": p.sha256} for p in parsed],
+        "annotator": annotator,
+        "simulated": bool(simulated),
+        "clear_blank": bool(clear_blank),
+    }
+    return _write_labels(con, parsed, info, config, started, simulated=simulated, clear_blank=clear_blank)
+
+
+def _write_labels(
+    con, parsed: list[_ParsedFile], info: _SampleInfo, config: dict, started, *, simulated: bool, clear_blank: bool
+) -> ImportResult:
+    """Write the checked rows of `parsed` in one transaction (one import run), with import-labels' replace
+    rules; a no-op when every label is already stored exactly as it is."""
     # Everything checked: build the rows and compare with what is stored.
     records = []
     for p in parsed:
@@ -570,26 +603,27 @@ def import_labels(
             s.n_replaced = s.n_cleared = 0
         return ImportResult(run_id=run_id, is_noop=True, files=summaries, retrieval_run_ids=info_runs)
 
-    config = {
-        "files": [{"path": str(p.path.resolve()), "sha256": p.sha256} for p in parsed],
-        "annotator": annotator,
-        "simulated": bool(simulated),
-        "clear_blank": bool(clear_blank),
-    }
     with db.transaction(con):
         run_id = db.insert_run(con, STAGE, config, started)
-        con.register("_clipfail_label_keys", keys)
-        try:
-            con.execute(
-                "DELETE FROM annotations USING _clipfail_label_keys k "
-                "WHERE annotations.sample_id = k.sample_id AND annotations.annotator = k.annotator"
-            )
-        finally:
-            con.unregister("_clipfail_label_keys")
-        new["imported_at"] = db.now()
-        new["run_id"] = run_id
-        db.insert_df(con, "annotations", new)
+        replace_labels(con, keys, new, run_id)
     return ImportResult(run_id=run_id, is_noop=False, files=summaries, retrieval_run_ids=info_runs)
+
+
+def replace_labels(con, keys: pd.DataFrame, new: pd.DataFrame, run_id: int) -> None:
+    """Inside the caller's transaction: delete the stored labels of `keys` (sample_id, annotator) and insert
+    `new` (annotation columns without imported_at / run_id) as written by run `run_id`."""
+    con.register("_clipfail_label_keys", keys)
+    try:
+        con.execute(
+            "DELETE FROM annotations USING _clipfail_label_keys k "
+            "WHERE annotations.sample_id = k.sample_id AND annotations.annotator = k.annotator"
+        )
+    finally:
+        con.unregister("_clipfail_label_keys")
+    new = new.copy()
+    new["imported_at"] = db.now()
+    new["run_id"] = run_id
+    db.insert_df(con, "annotations", new)
 
 
 def _stored_labels(con, keys: pd.DataFrame) -> pd.DataFrame:
@@ -621,3 +655,80 @@ def _same_as_stored(new: pd.DataFrame, stored: pd.DataFrame) -> bool:
         return sorted(recs, key=repr)
 
     return canon(new) == canon(stored)
+
+
+# ---------------------------------------------------------------------------------------------
+# One label at a time (the browser workbench, `clipfail annotate`)
+
+
+@dataclass
+class SavedLabel:
+    sample_id: int
+    annotator: str
+    action: str  # 'saved' (new), 'replaced', 'unchanged', 'cleared', 'absent' (clear of nothing)
+    category: str | None = None
+    secondary_category: str | None = None
+    notes: str | None = None
+
+
+def save_label(
+    con,
+    sample_id: int,
+    annotator: str,
+    label: str | None,
+    notes: str | None,
+    *,
+    run_id: int,
+    source_file: str,
+    info: _SampleInfo | None = None,
+    tax: Taxonomy | None = None,
+) -> SavedLabel:
+    """Validate one label as import-labels does and store it in its own transaction.
+
+    The annotator must be one of the sample's (any case), the sample theirs or the overlap set's,
+    and the label resolve through the taxonomy ('Object' or 'Object; Attribute' for a secondary
+    category). Like an import, it replaces that annotator's stored label for the sample; storing
+    the same label again writes nothing. A blank label removes the stored one (as --clear-blank).
+    Raises UserError (LabelError for an unknown category) and writes nothing on a problem.
+    """
+    info = info or _SampleInfo.load(con)
+    tax = tax or Taxonomy.load(con)
+    name = canonical_annotator(info, annotator)
+    if name is None:
+        raise UserError(
+            f"{annotator!r} is not an annotator of any failure sample (known: {', '.join(info.all_annotators)})."
+        )
+    sample_id = int(sample_id)
+    problem = assignment_problem(info, sample_id, name)
+    if problem:
+        raise UserError(problem[0].upper() + problem[1:] + ".")
+    raw = (label or "").strip()
+    category, secondary = tax.resolve(raw)
+    notes = notes.strip() if isinstance(notes, str) and notes.strip() else None
+    key = pd.DataFrame({"sample_id": pd.Series([sample_id], dtype="int64"), "annotator": [name]})
+    with db.transaction(con):
+        stored = _stored_labels(con, key)
+        if category is None:
+            if stored.empty:
+                return SavedLabel(sample_id, name, "absent")
+            con.execute("DELETE FROM annotations WHERE sample_id = ? AND annotator = ?", [sample_id, name])
+            return SavedLabel(sample_id, name, "cleared")
+        new = pd.DataFrame.from_records(
+            [
+                {
+                    "sample_id": sample_id,
+                    "annotator": name,
+                    "raw_label": raw,
+                    "category": category,
+                    "secondary_category": secondary,
+                    "notes": notes,
+                    "source_file": source_file,
+                    "is_simulated": False,
+                }
+            ]
+        )
+        new["sample_id"] = new["sample_id"].astype("int64")
+        action = "unchanged" if _same_as_stored(new, stored) else ("replaced" if len(stored) else "saved")
+        if action != "unchanged":
+            replace_labels(con, key, new, run_id)
+    return SavedLabel(sample_id, name, action, category, secondary, notes)

@@ -1,0 +1,567 @@
+"""clipfail annotate: the labelling workbench, its saving semantics (shared with import-labels), its
+security rules and bad input, and the page driven by keyboard in a real headless Chromium (Playwright).
+
+The study: a 30-image generated subset ingested by the real CLI, a hand-made text-to-image run (as in
+test_failures.py) and a real `sample-failures` sample: overlap 4, A and B 6 each, backup 4.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import duckdb
+import pytest
+from click.testing import CliRunner
+from test_failures import make_retrieval_run
+
+from toolkit import annotate, db
+from toolkit.errors import UserError
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SHOT = os.environ.get("CLIPFAIL_ANNOTATE_SHOT")  # where to save a 1280x800 screenshot, if set
+
+
+def invoke(*args):
+    from cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+def base(synthetic_coco_master, tmp_path_factory):
+    root = tmp_path_factory.mktemp("annotate_base")
+    path = root / "base.duckdb"
+    res = invoke("--db", path, "ingest", "--coco-root", synthetic_coco_master, "--num-images", 30)
+    assert res.exit_code == 0, res.output
+    con = db.open_database(path)
+    subset_id = con.execute("SELECT subset_id FROM subsets").fetchone()[0]
+    rrid = make_retrieval_run(con, subset_id, seed=0)
+    con.close()
+    res = invoke(
+        "--db", path, "sample-failures", "--run", rrid, "--out", root / "fa", "--no-pictures",
+        "--n", 20, "--overlap", 4, "--per-annotator", 6, "--annotators", "A,B",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return path
+
+
+@pytest.fixture
+def study(base, tmp_path):
+    dest = tmp_path / "db.duckdb"
+    shutil.copy(base, dest)
+    return str(dest)
+
+
+def rows(dbpath, sql, params=None):
+    con = duckdb.connect(str(dbpath), read_only=True)  # the schema and views are there already
+    try:
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
+def items_of(dbpath, name):
+    """A's items in the order the page shows them (draw order): overlap first, then A's own."""
+    return [
+        r[0]
+        for r in rows(
+            dbpath,
+            "SELECT sample_id FROM failure_samples WHERE set_name IN ('overlap', ?) ORDER BY draw_order",
+            [name],
+        )
+    ]
+
+
+@pytest.fixture
+def server(study):
+    """A running workbench for A and B on 127.0.0.1 (a free port), stopped after the test."""
+    started = []
+
+    def start(names=("A", "B"), host="127.0.0.1", set_choice="all"):
+        wb = annotate.prepare(study, list(names), set_choice=set_choice, host=host)
+        run = annotate.serve_in_thread(wb, annotate.bind(host, 0))
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        run.stop()
+
+
+def get(url, headers=None):
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def post(url, body, headers=None):
+    h = {"Content-Type": "application/json", "X-Clipfail": "1"} | (headers or {})
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=h, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        text = exc.read()
+        try:
+            return exc.code, json.loads(text)
+        except ValueError:
+            return exc.code, {"text": text.decode()}
+
+
+def raw_get(port, path, host="127.0.0.1"):
+    """GET a path exactly as written (no client-side normalisation of '..')."""
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.putrequest("GET", path, skip_host=True)
+    conn.putheader("Host", f"127.0.0.1:{port}")
+    conn.endheaders()
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return resp.status, body
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving, blind overlap, images, security (HTTP, no browser)
+
+
+def test_saving_follows_import_labels_rules_and_overlap_is_blind(study, server, tmp_path):
+    run = server()
+    a = items_of(study, "A")
+    overlap = a[0]
+    # B labels an overlap sample first; A's page must never see it.
+    status, body = post(f"{run.url}/a/B/api/label", {"sample_id": overlap, "category": "Count"})
+    assert status == 200 and body["action"] == "saved"
+    status, state = 200, json.loads(get(f"{run.url}/a/A/api/state")[1])
+    assert state["labels"] == {} and state["progress"] == {"labelled": 0, "total": 10}
+    assert "Count" not in json.dumps(state)
+
+    # Primary + secondary + notes, through the taxonomy: stored as import-labels stores a "X; Y" label.
+    status, body = post(
+        f"{run.url}/a/A/api/label", {"sample_id": a[1], "category": "Object", "secondary": "Attribute", "notes": " n "}
+    )
+    assert status == 200 and body["progress"]["labelled"] == 1
+    got = rows(
+        study,
+        "SELECT annotator, raw_label, category, secondary_category, notes, source_file, is_simulated, r.stage "
+        "FROM annotations JOIN runs r USING (run_id) WHERE sample_id = ?",
+        [a[1]],
+    )
+    assert got == [("A", "Object; Attribute", "Object", "Attribute", "n", "clipfail annotate", False, "annotate")]
+    # The same label again writes nothing; another replaces it (one row per sample and annotator).
+    assert post(f"{run.url}/a/A/api/label", {"sample_id": a[1], "category": "Object", "secondary": "Attribute",
+                                              "notes": "n"})[1]["action"] == "unchanged"  # fmt: skip
+    assert post(f"{run.url}/a/A/api/label", {"sample_id": a[1], "category": "Spatial"})[1]["action"] == "replaced"
+    assert rows(study, "SELECT category, secondary_category FROM annotations WHERE sample_id = ?", [a[1]]) == [
+        ("Spatial", None)
+    ]
+    # Refused like an import: unknown category, another annotator's sample, a backup sample; nothing written.
+    status, body = post(f"{run.url}/a/A/api/label", {"sample_id": a[2], "category": "Colour-ish"})
+    assert status == 400 and "unknown category" in body["error"]
+    b_own = [s for s in items_of(study, "B") if s not in a][0]
+    status, body = post(f"{run.url}/a/A/api/label", {"sample_id": b_own, "category": "Object"})
+    assert status == 404
+    # save_label itself (what the page calls) refuses B's sample for A with import-labels' reason.
+    from toolkit.annotations import save_label
+
+    con = annotate.connect(study)
+    try:
+        with pytest.raises(UserError, match="in B's set, not A's"):
+            save_label(con, b_own, "a", "Object", None, run_id=run.wb.run_id, source_file="x")
+        backup = con.execute("SELECT min(sample_id) FROM failure_samples WHERE set_name = 'backup'").fetchone()[0]
+        with pytest.raises(UserError, match="backup set"):
+            save_label(con, backup, "A", "Object", None, run_id=run.wb.run_id, source_file="x")
+    finally:
+        con.close()
+    # Clearing removes A's label only.
+    assert post(f"{run.url}/a/A/api/label", {"sample_id": a[1], "clear": True})[1]["action"] == "cleared"
+    assert rows(study, "SELECT annotator FROM annotations ORDER BY 1") == [("B",)]
+    # A later CSV import of the same item replaces the browser label (import-labels' documented rule).
+    post(f"{run.url}/a/A/api/label", {"sample_id": a[1], "category": "Object"})
+    run.stop()
+    csv_path = tmp_path / "assign_A.csv"
+    csv_path.write_text(f"sample_id,category\n{a[1]},Action\n", encoding="utf-8")
+    res = invoke("--db", study, "import-labels", csv_path)
+    assert res.exit_code == 0, res.output
+    assert rows(study, "SELECT category, source_file FROM annotations WHERE sample_id = ? AND annotator = 'A'",
+                [a[1]]) == [("Action", str(csv_path.resolve()))]  # fmt: skip
+
+
+def test_status_and_the_views_see_browser_labels(study, server, tmp_path):
+    run = server(names=("A",), set_choice="mine")
+    mine = [s for s in items_of(study, "A") if s not in items_of(study, "B")]
+    for sid, cat in zip(mine, ["Object", "Object", "Count"]):
+        assert post(f"{run.url}/a/A/api/label", {"sample_id": sid, "category": cat})[0] == 200
+    # status runs while the server is up (the server does not hold the database).
+    res = invoke("--db", study, "status")
+    assert res.exit_code == 0, res.output
+    assert "3 labels on 3 samples" in res.output, res.output
+    got = dict(rows(study, "SELECT category, count FROM taxonomy_distribution WHERE count > 0"))
+    assert got == {"Object": 2, "Count": 1}
+    assert run.stop() == 3
+    assert rows(study, "SELECT count(*) FROM runs WHERE stage = 'annotate'") == [(1,)]
+
+
+def test_a_session_that_saves_nothing_leaves_no_run(study, server):
+    run = server()
+    assert get(f"{run.url}/a/A/")[0] == 200
+    assert run.stop() == 0
+    assert rows(study, "SELECT count(*) FROM runs WHERE stage = 'annotate'") == [(0,)]
+
+
+def test_images_only_the_items_files_and_no_traversal(study, server):
+    run = server(names=("A",), set_choice="mine")
+    item = run.wb.items["A"][0]
+    ok = f"{run.url}/a/A/image/{item['gt']['image_id']}"
+    status, body = get(ok)
+    assert status == 200 and body[:2] == b"\xff\xd8"  # the real JPEG
+    all_a = {i for it in run.wb.items["A"] for i in [it["gt"]["image_id"]] + [t["image_id"] for t in it["top"]]}
+    other = rows(study, "SELECT min(image_id) FROM images WHERE image_id NOT IN (SELECT unnest(?))", [list(all_a)])
+    assert get(f"{run.url}/a/A/image/{other[0][0]}")[0] == 404  # an image of the subset, but not A's
+    port = run.wb.port
+    for path in [
+        "/a/A/image/../../etc/passwd",
+        "/a/A/image/..%2F..%2Fetc%2Fpasswd",
+        "/a/A/image/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/a/A/image/%2E%2E/%2E%2E/etc/passwd",
+        "/a/A/image/..%252f..%252fetc%252fpasswd",
+        "/a/A/../../../../etc/passwd",
+        "/a/A/image/1/../../../../etc/passwd",
+        "/a/A/image/-1",
+        "/a/Z/image/" + str(item["gt"]["image_id"]),
+    ]:
+        status, body = raw_get(port, path)
+        assert status == 404, (path, status)
+        assert b"root:" not in body
+    # Writes need the JSON + X-Clipfail header (a cross-site form cannot send it) and touch nothing else.
+    status, _ = post(f"{run.url}/a/A/api/label", {"sample_id": item["sample_id"], "category": "Object"},
+                     headers={"X-Clipfail": "0"})  # fmt: skip
+    assert status == 403
+    # A Host that is not local (DNS rebinding) is refused.
+    assert get(f"{run.url}/a/A/api/state", headers={"Host": "evil.example:80"})[0] == 403
+    assert get(f"{run.url}/a/A/api/state", headers={"Host": "localhost:9000"})[0] == 200  # an SSH tunnel
+    assert rows(study, "SELECT count(*) FROM annotations") == [(0,)]
+
+
+def test_other_hosts_need_each_annotators_token(study, server):
+    run = server(host="127.0.0.2")  # a loopback address that is not 127.0.0.1: tokens required
+    links = run.wb.links()
+    assert set(links) == {"A", "B"} and all("?token=" in u for u in links.values())
+    assert links["A"].split("token=")[1] != links["B"].split("token=")[1]
+    base = f"http://127.0.0.2:{run.wb.port}"
+    assert get(f"{base}/a/A/")[0] == 403
+    assert get(f"{base}/a/A/api/state")[0] == 403
+    assert get(f"{base}/a/A/api/state?token={links['B'].split('token=')[1]}")[0] == 403  # B's token is not A's
+    sid = run.wb.items["A"][0]["sample_id"]
+    assert post(f"{base}/a/A/api/label", {"sample_id": sid, "category": "Object"})[0] == 403
+    token = links["A"].split("token=")[1]
+    status, body = get(f"{base}/a/A/api/state?token={token}")
+    assert status == 200 and json.loads(body)["progress"]["total"] == 10
+    status, body = post(f"{base}/a/A/api/label", {"sample_id": sid, "category": "Object"},
+                        headers={"Cookie": f"clipfail_A={token}"})  # fmt: skip
+    assert status == 200
+    assert rows(study, "SELECT annotator, category FROM annotations") == [("A", "Object")]
+    # The printed link keeps the token in a cookie for A's pages only and drops it from the address.
+    conn = http.client.HTTPConnection("127.0.0.2", run.wb.port, timeout=10)
+    conn.request("GET", f"/a/A/?token={token}")
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    cookie = resp.getheader("set-cookie")
+    assert resp.status == 303 and resp.getheader("location") == "/a/A/"
+    assert cookie.startswith(f"clipfail_A={token};") and "Path=/a/A/" in cookie and "HttpOnly" in cookie
+
+
+def table_fingerprints(dbpath):
+    """A hash of every table's content, by table name."""
+    con = db.open_database(dbpath, read_only=True)
+    try:
+        names = [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() ORDER BY 1").fetchall()]
+        return {n: con.execute(f"SELECT count(*), sum(hash(t)) FROM {n} t").fetchone() for n in names}
+    finally:
+        con.close()
+
+
+def test_requests_cannot_run_sql_or_write_outside_annotations(study, server):
+    run = server(names=("A",))
+    before = table_fingerprints(study)
+    sid = run.wb.items["A"][0]["sample_id"]
+    hostile = "'); DROP TABLE runs; --"
+    for body, status in [
+        ({"sample_id": f"{sid} OR 1=1", "category": "Object"}, 400),
+        ({"sample_id": sid, "category": hostile}, 400),
+        ({"sample_id": sid, "category": ["Object"]}, 400),
+        ({"sample_id": sid, "secondary": "Count"}, 400),
+        ({"sample_id": sid, "category": "Object", "notes": hostile}, 200),
+    ]:
+        got, answer = post(f"{run.url}/a/A/api/label", body)
+        assert got == status, (body, answer)
+    after = table_fingerprints(study)
+    assert {k: v for k, v in after.items() if k != "annotations"} == {
+        k: v for k, v in before.items() if k != "annotations"
+    }
+    assert rows(study, "SELECT sample_id, category, notes FROM annotations") == [(sid, "Object", hostile)]
+
+
+def test_a_locked_database_answers_which_process_to_stop_and_nothing_is_lost(study, server, monkeypatch):
+    run = server(names=("A",))
+    monkeypatch.setattr(annotate, "LOCK_WAIT_S", 0.3)
+    sid = run.wb.items["A"][0]["sample_id"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, sys; c = duckdb.connect({study!r}); print('ok', flush=True); "
+         "sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        status, body = post(f"{run.url}/a/A/api/label", {"sample_id": sid, "category": "Object"})
+        assert status == 503 and f"locked by process {holder.pid}" in body["error"], body
+        assert "Stop that process" in body["error"]
+    finally:
+        holder.communicate("\n", timeout=20)
+    status, body = post(f"{run.url}/a/A/api/label", {"sample_id": sid, "category": "Object"})
+    assert status == 200 and body["progress"]["labelled"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one message, nothing started
+
+
+def test_bad_input_messages_and_nothing_started(study, tmp_path):
+    before = rows(study, "SELECT count(*) FROM runs")
+    cases = [
+        (["--annotator", "Z"], "'Z' is not an annotator"),
+        (["--annotator", "A", "--set", "everything"], "--set 'everything' is not a set"),
+        (["--annotator", "A", "--set", "backup"], "backup set is assigned to nobody"),
+        (["--annotator", "A", "--run", "999"], "Retrieval run 999 has no sampled failures"),
+    ]
+    for args, message in cases:
+        res = invoke("--db", study, "annotate", *args, "--port", 0)
+        assert res.exit_code == 2, res.output
+        assert message in res.output and "Traceback" not in res.output
+    assert rows(study, "SELECT count(*) FROM runs") == before
+
+    empty = tmp_path / "empty.duckdb"
+    db.open_database(empty).close()
+    res = invoke("--db", empty, "annotate", "--annotator", "A")
+    assert res.exit_code == 2 and "no sampled failures" in res.output
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        res = invoke("--db", study, "annotate", "--annotator", "A", "--port", port)
+        assert res.exit_code == 2 and f"Port {port} on 127.0.0.1 is in use" in res.output, res.output
+    assert rows(study, "SELECT count(*) FROM runs") == before
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({study!r}); print('ok', flush=True); "
+         "time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        res = invoke("--db", study, "annotate", "--annotator", "A", "--port", 0)
+        assert res.exit_code == 2, res.output
+        assert f"locked by process {holder.pid}" in res.output and "Stop that process" in res.output
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def start_cli(study):
+    proc = subprocess.Popen(
+        [sys.executable, "cli.py", "--db", study, "annotate", "--annotator", "a", "--port", "0"],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    first = proc.stdout.readline()
+    assert "Labelling retrieval run" in first, first
+    line = proc.stdout.readline()
+    assert line.strip().startswith("A (10 items): http://127.0.0.1:"), line
+    return proc, line.split(": ", 1)[1].strip()
+
+
+def test_cli_serves_a_killed_server_keeps_every_label_and_ctrl_c_stops_cleanly(study):
+    proc, url = start_cli(study)
+    try:
+        status, body = get(url)
+        assert status == 200 and b"clipfail annotate" in body
+        sid = items_of(study, "A")[0]
+        status, body = post(url + "api/label", {"sample_id": sid, "category": "Action", "notes": "kept"})
+        assert status == 200 and body["action"] == "saved"
+    finally:
+        proc.kill()  # SIGKILL: no shutdown code runs
+        proc.communicate(timeout=20)
+    assert rows(study, "SELECT sample_id, annotator, category, notes FROM annotations") == [
+        (sid, "A", "Action", "kept")
+    ]
+    # The next session resumes at the first unlabelled item; Ctrl-C stops it cleanly.
+    proc, url = start_cli(study)
+    try:
+        state = json.loads(get(url + "api/state")[1])
+        assert state["first_unlabelled"] == 1 and state["labels"][str(sid)]["category"] == "Action"
+    finally:
+        proc.send_signal(2)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
+    assert "Stopped. No label was saved in this session (its run record was removed)." in out
+    assert rows(study, "SELECT count(*) FROM runs WHERE stage = 'annotate'") == [(1,)]  # the killed one's
+
+
+# ---------------------------------------------------------------------------------------------
+# The page in a real browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
+    try:
+        pw = sync_playwright().start()
+    except Exception as exc:  # pragma: no cover - environment
+        pytest.skip(f"Playwright cannot start: {exc}")
+    try:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    except Exception as exc:  # pragma: no cover - environment
+        pw.stop()
+        pytest.skip(f"Chromium cannot be started by Playwright: {str(exc)[:300]}")
+    yield b
+    b.close()
+    pw.stop()
+
+
+def open_page(browser, url):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='1']")
+    return page
+
+
+def current_sample(page) -> int:
+    return int(page.evaluate("location.hash").split("-")[1])
+
+
+def test_keyboard_labelling_reload_back_and_change(study, server, browser):
+    run = server(names=("A",))
+    order = [it["sample_id"] for it in run.wb.items["A"]]
+    page = open_page(browser, f"{run.url}/a/A/")
+    assert page.inner_text("#count") == "0 / 10 labelled"
+    assert current_sample(page) == order[0]
+    # The images are the real files, served and decoded.
+    page.wait_for_function("[...document.querySelectorAll('#images img')].every(i => i.complete && i.naturalWidth > 0)")
+    assert page.locator("#images figure").count() == 6
+    assert page.locator("#images figure.gt").count() >= 1
+
+    # Three labels by keyboard: 2 (Object), Shift+3 then 1 (Ambiguous; Attribute), 6 (Count) + notes.
+    page.keyboard.press("2")
+    page.wait_for_function("document.getElementById('count').textContent === '1 / 10 labelled'")
+    assert current_sample(page) == order[1]
+    page.keyboard.press("Shift+3")
+    page.keyboard.press("1")
+    page.wait_for_function("document.getElementById('count').textContent === '2 / 10 labelled'")
+    page.keyboard.press("n")
+    page.keyboard.type("two dogs, not three")
+    page.keyboard.press("Enter")
+    page.keyboard.press("6")
+    page.wait_for_function("document.getElementById('count').textContent === '3 / 10 labelled'")
+    assert current_sample(page) == order[3]
+    if SHOT:
+        page.wait_for_function("[...document.querySelectorAll('#images img')].every(i => i.complete)")
+        page.screenshot(path=SHOT)
+
+    expected = {
+        order[0]: ("Object", None, None),
+        order[1]: ("Ambiguous", "Attribute", None),
+        order[2]: ("Count", None, "two dogs, not three"),
+    }
+
+    def stored():
+        return {
+            s: (c, sc, n)
+            for s, c, sc, n in rows(
+                study, "SELECT sample_id, category, secondary_category, notes FROM annotations WHERE annotator = 'A'"
+            )
+        }
+
+    assert stored() == expected
+
+    # Reload: the labels are kept, shown when going back.
+    page.goto(f"{run.url}/a/A/")  # no hash: resumes at the first unlabelled item
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.inner_text("#count") == "3 / 10 labelled"
+    assert current_sample(page) == order[3]
+    page.keyboard.press("ArrowLeft")
+    assert current_sample(page) == order[2]
+    assert page.get_attribute("body", "data-labelled") == "Count"
+    assert page.input_value("#notes") == "two dogs, not three"
+    page.keyboard.press("ArrowLeft")
+    assert page.locator("button[data-cat='Ambiguous'].on").count() == 1
+    assert page.locator("button[data-sec='Attribute'].on").count() == 1
+
+    # Change one label: back to the first item, press 5 (Context).
+    page.keyboard.press("ArrowLeft")
+    assert current_sample(page) == order[0]
+    page.keyboard.press("5")
+    page.wait_for_function(f"location.hash === '#sample-{order[1]}'")
+    expected[order[0]] = ("Context", None, None)
+    assert stored() == expected
+    assert page.inner_text("#count") == "3 / 10 labelled"
+    # The category definitions are a key away.
+    page.keyboard.press("?")
+    assert page.locator("#help.open").is_visible() and "Count" in page.inner_text("#help")
+    page.keyboard.press("Escape")
+    # Where the ground truth is among the top 5, it is framed there too.
+    j = next(i for i, it in enumerate(run.wb.items["A"]) if any(t["is_gt"] for t in it["top"]))
+    page.evaluate(f"show({j})")
+    rank = run.wb.items["A"][j]["gt"]["rank"]
+    assert page.locator("#images figure.gt").count() == 2
+    assert page.locator("#images figure.gt").nth(1).inner_text().startswith(f"#{rank} = ground truth")
+    page.close()
+
+
+def test_two_pages_label_different_items_at_once(study, server, browser):
+    run = server(names=("A", "B"))
+    pa = open_page(browser, f"{run.url}/a/A/")
+    pb = open_page(browser, f"{run.url}/a/A/")
+    a_items = [it["sample_id"] for it in run.wb.items["A"]]
+    # Page 2 works from the end of the list while page 1 works from the start; keys alternate.
+    pb.evaluate("show(items.length - 5)")
+    for k in range(5):
+        pa.keyboard.press(str(1 + k % 7))
+        pb.keyboard.press(str(7 - k % 7))
+        pa.wait_for_function(f"labels[{a_items[k]}] !== undefined && location.hash === '#sample-{a_items[k + 1]}'")
+        pb.wait_for_function(f"labels[{a_items[5 + k]}] !== undefined")
+    got = dict(rows(study, "SELECT sample_id, category FROM annotations WHERE annotator = 'A'"))
+    cats = [c["name"] for c in run.wb.categories]
+    want = {a_items[k]: cats[k % 7] for k in range(5)} | {a_items[5 + k]: cats[6 - k % 7] for k in range(5)}
+    assert got == want
+    # Both pages' counters come from the database: the last save saw all ten.
+    pa.reload()
+    pa.wait_for_selector("body[data-ready='1']")
+    assert pa.inner_text("#count") == "10 / 10 labelled"
+    pa.close()
+    pb.close()

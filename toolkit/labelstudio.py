@@ -1,0 +1,405 @@
+"""The Label Studio round trip: export the failure sample as Label Studio tasks and a labelling config,
+and import Label Studio's JSON export into `annotations` with import-labels' checks and rules.
+
+Label Studio is not a dependency. The formats follow its documentation (written from it, not
+from a running instance):
+
+- Tasks (`tasks.json`, imported in Label Studio with Import): a JSON list of `{"data": {...}}`; the
+  labelling config refers to data fields as `$field`. clipfail's tasks carry `sample_id`,
+  `set_name`, `caption`, `gt_image`, `top1_image` ... `top5_image` (URLs), titles for them, and the
+  local file paths (`gt_file`, `top1_file`, ...).
+- Image URLs: by default Label Studio's local-files form `/data/local-files/?d=<path>`, the path
+  relative to the subset's image root. Start Label Studio with
+  `LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true` and `LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=<image
+  root>`, and add a Local Files storage for that folder. `image_url_prefix` gives plain URLs
+  instead (prefix + the image's path under the root), for images served elsewhere.
+- The labelling config (`labeling_config.xml`): a `Text` control for the caption, `Image` tags for
+  the ground truth and top-5, `Choices name="category"` (the taxonomy's categories, hotkeys 1-7),
+  `Choices name="secondary"` (hotkeys q w e r t y u) and `TextArea name="notes"`, all with
+  `toName="caption"`.
+- The export (Label Studio's "JSON" export): a list of tasks, each with `id`, `data` (as imported)
+  and `annotations`, each annotation with `completed_by` (a user id, or an object with `id`,
+  `email`, `first_name`, `last_name` in older versions and API exports), `was_cancelled`, and
+  `result`: a list of `{"from_name", "to_name", "type", "value"}` where a Choices result has
+  `type: "choices"` and `value: {"choices": [...]}` and a TextArea result `type: "textarea"` and
+  `value: {"text": [...]}`. The older `completions` key is read as `annotations`.
+
+Whose label (per annotation, first that applies): `annotator` (the CLI's --annotator), `user_map`
+(a Label Studio user id or email -> annotator), then the annotation's user: its email, the part of
+the email before `@`, username, first name, or first and last name, matched to the sample's
+annotators ignoring case (also `created_username`, which some versions write).
+
+The rows then go through the same checks as an import of CSVs (sample in the failure sample and
+the annotator's, known categories, no sample twice for one annotator) and the same writing: all or
+nothing in one transaction, a label replaces that annotator's stored one, a cancelled (skipped) or
+empty annotation is unlabeled and keeps a stored label unless clear_blank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+from toolkit.errors import UserError
+
+TOPN = 5
+SECONDARY_KEYS = "qwertyu"
+MAX_LISTED = 30
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+@dataclass
+class ExportResult:
+    retrieval_run_id: int
+    out_dir: Path
+    n_tasks: int
+    written: list[str]
+    unchanged: list[str]
+    image_root: str | None
+    url_mode: str  # 'local-files' or 'prefix'
+
+
+def _sampled_run(con, retrieval_run_id: int | None) -> int:
+    runs = [
+        int(r[0]) for r in con.execute("SELECT DISTINCT retrieval_run_id FROM failure_samples ORDER BY 1").fetchall()
+    ]
+    if not runs:
+        raise UserError("The database has no sampled failures. Run clipfail sample-failures first (and check --db).")
+    if retrieval_run_id is None:
+        return int(
+            con.execute("SELECT retrieval_run_id FROM failure_samples ORDER BY run_id DESC LIMIT 1").fetchone()[0]
+        )
+    if int(retrieval_run_id) not in runs:
+        raise UserError(
+            f"Retrieval run {retrieval_run_id} has no sampled failures. Runs with a failure sample: "
+            f"{', '.join(map(str, runs))}."
+        )
+    return int(retrieval_run_id)
+
+
+def labeling_config(categories: list[dict]) -> str:
+    """The Label Studio labelling config for clipfail's tasks."""
+    cols = ['    <View style="min-width: 0"><Header value="$gt_title" size="6"/>'
+            '<Image name="gt_image" value="$gt_image" maxWidth="100%"/></View>']  # fmt: skip
+    for k in range(1, TOPN + 1):
+        cols.append(
+            f'    <View style="min-width: 0"><Header value="$top{k}_title" size="6"/>'
+            f'<Image name="top{k}_image" value="$top{k}_image" maxWidth="100%"/></View>'
+        )
+    primary, secondary = [], []
+    for i, c in enumerate(categories):
+        hint = quoteattr(c.get("definition") or "")
+        key = f' hotkey="{i + 1}"' if i < 9 else ""
+        primary.append(f"    <Choice value={quoteattr(c['name'])}{key} hint={hint}/>")
+        key = f' hotkey="{SECONDARY_KEYS[i]}"' if i < len(SECONDARY_KEYS) else ""
+        secondary.append(f"    <Choice value={quoteattr(c['name'])}{key}/>")
+    return "\n".join(
+        [
+            "<View>",
+            '  <Text name="caption" value="$caption"/>',
+            '  <View style="display: grid; grid-template-columns: repeat(6, minmax(0, 1fr)); gap: 8px">',
+            *cols,
+            "  </View>",
+            '  <Header value="Category (keys 1-7)" size="5"/>',
+            '  <Choices name="category" toName="caption" choice="single-radio" showInline="true" required="true">',
+            *primary,
+            "  </Choices>",
+            f'  <Header value="{escape("Secondary category, optional (keys " + " ".join(SECONDARY_KEYS) + ")")}"'
+            ' size="6"/>',
+            '  <Choices name="secondary" toName="caption" choice="single" showInline="true">',
+            *secondary,
+            "  </Choices>",
+            '  <TextArea name="notes" toName="caption" placeholder="Notes (optional)" rows="2" editable="true"'
+            ' maxSubmissions="1"/>',
+            "</View>",
+            "",
+        ]
+    )
+
+
+def export_labelstudio(
+    con, out_dir, retrieval_run_id: int | None = None, image_url_prefix: str | None = None, force: bool = False
+) -> ExportResult:
+    """Write tasks.json and labeling_config.xml for the failure sample (every set but backup) into out_dir."""
+    from toolkit.failures import _image_lookup, sample_table
+    from toolkit.taxonomy import Taxonomy
+
+    rrid = _sampled_run(con, retrieval_run_id)
+    table = sample_table(con, rrid)
+    table = table[table["set_name"] != "backup"]
+    ids = set(table["gt_id"].astype(int))
+    for top in table["topk_ids"]:
+        ids.update(int(x) for x in list(top)[:TOPN])
+    lookup = _image_lookup(con, ids)
+    row = con.execute(
+        "SELECT s.image_root FROM retrieval_runs r JOIN subsets s USING (subset_id) WHERE r.retrieval_run_id = ?",
+        [rrid],
+    ).fetchone()
+    root = row[0] if row else None
+    tax = Taxonomy.load(con)
+    categories = [{"name": str(c.name), "definition": str(c.definition or "")} for c in tax.categories.itertuples()]
+
+    def url(image_id: int) -> str:
+        rel = lookup[image_id][1] if image_id in lookup else f"missing-image-{image_id}"
+        rel = rel.replace("\\", "/")
+        if image_url_prefix:
+            return image_url_prefix + urllib.parse.quote(rel)
+        return "/data/local-files/?d=" + urllib.parse.quote(rel, safe="/")
+
+    def file(image_id: int) -> str:
+        if image_id not in lookup or root is None:
+            return ""
+        return str(Path(root) / lookup[image_id][1])
+
+    tasks = []
+    for r in table.itertuples(index=False):
+        gt = int(r.gt_id)
+        data = {
+            "sample_id": int(r.sample_id),
+            "set_name": str(r.set_name),
+            "retrieval_run_id": rrid,
+            "caption_id": int(r.caption_id),
+            "caption": "" if r.caption is None else str(r.caption),
+            "gt_rank": int(r.gt_rank),
+            "gt_score": round(float(r.gt_score), 6),
+            "gt_image": url(gt),
+            "gt_file": file(gt),
+            "gt_title": f"Ground truth: rank {int(r.gt_rank)}, score {float(r.gt_score):.4f}",
+        }
+        for k, (iid, score) in enumerate(zip(list(r.topk_ids)[:TOPN], list(r.topk_scores)[:TOPN]), start=1):
+            iid = int(iid)
+            data[f"top{k}_image"] = url(iid)
+            data[f"top{k}_file"] = file(iid)
+            data[f"top{k}_score"] = round(float(score), 6)
+            data[f"top{k}_is_gt"] = iid == gt
+            data[f"top{k}_title"] = f"#{k}{' = GROUND TRUTH' if iid == gt else ''}: score {float(score):.4f}"
+        tasks.append({"data": data})
+
+    out_dir = Path(out_dir)
+    contents = {
+        "tasks.json": json.dumps(tasks, ensure_ascii=False, indent=1) + "\n",
+        "labeling_config.xml": labeling_config(categories),
+    }
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file; give a folder for the Label Studio files.")
+    clash = [n for n, text in contents.items() if (out_dir / n).exists() and (out_dir / n).read_text("utf-8") != text]
+    if clash and not force:
+        raise UserError(
+            f"{', '.join(str(out_dir / n) for n in clash)} already exist{'s' if len(clash) == 1 else ''} with other "
+            "content (an earlier export, or edited by hand). Nothing was written. Give another folder, or --force to "
+            "overwrite."
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, unchanged = [], []
+    for name, text in contents.items():
+        path = out_dir / name
+        if path.exists() and path.read_text("utf-8") == text:
+            unchanged.append(name)
+            continue
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+        written.append(name)
+    return ExportResult(
+        rrid, out_dir, len(tasks), written, unchanged, root, "prefix" if image_url_prefix else "local-files"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Import
+
+
+def parse_user_map(values) -> dict[str, str]:
+    """['12=A', 'b@lab.org=B'] -> {'12': 'A', 'b@lab.org': 'B'} (keys lower-cased)."""
+    out = {}
+    for v in values or []:
+        key, sep, name = str(v).partition("=")
+        if not sep or not key.strip() or not name.strip():
+            raise UserError(f"--user-map {v!r} is not USER=ANNOTATOR (e.g. --user-map 12=A or a@lab.org=A).")
+        out[key.strip().lower()] = name.strip()
+    return out
+
+
+def _user_candidates(annotation: dict) -> tuple[list[str], str]:
+    """Names to try for an annotation's user, and how to describe the user in a message."""
+    user = annotation.get("completed_by")
+    cands: list[str] = []
+    if isinstance(user, dict):
+        email = str(user.get("email") or "")
+        first, last = str(user.get("first_name") or ""), str(user.get("last_name") or "")
+        cands += [str(user.get("id", "")), email, email.split("@")[0], str(user.get("username") or ""), first]
+        cands.append(f"{first} {last}".strip())
+        shown = email or f"{first} {last}".strip() or f"user id {user.get('id')}"
+    elif user is not None:
+        cands.append(str(user))
+        shown = f"user id {user}"
+    else:
+        shown = "no user"
+    created = annotation.get("created_username")
+    if isinstance(created, str):
+        for part in created.split(","):
+            part = part.strip()
+            cands += [part, part.split("@")[0]]
+    return [c for c in cands if c], shown
+
+
+def _read_export(path: Path, option: str | None, user_map: dict, info, tax, seen: dict):
+    from toolkit.annotations import _ParsedFile, _Row, assignment_problem, canonical_annotator
+    from toolkit.taxonomy import LabelError
+
+    if not path.exists():
+        raise UserError(f"{path} does not exist. Give the JSON file that Label Studio exported (Export > JSON).")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder. Give the JSON file that Label Studio exported (Export > JSON).")
+    data = path.read_bytes()
+    try:
+        tasks = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(
+            f"{path} is not JSON ({exc}). Export the project from Label Studio as JSON (not CSV or JSON-MIN)."
+        ) from None
+    if isinstance(tasks, dict) and "data" in tasks:
+        tasks = [tasks]
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        raise UserError(f"{path} is not a Label Studio JSON export (a list of tasks with data and annotations).")
+    parsed = _ParsedFile(path=path, sha256=hashlib.sha256(data).hexdigest())
+    known = info.all_annotators
+    option_name = None
+    if option is not None:
+        option_name = canonical_annotator(info, option)
+        if option_name is None:
+            raise UserError(
+                f"--annotator {option!r} is not an annotator of any failure sample (known: {', '.join(known)})."
+            )
+    for i, task in enumerate(tasks):
+        where = f"task {task.get('id', '#' + str(i + 1))}"
+        raw_id = (task.get("data") or {}).get("sample_id") if isinstance(task.get("data"), dict) else None
+        try:
+            sample_id = int(str(raw_id).strip()) if raw_id is not None and not isinstance(raw_id, bool) else None
+        except ValueError:
+            sample_id = None
+        annotations = task.get("annotations", task.get("completions")) or []
+        if sample_id is None:
+            if annotations:
+                parsed.problems.append(
+                    f"{where}: no whole-number data.sample_id ({raw_id!r}); import tasks made by clipfail "
+                    "export-labelstudio"
+                )
+            continue
+        for j, ann in enumerate(annotations):
+            if not isinstance(ann, dict):
+                parsed.problems.append(f"{where}: annotation {j + 1} is not an object")
+                continue
+            here = f"{where} (sample {sample_id}), annotation {ann.get('id', j + 1)}"
+            cands, shown = _user_candidates(ann)
+            if option_name is not None:
+                annotator = option_name
+            else:
+                annotator = None
+                for c in cands:
+                    mapped = user_map.get(c.lower())
+                    annotator = canonical_annotator(info, mapped) if mapped else canonical_annotator(info, c)
+                    if annotator:
+                        break
+                if annotator is None:
+                    parsed.problems.append(
+                        f"{here}: its user ({shown}) is not an annotator of the sample ({', '.join(known)}); give "
+                        "--annotator NAME, or --user-map USER=NAME"
+                    )
+                    continue
+            problem = assignment_problem(info, sample_id, annotator)
+            if problem:
+                parsed.problems.append(f"{here}: {problem}")
+                continue
+            key = (sample_id, annotator)
+            if key in seen:
+                parsed.problems.append(
+                    f"{here}: sample {sample_id} is labelled by {annotator} twice (also {seen[key]})"
+                )
+                continue
+            seen[key] = here
+            choices: dict[str, list[str]] = {"category": [], "secondary": []}
+            notes: list[str] = []
+            bad = False
+            for res in [] if ann.get("was_cancelled") else ann.get("result") or []:
+                if not isinstance(res, dict):
+                    continue
+                name, kind, value = res.get("from_name"), res.get("type"), res.get("value") or {}
+                if kind == "choices" and name in choices:
+                    choices[name] += [str(c) for c in value.get("choices") or []]
+                elif kind == "textarea" and name == "notes":
+                    notes += [str(t) for t in value.get("text") or []]
+                elif kind == "choices":
+                    parsed.problems.append(
+                        f"{here}: choices from {name!r}, which the clipfail config does not have (it has category "
+                        "and secondary); export with the config that clipfail export-labelstudio wrote"
+                    )
+                    bad = True
+            if bad:
+                continue
+            raw = "; ".join(choices["category"] + choices["secondary"])
+            try:
+                category, secondary = tax.resolve(raw)
+            except LabelError as exc:
+                parsed.problems.append(f"{here}: {str(exc).split('; known categories')[0]}")
+                parsed.has_label_errors = True
+                continue
+            if category is None and choices["secondary"]:
+                parsed.problems.append(f"{here}: a secondary category but no category")
+                continue
+            text = "\n".join(n.strip() for n in notes if n.strip()) or None
+            parsed.rows.append(_Row(i + 1, sample_id, annotator, raw, category, secondary, text))
+    return parsed
+
+
+def import_labelstudio(con, files, annotator: str | None = None, user_map=None, clear_blank: bool = False) -> object:
+    """Check every annotation of the exports, then write all labels in one transaction (or nothing).
+
+    Returns toolkit.annotations.ImportResult (one FileSummary per export file)."""
+    from toolkit import db
+    from toolkit.annotations import _SampleInfo, _write_labels
+    from toolkit.taxonomy import Taxonomy
+
+    started = db.now()
+    paths = [Path(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
+    if not paths:
+        raise UserError("Give the JSON file that Label Studio exported.")
+    annotator = annotator.strip() if isinstance(annotator, str) and annotator.strip() else None
+    umap = user_map if isinstance(user_map, dict) else parse_user_map(user_map)
+    info = _SampleInfo.load(con)
+    tax = Taxonomy.load(con)
+    parsed, seen = [], {}
+    for path in paths:
+        parsed.append(_read_export(path, annotator, umap, info, tax, seen))
+    problems = [(p.path, m) for p in parsed for m in p.problems]
+    if problems:
+        lines = [f"Nothing was imported: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the export."]
+        for path, msg in problems[:MAX_LISTED]:
+            lines.append(f"  {path}: {msg}")
+        if len(problems) > MAX_LISTED:
+            lines.append(f"  ... and {len(problems) - MAX_LISTED} more.")
+        if any(p.has_label_errors for p in parsed):
+            lines.append(f"Known categories: {', '.join(tax.names)}.")
+        lines.append("Fix these (in Label Studio, or with --annotator / --user-map) and import again.")
+        raise UserError("\n".join(lines))
+    if not any(p.rows for p in parsed):
+        raise UserError(
+            f"{', '.join(map(str, paths))} holds no annotations. Label the tasks in Label Studio, then export them as "
+            "JSON. Nothing was imported."
+        )
+    config = {
+        "format": "labelstudio",
+        "files": [{"path": str(p.path.resolve()), "sha256": p.sha256} for p in parsed],
+        "annotator": annotator,
+        "user_map": umap,
+        "simulated": False,
+        "clear_blank": bool(clear_blank),
+    }
+    return _write_labels(con, parsed, info, config, started, simulated=False, clear_blank=clear_blank)
