@@ -275,8 +275,25 @@ def categories_add_alias(db_path, alias, category, replace):
 )
 @click.option("--pictures/--no-pictures", default=True, show_default=True, help="Write vis_<sample_id>.png.")
 @click.option("--replace", is_flag=True, help="Draw a new sample for a run that has one (refused once labelled).")
+@click.option(
+    "--show-suggestions-on-overlap",
+    is_flag=True,
+    help="Also show triage suggestions in assign_overlap.csv (hidden by default: they would bias agreement).",
+)
 @db_option
-def sample_failures(db_path, run_id, n, seed, overlap, per_annotator, annotators, out_dir, pictures, replace):
+def sample_failures(
+    db_path,
+    run_id,
+    n,
+    seed,
+    overlap,
+    per_annotator,
+    annotators,
+    out_dir,
+    pictures,
+    replace,
+    show_suggestions_on_overlap,
+):
     """Draw a seeded sample of R@1 failures and export CSVs and pictures for annotators.
 
     Failures (gt_rank > 1) are sorted by caption id and numpy's default_rng(seed) draws --n of
@@ -300,6 +317,7 @@ def sample_failures(db_path, run_id, n, seed, overlap, per_annotator, annotators
             out_dir=out_dir,
             pictures=pictures,
             replace=replace,
+            show_suggestions_on_overlap=show_suggestions_on_overlap,
         )
     finally:
         con.close()

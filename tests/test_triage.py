@@ -180,9 +180,27 @@ def test_agreement_views_match_a_python_reference(tmp_path, synthetic_coco):
     res = triage(con)
     assert res.is_instances_used and res.n_failures > 150
     sample_failures(con, n=100, seed=42, overlap=10, per_annotator=30, out_dir=tmp_path / "fa", pictures=False)
+    sugg = dict(con.execute("SELECT caption_id, suggested_category FROM triage_suggestions").fetchall())
+    evidence = dict(con.execute("SELECT caption_id, evidence FROM triage_suggestions").fetchall())
+
+    # the annotators' CSVs carry the suggestion and its evidence; the overlap set's stay blank by default
+    def csv(name):
+        return pd.read_csv(tmp_path / "fa" / name, encoding="utf-8-sig", dtype=str, keep_default_na=False)
+
+    a_csv = csv("assign_A.csv")
+    assert list(a_csv["suggested_category"]) == [sugg[int(c)] or "" for c in a_csv["caption_id"]]
+    assert list(a_csv["evidence"]) == [evidence[int(c)] if sugg[int(c)] else "" for c in a_csv["caption_id"]]
+    assert (a_csv["suggested_category"] != "").sum() > 10
+    assert (csv("assign_overlap.csv")[["suggested_category", "evidence"]] == "").all().all()
+    assert (csv("failure_samples.csv").query("set_name == 'overlap'")["suggested_category"] == "").all()
+    sample_failures(
+        con, n=100, seed=42, overlap=10, per_annotator=30, out_dir=tmp_path / "fa", pictures=False,
+        show_suggestions_on_overlap=True,
+    )  # fmt: skip
+    ov = csv("assign_overlap.csv")
+    assert list(ov["suggested_category"]) == [sugg[int(c)] or "" for c in ov["caption_id"]]
     simulate_labels(con, tmp_path / "fa", tmp_path / "labels", seed=3)
 
-    sugg = dict(con.execute("SELECT caption_id, suggested_category FROM triage_suggestions").fetchall())
     assert len(sugg) == res.n_failures and len(set(sugg.values()) - {None}) >= 3
     view = con.execute("SELECT * FROM triage_agreement").df().set_index("reference")
     refs = {}

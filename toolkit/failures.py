@@ -161,6 +161,7 @@ def sample_failures(
     out_dir: str | Path = "failure_analysis",
     pictures: bool = True,
     replace: bool = False,
+    show_suggestions_on_overlap: bool = False,
 ) -> SampleResult:
     """Draw (or reuse) the failure sample of a text-to-image retrieval run and export its files.
 
@@ -200,7 +201,10 @@ def sample_failures(
     if len(existing) == 1 and existing[0][0] == chash:
         sample_run = int(existing[0][1])
         result = SampleResult(rrid, sample_run, True, len(failures), n, seed, _sizes(sets), out_dir)
-        export(con, rrid, out_dir, pictures=pictures, result=result, only_missing_pictures=True)
+        export(
+            con, rrid, out_dir, pictures=pictures, result=result, only_missing_pictures=True,
+            show_suggestions_on_overlap=show_suggestions_on_overlap,
+        )  # fmt: skip
         return result
 
     old_ids: list[int] = []
@@ -264,7 +268,10 @@ def sample_failures(
         stale = out_dir / f"vis_{sid}.png"
         if stale.exists():
             stale.unlink()
-    export(con, rrid, out_dir, pictures=pictures, result=result, only_missing_pictures=False)
+    export(
+        con, rrid, out_dir, pictures=pictures, result=result, only_missing_pictures=False,
+        show_suggestions_on_overlap=show_suggestions_on_overlap,
+    )  # fmt: skip
     return result
 
 
@@ -355,7 +362,7 @@ ASSIGN_COLUMNS = (
     ["sample_id", "caption_id", "caption", "gt_image", "gt_rank", "gt_score"]
     + [f"top{k}_image" for k in range(1, TOPN + 1)]
     + [f"top{k}_score" for k in range(1, TOPN + 1)]
-    + ["picture", "category", "notes"]
+    + ["picture", "suggested_category", "evidence", "category", "notes"]  # suggestions: toolkit.triage
 )
 SAMPLE_COLUMNS = ["sample_id", "set_name", "draw_order"] + ASSIGN_COLUMNS[1:]
 
@@ -468,6 +475,7 @@ def export(
     pictures: bool = True,
     result: SampleResult,
     only_missing_pictures: bool = False,
+    show_suggestions_on_overlap: bool = False,
 ) -> None:
     """Write the CSVs, README.txt and pictures of a retrieval run's sample into out_dir."""
     out_dir = Path(out_dir)
@@ -482,6 +490,9 @@ def export(
         image_ids.update(int(x) for x in list(ids)[:TOPN])
     images = _image_lookup(con, image_ids)
     rows = export_rows(df, images, pictures)
+    from toolkit.triage import add_suggestions
+
+    add_suggestions(con, retrieval_run_id, rows, show_on_overlap=show_suggestions_on_overlap)
 
     groups = {"failure_samples.csv": rows}
     for s in ["overlap", *annotators, "backup"]:

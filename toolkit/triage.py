@@ -511,3 +511,25 @@ def latest_suggestions(con, retrieval_run_id: int) -> pd.DataFrame:
         "(SELECT max(triage_run_id) FROM triage_runs WHERE retrieval_run_id = ?)",
         [retrieval_run_id],
     ).df()
+
+
+def add_suggestions(con, retrieval_run_id: int, rows: list[dict], show_on_overlap: bool = False) -> None:
+    """Fill `suggested_category` and `evidence` of exported CSV rows from the newest triage run.
+
+    Rows of the overlap set stay blank unless `show_on_overlap`: the overlap labels measure agreement
+    (between annotators, and of the suggestions with them), which a visible suggestion would bias.
+    Without a triage run both columns stay blank.
+    """
+    found = latest_suggestions(con, retrieval_run_id)
+    by_caption = {
+        int(c): (s if isinstance(s, str) else "", e)
+        for c, s, e in zip(found["caption_id"], found["suggested_category"], found["evidence"])
+    }
+    for rec in rows:
+        rec["suggested_category"], rec["evidence"] = "", ""
+        if rec.get("set_name") == "overlap" and not show_on_overlap:
+            continue
+        hit = by_caption.get(int(rec["caption_id"]))
+        if hit:
+            rec["suggested_category"] = hit[0]
+            rec["evidence"] = hit[1] if hit[0] else ""
