@@ -237,6 +237,15 @@ def test_agreement_views_match_a_python_reference(tmp_path, synthetic_coco):
     human = con.execute("SELECT category, count FROM taxonomy_distribution").fetchall()
     for cat, n in human:
         assert dist.loc[cat, "n_human"] == n
+
+    # the report's triage section shows the views' rows and the confusion matrix as a figure
+    from toolkit.report import write_report
+
+    rep = write_report(con, out_dir=tmp_path / "report")
+    assert "5. Automatic triage" in rep.sections
+    table = pd.read_csv(tmp_path / "report" / "tables" / "triage_agreement.csv")
+    assert table["kappa"].tolist() == pytest.approx(view.loc[table["reference"], "kappa"].tolist())
+    assert any(p.name.endswith("_triage.png") for p in rep.figures)
     con.close()
 
 
