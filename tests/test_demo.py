@@ -155,7 +155,7 @@ def test_demo_report_tables(demo):
     assert figures[-1] == "figure7_triage.png"  # the triage confusion matrix (issue 16)
     page = (rep / "report.html").read_text(encoding="utf-8")
     assert 'id="simulated-banner"' in page and "randomly initialised" in page
-    assert '<h2 id="triage">5. Automatic triage</h2>' in page
+    assert '<h2 id="triage">7. Automatic triage</h2>' in page
     con = db.open_database(out / "demo.duckdb", read_only=True)
     try:  # the demo triaged every failure of its run, and the report's table is the view
         n_fail = con.execute("SELECT n_r1_failures FROM recall_summary").fetchone()[0]

@@ -242,7 +242,7 @@ def test_agreement_views_match_a_python_reference(tmp_path, synthetic_coco):
     from toolkit.report import write_report
 
     rep = write_report(con, out_dir=tmp_path / "report")
-    assert "5. Automatic triage" in rep.sections
+    assert "7. Automatic triage" in rep.sections
     table = pd.read_csv(tmp_path / "report" / "tables" / "triage_agreement.csv")
     assert table["kappa"].tolist() == pytest.approx(view.loc[table["reference"], "kappa"].tolist())
     assert any(p.name.endswith("_triage.png") for p in rep.figures)

@@ -13,7 +13,7 @@
    largest one.
 6. The report in OUT/report/report.html.
 (After evaluate, `clipfail triage` suggests a category for every failure from the generated
-instances_val2017.json; the report's section 5 compares the suggestions with the simulated labels.)
+instances_val2017.json; the report's section 7 compares the suggestions with the simulated labels.)
 
 Everything is seeded; a second run in the same folder finds every stage done and only rewrites
 the report. A random model's retrieval is near chance and the labels are simulated, so the

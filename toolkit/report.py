@@ -819,9 +819,9 @@ def triage_confusion_figure(conf: pd.DataFrame, title: str, path_stem: Path) -> 
 
 
 def _triage_section(con, page: _Page, rrid, simulated: bool, missing: list[str]) -> None:
-    """Section 5: triage agreement (view triage_agreement), its confusion matrix as a figure (triage_confusion),
+    """Section 7: triage agreement (view triage_agreement), its confusion matrix as a figure (triage_confusion),
     and the estimated taxonomy over all failures beside the labelled one (triage_distribution)."""
-    page.h2("triage", "5. Automatic triage")
+    page.h2("triage", "7. Automatic triage")
     flag = " SIMULATED labels." if simulated else ""
     has = (
         rrid is not None
@@ -845,7 +845,7 @@ def _triage_section(con, page: _Page, rrid, simulated: bool, missing: list[str])
     page.table(
         dist,
         "triage_distribution",
-        "Table 7. Estimated taxonomy over all R@1 failures (triage) beside the labelled sample "
+        "Table 9. Estimated taxonomy over all R@1 failures (triage) beside the labelled sample "
         "(view triage_distribution)." + flag,
         {"percent_of_failures": "f2", "percent_of_suggested": "f2", "percent_human": "f2"},
     )
@@ -860,13 +860,13 @@ def _triage_section(con, page: _Page, rrid, simulated: bool, missing: list[str])
     page.table(
         agree,
         "triage_agreement",
-        "Table 8. Agreement of the suggestions with each annotator, the overlap majority and all labels "
+        "Table 10. Agreement of the suggestions with each annotator, the overlap majority and all labels "
         "(view triage_agreement; n counts the labelled failures with a suggestion)." + flag,
     )
     conf = con.execute(
         "SELECT human_category, suggested_category, n FROM triage_confusion WHERE retrieval_run_id = ?", [rrid]
     ).df()
-    page.table(conf, "triage_confusion", "Table 9. Human label by triage suggestion (view triage_confusion)." + flag)
+    page.table(conf, "triage_confusion", "Table 11. Human label by triage suggestion (view triage_confusion)." + flag)
     num = page.next_figure()
     page.figure(
         triage_confusion_figure(
