@@ -111,11 +111,11 @@ def object_index(category_names=()) -> dict[tuple[str, ...], str]:
     return index
 
 
-def find_mentions(tokens: list[str], index: dict) -> list[tuple[int, int, str]]:
-    """(start, end, category) of each object mention, longest match first.
+def find_mentions(tokens: list[str], index: dict, longest: int | None = None) -> list[tuple[int, int, str]]:
+    """(start, end, category) of each object mention, longest match first (`longest`: max words of a key).
 
     As in toolkit.phrases, "orange" followed by a content word is a colour, not the fruit."""
-    longest = max((len(k) for k in index), default=1)
+    longest = longest or max((len(k) for k in index), default=1)
     out, i = [], 0
     while i < len(tokens):
         for n in range(min(longest, len(tokens) - i), 0, -1):
@@ -159,10 +159,10 @@ class CaptionFacts:
     relations: list[tuple[str, str, str | None]]  # (kind, X, Y or None for a frame relation)
 
 
-def caption_facts(caption: str, index: dict) -> CaptionFacts:
+def caption_facts(caption: str, index: dict, longest: int | None = None) -> CaptionFacts:
     """Objects, numbers and spatial relations a caption states."""
     tokens = phrases.tokenize(caption)
-    mentions = find_mentions(tokens, index)
+    mentions = find_mentions(tokens, index, longest)
     mentioned = list(dict.fromkeys(m[2] for m in mentions))
     counts: dict[str, int] = {}
     for start, _end, cat in mentions:
@@ -201,20 +201,32 @@ class ImageFacts:
     height: float | None
 
 
-def image_facts(instances: pd.DataFrame, width=None, height=None) -> ImageFacts:
-    """Facts about one image from its image_instances rows."""
-    cats = set(instances["category_name"])
-    solid = instances.loc[~instances["is_crowd"].astype(bool)]
-    counts = Counter(solid["category_name"])
-    centres = {}
-    for cat, g in solid.groupby("category_name"):
-        centres[cat] = (
-            float((g["bbox_x"] + g["bbox_w"] / 2).mean()),
-            float((g["bbox_y"] + g["bbox_h"] / 2).mean()),
+def image_facts(instances: pd.DataFrame, sizes: pd.DataFrame) -> dict[int, ImageFacts]:
+    """Facts about each image of `sizes` (image_id, width, height) from its image_instances rows."""
+    inst = instances.assign(
+        cx=instances["bbox_x"] + instances["bbox_w"] / 2, cy=instances["bbox_y"] + instances["bbox_h"] / 2
+    )
+    cats: dict[int, set[str]] = defaultdict(set)
+    for iid, cat in zip(inst["image_id"], inst["category_name"]):
+        cats[int(iid)].add(cat)
+    solid = inst.loc[~inst["is_crowd"].astype(bool)]
+    agg = solid.groupby(["image_id", "category_name"]).agg(n=("cx", "size"), cx=("cx", "mean"), cy=("cy", "mean"))
+    counts: dict[int, Counter] = defaultdict(Counter)
+    centres: dict[int, dict] = defaultdict(dict)
+    for (iid, cat), n, cx, cy in zip(agg.index, agg["n"], agg["cx"], agg["cy"]):
+        counts[int(iid)][cat] = int(n)
+        centres[int(iid)][cat] = (float(cx), float(cy))
+    out = {}
+    for iid, w, h in zip(sizes["image_id"], sizes["width"], sizes["height"]):
+        iid = int(iid)
+        out[iid] = ImageFacts(
+            cats.get(iid, set()),
+            counts.get(iid, Counter()),
+            centres.get(iid, {}),
+            None if w is None or pd.isna(w) else float(w),
+            None if h is None or pd.isna(h) else float(h),
         )
-    w = None if width is None or pd.isna(width) else float(width)
-    h = None if height is None or pd.isna(height) else float(height)
-    return ImageFacts(cats, counts, centres, w, h)
+    return out
 
 
 def relation_holds(kind: str, x: str, y: str | None, img: ImageFacts) -> bool | None:
@@ -287,12 +299,15 @@ def rule_ambiguous(top1_cos: float | None, own_cos: float | None, gt: ImageFacts
 
 
 def rule_lexicon(caption: str) -> tuple[str, str] | None:
-    """Attribute if the caption has an attribute phrase, else Action if it has an action phrase."""
-    slots = phrases.extract(caption)
-    if slots.get("attributes"):
-        return "Attribute", f"attribute phrase: {slots['attributes']}"
-    if slots.get("actions"):
-        return "Action", f"action phrase: {slots['actions']}"
+    """Attribute if the caption has an attribute phrase, else Action if it has an action phrase
+    (the {attributes} and {actions} slots of toolkit.phrases)."""
+    tokens = phrases.tokenize(caption)
+    attributes = phrases.extract_attributes(tokens)
+    if attributes:
+        return "Attribute", "attribute phrase: " + ", ".join(dict.fromkeys(attributes))
+    actions = phrases.extract_actions(tokens)
+    if actions:
+        return "Action", "action phrase: " + ", ".join(dict.fromkeys(actions))
     return None
 
 
@@ -421,15 +436,13 @@ def triage(con, run_id: int | None = None, *, hub_factor: float = DEFAULT_HUB_FA
             con.unregister("_triage_images")
         known = {r[0] for r in con.execute("SELECT DISTINCT name FROM coco_categories").fetchall()}
         index = object_index(sorted(known))
-        groups = dict(tuple(inst.groupby("image_id")))
-        empty = inst.iloc[0:0]
-        for iid, w, h in zip(sizes["image_id"], sizes["width"], sizes["height"]):
-            facts_by_image[int(iid)] = image_facts(groups.get(iid, empty), w, h)
+        facts_by_image = image_facts(inst, sizes)
+    longest = max(len(k) for k in index)
 
     records = []
     for i, row in enumerate(failures.itertuples(index=False)):
         caption = texts.get(int(row.query_id), "")
-        facts = caption_facts(caption, index)
+        facts = caption_facts(caption, index, longest)
         gt = facts_by_image.get(int(row.gt_id))
         top = facts_by_image.get(int(row.top1_id))
         found: dict[str, str] = {}
