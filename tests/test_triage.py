@@ -344,3 +344,24 @@ def test_triage_on_a_run_without_failures_says_so(run_cli, synthetic_coco, tmp_d
     assert _table(tmp_db, "SELECT count(*) AS n FROM triage_runs")["n"].iloc[0] == 0
     res = run_cli("--db", tmp_db, "triage", "--run", 99, expect=2)
     assert "No retrieval run with id 99" in res.output
+
+
+def test_instances_added_to_a_subset_ingested_without_them(run_cli, synthetic_coco, tmp_db):
+    inst = synthetic_coco / "annotations" / "instances_val2017.json"
+    kept = inst.read_bytes()
+    inst.unlink()
+    args = ["--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 10, "--name", "s10"]
+    run_cli(*args)
+    assert _counts(tmp_db)["instance_files"] == 0
+    inst.write_bytes(kept)
+    res = run_cli(*args)
+    assert "already ingested" in res.output
+    n = _table(tmp_db, "SELECT count(*) AS n FROM image_instances")["n"].iloc[0]
+    expected = sum(
+        a["image_id"] in set(_table(tmp_db, "SELECT image_id FROM subset_images")["image_id"])
+        for a in json.loads(kept)["annotations"]
+    )
+    assert n == expected > 0 and f"object instances: {n} stored" in res.output
+    before = _counts(tmp_db)
+    res = run_cli(*args)  # nothing new
+    assert _counts(tmp_db) == before and "object instances: 0 stored" in res.output
