@@ -365,3 +365,25 @@ def test_instances_added_to_a_subset_ingested_without_them(run_cli, synthetic_co
     before = _counts(tmp_db)
     res = run_cli(*args)  # nothing new
     assert _counts(tmp_db) == before and "object instances: 0 stored" in res.output
+
+
+def test_karpathy_ingest_does_not_pick_up_the_val2017_instances(run_cli, synthetic_coco, tmp_db):
+    """Karpathy's split holds val2014 images: instances_val2017.json under --coco-root is not theirs."""
+    coco = json.loads((synthetic_coco / "annotations" / "captions_val2017.json").read_text())
+    inst = synthetic_coco / "annotations" / "instances_val2017.json"
+    data = json.loads(inst.read_text())
+    data["images"] = data["images"][:5]  # would be refused if it were read
+    inst.write_text(json.dumps({**data, "annotations": []}))
+    images = [
+        {
+            "filepath": "val2017", "filename": im["file_name"], "cocoid": im["id"], "split": "test",
+            "sentences": [
+                {"raw": a["caption"], "sentid": a["id"]} for a in coco["annotations"] if a["image_id"] == im["id"]
+            ],
+        }
+        for im in coco["images"][:8]
+    ]  # fmt: skip
+    path = synthetic_coco / "dataset_coco.json"
+    path.write_text(json.dumps({"images": images}))
+    run_cli("--db", tmp_db, "ingest", "--karpathy-json", path, "--coco-root", synthetic_coco, "--num-images", "all")
+    assert _counts(tmp_db)["instance_files"] == 0 and _counts(tmp_db)["subsets"] == 1

@@ -109,7 +109,8 @@ def ingest(
 ) -> IngestResult:
     started = db.now()
     ann_path, image_root = resolve_paths(coco_root, captions_json, images_dir, karpathy_json)
-    inst_path = instances_mod.find_file(coco_root, instances_json)
+    # found under --coco-root only for COCO's own layout: Karpathy's split holds val2014 images
+    inst_path = instances_mod.find_file(None if karpathy_json else coco_root, instances_json)
     inst = instances_mod.load(inst_path) if inst_path else None  # validated before anything is written
     if karpathy_json:
         split = split or "test"
