@@ -4,7 +4,8 @@
 -- Newest triage run of each retrieval run. One row per taxonomy category plus '(none)' (failures
 -- no rule had evidence for). n_triage: failures with that suggestion; percent_of_failures =
 -- 100 * n_triage / n_failures; percent_of_suggested = 100 * n_triage / n_suggested (NULL for
--- '(none)'), both rounded to 2 decimals. n_human / percent_human: the labelled sample's count and
+-- '(none)'), both rounded half up to 2 decimals in exact integer arithmetic, as
+-- taxonomy_percentages rounds (so they may sum to 99.99 or 100.01). n_human / percent_human: the labelled sample's count and
 -- percent from taxonomy_distribution (overlap set excluded; NULL when nothing is labelled yet).
 CREATE OR REPLACE VIEW triage_distribution AS
 WITH latest AS (
@@ -39,9 +40,11 @@ SELECT
     t.triage_run_id,
     c.category,
     coalesce(e.n, 0) AS n_triage,
-    round(100.0 * coalesce(e.n, 0) / t.n_failures, 2) AS percent_of_failures,
+    (((20000 * coalesce(e.n, 0) + t.n_failures) // (2 * t.n_failures))::DECIMAL(18, 0) / 100)::DECIMAL(5, 2)
+        AS percent_of_failures,
     CASE WHEN c.category <> '(none)' AND t.n_suggested > 0
-        THEN round(100.0 * coalesce(e.n, 0) / t.n_suggested, 2) END AS percent_of_suggested,
+        THEN (((20000 * coalesce(e.n, 0) + t.n_suggested) // (2 * t.n_suggested))::DECIMAL(18, 0) / 100)::DECIMAL(5, 2)
+    END AS percent_of_suggested,
     h.n_human,
     h.percent_human,
     t.n_failures,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import ROUND_HALF_UP, Decimal
 
 import duckdb
 import numpy as np
@@ -232,8 +233,15 @@ def test_agreement_views_match_a_python_reference(tmp_path, synthetic_coco):
 
     dist = con.execute("SELECT * FROM triage_distribution").df().set_index("category")
     values = list(sugg.values())
+    n_suggested = sum(v is not None for v in values)
     for cat in dist.index:
-        assert dist.loc[cat, "n_triage"] == sum((v or "(none)") == cat for v in values)
+        n_cat = sum((v or "(none)") == cat for v in values)
+        assert dist.loc[cat, "n_triage"] == n_cat
+        half_up = Decimal(100 * n_cat) / len(values)
+        assert dist.loc[cat, "percent_of_failures"] == float(half_up.quantize(Decimal("0.01"), ROUND_HALF_UP))
+        if cat != "(none)":
+            half_up = Decimal(100 * n_cat) / n_suggested
+            assert dist.loc[cat, "percent_of_suggested"] == float(half_up.quantize(Decimal("0.01"), ROUND_HALF_UP))
     human = con.execute("SELECT category, count FROM taxonomy_distribution").fetchall()
     for cat, n in human:
         assert dist.loc[cat, "n_human"] == n
