@@ -352,6 +352,17 @@ def test_triage_on_a_run_without_failures_says_so(run_cli, synthetic_coco, tmp_d
     assert _table(tmp_db, "SELECT count(*) AS n FROM triage_runs")["n"].iloc[0] == 0
     res = run_cli("--db", tmp_db, "triage", "--run", 99, expect=2)
     assert "No retrieval run with id 99" in res.output
+    run_cli("--db", tmp_db, "evaluate", "--device", "cpu", "--direction", "image-to-text")
+    res = run_cli("--db", tmp_db, "triage", "--run", 2, expect=2)
+    assert "Retrieval run 2 is image-to-text; triage needs a text-to-image run" in res.output
+
+
+def test_a_missing_instances_file_is_refused(run_cli, synthetic_coco, tmp_db):
+    missing = synthetic_coco / "nope.json"
+    args = ["--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--instances-json", missing, "--num-images", 5]
+    res = run_cli(*args, expect=2)
+    assert f"Instances file {missing} not found" in res.output and "Traceback" not in res.output
+    assert set(_counts(tmp_db).values()) == {0}
 
 
 def test_instances_added_to_a_subset_ingested_without_them(run_cli, synthetic_coco, tmp_db):

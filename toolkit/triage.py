@@ -17,8 +17,9 @@ the run's cached text embeddings, and the run's top-1 ids. The rules, in priorit
   skis"; "a"/"an" is not a number) equals the GT's non-crowd instance count and not the top-1's.
 - `rule_spatial`: a left/right/above/below relation the caption states between two mentioned
   categories ("X to the left of Y", "X above Y", "X under Y"), or of one category within the frame
-  ("X on the left"), holds in the GT's boxes and not in the top-1's. Positions are the mean box
-  centres of the category's non-crowd instances; "within the frame" compares with the image centre.
+  ("X on the left"), holds in the GT's boxes and not in the top-1's. X is the nearest mention before
+  the relation words (within 6 tokens), Y the first after them (within 4). Positions are the mean
+  box centres of the category's non-crowd instances; "within the frame" compares with the image centre.
 - `rule_ambiguous`: the best cosine between the query caption and the top-1 image's captions is at
   or above the best cosine between the query and its own image's other captions (text embeddings of
   the run), or the GT and the top-1 have the same non-empty set of categories.
