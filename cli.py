@@ -131,6 +131,12 @@ def make_synthetic_coco(dest, n_images, seed):
 @click.option("--name", default=None, help="Subset name (default: <num-images>-seed<seed>).")
 @click.option("--skip-bad-images", is_flag=True, help="Exclude missing/unreadable images before sampling.")
 @click.option("--replace", is_flag=True, help="Rebuild an existing subset of this name with a new config.")
+@click.option(
+    "--instances-json",
+    type=click.Path(),
+    default=None,
+    help="COCO instances JSON for triage (default: annotations/instances_val2017.json under --coco-root, if any).",
+)
 @db_option
 def ingest(db_path, **options):
     """Read COCO captions and images, and draw a seeded subset.
@@ -158,6 +164,8 @@ def ingest(db_path, **options):
         click.echo(f"  {res.num_short_images} images have fewer captions than asked; they keep what they have.")
     if res.num_bad_images:
         click.echo(f"  {res.num_bad_images} bad images were excluded before sampling (table bad_images).")
+    if res.num_instances is not None:
+        click.echo(f"  object instances: {res.num_instances} stored (table image_instances).")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -308,8 +316,25 @@ def categories_add_alias(db_path, alias, category, replace):
 )
 @click.option("--pictures/--no-pictures", default=True, show_default=True, help="Write vis_<sample_id>.png.")
 @click.option("--replace", is_flag=True, help="Draw a new sample for a run that has one (refused once labelled).")
+@click.option(
+    "--show-suggestions-on-overlap",
+    is_flag=True,
+    help="Also show triage suggestions in assign_overlap.csv (hidden by default: they would bias agreement).",
+)
 @db_option
-def sample_failures(db_path, run_id, n, seed, overlap, per_annotator, annotators, out_dir, pictures, replace):
+def sample_failures(
+    db_path,
+    run_id,
+    n,
+    seed,
+    overlap,
+    per_annotator,
+    annotators,
+    out_dir,
+    pictures,
+    replace,
+    show_suggestions_on_overlap,
+):
     """Draw a seeded sample of R@1 failures and export CSVs and pictures for annotators.
 
     Failures (gt_rank > 1) are sorted by caption id and numpy's default_rng(seed) draws --n of
@@ -333,6 +358,7 @@ def sample_failures(db_path, run_id, n, seed, overlap, per_annotator, annotators
             out_dir=out_dir,
             pictures=pictures,
             replace=replace,
+            show_suggestions_on_overlap=show_suggestions_on_overlap,
         )
     finally:
         con.close()
@@ -756,6 +782,50 @@ def evaluate(db_path, subset_name, model, pretrained, checkpoint, topk, device, 
         f"Retrieval run {res.retrieval_run_id} ({res.direction}, subset {res.subset}, model {res.model}): {state}"
     )
     echo_df(res.summary)
+
+
+@cli.command("triage")
+@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: latest text-to-image).")
+@click.option(
+    "--hub-factor",
+    type=float,
+    default=3.0,
+    show_default=True,
+    help="Hub flag: top-1 of at least this many times the queries-per-image of the run.",
+)
+@db_option
+def triage(db_path, run_id, hub_factor):
+    """Suggest a failure category, with its evidence, for every R@1 failure of a run.
+
+    Rules (toolkit/triage.py), first that fires wins: Object, Count, Spatial (from the COCO
+    object instances that ingest stored), Ambiguous (caption-to-caption cosines, same category
+    set), then Attribute/Action from the caption lexicon; else no suggestion. Writes
+    triage_runs and triage_suggestions; see the views triage_agreement, triage_confusion and
+    triage_distribution. Re-running with the same inputs is a no-op.
+
+    Example: clipfail triage --run 1
+    """
+    from toolkit.triage import triage as run_triage
+
+    con = db.open_database(db_path)
+    try:
+        res = run_triage(con, run_id, hub_factor=hub_factor)
+    finally:
+        con.close()
+    if res.n_failures == 0:
+        click.echo(f"Retrieval run {res.retrieval_run_id} has no R@1 failures: nothing to triage, nothing written.")
+        return
+    state = "already triaged with these inputs, nothing changed" if res.is_noop else "triaged"
+    click.echo(
+        f"Retrieval run {res.retrieval_run_id}: {res.n_failures:,} R@1 failures {state} "
+        f"(triage run {res.triage_run_id}; hub threshold {res.hub_threshold} top-1s)."
+    )
+    if not res.is_instances_used:
+        click.echo(
+            "  No object instances for this subset: Object, Count and Spatial cannot fire. "
+            "Ingest with --instances-json (instances_val2017.json) to add them."
+        )
+    echo_df(pd.DataFrame({"suggestion": list(res.counts), "failures": list(res.counts.values())}))
 
 
 @cli.group()

@@ -310,6 +310,84 @@ improvement_stats = sa.Table(
 )
 
 
+# --- object instances and triage (issue 16) ----------------------------------------------------
+
+# COCO object categories of an ingested instances file (instances_val2017.json "categories").
+coco_categories = sa.Table(
+    "coco_categories",
+    metadata,
+    sa.Column("coco_category_id", sa.BigInteger, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("supercategory", sa.Text),
+)
+
+# One row per object instance (COCO annotation id) of a subset's images; bbox in pixels (x, y = top left).
+image_instances = sa.Table(
+    "image_instances",
+    metadata,
+    sa.Column("instance_id", sa.BigInteger, primary_key=True),
+    sa.Column("image_id", sa.BigInteger, nullable=False),
+    sa.Column("coco_category_id", sa.BigInteger, nullable=False),
+    sa.Column("category_name", sa.Text, nullable=False),
+    sa.Column("bbox_x", sa.Double, nullable=False),
+    sa.Column("bbox_y", sa.Double, nullable=False),
+    sa.Column("bbox_w", sa.Double, nullable=False),
+    sa.Column("bbox_h", sa.Double, nullable=False),
+    sa.Column("area", sa.Double),
+    sa.Column("is_crowd", sa.Boolean, nullable=False),
+)
+
+# Which subsets have instance data (a subset image with no image_instances row then has no objects).
+instance_files = sa.Table(
+    "instance_files",
+    metadata,
+    sa.Column("subset_id", sa.BigInteger, primary_key=True),
+    sa.Column("source_file", sa.Text, nullable=False),
+    sa.Column("source_sha256", sa.Text, nullable=False),
+    sa.Column("n_instances", sa.BigInteger, nullable=False),  # of the subset's images
+    sa.Column("created_at", Timestamp, nullable=False),
+    _run_id(),
+)
+
+# One row per `clipfail triage` of a retrieval run; views use the newest per retrieval run.
+triage_runs = sa.Table(
+    "triage_runs",
+    metadata,
+    _id("triage_run_id"),
+    sa.Column("retrieval_run_id", sa.BigInteger, nullable=False),
+    sa.Column("is_instances_used", sa.Boolean, nullable=False),
+    sa.Column("hub_threshold", sa.Integer, nullable=False),  # k-occurrence at or above which top-1 is a hub
+    sa.Column("n_failures", sa.Integer, nullable=False),
+    sa.Column("config_hash", sa.Text, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    _run_id(),
+)
+
+# One row per R@1 failure of the triaged run: the evidence of each rule and the suggestion.
+triage_suggestions = sa.Table(
+    "triage_suggestions",
+    metadata,
+    sa.Column("triage_run_id", sa.BigInteger, primary_key=True),
+    sa.Column("caption_id", sa.BigInteger, primary_key=True),
+    sa.Column("retrieval_run_id", sa.BigInteger, nullable=False),
+    sa.Column("gt_image_id", sa.BigInteger, nullable=False),
+    sa.Column("top1_image_id", sa.BigInteger, nullable=False),
+    sa.Column("gt_rank", sa.BigInteger, nullable=False),
+    sa.Column("suggested_category", sa.Text),  # NULL: no suggestion
+    sa.Column("score", sa.Double),  # the firing rule's fixed confidence (toolkit.triage.RULE_SCORES)
+    sa.Column("evidence", sa.Text, nullable=False),  # short text: what each rule that fired found
+    sa.Column("rules_fired", sa.Text, nullable=False),  # comma-separated, in priority order
+    sa.Column("mentioned_objects", sa.Text),  # categories the caption mentions, comma-separated
+    sa.Column("object_evidence", sa.Text),
+    sa.Column("count_evidence", sa.Text),
+    sa.Column("spatial_evidence", sa.Text),
+    sa.Column("top1_caption_cosine", sa.Double),  # best query-to-top-1-caption cosine
+    sa.Column("own_caption_cosine", sa.Double),  # best query-to-own-image-other-caption cosine
+    sa.Column("is_same_categories", sa.Boolean),  # GT and top-1 have the same (non-empty) category set
+    sa.Column("top1_k_occurrence", sa.Integer, nullable=False),  # queries of the run with this top-1
+    sa.Column("is_hub", sa.Boolean, nullable=False),
+)
+
 # Natural keys (COCO ids, names) are given, never generated: without this, single-column
 # integer keys would compile to SERIAL types that DuckDB does not have.
 for _table in metadata.tables.values():

@@ -153,9 +153,20 @@ def test_demo_report_tables(demo):
         t = pd.read_csv(rep / "tables" / name)
         assert t["pooling"].tolist() == ["max", "mean", "logsumexp (tau=1)"]
     figures = sorted(p.name for p in (rep / "figures").glob("*.png"))
-    assert [f.split("_")[0] for f in figures] == [f"figure{i}" for i in range(1, 7)]
+    assert [f.split("_")[0] for f in figures] == [f"figure{i}" for i in range(1, 8)]
+    assert figures[-1] == "figure7_triage.png"  # the triage confusion matrix (issue 16)
     page = (rep / "report.html").read_text(encoding="utf-8")
     assert 'id="simulated-banner"' in page and "randomly initialised" in page
+    assert '<h2 id="triage">7. Automatic triage</h2>' in page
+    con = db.open_database(out / "demo.duckdb", read_only=True)
+    try:  # the demo triaged every failure of its run, and the report's table is the view
+        n_fail = con.execute("SELECT n_r1_failures FROM recall_summary").fetchone()[0]
+        assert con.execute("SELECT count(*) FROM triage_suggestions").fetchone()[0] == n_fail
+        view = con.execute("SELECT category, n_triage, n_human FROM triage_distribution").df()
+    finally:
+        con.close()
+    table = pd.read_csv(rep / "tables" / "triage_distribution.csv")
+    pd.testing.assert_frame_equal(table[["category", "n_triage", "n_human"]], view, check_dtype=False)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")
@@ -173,7 +184,7 @@ def test_report_renders_in_headless_chromium_without_broken_images(demo, tmp_pat
     m = re.search(r'<pre id="clipfail-check">(.*?)</pre>', dom.stdout, re.S)
     assert m, f"the check did not run; chromium said:\n{dom.stderr[-2000:]}"
     found = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    assert found["n_images"] == 6 and found["broken"] == []
+    assert found["n_images"] == 7 and found["broken"] == []  # 6 + the triage confusion matrix
     assert all(w > 300 and h > 200 for w, h in found["sizes"])
     assert found["n_tables"] >= 10 and found["errors"] == []
     assert [r for r in found["resources"] if not r.startswith("data:")] == []  # nothing fetched

@@ -92,12 +92,8 @@ def _zip_dir(zip_path: Path, src_root: Path, subdir: str, extra: dict[str, bytes
 def served_coco(server, synthetic_coco):
     """The generated dataset packed as COCO's two archives, under the server's root."""
     www = server.root
-    _zip_dir(
-        www / "annotations" / "annotations_trainval2017.zip",
-        synthetic_coco,
-        "annotations",
-        extra={"annotations/instances_val2017.json": b"{}"},
-    )
+    # make-synthetic-coco writes instances_val2017.json beside the captions, as in COCO's archive
+    _zip_dir(www / "annotations" / "annotations_trainval2017.zip", synthetic_coco, "annotations")
     _zip_dir(www / "zips" / "val2017.zip", synthetic_coco, "val2017")
     return server
 
@@ -109,7 +105,9 @@ def test_download_extract_then_ingest(served_coco, synthetic_coco, tmp_path, run
     assert (dest / "annotations" / "captions_val2017.json").read_bytes() == (
         synthetic_coco / "annotations" / "captions_val2017.json"
     ).read_bytes()
-    assert (dest / "annotations" / "instances_val2017.json").read_bytes() == b"{}"  # extracted when present
+    assert (dest / "annotations" / "instances_val2017.json").read_bytes() == (
+        synthetic_coco / "annotations" / "instances_val2017.json"
+    ).read_bytes()  # extracted when present
     src = sorted(p.name for p in (synthetic_coco / "val2017").iterdir())
     assert sorted(p.name for p in (dest / "val2017").iterdir()) == src
     assert not list(dest.rglob("*.part")) and not list(dest.rglob("*.extracting"))

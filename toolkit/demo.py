@@ -12,6 +12,8 @@
    labels (own templates) and the union of the top two, plus a control on R@1 successes for the
    largest one.
 6. The report in OUT/report/report.html.
+(After evaluate, `clipfail triage` suggests a category for every failure from the generated
+instances_val2017.json; the report's section 7 compares the suggestions with the simulated labels.)
 
 Everything is seeded; a second run in the same folder finds every stage done and only rewrites
 the report. A random model's retrieval is near chance and the labels are simulated, so the
@@ -132,6 +134,8 @@ def run_demo(
             timings.append((s.stage, s.seconds))
         t0 = time.perf_counter()
         rrid = pipe.retrieval_run_id
+        demo_triage(con, rrid)
+        lap("triage")
         labelled = con.execute(
             "SELECT count(*) FROM annotations JOIN failure_samples USING (sample_id) WHERE retrieval_run_id = ?",
             [rrid],
@@ -180,3 +184,10 @@ def _encoder_factory(ckpt: Path, device: str):
     from toolkit.models import TINY_CONFIG
 
     return model_encoder_factory(TINY_CONFIG, checkpoint=str(ckpt), device=device)
+
+
+def demo_triage(con, retrieval_run_id: int):
+    """The demo's triage step: suggestions for every R@1 failure (a no-op when already done)."""
+    from toolkit.triage import triage
+
+    return triage(con, retrieval_run_id)

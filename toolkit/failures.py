@@ -180,6 +180,7 @@ def sample_failures(
     out_dir: str | Path = "failure_analysis",
     pictures: bool = True,
     replace: bool = False,
+    show_suggestions_on_overlap: bool = False,
 ) -> SampleResult:
     """Draw (or reuse) the failure sample of a text-to-image retrieval run and export its files.
 
@@ -219,7 +220,10 @@ def sample_failures(
     if len(existing) == 1 and existing[0][0] == chash:
         sample_run = int(existing[0][1])
         result = SampleResult(rrid, sample_run, True, len(failures), n, seed, _sizes(sets), out_dir)
-        export(con, rrid, out_dir, pictures=pictures, result=result, only_missing_pictures=True)
+        export(
+            con, rrid, out_dir, pictures=pictures, result=result, only_missing_pictures=True,
+            show_suggestions_on_overlap=show_suggestions_on_overlap,
+        )  # fmt: skip
         return result
 
     old_ids: list[int] = []
@@ -283,7 +287,10 @@ def sample_failures(
         result.replaced_samples = len(old_ids)
         # pictures of the replaced sample would only mislead: removed once the new files are in place
         stale = [f"vis_{sid}.png" for sid in old_ids]
-        export(con, rrid, out_dir, pictures=pictures, result=result, only_missing_pictures=False, remove=stale)
+        export(
+            con, rrid, out_dir, pictures=pictures, result=result, only_missing_pictures=False, remove=stale,
+            show_suggestions_on_overlap=show_suggestions_on_overlap,
+        )  # fmt: skip
     return result
 
 
@@ -368,7 +375,7 @@ ASSIGN_COLUMNS = (
     ["sample_id", "caption_id", "caption", "gt_image", "gt_rank", "gt_score"]
     + [f"top{k}_image" for k in range(1, TOPN + 1)]
     + [f"top{k}_score" for k in range(1, TOPN + 1)]
-    + ["picture", "category", "notes"]
+    + ["picture", "suggested_category", "evidence", "category", "notes"]  # suggestions: toolkit.triage
 )
 SAMPLE_COLUMNS = ["sample_id", "set_name", "draw_order"] + ASSIGN_COLUMNS[1:]
 
@@ -530,6 +537,7 @@ def export(
     result: SampleResult,
     only_missing_pictures: bool = False,
     remove: list[str] | tuple = (),
+    show_suggestions_on_overlap: bool = False,
 ) -> None:
     """Write the CSVs, README.txt and pictures of a retrieval run's sample into out_dir.
 
@@ -541,7 +549,10 @@ def export(
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
     placing = False
     try:
-        staged = _write_exports(con, retrieval_run_id, out_dir, staging, pictures, result, only_missing_pictures)
+        staged = _write_exports(
+            con, retrieval_run_id, out_dir, staging, pictures, result, only_missing_pictures,
+            show_suggestions_on_overlap,
+        )  # fmt: skip
         placing = True
         for name in staged:
             os.replace(staging / name, out_dir / name)
@@ -559,7 +570,14 @@ def export(
 
 
 def _write_exports(
-    con, retrieval_run_id: int, out_dir: Path, staging: Path, pictures: bool, result: SampleResult, only_missing: bool
+    con,
+    retrieval_run_id: int,
+    out_dir: Path,
+    staging: Path,
+    pictures: bool,
+    result: SampleResult,
+    only_missing: bool,
+    show_suggestions_on_overlap: bool = False,
 ) -> list[str]:
     """Write the files into staging; return their names in the order to move them into out_dir."""
     df = sample_table(con, retrieval_run_id)
@@ -569,6 +587,9 @@ def _write_exports(
         image_ids.update(int(x) for x in list(ids)[:TOPN])
     images = _image_lookup(con, image_ids)
     rows = export_rows(df, images, pictures)
+    from toolkit.triage import add_suggestions
+
+    add_suggestions(con, retrieval_run_id, rows, show_on_overlap=show_suggestions_on_overlap)
 
     groups = {"failure_samples.csv": rows}
     for s in ["overlap", *annotators, "backup"]:

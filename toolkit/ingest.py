@@ -24,6 +24,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from toolkit import coco, db
+from toolkit import instances as instances_mod
 from toolkit import paths as study_paths
 from toolkit.artifacts import sha256_file
 from toolkit.errors import UserError, list_offenders
@@ -44,6 +45,7 @@ class IngestResult:
     truncated_from: int  # candidate images before sampling
     is_noop: bool = False
     bad_images: list[tuple[int, str, str]] = field(default_factory=list)
+    num_instances: int | None = None  # object instances stored now (None: no instances file)
 
 
 def resolve_paths(coco_root=None, captions_json=None, images_dir=None, karpathy_json=None):
@@ -130,9 +132,13 @@ def ingest(
     name: str | None = None,
     skip_bad_images: bool = False,
     replace: bool = False,
+    instances_json=None,
 ) -> IngestResult:
     started = db.now()
     ann_path, image_root = resolve_paths(coco_root, captions_json, images_dir, karpathy_json)
+    # found under --coco-root only for COCO's own layout: Karpathy's split holds val2014 images
+    inst_path = instances_mod.find_file(None if karpathy_json else coco_root, instances_json)
+    inst = instances_mod.load(inst_path) if inst_path else None  # validated before anything is written
     if karpathy_json:
         split = split or "test"
         images, captions = coco.load_karpathy(ann_path, split)
@@ -166,7 +172,10 @@ def ingest(
     chash = db.config_hash(config)
     existing = con.execute("SELECT subset_id, config_hash, run_id FROM subsets WHERE name = ?", [name]).fetchone()
     if existing and existing[1] in (chash, study_paths.rebound_config_hash(con, existing[0], config, image_root)):
-        return _summary(con, existing[0], name, existing[2], is_noop=True)
+        result = _summary(con, existing[0], name, existing[2], is_noop=True)
+        if inst is not None:
+            result.num_instances = instances_mod.store_for_existing_subset(con, int(existing[0]), inst)
+        return result
     if existing and not replace:
         raise UserError(
             f"A subset named {name!r} already exists with a different configuration. "
@@ -277,7 +286,9 @@ def ingest(
                 "bad_images",
                 pd.DataFrame(bad, columns=["image_id", "file_name", "reason"]).assign(run_id=run_id),
             )
+        n_instances = instances_mod.store(con, int(subset_id), run_id, inst) if inst is not None else None
     result = _summary(con, subset_id, name, run_id, is_noop=False)
+    result.num_instances = n_instances
     result.num_bad_images = len(bad)
     result.bad_images = bad
     result.truncated_from = n_candidates

@@ -463,6 +463,7 @@ def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> 
         )
         missing.append("labels: clipfail sample-failures, then clipfail import-labels")
     _improvement_sections(con, page, rrid, simulated, missing)
+    _triage_section(con, page, rrid, simulated, missing)
     _provenance(con, page, rrid)
 
     # The run row: the same database state and options again is a no-op (the files are rewritten anyway).
@@ -794,4 +795,93 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
             "mcnemar_p": "p",
             "tau": "f2",
         },
+    )
+
+
+# --------------------------------------------------------------------------- triage (issue 16)
+
+
+def triage_confusion_figure(conf: pd.DataFrame, title: str, path_stem: Path) -> list[Path]:
+    """A heatmap of the triage_confusion view: human labels (rows) by suggestions (columns), counts as given."""
+    from matplotlib.figure import Figure
+
+    from toolkit.figures import DPI
+
+    rows = list(dict.fromkeys(conf["human_category"]))
+    cols = list(dict.fromkeys(conf["suggested_category"]))
+    cols = [c for c in cols if c != "(none)"] + (["(none)"] if "(none)" in cols else [])
+    cells = {(h, s): int(n) for h, s, n in zip(conf["human_category"], conf["suggested_category"], conf["n"])}
+    grid = [[cells.get((h, s), 0) for s in cols] for h in rows]
+    fig = Figure(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.55 * len(rows)))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(grid, cmap="Blues", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xlabel("triage suggestion")
+    ax.set_ylabel("human label")
+    top = max((max(r) for r in grid), default=0)
+    for i, r in enumerate(grid):
+        for j, v in enumerate(r):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > top / 2 else "black")
+    fig.suptitle(title, fontsize=10, fontweight="bold")
+    fig.tight_layout()
+    return _save_figure(fig, Path(path_stem), DPI)
+
+
+def _triage_section(con, page: _Page, rrid, simulated: bool, missing: list[str]) -> None:
+    """Section 7: triage agreement (view triage_agreement), its confusion matrix as a figure (triage_confusion),
+    and the estimated taxonomy over all failures beside the labelled one (triage_distribution)."""
+    page.h2("triage", "7. Automatic triage")
+    flag = " SIMULATED labels." if simulated else ""
+    has = (
+        rrid is not None
+        and con.execute("SELECT count(*) FROM triage_runs WHERE retrieval_run_id = ?", [rrid]).fetchone()[0]
+    )
+    if not has:
+        page.p("No triage run yet. Run: clipfail triage", cls="missing")
+        missing.append("triage: clipfail triage")
+        return
+    page.p(
+        "clipfail triage suggests a category for every R@1 failure from evidence: COCO object instances "
+        "(Object, Count, Spatial), caption-to-caption cosines and shared category sets (Ambiguous), and the "
+        "caption lexicon (Attribute, Action); the first rule that fires wins, and no evidence means no "
+        "suggestion. Suggestions are hidden on the overlap set by default, so its agreement is unbiased."
+    )
+    dist = con.execute(
+        "SELECT category, n_triage, percent_of_failures, percent_of_suggested, n_human, percent_human, n_failures "
+        "FROM triage_distribution WHERE retrieval_run_id = ?",
+        [rrid],
+    ).df()
+    page.table(
+        dist,
+        "triage_distribution",
+        "Table 9. Estimated taxonomy over all R@1 failures (triage) beside the labelled sample "
+        "(view triage_distribution)." + flag,
+        {"percent_of_failures": "f2", "percent_of_suggested": "f2", "percent_human": "f2"},
+    )
+    agree = con.execute(
+        "SELECT reference, n_labelled, n, n_agree, coverage, accuracy, accuracy_labelled, expected_agreement, kappa "
+        "FROM triage_agreement WHERE retrieval_run_id = ?",
+        [rrid],
+    ).df()
+    if agree.empty:
+        page.p("No labelled failure of this run to compare the suggestions with.", cls="missing")
+        return
+    page.table(
+        agree,
+        "triage_agreement",
+        "Table 10. Agreement of the suggestions with each annotator, the overlap majority and all labels "
+        "(view triage_agreement; n counts the labelled failures with a suggestion)." + flag,
+    )
+    conf = con.execute(
+        "SELECT human_category, suggested_category, n FROM triage_confusion WHERE retrieval_run_id = ?", [rrid]
+    ).df()
+    page.table(conf, "triage_confusion", "Table 11. Human label by triage suggestion (view triage_confusion)." + flag)
+    num = page.next_figure()
+    page.figure(
+        triage_confusion_figure(
+            conf, f"Figure {num}. Triage confusion matrix", page.figures_dir / f"figure{num}_triage"
+        ),
+        f"Figure {num}. Human labels (rows) against triage suggestions (columns).{flag}",
     )

@@ -3,6 +3,7 @@
 `make_synthetic_coco(root, n_images)` writes exactly the layout of the real download:
 
     root/annotations/captions_val2017.json   (info, licenses, images, annotations)
+    root/annotations/instances_val2017.json  (images, categories, one annotation per drawn shape)
     root/val2017/000000xxxxxx.jpg
 
 Each image is a drawn scene: one to three groups of coloured shapes (circles, squares,
@@ -10,11 +11,18 @@ triangles) with a count, a size and a left/right placement, on a coloured backgr
 some images are greyscale JPEGs. Each image gets 5-7 captions that describe its scene.
 Annotation ids are shuffled with respect to image order, as in real COCO, so caption
 order tests are meaningful. Everything is derived from the seed.
+
+The instances file has the shape of COCO's detection file: categories are the shapes
+(``SHAPE_CATEGORY_IDS``: circle 1, square 2, triangle 3, supercategory "shape"), and each drawn shape
+is one annotation with its box ``[x, y, w, h]`` (clipped to the image), its area (the drawn shape's
+area in pixels: pi r^2, (2r)^2 or 2r^2) and ``iscrowd`` 0. Tests can also pass `scenes` to draw
+chosen scenes (e.g. two images that differ only in a count or a placement).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +41,7 @@ COLOURS = {
 }
 BACKGROUNDS = {"grey": (128, 128, 128), "beige": (225, 210, 170), "sky blue": (150, 200, 240), "dark": (40, 40, 50)}
 SHAPES = ["circle", "square", "triangle"]
+SHAPE_CATEGORY_IDS = {"circle": 1, "square": 2, "triangle": 3}
 NUMBERS = {1: "a", 2: "two", 3: "three", 4: "four"}
 
 
@@ -50,7 +59,19 @@ class Group:
         return f"{NUMBERS[self.count]} {size}{self.colour} {noun}"
 
 
-def _draw_scene(rng: random.Random, width: int, height: int, groups: list[Group], background: str) -> Image.Image:
+@dataclass
+class Scene:
+    """A chosen scene for `make_synthetic_coco(scenes=...)`; captions default to the generated ones."""
+
+    groups: list[Group]
+    background: str = "grey"
+    captions: list[str] | None = None
+
+
+def _draw_scene(
+    rng: random.Random, width: int, height: int, groups: list[Group], background: str, shapes: list | None = None
+) -> Image.Image:
+    """Draw the scene; when `shapes` is a list, append (shape, box x0 y0 x1 y1, radius) for each drawn shape."""
     img = Image.new("RGB", (width, height), BACKGROUNDS[background])
     draw = ImageDraw.Draw(img)
     for g in groups:
@@ -60,6 +81,8 @@ def _draw_scene(rng: random.Random, width: int, height: int, groups: list[Group]
             cx = rng.randint(x0 + r, max(x0 + r, x0 + width // 2 - r))
             cy = rng.randint(r, max(r, height - r))
             box = (cx - r, cy - r, cx + r, cy + r)
+            if shapes is not None:
+                shapes.append((g.shape, box, r))
             colour = COLOURS[g.colour]
             if g.shape == "circle":
                 draw.ellipse(box, fill=colour)
@@ -97,17 +120,24 @@ def make_synthetic_coco(
     size: tuple[int, int] | None = None,
     grey_fraction: float = 0.1,
     first_image_id: int = 1000,
+    scenes: list[Scene] | None = None,
 ) -> Path:
-    """Write a COCO-format captions dataset of `n_images` drawn scenes under `root`; returns the JSON path."""
+    """Write a COCO-format captions dataset of `n_images` drawn scenes under `root`; returns the JSON path.
+
+    With `scenes`, image i (in ascending image id order) draws scenes[i] (its groups, background and,
+    if given, captions) instead of a random scene; `n_images` must then equal len(scenes).
+    """
+    if scenes is not None and len(scenes) != n_images:
+        raise ValueError("scenes must have one entry per image")
     rng = random.Random(seed)
     root = Path(root)
     img_dir = root / "val2017"
     ann_dir = root / "annotations"
     img_dir.mkdir(parents=True, exist_ok=True)
     ann_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images, annotations, instances = [], [], []
     ids = rng.sample(range(first_image_id, first_image_id + 50 * max(n_images, 1)), n_images)
-    for image_id in sorted(ids):
+    for index, image_id in enumerate(sorted(ids)):
         width, height = size if size else (rng.randint(96, 160), rng.randint(72, 120))
         n_groups = rng.randint(1, 3)
         sides = ["left", "right"]
@@ -124,7 +154,25 @@ def make_synthetic_coco(
         ]
         background = rng.choice(list(BACKGROUNDS))
         grey = rng.random() < grey_fraction
-        img = _draw_scene(rng, width, height, groups, background)
+        scene = scenes[index] if scenes is not None else None
+        if scene is not None:
+            groups, background, grey = scene.groups, scene.background, False
+        shapes: list = []
+        img = _draw_scene(rng, width, height, groups, background, shapes)
+        for shape, (x0, y0, x1, y1), r in shapes:
+            bx0, by0, bx1, by1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
+            area = {"circle": math.pi * r * r, "square": 4.0 * r * r, "triangle": 2.0 * r * r}[shape]
+            instances.append(
+                {
+                    "id": 900_000 + len(instances),
+                    "image_id": image_id,
+                    "category_id": SHAPE_CATEGORY_IDS[shape],
+                    "bbox": [float(bx0), float(by0), float(bx1 - bx0), float(by1 - by0)],
+                    "area": round(area, 2),
+                    "iscrowd": 0,
+                    "segmentation": [],
+                }
+            )
         if grey:
             img = img.convert("L")
         file_name = f"{image_id:012d}.jpg"
@@ -141,7 +189,10 @@ def make_synthetic_coco(
                 "id": image_id,
             }
         )
-        for text in _captions(rng, groups, background, grey):
+        texts = _captions(rng, groups, background, grey)
+        if scene is not None and scene.captions is not None:
+            texts = list(scene.captions)
+        for text in texts:
             annotations.append({"image_id": image_id, "id": None, "caption": text})
     # Annotation ids are unique but not in image order, as in the real file.
     ann_ids = rng.sample(range(100_000, 100_000 + 20 * max(len(annotations), 1)), len(annotations))
@@ -162,4 +213,12 @@ def make_synthetic_coco(
     }
     out = ann_dir / "captions_val2017.json"
     out.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    detection = {
+        "info": data["info"],
+        "licenses": data["licenses"],
+        "images": images,
+        "annotations": instances,
+        "categories": [{"supercategory": "shape", "id": i, "name": n} for n, i in SHAPE_CATEGORY_IDS.items()],
+    }
+    (ann_dir / "instances_val2017.json").write_text(json.dumps(detection), encoding="utf-8")
     return out
