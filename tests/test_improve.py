@@ -138,7 +138,9 @@ def world(synthetic_coco_master, tmp_path_factory):
                 sha256=save_array(f, arr), run_id=run_id,
             )  # fmt: skip
     con.close()
-    _cli(["--db", path, "evaluate", "--model", MODEL])
+    # pinned to the cpu: the tests below compare scores bit for bit, and improve re-scores on the device type
+    # that evaluate recorded (test_improve_follows_the_retrieval_runs_device covers the others)
+    _cli(["--db", path, "evaluate", "--model", MODEL, "--device", "cpu"])
     out = root / "fa"
     _cli(["--db", path, "sample-failures", "--n", 60, "--overlap", 9, "--per-annotator", 15, "--out", out,
           "--no-pictures"])  # fmt: skip
@@ -227,8 +229,20 @@ def test_world_is_not_trivial(world):
 # ------------------------------------------------------------------------------------------------
 
 
-def reference_ranks(target, res, pooling_name, tau=1.0, mode="own", categories=("Object",)):
-    """Plain recomputation: prompts by phrases.fill, fake embeddings, float64 scores, pooled by loops."""
+def reference_prompts(caption, templates, k):
+    """The documented rule, written plainly: the caption, then each template's text unless a slot is empty or
+    the text (case and white space aside) was already taken, cut at k. `phrases.fill` gives the caption
+    itself for a template with an empty slot, which the duplicate check then drops."""
+    out = []
+    for t in ["{caption}", *templates]:
+        text = phrases.fill(t, caption)
+        if " ".join(text.split()).lower() not in [" ".join(o.split()).lower() for o in out]:
+            out.append(text)
+    return out[:k]
+
+
+def reference_ranks(target, res, pooling_name, tau=1.0, mode="own", categories=("Object",), k=10):
+    """Plain recomputation: prompts by the rule above, fake embeddings, float64 scores, pooled by loops."""
     with Opened(target) as con:
         imp_id = con.execute(
             "SELECT improvement_id FROM improvement_runs WHERE list_contains(?, improvement_id) AND pooling = ? "
@@ -244,14 +258,16 @@ def reference_ranks(target, res, pooling_name, tau=1.0, mode="own", categories=(
         from toolkit.artifacts import load_embedding_set
 
         images = load_embedding_set(con, int(rr["image_embedding_set_id"][0]))
-        tdf = con.execute("SELECT * FROM prompt_templates WHERE template_set = 'default' ORDER BY position").df()
+        tdf = con.execute("SELECT * FROM prompt_templates WHERE template_set = 'default-v2' ORDER BY position").df()
     gallery = images.array.astype(np.float64)
     col = {int(i): j for j, i in enumerate(images.item_ids)}
     union = list(dict.fromkeys(t for c in categories for t in tdf[tdf["category"] == c]["template"]))
     want = []
     for r in rows.itertuples():
         tl = list(tdf[tdf["category"] == r.category]["template"]) if mode == "own" else union
-        P = np.stack([fake_vec(phrases.fill(t, r.text)) for t in tl]).astype(np.float64)
+        prompts = reference_prompts(r.text, tl, k)
+        assert r.n_prompts == r.n_distinct_prompts == len(prompts)
+        P = np.stack([fake_vec(t) for t in prompts]).astype(np.float64)
         S = P @ gallery.T
         pooled = []
         for j in range(S.shape[1]):
@@ -285,8 +301,8 @@ def test_pooled_ranks_equal_a_reference_computation(con, mode):
         [res.retrieval_run_id, res.improvement_ids[0]],
     )
     assert (base["baseline_rank"] == base["gt_rank"]).all() and (base["gt_rank"] > 1).all()
-    k = q(con, "SELECT DISTINCT k_per_category FROM improvement_runs")["k_per_category"].tolist()
-    assert k == (['{"Object": 10, "Count": 10}'] if mode == "own" else ['{"Object": 19, "Count": 19}'])
+    k = q(con, "SELECT DISTINCT k_per_category, k_prompts FROM improvement_runs")
+    assert k.values.tolist() == [['{"Object": 10, "Count": 10}', 10]]
 
 
 def _set_templates(target, name, per_cat):
@@ -297,34 +313,59 @@ def _set_templates(target, name, per_cat):
 
 
 @pytest.mark.parametrize(
-    "templates",
+    "templates,k",
     [
-        ["{caption}"],
-        ["{caption}", "{caption}", "{caption}"],  # exact duplicates of the caption
-        ["{caption}", "{count} zzz qqq"],  # falls back to the caption where no count is found
+        (["{caption}"], 1),  # identity only: K=1 is the baseline itself
+        (["{caption}", "{count} zzz qqq"], 2),  # one real template: only the captions with a count change
     ],
 )
-def test_identity_templates_reproduce_the_baseline_ranks(con, templates):
+def test_identity_templates_reproduce_the_baseline_ranks(con, templates, k):
     _set_templates(con, "ident", {"Object": templates, "Attribute": templates, "Count": templates})
     enc = FakeEncoder()
     res = run_improve(con, "Object,Attribute,Count", encoder=enc, poolings="all", tau=0.05, template_set="ident",
-                      control="all")  # fmt: skip
-    ranks = q(con, "SELECT * FROM improvement_ranks")
+                      control="all", k=k)  # fmt: skip
+    ranks = q(con, "SELECT r.*, c.text FROM improvement_ranks r JOIN captions c USING (caption_id)")
     assert len(ranks) == 3 * (res.populations["failures"] + res.populations["all"])
-    if templates[-1].startswith("{count}"):
-        assert enc.n_texts > 0  # some captions do have a count: those prompts differ
-        ranks = ranks[ranks["n_prompts"] > 0]
-        fallback = q(con, "SELECT caption_id, text FROM captions")
-        no_count = {c for c, t in zip(fallback["caption_id"], fallback["text"]) if not phrases.extract(t)["count"]}
-        ranks = ranks[ranks["caption_id"].isin(no_count)]
-        assert len(ranks) > 10
+    has_count = ranks["text"].map(lambda t: bool(phrases.extract(t)["count"]))
+    if k == 1:
+        assert enc.calls == [] and (ranks["n_prompts"] == 1).all()  # every prompt is the caption: nothing encoded
     else:
-        assert enc.calls == []  # every prompt is the caption: nothing to encode
+        # the template applies exactly where a count is found, and only there the caption gets a second prompt
+        assert (ranks["n_prompts"] == np.where(has_count, 2, 1)).all()
+        assert sorted(enc.calls[0]) == sorted(
+            {phrases.extract(t)["count"] + " zzz qqq" for t in ranks["text"][has_count]}
+        )
+        mean_ids = q(con, "SELECT improvement_id FROM improvement_runs WHERE pooling = 'mean'")["improvement_id"]
+        changed = ranks[has_count & ranks["improvement_id"].isin(mean_ids)]
+        changed = changed.merge(q(con, "SELECT query_id AS caption_id, gt_score FROM retrieval_ranks"))
+        assert len(changed) > 5 and (changed["improved_score"] != changed["gt_score"].astype(np.float64)).all()
+        ranks = ranks[~has_count]
+        assert len(ranks) > 10
+    assert (ranks["n_distinct_prompts"] == ranks["n_prompts"]).all()
     assert (ranks["improved_rank"] == ranks["baseline_rank"]).all()
-    # scores, not just ranks: the pooled GT score is the retrieval run's GT score
+    # scores, not just ranks: the pooled GT score is the retrieval run's GT score, bit for bit
     gt = q(con, "SELECT query_id AS caption_id, gt_score FROM retrieval_ranks")
     m = ranks.merge(gt, on="caption_id")
     assert np.array_equal(m["improved_score"].to_numpy(), m["gt_score"].to_numpy(np.float64))
+
+
+@pytest.mark.parametrize(
+    "templates",
+    [
+        ["{caption}", "  {caption}", "{caption}  "],  # copies of the caption (white space aside)
+        ["{caption}", "{caption_lc}."],  # the caption with a lower-case first letter: the same input to CLIP
+    ],
+)
+def test_a_set_that_gives_no_prompt_besides_the_caption_is_refused_before_encoding(con, templates):
+    _set_templates(con, "empty", {"Spatial": templates})
+    before = snapshot(con)
+    enc = FakeEncoder()
+    from toolkit.errors import UserError
+
+    with pytest.raises(UserError, match="gives none of the .* captions of the subset a prompt other than the caption"):
+        run_improve(con, "Spatial", encoder=enc, template_set="empty", k=2)
+    assert enc.calls == []
+    assert_unchanged(con, before)
 
 
 def test_another_pooling_or_tau_encodes_nothing(con):
@@ -352,8 +393,11 @@ def test_another_pooling_or_tau_encodes_nothing(con):
     # a new template set with partly new prompts encodes only those
     tdf = con.execute("SELECT * FROM prompt_templates WHERE template_set = 'default'").df()
     tdf["template_set"] = "plus"
-    extra = pd.DataFrame([["plus", "Object", 99, "an unusual photo of {objects}."]], columns=tdf.columns)
-    db.insert_df(con, "prompt_templates", pd.concat([tdf, extra], ignore_index=True))
+    # (in place of Object's last slot template before K=10: it applies to the same captions)
+    last = (tdf["category"] == "Object") & (tdf["position"] == 9)
+    assert tdf.loc[last, "template"].tolist() == ["the main subjects of this photo are {objects}."]
+    tdf.loc[last, "template"] = "an unusual photo of {objects}."
+    db.insert_df(con, "prompt_templates", tdf)
     r5 = run_improve(con, "Object,Attribute", encoder=enc, poolings="max", template_set="plus")
     assert 0 < r5.n_encoded == enc.n_texts - first
     assert all(t.startswith("an unusual photo of") for t in enc.calls[-1])
@@ -401,7 +445,8 @@ def test_controls(con):
     succ = q(con, "SELECT r.* FROM improvement_ranks r JOIN improvement_runs u USING (improvement_id) "
              "WHERE u.population = 'successes'")  # fmt: skip
     assert (succ["baseline_rank"] == 1).all()
-    assert (succ["n_prompts"] == 19).all()  # union of Object and Attribute (identity shared)
+    assert (succ["n_prompts"] == 10).all()  # Object's list, then Attribute's, cut at K = 10
+    assert (q(con, "SELECT k_prompts FROM improvement_runs")["k_prompts"] == 10).all()
     view = q(con, "SELECT * FROM improvement_recall WHERE population = 'successes' AND k = 1")
     for row in view.itertuples():
         broke = int((succ[succ["improvement_id"] == row.improvement_id]["improved_rank"] > 1).sum())
@@ -518,22 +563,29 @@ def test_tampered_prompt_shard_is_refused(con):
 def test_templates_list_export_import_round_trip(dbfile, run_cli, tmp_path):
     out = run_cli("--db", dbfile, "templates", "list").output
     assert "default" in out and "Spatial" in out
-    shown = run_cli("--db", dbfile, "templates", "list", "--set", "default").output
+    shown = run_cli("--db", dbfile, "templates", "list", "--set", "default-v2").output
     assert "{caption}" in shown and "{objects}" in shown
     f = tmp_path / "t.csv"
-    run_cli("--db", dbfile, "templates", "export", "--set", "default", "--out", f)
+    run_cli("--db", dbfile, "templates", "export", "--set", "default-v2", "--out", f)
     text = f.read_text(encoding="utf-8")
     assert text.splitlines()[0] == "template_set,category,position,template"
     res = run_cli("--db", dbfile, "templates", "import", f).output
     assert "nothing changed" in res
     res = run_cli("--db", dbfile, "templates", "import", f, "--set", "copy").output
-    assert "Imported template set 'copy': 60 templates" in res
+    assert "Imported template set 'copy': 114 templates" in res
     a = q(
-        dbfile, "SELECT category, position, template FROM prompt_templates WHERE template_set = 'default' ORDER BY ALL"
+        dbfile,
+        "SELECT category, position, template FROM prompt_templates WHERE template_set = 'default-v2' ORDER BY ALL",
     )
     b = q(dbfile, "SELECT category, position, template FROM prompt_templates WHERE template_set = 'copy' ORDER BY ALL")
     pd.testing.assert_frame_equal(a, b)
-    assert run_cli("--db", dbfile, "templates", "export").output.count("\n") == 121
+    # header + default (60) + default-v2 (114) + copy (114)
+    assert run_cli("--db", dbfile, "templates", "export").output.count("\n") == 1 + 60 + 114 + 114
+    # a shipped set's name stands for its shipped content: changing it is refused, even with --replace
+    changed = text.replace("a photo of {objects}.", "a photo of some {objects}.")
+    (tmp_path / "changed.csv").write_text(changed, encoding="utf-8")
+    res = run_cli("--db", dbfile, "templates", "import", tmp_path / "changed.csv", "--replace", expect=2)
+    assert "is a template set shipped with clipfail" in res.output
 
 
 def _write(path, rows, header=("template_set", "category", "position", "template")):
@@ -568,7 +620,7 @@ def test_template_replace_rules(dbfile, run_cli, tmp_path):
     run_cli("--db", dbfile, "templates", "import", f1)
     assert "already exists" in run_cli("--db", dbfile, "templates", "import", f2, expect=2).output
     assert "Replaced" in run_cli("--db", dbfile, "templates", "import", f2, "--replace").output
-    run_improve(dbfile, "Object", poolings="max", template_set="mine")
+    run_improve(dbfile, "Object", poolings="max", template_set="mine", k=2)
     res = run_cli("--db", dbfile, "templates", "import", f1, "--replace", expect=2)
     assert "--replace refused" in res.output
     # without positions: file order
@@ -661,7 +713,7 @@ def test_end_to_end_with_a_tiny_open_clip_model(tiny_world, tmp_path, run_cli):
     f = _write(tmp_path / "ident.csv", [["ident", c, 0, "{caption}"] for c in ("Count", "Attribute", "Spatial")])
     run_cli("--db", path, "templates", "import", f)
     run_cli("--db", path, "improve", "--categories", "Count,Attribute,Spatial", "--pooling", "all",
-            "--template-set", "ident", "--control", "all")  # fmt: skip
+            "--template-set", "ident", "--control", "all", "--k", 1)  # fmt: skip
     ranks = q(
         path,
         "SELECT r.baseline_rank, r.improved_rank, r.improved_score, rr.gt_rank, rr.gt_score "
