@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 import shutil
 from pathlib import Path
@@ -339,6 +340,19 @@ def test_identity_templates_reproduce_the_baseline_ranks(con, templates, k):
         changed = ranks[has_count & ranks["improvement_id"].isin(mean_ids)]
         changed = changed.merge(q(con, "SELECT query_id AS caption_id, gt_score FROM retrieval_ranks"))
         assert len(changed) > 5 and (changed["improved_score"] != changed["gt_score"].astype(np.float64)).all()
+        # the distribution of effective K per run and category, as the view gives it
+        view = q(con, "SELECT * FROM improvement_effective_k")
+        want = (
+            ranks.assign(effective_k=ranks["n_prompts"])
+            .groupby(["improvement_id", "category", "effective_k"], dropna=False)
+            .size()
+        )
+        got = view.set_index(["improvement_id", "category", "effective_k"])["n_captions"]
+        assert got.sort_index().to_dict() == want.sort_index().to_dict()
+        assert (view["k_prompts"] == 2).all() and (view["is_below_k"] == (view["effective_k"] < 2)).all()
+        assert (view["n_with_repeats"] == 0).all()
+        share = view.groupby(["improvement_id", "category"], dropna=False)["pct_of_category"].sum()
+        assert np.allclose(share, 100, atol=0.02)
         ranks = ranks[~has_count]
         assert len(ranks) > 10
     assert (ranks["n_distinct_prompts"] == ranks["n_prompts"]).all()
@@ -497,7 +511,9 @@ def test_cli_prints_the_reference_table_shape(dbfile, run_cli):
     out = run_cli("--db", dbfile, "improve", "--categories", "object", "--pooling", "all").output
     # with every prompt cached, the CLI encodes nothing and never needs the model
     assert "0 encoded now" in out
-    assert "Object failures (n=" in out and "Baseline: R@1 0.00" in out
+    assert "Object failures (n=" in out and "K 10, retrieval run" in out and "Baseline: R@1 0.00" in out
+    n = int(out.split("Object failures (n=")[1].split(",")[0])
+    assert f"Prompts per caption (effective K): 10 for {n} captions" in out
     for label in ("max", "mean", "logsumexp (tau=1)"):
         assert label in out
     for col in ("improved R@1", "improved R@10", "ΔR@1 (pp)", "ΔR@10 (pp)", "95% CI (pp)", "McNemar p"):
@@ -515,7 +531,27 @@ BAD_IMPROVE = [
     (["--categories", "Object", "--control", "successes:100000"], "more than the"),
     (["--categories", "Object", "--template-set", "nope"], "No template set named 'nope'"),
     (["--categories", "Object", "--run", "999"], "No retrieval run with id 999"),
+    (["--categories", "Object", "--k", "0"], "Invalid value for '--k': 0 is not in the range x>=1"),
+    (["--categories", "Object", "--k", "-2"], "Invalid value for '--k': -2 is not in the range x>=1"),
+    (["--categories", "Object,Count", "--k", "20"], "(templates per category: Object 19, Count 19). Give --k 19"),
+    (["--categories", "Object,Count", "--template-mode", "union", "--k", "38"], "the 37 distinct templates of"),
+    (["--categories", "Object", "--seed", "-1"], "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295"),
+    (["--categories", "Object", "--seed", str(2**32)], "is not in the range 0<=x<=4294967295"),
+    (["--categories", "Object", "--seed", "99999999999999999999999"], "is not in the range 0<=x<=4294967295"),
 ]
+
+
+@pytest.mark.parametrize("kw,message", [({"k": 0}, "--k must be a whole number of at least 1"),
+                                        ({"k": -1}, "--k must be"), ({"k": 2.5}, "--k must be"),
+                                        ({"seed": -1}, "--seed must be a whole number from 0 to 4294967295"),
+                                        ({"seed": 2**32}, "--seed must be")])  # fmt: skip
+def test_bad_k_or_seed_through_the_api(con, kw, message):
+    from toolkit.errors import UserError
+
+    before = snapshot(con)
+    with pytest.raises(UserError, match=message):
+        run_improve(con, "Object", **kw)
+    assert_unchanged(con, before)
 
 
 def test_bad_input_is_a_clear_error_and_writes_nothing(dbfile, run_cli):
@@ -554,6 +590,102 @@ def test_tampered_prompt_shard_is_refused(con):
 
     with pytest.raises(UserError, match="has changed since it was written"):
         run_improve(con, "Object", poolings="mean")
+
+
+def test_recompute_prompts_replaces_a_damaged_shard_with_the_command_the_message_gives(
+    dbfile, run_cli, monkeypatch
+):  # fmt: skip
+    import shlex
+
+    from toolkit.errors import UserError
+
+    run_improve(dbfile, "Object", poolings="max")
+    old = q(dbfile, "SELECT embedding_set_id, path FROM embedding_sets WHERE kind = 'prompt'")
+    old_texts = set(q(dbfile, "SELECT p.text FROM embedding_rows er JOIN prompts p ON p.prompt_id = er.item_id "
+                              "WHERE er.embedding_set_id = ?", [int(old["embedding_set_id"][0])])["text"])  # fmt: skip
+    arr = np.load(old["path"][0])
+    arr[0, 0] += 1
+    np.save(old["path"][0], arr)
+    with pytest.raises(UserError) as err:
+        run_improve(dbfile, "Attribute,Object", poolings="mean", k=12)
+    message = str(err.value)
+    assert "Delete that prompt shard" not in message
+    command = message.split("with: ", 1)[1]
+    args = shlex.split(command)
+    assert args[:3] == ["clipfail", "--db", str(dbfile)] and args[-1] == "--recompute-prompts"
+    assert "--k 12" in command and "--categories Object,Attribute" in command and "--pooling mean" in command
+    # the command works as given (a fake encoder stands in for the model, which tests cannot load)
+    enc = FakeEncoder()
+    monkeypatch.setattr(imp, "model_encoder_factory", lambda **kw: lambda identity: enc)
+    out = run_cli(*args[1:]).output
+    assert "encoded now" in out
+    shards = q(dbfile, "SELECT embedding_set_id FROM embedding_sets WHERE kind = 'prompt'")["embedding_set_id"]
+    assert len(shards) == 1 and int(old["embedding_set_id"][0]) not in set(shards)
+    new_texts = set(q(dbfile, "SELECT p.text FROM embedding_rows er JOIN prompts p ON p.prompt_id = er.item_id "
+                              "WHERE er.embedding_set_id = ?", [int(shards[0])])["text"])  # fmt: skip
+    assert old_texts < new_texts and len(enc.calls) == 1 and set(enc.calls[0]) == new_texts
+    assert not q(
+        dbfile, "SELECT * FROM embedding_rows WHERE embedding_set_id = ?", [int(old["embedding_set_id"][0])]
+    ).shape[0]
+    cfg = q(dbfile, "SELECT config_json FROM runs WHERE stage = 'improve' ORDER BY run_id DESC LIMIT 1")["config_json"][
+        0
+    ]
+    assert '"dropped_prompt_shards":[' + str(int(old["embedding_set_id"][0])) + "]" in cfg
+    # the cache is whole again: the first configuration with another pooling encodes nothing
+    res = run_improve(dbfile, "Object", encoder=enc, poolings="logsumexp")
+    assert res.n_encoded == 0 and len(enc.calls) == 1
+
+
+def _record_device(path, device):
+    with Opened(path) as con:
+        run_id, cfg = con.execute(
+            "SELECT r.run_id, r.config_json FROM runs r JOIN retrieval_runs rr USING (run_id)"
+        ).fetchall()[0]
+        cfg = json.loads(cfg) | {"device": device}
+        con.execute("UPDATE runs SET config_json = ? WHERE run_id = ?", [db.canonical_json(cfg), run_id])
+
+
+@pytest.mark.parametrize("cuda_here", [True, False])
+def test_improve_follows_the_retrieval_runs_device(dbfile, monkeypatch, cuda_here, run_cli):
+    """Evaluate ranked on CUDA: improve re-scores on CUDA when it can, else on the CPU and says so."""
+    import torch
+
+    from toolkit import retrieval
+
+    _record_device(dbfile, "cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_here)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1 if cuda_here else 0)
+    used = []
+    real = retrieval.score_rows
+
+    def score_rows(queries, gallery, device="cpu"):
+        used.append(str(device))
+        return real(queries, gallery, device="cpu")  # no GPU in the tests: compute on the CPU, record the ask
+
+    monkeypatch.setattr(retrieval, "score_rows", score_rows)
+    res = run_improve(dbfile, "Object", poolings="max")
+    cfg = json.loads(q(dbfile, "SELECT config_json FROM runs WHERE run_id = ?", [res.run_id])["config_json"][0])
+    assert cfg["retrieval_device"] == "cuda:0"
+    if cuda_here:
+        assert set(used) == {"cuda:0"} and cfg["score_device"] == "cuda:0"
+        assert cfg["score_device_note"] is None and res.notes == []
+    else:
+        assert set(used) == {"cpu"} and cfg["score_device"] == "cpu"
+        assert "ranked on cuda:0, which this machine does not have; improve re-scored on the cpu" in res.notes[0]
+        assert cfg["score_device_note"] == res.notes[0] and "not bit for bit" in res.notes[0]
+        out = run_cli("--db", dbfile, "improve", "--categories", "Object", "--pooling", "max").output
+        assert "Note: Retrieval run" in out and "nothing changed" in out
+    # the scoring device is part of the configuration: the other device's result is not reused
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: not cuda_here)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0 if cuda_here else 1)
+    other = run_improve(dbfile, "Object", poolings="max")
+    assert other.improvement_ids != res.improvement_ids and not other.reused_ids
+
+
+def test_a_retrieval_run_without_a_recorded_device_is_rescored_on_the_cpu_with_a_note(con):
+    _record_device(con, None)
+    res = run_improve(con, "Object", poolings="max")
+    assert "did not record its device; improve re-scored on the cpu" in res.notes[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -636,7 +768,7 @@ def test_readme_example_queries_run(con):
     run_improve(con, "Object,Attribute", poolings="max,mean", control="successes:4")
     examples = Path(__file__).parent.parent / "queries" / "examples" / "improve.sql"
     statements = [s for s in examples.read_text(encoding="utf-8").split(";") if s.strip()]
-    assert len(statements) == 6
+    assert len(statements) == 7
     results = [con.execute(s).df() for s in statements]
     assert all(len(r) > 0 for r in results)
     table = results[0]

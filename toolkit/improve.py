@@ -327,6 +327,61 @@ def database_path(con) -> str:
     return str(rows[0][0]) if rows and rows[0][0] else "clipfail.duckdb"
 
 
+#: category -> the captions its coverage target is about (besides all captions): `phrases.mentions` key
+COVERAGE_FOCUS = {"Attribute": "attribute", "Count": "number", "Spatial": "relation"}
+
+
+def prompt_coverage(
+    captions: Sequence[str], tdf: pd.DataFrame, k: int = DEFAULT_K, mode: str = "own", categories=None
+) -> pd.DataFrame:
+    """Per category of a template set: how many captions reach k distinct prompts.
+
+    One row per (category, captions): ``captions`` is 'all', or for Attribute/Count/Spatial also the
+    captions that mention an attribute/number/relation (`phrases.mentions`). Columns: n, n_at_k,
+    pct_at_k (share reaching k, in %), mean_k (mean effective K), mean_slot_prompts (mean number of
+    prompts from templates that use a phrase slot, i.e. not only the caption). In ``union`` mode the
+    categories' lists are joined as improve joins them.
+    """
+    cats = list(categories) if categories is not None else list(dict.fromkeys(tdf["category"]))
+    per_cat, _union = template_lists(tdf, cats, mode, k)
+    slots = {c: phrases.extract(c) for c in captions}
+    focus = {c: phrases.mentions(c) for c in captions}
+    rows = []
+    for cat in cats:
+        tl = per_cat[cat]
+        by_template = {}
+        for t in tl:
+            by_template.setdefault(t, bool(phrases.template_slots(t) - phrases.CAPTION_FIELDS))
+        made = {c: phrases.build_prompts(c, tl, k, slots[c]) for c in captions}
+        n_slot = {}
+        for c, prs in made.items():
+            # which template made each prompt: refill in order (the same rule, so the same texts)
+            got = {phrases.try_fill(t, c, slots[c]): by_template[t] for t in reversed(tl)}
+            n_slot[c] = sum(bool(got.get(p)) for p in prs[1:])
+        groups = [("all", list(captions))]
+        if cat in COVERAGE_FOCUS:
+            key = COVERAGE_FOCUS[cat]
+            groups.append(
+                (f"mention {'an' if key == 'attribute' else 'a'} {key}", [c for c in captions if focus[c][key]])
+            )
+        for label, group in groups:
+            ks = np.array([len(made[c]) for c in group])
+            rows.append(
+                {
+                    "category": cat,
+                    "captions": label,
+                    "n": len(group),
+                    "n_at_k": int((ks >= k).sum()),
+                    "pct_at_k": round(100 * float((ks >= k).mean()), 1) if len(group) else float("nan"),
+                    "mean_k": round(float(ks.mean()), 2) if len(group) else float("nan"),
+                    "mean_slot_prompts": round(float(np.mean([n_slot[c] for c in group])), 2)
+                    if group
+                    else float("nan"),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 

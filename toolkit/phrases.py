@@ -590,3 +590,22 @@ def build_prompts(caption: str, templates, k: int, slots: dict[str, str] | None 
         seen.add(key)
         out.append(prompt)
     return out
+
+
+def mentions(caption: str) -> dict[str, bool]:
+    """Whether the caption mentions an attribute, a number and a spatial relation, by its words alone.
+
+    attribute: a word of `ATTRIBUTE_WORDS`; number: a number word, a digit string or a `COUNT_WORDS`
+    expression; relation: a strong relation (`RELATIONS_STRONG`) or a `STANDALONE_RELATIONS` phrase
+    (the weak "on", "in", "at", "by" are in nearly every caption and do not count). Used to pick the
+    captions that a category's coverage target is about (`benchmarks/prompt_coverage.py`).
+    """
+    tokens = tokenize(caption)
+    strong = sorted((tuple(r.split()) for r in RELATIONS_STRONG), key=len, reverse=True)
+    return {
+        "attribute": any(t in ATTRIBUTE_WORDS for t in tokens),
+        "number": any(_is_number(t) or _match_seq(tokens, i, _COUNT_SPLIT) for i, t in enumerate(tokens)),
+        "relation": any(
+            _match_seq(tokens, i, strong) or _match_seq(tokens, i, _STANDALONE_SPLIT) for i in range(len(tokens))
+        ),
+    }
