@@ -864,3 +864,20 @@ def test_end_to_end_with_a_tiny_open_clip_model(tiny_world, tmp_path, run_cli):
     save_random_checkpoint(other, "tiny-clip", seed=4)
     res = run_cli("--db", path, "improve", "--categories", "Spatial", "--checkpoint", other, expect=2)
     assert "is not the one that made the text embeddings" in res.output
+
+
+def test_report_shows_the_effective_k_of_each_subset(con, tmp_path):
+    from toolkit.report import write_report
+
+    a = run_improve(con, "Object", poolings="max")
+    b = run_improve(con, "Attribute", poolings="max", k=15)
+    dist = q(con, "SELECT n_prompts, count(*) AS n FROM improvement_ranks WHERE improvement_id = ? GROUP BY 1 "
+                  "ORDER BY 1 DESC", b.improvement_ids)  # fmt: skip
+    assert len(dist) == 2 and dist["n_prompts"].tolist() == [15, 10]  # captions without an attribute: 1 + 9 framings
+    # a run made before K could be chosen (no k_prompts) is still shown, with what it recorded
+    con.execute("UPDATE improvement_runs SET k_prompts = NULL WHERE improvement_id = ?", a.improvement_ids)
+    page = write_report(con, out_dir=tmp_path / "rep").html_path.read_text(encoding="utf-8")
+    parts = ", ".join(f"{k} for {n} caption{'s' if n != 1 else ''}" for k, n in zip(dist["n_prompts"], dist["n"]))
+    assert f"Distinct prompts per caption: K 15 asked; effective K {parts} (view improvement_effective_k)" in page
+    assert "mode own, K 15)" in page
+    assert "Templates per category (K, copies of the caption included): {&quot;Object&quot;: 10}" in page
