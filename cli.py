@@ -546,11 +546,12 @@ def templates():
     """Prompt-template sets for `clipfail improve` (table prompt_templates).
 
     A set has, per category, templates in position order; position 0 is the identity
-    {caption}. Slots: {caption}, {objects}, {attributes}, {actions}, {count}, {relation}
-    (filled from the caption by a lexicon-based phrase extractor; a template whose slot is
-    empty for a caption falls back to the caption). The set 'default' ships with clipfail.
+    {caption}. Slots: {caption}, {caption_lc}, {objects}, {attributes}, {actions}, {count},
+    {relation} (filled from the caption by a lexicon-based phrase extractor; a template whose
+    slot is empty for a caption is skipped for it). The sets 'default-v2' (improve's default)
+    and 'default' (the first one, kept for earlier runs) ship with clipfail.
 
-    Example: clipfail templates export --set default --out my_templates.csv
+    Example: clipfail templates export --set default-v2 --out my_templates.csv
     """
 
 
@@ -558,9 +559,9 @@ def templates():
 @click.option("--set", "template_set", default=None, help="Show this set's templates (default: a summary of sets).")
 @db_option
 def templates_list(db_path, template_set):
-    """List template sets (K per category), or one set's templates.
+    """List template sets (templates per category: the largest --k), or one set's templates.
 
-    Example: clipfail templates list --set default
+    Example: clipfail templates list --set default-v2
     """
     from toolkit import templates as tpl
 

@@ -810,7 +810,10 @@ def tiny_world(synthetic_coco_master, tmp_path_factory):
 def test_end_to_end_with_a_tiny_open_clip_model(tiny_world, tmp_path, run_cli):
     path, ckpt = tiny_world  # only this test uses (and changes) it
     # the checkpoint is found from the text embeddings' record; prompts are encoded by that model
-    out = run_cli("--db", path, "improve", "--categories", "Count,Attribute", "--pooling", "max").output
+    # --device cpu: the prompt embeddings are compared below with the CPU encoding of the same model
+    out = run_cli(
+        "--db", path, "improve", "--categories", "Count,Attribute", "--pooling", "max", "--device", "cpu"
+    ).output
     assert "Attribute+Count failures" in out and "Baseline: R@1 0.00" in out
     encoded = int(out.split(" encoded now")[0].rsplit(", ", 1)[1])
     assert encoded > 0

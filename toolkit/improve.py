@@ -645,16 +645,13 @@ def improve(
     if k >= 2 and all(len(prs) == 1 for prs in subset.prompts):
         raise UserError(
             f"Template set {template_set!r} ({template_mode} mode) gives none of the {len(subset.prompts)} captions of "
-            f"the subset a prompt other than the caption itself: every template uses a slot that the phrase "
-            f"extractor finds empty in them (see clipfail templates list --set {template_set}). Nothing was encoded "
-            f"or written. Use a set whose templates apply (the default {templates.DEFAULT_SET} has templates that "
-            "always do), or --k 1 for the baseline itself."
+            f"the subset a prompt other than the caption itself: each template either uses a slot that the phrase "
+            f"extractor finds empty in them or gives the caption's own text again (see clipfail templates list --set "
+            f"{template_set}). Nothing was encoded or written. Use a set whose templates apply (the default "
+            f"{templates.DEFAULT_SET} has templates that always do), or --k 1 for the baseline itself."
         )
     score_device, recorded_device, device_note = scoring_device(con, rr)
-    if device_note:
-        notes = [device_note]
-    else:
-        notes = []
+    notes = [device_note] if device_note else []
     # --- unit configs and idempotence
     common = {
         "stage": STAGE,
@@ -675,8 +672,8 @@ def improve(
     for pop in pops:
         subset_sig = _sha(
             [
-                [int(c), None if pd.isna(s) else int(s), None if pd.isna(k) else str(k), p]
-                for c, s, k, p in zip(
+                [int(c), None if pd.isna(s) else int(s), None if pd.isna(lab) else str(lab), p]
+                for c, s, lab, p in zip(
                     pop.captions["caption_id"], pop.captions["sample_id"], pop.captions["category"], pop.prompts
                 )
             ]
@@ -707,7 +704,7 @@ def improve(
         notes=notes,
     )
     todo = [u for u in units if u[3] not in existing]
-    if not todo and not recompute_prompts:
+    if not todo and not (recompute_prompts and prompt_shards(con, identity)):
         result.improvement_ids = [int(existing[u[3]]) for u in units]
         result.reused_ids = list(result.improvement_ids)
         return result

@@ -106,13 +106,13 @@ def load_set(con, template_set: str = DEFAULT_SET) -> pd.DataFrame:
 
 
 def list_sets(con) -> pd.DataFrame:
-    """One row per (set, category): K and how many improvement runs used the set."""
+    """One row per (set, category): its number of templates (the largest --k) and the improvement runs of the set."""
     return con.execute(
         """
         WITH used AS (
             SELECT template_set, count(*) AS n_improvement_runs FROM improvement_runs GROUP BY 1
         )
-        SELECT t.template_set, t.category, count(*) AS k,
+        SELECT t.template_set, t.category, count(*) AS n_templates,
                coalesce(any_value(u.n_improvement_runs), 0) AS n_improvement_runs
         FROM prompt_templates t
         LEFT JOIN categories c ON c.name = t.category
