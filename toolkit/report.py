@@ -686,7 +686,8 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
         missing.append("improvement runs: clipfail improve")
         return
     page.p(
-        "Each caption of a labelled subset is expanded into K templated prompts; each prompt is scored "
+        "Each caption of a labelled subset is expanded into up to K distinct prompts (the caption itself and the "
+        "templates that apply to it; how many each caption got, its effective K, is given per subset); each is scored "
         "against every image and the scores are pooled per image (max, mean, or logsumexp with temperature "
         "tau). All values are percentages; deltas are percentage points (pp) against the same captions' baseline. "
         "The 95% interval is a paired bootstrap (10,000 resamples, seeded) and p is the exact McNemar test "
