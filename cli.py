@@ -718,7 +718,7 @@ def improve(
     nothing. Mean pooling ranks exactly as CLIP's embedding-average ensemble. Each delta comes
     with a paired bootstrap 95% interval and an exact McNemar p. --control adds the same run on
     R@1 successes (how many the fix breaks) or on every caption. Results: views
-    improvement_recall and category_recall_delta.
+    improvement_recall, category_recall_delta and improvement_effective_k.
 
     Example: clipfail improve --categories Object,Attribute --template-mode union --k 15 --pooling all
     """
