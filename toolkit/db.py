@@ -106,7 +106,10 @@ def _connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnec
         raise UserError(f"Cannot open database {path}: {exc}") from None
 
 
-def _table_exists(con, name: str) -> bool:
+def table_exists(con, name: str) -> bool:
+    """Whether the database has a table or a view called `name` (in schema main). The one such check
+    (db, status, report): a database written by an older clipfail may lack a newer table or view."""
+    # fetchall, not fetchone: a half-read result blocks the connection's next register() (DuckDB 2)
     return bool(
         con.execute(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'",
@@ -115,8 +118,11 @@ def _table_exists(con, name: str) -> bool:
     )
 
 
+_table_exists = table_exists  # the former private name, for callers on other branches; use table_exists
+
+
 def schema_version(con) -> int | None:
-    if not _table_exists(con, "schema_info"):
+    if not table_exists(con, "schema_info"):
         return None
     # fetchall, not fetchone: a half-read result blocks the connection's next register() (DuckDB 2)
     row = next(iter(con.execute("SELECT value FROM schema_info WHERE key = 'schema_version'").fetchall()), None)
@@ -124,7 +130,7 @@ def schema_version(con) -> int | None:
 
 
 def stored_schema_hash(con) -> str | None:
-    if not _table_exists(con, "schema_info"):
+    if not table_exists(con, "schema_info"):
         return None
     row = next(iter(con.execute("SELECT value FROM schema_info WHERE key = 'schema_hash'").fetchall()), None)
     return row[0] if row else None
@@ -166,7 +172,7 @@ def ensure_schema(con, path: str = "") -> None:
         for seq in metadata._sequences.values():
             con.execute(str(CreateSequence(seq, if_not_exists=True).compile(dialect=_DIALECT)))
         for table in metadata.sorted_tables:
-            if not _table_exists(con, table.name):
+            if not table_exists(con, table.name):
                 con.execute(str(CreateTable(table, if_not_exists=True).compile(dialect=_DIALECT)))
                 continue
             have = {

@@ -60,14 +60,6 @@ class ReportResult:
 # --------------------------------------------------------------------------- small helpers
 
 
-def _view_exists(con, name: str) -> bool:
-    return bool(
-        con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' AND table_name = ?", [name]
-        ).fetchone()[0]
-    )
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "x"
 
@@ -523,7 +515,7 @@ POOLING_ORDER = "CASE pooling WHEN 'max' THEN 0 WHEN 'mean' THEN 1 WHEN 'logsume
 WIDE_SQL = f"""
 SELECT
     improvement_id, run_id, retrieval_run_id, categories, population, pooling, tau, template_set, template_mode,
-    k_per_category, any_value(n) AS n,
+    k_per_category, k_prompts, any_value(n) AS n,
     any_value(baseline_pct) FILTER (WHERE k = 1) AS baseline_r1,
     any_value(baseline_pct) FILTER (WHERE k = 5) AS baseline_r5,
     any_value(baseline_pct) FILTER (WHERE k = 10) AS baseline_r10,
@@ -547,7 +539,7 @@ SELECT
 FROM improvement_recall
 WHERE retrieval_run_id = ?
 GROUP BY improvement_id, run_id, retrieval_run_id, categories, population, pooling, tau, template_set,
-    template_mode, k_per_category
+    template_mode, k_per_category, k_prompts
 ORDER BY categories, template_set, template_mode, population, {POOLING_ORDER}, tau, improvement_id
 """
 
@@ -672,10 +664,23 @@ def _save_figure(fig, path_stem: Path, dpi: int) -> list[Path]:
     return [png, svg]
 
 
+def _effective_k_text(con, run: pd.Series, k_asked: int | None) -> str:
+    """The K asked for and how many prompts the captions really got (view improvement_effective_k)."""
+    if k_asked is None:  # a run made before prompts were distinct: K templates, copies of the caption included
+        return f"Templates per category (K, copies of the caption included): {run['k_per_category']}."
+    dist = con.execute(
+        "SELECT effective_k, sum(n_captions) AS n FROM improvement_effective_k WHERE improvement_id = ? "
+        "GROUP BY ALL ORDER BY effective_k DESC",
+        [int(run["improvement_id"])],
+    ).fetchall()
+    parts = ", ".join(f"{int(k)} for {int(n)} caption{'s' if n != 1 else ''}" for k, n in dist)
+    return f"Distinct prompts per caption: K {k_asked} asked; effective K {parts} (view improvement_effective_k)."
+
+
 def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list[str]) -> None:
     page.h2("improvement", "4. Category-aware prompt ensembling")
     flag = " SIMULATED labels chose these captions." if simulated else ""
-    if rrid is None or not _view_exists(con, "improvement_recall"):
+    if rrid is None or not db.table_exists(con, "improvement_recall"):
         page.p("No improvement run yet. Run: clipfail improve --categories Object --pooling all", cls="missing")
         missing.append("improvement runs: clipfail improve")
         return
@@ -685,24 +690,30 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
         missing.append("improvement runs: clipfail improve")
         return
     page.p(
-        "Each caption of a labelled subset is expanded into K templated prompts; each prompt is scored "
+        "Each caption of a labelled subset is expanded into up to K distinct prompts (the caption itself and the "
+        "templates that apply to it; how many each caption got, its effective K, is given per subset); each is scored "
         "against every image and the scores are pooled per image (max, mean, or logsumexp with temperature "
         "tau). All values are percentages; deltas are percentage points (pp) against the same captions' baseline. "
         "The 95% interval is a paired bootstrap (10,000 resamples, seeded) and p is the exact McNemar test "
         "of the paired hit/miss outcomes; both are stored by improve and read from view improvement_recall." + flag
     )
-    keys = ["categories", "template_set", "template_mode"]
+    keys = ["categories", "template_set", "template_mode", "k_prompts"]
     failures = wide[wide["population"] == "failures"]
-    for n_sub, (key, group) in enumerate(failures.groupby(keys, sort=False), start=1):
-        categories, template_set, template_mode = key
+    # dropna=False: runs made before K could be chosen have no k_prompts and must still be shown
+    for n_sub, (key, group) in enumerate(failures.groupby(keys, sort=False, dropna=False), start=1):
+        categories, template_set, template_mode, k_prompts = key
         group = group.reset_index(drop=True)
         first = group.iloc[0]
-        page.h3(f"4.{n_sub} {categories} (n={int(first['n'])}, templates {template_set}, mode {template_mode})")
+        k_asked = None if pd.isna(k_prompts) else int(k_prompts)
+        k_title = "" if k_asked is None else f", K {k_asked}"
+        page.h3(
+            f"4.{n_sub} {categories} (n={int(first['n'])}, templates {template_set}, mode {template_mode}{k_title})"
+        )
         page.p(
             f"Baseline: R@1 {_fmt(first['baseline_r1'], 'f2')}, R@5 {_fmt(first['baseline_r5'], 'f2')}, "
-            f"R@10 {_fmt(first['baseline_r10'], 'f2')}. Prompts per category (K): {first['k_per_category']}."
+            f"R@10 {_fmt(first['baseline_r10'], 'f2')}. {_effective_k_text(con, first, k_asked)}"
         )
-        slug = _slug(f"{categories}_{template_set}_{template_mode}")
+        slug = _slug(f"{categories}_{template_set}_{template_mode}" + ("" if k_asked in (None, 10) else f"_k{k_asked}"))
         page.table(
             _study_table(group),
             f"improvement_{slug}",
