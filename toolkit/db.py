@@ -191,28 +191,32 @@ def ensure_schema(con, path: str = "") -> None:
 
 
 def view_sql() -> dict[str, str]:
-    """The view definitions shipped in queries/*.sql, by view name (file stem)."""
-    out = {}
-    for entry in resources.files("queries").iterdir():
-        if entry.name.endswith(".sql"):
-            out[entry.name[: -len(".sql")]] = entry.read_text(encoding="utf-8")
-    return dict(sorted(out.items()))
+    """The view definitions shipped in queries/*.sql, by view name (file stem), in the order of
+    queries.VIEWS (dependency order). A .sql file missing from that list, or a listed view without its
+    file, is a packaging mistake and raises RuntimeError."""
+    from queries import VIEWS
+
+    files = {
+        entry.name[: -len(".sql")]: entry
+        for entry in resources.files("queries").iterdir()
+        if entry.name.endswith(".sql")
+    }
+    unlisted = sorted(set(files) - set(VIEWS))
+    missing = [name for name in VIEWS if name not in files]
+    if unlisted or missing:
+        raise RuntimeError(
+            f"queries/__init__.py VIEWS does not match queries/*.sql: not listed {unlisted}, no file for {missing}"
+        )
+    return {name: files[name].read_text(encoding="utf-8") for name in VIEWS}
 
 
 def apply_views(con) -> None:
-    """CREATE OR REPLACE every view; views that depend on others are retried until all resolve."""
-    pending = view_sql()
-    while pending:
-        failed = {}
-        for name, sql in pending.items():
-            try:
-                con.execute(sql)
-            except duckdb.CatalogException as exc:
-                failed[name] = (sql, exc)
-        if len(failed) == len(pending):
-            name, (_, exc) = next(iter(failed.items()))
-            raise RuntimeError(f"view {name} in queries/{name}.sql does not apply: {exc}")
-        pending = {k: v[0] for k, v in failed.items()}
+    """CREATE OR REPLACE every view, once each, in the dependency order of queries.VIEWS."""
+    for name, sql in view_sql().items():
+        try:
+            con.execute(sql)
+        except duckdb.Error as exc:
+            raise RuntimeError(f"view {name} in queries/{name}.sql does not apply: {exc}") from exc
 
 
 def upgrade(con, path: str = "") -> None:
