@@ -61,3 +61,28 @@ def test_examples_are_not_rewrapped():
             lines = [line.strip() for line in para.strip().splitlines()]
             if any(line.startswith(("clipfail ", "Example:", "Examples:")) for line in lines):
                 assert lines[0] == "\b", f"clipfail {' '.join(path)}: put \\b before the example paragraph"
+
+
+def test_commands_are_in_stage_order_in_help_and_in_source():
+    import inspect
+
+    from cli import STAGE_ORDER, cli
+
+    names = cli.list_commands(click.Context(cli))
+    staged = [n for n in names if n in STAGE_ORDER]
+    assert staged == [n for n in STAGE_ORDER if n in cli.commands] and names[: len(staged)] == staged
+    lines = [inspect.getsourcelines(cli.commands[n].callback)[1] for n in staged]
+    assert lines == sorted(lines), "cli.py defines the commands out of stage order"
+
+
+def test_model_options_are_declared_once():
+    # the same option means the same thing, with the same help, in every command that has it
+    helps: dict[str, set[str]] = {}
+    users = set()
+    for path, cmd in ALL:
+        for param in cmd.params:
+            if isinstance(param, click.Option) and param.name in ("model", "pretrained", "checkpoint", "device"):
+                helps.setdefault(param.name, set()).add(param.help)
+                users.add(path)
+    assert {("embed",), ("evaluate",), ("improve",), ("run",)} <= users
+    assert all(len(texts) == 1 for texts in helps.values()), helps
