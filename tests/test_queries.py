@@ -23,11 +23,13 @@ from helpers import register_hand_built
 import queries
 from schema.tables import metadata
 from toolkit import db
+from toolkit import study as study_mod
 from toolkit.evaluate import evaluate
 from toolkit.failures import sample_failures
 from toolkit.improve import improve
 from toolkit.ingest import ingest
 from toolkit.simulate import simulate_labels
+from toolkit.study import open_study
 from toolkit.synthetic import make_synthetic_coco
 from toolkit.triage import triage
 
@@ -45,21 +47,21 @@ def _sql_files() -> list[str]:
 def test_every_view_file_is_listed_once():
     assert len(queries.VIEWS) == len(set(queries.VIEWS)), "a view is listed twice in queries.VIEWS"
     assert sorted(queries.VIEWS) == _sql_files()
-    assert list(db.view_sql()) == queries.VIEWS  # applied in the listed order
+    assert list(study_mod.view_sql()) == queries.VIEWS  # applied in the listed order
 
 
 def test_view_sql_refuses_a_file_missing_from_the_list(monkeypatch):
     monkeypatch.setattr(queries, "VIEWS", [v for v in queries.VIEWS if v != "triage_confusion"])
     with pytest.raises(RuntimeError, match=r"not listed \['triage_confusion'\]"):
-        db.view_sql()
+        study_mod.view_sql()
     monkeypatch.setattr(queries, "VIEWS", [*queries.VIEWS, "triage_confusion", "no_such_view"])
     with pytest.raises(RuntimeError, match=r"no file for \['no_such_view'\]"):
-        db.view_sql()
+        study_mod.view_sql()
 
 
 def _schema_only():
     con = duckdb.connect()
-    db.ensure_schema(con)
+    study_mod.ensure_schema(con)
     return con
 
 
@@ -82,7 +84,7 @@ def test_apply_views_names_the_view_that_does_not_apply(monkeypatch):
     con = _schema_only()
     try:
         with pytest.raises(RuntimeError, match=r"view improvement_recall in queries/improvement_recall\.sql"):
-            db.apply_views(con)
+            study_mod.apply_views(con)
     finally:
         con.close()
 
@@ -137,7 +139,7 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("queries_study")
     make_synthetic_coco(root / "coco", 60, seed=1)
     path = root / "study.duckdb"
-    con = db.open_database(path)
+    con = open_study(path)
     try:
         ingest(con, coco_root=root / "coco", num_images=60, captions_per_image=5, seed=42, name="s60")
         sid = int(db.get_subset(con, "s60")["subset_id"])
@@ -278,7 +280,7 @@ TOOLKIT = Path(db.__file__).parent
 def test_one_table_exists_check():
     con = _schema_only()
     try:
-        db.apply_views(con)
+        study_mod.apply_views(con)
         assert db.table_exists(con, "improvement_runs") and db.table_exists(con, "improvement_recall")
         assert not db.table_exists(con, "no_such_table")
     finally:

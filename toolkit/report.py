@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pandas as pd
 
-import toolkit
 from toolkit import db
 from toolkit import paths as study_paths
+from toolkit._version import __version__
 from toolkit.errors import UserError
 from toolkit.outdir import FreshFolder
 from toolkit.sheets import write_frame_csv
@@ -370,7 +370,7 @@ def _provenance(con, page: _Page, rrid: int | None) -> None:
         try:
             version = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            version = toolkit.__version__ if name == "clipfail" else "(not installed)"
+            version = __version__ if name == "clipfail" else "(not installed)"
         versions.append((name, version))
     versions.append(("python", platform.python_version()))
     page.table(
@@ -479,7 +479,7 @@ def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> 
     for note in notes or []:
         banner += f'<div class="banner note-box">{html.escape(note)}</div>'
     meta = (
-        f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} by clipfail {toolkit.__version__}"
+        f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} by clipfail {__version__}"
         + (f" from {html.escape(str(db_path))}" if db_path else "")
         + (f"; retrieval run {rrid}" if rrid is not None else "")
         + (f"; report run {run_id}." if run_id is not None else ".")
