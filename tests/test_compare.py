@@ -143,7 +143,8 @@ def test_comparison_numbers_equal_a_plain_recomputation_from_the_rank_rows(study
         # the stored interval is toolkit.stats' seeded paired bootstrap of these very hit vectors ...
         lo, hi = stats.paired_bootstrap_ci(ha, hb, seed=42)
         assert (st.ci_low_pp, st.ci_high_pp) == pytest.approx((100 * lo, 100 * hi), abs=1e-9)
-        assert row.ci_low_pp == pytest.approx(round(100 * lo, 2)) and row.ci_high_pp == pytest.approx(round(100 * hi, 2))
+        assert row.ci_low_pp == pytest.approx(round(100 * lo, 2))
+        assert row.ci_high_pp == pytest.approx(round(100 * hi, 2))
         # ... and agrees with a plain index-resampling bootstrap (a different draw: within 1.5 pp)
         rng = np.random.default_rng(0)
         idx = rng.integers(0, n, size=(4000, n))
@@ -160,7 +161,8 @@ def test_failure_overlap_by_category_equals_the_labels_joined_with_both_ranks(st
     con = db.open_database(path, read_only=True)
     try:
         cid = con.execute(
-            "SELECT max(run_comparison_id) FROM run_comparisons WHERE retrieval_run_a_id = ? AND retrieval_run_b_id = ?",
+            "SELECT max(run_comparison_id) FROM run_comparisons "
+            "WHERE retrieval_run_a_id = ? AND retrieval_run_b_id = ?",
             [runs["a"], runs["b"]],
         ).fetchone()[0]
         view = con.execute("SELECT * FROM failure_overlap_by_category WHERE run_comparison_id = ?", [cid]).df()
