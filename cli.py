@@ -123,9 +123,15 @@ def make_synthetic_coco(dest, n_images, seed):
 @click.option("--coco-root", type=click.Path(), help="Folder with annotations/captions_val2017.json and val2017/.")
 @click.option("--captions-json", type=click.Path(), help="A COCO captions JSON (instead of --coco-root).")
 @click.option("--images-dir", type=click.Path(), help="The folder its file_names are relative to.")
-@click.option("--karpathy-json", type=click.Path(), help="Karpathy's dataset_coco.json (image root: --images-dir).")
+@click.option(
+    "--karpathy-json",
+    type=click.Path(),
+    help="Karpathy's dataset_coco.json or dataset_flickr30k.json (image root: --images-dir).",
+)
 @click.option("--split", default=None, help="Karpathy split to take (default: test).")
-@click.option("--num-images", default="5000", show_default=True, help="Images to sample, or 'all'.")
+@click.option(
+    "--num-images", default=None, help="Images to sample, or 'all' (default: 5000; Flickr30k: the whole split)."
+)
 @click.option("--captions-per-image", type=click.IntRange(1, 2**31 - 1), default=5, show_default=True)
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True)
 @click.option("--name", default=None, help="Subset name (default: <num-images>-seed<seed>).")
