@@ -262,6 +262,42 @@ def test_bad_input_is_one_message_and_writes_nothing(study, run_cli, which, args
     con.close()
 
 
+def test_runs_that_do_not_rank_the_same_queries_are_refused(study, run_cli):
+    path, runs, _ = study
+    con = db.open_database(path)
+    try:  # a copy of run B that lost one query (as if its subset had changed under it)
+        copy = con.execute(
+            """
+            INSERT INTO retrieval_runs (subset_id, model, text_embedding_set_id, image_embedding_set_id, direction,
+                                        tie_policy, topk, config_hash, created_at, run_id)
+            SELECT subset_id, model, text_embedding_set_id, image_embedding_set_id, direction, tie_policy, topk,
+                   'test-copy', created_at, run_id
+            FROM retrieval_runs WHERE retrieval_run_id = ? RETURNING retrieval_run_id
+            """,
+            [runs["b"]],
+        ).fetchone()[0]
+        con.execute(
+            "INSERT INTO retrieval_ranks SELECT * REPLACE (? AS retrieval_run_id) FROM retrieval_ranks "
+            "WHERE retrieval_run_id = ? AND query_id > (SELECT min(query_id) FROM retrieval_ranks "
+            "WHERE retrieval_run_id = ?)",
+            [copy, runs["b"], runs["b"]],
+        )
+        before = _count(con, "run_comparisons")
+    finally:
+        con.close()
+    try:
+        out = run_cli("--db", path, "compare", runs["a"], copy, expect=2).output
+        assert "do not rank the same queries (1 only in run" in out and "0 only in run" in out
+        con = db.open_database(path, read_only=True)
+        assert _count(con, "run_comparisons") == before
+        con.close()
+    finally:
+        con = db.open_database(path)
+        con.execute("DELETE FROM retrieval_ranks WHERE retrieval_run_id = ?", [copy])
+        con.execute("DELETE FROM retrieval_runs WHERE retrieval_run_id = ?", [copy])
+        con.close()
+
+
 def test_report_has_the_comparison_section(study, tmp_path):
     from toolkit.report import write_report
 
@@ -385,3 +421,24 @@ def test_benchmark_file_problems_are_one_message(run_cli, tmp_path, synthetic_co
     con = db.open_database(dbp, read_only=True)
     assert _count(con, "embedding_sets") == 0 and _count(con, "retrieval_runs") == 0
     con.close()
+
+
+def test_benchmark_reports_a_line_whose_stage_fails_and_runs_the_next(run_cli, tmp_path, synthetic_coco, monkeypatch):
+    import toolkit.embed
+
+    dbp = str(tmp_path / "bench.duckdb")
+    run_cli("--db", dbp, "ingest", "--coco-root", synthetic_coco, "--num-images", "4", "--name", "s4")
+    calls = []
+
+    def failing_embed(database, subset_name=None, model="", **kwargs):
+        calls.append(model)
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(toolkit.embed, "embed", failing_embed)
+    models = tmp_path / "models.txt"
+    models.write_text("tiny-clip\ntiny-clip,tiny.safetensors\n", encoding="utf-8")
+    (tmp_path / "tiny.safetensors").write_bytes(b"x")
+    out = run_cli("--db", dbp, "benchmark", "--models", models, "--device", "cpu", expect=1).output
+    assert calls == ["tiny-clip", "tiny-clip"]  # the second line ran after the first one failed
+    assert "line 1 (tiny-clip): unexpected RuntimeError: CUDA out of memory (simulated)" in out
+    assert "line 2 (tiny-clip,tiny.safetensors): unexpected RuntimeError" in out

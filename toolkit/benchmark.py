@@ -12,7 +12,9 @@ The second field is a checkpoint when it contains a `/` (or the platform's separ
 is relative to the models file's folder.
 
 Every line is checked first (the model spec resolves, a checkpoint file exists). A bad line is
-named with its line number and runs nothing; the other lines still run. Each good line runs the
+named with its line number and runs nothing; the other lines still run. A line whose embed or
+evaluate fails (weights that cannot be fetched, an unexpected error such as running out of memory)
+is reported the same way, and the next line runs. Each good line runs the
 existing stages in order: `toolkit.embed.embed` (which reuses a cached set and resumes an
 interrupted one) and `toolkit.evaluate.evaluate` in both directions on the very sets that embed
 returned (which reuses a run made from the same files). So a benchmark that stopped half-way is
@@ -218,6 +220,10 @@ def benchmark(
         except UserError as exc:
             outcomes.append(LineOutcome(item, "failed", str(exc), seconds=time.perf_counter() - t0))
             continue
+        except Exception as exc:  # e.g. out of memory on one large model: report it, and run the other lines
+            msg = f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            outcomes.append(LineOutcome(item, "failed", msg, seconds=time.perf_counter() - t0))
+            continue
         status = "already done" if noop else "done"
         outcomes.append(LineOutcome(item, status, None, runs, time.perf_counter() - t0))
     with _open(database) as con:
@@ -299,8 +305,9 @@ def write_table_csv(table: pd.DataFrame, path) -> Path:
             new = set(tmp.read_text(encoding="utf-8-sig").splitlines())
             if old is None or not old or any(line not in new for line in old if line.strip()):
                 raise UserError(
-                    f"--csv {path} exists and holds lines this table would not keep (edited, or another table). "
-                    "It was left as it is: move it away or give another --csv file."
+                    f"--csv {path} exists and holds lines this table would not keep (edited by hand, another "
+                    "table, or a model no longer in the models file). It was left as it is: move it away or give "
+                    "another --csv file."
                 )
         os.replace(tmp, path)
     finally:
