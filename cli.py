@@ -1313,7 +1313,10 @@ def compare(db_path, run_a, run_b, ks, seed):
         click.echo("The two runs rank every query identically: every delta is zero and nothing is fixed or broken.")
     cols = ["k", "r_at_k_a", "r_at_k_b", "delta_pp", "ci_low_pp", "ci_high_pp", "mcnemar_p"]
     counts = ["k", "n_fixed", "n_broken", "n_shared", "n_neither"]
-    echo_df(res.summary[cols])
+    shown = res.summary[cols].copy()
+    for col in ("delta_pp", "ci_low_pp", "ci_high_pp"):  # percentage points, as the view rounds them
+        shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:+.2f}")
+    echo_df(shown)
     click.echo("")
     echo_df(res.summary[counts])
     if not overlap.empty:

@@ -220,6 +220,15 @@ def test_a_run_compared_with_itself_has_zero_deltas_and_says_so(study, run_cli):
     assert (view["n_fixed"] == 0).all() and (view["n_broken"] == 0).all() and (view["mcnemar_p"] == 1).all()
     assert view["is_same_run"].all()
     assert (overlap["n_fixed"] == 0).all() and (overlap["n_broken"] == 0).all()
+    # another run of the same embeddings (top-5 stored instead of top-10) ranks identically: said too
+    con = db.open_database(path)
+    try:
+        twin = evaluate(con, "s40", model="hand-a", device="cpu", topk=5).retrieval_run_id
+    finally:
+        con.close()
+    assert twin != runs["a"]
+    out = run_cli("--db", path, "compare", runs["a"], twin).output
+    assert "rank every query identically: every delta is zero" in out
 
 
 def test_the_same_comparison_again_is_a_noop_and_other_options_add_one(study, run_cli):
