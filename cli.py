@@ -839,11 +839,12 @@ def templates():
     """Prompt-template sets for `clipfail improve` (table prompt_templates).
 
     A set has, per category, templates in position order; position 0 is the identity
-    {caption}. Slots: {caption}, {objects}, {attributes}, {actions}, {count}, {relation}
-    (filled from the caption by a lexicon-based phrase extractor; a template whose slot is
-    empty for a caption falls back to the caption). The set 'default' ships with clipfail.
+    {caption}. Slots: {caption}, {caption_lc}, {objects}, {attributes}, {actions}, {count},
+    {relation} (filled from the caption by a lexicon-based phrase extractor; a template whose
+    slot is empty for a caption is skipped for it). The sets 'default-v2' (improve's default)
+    and 'default' (the first one, kept for earlier runs) ship with clipfail.
 
-    Example: clipfail templates export --set default --out my_templates.csv
+    Example: clipfail templates export --set default-v2 --out my_templates.csv
     """
 
 
@@ -851,9 +852,9 @@ def templates():
 @click.option("--set", "template_set", default=None, help="Show this set's templates (default: a summary of sets).")
 @db_option
 def templates_list(db_path, template_set):
-    """List template sets (K per category), or one set's templates.
+    """List template sets (templates per category: the largest --k), or one set's templates.
 
-    Example: clipfail templates list --set default
+    Example: clipfail templates list --set default-v2
     """
     from toolkit import templates as tpl
 
@@ -919,18 +920,22 @@ def templates_export(db_path, template_set, out_file):
         click.echo(f"Wrote {out_file}")
 
 
-def _improve_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+def _improve_tables(summary: pd.DataFrame, eff_k: dict | None = None) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
     """Per population: a title, the reference study's table (one row per pooling), the statistics."""
     out = []
     for population, grp in summary.groupby("population", sort=False):
         first = grp.iloc[0]
         base = grp.drop_duplicates("k").set_index("k")["baseline_pct"]
         n = int(grp["n"].iloc[0])
+        k_asked = first["k_prompts"]
+        k_text = f"K per category {first['k_per_category']}" if pd.isna(k_asked) else f"K {int(k_asked)}"
         title = (
-            f"{first['categories'].replace(',', '+')} {population} (n={n}, K per category {first['k_per_category']}, "
+            f"{first['categories'].replace(',', '+')} {population} (n={n}, {k_text}, "
             f"retrieval run {first['retrieval_run_id']}). Baseline: R@1 {base[1]:.2f}, R@5 {base[5]:.2f}, "
             f"R@10 {base[10]:.2f}"
         )
+        if eff_k and population in eff_k:
+            title += f"\nPrompts per caption (effective K): {eff_k[population]}"
         rows, stat_rows = [], []
         for _improvement_id, g in grp.groupby("improvement_id", sort=False):
             g = g.set_index("k")
@@ -971,15 +976,12 @@ def _improve_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame, pd.D
 )
 @click.option("--pooling", default="logsumexp", show_default=True, help="max, mean, logsumexp, or all (comma list ok).")
 @click.option("--tau", type=float, default=1.0, show_default=True, help="logsumexp temperature.")
-@click.option("--template-set", default="default", show_default=True)
+@click.option("--template-set", default="default-v2", show_default=True, help="See: clipfail templates list.")
 @click.option("--template-mode", type=click.Choice(["own", "union"]), default="own", show_default=True)
 @click.option(
-    "--seed",
-    type=click.IntRange(0, 2**32 - 1),
-    default=42,
-    show_default=True,
-    help="Subset draw, controls and bootstrap.",
+    "--k", type=click.IntRange(1, 2**31 - 1), default=10, show_default=True, help="Distinct prompts per caption."
 )
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True, help="Draws, bootstrap.")
 @click.option("--include-overlap", is_flag=True, help="Add the overlap set with its majority labels.")
 @click.option("--control", default=None, help="Also run on R@1 successes: successes:N, or on every caption: all.")
 @click.option("--model", default=None, help="Model spec for new prompts (default: the text embeddings' model).")
@@ -987,6 +989,7 @@ def _improve_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame, pd.D
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Local weights (offline).")
 @click.option("--device", default="auto", show_default=True, help="Device for encoding new prompts.")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True, help="Prompts per batch.")
+@click.option("--recompute-prompts", is_flag=True, help="Drop and re-encode this model's cached prompt embeddings.")
 @db_option
 def improve(
     db_path,
@@ -997,6 +1000,7 @@ def improve(
     tau,
     template_set,
     template_mode,
+    k,
     seed,
     include_overlap,
     control,
@@ -1005,18 +1009,21 @@ def improve(
     checkpoint,
     device,
     batch_size,
+    recompute_prompts,
 ):
     """Category-aware prompt ensembling on labelled R@1 failures: baseline vs improved R@1/5/10.
 
-    Each caption of the chosen categories becomes K templated prompts; each prompt is scored
+    Each caption of the chosen categories becomes up to --k distinct prompts (itself, then the
+    templates that apply to it, in the set's order; union mode: the categories' lists one after the
+    other); each prompt is scored
     against every image and the scores are pooled per image (max, mean, or tau*log-mean-exp).
     Prompt embeddings are cached by (model, prompt text), so another pooling or tau encodes
     nothing. Mean pooling ranks exactly as CLIP's embedding-average ensemble. Each delta comes
     with a paired bootstrap 95% interval and an exact McNemar p. --control adds the same run on
     R@1 successes (how many the fix breaks) or on every caption. Results: views
-    improvement_recall and category_recall_delta.
+    improvement_recall, category_recall_delta and improvement_effective_k.
 
-    Example: clipfail improve --categories Object,Attribute --pooling all --control successes:200
+    Example: clipfail improve --categories Object,Attribute --template-mode union --k 15 --pooling all
     """
     from toolkit import improve as imp
 
@@ -1031,6 +1038,8 @@ def improve(
             tau=tau,
             template_set=template_set,
             template_mode=template_mode,
+            k=k,
+            recompute_prompts=recompute_prompts,
             seed=seed,
             include_overlap=include_overlap,
             control=control,
@@ -1039,8 +1048,11 @@ def improve(
             ),
         )
         summary = imp.summary(con, res.improvement_ids)
+        eff_k = imp.effective_k(con, res.improvement_ids)
     finally:
         con.close()
+    for note in res.notes:
+        click.echo(f"Note: {note}")
     if res.is_noop:
         click.echo("Already computed with exactly this configuration; nothing changed.")
     else:
@@ -1048,7 +1060,7 @@ def improve(
             f"Improve run {res.run_id}: {res.n_prompts} distinct prompts besides the captions, "
             f"{res.n_encoded} encoded now, {res.n_prompts - res.n_encoded} from the cache."
         )
-    for title, table, stat in _improve_tables(summary):
+    for title, table, stat in _improve_tables(summary, eff_k):
         click.echo("")
         click.echo(title)
         echo_df(table, floatfmt="{:.2f}")

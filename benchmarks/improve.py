@@ -128,7 +128,7 @@ def timed_run(base: Path, dest: Path, encoder, **kw):
     con = db.open_database(dest)
     try:
         t = time.perf_counter()
-        res = improve.improve(con, "Object", template_set="bench15", max_subset=None, encoder=encoder,
+        res = improve.improve(con, "Object", template_set="bench15", k=15, max_subset=None, encoder=encoder,
                               cache_dir=dest.parent / f"{dest.stem}_cache", **kw)  # fmt: skip
         seconds = time.perf_counter() - t
         ranks = con.execute(
@@ -196,8 +196,8 @@ def main() -> None:
         con = db.open_database(tmp / "all0.duckdb")
         n_before = calls["texts"]
         t = time.perf_counter()
-        improve.improve(con, "Object", template_set="bench15", max_subset=None, poolings="logsumexp", tau=0.5,
-                        encoder=encoder, cache_dir=tmp / "all0_cache")  # fmt: skip
+        improve.improve(con, "Object", template_set="bench15", k=15, max_subset=None, poolings="logsumexp",
+                        tau=0.5, encoder=encoder, cache_dir=tmp / "all0_cache")  # fmt: skip
         t_cached = time.perf_counter() - t
         con.close()
         assert calls["texts"] == n_before, "the cached re-run encoded prompts"

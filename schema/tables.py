@@ -264,7 +264,8 @@ improvement_runs = sa.Table(
     sa.Column("template_set", sa.Text, nullable=False),
     sa.Column("templates_sha256", sa.Text, nullable=False),  # of the set's content when run
     sa.Column("template_mode", sa.Text, nullable=False),  # 'own' | 'union'
-    sa.Column("k_per_category", sa.Text, nullable=False),  # JSON {category: K}
+    sa.Column("k_per_category", sa.Text, nullable=False),  # JSON {category: K asked} ('*': controls)
+    sa.Column("k_prompts", sa.Integer),  # --k: prompts asked per caption (NULL: runs before K was chosen)
     sa.Column("n_captions", sa.Integer, nullable=False),
     sa.Column("max_subset", sa.Integer),
     sa.Column("seed", sa.BigInteger, nullable=False),
@@ -282,7 +283,8 @@ improvement_ranks = sa.Table(
     sa.Column("caption_id", sa.BigInteger, primary_key=True),
     sa.Column("sample_id", sa.BigInteger),  # the failure sample it came from, if any
     sa.Column("category", sa.Text),  # its label (NULL for unlabelled control captions)
-    sa.Column("n_prompts", sa.Integer, nullable=False),  # K for this caption
+    sa.Column("n_prompts", sa.Integer, nullable=False),  # effective K: prompts this caption got (itself included)
+    sa.Column("n_distinct_prompts", sa.Integer),  # distinct texts among them (NULL: runs before distinct prompts)
     sa.Column("baseline_rank", sa.BigInteger, nullable=False),  # retrieval_ranks.gt_rank
     sa.Column("improved_rank", sa.BigInteger, nullable=False),  # same tie policy, pooled scores
     sa.Column("improved_score", sa.Double, nullable=False),  # pooled score of the GT image

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 import shutil
 from pathlib import Path
@@ -139,7 +140,9 @@ def world(synthetic_coco_master, tmp_path_factory):
                 sha256=save_array(f, arr), run_id=run_id,
             )  # fmt: skip
     con.close()
-    _cli(["--db", path, "evaluate", "--model", MODEL])
+    # pinned to the cpu: the tests below compare scores bit for bit, and improve re-scores on the device type
+    # that evaluate recorded (test_improve_follows_the_retrieval_runs_device covers the others)
+    _cli(["--db", path, "evaluate", "--model", MODEL, "--device", "cpu"])
     out = root / "fa"
     _cli(["--db", path, "sample-failures", "--n", 60, "--overlap", 9, "--per-annotator", 15, "--out", out,
           "--no-pictures"])  # fmt: skip
@@ -228,8 +231,20 @@ def test_world_is_not_trivial(world):
 # ------------------------------------------------------------------------------------------------
 
 
-def reference_ranks(target, res, pooling_name, tau=1.0, mode="own", categories=("Object",)):
-    """Plain recomputation: prompts by phrases.fill, fake embeddings, float64 scores, pooled by loops."""
+def reference_prompts(caption, templates, k):
+    """The documented rule, written plainly: the caption, then each template's text unless a slot is empty or
+    the text (case and white space aside) was already taken, cut at k. `phrases.fill` gives the caption
+    itself for a template with an empty slot, which the duplicate check then drops."""
+    out = []
+    for t in ["{caption}", *templates]:
+        text = phrases.fill(t, caption)
+        if " ".join(text.split()).lower() not in [" ".join(o.split()).lower() for o in out]:
+            out.append(text)
+    return out[:k]
+
+
+def reference_ranks(target, res, pooling_name, tau=1.0, mode="own", categories=("Object",), k=10):
+    """Plain recomputation: prompts by the rule above, fake embeddings, float64 scores, pooled by loops."""
     with Opened(target) as con:
         imp_id = con.execute(
             "SELECT improvement_id FROM improvement_runs WHERE list_contains(?, improvement_id) AND pooling = ? "
@@ -245,14 +260,16 @@ def reference_ranks(target, res, pooling_name, tau=1.0, mode="own", categories=(
         from toolkit.artifacts import load_embedding_set
 
         images = load_embedding_set(con, int(rr["image_embedding_set_id"][0]))
-        tdf = con.execute("SELECT * FROM prompt_templates WHERE template_set = 'default' ORDER BY position").df()
+        tdf = con.execute("SELECT * FROM prompt_templates WHERE template_set = 'default-v2' ORDER BY position").df()
     gallery = images.array.astype(np.float64)
     col = {int(i): j for j, i in enumerate(images.item_ids)}
     union = list(dict.fromkeys(t for c in categories for t in tdf[tdf["category"] == c]["template"]))
     want = []
     for r in rows.itertuples():
         tl = list(tdf[tdf["category"] == r.category]["template"]) if mode == "own" else union
-        P = np.stack([fake_vec(phrases.fill(t, r.text)) for t in tl]).astype(np.float64)
+        prompts = reference_prompts(r.text, tl, k)
+        assert r.n_prompts == r.n_distinct_prompts == len(prompts)
+        P = np.stack([fake_vec(t) for t in prompts]).astype(np.float64)
         S = P @ gallery.T
         pooled = []
         for j in range(S.shape[1]):
@@ -286,8 +303,8 @@ def test_pooled_ranks_equal_a_reference_computation(con, mode):
         [res.retrieval_run_id, res.improvement_ids[0]],
     )
     assert (base["baseline_rank"] == base["gt_rank"]).all() and (base["gt_rank"] > 1).all()
-    k = q(con, "SELECT DISTINCT k_per_category FROM improvement_runs")["k_per_category"].tolist()
-    assert k == (['{"Object": 10, "Count": 10}'] if mode == "own" else ['{"Object": 19, "Count": 19}'])
+    k = q(con, "SELECT DISTINCT k_per_category, k_prompts FROM improvement_runs")
+    assert k.values.tolist() == [['{"Object": 10, "Count": 10}', 10]]
 
 
 def _set_templates(target, name, per_cat):
@@ -298,34 +315,72 @@ def _set_templates(target, name, per_cat):
 
 
 @pytest.mark.parametrize(
-    "templates",
+    "templates,k",
     [
-        ["{caption}"],
-        ["{caption}", "{caption}", "{caption}"],  # exact duplicates of the caption
-        ["{caption}", "{count} zzz qqq"],  # falls back to the caption where no count is found
+        (["{caption}"], 1),  # identity only: K=1 is the baseline itself
+        (["{caption}", "{count} zzz qqq"], 2),  # one real template: only the captions with a count change
     ],
 )
-def test_identity_templates_reproduce_the_baseline_ranks(con, templates):
+def test_identity_templates_reproduce_the_baseline_ranks(con, templates, k):
     _set_templates(con, "ident", {"Object": templates, "Attribute": templates, "Count": templates})
     enc = FakeEncoder()
     res = run_improve(con, "Object,Attribute,Count", encoder=enc, poolings="all", tau=0.05, template_set="ident",
-                      control="all")  # fmt: skip
-    ranks = q(con, "SELECT * FROM improvement_ranks")
+                      control="all", k=k)  # fmt: skip
+    ranks = q(con, "SELECT r.*, c.text FROM improvement_ranks r JOIN captions c USING (caption_id)")
     assert len(ranks) == 3 * (res.populations["failures"] + res.populations["all"])
-    if templates[-1].startswith("{count}"):
-        assert enc.n_texts > 0  # some captions do have a count: those prompts differ
-        ranks = ranks[ranks["n_prompts"] > 0]
-        fallback = q(con, "SELECT caption_id, text FROM captions")
-        no_count = {c for c, t in zip(fallback["caption_id"], fallback["text"]) if not phrases.extract(t)["count"]}
-        ranks = ranks[ranks["caption_id"].isin(no_count)]
-        assert len(ranks) > 10
+    has_count = ranks["text"].map(lambda t: bool(phrases.extract(t)["count"]))
+    if k == 1:
+        assert enc.calls == [] and (ranks["n_prompts"] == 1).all()  # every prompt is the caption: nothing encoded
     else:
-        assert enc.calls == []  # every prompt is the caption: nothing to encode
+        # the template applies exactly where a count is found, and only there the caption gets a second prompt
+        assert (ranks["n_prompts"] == np.where(has_count, 2, 1)).all()
+        assert sorted(enc.calls[0]) == sorted(
+            {phrases.extract(t)["count"] + " zzz qqq" for t in ranks["text"][has_count]}
+        )
+        mean_ids = q(con, "SELECT improvement_id FROM improvement_runs WHERE pooling = 'mean'")["improvement_id"]
+        changed = ranks[has_count & ranks["improvement_id"].isin(mean_ids)]
+        changed = changed.merge(q(con, "SELECT query_id AS caption_id, gt_score FROM retrieval_ranks"))
+        assert len(changed) > 5 and (changed["improved_score"] != changed["gt_score"].astype(np.float64)).all()
+        # the distribution of effective K per run and category, as the view gives it
+        view = q(con, "SELECT * FROM improvement_effective_k")
+        want = (
+            ranks.assign(effective_k=ranks["n_prompts"])
+            .groupby(["improvement_id", "category", "effective_k"], dropna=False)
+            .size()
+        )
+        got = view.set_index(["improvement_id", "category", "effective_k"])["n_captions"]
+        assert got.sort_index().to_dict() == want.sort_index().to_dict()
+        assert (view["k_prompts"] == 2).all() and (view["is_below_k"] == (view["effective_k"] < 2)).all()
+        assert (view["n_with_repeats"] == 0).all()
+        share = view.groupby(["improvement_id", "category"], dropna=False)["pct_of_category"].sum()
+        assert np.allclose(share, 100, atol=0.02)
+        ranks = ranks[~has_count]
+        assert len(ranks) > 10
+    assert (ranks["n_distinct_prompts"] == ranks["n_prompts"]).all()
     assert (ranks["improved_rank"] == ranks["baseline_rank"]).all()
-    # scores, not just ranks: the pooled GT score is the retrieval run's GT score
+    # scores, not just ranks: the pooled GT score is the retrieval run's GT score, bit for bit
     gt = q(con, "SELECT query_id AS caption_id, gt_score FROM retrieval_ranks")
     m = ranks.merge(gt, on="caption_id")
     assert np.array_equal(m["improved_score"].to_numpy(), m["gt_score"].to_numpy(np.float64))
+
+
+@pytest.mark.parametrize(
+    "templates",
+    [
+        ["{caption}", "  {caption}", "{caption}  "],  # copies of the caption (white space aside)
+        ["{caption}", "{caption_lc}."],  # the caption with a lower-case first letter: the same input to CLIP
+    ],
+)
+def test_a_set_that_gives_no_prompt_besides_the_caption_is_refused_before_encoding(con, templates):
+    _set_templates(con, "empty", {"Spatial": templates})
+    before = snapshot(con)
+    enc = FakeEncoder()
+    from toolkit.errors import UserError
+
+    with pytest.raises(UserError, match="gives none of the .* captions of the subset a prompt other than the caption"):
+        run_improve(con, "Spatial", encoder=enc, template_set="empty", k=2)
+    assert enc.calls == []
+    assert_unchanged(con, before)
 
 
 def test_another_pooling_or_tau_encodes_nothing(con):
@@ -353,8 +408,11 @@ def test_another_pooling_or_tau_encodes_nothing(con):
     # a new template set with partly new prompts encodes only those
     tdf = con.execute("SELECT * FROM prompt_templates WHERE template_set = 'default'").df()
     tdf["template_set"] = "plus"
-    extra = pd.DataFrame([["plus", "Object", 99, "an unusual photo of {objects}."]], columns=tdf.columns)
-    db.insert_df(con, "prompt_templates", pd.concat([tdf, extra], ignore_index=True))
+    # (in place of Object's last slot template before K=10: it applies to the same captions)
+    last = (tdf["category"] == "Object") & (tdf["position"] == 9)
+    assert tdf.loc[last, "template"].tolist() == ["the main subjects of this photo are {objects}."]
+    tdf.loc[last, "template"] = "an unusual photo of {objects}."
+    db.insert_df(con, "prompt_templates", tdf)
     r5 = run_improve(con, "Object,Attribute", encoder=enc, poolings="max", template_set="plus")
     assert 0 < r5.n_encoded == enc.n_texts - first
     assert all(t.startswith("an unusual photo of") for t in enc.calls[-1])
@@ -402,7 +460,8 @@ def test_controls(con):
     succ = q(con, "SELECT r.* FROM improvement_ranks r JOIN improvement_runs u USING (improvement_id) "
              "WHERE u.population = 'successes'")  # fmt: skip
     assert (succ["baseline_rank"] == 1).all()
-    assert (succ["n_prompts"] == 19).all()  # union of Object and Attribute (identity shared)
+    assert (succ["n_prompts"] == 10).all()  # Object's list, then Attribute's, cut at K = 10
+    assert (q(con, "SELECT k_prompts FROM improvement_runs")["k_prompts"] == 10).all()
     view = q(con, "SELECT * FROM improvement_recall WHERE population = 'successes' AND k = 1")
     for row in view.itertuples():
         broke = int((succ[succ["improvement_id"] == row.improvement_id]["improved_rank"] > 1).sum())
@@ -453,7 +512,9 @@ def test_cli_prints_the_reference_table_shape(dbfile, run_cli):
     out = run_cli("--db", dbfile, "improve", "--categories", "object", "--pooling", "all").output
     # with every prompt cached, the CLI encodes nothing and never needs the model
     assert "0 encoded now" in out
-    assert "Object failures (n=" in out and "Baseline: R@1 0.00" in out
+    assert "Object failures (n=" in out and "K 10, retrieval run" in out and "Baseline: R@1 0.00" in out
+    n = int(out.split("Object failures (n=")[1].split(",")[0])
+    assert f"Prompts per caption (effective K): 10 for {n} captions" in out
     for label in ("max", "mean", "logsumexp (tau=1)"):
         assert label in out
     for col in ("improved R@1", "improved R@10", "ΔR@1 (pp)", "ΔR@10 (pp)", "95% CI (pp)", "McNemar p"):
@@ -471,7 +532,27 @@ BAD_IMPROVE = [
     (["--categories", "Object", "--control", "successes:100000"], "more than the"),
     (["--categories", "Object", "--template-set", "nope"], "No template set named 'nope'"),
     (["--categories", "Object", "--run", "999"], "No retrieval run with id 999"),
+    (["--categories", "Object", "--k", "0"], "Invalid value for '--k': 0 is not in the range 1<=x<=2147483647"),
+    (["--categories", "Object", "--k", "-2"], "Invalid value for '--k': -2 is not in the range 1<=x<=2147483647"),
+    (["--categories", "Object,Count", "--k", "20"], "(templates per category: Object 19, Count 19). Give --k 19"),
+    (["--categories", "Object,Count", "--template-mode", "union", "--k", "38"], "the 37 distinct templates of"),
+    (["--categories", "Object", "--seed", "-1"], "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295"),
+    (["--categories", "Object", "--seed", str(2**32)], "is not in the range 0<=x<=4294967295"),
+    (["--categories", "Object", "--seed", "99999999999999999999999"], "is not in the range 0<=x<=4294967295"),
 ]
+
+
+@pytest.mark.parametrize("kw,message", [({"k": 0}, "--k must be a whole number of at least 1"),
+                                        ({"k": -1}, "--k must be"), ({"k": 2.5}, "--k must be"),
+                                        ({"seed": -1}, "--seed must be a whole number from 0 to 4294967295"),
+                                        ({"seed": 2**32}, "--seed must be")])  # fmt: skip
+def test_bad_k_or_seed_through_the_api(con, kw, message):
+    from toolkit.errors import UserError
+
+    before = snapshot(con)
+    with pytest.raises(UserError, match=message):
+        run_improve(con, "Object", **kw)
+    assert_unchanged(con, before)
 
 
 def test_bad_input_is_a_clear_error_and_writes_nothing(dbfile, run_cli):
@@ -512,6 +593,103 @@ def test_tampered_prompt_shard_is_refused(con):
         run_improve(con, "Object", poolings="mean")
 
 
+def test_recompute_prompts_replaces_a_damaged_shard_with_the_command_the_message_gives(
+    dbfile, run_cli, monkeypatch
+):  # fmt: skip
+    import shlex
+
+    from toolkit.errors import UserError
+
+    run_improve(dbfile, "Object", poolings="max")
+    old = q(dbfile, "SELECT embedding_set_id, path FROM embedding_sets WHERE kind = 'prompt'")
+    old_texts = set(q(dbfile, "SELECT p.text FROM embedding_rows er JOIN prompts p ON p.prompt_id = er.item_id "
+                              "WHERE er.embedding_set_id = ?", [int(old["embedding_set_id"][0])])["text"])  # fmt: skip
+    shard = paths.resolve(dbfile, old["path"][0])  # stored relative to the database's folder
+    arr = np.load(shard)
+    arr[0, 0] += 1
+    np.save(shard, arr)
+    with pytest.raises(UserError) as err:
+        run_improve(dbfile, "Attribute,Object", poolings="mean", k=12)
+    message = str(err.value)
+    assert "Delete that prompt shard" not in message
+    command = message.split("with: ", 1)[1]
+    args = shlex.split(command)
+    assert args[:3] == ["clipfail", "--db", str(dbfile)] and args[-1] == "--recompute-prompts"
+    assert "--k 12" in command and "--categories Object,Attribute" in command and "--pooling mean" in command
+    # the command works as given (a fake encoder stands in for the model, which tests cannot load)
+    enc = FakeEncoder()
+    monkeypatch.setattr(imp, "model_encoder_factory", lambda **kw: lambda identity: enc)
+    out = run_cli(*args[1:]).output
+    assert "encoded now" in out
+    shards = q(dbfile, "SELECT embedding_set_id FROM embedding_sets WHERE kind = 'prompt'")["embedding_set_id"]
+    assert len(shards) == 1 and int(old["embedding_set_id"][0]) not in set(shards)
+    new_texts = set(q(dbfile, "SELECT p.text FROM embedding_rows er JOIN prompts p ON p.prompt_id = er.item_id "
+                              "WHERE er.embedding_set_id = ?", [int(shards[0])])["text"])  # fmt: skip
+    assert old_texts < new_texts and len(enc.calls) == 1 and set(enc.calls[0]) == new_texts
+    assert not q(
+        dbfile, "SELECT * FROM embedding_rows WHERE embedding_set_id = ?", [int(old["embedding_set_id"][0])]
+    ).shape[0]
+    cfg = q(dbfile, "SELECT config_json FROM runs WHERE stage = 'improve' ORDER BY run_id DESC LIMIT 1")["config_json"][
+        0
+    ]
+    assert '"dropped_prompt_shards":[' + str(int(old["embedding_set_id"][0])) + "]" in cfg
+    # the cache is whole again: the first configuration with another pooling encodes nothing
+    res = run_improve(dbfile, "Object", encoder=enc, poolings="logsumexp")
+    assert res.n_encoded == 0 and len(enc.calls) == 1
+
+
+def _record_device(path, device):
+    with Opened(path) as con:
+        run_id, cfg = con.execute(
+            "SELECT r.run_id, r.config_json FROM runs r JOIN retrieval_runs rr USING (run_id)"
+        ).fetchall()[0]
+        cfg = json.loads(cfg) | {"device": device}
+        con.execute("UPDATE runs SET config_json = ? WHERE run_id = ?", [db.canonical_json(cfg), run_id])
+
+
+@pytest.mark.parametrize("cuda_here", [True, False])
+def test_improve_follows_the_retrieval_runs_device(dbfile, monkeypatch, cuda_here, run_cli):
+    """Evaluate ranked on CUDA: improve re-scores on CUDA when it can, else on the CPU and says so."""
+    import torch
+
+    from toolkit import retrieval
+
+    _record_device(dbfile, "cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_here)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1 if cuda_here else 0)
+    used = []
+    real = retrieval.score_rows
+
+    def score_rows(queries, gallery, device="cpu"):
+        used.append(str(device))
+        return real(queries, gallery, device="cpu")  # no GPU in the tests: compute on the CPU, record the ask
+
+    monkeypatch.setattr(retrieval, "score_rows", score_rows)
+    res = run_improve(dbfile, "Object", poolings="max")
+    cfg = json.loads(q(dbfile, "SELECT config_json FROM runs WHERE run_id = ?", [res.run_id])["config_json"][0])
+    assert cfg["retrieval_device"] == "cuda:0"
+    if cuda_here:
+        assert set(used) == {"cuda:0"} and cfg["score_device"] == "cuda:0"
+        assert cfg["score_device_note"] is None and res.notes == []
+    else:
+        assert set(used) == {"cpu"} and cfg["score_device"] == "cpu"
+        assert "ranked on cuda:0, which this machine does not have; improve re-scored on the cpu" in res.notes[0]
+        assert cfg["score_device_note"] == res.notes[0] and "not bit for bit" in res.notes[0]
+        out = run_cli("--db", dbfile, "improve", "--categories", "Object", "--pooling", "max").output
+        assert "Note: Retrieval run" in out and "nothing changed" in out
+    # the scoring device is part of the configuration: the other device's result is not reused
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: not cuda_here)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0 if cuda_here else 1)
+    other = run_improve(dbfile, "Object", poolings="max")
+    assert other.improvement_ids != res.improvement_ids and not other.reused_ids
+
+
+def test_a_retrieval_run_without_a_recorded_device_is_rescored_on_the_cpu_with_a_note(con):
+    _record_device(con, None)
+    res = run_improve(con, "Object", poolings="max")
+    assert "did not record its device; improve re-scored on the cpu" in res.notes[0]
+
+
 # ------------------------------------------------------------------------------------------------
 # templates
 
@@ -519,22 +697,29 @@ def test_tampered_prompt_shard_is_refused(con):
 def test_templates_list_export_import_round_trip(dbfile, run_cli, tmp_path):
     out = run_cli("--db", dbfile, "templates", "list").output
     assert "default" in out and "Spatial" in out
-    shown = run_cli("--db", dbfile, "templates", "list", "--set", "default").output
+    shown = run_cli("--db", dbfile, "templates", "list", "--set", "default-v2").output
     assert "{caption}" in shown and "{objects}" in shown
     f = tmp_path / "t.csv"
-    run_cli("--db", dbfile, "templates", "export", "--set", "default", "--out", f)
+    run_cli("--db", dbfile, "templates", "export", "--set", "default-v2", "--out", f)
     text = f.read_text(encoding="utf-8")
     assert text.splitlines()[0] == "template_set,category,position,template"
     res = run_cli("--db", dbfile, "templates", "import", f).output
     assert "nothing changed" in res
     res = run_cli("--db", dbfile, "templates", "import", f, "--set", "copy").output
-    assert "Imported template set 'copy': 60 templates" in res
+    assert "Imported template set 'copy': 114 templates" in res
     a = q(
-        dbfile, "SELECT category, position, template FROM prompt_templates WHERE template_set = 'default' ORDER BY ALL"
+        dbfile,
+        "SELECT category, position, template FROM prompt_templates WHERE template_set = 'default-v2' ORDER BY ALL",
     )
     b = q(dbfile, "SELECT category, position, template FROM prompt_templates WHERE template_set = 'copy' ORDER BY ALL")
     pd.testing.assert_frame_equal(a, b)
-    assert run_cli("--db", dbfile, "templates", "export").output.count("\n") == 121
+    # header + default (60) + default-v2 (114) + copy (114)
+    assert run_cli("--db", dbfile, "templates", "export").output.count("\n") == 1 + 60 + 114 + 114
+    # a shipped set's name stands for its shipped content: changing it is refused, even with --replace
+    changed = text.replace("a photo of {objects}.", "a photo of some {objects}.")
+    (tmp_path / "changed.csv").write_text(changed, encoding="utf-8")
+    res = run_cli("--db", dbfile, "templates", "import", tmp_path / "changed.csv", "--replace", expect=2)
+    assert "is a template set shipped with clipfail" in res.output
 
 
 def _write(path, rows, header=("template_set", "category", "position", "template")):
@@ -569,7 +754,7 @@ def test_template_replace_rules(dbfile, run_cli, tmp_path):
     run_cli("--db", dbfile, "templates", "import", f1)
     assert "already exists" in run_cli("--db", dbfile, "templates", "import", f2, expect=2).output
     assert "Replaced" in run_cli("--db", dbfile, "templates", "import", f2, "--replace").output
-    run_improve(dbfile, "Object", poolings="max", template_set="mine")
+    run_improve(dbfile, "Object", poolings="max", template_set="mine", k=2)
     res = run_cli("--db", dbfile, "templates", "import", f1, "--replace", expect=2)
     assert "--replace refused" in res.output
     # without positions: file order
@@ -585,7 +770,7 @@ def test_readme_example_queries_run(con):
     run_improve(con, "Object,Attribute", poolings="max,mean", control="successes:4")
     examples = Path(__file__).parent.parent / "queries" / "examples" / "improve.sql"
     statements = [s for s in examples.read_text(encoding="utf-8").split(";") if s.strip()]
-    assert len(statements) == 6
+    assert len(statements) == 7
     results = [con.execute(s).df() for s in statements]
     assert all(len(r) > 0 for r in results)
     table = results[0]
@@ -627,7 +812,10 @@ def tiny_world(synthetic_coco_master, tmp_path_factory):
 def test_end_to_end_with_a_tiny_open_clip_model(tiny_world, tmp_path, run_cli):
     path, ckpt = tiny_world  # only this test uses (and changes) it
     # the checkpoint is found from the text embeddings' record; prompts are encoded by that model
-    out = run_cli("--db", path, "improve", "--categories", "Count,Attribute", "--pooling", "max").output
+    # --device cpu: the prompt embeddings are compared below with the CPU encoding of the same model
+    out = run_cli(
+        "--db", path, "improve", "--categories", "Count,Attribute", "--pooling", "max", "--device", "cpu"
+    ).output
     assert "Attribute+Count failures" in out and "Baseline: R@1 0.00" in out
     encoded = int(out.split(" encoded now")[0].rsplit(", ", 1)[1])
     assert encoded > 0
@@ -662,7 +850,7 @@ def test_end_to_end_with_a_tiny_open_clip_model(tiny_world, tmp_path, run_cli):
     f = _write(tmp_path / "ident.csv", [["ident", c, 0, "{caption}"] for c in ("Count", "Attribute", "Spatial")])
     run_cli("--db", path, "templates", "import", f)
     run_cli("--db", path, "improve", "--categories", "Count,Attribute,Spatial", "--pooling", "all",
-            "--template-set", "ident", "--control", "all")  # fmt: skip
+            "--template-set", "ident", "--control", "all", "--k", 1)  # fmt: skip
     ranks = q(
         path,
         "SELECT r.baseline_rank, r.improved_rank, r.improved_score, rr.gt_rank, rr.gt_score "
@@ -681,3 +869,20 @@ def test_end_to_end_with_a_tiny_open_clip_model(tiny_world, tmp_path, run_cli):
     save_random_checkpoint(other, "tiny-clip", seed=4)
     res = run_cli("--db", path, "improve", "--categories", "Spatial", "--checkpoint", other, expect=2)
     assert "is not the one that made the text embeddings" in res.output
+
+
+def test_report_shows_the_effective_k_of_each_subset(con, tmp_path):
+    from toolkit.report import write_report
+
+    a = run_improve(con, "Object", poolings="max")
+    b = run_improve(con, "Attribute", poolings="max", k=15)
+    dist = q(con, "SELECT n_prompts, count(*) AS n FROM improvement_ranks WHERE improvement_id = ? GROUP BY 1 "
+                  "ORDER BY 1 DESC", b.improvement_ids)  # fmt: skip
+    assert len(dist) == 2 and dist["n_prompts"].tolist() == [15, 10]  # captions without an attribute: 1 + 9 framings
+    # a run made before K could be chosen (no k_prompts) is still shown, with what it recorded
+    con.execute("UPDATE improvement_runs SET k_prompts = NULL WHERE improvement_id = ?", a.improvement_ids)
+    page = write_report(con, out_dir=tmp_path / "rep").html_path.read_text(encoding="utf-8")
+    parts = ", ".join(f"{k} for {n} caption{'s' if n != 1 else ''}" for k, n in zip(dist["n_prompts"], dist["n"]))
+    assert f"Distinct prompts per caption: K 15 asked; effective K {parts} (view improvement_effective_k)" in page
+    assert "mode own, K 15)" in page
+    assert "Templates per category (K, copies of the caption included): {&quot;Object&quot;: 10}" in page

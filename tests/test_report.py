@@ -11,6 +11,7 @@ import base64
 import hashlib
 import io
 import re
+from html import unescape
 
 import numpy as np
 import pandas as pd
@@ -80,7 +81,7 @@ def _html_tables(html: str) -> dict[str, pd.DataFrame]:
         body = m.group(2)
         head = [re.sub(r"<[^>]+>", "", h) for h in re.findall(r"<th>(.*?)</th>", body, re.S)]
         rows = [
-            [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", r, re.S)]
+            [unescape(re.sub(r"<[^>]+>", "", c)) for c in re.findall(r"<td[^>]*>(.*?)</td>", r, re.S)]
             for r in re.findall(r"<tr>(.*?)</tr>", body.split("<tbody>")[1], re.S)
         ]
         out[m.group(1)] = pd.DataFrame(rows, columns=head)
@@ -120,7 +121,7 @@ def test_report_tables_are_the_views(study):
     assert subsets == ["Attribute", "Object", "Object,Attribute"]
     for categories in subsets:
         mode = "union" if "," in categories else "own"
-        slug = re.sub(r"[^a-z0-9]+", "_", f"{categories}_default_{mode}".lower())
+        slug = re.sub(r"[^a-z0-9]+", "_", f"{categories}_default-v2_{mode}".lower())
         table = tables[f"improvement_{slug}"]
         assert table["pooling"].tolist() == ["max", "mean", "logsumexp (tau=1)"]
         for row in table.itertuples(index=False):
@@ -132,7 +133,7 @@ def test_report_tables_are_the_views(study):
                 assert p == ("<0.0001" if v["mcnemar_p"] < 1e-4 else f"{v['mcnemar_p']:.4f}")
         csv = pd.read_csv(root / "report" / "tables" / f"improvement_{slug}.csv")
         assert len(csv) == 3
-    assert "improvement_object_attribute_default_union_by_category" in tables  # per-category breakdown
+    assert "improvement_object_attribute_default_v2_union_by_category" in tables  # per-category breakdown
 
     # Consolidated: every improvement run once; controls: the success-population rows of the view.
     consolidated = pd.read_csv(root / "report" / "tables" / "improvement_runs_consolidated.csv")
@@ -156,9 +157,9 @@ def test_report_is_self_contained_and_flags_simulated_labels(study):
     assert pngs == [
         "figure1_taxonomy.png",
         "figure2_actionable.png",
-        "figure3_attribute_default_own.png",
-        "figure4_object_default_own.png",
-        "figure5_object_attribute_default_union.png",
+        "figure3_attribute_default_v2_own.png",
+        "figure4_object_default_v2_own.png",
+        "figure5_object_attribute_default_v2_union.png",
     ]
     assert all(p.with_suffix(".svg").exists() for p in res.figures)
     srcs = re.findall(r'<img src="([^"]+)"', page)

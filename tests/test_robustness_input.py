@@ -395,3 +395,10 @@ def test_run_suggests_a_control_that_fits_and_commands_that_work(run_cli, tmp_pa
     for argv in (a for a in commands if a[3] == "import-labels"):
         done = run_cli(*argv[1:])
         assert "Nothing to import" in done.output
+
+
+def test_one_template_problem_is_one_problem(run_cli, tmp_db, tmp_path):
+    bad = tmp_path / "one_bad.csv"
+    bad.write_text("template_set,category,position,template\nmine,Object,0,{caption}\nmine,Object,1,{nope}\n")
+    res = run_cli("--db", tmp_db, "templates", "import", bad, expect=2)
+    assert "(1 problem)" in res.output and "problems)" not in res.output

@@ -157,6 +157,7 @@ def run_demo(
                 poolings="all",
                 tau=1.0,
                 template_mode=mode,
+                k=15 if mode == "union" else 10,  # the reference study's K: 10 per category, 15 for the mixed run
                 seed=42,
                 control=control if i == 0 else None,
                 encoder_factory=_encoder_factory(ckpt, device),

@@ -8,11 +8,19 @@ Method (one `improve` invocation, `improve()` below):
    sample's draw order; when there are more than ``max_subset``, ``numpy.random.default_rng(seed)
    .choice(n, max_subset, replace=False)`` picks which, kept in draw order.
 2. Prompts. Every caption is expanded with the templates of a set (`toolkit.templates`): in
-   ``own`` mode the templates of its own category, in ``union`` mode the union of the chosen
-   categories' templates (in taxonomy order, then position; a template text that several
-   categories share is used once). `toolkit.phrases.fill` fills the slots; a template whose slot is
-   empty for a caption falls back to the caption itself, and that copy is kept, so every caption of
-   a category has the same K (a caption with few extractable phrases leans more on its own text).
+   ``own`` mode the list of its own category, in ``union`` mode the chosen categories' lists one
+   after the other (taxonomy order, each in position order; a template text that several
+   categories share is kept at its first place). `toolkit.phrases.build_prompts` makes the
+   caption's prompts: the caption itself once, then, in list order, each template that applies
+   (all its slots found) and gives a text that differs from the caption and from the prompts
+   already taken, until ``k`` prompts (``--k``, per category; 10 as in the reference study). A
+   template that does not apply is skipped and the next one takes its place; a caption for which
+   fewer than ``k`` apply keeps what it has. Each caption's effective K (``n_prompts``) and number
+   of distinct texts are stored in `improvement_ranks`, the K asked for in `improvement_runs`
+   (``k_prompts``), and view `improvement_effective_k` gives the distribution per run. A ``k``
+   above the length of a list it would be cut from is refused, and so is a set that gives no
+   caption of the subset a single prompt besides the caption (for ``k`` >= 2), before anything is
+   encoded.
 3. Embeddings. A prompt whose text is exactly its caption takes the caption's row of the retrieval
    run's text embedding set (the same model's embedding of the same text, so the identity template
    reproduces the baseline exactly). Every other prompt comes from the prompt-embedding cache,
@@ -23,10 +31,15 @@ Method (one `improve` invocation, `improve()` below):
    re-run with another pooling or tau encodes nothing, and `pooling="all"` encodes once for all
    three.
 4. Scores and ranks. Each prompt is scored against every image embedding of the retrieval run with
-   `toolkit.retrieval.score_rows` (the very GEMM blocks that evaluate ranked with), the K
-   scores per image are pooled (`toolkit.pooling`: max, mean, or tau * log-mean-exp), and the GT
-   image's rank is 1 + the number of images with a strictly higher pooled score (retrieval's
-   optimistic tie policy). The baseline rank is the retrieval run's own `gt_rank`.
+   `toolkit.retrieval.score_rows` (the very GEMM blocks that evaluate ranked with), on the device
+   type the retrieval run recorded (``device`` in its config): another BLAS or GPU may round a
+   score differently in the last bit. When that device is not available here, the scores are made
+   on the CPU and the improve run's config says so (``score_device``, ``score_device_note``): its
+   baseline and identity prompts then agree with the retrieval run within float32 rounding
+   (~1e-7), not bit for bit. The K scores per image are pooled (`toolkit.pooling`: max, mean, or
+   tau * log-mean-exp), and the GT image's rank is 1 + the number of images with a strictly
+   higher pooled score (retrieval's optimistic tie policy). The baseline rank is the retrieval
+   run's own `gt_rank`.
    Mean pooling ranks exactly as CLIP's embedding-average prompt ensemble (mean of the K
    normalised prompt embeddings, re-normalised, dotted with the image embeddings): see
    `toolkit.pooling` and `tests/test_improve_core.py`.
@@ -44,8 +57,10 @@ Method (one `improve` invocation, `improve()` below):
 Each (population, pooling) is one `improvement_runs` row with its `improvement_ranks` and
 `improvement_stats`; all of an invocation's rows, new prompts and prompt shards are written in
 one transaction under one `runs` row. A (population, pooling) whose full configuration (retrieval
-run, categories, subset, prompts, model, pooling, tau, seed, ...) was already run is reused, not
-recomputed; when all were, the call is a no-op.
+run, categories, subset, prompts, K, model, scoring device, pooling, tau, seed, ...) was already run
+is reused, not recomputed; when all were, the call is a no-op. ``recompute_prompts`` drops this
+model's cached prompt embeddings (every prompt shard of its identity) and encodes their texts and
+this call's prompts again, in the same transaction (the fix for a damaged or missing shard file).
 """
 
 from __future__ import annotations
@@ -64,9 +79,11 @@ from toolkit import paths as study_paths
 from toolkit.errors import UserError
 
 STAGE = "improve"
-METHOD = "prompt-ensemble/v1"
+METHOD = "prompt-ensemble/v2"  # v2: distinct prompts, K chosen (v1 kept copies of the caption)
 POPULATIONS = ("failures", "successes", "all")
 RECALL_KS = (1, 5, 10)
+DEFAULT_K = 10  # prompts per caption, the reference study's K
+SEED_MAX = 2**32 - 1
 SCORE_BUDGET = 8_000_000  # score elements (c captions x K prompts x M images) held at once
 
 Encoder = Callable[[list[str]], np.ndarray]
@@ -230,22 +247,140 @@ def select_control(con, rrid: int, control: tuple[str, int | None], seed: int) -
     return df.reset_index(drop=True)
 
 
-def template_lists(tdf: pd.DataFrame, categories: list[str], mode: str) -> tuple[dict[str, list[str]], list[str]]:
-    """({category: templates} for `mode`, union of the categories' templates)."""
+def template_lists(
+    tdf: pd.DataFrame, categories: list[str], mode: str, k: int | None = None
+) -> tuple[dict[str, list[str]], list[str]]:
+    """({category: template list} for `mode`, the union list: the categories' lists one after the other,
+    each template text at its first place). With `k`, a K above a list it would be cut from is refused."""
+    tset = tdf["template_set"].iloc[0]
     per_cat = {c: list(tdf.loc[tdf["category"] == c].sort_values("position")["template"]) for c in categories}
     missing = [c for c, ts in per_cat.items() if not ts]
     if missing:
         have = sorted(set(tdf["category"]))
         raise UserError(
-            f"Template set {tdf['template_set'].iloc[0]!r} has no templates for {', '.join(missing)} "
+            f"Template set {tset!r} has no templates for {', '.join(missing)} "
             f"(it has {', '.join(have)}). Import some with clipfail templates import FILE."
         )
     union = list(dict.fromkeys(t for c in categories for t in per_cat[c]))
+    if mode not in ("own", "union"):
+        raise UserError(f"Unknown template mode {mode!r}; use own or union.")
+    if k is not None:
+        sizes = ", ".join(f"{c} {len(per_cat[c])}" for c in categories)
+        if mode == "own" and any(k > len(ts) for ts in per_cat.values()):
+            raise UserError(
+                f"--k {k} is more than the templates of a category in set {tset!r} (templates per category: "
+                f"{sizes}). Give --k {min(len(ts) for ts in per_cat.values())} or less, or a set with more templates."
+            )
+        if mode == "union" and k > len(union):
+            raise UserError(
+                f"--k {k} is more than the {len(union)} distinct templates of {', '.join(categories)} together in "
+                f"set {tset!r} (per category: {sizes}). Give --k {len(union)} or less."
+            )
     if mode == "union":
         per_cat = {c: union for c in categories}
-    elif mode != "own":
-        raise UserError(f"Unknown template mode {mode!r}; use own or union.")
     return per_cat, union
+
+
+def scoring_device(con, rr: dict) -> tuple[str, str | None, str | None]:
+    """(device to re-score on, device the retrieval run recorded, a note when they differ in type).
+
+    The retrieval run's `runs.config_json` holds the device evaluate ranked on. The same device type
+    is used when this machine has it (the same GEMM there gives the same scores, bit for bit);
+    otherwise the CPU, with a note that scores then agree only within float32 rounding.
+    """
+    import torch
+
+    rrid = int(rr["retrieval_run_id"])
+    row = con.execute("SELECT config_json FROM runs WHERE run_id = ?", [int(rr["run_id"])]).fetchall()
+    try:
+        recorded = json.loads(row[0][0]).get("device") if row else None
+    except (TypeError, ValueError):
+        recorded = None
+    tolerance = (
+        "so its scores may differ from the retrieval run's in the last bit (~1e-7): the baseline and identity "
+        "prompts agree with it within that tolerance, not bit for bit, and images scoring that close could swap."
+    )
+    if not recorded:
+        return "cpu", None, f"Retrieval run {rrid} did not record its device; improve re-scored on the cpu, {tolerance}"
+    try:
+        dev = torch.device(str(recorded))
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is not None and dev.type == "cpu":
+        return "cpu", str(recorded), None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        ok = dev.index is not None and dev.index < torch.cuda.device_count()
+        return (f"cuda:{dev.index}" if ok else "cuda"), str(recorded), None
+    mps = getattr(torch.backends, "mps", None)
+    if dev is not None and dev.type == "mps" and mps is not None and mps.is_available():
+        return "mps", str(recorded), None
+    return (
+        "cpu",
+        str(recorded),
+        f"Retrieval run {rrid} ranked on {recorded}, which this machine does not have; improve re-scored on the "
+        f"cpu, {tolerance}",
+    )
+
+
+def database_path(con) -> str:
+    """The path of the connection's database file, as DuckDB reports it."""
+    rows = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
+    return str(rows[0][0]) if rows and rows[0][0] else "clipfail.duckdb"
+
+
+#: category -> the captions its coverage target is about (besides all captions): `phrases.mentions` key
+COVERAGE_FOCUS = {"Attribute": "attribute", "Count": "number", "Spatial": "relation"}
+
+
+def prompt_coverage(
+    captions: Sequence[str], tdf: pd.DataFrame, k: int = DEFAULT_K, mode: str = "own", categories=None
+) -> pd.DataFrame:
+    """Per category of a template set: how many captions reach k distinct prompts.
+
+    One row per (category, captions): ``captions`` is 'all', or for Attribute/Count/Spatial also the
+    captions that mention an attribute/number/relation (`phrases.mentions`). Columns: n, n_at_k,
+    pct_at_k (share reaching k, in %), mean_k (mean effective K), mean_slot_prompts (mean number of
+    prompts from templates that use a phrase slot, i.e. not only the caption). In ``union`` mode the
+    categories' lists are joined as improve joins them.
+    """
+    cats = list(categories) if categories is not None else list(dict.fromkeys(tdf["category"]))
+    per_cat, _union = template_lists(tdf, cats, mode, k)
+    slots = {c: phrases.extract(c) for c in captions}
+    focus = {c: phrases.mentions(c) for c in captions}
+    rows = []
+    for cat in cats:
+        tl = per_cat[cat]
+        by_template = {}
+        for t in tl:
+            by_template.setdefault(t, bool(phrases.template_slots(t) - phrases.CAPTION_FIELDS))
+        made = {c: phrases.build_prompts(c, tl, k, slots[c]) for c in captions}
+        n_slot = {}
+        for c, prs in made.items():
+            # which template made each prompt: refill in order (the same rule, so the same texts)
+            got = {phrases.try_fill(t, c, slots[c]): by_template[t] for t in reversed(tl)}
+            n_slot[c] = sum(bool(got.get(p)) for p in prs[1:])
+        groups = [("all", list(captions))]
+        if cat in COVERAGE_FOCUS:
+            key = COVERAGE_FOCUS[cat]
+            groups.append(
+                (f"mention {'an' if key == 'attribute' else 'a'} {key}", [c for c in captions if focus[c][key]])
+            )
+        for label, group in groups:
+            ks = np.array([len(made[c]) for c in group])
+            rows.append(
+                {
+                    "category": cat,
+                    "captions": label,
+                    "n": len(group),
+                    "n_at_k": int((ks >= k).sum()),
+                    "pct_at_k": round(100 * float((ks >= k).mean()), 1) if len(group) else float("nan"),
+                    "mean_k": round(float(ks.mean()), 2) if len(group) else float("nan"),
+                    "mean_slot_prompts": round(float(np.mean([n_slot[c] for c in group])), 2)
+                    if group
+                    else float("nan"),
+                }
+            )
+    return pd.DataFrame(rows)
 
 
 def _sha(obj) -> str:
@@ -289,6 +424,38 @@ def cached_prompts(con, identity: dict, texts: list[str]) -> pd.DataFrame:
         con.unregister("_improve_wanted")
 
 
+def prompt_shards(con, identity: dict) -> list[int]:
+    """embedding_set_id of every prompt shard of this model identity."""
+    return [
+        int(r[0])
+        for r in con.execute(
+            """
+            SELECT embedding_set_id FROM embedding_sets
+            WHERE kind = 'prompt' AND model = ? AND precision = ?
+              AND pretrained IS NOT DISTINCT FROM ? AND checkpoint_sha256 IS NOT DISTINCT FROM ?
+            ORDER BY 1
+            """,
+            [identity["model"], identity["precision"], identity["pretrained"], identity["checkpoint_sha256"]],
+        ).fetchall()
+    ]
+
+
+def recompute_command(
+    con, cats, rrid, pools, tau, template_set, template_mode, k, max_subset, seed, include_overlap, ctl
+) -> str:
+    """The improve command line of this call with --recompute-prompts (what a damaged prompt shard needs)."""
+    import shlex
+
+    parts = ["clipfail", "--db", database_path(con), "improve", "--categories", ",".join(cats), "--run", str(rrid)]
+    parts += ["--pooling", ",".join(pools)] + (["--tau", f"{tau:g}"] if "logsumexp" in pools else [])
+    parts += ["--template-set", template_set, "--template-mode", template_mode, "--k", str(k), "--seed", str(seed)]
+    parts += ["--max-subset", str(max_subset)] if max_subset is not None else []
+    parts += ["--include-overlap"] if include_overlap else []
+    if ctl is not None:
+        parts += ["--control", "all" if ctl[0] == "all" else f"successes:{ctl[1]}"]
+    return " ".join(shlex.quote(p) for p in parts + ["--recompute-prompts"])
+
+
 def default_cache_dir(con) -> Path:
     """`<database folder>/<database stem>_cache/prompts` (beside the database file)."""
     rows = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
@@ -309,8 +476,10 @@ class _Population:
     prompts: list[list[str]] = field(default_factory=list)  # per caption, filled
 
 
-def _rank_population(pop: _Population, prompt_index, P: np.ndarray, Gt, poolings, tau) -> dict[str, pd.DataFrame]:
-    """Improved rank and GT score per caption, for each pooling."""
+def _rank_population(
+    pop: _Population, prompt_index, P: np.ndarray, Gt, poolings, tau, device: str = "cpu"
+) -> dict[str, pd.DataFrame]:
+    """Improved rank and GT score per caption, for each pooling (scores made on `device`)."""
     from toolkit import retrieval  # imports torch; only needed once there is something to score
 
     caps = pop.captions
@@ -319,13 +488,14 @@ def _rank_population(pop: _Population, prompt_index, P: np.ndarray, Gt, poolings
     out = {p: (np.empty(n, np.int64), np.empty(n, np.float64)) for p in poolings}
     # group captions with the same K so that the (c, K, M) blocks are rectangular
     ks = np.array([len(p) for p in pop.prompts])
+    n_distinct = np.array([len({phrases.prompt_key(t) for t in p}) for p in pop.prompts])
     for K in np.unique(ks):
         members = np.flatnonzero(ks == K)
         step = max(1, SCORE_BUDGET // (int(K) * M))
         for s in range(0, len(members), step):
             rows = members[s : s + step]
             idx = np.array([prompt_index[i] for i in rows], dtype=np.int64)  # (c, K) rows of P
-            S = retrieval.score_rows(P[idx.reshape(-1)], Gt.T).reshape(len(rows), int(K), M)
+            S = retrieval.score_rows(P[idx.reshape(-1)], Gt.T, device=device).reshape(len(rows), int(K), M)
             gt = caps["gt_index"].to_numpy()[rows]
             for p in poolings:
                 pooled = pooling.pool_scores(S, p, tau=tau)
@@ -338,6 +508,7 @@ def _rank_population(pop: _Population, prompt_index, P: np.ndarray, Gt, poolings
                 "sample_id": caps["sample_id"].astype("Int64"),
                 "category": caps["category"].astype(object).where(caps["category"].notna(), None),
                 "n_prompts": ks.astype(np.int32),
+                "n_distinct_prompts": n_distinct.astype(np.int32),
                 "baseline_rank": caps["baseline_rank"].to_numpy(np.int64),
                 "improved_rank": r,
                 "improved_score": sc,
@@ -396,6 +567,8 @@ def improve(
     encoder: Encoder | None = None,
     encoder_factory: Callable[[dict], Encoder] | None = None,
     cache_dir: str | Path | None = None,
+    k: int = DEFAULT_K,
+    recompute_prompts: bool = False,
 ) -> ImproveResult:
     """Run (or reuse) prompt ensembling on a labelled failure subset; see the module docstring.
 
@@ -404,6 +577,7 @@ def improve(
     made the retrieval run's text embeddings; `identity` is `model_identity` of that set plus its
     recorded config under "config". The model is built only when some prompt is not cached.
     Prompt shards go to `cache_dir` (default: `default_cache_dir`). Tests pass a fake encoder.
+    `k`: prompts per caption (the caption included); `recompute_prompts`: see the module docstring.
     """
     started = db.now()
     pools = parse_poolings(poolings)
@@ -414,15 +588,18 @@ def improve(
         raise UserError("--max-subset must be at least 1.")
     max_subset = None if max_subset is None else int(max_subset)
     seed = int(seed)
-    if seed < 0:
-        raise UserError(f"--seed must be 0 or more (got {seed}).")
+    if not 0 <= seed <= SEED_MAX:
+        raise UserError(f"--seed must be a whole number from 0 to {SEED_MAX} (got {seed}).")
+    if isinstance(k, bool) or int(k) != k or int(k) < 1:
+        raise UserError(f"--k must be a whole number of at least 1 (got {k}): prompts per caption, itself included.")
+    k = int(k)
     ctl = parse_control(control) if not isinstance(control, tuple) else control
     cats = parse_categories(con, categories)
     rr = pick_labelled_run(con, retrieval_run_id)
     rrid = int(rr["retrieval_run_id"])
     tdf = templates.load_set(con, template_set)
     t_sha = templates.templates_sha256(tdf)
-    per_cat, union = template_lists(tdf, cats, template_mode)
+    per_cat, union = template_lists(tdf, cats, template_mode, k)
 
     # --- populations
     frames = [("failures", select_failures(con, rrid, cats, max_subset, seed, include_overlap))]
@@ -444,10 +621,10 @@ def improve(
             raise UserError(f"Some captions of the {name} subset have no rank in retrieval run {rrid}.")
         if name == "failures":
             tl = [per_cat[c] for c in df["category"]]
-            kpc = {c: len(per_cat[c]) for c in cats if (df["category"] == c).any()}
+            kpc = {c: k for c in cats if (df["category"] == c).any()}
         else:
             tl = [union] * len(df)
-            kpc = {"*": len(union)}
+            kpc = {"*": k}
         pops.append(_Population(name, df.reset_index(drop=True), tl, kpc))
 
     # --- prompts (filled text per caption)
@@ -464,8 +641,18 @@ def improve(
             slots = slot_cache.get(text)
             if slots is None:
                 slots = slot_cache[text] = phrases.extract(text)
-            pop.prompts.append([phrases.fill(t, text, slots) for t in tl])
-
+            pop.prompts.append(phrases.build_prompts(text, tl, k, slots))
+    subset = pops[0]
+    if k >= 2 and all(len(prs) == 1 for prs in subset.prompts):
+        raise UserError(
+            f"Template set {template_set!r} ({template_mode} mode) gives none of the {len(subset.prompts)} captions of "
+            f"the subset a prompt other than the caption itself: each template either uses a slot that the phrase "
+            f"extractor finds empty in them or gives the caption's own text again (see clipfail templates list --set "
+            f"{template_set}). Nothing was encoded or written. Use a set whose templates apply (the default "
+            f"{templates.DEFAULT_SET} has templates that always do), or --k 1 for the baseline itself."
+        )
+    score_device, recorded_device, device_note = scoring_device(con, rr)
+    notes = [device_note] if device_note else []
     # --- unit configs and idempotence
     common = {
         "stage": STAGE,
@@ -479,13 +666,15 @@ def improve(
         "seed": seed,
         "include_overlap": bool(include_overlap),
         "model": identity,
+        "k": k,
+        "score_device": score_device.split(":")[0],
     }
     units = []  # (pop, pooling, config, hash)
     for pop in pops:
         subset_sig = _sha(
             [
-                [int(c), None if pd.isna(s) else int(s), None if pd.isna(k) else str(k), p]
-                for c, s, k, p in zip(
+                [int(c), None if pd.isna(s) else int(s), None if pd.isna(lab) else str(lab), p]
+                for c, s, lab, p in zip(
                     pop.captions["caption_id"], pop.captions["sample_id"], pop.captions["category"], pop.prompts
                 )
             ]
@@ -513,9 +702,10 @@ def improve(
         reused_ids=[],
         populations={pop.name: len(pop.captions) for pop in pops},
         k_per_category={pop.name: pop.k_per_category for pop in pops},
+        notes=notes,
     )
     todo = [u for u in units if u[3] not in existing]
-    if not todo:
+    if not todo and not (recompute_prompts and prompt_shards(con, identity)):
         result.improvement_ids = [int(existing[u[3]]) for u in units]
         result.reused_ids = list(result.improvement_ids)
         return result
@@ -541,15 +731,34 @@ def improve(
     other = sorted(
         {pr for pop in pops_run for text, prs in zip(pop.captions["text"], pop.prompts) for pr in prs if pr != text}
     )
-    cached = cached_prompts(con, identity, other)
-    have = dict(zip(cached["text"], zip(cached["embedding_set_id"], cached["row_index"])))
-    new_texts = [t for t in other if t not in have]
+    drop_ids: list[int] = []  # prompt shards of this model that --recompute-prompts replaces
+    if recompute_prompts:
+        drop_ids = prompt_shards(con, identity)
+        old_texts = [
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT p.text FROM embedding_rows er JOIN prompts p ON p.prompt_id = er.item_id "
+                "WHERE list_contains(?, er.embedding_set_id)",
+                [drop_ids],
+            ).fetchall()
+        ]
+        have = {}
+        new_texts = sorted(set(other) | set(old_texts))
+    else:
+        cached = cached_prompts(con, identity, other)
+        have = dict(zip(cached["text"], zip(cached["embedding_set_id"], cached["row_index"])))
+        new_texts = [t for t in other if t not in have]
     dim = txt.array.shape[1]
     vec: dict[str, np.ndarray] = {}
+    shard_fix = (
+        "Encode this model's cached prompts again (the damaged shard is dropped in the same transaction) with: "
+        + recompute_command(con, cats, rrid, pools, tau, template_set, template_mode, k, max_subset, seed,
+                            include_overlap, ctl)
+    )  # fmt: skip
     for set_id, grp in pd.DataFrame(
         {"text": list(have), "set": [v[0] for v in have.values()], "row": [v[1] for v in have.values()]}
     ).groupby("set"):
-        arr = load_embedding_set(con, int(set_id), fix="Delete that prompt shard's rows or restore the file.").array
+        arr = load_embedding_set(con, int(set_id), fix=shard_fix).array
         for t, r in zip(grp["text"], grp["row"]):
             vec[t] = arr[int(r)]
     new_arr = None
@@ -588,15 +797,29 @@ def improve(
             n_identity += sum(pr == text for pr in prs)
             index.append(ids)
         wanted = [p for (pp, p, _c, h) in todo if pp is pop]
-        ranks = _rank_population(pop, index, P, Gt, wanted, tau)
+        ranks = _rank_population(pop, index, P, Gt, wanted, tau, device=score_device)
         for p, df in ranks.items():
             computed[(pop.name, p)] = df
     result.n_identity = n_identity
 
     # --- write everything in one transaction
-    run_config = dict(common, poolings=pools, tau=tau, control=list(ctl) if ctl else None, units=[u[3] for u in units])
+    run_config = dict(
+        common,
+        poolings=pools,
+        tau=tau,
+        control=list(ctl) if ctl else None,
+        units=[u[3] for u in units],
+        score_device=score_device,
+        retrieval_device=recorded_device,
+        score_device_note=device_note,
+        recompute_prompts=bool(recompute_prompts),
+        dropped_prompt_shards=drop_ids,
+    )
     with db.transaction(con):
         run_id = db.insert_run(con, STAGE, run_config, started, seed=seed, model=identity["model"])
+        if drop_ids:
+            con.execute("DELETE FROM embedding_rows WHERE list_contains(?, embedding_set_id)", [drop_ids])
+            con.execute("DELETE FROM embedding_sets WHERE list_contains(?, embedding_set_id)", [drop_ids])
         if new_texts:
             # texts another model already cached have a prompts row; add only the others
             con.register("_improve_new_texts", pd.DataFrame({"text": list(new_texts)}))
@@ -613,7 +836,8 @@ def improve(
                 ).fetchall()
             )
             shard_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(con)
-            shard = shard_dir / f"prompts-{_sha(identity)[:12]}-{_sha(new_texts)[:16]}.npy"
+            tag = f"-r{_sha(started.isoformat())[:8]}" if recompute_prompts else ""  # never the dropped file
+            shard = shard_dir / f"prompts-{_sha(identity)[:12]}-{_sha(new_texts)[:16]}{tag}.npy"
             sha = save_array(shard, new_arr)
             register_embedding_set(
                 con,
@@ -638,9 +862,9 @@ def improve(
             row = con.execute(
                 """
                 INSERT INTO improvement_runs (retrieval_run_id, categories, population, pooling, tau, template_set,
-                    templates_sha256, template_mode, k_per_category, n_captions, max_subset, seed,
+                    templates_sha256, template_mode, k_per_category, k_prompts, n_captions, max_subset, seed,
                     is_overlap_included, model, config_hash, created_at, run_id)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 RETURNING improvement_id
                 """,
                 [
@@ -653,6 +877,7 @@ def improve(
                     t_sha,
                     template_mode,
                     json.dumps(pop.k_per_category),
+                    k,
                     len(pop.captions),
                     max_subset,
                     seed,
@@ -732,3 +957,22 @@ def summary(con, improvement_ids: Sequence[int]) -> pd.DataFrame:
         "SELECT * FROM improvement_recall WHERE list_contains(?, improvement_id) ORDER BY improvement_id, k",
         [[int(i) for i in improvement_ids]],
     ).df()
+
+
+def effective_k(con, improvement_ids: Sequence[int]) -> dict[str, str]:
+    """population -> "10 for 58 captions, 8 for 4" (view improvement_effective_k, first run of each population)."""
+    df = con.execute(
+        """
+        SELECT population, improvement_id, effective_k, sum(n_captions) AS n
+        FROM improvement_effective_k WHERE list_contains(?, improvement_id)
+        GROUP BY ALL ORDER BY improvement_id, effective_k DESC
+        """,
+        [[int(i) for i in improvement_ids]],
+    ).df()
+    out: dict[str, str] = {}
+    for population, g in df.groupby("population", sort=False):
+        g = g[g["improvement_id"] == g["improvement_id"].min()]
+        out[population] = ", ".join(
+            f"{int(r.effective_k)} for {int(r.n)} caption{'s' if r.n != 1 else ''}" for r in g.itertuples()
+        )
+    return out

@@ -40,20 +40,33 @@ Several phrases for one slot are joined in order of first appearance, duplicates
 "a", "a and b" or "a, b and c". A slot that finds nothing is the empty string.
 
 `fill(template, caption)`: formats the template with ``{caption}`` = the caption exactly as given
-(not stripped or lower-cased) and the other slots from `extract(caption)`. If ANY slot other than
-``{caption}`` that the template uses is empty for this caption, `fill` returns the caption itself,
-unchanged, so that template contributes the identity prompt. Templates are `str.format` strings:
-``{{`` and ``}}`` are literal braces; a field other than the six slot names, a positional field,
-a conversion (``!r``) or a format spec (``:>5``) is a `ValueError` (`template_slots` checks this).
+(not stripped or lower-cased), ``{caption_lc}`` = the caption as a clause to embed in a sentence
+(`caption_clause`: trimmed, trailing ``.``/``!``/``?`` removed, first letter lower-cased unless the
+first word is an acronym such as "TV") and the other slots from `extract(caption)`. If ANY slot
+other than ``{caption}``/``{caption_lc}`` that the template uses is empty for this caption, `fill`
+returns the caption itself, unchanged (`try_fill` returns None instead: the template does not
+apply). Templates are `str.format` strings: ``{{`` and ``}}`` are literal braces; a field other
+than the seven names of `TEMPLATE_FIELDS`, a positional field, a conversion (``!r``) or a format
+spec (``:>5``) is a `ValueError` (`template_slots` checks this).
+
+`build_prompts(caption, templates, k)`: the prompt list of a caption, as the improve stage uses it.
+The caption itself comes first, once; then the templates are taken in the given order, and a
+template's prompt is added only if the template applies (`try_fill`) and its text differs from the
+caption and from every prompt already taken (`prompt_key`: compared without case and with runs of
+white space as one space, because CLIP's tokenizer lower-cases and collapses white space, so such
+texts are the same input to the model). The identity template ``{caption}`` is the caption and adds
+nothing. Taking stops at `k` prompts; a caption for which fewer apply gets fewer (its effective K).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 
 SLOTS = ("objects", "attributes", "actions", "count", "relation")
-TEMPLATE_FIELDS = ("caption", *SLOTS)
+TEMPLATE_FIELDS = ("caption", "caption_lc", *SLOTS)
+CAPTION_FIELDS = frozenset({"caption", "caption_lc"})  # always filled
 
 # ---------------------------------------------------------------------------------------------
 # Lexicons
@@ -510,17 +523,89 @@ def template_slots(template: str) -> set[str]:
     return fields
 
 
-def fill(template: str, caption: str, slots: dict[str, str] | None = None) -> str:
-    """The prompt for `caption` from `template`; the caption itself if a used slot is empty.
+@functools.lru_cache(maxsize=4096)
+def _used_fields(template: str) -> frozenset[str]:
+    return frozenset(template_slots(template))
+
+
+def caption_clause(caption: str) -> str:
+    """The caption as a clause for ``{caption_lc}``: trimmed, no final ``.``/``!``/``?``, first letter
+    lower-cased unless the first word is an acronym ("TV", "USA") or has capitals after its first letter."""
+    text = " ".join(caption.split()).rstrip(" .!?")
+    first = text.split(" ", 1)[0] if text else ""
+    if first and first[0].isupper() and not any(ch.isupper() for ch in first[1:]):
+        text = text[0].lower() + text[1:]
+    return text
+
+
+def try_fill(template: str, caption: str, slots: dict[str, str] | None = None) -> str | None:
+    """The prompt for `caption` from `template`, or None if a slot the template uses is empty.
 
     `slots` may be passed to reuse an `extract(caption)` result.
     """
-    used = template_slots(template)
-    needed = used - {"caption"}
+    used = _used_fields(template)
+    needed = used - CAPTION_FIELDS
     if needed:
         if slots is None:
             slots = extract(caption)
         if any(not slots.get(s) for s in needed):
-            return caption
+            return None
     values = {s: (slots or {}).get(s, "") for s in needed}
+    if "caption_lc" in used:
+        values["caption_lc"] = caption_clause(caption)
     return template.format(caption=caption, **values)
+
+
+def fill(template: str, caption: str, slots: dict[str, str] | None = None) -> str:
+    """The prompt for `caption` from `template`; the caption itself if a used slot is empty."""
+    out = try_fill(template, caption, slots)
+    return caption if out is None else out
+
+
+def prompt_key(text: str) -> str:
+    """What two prompts must differ in to count as distinct: case and white-space runs ignored."""
+    return " ".join(text.split()).lower()
+
+
+def build_prompts(caption: str, templates, k: int, slots: dict[str, str] | None = None) -> list[str]:
+    """The caption's prompts: the caption, then distinct applicable template prompts in order, at most k.
+
+    See the module docstring. `slots` may be passed to reuse an `extract(caption)` result.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    out = [caption]
+    seen = {prompt_key(caption)}
+    for template in templates:
+        if len(out) >= k:
+            break
+        if _used_fields(template) - CAPTION_FIELDS and slots is None:
+            slots = extract(caption)
+        prompt = try_fill(template, caption, slots)
+        if prompt is None:
+            continue
+        key = prompt_key(prompt)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(prompt)
+    return out
+
+
+def mentions(caption: str) -> dict[str, bool]:
+    """Whether the caption mentions an attribute, a number and a spatial relation, by its words alone.
+
+    attribute: a word of `ATTRIBUTE_WORDS`; number: a number word, a digit string or a `COUNT_WORDS`
+    expression; relation: a strong relation (`RELATIONS_STRONG`) or a `STANDALONE_RELATIONS` phrase
+    (the weak "on", "in", "at", "by" are in nearly every caption and do not count). Used to pick the
+    captions that a category's coverage target is about (`benchmarks/prompt_coverage.py`).
+    """
+    tokens = tokenize(caption)
+    strong = sorted((tuple(r.split()) for r in RELATIONS_STRONG), key=len, reverse=True)
+    return {
+        "attribute": any(t in ATTRIBUTE_WORDS for t in tokens),
+        "number": any(_is_number(t) or _match_seq(tokens, i, _COUNT_SPLIT) for i, t in enumerate(tokens)),
+        "relation": any(
+            _match_seq(tokens, i, strong) or _match_seq(tokens, i, _STANDALONE_SPLIT) for i in range(len(tokens))
+        ),
+    }

@@ -3,16 +3,31 @@
 A template set is rows of (template_set, category, position, template). The templates of one
 category are used in position order; position 0 is the identity ``{caption}`` in the default set,
 and every category of every set must contain the identity template (so the caption itself is
-always one of a caption's prompts). Templates are `str.format` strings over ``{caption}`` and the
-phrase slots of `toolkit.phrases` (``{objects}``, ``{attributes}``, ``{actions}``, ``{count}``,
-``{relation}``); see `toolkit.phrases.fill` for how a template with an empty slot falls back to
-the caption.
+always one of a caption's prompts). Templates are `str.format` strings over ``{caption}``,
+``{caption_lc}`` and the phrase slots of `toolkit.phrases` (``{objects}``, ``{attributes}``,
+``{actions}``, ``{count}``, ``{relation}``); a template with an empty slot does not apply to that
+caption and is skipped (`toolkit.phrases.build_prompts`: the caption once, then distinct prompts in
+position order, up to improve's ``--k``).
 
-The default set ships as ``toolkit/data/templates_default.csv`` and is inserted (if the database
-has no set called ``default``) every time a database is opened. `import_templates` adds a set from
-a CSV file with the same four columns; re-importing identical content is a no-op, different
-content for an existing set name needs ``replace=True`` and is refused once an improvement run
-used that set (its results would no longer say which templates made them).
+Shipped sets (`SHIPPED_SETS`, files in ``toolkit/data/``) are inserted into every database that
+lacks a set of that name when it is opened; a set's name then always stands for the same content:
+
+- ``default-v2`` (``templates_default_v2.csv``, the default of `improve` since prompts are distinct
+  and K is chosen with ``--k``): per actionable category the identity ``{caption}``, the nine slot
+  templates of the first set (one Action template reworded), then nine templates that always apply
+  (the whole caption, ``{caption}`` or ``{caption_lc}``, in a category-specific frame), so that K=10
+  distinct prompts are reached for nearly every caption.
+- ``default`` (``templates_default.csv``, unchanged): the first default set, ten templates per
+  category. Databases made before ``default-v2`` have it and their improvement runs name it; it
+  stays, so those runs keep meaning what they meant, and it can still be chosen with
+  ``--template-set default``.
+
+A new default set gets a new name (``default-v3``, ...), never new content under an old name, so
+an improvement run (which records the set's name and content hash) is never silently matched
+with other templates. `import_templates` refuses to change a shipped set. It adds a set from a CSV
+file with the same four columns; re-importing identical content is a no-op, different content for
+an existing set name needs ``replace=True`` and is refused once an improvement run used that set
+(its results would no longer say which templates made them).
 """
 
 from __future__ import annotations
@@ -29,24 +44,40 @@ import pandas as pd
 from toolkit import db, phrases
 from toolkit.errors import UserError
 
-DEFAULT_SET = "default"
+DEFAULT_SET = "default-v2"
+LEGACY_SET = "default"
+#: set name -> file in toolkit/data (see the module docstring)
+SHIPPED_SETS = {LEGACY_SET: "templates_default.csv", DEFAULT_SET: "templates_default_v2.csv"}
 COLUMNS = ["template_set", "category", "position", "template"]
 IDENTITY = "{caption}"
 MAX_POSITION = 2**31 - 1  # prompt_templates.position is a 32-bit INTEGER
 
 
-def _default_csv_text() -> str:
-    return resources.files("toolkit").joinpath("data/templates_default.csv").read_text(encoding="utf-8")
+def _shipped_csv_text(name: str = DEFAULT_SET) -> str:
+    return resources.files("toolkit").joinpath(f"data/{SHIPPED_SETS[name]}").read_text(encoding="utf-8")
+
+
+def shipped_set(name: str = DEFAULT_SET) -> pd.DataFrame:
+    """A shipped set's rows (template_set, category, position, template) from its data file."""
+    return _parse(_shipped_csv_text(name), SHIPPED_SETS[name], known_categories=None, set_name=None)
 
 
 def seed_templates(con) -> None:
-    """Insert the shipped default set when the database has none called 'default'."""
+    """Insert each shipped set (`SHIPPED_SETS`) that the database has no set of that name for."""
     # fetchall: a half-read result would block the connection's next register() (DuckDB 2)
-    if con.execute("SELECT count(*) FROM prompt_templates WHERE template_set = ?", [DEFAULT_SET]).fetchall()[0][0]:
+    have = {
+        r[0]
+        for r in con.execute(
+            "SELECT DISTINCT template_set FROM prompt_templates WHERE list_contains(?, template_set)",
+            [list(SHIPPED_SETS)],
+        ).fetchall()
+    }
+    missing = [name for name in SHIPPED_SETS if name not in have]
+    if not missing:
         return
-    df = _parse(_default_csv_text(), "templates_default.csv", known_categories=None, set_name=None)
     with db.transaction(con):
-        db.insert_df(con, "prompt_templates", df)
+        for name in missing:
+            db.insert_df(con, "prompt_templates", shipped_set(name))
 
 
 def templates_sha256(df: pd.DataFrame) -> str:
@@ -76,13 +107,13 @@ def load_set(con, template_set: str = DEFAULT_SET) -> pd.DataFrame:
 
 
 def list_sets(con) -> pd.DataFrame:
-    """One row per (set, category): K and how many improvement runs used the set."""
+    """One row per (set, category): its number of templates (the largest --k) and the improvement runs of the set."""
     return con.execute(
         """
         WITH used AS (
             SELECT template_set, count(*) AS n_improvement_runs FROM improvement_runs GROUP BY 1
         )
-        SELECT t.template_set, t.category, count(*) AS k,
+        SELECT t.template_set, t.category, count(*) AS n_templates,
                coalesce(any_value(u.n_improvement_runs), 0) AS n_improvement_runs
         FROM prompt_templates t
         LEFT JOIN categories c ON c.name = t.category
@@ -178,7 +209,8 @@ def _parse(text: str, source: str, known_categories: set[str] | None, set_name: 
                 problems.append(f"rows {', '.join(map(str, dup_t['lineno']))}: the same template twice in {tset}/{cat}")
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise UserError(f"{source} was not imported ({len(problems)} problems): {shown}.")
+        noun = "problem" if len(problems) == 1 else "problems"
+        raise UserError(f"{source} was not imported ({len(problems)} {noun}): {shown}.")
     df["position"] = df["position"].astype("int32")
     return df[COLUMNS].reset_index(drop=True)
 
@@ -214,6 +246,11 @@ def import_templates(con, path: str | Path, set_name: str | None = None, replace
         if templates_sha256(old) == templates_sha256(grp):
             result.unchanged.append(tset)
             continue
+        if tset in SHIPPED_SETS:
+            raise UserError(
+                f"{tset!r} is a template set shipped with clipfail; its name stands for the shipped templates. "
+                "Import yours under another name (--set NAME)."
+            )
         if not replace:
             raise UserError(
                 f"A template set named {tset!r} already exists with other templates. Import under another "

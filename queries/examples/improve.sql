@@ -31,3 +31,7 @@ ORDER BY r.improved_rank - r.baseline_rank LIMIT 20;
 SELECT es.model, es.precision, count(DISTINCT es.embedding_set_id) AS shards, count(*) AS prompts
 FROM embedding_sets es JOIN embedding_rows er USING (embedding_set_id)
 WHERE es.kind = 'prompt' GROUP BY ALL;
+
+-- how many prompts each caption really got (effective K) against the K asked for, per run and category
+SELECT improvement_id, population, template_set, k_prompts, category, effective_k, n_captions, pct_of_category
+FROM improvement_effective_k WHERE pooling = 'max' ORDER BY improvement_id, category, effective_k DESC;
