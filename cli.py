@@ -31,6 +31,8 @@ STAGE_ORDER = (
     "ingest",
     "embed",
     "evaluate",
+    "benchmark",
+    "compare",
     "triage",
     "sample-failures",
     "annotate",
@@ -90,13 +92,16 @@ def db_option(f):
     return wrapper
 
 
-def model_options(*, model_default: str | None = None, model_required: bool = False, precision: bool = False):
+def model_options(
+    *, model_default: str | None = None, model_required: bool = False, precision: bool = False, weights: bool = True
+):
     """The options that pick and place a model (--model, --pretrained, --checkpoint, --device and, with
     precision=True, --precision), declared once so that every command that loads a model documents
-    them alike. A command whose --model has no default says in its docstring what it falls back to."""
+    them alike. A command whose --model has no default says in its docstring what it falls back to.
+    weights=False leaves out --model/--pretrained/--checkpoint (for a command that reads them elsewhere)."""
 
     def decorate(f):
-        options = [
+        weight_options = [
             click.option(
                 "--model",
                 default=model_default,
@@ -114,6 +119,8 @@ def model_options(*, model_default: str | None = None, model_required: bool = Fa
                 default=None,
                 help="Local weights file, for offline use (instead of --pretrained).",
             ),
+        ]
+        options = (weight_options if weights else []) + [
             click.option(
                 "--device",
                 default="auto",
@@ -257,9 +264,15 @@ def make_synthetic_coco(dest, n_images, seed):
 @click.option("--coco-root", type=click.Path(), help="Folder with annotations/captions_val2017.json and val2017/.")
 @click.option("--captions-json", type=click.Path(), help="A COCO captions JSON (instead of --coco-root).")
 @click.option("--images-dir", type=click.Path(), help="The folder its file_names are relative to.")
-@click.option("--karpathy-json", type=click.Path(), help="Karpathy's dataset_coco.json (image root: --images-dir).")
+@click.option(
+    "--karpathy-json",
+    type=click.Path(),
+    help="Karpathy's dataset_coco.json or dataset_flickr30k.json (image root: --images-dir).",
+)
 @click.option("--split", default=None, help="Karpathy split to take (default: test).")
-@click.option("--num-images", default="5000", show_default=True, help="Images to sample, or 'all'.")
+@click.option(
+    "--num-images", default=None, help="Images to sample, or 'all' (default: 5000; Flickr30k: the whole split)."
+)
 @click.option(
     "--captions-per-image",
     type=click.IntRange(1, 2**31 - 1),
@@ -433,6 +446,120 @@ def evaluate(db_path, subset_name, model, pretrained, checkpoint, topk, device, 
         f"Retrieval run {res.retrieval_run_id} ({res.direction}, subset {res.subset}, model {res.model}): {state}"
     )
     echo_df(res.summary)
+
+
+@cli.command("benchmark")
+@click.option(
+    "--models",
+    "models_file",
+    required=True,
+    type=click.Path(),
+    help="Text file, one model[,pretrained|checkpoint] per line (# comments).",
+)
+@click.option("--subset", "subset_name", default=None, help="Subset name (default: the most recent subset).")
+@model_options(weights=False, precision=True)
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=None, help="Embedding batch size.")
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False), default=None, help="Default: <db stem>_cache/ beside the database."
+)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the table here.")
+@db_option
+def benchmark(db_path, models_file, subset_name, device, batch_size, precision, cache_dir, csv_path):
+    """Embed and evaluate every model of a models file on one subset, and print one table.
+
+    FILE has one model[,pretrained|checkpoint] per line, as CLIP_benchmark's models.txt (a second
+    field with a / or a .pt/.pth/.bin/.safetensors/.ckpt suffix is a checkpoint, relative to the
+    file's folder). Each line runs embed and evaluate (both directions) and reuses what is done,
+    so an interrupted benchmark resumes. A bad line is named and runs nothing; the others still run,
+    and the exit status is then 1. The table: R@1/5/10 both ways (from recall_summary), the embed
+    run's wall time and the device.
+
+    \b
+    Example:
+      clipfail benchmark --models models.txt --subset karpathy-test --csv benchmark.csv
+    """
+    from toolkit.benchmark import benchmark as run_benchmark
+    from toolkit.benchmark import describe_failures, write_table_csv
+
+    if csv_path and not Path(csv_path).parent.is_dir():
+        raise UserError(f"Folder {Path(csv_path).parent} for --csv {csv_path} does not exist. Create it first.")
+    res = run_benchmark(
+        db_path,
+        models_file,
+        subset_name,
+        device=device,
+        batch_size=batch_size,
+        precision=precision,
+        cache_dir=cache_dir,
+    )
+    for o in res.outcomes:
+        where = f"line {o.line.line_no} ({o.line.text})"
+        click.echo(f"{where}: {o.status}" + (f" in {o.seconds:.1f} s" if o.status == "done" else ""))
+    click.echo(f"\nSubset {res.subset}:")
+    echo_df(res.table)
+    if csv_path:
+        write_table_csv(res.table, csv_path)
+        click.echo(f"Wrote {len(res.table)} rows to {csv_path}.")
+    failures = describe_failures(res.outcomes)
+    if failures:
+        click.echo(f"\n{len(failures)} line(s) of {models_file} failed and ran nothing:", err=True)
+        for line in failures:
+            click.echo(f"  {line}", err=True)
+        click.get_current_context().exit(1)
+
+
+@cli.command("compare")
+@click.argument("run_a", type=click.IntRange(1, 2**63 - 1))
+@click.argument("run_b", type=click.IntRange(1, 2**63 - 1))
+@click.option("--k", "ks", default="1,5,10", show_default=True, help="Comma-separated K values of R@K.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True, help="Bootstrap seed.")
+@db_option
+def compare(db_path, run_a, run_b, ks, seed):
+    """Paired comparison of two retrieval runs of the same subset and direction (B against A).
+
+    Per K: R@K of each run, ΔR@K = R@K(B) - R@K(A) in pp with a paired bootstrap 95% interval
+    (10,000 resamples, --seed), the exact McNemar p, and the queries fixed (A miss, B hit), broken
+    (A hit, B miss), shared (both miss) and neither (both hit). Stored in run_comparisons and
+    run_comparison_stats; see the views run_pairs, run_comparison and failure_overlap_by_category.
+    Runs on different subsets or directions are refused. The same comparison again is a no-op.
+
+    \b
+    Example:
+      clipfail compare 1 2 --k 1,5,10
+    """
+    from toolkit.compare import compare as run_compare
+
+    with open_study(db_path) as con:
+        res = run_compare(con, run_a, run_b, ks, seed=seed)
+        overlap = con.execute(
+            "SELECT category, n_labelled_a, n_fixed, n_shared, percent_fixed, n_labelled_b, n_broken "
+            "FROM failure_overlap_by_category WHERE run_comparison_id = ?",
+            [res.run_comparison_id],
+        ).df()
+    state = "already stored, nothing changed" if res.is_noop else "stored"
+    click.echo(
+        f"Comparison {res.run_comparison_id} ({state}): retrieval run {res.retrieval_run_b_id} (B) against "
+        f"run {res.retrieval_run_a_id} (A), {res.direction}, subset {res.subset}, {res.n_queries:,} paired queries."
+    )
+    if res.is_same_run:
+        click.echo("Run A and run B are the same run: every delta is zero and nothing is fixed or broken.")
+    elif res.is_identical_ranks:
+        click.echo("The two runs rank every query identically: every delta is zero and nothing is fixed or broken.")
+    cols = ["k", "r_at_k_a", "r_at_k_b", "delta_pp", "ci_low_pp", "ci_high_pp", "mcnemar_p"]
+    counts = ["k", "n_fixed", "n_broken", "n_shared", "n_neither"]
+    shown = res.summary[cols].copy()
+    for col in ("delta_pp", "ci_low_pp", "ci_high_pp"):  # percentage points, as the view rounds them
+        shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:+.2f}")
+    echo_df(shown)
+    click.echo("")
+    echo_df(res.summary[counts])
+    if not overlap.empty:
+        click.echo("\nLabelled R@1 failures of run A per category (view failure_overlap_by_category):")
+        echo_df(overlap, floatfmt="{:.2f}")
+    click.echo(
+        f"\nPer query: clipfail --db {shlex.quote(db_path)} sql "
+        f'"SELECT * FROM run_pairs WHERE run_comparison_id = {res.run_comparison_id}"'
+    )
 
 
 @cli.command("triage")
