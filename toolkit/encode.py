@@ -86,6 +86,18 @@ def _tokenize_span(span) -> tuple[np.ndarray, list[int]]:
     return ids, truncated
 
 
+def _die_with_parent() -> None:
+    """Pool initializer: on Linux, a tokenizer worker is killed when the embed process dies (kill -9
+    included), instead of waiting forever for work that will not come."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
 def tokenize_processes(n: int) -> int:
     """Processes `tokenize` uses for n captions: 1 below PARALLEL_TOKENIZE_MIN, else one per
     TOKENIZE_CHUNK captions up to the cores this process may use (at most 16), where fork exists."""
@@ -120,7 +132,7 @@ def tokenize(bundle, texts: Sequence[str], processes: int | None = None) -> Toke
         if procs > 1 and len(spans) > 1:
             import multiprocessing as mp
 
-            with mp.get_context("fork").Pool(min(procs, len(spans))) as pool:
+            with mp.get_context("fork").Pool(min(procs, len(spans)), initializer=_die_with_parent) as pool:
                 parts = pool.map(_tokenize_span, spans, chunksize=1)
         else:
             parts = [_tokenize_span(s) for s in spans]
