@@ -23,6 +23,7 @@ from toolkit import db, encode, models
 from toolkit.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
 TINY = ["--model", "tiny-clip", "--num-workers", "0"]
 SMALL = {"image": 4, "text": 20}  # 12 images -> 3 image shards; ~60 captions -> 3 text shards
 
@@ -188,7 +189,7 @@ def test_tensor_preprocess_matches_the_models_pil_preprocess(tiny, tmp_path):
     assert spec == encode.TensorPreprocess(64, (64, 64), open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
     pre224 = open_clip.image_transform(224, is_train=False)
     spec224 = encode.tensor_preprocess_spec(pre224)
-    sizes = [(640, 480), (480, 640), (333, 500), (200, 150)]  # landscape, portrait, odd, smaller than 224
+    sizes = [(640, 480), (480, 640), (333, 500), (200, 150), (640, 480)]  # landscape, portrait, odd, < 224
     paths = [_photo(tmp_path / f"p{i}.jpg", i, s) for i, s in enumerate(sizes)]
     for p in paths:
         raw = decode_jpeg(torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -197,8 +198,10 @@ def test_tensor_preprocess_matches_the_models_pil_preprocess(tiny, tmp_path):
             assert mine.shape == ref.shape
             diff = ((mine - ref) * torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)).abs()
             assert diff.mean() < 0.01 and diff.max() < 0.1  # decoder and rounding noise, not a shifted picture
+    one_by_one = torch.stack([encode.preprocess_tensor(encode_jpeg_cpu(p), spec, "cpu") for p in paths])
+    gpu_like = encode.preprocess_tensors([encode_jpeg_cpu(p) for p in paths], spec, "cpu")  # 640x480 grouped
+    torch.testing.assert_close(gpu_like, one_by_one, rtol=0, atol=1e-5)
     with torch.inference_mode():
-        gpu_like = torch.stack([encode.preprocess_tensor(encode_jpeg_cpu(p), spec, "cpu") for p in paths])
         a = torch.nn.functional.normalize(tiny.model.encode_image(gpu_like), dim=-1)
     b = torch.from_numpy(encode.encode_images(tiny, paths, num_workers=0))
     assert (a * b).sum(1).min() > 0.999

@@ -609,28 +609,43 @@ def preprocess_tensor(img, spec: TensorPreprocess, device=None):
     The same steps as the PIL preprocess, on `device`: bicubic antialiased resize (torch's
     antialiased bicubic is PIL's filter; the result is rounded to uint8 as PIL's is), centre crop
     (zero padding when the image is smaller, as torchvision pads), scale to [0, 1], normalise."""
+    return preprocess_tensors([img], spec, device)[0]
+
+
+def preprocess_tensors(imgs, spec: TensorPreprocess, device=None):
+    """`preprocess_tensor` for a list of images, [N, 3, crop_h, crop_w]; images of one size are
+    resized together (one kernel for the group instead of one per image)."""
     import torch
     import torch.nn.functional as F
 
-    x = img.to(device) if device is not None else img
-    if x.shape[0] == 1:
-        x = x.expand(3, -1, -1)  # greyscale -> RGB replicates the channel, as PIL's convert does
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    oh, ow = spec.resized_size(h, w)
-    x = x.float()
-    if (oh, ow) != (h, w):
-        x = F.interpolate(x[None], size=(oh, ow), mode="bicubic", antialias=True, align_corners=False)[0]
-        x = x.round_().clamp_(0, 255)
+    imgs = [x.to(device) if device is not None else x for x in imgs]
+    imgs = [x.expand(3, -1, -1) if x.shape[0] == 1 else x for x in imgs]  # grey -> RGB, as PIL's convert
+    if not imgs:
+        h, w = spec.crop
+        return torch.zeros(0, 3, h, w)
+    dev = imgs[0].device
+    mean = torch.tensor(spec.mean, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
+    out = [None] * len(imgs)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, x in enumerate(imgs):
+        groups.setdefault((int(x.shape[-2]), int(x.shape[-1])), []).append(k)
     ch, cw = spec.crop
-    if ch > oh or cw > ow:  # torchvision pads with zeros, then crops
-        pt, pl = max(0, (ch - oh) // 2), max(0, (cw - ow) // 2)
-        x = F.pad(x, (pl, max(0, cw - ow) - pl, pt, max(0, ch - oh) - pt))
-        oh, ow = x.shape[-2:]
-    top, left = int(round((oh - ch) / 2.0)), int(round((ow - cw) / 2.0))
-    x = x[:, top : top + ch, left : left + cw] / 255.0
-    mean = torch.tensor(spec.mean, device=x.device).view(3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
+    for (h, w), ks in groups.items():
+        x = torch.stack([imgs[k] for k in ks]).float()
+        oh, ow = spec.resized_size(h, w)
+        if (oh, ow) != (h, w):
+            x = F.interpolate(x, size=(oh, ow), mode="bicubic", antialias=True, align_corners=False)
+            x = x.round_().clamp_(0, 255)
+        if ch > oh or cw > ow:  # torchvision pads with zeros, then crops
+            pt, pl = max(0, (ch - oh) // 2), max(0, (cw - ow) // 2)
+            x = F.pad(x, (pl, max(0, cw - ow) - pl, pt, max(0, ch - oh) - pt))
+            oh, ow = int(x.shape[-2]), int(x.shape[-1])
+        top, left = int(round((oh - ch) / 2.0)), int(round((ow - cw) / 2.0))
+        x = (x[:, :, top : top + ch, left : left + cw] / 255.0 - mean) / std
+        for j, k in enumerate(ks):
+            out[k] = x[j]
+    return torch.stack(out)
 
 
 def gpu_decodable(data: bytes) -> bool:
@@ -727,20 +742,21 @@ class GpuJpegImages:
 
         jpegs = [k for k, it in enumerate(items) if it[0] == "jpeg"]
         decoded = dict(zip(jpegs, self._decode([items[k][1] for k in jpegs])))
+        ok = [k for k in jpegs if decoded[k] is not None]
+        on_gpu = dict(zip(ok, preprocess_tensors([decoded[k] for k in ok], self.spec))) if ok else {}
+        h, w = self.cpu.size
         xs, errs = [], []
         for k, (what, payload, i, err) in enumerate(items):
-            if what == "jpeg" and decoded.get(k) is not None:
-                xs.append(preprocess_tensor(decoded[k], self.spec))
+            if k in on_gpu:
+                xs.append(on_gpu[k])
                 errs.append("")
                 continue
             if what == "jpeg":  # refused by the GPU decoder: the CPU path, in this process
                 payload, _, err = self.cpu[i]
             if what != "error":
                 self.n_cpu += 1
-            xs.append(payload.to(self.device) if payload is not None else None)
+            xs.append(payload.to(self.device) if payload is not None else torch.zeros(3, h, w, device=self.device))
             errs.append(err)
-        h, w = self.cpu.size
-        xs = [x if x is not None else torch.zeros(3, h, w, device=self.device) for x in xs]
         return torch.stack(xs), torch.tensor([it[2] for it in items]), errs
 
 
