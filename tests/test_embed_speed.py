@@ -120,6 +120,16 @@ def test_one_image_stream_per_stage_cuts_shards_as_results_arrive(ingested, run_
     np.testing.assert_allclose(array_of(ingested, "image"), direct, atol=1e-6)
 
 
+def test_decode_workers_get_small_loader_batches_and_the_model_full_ones(tiny, ingested):
+    paths = image_paths(ingested)
+    assert encode.loader_batch_size(5000, 256, 15) == 64  # about 4 loader batches per worker, not 1.3
+    assert encode.loader_batch_size(12, 8, 1) == 3 and encode.loader_batch_size(12, 8, 0) == 8
+    seen = []
+    emb = encode.encode_images(tiny, paths, batch_size=8, num_workers=1, on_batch=lambda r, f: seen.append(r.tolist()))
+    assert seen == [list(range(8)), list(range(8, 12))]  # forward batches of exactly 8, in order
+    np.testing.assert_allclose(emb, encode.encode_images(tiny, paths, batch_size=5, num_workers=0), atol=1e-6)
+
+
 def test_a_corrupt_image_names_the_file_registers_nothing_and_keeps_complete_shards(ingested, run_cli):
     paths = image_paths(ingested)
     bad = Path(paths[9])  # in the third shard
