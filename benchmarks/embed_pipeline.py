@@ -126,7 +126,7 @@ def rerun_cli(db_path: Path, model: str, extra=()) -> float:
 def cpu_job(args) -> None:
     import torch
 
-    from toolkit import encode, models
+    from toolkit import db, encode, models
 
     with tempfile.TemporaryDirectory() as tmp:
         coco = Path(args.data) if args.data else Path(tmp) / "coco"
@@ -140,7 +140,7 @@ def cpu_job(args) -> None:
         warm(paths)
         workers = encode.default_num_workers("cpu") if args.num_workers is None else args.num_workers
         batch = encode.DEFAULT_IMAGE_BATCH
-        con = __import__("toolkit.db", fromlist=["db"]).open_database(str(db_path), read_only=True)
+        con = db.open_database(str(db_path), read_only=True)
         texts = [r[0] for r in con.execute("SELECT text FROM captions ORDER BY caption_id").fetchall()]
         con.close()
         procs = encode.tokenize_processes(len(texts))

@@ -270,6 +270,16 @@ def test_gpu_decoded_sets_have_their_own_identity(ingested, run_cli, monkeypatch
     assert "Already embedded" in run_cli("--db", ingested, "embed", *TINY).output  # never mixed up
 
 
+def test_gpu_decode_of_a_preprocess_it_cannot_reproduce_is_refused_before_any_shard(ingested, run_cli, monkeypatch):
+    monkeypatch.setattr(encode, "check_decode", lambda *a, **k: None)
+    monkeypatch.setattr(encode, "tensor_preprocess_spec", lambda pre: None)  # e.g. a squash or bilinear resize
+    res = run_cli("--db", ingested, "embed", *TINY, "--decode", "gpu", expect=2)
+    assert "--decode gpu cannot reproduce this model's preprocess" in res.output and "--decode cpu" in res.output
+    assert sets(ingested).empty
+    cache = Path(ingested).parent / f"{Path(ingested).stem}_cache"
+    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
+
+
 # ----------------------------------------------------------------------------- 4. a re-run loads nothing
 
 

@@ -485,6 +485,8 @@ def embed(
                 f"{weights['checkpoint_sha256']}). Nothing was registered. Run the command again."
             )
         notes.extend(bundle.notes)
+        if decode == "gpu" and "image" in plan.todo:
+            encode.gpu_preprocess_or_refuse(bundle)  # before any lock or shard folder
         locks = {
             kind: _PartialLock(partial / f"{kind}-{hashes[kind][:16]}.lock", f"{kind} embeddings of subset {name!r}")
             for kind in plan.todo

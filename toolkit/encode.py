@@ -508,14 +508,9 @@ def encode_images(
     model = bundle.model
     if num_workers is None:
         num_workers = default_num_workers(bundle.device)
-    num_workers = max(0, min(int(num_workers), -(-len(paths) // max(1, batch_size))))
+    num_workers = max(0, min(int(num_workers), -(-len(paths) // 8)))  # at least 8 files a worker
     if decode == "gpu":
-        spec = tensor_preprocess_spec(bundle.preprocess)
-        if spec is None:
-            raise UserError(
-                f"--decode gpu cannot reproduce this model's preprocess ({' '.join(repr(bundle.preprocess).split())}). "
-                "Use --decode cpu."
-            )
+        spec = gpu_preprocess_or_refuse(bundle)
         gpu = GpuJpegImages(paths, bundle.preprocess, bundle.image_size, spec, bundle.device)
         ds = gpu
     else:
@@ -631,6 +626,15 @@ def tensor_preprocess_spec(preprocess) -> TensorPreprocess | None:
     if resize is None or crop is None or norm is None or len(norm[0]) != 3 or len(norm[1]) != 3:
         return None
     return TensorPreprocess(resize, crop, norm[0], norm[1])
+
+
+def gpu_preprocess_or_refuse(bundle) -> TensorPreprocess:
+    """The tensor form of `bundle`'s preprocess, or a UserError when --decode gpu cannot reproduce it."""
+    spec = tensor_preprocess_spec(bundle.preprocess)
+    if spec is None:
+        shown = " ".join(repr(bundle.preprocess).split())
+        raise UserError(f"--decode gpu cannot reproduce this model's preprocess ({shown}). Use --decode cpu.")
+    return spec
 
 
 def preprocess_tensor(img, spec: TensorPreprocess, device=None):
