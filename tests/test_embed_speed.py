@@ -261,7 +261,7 @@ def test_gpu_decoded_sets_have_their_own_identity(ingested, run_cli, monkeypatch
     run_cli("--db", ingested, "embed", *TINY)
     monkeypatch.setattr(encode, "check_decode", lambda *a, **k: None)
     out = run_cli("--db", ingested, "embed", *TINY, "--decode", "gpu").output
-    assert "GPU decode" in out
+    assert "GPU decode" in out and "image(s) were not baseline RGB JPEGs" in out  # the generated greyscale ones
     df = sets(ingested)
     assert sorted(df.kind) == ["image", "image", "text"]  # a new image set; the text set is reused
     gpu, cpu = array_of(ingested, "image", "gpu"), array_of(ingested, "image", "cpu")

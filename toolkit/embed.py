@@ -527,8 +527,14 @@ def embed(
                             on_shard(kind, i, shards.n)
 
                     if kind == "image":
+                        stats: dict = {}
                         _stream_images(encode, bundle, plan, shards, todo_shards, finish, img_bs, num_workers, draft,
-                                       decode, bar)  # fmt: skip
+                                       decode, bar, stats)  # fmt: skip
+                        if stats.get("cpu_fallbacks"):
+                            notes.append(
+                                f"--decode gpu: {stats['cpu_fallbacks']} image(s) were not baseline RGB JPEGs that "
+                                "the GPU decodes; they took the exact CPU path."
+                            )
                     else:
                         toks = encode.tokenize(bundle, plan.captions)  # every caption once; counts truncation
                         n_truncated, context_length = toks.n_truncated, bundle.context_length
@@ -625,7 +631,8 @@ def embed(
     )
 
 
-def _stream_images(encode, bundle, plan, shards, todo_shards, finish, batch_size, num_workers, draft, decode, bar):
+def _stream_images(encode, bundle, plan, shards, todo_shards, finish, batch_size, num_workers, draft, decode, bar,
+                   stats=None):  # fmt: skip
     """Encode the rows of every shard still to compute through ONE image loader (its workers start
     once), and hand each shard to `finish` as soon as its last row has arrived, so complete shards
     are on disk, checksummed, while the stream goes on (a kill loses at most the shard in flight)."""
@@ -658,6 +665,7 @@ def _stream_images(encode, bundle, plan, shards, todo_shards, finish, batch_size
         progress=bar,
         decode=decode,
         on_batch=on_batch,
+        stats=stats,
     )
 
 

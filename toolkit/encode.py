@@ -492,12 +492,14 @@ def encode_images(
     progress=None,
     decode: str = "cpu",
     on_batch=None,
+    stats: dict | None = None,
 ) -> np.ndarray:
     """L2-normalised float32 image embeddings [len(paths), dim], in input order.
 
     All files go through one loader (workers started once). `on_batch(indices, embeddings)` is
     called after each batch, in input order (the embed stage cuts its shards from it).
-    ``decode="gpu"`` decodes JPEGs on the model's CUDA device (see `GpuJpegImages`)."""
+    ``decode="gpu"`` decodes JPEGs on the model's CUDA device (see `GpuJpegImages`); `stats`, when
+    given, receives ``cpu_fallbacks``: how many files took the CPU path instead."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -568,6 +570,8 @@ def encode_images(
     finally:
         if owned:
             bar.close()
+        if stats is not None and decode == "gpu":
+            stats["cpu_fallbacks"] = stats.get("cpu_fallbacks", 0) + gpu.n_cpu
     if out is None:
         out = np.zeros((0, _image_dim(bundle)), np.float32)
     return out
