@@ -15,7 +15,10 @@ reused. Device, batch size and workers are recorded but are not part of the iden
 
 Resume. Rows are computed in shards (512 images or 4096 captions) written atomically under
 ``.partial/<kind>-<identity>/`` in the cache folder, each with its sha256 in the folder's
-manifest. An interrupted run (Ctrl-C, kill) leaves complete shards behind, and the next run with
+manifest. The images of every shard still to compute go through ONE loader (workers start once),
+and each shard is cut from that stream and saved as soon as its last row arrives; the captions
+are tokenized once, all together (which also counts truncation), then encoded shard by shard.
+An interrupted run (Ctrl-C, kill) leaves complete shards behind, and the next run with
 the same identity reuses those whose checksum matches the manifest (any other shard is computed
 again). A lock file (``flock``) beside the folder is held while a set is computed, so two
 processes embedding the same set into one cache folder never share or delete each other's shards:
@@ -25,6 +28,11 @@ when every shard of a set is there is the final file written (its name carries t
 content hashes, so a recompute never overwrites a file that another set row still references),
 and all sets of the run are registered in one transaction together with the run row; the shards
 are removed after the commit. The database therefore never references a half-written set.
+
+A run with nothing to compute reads the database, checks identities and file checksums, and
+returns: no model, no workers, and (for the common specs, see `models._resolve_light`) no torch or
+open_clip import. A ``--checkpoint``'s sha256 is looked up in ``checkpoint-sha256.json`` in the
+cache root (by path, size, mtime, ctime and inode) and written there after a successful run.
 
 The database is not held open while the model encodes: `embed` reads its inputs, closes the
 database, computes, and opens it again to register the sets, checking the identity again there
