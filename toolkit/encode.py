@@ -26,6 +26,8 @@ modes; alpha is dropped exactly as ``Image.convert("RGB")`` does), which is what
 naming it. ``draft=True`` (opt-in) lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale when that
 still leaves both sides at least as large as the preprocess's resize target, so the model sees
 the same picture up to resize-interpolation noise, for a fraction of the decode time.
+``decode="gpu"`` (opt-in, CUDA only) decodes baseline RGB JPEGs on the GPU in batches and runs the
+preprocess there as tensor ops (`preprocess_tensors`); every other file takes the CPU path.
 """
 
 from __future__ import annotations
