@@ -334,6 +334,13 @@ def ingest(db_path, **options):
 @click.option("--recompute", is_flag=True, help="Rebuild the embeddings even if a cached set exists.")
 @click.option("--draft-decode", "draft", is_flag=True, help="Opt-in JPEG draft decoding (faster; resize noise only).")
 @click.option(
+    "--decode",
+    type=click.Choice(["cpu", "gpu"]),
+    default="cpu",
+    show_default=True,
+    help="gpu (opt-in, CUDA only): decode JPEGs and preprocess on the GPU (cosine 0.99997 to cpu on an H200).",
+)
+@click.option(
     "--num-workers", type=click.IntRange(0, 64), default=None, help="Image decoding workers (default: automatic)."
 )
 @db_option
@@ -349,6 +356,7 @@ def embed(
     cache_dir,
     recompute,
     draft,
+    decode,
     num_workers,
 ):
     """Compute (or reuse) L2-normalised CLIP embeddings of a subset's images and captions.
@@ -378,9 +386,11 @@ def embed(
         recompute=recompute,
         draft=draft,
         num_workers=num_workers,
+        decode=decode,
     )
     weights = res.pretrained or (f"checkpoint {res.checkpoint_sha256[:12]}" if res.checkpoint_sha256 else "random")
-    what = f"subset {res.subset!r} with {res.model} ({weights}, {res.precision}{', draft decode' if res.draft else ''})"
+    how = (", draft decode" if res.draft else "") + (", GPU decode" if res.decode == "gpu" else "")
+    what = f"subset {res.subset!r} with {res.model} ({weights}, {res.precision}{how})"
     for note in res.notes:
         click.echo(f"Note: {note}")
     if res.is_noop:
