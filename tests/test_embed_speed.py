@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from toolkit import encode, models
+from toolkit import paths as study_paths
 from toolkit.errors import UserError
 from toolkit.study import open_study
 
@@ -61,7 +62,8 @@ def image_paths(db_path):
         "SELECT s.image_root || '/' || i.rel_path AS path FROM subset_images si "
         "JOIN images i USING (image_id) JOIN subsets s USING (subset_id) ORDER BY si.position",
     )
-    return df["path"].tolist()
+    # stored relative to the database's folder when the images lie under it
+    return [str(study_paths.resolve(db_path, p)) for p in df["path"]]
 
 
 def captions(db_path):
@@ -79,7 +81,7 @@ def array_of(db_path, kind, decode=None):
     if decode:
         df = df[[json.loads(c).get("decode") == decode for c in df.config_json]]
     assert len(df) == 1, df
-    return np.load(df.path.iloc[0])
+    return np.load(study_paths.resolve(db_path, df.path.iloc[0]))
 
 
 # ----------------------------------------------------------------------------- 1. one image stream
