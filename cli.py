@@ -914,48 +914,6 @@ def templates_export(db_path, template_set, out_file):
         click.echo(f"Wrote {out_file}")
 
 
-def _improve_tables(summary: pd.DataFrame, eff_k: dict | None = None) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
-    """Per population: a title, the reference study's table (one row per pooling), the statistics."""
-    out = []
-    for population, grp in summary.groupby("population", sort=False):
-        first = grp.iloc[0]
-        base = grp.drop_duplicates("k").set_index("k")["baseline_pct"]
-        n = int(grp["n"].iloc[0])
-        k_asked = first["k_prompts"]
-        k_text = f"K per category {first['k_per_category']}" if pd.isna(k_asked) else f"K {int(k_asked)}"
-        title = (
-            f"{first['categories'].replace(',', '+')} {population} (n={n}, {k_text}, "
-            f"retrieval run {first['retrieval_run_id']}). Baseline: R@1 {base[1]:.2f}, R@5 {base[5]:.2f}, "
-            f"R@10 {base[10]:.2f}"
-        )
-        if eff_k and population in eff_k:
-            title += f"\nPrompts per caption (effective K): {eff_k[population]}"
-        rows, stat_rows = [], []
-        for _improvement_id, g in grp.groupby("improvement_id", sort=False):
-            g = g.set_index("k")
-            p = g["pooling"].iloc[0]
-            label = f"logsumexp (tau={g['tau'].iloc[0]:g})" if p == "logsumexp" else p
-            rows.append(
-                {"pooling": label}
-                | {f"improved R@{k}": g.loc[k, "improved_pct"] for k in (1, 5, 10)}
-                | {f"ΔR@{k} (pp)": g.loc[k, "delta_pp"] for k in (1, 5, 10)}
-            )
-            for k in (1, 5, 10):
-                stat_rows.append(
-                    {
-                        "pooling": label,
-                        "K": k,
-                        "Δ (pp)": g.loc[k, "delta_pp"],
-                        "95% CI (pp)": f"[{g.loc[k, 'ci_low_pp']:+.2f}, {g.loc[k, 'ci_high_pp']:+.2f}]",
-                        "McNemar p": f"{g.loc[k, 'mcnemar_p']:.4g}",
-                        "fixed": int(g.loc[k, "n_fixed"]),
-                        "broken": int(g.loc[k, "n_broken"]),
-                    }
-                )
-        out.append((title, pd.DataFrame(rows), pd.DataFrame(stat_rows)))
-    return out
-
-
 @cli.command()
 @click.option("--categories", required=True, help="Comma-separated failure categories, e.g. Object,Attribute.")
 @click.option(
@@ -1054,10 +1012,12 @@ def improve(
             f"Improve run {res.run_id}: {res.n_prompts} distinct prompts besides the captions, "
             f"{res.n_encoded} encoded now, {res.n_prompts - res.n_encoded} from the cache."
         )
-    for title, table, stat in _improve_tables(summary, eff_k):
+    from toolkit import tables
+
+    for title, table, stat in tables.improvement_tables(summary, eff_k):
         click.echo("")
         click.echo(title)
-        echo_df(table, floatfmt="{:.2f}")
+        echo_df(table[["pooling", *tables.RECALL_COLUMNS]], floatfmt="{:.2f}")
         echo_df(stat, floatfmt="{:+.2f}")
     click.echo("")
     click.echo(

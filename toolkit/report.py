@@ -37,8 +37,10 @@ import toolkit
 from toolkit import db
 from toolkit import paths as study_paths
 from toolkit.errors import UserError
+from toolkit.improve import summary as improve_summary
 from toolkit.outdir import FreshFolder
 from toolkit.sheets import write_frame_csv
+from toolkit.tables import improvement_table, pooling_label
 
 PACKAGES = ["clipfail", "torch", "torchvision", "open_clip_torch", "duckdb", "numpy", "pandas", "matplotlib", "pillow"]
 
@@ -567,38 +569,6 @@ PCT = {
 }
 
 
-def _pooling_label(pooling: str, tau) -> str:
-    return f"logsumexp (tau={float(tau):g})" if pooling == "logsumexp" and not pd.isna(tau) else str(pooling)
-
-
-def _ci(lo, hi) -> str:
-    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
-        return ""
-    return f"[{float(lo):+.2f}, {float(hi):+.2f}]"
-
-
-def _study_table(group: pd.DataFrame) -> pd.DataFrame:
-    """The reference study's table shape: one row per pooling, improved R@K and deltas, then the statistics."""
-    return pd.DataFrame(
-        {
-            "pooling": [_pooling_label(p, t) for p, t in zip(group["pooling"], group["tau"])],
-            "improved R@1": group["improved_r1"].to_numpy(),
-            "improved R@5": group["improved_r5"].to_numpy(),
-            "improved R@10": group["improved_r10"].to_numpy(),
-            "ΔR@1 (pp)": group["delta_r1_pp"].to_numpy(),
-            "ΔR@5 (pp)": group["delta_r5_pp"].to_numpy(),
-            "ΔR@10 (pp)": group["delta_r10_pp"].to_numpy(),
-            "95% CI ΔR@1": [_ci(a, b) for a, b in zip(group["ci_low_r1_pp"], group["ci_high_r1_pp"])],
-            "95% CI ΔR@5": [_ci(a, b) for a, b in zip(group["ci_low_r5_pp"], group["ci_high_r5_pp"])],
-            "95% CI ΔR@10": [_ci(a, b) for a, b in zip(group["ci_low_r10_pp"], group["ci_high_r10_pp"])],
-            "McNemar p R@1": group["mcnemar_p_r1"].to_numpy(),
-            "McNemar p R@5": group["mcnemar_p_r5"].to_numpy(),
-            "McNemar p R@10": group["mcnemar_p_r10"].to_numpy(),
-            "improvement_id": group["improvement_id"].to_numpy(),
-        }
-    )
-
-
 STUDY_FORMATS = {
     "improved R@1": "f2",
     "improved R@5": "f2",
@@ -622,7 +592,7 @@ def improvement_bar_chart(group: pd.DataFrame, title: str, path_stem: Path, subt
     first = group.iloc[0]
     series = [("baseline", [first["baseline_r1"], first["baseline_r5"], first["baseline_r10"]])]
     for row in group.itertuples():
-        series.append((_pooling_label(row.pooling, row.tau), [row.improved_r1, row.improved_r5, row.improved_r10]))
+        series.append((pooling_label(row.pooling, row.tau), [row.improved_r1, row.improved_r5, row.improved_r10]))
     colours = ["#9a9a9a", "#3b6ea5", "#e08a2c", "#4e9a4e", "#a04ea0", "#c44e52", "#5aa0c8"]
     fig = Figure(figsize=(7.5, 4.6), layout="constrained")
     ax = fig.add_subplot()
@@ -723,7 +693,7 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
         )
         slug = _slug(f"{categories}_{template_set}_{template_mode}" + ("" if k_asked in (None, 10) else f"_k{k_asked}"))
         page.table(
-            _study_table(group),
+            improvement_table(improve_summary(con, group["improvement_id"]), group["improvement_id"]),
             f"improvement_{slug}",
             f"Table 6.{n_sub}. {categories}: baseline vs improved Recall@K per pooling (view improvement_recall)."
             + flag,
