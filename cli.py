@@ -290,7 +290,7 @@ def categories_add_alias(db_path, alias, category, replace):
 @cli.command("sample-failures")
 @click.option(
     "--run",
-    "run_id",
+    "retrieval_run_id",
     type=click.IntRange(1, 2**63 - 1),
     default=None,
     help="Retrieval run id (default: latest text-to-image).",
@@ -324,7 +324,7 @@ def categories_add_alias(db_path, alias, category, replace):
 @db_option
 def sample_failures(
     db_path,
-    run_id,
+    retrieval_run_id,
     n,
     seed,
     overlap,
@@ -349,7 +349,7 @@ def sample_failures(
     try:
         res = run_sample(
             con,
-            run_id=run_id,
+            retrieval_run_id=retrieval_run_id,
             n=n,
             seed=seed,
             overlap=overlap,
@@ -467,12 +467,14 @@ def import_labels(db_path, files, annotator, clear_blank, fmt, user_map):
     show_default=True,
     help="mine, overlap or all (mine + overlap); backup is assigned to nobody and refused.",
 )
-@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last).")
+@click.option(
+    "--run", "retrieval_run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last)."
+)
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: any free port.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Any other host requires the printed tokens.")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in the default web browser.")
 @db_option
-def annotate(db_path, annotators, set_choice, run_id, port, host, open_browser):
+def annotate(db_path, annotators, set_choice, retrieval_run_id, port, host, open_browser):
     """Label the failure sample in the browser; each label is saved to the database as it is given.
 
     Serves one item per page (caption, ground truth and top-5 images, keys 1-7 for the categories)
@@ -483,7 +485,7 @@ def annotate(db_path, annotators, set_choice, run_id, port, host, open_browser):
     """
     from toolkit import annotate as wb_mod
 
-    wb = wb_mod.prepare(db_path, list(annotators), set_choice=set_choice, retrieval_run_id=run_id, host=host)
+    wb = wb_mod.prepare(db_path, list(annotators), set_choice=set_choice, retrieval_run_id=retrieval_run_id, host=host)
     sock = wb_mod.bind(host, port)
     try:
         wb.port = sock.getsockname()[1]
@@ -519,11 +521,13 @@ def annotate(db_path, annotators, set_choice, run_id, port, host, open_browser):
 
 @cli.command("export-labelstudio")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last).")
+@click.option(
+    "--run", "retrieval_run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last)."
+)
 @click.option("--image-url-prefix", default=None, help="Image URLs = PREFIX + path under the image root.")
 @click.option("--force", is_flag=True, help="Overwrite tasks.json / labeling_config.xml that differ.")
 @db_option
-def export_labelstudio(db_path, out_dir, run_id, image_url_prefix, force):
+def export_labelstudio(db_path, out_dir, retrieval_run_id, image_url_prefix, force):
     """Write the failure sample as Label Studio tasks (tasks.json) and labelling config (labeling_config.xml).
 
     Import the labels back with: clipfail import-labels --format labelstudio EXPORT.json
@@ -534,7 +538,9 @@ def export_labelstudio(db_path, out_dir, run_id, image_url_prefix, force):
 
     con = db.open_database(db_path, read_only=True)
     try:
-        res = run_export(con, out_dir, retrieval_run_id=run_id, image_url_prefix=image_url_prefix, force=force)
+        res = run_export(
+            con, out_dir, retrieval_run_id=retrieval_run_id, image_url_prefix=image_url_prefix, force=force
+        )
     finally:
         con.close()
     click.echo(f"{res.n_tasks} tasks of retrieval run {res.retrieval_run_id} (every set but backup) in {res.out_dir}/.")
@@ -565,13 +571,13 @@ def _percent_table(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="analysis", show_default=True)
 @click.option(
     "--run",
-    "run_id",
+    "retrieval_run_id",
     type=click.IntRange(1, 2**63 - 1),
     default=None,
     help="Retrieval run id (default: the one labelled last).",
 )
 @db_option
-def analyze(db_path, out_dir, run_id):
+def analyze(db_path, out_dir, retrieval_run_id):
     """Print the failure taxonomy and annotator agreement; write them as CSV, with Figures 1-2.
 
     The tables are the views taxonomy_distribution, taxonomy_actionable, taxonomy_by_annotator
@@ -585,7 +591,7 @@ def analyze(db_path, out_dir, run_id):
 
     con = db.open_database(db_path, read_only=True)
     try:
-        res = run_analyze(con, out_dir=out_dir, retrieval_run_id=run_id)
+        res = run_analyze(con, out_dir=out_dir, retrieval_run_id=retrieval_run_id)
     finally:
         con.close()
     if res.is_simulated:
@@ -785,7 +791,9 @@ def evaluate(db_path, subset_name, model, pretrained, checkpoint, topk, device, 
 
 
 @cli.command("triage")
-@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: latest text-to-image).")
+@click.option(
+    "--run", "retrieval_run_id", type=int, default=None, help="Retrieval run id (default: latest text-to-image)."
+)
 @click.option(
     "--hub-factor",
     type=float,
@@ -794,7 +802,7 @@ def evaluate(db_path, subset_name, model, pretrained, checkpoint, topk, device, 
     help="Hub flag: top-1 of at least this many times the queries-per-image of the run.",
 )
 @db_option
-def triage(db_path, run_id, hub_factor):
+def triage(db_path, retrieval_run_id, hub_factor):
     """Suggest a failure category, with its evidence, for every R@1 failure of a run.
 
     Rules (toolkit/triage.py), first that fires wins: Object, Count, Spatial (from the COCO
@@ -809,7 +817,7 @@ def triage(db_path, run_id, hub_factor):
 
     con = db.open_database(db_path)
     try:
-        res = run_triage(con, run_id, hub_factor=hub_factor)
+        res = run_triage(con, retrieval_run_id, hub_factor=hub_factor)
     finally:
         con.close()
     if res.n_failures == 0:
@@ -918,10 +926,10 @@ def templates_export(db_path, template_set, out_file):
 @click.option("--categories", required=True, help="Comma-separated failure categories, e.g. Object,Attribute.")
 @click.option(
     "--run",
-    "run_id",
+    "retrieval_run_id",
     type=click.IntRange(1, 2**63 - 1),
     default=None,
-    help="Retrieval run id (default: the latest labelled one).",
+    help="Retrieval run id (default: the one labelled last).",
 )
 @click.option(
     "--max-subset", type=click.IntRange(1, 2**31 - 1), default=200, show_default=True, help="Cap (seeded draw)."
@@ -946,7 +954,7 @@ def templates_export(db_path, template_set, out_file):
 def improve(
     db_path,
     categories,
-    run_id,
+    retrieval_run_id,
     max_subset,
     pooling,
     tau,
@@ -984,7 +992,7 @@ def improve(
         res = imp.improve(
             con,
             categories,
-            retrieval_run_id=run_id,
+            retrieval_run_id=retrieval_run_id,
             max_subset=max_subset,
             poolings=pooling,
             tau=tau,
@@ -1029,13 +1037,13 @@ def improve(
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="report", show_default=True)
 @click.option(
     "--run",
-    "run_id",
+    "retrieval_run_id",
     type=click.IntRange(1, 2**63 - 1),
     default=None,
     help="Retrieval run id (default: the one labelled last).",
 )
 @db_option
-def report(db_path, out_dir, run_id):
+def report(db_path, out_dir, retrieval_run_id):
     """Write the study's report: a self-contained report.html, figures (PNG/SVG) and tables (CSV).
 
     Every number in it is read from the views (recall_summary, taxonomy_distribution,
@@ -1052,7 +1060,7 @@ def report(db_path, out_dir, run_id):
         raise UserError(db.missing_database_message(db_path))
     con = db.open_database(db_path, read_only=not db.is_writable(db_path))
     try:
-        res = write_report(con, out_dir=out_dir, retrieval_run_id=run_id, db_path=db_path)
+        res = write_report(con, out_dir=out_dir, retrieval_run_id=retrieval_run_id, db_path=db_path)
     finally:
         con.close()
     if res.is_simulated:

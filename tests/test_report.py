@@ -188,4 +188,4 @@ def test_report_of_an_empty_database_says_what_is_missing(run_cli, tmp_db, tmp_p
     page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
     assert "No retrieval run yet" in page and "SIMULATED" not in page
     res = run_cli("--db", tmp_db, "report", "--run", 7, "--out", tmp_path / "r", expect=2)
-    assert "There is no retrieval run 7" in res.output
+    assert "No retrieval run with id 7. Run clipfail evaluate first." in res.output

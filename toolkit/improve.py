@@ -77,6 +77,7 @@ import pandas as pd
 from toolkit import db, phrases, pooling, stats, templates
 from toolkit import paths as study_paths
 from toolkit.errors import UserError
+from toolkit.runs import resolve_retrieval_run
 
 STAGE = "improve"
 METHOD = "prompt-ensemble/v2"  # v2: distinct prompts, K chosen (v1 kept copies of the caption)
@@ -173,29 +174,8 @@ def parse_categories(con, value: str | Sequence[str]) -> list[str]:
 # ------------------------------------------------------------------------------ inputs
 
 
-def pick_labelled_run(con, retrieval_run_id: int | None) -> dict:
-    """The given retrieval run, or the most recent one that has labelled failure samples."""
-    if retrieval_run_id is None:
-        row = con.execute("SELECT max(retrieval_run_id) FROM sample_labels").fetchall()[0]
-        if row[0] is None:
-            raise UserError(
-                "No labelled failures yet: improve works on annotated R@1 failures. Run clipfail sample-failures, "
-                "fill in the CSVs, then clipfail import-labels."
-            )
-        retrieval_run_id = int(row[0])
-    rows = con.execute("SELECT * FROM retrieval_runs WHERE retrieval_run_id = ?", [int(retrieval_run_id)]).df()
-    if rows.empty:
-        raise UserError(
-            f"No retrieval run with id {retrieval_run_id}. See: clipfail sql 'SELECT * FROM retrieval_runs'"
-        )
-    rr = rows.iloc[0].to_dict()
-    if rr["direction"] != "text-to-image":
-        raise UserError(f"Retrieval run {retrieval_run_id} is {rr['direction']}; improve needs a text-to-image run.")
-    return rr
-
-
 def select_failures(
-    con, rrid: int, categories: list[str], max_subset: int | None, seed: int, include_overlap: bool
+    con, retrieval_run_id: int, categories: list[str], max_subset: int | None, seed: int, include_overlap: bool
 ) -> pd.DataFrame:
     """caption_id, sample_id, category of the chosen labelled failures (see the module doc, step 1)."""
     df = con.execute(
@@ -205,17 +185,17 @@ def select_failures(
         WHERE retrieval_run_id = ? AND list_contains(?, category) AND (? OR NOT is_overlap)
         ORDER BY draw_order
         """,
-        [rrid, categories, bool(include_overlap)],
+        [retrieval_run_id, categories, bool(include_overlap)],
     ).df()
     if df.empty:
         have = con.execute(
             "SELECT category, count(*) FILTER (WHERE NOT is_overlap), count(*) FILTER (WHERE is_overlap) "
             "FROM sample_labels WHERE retrieval_run_id = ? GROUP BY 1 ORDER BY 1",
-            [rrid],
+            [retrieval_run_id],
         ).fetchall()
         listing = ", ".join(f"{c}: {a} (+{b} overlap)" for c, a, b in have) or "none"
         raise UserError(
-            f"Retrieval run {rrid} has no labelled failures in {', '.join(categories)}"
+            f"Retrieval run {retrieval_run_id} has no labelled failures in {', '.join(categories)}"
             f"{'' if include_overlap else ' outside the overlap set'}. Labelled: {listing}."
         )
     if max_subset is not None and len(df) > max_subset:
@@ -224,7 +204,7 @@ def select_failures(
     return df[["caption_id", "sample_id", "category"]].reset_index(drop=True)
 
 
-def select_control(con, rrid: int, control: tuple[str, int | None], seed: int) -> pd.DataFrame:
+def select_control(con, retrieval_run_id: int, control: tuple[str, int | None], seed: int) -> pd.DataFrame:
     kind, n = control
     where = "AND r.gt_rank = 1" if kind == "successes" else ""
     df = con.execute(
@@ -235,12 +215,13 @@ def select_control(con, rrid: int, control: tuple[str, int | None], seed: int) -
         WHERE r.retrieval_run_id = ? {where}
         ORDER BY r.query_id
         """,
-        [rrid],
+        [retrieval_run_id],
     ).df()
     if kind == "successes":
         if n > len(df):
             raise UserError(
-                f"--control successes:{n} asks for more than the {len(df)} R@1 successes of retrieval run {rrid}."
+                f"--control successes:{n} asks for more than the {len(df)} R@1 successes of retrieval run "
+                f"{retrieval_run_id}."
             )
         pick = np.sort(np.random.default_rng(seed).choice(len(df), size=n, replace=False))
         df = df.iloc[pick]
@@ -441,12 +422,21 @@ def prompt_shards(con, identity: dict) -> list[int]:
 
 
 def recompute_command(
-    con, cats, rrid, pools, tau, template_set, template_mode, k, max_subset, seed, include_overlap, ctl
+    con, cats, retrieval_run_id, pools, tau, template_set, template_mode, k, max_subset, seed, include_overlap, ctl
 ) -> str:
     """The improve command line of this call with --recompute-prompts (what a damaged prompt shard needs)."""
     import shlex
 
-    parts = ["clipfail", "--db", database_path(con), "improve", "--categories", ",".join(cats), "--run", str(rrid)]
+    parts = [
+        "clipfail",
+        "--db",
+        database_path(con),
+        "improve",
+        "--categories",
+        ",".join(cats),
+        "--run",
+        str(retrieval_run_id),
+    ]
     parts += ["--pooling", ",".join(pools)] + (["--tau", f"{tau:g}"] if "logsumexp" in pools else [])
     parts += ["--template-set", template_set, "--template-mode", template_mode, "--k", str(k), "--seed", str(seed)]
     parts += ["--max-subset", str(max_subset)] if max_subset is not None else []
@@ -567,8 +557,8 @@ class _Settings:
     seed: int
     include_overlap: bool
     control: tuple[str, int | None] | None
-    identity: dict  # model_identity of the retrieval run's text embedding set
-    text_set: dict  # that embedding_sets row
+    text_set: dict | None = None  # the retrieval run's text embedding set (read after section 1, as before)
+    identity: dict | None = None  # its model_identity: the prompt cache's key
 
     @property
     def rrid(self) -> int:
@@ -948,15 +938,9 @@ def improve(
     started = db.now()
     pools, tau, max_subset, seed, k, ctl = check_options(poolings, tau, max_subset, seed, k, control)
     cats = parse_categories(con, categories)
-    rr = pick_labelled_run(con, retrieval_run_id)
+    rr = resolve_retrieval_run(con, retrieval_run_id, need="labels", purpose="improve")
     tdf = templates.load_set(con, template_set)
     per_cat, union = template_lists(tdf, cats, template_mode, k)
-    text_set = (
-        con.execute("SELECT * FROM embedding_sets WHERE embedding_set_id = ?", [int(rr["text_embedding_set_id"])])
-        .df()
-        .iloc[0]
-        .to_dict()
-    )
     s = _Settings(
         rr=rr,
         categories=cats,
@@ -970,10 +954,15 @@ def improve(
         seed=seed,
         include_overlap=bool(include_overlap),
         control=ctl,
-        identity=model_identity(text_set),
-        text_set=text_set,
     )
     pops = select_populations(con, s, per_cat, union)
+    s.text_set = (
+        con.execute("SELECT * FROM embedding_sets WHERE embedding_set_id = ?", [int(rr["text_embedding_set_id"])])
+        .df()
+        .iloc[0]
+        .to_dict()
+    )
+    s.identity = model_identity(s.text_set)
     build_population_prompts(pops, s)
     score_device, recorded_device, device_note = scoring_device(con, rr)
 

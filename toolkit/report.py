@@ -36,9 +36,9 @@ import pandas as pd
 import toolkit
 from toolkit import db
 from toolkit import paths as study_paths
-from toolkit.errors import UserError
 from toolkit.improve import summary as improve_summary
 from toolkit.outdir import FreshFolder
+from toolkit.runs import resolve_retrieval_run
 from toolkit.sheets import write_frame_csv
 from toolkit.tables import improvement_table, pooling_label
 
@@ -393,29 +393,6 @@ def _provenance(con, page: _Page, rrid: int | None) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
-def pick_run(con, retrieval_run_id: int | None) -> int | None:
-    """The retrieval run the report is about: the one given, else the one labelled last, else the latest
-    text-to-image run, else None."""
-    if retrieval_run_id is not None:
-        ok = con.execute("SELECT count(*) FROM retrieval_runs WHERE retrieval_run_id = ?", [retrieval_run_id])
-        if not ok.fetchone()[0]:
-            known = [r[0] for r in con.execute("SELECT retrieval_run_id FROM retrieval_runs ORDER BY 1").fetchall()]
-            raise UserError(
-                f"There is no retrieval run {retrieval_run_id}. Known runs: {', '.join(map(str, known)) or 'none'}."
-            )
-        return int(retrieval_run_id)
-    row = con.execute(
-        """
-        SELECT s.retrieval_run_id FROM annotations a JOIN failure_samples s USING (sample_id)
-        GROUP BY s.retrieval_run_id ORDER BY max(a.imported_at) DESC, s.retrieval_run_id DESC LIMIT 1
-        """
-    ).fetchone()
-    if row:
-        return int(row[0])
-    row = con.execute("SELECT max(retrieval_run_id) FROM retrieval_runs WHERE direction = 'text-to-image'").fetchone()
-    return None if row[0] is None else int(row[0])
-
-
 def write_report(
     con,
     out_dir="report",
@@ -437,7 +414,8 @@ def write_report(
 def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> ReportResult:
     started = db.now()
     out_dir = fresh.out_dir
-    rrid = pick_run(con, retrieval_run_id)
+    run = resolve_retrieval_run(con, retrieval_run_id, need="report")
+    rrid = None if run is None else int(run["retrieval_run_id"])
     page = _Page(fresh.staging)
     missing: list[str] = []
     simulated = False
