@@ -148,7 +148,7 @@ def test_demo_report_tables(demo):
         con.close()
     study_tables = sorted(p.name for p in (rep / "tables").glob("improvement_*_own.csv"))
     assert len(study_tables) == 3
-    assert len(list((rep / "tables").glob("improvement_*_union.csv"))) == 1
+    assert len(list((rep / "tables").glob("improvement_*_union_k15.csv"))) == 1
     for name in study_tables:
         t = pd.read_csv(rep / "tables" / name)
         assert t["pooling"].tolist() == ["max", "mean", "logsumexp (tau=1)"]

@@ -532,8 +532,8 @@ BAD_IMPROVE = [
     (["--categories", "Object", "--control", "successes:100000"], "more than the"),
     (["--categories", "Object", "--template-set", "nope"], "No template set named 'nope'"),
     (["--categories", "Object", "--run", "999"], "No retrieval run with id 999"),
-    (["--categories", "Object", "--k", "0"], "Invalid value for '--k': 0 is not in the range x>=1"),
-    (["--categories", "Object", "--k", "-2"], "Invalid value for '--k': -2 is not in the range x>=1"),
+    (["--categories", "Object", "--k", "0"], "Invalid value for '--k': 0 is not in the range 1<=x<=2147483647"),
+    (["--categories", "Object", "--k", "-2"], "Invalid value for '--k': -2 is not in the range 1<=x<=2147483647"),
     (["--categories", "Object,Count", "--k", "20"], "(templates per category: Object 19, Count 19). Give --k 19"),
     (["--categories", "Object,Count", "--template-mode", "union", "--k", "38"], "the 37 distinct templates of"),
     (["--categories", "Object", "--seed", "-1"], "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295"),
@@ -604,9 +604,10 @@ def test_recompute_prompts_replaces_a_damaged_shard_with_the_command_the_message
     old = q(dbfile, "SELECT embedding_set_id, path FROM embedding_sets WHERE kind = 'prompt'")
     old_texts = set(q(dbfile, "SELECT p.text FROM embedding_rows er JOIN prompts p ON p.prompt_id = er.item_id "
                               "WHERE er.embedding_set_id = ?", [int(old["embedding_set_id"][0])])["text"])  # fmt: skip
-    arr = np.load(old["path"][0])
+    shard = paths.resolve(dbfile, old["path"][0])  # stored relative to the database's folder
+    arr = np.load(shard)
     arr[0, 0] += 1
-    np.save(old["path"][0], arr)
+    np.save(shard, arr)
     with pytest.raises(UserError) as err:
         run_improve(dbfile, "Attribute,Object", poolings="mean", k=12)
     message = str(err.value)

@@ -114,6 +114,7 @@ def test_opening_a_database_that_has_the_old_default_adds_default_v2_and_keeps_t
     con = db.open_database(path)
     # a database made before default-v2: only 'default', here with content of its own
     con.execute("DELETE FROM prompt_templates WHERE template_set = 'default-v2'")
+    con.execute("UPDATE schema_info SET value = 'older' WHERE key = 'schema_hash'")  # set up by an older clipfail
     con.execute("UPDATE prompt_templates SET template = template || ' (edited)' WHERE position = 3")
     old = con.execute("SELECT * FROM prompt_templates ORDER BY ALL").df()
     con.close()

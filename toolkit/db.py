@@ -106,7 +106,10 @@ def _connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnec
         raise UserError(f"Cannot open database {path}: {exc}") from None
 
 
-def _table_exists(con, name: str) -> bool:
+def table_exists(con, name: str) -> bool:
+    """Whether the database has a table or a view called `name` (in schema main). The one such check
+    (db, status, report): a database written by an older clipfail may lack a newer table or view."""
+    # fetchall, not fetchone: a half-read result blocks the connection's next register() (DuckDB 2)
     return bool(
         con.execute(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'",
@@ -115,8 +118,11 @@ def _table_exists(con, name: str) -> bool:
     )
 
 
+_table_exists = table_exists  # the former private name, for callers on other branches; use table_exists
+
+
 def schema_version(con) -> int | None:
-    if not _table_exists(con, "schema_info"):
+    if not table_exists(con, "schema_info"):
         return None
     # fetchall, not fetchone: a half-read result blocks the connection's next register() (DuckDB 2)
     row = next(iter(con.execute("SELECT value FROM schema_info WHERE key = 'schema_version'").fetchall()), None)
@@ -124,7 +130,7 @@ def schema_version(con) -> int | None:
 
 
 def stored_schema_hash(con) -> str | None:
-    if not _table_exists(con, "schema_info"):
+    if not table_exists(con, "schema_info"):
         return None
     row = next(iter(con.execute("SELECT value FROM schema_info WHERE key = 'schema_hash'").fetchall()), None)
     return row[0] if row else None
@@ -166,7 +172,7 @@ def ensure_schema(con, path: str = "") -> None:
         for seq in metadata._sequences.values():
             con.execute(str(CreateSequence(seq, if_not_exists=True).compile(dialect=_DIALECT)))
         for table in metadata.sorted_tables:
-            if not _table_exists(con, table.name):
+            if not table_exists(con, table.name):
                 con.execute(str(CreateTable(table, if_not_exists=True).compile(dialect=_DIALECT)))
                 continue
             have = {
@@ -185,28 +191,32 @@ def ensure_schema(con, path: str = "") -> None:
 
 
 def view_sql() -> dict[str, str]:
-    """The view definitions shipped in queries/*.sql, by view name (file stem)."""
-    out = {}
-    for entry in resources.files("queries").iterdir():
-        if entry.name.endswith(".sql"):
-            out[entry.name[: -len(".sql")]] = entry.read_text(encoding="utf-8")
-    return dict(sorted(out.items()))
+    """The view definitions shipped in queries/*.sql, by view name (file stem), in the order of
+    queries.VIEWS (dependency order). A .sql file missing from that list, or a listed view without its
+    file, is a packaging mistake and raises RuntimeError."""
+    from queries import VIEWS
+
+    files = {
+        entry.name[: -len(".sql")]: entry
+        for entry in resources.files("queries").iterdir()
+        if entry.name.endswith(".sql")
+    }
+    unlisted = sorted(set(files) - set(VIEWS))
+    missing = [name for name in VIEWS if name not in files]
+    if unlisted or missing:
+        raise RuntimeError(
+            f"queries/__init__.py VIEWS does not match queries/*.sql: not listed {unlisted}, no file for {missing}"
+        )
+    return {name: files[name].read_text(encoding="utf-8") for name in VIEWS}
 
 
 def apply_views(con) -> None:
-    """CREATE OR REPLACE every view; views that depend on others are retried until all resolve."""
-    pending = view_sql()
-    while pending:
-        failed = {}
-        for name, sql in pending.items():
-            try:
-                con.execute(sql)
-            except duckdb.CatalogException as exc:
-                failed[name] = (sql, exc)
-        if len(failed) == len(pending):
-            name, (_, exc) = next(iter(failed.items()))
-            raise RuntimeError(f"view {name} in queries/{name}.sql does not apply: {exc}")
-        pending = {k: v[0] for k, v in failed.items()}
+    """CREATE OR REPLACE every view, once each, in the dependency order of queries.VIEWS."""
+    for name, sql in view_sql().items():
+        try:
+            con.execute(sql)
+        except duckdb.Error as exc:
+            raise RuntimeError(f"view {name} in queries/{name}.sql does not apply: {exc}") from exc
 
 
 def upgrade(con, path: str = "") -> None:
