@@ -573,16 +573,22 @@ def compare(db_path, run_a, run_b, ks, seed):
 
 
 @cli.command("triage")
-@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: latest text-to-image).")
+@click.option(
+    "--run",
+    "retrieval_run_id",
+    type=click.IntRange(1, 2**63 - 1),
+    default=None,
+    help="Retrieval run id (default: the newest text-to-image run).",
+)
 @click.option(
     "--hub-factor",
-    type=float,
+    type=click.FloatRange(0, min_open=True),
     default=3.0,
     show_default=True,
     help="Hub flag: top-1 of at least this many times the queries-per-image of the run.",
 )
 @db_option
-def triage(db_path, run_id, hub_factor):
+def triage(db_path, retrieval_run_id, hub_factor):
     """Suggest a failure category, with its evidence, for every R@1 failure of a run.
 
     Rules (toolkit/triage.py), first that fires wins: Object, Count, Spatial (from the COCO
@@ -598,7 +604,7 @@ def triage(db_path, run_id, hub_factor):
     from toolkit.triage import triage as run_triage
 
     with open_study(db_path) as con:
-        res = run_triage(con, run_id, hub_factor=hub_factor)
+        res = run_triage(con, retrieval_run_id, hub_factor=hub_factor)
     if res.n_failures == 0:
         click.echo(f"Retrieval run {res.retrieval_run_id} has no R@1 failures: nothing to triage, nothing written.")
         return
@@ -618,7 +624,7 @@ def triage(db_path, run_id, hub_factor):
 @cli.command("sample-failures")
 @click.option(
     "--run",
-    "run_id",
+    "retrieval_run_id",
     type=click.IntRange(1, 2**63 - 1),
     default=None,
     help="Retrieval run id (default: latest text-to-image).",
@@ -660,7 +666,7 @@ def triage(db_path, run_id, hub_factor):
 @db_option
 def sample_failures(
     db_path,
-    run_id,
+    retrieval_run_id,
     n,
     seed,
     overlap,
@@ -686,7 +692,7 @@ def sample_failures(
     with open_study(db_path) as con:
         res = run_sample(
             con,
-            run_id=run_id,
+            retrieval_run_id=retrieval_run_id,
             n=n,
             seed=seed,
             overlap=overlap,
@@ -727,12 +733,14 @@ def sample_failures(
     show_default=True,
     help="mine, overlap or all (mine + overlap); backup is assigned to nobody and refused.",
 )
-@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last).")
+@click.option(
+    "--run", "retrieval_run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last)."
+)
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: any free port.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Any other host requires the printed tokens.")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in the default web browser.")
 @db_option
-def annotate(db_path, annotators, set_choice, run_id, port, host, open_browser):
+def annotate(db_path, annotators, set_choice, retrieval_run_id, port, host, open_browser):
     """Label the failure sample in the browser; each label is saved to the database as it is given.
 
     Serves one item per page (caption, ground truth and top-5 images, keys 1-7 for the categories)
@@ -745,7 +753,7 @@ def annotate(db_path, annotators, set_choice, run_id, port, host, open_browser):
     """
     from toolkit import annotate as wb_mod
 
-    wb = wb_mod.prepare(db_path, list(annotators), set_choice=set_choice, retrieval_run_id=run_id, host=host)
+    wb = wb_mod.prepare(db_path, list(annotators), set_choice=set_choice, retrieval_run_id=retrieval_run_id, host=host)
     sock = wb_mod.bind(host, port)
     try:
         wb.port = sock.getsockname()[1]
@@ -781,11 +789,13 @@ def annotate(db_path, annotators, set_choice, run_id, port, host, open_browser):
 
 @cli.command("export-labelstudio")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last).")
+@click.option(
+    "--run", "retrieval_run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last)."
+)
 @click.option("--image-url-prefix", default=None, help="Image URLs = PREFIX + path under the image root.")
 @click.option("--force", is_flag=True, help="Overwrite tasks.json / labeling_config.xml that differ.")
 @db_option
-def export_labelstudio(db_path, out_dir, run_id, image_url_prefix, force):
+def export_labelstudio(db_path, out_dir, retrieval_run_id, image_url_prefix, force):
     """Write the failure sample as Label Studio tasks (tasks.json) and labelling config (labeling_config.xml).
 
     Import the labels back with: clipfail import-labels --format labelstudio EXPORT.json
@@ -797,7 +807,9 @@ def export_labelstudio(db_path, out_dir, run_id, image_url_prefix, force):
     from toolkit.labelstudio import export_labelstudio as run_export
 
     with open_study(db_path, read_only=True) as con:
-        res = run_export(con, out_dir, retrieval_run_id=run_id, image_url_prefix=image_url_prefix, force=force)
+        res = run_export(
+            con, out_dir, retrieval_run_id=retrieval_run_id, image_url_prefix=image_url_prefix, force=force
+        )
     click.echo(f"{res.n_tasks} tasks of retrieval run {res.retrieval_run_id} (every set but backup) in {res.out_dir}/.")
     if res.written:
         click.echo(f"  written: {', '.join(res.written)}")
@@ -989,13 +1001,13 @@ def _percent_table(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 )
 @click.option(
     "--run",
-    "run_id",
+    "retrieval_run_id",
     type=click.IntRange(1, 2**63 - 1),
     default=None,
     help="Retrieval run id (default: the one labelled last).",
 )
 @db_option
-def analyze(db_path, out_dir, run_id):
+def analyze(db_path, out_dir, retrieval_run_id):
     """Print the failure taxonomy and annotator agreement; write them as CSV, with Figures 1-2.
 
     The tables are the views taxonomy_distribution, taxonomy_actionable, taxonomy_by_annotator
@@ -1010,7 +1022,7 @@ def analyze(db_path, out_dir, run_id):
     from toolkit.analysis import analyze as run_analyze
 
     with open_study(db_path, read_only=True) as con:
-        res = run_analyze(con, out_dir=out_dir, retrieval_run_id=run_id)
+        res = run_analyze(con, out_dir=out_dir, retrieval_run_id=retrieval_run_id)
     if res.is_simulated:
         click.echo("NOTE: some of these labels are SIMULATED (demo annotators), not human judgements.")
     click.echo(
@@ -1116,56 +1128,14 @@ def templates_export(db_path, template_set, out_file):
         click.echo(f"Wrote {out_file}")
 
 
-def _improve_tables(summary: pd.DataFrame, eff_k: dict | None = None) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
-    """Per population: a title, the reference study's table (one row per pooling), the statistics."""
-    out = []
-    for population, grp in summary.groupby("population", sort=False):
-        first = grp.iloc[0]
-        base = grp.drop_duplicates("k").set_index("k")["baseline_pct"]
-        n = int(grp["n"].iloc[0])
-        k_asked = first["k_prompts"]
-        k_text = f"K per category {first['k_per_category']}" if pd.isna(k_asked) else f"K {int(k_asked)}"
-        title = (
-            f"{first['categories'].replace(',', '+')} {population} (n={n}, {k_text}, "
-            f"retrieval run {first['retrieval_run_id']}). Baseline: R@1 {base[1]:.2f}, R@5 {base[5]:.2f}, "
-            f"R@10 {base[10]:.2f}"
-        )
-        if eff_k and population in eff_k:
-            title += f"\nPrompts per caption (effective K): {eff_k[population]}"
-        rows, stat_rows = [], []
-        for _improvement_id, g in grp.groupby("improvement_id", sort=False):
-            g = g.set_index("k")
-            p = g["pooling"].iloc[0]
-            label = f"logsumexp (tau={g['tau'].iloc[0]:g})" if p == "logsumexp" else p
-            rows.append(
-                {"pooling": label}
-                | {f"improved R@{k}": g.loc[k, "improved_pct"] for k in (1, 5, 10)}
-                | {f"ΔR@{k} (pp)": g.loc[k, "delta_pp"] for k in (1, 5, 10)}
-            )
-            for k in (1, 5, 10):
-                stat_rows.append(
-                    {
-                        "pooling": label,
-                        "K": k,
-                        "Δ (pp)": g.loc[k, "delta_pp"],
-                        "95% CI (pp)": f"[{g.loc[k, 'ci_low_pp']:+.2f}, {g.loc[k, 'ci_high_pp']:+.2f}]",
-                        "McNemar p": f"{g.loc[k, 'mcnemar_p']:.4g}",
-                        "fixed": int(g.loc[k, "n_fixed"]),
-                        "broken": int(g.loc[k, "n_broken"]),
-                    }
-                )
-        out.append((title, pd.DataFrame(rows), pd.DataFrame(stat_rows)))
-    return out
-
-
 @cli.command()
 @click.option("--categories", required=True, help="Comma-separated failure categories, e.g. Object,Attribute.")
 @click.option(
     "--run",
-    "run_id",
+    "retrieval_run_id",
     type=click.IntRange(1, 2**63 - 1),
     default=None,
-    help="Retrieval run id (default: the latest labelled one).",
+    help="Retrieval run id (default: the one labelled last).",
 )
 @click.option(
     "--max-subset", type=click.IntRange(1, 2**31 - 1), default=200, show_default=True, help="Cap (seeded draw)."
@@ -1195,7 +1165,7 @@ def _improve_tables(summary: pd.DataFrame, eff_k: dict | None = None) -> list[tu
 def improve(
     db_path,
     categories,
-    run_id,
+    retrieval_run_id,
     max_subset,
     pooling,
     tau,
@@ -1238,7 +1208,7 @@ def improve(
         res = run_improve(
             con,
             categories,
-            retrieval_run_id=run_id,
+            retrieval_run_id=retrieval_run_id,
             max_subset=max_subset,
             poolings=pooling,
             tau=tau,
@@ -1264,10 +1234,12 @@ def improve(
             f"Improve run {res.run_id}: {res.n_prompts} distinct prompts besides the captions, "
             f"{res.n_encoded} encoded now, {res.n_prompts - res.n_encoded} from the cache."
         )
-    for title, table, stat in _improve_tables(summary, eff_k):
+    from toolkit import tables
+
+    for title, table, stat in tables.improvement_tables(summary, eff_k):
         click.echo("")
         click.echo(title)
-        echo_df(table, floatfmt="{:.2f}")
+        echo_df(table[["pooling", *tables.RECALL_COLUMNS]], floatfmt="{:.2f}")
         echo_df(stat, floatfmt="{:+.2f}")
     click.echo("")
     click.echo(
@@ -1286,13 +1258,13 @@ def improve(
 )
 @click.option(
     "--run",
-    "run_id",
+    "retrieval_run_id",
     type=click.IntRange(1, 2**63 - 1),
     default=None,
     help="Retrieval run id (default: the one labelled last).",
 )
 @db_option
-def report(db_path, out_dir, run_id):
+def report(db_path, out_dir, retrieval_run_id):
     """Write the study's report: a self-contained report.html, figures (PNG/SVG) and tables (CSV).
 
     Every number in it is read from the views (recall_summary, taxonomy_distribution,
@@ -1310,7 +1282,7 @@ def report(db_path, out_dir, run_id):
     if not Path(db_path).exists():
         raise UserError(db.missing_database_message(db_path))
     with open_study(db_path, read_only=not db.is_writable(db_path)) as con:
-        res = write_report(con, out_dir=out_dir, retrieval_run_id=run_id, db_path=db_path)
+        res = write_report(con, out_dir=out_dir, retrieval_run_id=retrieval_run_id, db_path=db_path)
     if res.is_simulated:
         click.echo("NOTE: the labels in this report are SIMULATED (demo annotators); the page says so.")
     click.echo(f"Wrote {res.html_path} ({len(res.figures)} figure files, {len(res.tables)} CSV tables).")

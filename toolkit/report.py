@@ -36,9 +36,11 @@ import pandas as pd
 from toolkit import db
 from toolkit import paths as study_paths
 from toolkit._version import __version__
-from toolkit.errors import UserError
+from toolkit.improve import summary as improve_summary
 from toolkit.outdir import FreshFolder
+from toolkit.runs import resolve_retrieval_run
 from toolkit.sheets import write_frame_csv
+from toolkit.tables import improvement_table, pooling_label
 
 PACKAGES = ["clipfail", "torch", "torchvision", "open_clip_torch", "duckdb", "numpy", "pandas", "matplotlib", "pillow"]
 
@@ -383,29 +385,6 @@ def _provenance(con, page: _Page, rrid: int | None) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
-def pick_run(con, retrieval_run_id: int | None) -> int | None:
-    """The retrieval run the report is about: the one given, else the one labelled last, else the latest
-    text-to-image run, else None."""
-    if retrieval_run_id is not None:
-        ok = con.execute("SELECT count(*) FROM retrieval_runs WHERE retrieval_run_id = ?", [retrieval_run_id])
-        if not ok.fetchone()[0]:
-            known = [r[0] for r in con.execute("SELECT retrieval_run_id FROM retrieval_runs ORDER BY 1").fetchall()]
-            raise UserError(
-                f"There is no retrieval run {retrieval_run_id}. Known runs: {', '.join(map(str, known)) or 'none'}."
-            )
-        return int(retrieval_run_id)
-    row = con.execute(
-        """
-        SELECT s.retrieval_run_id FROM annotations a JOIN failure_samples s USING (sample_id)
-        GROUP BY s.retrieval_run_id ORDER BY max(a.imported_at) DESC, s.retrieval_run_id DESC LIMIT 1
-        """
-    ).fetchone()
-    if row:
-        return int(row[0])
-    row = con.execute("SELECT max(retrieval_run_id) FROM retrieval_runs WHERE direction = 'text-to-image'").fetchone()
-    return None if row[0] is None else int(row[0])
-
-
 def write_report(
     con,
     out_dir="report",
@@ -427,7 +406,8 @@ def write_report(
 def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> ReportResult:
     started = db.now()
     out_dir = fresh.out_dir
-    rrid = pick_run(con, retrieval_run_id)
+    run = resolve_retrieval_run(con, retrieval_run_id, need="report")
+    rrid = None if run is None else int(run["retrieval_run_id"])
     page = _Page(fresh.staging)
     missing: list[str] = []
     simulated = False
@@ -560,38 +540,6 @@ PCT = {
 }
 
 
-def _pooling_label(pooling: str, tau) -> str:
-    return f"logsumexp (tau={float(tau):g})" if pooling == "logsumexp" and not pd.isna(tau) else str(pooling)
-
-
-def _ci(lo, hi) -> str:
-    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
-        return ""
-    return f"[{float(lo):+.2f}, {float(hi):+.2f}]"
-
-
-def _study_table(group: pd.DataFrame) -> pd.DataFrame:
-    """The reference study's table shape: one row per pooling, improved R@K and deltas, then the statistics."""
-    return pd.DataFrame(
-        {
-            "pooling": [_pooling_label(p, t) for p, t in zip(group["pooling"], group["tau"])],
-            "improved R@1": group["improved_r1"].to_numpy(),
-            "improved R@5": group["improved_r5"].to_numpy(),
-            "improved R@10": group["improved_r10"].to_numpy(),
-            "ΔR@1 (pp)": group["delta_r1_pp"].to_numpy(),
-            "ΔR@5 (pp)": group["delta_r5_pp"].to_numpy(),
-            "ΔR@10 (pp)": group["delta_r10_pp"].to_numpy(),
-            "95% CI ΔR@1": [_ci(a, b) for a, b in zip(group["ci_low_r1_pp"], group["ci_high_r1_pp"])],
-            "95% CI ΔR@5": [_ci(a, b) for a, b in zip(group["ci_low_r5_pp"], group["ci_high_r5_pp"])],
-            "95% CI ΔR@10": [_ci(a, b) for a, b in zip(group["ci_low_r10_pp"], group["ci_high_r10_pp"])],
-            "McNemar p R@1": group["mcnemar_p_r1"].to_numpy(),
-            "McNemar p R@5": group["mcnemar_p_r5"].to_numpy(),
-            "McNemar p R@10": group["mcnemar_p_r10"].to_numpy(),
-            "improvement_id": group["improvement_id"].to_numpy(),
-        }
-    )
-
-
 STUDY_FORMATS = {
     "improved R@1": "f2",
     "improved R@5": "f2",
@@ -659,7 +607,7 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
         )
         slug = _slug(f"{categories}_{template_set}_{template_mode}" + ("" if k_asked in (None, 10) else f"_k{k_asked}"))
         page.table(
-            _study_table(group),
+            improvement_table(improve_summary(con, group["improvement_id"]), group["improvement_id"]),
             f"improvement_{slug}",
             f"Table 6.{n_sub}. {categories}: baseline vs improved Recall@K per pooling (view improvement_recall)."
             + flag,
@@ -669,7 +617,7 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
         page.figure(
             improvement_bar_chart(
                 group,
-                [_pooling_label(p, t) for p, t in zip(group["pooling"], group["tau"])],
+                [pooling_label(p, t) for p, t in zip(group["pooling"], group["tau"])],
                 f"Figure {num}. {categories} subset (n={int(first['n'])})"
                 + (" (SIMULATED labels)" if simulated else ""),
                 page.figures_dir / f"figure{num}_{slug}",
