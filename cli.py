@@ -854,6 +854,7 @@ def import_labels(db_path, files, annotator, clear_blank, fmt, user_map):
     Example:
       clipfail import-labels failure_analysis/assign_A.csv failure_analysis/assign_B.csv
     """
+    from toolkit.annotations import ENCODING_NAMES
     from toolkit.annotations import import_labels as run_import
 
     if user_map and fmt != "labelstudio":
@@ -886,6 +887,9 @@ def import_labels(db_path, files, annotator, clear_blank, fmt, user_map):
             }
         )
     )
+    for f in res.files:
+        if f.encoding != "utf-8":
+            click.echo(f"{f.path} was read as {ENCODING_NAMES.get(f.encoding, f.encoding)} (it is not UTF-8).")
     if res.n_unlabeled:
         click.echo(f"{res.n_unlabeled} rows have no label yet (unlabeled); they were not imported.")
     if res.n_replaced and not res.is_noop:
