@@ -1,0 +1,154 @@
+"""Hubness diagnostics (views image_hubness, hubness_summary) and the training-free methods of
+toolkit.hubness (inverted softmax, QB-Norm with the Dynamic Inverted Softmax, query expansion),
+each checked against a plain full-matrix NumPy reference on seeded random data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from toolkit import hubness as H
+from toolkit import retrieval as R
+
+
+def unit(rng, n, d=16):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def np_ranks(T, gt):
+    g = T[np.arange(len(gt)), gt]
+    return 1 + (T > g[:, None]).sum(1), (T == g[:, None]).sum(1) - 1
+
+
+def np_logsumexp_cols(S, beta):
+    x = beta * S.astype(np.float64)
+    m = x.max(0)
+    return m + np.log(np.exp(x - m).sum(0))
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    G = unit(rng, 300)
+    Q = unit(rng, 700)  # more than one GEMM block
+    B = unit(rng, 1100)
+    gt = rng.integers(0, 300, size=700)
+    return Q, G, B, gt
+
+
+def test_baseline_ranks_equal_evaluate(data):
+    Q, G, _, gt = data
+    ours = H.rank_baseline(Q, G, gt)
+    ev = R.rank_text_to_image(Q, G, gt, device="cpu")
+    assert np.array_equal(ours.gt_rank, ev.gt_rank)
+    assert np.array_equal(ours.n_tied, ev.n_tied)
+    assert np.array_equal(ours.gt_score.astype(np.float32), ev.gt_score)
+
+
+def test_inverted_softmax_matches_numpy(data):
+    Q, G, B, gt = data
+    beta = 20.0
+    r = H.rank_inverted_softmax(Q, G, gt, B, beta)
+    S = Q @ G.T
+    T = beta * S.astype(np.float64) - np_logsumexp_cols(B @ G.T, beta)[None, :]
+    rank, tied = np_ranks(T, gt)
+    assert np.array_equal(r.gt_rank, rank) and np.array_equal(r.n_tied, tied)
+    # the change is real on this data (a test that cannot fail would pass on baseline ranks too)
+    assert not np.array_equal(r.gt_rank, np_ranks(S, gt)[0])
+
+
+def test_bank_normaliser_does_not_depend_on_block_split(data):
+    _, G, B, _ = data
+    st = H.bank_stats(B, G, 20.0, 1)
+    assert np.allclose(st.log_norm, np_logsumexp_cols(B @ G.T, 20.0), rtol=0, atol=1e-12)
+    # large beta: no overflow in the log domain
+    st = H.bank_stats(B, G, 5000.0, 1)
+    assert np.isfinite(st.log_norm).all()
+
+
+def test_qb_norm_matches_numpy_reference(data):
+    Q, G, B, gt = data
+    beta, kb, B = 20.0, 2, B[:60]  # a small bank: some items are activated, not all
+    r = H.rank_qb_norm(Q, G, gt, B, beta, kb)
+    SB = B @ G.T
+    act = np.zeros(G.shape[0], bool)
+    act[np.argsort(-SB, axis=1, kind="stable")[:, :kb].reshape(-1)] = True
+    S = Q @ G.T
+    T = S.astype(np.float64)
+    norm = act[np.argmax(S, axis=1)]
+    T[norm] = beta * T[norm] - np_logsumexp_cols(SB, beta)[None, :]
+    rank, tied = np_ranks(T, gt)
+    assert np.array_equal(r.gt_rank, rank) and np.array_equal(r.n_tied, tied)
+    assert r.n_normalised == int(norm.sum()) and 0 < r.n_normalised < len(Q)
+
+
+def test_qb_norm_empty_effect_changes_no_rank():
+    """A bank whose activated items are never an evaluated query's top-1 leaves every rank unchanged."""
+    rng = np.random.default_rng(1)
+    G = unit(rng, 40)
+    noise = lambda n: 0.05 * rng.standard_normal((n, 16)).astype(np.float32)  # noqa: E731
+    Q = G[np.arange(200) % 20] + noise(200)  # queries near items 0..19
+    B = G[20 + np.arange(300) % 20] + noise(300)  # bank near items 20..39
+    gt = rng.integers(0, 40, size=200)
+    base = H.rank_baseline(Q, G, gt)
+    st = H.bank_stats(B, G, 20.0, 1)
+    assert st.n_activated > 0 and not st.activated[np.argmax(Q @ G.T, axis=1)].any()  # the premise
+    r = H.rank_qb_norm_with(Q, G, gt, st)
+    assert r.n_normalised == 0
+    assert np.array_equal(r.gt_rank, base.gt_rank) and np.array_equal(r.n_tied, base.n_tied)
+    # the same bank with every item activated (k_bank = M) is the plain inverted softmax
+    full = H.rank_qb_norm(Q, G, gt, B, 20.0, 40)
+    inv = H.rank_inverted_softmax(Q, G, gt, B, 20.0)
+    assert np.array_equal(full.gt_rank, inv.gt_rank) and not np.array_equal(full.gt_rank, base.gt_rank)
+
+
+def test_uniform_normaliser_changes_no_rank():
+    """Inverted softmax with a normaliser that is the same for every item (a bank with no hub: every bank
+    query is equally far from every item, here orthogonal to them all) keeps every rank."""
+    rng = np.random.default_rng(2)
+    G, B = unit(rng, 50), unit(rng, 30)
+    G[:, 8:] = 0  # the gallery in the first 8 dimensions, the bank in the last 8: every bank score is 0
+    B[:, :8] = 0
+    Q = unit(rng, 100)
+    gt = rng.integers(0, 50, size=100)
+    assert np.ptp(H.bank_stats(B, G, 7.0).log_norm) == 0
+    r = H.rank_inverted_softmax(Q, G, gt, B, 7.0)
+    base = H.rank_baseline(Q, G, gt)
+    assert np.array_equal(r.gt_rank, base.gt_rank) and np.array_equal(r.n_tied, base.n_tied)
+
+
+def test_query_expansion_matches_numpy_and_alpha_zero_is_baseline(data):
+    Q, G, _, gt = data
+    top, alpha = 3, 0.7
+    r = H.rank_query_expansion(Q, G, gt, top, alpha)
+    S = Q @ G.T
+    ti = np.argsort(-S, axis=1, kind="stable")[:, :top]
+    Qe = Q + np.float32(alpha) * G[ti].mean(axis=1)
+    rank, tied = np_ranks(Qe @ G.T, gt)
+    assert np.array_equal(r.gt_rank, rank) and np.array_equal(r.n_tied, tied)
+    assert not np.array_equal(r.gt_rank, np_ranks(S, gt)[0])
+    zero = H.rank_query_expansion(Q, G, gt, top, 0.0)
+    base = H.rank_baseline(Q, G, gt)
+    assert np.array_equal(zero.gt_rank, base.gt_rank) and np.array_equal(zero.gt_score, base.gt_score)
+
+
+def test_stable_topk_breaks_ties_by_lower_index():
+    S = np.array([[0.5, 0.9, 0.9, 0.1, 0.9]], np.float32)
+    assert H.stable_topk(S, 2).tolist() == [[1, 2]]
+    assert H.stable_topk(S, 4).tolist() == [[1, 2, 4, 0]]
+
+
+@pytest.mark.parametrize("beta", [0, -1.0, float("nan"), float("inf")])
+def test_non_positive_beta_refused(data, beta):
+    Q, G, B, gt = data
+    with pytest.raises(ValueError, match="beta"):
+        H.rank_qb_norm(Q, G, gt, B, beta, 1)
+
+
+def test_bad_top_and_alpha_refused(data):
+    Q, G, _, gt = data
+    with pytest.raises(ValueError, match="top"):
+        H.rank_query_expansion(Q, G, gt, 0, 0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        H.rank_query_expansion(Q, G, gt, 2, -0.1)
