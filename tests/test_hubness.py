@@ -152,3 +152,120 @@ def test_bad_top_and_alpha_refused(data):
         H.rank_query_expansion(Q, G, gt, 0, 0.5)
     with pytest.raises(ValueError, match="alpha"):
         H.rank_query_expansion(Q, G, gt, 2, -0.1)
+
+
+# ------------------------------------------------------------------------------ views on a real database
+
+MODEL = "hand-built-16d"
+
+
+def _skew(x):
+    x = np.asarray(x, dtype=np.float64)
+    m = x.mean()
+    return ((x - m) ** 3).mean() / ((x - m) ** 2).mean() ** 1.5
+
+
+@pytest.fixture(scope="module")
+def hub_world(synthetic_coco_master, tmp_path_factory):
+    """A 30-image study with hand-built embeddings (image 0 is a planted hub) and both directions evaluated."""
+    from helpers import register_hand_built
+
+    from toolkit.evaluate import evaluate
+    from toolkit.ingest import ingest
+
+    root = tmp_path_factory.mktemp("hub_world")
+    path = str(root / "hub.duckdb")
+    con = db_mod().open_database(path)
+    ingest(con, coco_root=synthetic_coco_master, num_images=30, captions_per_image=5, seed=42, name="s30")
+    sid = int(db_mod().get_subset(con, "s30")["subset_id"])
+    img_ids = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
+    caps = con.execute(
+        "SELECT c.caption_id, c.image_id FROM subset_captions c JOIN subset_images i USING (subset_id, image_id) "
+        "WHERE c.subset_id = ? ORDER BY i.position, c.position",
+        [sid],
+    ).df()
+    img_ids = img_ids["image_id"].to_numpy(np.int64)
+    rng = np.random.default_rng(5)
+    img = unit(rng, len(img_ids))
+    row_of = {int(i): r for r, i in enumerate(img_ids)}
+    gt_rows = np.array([row_of[int(i)] for i in caps["image_id"]])
+    hub = unit(rng, 1)[0]
+    img[0] = hub  # a hub: every caption leans towards it
+    txt = img[gt_rows] + 0.8 * hub + 1.5 * rng.standard_normal((len(gt_rows), 16)).astype(np.float32) / 4
+    txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    txt[1] = img.sum(0) / np.linalg.norm(img.sum(0))  # a caption hub for image-to-text
+    img, txt = img.astype(np.float32), txt.astype(np.float32)
+    cfg = {"test": "hub"}
+    register_hand_built(con, root / "img.npy", "image", img, img_ids, sid, model=MODEL, config=cfg | {"k": "i"})
+    register_hand_built(con, root / "txt.npy", "text", txt, caps["caption_id"], sid, model=MODEL, config=cfg)
+    t2i = evaluate(con, "s30", model=MODEL, device="cpu").retrieval_run_id
+    i2t = evaluate(con, "s30", model=MODEL, device="cpu", direction="image-to-text").retrieval_run_id
+    con.close()
+    return {"path": path, "img": img, "txt": txt, "img_ids": img_ids, "cap_ids": caps["caption_id"].to_numpy(np.int64),
+            "gt_rows": gt_rows, "t2i": t2i, "i2t": i2t}  # fmt: skip
+
+
+def db_mod():
+    from toolkit import db
+
+    return db
+
+
+def _reference(Qm, Gm, gallery_ids, gt_of_query):
+    """N_1, N_10, hub flags and the failures' hub share from a plain full score matrix."""
+    S = Qm @ Gm.T
+    order = np.argsort(-S, axis=1, kind="stable")
+    n1 = np.bincount(order[:, 0], minlength=len(Gm))
+    n10 = np.bincount(order[:, :10].reshape(-1), minlength=len(Gm))
+    thr = int(np.ceil(3.0 * min(10, len(Gm)) * len(Qm) / len(Gm)))
+    hub = n10 >= thr
+    return dict(zip(gallery_ids, zip(n1, n10, hub))), thr, n1, n10, order[:, 0]
+
+
+def test_image_hubness_and_summary_equal_numpy(hub_world):
+    w = hub_world
+    con = db_mod().open_database(w["path"], read_only=True)
+    try:
+        for direction, rrid in (("text-to-image", w["t2i"]), ("image-to-text", w["i2t"])):
+            if direction == "text-to-image":
+                Qm, Gm, gids = w["txt"], w["img"], w["img_ids"]
+                gt = w["gt_rows"]
+                S = Qm @ Gm.T
+                failed = S[np.arange(len(gt)), gt][:, None] < S
+                is_fail = failed.any(1)
+            else:
+                Qm, Gm, gids = w["img"], w["txt"], w["cap_ids"]
+                S = Qm @ Gm.T
+                best = np.array([S[j, w["gt_rows"] == j].max() for j in range(len(Qm))])
+                is_fail = (S > best[:, None]).any(1)
+            ref, thr, n1, n10, top1 = _reference(Qm, Gm, gids, None)
+            got = con.execute(
+                "SELECT gallery_id, n_1, n_10, is_hub, hub_threshold FROM image_hubness WHERE retrieval_run_id = ?",
+                [rrid],
+            ).fetchall()
+            assert len(got) == len(Gm)
+            assert {int(g): (int(a), int(b), bool(h)) for g, a, b, h, _ in got} == {
+                int(g): (int(a), int(b), bool(h)) for g, (a, b, h) in ref.items()
+            }
+            assert {int(t) for *_, t in got} == {thr}
+            s = con.execute("SELECT * FROM hubness_summary WHERE retrieval_run_id = ?", [rrid]).df().iloc[0]
+            assert s["direction"] == direction
+            assert s["skewness_n10"] == pytest.approx(_skew(n10), rel=1e-9)
+            assert s["skewness_n1"] == pytest.approx(_skew(n1), rel=1e-9)
+            assert s["share_never_top10"] == pytest.approx(float((n10 == 0).mean()))
+            hub = n10 >= thr
+            assert int(s["n_hubs"]) == int(hub.sum())
+            assert int(s["n_r1_failures"]) == int(is_fail.sum())
+            assert s["share_r1_failures_top1_hub"] == pytest.approx(float(hub[top1[is_fail]].mean()))
+        t2i = con.execute("SELECT * FROM hubness_summary WHERE retrieval_run_id = ?", [w["t2i"]]).df().iloc[0]
+        assert t2i["skewness_n10"] > 0 and t2i["max_n1"] > 30  # the planted hub shows
+        # 150 captions x top 10 over 30 images: the threshold is every caption, which no image reaches
+        assert t2i["hub_threshold"] == 150 and t2i["n_hubs"] == 0
+        i2t = con.execute("SELECT * FROM hubness_summary WHERE retrieval_run_id = ?", [w["i2t"]]).df().iloc[0]
+        assert i2t["hub_threshold"] == 6 and i2t["n_hubs"] >= 1  # flags are checked against NumPy above
+        top = con.execute(
+            "SELECT gallery_id FROM image_hubness WHERE retrieval_run_id = ? ORDER BY n_10 DESC LIMIT 1", [w["t2i"]]
+        ).fetchone()[0]
+        assert top == w["img_ids"][0]
+    finally:
+        con.close()
