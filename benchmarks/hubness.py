@@ -100,8 +100,9 @@ def main() -> None:
     ratios = [q / e for q, e in zip(qb, ev)]
     print(f"evaluate ranking : best {min(ev):.2f} s  (all: {', '.join(f'{t:.2f}' for t in ev)})")
     print(f"qb-norm (DIS)    : best {min(qb):.2f} s  (all: {', '.join(f'{t:.2f}' for t in qb)})")
-    print(f"ratio qb-norm / evaluate: {min(qb) / min(ev):.2f}x (best times), median per pair {statistics.median(ratios):.2f}x"
-          f"  target <= 3x: {'OK' if min(qb) / min(ev) <= 3 else 'MISSED'}")  # fmt: skip
+    ratio = min(qb) / min(ev)
+    print(f"ratio qb-norm / evaluate: {ratio:.2f}x (best times), median per pair {statistics.median(ratios):.2f}x")
+    print(f"target <= 3x: {'OK' if ratio <= 3 else 'MISSED'}")
     for kind in ("inverted-softmax", "query-expansion"):
         t0 = time.perf_counter()
         run(kind, *data)

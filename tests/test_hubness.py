@@ -269,3 +269,29 @@ def test_image_hubness_and_summary_equal_numpy(hub_world):
         assert top == w["img_ids"][0]
     finally:
         con.close()
+
+
+def test_report_has_hubness_section(hub_world, tmp_path, run_cli):
+    import shutil
+
+    w = hub_world
+    path = tmp_path / "copy.duckdb"
+    shutil.copy(w["path"], path)
+    out = tmp_path / "rep"
+    res = run_cli("--db", path, "report", "--out", out, "--run", w["t2i"])
+    assert "8. Hubness" in res.output
+    html = (out / "report.html").read_text()
+    assert 'id="hubness"' in html and "images most often retrieved in a top 10" in html
+    import pandas as pd
+
+    csv = pd.read_csv(out / "tables" / "hubness_summary.csv")
+    assert sorted(csv["direction"]) == ["image-to-text", "text-to-image"]
+    con = db_mod().open_database(path, read_only=True)
+    try:
+        view = con.execute("SELECT skewness_n10 FROM hubness_summary WHERE retrieval_run_id = ?", [w["t2i"]]).fetchone()
+    finally:
+        con.close()
+    assert csv.loc[csv["retrieval_run_id"] == w["t2i"], "skewness_n10"].iloc[0] == pytest.approx(view[0])
+    top = pd.read_csv(out / "tables" / "top_hubs.csv")
+    assert top["gallery_id"].iloc[0] == w["img_ids"][0]
+    assert len(list((out / "figures").glob("*_hubness.png"))) == 1 and len(list((out / "figures").glob("*_hubs.png")))

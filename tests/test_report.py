@@ -160,10 +160,12 @@ def test_report_is_self_contained_and_flags_simulated_labels(study):
         "figure3_attribute_default_v2_own.png",
         "figure4_object_default_v2_own.png",
         "figure5_object_attribute_default_v2_union.png",
+        "figure6_hubness.png",  # section 8 (issue 17): N_k histogram and top hubs
+        "figure7_hubs.png",
     ]
     assert all(p.with_suffix(".svg").exists() for p in res.figures)
     srcs = re.findall(r'<img src="([^"]+)"', page)
-    assert len(srcs) == 5 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert len(srcs) == 7 and all(s.startswith("data:image/png;base64,") for s in srcs)
     for src in srcs:
         im = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
         im.verify()

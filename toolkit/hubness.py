@@ -33,9 +33,10 @@ Ranks follow the retrieval tie policy ("optimistic"): 1 + the number of gallery 
 transformed score is strictly higher than the ground-truth item's; `n_tied` counts the other items
 with exactly the same transformed score.
 
-Memory: the bank pass holds one MM_ROWS x M float32 block per worker plus two float64 vectors of M;
-the query pass one float32 and one float64 MM_ROWS x M block per worker (about 12 bytes x 512 x M:
-31 MB for a 5,000-image gallery), whatever the number of queries or bank rows.
+Memory: each worker thread (torch's thread count) holds one MM_ROWS x M float32 score block and a
+few float64 temporaries of the same shape (about 30 bytes x 512 x M: ~80 MB for a 5,000-image
+gallery), plus float64 vectors of M; the outputs are a few numbers per query. It does not grow with
+the number of queries or bank rows (benchmarks/hubness.py measures it).
 """
 
 from __future__ import annotations
