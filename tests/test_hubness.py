@@ -4,6 +4,9 @@ each checked against a plain full-matrix NumPy reference on seeded random data."
 
 from __future__ import annotations
 
+import csv
+import shutil
+
 import numpy as np
 import pytest
 
@@ -201,8 +204,49 @@ def hub_world(synthetic_coco_master, tmp_path_factory):
     t2i = evaluate(con, "s30", model=MODEL, device="cpu").retrieval_run_id
     i2t = evaluate(con, "s30", model=MODEL, device="cpu", direction="image-to-text").retrieval_run_id
     con.close()
-    return {"path": path, "img": img, "txt": txt, "img_ids": img_ids, "cap_ids": caps["caption_id"].to_numpy(np.int64),
-            "gt_rows": gt_rows, "t2i": t2i, "i2t": i2t}  # fmt: skip
+    shutil.copy(path, root / "unlabelled.duckdb")  # beside it: the .npy paths are stored relative to the folder
+    _label(path, root / "fa")
+    return {
+        "path": path,
+        "unlabelled": str(root / "unlabelled.duckdb"),
+        "img": img,
+        "txt": txt,
+        "img_ids": img_ids,
+        "cap_ids": caps["caption_id"].to_numpy(np.int64),
+        "gt_rows": gt_rows,
+        "t2i": t2i,
+        "i2t": i2t,
+    }
+
+
+CATS = ["Object", "Attribute", "Count", "Ambiguous", "Action", "Spatial", "Context"]
+
+
+def _label(path, out):
+    """sample-failures, then every annotator file labelled by cycling through the categories."""
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    def run(*args):
+        res = CliRunner().invoke(cli, ["--db", str(path), *map(str, args)])
+        assert res.exit_code == 0, res.output
+
+    run("sample-failures", "--run", 1, "--n", 40, "--overlap", 4, "--per-annotator", 12, "--out", out, "--no-pictures")
+    k = 0
+    for name in ["assign_A.csv", "assign_B.csv", "assign_C.csv", "assign_overlap.csv"]:
+        with open(out / name, encoding="utf-8-sig", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        for r in rows:
+            r["category"] = CATS[k % len(CATS)]
+            k += 1
+        with open(out / name, "w", encoding="utf-8", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    run("import-labels", out / "assign_A.csv", out / "assign_B.csv", out / "assign_C.csv")
+    for a in "ABC":
+        run("import-labels", out / "assign_overlap.csv", "--annotator", a)
 
 
 def db_mod():
@@ -272,7 +316,6 @@ def test_image_hubness_and_summary_equal_numpy(hub_world):
 
 
 def test_report_has_hubness_section(hub_world, tmp_path, run_cli):
-    import shutil
 
     w = hub_world
     path = tmp_path / "copy.duckdb"
@@ -295,3 +338,148 @@ def test_report_has_hubness_section(hub_world, tmp_path, run_cli):
     top = pd.read_csv(out / "tables" / "top_hubs.csv")
     assert top["gallery_id"].iloc[0] == w["img_ids"][0]
     assert len(list((out / "figures").glob("*_hubness.png"))) == 1 and len(list((out / "figures").glob("*_hubs.png")))
+
+
+# ------------------------------------------------------------------------------ improvement runs of the methods
+
+
+@pytest.fixture
+def lab(hub_world, tmp_path):
+    """A private copy of the labelled hub world, in the same folder (embedding paths are stored relative)."""
+    import uuid
+    from pathlib import Path
+
+    w = dict(hub_world)
+    dest = Path(w["path"]).with_name(f"copy-{uuid.uuid4().hex[:8]}.duckdb")
+    shutil.copy(w["path"], dest)
+    w["path"] = str(dest)
+    yield w
+    dest.unlink()
+
+
+def _ranks(con, imp_id):
+    return con.execute(
+        "SELECT caption_id, baseline_rank, improved_rank, improved_score, category FROM improvement_ranks "
+        "WHERE improvement_id = ? ORDER BY caption_id",
+        [imp_id],
+    ).df()
+
+
+def _rows(w, caption_ids):
+    cap_row = {int(c): i for i, c in enumerate(w["cap_ids"])}
+    rows = np.array([cap_row[int(c)] for c in caption_ids])
+    return rows, w["gt_rows"][rows]
+
+
+def test_qb_norm_run_matches_numpy_and_is_recorded(lab):
+    w = lab
+    con = db_mod().open_database(w["path"])
+    try:
+        res = H.improve_method(con, "qb-norm", "Object,Attribute,Count", beta=20.0, k_bank=1,
+                               control="successes:20", retrieval_run_id=w["t2i"])  # fmt: skip
+        assert res.run_id is not None and len(res.improvement_ids) == 2
+        runs = con.execute(
+            "SELECT improvement_id, population, method, method_params, bank_subset, n_bank, is_bank_overlap, pooling "
+            "FROM improvement_runs ORDER BY improvement_id"
+        ).df()
+        evaluated = set()
+        for imp_id in res.improvement_ids:
+            evaluated |= set(_ranks(con, imp_id)["caption_id"])
+        assert list(runs["method"]) == ["qb-norm", "qb-norm"] and set(runs["pooling"]) == {"none"}
+        assert runs["method_params"].iloc[0] == "beta=20 k_bank=1 bank=s30"
+        assert runs["bank_subset"].iloc[0] == "s30" and not runs["is_bank_overlap"].iloc[0]
+        assert int(runs["n_bank"].iloc[0]) == 150 - len(evaluated)
+        # NumPy reference: the bank is every caption not evaluated
+        bank_mask = ~np.isin(w["cap_ids"], list(evaluated))
+        SB = w["txt"][bank_mask] @ w["img"].T
+        act = np.zeros(len(w["img"]), bool)
+        act[np.argmax(SB, axis=1)] = True
+        lse = np_logsumexp_cols(SB, 20.0)
+        for imp_id in res.improvement_ids:
+            df = _ranks(con, imp_id)
+            rows, gt = _rows(w, df["caption_id"])
+            S = w["txt"][rows] @ w["img"].T
+            T = S.astype(np.float64)
+            norm = act[np.argmax(S, axis=1)]
+            T[norm] = 20.0 * T[norm] - lse[None, :]
+            assert np.array_equal(df["improved_rank"].to_numpy(), np_ranks(T, gt)[0])
+            assert np.array_equal(df["baseline_rank"].to_numpy(), np_ranks(S, gt)[0])
+        stats = con.execute("SELECT count(*) FROM improvement_stats WHERE improvement_id = ?", [res.improvement_ids[0]])
+        assert stats.fetchone()[0] >= 3
+        # the same call again is a no-op
+        n_runs = con.execute("SELECT count(*) FROM runs").fetchone()[0]
+        again = H.improve_method(con, "qb-norm", "Object,Attribute,Count", beta=20.0, k_bank=1,
+                                 control="successes:20", retrieval_run_id=w["t2i"])  # fmt: skip
+        assert again.is_noop and again.improvement_ids == res.improvement_ids
+        assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == n_runs
+    finally:
+        con.close()
+
+
+def test_inverted_softmax_and_query_expansion_runs(lab):
+    w = lab
+    con = db_mod().open_database(w["path"])
+    try:
+        inv = H.improve_method(con, "inverted-softmax", "Object,Attribute", beta=10.0, retrieval_run_id=w["t2i"])
+        df = _ranks(con, inv.improvement_ids[0])
+        rows, gt = _rows(w, df["caption_id"])
+        S = w["txt"][rows] @ w["img"].T
+        T = 10.0 * S.astype(np.float64) - np_logsumexp_cols(w["txt"] @ w["img"].T, 10.0)[None, :]
+        assert np.array_equal(df["improved_rank"].to_numpy(), np_ranks(T, gt)[0])
+        qe = H.improve_method(con, "query-expansion", "Object,Attribute", top=2, alpha=0.0, retrieval_run_id=w["t2i"])
+        df0 = _ranks(con, qe.improvement_ids[0])
+        assert np.array_equal(df0["improved_rank"], df0["baseline_rank"])  # alpha 0 reproduces the baseline
+        qe1 = H.improve_method(con, "query-expansion", "Object,Attribute", top=2, alpha=1.0, retrieval_run_id=w["t2i"])
+        df1 = _ranks(con, qe1.improvement_ids[0])
+        ti = np.argsort(-S, axis=1, kind="stable")[:, :2]
+        Qe = w["txt"][rows] + np.float32(1.0) * w["img"][ti].mean(axis=1)
+        assert np.array_equal(df1["improved_rank"].to_numpy(), np_ranks(Qe @ w["img"].T, gt)[0])
+    finally:
+        con.close()
+
+
+def test_bank_overlap_refused_unless_allowed_and_empty_bank_refused(lab):
+    from toolkit.errors import UserError
+
+    w = lab
+    con = db_mod().open_database(w["path"])
+    try:
+        before = con.execute("SELECT count(*) FROM improvement_runs").fetchone()[0]
+        with pytest.raises(UserError, match="allow-bank-overlap"):
+            H.improve_method(con, "qb-norm", "Object", bank="s30", retrieval_run_id=w["t2i"])
+        with pytest.raises(UserError, match="bank is empty"):
+            H.improve_method(con, "qb-norm", "Object", control="all", retrieval_run_id=w["t2i"])
+        assert con.execute("SELECT count(*) FROM improvement_runs").fetchone()[0] == before
+        res = H.improve_method(con, "qb-norm", "Object", bank="s30", allow_bank_overlap=True, retrieval_run_id=w["t2i"])
+        flag = con.execute(
+            "SELECT is_bank_overlap, n_bank FROM improvement_runs WHERE improvement_id = ?", [res.improvement_ids[0]]
+        ).fetchone()
+        assert flag == (True, 150)
+    finally:
+        con.close()
+
+
+def test_methods_refuse_bad_parameters_and_missing_labels(lab):
+    from toolkit.errors import UserError
+
+    w = lab
+    con = db_mod().open_database(w["unlabelled"])
+    try:
+        with pytest.raises(UserError, match="No labelled failures"):
+            H.improve_method(con, "qb-norm", "Object")
+    finally:
+        con.close()
+    con = db_mod().open_database(w["path"])
+    try:
+        for kw, msg in (({"beta": 0}, "--beta"), ({"beta": -2}, "--beta"), ({"k_bank": 0}, "--k-bank")):
+            with pytest.raises(UserError, match=msg):
+                H.improve_method(con, "qb-norm", "Object", **kw)
+        with pytest.raises(UserError, match="--top"):
+            H.improve_method(con, "query-expansion", "Object", top=0)
+        with pytest.raises(UserError, match="--alpha"):
+            H.improve_method(con, "query-expansion", "Object", alpha=-1)
+        with pytest.raises(UserError, match="--beta"):
+            H.improve_method(con, "inverted-softmax", "Object", beta=float("nan"))
+        assert con.execute("SELECT count(*) FROM improvement_runs").fetchone()[0] == 0
+    finally:
+        con.close()

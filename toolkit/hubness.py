@@ -300,3 +300,315 @@ def rank_query_expansion(queries, gallery, gt, top: int = DEFAULT_TOP, alpha: fl
             bufs.put((q_buf, s_buf))
 
     return _rank_with(Q, G, gt, transform)
+
+
+# ------------------------------------------------------------------------------ the improve stage's methods
+
+STAGE = "improve"
+METHOD_VERSION = "hubness/v1"
+
+
+def _user_error(msg: str):
+    from toolkit.errors import UserError
+
+    return UserError(msg)
+
+
+def check_params(method: str, beta, k_bank, top, alpha) -> dict:
+    """The parameters of `method`, validated (a UserError for a value that cannot work)."""
+    import math
+
+    if method not in METHODS:
+        raise _user_error(f"Unknown method {method!r}; use templates, {', '.join(METHODS)}.")
+    if method in ("inverted-softmax", "qb-norm"):
+        try:
+            b = float(beta)
+        except (TypeError, ValueError):
+            b = float("nan")
+        if not (math.isfinite(b) and b > 0):
+            raise _user_error(
+                f"--beta must be a positive number (got {beta}): it scales the scores before the softmax; at 0 every "
+                f"image would tie. The QB-Norm paper uses {DEFAULT_BETA:g}."
+            )
+        params = {"beta": b}
+        if method == "qb-norm":
+            if isinstance(k_bank, bool) or int(k_bank) != k_bank or int(k_bank) < 1:
+                raise _user_error(f"--k-bank must be a whole number of at least 1 (got {k_bank}).")
+            params["k_bank"] = int(k_bank)
+        return params
+    if isinstance(top, bool) or int(top) != top or int(top) < 1:
+        raise _user_error(f"--top must be a whole number of at least 1 (got {top}): images averaged into the query.")
+    a = float(alpha)
+    if not (math.isfinite(a) and a >= 0):
+        raise _user_error(f"--alpha must be a number >= 0 (got {alpha}); 0 reproduces the baseline.")
+    return {"top": int(top), "alpha": a}
+
+
+def params_text(params: dict) -> str:
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _text_set_of(con, subset_id: int, identity: dict) -> dict | None:
+    """The newest text embedding set of a subset made by the same model (identity as improve.model_identity)."""
+    df = con.execute(
+        """
+        SELECT * FROM embedding_sets
+        WHERE kind = 'text' AND subset_id = ? AND model = ? AND precision = ?
+          AND pretrained IS NOT DISTINCT FROM ? AND checkpoint_sha256 IS NOT DISTINCT FROM ?
+        ORDER BY embedding_set_id DESC LIMIT 1
+        """,
+        [subset_id, identity["model"], identity["precision"], identity["pretrained"], identity["checkpoint_sha256"]],
+    ).df()
+    return None if df.empty else df.iloc[0].to_dict()
+
+
+def improve_method(
+    con,
+    method: str,
+    categories,
+    *,
+    retrieval_run_id: int | None = None,
+    max_subset: int | None = 200,
+    seed: int = 42,
+    include_overlap: bool = False,
+    control=None,
+    beta: float = DEFAULT_BETA,
+    k_bank: int = DEFAULT_K_BANK,
+    bank: str | None = None,
+    allow_bank_overlap: bool = False,
+    top: int = DEFAULT_TOP,
+    alpha: float = DEFAULT_ALPHA,
+):
+    """`clipfail improve --method inverted-softmax|qb-norm|query-expansion`: the same populations (labelled
+    failures of the chosen categories, optional controls), statistics and tables as the templates method,
+    with the method's ranks (see the module docstring) as improved ranks.
+
+    The query sets, all from the retrieval run's model:
+    - inverted-softmax: the normaliser is taken over every caption of the retrieval run (its queries);
+    - qb-norm: the bank is, by default, the captions of the retrieval run's subset that this call does not
+      evaluate (neither the failures nor a control); `bank` names another subset, whose captions (its newest
+      text embedding set of the same model) form the bank. A bank holding an evaluated caption is refused
+      unless `allow_bank_overlap` (the run row then has is_bank_overlap = true, and the report says so).
+    A configuration that was already run is reused (a no-op)."""
+    import pandas as pd
+
+    from toolkit import db
+    from toolkit import improve as imp
+    from toolkit.artifacts import load_embedding_set
+
+    started = db.now()
+    params = check_params(method, beta, k_bank, top, alpha)
+    if max_subset is not None and int(max_subset) < 1:
+        raise _user_error("--max-subset must be at least 1.")
+    max_subset = None if max_subset is None else int(max_subset)
+    seed = int(seed)
+    if not 0 <= seed <= imp.SEED_MAX:
+        raise _user_error(f"--seed must be a whole number from 0 to {imp.SEED_MAX} (got {seed}).")
+    if bank is not None and method != "qb-norm":
+        raise _user_error(f"--bank is an option of --method qb-norm, not of {method}.")
+    ctl = imp.parse_control(control) if not isinstance(control, tuple) else control
+    cats = imp.parse_categories(con, categories)
+    rr = imp.pick_labelled_run(con, retrieval_run_id)  # refuses a study without labels
+    rrid = int(rr["retrieval_run_id"])
+    frames = [("failures", imp.select_failures(con, rrid, cats, max_subset, seed, include_overlap))]
+    if ctl is not None:
+        frames.append((ctl[0], imp.select_control(con, rrid, ctl, seed)))
+    base = con.execute(
+        "SELECT query_id AS caption_id, gt_rank AS baseline_rank, gt_id AS image_id FROM retrieval_ranks "
+        "WHERE retrieval_run_id = ?",
+        [rrid],
+    ).df()
+    base = base.set_index("caption_id")
+    pops = []
+    for name, df in frames:
+        df = df.join(base, on="caption_id")
+        if df["baseline_rank"].isna().any():
+            raise _user_error(f"Some captions of the {name} subset have no rank in retrieval run {rrid}.")
+        pops.append((name, df.reset_index(drop=True)))
+    evaluated = sorted({int(c) for _, df in pops for c in df["caption_id"]})
+
+    text_set = con.execute(
+        "SELECT * FROM embedding_sets WHERE embedding_set_id = ?", [int(rr["text_embedding_set_id"])]
+    ).df()
+    text_set = text_set.iloc[0].to_dict()
+    image_set = con.execute(
+        "SELECT sha256 FROM embedding_sets WHERE embedding_set_id = ?", [int(rr["image_embedding_set_id"])]
+    ).fetchall()[0]
+    identity = imp.model_identity(text_set)
+    fix = "Re-run clipfail embed (with --recompute) and clipfail evaluate."
+
+    # --- the bank (qb-norm)
+    bank_info = {"bank_subset": None, "n_bank": None, "is_bank_overlap": None}
+    bank_set = None
+    if method == "qb-norm":
+        if bank is None:
+            subset_name = con.execute("SELECT name FROM subsets WHERE subset_id = ?", [int(rr["subset_id"])]).fetchall()
+            bank_name, bank_set = subset_name[0][0], text_set
+        else:
+            bsub = db.get_subset(con, bank)
+            bank_name = str(bsub["name"])
+            bank_set = _text_set_of(con, int(bsub["subset_id"]), identity)
+            if bank_set is None:
+                raise _user_error(
+                    f"Subset {bank_name!r} has no caption embeddings of model {identity['model']} for the bank. "
+                    f"Run: clipfail embed --subset {bank_name} with the model of retrieval run {rrid}."
+                )
+        bank_ids = con.execute(
+            "SELECT item_id FROM embedding_rows WHERE embedding_set_id = ? ORDER BY row_index",
+            [int(bank_set["embedding_set_id"])],
+        ).fetchnumpy()["item_id"]
+        overlap = np.isin(bank_ids, evaluated)
+        if bank is None:
+            keep = ~overlap  # the default bank: the subset's captions that this call does not evaluate
+            is_overlap = False
+        else:
+            keep = np.ones(len(bank_ids), dtype=bool)
+            is_overlap = bool(overlap.any())
+            if is_overlap and not allow_bank_overlap:
+                raise _user_error(
+                    f"The bank (subset {bank_name!r}) holds {int(overlap.sum())} of the {len(evaluated)} captions "
+                    "this call evaluates, so their own text would normalise their scores (a leak). Name a bank "
+                    "subset without them, leave --bank out (the default bank is the subset's other captions), or "
+                    "give --allow-bank-overlap to run anyway (the report then flags the run)."
+                )
+        if not keep.any():
+            raise _user_error(
+                f"The bank is empty: every caption of subset {bank_name!r} is evaluated by this call (--control "
+                "all?). Name another subset's captions with --bank SUBSET, or drop --control all."
+            )
+        bank_info = {"bank_subset": bank_name, "n_bank": int(keep.sum()), "is_bank_overlap": is_overlap}
+        params = params | {"bank": bank_name}
+        bank_sig = {
+            "bank_subset": bank_name,
+            "bank_sha256": str(bank_set["sha256"]),
+            "bank_ids_sha256": imp._sha([int(i) for i in bank_ids[keep]]),
+            "allow_bank_overlap": bool(allow_bank_overlap),
+        }
+    else:
+        bank_sig = {}
+
+    common = {
+        "stage": STAGE,
+        "method": method,
+        "method_version": METHOD_VERSION,
+        "params": params,
+        "retrieval_run_id": rrid,
+        "categories": cats,
+        "max_subset": max_subset,
+        "seed": seed,
+        "include_overlap": bool(include_overlap),
+        "model": identity,
+        "image_sha256": str(image_set[0]),
+        "text_sha256": str(text_set["sha256"]),
+    } | bank_sig
+    units = []
+    for name, df in pops:
+        sig = imp._sha(
+            [
+                [int(c), None if pd.isna(s) else int(s), None if pd.isna(lab) else str(lab)]
+                for c, s, lab in zip(df["caption_id"], df["sample_id"], df["category"])
+            ]
+        )
+        cfg = dict(common, population=name, control=list(ctl) if ctl and name != "failures" else None,
+                   subset_sha256=sig)  # fmt: skip
+        units.append((name, df, cfg, db.config_hash(cfg)))
+    existing = dict(
+        con.execute(
+            "SELECT config_hash, improvement_id FROM improvement_runs WHERE list_contains(?, config_hash)",
+            [[u[3] for u in units]],
+        ).fetchall()
+    )
+    result = imp.ImproveResult(
+        run_id=None,
+        retrieval_run_id=rrid,
+        improvement_ids=[],
+        reused_ids=[],
+        populations={name: len(df) for name, df, _c, _h in units},
+        k_per_category={},
+    )
+    _dev, recorded, _note = imp.scoring_device(con, rr)
+    if recorded and not str(recorded).startswith("cpu"):
+        result.notes.append(
+            f"Retrieval run {rrid} ranked on {recorded}; {method} scores on the cpu, so its scores may differ from "
+            "the retrieval run's in the last bit (~1e-7) and images scoring that close could swap."
+        )
+    todo = [u for u in units if u[3] not in existing]
+    if not todo:
+        result.improvement_ids = [int(existing[u[3]]) for u in units]
+        result.reused_ids = list(result.improvement_ids)
+        return result
+
+    img = load_embedding_set(con, int(rr["image_embedding_set_id"]), fix=fix)
+    txt = load_embedding_set(con, int(rr["text_embedding_set_id"]), fix=fix)
+    img_row = {int(i): r for r, i in enumerate(img.item_ids)}
+    txt_row = {int(i): r for r, i in enumerate(txt.item_ids)}
+    st = None
+    if method == "qb-norm":
+        barr = txt if int(bank_set["embedding_set_id"]) == int(txt.embedding_set_id) else None
+        if barr is None:
+            barr = load_embedding_set(con, int(bank_set["embedding_set_id"]), fix=fix)
+        bank_ids_arr = np.asarray(barr.item_ids)
+        keep_rows = ~np.isin(bank_ids_arr, evaluated) if bank is None else np.ones(len(bank_ids_arr), dtype=bool)
+        st = bank_stats(barr.array[keep_rows], img.array, params["beta"], params["k_bank"])
+    elif method == "inverted-softmax":
+        st = bank_stats(txt.array, img.array, params["beta"], 1)
+
+    computed = {}
+    for _name, df, _cfg, h in todo:
+        try:
+            rows = np.array([txt_row[int(c)] for c in df["caption_id"]], dtype=np.int64)
+            gt = np.array([img_row[int(i)] for i in df["image_id"]], dtype=np.int64)
+        except KeyError:
+            raise _user_error(f"Retrieval run {rrid}'s embedding sets lack some of its own items. {fix}") from None
+        Q = txt.array[rows]
+        if method == "query-expansion":
+            r = rank_query_expansion(Q, img.array, gt, params["top"], params["alpha"])
+        elif method == "inverted-softmax":
+            r = _rank_with(*_check(Q, img.array), gt, lambda b, e, S: inverted_softmax(S, st.log_norm, st.beta))
+        else:
+            r = rank_qb_norm_with(Q, img.array, gt, st)
+        computed[h] = pd.DataFrame(
+            {
+                "caption_id": df["caption_id"].to_numpy(np.int64),
+                "sample_id": df["sample_id"].astype("Int64"),
+                "category": df["category"].astype(object).where(df["category"].notna(), None),
+                "n_prompts": np.ones(len(df), dtype=np.int32),
+                "n_distinct_prompts": np.ones(len(df), dtype=np.int32),
+                "baseline_rank": df["baseline_rank"].to_numpy(np.int64),
+                "improved_rank": r.gt_rank,
+                "improved_score": r.gt_score,
+            }
+        )
+
+    run_config = dict(common, control=list(ctl) if ctl else None, units=[u[3] for u in units], score_device="cpu",
+                      retrieval_device=recorded, n_bank=bank_info["n_bank"])  # fmt: skip
+    with db.transaction(con):
+        run_id = db.insert_run(con, STAGE, run_config, started, seed=seed, model=identity["model"])
+        for name, df, _cfg, h in units:
+            if h in existing:
+                result.improvement_ids.append(int(existing[h]))
+                result.reused_ids.append(int(existing[h]))
+                continue
+            row = con.execute(
+                """
+                INSERT INTO improvement_runs (retrieval_run_id, categories, population, pooling, tau, template_set,
+                    templates_sha256, template_mode, k_per_category, k_prompts, n_captions, max_subset, seed,
+                    is_overlap_included, model, config_hash, created_at, run_id, method, method_params, bank_subset,
+                    n_bank, is_bank_overlap)
+                VALUES (?, ?, ?, 'none', NULL, '', '', 'none', '{}', NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                RETURNING improvement_id
+                """,
+                [rrid, ",".join(cats), name, len(df), max_subset, seed, bool(include_overlap), identity["model"], h,
+                 db.now(), run_id, method, params_text(params), bank_info["bank_subset"], bank_info["n_bank"],
+                 bank_info["is_bank_overlap"]],
+            ).fetchall()[0]  # fmt: skip
+            imp_id = int(row[0])
+            ranks = computed[h].copy()
+            ranks.insert(0, "improvement_id", imp_id)
+            db.insert_df(con, "improvement_ranks", ranks)
+            stt = imp.compute_stats(ranks, seed)
+            stt.insert(0, "improvement_id", imp_id)
+            db.insert_df(con, "improvement_stats", stt)
+            result.improvement_ids.append(imp_id)
+    result.run_id = run_id
+    return result
