@@ -483,3 +483,81 @@ def test_methods_refuse_bad_parameters_and_missing_labels(lab):
         assert con.execute("SELECT count(*) FROM improvement_runs").fetchone()[0] == 0
     finally:
         con.close()
+
+
+def test_method_comparison_view_equals_python(lab):
+    w = lab
+    con = db_mod().open_database(w["path"])
+    try:
+        qb = H.improve_method(con, "qb-norm", "Object,Attribute,Count", beta=30.0, control="all", bank="s30",
+                              allow_bank_overlap=True,
+                              retrieval_run_id=w["t2i"])  # fmt: skip
+        qe = H.improve_method(con, "query-expansion", "Object,Attribute,Count", top=2, alpha=1.0,
+                              retrieval_run_id=w["t2i"])  # fmt: skip
+        mc = con.execute("SELECT * FROM method_comparison WHERE retrieval_run_id = ?", [w["t2i"]]).df()
+        for imp_id in (qb.improvement_ids[0], qe.improvement_ids[0]):
+            ranks = _ranks(con, imp_id)
+            groups = [("*", ranks)] + list(ranks.groupby("category"))
+            for cat, g in groups:
+                row = mc[(mc["improvement_id"] == imp_id) & (mc["category"] == cat)]
+                assert len(row) == 1
+                row = row.iloc[0]
+                assert row["n"] == len(g)
+                for k in (1, 5, 10):
+                    b = 100 * (g["baseline_rank"] <= k).mean()
+                    a = 100 * (g["improved_rank"] <= k).mean()
+                    assert row[f"baseline_r{k}_pct"] == pytest.approx(round(b, 2))
+                    assert row[f"improved_r{k}_pct"] == pytest.approx(round(a, 2))
+                    assert row[f"delta_r{k}_pp"] == pytest.approx(round(a - b, 2))
+                st = con.execute(
+                    "SELECT ci_low_pp, mcnemar_p FROM improvement_stats WHERE improvement_id = ? AND category = ? "
+                    "AND k = 1",
+                    [imp_id, cat],
+                ).fetchone()
+                assert row["ci_low_r1_pp"] == pytest.approx(round(st[0], 2)) and row["mcnemar_p_r1"] == st[1]
+        ctl = _ranks(con, qb.improvement_ids[1])
+        share = ((ctl["baseline_rank"] <= 1) & (ctl["improved_rank"] > 1)).sum() / (ctl["baseline_rank"] <= 1).sum()
+        qb_rows = mc[mc["improvement_id"] == qb.improvement_ids[0]]
+        assert share > 0  # the control run breaks some successes, so the share is not trivially 0
+        assert list(qb_rows["share_r1_successes_broken"]) == pytest.approx([share] * len(qb_rows))
+        assert set(qb_rows["control_population"]) == {"all"} and qb_rows["is_bank_overlap"].all()
+        assert mc.loc[mc["improvement_id"] == qe.improvement_ids[0], "share_r1_successes_broken"].isna().all()
+        assert set(qb_rows["method_label"]) == {"qb-norm beta=30 k_bank=1 bank=s30"}
+        for _cat, g in mc.groupby("category"):  # rank 1 = the largest R@1 gain
+            best = g.loc[g["method_rank_r1"] == 1, "delta_r1_pp"]
+            assert (best >= g["delta_r1_pp"].max() - 0.005).all()
+    finally:
+        con.close()
+
+
+def test_report_method_comparison_section_flags_bank_overlap(lab, tmp_path, run_cli):
+    w = lab
+    con = db_mod().open_database(w["path"])
+    try:
+        H.improve_method(con, "qb-norm", "Object,Attribute", control="successes:20", retrieval_run_id=w["t2i"])
+        H.improve_method(con, "query-expansion", "Object,Attribute", retrieval_run_id=w["t2i"])
+        view = con.execute(
+            "SELECT category, method_label, delta_r1_pp FROM method_comparison WHERE retrieval_run_id = ? ORDER BY ALL",
+            [w["t2i"]],
+        ).df()
+    finally:
+        con.close()
+    out = tmp_path / "rep"
+    res = run_cli("--db", w["path"], "report", "--out", out, "--run", w["t2i"])
+    assert "9. Which fix helps which category" in res.output
+    import pandas as pd
+
+    table = pd.read_csv(out / "tables" / "method_comparison.csv")
+    got = table[["category", "method_label", "delta_r1_pp"]].sort_values(list(view.columns)).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, view, check_dtype=False)
+    html = (out / "report.html").read_text()
+    assert "held evaluated captions" not in html
+    assert len(list((out / "figures").glob("*_methods_*.png"))) == view["category"].nunique()
+    # a run whose bank overlapped the evaluated captions is flagged on the page
+    con = db_mod().open_database(w["path"])
+    try:
+        H.improve_method(con, "qb-norm", "Object", bank="s30", allow_bank_overlap=True, retrieval_run_id=w["t2i"])
+    finally:
+        con.close()
+    run_cli("--db", w["path"], "report", "--out", out, "--run", w["t2i"])
+    assert "held evaluated captions (--allow-bank-overlap)" in (out / "report.html").read_text()

@@ -465,6 +465,7 @@ def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> 
     _improvement_sections(con, page, rrid, simulated, missing)
     _triage_section(con, page, rrid, simulated, missing)
     _hubness_section(con, page, rrid, missing)
+    _method_comparison_section(con, page, rrid, simulated, missing)
     _provenance(con, page, rrid)
 
     # The run row: the same database state and options again is a no-op (the files are rewritten anyway).
@@ -519,6 +520,10 @@ def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> 
 
 
 POOLING_ORDER = "CASE pooling WHEN 'max' THEN 0 WHEN 'mean' THEN 1 WHEN 'logsumexp' THEN 2 ELSE 3 END"
+# sections 4-6 are about prompt ensembling; the other methods' runs are compared in section 9 (issue 17)
+TEMPLATES_ONLY = (
+    "improvement_id IN (SELECT improvement_id FROM improvement_runs WHERE coalesce(method, 'templates') = 'templates')"
+)
 
 # One row per improvement run, its K = 1/5/10 rows of improvement_recall side by side (SQL only selects).
 WIDE_SQL = f"""
@@ -546,7 +551,7 @@ SELECT
     any_value(n_fixed) FILTER (WHERE k = 1) AS n_fixed_r1,
     any_value(n_broken) FILTER (WHERE k = 1) AS n_broken_r1
 FROM improvement_recall
-WHERE retrieval_run_id = ?
+WHERE retrieval_run_id = ? AND {TEMPLATES_ONLY}
 GROUP BY improvement_id, run_id, retrieval_run_id, categories, population, pooling, tau, template_set,
     template_mode, k_per_category, k_prompts
 ORDER BY categories, template_set, template_mode, population, {POOLING_ORDER}, tau, improvement_id
@@ -782,7 +787,7 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
         SELECT improvement_id, categories, population, pooling, tau, k, n, baseline_pct, improved_pct, delta_pp,
                ci_low_pp, ci_high_pp, mcnemar_p, n_fixed, n_broken
         FROM improvement_recall
-        WHERE retrieval_run_id = ? AND population <> 'failures'
+        WHERE retrieval_run_id = ? AND population <> 'failures' AND {TEMPLATES_ONLY}
         ORDER BY categories, population, {POOLING_ORDER}, tau, improvement_id, k
         """,
         [rrid],
@@ -997,4 +1002,90 @@ def _hubness_section(con, page: _Page, rrid, missing: list[str]) -> None:
         page.figure(
             thumbnail_grid(items, f"Figure {num}. Top hubs (run {rrid})", page.figures_dir / f"figure{num}_hubs"),
             f"Figure {num}. The images most often retrieved in a top 10, with their N_10 and N_1.",
+        )
+
+
+# --------------------------------------------------------------------------- method comparison (issue 17)
+
+METHOD_COLUMNS = [
+    "category", "method_rank_r1", "method_label", "n", "baseline_r1_pct", "improved_r1_pct", "delta_r1_pp",
+    "ci_low_r1_pp", "ci_high_r1_pp", "mcnemar_p_r1", "delta_r5_pp", "delta_r10_pp", "mcnemar_p_r5", "mcnemar_p_r10",
+    "share_r1_successes_broken", "control_population", "is_bank_overlap", "improvement_id",
+]  # fmt: skip
+
+
+def _method_comparison_section(con, page: _Page, rrid, simulated: bool, missing: list[str]) -> None:
+    """Section 9: every method's improvement runs on the labelled failures, per category (view method_comparison):
+    a ranked table of which method helps which category most, and one grouped chart per category."""
+    from toolkit.figures import method_comparison_chart
+
+    page.h2("methods", "9. Which fix helps which category")
+    flag = " SIMULATED labels chose these captions." if simulated else ""
+    df = (
+        con.execute("SELECT * FROM method_comparison WHERE retrieval_run_id = ?", [rrid]).df()
+        if rrid is not None and _view_exists(con, "method_comparison")
+        else pd.DataFrame()
+    )
+    if df.empty:
+        page.p(
+            "No improvement run yet. Compare the fixes with, e.g.: clipfail improve --categories Object,Attribute "
+            "--method qb-norm --control successes:200 (methods: templates, inverted-softmax, qb-norm, "
+            "query-expansion).",
+            cls="missing",
+        )
+        missing.append("method comparison: clipfail improve --method ...")
+        return
+    page.p(
+        "Each training-free fix is an improvement run on the same labelled failures: templates (prompt "
+        "ensembling, one row per pooling), inverted-softmax, qb-norm (QB-Norm with the Dynamic Inverted Softmax "
+        "over a query bank) and query-expansion (Rocchio-style). Per category ('*' = all the run's captions), "
+        "rank 1 is the method with the largest R@1 gain there; deltas are pp with the paired bootstrap 95% "
+        "interval and the exact McNemar p; the share of R@1 successes broken comes from the method's control "
+        "run (blank without one; a gain on failures alone is biased upward). Values from view method_comparison." + flag
+    )
+    overlap = df[df["is_bank_overlap"]]
+    if not overlap.empty:
+        ids = ", ".join(str(int(i)) for i in sorted(set(overlap["improvement_id"])))
+        page.p(
+            f"WARNING: the query bank of improvement run(s) {ids} held evaluated captions (--allow-bank-overlap): "
+            "their own text normalised their scores, so those gains are not a fair test.",
+            cls="banner",
+        )
+    table = df[METHOD_COLUMNS].copy()
+    table.insert(
+        table.columns.get_loc("mcnemar_p_r1"),
+        "95% CI ΔR@1",
+        [_ci(a, b) for a, b in zip(table.pop("ci_low_r1_pp"), table.pop("ci_high_r1_pp"))],
+    )
+    page.table(
+        table,
+        "method_comparison",
+        "Table 14. Which method helps which category most: methods ranked by ΔR@1 within each category "
+        "(view method_comparison)." + flag,
+        {
+            "baseline_r1_pct": "f2",
+            "improved_r1_pct": "f2",
+            "delta_r1_pp": "pp",
+            "delta_r5_pp": "pp",
+            "delta_r10_pp": "pp",
+            "mcnemar_p_r1": "p",
+            "mcnemar_p_r5": "p",
+            "mcnemar_p_r10": "p",
+            "share_r1_successes_broken": "f4",
+            "method_rank_r1": "int",
+            "improvement_id": "int",
+        },  # fmt: skip
+    )
+    for category, group in df.groupby("category", sort=False):
+        group = group.sort_values("improvement_id")
+        num = page.next_figure()
+        name = "all captions" if category == "*" else str(category)
+        page.figure(
+            method_comparison_chart(
+                group,
+                f"Figure {num}. {name}: baseline vs each method" + (" (SIMULATED labels)" if simulated else ""),
+                page.figures_dir / f"figure{num}_methods_{_slug(name)}",
+                subtitle="Recall@K (%) of the labelled failures; view method_comparison",
+            ),
+            f"Figure {num}. {name}: baseline and improved R@1/5/10 per method.{flag}",
         )
