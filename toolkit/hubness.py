@@ -362,6 +362,90 @@ def _text_set_of(con, subset_id: int, identity: dict) -> dict | None:
     return None if df.empty else df.iloc[0].to_dict()
 
 
+@dataclass
+class NormaliserPlan:
+    """Which queries normalise the scores of inverted-softmax / qb-norm (and of their templates combinations)."""
+
+    method: str
+    params: dict  # the method's parameters, with the bank's subset name for qb-norm
+    signature: dict  # what identifies the normaliser in a run's config (bank file, its kept caption ids)
+    info: dict  # improvement_runs columns: bank_subset, n_bank, is_bank_overlap
+    embedding_set_id: int | None = None  # the bank's text embedding set (qb-norm)
+    keep_ids: np.ndarray | None = None  # the bank's caption ids that are used
+
+    def load(self, image_array: np.ndarray, texts) -> BankStats:
+        """The BankStats over the images. `texts`: the EmbeddingSet of the normalising captions (`load_bank_texts`):
+        for inverted-softmax the run's own (every caption is used), for qb-norm the bank's (its kept captions)."""
+        if self.method == "inverted-softmax":
+            return bank_stats(texts.array, image_array, self.params["beta"], 1)
+        rows = np.isin(np.asarray(texts.item_ids), self.keep_ids)
+        return bank_stats(texts.array[rows], image_array, self.params["beta"], self.params["k_bank"])
+
+
+def plan_normaliser(con, method, rr, text_set, identity, evaluated, params, bank, allow_bank_overlap):
+    """Check and describe the normalising queries (see `improve_method`); a UserError for a bad bank."""
+    from toolkit import db
+    from toolkit import improve as imp
+
+    if method == "inverted-softmax":
+        return NormaliserPlan(method, dict(params), {"normaliser": "every caption of the retrieval run"},
+                              {"bank_subset": None, "n_bank": None, "is_bank_overlap": None})  # fmt: skip
+    rrid = int(rr["retrieval_run_id"])
+    if bank is None:
+        subset_name = con.execute("SELECT name FROM subsets WHERE subset_id = ?", [int(rr["subset_id"])]).fetchall()
+        bank_name, bank_set = subset_name[0][0], text_set
+    else:
+        bsub = db.get_subset(con, bank)
+        bank_name = str(bsub["name"])
+        bank_set = _text_set_of(con, int(bsub["subset_id"]), identity)
+        if bank_set is None:
+            raise _user_error(
+                f"Subset {bank_name!r} has no caption embeddings of model {identity['model']} for the bank. "
+                f"Run: clipfail embed --subset {bank_name} with the model of retrieval run {rrid}."
+            )
+    bank_ids = con.execute(
+        "SELECT item_id FROM embedding_rows WHERE embedding_set_id = ? ORDER BY row_index",
+        [int(bank_set["embedding_set_id"])],
+    ).fetchnumpy()["item_id"]
+    overlap = np.isin(bank_ids, evaluated)
+    if bank is None:
+        keep = ~overlap  # the default bank: the subset's captions that this call does not evaluate
+        is_overlap = False
+    else:
+        keep = np.ones(len(bank_ids), dtype=bool)
+        is_overlap = bool(overlap.any())
+        if is_overlap and not allow_bank_overlap:
+            raise _user_error(
+                f"The bank (subset {bank_name!r}) holds {int(overlap.sum())} of the {len(evaluated)} captions "
+                "this call evaluates, so their own text would normalise their scores (a leak). Name a bank "
+                "subset without them, leave --bank out (the default bank is the subset's other captions), or "
+                "give --allow-bank-overlap to run anyway (the report then flags the run)."
+            )
+    if not keep.any():
+        raise _user_error(
+            f"The bank is empty: every caption of subset {bank_name!r} is evaluated by this call (--control "
+            "all?). Name another subset's captions with --bank SUBSET, or drop --control all."
+        )
+    signature = {
+        "bank_subset": bank_name,
+        "bank_sha256": str(bank_set["sha256"]),
+        "bank_ids_sha256": imp._sha([int(i) for i in bank_ids[keep]]),
+        "allow_bank_overlap": bool(allow_bank_overlap),
+    }
+    info = {"bank_subset": bank_name, "n_bank": int(keep.sum()), "is_bank_overlap": is_overlap}
+    return NormaliserPlan(method, dict(params) | {"bank": bank_name}, signature, info,
+                          int(bank_set["embedding_set_id"]), np.asarray(bank_ids[keep]))  # fmt: skip
+
+
+def load_bank_texts(con, plan: NormaliserPlan, run_texts, fix: str):
+    """The EmbeddingSet holding the bank's captions (the run's own when the bank is its subset)."""
+    from toolkit.artifacts import load_embedding_set
+
+    if plan.embedding_set_id is None or int(plan.embedding_set_id) == int(run_texts.embedding_set_id):
+        return run_texts
+    return load_embedding_set(con, int(plan.embedding_set_id), fix=fix)
+
+
 def improve_method(
     con,
     method: str,
@@ -437,55 +521,12 @@ def improve_method(
     identity = imp.model_identity(text_set)
     fix = "Re-run clipfail embed (with --recompute) and clipfail evaluate."
 
-    # --- the bank (qb-norm)
+    norm = None
+    bank_sig: dict = {}
     bank_info = {"bank_subset": None, "n_bank": None, "is_bank_overlap": None}
-    bank_set = None
-    if method == "qb-norm":
-        if bank is None:
-            subset_name = con.execute("SELECT name FROM subsets WHERE subset_id = ?", [int(rr["subset_id"])]).fetchall()
-            bank_name, bank_set = subset_name[0][0], text_set
-        else:
-            bsub = db.get_subset(con, bank)
-            bank_name = str(bsub["name"])
-            bank_set = _text_set_of(con, int(bsub["subset_id"]), identity)
-            if bank_set is None:
-                raise _user_error(
-                    f"Subset {bank_name!r} has no caption embeddings of model {identity['model']} for the bank. "
-                    f"Run: clipfail embed --subset {bank_name} with the model of retrieval run {rrid}."
-                )
-        bank_ids = con.execute(
-            "SELECT item_id FROM embedding_rows WHERE embedding_set_id = ? ORDER BY row_index",
-            [int(bank_set["embedding_set_id"])],
-        ).fetchnumpy()["item_id"]
-        overlap = np.isin(bank_ids, evaluated)
-        if bank is None:
-            keep = ~overlap  # the default bank: the subset's captions that this call does not evaluate
-            is_overlap = False
-        else:
-            keep = np.ones(len(bank_ids), dtype=bool)
-            is_overlap = bool(overlap.any())
-            if is_overlap and not allow_bank_overlap:
-                raise _user_error(
-                    f"The bank (subset {bank_name!r}) holds {int(overlap.sum())} of the {len(evaluated)} captions "
-                    "this call evaluates, so their own text would normalise their scores (a leak). Name a bank "
-                    "subset without them, leave --bank out (the default bank is the subset's other captions), or "
-                    "give --allow-bank-overlap to run anyway (the report then flags the run)."
-                )
-        if not keep.any():
-            raise _user_error(
-                f"The bank is empty: every caption of subset {bank_name!r} is evaluated by this call (--control "
-                "all?). Name another subset's captions with --bank SUBSET, or drop --control all."
-            )
-        bank_info = {"bank_subset": bank_name, "n_bank": int(keep.sum()), "is_bank_overlap": is_overlap}
-        params = params | {"bank": bank_name}
-        bank_sig = {
-            "bank_subset": bank_name,
-            "bank_sha256": str(bank_set["sha256"]),
-            "bank_ids_sha256": imp._sha([int(i) for i in bank_ids[keep]]),
-            "allow_bank_overlap": bool(allow_bank_overlap),
-        }
-    else:
-        bank_sig = {}
+    if method != "query-expansion":
+        norm = plan_normaliser(con, method, rr, text_set, identity, evaluated, params, bank, allow_bank_overlap)
+        params, bank_sig, bank_info = norm.params, norm.signature, norm.info
 
     common = {
         "stage": STAGE,
@@ -542,16 +583,7 @@ def improve_method(
     txt = load_embedding_set(con, int(rr["text_embedding_set_id"]), fix=fix)
     img_row = {int(i): r for r, i in enumerate(img.item_ids)}
     txt_row = {int(i): r for r, i in enumerate(txt.item_ids)}
-    st = None
-    if method == "qb-norm":
-        barr = txt if int(bank_set["embedding_set_id"]) == int(txt.embedding_set_id) else None
-        if barr is None:
-            barr = load_embedding_set(con, int(bank_set["embedding_set_id"]), fix=fix)
-        bank_ids_arr = np.asarray(barr.item_ids)
-        keep_rows = ~np.isin(bank_ids_arr, evaluated) if bank is None else np.ones(len(bank_ids_arr), dtype=bool)
-        st = bank_stats(barr.array[keep_rows], img.array, params["beta"], params["k_bank"])
-    elif method == "inverted-softmax":
-        st = bank_stats(txt.array, img.array, params["beta"], 1)
+    st = norm.load(img.array, load_bank_texts(con, norm, txt, fix)) if norm is not None else None
 
     computed = {}
     for _name, df, _cfg, h in todo:
@@ -612,3 +644,20 @@ def improve_method(
             result.improvement_ids.append(imp_id)
     result.run_id = run_id
     return result
+
+
+# ------------------------------------------------------------------------------ combinations with templates
+
+COMBINATIONS = ("templates+inverted-softmax", "templates+qb-norm")
+
+
+def pooled_transform(st: BankStats, method: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The score transform that `templates+<method>` applies to a block of POOLED prompt scores (one row per
+    caption, one column per image, after max/mean/logsumexp pooling): the inverted softmax, or the Dynamic
+    Inverted Softmax whose test is the pooled row's top-1, with the normaliser and activation set `st` of the
+    bank's own (un-templated) captions."""
+    if method == "inverted-softmax":
+        return lambda pooled: inverted_softmax(pooled, st.log_norm, st.beta)
+    if method == "qb-norm":
+        return lambda pooled: dynamic_inverted_softmax(pooled, st.log_norm, st.activated, st.beta)
+    raise ValueError(f"no templates combination for {method!r}")
