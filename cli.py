@@ -16,12 +16,45 @@ import click
 import duckdb
 import pandas as pd
 
-import toolkit
 from toolkit import db
+from toolkit._version import __version__
 from toolkit.errors import UserError
+from toolkit.study import open_study, schema_version
+
+# The commands in the order of the study's stages (docs/cli.md and `clipfail --help` list them so):
+# set up, data, model, retrieval, failures and their labels, analysis, the fix, the report, then the
+# whole-pipeline commands and the housekeeping ones. A command not named here is listed after these.
+STAGE_ORDER = (
+    "init",
+    "download-coco",
+    "make-synthetic-coco",
+    "ingest",
+    "embed",
+    "evaluate",
+    "triage",
+    "sample-failures",
+    "annotate",
+    "export-labelstudio",
+    "import-labels",
+    "categories",
+    "analyze",
+    "templates",
+    "improve",
+    "report",
+    "run",
+    "demo",
+    "relocate",
+    "status",
+    "sql",
+)
 
 
 class ClipfailGroup(click.Group):
+    def list_commands(self, ctx):
+        """The commands in stage order (STAGE_ORDER), then any other in the order they were defined."""
+        rank = {name: i for i, name in enumerate(STAGE_ORDER)}
+        return sorted(self.commands, key=lambda name: rank.get(name, len(rank)))
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -57,6 +90,55 @@ def db_option(f):
     return wrapper
 
 
+def model_options(*, model_default: str | None = None, model_required: bool = False, precision: bool = False):
+    """The options that pick and place a model (--model, --pretrained, --checkpoint, --device and, with
+    precision=True, --precision), declared once so that every command that loads a model documents
+    them alike. A command whose --model has no default says in its docstring what it falls back to."""
+
+    def decorate(f):
+        options = [
+            click.option(
+                "--model",
+                default=model_default,
+                required=model_required,
+                show_default=model_default is not None,
+                help="Model: an open_clip name (ViT-B-32), a Hugging Face name (openai/clip-vit-base-patch32), "
+                "hf-hub:ORG/NAME, or a model-config JSON file.",
+            ),
+            click.option(
+                "--pretrained", default=None, help="open_clip pretrained tag, e.g. openai (or give --checkpoint)."
+            ),
+            click.option(
+                "--checkpoint",
+                type=click.Path(dir_okay=False),
+                default=None,
+                help="Local weights file, for offline use (instead of --pretrained).",
+            ),
+            click.option(
+                "--device",
+                default="auto",
+                show_default=True,
+                help="Where the model runs: auto (a GPU when there is one, else cpu), cpu, cuda, cuda:N or mps.",
+            ),
+        ]
+        if precision:
+            options.append(
+                click.option(
+                    "--precision",
+                    type=click.Choice(["fp32", "fp16", "bf16"]),
+                    default="fp32",
+                    show_default=True,
+                    help="Arithmetic of the image and text encoders; fp32 reproduces the reference study, fp16/bf16 "
+                    "are opt-in (recorded in the embedding set's config).",
+                )
+            )
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
 def echo_df(df: pd.DataFrame, floatfmt: str = "{:.4f}") -> None:
     """Print a DataFrame as a plain aligned table."""
     if df.empty:
@@ -70,7 +152,7 @@ def echo_df(df: pd.DataFrame, floatfmt: str = "{:.4f}") -> None:
 
 
 @click.group(cls=ClipfailGroup)
-@click.version_option(toolkit.__version__, prog_name="clipfail")
+@click.version_option(__version__, prog_name="clipfail")
 @click.option(
     "--db",
     "db_path",
@@ -88,6 +170,13 @@ def cli(ctx, db_path):
     ctx.obj["db_path"] = db_path
 
 
+def _with_db(step: str, db_path: str) -> str:
+    """Spell out --db in a suggested command when the database is not the default one."""
+    if db_path == db.default_db_path():
+        return step
+    return step.replace("clipfail ", f"clipfail --db {shlex.quote(db_path)} ", 1)
+
+
 @cli.command()
 @db_option
 def init(db_path):
@@ -96,22 +185,67 @@ def init(db_path):
     Every writing command upgrades by itself; run init once before read-only commands (status, sql,
     analyze, report) on a database made by an older clipfail. It also restores missing tables/columns.
 
-    Example: clipfail --db study.duckdb init
+    \b
+    Example:
+      clipfail --db study.duckdb init
     """
-    con = db.open_database(db_path, force_upgrade=True)
-    version = db.schema_version(con)
-    con.close()
+    with open_study(db_path, force_upgrade=True) as con:
+        version = schema_version(con)
     click.echo(f"Database {db_path} is ready (schema version {version}).")
+
+
+@cli.command("download-coco")
+@click.option("--dest", required=True, type=click.Path(file_okay=False), help="Folder to download and extract into.")
+@click.option(
+    "--base-url",
+    default="http://images.cocodataset.org",
+    show_default=True,
+    help="Server holding annotations/annotations_trainval2017.zip and zips/val2017.zip (a mirror).",
+)
+@click.option("--images/--no-images", default=True, show_default=True, help="Also download val2017.zip (778 MiB).")
+def download_coco(dest, base_url, images):
+    """Download COCO 2017 val captions (and images) into the layout `ingest --coco-root` reads.
+
+    Resumes interrupted downloads (HTTP Range on DEST/zips/*.part), checks sizes and every zip
+    member's CRC, extracts only val2017/*.jpg and the val annotation JSONs, refuses unsafe or
+    oversized archives (renamed to *.rejected), and never replaces a different existing file.
+
+    \b
+    Example:
+      clipfail download-coco --dest ~/coco && clipfail ingest --coco-root ~/coco
+    """
+    from toolkit.download import download_coco as run_download
+
+    res = run_download(dest, base_url=base_url, images=images)
+    for f in res.files:
+        skipped = ""
+        if f.n_skipped:
+            examples = ", ".join(repr(n) for n in f.skipped_examples) + (", ..." if f.n_skipped > 3 else "")
+            skipped = f"; skipped {f.n_skipped} member{'s' if f.n_skipped != 1 else ''} not needed here ({examples})"
+        click.echo(
+            f"{f.name}: {f.action} ({f.size:,} bytes, CRC checked); "
+            f"extracted {f.n_extracted} files, {f.n_kept} already there{skipped}."
+        )
+    click.echo(f"Captions: {res.captions_json}")
+    if res.images_dir is not None:
+        click.echo(f"Images:   {res.images_dir}/ ({res.n_images} files)")
+    click.echo(f"Next: clipfail ingest --coco-root {res.dest}")
 
 
 @cli.command("make-synthetic-coco")
 @click.argument("dest", type=click.Path(file_okay=False))
-@click.option("--images", "n_images", type=click.IntRange(1, 1_000_000), default=40, show_default=True)
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option(
+    "--images", "n_images", type=click.IntRange(1, 1_000_000), default=40, show_default=True, help="Images to draw."
+)
+@click.option(
+    "--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of the scenes and captions."
+)
 def make_synthetic_coco(dest, n_images, seed):
     """Write a small COCO-format dataset of drawn scenes (for tests and the demo).
 
-    Example: clipfail make-synthetic-coco /tmp/coco --images 40
+    \b
+    Example:
+      clipfail make-synthetic-coco /tmp/coco --images 40
     """
     from toolkit.synthetic import make_synthetic_coco as make
 
@@ -126,8 +260,16 @@ def make_synthetic_coco(dest, n_images, seed):
 @click.option("--karpathy-json", type=click.Path(), help="Karpathy's dataset_coco.json (image root: --images-dir).")
 @click.option("--split", default=None, help="Karpathy split to take (default: test).")
 @click.option("--num-images", default="5000", show_default=True, help="Images to sample, or 'all'.")
-@click.option("--captions-per-image", type=click.IntRange(1, 2**31 - 1), default=5, show_default=True)
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True)
+@click.option(
+    "--captions-per-image",
+    type=click.IntRange(1, 2**31 - 1),
+    default=5,
+    show_default=True,
+    help="Captions kept per image (the first, by annotation id).",
+)
+@click.option(
+    "--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True, help="Seed of the image sample."
+)
 @click.option("--name", default=None, help="Subset name (default: <num-images>-seed<seed>).")
 @click.option("--skip-bad-images", is_flag=True, help="Exclude missing/unreadable images before sampling.")
 @click.option("--replace", is_flag=True, help="Rebuild an existing subset of this name with a new config.")
@@ -144,15 +286,14 @@ def ingest(db_path, **options):
     Sampling: sort the image ids, draw with numpy's default_rng(seed); captions keep
     ascending annotation-id order, the first --captions-per-image of each image.
 
-    Example: clipfail ingest --coco-root ~/coco --num-images 5000 --seed 42
+    \b
+    Example:
+      clipfail ingest --coco-root ~/coco --num-images 5000 --seed 42
     """
     from toolkit.ingest import ingest as run_ingest
 
-    con = db.open_database(db_path)
-    try:
+    with open_study(db_path) as con:
         res = run_ingest(con, **options)
-    finally:
-        con.close()
     if res.is_noop:
         click.echo(f"Subset {res.name!r} is already ingested with this configuration; nothing changed.")
     else:
@@ -168,123 +309,173 @@ def ingest(db_path, **options):
         click.echo(f"  object instances: {res.num_instances} stored (table image_instances).")
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("query")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the result to this CSV file.")
-@db_option
-def sql(db_path, query, csv_path):
-    """Run one read-only SQL query (a SELECT) and print the result as a table.
-
-    The database is opened read-only and the query cannot read or write any other file: COPY,
-    EXPORT, ATTACH, SET, PRAGMA, CALL, INSTALL/LOAD and several statements at once are refused.
-    Save a result with --csv. A query that starts with `--` (a comment) can also be given
-    after a lone `--`, so that it is never read as an option:
-
-    \b
-    clipfail sql -- "-- per subset ..."
-
-    Example: clipfail sql "SELECT * FROM recall_summary"
-    """
-    from pathlib import Path
-
-    from toolkit.adhoc import run_query
-
-    if csv_path:
-        folder = Path(csv_path).parent
-        if not folder.is_dir():
-            raise UserError(
-                f"Folder {folder} for --csv {csv_path} does not exist (or is not a folder). Create it first."
-            )
-    con = db.open_database(db_path, read_only=True)
-    try:
-        df = run_query(con, query)
-    finally:
-        con.close()
-    echo_df(df)
-    if csv_path:
-        try:
-            df.to_csv(csv_path, index=False)
-        except OSError as exc:
-            raise UserError(f"Cannot write --csv {csv_path}: {exc.strerror or exc}.") from None
-        click.echo(f"Wrote {len(df)} rows to {csv_path}.")
-
-
-@cli.group()
-def categories():
-    """The failure taxonomy: list categories and aliases, or add to them.
-
-    Example: clipfail categories list
-    """
-
-
-@categories.command("list")
-@db_option
-def categories_list(db_path):
-    """List the categories (in position order) with their aliases.
-
-    Example: clipfail categories list
-    """
-    from toolkit.taxonomy import list_categories
-
-    con = db.open_database(db_path)
-    try:
-        df = list_categories(con)
-    finally:
-        con.close()
-    for row in df.itertuples():
-        kind = "actionable" if row.is_actionable else "not actionable"
-        click.echo(f"{row.position}. {row.name} ({kind}): {row.definition}")
-        if row.example:
-            click.echo(f"   example: {row.example}")
-        click.echo(f"   aliases: {row.aliases or '(none)'}")
-
-
-@categories.command("add")
-@click.argument("name")
-@click.option("--definition", required=True, help="One line that annotators read in README.txt.")
-@click.option("--actionable/--not-actionable", default=True, show_default=True)
-@click.option("--example", default=None, help="An example caption and what went wrong.")
+@cli.command()
+@click.option("--subset", "subset_name", default=None, help="Subset name (default: the most recent subset).")
+@model_options(model_required=True, precision=True)
 @click.option(
-    "--position", type=click.IntRange(0, 1_000_000), default=None, help="Sort position (default: after the last)."
+    "--batch-size", type=click.IntRange(1, 65536), default=None, help="Default: 64 images / 256 captions on CPU."
+)
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False), default=None, help="Default: <db stem>_cache/ beside the database."
+)
+@click.option("--recompute", is_flag=True, help="Rebuild the embeddings even if a cached set exists.")
+@click.option("--draft-decode", "draft", is_flag=True, help="Opt-in JPEG draft decoding (faster; resize noise only).")
+@click.option(
+    "--num-workers", type=click.IntRange(0, 64), default=None, help="Image decoding workers (default: automatic)."
 )
 @db_option
-def categories_add(db_path, name, definition, actionable, example, position):
-    """Add a category to the taxonomy.
+def embed(
+    db_path,
+    subset_name,
+    model,
+    pretrained,
+    checkpoint,
+    device,
+    batch_size,
+    precision,
+    cache_dir,
+    recompute,
+    draft,
+    num_workers,
+):
+    """Compute (or reuse) L2-normalised CLIP embeddings of a subset's images and captions.
 
-    Example: clipfail categories add Text --definition "The caption quotes text in the image." --example "A STOP sign"
+    Files go to a cache folder beside the database and are registered in embedding_sets with
+    their sha256; a re-run reuses them, an interrupted run resumes from its last shard.
+
+    \b
+    Example:
+      clipfail embed --subset 5000-seed42 --model openai/clip-vit-base-patch32
     """
-    from toolkit.taxonomy import add_category
+    from toolkit.embed import embed as run_embed
 
-    con = db.open_database(db_path)
-    try:
-        row = add_category(con, name, definition, is_actionable=actionable, example=example, position=position)
-    finally:
-        con.close()
-    kind = "actionable" if row["is_actionable"] else "not actionable"
-    click.echo(f"Added category {row['name']!r} ({kind}) at position {row['position']}.")
-
-
-@categories.command("add-alias")
-@click.argument("alias")
-@click.argument("category")
-@click.option("--replace", is_flag=True, help="Re-point an alias that already names another category.")
-@db_option
-def categories_add_alias(db_path, alias, category, replace):
-    """Let ALIAS (stored normalised: lower case, single spaces) stand for CATEGORY in labels.
-
-    Example: clipfail categories add-alias "wrong colour" Attribute
-    """
-    from toolkit.taxonomy import add_alias
-
-    con = db.open_database(db_path)
-    try:
-        res = add_alias(con, alias, category, replace=replace)
-    finally:
-        con.close()
-    if res["is_noop"]:
-        click.echo(f"Alias {res['alias']!r} already means {res['category']}; nothing changed.")
+    if pretrained and checkpoint:
+        raise UserError("Give either --pretrained TAG or --checkpoint PATH, not both.")
+    # embed opens the database only to read its inputs and to register the results, not while encoding
+    res = run_embed(
+        db_path,
+        subset_name,
+        model=model,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        device=device,
+        batch_size=batch_size,
+        precision=precision,
+        cache_dir=cache_dir,
+        recompute=recompute,
+        draft=draft,
+        num_workers=num_workers,
+    )
+    weights = res.pretrained or (f"checkpoint {res.checkpoint_sha256[:12]}" if res.checkpoint_sha256 else "random")
+    what = f"subset {res.subset!r} with {res.model} ({weights}, {res.precision}{', draft decode' if res.draft else ''})"
+    for note in res.notes:
+        click.echo(f"Note: {note}")
+    if res.is_noop:
+        click.echo(f"Already embedded {what}; checksums match, nothing recomputed.")
     else:
-        click.echo(f"Alias {res['alias']!r} now means {res['category']}.")
+        resumed = f", {res.reused_shards} shard(s) reused from an interrupted run" if res.reused_shards else ""
+        click.echo(f"Embedded {what} in {res.seconds:.1f} s (run {res.run_id}{resumed}).")
+    click.echo(f"  images:   {res.n_images} x {res.dim} -> embedding set {res.image_set_id}: {res.image_path}")
+    click.echo(f"  captions: {res.n_captions} x {res.dim} -> embedding set {res.text_set_id}: {res.text_path}")
+    if res.n_truncated is not None:
+        click.echo(f"  captions truncated at {res.context_length} tokens: {res.n_truncated}")
+
+
+@cli.command()
+@click.option("--subset", "subset_name", default=None, help="Subset name (default: the most recent subset).")
+@model_options()
+@click.option(
+    "--topk", type=click.IntRange(1, 2**31 - 1), default=10, show_default=True, help="Top-k ids and scores stored."
+)
+@click.option(
+    "--direction",
+    type=click.Choice(["text-to-image", "image-to-text"]),
+    default="text-to-image",
+    show_default=True,
+    help="Captions ranking images (the study's), or images ranking captions.",
+)
+@click.option(
+    "--chunk",
+    type=click.IntRange(1, 2**31 - 1),
+    default=None,
+    help="Queries scored at a time; memory is about chunk x images x 4 bytes (default: 512 per CPU thread).",
+)
+@db_option
+def evaluate(db_path, subset_name, model, pretrained, checkpoint, topk, device, direction, chunk):
+    """Exact ranks of every query's ground truth from the cached embeddings, and Recall@K.
+
+    Writes retrieval_runs and retrieval_ranks, then prints the run's row of the recall_summary
+    view. Rank = 1 + the number of gallery items scoring strictly higher (ties: optimistic;
+    n_tied gives the pessimistic rank). For image-to-text an image's rank is the best rank among
+    its captions. Re-running with the same embeddings is a no-op. The model options pick the
+    embedding sets to rank; without them, the subset's only model.
+
+    \b
+    Example:
+      clipfail evaluate --subset 5000-seed42 --model openai/clip-vit-base-patch32
+    """
+    from toolkit.evaluate import evaluate as run_evaluate
+
+    with open_study(db_path) as con:
+        res = run_evaluate(
+            con,
+            subset_name,
+            model=model,
+            topk=topk,
+            device=device,
+            direction=direction,
+            chunk=chunk,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+        )
+    state = "already evaluated, nothing changed" if res.is_noop else f"{res.n_queries:,} queries ranked"
+    click.echo(
+        f"Retrieval run {res.retrieval_run_id} ({res.direction}, subset {res.subset}, model {res.model}): {state}"
+    )
+    echo_df(res.summary)
+
+
+@cli.command("triage")
+@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: latest text-to-image).")
+@click.option(
+    "--hub-factor",
+    type=float,
+    default=3.0,
+    show_default=True,
+    help="Hub flag: top-1 of at least this many times the queries-per-image of the run.",
+)
+@db_option
+def triage(db_path, run_id, hub_factor):
+    """Suggest a failure category, with its evidence, for every R@1 failure of a run.
+
+    Rules (toolkit/triage.py), first that fires wins: Object, Count, Spatial (from the COCO
+    object instances that ingest stored), Ambiguous (caption-to-caption cosines, same category
+    set), then Attribute/Action from the caption lexicon; else no suggestion. Writes
+    triage_runs and triage_suggestions; see the views triage_agreement, triage_confusion and
+    triage_distribution. Re-running with the same inputs is a no-op.
+
+    \b
+    Example:
+      clipfail triage --run 1
+    """
+    from toolkit.triage import triage as run_triage
+
+    with open_study(db_path) as con:
+        res = run_triage(con, run_id, hub_factor=hub_factor)
+    if res.n_failures == 0:
+        click.echo(f"Retrieval run {res.retrieval_run_id} has no R@1 failures: nothing to triage, nothing written.")
+        return
+    state = "already triaged with these inputs, nothing changed" if res.is_noop else "triaged"
+    click.echo(
+        f"Retrieval run {res.retrieval_run_id}: {res.n_failures:,} R@1 failures {state} "
+        f"(triage run {res.triage_run_id}; hub threshold {res.hub_threshold} top-1s)."
+    )
+    if not res.is_instances_used:
+        click.echo(
+            "  No object instances for this subset: Object, Count and Spatial cannot fire. "
+            "Ingest with --instances-json (instances_val2017.json) to add them."
+        )
+    echo_df(pd.DataFrame({"suggestion": list(res.counts), "failures": list(res.counts.values())}))
 
 
 @cli.command("sample-failures")
@@ -296,7 +487,9 @@ def categories_add_alias(db_path, alias, category, replace):
     help="Retrieval run id (default: latest text-to-image).",
 )
 @click.option("--n", type=click.IntRange(max=1_000_000), default=200, show_default=True, help="Failures to draw.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True)
+@click.option(
+    "--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True, help="Seed of the failure draw."
+)
 @click.option(
     "--overlap",
     type=click.IntRange(max=1_000_000),
@@ -304,7 +497,13 @@ def categories_add_alias(db_path, alias, category, replace):
     show_default=True,
     help="Drawn first; every annotator labels them.",
 )
-@click.option("--per-annotator", type=click.IntRange(0, 1_000_000), default=50, show_default=True)
+@click.option(
+    "--per-annotator",
+    type=click.IntRange(0, 1_000_000),
+    default=50,
+    show_default=True,
+    help="Failures for each annotator alone, after the overlap.",
+)
 @click.option("--annotators", default="A,B,C", show_default=True, help="Comma-separated annotator names.")
 @click.option(
     "--out",
@@ -341,12 +540,13 @@ def sample_failures(
     them; the first --overlap drawn go to everyone, then --per-annotator to each annotator in
     the order given, the rest are backup.
 
-    Example: clipfail sample-failures --n 200 --seed 42 --overlap 30 --per-annotator 50 --annotators A,B,C
+    \b
+    Example:
+      clipfail sample-failures --n 200 --seed 42 --overlap 30 --per-annotator 50 --annotators A,B,C
     """
     from toolkit.failures import sample_failures as run_sample
 
-    con = db.open_database(db_path)
-    try:
+    with open_study(db_path) as con:
         res = run_sample(
             con,
             run_id=run_id,
@@ -360,8 +560,6 @@ def sample_failures(
             replace=replace,
             show_suggestions_on_overlap=show_suggestions_on_overlap,
         )
-    finally:
-        con.close()
     if res.is_noop:
         click.echo(
             f"Retrieval run {res.retrieval_run_id} already has this sample (run {res.run_id}); "
@@ -381,81 +579,6 @@ def sample_failures(
         click.echo(f"  {res.n_pictures} pictures written (vis_<sample_id>.png, 1500x600).")
     if res.missing_images:
         click.echo(f"  {len(res.missing_images)} images could not be read and are drawn as placeholders.")
-
-
-@cli.command("import-labels")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=True))
-@click.option("--annotator", default=None, help="Whose labels these are (default: from assign_<NAME>.csv).")
-@click.option("--clear-blank", is_flag=True, help="Blank rows remove labels imported earlier (default: keep them).")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["csv", "labelstudio"]),
-    default="csv",
-    show_default=True,
-    help="csv: assign_<annotator>.csv files; labelstudio: Label Studio's JSON export.",
-)
-@click.option("--user-map", multiple=True, help="labelstudio: USER=ANNOTATOR, a Label Studio user id or email.")
-@db_option
-def import_labels(db_path, files, annotator, clear_blank, fmt, user_map):
-    """Import filled-in label CSVs (assign_<annotator>.csv) into the annotations table.
-
-    Every row is checked first; any unknown category, unknown sample or sample not assigned to
-    the annotator rejects the whole import with a list of row numbers. A re-import replaces
-    that annotator's labels for the samples labelled in the file; blank rows keep earlier
-    labels unless --clear-blank. For assign_overlap.csv, give --annotator or an 'annotator'
-    column. With --format labelstudio, FILES are Label Studio JSON exports of the tasks that
-    export-labelstudio wrote; whose labels: --annotator, --user-map, or the annotation's user.
-
-    Example: clipfail import-labels failure_analysis/assign_A.csv failure_analysis/assign_B.csv
-    """
-    from toolkit.annotations import import_labels as run_import
-
-    if user_map and fmt != "labelstudio":
-        raise UserError("--user-map is for --format labelstudio (Label Studio users); CSV files name annotators.")
-    con = db.open_database(db_path)
-    try:
-        if fmt == "labelstudio":
-            from toolkit.labelstudio import import_labelstudio
-
-            res = import_labelstudio(con, list(files), annotator=annotator, user_map=user_map, clear_blank=clear_blank)
-        else:
-            res = run_import(con, list(files), annotator=annotator, clear_blank=clear_blank)
-    finally:
-        con.close()
-    if res.is_noop and res.n_labelled == 0 and not res.n_kept:
-        click.echo("Nothing to import: every row's category is blank. The database is unchanged.")
-    elif res.is_noop:
-        click.echo("These labels are already imported exactly as they are; the database is unchanged.")
-    else:
-        click.echo(f"Imported {res.n_labelled} labels (run {res.run_id}).")
-    echo_df(
-        pd.DataFrame(
-            {
-                "file": [f.path for f in res.files],
-                "annotator": [",".join(f.annotators) for f in res.files],
-                "rows": [f.n_rows for f in res.files],
-                "labelled": [f.n_labelled for f in res.files],
-                "unlabeled": [f.n_unlabeled for f in res.files],
-                "two_categories": [f.n_secondary for f in res.files],
-                "replaced": [f.n_replaced for f in res.files],
-                "kept": [f.n_kept for f in res.files],
-                "cleared": [f.n_cleared for f in res.files],
-            }
-        )
-    )
-    if res.n_unlabeled:
-        click.echo(f"{res.n_unlabeled} rows have no label yet (unlabeled); they were not imported.")
-    if res.n_replaced and not res.is_noop:
-        click.echo(f"{res.n_replaced} earlier labels were replaced by the file's.")
-    if res.n_kept:
-        click.echo(
-            f"{res.n_kept} blank rows have a label imported earlier, which was kept "
-            "(give --clear-blank to remove such labels)."
-        )
-    if res.n_cleared and not res.is_noop:
-        click.echo(f"{res.n_cleared} earlier labels were removed (--clear-blank): their rows are blank in the file.")
-    click.echo("Next: " + _with_db("clipfail analyze", db_path))
 
 
 @cli.command()
@@ -479,7 +602,9 @@ def annotate(db_path, annotators, set_choice, run_id, port, host, open_browser):
     until Ctrl-C. Labels go through import-labels' checks and replace rules. The database is
     opened only for each save, so other commands can run meanwhile.
 
-    Example: clipfail annotate --annotator A --set all --open
+    \b
+    Example:
+      clipfail annotate --annotator A --set all --open
     """
     from toolkit import annotate as wb_mod
 
@@ -528,15 +653,14 @@ def export_labelstudio(db_path, out_dir, run_id, image_url_prefix, force):
 
     Import the labels back with: clipfail import-labels --format labelstudio EXPORT.json
 
-    Example: clipfail export-labelstudio labelstudio/
+    \b
+    Example:
+      clipfail export-labelstudio labelstudio/
     """
     from toolkit.labelstudio import export_labelstudio as run_export
 
-    con = db.open_database(db_path, read_only=True)
-    try:
+    with open_study(db_path, read_only=True) as con:
         res = run_export(con, out_dir, retrieval_run_id=run_id, image_url_prefix=image_url_prefix, force=force)
-    finally:
-        con.close()
     click.echo(f"{res.n_tasks} tasks of retrieval run {res.retrieval_run_id} (every set but backup) in {res.out_dir}/.")
     if res.written:
         click.echo(f"  written: {', '.join(res.written)}")
@@ -553,6 +677,162 @@ def export_labelstudio(db_path, out_dir, run_id, image_url_prefix, force):
     click.echo("Then export as JSON and run: clipfail import-labels --format labelstudio EXPORT.json")
 
 
+@cli.command("import-labels")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=True))
+@click.option("--annotator", default=None, help="Whose labels these are (default: from assign_<NAME>.csv).")
+@click.option("--clear-blank", is_flag=True, help="Blank rows remove labels imported earlier (default: keep them).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "labelstudio"]),
+    default="csv",
+    show_default=True,
+    help="csv: assign_<annotator>.csv files; labelstudio: Label Studio's JSON export.",
+)
+@click.option("--user-map", multiple=True, help="labelstudio: USER=ANNOTATOR, a Label Studio user id or email.")
+@db_option
+def import_labels(db_path, files, annotator, clear_blank, fmt, user_map):
+    """Import filled-in label CSVs (assign_<annotator>.csv) into the annotations table.
+
+    Every row is checked first; any unknown category, unknown sample or sample not assigned to
+    the annotator rejects the whole import with a list of row numbers. A re-import replaces
+    that annotator's labels for the samples labelled in the file; blank rows keep earlier
+    labels unless --clear-blank. For assign_overlap.csv, give --annotator or an 'annotator'
+    column. With --format labelstudio, FILES are Label Studio JSON exports of the tasks that
+    export-labelstudio wrote; whose labels: --annotator, --user-map, or the annotation's user.
+
+    \b
+    Example:
+      clipfail import-labels failure_analysis/assign_A.csv failure_analysis/assign_B.csv
+    """
+    from toolkit.annotations import import_labels as run_import
+
+    if user_map and fmt != "labelstudio":
+        raise UserError("--user-map is for --format labelstudio (Label Studio users); CSV files name annotators.")
+    with open_study(db_path) as con:
+        if fmt == "labelstudio":
+            from toolkit.labelstudio import import_labelstudio
+
+            res = import_labelstudio(con, list(files), annotator=annotator, user_map=user_map, clear_blank=clear_blank)
+        else:
+            res = run_import(con, list(files), annotator=annotator, clear_blank=clear_blank)
+    if res.is_noop and res.n_labelled == 0 and not res.n_kept:
+        click.echo("Nothing to import: every row's category is blank. The database is unchanged.")
+    elif res.is_noop:
+        click.echo("These labels are already imported exactly as they are; the database is unchanged.")
+    else:
+        click.echo(f"Imported {res.n_labelled} labels (run {res.run_id}).")
+    echo_df(
+        pd.DataFrame(
+            {
+                "file": [f.path for f in res.files],
+                "annotator": [",".join(f.annotators) for f in res.files],
+                "rows": [f.n_rows for f in res.files],
+                "labelled": [f.n_labelled for f in res.files],
+                "unlabeled": [f.n_unlabeled for f in res.files],
+                "two_categories": [f.n_secondary for f in res.files],
+                "replaced": [f.n_replaced for f in res.files],
+                "kept": [f.n_kept for f in res.files],
+                "cleared": [f.n_cleared for f in res.files],
+            }
+        )
+    )
+    if res.n_unlabeled:
+        click.echo(f"{res.n_unlabeled} rows have no label yet (unlabeled); they were not imported.")
+    if res.n_replaced and not res.is_noop:
+        click.echo(f"{res.n_replaced} earlier labels were replaced by the file's.")
+    if res.n_kept:
+        click.echo(
+            f"{res.n_kept} blank rows have a label imported earlier, which was kept "
+            "(give --clear-blank to remove such labels)."
+        )
+    if res.n_cleared and not res.is_noop:
+        click.echo(f"{res.n_cleared} earlier labels were removed (--clear-blank): their rows are blank in the file.")
+    click.echo("Next: " + _with_db("clipfail analyze", db_path))
+
+
+@cli.group()
+def categories():
+    """The failure taxonomy: list categories and aliases, or add to them.
+
+    \b
+    Example:
+      clipfail categories list
+    """
+
+
+@categories.command("list")
+@db_option
+def categories_list(db_path):
+    """List the categories (in position order) with their aliases.
+
+    \b
+    Example:
+      clipfail categories list
+    """
+    from toolkit.taxonomy import list_categories
+
+    with open_study(db_path) as con:
+        df = list_categories(con)
+    for row in df.itertuples():
+        kind = "actionable" if row.is_actionable else "not actionable"
+        click.echo(f"{row.position}. {row.name} ({kind}): {row.definition}")
+        if row.example:
+            click.echo(f"   example: {row.example}")
+        click.echo(f"   aliases: {row.aliases or '(none)'}")
+
+
+@categories.command("add")
+@click.argument("name")
+@click.option("--definition", required=True, help="One line that annotators read in README.txt.")
+@click.option(
+    "--actionable/--not-actionable",
+    default=True,
+    show_default=True,
+    help="Whether a text-side fix could address such failures (taxonomy_actionable leaves the others out).",
+)
+@click.option("--example", default=None, help="An example caption and what went wrong.")
+@click.option(
+    "--position", type=click.IntRange(0, 1_000_000), default=None, help="Sort position (default: after the last)."
+)
+@db_option
+def categories_add(db_path, name, definition, actionable, example, position):
+    """Add a category to the taxonomy.
+
+    \b
+    Example:
+      clipfail categories add Text --definition "The caption quotes text in the image." --example "A STOP sign"
+    """
+    from toolkit.taxonomy import add_category
+
+    with open_study(db_path) as con:
+        row = add_category(con, name, definition, is_actionable=actionable, example=example, position=position)
+    kind = "actionable" if row["is_actionable"] else "not actionable"
+    click.echo(f"Added category {row['name']!r} ({kind}) at position {row['position']}.")
+
+
+@categories.command("add-alias")
+@click.argument("alias")
+@click.argument("category")
+@click.option("--replace", is_flag=True, help="Re-point an alias that already names another category.")
+@db_option
+def categories_add_alias(db_path, alias, category, replace):
+    """Let ALIAS (stored normalised: lower case, single spaces) stand for CATEGORY in labels.
+
+    \b
+    Example:
+      clipfail categories add-alias "wrong colour" Attribute
+    """
+    from toolkit.taxonomy import add_alias
+
+    with open_study(db_path) as con:
+        res = add_alias(con, alias, category, replace=replace)
+    if res["is_noop"]:
+        click.echo(f"Alias {res['alias']!r} already means {res['category']}; nothing changed.")
+    else:
+        click.echo(f"Alias {res['alias']!r} now means {res['category']}.")
+
+
 def _percent_table(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     shown = df[[c for c in columns if c in df.columns]].copy()
     for col in ("percent", "percent_lr", "percent_agreement"):
@@ -562,7 +842,14 @@ def _percent_table(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 
 
 @cli.command()
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="analysis", show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="analysis",
+    show_default=True,
+    help="Folder for the CSV tables and figures, rewritten as a whole (refused if it holds files of others).",
+)
 @click.option(
     "--run",
     "run_id",
@@ -579,15 +866,14 @@ def analyze(db_path, out_dir, run_id):
     overlap set; percent is rounded half up to 2 decimals (percent_lr: largest remainder, sums
     to exactly 100).
 
-    Example: clipfail analyze --out failure_analysis/analysis
+    \b
+    Example:
+      clipfail analyze --out failure_analysis/analysis
     """
     from toolkit.analysis import analyze as run_analyze
 
-    con = db.open_database(db_path, read_only=True)
-    try:
+    with open_study(db_path, read_only=True) as con:
         res = run_analyze(con, out_dir=out_dir, retrieval_run_id=run_id)
-    finally:
-        con.close()
     if res.is_simulated:
         click.echo("NOTE: some of these labels are SIMULATED (demo annotators), not human judgements.")
     click.echo(
@@ -608,226 +894,6 @@ def analyze(db_path, out_dir, run_id):
     click.echo(f"\nWrote to {res.out_dir}/: {', '.join(p.name for p in res.written)}")
 
 
-@cli.command("download-coco")
-@click.option("--dest", required=True, type=click.Path(file_okay=False), help="Folder to download and extract into.")
-@click.option(
-    "--base-url",
-    default="http://images.cocodataset.org",
-    show_default=True,
-    help="Server holding annotations/annotations_trainval2017.zip and zips/val2017.zip (a mirror).",
-)
-@click.option("--images/--no-images", default=True, show_default=True, help="Also download val2017.zip (778 MiB).")
-def download_coco(dest, base_url, images):
-    """Download COCO 2017 val captions (and images) into the layout `ingest --coco-root` reads.
-
-    Resumes interrupted downloads (HTTP Range on DEST/zips/*.part), checks sizes and every zip
-    member's CRC, extracts only val2017/*.jpg and the val annotation JSONs, refuses unsafe or
-    oversized archives (renamed to *.rejected), and never replaces a different existing file.
-
-    Example: clipfail download-coco --dest ~/coco && clipfail ingest --coco-root ~/coco
-    """
-    from toolkit.download import download_coco as run_download
-
-    res = run_download(dest, base_url=base_url, images=images)
-    for f in res.files:
-        skipped = ""
-        if f.n_skipped:
-            examples = ", ".join(repr(n) for n in f.skipped_examples) + (", ..." if f.n_skipped > 3 else "")
-            skipped = f"; skipped {f.n_skipped} member{'s' if f.n_skipped != 1 else ''} not needed here ({examples})"
-        click.echo(
-            f"{f.name}: {f.action} ({f.size:,} bytes, CRC checked); "
-            f"extracted {f.n_extracted} files, {f.n_kept} already there{skipped}."
-        )
-    click.echo(f"Captions: {res.captions_json}")
-    if res.images_dir is not None:
-        click.echo(f"Images:   {res.images_dir}/ ({res.n_images} files)")
-    click.echo(f"Next: clipfail ingest --coco-root {res.dest}")
-
-
-def _with_db(step: str, db_path: str) -> str:
-    """Spell out --db in a suggested command when the database is not the default one."""
-    if db_path == db.default_db_path():
-        return step
-    return step.replace("clipfail ", f"clipfail --db {shlex.quote(db_path)} ", 1)
-
-
-@cli.command("status")
-@db_option
-def status(db_path):
-    """Show which stages have run, for which subset and model, with row counts, and what to do next.
-
-    Example: clipfail --db study.duckdb status
-    """
-    from toolkit.status import study_status
-
-    con = db.open_database(db_path, read_only=True)
-    try:
-        res = study_status(con)
-    finally:
-        con.close()
-    click.echo(f"Database {db_path}")
-    if res.stages.empty:
-        click.echo("No stage has run yet.")
-    else:
-        echo_df(res.stages)
-    if res.has_simulated_labels:
-        click.echo("NOTE: some labels are SIMULATED (demo annotators), not human judgements.")
-    if res.missing_files:
-        click.echo("\nMISSING FILES (the database references them; the stages that read them will stop):")
-        for line in res.missing_files:
-            click.echo(f"  {line}")
-    click.echo("\nNext:")
-    for step in res.next_steps:
-        click.echo(f"  {_with_db(step, db_path)}")
-
-
-@cli.command("relocate")
-@click.option("--images-root", type=click.Path(file_okay=False), default=None, help="New folder of a subset's images.")
-@click.option("--subset", "subset_name", default=None, help="Only this subset (default: every subset).")
-@click.option("--captions-json", type=click.Path(dir_okay=False), default=None, help="New place of the captions JSON.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Folder with the moved .npy files.")
-@db_option
-def relocate(db_path, images_root, subset_name, captions_json, cache_dir):
-    """Rebind stored paths after images, the captions JSON or the embedding cache moved.
-
-    Paths under the database's folder are stored relative to it and move with it; this is for the
-    others. Nothing changes unless every referenced file is found at the new place: every image
-    (and the recorded size of a sample of them), the captions JSON by sha256, every embedding file
-    by sha256 (searched by name under --cache-dir). All rows change in one transaction.
-
-    Example: clipfail --db study.duckdb relocate --images-root /data/coco/val2017 --cache-dir /data/study_cache
-    """
-    from pathlib import Path
-
-    from toolkit import paths
-
-    if not Path(db_path).is_file():
-        raise UserError(f"Database {db_path} does not exist. Give the study's database with --db PATH.")
-    if not (images_root or captions_json or cache_dir):
-        raise UserError("Give what moved: --images-root DIR, --captions-json FILE and/or --cache-dir DIR.")
-    con = db.open_database(db_path)
-    try:
-        res = paths.relocate(
-            con, images_root=images_root, subset_name=subset_name, captions_json=captions_json, cache_dir=cache_dir
-        )
-    finally:
-        con.close()
-    for name, old, new in res.images:
-        click.echo(f"subset {name!r}: images {old} -> {new} ({res.checked_images} files found)")
-    for name, old, new in res.captions:
-        click.echo(f"subset {name!r}: captions JSON {old} -> {new} (sha256 matches)")
-    if res.embeddings:
-        click.echo(f"{len(res.embeddings)} embedding file(s) rebound (sha256 matches), e.g.:")
-        for set_id, old, new in res.embeddings[:3]:
-            click.echo(f"  set {set_id}: {old} -> {new}")
-    for note in res.unchanged[:3]:
-        click.echo(f"unchanged: {note}")
-    if len(res.unchanged) > 3:
-        click.echo(f"unchanged: {len(res.unchanged) - 3} more")
-    if not res.updates:
-        click.echo("Nothing to change: the database already points there.")
-
-
-@cli.command()
-@click.option("--subset", "subset_name", default=None, help="Subset name (default: the most recent subset).")
-@click.option("--model", default=None, help="Model spec the subset was embedded with (default: its only model).")
-@click.option("--pretrained", default=None, help="Pretrained tag, when the subset has sets of several weights.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Local weights the sets came from.")
-@click.option(
-    "--topk", type=click.IntRange(1, 2**31 - 1), default=10, show_default=True, help="Top-k ids and scores stored."
-)
-@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu or cuda.")
-@click.option(
-    "--direction",
-    type=click.Choice(["text-to-image", "image-to-text"]),
-    default="text-to-image",
-    show_default=True,
-)
-@click.option(
-    "--chunk",
-    type=click.IntRange(1, 2**31 - 1),
-    default=None,
-    help="Queries scored at a time; memory is about chunk x images x 4 bytes (default: 512 per CPU thread).",
-)
-@db_option
-def evaluate(db_path, subset_name, model, pretrained, checkpoint, topk, device, direction, chunk):
-    """Exact ranks of every query's ground truth from the cached embeddings, and Recall@K.
-
-    Writes retrieval_runs and retrieval_ranks, then prints the run's row of the recall_summary
-    view. Rank = 1 + the number of gallery items scoring strictly higher (ties: optimistic;
-    n_tied gives the pessimistic rank). For image-to-text an image's rank is the best rank among
-    its captions. Re-running with the same embeddings is a no-op.
-
-    Example: clipfail evaluate --subset 5000-seed42 --model openai/clip-vit-base-patch32
-    """
-    from toolkit.evaluate import evaluate as run_evaluate
-
-    con = db.open_database(db_path)
-    try:
-        res = run_evaluate(
-            con,
-            subset_name,
-            model=model,
-            topk=topk,
-            device=device,
-            direction=direction,
-            chunk=chunk,
-            pretrained=pretrained,
-            checkpoint=checkpoint,
-        )
-    finally:
-        con.close()
-    state = "already evaluated, nothing changed" if res.is_noop else f"{res.n_queries:,} queries ranked"
-    click.echo(
-        f"Retrieval run {res.retrieval_run_id} ({res.direction}, subset {res.subset}, model {res.model}): {state}"
-    )
-    echo_df(res.summary)
-
-
-@cli.command("triage")
-@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: latest text-to-image).")
-@click.option(
-    "--hub-factor",
-    type=float,
-    default=3.0,
-    show_default=True,
-    help="Hub flag: top-1 of at least this many times the queries-per-image of the run.",
-)
-@db_option
-def triage(db_path, run_id, hub_factor):
-    """Suggest a failure category, with its evidence, for every R@1 failure of a run.
-
-    Rules (toolkit/triage.py), first that fires wins: Object, Count, Spatial (from the COCO
-    object instances that ingest stored), Ambiguous (caption-to-caption cosines, same category
-    set), then Attribute/Action from the caption lexicon; else no suggestion. Writes
-    triage_runs and triage_suggestions; see the views triage_agreement, triage_confusion and
-    triage_distribution. Re-running with the same inputs is a no-op.
-
-    Example: clipfail triage --run 1
-    """
-    from toolkit.triage import triage as run_triage
-
-    con = db.open_database(db_path)
-    try:
-        res = run_triage(con, run_id, hub_factor=hub_factor)
-    finally:
-        con.close()
-    if res.n_failures == 0:
-        click.echo(f"Retrieval run {res.retrieval_run_id} has no R@1 failures: nothing to triage, nothing written.")
-        return
-    state = "already triaged with these inputs, nothing changed" if res.is_noop else "triaged"
-    click.echo(
-        f"Retrieval run {res.retrieval_run_id}: {res.n_failures:,} R@1 failures {state} "
-        f"(triage run {res.triage_run_id}; hub threshold {res.hub_threshold} top-1s)."
-    )
-    if not res.is_instances_used:
-        click.echo(
-            "  No object instances for this subset: Object, Count and Spatial cannot fire. "
-            "Ingest with --instances-json (instances_val2017.json) to add them."
-        )
-    echo_df(pd.DataFrame({"suggestion": list(res.counts), "failures": list(res.counts.values())}))
-
-
 @cli.group()
 def templates():
     """Prompt-template sets for `clipfail improve` (table prompt_templates).
@@ -838,7 +904,9 @@ def templates():
     slot is empty for a caption is skipped for it). The sets 'default-v2' (improve's default)
     and 'default' (the first one, kept for earlier runs) ship with clipfail.
 
-    Example: clipfail templates export --set default-v2 --out my_templates.csv
+    \b
+    Example:
+      clipfail templates export --set default-v2 --out my_templates.csv
     """
 
 
@@ -848,15 +916,14 @@ def templates():
 def templates_list(db_path, template_set):
     """List template sets (templates per category: the largest --k), or one set's templates.
 
-    Example: clipfail templates list --set default-v2
+    \b
+    Example:
+      clipfail templates list --set default-v2
     """
     from toolkit import templates as tpl
 
-    con = db.open_database(db_path)
-    try:
+    with open_study(db_path) as con:
         df = tpl.list_sets(con) if template_set is None else tpl.load_set(con, template_set)
-    finally:
-        con.close()
     echo_df(df)
 
 
@@ -871,15 +938,14 @@ def templates_import(db_path, file, template_set, replace):
     Every category of a set must include the identity template {caption}. position may be
     left out (file order). All rows are checked first; any problem imports nothing.
 
-    Example: clipfail templates import my_templates.csv --set mine
+    \b
+    Example:
+      clipfail templates import my_templates.csv --set mine
     """
     from toolkit import templates as tpl
 
-    con = db.open_database(db_path)
-    try:
+    with open_study(db_path) as con:
         res = tpl.import_templates(con, file, set_name=template_set, replace=replace)
-    finally:
-        con.close()
     for name, n in res.sets.items():
         if name in res.unchanged:
             click.echo(f"Template set {name!r} is already in the database exactly as in the file; nothing changed.")
@@ -896,17 +962,16 @@ def templates_import(db_path, file, template_set, replace):
 def templates_export(db_path, template_set, out_file):
     """Write template sets as CSV (the format `templates import` reads).
 
-    Example: clipfail templates export --set default --out templates.csv
+    \b
+    Example:
+      clipfail templates export --set default --out templates.csv
     """
     from pathlib import Path
 
     from toolkit import templates as tpl
 
-    con = db.open_database(db_path)
-    try:
+    with open_study(db_path) as con:
         text = tpl.export_csv(con, template_set)
-    finally:
-        con.close()
     if out_file is None:
         click.echo(text, nl=False)
     else:
@@ -970,18 +1035,23 @@ def _improve_tables(summary: pd.DataFrame, eff_k: dict | None = None) -> list[tu
 )
 @click.option("--pooling", default="logsumexp", show_default=True, help="max, mean, logsumexp, or all (comma list ok).")
 @click.option("--tau", type=float, default=1.0, show_default=True, help="logsumexp temperature.")
-@click.option("--template-set", default="default-v2", show_default=True, help="See: clipfail templates list.")
-@click.option("--template-mode", type=click.Choice(["own", "union"]), default="own", show_default=True)
+@click.option(
+    "--template-set", default="default-v2", show_default=True, help="Prompt-template set (see clipfail templates list)."
+)
+@click.option(
+    "--template-mode",
+    type=click.Choice(["own", "union"]),
+    default="own",
+    show_default=True,
+    help="own: each caption gets its category's templates; union: every chosen category's, in order, cut at --k.",
+)
 @click.option(
     "--k", type=click.IntRange(1, 2**31 - 1), default=10, show_default=True, help="Distinct prompts per caption."
 )
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True, help="Draws, bootstrap.")
 @click.option("--include-overlap", is_flag=True, help="Add the overlap set with its majority labels.")
 @click.option("--control", default=None, help="Also run on R@1 successes: successes:N, or on every caption: all.")
-@click.option("--model", default=None, help="Model spec for new prompts (default: the text embeddings' model).")
-@click.option("--pretrained", default=None, help="Its pretrained tag (default: the text embeddings').")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Local weights (offline).")
-@click.option("--device", default="auto", show_default=True, help="Device for encoding new prompts.")
+@model_options()
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True, help="Prompts per batch.")
 @click.option("--recompute-prompts", is_flag=True, help="Drop and re-encode this model's cached prompt embeddings.")
 @db_option
@@ -1015,15 +1085,20 @@ def improve(
     nothing. Mean pooling ranks exactly as CLIP's embedding-average ensemble. Each delta comes
     with a paired bootstrap 95% interval and an exact McNemar p. --control adds the same run on
     R@1 successes (how many the fix breaks) or on every caption. Results: views
-    improvement_recall, category_recall_delta and improvement_effective_k.
+    improvement_recall, category_recall_delta and improvement_effective_k. The model options give the
+    model that encodes the new prompts; without them, the model of the text embeddings.
 
-    Example: clipfail improve --categories Object,Attribute --template-mode union --k 15 --pooling all
+    \b
+    Example:
+      clipfail improve --categories Object,Attribute --template-mode union --k 15 --pooling all
     """
-    from toolkit import improve as imp
+    from toolkit.improve import effective_k as improve_effective_k
+    from toolkit.improve import improve as run_improve
+    from toolkit.improve import model_encoder_factory
+    from toolkit.improve import summary as improve_summary
 
-    con = db.open_database(db_path)
-    try:
-        res = imp.improve(
+    with open_study(db_path) as con:
+        res = run_improve(
             con,
             categories,
             retrieval_run_id=run_id,
@@ -1037,14 +1112,12 @@ def improve(
             seed=seed,
             include_overlap=include_overlap,
             control=control,
-            encoder_factory=imp.model_encoder_factory(
+            encoder_factory=model_encoder_factory(
                 model=model, pretrained=pretrained, checkpoint=checkpoint, device=device, batch_size=batch_size
             ),
         )
-        summary = imp.summary(con, res.improvement_ids)
-        eff_k = imp.effective_k(con, res.improvement_ids)
-    finally:
-        con.close()
+        summary = improve_summary(con, res.improvement_ids)
+        eff_k = improve_effective_k(con, res.improvement_ids)
     for note in res.notes:
         click.echo(f"Note: {note}")
     if res.is_noop:
@@ -1066,7 +1139,14 @@ def improve(
 
 
 @cli.command("report")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="report", show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="report",
+    show_default=True,
+    help="Folder for report.html, figures/ and tables/, rewritten as a whole (refused if it holds files of others).",
+)
 @click.option(
     "--run",
     "run_id",
@@ -1082,7 +1162,9 @@ def report(db_path, out_dir, run_id):
     taxonomy_actionable, annotator_agreement, improvement_recall, category_recall_delta);
     simulated labels are flagged on the page.
 
-    Example: clipfail report --out report/
+    \b
+    Example:
+      clipfail report --out report/
     """
     from toolkit.report import write_report
 
@@ -1090,11 +1172,8 @@ def report(db_path, out_dir, run_id):
     # one is only read, and left byte-identical.
     if not Path(db_path).exists():
         raise UserError(db.missing_database_message(db_path))
-    con = db.open_database(db_path, read_only=not db.is_writable(db_path))
-    try:
+    with open_study(db_path, read_only=not db.is_writable(db_path)) as con:
         res = write_report(con, out_dir=out_dir, retrieval_run_id=run_id, db_path=db_path)
-    finally:
-        con.close()
     if res.is_simulated:
         click.echo("NOTE: the labels in this report are SIMULATED (demo annotators); the page says so.")
     click.echo(f"Wrote {res.html_path} ({len(res.figures)} figure files, {len(res.tables)} CSV tables).")
@@ -1108,18 +1187,20 @@ def report(db_path, out_dir, run_id):
 @click.option("--captions-json", type=click.Path(), help="A COCO captions JSON (instead of --coco-root).")
 @click.option("--images-dir", type=click.Path(), help="The folder its file_names are relative to.")
 @click.option("--num-images", default="5000", show_default=True, help="Images to sample, or 'all'.")
-@click.option("--captions-per-image", type=click.IntRange(1, 2**31 - 1), default=5, show_default=True)
+@click.option(
+    "--captions-per-image",
+    type=click.IntRange(1, 2**31 - 1),
+    default=5,
+    show_default=True,
+    help="Captions kept per image (the first, by annotation id).",
+)
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True, help="Subset seed.")
 @click.option("--name", default=None, help="Subset name (default: <num-images>-seed<seed>).")
 @click.option("--skip-bad-images", is_flag=True, help="Exclude missing/unreadable images before sampling.")
-@click.option("--model", default="openai/clip-vit-base-patch32", show_default=True, help="Model spec (see embed).")
-@click.option("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Local weights file (offline).")
-@click.option("--device", default="auto", show_default=True)
+@model_options(model_default="openai/clip-vit-base-patch32", precision=True)
 @click.option(
     "--batch-size", type=click.IntRange(1, 65536), default=None, help="Embedding batch size (default: embed's)."
 )
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option(
     "--cache-dir", type=click.Path(file_okay=False), default=None, help="Embedding cache (default: beside the db)."
 )
@@ -1131,12 +1212,37 @@ def report(db_path, out_dir, run_id):
     show_default=True,
     help="R@1 failures to sample.",
 )
-@click.option("--failure-seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True)
-@click.option("--overlap", type=click.IntRange(0, 1_000_000), default=30, show_default=True)
-@click.option("--per-annotator", type=click.IntRange(0, 1_000_000), default=50, show_default=True)
-@click.option("--annotators", default="A,B,C", show_default=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="failure_analysis", show_default=True)
-@click.option("--pictures/--no-pictures", default=True, show_default=True)
+@click.option(
+    "--failure-seed",
+    type=click.IntRange(0, 2**32 - 1),
+    default=42,
+    show_default=True,
+    help="Seed of the failure sample (sample-failures --seed).",
+)
+@click.option(
+    "--overlap",
+    type=click.IntRange(0, 1_000_000),
+    default=30,
+    show_default=True,
+    help="Failures drawn first; every annotator labels them.",
+)
+@click.option(
+    "--per-annotator",
+    type=click.IntRange(0, 1_000_000),
+    default=50,
+    show_default=True,
+    help="Failures for each annotator alone.",
+)
+@click.option("--annotators", default="A,B,C", show_default=True, help="Comma-separated annotator names.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="failure_analysis",
+    show_default=True,
+    help="Folder for the annotators' CSVs, README.txt and pictures.",
+)
+@click.option("--pictures/--no-pictures", default=True, show_default=True, help="Write vis_<sample_id>.png.")
 @db_option
 def run(db_path, **options):
     """Run init, ingest, embed, evaluate and sample-failures in one go, resuming what is done.
@@ -1144,7 +1250,9 @@ def run(db_path, **options):
     Every stage is idempotent, so after an interruption the same command carries on where the
     database stands. Ends with what to do next: label the CSVs, import-labels, improve, report.
 
-    Example: clipfail run --coco-root ~/coco --model openai/clip-vit-base-patch32 --num-images 5000
+    \b
+    Example:
+      clipfail run --coco-root ~/coco --model openai/clip-vit-base-patch32 --num-images 5000
     """
     from toolkit.pipeline import run_pipeline
 
@@ -1167,8 +1275,17 @@ def run(db_path, **options):
 
 
 @cli.command("demo")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo_out", show_default=True)
-@click.option("--images", "n_images", type=click.IntRange(60, 100_000), default=100, show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="demo_out",
+    show_default=True,
+    help="Folder for the data, model, database and report.",
+)
+@click.option(
+    "--images", "n_images", type=click.IntRange(60, 100_000), default=100, show_default=True, help="Images to generate."
+)
 @click.option(
     "--seed",
     type=click.IntRange(0, 2**32 - 1),
@@ -1185,7 +1302,9 @@ def demo(out_dir, n_images, seed, pictures):
     SIMULATED annotators (flagged as such everywhere), runs improve with all poolings on four
     subsets plus a control, and writes OUT/report/report.html. The database is OUT/demo.duckdb.
 
-    Example: clipfail demo --out demo_out
+    \b
+    Example:
+      clipfail demo --out demo_out
     """
     from toolkit.demo import run_demo
 
@@ -1198,82 +1317,119 @@ def demo(out_dir, n_images, seed, pictures):
     click.echo(f"Report:   {res.report_path}")
 
 
-@cli.command()
-@click.option("--subset", "subset_name", default=None, help="Subset name (default: the most recent subset).")
-@click.option(
-    "--model",
-    required=True,
-    help="open_clip name, openai/clip-vit-base-patch32-style name, hf-hub:..., or config JSON.",
-)
-@click.option("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Local weights file (offline use).")
-@click.option("--device", default="auto", show_default=True, help="auto picks cuda, then mps, then cpu.")
-@click.option(
-    "--batch-size", type=click.IntRange(1, 65536), default=None, help="Default: 64 images / 256 captions on CPU."
-)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
-@click.option(
-    "--cache-dir", type=click.Path(file_okay=False), default=None, help="Default: <db stem>_cache/ beside the database."
-)
-@click.option("--recompute", is_flag=True, help="Rebuild the embeddings even if a cached set exists.")
-@click.option("--draft-decode", "draft", is_flag=True, help="Opt-in JPEG draft decoding (faster; resize noise only).")
-@click.option(
-    "--num-workers", type=click.IntRange(0, 64), default=None, help="Image decoding workers (default: automatic)."
-)
+@cli.command("relocate")
+@click.option("--images-root", type=click.Path(file_okay=False), default=None, help="New folder of a subset's images.")
+@click.option("--subset", "subset_name", default=None, help="Only this subset (default: every subset).")
+@click.option("--captions-json", type=click.Path(dir_okay=False), default=None, help="New place of the captions JSON.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Folder with the moved .npy files.")
 @db_option
-def embed(
-    db_path,
-    subset_name,
-    model,
-    pretrained,
-    checkpoint,
-    device,
-    batch_size,
-    precision,
-    cache_dir,
-    recompute,
-    draft,
-    num_workers,
-):
-    """Compute (or reuse) L2-normalised CLIP embeddings of a subset's images and captions.
+def relocate(db_path, images_root, subset_name, captions_json, cache_dir):
+    """Rebind stored paths after images, the captions JSON or the embedding cache moved.
 
-    Files go to a cache folder beside the database and are registered in embedding_sets with
-    their sha256; a re-run reuses them, an interrupted run resumes from its last shard.
+    Paths under the database's folder are stored relative to it and move with it; this is for the
+    others. Nothing changes unless every referenced file is found at the new place: every image
+    (and the recorded size of a sample of them), the captions JSON by sha256, every embedding file
+    by sha256 (searched by name under --cache-dir). All rows change in one transaction.
 
-    Example: clipfail embed --subset 5000-seed42 --model openai/clip-vit-base-patch32
+    \b
+    Example:
+      clipfail --db study.duckdb relocate --images-root /data/coco/val2017 --cache-dir /data/study_cache
     """
-    from toolkit.embed import embed as run_embed
+    from pathlib import Path
 
-    if pretrained and checkpoint:
-        raise UserError("Give either --pretrained TAG or --checkpoint PATH, not both.")
-    # embed opens the database only to read its inputs and to register the results, not while encoding
-    res = run_embed(
-        db_path,
-        subset_name,
-        model=model,
-        pretrained=pretrained,
-        checkpoint=checkpoint,
-        device=device,
-        batch_size=batch_size,
-        precision=precision,
-        cache_dir=cache_dir,
-        recompute=recompute,
-        draft=draft,
-        num_workers=num_workers,
-    )
-    weights = res.pretrained or (f"checkpoint {res.checkpoint_sha256[:12]}" if res.checkpoint_sha256 else "random")
-    what = f"subset {res.subset!r} with {res.model} ({weights}, {res.precision}{', draft decode' if res.draft else ''})"
-    for note in res.notes:
-        click.echo(f"Note: {note}")
-    if res.is_noop:
-        click.echo(f"Already embedded {what}; checksums match, nothing recomputed.")
+    from toolkit import paths
+
+    if not Path(db_path).is_file():
+        raise UserError(f"Database {db_path} does not exist. Give the study's database with --db PATH.")
+    if not (images_root or captions_json or cache_dir):
+        raise UserError("Give what moved: --images-root DIR, --captions-json FILE and/or --cache-dir DIR.")
+    with open_study(db_path) as con:
+        res = paths.relocate(
+            con, images_root=images_root, subset_name=subset_name, captions_json=captions_json, cache_dir=cache_dir
+        )
+    for name, old, new in res.images:
+        click.echo(f"subset {name!r}: images {old} -> {new} ({res.checked_images} files found)")
+    for name, old, new in res.captions:
+        click.echo(f"subset {name!r}: captions JSON {old} -> {new} (sha256 matches)")
+    if res.embeddings:
+        click.echo(f"{len(res.embeddings)} embedding file(s) rebound (sha256 matches), e.g.:")
+        for set_id, old, new in res.embeddings[:3]:
+            click.echo(f"  set {set_id}: {old} -> {new}")
+    for note in res.unchanged[:3]:
+        click.echo(f"unchanged: {note}")
+    if len(res.unchanged) > 3:
+        click.echo(f"unchanged: {len(res.unchanged) - 3} more")
+    if not res.updates:
+        click.echo("Nothing to change: the database already points there.")
+
+
+@cli.command("status")
+@db_option
+def status(db_path):
+    """Show which stages have run, for which subset and model, with row counts, and what to do next.
+
+    \b
+    Example:
+      clipfail --db study.duckdb status
+    """
+    from toolkit.status import study_status
+
+    with open_study(db_path, read_only=True) as con:
+        res = study_status(con)
+    click.echo(f"Database {db_path}")
+    if res.stages.empty:
+        click.echo("No stage has run yet.")
     else:
-        resumed = f", {res.reused_shards} shard(s) reused from an interrupted run" if res.reused_shards else ""
-        click.echo(f"Embedded {what} in {res.seconds:.1f} s (run {res.run_id}{resumed}).")
-    click.echo(f"  images:   {res.n_images} x {res.dim} -> embedding set {res.image_set_id}: {res.image_path}")
-    click.echo(f"  captions: {res.n_captions} x {res.dim} -> embedding set {res.text_set_id}: {res.text_path}")
-    if res.n_truncated is not None:
-        click.echo(f"  captions truncated at {res.context_length} tokens: {res.n_truncated}")
+        echo_df(res.stages)
+    if res.has_simulated_labels:
+        click.echo("NOTE: some labels are SIMULATED (demo annotators), not human judgements.")
+    if res.missing_files:
+        click.echo("\nMISSING FILES (the database references them; the stages that read them will stop):")
+        for line in res.missing_files:
+            click.echo(f"  {line}")
+    click.echo("\nNext:")
+    for step in res.next_steps:
+        click.echo(f"  {_with_db(step, db_path)}")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("query")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the result to this CSV file.")
+@db_option
+def sql(db_path, query, csv_path):
+    """Run one read-only SQL query (a SELECT) and print the result as a table.
+
+    The database is opened read-only and the query cannot read or write any other file: COPY,
+    EXPORT, ATTACH, SET, PRAGMA, CALL, INSTALL/LOAD and several statements at once are refused.
+    Save a result with --csv. A query that starts with `--` (a comment) can also be given
+    after a lone `--`, so that it is never read as an option:
+
+    \b
+    clipfail sql -- "-- per subset ..."
+
+    \b
+    Example:
+      clipfail sql "SELECT * FROM recall_summary"
+    """
+    from pathlib import Path
+
+    from toolkit.adhoc import run_query
+
+    if csv_path:
+        folder = Path(csv_path).parent
+        if not folder.is_dir():
+            raise UserError(
+                f"Folder {folder} for --csv {csv_path} does not exist (or is not a folder). Create it first."
+            )
+    with open_study(db_path, read_only=True) as con:
+        df = run_query(con, query)
+    echo_df(df)
+    if csv_path:
+        try:
+            df.to_csv(csv_path, index=False)
+        except OSError as exc:
+            raise UserError(f"Cannot write --csv {csv_path}: {exc.strerror or exc}.") from None
+        click.echo(f"Wrote {len(df)} rows to {csv_path}.")
 
 
 def main():

@@ -32,12 +32,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from toolkit import db, improve, templates
+from toolkit import db, templates
 from toolkit.annotations import import_labels
 from toolkit.artifacts import register_embedding_set, save_array
 from toolkit.evaluate import evaluate
 from toolkit.failures import sample_failures
+from toolkit.improve import improve
 from toolkit.ingest import ingest
+from toolkit.study import open_study
 
 MODEL = "ViT-B-32-quickgelu"
 SUBJECTS = "a man|a woman|two dogs|a black cat|three people|a red bus|a small boy|a white horse|several giraffes|a girl"
@@ -75,7 +77,7 @@ def build(tmp: Path, n_captions: int) -> Path:
     (root / "annotations" / "captions_val2017.json").write_text(json.dumps(payload))
 
     path = tmp / "base.duckdb"
-    con = db.open_database(path)
+    con = open_study(path)
     ingest(con, coco_root=root, num_images=5000)
     sid = con.execute("SELECT subset_id FROM subsets").fetchall()[0][0]
     image_ids = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
@@ -125,10 +127,10 @@ def build(tmp: Path, n_captions: int) -> Path:
 
 def timed_run(base: Path, dest: Path, encoder, **kw):
     shutil.copy(base, dest)
-    con = db.open_database(dest)
+    con = open_study(dest)
     try:
         t = time.perf_counter()
-        res = improve.improve(con, "Object", template_set="bench15", k=15, max_subset=None, encoder=encoder,
+        res = improve(con, "Object", template_set="bench15", k=15, max_subset=None, encoder=encoder,
                               cache_dir=dest.parent / f"{dest.stem}_cache", **kw)  # fmt: skip
         seconds = time.perf_counter() - t
         ranks = con.execute(
@@ -193,11 +195,11 @@ def main() -> None:
               f"{res_all.n_identity} identity prompts")  # fmt: skip
         t_all = min(times["all"])
         singles = {p: min(times[p]) for p in ("max", "mean", "logsumexp")}
-        con = db.open_database(tmp / "all0.duckdb")
+        con = open_study(tmp / "all0.duckdb")
         n_before = calls["texts"]
         t = time.perf_counter()
-        improve.improve(con, "Object", template_set="bench15", k=15, max_subset=None, poolings="logsumexp",
-                        tau=0.5, encoder=encoder, cache_dir=tmp / "all0_cache")  # fmt: skip
+        improve(con, "Object", template_set="bench15", k=15, max_subset=None, poolings="logsumexp",
+                tau=0.5, encoder=encoder, cache_dir=tmp / "all0_cache")  # fmt: skip
         t_cached = time.perf_counter() - t
         con.close()
         assert calls["texts"] == n_before, "the cached re-run encoded prompts"

@@ -9,6 +9,7 @@ Prints the total seconds, the seconds inside the write transaction, and their ra
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import random
 import tempfile
@@ -18,7 +19,9 @@ from pathlib import Path
 from PIL import Image
 
 from toolkit import db
-from toolkit import ingest as ingest_mod
+from toolkit.study import open_study
+
+ingest_mod = importlib.import_module("toolkit.ingest")  # toolkit.ingest is the function
 
 
 def make_dataset(root: Path, n_images: int, seed: int = 0) -> None:
@@ -49,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "coco"
         make_dataset(root, args.images)
-        con = db.open_database(Path(tmp) / "bench.duckdb")
+        con = open_study(Path(tmp) / "bench.duckdb")
         in_tx = {"s": 0.0}
         original = db.transaction
 

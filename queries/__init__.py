@@ -1,1 +1,32 @@
-"""SQL views (one CREATE OR REPLACE VIEW per .sql file) and example queries (examples/)."""
+"""SQL views (one CREATE OR REPLACE VIEW per .sql file) and example queries (examples/).
+
+`VIEWS` lists every view in the order it is applied: each view comes after every view it reads, so
+one pass creates them all on a fresh database (no retries). A new queries/*.sql file must be added
+here; toolkit.db.view_sql refuses a file that is missing from the list. Conventions: README.md.
+"""
+
+VIEWS = [
+    # retrieval
+    "recall_summary",
+    # labels
+    "sample_labels",  # reads failure_samples, annotations, categories
+    "annotator_agreement",
+    "failure_details",  # reads sample_labels
+    "taxonomy_percentages",  # reads sample_labels
+    "taxonomy_distribution",  # reads taxonomy_percentages
+    "taxonomy_actionable",  # reads taxonomy_percentages
+    "taxonomy_by_annotator",  # reads taxonomy_percentages
+    # improvement
+    "improvement_hits",  # reads improvement_ranks
+    "improvement_effective_k",  # reads improvement_ranks
+    "improvement_recall",  # reads improvement_hits, improvement_effective_k
+    "category_recall_delta",  # reads improvement_hits
+    # triage
+    "triage_agreement",  # reads sample_labels
+    "triage_confusion",  # reads sample_labels
+    "triage_distribution",  # reads taxonomy_distribution
+    # hubness and the methods of improve (issue 17)
+    "image_hubness",  # reads retrieval_runs, embedding_rows, retrieval_ranks
+    "hubness_summary",  # reads image_hubness
+    "method_comparison",  # reads improvement_runs, improvement_stats, categories
+]

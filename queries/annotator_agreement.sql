@@ -12,8 +12,15 @@
 --   n_agree counts the unanimous items.
 -- kappa is NULL where it is undefined: no items, or p_e = 1 (every label the same category).
 -- Grouped by retrieval run. Checked against toolkit.stats and textbook examples in tests.
+-- Reads: annotations, failure_samples.
 CREATE OR REPLACE VIEW annotator_agreement AS
-WITH overlap_labels AS (
+WITH annotations AS (
+    SELECT sample_id, annotator, category FROM annotations
+),
+failure_samples AS (
+    SELECT sample_id, retrieval_run_id, set_name FROM failure_samples
+),
+overlap_labels AS (
     SELECT s.retrieval_run_id, a.sample_id, a.annotator, a.category
     FROM annotations a
     JOIN failure_samples s ON s.sample_id = a.sample_id
@@ -130,19 +137,22 @@ measures AS (
     SELECT * FROM cohen
     UNION ALL
     SELECT * FROM fleiss
+),
+final AS (
+    SELECT
+        retrieval_run_id,
+        measure,
+        annotators,
+        annotator_a,
+        annotator_b,
+        n_annotators,
+        n_items,
+        n_agree,
+        round(100 * p_o, 2) AS percent_agreement,
+        p_o AS observed_agreement,
+        p_e AS expected_agreement,
+        CASE WHEN NOT is_degenerate THEN (p_o - p_e) / (1 - p_e) END AS kappa
+    FROM measures
 )
-SELECT
-    retrieval_run_id,
-    measure,
-    annotators,
-    annotator_a,
-    annotator_b,
-    n_annotators,
-    n_items,
-    n_agree,
-    round(100 * p_o, 2) AS percent_agreement,
-    p_o AS observed_agreement,
-    p_e AS expected_agreement,
-    CASE WHEN NOT is_degenerate THEN (p_o - p_e) / (1 - p_e) END AS kappa
-FROM measures
-ORDER BY retrieval_run_id, measure, annotator_a, annotator_b
+SELECT * FROM final
+ORDER BY retrieval_run_id, measure, annotator_a NULLS LAST, annotator_b NULLS LAST

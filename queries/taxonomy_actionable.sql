@@ -1,8 +1,16 @@
 -- taxonomy_actionable: taxonomy_distribution without the non-actionable categories
 -- (is_actionable = false: Ambiguous), with the percentages re-normalised over what is left.
 -- Grouped by retrieval run. Rounding rules: see taxonomy_percentages.sql.
+-- Reads: taxonomy_percentages (scope 'actionable').
 CREATE OR REPLACE VIEW taxonomy_actionable AS
-SELECT retrieval_run_id, rank, category, count, percent, percent_lr, n_total, is_simulated
-FROM taxonomy_percentages
-WHERE scope = 'actionable'
+WITH taxonomy_percentages AS (
+    SELECT retrieval_run_id, scope, rank, category, count, percent, percent_lr, n_total, is_simulated
+    FROM taxonomy_percentages
+),
+final AS (
+    SELECT retrieval_run_id, rank, category, count, percent, percent_lr, n_total, is_simulated
+    FROM taxonomy_percentages
+    WHERE scope = 'actionable'
+)
+SELECT * FROM final
 ORDER BY retrieval_run_id, rank

@@ -4,8 +4,16 @@
 -- reference study printed it) and percent_lr (largest remainder, sums to exactly 100.00).
 -- Grouped by retrieval run: filter on retrieval_run_id when a database holds several.
 -- Rounding rules: see taxonomy_percentages.sql.
+-- Reads: taxonomy_percentages (scope 'overall').
 CREATE OR REPLACE VIEW taxonomy_distribution AS
-SELECT retrieval_run_id, rank, category, is_actionable, count, percent, percent_lr, n_total, is_simulated
-FROM taxonomy_percentages
-WHERE scope = 'overall'
+WITH taxonomy_percentages AS (
+    SELECT retrieval_run_id, scope, rank, category, is_actionable, count, percent, percent_lr, n_total, is_simulated
+    FROM taxonomy_percentages
+),
+final AS (
+    SELECT retrieval_run_id, rank, category, is_actionable, count, percent, percent_lr, n_total, is_simulated
+    FROM taxonomy_percentages
+    WHERE scope = 'overall'
+)
+SELECT * FROM final
 ORDER BY retrieval_run_id, rank

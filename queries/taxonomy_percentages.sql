@@ -19,14 +19,18 @@
 --               the hundredths still missing go, one each, to the categories with the largest
 --               remainders (10000 * count mod n_total); ties by larger count, then taxonomy order.
 -- rank orders each table by count descending, ties in taxonomy order.
+-- Reads: sample_labels, categories.
 CREATE OR REPLACE VIEW taxonomy_percentages AS
-WITH labelled AS (
+WITH sample_labels AS (
+    SELECT retrieval_run_id, sample_id, category, annotators, is_simulated, is_overlap FROM sample_labels
+),
+categories AS (
+    SELECT name AS category, position, is_actionable FROM categories
+),
+labelled AS (
     SELECT retrieval_run_id, sample_id, category, annotators, is_simulated
     FROM sample_labels
     WHERE NOT is_overlap
-),
-categories_in_order AS (
-    SELECT name AS category, position, is_actionable FROM categories
 ),
 tables AS (
     -- every (run, scope, annotator) that has at least one label in scope
@@ -34,7 +38,7 @@ tables AS (
     FROM labelled GROUP BY retrieval_run_id
     UNION ALL
     SELECT l.retrieval_run_id, 'actionable', NULL, bool_or(l.is_simulated)
-    FROM labelled l JOIN categories_in_order c USING (category)
+    FROM labelled l JOIN categories c USING (category)
     WHERE c.is_actionable
     GROUP BY l.retrieval_run_id
     UNION ALL
@@ -44,7 +48,7 @@ tables AS (
 table_rows AS (
     SELECT t.retrieval_run_id, t.scope, t.annotator, t.is_simulated, c.category, c.position, c.is_actionable
     FROM tables t
-    CROSS JOIN categories_in_order c
+    CROSS JOIN categories c
     WHERE t.scope <> 'actionable' OR c.is_actionable
 ),
 counts AS (
@@ -78,19 +82,23 @@ largest_remainder AS (
             PARTITION BY retrieval_run_id, scope, annotator ORDER BY remainder DESC, count DESC, position, category
         ) AS remainder_rank
     FROM hundredths
+),
+final AS (
+    SELECT
+        retrieval_run_id,
+        scope,
+        annotator,
+        row_number() OVER (PARTITION BY retrieval_run_id, scope, annotator ORDER BY count DESC, position, category)
+            AS rank,
+        category,
+        is_actionable,
+        count,
+        n_total,
+        (half_up::DECIMAL(18, 0) / 100)::DECIMAL(5, 2) AS percent,
+        ((floor_part + CASE WHEN remainder_rank <= n_missing THEN 1 ELSE 0 END)::DECIMAL(18, 0) / 100)::DECIMAL(5, 2)
+            AS percent_lr,
+        is_simulated
+    FROM largest_remainder
 )
-SELECT
-    retrieval_run_id,
-    scope,
-    annotator,
-    row_number() OVER (PARTITION BY retrieval_run_id, scope, annotator ORDER BY count DESC, position, category) AS rank,
-    category,
-    is_actionable,
-    count,
-    n_total,
-    (half_up::DECIMAL(18, 0) / 100)::DECIMAL(5, 2) AS percent,
-    ((floor_part + CASE WHEN remainder_rank <= n_missing THEN 1 ELSE 0 END)::DECIMAL(18, 0) / 100)::DECIMAL(5, 2)
-        AS percent_lr,
-    is_simulated
-FROM largest_remainder
+SELECT * FROM final
 ORDER BY retrieval_run_id, scope, annotator NULLS FIRST, rank

@@ -13,8 +13,24 @@
 -- Cohen's kappa over the n suggested samples: p_o = accuracy, p_e = sum over categories of
 -- (share of suggestions in it) * (share of labels in it), kappa = (p_o - p_e) / (1 - p_e);
 -- NULL when n = 0 or p_e = 1. Checked against a plain Python reference in tests/test_triage.py.
+-- Reads: triage_runs, triage_suggestions, annotations, failure_samples, sample_labels.
 CREATE OR REPLACE VIEW triage_agreement AS
-WITH latest AS (
+WITH triage_runs AS (
+    SELECT retrieval_run_id, triage_run_id FROM triage_runs
+),
+triage_suggestions AS (
+    SELECT retrieval_run_id, triage_run_id, caption_id, suggested_category FROM triage_suggestions
+),
+annotations AS (
+    SELECT sample_id, annotator, category FROM annotations
+),
+failure_samples AS (
+    SELECT sample_id, retrieval_run_id, caption_id, set_name FROM failure_samples
+),
+sample_labels AS (
+    SELECT retrieval_run_id, sample_id, caption_id, category, is_overlap FROM sample_labels
+),
+latest AS (
     SELECT retrieval_run_id, max(triage_run_id) AS triage_run_id FROM triage_runs GROUP BY retrieval_run_id
 ),
 suggestions AS (
@@ -84,19 +100,22 @@ measures AS (
            CASE WHEN o.n > 0 THEN e.sum_products / (o.n * o.n) END AS p_e
     FROM observed o
     LEFT JOIN expected e USING (retrieval_run_id, triage_run_id, reference_kind, reference)
+),
+final AS (
+    SELECT
+        retrieval_run_id,
+        triage_run_id,
+        reference_kind,
+        reference,
+        n_labelled,
+        n,
+        n_agree,
+        n / n_labelled AS coverage,
+        p_o AS accuracy,
+        n_agree / n_labelled AS accuracy_labelled,
+        p_e AS expected_agreement,
+        CASE WHEN n > 0 AND p_e < 1 THEN (p_o - p_e) / (1 - p_e) END AS kappa
+    FROM measures
 )
-SELECT
-    retrieval_run_id,
-    triage_run_id,
-    reference_kind,
-    reference,
-    n_labelled,
-    n,
-    n_agree,
-    n / n_labelled AS coverage,
-    p_o AS accuracy,
-    n_agree / n_labelled AS accuracy_labelled,
-    p_e AS expected_agreement,
-    CASE WHEN n > 0 AND p_e < 1 THEN (p_o - p_e) / (1 - p_e) END AS kappa
-FROM measures
+SELECT * FROM final
 ORDER BY retrieval_run_id, CASE reference_kind WHEN 'annotator' THEN 0 WHEN 'majority' THEN 1 ELSE 2 END, reference

@@ -1,6 +1,6 @@
 """Every table of a clipfail database, as SQLAlchemy Core metadata.
 
-`toolkit.db` compiles these definitions with the DuckDB dialect and creates
+`toolkit.study` compiles these definitions with the DuckDB dialect and creates
 whatever is missing each time a database is opened. Adding a table or a
 nullable column is an upgrade that `clipfail init` (and every other command)
 applies by itself; bump SCHEMA_VERSION whenever the declared schema changes so

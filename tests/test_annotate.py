@@ -23,8 +23,9 @@ import pytest
 from click.testing import CliRunner
 from test_failures import make_retrieval_run
 
-from toolkit import annotate, db
+from toolkit import annotate
 from toolkit.errors import UserError
+from toolkit.study import open_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = [
@@ -51,7 +52,7 @@ def base(synthetic_coco_master, tmp_path_factory):
     path = root / "base.duckdb"
     res = invoke("--db", path, "ingest", "--coco-root", synthetic_coco_master, "--num-images", 30)
     assert res.exit_code == 0, res.output
-    con = db.open_database(path)
+    con = open_study(path)
     subset_id = con.execute("SELECT subset_id FROM subsets").fetchone()[0]
     rrid = make_retrieval_run(con, subset_id, seed=0)
     con.close()
@@ -294,7 +295,7 @@ def test_other_hosts_need_each_annotators_token(study, server):
 
 def table_fingerprints(dbpath):
     """A hash of every table's content, by table name."""
-    con = db.open_database(dbpath, read_only=True)
+    con = open_study(dbpath, read_only=True)
     try:
         names = [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() ORDER BY 1").fetchall()]
         return {n: con.execute(f"SELECT count(*), sum(hash(t)) FROM {n} t").fetchone() for n in names}
@@ -362,7 +363,7 @@ def test_bad_input_messages_and_nothing_started(study, tmp_path):
     assert rows(study, "SELECT count(*) FROM runs") == before
 
     empty = tmp_path / "empty.duckdb"
-    db.open_database(empty).close()
+    open_study(empty).close()
     res = invoke("--db", empty, "annotate", "--annotator", "A")
     assert res.exit_code == 2 and "no sampled failures" in res.output
 

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from toolkit import db
+from toolkit.study import open_study
 
 REFERENCE_COUNTS = {
     "Ambiguous": 67,
@@ -110,7 +111,7 @@ def base(tmp_path_factory):
     """A database with one 300-caption retrieval run and a 250-failure sample: overlap 30, A/B/C 70 each, backup 10."""
     root = tmp_path_factory.mktemp("labels_base")
     path = root / "base.duckdb"
-    con = db.open_database(path)
+    con = open_study(path)
     rrid = make_retrieval_run(con, 300)
     con.close()
     sample(path, root / "export", rrid)
@@ -169,7 +170,7 @@ def sample_ids(export: Path, name: str) -> list[int]:
 
 
 def table(dbpath, sql, params=None) -> pd.DataFrame:
-    con = db.open_database(dbpath)
+    con = open_study(dbpath)
     try:
         return con.execute(sql, params or []).df()
     finally:
@@ -342,7 +343,7 @@ def test_cohen_kappa_textbook_example(tmp_path):
     """The worked example of the Wikipedia article "Cohen's kappa": 50 applications, rater A says
     yes/B yes 20, A yes/B no 5, A no/B yes 10, A no/B no 15 -> p_o = 0.7, p_e = 0.5, kappa = 0.4."""
     dbpath = str(tmp_path / "cohen.duckdb")
-    con = db.open_database(dbpath)
+    con = open_study(dbpath)
     rrid = make_retrieval_run(con, 60)
     con.close()
     sample(dbpath, tmp_path / "big", rrid, n=60, overlap=50, **{"per-annotator": 5}, annotators="A,B")
@@ -382,7 +383,7 @@ def test_fleiss_kappa_textbook_example(tmp_path):
     cats = ["Object", "Attribute", "Action", "Context", "Count"]
     raters = [f"R{i:02d}" for i in range(1, 15)]
     dbpath = str(tmp_path / "fleiss.duckdb")
-    con = db.open_database(dbpath)
+    con = open_study(dbpath)
     rrid = make_retrieval_run(con, 12)
     con.close()
     export = tmp_path / "export"
@@ -776,7 +777,7 @@ def test_failure_details_and_multiple_runs(study, tmp_path):
     assert table(dbpath, "SELECT count(*) AS n FROM failure_details WHERE category IS NOT NULL")["n"][0] == 1
 
     # a second retrieval run with its own sample and labels: every view keeps them apart
-    con = db.open_database(dbpath)
+    con = open_study(dbpath)
     rr2 = make_retrieval_run(con, 20, first_caption=5000)
     con.close()
     sample(dbpath, tmp_path / "export2", rr2, n=10, overlap=2, **{"per-annotator": 4}, annotators="A,D")
@@ -807,7 +808,7 @@ def test_simulated_labels_are_marked(study, tmp_path):
 
     dbpath, export, rrid = study
     f = write_labels(export / "assign_A.csv", tmp_path / "assign_A.csv", lambda s: "Object")
-    con = db.open_database(dbpath)
+    con = open_study(dbpath)
     try:
         res = import_labels(con, [f], simulated=True)
     finally:

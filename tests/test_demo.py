@@ -19,8 +19,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from toolkit import db, paths
+from toolkit import paths
 from toolkit.status import study_status
+from toolkit.study import open_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [
@@ -74,7 +75,7 @@ def demo(tmp_path_factory):
 def test_demo_fills_every_table(demo):
     out, output = demo
     assert f"Report:   {out / 'report' / 'report.html'}" in output
-    con = db.open_database(out / "demo.duckdb", read_only=True)
+    con = open_study(out / "demo.duckdb", read_only=True)
     try:
         q = lambda sql, *p: con.execute(sql, list(p)).fetchall()  # noqa: E731
         assert q("SELECT num_images, captions_per_image FROM subsets") == [(100, 5)]
@@ -128,7 +129,7 @@ def test_demo_fills_every_table(demo):
 def test_demo_report_tables(demo):
     out, _ = demo
     rep = out / "report"
-    con = db.open_database(out / "demo.duckdb", read_only=True)
+    con = open_study(out / "demo.duckdb", read_only=True)
     try:
         pd.testing.assert_frame_equal(
             pd.read_csv(rep / "tables" / "recall_summary.csv"),
@@ -148,7 +149,7 @@ def test_demo_report_tables(demo):
         con.close()
     study_tables = sorted(p.name for p in (rep / "tables").glob("improvement_*_own.csv"))
     assert len(study_tables) == 3
-    assert len(list((rep / "tables").glob("improvement_*_union.csv"))) == 1
+    assert len(list((rep / "tables").glob("improvement_*_union_k15.csv"))) == 1
     for name in study_tables:
         t = pd.read_csv(rep / "tables" / name)
         assert t["pooling"].tolist() == ["max", "mean", "logsumexp (tau=1)"]
@@ -158,7 +159,7 @@ def test_demo_report_tables(demo):
     page = (rep / "report.html").read_text(encoding="utf-8")
     assert 'id="simulated-banner"' in page and "randomly initialised" in page
     assert '<h2 id="triage">7. Automatic triage</h2>' in page
-    con = db.open_database(out / "demo.duckdb", read_only=True)
+    con = open_study(out / "demo.duckdb", read_only=True)
     try:  # the demo triaged every failure of its run, and the report's table is the view
         n_fail = con.execute("SELECT n_r1_failures FROM recall_summary").fetchone()[0]
         assert con.execute("SELECT count(*) FROM triage_suggestions").fetchone()[0] == n_fail

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from toolkit import artifacts, db, encode, models, paths
+from toolkit import artifacts, encode, models, paths
+from toolkit.study import open_study
 
 TINY = ["--model", "tiny-clip", "--num-workers", "0"]
 
@@ -20,7 +22,7 @@ def ingested(synthetic_coco, tmp_db, run_cli):
 
 
 def query(db_path, sql, params=()):
-    con = db.open_database(db_path, read_only=True)
+    con = open_study(db_path, read_only=True)
     try:
         return con.execute(sql, list(params)).df()
     finally:
@@ -33,7 +35,7 @@ def sets(db_path):
 
 
 def stored(db_path, set_id):
-    con = db.open_database(db_path, read_only=True)
+    con = open_study(db_path, read_only=True)
     try:
         return artifacts.load_embedding_set(con, int(set_id))
     finally:
@@ -124,7 +126,7 @@ def test_tampered_or_missing_file_is_refused_until_recompute(ingested, run_cli):
 
 
 def test_interrupted_run_resumes_from_its_shards(ingested, run_cli, monkeypatch, tmp_path):
-    from toolkit import embed as embed_mod
+    embed_mod = importlib.import_module("toolkit.embed")  # toolkit.embed is the function
 
     monkeypatch.setattr(embed_mod, "SHARD_ROWS", {"image": 8, "text": 40})  # 4 image + 4 text shards
     saved = []

@@ -11,13 +11,14 @@ from toolkit import retrieval as R
 from toolkit.errors import UserError
 from toolkit.evaluate import evaluate
 from toolkit.ingest import ingest
+from toolkit.study import open_study
 
 MODEL = "hand-built-16d"
 
 
 @pytest.fixture
 def subset_db(tmp_db, synthetic_coco):
-    con = db.open_database(tmp_db)
+    con = open_study(tmp_db)
     ingest(con, coco_root=synthetic_coco, num_images=30, captions_per_image=5, seed=42, name="s30")
     con.close()
     return tmp_db
@@ -73,7 +74,7 @@ def _counts(con):
 
 
 def test_text_to_image_rows_and_view_equal_python(subset_db, tmp_path):
-    con = db.open_database(subset_db)
+    con = open_study(subset_db)
     img, txt, img_ids, cap_ids, gt_rows = _make_sets(con, tmp_path)
     res = evaluate(con, "s30", model=MODEL, topk=7, device="cpu")
     assert not res.is_noop and res.n_queries == len(cap_ids) == 150
@@ -117,7 +118,7 @@ def test_text_to_image_rows_and_view_equal_python(subset_db, tmp_path):
 
 
 def test_image_to_text_view_equals_python(subset_db, tmp_path):
-    con = db.open_database(subset_db)
+    con = open_study(subset_db)
     img, txt, img_ids, cap_ids, gt_rows = _make_sets(con, tmp_path)
     res = evaluate(con, "s30", model=MODEL, device="cpu", direction="image-to-text")
     py = R.rank_image_to_text(img, txt, gt_rows, k=10, device="cpu")
@@ -145,7 +146,7 @@ def test_image_to_text_view_equals_python(subset_db, tmp_path):
 
 
 def test_rerun_is_noop_and_other_inputs_make_a_new_run(subset_db, tmp_path):
-    con = db.open_database(subset_db)
+    con = open_study(subset_db)
     _make_sets(con, tmp_path)
     first = evaluate(con, "s30", model=MODEL, device="cpu")
     before = _counts(con)
@@ -165,7 +166,7 @@ def test_rerun_is_noop_and_other_inputs_make_a_new_run(subset_db, tmp_path):
 
 
 def test_without_embeddings_names_the_embed_command(subset_db, tmp_path):
-    con = db.open_database(subset_db)
+    con = open_study(subset_db)
     with pytest.raises(UserError) as exc:
         evaluate(con, "s30", model="openai/clip-vit-base-patch32")
     assert f"Run: clipfail --db {subset_db} embed --subset s30 --model openai/clip-vit-base-patch32" in str(exc.value)
@@ -181,7 +182,7 @@ def test_without_embeddings_names_the_embed_command(subset_db, tmp_path):
 
 
 def test_tampered_file_is_refused_and_nothing_written(subset_db, tmp_path):
-    con = db.open_database(subset_db)
+    con = open_study(subset_db)
     _make_sets(con, tmp_path)
     before = _counts(con)
     path = paths.resolve(con, con.execute("SELECT path FROM embedding_sets WHERE kind = 'text'").fetchone()[0])
@@ -195,7 +196,7 @@ def test_tampered_file_is_refused_and_nothing_written(subset_db, tmp_path):
 
 
 def test_several_models_need_model_option(subset_db, tmp_path):
-    con = db.open_database(subset_db)
+    con = open_study(subset_db)
     _make_sets(con, tmp_path, model="model-a")
     _make_sets(con, tmp_path, model="model-b", seed=2)
     with pytest.raises(UserError, match=r"several models: model-a, model-b.*--model"):
@@ -209,7 +210,7 @@ def test_several_models_need_model_option(subset_db, tmp_path):
 
 def test_hugging_face_name_finds_the_resolved_model_and_weights(subset_db, tmp_path):
     """embed records open_clip's name; the HF-style name maps to ViT-B-32-quickgelu + 'openai' weights."""
-    con = db.open_database(subset_db)
+    con = open_study(subset_db)
     _make_sets(con, tmp_path, model="ViT-B-32-quickgelu", pretrained="openai")
     _make_sets(con, tmp_path, model="ViT-B-32-quickgelu", pretrained="laion400m_e32", seed=3, tag="laion")
     with pytest.raises(UserError, match="several models"):
@@ -225,7 +226,7 @@ def test_hugging_face_name_finds_the_resolved_model_and_weights(subset_db, tmp_p
 
 
 def test_failed_write_leaves_database_unchanged(subset_db, tmp_path, monkeypatch):
-    con = db.open_database(subset_db)
+    con = open_study(subset_db)
     _make_sets(con, tmp_path)
     before = _counts(con)
 
@@ -247,11 +248,11 @@ def test_cli_prints_the_view(subset_db, tmp_path, run_cli):
     )
     assert "Traceback" not in out
 
-    con = db.open_database(subset_db)
+    con = open_study(subset_db)
     _make_sets(con, tmp_path)
     con.close()
     out = run_cli("--db", subset_db, "evaluate", "--subset", "s30", "--device", "cpu").output
-    con = db.open_database(subset_db, read_only=True)
+    con = open_study(subset_db, read_only=True)
     view = con.execute("SELECT * FROM recall_summary").df()
     con.close()
     assert len(view) == 1

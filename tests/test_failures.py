@@ -20,6 +20,7 @@ from PIL import Image
 
 from toolkit import db
 from toolkit.failures import ASSIGN_COLUMNS, PICTURE_SIZE, SAMPLE_COLUMNS, PictureRenderer, _font, wrap_to_width
+from toolkit.study import open_study
 
 HOSTILE = [
     "A dog, a cat, and a bird",
@@ -94,7 +95,7 @@ def base_db(synthetic_coco_master, tmp_path_factory):
         cli, ["--db", str(path), "ingest", "--coco-root", str(synthetic_coco_master), "--num-images", "30"]
     )
     assert res.exit_code == 0, res.output
-    con = db.open_database(path)
+    con = open_study(path)
     ids = [r[0] for r in con.execute("SELECT caption_id FROM captions ORDER BY caption_id").fetchall()]
     texts = pd.DataFrame({"caption_id": ids, "text": [f"{HOSTILE[i % len(HOSTILE)]} {i}" for i in range(len(ids))]})
     con.register("new_texts", texts)
@@ -114,7 +115,7 @@ def dbfile(base_db, tmp_path):
 
 
 def table(path, sql, params=None):
-    con = db.open_database(path)
+    con = open_study(path)
     try:
         return con.execute(sql, params or []).df()
     finally:
@@ -184,7 +185,7 @@ def test_same_seed_same_sample_different_seed_different(run_cli, base_db, tmp_pa
 
 def test_bad_sizes_and_inputs_are_refused_and_change_nothing(run_cli, dbfile, tmp_path):
     n_failures = int(table(dbfile, "SELECT count(*) AS n FROM retrieval_ranks WHERE gt_rank > 1")["n"].iloc[0])
-    con = db.open_database(dbfile)
+    con = open_study(dbfile)
     subset_id = con.execute("SELECT subset_id FROM subsets").fetchone()[0]
     i2t = make_retrieval_run(con, subset_id, seed=1, direction="image-to-text")
     con.close()
@@ -239,7 +240,7 @@ def test_replace_needed_and_refused_once_labelled(run_cli, dbfile, tmp_path):
     assert len(pd.read_csv(out / "assign_backup.csv", encoding="utf-8-sig")) == 0
 
     # a label for the current sample: --replace is refused and nothing changes
-    con = db.open_database(dbfile)
+    con = open_study(dbfile)
     con.execute(
         "INSERT INTO annotations (sample_id, annotator, raw_label, category, source_file, imported_at, run_id) "
         "VALUES (?, 'A', 'obj', 'Object', 'assign_A.csv', now(), 0)",
@@ -315,7 +316,7 @@ def test_csv_exports_round_trip_hostile_captions(run_cli, dbfile, tmp_path):
 
 def test_pictures_size_noop_reexport_and_placeholders(run_cli, dbfile, synthetic_coco, tmp_path):
     # point the subset at a private copy of the images and remove one ground-truth image
-    con = db.open_database(dbfile)
+    con = open_study(dbfile)
     con.execute("UPDATE subsets SET image_root = ?", [str(synthetic_coco / "val2017")])
     con.close()
     out = tmp_path / "fa"
@@ -445,7 +446,7 @@ def test_end_to_end_from_evaluate(run_cli, synthetic_coco, tmp_db, tmp_path):
     """ingest -> cached embeddings -> the real `clipfail evaluate` -> sample-failures on its run."""
 
     run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 30, "--name", "s30")
-    con = db.open_database(tmp_db)
+    con = open_study(tmp_db)
     sid = int(db.get_subset(con, "s30")["subset_id"])
     img_ids = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
     caps = con.execute(

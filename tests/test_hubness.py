@@ -10,8 +10,10 @@ import shutil
 import numpy as np
 import pytest
 
+from toolkit import db
 from toolkit import hubness as H
 from toolkit import retrieval as R
+from toolkit.study import open_study
 
 
 def unit(rng, n, d=16):
@@ -178,9 +180,9 @@ def hub_world(synthetic_coco_master, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hub_world")
     path = str(root / "hub.duckdb")
-    con = db_mod().open_database(path)
+    con = open_study(path)
     ingest(con, coco_root=synthetic_coco_master, num_images=30, captions_per_image=5, seed=42, name="s30")
-    sid = int(db_mod().get_subset(con, "s30")["subset_id"])
+    sid = int(db.get_subset(con, "s30")["subset_id"])
     img_ids = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
     caps = con.execute(
         "SELECT c.caption_id, c.image_id FROM subset_captions c JOIN subset_images i USING (subset_id, image_id) "
@@ -249,12 +251,6 @@ def _label(path, out):
         run("import-labels", out / "assign_overlap.csv", "--annotator", a)
 
 
-def db_mod():
-    from toolkit import db
-
-    return db
-
-
 def _reference(Qm, Gm, gallery_ids, gt_of_query):
     """N_1, N_10, hub flags and the failures' hub share from a plain full score matrix."""
     S = Qm @ Gm.T
@@ -268,7 +264,7 @@ def _reference(Qm, Gm, gallery_ids, gt_of_query):
 
 def test_image_hubness_and_summary_equal_numpy(hub_world):
     w = hub_world
-    con = db_mod().open_database(w["path"], read_only=True)
+    con = open_study(w["path"], read_only=True)
     try:
         for direction, rrid in (("text-to-image", w["t2i"]), ("image-to-text", w["i2t"])):
             if direction == "text-to-image":
@@ -329,7 +325,7 @@ def test_report_has_hubness_section(hub_world, tmp_path, run_cli):
 
     csv = pd.read_csv(out / "tables" / "hubness_summary.csv")
     assert sorted(csv["direction"]) == ["image-to-text", "text-to-image"]
-    con = db_mod().open_database(path, read_only=True)
+    con = open_study(path, read_only=True)
     try:
         view = con.execute("SELECT skewness_n10 FROM hubness_summary WHERE retrieval_run_id = ?", [w["t2i"]]).fetchone()
     finally:
@@ -373,7 +369,7 @@ def _rows(w, caption_ids):
 
 def test_qb_norm_run_matches_numpy_and_is_recorded(lab):
     w = lab
-    con = db_mod().open_database(w["path"])
+    con = open_study(w["path"])
     try:
         res = H.improve_method(con, "qb-norm", "Object,Attribute,Count", beta=20.0, k_bank=1,
                                control="successes:20", retrieval_run_id=w["t2i"])  # fmt: skip
@@ -418,7 +414,7 @@ def test_qb_norm_run_matches_numpy_and_is_recorded(lab):
 
 def test_inverted_softmax_and_query_expansion_runs(lab):
     w = lab
-    con = db_mod().open_database(w["path"])
+    con = open_study(w["path"])
     try:
         inv = H.improve_method(con, "inverted-softmax", "Object,Attribute", beta=10.0, retrieval_run_id=w["t2i"])
         df = _ranks(con, inv.improvement_ids[0])
@@ -442,7 +438,7 @@ def test_bank_overlap_refused_unless_allowed_and_empty_bank_refused(lab):
     from toolkit.errors import UserError
 
     w = lab
-    con = db_mod().open_database(w["path"])
+    con = open_study(w["path"])
     try:
         before = con.execute("SELECT count(*) FROM improvement_runs").fetchone()[0]
         with pytest.raises(UserError, match="allow-bank-overlap"):
@@ -463,13 +459,13 @@ def test_methods_refuse_bad_parameters_and_missing_labels(lab):
     from toolkit.errors import UserError
 
     w = lab
-    con = db_mod().open_database(w["unlabelled"])
+    con = open_study(w["unlabelled"])
     try:
         with pytest.raises(UserError, match="No labelled failures"):
             H.improve_method(con, "qb-norm", "Object")
     finally:
         con.close()
-    con = db_mod().open_database(w["path"])
+    con = open_study(w["path"])
     try:
         for kw, msg in (({"beta": 0}, "--beta"), ({"beta": -2}, "--beta"), ({"k_bank": 0}, "--k-bank")):
             with pytest.raises(UserError, match=msg):
@@ -487,7 +483,7 @@ def test_methods_refuse_bad_parameters_and_missing_labels(lab):
 
 def test_method_comparison_view_equals_python(lab):
     w = lab
-    con = db_mod().open_database(w["path"])
+    con = open_study(w["path"])
     try:
         qb = H.improve_method(con, "qb-norm", "Object,Attribute,Count", beta=30.0, control="all", bank="s30",
                               allow_bank_overlap=True,
@@ -532,7 +528,7 @@ def test_method_comparison_view_equals_python(lab):
 
 def test_report_method_comparison_section_flags_bank_overlap(lab, tmp_path, run_cli):
     w = lab
-    con = db_mod().open_database(w["path"])
+    con = open_study(w["path"])
     try:
         H.improve_method(con, "qb-norm", "Object,Attribute", control="successes:20", retrieval_run_id=w["t2i"])
         H.improve_method(con, "query-expansion", "Object,Attribute", retrieval_run_id=w["t2i"])
@@ -554,7 +550,7 @@ def test_report_method_comparison_section_flags_bank_overlap(lab, tmp_path, run_
     assert "held evaluated captions" not in html
     assert len(list((out / "figures").glob("*_methods_*.png"))) == view["category"].nunique()
     # a run whose bank overlapped the evaluated captions is flagged on the page
-    con = db_mod().open_database(w["path"])
+    con = open_study(w["path"])
     try:
         H.improve_method(con, "qb-norm", "Object", bank="s30", allow_bank_overlap=True, retrieval_run_id=w["t2i"])
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib
 import json
 import math
 import shutil
@@ -20,7 +21,9 @@ import pandas as pd
 import pytest
 
 from toolkit import db, paths, phrases, pooling, stats
-from toolkit import improve as imp
+from toolkit.study import open_study
+
+imp = importlib.import_module("toolkit.improve")  # toolkit.improve is the function
 
 D = 16
 MODEL = "fake-16"
@@ -102,7 +105,7 @@ def world(synthetic_coco_master, tmp_path_factory):
     path = root / "db" / "base.duckdb"  # the .npy files lie outside its folder: stored absolute, so copies share them
     path.parent.mkdir()
     _cli(["--db", path, "ingest", "--coco-root", synthetic_coco_master, "--num-images", "40"])
-    con = db.open_database(path)
+    con = open_study(path)
     ids = [r[0] for r in con.execute("SELECT caption_id FROM captions ORDER BY caption_id").fetchall()]
     con.register("new_texts", pd.DataFrame({"caption_id": ids, "text": coco_like_captions(len(ids))}))
     con.execute("UPDATE captions SET text = n.text FROM new_texts n WHERE captions.caption_id = n.caption_id")
@@ -174,7 +177,7 @@ def dbfile(world, tmp_path):
 @pytest.fixture
 def con(dbfile):
     """One open connection to a private copy of the world (for tests that do not run the CLI)."""
-    c = db.open_database(dbfile)
+    c = open_study(dbfile)
     yield c
     c.close()
 
@@ -188,7 +191,7 @@ class Opened:
 
     def __enter__(self):
         if isinstance(target := self.target, (str, Path)):
-            self.con = db.open_database(target)
+            self.con = open_study(target)
             return self.con
         return target
 
@@ -532,8 +535,8 @@ BAD_IMPROVE = [
     (["--categories", "Object", "--control", "successes:100000"], "more than the"),
     (["--categories", "Object", "--template-set", "nope"], "No template set named 'nope'"),
     (["--categories", "Object", "--run", "999"], "No retrieval run with id 999"),
-    (["--categories", "Object", "--k", "0"], "Invalid value for '--k': 0 is not in the range x>=1"),
-    (["--categories", "Object", "--k", "-2"], "Invalid value for '--k': -2 is not in the range x>=1"),
+    (["--categories", "Object", "--k", "0"], "Invalid value for '--k': 0 is not in the range 1<=x<=2147483647"),
+    (["--categories", "Object", "--k", "-2"], "Invalid value for '--k': -2 is not in the range 1<=x<=2147483647"),
     (["--categories", "Object,Count", "--k", "20"], "(templates per category: Object 19, Count 19). Give --k 19"),
     (["--categories", "Object,Count", "--template-mode", "union", "--k", "38"], "the 37 distinct templates of"),
     (["--categories", "Object", "--seed", "-1"], "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295"),
@@ -604,9 +607,10 @@ def test_recompute_prompts_replaces_a_damaged_shard_with_the_command_the_message
     old = q(dbfile, "SELECT embedding_set_id, path FROM embedding_sets WHERE kind = 'prompt'")
     old_texts = set(q(dbfile, "SELECT p.text FROM embedding_rows er JOIN prompts p ON p.prompt_id = er.item_id "
                               "WHERE er.embedding_set_id = ?", [int(old["embedding_set_id"][0])])["text"])  # fmt: skip
-    arr = np.load(old["path"][0])
+    shard = paths.resolve(dbfile, old["path"][0])  # stored relative to the database's folder
+    arr = np.load(shard)
     arr[0, 0] += 1
-    np.save(old["path"][0], arr)
+    np.save(shard, arr)
     with pytest.raises(UserError) as err:
         run_improve(dbfile, "Attribute,Object", poolings="mean", k=12)
     message = str(err.value)
@@ -827,7 +831,7 @@ def test_end_to_end_with_a_tiny_open_clip_model(tiny_world, tmp_path, run_cli):
     from toolkit.encode import encode_texts
     from toolkit.models import load_model
 
-    con = db.open_database(path)
+    con = open_study(path)
     try:
         sid = con.execute("SELECT embedding_set_id FROM embedding_sets WHERE kind = 'prompt'").fetchall()[0][0]
         shard = load_embedding_set(con, sid)

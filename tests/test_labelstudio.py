@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from test_annotate import base, invoke, rows  # noqa: F401  (the shared study fixture)
 
-from toolkit import db
+from toolkit.study import open_study
 
 
 @pytest.fixture
@@ -245,7 +245,7 @@ def test_import_problems_are_all_or_nothing(study, tmp_path):
 
 def test_export_needs_a_sample(tmp_path):
     empty = tmp_path / "e.duckdb"
-    db.open_database(empty).close()
+    open_study(empty).close()
     res = invoke("--db", empty, "export-labelstudio", tmp_path / "out")
     assert res.exit_code == 2 and "no sampled failures" in res.output
     assert not (tmp_path / "out").exists()

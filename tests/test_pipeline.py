@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from toolkit import db
 from toolkit.models import TINY_CONFIG, save_random_checkpoint
+from toolkit.study import open_study
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_run_resumes_and_ends_with_next_steps(run_cli, tmp_db, tmp_path, synthet
     assert "report --out report/" in out and "improve --categories" in out
     assert (tmp_path / "fa" / "assign_B.csv").exists()
 
-    con = db.open_database(tmp_db, read_only=True)
+    con = open_study(tmp_db, read_only=True)
     try:
         r1 = con.execute("SELECT r_at_1 FROM recall_summary").fetchone()[0]
         n_runs = con.execute("SELECT count(*) FROM runs").fetchone()[0]
@@ -41,7 +41,7 @@ def test_run_resumes_and_ends_with_next_steps(run_cli, tmp_db, tmp_path, synthet
     # the same command again: every stage is already done and nothing is written
     again = run_cli(*common, *opts).output
     assert [line.split()[1] for line in again.splitlines()[1:5]] == ["already"] * 4
-    con = db.open_database(tmp_db, read_only=True)
+    con = open_study(tmp_db, read_only=True)
     try:
         assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == n_runs
     finally:

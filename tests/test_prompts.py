@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import db, phrases, templates
 from toolkit import improve as imp
+from toolkit import phrases, study, templates
 from toolkit.errors import UserError
 
 CAPTIONS_FILE = Path(__file__).parent / "data" / "coco_style_captions.txt"
@@ -111,13 +111,14 @@ def test_default_v2_reaches_k_10_for_any_caption():
 
 def test_opening_a_database_that_has_the_old_default_adds_default_v2_and_keeps_the_old(tmp_path):
     path = tmp_path / "old.duckdb"
-    con = db.open_database(path)
+    con = study.open_study(path)
     # a database made before default-v2: only 'default', here with content of its own
     con.execute("DELETE FROM prompt_templates WHERE template_set = 'default-v2'")
+    con.execute("UPDATE schema_info SET value = 'older' WHERE key = 'schema_hash'")  # set up by an older clipfail
     con.execute("UPDATE prompt_templates SET template = template || ' (edited)' WHERE position = 3")
     old = con.execute("SELECT * FROM prompt_templates ORDER BY ALL").df()
     con.close()
-    con = db.open_database(path)
+    con = study.open_study(path)
     try:
         got = con.execute("SELECT * FROM prompt_templates WHERE template_set = 'default' ORDER BY ALL").df()
         assert got.equals(old)  # never rewritten

@@ -26,6 +26,7 @@ from toolkit.improve import improve
 from toolkit.ingest import ingest
 from toolkit.report import write_report
 from toolkit.simulate import simulate_labels
+from toolkit.study import open_study
 from toolkit.synthetic import make_synthetic_coco
 
 
@@ -45,7 +46,7 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("report_study")
     make_synthetic_coco(root / "coco", 60, seed=1)
     path = root / "study.duckdb"
-    con = db.open_database(path)
+    con = open_study(path)
     ingest(con, coco_root=root / "coco", num_images=60, captions_per_image=5, seed=42, name="s60")
     sid = int(db.get_subset(con, "s60")["subset_id"])
     imgs = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()

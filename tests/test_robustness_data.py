@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 from test_failures import make_retrieval_run
 
-from toolkit import db
 from toolkit.outdir import MANIFEST
 from toolkit.sheets import sheet_text
+from toolkit.study import open_study
 
 SMALL = ["--n", 40, "--overlap", 10, "--per-annotator", 8, "--annotators", "A,B,C", "--no-pictures"]
 EVIL = '=HYPERLINK("evil.example")'
@@ -36,7 +36,7 @@ def base_db(synthetic_coco_master, tmp_path_factory):
     args = ["--db", str(path), "ingest", "--coco-root", str(synthetic_coco_master), "--num-images", "30"]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
-    con = db.open_database(path)
+    con = open_study(path)
     make_retrieval_run(con, con.execute("SELECT subset_id FROM subsets").fetchone()[0], seed=0)
     con.close()
     return path
@@ -50,7 +50,7 @@ def dbfile(base_db, tmp_path):
 
 
 def query(path, sql):
-    con = db.open_database(path)
+    con = open_study(path)
     try:
         return con.execute(sql).df()
     finally:
@@ -283,7 +283,7 @@ def test_reused_report_folder_keeps_nothing_of_the_earlier_report(run_cli, label
     first = set(folder_bytes(rep))
     assert {"tables/taxonomy_distribution.csv", "figures/figure1_taxonomy.png", "report.html"} <= first
 
-    con = db.open_database(dbfile)
+    con = open_study(dbfile)
     con.execute("DELETE FROM annotations")  # the next report has no taxonomy section
     con.close()
     run_cli("--db", dbfile, "report", "--out", rep)

@@ -6,6 +6,7 @@ temporary DuckDB file, on a 12-image generated COCO subset and the packaged tiny
 
 from __future__ import annotations
 
+import importlib
 import json
 import shlex
 import subprocess
@@ -16,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit import artifacts, db, encode, models
+from toolkit import artifacts, encode, models
 from toolkit import paths as study_paths
 from toolkit.errors import UserError
+from toolkit.study import open_study
 
 TINY = ["--model", "tiny-clip", "--num-workers", "0"]
 SMALL_SHARDS = {"image": 4, "text": 20}  # 12 images -> 3 image shards; ~60 captions -> 3 text shards
@@ -31,7 +33,7 @@ def ingested(synthetic_coco, tmp_db, run_cli):
 
 
 def query(db_path, sql, params=()):
-    con = db.open_database(db_path, read_only=True)
+    con = open_study(db_path, read_only=True)
     try:
         return con.execute(sql, list(params)).df()
     finally:
@@ -43,7 +45,7 @@ def sets(db_path):
 
 
 def stored(db_path, set_id):
-    con = db.open_database(db_path, read_only=True)
+    con = open_study(db_path, read_only=True)
     try:
         return artifacts.load_embedding_set(con, int(set_id))
     finally:
@@ -67,7 +69,7 @@ def partial_folders(db_path, kind):
 
 def interrupt_after(monkeypatch, n_saved):
     """Make the n-th shard save raise KeyboardInterrupt (as a Ctrl-C would); returns the restore function."""
-    from toolkit import embed as embed_mod
+    embed_mod = importlib.import_module("toolkit.embed")  # toolkit.embed is the function
 
     real = embed_mod._Shards.save
     count = []
@@ -86,7 +88,7 @@ def interrupt_after(monkeypatch, n_saved):
 
 
 def test_a_tampered_or_unrecorded_shard_is_recomputed_not_stitched_in(ingested, run_cli, monkeypatch):
-    from toolkit import embed as embed_mod
+    embed_mod = importlib.import_module("toolkit.embed")  # toolkit.embed is the function
 
     monkeypatch.setattr(embed_mod, "SHARD_ROWS", SMALL_SHARDS)
     restore = interrupt_after(monkeypatch, 2)  # image shards 0 and 1 are on disk, then Ctrl-C
@@ -143,7 +145,7 @@ def test_embeddings_that_are_not_finite_and_unit_length_are_never_registered(
 def test_a_set_another_process_is_computing_is_refused_and_its_shards_kept(ingested, run_cli, monkeypatch):
     import fcntl
 
-    from toolkit import embed as embed_mod
+    embed_mod = importlib.import_module("toolkit.embed")  # toolkit.embed is the function
 
     monkeypatch.setattr(embed_mod, "SHARD_ROWS", SMALL_SHARDS)
     restore = interrupt_after(monkeypatch, 1)

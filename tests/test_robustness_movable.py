@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from toolkit import db, paths
+from toolkit import paths
+from toolkit.study import open_study
 
 TINY = ["--model", "tiny-clip", "--num-workers", "0"]
 
 
 def rows(db_path, sql, params=()):
-    con = db.open_database(db_path, read_only=True)
+    con = open_study(db_path, read_only=True)
     try:
         return con.execute(sql, list(params)).fetchall()
     finally:

@@ -19,10 +19,12 @@ import pytest
 from helpers import register_hand_built
 
 from toolkit import db
+from toolkit import study as study_db
 from toolkit.evaluate import evaluate
 from toolkit.failures import sample_failures
 from toolkit.ingest import ingest
 from toolkit.simulate import simulate_labels
+from toolkit.study import open_study
 
 
 def sha256(path) -> str:
@@ -38,7 +40,7 @@ def labelled_master(tmp_path_factory, synthetic_coco_master):
     """A small study with a retrieval run and simulated labels (built once; tests use a copy)."""
     root = tmp_path_factory.mktemp("readonly_master")
     path = root / "study.duckdb"
-    con = db.open_database(path)
+    con = open_study(path)
     try:
         ingest(con, coco_root=synthetic_coco_master, num_images=20, captions_per_image=2, seed=1, name="s20")
         sid = int(db.get_subset(con, "s20")["subset_id"])
@@ -133,22 +135,22 @@ def test_a_changed_declaration_upgrades_on_the_next_writing_command(run_cli, stu
         cols = {r[0] for r in con.execute(sql).fetchall()}
         assert "split" in cols
         assert con.execute("SELECT count(*) FROM recall_summary").fetchone()[0] > 0
-        assert db.stored_schema_hash(con) == db.schema_hash()
+        assert study_db.stored_schema_hash(con) == study_db.schema_hash()
     finally:
         con.close()
     run_cli("--db", study, "status")
 
     # The hash covers the view texts (and the declared tables and seed files the same way).
-    db.schema_hash.cache_clear()
-    views = db.view_sql()
-    monkeypatch.setattr(db, "view_sql", lambda: {**views, "recall_summary": views["recall_summary"] + "\n"})
+    study_db.schema_hash.cache_clear()
+    views = study_db.view_sql()
+    monkeypatch.setattr(study_db, "view_sql", lambda: {**views, "recall_summary": views["recall_summary"] + "\n"})
     con = duckdb.connect(str(study), read_only=True)
     try:
-        assert db.schema_hash() != db.stored_schema_hash(con)
+        assert study_db.schema_hash() != study_db.stored_schema_hash(con)
     finally:
         con.close()
         monkeypatch.undo()
-        db.schema_hash.cache_clear()
+        study_db.schema_hash.cache_clear()
 
 
 @pytest.mark.parametrize("command", ["status", "sql", "report", "analyze"])
@@ -212,7 +214,7 @@ def test_the_locked_connection_refuses_writes_even_past_the_statement_check(stud
     """Layer 3 alone: the connection `sql` runs on cannot reach any file, and cannot be unlocked."""
     from toolkit import adhoc
 
-    con = db.open_database(study, read_only=True)
+    con = open_study(study, read_only=True)
     try:
         adhoc.lock_down(con)
         for q in (

@@ -11,6 +11,7 @@ from toolkit.evaluate import evaluate
 from toolkit.failures import sample_failures
 from toolkit.ingest import ingest
 from toolkit.simulate import NOTE, simulate_labels
+from toolkit.study import open_study
 
 
 def _register(con, tmp_path, kind, array, item_ids, subset_id):
@@ -20,7 +21,7 @@ def _register(con, tmp_path, kind, array, item_ids, subset_id):
 @pytest.fixture
 def sampled(tmp_path, synthetic_coco):
     """A database with a failure sample (100: overlap 10, A/B/C 30 each) of hand-built embeddings."""
-    con = db.open_database(tmp_path / "sim.duckdb")
+    con = open_study(tmp_path / "sim.duckdb")
     ingest(con, coco_root=synthetic_coco, num_images=40, captions_per_image=5, seed=42, name="s40")
     sid = int(db.get_subset(con, "s40")["subset_id"])
     imgs = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from toolkit import db
 from toolkit.status import study_status
+from toolkit.study import open_study
 
 
 def test_status_of_an_empty_database(run_cli, tmp_db):
@@ -16,7 +16,7 @@ def test_status_of_an_empty_database(run_cli, tmp_db):
 def test_status_after_ingest_counts_rows_and_names_the_next_stage(run_cli, tmp_db, synthetic_coco):
     run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 12, "--name", "small")
     run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 20, "--name", "bigger")
-    con = db.open_database(tmp_db)
+    con = open_study(tmp_db)
     try:
         res = study_status(con)
         n_captions = con.execute(

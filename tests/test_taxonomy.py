@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from toolkit import db
+from toolkit.study import open_study
 from toolkit.taxonomy import LabelError, Taxonomy, normalise_label, resolve_label
 
 SEVEN = ["Ambiguous", "Object", "Attribute", "Action", "Context", "Count", "Spatial"]
@@ -13,7 +13,7 @@ SEVEN = ["Ambiguous", "Object", "Attribute", "Action", "Context", "Count", "Spat
 @pytest.fixture(scope="module")
 def taxonomy(tmp_path_factory):
     """The default taxonomy as seeded into a fresh database."""
-    con = db.open_database(tmp_path_factory.mktemp("taxonomy") / "t.duckdb")
+    con = open_study(tmp_path_factory.mktemp("taxonomy") / "t.duckdb")
     try:
         return Taxonomy.load(con)
     finally:
@@ -21,7 +21,7 @@ def taxonomy(tmp_path_factory):
 
 
 def _tables(path):
-    con = db.open_database(path)
+    con = open_study(path)
     try:
         cats = con.execute("SELECT * FROM categories ORDER BY position").df()
         aliases = con.execute("SELECT * FROM category_aliases ORDER BY alias").df()
@@ -52,7 +52,7 @@ def test_seeding_is_idempotent_and_restores_only_missing_rows(tmp_db, run_cli):
     # a re-pointed default alias stays re-pointed; a deleted default row comes back with `init`
     # (an ordinary open seeds only when the schema hash changed; init always re-checks)
     run_cli("--db", tmp_db, "categories", "add-alias", "scene", "Spatial", "--replace")
-    con = db.open_database(tmp_db)
+    con = open_study(tmp_db)
     con.execute("DELETE FROM category_aliases WHERE alias = 'obj'")
     con.execute("DELETE FROM categories WHERE name = 'Count'")
     con.close()
@@ -123,7 +123,7 @@ def test_resolve_label(taxonomy, raw, expected):
 
 
 def test_resolve_label_with_a_connection(tmp_db):
-    con = db.open_database(tmp_db)
+    con = open_study(tmp_db)
     try:
         assert resolve_label(con, "obj + colour") == ("Object", "Attribute")
     finally:
@@ -160,7 +160,7 @@ def test_categories_cli_list_add_alias(tmp_db, run_cli):
     row = cats[cats["name"] == "Text"].iloc[0]
     assert bool(row["is_actionable"]) and row["position"] == 7
     assert dict(zip(aliases["alias"], aliases["category"]))["ocr"] == "Text"
-    con = db.open_database(tmp_db)
+    con = open_study(tmp_db)
     try:
         assert resolve_label(con, "Object; OCR") == ("Object", "Text")
         assert resolve_label(con, "texts") == ("Text", None)

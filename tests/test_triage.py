@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -12,6 +13,7 @@ import pytest
 from helpers import register_hand_built
 
 from toolkit import db
+from toolkit.study import open_study
 from toolkit.synthetic import Group, Scene, make_synthetic_coco
 
 
@@ -87,7 +89,7 @@ def test_generated_failures_get_count_object_and_spatial(run_cli, tmp_path, tmp_
     root = _scene_dataset(tmp_path / "scenes")
     res = run_cli("--db", tmp_db, "ingest", "--coco-root", root, "--num-images", "all", "--name", "scenes")
     assert "object instances: " in res.output
-    con = db.open_database(tmp_db)
+    con = open_study(tmp_db)
     ids, caps = _hand_built_embeddings(con, tmp_path, "scenes")
     con.close()
     run_cli("--db", tmp_db, "evaluate", "--subset", "scenes", "--device", "cpu")
@@ -138,7 +140,7 @@ def test_generated_failures_get_count_object_and_spatial(run_cli, tmp_path, tmp_
 
 
 def test_caption_facts_use_the_phrases_lexicon_and_category_names():
-    from toolkit import triage as T
+    T = importlib.import_module("toolkit.triage")  # toolkit.triage is the function
 
     index = T.object_index(["circle"])
     facts = T.caption_facts("Two men riding horses to the left of 3 circles", index)
@@ -167,7 +169,7 @@ def test_agreement_views_match_a_python_reference(tmp_path, synthetic_coco):
     from toolkit.simulate import simulate_labels
     from toolkit.triage import triage
 
-    con = db.open_database(tmp_path / "agree.duckdb")
+    con = open_study(tmp_path / "agree.duckdb")
     ingest(con, coco_root=synthetic_coco, num_images=40, captions_per_image=5, seed=42, name="s40")
     sid = int(db.get_subset(con, "s40")["subset_id"])
     imgs = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
@@ -316,7 +318,7 @@ def test_without_instances_triage_still_runs_and_says_what_is_missing(run_cli, s
     (synthetic_coco / "annotations" / "instances_val2017.json").unlink()
     res = run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 20, "--name", "s20")
     assert "object instances" not in res.output
-    con = db.open_database(tmp_db)
+    con = open_study(tmp_db)
     sid = int(db.get_subset(con, "s20")["subset_id"])
     imgs = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
     caps = con.execute("SELECT caption_id FROM subset_captions WHERE subset_id = ? ORDER BY caption_id", [sid]).df()
@@ -335,7 +337,7 @@ def test_without_instances_triage_still_runs_and_says_what_is_missing(run_cli, s
 
 def test_triage_on_a_run_without_failures_says_so(run_cli, synthetic_coco, tmp_db, tmp_path):
     run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 10, "--name", "s10")
-    con = db.open_database(tmp_db)
+    con = open_study(tmp_db)
     sid = int(db.get_subset(con, "s10")["subset_id"])
     imgs = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
     caps = con.execute("SELECT caption_id, image_id FROM subset_captions WHERE subset_id = ?", [sid]).df()

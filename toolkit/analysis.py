@@ -4,7 +4,8 @@ Every number comes from the views (queries/taxonomy_distribution.sql, taxonomy_a
 taxonomy_by_annotator.sql, annotator_agreement.sql) for one retrieval run; this module only
 selects them, writes them as CSV and draws the two bar charts (toolkit.figures).
 
-Files written in `out_dir`:
+With no `out_dir` (the Python API's default) nothing is written: the result holds the tables.
+Files written in `out_dir` (the CLI's --out):
   taxonomy_distribution.csv, taxonomy_actionable.csv, taxonomy_by_annotator.csv,
   annotator_agreement.csv, figure1_taxonomy.png/.svg, figure2_actionable.png/.svg
 and nothing else: the files are staged and swapped in (toolkit.outdir), so a reused out_dir keeps no
@@ -36,7 +37,7 @@ class AnalysisResult:
     is_simulated: bool
     n_labelled_samples: int  # outside the overlap set (the taxonomy's n)
     n_overlap_samples: int  # labelled overlap samples (the agreement's items)
-    out_dir: Path
+    out_dir: Path | None  # None: nothing was written
     written: list[Path] = field(default_factory=list)
 
 
@@ -78,10 +79,13 @@ def write_csv(df: pd.DataFrame, path: Path) -> Path:
     return write_frame_csv(out, path)
 
 
-def analyze(con, out_dir="analysis", retrieval_run_id: int | None = None, figures: bool = True) -> AnalysisResult:
-    """Select the taxonomy tables and the agreement of one retrieval run; write CSVs and figures."""
+def analyze(
+    con, out_dir: str | Path | None = None, retrieval_run_id: int | None = None, figures: bool = True
+) -> AnalysisResult:
+    """Select the taxonomy tables and the agreement of one retrieval run; with `out_dir`, also write
+    them as CSVs with Figures 1-2 there (without it, nothing is written)."""
     rrid = pick_labelled_run(con, retrieval_run_id)
-    out_dir = Path(out_dir)
+    out_dir = None if out_dir is None else Path(out_dir)
     dist = _view(con, "taxonomy_distribution", rrid)
     act = _view(con, "taxonomy_actionable", rrid)
     by_ann = _view(con, "taxonomy_by_annotator", rrid)
@@ -102,8 +106,9 @@ def analyze(con, out_dir="analysis", retrieval_run_id: int | None = None, figure
         n_overlap_samples=int(counts[1]),
         out_dir=out_dir,
     )
-    with FreshFolder(out_dir, "analysis") as fresh:
-        _write_files(result, fresh, figures)
+    if out_dir is not None:
+        with FreshFolder(out_dir, "analysis") as fresh:
+            _write_files(result, fresh, figures)
     return result
 
 

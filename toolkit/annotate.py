@@ -49,6 +49,7 @@ import duckdb
 
 from toolkit import db
 from toolkit.errors import UserError
+from toolkit.study import open_study
 
 STAGE = "annotate"
 SOURCE = "clipfail annotate"
@@ -168,7 +169,7 @@ def prepare(
     if not Path(db_path).exists():
         raise UserError(f"Database {db_path} does not exist. Check --db (it should hold a failure sample).")
     connect(db_path).close()  # a lock held by another process: name it before anything else
-    con = db.open_database(db_path)
+    con = open_study(db_path)
     try:
         if not con.execute("SELECT count(*) FROM failure_samples").fetchone()[0]:
             raise UserError(

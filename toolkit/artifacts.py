@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +19,7 @@ import pandas as pd
 from toolkit import db
 from toolkit import paths as study_paths
 from toolkit.errors import UserError
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from toolkit.paths import sha256_file  # also reached as artifacts.sha256_file
 
 
 def save_array(path: str | Path, array: np.ndarray) -> str:

@@ -1,40 +1,28 @@
-"""Opening a clipfail database: schema creation and upgrade, views, runs, transactions.
+"""Database primitives: connecting, transactions, provenance runs, bulk inserts, config hashes.
 
-Every command goes through `open_database`, which
-- refuses a database written by a newer schema version,
-- for writing: when the stored schema hash (`schema_info.schema_hash`) differs from this clipfail's
-  (declared tables and columns, `queries/*.sql`, the default taxonomy and templates), creates missing
-  tables and sequences, adds missing columns, applies every view with CREATE OR REPLACE, inserts the
-  missing seed rows, and then stores the new hash; when the hash matches it writes nothing,
-- for reading (`read_only=True`): never writes; refuses a missing file, and a database whose hash is
-  out of date (with the command that upgrades it),
-- turns DuckDB's lock, "not a database" and corrupt-file errors into a UserError.
+`toolkit.study.open_study` opens, upgrades and seeds a study's database on top of these; this module
+imports no other stage (taxonomy, templates), so every stage can import it.
+`connect` turns DuckDB's lock, "not a database" and corrupt-file errors into a UserError.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import hashlib
 import json
 import os
 import re
 import stat
-from importlib import resources
 from pathlib import Path
 
 import duckdb
-import duckdb_engine
 import pandas as pd
-from sqlalchemy.schema import CreateSequence, CreateTable
 
-import toolkit
-from schema import SCHEMA_VERSION, metadata
+from toolkit._version import __version__
 from toolkit.errors import UserError
 
 DEFAULT_DB = "clipfail.duckdb"
-_DIALECT = duckdb_engine.Dialect()
 
 
 def default_db_path() -> str:
@@ -80,7 +68,7 @@ def damaged_database_error(path: str, exc: BaseException) -> UserError:
     )
 
 
-def _connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     path = str(path)
     if read_only and not Path(path).exists():
         raise UserError(missing_database_message(path))
@@ -106,123 +94,16 @@ def _connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnec
         raise UserError(f"Cannot open database {path}: {exc}") from None
 
 
-def _table_exists(con, name: str) -> bool:
+def table_exists(con, name: str) -> bool:
+    """Whether the database has a table or a view called `name` (in schema main). The one such check
+    (db, status, report): a database written by an older clipfail may lack a newer table or view."""
+    # fetchall, not fetchone: a half-read result blocks the connection's next register() (DuckDB 2)
     return bool(
         con.execute(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'",
             [name],
         ).fetchall()[0][0]
     )
-
-
-def schema_version(con) -> int | None:
-    if not _table_exists(con, "schema_info"):
-        return None
-    # fetchall, not fetchone: a half-read result blocks the connection's next register() (DuckDB 2)
-    row = next(iter(con.execute("SELECT value FROM schema_info WHERE key = 'schema_version'").fetchall()), None)
-    return int(row[0]) if row else None
-
-
-def stored_schema_hash(con) -> str | None:
-    if not _table_exists(con, "schema_info"):
-        return None
-    row = next(iter(con.execute("SELECT value FROM schema_info WHERE key = 'schema_hash'").fetchall()), None)
-    return row[0] if row else None
-
-
-_SEED_FILES = ("data/categories.csv", "data/category_aliases.csv", "data/templates_default.csv")
-
-
-@functools.lru_cache(maxsize=1)
-def schema_hash() -> str:
-    """A hash of everything an upgrade applies: the schema version, the declared sequences, tables and
-    columns (their DDL), the views in queries/*.sql and the shipped seed data. Any change to one of
-    them makes the next writing command upgrade the database."""
-    h = hashlib.sha256(f"schema_version={SCHEMA_VERSION}\n".encode())
-    for name in sorted(metadata._sequences):
-        h.update(str(CreateSequence(metadata._sequences[name]).compile(dialect=_DIALECT)).encode("utf-8"))
-    for table in sorted(metadata.sorted_tables, key=lambda t: t.name):
-        h.update(str(CreateTable(table).compile(dialect=_DIALECT)).encode("utf-8"))
-    for name, sql in view_sql().items():
-        h.update(f"\nview {name}\n".encode() + sql.encode("utf-8"))
-    for rel in _SEED_FILES:
-        h.update(f"\nseed {rel}\n".encode() + resources.files("toolkit").joinpath(rel).read_bytes())
-    return h.hexdigest()
-
-
-def _refuse_newer(con, path: str) -> None:
-    found = schema_version(con)
-    if found is not None and found > SCHEMA_VERSION:
-        raise UserError(
-            f"Database {path} was written by a newer clipfail (schema version {found}; this clipfail "
-            f"{toolkit.__version__} knows up to {SCHEMA_VERSION}). Upgrade clipfail to use it."
-        )
-
-
-def ensure_schema(con, path: str = "") -> None:
-    """Create or upgrade the declared schema in one transaction (missing sequences, tables, columns)."""
-    _refuse_newer(con, path)
-    with transaction(con):
-        for seq in metadata._sequences.values():
-            con.execute(str(CreateSequence(seq, if_not_exists=True).compile(dialect=_DIALECT)))
-        for table in metadata.sorted_tables:
-            if not _table_exists(con, table.name):
-                con.execute(str(CreateTable(table, if_not_exists=True).compile(dialect=_DIALECT)))
-                continue
-            have = {
-                r[0]
-                for r in con.execute(
-                    "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table.name]
-                ).fetchall()
-            }
-            for col in table.columns:
-                if col.name not in have:
-                    coltype = col.type.compile(dialect=_DIALECT)
-                    con.execute(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {coltype}')
-        con.execute(
-            "INSERT OR REPLACE INTO schema_info (key, value) VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
-        )
-
-
-def view_sql() -> dict[str, str]:
-    """The view definitions shipped in queries/*.sql, by view name (file stem)."""
-    out = {}
-    for entry in resources.files("queries").iterdir():
-        if entry.name.endswith(".sql"):
-            out[entry.name[: -len(".sql")]] = entry.read_text(encoding="utf-8")
-    return dict(sorted(out.items()))
-
-
-def apply_views(con) -> None:
-    """CREATE OR REPLACE every view; views that depend on others are retried until all resolve."""
-    pending = view_sql()
-    while pending:
-        failed = {}
-        for name, sql in pending.items():
-            try:
-                con.execute(sql)
-            except duckdb.CatalogException as exc:
-                failed[name] = (sql, exc)
-        if len(failed) == len(pending):
-            name, (_, exc) = next(iter(failed.items()))
-            raise RuntimeError(f"view {name} in queries/{name}.sql does not apply: {exc}")
-        pending = {k: v[0] for k, v in failed.items()}
-
-
-def upgrade(con, path: str = "") -> None:
-    """Apply the declared schema, the views and the missing seed rows, then store the schema hash.
-
-    Each step only adds what is missing, so a run interrupted before the hash is stored is simply
-    completed by the next writing open."""
-    ensure_schema(con, path)
-    apply_views(con)
-    from toolkit.taxonomy import seed_taxonomy
-
-    seed_taxonomy(con)  # inserts only missing default categories/aliases
-    from toolkit.templates import seed_templates
-
-    seed_templates(con)  # the shipped default prompt-template set, when the database has none
-    con.execute("INSERT OR REPLACE INTO schema_info (key, value) VALUES ('schema_hash', ?)", [schema_hash()])
 
 
 def is_writable(path: str | Path) -> bool:
@@ -243,53 +124,6 @@ def is_read_only(con) -> bool:
     rows = con.execute("SELECT readonly FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
     row = rows[0] if rows else None
     return bool(row and row[0])
-
-
-def open_database(
-    path: str | Path | None = None, read_only: bool = False, *, force_upgrade: bool = False
-) -> duckdb.DuckDBPyConnection:
-    """Open a clipfail database.
-
-    For writing (the default) the file is created if needed, and upgraded when its schema hash differs
-    from this clipfail's (`force_upgrade=True`, used by `clipfail init`, re-checks every table and column
-    anyway). With `read_only=True` nothing is ever written: the file must exist and be up to date."""
-    path = str(path or default_db_path())
-    if read_only:
-        con = _connect(path, read_only=True)
-        try:
-            _refuse_newer(con, path)
-            if stored_schema_hash(con) != schema_hash():
-                raise UserError(
-                    f"Database {path} has not been set up by this version of clipfail yet (its tables, views or "
-                    "default data differ), and this command only reads it. Upgrade it once with: "
-                    f"clipfail --db {path} init (this needs write access to the file and its folder), then run "
-                    "the command again."
-                )
-        except duckdb.Error as exc:
-            con.close()
-            if is_corruption(exc):
-                raise damaged_database_error(path, exc) from None
-            raise
-        except BaseException:
-            con.close()
-            raise
-        return con
-    if Path(path).parent and not Path(path).parent.exists():
-        raise UserError(f"Folder {Path(path).parent} for database {path} does not exist. Create it first.")
-    con = _connect(path)
-    try:
-        _refuse_newer(con, path)
-        if force_upgrade or stored_schema_hash(con) != schema_hash():
-            upgrade(con, path)
-    except duckdb.Error as exc:
-        con.close()
-        if is_corruption(exc):
-            raise damaged_database_error(path, exc) from None
-        raise
-    except BaseException:
-        con.close()
-        raise
-    return con
 
 
 @contextlib.contextmanager
@@ -323,7 +157,7 @@ def insert_run(
         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'completed')
         RETURNING run_id
         """,
-        [stage, cfg_json, config_hash(config), seed, model, pretrained, toolkit.__version__, started_at, now()],
+        [stage, cfg_json, config_hash(config), seed, model, pretrained, __version__, started_at, now()],
     ).fetchone()
     return int(row[0])
 

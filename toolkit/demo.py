@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolkit import db
 from toolkit.errors import UserError
+from toolkit.study import open_study
 
 CHECKPOINT_NAME = "tiny-clip-random.safetensors"
 DEMO_NOTE = (
@@ -110,7 +110,7 @@ def run_demo(
     lap("save random tiny-clip checkpoint")
 
     db_path = out / "demo.duckdb"
-    con = db.open_database(db_path)
+    con = open_study(db_path)
     try:
         pipe = run_pipeline(
             con,

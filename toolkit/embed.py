@@ -49,6 +49,7 @@ from toolkit import artifacts, db
 from toolkit import paths as study_paths
 from toolkit.errors import UserError, list_offenders
 from toolkit.progress import progress as _progress
+from toolkit.study import open_study
 
 KINDS = ("image", "text")
 SHARD_ROWS = {"image": 512, "text": 4096}
@@ -434,7 +435,7 @@ def embed(
     args = (subset_name, model, pretrained, checkpoint, precision, cache_dir, recompute, draft)
     db_path = str(database) if isinstance(database, str | os.PathLike) else None
     if db_path is not None:
-        con = db.open_database(db_path)
+        con = open_study(db_path)
         try:
             plan = _plan(con, *args)
         finally:
@@ -554,7 +555,7 @@ def embed(
                 "computed": {k: hashes[k] for k in computed},
                 "recompute": bool(recompute),
             }
-            reg = db.open_database(db_path) if db_path is not None else con
+            reg = open_study(db_path) if db_path is not None else con
             try:
                 run_id, registered = _register(reg, plan, computed, run_config, started, precision, notes)
             finally:

@@ -3,7 +3,10 @@
 `taxonomy_bar_chart(df, title, path_stem)` draws Figures 1 and 2 of the study (and any other
 category table shaped like the taxonomy views): one bar per category in the order of `df`,
 each labelled with its count and percentage as the view gives them (nothing is recomputed).
-The report stage reuses it.
+The report stage reuses it, and draws its other charts here too:
+`improvement_bar_chart` (baseline vs improved Recall@K per pooling, from improvement_recall) and
+`triage_confusion_figure` (a heatmap of the triage_confusion view). Every chart draws the values it
+is given; none computes a number.
 
 Files are reproducible: the SVG has a fixed hash salt and no date, the PNG no timestamp.
 """
@@ -96,6 +99,77 @@ def taxonomy_bar_chart(
             loc="upper right",
         )
     return _save(fig, path_stem)
+
+
+def improvement_bar_chart(group, labels, title: str, path_stem, subtitle: str | None = None) -> list[Path]:
+    """Grouped bars: for R@1, R@5, R@10 the baseline and each pooling's improved Recall@K (in %, from the view).
+
+    `group` holds one row per improvement run of one subset (columns baseline_r1/5/10, taken from its first
+    row, and improved_r1/5/10); `labels` names each row's bars in the legend (the report's pooling labels).
+    """
+    first = group.iloc[0]
+    series = [("baseline", [first["baseline_r1"], first["baseline_r5"], first["baseline_r10"]])]
+    for label, row in zip(labels, group.itertuples()):
+        series.append((label, [row.improved_r1, row.improved_r5, row.improved_r10]))
+    colours = ["#9a9a9a", "#3b6ea5", "#e08a2c", "#4e9a4e", "#a04ea0", "#c44e52", "#5aa0c8"]
+    fig = Figure(figsize=(7.5, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    for j, (label, values) in enumerate(series):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(3)]
+        bars = ax.bar(
+            xs,
+            [float(v) for v in values],
+            width=width,
+            label=label,
+            color=colours[j % len(colours)],
+            edgecolor="#2b2b2b",
+            linewidth=0.5,
+        )
+        for bar, v in zip(bars, values):
+            ax.annotate(
+                f"{float(v):.1f}",
+                xy=(bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+    ax.set_xticks(range(3), ["R@1", "R@5", "R@10"])
+    ax.set_ylabel("Recall@K (%)")
+    top = max(float(v) for _, values in series for v in values)
+    ax.set_ylim(0, max(10.0, top * 1.18))
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(frameon=False, fontsize=8, loc="upper left")
+    fig.suptitle(title, fontsize=12, fontweight="bold")
+    if subtitle:
+        ax.set_title(subtitle, fontsize=9, color="#444444")
+    return _save(fig, Path(path_stem))
+
+
+def triage_confusion_figure(conf, title: str, path_stem) -> list[Path]:
+    """A heatmap of the triage_confusion view: human labels (rows) by suggestions (columns), counts as given."""
+    rows = list(dict.fromkeys(conf["human_category"]))
+    cols = list(dict.fromkeys(conf["suggested_category"]))
+    cols = [c for c in cols if c != "(none)"] + (["(none)"] if "(none)" in cols else [])
+    cells = {(h, s): int(n) for h, s, n in zip(conf["human_category"], conf["suggested_category"], conf["n"])}
+    grid = [[cells.get((h, s), 0) for s in cols] for h in rows]
+    fig = Figure(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.55 * len(rows)))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(grid, cmap="Blues", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xlabel("triage suggestion")
+    ax.set_ylabel("human label")
+    top = max((max(r) for r in grid), default=0)
+    for i, r in enumerate(grid):
+        for j, v in enumerate(r):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > top / 2 else "black")
+    fig.suptitle(title, fontsize=10, fontweight="bold")
+    fig.tight_layout()
+    return _save(fig, Path(path_stem))
 
 
 # --------------------------------------------------------------------------- hubness and methods (issue 17)

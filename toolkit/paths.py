@@ -19,6 +19,7 @@ every file on every call; `relocate` and the stages that load a file check the s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -27,6 +28,15 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from toolkit.errors import UserError, list_offenders
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes, read in chunks (toolkit.artifacts uses it for every registered file)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def db_file(con_or_dbpath) -> Path | None:
@@ -334,8 +344,6 @@ def plan_images(con, new_root, subset_name: str | None = None) -> RelocateResult
 
 def plan_captions(con, new_file, subset_name: str | None = None) -> RelocateResult:
     """The rows that point subsets' captions JSON at `new_file`, after checking its sha256 against the ingested one."""
-    from toolkit.artifacts import sha256_file
-
     new_file = Path(os.path.abspath(os.path.expanduser(os.fspath(new_file))))
     if not new_file.is_file():
         raise UserError(f"--captions-json {new_file} is not a file.")
@@ -361,8 +369,6 @@ def plan_cache(con, new_dir) -> RelocateResult:
     `new_dir` move there; a set whose file exists where it is and not under `new_dir` stays; a set
     whose file is in neither place refuses the whole relocation (nothing is changed).
     """
-    from toolkit.artifacts import sha256_file
-
     new_dir = Path(os.path.abspath(os.path.expanduser(os.fspath(new_dir))))
     if not new_dir.is_dir():
         raise UserError(f"--cache-dir {new_dir} is not a folder. Give the folder that holds the .npy files.")

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolkit import db
+from toolkit.study import open_study
 
 SUGGESTED_CONTROL = 200  # R@1 successes in the suggested improve control (fewer if the run has fewer)
 
@@ -69,7 +69,7 @@ def _timed(outcomes: list[StageOutcome], stage: str, fn, describe):
 def _connection(database):
     """The caller's open connection, or the database at this path opened for one stage and closed after."""
     if isinstance(database, str | os.PathLike):
-        con = db.open_database(database)
+        con = open_study(database)
         try:
             yield con
         finally:

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pandas as pd
 
-import toolkit
 from toolkit import db
 from toolkit import paths as study_paths
+from toolkit._version import __version__
 from toolkit.errors import UserError
 from toolkit.outdir import FreshFolder
 from toolkit.sheets import write_frame_csv
@@ -58,14 +58,6 @@ class ReportResult:
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def _view_exists(con, name: str) -> bool:
-    return bool(
-        con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' AND table_name = ?", [name]
-        ).fetchone()[0]
-    )
 
 
 def _slug(text: str) -> str:
@@ -378,7 +370,7 @@ def _provenance(con, page: _Page, rrid: int | None) -> None:
         try:
             version = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            version = toolkit.__version__ if name == "clipfail" else "(not installed)"
+            version = __version__ if name == "clipfail" else "(not installed)"
         versions.append((name, version))
     versions.append(("python", platform.python_version()))
     page.table(
@@ -489,7 +481,7 @@ def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> 
     for note in notes or []:
         banner += f'<div class="banner note-box">{html.escape(note)}</div>'
     meta = (
-        f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} by clipfail {toolkit.__version__}"
+        f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} by clipfail {__version__}"
         + (f" from {html.escape(str(db_path))}" if db_path else "")
         + (f"; retrieval run {rrid}" if rrid is not None else "")
         + (f"; report run {run_id}." if run_id is not None else ".")
@@ -619,65 +611,6 @@ STUDY_FORMATS = {
 }
 
 
-def improvement_bar_chart(group: pd.DataFrame, title: str, path_stem: Path, subtitle: str | None = None) -> list[Path]:
-    """Grouped bars: for R@1, R@5, R@10 the baseline and each pooling's improved Recall@K (in %, from the view)."""
-    from matplotlib.figure import Figure
-
-    from toolkit.figures import DPI
-
-    first = group.iloc[0]
-    series = [("baseline", [first["baseline_r1"], first["baseline_r5"], first["baseline_r10"]])]
-    for row in group.itertuples():
-        series.append((_pooling_label(row.pooling, row.tau), [row.improved_r1, row.improved_r5, row.improved_r10]))
-    colours = ["#9a9a9a", "#3b6ea5", "#e08a2c", "#4e9a4e", "#a04ea0", "#c44e52", "#5aa0c8"]
-    fig = Figure(figsize=(7.5, 4.6), layout="constrained")
-    ax = fig.add_subplot()
-    width = 0.8 / len(series)
-    for j, (label, values) in enumerate(series):
-        xs = [i - 0.4 + width * (j + 0.5) for i in range(3)]
-        bars = ax.bar(
-            xs,
-            [float(v) for v in values],
-            width=width,
-            label=label,
-            color=colours[j % len(colours)],
-            edgecolor="#2b2b2b",
-            linewidth=0.5,
-        )
-        for bar, v in zip(bars, values):
-            ax.annotate(
-                f"{float(v):.1f}",
-                xy=(bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                xytext=(0, 2),
-                textcoords="offset points",
-                ha="center",
-                va="bottom",
-                fontsize=7,
-            )
-    ax.set_xticks(range(3), ["R@1", "R@5", "R@10"])
-    ax.set_ylabel("Recall@K (%)")
-    top = max(float(v) for _, values in series for v in values)
-    ax.set_ylim(0, max(10.0, top * 1.18))
-    ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(frameon=False, fontsize=8, loc="upper left")
-    fig.suptitle(title, fontsize=12, fontweight="bold")
-    if subtitle:
-        ax.set_title(subtitle, fontsize=9, color="#444444")
-    return _save_figure(fig, Path(path_stem), DPI)
-
-
-def _save_figure(fig, path_stem: Path, dpi: int) -> list[Path]:
-    """PNG and SVG, reproducible (no timestamps, fixed SVG hash salt), as toolkit.figures writes them."""
-    import matplotlib
-
-    path_stem.parent.mkdir(parents=True, exist_ok=True)
-    png, svg = path_stem.with_name(path_stem.name + ".png"), path_stem.with_name(path_stem.name + ".svg")
-    fig.savefig(png, dpi=dpi, metadata={"Software": None})
-    with matplotlib.rc_context({"svg.hashsalt": "clipfail", "svg.fonttype": "none"}):
-        fig.savefig(svg, metadata={"Date": None, "Creator": None})
-    return [png, svg]
-
-
 def _effective_k_text(con, run: pd.Series, k_asked: int | None) -> str:
     """The K asked for and how many prompts the captions really got (view improvement_effective_k)."""
     if k_asked is None:  # a run made before prompts were distinct: K templates, copies of the caption included
@@ -692,9 +625,11 @@ def _effective_k_text(con, run: pd.Series, k_asked: int | None) -> str:
 
 
 def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list[str]) -> None:
+    from toolkit.figures import improvement_bar_chart
+
     page.h2("improvement", "4. Category-aware prompt ensembling")
     flag = " SIMULATED labels chose these captions." if simulated else ""
-    if rrid is None or not _view_exists(con, "improvement_recall"):
+    if rrid is None or not db.table_exists(con, "improvement_recall"):
         page.p("No improvement run yet. Run: clipfail improve --categories Object --pooling all", cls="missing")
         missing.append("improvement runs: clipfail improve")
         return
@@ -739,6 +674,7 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
         page.figure(
             improvement_bar_chart(
                 group,
+                [_pooling_label(p, t) for p, t in zip(group["pooling"], group["tau"])],
                 f"Figure {num}. {categories} subset (n={int(first['n'])})"
                 + (" (SIMULATED labels)" if simulated else ""),
                 page.figures_dir / f"figure{num}_{slug}",
@@ -826,37 +762,11 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
 # --------------------------------------------------------------------------- triage (issue 16)
 
 
-def triage_confusion_figure(conf: pd.DataFrame, title: str, path_stem: Path) -> list[Path]:
-    """A heatmap of the triage_confusion view: human labels (rows) by suggestions (columns), counts as given."""
-    from matplotlib.figure import Figure
-
-    from toolkit.figures import DPI
-
-    rows = list(dict.fromkeys(conf["human_category"]))
-    cols = list(dict.fromkeys(conf["suggested_category"]))
-    cols = [c for c in cols if c != "(none)"] + (["(none)"] if "(none)" in cols else [])
-    cells = {(h, s): int(n) for h, s, n in zip(conf["human_category"], conf["suggested_category"], conf["n"])}
-    grid = [[cells.get((h, s), 0) for s in cols] for h in rows]
-    fig = Figure(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.55 * len(rows)))
-    ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(grid, cmap="Blues", aspect="auto")
-    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), rows, fontsize=8)
-    ax.set_xlabel("triage suggestion")
-    ax.set_ylabel("human label")
-    top = max((max(r) for r in grid), default=0)
-    for i, r in enumerate(grid):
-        for j, v in enumerate(r):
-            if v:
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > top / 2 else "black")
-    fig.suptitle(title, fontsize=10, fontweight="bold")
-    fig.tight_layout()
-    return _save_figure(fig, Path(path_stem), DPI)
-
-
 def _triage_section(con, page: _Page, rrid, simulated: bool, missing: list[str]) -> None:
     """Section 7: triage agreement (view triage_agreement), its confusion matrix as a figure (triage_confusion),
     and the estimated taxonomy over all failures beside the labelled one (triage_distribution)."""
+    from toolkit.figures import triage_confusion_figure
+
     page.h2("triage", "7. Automatic triage")
     flag = " SIMULATED labels." if simulated else ""
     has = (
@@ -924,7 +834,7 @@ def _hubness_section(con, page: _Page, rrid, missing: list[str]) -> None:
     from toolkit.figures import k_occurrence_histogram, thumbnail_grid
 
     page.h2("hubness", "8. Hubness")
-    if rrid is None or not _view_exists(con, "hubness_summary"):
+    if rrid is None or not db.table_exists(con, "hubness_summary"):
         page.p("No retrieval run yet. Run: clipfail evaluate", cls="missing")
         return
     page.p(
@@ -1023,7 +933,7 @@ def _method_comparison_section(con, page: _Page, rrid, simulated: bool, missing:
     flag = " SIMULATED labels chose these captions." if simulated else ""
     df = (
         con.execute("SELECT * FROM method_comparison WHERE retrieval_run_id = ?", [rrid]).df()
-        if rrid is not None and _view_exists(con, "method_comparison")
+        if rrid is not None and db.table_exists(con, "method_comparison")
         else pd.DataFrame()
     )
     if df.empty:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from toolkit import paths as study_paths
+from toolkit.db import table_exists
 
 STAGES = ["ingest", "embed", "evaluate", "sample-failures", "import-labels", "improve", "report"]
 
@@ -23,14 +24,6 @@ class StatusResult:
     next_steps: list[str] = field(default_factory=list)
     has_simulated_labels: bool = False
     missing_files: list[str] = field(default_factory=list)  # referenced files not in place (paths.missing_files)
-
-
-def _exists(con, name: str) -> bool:
-    return bool(
-        con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' AND table_name = ?", [name]
-        ).fetchone()[0]
-    )
 
 
 def _weights(pretrained, checkpoint_sha256) -> str:
@@ -145,7 +138,7 @@ def study_status(con) -> StatusResult:
         )
 
     improvements = pd.DataFrame()
-    if _exists(con, "improvement_runs") and _exists(con, "improvement_ranks"):
+    if table_exists(con, "improvement_runs") and table_exists(con, "improvement_ranks"):
         improvements = con.execute(
             """
             SELECT i.retrieval_run_id, count(DISTINCT i.improvement_id) AS n_runs,

@@ -7,7 +7,7 @@ Tables (declared in schema/tables.py):
 - `category_aliases(alias, category)`: other spellings people write, from
   `toolkit/data/category_aliases.csv`. Aliases are stored normalised (see `normalise_label`).
 
-Seeding: `toolkit.db.open_database` calls `seed_taxonomy` when it upgrades a database (a writing
+Seeding: `toolkit.study.open_study` calls `seed_taxonomy` when it upgrades a database (a writing
 open whose schema hash differs, or `clipfail init`). It inserts the default categories and aliases
 that are missing (by name / by alias) and never changes a row that exists, so edits made with
 `clipfail categories add-alias --replace` stay. When nothing is missing it only runs two small SELECTs.
@@ -35,6 +35,7 @@ from importlib import resources
 
 import pandas as pd
 
+from toolkit import db
 from toolkit.errors import UserError
 
 SEPARATORS = ";/,+&|"
@@ -94,8 +95,6 @@ def seed_taxonomy(con) -> int:
     aliases = aliases[~aliases["alias"].isin(have_aliases)]
     if cats.empty and aliases.empty:
         return 0
-    from toolkit import db
-
     with db.transaction(con):
         db.insert_df(con, "categories", cats.reset_index(drop=True))
         db.insert_df(con, "category_aliases", aliases.reset_index(drop=True))
@@ -217,8 +216,6 @@ def add_category(
         raise UserError(f"{name!r} is already {what}. Nothing changed.")
     if position is None:
         position = int(con.execute("SELECT coalesce(max(position) + 1, 0) FROM categories").fetchone()[0])
-    from toolkit import db
-
     row = pd.DataFrame(
         [
             {
@@ -252,8 +249,6 @@ def add_alias(con, alias: str, category: str, *, replace: bool = False) -> dict:
             return {"alias": norm, "category": target, "is_noop": True}
         if not replace:
             raise UserError(f"Alias {norm!r} already means {row[0]}. Give --replace to make it mean {target} instead.")
-    from toolkit import db
-
     with db.transaction(con):
         con.execute("DELETE FROM category_aliases WHERE alias = ?", [norm])
         con.execute("INSERT INTO category_aliases (alias, category) VALUES (?, ?)", [norm, target])

@@ -1,0 +1,297 @@
+"""queries/: the list of views, their order, their conventions, and their output before/after issue 12.
+
+tests/views_before_issue12/ holds the view texts as they were on main (99a6260) before the SQL
+conventions of issue 12 (import CTEs, a final CTE, NULLS LAST, the shared improvement_hits view).
+That change is a refactor: on a populated study every one of those views must return exactly the
+same rows, columns, types and order. A later change that alters a view's output on purpose updates
+its file there in the same commit (and says why).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import register_hand_built
+
+import queries
+from schema.tables import metadata
+from toolkit import db
+from toolkit import study as study_mod
+from toolkit.evaluate import evaluate
+from toolkit.failures import sample_failures
+from toolkit.improve import improve
+from toolkit.ingest import ingest
+from toolkit.simulate import simulate_labels
+from toolkit.study import open_study
+from toolkit.synthetic import make_synthetic_coco
+from toolkit.triage import triage
+
+QUERIES = Path(queries.__file__).parent
+BEFORE = Path(__file__).parent / "views_before_issue12"
+
+
+def _sql_files() -> list[str]:
+    return sorted(p.stem for p in QUERIES.glob("*.sql"))
+
+
+# --- the list of views ------------------------------------------------------------------------------
+
+
+def test_every_view_file_is_listed_once():
+    assert len(queries.VIEWS) == len(set(queries.VIEWS)), "a view is listed twice in queries.VIEWS"
+    assert sorted(queries.VIEWS) == _sql_files()
+    assert list(study_mod.view_sql()) == queries.VIEWS  # applied in the listed order
+
+
+def test_view_sql_refuses_a_file_missing_from_the_list(monkeypatch):
+    monkeypatch.setattr(queries, "VIEWS", [v for v in queries.VIEWS if v != "triage_confusion"])
+    with pytest.raises(RuntimeError, match=r"not listed \['triage_confusion'\]"):
+        study_mod.view_sql()
+    monkeypatch.setattr(queries, "VIEWS", [*queries.VIEWS, "triage_confusion", "no_such_view"])
+    with pytest.raises(RuntimeError, match=r"no file for \['no_such_view'\]"):
+        study_mod.view_sql()
+
+
+def _schema_only():
+    con = duckdb.connect()
+    study_mod.ensure_schema(con)
+    return con
+
+
+def test_views_apply_in_list_order_on_a_fresh_database_once_each():
+    con = _schema_only()
+    try:
+        for name in queries.VIEWS:  # one pass, no retries: each view only reads what came before it
+            con.execute((QUERIES / f"{name}.sql").read_text(encoding="utf-8"))
+        got = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+        assert got == set(queries.VIEWS)
+    finally:
+        con.close()
+
+
+def test_apply_views_names_the_view_that_does_not_apply(monkeypatch):
+    # the order matters: a view listed before a view it reads does not apply, and nothing retries it
+    order = [v for v in queries.VIEWS if v != "improvement_hits"]
+    order.insert(order.index("improvement_recall") + 1, "improvement_hits")
+    monkeypatch.setattr(queries, "VIEWS", order)
+    con = _schema_only()
+    try:
+        with pytest.raises(RuntimeError, match=r"view improvement_recall in queries/improvement_recall\.sql"):
+            study_mod.apply_views(con)
+    finally:
+        con.close()
+
+
+# --- conventions (queries/README.md) ----------------------------------------------------------------
+
+RELATIONS = {t.name for t in metadata.sorted_tables} | set(queries.VIEWS)
+
+
+@pytest.mark.parametrize("name", _sql_files())
+def test_view_follows_the_conventions(name):
+    text = (QUERIES / f"{name}.sql").read_text(encoding="utf-8")
+    header, _, body = text.partition("CREATE OR REPLACE VIEW")
+    assert body.startswith(f" {name} AS\n"), "one CREATE OR REPLACE VIEW named after the file"
+    assert "CREATE" not in body, "one view per file"
+    lines = header.splitlines()
+    assert lines and all(line.startswith("--") for line in lines), "a comment header, then the statement"
+    assert lines[0].startswith(f"-- {name}: "), "the header starts with '-- <view name>: '"
+    reads_line = next((line for line in lines if line.startswith("-- Reads: ")), None)
+    assert reads_line, "the header names what the view reads ('-- Reads: a, b.')"
+    reads = set(re.findall(r"[a-z_]+", reads_line.removeprefix("-- Reads: ").split("(")[0]))
+    referenced = {m for m in re.findall(r"\b(?:FROM|JOIN)\s+([a-z_]+)", body) if m in RELATIONS}
+    assert reads == referenced, "the Reads: line lists exactly the tables and views the view reads"
+    for rel in referenced:  # every table or view is read through an import CTE of its own name
+        assert re.search(rf"(?:WITH|,)\s+{rel} AS \(\s+SELECT\s[^()]*?\bFROM {rel}\b", body), f"import CTE {rel}"
+    assert re.search(r"\bfinal AS \(", body), "the last CTE is called final"
+    assert re.search(r"\)\nSELECT \*(?: EXCLUDE \([a-z_, ]+\))? FROM final\nORDER BY [^\n]+\n$", body), (
+        "the view ends with SELECT * FROM final ORDER BY ..."
+    )
+    assert "2147483647" not in text, "NULLS FIRST / NULLS LAST, not a sentinel position"
+
+
+def test_improvement_views_share_the_hits_view():
+    for name in ("improvement_recall", "category_recall_delta"):
+        text = (QUERIES / f"{name}.sql").read_text(encoding="utf-8")
+        assert "FROM improvement_hits" in text and "improvement_ranks" not in text and "unnest" not in text
+
+
+# --- the views return what they returned before issue 12 -------------------------------------------
+
+
+def _fake_encoder(texts):
+    rows = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:12], 16)).normal(size=16) for t in texts]
+    out = np.asarray(rows, dtype=np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A generated study with every view populated: retrieval, labels (with the overlap set), improve runs
+    (one with a NULL-category control, one mixed), and a triage run."""
+    root = tmp_path_factory.mktemp("queries_study")
+    make_synthetic_coco(root / "coco", 60, seed=1)
+    path = root / "study.duckdb"
+    con = open_study(path)
+    try:
+        ingest(con, coco_root=root / "coco", num_images=60, captions_per_image=5, seed=42, name="s60")
+        sid = int(db.get_subset(con, "s60")["subset_id"])
+        imgs = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
+        caps = con.execute(
+            "SELECT c.caption_id, c.image_id FROM subset_captions c JOIN subset_images i USING (subset_id, image_id) "
+            "WHERE c.subset_id = ? ORDER BY i.position, c.position",
+            [sid],
+        ).df()
+        rng = np.random.default_rng(0)
+        img = rng.normal(size=(len(imgs), 16)).astype(np.float32)
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        pos = {int(i): k for k, i in enumerate(imgs["image_id"])}
+        txt = img[[pos[int(i)] for i in caps["image_id"]]] + 1.2 * rng.normal(size=(len(caps), 16)).astype(np.float32)
+        txt = (txt / np.linalg.norm(txt, axis=1, keepdims=True)).astype(np.float32)
+        register_hand_built(con, root / "image.npy", "image", img, imgs["image_id"].to_numpy(), sid)
+        register_hand_built(con, root / "text.npy", "text", txt, caps["caption_id"].to_numpy(), sid)
+        evaluate(con, "s60", device="cpu")
+        sample_failures(con, n=200, seed=42, overlap=30, per_annotator=50, out_dir=root / "fa", pictures=False)
+        simulate_labels(con, root / "fa", root / "labels", seed=0)
+        kw = dict(poolings="all", encoder=_fake_encoder, cache_dir=root / "cache")
+        improve(con, "Object", control="successes:20", **kw)
+        improve(con, "Object,Attribute", template_mode="union", control="all", **kw)
+        triage(con)
+        _edge_cases(con)
+    finally:
+        con.close()
+    return path
+
+
+def _edge_cases(con) -> None:
+    """Rows whose order the NULL rules decide, edited in by hand: failures no triage rule had evidence for
+    ('(none)'), and labels of a category no longer in the taxonomy (no position) that win a vote, lose a
+    1-1 tie, and tie as a secondary category."""
+    con.execute("UPDATE triage_suggestions SET suggested_category = NULL WHERE caption_id % 4 = 0")
+    s0, s1, s2 = (
+        r[0]
+        for r in con.execute(
+            "SELECT sample_id FROM failure_samples WHERE set_name = 'overlap' ORDER BY draw_order LIMIT 3"
+        ).fetchall()
+    )
+    names = [
+        r[0] for r in con.execute("SELECT annotator FROM annotations WHERE sample_id = ? ORDER BY 1", [s0]).fetchall()
+    ]
+    assert len(names) == 3
+    a, b, c = names
+    sql = "UPDATE annotations SET category = ?, secondary_category = ? WHERE sample_id = ? AND annotator = ?"
+    con.execute(sql, ["Retired", None, s0, a])
+    con.execute(sql, ["Retired", None, s0, b])  # Retired wins 2:1
+    con.execute("DELETE FROM annotations WHERE sample_id = ? AND annotator = ?", [s1, c])
+    con.execute(sql, ["Retired", None, s1, a])
+    con.execute(sql, ["Action", None, s1, b])  # 1:1 tie: Action has a position, Retired has none
+    con.execute(sql, ["Context", "Retired", s2, a])
+    con.execute(sql, ["Context", "Object", s2, b])  # secondary tie 1:1
+    con.execute(sql, ["Context", None, s2, c])
+
+
+def _apply_with_retries(con, texts: dict[str, str]) -> None:
+    """How views were applied before issue 12: retry the ones that fail until all resolve."""
+    pending = dict(texts)
+    while pending:
+        failed = {}
+        for name, sql in pending.items():
+            try:
+                con.execute(sql)
+            except duckdb.CatalogException:
+                failed[name] = sql
+        assert len(failed) < len(pending), f"old views do not apply: {sorted(failed)}"
+        pending = failed
+
+
+def _outputs(path: Path, names) -> dict[str, tuple[pd.DataFrame, list]]:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return {n: (con.execute(f"SELECT * FROM {n}").df(), con.execute(f"DESCRIBE {n}").fetchall()) for n in names}
+    finally:
+        con.close()
+
+
+def test_every_view_returns_what_it_returned_before(study, tmp_path):
+    before_texts = {p.stem: p.read_text(encoding="utf-8") for p in sorted(BEFORE.glob("*.sql"))}
+    assert set(before_texts) <= set(queries.VIEWS)  # every old view keeps its name
+    old_db = tmp_path / "before.duckdb"
+    shutil.copyfile(study, old_db)
+    con = duckdb.connect(str(old_db))
+    try:
+        _apply_with_retries(con, before_texts)
+    finally:
+        con.close()
+    new, old = _outputs(study, before_texts), _outputs(old_db, before_texts)
+    for name in sorted(before_texts):
+        (new_df, new_types), (old_df, old_types) = new[name], old[name]
+        assert len(old_df) > 0, f"{name} is empty on the test study: the comparison would prove nothing"
+        assert new_types == old_types, name
+        pd.testing.assert_frame_equal(new_df, old_df, check_exact=True, obj=name)
+    # the cases the NULL ordering rules are about occur in this study
+    crd = new["category_recall_delta"][0]
+    assert crd["category"].isna().any() and crd["category"].notna().any()
+    for _, run in crd.groupby("improvement_id", sort=False):  # within a run, NULL category last
+        assert run["category"].isna().tolist() == sorted(run["category"].isna().tolist())
+    dist = new["triage_distribution"][0]
+    assert dist["category"].iloc[-1] == "(none)" and dist["n_triage"].iloc[-1] > 0
+    conf = new["triage_confusion"][0]
+    assert (conf["suggested_category"] == "(none)").any()
+    labels = new["sample_labels"][0].set_index("draw_order").sort_index()
+    overlap = labels[labels["is_overlap"]]
+    assert overlap["category"].iloc[:3].tolist() == ["Retired", "Action", "Context"]
+    assert overlap["is_tie"].iloc[:3].tolist() == [False, True, False]
+    assert overlap["secondary_category"].iloc[2] == "Object"
+
+
+def test_improvement_hits_add_up_to_the_recall_views(study):
+    con = duckdb.connect(str(study), read_only=True)
+    try:
+        hits = con.execute("SELECT * FROM improvement_hits").df()
+        n_ranks = con.execute("SELECT count(*) FROM improvement_ranks").fetchone()[0]
+        assert len(hits) == 3 * n_ranks and sorted(hits["k"].unique()) == [1, 5, 10]
+        assert (hits["is_baseline_hit"] == (hits["baseline_rank"] <= hits["k"])).all()
+        assert (hits["is_improved_hit"] == (hits["improved_rank"] <= hits["k"])).all()
+        recall = con.execute("SELECT improvement_id, k, n, baseline_pct, improved_pct FROM improvement_recall").df()
+        by_run = hits.groupby(["improvement_id", "k"]).agg(
+            n=("caption_id", "size"), b=("is_baseline_hit", "mean"), i=("is_improved_hit", "mean")
+        )
+        for row in recall.itertuples():
+            ref = by_run.loc[(row.improvement_id, row.k)]
+            assert row.n == ref["n"]
+            assert float(row.baseline_pct) == pytest.approx(100 * ref["b"], abs=0.005)
+            assert float(row.improved_pct) == pytest.approx(100 * ref["i"], abs=0.005)
+    finally:
+        con.close()
+
+
+# --- one table_exists, charts in toolkit.figures (issue 12.6) ---------------------------------------
+
+TOOLKIT = Path(db.__file__).parent
+
+
+def test_one_table_exists_check():
+    con = _schema_only()
+    try:
+        study_mod.apply_views(con)
+        assert db.table_exists(con, "improvement_runs") and db.table_exists(con, "improvement_recall")
+        assert not db.table_exists(con, "no_such_table")
+    finally:
+        con.close()
+    sources = {p.name: p.read_text(encoding="utf-8") for p in sorted(TOOLKIT.glob("*.py"))}
+    sources["cli.py"] = (TOOLKIT.parent / "cli.py").read_text(encoding="utf-8")
+    assert [n for n, s in sources.items() if "information_schema.tables" in s] == ["db.py"]
+
+
+def test_charts_are_drawn_in_figures_only():
+    for p in sorted(TOOLKIT.glob("*.py")):
+        if p.name != "figures.py":
+            text = p.read_text(encoding="utf-8")
+            assert "savefig" not in text and "matplotlib.figure" not in text, p.name

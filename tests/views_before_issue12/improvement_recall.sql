@@ -1,0 +1,65 @@
+-- improvement_recall: per improvement run and K in (1, 5, 10), its captions' baseline and improved
+-- Recall@K in % (2 decimals) and the delta in percentage points (computed unrounded, then rounded),
+-- with the stored paired statistics of that delta (toolkit.stats, written by `improve`): the
+-- bootstrap 95% interval in pp, the exact McNemar p-value, and how many captions the prompts
+-- fixed (baseline miss -> improved hit) and broke (baseline hit -> improved miss).
+-- population is 'failures' (the labelled subset) or a control ('successes', 'all'). k_prompts is
+-- the K asked for (prompts per caption, `--k`; NULL for runs made before it could be chosen);
+-- effective_k_min / effective_k_mean are what the run's captions actually got (a caption gets fewer
+-- when fewer templates apply to it; view improvement_effective_k has the distribution).
+CREATE OR REPLACE VIEW improvement_recall AS
+WITH improvement_runs_ AS (
+    SELECT * FROM improvement_runs
+),
+ranks AS (
+    SELECT improvement_id, baseline_rank, improved_rank, n_prompts FROM improvement_ranks
+),
+effective_k AS (
+    SELECT improvement_id, min(n_prompts) AS effective_k_min, round(avg(n_prompts), 2) AS effective_k_mean
+    FROM ranks GROUP BY improvement_id
+),
+ks AS (
+    SELECT unnest([1, 5, 10]) AS k
+),
+recall AS (
+    SELECT
+        r.improvement_id,
+        ks.k,
+        count(*) AS n,
+        avg(CASE WHEN r.baseline_rank <= ks.k THEN 1.0 ELSE 0.0 END) AS baseline,
+        avg(CASE WHEN r.improved_rank <= ks.k THEN 1.0 ELSE 0.0 END) AS improved
+    FROM ranks r CROSS JOIN ks
+    GROUP BY r.improvement_id, ks.k
+),
+run_stats AS (
+    SELECT * FROM improvement_stats WHERE category = '*'
+)
+SELECT
+    u.improvement_id,
+    u.run_id,
+    u.retrieval_run_id,
+    u.categories,
+    u.population,
+    u.pooling,
+    u.tau,
+    u.template_set,
+    u.template_mode,
+    u.k_per_category,
+    u.k_prompts,
+    e.effective_k_min,
+    e.effective_k_mean,
+    rc.k,
+    rc.n,
+    round(100 * rc.baseline, 2) AS baseline_pct,
+    round(100 * rc.improved, 2) AS improved_pct,
+    round(100 * (rc.improved - rc.baseline), 2) AS delta_pp,
+    round(s.ci_low_pp, 2) AS ci_low_pp,
+    round(s.ci_high_pp, 2) AS ci_high_pp,
+    s.mcnemar_p,
+    s.n_fixed,
+    s.n_broken
+FROM recall rc
+JOIN improvement_runs_ u ON u.improvement_id = rc.improvement_id
+JOIN effective_k e ON e.improvement_id = rc.improvement_id
+LEFT JOIN run_stats s ON s.improvement_id = rc.improvement_id AND s.k = rc.k
+ORDER BY u.improvement_id, rc.k

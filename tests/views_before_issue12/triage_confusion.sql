@@ -1,0 +1,35 @@
+-- triage_confusion: the confusion matrix of human labels against triage suggestions.
+--
+-- Newest triage run of each retrieval run; one row per non-empty cell. human_category is the
+-- label of each labelled sample in sample_labels (the annotator's own label, or the overlap
+-- majority); suggested_category is the triage suggestion, '(none)' where no rule fired.
+-- Rows follow the taxonomy order (categories.position) of both axes, '(none)' last.
+CREATE OR REPLACE VIEW triage_confusion AS
+WITH latest AS (
+    SELECT retrieval_run_id, max(triage_run_id) AS triage_run_id FROM triage_runs GROUP BY retrieval_run_id
+),
+suggestions AS (
+    SELECT t.retrieval_run_id, t.triage_run_id, t.caption_id, coalesce(t.suggested_category, '(none)') AS suggested
+    FROM triage_suggestions t
+    JOIN latest l USING (retrieval_run_id, triage_run_id)
+),
+labels AS (
+    SELECT retrieval_run_id, caption_id, category FROM sample_labels
+),
+category_order AS (
+    SELECT name AS category, position FROM categories
+),
+cells AS (
+    SELECT l.retrieval_run_id, g.triage_run_id, l.category AS human_category, g.suggested AS suggested_category,
+           count(*) AS n
+    FROM labels l
+    JOIN suggestions g ON g.retrieval_run_id = l.retrieval_run_id AND g.caption_id = l.caption_id
+    GROUP BY ALL
+)
+SELECT c.retrieval_run_id, c.triage_run_id, c.human_category, c.suggested_category, c.n,
+       c.human_category = c.suggested_category AS is_agreement
+FROM cells c
+LEFT JOIN category_order h ON h.category = c.human_category
+LEFT JOIN category_order s ON s.category = c.suggested_category
+ORDER BY c.retrieval_run_id, coalesce(h.position, 2147483647), c.human_category,
+         coalesce(s.position, 2147483647), c.suggested_category
