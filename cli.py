@@ -31,6 +31,8 @@ STAGE_ORDER = (
     "ingest",
     "embed",
     "evaluate",
+    "benchmark",
+    "compare",
     "triage",
     "sample-failures",
     "annotate",
@@ -90,13 +92,16 @@ def db_option(f):
     return wrapper
 
 
-def model_options(*, model_default: str | None = None, model_required: bool = False, precision: bool = False):
+def model_options(
+    *, model_default: str | None = None, model_required: bool = False, precision: bool = False, weights: bool = True
+):
     """The options that pick and place a model (--model, --pretrained, --checkpoint, --device and, with
     precision=True, --precision), declared once so that every command that loads a model documents
-    them alike. A command whose --model has no default says in its docstring what it falls back to."""
+    them alike. A command whose --model has no default says in its docstring what it falls back to.
+    weights=False leaves out --model/--pretrained/--checkpoint (for a command that reads them elsewhere)."""
 
     def decorate(f):
-        options = [
+        weight_options = [
             click.option(
                 "--model",
                 default=model_default,
@@ -114,6 +119,8 @@ def model_options(*, model_default: str | None = None, model_required: bool = Fa
                 default=None,
                 help="Local weights file, for offline use (instead of --pretrained).",
             ),
+        ]
+        options = (weight_options if weights else []) + [
             click.option(
                 "--device",
                 default="auto",
@@ -257,9 +264,15 @@ def make_synthetic_coco(dest, n_images, seed):
 @click.option("--coco-root", type=click.Path(), help="Folder with annotations/captions_val2017.json and val2017/.")
 @click.option("--captions-json", type=click.Path(), help="A COCO captions JSON (instead of --coco-root).")
 @click.option("--images-dir", type=click.Path(), help="The folder its file_names are relative to.")
-@click.option("--karpathy-json", type=click.Path(), help="Karpathy's dataset_coco.json (image root: --images-dir).")
+@click.option(
+    "--karpathy-json",
+    type=click.Path(),
+    help="Karpathy's dataset_coco.json or dataset_flickr30k.json (image root: --images-dir).",
+)
 @click.option("--split", default=None, help="Karpathy split to take (default: test).")
-@click.option("--num-images", default="5000", show_default=True, help="Images to sample, or 'all'.")
+@click.option(
+    "--num-images", default=None, help="Images to sample, or 'all' (default: 5000; Flickr30k: the whole split)."
+)
 @click.option(
     "--captions-per-image",
     type=click.IntRange(1, 2**31 - 1),
@@ -321,6 +334,13 @@ def ingest(db_path, **options):
 @click.option("--recompute", is_flag=True, help="Rebuild the embeddings even if a cached set exists.")
 @click.option("--draft-decode", "draft", is_flag=True, help="Opt-in JPEG draft decoding (faster; resize noise only).")
 @click.option(
+    "--decode",
+    type=click.Choice(["cpu", "gpu"]),
+    default="cpu",
+    show_default=True,
+    help="gpu (opt-in, CUDA only): decode JPEGs and preprocess on the GPU (cosine 0.99997 to cpu on an H200).",
+)
+@click.option(
     "--num-workers", type=click.IntRange(0, 64), default=None, help="Image decoding workers (default: automatic)."
 )
 @db_option
@@ -336,6 +356,7 @@ def embed(
     cache_dir,
     recompute,
     draft,
+    decode,
     num_workers,
 ):
     """Compute (or reuse) L2-normalised CLIP embeddings of a subset's images and captions.
@@ -365,9 +386,11 @@ def embed(
         recompute=recompute,
         draft=draft,
         num_workers=num_workers,
+        decode=decode,
     )
     weights = res.pretrained or (f"checkpoint {res.checkpoint_sha256[:12]}" if res.checkpoint_sha256 else "random")
-    what = f"subset {res.subset!r} with {res.model} ({weights}, {res.precision}{', draft decode' if res.draft else ''})"
+    how = (", draft decode" if res.draft else "") + (", GPU decode" if res.decode == "gpu" else "")
+    what = f"subset {res.subset!r} with {res.model} ({weights}, {res.precision}{how})"
     for note in res.notes:
         click.echo(f"Note: {note}")
     if res.is_noop:
@@ -435,17 +458,137 @@ def evaluate(db_path, subset_name, model, pretrained, checkpoint, topk, device, 
     echo_df(res.summary)
 
 
+@cli.command("benchmark")
+@click.option(
+    "--models",
+    "models_file",
+    required=True,
+    type=click.Path(),
+    help="Text file, one model[,pretrained|checkpoint] per line (# comments).",
+)
+@click.option("--subset", "subset_name", default=None, help="Subset name (default: the most recent subset).")
+@model_options(weights=False, precision=True)
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=None, help="Embedding batch size.")
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False), default=None, help="Default: <db stem>_cache/ beside the database."
+)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the table here.")
+@db_option
+def benchmark(db_path, models_file, subset_name, device, batch_size, precision, cache_dir, csv_path):
+    """Embed and evaluate every model of a models file on one subset, and print one table.
+
+    FILE has one model[,pretrained|checkpoint] per line, as CLIP_benchmark's models.txt (a second
+    field with a / or a .pt/.pth/.bin/.safetensors/.ckpt suffix is a checkpoint, relative to the
+    file's folder). Each line runs embed and evaluate (both directions) and reuses what is done,
+    so an interrupted benchmark resumes. A bad line is named and runs nothing; the others still run,
+    and the exit status is then 1. The table: R@1/5/10 both ways (from recall_summary), the embed
+    run's wall time and the device.
+
+    \b
+    Example:
+      clipfail benchmark --models models.txt --subset karpathy-test --csv benchmark.csv
+    """
+    from toolkit.benchmark import benchmark as run_benchmark
+    from toolkit.benchmark import describe_failures, write_table_csv
+
+    if csv_path and not Path(csv_path).parent.is_dir():
+        raise UserError(f"Folder {Path(csv_path).parent} for --csv {csv_path} does not exist. Create it first.")
+    res = run_benchmark(
+        db_path,
+        models_file,
+        subset_name,
+        device=device,
+        batch_size=batch_size,
+        precision=precision,
+        cache_dir=cache_dir,
+    )
+    for o in res.outcomes:
+        where = f"line {o.line.line_no} ({o.line.text})"
+        click.echo(f"{where}: {o.status}" + (f" in {o.seconds:.1f} s" if o.status == "done" else ""))
+    click.echo(f"\nSubset {res.subset}:")
+    echo_df(res.table)
+    if csv_path:
+        write_table_csv(res.table, csv_path)
+        click.echo(f"Wrote {len(res.table)} rows to {csv_path}.")
+    failures = describe_failures(res.outcomes)
+    if failures:
+        click.echo(f"\n{len(failures)} line(s) of {models_file} failed and ran nothing:", err=True)
+        for line in failures:
+            click.echo(f"  {line}", err=True)
+        click.get_current_context().exit(1)
+
+
+@cli.command("compare")
+@click.argument("run_a", type=click.IntRange(1, 2**63 - 1))
+@click.argument("run_b", type=click.IntRange(1, 2**63 - 1))
+@click.option("--k", "ks", default="1,5,10", show_default=True, help="Comma-separated K values of R@K.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True, help="Bootstrap seed.")
+@db_option
+def compare(db_path, run_a, run_b, ks, seed):
+    """Paired comparison of two retrieval runs of the same subset and direction (B against A).
+
+    Per K: R@K of each run, ΔR@K = R@K(B) - R@K(A) in pp with a paired bootstrap 95% interval
+    (10,000 resamples, --seed), the exact McNemar p, and the queries fixed (A miss, B hit), broken
+    (A hit, B miss), shared (both miss) and neither (both hit). Stored in run_comparisons and
+    run_comparison_stats; see the views run_pairs, run_comparison and failure_overlap_by_category.
+    Runs on different subsets or directions are refused. The same comparison again is a no-op.
+
+    \b
+    Example:
+      clipfail compare 1 2 --k 1,5,10
+    """
+    from toolkit.compare import compare as run_compare
+
+    with open_study(db_path) as con:
+        res = run_compare(con, run_a, run_b, ks, seed=seed)
+        overlap = con.execute(
+            "SELECT category, n_labelled_a, n_fixed, n_shared, percent_fixed, n_labelled_b, n_broken "
+            "FROM failure_overlap_by_category WHERE run_comparison_id = ?",
+            [res.run_comparison_id],
+        ).df()
+    state = "already stored, nothing changed" if res.is_noop else "stored"
+    click.echo(
+        f"Comparison {res.run_comparison_id} ({state}): retrieval run {res.retrieval_run_b_id} (B) against "
+        f"run {res.retrieval_run_a_id} (A), {res.direction}, subset {res.subset}, {res.n_queries:,} paired queries."
+    )
+    if res.is_same_run:
+        click.echo("Run A and run B are the same run: every delta is zero and nothing is fixed or broken.")
+    elif res.is_identical_ranks:
+        click.echo("The two runs rank every query identically: every delta is zero and nothing is fixed or broken.")
+    cols = ["k", "r_at_k_a", "r_at_k_b", "delta_pp", "ci_low_pp", "ci_high_pp", "mcnemar_p"]
+    counts = ["k", "n_fixed", "n_broken", "n_shared", "n_neither"]
+    shown = res.summary[cols].copy()
+    for col in ("delta_pp", "ci_low_pp", "ci_high_pp"):  # percentage points, as the view rounds them
+        shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:+.2f}")
+    echo_df(shown)
+    click.echo("")
+    echo_df(res.summary[counts])
+    if not overlap.empty:
+        click.echo("\nLabelled R@1 failures of run A per category (view failure_overlap_by_category):")
+        echo_df(overlap, floatfmt="{:.2f}")
+    click.echo(
+        f"\nPer query: clipfail --db {shlex.quote(db_path)} sql "
+        f'"SELECT * FROM run_pairs WHERE run_comparison_id = {res.run_comparison_id}"'
+    )
+
+
 @cli.command("triage")
-@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: latest text-to-image).")
+@click.option(
+    "--run",
+    "retrieval_run_id",
+    type=click.IntRange(1, 2**63 - 1),
+    default=None,
+    help="Retrieval run id (default: the newest text-to-image run).",
+)
 @click.option(
     "--hub-factor",
-    type=float,
+    type=click.FloatRange(0, min_open=True),
     default=3.0,
     show_default=True,
     help="Hub flag: top-1 of at least this many times the queries-per-image of the run.",
 )
 @db_option
-def triage(db_path, run_id, hub_factor):
+def triage(db_path, retrieval_run_id, hub_factor):
     """Suggest a failure category, with its evidence, for every R@1 failure of a run.
 
     Rules (toolkit/triage.py), first that fires wins: Object, Count, Spatial (from the COCO
@@ -461,7 +604,7 @@ def triage(db_path, run_id, hub_factor):
     from toolkit.triage import triage as run_triage
 
     with open_study(db_path) as con:
-        res = run_triage(con, run_id, hub_factor=hub_factor)
+        res = run_triage(con, retrieval_run_id, hub_factor=hub_factor)
     if res.n_failures == 0:
         click.echo(f"Retrieval run {res.retrieval_run_id} has no R@1 failures: nothing to triage, nothing written.")
         return
@@ -481,7 +624,7 @@ def triage(db_path, run_id, hub_factor):
 @cli.command("sample-failures")
 @click.option(
     "--run",
-    "run_id",
+    "retrieval_run_id",
     type=click.IntRange(1, 2**63 - 1),
     default=None,
     help="Retrieval run id (default: latest text-to-image).",
@@ -523,7 +666,7 @@ def triage(db_path, run_id, hub_factor):
 @db_option
 def sample_failures(
     db_path,
-    run_id,
+    retrieval_run_id,
     n,
     seed,
     overlap,
@@ -549,7 +692,7 @@ def sample_failures(
     with open_study(db_path) as con:
         res = run_sample(
             con,
-            run_id=run_id,
+            retrieval_run_id=retrieval_run_id,
             n=n,
             seed=seed,
             overlap=overlap,
@@ -590,12 +733,14 @@ def sample_failures(
     show_default=True,
     help="mine, overlap or all (mine + overlap); backup is assigned to nobody and refused.",
 )
-@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last).")
+@click.option(
+    "--run", "retrieval_run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last)."
+)
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: any free port.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Any other host requires the printed tokens.")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in the default web browser.")
 @db_option
-def annotate(db_path, annotators, set_choice, run_id, port, host, open_browser):
+def annotate(db_path, annotators, set_choice, retrieval_run_id, port, host, open_browser):
     """Label the failure sample in the browser; each label is saved to the database as it is given.
 
     Serves one item per page (caption, ground truth and top-5 images, keys 1-7 for the categories)
@@ -608,7 +753,7 @@ def annotate(db_path, annotators, set_choice, run_id, port, host, open_browser):
     """
     from toolkit import annotate as wb_mod
 
-    wb = wb_mod.prepare(db_path, list(annotators), set_choice=set_choice, retrieval_run_id=run_id, host=host)
+    wb = wb_mod.prepare(db_path, list(annotators), set_choice=set_choice, retrieval_run_id=retrieval_run_id, host=host)
     sock = wb_mod.bind(host, port)
     try:
         wb.port = sock.getsockname()[1]
@@ -644,11 +789,13 @@ def annotate(db_path, annotators, set_choice, run_id, port, host, open_browser):
 
 @cli.command("export-labelstudio")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--run", "run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last).")
+@click.option(
+    "--run", "retrieval_run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last)."
+)
 @click.option("--image-url-prefix", default=None, help="Image URLs = PREFIX + path under the image root.")
 @click.option("--force", is_flag=True, help="Overwrite tasks.json / labeling_config.xml that differ.")
 @db_option
-def export_labelstudio(db_path, out_dir, run_id, image_url_prefix, force):
+def export_labelstudio(db_path, out_dir, retrieval_run_id, image_url_prefix, force):
     """Write the failure sample as Label Studio tasks (tasks.json) and labelling config (labeling_config.xml).
 
     Import the labels back with: clipfail import-labels --format labelstudio EXPORT.json
@@ -660,7 +807,9 @@ def export_labelstudio(db_path, out_dir, run_id, image_url_prefix, force):
     from toolkit.labelstudio import export_labelstudio as run_export
 
     with open_study(db_path, read_only=True) as con:
-        res = run_export(con, out_dir, retrieval_run_id=run_id, image_url_prefix=image_url_prefix, force=force)
+        res = run_export(
+            con, out_dir, retrieval_run_id=retrieval_run_id, image_url_prefix=image_url_prefix, force=force
+        )
     click.echo(f"{res.n_tasks} tasks of retrieval run {res.retrieval_run_id} (every set but backup) in {res.out_dir}/.")
     if res.written:
         click.echo(f"  written: {', '.join(res.written)}")
@@ -852,13 +1001,13 @@ def _percent_table(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 )
 @click.option(
     "--run",
-    "run_id",
+    "retrieval_run_id",
     type=click.IntRange(1, 2**63 - 1),
     default=None,
     help="Retrieval run id (default: the one labelled last).",
 )
 @db_option
-def analyze(db_path, out_dir, run_id):
+def analyze(db_path, out_dir, retrieval_run_id):
     """Print the failure taxonomy and annotator agreement; write them as CSV, with Figures 1-2.
 
     The tables are the views taxonomy_distribution, taxonomy_actionable, taxonomy_by_annotator
@@ -873,7 +1022,7 @@ def analyze(db_path, out_dir, run_id):
     from toolkit.analysis import analyze as run_analyze
 
     with open_study(db_path, read_only=True) as con:
-        res = run_analyze(con, out_dir=out_dir, retrieval_run_id=run_id)
+        res = run_analyze(con, out_dir=out_dir, retrieval_run_id=retrieval_run_id)
     if res.is_simulated:
         click.echo("NOTE: some of these labels are SIMULATED (demo annotators), not human judgements.")
     click.echo(
@@ -979,56 +1128,14 @@ def templates_export(db_path, template_set, out_file):
         click.echo(f"Wrote {out_file}")
 
 
-def _improve_tables(summary: pd.DataFrame, eff_k: dict | None = None) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
-    """Per population: a title, the reference study's table (one row per pooling), the statistics."""
-    out = []
-    for population, grp in summary.groupby("population", sort=False):
-        first = grp.iloc[0]
-        base = grp.drop_duplicates("k").set_index("k")["baseline_pct"]
-        n = int(grp["n"].iloc[0])
-        k_asked = first["k_prompts"]
-        k_text = f"K per category {first['k_per_category']}" if pd.isna(k_asked) else f"K {int(k_asked)}"
-        title = (
-            f"{first['categories'].replace(',', '+')} {population} (n={n}, {k_text}, "
-            f"retrieval run {first['retrieval_run_id']}). Baseline: R@1 {base[1]:.2f}, R@5 {base[5]:.2f}, "
-            f"R@10 {base[10]:.2f}"
-        )
-        if eff_k and population in eff_k:
-            title += f"\nPrompts per caption (effective K): {eff_k[population]}"
-        rows, stat_rows = [], []
-        for _improvement_id, g in grp.groupby("improvement_id", sort=False):
-            g = g.set_index("k")
-            p = g["pooling"].iloc[0]
-            label = f"logsumexp (tau={g['tau'].iloc[0]:g})" if p == "logsumexp" else p
-            rows.append(
-                {"pooling": label}
-                | {f"improved R@{k}": g.loc[k, "improved_pct"] for k in (1, 5, 10)}
-                | {f"ΔR@{k} (pp)": g.loc[k, "delta_pp"] for k in (1, 5, 10)}
-            )
-            for k in (1, 5, 10):
-                stat_rows.append(
-                    {
-                        "pooling": label,
-                        "K": k,
-                        "Δ (pp)": g.loc[k, "delta_pp"],
-                        "95% CI (pp)": f"[{g.loc[k, 'ci_low_pp']:+.2f}, {g.loc[k, 'ci_high_pp']:+.2f}]",
-                        "McNemar p": f"{g.loc[k, 'mcnemar_p']:.4g}",
-                        "fixed": int(g.loc[k, "n_fixed"]),
-                        "broken": int(g.loc[k, "n_broken"]),
-                    }
-                )
-        out.append((title, pd.DataFrame(rows), pd.DataFrame(stat_rows)))
-    return out
-
-
 @cli.command()
 @click.option("--categories", required=True, help="Comma-separated failure categories, e.g. Object,Attribute.")
 @click.option(
     "--run",
-    "run_id",
+    "retrieval_run_id",
     type=click.IntRange(1, 2**63 - 1),
     default=None,
-    help="Retrieval run id (default: the latest labelled one).",
+    help="Retrieval run id (default: the one labelled last).",
 )
 @click.option(
     "--max-subset", type=click.IntRange(1, 2**31 - 1), default=200, show_default=True, help="Cap (seeded draw)."
@@ -1058,7 +1165,7 @@ def _improve_tables(summary: pd.DataFrame, eff_k: dict | None = None) -> list[tu
 def improve(
     db_path,
     categories,
-    run_id,
+    retrieval_run_id,
     max_subset,
     pooling,
     tau,
@@ -1101,7 +1208,7 @@ def improve(
         res = run_improve(
             con,
             categories,
-            retrieval_run_id=run_id,
+            retrieval_run_id=retrieval_run_id,
             max_subset=max_subset,
             poolings=pooling,
             tau=tau,
@@ -1127,10 +1234,12 @@ def improve(
             f"Improve run {res.run_id}: {res.n_prompts} distinct prompts besides the captions, "
             f"{res.n_encoded} encoded now, {res.n_prompts - res.n_encoded} from the cache."
         )
-    for title, table, stat in _improve_tables(summary, eff_k):
+    from toolkit import tables
+
+    for title, table, stat in tables.improvement_tables(summary, eff_k):
         click.echo("")
         click.echo(title)
-        echo_df(table, floatfmt="{:.2f}")
+        echo_df(table[["pooling", *tables.RECALL_COLUMNS]], floatfmt="{:.2f}")
         echo_df(stat, floatfmt="{:+.2f}")
     click.echo("")
     click.echo(
@@ -1149,13 +1258,13 @@ def improve(
 )
 @click.option(
     "--run",
-    "run_id",
+    "retrieval_run_id",
     type=click.IntRange(1, 2**63 - 1),
     default=None,
     help="Retrieval run id (default: the one labelled last).",
 )
 @db_option
-def report(db_path, out_dir, run_id):
+def report(db_path, out_dir, retrieval_run_id):
     """Write the study's report: a self-contained report.html, figures (PNG/SVG) and tables (CSV).
 
     Every number in it is read from the views (recall_summary, taxonomy_distribution,
@@ -1173,7 +1282,7 @@ def report(db_path, out_dir, run_id):
     if not Path(db_path).exists():
         raise UserError(db.missing_database_message(db_path))
     with open_study(db_path, read_only=not db.is_writable(db_path)) as con:
-        res = write_report(con, out_dir=out_dir, retrieval_run_id=run_id, db_path=db_path)
+        res = write_report(con, out_dir=out_dir, retrieval_run_id=retrieval_run_id, db_path=db_path)
     if res.is_simulated:
         click.echo("NOTE: the labels in this report are SIMULATED (demo annotators); the page says so.")
     click.echo(f"Wrote {res.html_path} ({len(res.figures)} figure files, {len(res.tables)} CSV tables).")

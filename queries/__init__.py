@@ -25,6 +25,10 @@ VIEWS = [
     "triage_agreement",  # reads sample_labels
     "triage_confusion",  # reads sample_labels
     "triage_distribution",  # reads taxonomy_distribution
+    # comparisons of two retrieval runs (issue 18)
+    "run_pairs",  # reads run_comparisons, retrieval_ranks
+    "run_comparison",  # reads run_pairs
+    "failure_overlap_by_category",  # reads sample_labels
     # hubness and the methods of improve (issue 17)
     "image_hubness",  # reads retrieval_runs, embedding_rows, retrieval_ranks
     "hubness_summary",  # reads image_hubness

@@ -397,6 +397,44 @@ triage_suggestions = sa.Table(
     sa.Column("is_hub", sa.Boolean, nullable=False),
 )
 
+# --- paired comparison of two retrieval runs (issue 18) --------------------------------------------
+
+# One row per `clipfail compare RUN_A RUN_B`: two retrieval runs of the same subset and direction.
+run_comparisons = sa.Table(
+    "run_comparisons",
+    metadata,
+    _id("run_comparison_id"),
+    sa.Column("retrieval_run_a_id", sa.BigInteger, nullable=False),
+    sa.Column("retrieval_run_b_id", sa.BigInteger, nullable=False),
+    sa.Column("subset_id", sa.BigInteger, nullable=False),
+    sa.Column("direction", sa.Text, nullable=False),
+    sa.Column("n_queries", sa.BigInteger, nullable=False),
+    sa.Column("ks", sa.Text, nullable=False),  # comma-separated K values, ascending
+    sa.Column("is_same_run", sa.Boolean, nullable=False),
+    sa.Column("config_hash", sa.Text, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    _run_id(),
+)
+
+# Paired statistics of each ΔR@K (B minus A), computed by toolkit.stats and stored for the views.
+run_comparison_stats = sa.Table(
+    "run_comparison_stats",
+    metadata,
+    sa.Column("run_comparison_id", sa.BigInteger, primary_key=True),
+    sa.Column("k", sa.Integer, primary_key=True),
+    sa.Column("n", sa.BigInteger, nullable=False),
+    sa.Column("hits_a", sa.BigInteger, nullable=False),
+    sa.Column("hits_b", sa.BigInteger, nullable=False),
+    sa.Column("n_fixed", sa.BigInteger, nullable=False),  # A miss -> B hit
+    sa.Column("n_broken", sa.BigInteger, nullable=False),  # A hit -> B miss
+    sa.Column("ci_low_pp", sa.Double),
+    sa.Column("ci_high_pp", sa.Double),
+    sa.Column("ci_level", sa.Double, nullable=False),
+    sa.Column("bootstrap_resamples", sa.Integer, nullable=False),
+    sa.Column("bootstrap_seed", sa.BigInteger, nullable=False),
+    sa.Column("mcnemar_p", sa.Double, nullable=False),
+)
+
 # Natural keys (COCO ids, names) are given, never generated: without this, single-column
 # integer keys would compile to SERIAL types that DuckDB does not have.
 for _table in metadata.tables.values():

@@ -354,7 +354,7 @@ def test_bad_input_messages_and_nothing_started(study, tmp_path):
         (["--annotator", "Z"], "'Z' is not an annotator"),
         (["--annotator", "A", "--set", "everything"], "--set 'everything' is not a set"),
         (["--annotator", "A", "--set", "backup"], "backup set is assigned to nobody"),
-        (["--annotator", "A", "--run", "999"], "Retrieval run 999 has no sampled failures"),
+        (["--annotator", "A", "--run", "999"], "No retrieval run with id 999. Runs with a failure sample:"),
     ]
     for args, message in cases:
         res = invoke("--db", study, "annotate", *args, "--port", 0)

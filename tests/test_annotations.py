@@ -791,7 +791,7 @@ def test_failure_details_and_multiple_runs(study, tmp_path):
     res = invoke("--db", dbpath, "analyze", "--out", tmp_path / "an2")  # default: the run labelled last
     assert res.exit_code == 0 and f"retrieval run {rr2}: 4 labelled" in res.output
     res = invoke("--db", dbpath, "analyze", "--out", tmp_path / "an3", "--run", 12345)
-    assert res.exit_code == 2 and "has no imported labels" in res.output
+    assert res.exit_code == 2 and "No retrieval run with id 12345. Runs with labels:" in res.output
 
 
 def test_analyze_without_labels(study, tmp_path):

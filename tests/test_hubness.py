@@ -318,7 +318,7 @@ def test_report_has_hubness_section(hub_world, tmp_path, run_cli):
     shutil.copy(w["path"], path)
     out = tmp_path / "rep"
     res = run_cli("--db", path, "report", "--out", out, "--run", w["t2i"])
-    assert "8. Hubness" in res.output
+    assert "9. Hubness" in res.output
     html = (out / "report.html").read_text()
     assert 'id="hubness"' in html and "images most often retrieved in a top 10" in html
     import pandas as pd
@@ -461,7 +461,7 @@ def test_methods_refuse_bad_parameters_and_missing_labels(lab):
     w = lab
     con = open_study(w["unlabelled"])
     try:
-        with pytest.raises(UserError, match="No labelled failures"):
+        with pytest.raises(UserError, match="No labels have been imported"):
             H.improve_method(con, "qb-norm", "Object")
     finally:
         con.close()
@@ -540,7 +540,7 @@ def test_report_method_comparison_section_flags_bank_overlap(lab, tmp_path, run_
         con.close()
     out = tmp_path / "rep"
     res = run_cli("--db", w["path"], "report", "--out", out, "--run", w["t2i"])
-    assert "9. Which fix helps which category" in res.output
+    assert "10. Which fix helps which category" in res.output
     import pandas as pd
 
     table = pd.read_csv(out / "tables" / "method_comparison.csv")

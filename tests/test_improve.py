@@ -569,7 +569,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(dbfile, run_cli):
 
 def test_no_labels_is_a_clear_error(run_cli, tmp_path):
     res = run_cli("--db", tmp_path / "empty.duckdb", "improve", "--categories", "Object", expect=2)
-    assert "No labelled failures yet" in res.output
+    assert "No labels have been imported yet: improve needs labelled R@1 failures" in res.output
 
 
 def test_interrupted_write_leaves_the_database_unchanged(con, monkeypatch):

@@ -89,6 +89,34 @@ def _html_tables(html: str) -> dict[str, pd.DataFrame]:
     return out
 
 
+def test_the_report_and_clipfail_improve_print_one_improvement_table(study):
+    """Both render toolkit.tables.improvement_table of view improvement_recall (issue 12.6): the report's CSV is it,
+    row for row, and the CLI prints its pooling / improved / delta columns per population."""
+    from toolkit import tables
+    from toolkit.improve import summary
+
+    con, res, root = study
+    paths = sorted((root / "report" / "tables").glob("improvement_*_own.csv"))
+    assert len(paths) == 2
+    for path in paths:
+        csv = pd.read_csv(path)
+        ids = csv["improvement_id"].tolist()
+        pd.testing.assert_frame_equal(csv, tables.improvement_table(summary(con, ids), ids), check_dtype=False)
+        cli_tables = tables.improvement_tables(summary(con, ids))
+        assert len(cli_tables) == 1 and cli_tables[0][0].startswith(csv_title_start(con, ids[0]))
+        printed = cli_tables[0][1][["pooling", *tables.RECALL_COLUMNS]]
+        pd.testing.assert_frame_equal(printed, csv[["pooling", *tables.RECALL_COLUMNS]], check_dtype=False)
+        stats = cli_tables[0][2]
+        assert stats["95% CI (pp)"].tolist() == [csv.loc[i, f"95% CI ΔR@{k}"] for i in csv.index for k in (1, 5, 10)]
+
+
+def csv_title_start(con, improvement_id) -> str:
+    categories, n = con.execute(
+        "SELECT categories, n FROM improvement_recall WHERE improvement_id = ? AND k = 1", [improvement_id]
+    ).fetchone()
+    return f"{categories.replace(',', '+')} failures (n={n}, K 10, retrieval run "
+
+
 def test_report_tables_are_the_views(study):
     con, res, root = study
     page = res.html_path.read_text(encoding="utf-8")
@@ -193,4 +221,4 @@ def test_report_of_an_empty_database_says_what_is_missing(run_cli, tmp_db, tmp_p
     page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
     assert "No retrieval run yet" in page and "SIMULATED" not in page
     res = run_cli("--db", tmp_db, "report", "--run", 7, "--out", tmp_path / "r", expect=2)
-    assert "There is no retrieval run 7" in res.output
+    assert "No retrieval run with id 7. Run clipfail evaluate first." in res.output

@@ -10,9 +10,9 @@ This package is the Python API (the notebook surface); docs/python-api.md walks 
 
 Each stage of the CLI is a function here, named as its command where that name is free
 (`clipfail sample-failures` is `toolkit.sample_failures`, `clipfail analyze` is `toolkit.analyze`).
-Five stages share their name with the module that defines them, and a module keeps its name, so
-their functions are `toolkit.run_ingest`, `run_embed`, `run_evaluate`, `run_triage` and
-`run_improve` (as `clipfail run` is `toolkit.run_pipeline`); `clipfail report` is
+Stages that share their name with the module that defines them keep the module's name for the
+module, so their functions are `toolkit.run_ingest`, `run_embed`, `run_evaluate`, `run_benchmark`,
+`run_compare`, `run_triage` and `run_improve` (as `clipfail run` is `toolkit.run_pipeline`); `clipfail report` is
 `toolkit.write_report` and `clipfail status` is `toolkit.study_status`. A stage takes an open
 connection (`run_embed` and `run_pipeline` take the database path, so that the file is not held open
 while the model encodes; `annotate` serves a web page and has no function here).
@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names come f
     from toolkit.adhoc import run_query
     from toolkit.analysis import analyze
     from toolkit.annotations import import_labels
+    from toolkit.benchmark import benchmark as run_benchmark
+    from toolkit.compare import compare as run_compare
     from toolkit.demo import run_demo
     from toolkit.download import download_coco
     from toolkit.embed import embed as run_embed
@@ -65,6 +67,8 @@ _API: dict[str, tuple[str, str]] = {
     "save_random_checkpoint": ("toolkit.models", "save_random_checkpoint"),
     "run_embed": ("toolkit.embed", "embed"),
     "run_evaluate": ("toolkit.evaluate", "evaluate"),
+    "run_benchmark": ("toolkit.benchmark", "benchmark"),
+    "run_compare": ("toolkit.compare", "compare"),
     "run_triage": ("toolkit.triage", "triage"),
     "sample_failures": ("toolkit.failures", "sample_failures"),
     "export_labelstudio": ("toolkit.labelstudio", "export_labelstudio"),
@@ -98,6 +102,8 @@ __all__ = [
     "save_random_checkpoint",
     "run_embed",
     "run_evaluate",
+    "run_benchmark",
+    "run_compare",
     "run_triage",
     "sample_failures",
     "export_labelstudio",

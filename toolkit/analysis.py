@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from toolkit.errors import UserError
 from toolkit.outdir import FreshFolder
+from toolkit.runs import resolve_retrieval_run
 from toolkit.sheets import write_frame_csv
 
 PERCENT_COLUMNS = ("percent", "percent_lr", "percent_agreement")
@@ -39,29 +39,6 @@ class AnalysisResult:
     n_overlap_samples: int  # labelled overlap samples (the agreement's items)
     out_dir: Path | None  # None: nothing was written
     written: list[Path] = field(default_factory=list)
-
-
-def pick_labelled_run(con, retrieval_run_id: int | None) -> int:
-    """The given retrieval run (which must have labels), or the one labelled most recently."""
-    runs = con.execute(
-        """
-        SELECT s.retrieval_run_id, max(a.imported_at) AS last_import, count(*) AS n_labels
-        FROM annotations a JOIN failure_samples s USING (sample_id)
-        GROUP BY s.retrieval_run_id
-        ORDER BY last_import DESC, s.retrieval_run_id DESC
-        """
-    ).fetchall()
-    if not runs:
-        raise UserError(
-            "No labels have been imported yet. Fill in the assign_<annotator>.csv files that sample-failures "
-            "wrote, then run: clipfail import-labels failure_analysis/assign_*.csv"
-        )
-    if retrieval_run_id is None:
-        return int(runs[0][0])
-    if int(retrieval_run_id) not in {int(r[0]) for r in runs}:
-        have = ", ".join(f"{r[0]} ({r[2]} labels)" for r in runs)
-        raise UserError(f"Retrieval run {retrieval_run_id} has no imported labels. Runs with labels: {have}.")
-    return int(retrieval_run_id)
 
 
 def _view(con, name: str, rrid: int) -> pd.DataFrame:
@@ -84,7 +61,7 @@ def analyze(
 ) -> AnalysisResult:
     """Select the taxonomy tables and the agreement of one retrieval run; with `out_dir`, also write
     them as CSVs with Figures 1-2 there (without it, nothing is written)."""
-    rrid = pick_labelled_run(con, retrieval_run_id)
+    rrid = int(resolve_retrieval_run(con, retrieval_run_id, need="labels", purpose="analyze")["retrieval_run_id"])
     out_dir = None if out_dir is None else Path(out_dir)
     dist = _view(con, "taxonomy_distribution", rrid)
     act = _view(con, "taxonomy_actionable", rrid)

@@ -49,6 +49,7 @@ import duckdb
 
 from toolkit import db
 from toolkit.errors import UserError
+from toolkit.runs import resolve_retrieval_run
 from toolkit.study import open_study
 
 STAGE = "annotate"
@@ -176,20 +177,7 @@ def prepare(
                 f"Database {db_path} has no sampled failures to label. Run clipfail sample-failures first "
                 "(and check --db)."
             )
-        sampled = [
-            r[0] for r in con.execute("SELECT DISTINCT retrieval_run_id FROM failure_samples ORDER BY 1").fetchall()
-        ]
-        if retrieval_run_id is None:
-            retrieval_run_id = int(
-                con.execute("SELECT retrieval_run_id FROM failure_samples ORDER BY run_id DESC LIMIT 1").fetchone()[0]
-            )
-        elif int(retrieval_run_id) not in sampled:
-            raise UserError(
-                f"Retrieval run {retrieval_run_id} has no sampled failures. Runs with a failure sample: "
-                f"{', '.join(map(str, sampled))}. Give one of them with --run, or run clipfail sample-failures "
-                f"--run {retrieval_run_id}."
-            )
-        rrid = int(retrieval_run_id)
+        rrid = int(resolve_retrieval_run(con, retrieval_run_id, need="sample", purpose="annotate")["retrieval_run_id"])
         info = _SampleInfo.load(con)
         known = info.annotators.get(rrid, [])
         canonical = []

@@ -1,4 +1,4 @@
-"""Readers for COCO-format caption files and Karpathy's split file.
+"""Readers for COCO-format caption files and Karpathy's split files (COCO and Flickr30k).
 
 Both return two DataFrames:
 - images:   image_id, file_name, width, height, rel_path (relative to the image root)
@@ -171,17 +171,50 @@ def load_coco_captions(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return images, captions
 
 
-def load_karpathy(path: str | Path, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read Karpathy's dataset_coco.json and keep one split ('test', 'val', 'train', 'restval').
+KARPATHY_DATASETS = ("coco", "flickr30k")
+FLICKR30K_IMAGE_FOLDER = "flickr30k-images"
 
-    Image paths are `filepath/filename` (e.g. val2014/COCO_val2014_000000391895.jpg), so the image
-    root is the folder that holds val2014/. Caption ids are Karpathy's sentids; captions are 'raw'.
+
+def load_karpathy(path: str | Path, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`load_karpathy_dataset` without the dataset name."""
+    images, captions, _ = load_karpathy_dataset(path, split)
+    return images, captions
+
+
+def load_karpathy_dataset(path: str | Path, split: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Read one of Karpathy's split files and keep one split ('test', 'val', 'train', 'restval').
+
+    Returns (images, captions, dataset), dataset being 'coco' or 'flickr30k': the file's own
+    "dataset" key, or, without one, 'coco' when its records carry a `cocoid`.
+
+    - dataset_coco.json: image ids are `cocoid`; image paths are `filepath/filename` (e.g.
+      val2014/COCO_val2014_000000391895.jpg), so the image root is the folder that holds val2014/.
+    - dataset_flickr30k.json (the same format, without `cocoid` and `filepath`): image ids are
+      Karpathy's `imgid`; image paths are `flickr30k-images/<filename>`, the folder of the Flickr30k
+      download, so the image root is the folder that holds flickr30k-images/ (ingest also accepts
+      that folder itself).
+
+    Caption ids are Karpathy's sentids; captions are 'raw'.
     """
     path = Path(path)
-    data = _read_json(path, "Karpathy split file", "Give --karpathy-json pointing at dataset_coco.json.")
+    data = _read_json(
+        path,
+        "Karpathy split file",
+        "Give --karpathy-json pointing at dataset_coco.json or dataset_flickr30k.json.",
+    )
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise UserError(f"{path} is not a Karpathy split file: expected an object with 'images'.")
-    need = {"filename", "cocoid", "split", "sentences"}
+    dataset = data.get("dataset")
+    if dataset is None:
+        first = data["images"][0] if data["images"] else None
+        dataset = "flickr30k" if isinstance(first, dict) and "cocoid" not in first and "imgid" in first else "coco"
+    if dataset not in KARPATHY_DATASETS:
+        raise UserError(
+            f"{path} is Karpathy's split file of dataset {_short(dataset)}; clipfail reads "
+            f"{' and '.join(KARPATHY_DATASETS)} (dataset_coco.json, dataset_flickr30k.json)."
+        )
+    id_key = "cocoid" if dataset == "coco" else "imgid"
+    need = {"filename", id_key, "split", "sentences"}
     bad = [i for i, im in enumerate(data["images"]) if not isinstance(im, dict) or not need <= im.keys()]
     if bad:
         raise UserError(f"{path}: images entries without {sorted(need)} at positions {list_offenders(bad)}.")
@@ -194,8 +227,8 @@ def load_karpathy(path: str | Path, split: str) -> tuple[pd.DataFrame, pd.DataFr
     if not chosen:
         raise UserError(f"{path} has no images in split {split!r}. Its splits are: {', '.join(splits)}.")
     for i, im in chosen:
-        record = f"images[{i}]" + (f" (cocoid {im['cocoid']})" if isinstance(im["cocoid"], int) else "")
-        problems.whole(im["cocoid"], 0, MAX_ID, f"images[{i}]", "cocoid")
+        record = f"images[{i}]" + (f" ({id_key} {im[id_key]})" if isinstance(im[id_key], int) else "")
+        problems.whole(im[id_key], 0, MAX_ID, f"images[{i}]", id_key)
         problems.text(im["filename"], record, "filename", non_empty=True)
         if im.get("filepath") is not None:
             problems.text(im["filepath"], record, "filepath")
@@ -212,16 +245,19 @@ def load_karpathy(path: str | Path, split: str) -> tuple[pd.DataFrame, pd.DataFr
     problems.raise_if_any()
     img_rows, cap_rows = [], []
     for _, im in chosen:
-        rel = f"{im['filepath']}/{im['filename']}" if im.get("filepath") else im["filename"]
-        img_rows.append((im["cocoid"], im["filename"], None, None, rel))
+        if dataset == "flickr30k":
+            rel = f"{FLICKR30K_IMAGE_FOLDER}/{im['filename']}"
+        else:
+            rel = f"{im['filepath']}/{im['filename']}" if im.get("filepath") else im["filename"]
+        img_rows.append((im[id_key], im["filename"], None, None, rel))
         for s in im["sentences"]:
-            cap_rows.append((s["sentid"], im["cocoid"], s["raw"].strip()))
+            cap_rows.append((s["sentid"], im[id_key], s["raw"].strip()))
     images = pd.DataFrame(img_rows, columns=["image_id", "file_name", "width", "height", "rel_path"])
     images["width"] = images["width"].astype("Int32")
     images["height"] = images["height"].astype("Int32")
     captions = pd.DataFrame(cap_rows, columns=["caption_id", "image_id", "text"])
     _check_keys(path, images, captions)
-    return images, captions
+    return images, captions, dataset
 
 
 def _check_keys(path, images: pd.DataFrame, captions: pd.DataFrame) -> None:

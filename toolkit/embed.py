@@ -15,7 +15,10 @@ reused. Device, batch size and workers are recorded but are not part of the iden
 
 Resume. Rows are computed in shards (512 images or 4096 captions) written atomically under
 ``.partial/<kind>-<identity>/`` in the cache folder, each with its sha256 in the folder's
-manifest. An interrupted run (Ctrl-C, kill) leaves complete shards behind, and the next run with
+manifest. The images of every shard still to compute go through ONE loader (workers start once),
+and each shard is cut from that stream and saved as soon as its last row arrives; the captions
+are tokenized once, all together (which also counts truncation), then encoded shard by shard.
+An interrupted run (Ctrl-C, kill) leaves complete shards behind, and the next run with
 the same identity reuses those whose checksum matches the manifest (any other shard is computed
 again). A lock file (``flock``) beside the folder is held while a set is computed, so two
 processes embedding the same set into one cache folder never share or delete each other's shards:
@@ -25,6 +28,11 @@ when every shard of a set is there is the final file written (its name carries t
 content hashes, so a recompute never overwrites a file that another set row still references),
 and all sets of the run are registered in one transaction together with the run row; the shards
 are removed after the commit. The database therefore never references a half-written set.
+
+A run with nothing to compute reads the database, checks identities and file checksums, and
+returns: no model, no workers, and (for the common specs, see `models._resolve_light`) no torch or
+open_clip import. A ``--checkpoint``'s sha256 is looked up in ``checkpoint-sha256.json`` in the
+cache root (by path, size, mtime, ctime and inode) and written there after a successful run.
 
 The database is not held open while the model encodes: `embed` reads its inputs, closes the
 database, computes, and opens it again to register the sets, checking the identity again there
@@ -53,6 +61,7 @@ from toolkit.study import open_study
 
 KINDS = ("image", "text")
 SHARD_ROWS = {"image": 512, "text": 4096}
+CHECKPOINT_SUMS = "checkpoint-sha256.json"  # in the cache root: a checkpoint's sha256 by (path, size, times, inode)
 
 
 @dataclass
@@ -78,6 +87,7 @@ class EmbedResult:
     run_id: int | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    decode: str = "cpu"
 
     @property
     def is_noop(self) -> bool:
@@ -332,14 +342,18 @@ class _Plan:
     known: dict  # kind -> the newest set id of that identity when the inputs were read (or None)
     todo: list
     folder: Path
+    remember: tuple | None = None  # (sums file, record): a checkpoint sum to remember once the run succeeds
 
 
-def _plan(con, subset_name, model, pretrained, checkpoint, precision, cache_dir, recompute, draft) -> _Plan:
+def _plan(con, subset_name, model, pretrained, checkpoint, precision, cache_dir, recompute, draft, decode) -> _Plan:
     from toolkit import models
 
     subset = db.get_subset(con, subset_name)
     subset_id, name = int(subset["subset_id"]), str(subset["name"])
-    weights = models.weights_identity(model, pretrained, checkpoint)
+    cache_root = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir(con)
+    sums_file = cache_root / CHECKPOINT_SUMS
+    weights = models.weights_identity(model, pretrained, checkpoint, sums_file=sums_file)
+    remember = weights.pop("_remember", None)
     ckpt_path = study_paths.to_stored(con, checkpoint) if checkpoint is not None else None
 
     imgs, caps = subset_items(con, subset_id)
@@ -362,6 +376,8 @@ def _plan(con, subset_name, model, pretrained, checkpoint, precision, cache_dir,
         "image": {**base, "kind": "image", "items_sha256": _ids_sha(items["image"]), "draft": bool(draft)},
         "text": {**base, "kind": "text", "items_sha256": _ids_sha(items["text"])},
     }
+    if decode != "cpu":  # only then, so that the sets made before --decode existed keep their identity
+        identities["image"]["decode"] = decode
     hashes = {k: db.config_hash(v) for k, v in identities.items()}
 
     fix = "Run the same command with --recompute to rebuild it."
@@ -374,7 +390,6 @@ def _plan(con, subset_name, model, pretrained, checkpoint, precision, cache_dir,
             existing[kind] = found
         else:
             todo.append(kind)
-    cache_root = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir(con)
     return _Plan(
         subset_id=subset_id,
         name=name,
@@ -390,6 +405,7 @@ def _plan(con, subset_name, model, pretrained, checkpoint, precision, cache_dir,
         known=known,
         todo=todo,
         folder=cache_root / _slug(name),
+        remember=(sums_file, remember) if remember else None,
     )
 
 
@@ -407,6 +423,7 @@ def embed(
     draft: bool = False,
     num_workers: int | None = None,
     *,
+    decode: str = "cpu",
     progress: bool | None = None,
     shard_rows: dict | None = None,
     on_shard: Callable[[str, int, int], None] | None = None,
@@ -431,8 +448,13 @@ def embed(
         raise UserError("--batch-size must be at least 1.")
     if num_workers is not None and num_workers < 0:
         raise UserError("--num-workers must be 0 or more.")
-    models.pick_device(device)  # an unavailable or unknown --device is refused before any work
-    args = (subset_name, model, pretrained, checkpoint, precision, cache_dir, recompute, draft)
+    if decode not in encode.DECODES:
+        raise UserError(f"Unknown --decode {decode!r}; use cpu or gpu.")
+    # An unavailable or unknown --device (or --decode gpu without CUDA) is refused before any work.
+    # auto and cpu need no check, so a run with nothing to compute does not even import torch.
+    if str(device).strip().lower() not in ("auto", "cpu", "") or decode != "cpu":
+        encode.check_decode(decode, models.pick_device(device), draft)
+    args = (subset_name, model, pretrained, checkpoint, precision, cache_dir, recompute, draft, decode)
     db_path = str(database) if isinstance(database, str | os.PathLike) else None
     if db_path is not None:
         con = open_study(db_path)
@@ -450,7 +472,6 @@ def embed(
     computed: dict[str, dict] = {}
     reused_shards = 0
     n_truncated = context_length = None
-    fast_text = None
     run_id, registered = None, []
     if plan.todo:
         if "image" in plan.todo:
@@ -470,9 +491,14 @@ def embed(
             "pretrained": bundle.pretrained,
             "checkpoint_sha256": bundle.checkpoint_sha256,
         }
-        if got != weights:  # pragma: no cover - weights_identity and load_model must agree
-            raise RuntimeError(f"model identity mismatch: {got} != {weights}")
+        if got != weights:
+            raise UserError(
+                f"The model's weights changed while this command read them ({got['checkpoint_sha256']} is not "
+                f"{weights['checkpoint_sha256']}). Nothing was registered. Run the command again."
+            )
         notes.extend(bundle.notes)
+        if decode == "gpu" and "image" in plan.todo:
+            encode.gpu_preprocess_or_refuse(bundle)  # before any lock or shard folder
         locks = {
             kind: _PartialLock(partial / f"{kind}-{hashes[kind][:16]}.lock", f"{kind} embeddings of subset {name!r}")
             for kind in plan.todo
@@ -489,42 +515,55 @@ def embed(
                 n = len(items[kind])
                 shards = _Shards(partial / f"{kind}-{hashes[kind][:16]}", hashes[kind], n, rows_per[kind])
                 what = f"{kind} embeddings of subset {name!r} ({bundle.model_name}, {precision})"
-                parts, dim = [], None
                 unit = "image" if kind == "image" else "caption"
                 bar = _progress(total=n, desc=f"{kind} embeddings", unit=unit, enabled=progress)
+                done: dict[int, np.ndarray] = {}
+                dim = None
                 try:
                     for i in range(shards.n):
-                        a, b = shards.span(i)
                         arr = shards.load(i, dim)
-                        fresh = arr is None
-                        if not fresh:
+                        if arr is not None:
+                            done[i], dim = arr, arr.shape[1]
                             reused_shards += 1
-                            bar.update(b - a)
-                        elif kind == "image":
-                            arr = encode.encode_images(
-                                bundle,
-                                plan.paths[a:b],
-                                batch_size=img_bs,
-                                num_workers=num_workers,
-                                draft=draft,
-                                progress=bar,
-                            )
-                        else:
-                            res = encode.encode_texts_with_info(bundle, plan.captions[a:b], txt_bs, bar)
-                            arr, fast_text = res.embeddings, res.fast_path
+                            bar.update(arr.shape[0])
+                    todo_shards = [i for i in range(shards.n) if i not in done]
+
+                    def finish(i: int, arr: np.ndarray, kind=kind, shards=shards, what=what, done=done) -> None:
+                        a, b = shards.span(i)
                         if arr.shape[0] != b - a:  # pragma: no cover - encoders return one row per item
                             raise RuntimeError("encoder returned the wrong number of rows")
-                        if dim is None:
-                            dim = arr.shape[1]
-                        if fresh:
-                            check_embeddings(arr, kind, precision, items[kind][a:b], what)  # never saved if bad
-                            shards.save(i, arr)
-                            if on_shard is not None:
-                                on_shard(kind, i, shards.n)
-                        parts.append(arr)
+                        check_embeddings(arr, kind, precision, items[kind][a:b], what)  # never saved if bad
+                        shards.save(i, arr)
+                        done[i] = arr
+                        if on_shard is not None:
+                            on_shard(kind, i, shards.n)
+
+                    if kind == "image":
+                        stats: dict = {}
+                        _stream_images(encode, bundle, plan, shards, todo_shards, finish, img_bs, num_workers, draft,
+                                       decode, bar, stats)  # fmt: skip
+                        if stats.get("cpu_fallbacks"):
+                            notes.append(
+                                f"--decode gpu: {stats['cpu_fallbacks']} image(s) were not baseline RGB JPEGs that "
+                                "the GPU decodes; they took the exact CPU path."
+                            )
+                    else:
+                        toks = encode.tokenize(bundle, plan.captions)  # every caption once; counts truncation
+                        n_truncated, context_length = toks.n_truncated, bundle.context_length
+                        fast_text = None
+                        for i in todo_shards:
+                            a, b = shards.span(i)
+                            sub = encode.Tokens(toks.ids[a:b], None, None)
+                            res = encode.encode_texts_with_info(bundle, plan.captions[a:b], txt_bs, bar, tokens=sub)
+                            fast_text = res.fast_path
+                            finish(i, res.embeddings)
                 finally:
                     bar.close()
-                array = np.concatenate(parts) if parts else np.zeros((0, dim or 0), np.float32)
+                if len(done) != shards.n:  # pragma: no cover - the stream yields every row once
+                    raise RuntimeError(f"{shards.n - len(done)} {kind} shard(s) were not computed")
+                parts = [done[i] for i in range(shards.n)]
+                dim = parts[0].shape[1] if parts else 0
+                array = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
                 array = np.ascontiguousarray(array, dtype=np.float32)
                 try:
                     check_embeddings(array, kind, precision, items[kind], what)
@@ -533,9 +572,9 @@ def embed(
                     raise
                 set_cfg = dict(plan.identities[kind], identity_hash=hashes[kind], spec=model, checkpoint=plan.ckpt_path)
                 set_cfg.update(_made_with(bundle, kind, img_bs if kind == "image" else txt_bs, num_workers))
-                if kind == "text":
-                    toks = encode.tokenize(bundle, plan.captions)
-                    n_truncated, context_length = toks.n_truncated, bundle.context_length
+                if kind == "image":
+                    set_cfg["decode"] = decode
+                else:
                     set_cfg.update(n_truncated=n_truncated, context_length=context_length, fast_text_path=fast_text)
                 stem = f"{kind}-{_slug(bundle.model_name)}-{hashes[kind][:12]}"
                 tmp = plan.folder / f".{stem}.npy.tmp{os.getpid()}"
@@ -550,6 +589,7 @@ def embed(
                 **weights,
                 "precision": precision,
                 "draft": bool(draft),
+                "decode": decode,
                 "spec": model,
                 "checkpoint": plan.ckpt_path,
                 "computed": {k: hashes[k] for k in computed},
@@ -572,6 +612,8 @@ def embed(
                 except OSError:
                     pass
 
+    if plan.remember is not None and plan.remember[0].parent.is_dir():
+        models.remember_checkpoint_sha256(*plan.remember)
     text_cfg = existing["text"]["config"]
     if n_truncated is None:
         n_truncated, context_length = text_cfg.get("n_truncated"), text_cfg.get("context_length")
@@ -597,6 +639,45 @@ def embed(
         run_id=run_id,
         seconds=time.perf_counter() - t0,
         notes=notes,
+        decode=decode,
+    )
+
+
+def _stream_images(encode, bundle, plan, shards, todo_shards, finish, batch_size, num_workers, draft, decode, bar,
+                   stats=None):  # fmt: skip
+    """Encode the rows of every shard still to compute through ONE image loader (its workers start
+    once), and hand each shard to `finish` as soon as its last row has arrived, so complete shards
+    are on disk, checksummed, while the stream goes on (a kill loses at most the shard in flight)."""
+    if not todo_shards:
+        return
+    spans = [shards.span(i) for i in todo_shards]
+    rows = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in spans])
+    left = {i: b - a for i, (a, b) in zip(todo_shards, spans)}
+    buffers: dict[int, np.ndarray] = {}
+
+    def on_batch(idx: np.ndarray, feats: np.ndarray) -> None:
+        glob = rows[idx]
+        owner = glob // shards.shard_rows  # shard i holds rows [i * shard_rows, (i + 1) * shard_rows)
+        for i in np.unique(owner).tolist():
+            sel = owner == i
+            a, b = shards.span(i)
+            if i not in buffers:
+                buffers[i] = np.empty((b - a, feats.shape[1]), dtype=np.float32)
+            buffers[i][glob[sel] - a] = feats[sel]
+            left[i] -= int(sel.sum())
+            if left[i] == 0:
+                finish(i, buffers.pop(i))
+
+    encode.encode_images(
+        bundle,
+        [plan.paths[r] for r in rows],
+        batch_size=batch_size,
+        num_workers=num_workers,
+        draft=draft,
+        progress=bar,
+        decode=decode,
+        on_batch=on_batch,
+        stats=stats,
     )
 
 

@@ -183,6 +183,24 @@ def find_embedding_sets(
     return images.iloc[-1].to_dict(), texts.iloc[-1].to_dict()
 
 
+def embedding_sets_by_id(con, subset: dict, image_set_id: int, text_set_id: int) -> tuple[dict, dict]:
+    """The image and text embedding sets with these ids, checked to be of that kind and of this subset."""
+    out = []
+    for set_id, kind in ((image_set_id, "image"), (text_set_id, "text")):
+        rows = con.execute(
+            """
+            SELECT embedding_set_id, kind, model, pretrained, checkpoint_sha256, precision, path, rows, sha256,
+                   subset_id
+            FROM embedding_sets WHERE embedding_set_id = ?
+            """,
+            [int(set_id)],
+        ).df()
+        if rows.empty or rows.iloc[0]["kind"] != kind or int(rows.iloc[0]["subset_id"]) != int(subset["subset_id"]):
+            raise UserError(f"Embedding set {set_id} is not a {kind} embedding set of subset {subset['name']!r}.")
+        out.append(rows.iloc[0].drop("subset_id").to_dict())
+    return out[0], out[1]
+
+
 def _describe(row) -> str:
     s = str(row.model)
     if isinstance(row.pretrained, str) and row.pretrained:
@@ -209,8 +227,12 @@ def evaluate(
     pretrained: str | None = None,
     checkpoint: str | None = None,
     progress: bool | None = None,
+    embedding_set_ids: tuple[int, int] | None = None,
 ) -> EvaluateResult:
-    """Rank the subset's queries against its gallery and store the ranks; see the module docstring."""
+    """Rank the subset's queries against its gallery and store the ranks; see the module docstring.
+
+    `embedding_set_ids=(image_set_id, text_set_id)` names the two sets exactly (as `clipfail benchmark`
+    does with the sets its embed call returned) instead of finding the newest sets of `model`."""
     started = db.now()
     if direction not in DIRECTIONS:
         raise UserError(f"--direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}.")
@@ -221,7 +243,10 @@ def evaluate(
     device = str(R.resolve_device(device))  # an unavailable or unknown --device is a UserError, before any work
     subset = db.get_subset(con, subset_name)
     subset_id, name = int(subset["subset_id"]), str(subset["name"])
-    img_set, txt_set = find_embedding_sets(con, subset, model, pretrained, checkpoint)
+    if embedding_set_ids is not None:
+        img_set, txt_set = embedding_sets_by_id(con, subset, *embedding_set_ids)
+    else:
+        img_set, txt_set = find_embedding_sets(con, subset, model, pretrained, checkpoint)
     model_name = str(img_set["model"])
     config = {
         "subset_id": subset_id,

@@ -62,6 +62,7 @@ from toolkit import db
 from toolkit import paths as study_paths
 from toolkit.annotations import COLUMN_NAMES, norm_header, parse_sample_id, read_label_table
 from toolkit.errors import UserError, list_offenders
+from toolkit.runs import resolve_retrieval_run
 from toolkit.sheets import sheet_text
 
 STAGE = "sample-failures"
@@ -138,40 +139,9 @@ def draw(n_failures: int, n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).choice(n_failures, size=n, replace=False)
 
 
-def pick_retrieval_run(con, retrieval_run_id: int | None) -> dict:
-    """The given retrieval run, or the most recent text-to-image one."""
-    if retrieval_run_id is None:
-        rows = con.execute(
-            "SELECT * FROM retrieval_runs WHERE direction = 'text-to-image' ORDER BY retrieval_run_id DESC LIMIT 1"
-        ).df()
-        if rows.empty:
-            raise UserError(
-                "The database has no text-to-image retrieval run to sample failures from. "
-                "Run: clipfail evaluate --direction text-to-image"
-            )
-        return rows.iloc[0].to_dict()
-    rows = con.execute("SELECT * FROM retrieval_runs WHERE retrieval_run_id = ?", [int(retrieval_run_id)]).df()
-    if rows.empty:
-        known = [
-            str(r[0])
-            for r in con.execute(
-                "SELECT retrieval_run_id FROM retrieval_runs WHERE direction = 'text-to-image' ORDER BY 1"
-            ).fetchall()
-        ]
-        hint = f" Text-to-image runs: {', '.join(known)}." if known else " Run clipfail evaluate first."
-        raise UserError(f"No retrieval run with id {retrieval_run_id}.{hint}")
-    row = rows.iloc[0].to_dict()
-    if row["direction"] != "text-to-image":
-        raise UserError(
-            f"Retrieval run {retrieval_run_id} is {row['direction']}; failure sampling needs a text-to-image run "
-            "(a caption whose own image is not ranked first). Give --run with a text-to-image run id."
-        )
-    return row
-
-
 def sample_failures(
     con,
-    run_id: int | None = None,
+    retrieval_run_id: int | None = None,
     n: int = 200,
     seed: int = 42,
     overlap: int = 30,
@@ -184,7 +154,7 @@ def sample_failures(
 ) -> SampleResult:
     """Draw (or reuse) the failure sample of a text-to-image retrieval run and export its files.
 
-    `run_id` is a retrieval_run_id (None: the most recent text-to-image run).
+    `retrieval_run_id`: None takes the most recent text-to-image run (`toolkit.runs`, need "ranks").
     """
     started = db.now()
     annotators = parse_annotators(annotators)
@@ -192,7 +162,7 @@ def sample_failures(
     if seed < 0:
         raise UserError(f"--seed must be 0 or more (got {seed}).")
     sets = plan_sets(n, overlap, per_annotator, annotators)
-    rr = pick_retrieval_run(con, run_id)
+    rr = resolve_retrieval_run(con, retrieval_run_id, need="ranks", purpose="failure sampling")
     rrid = int(rr["retrieval_run_id"])
     config = {
         "retrieval_run_id": rrid,

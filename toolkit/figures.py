@@ -172,6 +172,82 @@ def triage_confusion_figure(conf, title: str, path_stem) -> list[Path]:
     return _save(fig, Path(path_stem))
 
 
+# --------------------------------------------------------------------------- comparison of two runs (issue 18)
+
+FIXED_COLOUR = "#2e8b57"
+BROKEN_COLOUR = "#c0392b"
+SHARED_COLOUR = "#9a9a9a"
+
+
+def rank_scatter(
+    pairs, title: str, path_stem, *, label_a: str, label_b: str, subtitle: str | None = None
+) -> list[Path]:
+    """Log-log scatter of each query's rank in run A (x) against run B (y), as the `run_pairs` view gives
+    them, with the diagonal (same rank). Points below it are queries that B ranks better. Ranks start
+    at 1, so both axes start at 1; rank 1 (a hit at R@1) sits on the axis line."""
+    path_stem = Path(path_stem)
+    xs = [int(v) for v in pairs["rank_a"]]
+    ys = [int(v) for v in pairs["rank_b"]]
+    top = max(xs + ys + [2])
+    fig = Figure(figsize=(5.6, 5.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.scatter(xs, ys, s=6, alpha=0.35, color=ACTIONABLE_COLOUR, linewidths=0, rasterized=len(xs) > 5000)
+    ax.plot([1, top], [1, top], color="#444444", linewidth=0.8, linestyle="--", label="same rank")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(0.8, top * 1.25)
+    ax.set_ylim(0.8, top * 1.25)
+    ax.set_xlabel(f"rank in A: {label_a}")
+    ax.set_ylabel(f"rank in B: {label_b}")
+    ax.legend(frameon=False, fontsize=8, loc="upper left")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(title, fontsize=11, fontweight="bold")
+    if subtitle:
+        ax.set_title(subtitle, fontsize=8, color="#444444")
+    return _save(fig, path_stem)
+
+
+def fixed_broken_shared_chart(df, title: str, path_stem, *, subtitle: str | None = None) -> list[Path]:
+    """Grouped bars per category of the `failure_overlap_by_category` view: fixed (A's labelled failures
+    that B retrieves at rank 1), broken (B's labelled failures that A retrieved at rank 1; drawn only
+    where the view gives a number) and shared (A's labelled failures that B also misses)."""
+    path_stem = Path(path_stem)
+    cats = [str(c) for c in df["category"]]
+    series = [("fixed", "n_fixed", FIXED_COLOUR), ("shared", "n_shared", SHARED_COLOUR)]
+    has_broken = "n_broken" in df.columns and df["n_broken"].notna().any()
+    if has_broken:
+        series.insert(1, ("broken", "n_broken", BROKEN_COLOUR))
+    width = 0.8 / len(series)
+    fig = Figure(figsize=(max(6.0, 1.0 + 1.1 * len(cats)), 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    top = 0
+    for j, (label, col, colour) in enumerate(series):
+        values = [0 if v is None or v != v else int(v) for v in df[col]]
+        top = max([top] + values)
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(cats))]
+        bars = ax.bar(xs, values, width=width, color=colour, edgecolor="#2b2b2b", linewidth=0.5, label=label)
+        for bar, v in zip(bars, values):
+            ax.annotate(
+                str(v),
+                xy=(bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+    ax.set_ylim(0, top * 1.2 + 1)
+    ax.set_xticks(range(len(cats)), cats)
+    ax.set_ylabel("labelled failures (count)")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(frameon=False, fontsize=8, loc="upper right")
+    fig.suptitle(title, fontsize=11, fontweight="bold")
+    if subtitle:
+        ax.set_title(subtitle, fontsize=8, color="#444444")
+    return _save(fig, path_stem)
+
+
 # --------------------------------------------------------------------------- hubness and methods (issue 17)
 
 

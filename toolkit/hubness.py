@@ -479,6 +479,7 @@ def improve_method(
     from toolkit import db
     from toolkit import improve as imp
     from toolkit.artifacts import load_embedding_set
+    from toolkit.runs import resolve_retrieval_run
 
     started = db.now()
     params = check_params(method, beta, k_bank, top, alpha)
@@ -492,7 +493,7 @@ def improve_method(
         raise _user_error(f"--bank is an option of --method qb-norm, not of {method}.")
     ctl = imp.parse_control(control) if not isinstance(control, tuple) else control
     cats = imp.parse_categories(con, categories)
-    rr = imp.pick_labelled_run(con, retrieval_run_id)  # refuses a study without labels
+    rr = resolve_retrieval_run(con, retrieval_run_id, need="labels", purpose="improve")  # no labels: refused
     rrid = int(rr["retrieval_run_id"])
     frames = [("failures", imp.select_failures(con, rrid, cats, max_subset, seed, include_overlap))]
     if ctl is not None:

@@ -77,6 +77,7 @@ import pandas as pd
 from toolkit import db, phrases, pooling, stats, templates
 from toolkit import paths as study_paths
 from toolkit.errors import UserError
+from toolkit.runs import resolve_retrieval_run
 
 STAGE = "improve"
 METHOD = "prompt-ensemble/v2"  # v2: distinct prompts, K chosen (v1 kept copies of the caption)
@@ -173,29 +174,8 @@ def parse_categories(con, value: str | Sequence[str]) -> list[str]:
 # ------------------------------------------------------------------------------ inputs
 
 
-def pick_labelled_run(con, retrieval_run_id: int | None) -> dict:
-    """The given retrieval run, or the most recent one that has labelled failure samples."""
-    if retrieval_run_id is None:
-        row = con.execute("SELECT max(retrieval_run_id) FROM sample_labels").fetchall()[0]
-        if row[0] is None:
-            raise UserError(
-                "No labelled failures yet: improve works on annotated R@1 failures. Run clipfail sample-failures, "
-                "fill in the CSVs, then clipfail import-labels."
-            )
-        retrieval_run_id = int(row[0])
-    rows = con.execute("SELECT * FROM retrieval_runs WHERE retrieval_run_id = ?", [int(retrieval_run_id)]).df()
-    if rows.empty:
-        raise UserError(
-            f"No retrieval run with id {retrieval_run_id}. See: clipfail sql 'SELECT * FROM retrieval_runs'"
-        )
-    rr = rows.iloc[0].to_dict()
-    if rr["direction"] != "text-to-image":
-        raise UserError(f"Retrieval run {retrieval_run_id} is {rr['direction']}; improve needs a text-to-image run.")
-    return rr
-
-
 def select_failures(
-    con, rrid: int, categories: list[str], max_subset: int | None, seed: int, include_overlap: bool
+    con, retrieval_run_id: int, categories: list[str], max_subset: int | None, seed: int, include_overlap: bool
 ) -> pd.DataFrame:
     """caption_id, sample_id, category of the chosen labelled failures (see the module doc, step 1)."""
     df = con.execute(
@@ -205,17 +185,17 @@ def select_failures(
         WHERE retrieval_run_id = ? AND list_contains(?, category) AND (? OR NOT is_overlap)
         ORDER BY draw_order
         """,
-        [rrid, categories, bool(include_overlap)],
+        [retrieval_run_id, categories, bool(include_overlap)],
     ).df()
     if df.empty:
         have = con.execute(
             "SELECT category, count(*) FILTER (WHERE NOT is_overlap), count(*) FILTER (WHERE is_overlap) "
             "FROM sample_labels WHERE retrieval_run_id = ? GROUP BY 1 ORDER BY 1",
-            [rrid],
+            [retrieval_run_id],
         ).fetchall()
         listing = ", ".join(f"{c}: {a} (+{b} overlap)" for c, a, b in have) or "none"
         raise UserError(
-            f"Retrieval run {rrid} has no labelled failures in {', '.join(categories)}"
+            f"Retrieval run {retrieval_run_id} has no labelled failures in {', '.join(categories)}"
             f"{'' if include_overlap else ' outside the overlap set'}. Labelled: {listing}."
         )
     if max_subset is not None and len(df) > max_subset:
@@ -224,7 +204,7 @@ def select_failures(
     return df[["caption_id", "sample_id", "category"]].reset_index(drop=True)
 
 
-def select_control(con, rrid: int, control: tuple[str, int | None], seed: int) -> pd.DataFrame:
+def select_control(con, retrieval_run_id: int, control: tuple[str, int | None], seed: int) -> pd.DataFrame:
     kind, n = control
     where = "AND r.gt_rank = 1" if kind == "successes" else ""
     df = con.execute(
@@ -235,12 +215,13 @@ def select_control(con, rrid: int, control: tuple[str, int | None], seed: int) -
         WHERE r.retrieval_run_id = ? {where}
         ORDER BY r.query_id
         """,
-        [rrid],
+        [retrieval_run_id],
     ).df()
     if kind == "successes":
         if n > len(df):
             raise UserError(
-                f"--control successes:{n} asks for more than the {len(df)} R@1 successes of retrieval run {rrid}."
+                f"--control successes:{n} asks for more than the {len(df)} R@1 successes of retrieval run "
+                f"{retrieval_run_id}."
             )
         pick = np.sort(np.random.default_rng(seed).choice(len(df), size=n, replace=False))
         df = df.iloc[pick]
@@ -441,12 +422,21 @@ def prompt_shards(con, identity: dict) -> list[int]:
 
 
 def recompute_command(
-    con, cats, rrid, pools, tau, template_set, template_mode, k, max_subset, seed, include_overlap, ctl
+    con, cats, retrieval_run_id, pools, tau, template_set, template_mode, k, max_subset, seed, include_overlap, ctl
 ) -> str:
     """The improve command line of this call with --recompute-prompts (what a damaged prompt shard needs)."""
     import shlex
 
-    parts = ["clipfail", "--db", database_path(con), "improve", "--categories", ",".join(cats), "--run", str(rrid)]
+    parts = [
+        "clipfail",
+        "--db",
+        database_path(con),
+        "improve",
+        "--categories",
+        ",".join(cats),
+        "--run",
+        str(retrieval_run_id),
+    ]
     parts += ["--pooling", ",".join(pools)] + (["--tau", f"{tau:g}"] if "logsumexp" in pools else [])
     parts += ["--template-set", template_set, "--template-mode", template_mode, "--k", str(k), "--seed", str(seed)]
     parts += ["--max-subset", str(max_subset)] if max_subset is not None else []
@@ -548,6 +538,368 @@ def compute_stats(ranks: pd.DataFrame, seed: int, n_resamples: int = stats.BOOTS
     return pd.DataFrame(rows)
 
 
+# ------------------------------------------------------------------------------ the stage, section by section
+
+
+@dataclass
+class _Settings:
+    """One invocation's checked settings (what its sections share)."""
+
+    rr: dict  # the retrieval_runs row
+    categories: list[str]
+    poolings: list[str]
+    tau: float
+    template_set: str
+    templates_sha256: str
+    template_mode: str
+    k: int
+    max_subset: int | None
+    seed: int
+    include_overlap: bool
+    control: tuple[str, int | None] | None
+    text_set: dict | None = None  # the retrieval run's text embedding set (read after section 1, as before)
+    identity: dict | None = None  # its model_identity: the prompt cache's key
+
+    @property
+    def rrid(self) -> int:
+        return int(self.rr["retrieval_run_id"])
+
+
+@dataclass
+class _Unit:
+    """One (population, pooling): one improvement_runs row, new or reused."""
+
+    pop: _Population
+    pooling: str
+    config: dict
+    config_hash: str
+
+
+@dataclass
+class _PromptMatrix:
+    """Every prompt embedding the scoring needs (section 3's result)."""
+
+    P: np.ndarray  # the caption text rows first, then the other prompts
+    pos_text: dict[int, int]  # text embedding row -> row of P
+    pos_other: dict[str, int]  # prompt text (not a caption) -> row of P
+    images: np.ndarray  # the retrieval run's image embeddings
+    other: list[str]  # the distinct prompt texts that are not their caption
+    new_texts: list[str]  # of which encoded now
+    new_arr: np.ndarray | None  # their embeddings, in new_texts order
+    drop_ids: list[int]  # prompt shards of this model that --recompute-prompts replaces
+
+
+def check_options(poolings, tau, max_subset, seed, k, control) -> tuple:
+    """The option values checked and normalised: (poolings, tau, max_subset, seed, k, control)."""
+    pools = parse_poolings(poolings)
+    if "logsumexp" in pools and not (float(tau) > 0 and np.isfinite(float(tau))):
+        raise UserError(f"--tau must be a positive number (got {tau}).")
+    tau = float(tau)
+    if max_subset is not None and int(max_subset) < 1:
+        raise UserError("--max-subset must be at least 1.")
+    max_subset = None if max_subset is None else int(max_subset)
+    seed = int(seed)
+    if not 0 <= seed <= SEED_MAX:
+        raise UserError(f"--seed must be a whole number from 0 to {SEED_MAX} (got {seed}).")
+    if isinstance(k, bool) or int(k) != k or int(k) < 1:
+        raise UserError(f"--k must be a whole number of at least 1 (got {k}): prompts per caption, itself included.")
+    k = int(k)
+    ctl = parse_control(control) if not isinstance(control, tuple) else control
+    return pools, tau, max_subset, seed, k, ctl
+
+
+def select_populations(con, s: _Settings, per_cat: dict[str, list[str]], union: list[str]) -> list[_Population]:
+    """Section 1: the failure subset (and the control population, if any) with their baseline ranks, texts
+    and template lists: a failure uses its category's list (per `per_cat`), a control caption the union."""
+    rrid = s.rrid
+    frames = [("failures", select_failures(con, rrid, s.categories, s.max_subset, s.seed, s.include_overlap))]
+    if s.control is not None:
+        frames.append((s.control[0], select_control(con, rrid, s.control, s.seed)))
+    base = con.execute(
+        """
+        SELECT r.query_id AS caption_id, r.gt_rank AS baseline_rank, r.gt_id AS image_id, c.text
+        FROM retrieval_ranks r JOIN captions c ON c.caption_id = r.query_id
+        WHERE r.retrieval_run_id = ?
+        """,
+        [rrid],
+    ).df()
+    base = base.set_index("caption_id")
+    pops: list[_Population] = []
+    for name, df in frames:
+        df = df.join(base, on="caption_id")
+        if df["baseline_rank"].isna().any():
+            raise UserError(f"Some captions of the {name} subset have no rank in retrieval run {rrid}.")
+        if name == "failures":
+            tl = [per_cat[c] for c in df["category"]]
+            kpc = {c: s.k for c in s.categories if (df["category"] == c).any()}
+        else:
+            tl = [union] * len(df)
+            kpc = {"*": s.k}
+        pops.append(_Population(name, df.reset_index(drop=True), tl, kpc))
+    return pops
+
+
+def build_population_prompts(pops: list[_Population], s: _Settings) -> None:
+    """Section 2: fill each caption's prompts (`phrases.build_prompts`, up to K distinct texts, the caption
+    first). Refuses, before anything is encoded, a set that gives no failure a prompt besides its caption."""
+    slot_cache: dict[str, dict[str, str]] = {}
+    for pop in pops:
+        for text, tl in zip(pop.captions["text"], pop.templates):
+            slots = slot_cache.get(text)
+            if slots is None:
+                slots = slot_cache[text] = phrases.extract(text)
+            pop.prompts.append(phrases.build_prompts(text, tl, s.k, slots))
+    subset = pops[0]
+    if s.k >= 2 and all(len(prs) == 1 for prs in subset.prompts):
+        raise UserError(
+            f"Template set {s.template_set!r} ({s.template_mode} mode) gives none of the {len(subset.prompts)} "
+            f"captions of the subset a prompt other than the caption itself: each template either uses a slot that "
+            f"the phrase extractor finds empty in them or gives the caption's own text again (see clipfail templates "
+            f"list --set {s.template_set}). Nothing was encoded or written. Use a set whose templates apply (the "
+            f"default {templates.DEFAULT_SET} has templates that always do), or --k 1 for the baseline itself."
+        )
+
+
+def plan_units(pops: list[_Population], s: _Settings, common: dict) -> list[_Unit]:
+    """One unit per (population, pooling), with its full configuration and hash (the idempotence key)."""
+    units = []
+    for pop in pops:
+        subset_sig = _sha(
+            [
+                [int(c), None if pd.isna(sid) else int(sid), None if pd.isna(lab) else str(lab), p]
+                for c, sid, lab, p in zip(
+                    pop.captions["caption_id"], pop.captions["sample_id"], pop.captions["category"], pop.prompts
+                )
+            ]
+        )
+        for p in s.poolings:
+            cfg = dict(
+                common,
+                population=pop.name,
+                control=list(s.control) if s.control and pop.name != "failures" else None,
+                pooling=p,
+                tau=s.tau if p == "logsumexp" else None,
+                subset_sha256=subset_sig,
+            )
+            units.append(_Unit(pop, p, cfg, db.config_hash(cfg)))
+    return units
+
+
+def encode_or_reuse_prompts(
+    con,
+    s: _Settings,
+    pops_run: list[_Population],
+    *,
+    recompute_prompts: bool,
+    encoder: Encoder | None,
+    encoder_factory: Callable[[dict], Encoder] | None,
+) -> _PromptMatrix:
+    """Section 3: the embedding of every prompt of `pops_run`. A prompt that is its caption takes the caption's
+    row of the text embedding set; the others come from the prompt cache, and only those not cached (all of
+    this model's cached texts too, with `recompute_prompts`) are encoded. Adds gt_index and text_row to each
+    population's captions."""
+    from toolkit.artifacts import load_embedding_set
+
+    rr, rrid, identity = s.rr, s.rrid, s.identity
+    fix = "Re-run clipfail embed (with --recompute) and clipfail evaluate."
+    img = load_embedding_set(con, int(rr["image_embedding_set_id"]), fix=fix)
+    txt = load_embedding_set(con, int(rr["text_embedding_set_id"]), fix=fix)
+    img_row = {int(i): r for r, i in enumerate(img.item_ids)}
+    txt_row = {int(i): r for r, i in enumerate(txt.item_ids)}
+    for pop in pops_run:
+        missing = [int(i) for i in pop.captions["image_id"] if int(i) not in img_row]
+        missing += [int(c) for c in pop.captions["caption_id"] if int(c) not in txt_row]
+        if missing:
+            raise UserError(f"Retrieval run {rrid}'s embedding sets lack {len(missing)} of its own items. {fix}")
+        pop.captions["gt_index"] = [img_row[int(i)] for i in pop.captions["image_id"]]
+        pop.captions["text_row"] = [txt_row[int(c)] for c in pop.captions["caption_id"]]
+
+    other = sorted(
+        {pr for pop in pops_run for text, prs in zip(pop.captions["text"], pop.prompts) for pr in prs if pr != text}
+    )
+    drop_ids: list[int] = []
+    if recompute_prompts:
+        drop_ids = prompt_shards(con, identity)
+        old_texts = [
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT p.text FROM embedding_rows er JOIN prompts p ON p.prompt_id = er.item_id "
+                "WHERE list_contains(?, er.embedding_set_id)",
+                [drop_ids],
+            ).fetchall()
+        ]
+        have = {}
+        new_texts = sorted(set(other) | set(old_texts))
+    else:
+        cached = cached_prompts(con, identity, other)
+        have = dict(zip(cached["text"], zip(cached["embedding_set_id"], cached["row_index"])))
+        new_texts = [t for t in other if t not in have]
+    dim = txt.array.shape[1]
+    vec: dict[str, np.ndarray] = {}
+    shard_fix = (
+        "Encode this model's cached prompts again (the damaged shard is dropped in the same transaction) with: "
+        + recompute_command(con, s.categories, rrid, s.poolings, s.tau, s.template_set, s.template_mode, s.k,
+                            s.max_subset, s.seed, s.include_overlap, s.control)
+    )  # fmt: skip
+    for set_id, grp in pd.DataFrame(
+        {"text": list(have), "set": [v[0] for v in have.values()], "row": [v[1] for v in have.values()]}
+    ).groupby("set"):
+        arr = load_embedding_set(con, int(set_id), fix=shard_fix).array
+        for t, r in zip(grp["text"], grp["row"]):
+            vec[t] = arr[int(r)]
+    new_arr = None
+    if new_texts:
+        if encoder is None:
+            make = encoder_factory or model_encoder_factory()
+            set_config = study_paths.resolve_keys(con, json.loads(s.text_set["config_json"] or "{}"), ("checkpoint",))
+            encoder = make(dict(identity, config=set_config))
+        new_arr = np.asarray(encoder(list(new_texts)), dtype=np.float32)
+        if new_arr.shape != (len(new_texts), dim):
+            raise RuntimeError(f"encoder returned shape {new_arr.shape}, expected {(len(new_texts), dim)}")
+        for t, v in zip(new_texts, new_arr):
+            vec[t] = v
+
+    # prompt matrix: the caption text rows first, then the other prompts
+    text_rows = sorted({int(r) for pop in pops_run for r in pop.captions["text_row"]})
+    pos_text = {r: i for i, r in enumerate(text_rows)}
+    pos_other = {t: len(text_rows) + i for i, t in enumerate(other)}
+    P = np.empty((len(text_rows) + len(other), dim), dtype=np.float32)
+    P[: len(text_rows)] = txt.array[text_rows]
+    for t, i in pos_other.items():
+        P[i] = vec[t]
+    return _PromptMatrix(P, pos_text, pos_other, img.array, other, list(new_texts), new_arr, drop_ids)
+
+
+def score_and_pool(
+    pops_run: list[_Population], todo: list[_Unit], m: _PromptMatrix, tau: float, score_device: str
+) -> tuple[dict[tuple[str, str], pd.DataFrame], int]:
+    """Section 4: ({(population, pooling): ranks frame} for the units to compute, number of identity prompts).
+    Scores every prompt against every image on `score_device`, pools per pooling, ranks the GT image."""
+    import torch
+
+    Gt = torch.from_numpy(np.ascontiguousarray(m.images, dtype=np.float32)).T
+    computed = {}
+    n_identity = 0
+    for pop in pops_run:
+        index = []
+        for text, row, prs in zip(pop.captions["text"], pop.captions["text_row"], pop.prompts):
+            ids = [m.pos_text[int(row)] if pr == text else m.pos_other[pr] for pr in prs]
+            n_identity += sum(pr == text for pr in prs)
+            index.append(ids)
+        wanted = [u.pooling for u in todo if u.pop is pop]
+        ranks = _rank_population(pop, index, m.P, Gt, wanted, tau, device=score_device)
+        for p, df in ranks.items():
+            computed[(pop.name, p)] = df
+    return computed, n_identity
+
+
+def _write_prompt_shard(con, s: _Settings, m: _PromptMatrix, run_id: int, started, cache_dir, recompute: bool) -> None:
+    """The new prompt texts (a prompts row each, unless another model cached them) and their shard file."""
+    from toolkit.artifacts import register_embedding_set, save_array
+
+    new_texts, identity = m.new_texts, s.identity
+    con.register("_improve_new_texts", pd.DataFrame({"text": list(new_texts)}))
+    try:
+        con.execute(
+            "INSERT INTO prompts (text) SELECT n.text FROM _improve_new_texts n "
+            "ANTI JOIN prompts p ON p.text = n.text ORDER BY n.text"
+        )
+    finally:
+        con.unregister("_improve_new_texts")
+    ids = dict(
+        con.execute("SELECT text, prompt_id FROM prompts WHERE list_contains(?, text)", [list(new_texts)]).fetchall()
+    )
+    shard_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(con)
+    tag = f"-r{_sha(started.isoformat())[:8]}" if recompute else ""  # never the dropped file
+    shard = shard_dir / f"prompts-{_sha(identity)[:12]}-{_sha(new_texts)[:16]}{tag}.npy"
+    sha = save_array(shard, m.new_arr)
+    register_embedding_set(
+        con,
+        kind="prompt",
+        subset_id=None,
+        model=identity["model"],
+        pretrained=identity["pretrained"],
+        checkpoint_sha256=identity["checkpoint_sha256"],
+        precision=identity["precision"],
+        config={"stage": STAGE, "model": identity, "n_prompts": len(new_texts)},
+        path=shard,
+        array=m.new_arr,
+        item_ids=[ids[t] for t in new_texts],
+        sha256=sha,
+        run_id=run_id,
+    )
+
+
+def write_rows(
+    con,
+    s: _Settings,
+    units: list[_Unit],
+    existing: dict[str, int],
+    computed: dict[tuple[str, str], pd.DataFrame],
+    m: _PromptMatrix,
+    run_config: dict,
+    result: ImproveResult,
+    *,
+    started,
+    cache_dir,
+    recompute_prompts: bool,
+) -> int:
+    """Sections 5 and 6: in one transaction, the runs row, the dropped and new prompt shards, and per new
+    unit its improvement_runs row, improvement_ranks and improvement_stats (`compute_stats`); reused units
+    only add their id to `result`. Returns the runs row's id."""
+    with db.transaction(con):
+        run_id = db.insert_run(con, STAGE, run_config, started, seed=s.seed, model=s.identity["model"])
+        if m.drop_ids:
+            con.execute("DELETE FROM embedding_rows WHERE list_contains(?, embedding_set_id)", [m.drop_ids])
+            con.execute("DELETE FROM embedding_sets WHERE list_contains(?, embedding_set_id)", [m.drop_ids])
+        if m.new_texts:
+            _write_prompt_shard(con, s, m, run_id, started, cache_dir, recompute_prompts)
+        for u in units:
+            h, pop = u.config_hash, u.pop
+            if h in existing:
+                result.improvement_ids.append(int(existing[h]))
+                result.reused_ids.append(int(existing[h]))
+                continue
+            row = con.execute(
+                """
+                INSERT INTO improvement_runs (retrieval_run_id, categories, population, pooling, tau, template_set,
+                    templates_sha256, template_mode, k_per_category, k_prompts, n_captions, max_subset, seed,
+                    is_overlap_included, model, config_hash, created_at, run_id)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                RETURNING improvement_id
+                """,
+                [
+                    s.rrid,
+                    ",".join(s.categories),
+                    pop.name,
+                    u.pooling,
+                    u.config["tau"],
+                    s.template_set,
+                    s.templates_sha256,
+                    s.template_mode,
+                    json.dumps(pop.k_per_category),
+                    s.k,
+                    len(pop.captions),
+                    s.max_subset,
+                    s.seed,
+                    bool(s.include_overlap),
+                    s.identity["model"],
+                    h,
+                    db.now(),
+                    run_id,
+                ],
+            ).fetchall()[0]
+            imp_id = int(row[0])
+            ranks = computed[(pop.name, u.pooling)].copy()
+            ranks.insert(0, "improvement_id", imp_id)
+            db.insert_df(con, "improvement_ranks", ranks)
+            st = compute_stats(ranks, s.seed)
+            st.insert(0, "improvement_id", imp_id)
+            db.insert_df(con, "improvement_stats", st)
+            result.improvement_ids.append(imp_id)
+    return run_id
+
+
 # ------------------------------------------------------------------------------ the stage
 
 
@@ -578,325 +930,114 @@ def improve(
     recorded config under "config". The model is built only when some prompt is not cached.
     Prompt shards go to `cache_dir` (default: `default_cache_dir`). Tests pass a fake encoder.
     `k`: prompts per caption (the caption included); `recompute_prompts`: see the module docstring.
+
+    The sections, in order: `check_options`; `select_populations` (1); `build_population_prompts` (2);
+    `plan_units` (idempotence); `encode_or_reuse_prompts` (3); `score_and_pool` (4); `write_rows`
+    (5, 6: statistics and rows, in one transaction).
     """
     started = db.now()
-    pools = parse_poolings(poolings)
-    if "logsumexp" in pools and not (float(tau) > 0 and np.isfinite(float(tau))):
-        raise UserError(f"--tau must be a positive number (got {tau}).")
-    tau = float(tau)
-    if max_subset is not None and int(max_subset) < 1:
-        raise UserError("--max-subset must be at least 1.")
-    max_subset = None if max_subset is None else int(max_subset)
-    seed = int(seed)
-    if not 0 <= seed <= SEED_MAX:
-        raise UserError(f"--seed must be a whole number from 0 to {SEED_MAX} (got {seed}).")
-    if isinstance(k, bool) or int(k) != k or int(k) < 1:
-        raise UserError(f"--k must be a whole number of at least 1 (got {k}): prompts per caption, itself included.")
-    k = int(k)
-    ctl = parse_control(control) if not isinstance(control, tuple) else control
+    pools, tau, max_subset, seed, k, ctl = check_options(poolings, tau, max_subset, seed, k, control)
     cats = parse_categories(con, categories)
-    rr = pick_labelled_run(con, retrieval_run_id)
-    rrid = int(rr["retrieval_run_id"])
+    rr = resolve_retrieval_run(con, retrieval_run_id, need="labels", purpose="improve")
     tdf = templates.load_set(con, template_set)
-    t_sha = templates.templates_sha256(tdf)
     per_cat, union = template_lists(tdf, cats, template_mode, k)
-
-    # --- populations
-    frames = [("failures", select_failures(con, rrid, cats, max_subset, seed, include_overlap))]
-    if ctl is not None:
-        frames.append((ctl[0], select_control(con, rrid, ctl, seed)))
-    base = con.execute(
-        """
-        SELECT r.query_id AS caption_id, r.gt_rank AS baseline_rank, r.gt_id AS image_id, c.text
-        FROM retrieval_ranks r JOIN captions c ON c.caption_id = r.query_id
-        WHERE r.retrieval_run_id = ?
-        """,
-        [rrid],
-    ).df()
-    base = base.set_index("caption_id")
-    pops: list[_Population] = []
-    for name, df in frames:
-        df = df.join(base, on="caption_id")
-        if df["baseline_rank"].isna().any():
-            raise UserError(f"Some captions of the {name} subset have no rank in retrieval run {rrid}.")
-        if name == "failures":
-            tl = [per_cat[c] for c in df["category"]]
-            kpc = {c: k for c in cats if (df["category"] == c).any()}
-        else:
-            tl = [union] * len(df)
-            kpc = {"*": k}
-        pops.append(_Population(name, df.reset_index(drop=True), tl, kpc))
-
-    # --- prompts (filled text per caption)
-    text_set = (
+    s = _Settings(
+        rr=rr,
+        categories=cats,
+        poolings=pools,
+        tau=tau,
+        template_set=template_set,
+        templates_sha256=templates.templates_sha256(tdf),
+        template_mode=template_mode,
+        k=k,
+        max_subset=max_subset,
+        seed=seed,
+        include_overlap=bool(include_overlap),
+        control=ctl,
+    )
+    pops = select_populations(con, s, per_cat, union)
+    s.text_set = (
         con.execute("SELECT * FROM embedding_sets WHERE embedding_set_id = ?", [int(rr["text_embedding_set_id"])])
         .df()
         .iloc[0]
         .to_dict()
     )
-    identity = model_identity(text_set)
-    slot_cache: dict[str, dict[str, str]] = {}
-    for pop in pops:
-        for text, tl in zip(pop.captions["text"], pop.templates):
-            slots = slot_cache.get(text)
-            if slots is None:
-                slots = slot_cache[text] = phrases.extract(text)
-            pop.prompts.append(phrases.build_prompts(text, tl, k, slots))
-    subset = pops[0]
-    if k >= 2 and all(len(prs) == 1 for prs in subset.prompts):
-        raise UserError(
-            f"Template set {template_set!r} ({template_mode} mode) gives none of the {len(subset.prompts)} captions of "
-            f"the subset a prompt other than the caption itself: each template either uses a slot that the phrase "
-            f"extractor finds empty in them or gives the caption's own text again (see clipfail templates list --set "
-            f"{template_set}). Nothing was encoded or written. Use a set whose templates apply (the default "
-            f"{templates.DEFAULT_SET} has templates that always do), or --k 1 for the baseline itself."
-        )
+    s.identity = model_identity(s.text_set)
+    build_population_prompts(pops, s)
     score_device, recorded_device, device_note = scoring_device(con, rr)
-    notes = [device_note] if device_note else []
+
     # --- unit configs and idempotence
     common = {
         "stage": STAGE,
         "method": METHOD,
-        "retrieval_run_id": rrid,
+        "retrieval_run_id": s.rrid,
         "categories": cats,
         "template_set": template_set,
-        "templates_sha256": t_sha,
+        "templates_sha256": s.templates_sha256,
         "template_mode": template_mode,
         "max_subset": max_subset,
         "seed": seed,
         "include_overlap": bool(include_overlap),
-        "model": identity,
+        "model": s.identity,
         "k": k,
         "score_device": score_device.split(":")[0],
     }
-    units = []  # (pop, pooling, config, hash)
-    for pop in pops:
-        subset_sig = _sha(
-            [
-                [int(c), None if pd.isna(s) else int(s), None if pd.isna(lab) else str(lab), p]
-                for c, s, lab, p in zip(
-                    pop.captions["caption_id"], pop.captions["sample_id"], pop.captions["category"], pop.prompts
-                )
-            ]
-        )
-        for p in pools:
-            cfg = dict(
-                common,
-                population=pop.name,
-                control=list(ctl) if ctl and pop.name != "failures" else None,
-                pooling=p,
-                tau=tau if p == "logsumexp" else None,
-                subset_sha256=subset_sig,
-            )
-            units.append((pop, p, cfg, db.config_hash(cfg)))
+    units = plan_units(pops, s, common)
     existing = dict(
         con.execute(
             "SELECT config_hash, improvement_id FROM improvement_runs WHERE list_contains(?, config_hash)",
-            [[u[3] for u in units]],
+            [[u.config_hash for u in units]],
         ).fetchall()
     )
     result = ImproveResult(
         run_id=None,
-        retrieval_run_id=rrid,
+        retrieval_run_id=s.rrid,
         improvement_ids=[],
         reused_ids=[],
         populations={pop.name: len(pop.captions) for pop in pops},
         k_per_category={pop.name: pop.k_per_category for pop in pops},
-        notes=notes,
+        notes=[device_note] if device_note else [],
     )
-    todo = [u for u in units if u[3] not in existing]
-    if not todo and not (recompute_prompts and prompt_shards(con, identity)):
-        result.improvement_ids = [int(existing[u[3]]) for u in units]
+    todo = [u for u in units if u.config_hash not in existing]
+    if not todo and not (recompute_prompts and prompt_shards(con, s.identity)):
+        result.improvement_ids = [int(existing[u.config_hash]) for u in units]
         result.reused_ids = list(result.improvement_ids)
         return result
 
-    # --- embeddings: identity rows from the text set, the rest from the cache or the encoder
-    from toolkit.artifacts import load_embedding_set, register_embedding_set, save_array
-
-    fix = "Re-run clipfail embed (with --recompute) and clipfail evaluate."
-    img = load_embedding_set(con, int(rr["image_embedding_set_id"]), fix=fix)
-    txt = load_embedding_set(con, int(rr["text_embedding_set_id"]), fix=fix)
-    img_row = {int(i): r for r, i in enumerate(img.item_ids)}
-    txt_row = {int(i): r for r, i in enumerate(txt.item_ids)}
-    todo_pops = {u[0].name for u in todo}
+    todo_pops = {u.pop.name for u in todo}
     pops_run = [p for p in pops if p.name in todo_pops]
-    for pop in pops_run:
-        missing = [int(i) for i in pop.captions["image_id"] if int(i) not in img_row]
-        missing += [int(c) for c in pop.captions["caption_id"] if int(c) not in txt_row]
-        if missing:
-            raise UserError(f"Retrieval run {rrid}'s embedding sets lack {len(missing)} of its own items. {fix}")
-        pop.captions["gt_index"] = [img_row[int(i)] for i in pop.captions["image_id"]]
-        pop.captions["text_row"] = [txt_row[int(c)] for c in pop.captions["caption_id"]]
-
-    other = sorted(
-        {pr for pop in pops_run for text, prs in zip(pop.captions["text"], pop.prompts) for pr in prs if pr != text}
+    matrix = encode_or_reuse_prompts(
+        con, s, pops_run, recompute_prompts=recompute_prompts, encoder=encoder, encoder_factory=encoder_factory
     )
-    drop_ids: list[int] = []  # prompt shards of this model that --recompute-prompts replaces
-    if recompute_prompts:
-        drop_ids = prompt_shards(con, identity)
-        old_texts = [
-            r[0]
-            for r in con.execute(
-                "SELECT DISTINCT p.text FROM embedding_rows er JOIN prompts p ON p.prompt_id = er.item_id "
-                "WHERE list_contains(?, er.embedding_set_id)",
-                [drop_ids],
-            ).fetchall()
-        ]
-        have = {}
-        new_texts = sorted(set(other) | set(old_texts))
-    else:
-        cached = cached_prompts(con, identity, other)
-        have = dict(zip(cached["text"], zip(cached["embedding_set_id"], cached["row_index"])))
-        new_texts = [t for t in other if t not in have]
-    dim = txt.array.shape[1]
-    vec: dict[str, np.ndarray] = {}
-    shard_fix = (
-        "Encode this model's cached prompts again (the damaged shard is dropped in the same transaction) with: "
-        + recompute_command(con, cats, rrid, pools, tau, template_set, template_mode, k, max_subset, seed,
-                            include_overlap, ctl)
-    )  # fmt: skip
-    for set_id, grp in pd.DataFrame(
-        {"text": list(have), "set": [v[0] for v in have.values()], "row": [v[1] for v in have.values()]}
-    ).groupby("set"):
-        arr = load_embedding_set(con, int(set_id), fix=shard_fix).array
-        for t, r in zip(grp["text"], grp["row"]):
-            vec[t] = arr[int(r)]
-    new_arr = None
-    if new_texts:
-        if encoder is None:
-            make = encoder_factory or model_encoder_factory()
-            set_config = study_paths.resolve_keys(con, json.loads(text_set["config_json"] or "{}"), ("checkpoint",))
-            encoder = make(dict(identity, config=set_config))
-        enc = encoder
-        new_arr = np.asarray(enc(list(new_texts)), dtype=np.float32)
-        if new_arr.shape != (len(new_texts), dim):
-            raise RuntimeError(f"encoder returned shape {new_arr.shape}, expected {(len(new_texts), dim)}")
-        for t, v in zip(new_texts, new_arr):
-            vec[t] = v
-    result.n_prompts = len(other)
-    result.n_encoded = len(new_texts)
+    result.n_prompts = len(matrix.other)
+    result.n_encoded = len(matrix.new_texts)
+    computed, result.n_identity = score_and_pool(pops_run, todo, matrix, tau, score_device)
 
-    # prompt matrix: the caption text rows first, then the other prompts
-    text_rows = sorted({int(r) for pop in pops_run for r in pop.captions["text_row"]})
-    pos_text = {r: i for i, r in enumerate(text_rows)}
-    pos_other = {t: len(text_rows) + i for i, t in enumerate(other)}
-    P = np.empty((len(text_rows) + len(other), dim), dtype=np.float32)
-    P[: len(text_rows)] = txt.array[text_rows]
-    for t, i in pos_other.items():
-        P[i] = vec[t]
-    import torch
-
-    Gt = torch.from_numpy(np.ascontiguousarray(img.array, dtype=np.float32)).T
-
-    computed = {}  # (population, pooling) -> ranks frame
-    n_identity = 0
-    for pop in pops_run:
-        index = []
-        for text, row, prs in zip(pop.captions["text"], pop.captions["text_row"], pop.prompts):
-            ids = [pos_text[int(row)] if pr == text else pos_other[pr] for pr in prs]
-            n_identity += sum(pr == text for pr in prs)
-            index.append(ids)
-        wanted = [p for (pp, p, _c, h) in todo if pp is pop]
-        ranks = _rank_population(pop, index, P, Gt, wanted, tau, device=score_device)
-        for p, df in ranks.items():
-            computed[(pop.name, p)] = df
-    result.n_identity = n_identity
-
-    # --- write everything in one transaction
     run_config = dict(
         common,
         poolings=pools,
         tau=tau,
         control=list(ctl) if ctl else None,
-        units=[u[3] for u in units],
+        units=[u.config_hash for u in units],
         score_device=score_device,
         retrieval_device=recorded_device,
         score_device_note=device_note,
         recompute_prompts=bool(recompute_prompts),
-        dropped_prompt_shards=drop_ids,
+        dropped_prompt_shards=matrix.drop_ids,
     )
-    with db.transaction(con):
-        run_id = db.insert_run(con, STAGE, run_config, started, seed=seed, model=identity["model"])
-        if drop_ids:
-            con.execute("DELETE FROM embedding_rows WHERE list_contains(?, embedding_set_id)", [drop_ids])
-            con.execute("DELETE FROM embedding_sets WHERE list_contains(?, embedding_set_id)", [drop_ids])
-        if new_texts:
-            # texts another model already cached have a prompts row; add only the others
-            con.register("_improve_new_texts", pd.DataFrame({"text": list(new_texts)}))
-            try:
-                con.execute(
-                    "INSERT INTO prompts (text) SELECT n.text FROM _improve_new_texts n "
-                    "ANTI JOIN prompts p ON p.text = n.text ORDER BY n.text"
-                )
-            finally:
-                con.unregister("_improve_new_texts")
-            ids = dict(
-                con.execute(
-                    "SELECT text, prompt_id FROM prompts WHERE list_contains(?, text)", [list(new_texts)]
-                ).fetchall()
-            )
-            shard_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(con)
-            tag = f"-r{_sha(started.isoformat())[:8]}" if recompute_prompts else ""  # never the dropped file
-            shard = shard_dir / f"prompts-{_sha(identity)[:12]}-{_sha(new_texts)[:16]}{tag}.npy"
-            sha = save_array(shard, new_arr)
-            register_embedding_set(
-                con,
-                kind="prompt",
-                subset_id=None,
-                model=identity["model"],
-                pretrained=identity["pretrained"],
-                checkpoint_sha256=identity["checkpoint_sha256"],
-                precision=identity["precision"],
-                config={"stage": STAGE, "model": identity, "n_prompts": len(new_texts)},
-                path=shard,
-                array=new_arr,
-                item_ids=[ids[t] for t in new_texts],
-                sha256=sha,
-                run_id=run_id,
-            )
-        for pop, p, cfg, h in units:
-            if h in existing:
-                result.improvement_ids.append(int(existing[h]))
-                result.reused_ids.append(int(existing[h]))
-                continue
-            row = con.execute(
-                """
-                INSERT INTO improvement_runs (retrieval_run_id, categories, population, pooling, tau, template_set,
-                    templates_sha256, template_mode, k_per_category, k_prompts, n_captions, max_subset, seed,
-                    is_overlap_included, model, config_hash, created_at, run_id)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                RETURNING improvement_id
-                """,
-                [
-                    rrid,
-                    ",".join(cats),
-                    pop.name,
-                    p,
-                    cfg["tau"],
-                    template_set,
-                    t_sha,
-                    template_mode,
-                    json.dumps(pop.k_per_category),
-                    k,
-                    len(pop.captions),
-                    max_subset,
-                    seed,
-                    bool(include_overlap),
-                    identity["model"],
-                    h,
-                    db.now(),
-                    run_id,
-                ],
-            ).fetchall()[0]
-            imp_id = int(row[0])
-            ranks = computed[(pop.name, p)].copy()
-            ranks.insert(0, "improvement_id", imp_id)
-            db.insert_df(con, "improvement_ranks", ranks)
-            st = compute_stats(ranks, seed)
-            st.insert(0, "improvement_id", imp_id)
-            db.insert_df(con, "improvement_stats", st)
-            result.improvement_ids.append(imp_id)
-    result.run_id = run_id
+    result.run_id = write_rows(
+        con,
+        s,
+        units,
+        existing,
+        computed,
+        matrix,
+        run_config,
+        result,
+        started=started,
+        cache_dir=cache_dir,
+        recompute_prompts=recompute_prompts,
+    )
     return result
 
 

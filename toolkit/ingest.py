@@ -52,7 +52,10 @@ def resolve_paths(coco_root=None, captions_json=None, images_dir=None, karpathy_
     """Turn the CLI's path options into (annotations file, image root)."""
     if karpathy_json:
         if not images_dir and not coco_root:
-            raise UserError("--karpathy-json needs --images-dir (the folder that holds val2014/) or --coco-root.")
+            raise UserError(
+                "--karpathy-json needs --images-dir: the folder that holds val2014/ (dataset_coco.json) or "
+                "flickr30k-images/ (dataset_flickr30k.json), or --coco-root."
+            )
         return Path(karpathy_json), Path(images_dir or coco_root)
     if coco_root:
         root = Path(coco_root)
@@ -126,7 +129,7 @@ def ingest(
     images_dir=None,
     karpathy_json=None,
     split: str | None = None,
-    num_images: int | str = 5000,
+    num_images: int | str | None = None,
     captions_per_image: int = 5,
     seed: int = 42,
     name: str | None = None,
@@ -139,13 +142,19 @@ def ingest(
     # found under --coco-root only for COCO's own layout: Karpathy's split holds val2014 images
     inst_path = instances_mod.find_file(None if karpathy_json else coco_root, instances_json)
     inst = instances_mod.load(inst_path) if inst_path else None  # validated before anything is written
+    dataset = "coco"
     if karpathy_json:
         split = split or "test"
-        images, captions = coco.load_karpathy(ann_path, split)
+        images, captions, dataset = coco.load_karpathy_dataset(ann_path, split)
+        if dataset == "flickr30k" and not (image_root / coco.FLICKR30K_IMAGE_FOLDER).is_dir():
+            # --images-dir is the flickr30k-images folder itself: its files are directly below it
+            images = images.assign(rel_path=images["file_name"])
     else:
         if split:
             raise UserError("--split only applies with --karpathy-json.")
         images, captions = coco.load_coco_captions(ann_path)
+    if num_images is None:  # the whole split of Flickr30k's file (its test split is the standard 1k)
+        num_images = "all" if dataset == "flickr30k" else 5000
     if captions_per_image < 1:
         raise UserError("--captions-per-image must be at least 1.")
     take_all = isinstance(num_images, str) and num_images.lower() == "all"
@@ -157,7 +166,11 @@ def ingest(
         if num_images < 1:
             raise UserError("--num-images must be at least 1.")
 
-    name = name or (f"karpathy-{split}" if karpathy_json else f"{'all' if take_all else num_images}-seed{seed}")
+    if karpathy_json:
+        default_name = f"{'flickr30k' if dataset == 'flickr30k' else 'karpathy'}-{split}"
+    else:
+        default_name = f"{'all' if take_all else num_images}-seed{seed}"
+    name = name or default_name
     source_sha = sha256_file(ann_path)
     config = {
         "source_sha256": source_sha,

@@ -45,6 +45,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from toolkit.errors import UserError
+from toolkit.runs import resolve_retrieval_run
 
 TOPN = 5
 SECONDARY_KEYS = "qwertyu"
@@ -64,24 +65,6 @@ class ExportResult:
     unchanged: list[str]
     image_root: str | None
     url_mode: str  # 'local-files' or 'prefix'
-
-
-def _sampled_run(con, retrieval_run_id: int | None) -> int:
-    runs = [
-        int(r[0]) for r in con.execute("SELECT DISTINCT retrieval_run_id FROM failure_samples ORDER BY 1").fetchall()
-    ]
-    if not runs:
-        raise UserError("The database has no sampled failures. Run clipfail sample-failures first (and check --db).")
-    if retrieval_run_id is None:
-        return int(
-            con.execute("SELECT retrieval_run_id FROM failure_samples ORDER BY run_id DESC LIMIT 1").fetchone()[0]
-        )
-    if int(retrieval_run_id) not in runs:
-        raise UserError(
-            f"Retrieval run {retrieval_run_id} has no sampled failures. Runs with a failure sample: "
-            f"{', '.join(map(str, runs))}."
-        )
-    return int(retrieval_run_id)
 
 
 def labeling_config(categories: list[dict]) -> str:
@@ -131,7 +114,8 @@ def export_labelstudio(
     from toolkit.failures import _image_lookup, sample_table
     from toolkit.taxonomy import Taxonomy
 
-    rrid = _sampled_run(con, retrieval_run_id)
+    run = resolve_retrieval_run(con, retrieval_run_id, need="sample", purpose="the Label Studio export")
+    rrid = int(run["retrieval_run_id"])
     table = sample_table(con, rrid)
     table = table[table["set_name"] != "backup"]
     ids = set(table["gt_id"].astype(int))

@@ -429,16 +429,87 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def weights_identity(spec: str, pretrained: str | None = None, checkpoint: str | Path | None = None) -> dict:
-    """What `load_model` would record as model, pretrained and checkpoint_sha256, without building it."""
-    resolved = resolve_spec(spec, pretrained)
-    sha = None
+def _resolve_light(spec: str, pretrained: str | None) -> ModelSpec | None:
+    """`resolve_spec` for the specs that need no open_clip import (the reference HF-style names,
+    hf-hub:, local-dir:, the packaged tiny config), else None. The same model_name and pretrained
+    as `resolve_spec`; it lets a run with nothing to compute skip importing open_clip and torch."""
+    spec = str(spec).strip()
+    if spec.startswith("hf-hub:") and not pretrained:
+        return ModelSpec(spec, "hf-hub", spec, None)
+    if spec.startswith("local-dir:"):
+        return ModelSpec(spec, "local-dir", spec, None)
+    if spec.lower() in HF_NAME_TABLE and pretrained in (None, HF_NAME_TABLE[spec.lower()][1]):
+        arch, tag = HF_NAME_TABLE[spec.lower()]
+        return ModelSpec(spec, "hf-name", arch, tag)
+    if spec == TINY_CONFIG and not pretrained:
+        return ModelSpec(spec, "config-json", spec, None, str(tiny_config_path()))
+    return None
+
+
+def checkpoint_sha256(path: str | Path, sums_file: str | Path | None = None) -> tuple[str, dict | None]:
+    """The sha256 of a checkpoint file, and what `remember_checkpoint_sha256` should write (None when the
+    sum came from `sums_file`).
+
+    `sums_file` (JSON) remembers sums by the file's resolved path, size, mtime, ctime and inode, so a
+    run with nothing to compute does not hash a 600 MB file again. Any change to the file (rewritten,
+    replaced, touched) changes its ctime, so its sum is then computed again. An unreadable
+    `sums_file` only means hashing again."""
+    path = Path(path).expanduser().resolve()
+    st = path.stat()
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+    if sums_file is not None:
+        hit = _read_sums(sums_file).get(str(path))
+        if isinstance(hit, dict) and {k: hit.get(k) for k in stamp} == stamp and isinstance(hit.get("sha256"), str):
+            return hit["sha256"], None
+    sha = sha256_file(path)
+    return sha, {"path": str(path), **stamp, "sha256": sha}
+
+
+def _read_sums(sums_file) -> dict:
+    try:
+        sums = json.loads(Path(sums_file).read_text())
+    except (OSError, ValueError):
+        return {}
+    return sums if isinstance(sums, dict) else {}
+
+
+def remember_checkpoint_sha256(sums_file: str | Path, record: dict | None) -> None:
+    """Add a `checkpoint_sha256` record to `sums_file` (atomically; a failure to write is ignored)."""
+    if record is None:
+        return
+    sums = _read_sums(sums_file)
+    sums[record["path"]] = {k: v for k, v in record.items() if k != "path"}
+    tmp = Path(sums_file).with_name(Path(sums_file).name + f".tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(sums, sort_keys=True, indent=1))
+        os.replace(tmp, sums_file)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def weights_identity(
+    spec: str,
+    pretrained: str | None = None,
+    checkpoint: str | Path | None = None,
+    sums_file: str | Path | None = None,
+) -> dict:
+    """What `load_model` would record as model, pretrained and checkpoint_sha256, without building it.
+
+    `sums_file`: where `checkpoint_sha256` looks the checkpoint's sum up (None: hash it). A sum it had
+    to compute is returned under the key ``_remember`` (for `remember_checkpoint_sha256`, once the run
+    has succeeded)."""
+    resolved = _resolve_light(spec, pretrained) or resolve_spec(spec, pretrained)
+    sha = record = None
     if checkpoint is not None:
         ckpt = Path(checkpoint).expanduser()
         if not ckpt.is_file():
             raise UserError(f"Checkpoint file {ckpt} does not exist.")
-        sha = sha256_file(ckpt)
-    return {"model": resolved.model_name, "pretrained": None if sha else resolved.pretrained, "checkpoint_sha256": sha}
+        sha, record = checkpoint_sha256(ckpt, sums_file)
+    out = {"model": resolved.model_name, "pretrained": None if sha else resolved.pretrained, "checkpoint_sha256": sha}
+    if record is not None and sums_file is not None:
+        out["_remember"] = record
+    return out
 
 
 # --------------------------------------------------------------------------- building

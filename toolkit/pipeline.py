@@ -167,7 +167,7 @@ def run_pipeline(
         "sample-failures",
         lambda: _in(
             sample_failures,
-            run_id=ev.retrieval_run_id,
+            retrieval_run_id=ev.retrieval_run_id,
             n=n_failures,
             seed=failure_seed,
             overlap=overlap,

@@ -36,9 +36,11 @@ import pandas as pd
 from toolkit import db
 from toolkit import paths as study_paths
 from toolkit._version import __version__
-from toolkit.errors import UserError
+from toolkit.improve import summary as improve_summary
 from toolkit.outdir import FreshFolder
+from toolkit.runs import resolve_retrieval_run
 from toolkit.sheets import write_frame_csv
+from toolkit.tables import ci_text, improvement_table, pooling_label
 
 PACKAGES = ["clipfail", "torch", "torchvision", "open_clip_torch", "duckdb", "numpy", "pandas", "matplotlib", "pillow"]
 
@@ -383,29 +385,6 @@ def _provenance(con, page: _Page, rrid: int | None) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
-def pick_run(con, retrieval_run_id: int | None) -> int | None:
-    """The retrieval run the report is about: the one given, else the one labelled last, else the latest
-    text-to-image run, else None."""
-    if retrieval_run_id is not None:
-        ok = con.execute("SELECT count(*) FROM retrieval_runs WHERE retrieval_run_id = ?", [retrieval_run_id])
-        if not ok.fetchone()[0]:
-            known = [r[0] for r in con.execute("SELECT retrieval_run_id FROM retrieval_runs ORDER BY 1").fetchall()]
-            raise UserError(
-                f"There is no retrieval run {retrieval_run_id}. Known runs: {', '.join(map(str, known)) or 'none'}."
-            )
-        return int(retrieval_run_id)
-    row = con.execute(
-        """
-        SELECT s.retrieval_run_id FROM annotations a JOIN failure_samples s USING (sample_id)
-        GROUP BY s.retrieval_run_id ORDER BY max(a.imported_at) DESC, s.retrieval_run_id DESC LIMIT 1
-        """
-    ).fetchone()
-    if row:
-        return int(row[0])
-    row = con.execute("SELECT max(retrieval_run_id) FROM retrieval_runs WHERE direction = 'text-to-image'").fetchone()
-    return None if row[0] is None else int(row[0])
-
-
 def write_report(
     con,
     out_dir="report",
@@ -427,7 +406,8 @@ def write_report(
 def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> ReportResult:
     started = db.now()
     out_dir = fresh.out_dir
-    rrid = pick_run(con, retrieval_run_id)
+    run = resolve_retrieval_run(con, retrieval_run_id, need="report")
+    rrid = None if run is None else int(run["retrieval_run_id"])
     page = _Page(fresh.staging)
     missing: list[str] = []
     simulated = False
@@ -456,6 +436,7 @@ def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> 
         missing.append("labels: clipfail sample-failures, then clipfail import-labels")
     _improvement_sections(con, page, rrid, simulated, missing)
     _triage_section(con, page, rrid, simulated, missing)
+    _comparison_sections(con, page)
     _hubness_section(con, page, rrid, missing)
     _method_comparison_section(con, page, rrid, simulated, missing)
     _provenance(con, page, rrid)
@@ -565,38 +546,6 @@ PCT = {
 }
 
 
-def _pooling_label(pooling: str, tau) -> str:
-    return f"logsumexp (tau={float(tau):g})" if pooling == "logsumexp" and not pd.isna(tau) else str(pooling)
-
-
-def _ci(lo, hi) -> str:
-    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
-        return ""
-    return f"[{float(lo):+.2f}, {float(hi):+.2f}]"
-
-
-def _study_table(group: pd.DataFrame) -> pd.DataFrame:
-    """The reference study's table shape: one row per pooling, improved R@K and deltas, then the statistics."""
-    return pd.DataFrame(
-        {
-            "pooling": [_pooling_label(p, t) for p, t in zip(group["pooling"], group["tau"])],
-            "improved R@1": group["improved_r1"].to_numpy(),
-            "improved R@5": group["improved_r5"].to_numpy(),
-            "improved R@10": group["improved_r10"].to_numpy(),
-            "ΔR@1 (pp)": group["delta_r1_pp"].to_numpy(),
-            "ΔR@5 (pp)": group["delta_r5_pp"].to_numpy(),
-            "ΔR@10 (pp)": group["delta_r10_pp"].to_numpy(),
-            "95% CI ΔR@1": [_ci(a, b) for a, b in zip(group["ci_low_r1_pp"], group["ci_high_r1_pp"])],
-            "95% CI ΔR@5": [_ci(a, b) for a, b in zip(group["ci_low_r5_pp"], group["ci_high_r5_pp"])],
-            "95% CI ΔR@10": [_ci(a, b) for a, b in zip(group["ci_low_r10_pp"], group["ci_high_r10_pp"])],
-            "McNemar p R@1": group["mcnemar_p_r1"].to_numpy(),
-            "McNemar p R@5": group["mcnemar_p_r5"].to_numpy(),
-            "McNemar p R@10": group["mcnemar_p_r10"].to_numpy(),
-            "improvement_id": group["improvement_id"].to_numpy(),
-        }
-    )
-
-
 STUDY_FORMATS = {
     "improved R@1": "f2",
     "improved R@5": "f2",
@@ -664,7 +613,7 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
         )
         slug = _slug(f"{categories}_{template_set}_{template_mode}" + ("" if k_asked in (None, 10) else f"_k{k_asked}"))
         page.table(
-            _study_table(group),
+            improvement_table(improve_summary(con, group["improvement_id"]), group["improvement_id"]),
             f"improvement_{slug}",
             f"Table 6.{n_sub}. {categories}: baseline vs improved Recall@K per pooling (view improvement_recall)."
             + flag,
@@ -674,7 +623,7 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
         page.figure(
             improvement_bar_chart(
                 group,
-                [_pooling_label(p, t) for p, t in zip(group["pooling"], group["tau"])],
+                [pooling_label(p, t) for p, t in zip(group["pooling"], group["tau"])],
                 f"Figure {num}. {categories} subset (n={int(first['n'])})"
                 + (" (SIMULATED labels)" if simulated else ""),
                 page.figures_dir / f"figure{num}_{slug}",
@@ -822,18 +771,122 @@ def _triage_section(con, page: _Page, rrid, simulated: bool, missing: list[str])
     )
 
 
+# --------------------------------------------------------------------------- run comparisons (issue 18)
+
+
+def _comparison_sections(con, page: _Page) -> None:
+    """Section 8: every stored `clipfail compare` (views run_comparison, run_pairs, failure_overlap_by_category):
+    the R@K table with ΔR@K, its interval and McNemar p and the paired counts; a log-log scatter of the ranks;
+    the labelled failures per category fixed / broken / shared, as a table and a bar chart."""
+    page.h2("comparisons", "8. Comparisons of retrieval runs")
+    ids = [int(r[0]) for r in con.execute("SELECT run_comparison_id FROM run_comparisons ORDER BY 1").fetchall()]
+    if not ids:
+        page.p(
+            "No comparison yet. Evaluate a second model on the same subset, then: clipfail compare RUN_A RUN_B "
+            "(or clipfail benchmark --models FILE for many models).",
+            cls="missing",
+        )
+        return
+    page.p(
+        "Each comparison pairs two retrieval runs of the same subset and direction query by query. ΔR@K = R@K(B) - "
+        "R@K(A) in percentage points, with a paired bootstrap 95% interval (10,000 resamples, seeded) and the exact "
+        "McNemar p-value; fixed = A misses and B hits at K, broken = the reverse, shared = both miss, neither = "
+        "both hit."
+    )
+    for cid in ids:
+        rows = con.execute(
+            """
+            SELECT k, n_queries, r_at_k_a, r_at_k_b, delta_pp, ci_low_pp, ci_high_pp, mcnemar_p,
+                   n_fixed, n_broken, n_shared, n_neither,
+                   retrieval_run_a_id, retrieval_run_b_id, subset, direction, model_a, weights_a, model_b, weights_b,
+                   is_same_run
+            FROM run_comparison WHERE run_comparison_id = ? ORDER BY k
+            """,
+            [cid],
+        ).df()
+        if rows.empty:
+            continue
+        first = rows.iloc[0]
+        label_a = f"run {int(first['retrieval_run_a_id'])}, {first['model_a']} ({first['weights_a']})"
+        label_b = f"run {int(first['retrieval_run_b_id'])}, {first['model_b']} ({first['weights_b']})"
+        page.h3(f"Comparison {cid}: B = {label_b} against A = {label_a}")
+        page.p(f"Subset {first['subset']}, {first['direction']}, {int(first['n_queries']):,} paired queries.")
+        if bool(first["is_same_run"]):
+            page.p("A and B are the same run: every delta is zero.", cls="note")
+        cols = ["k", "n_queries", "r_at_k_a", "r_at_k_b", "delta_pp", "ci_low_pp", "ci_high_pp", "mcnemar_p"]
+        cols += ["n_fixed", "n_broken", "n_shared", "n_neither"]
+        page.table(
+            rows[cols],
+            f"run_comparison_{cid}",
+            f"Comparison {cid}. Recall@K of A and B, ΔR@K (pp) with its 95% interval and McNemar p, and the paired "
+            "outcomes (view run_comparison)",
+            {"delta_pp": "pp", "ci_low_pp": "pp", "ci_high_pp": "pp", "mcnemar_p": "p"},
+        )
+        pairs = con.execute("SELECT rank_a, rank_b FROM run_pairs WHERE run_comparison_id = ?", [cid]).df()
+        from toolkit.figures import fixed_broken_shared_chart, rank_scatter
+
+        num = page.next_figure()
+        page.figure(
+            rank_scatter(
+                pairs,
+                f"Figure {num}. Rank in A against rank in B",
+                page.figures_dir / f"figure{num}_rank_scatter_{cid}",
+                label_a=f"run {int(first['retrieval_run_a_id'])}",
+                label_b=f"run {int(first['retrieval_run_b_id'])}",
+                subtitle=f"comparison {cid}, {first['direction']}, log-log; below the diagonal B ranks better",
+            ),
+            f"Figure {num}. Each query's rank in A ({label_a}) against B ({label_b}), log-log (view run_pairs).",
+        )
+        overlap = con.execute(
+            """
+            SELECT category, n_labelled_a, n_fixed, n_shared, percent_fixed, median_rank_a, median_rank_b,
+                   n_labelled_b, n_broken, is_simulated
+            FROM failure_overlap_by_category WHERE run_comparison_id = ?
+            """,
+            [cid],
+        ).df()
+        if overlap.empty:
+            page.p(
+                "No labelled failures of run A (or B) for this comparison: the per-category split needs "
+                "clipfail sample-failures and import-labels on a text-to-image run.",
+                cls="missing",
+            )
+            continue
+        flag = " SIMULATED labels." if bool(overlap["is_simulated"].any()) else ""
+        page.table(
+            overlap,
+            f"failure_overlap_{cid}",
+            f"Comparison {cid}. Labelled R@1 failures of A per category, fixed by B or still failing (shared); "
+            "B's labelled failures that A retrieved at rank 1 (broken; empty when B has no labels) "
+            "(view failure_overlap_by_category)." + flag,
+            {"percent_fixed": "f2", "median_rank_a": "f2", "median_rank_b": "f2"},
+        )
+        num = page.next_figure()
+        page.figure(
+            fixed_broken_shared_chart(
+                overlap,
+                f"Figure {num}. Fixed, broken and shared failures per category",
+                page.figures_dir / f"figure{num}_fixed_broken_shared_{cid}",
+                subtitle=f"comparison {cid}: B = run {int(first['retrieval_run_b_id'])}, "
+                f"A = run {int(first['retrieval_run_a_id'])}",
+            ),
+            f"Figure {num}. Labelled failures per category: fixed by B, broken by B, shared (view "
+            f"failure_overlap_by_category).{flag}",
+        )
+
+
 # --------------------------------------------------------------------------- hubness (issue 17)
 
 HUB_THUMBNAILS = 10
 
 
 def _hubness_section(con, page: _Page, rrid, missing: list[str]) -> None:
-    """Section 8: hubness of the retrieval runs of the report's subset (view hubness_summary, both
+    """Section 9: hubness of the retrieval runs of the report's subset (view hubness_summary, both
     directions), the N_1 / N_10 histograms of the report's run (view image_hubness), and its top hubs
     as thumbnails."""
     from toolkit.figures import k_occurrence_histogram, thumbnail_grid
 
-    page.h2("hubness", "8. Hubness")
+    page.h2("hubness", "9. Hubness")
     if rrid is None or not db.table_exists(con, "hubness_summary"):
         page.p("No retrieval run yet. Run: clipfail evaluate", cls="missing")
         return
@@ -925,11 +978,11 @@ METHOD_COLUMNS = [
 
 
 def _method_comparison_section(con, page: _Page, rrid, simulated: bool, missing: list[str]) -> None:
-    """Section 9: every method's improvement runs on the labelled failures, per category (view method_comparison):
+    """Section 10: every method's improvement runs on the labelled failures, per category (view method_comparison):
     a ranked table of which method helps which category most, and one grouped chart per category."""
     from toolkit.figures import method_comparison_chart
 
-    page.h2("methods", "9. Which fix helps which category")
+    page.h2("methods", "10. Which fix helps which category")
     flag = " SIMULATED labels chose these captions." if simulated else ""
     df = (
         con.execute("SELECT * FROM method_comparison WHERE retrieval_run_id = ?", [rrid]).df()
@@ -965,7 +1018,7 @@ def _method_comparison_section(con, page: _Page, rrid, simulated: bool, missing:
     table.insert(
         table.columns.get_loc("mcnemar_p_r1"),
         "95% CI ΔR@1",
-        [_ci(a, b) for a, b in zip(table.pop("ci_low_r1_pp"), table.pop("ci_high_r1_pp"))],
+        [ci_text(a, b) for a, b in zip(table.pop("ci_low_r1_pp"), table.pop("ci_high_r1_pp"))],
     )
     page.table(
         table,

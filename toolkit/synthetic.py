@@ -222,3 +222,61 @@ def make_synthetic_coco(
     }
     (ann_dir / "instances_val2017.json").write_text(json.dumps(detection), encoding="utf-8")
     return out
+
+
+def make_synthetic_flickr30k(root: str | Path, n_images: int, seed: int = 0, n_test: int | None = None) -> Path:
+    """Write a dataset in the layout of Flickr30k with Karpathy's split file, from generated scenes.
+
+        root/dataset_flickr30k.json      {"images": [{filename, imgid, split, sentences, sentids}], "dataset": ...}
+        root/flickr30k-images/<id>.jpg
+
+    As in the real file, records have no `cocoid` and no `filepath`; `imgid` counts from 0 in file order,
+    `sentid` counts on over all sentences (each with raw, tokens, imgid, sentid), and file names are
+    Flickr photo ids. `n_test` images (default: a third), drawn with `seed`, are in split 'test', a few in
+    'val', the rest in 'train'. Returns the JSON path.
+    """
+    import shutil
+    import tempfile
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    n_test = n_images // 3 if n_test is None else n_test
+    if not 0 <= n_test <= n_images:
+        raise ValueError("n_test must be between 0 and n_images")
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        coco_json = make_synthetic_coco(tmp, n_images, seed=seed)
+        coco = json.loads(coco_json.read_text(encoding="utf-8"))
+        (root / "flickr30k-images").mkdir(exist_ok=True)
+        caps: dict[int, list[dict]] = {}
+        for ann in sorted(coco["annotations"], key=lambda a: a["id"]):
+            caps.setdefault(ann["image_id"], []).append(ann)
+        order = sorted(coco["images"], key=lambda im: im["id"])
+        rng.shuffle(order)  # Karpathy's file is not in photo id order
+        test = set(rng.sample(range(n_images), n_test))
+        rest = [i for i in range(n_images) if i not in test]
+        val = set(rest[: max(0, min(len(rest) // 5, 2))])
+        photo_ids = rng.sample(range(1_000_000_000, 1_000_000_000 + 100 * n_images), n_images)
+        images, sentid = [], 0
+        for imgid, im in enumerate(order):
+            filename = f"{photo_ids[imgid]}.jpg"
+            shutil.copyfile(Path(tmp) / "val2017" / im["file_name"], root / "flickr30k-images" / filename)
+            sentences = []
+            for ann in caps.get(im["id"], []):
+                raw = ann["caption"]
+                tokens = [t for t in "".join(c if c.isalnum() or c == " " else " " for c in raw.lower()).split()]
+                sentences.append({"tokens": tokens, "raw": raw, "imgid": imgid, "sentid": sentid})
+                sentid += 1
+            split = "test" if imgid in test else "val" if imgid in val else "train"
+            images.append(
+                {
+                    "sentids": [s["sentid"] for s in sentences],
+                    "imgid": imgid,
+                    "sentences": sentences,
+                    "split": split,
+                    "filename": filename,
+                }
+            )
+    out = root / "dataset_flickr30k.json"
+    out.write_text(json.dumps({"images": images, "dataset": "flickr30k"}), encoding="utf-8")
+    return out

@@ -1,6 +1,6 @@
 """Triage: an evidence-backed category suggestion for every R@1 failure of a retrieval run.
 
-`triage(con, run_id=None)` writes, in one transaction, a `triage_runs` row and one
+`triage(con, retrieval_run_id=None)` writes, in one transaction, a `triage_runs` row and one
 `triage_suggestions` row per R@1 failure (gt_rank > 1) of a text-to-image run. Each row holds the
 evidence every rule found, the rules that fired, and the suggestion: the first rule in `PRIORITY`
 that fired, with that rule's fixed score (`RULE_SCORES`: a ranking of how direct the evidence is,
@@ -45,6 +45,7 @@ import pandas as pd
 
 from toolkit import artifacts, db, phrases
 from toolkit.errors import UserError
+from toolkit.runs import resolve_retrieval_run
 
 STAGE = "triage"
 RULES_VERSION = "v1"
@@ -316,29 +317,6 @@ def rule_lexicon(caption: str) -> tuple[str, str] | None:
 # The stage
 
 
-def pick_run(con, retrieval_run_id: int | None) -> dict:
-    """The given retrieval run (text-to-image), or the most recent text-to-image run."""
-    if retrieval_run_id is None:
-        rows = con.execute(
-            "SELECT * FROM retrieval_runs WHERE direction = 'text-to-image' ORDER BY retrieval_run_id DESC LIMIT 1"
-        ).df()
-        if rows.empty:
-            raise UserError("The database has no text-to-image retrieval run to triage. Run: clipfail evaluate")
-        return rows.iloc[0].to_dict()
-    rows = con.execute("SELECT * FROM retrieval_runs WHERE retrieval_run_id = ?", [int(retrieval_run_id)]).df()
-    if rows.empty:
-        known = [str(r[0]) for r in con.execute("SELECT retrieval_run_id FROM retrieval_runs ORDER BY 1").fetchall()]
-        hint = f" Retrieval runs: {', '.join(known)}." if known else " Run clipfail evaluate first."
-        raise UserError(f"No retrieval run with id {retrieval_run_id}.{hint}")
-    row = rows.iloc[0].to_dict()
-    if row["direction"] != "text-to-image":
-        raise UserError(
-            f"Retrieval run {retrieval_run_id} is {row['direction']}; triage needs a text-to-image run. "
-            "Give --run with a text-to-image run id."
-        )
-    return row
-
-
 def _caption_cosines(con, run: dict, failures: pd.DataFrame, subset_caps: pd.DataFrame):
     """For each failure: best cosine of the query with the top-1's captions and with its own image's other captions."""
     emb = artifacts.load_embedding_set(
@@ -369,12 +347,12 @@ def _caption_cosines(con, run: dict, failures: pd.DataFrame, subset_caps: pd.Dat
     return top1_cos, own_cos, emb
 
 
-def triage(con, run_id: int | None = None, *, hub_factor: float = DEFAULT_HUB_FACTOR) -> TriageResult:
+def triage(con, retrieval_run_id: int | None = None, *, hub_factor: float = DEFAULT_HUB_FACTOR) -> TriageResult:
     """Suggest a category, with evidence, for every R@1 failure of a text-to-image retrieval run."""
     started = db.now()
     if not hub_factor > 0:
         raise UserError("--hub-factor must be greater than 0.")
-    run = pick_run(con, run_id)
+    run = resolve_retrieval_run(con, retrieval_run_id, need="ranks", purpose="triage")
     rrid = int(run["retrieval_run_id"])
     subset_id = int(run["subset_id"])
     ranks = con.execute(
