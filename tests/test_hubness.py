@@ -557,3 +557,71 @@ def test_report_method_comparison_section_flags_bank_overlap(lab, tmp_path, run_
         con.close()
     run_cli("--db", w["path"], "report", "--out", out, "--run", w["t2i"])
     assert "held evaluated captions (--allow-bank-overlap)" in (out / "report.html").read_text()
+
+
+# ------------------------------------------------------------------------------ the CLI: clipfail improve --method
+
+
+def test_cli_improve_methods_record_runs_and_refuse_bad_input(lab, run_cli):
+    w = lab
+    db_ = w["path"]
+
+    def n_runs():
+        with open_study(db_, read_only=True) as con:
+            return con.execute("SELECT count(*) FROM improvement_runs").fetchone()[0]
+
+    out = run_cli("--db", db_, "improve", "--categories", "Object,Attribute", "--method", "qb-norm", "--beta", 25,
+                  "--control", "successes:10").output  # fmt: skip
+    assert "method qb-norm" in out
+    with open_study(db_, read_only=True) as con:
+        rows = con.execute("SELECT method, method_params, population FROM improvement_runs ORDER BY 1, 3").fetchall()
+    assert rows == [("qb-norm", "beta=25 k_bank=1 bank=s30", "failures"), ("qb-norm", "beta=25 k_bank=1 bank=s30",
+                                                                           "successes")]  # fmt: skip
+    again = run_cli("--db", db_, "improve", "--categories", "Object,Attribute", "--method", "qb-norm", "--beta", 25,
+                    "--control", "successes:10").output  # fmt: skip
+    assert "Already computed" in again and n_runs() == 2
+    for args, msg in (
+        (["--method", "qb-norm", "--beta", 0], "--beta must be a positive number"),
+        (["--method", "inverted-softmax", "--beta", -1], "--beta must be a positive number"),
+        (["--method", "qb-norm", "--k-bank", 0], "--k-bank must be"),
+        (["--method", "query-expansion", "--top", 0], "--top must be"),
+        (["--method", "query-expansion", "--alpha", -0.5], "--alpha must be"),
+        (["--method", "qb-norm", "--bank", "s30"], "--allow-bank-overlap"),
+        (["--method", "query-expansion", "--bank", "s30"], "--bank is an option"),
+        (["--method", "templates+qb-norm", "--bank", "s30", "--k", 1], "--allow-bank-overlap"),
+    ):
+        res = run_cli("--db", db_, "improve", "--categories", "Object", *args, expect=2)
+        assert msg in res.output and "Traceback" not in res.output, (args, res.output)
+    assert n_runs() == 2  # nothing written by a refused call
+    res = run_cli("--db", w["unlabelled"], "improve", "--categories", "Object", "--method", "qb-norm", expect=2)
+    assert "No labels have been imported" in res.output
+
+
+def test_templates_then_qb_norm_with_the_caption_alone_is_qb_norm(lab):
+    """K = 1 (each caption's only prompt is itself) and max pooling: templates+qb-norm ranks exactly as qb-norm."""
+    from toolkit.improve import improve
+
+    w = lab
+    with open_study(w["path"]) as con:
+        combo = improve(con, "Object,Attribute", method="templates+qb-norm", k=1, poolings="max", beta=20.0,
+                        retrieval_run_id=w["t2i"])  # fmt: skip
+        alone = H.improve_method(con, "qb-norm", "Object,Attribute", beta=20.0, retrieval_run_id=w["t2i"])
+        a, b = _ranks(con, combo.improvement_ids[0]), _ranks(con, alone.improvement_ids[0])
+        assert list(a["caption_id"]) == list(b["caption_id"])
+        assert np.array_equal(a["improved_rank"], b["improved_rank"])
+        assert not np.array_equal(a["improved_rank"], a["baseline_rank"])  # the normalisation did something
+        row = con.execute(
+            "SELECT method, method_params, bank_subset, pooling FROM improvement_runs WHERE improvement_id = ?",
+            [combo.improvement_ids[0]],
+        ).fetchone()
+        assert row == ("templates+qb-norm", "beta=20 k_bank=1 bank=s30", "s30", "max")
+        plain = improve(con, "Object,Attribute", k=1, poolings="max", retrieval_run_id=w["t2i"])
+        assert con.execute(
+            "SELECT method FROM improvement_runs WHERE improvement_id = ?", [plain.improvement_ids[0]]
+        ).fetchone() == ("templates",)
+        p = _ranks(con, plain.improvement_ids[0])
+        assert np.array_equal(p["improved_rank"], p["baseline_rank"])  # K = 1 templates is the baseline itself
+        mc = con.execute(
+            "SELECT DISTINCT method FROM method_comparison WHERE retrieval_run_id = ? ORDER BY 1", [w["t2i"]]
+        ).fetchall()
+        assert mc == [("qb-norm",), ("templates",), ("templates+qb-norm",)]

@@ -61,6 +61,13 @@ run, categories, subset, prompts, K, model, scoring device, pooling, tau, seed, 
 is reused, not recomputed; when all were, the call is a no-op. ``recompute_prompts`` drops this
 model's cached prompt embeddings (every prompt shard of its identity) and encodes their texts and
 this call's prompts again, in the same transaction (the fix for a damaged or missing shard file).
+
+Methods (issue 17). ``method`` is "templates" (the above, the default); "inverted-softmax", "qb-norm"
+or "query-expansion" (`toolkit.hubness.improve_method`: the same populations, statistics and tables,
+with the method's ranks); or "templates+inverted-softmax" / "templates+qb-norm": the templates'
+pooled scores are normalised with the method's normaliser (`toolkit.hubness.pooled_transform`),
+its queries (every caption of the run, or the bank) scored as captions. `improvement_runs.method`
+and ``method_params`` record which; a plain templates run's configuration is unchanged.
 """
 
 from __future__ import annotations
@@ -82,6 +89,10 @@ from toolkit.runs import resolve_retrieval_run
 STAGE = "improve"
 METHOD = "prompt-ensemble/v2"  # v2: distinct prompts, K chosen (v1 kept copies of the caption)
 POPULATIONS = ("failures", "successes", "all")
+# --method: prompt ensembling, the hubness fixes and query expansion (toolkit.hubness), and the combinations
+METHODS = (
+    "templates", "inverted-softmax", "qb-norm", "query-expansion", "templates+inverted-softmax", "templates+qb-norm",
+)  # fmt: skip
 RECALL_KS = (1, 5, 10)
 DEFAULT_K = 10  # prompts per caption, the reference study's K
 SEED_MAX = 2**32 - 1
@@ -467,9 +478,10 @@ class _Population:
 
 
 def _rank_population(
-    pop: _Population, prompt_index, P: np.ndarray, Gt, poolings, tau, device: str = "cpu"
+    pop: _Population, prompt_index, P: np.ndarray, Gt, poolings, tau, device: str = "cpu", post=None
 ) -> dict[str, pd.DataFrame]:
-    """Improved rank and GT score per caption, for each pooling (scores made on `device`)."""
+    """Improved rank and GT score per caption, for each pooling (scores made on `device`); `post`, if given,
+    transforms each block of pooled scores before ranking (a templates combination, `hubness.pooled_transform`)."""
     from toolkit import retrieval  # imports torch; only needed once there is something to score
 
     caps = pop.captions
@@ -489,6 +501,8 @@ def _rank_population(
             gt = caps["gt_index"].to_numpy()[rows]
             for p in poolings:
                 pooled = pooling.pool_scores(S, p, tau=tau)
+                if post is not None:
+                    pooled = post(pooled)
                 out[p][0][rows] = pooling.gt_ranks(pooled, gt)
                 out[p][1][rows] = pooled[np.arange(len(rows)), gt]
     return {
@@ -558,6 +572,9 @@ class _Settings:
     include_overlap: bool
     control: tuple[str, int | None] | None
     text_set: dict | None = None  # the retrieval run's text embedding set (read after section 1, as before)
+    method: str = "templates"  # or a templates combination, "templates+qb-norm" (issue 17)
+    method_params: str | None = None  # its parameters as improvement_runs.method_params
+    bank: dict | None = None  # improvement_runs bank columns (bank_subset, n_bank, is_bank_overlap)
     identity: dict | None = None  # its model_identity: the prompt cache's key
 
     @property
@@ -771,7 +788,7 @@ def encode_or_reuse_prompts(
 
 
 def score_and_pool(
-    pops_run: list[_Population], todo: list[_Unit], m: _PromptMatrix, tau: float, score_device: str
+    pops_run: list[_Population], todo: list[_Unit], m: _PromptMatrix, tau: float, score_device: str, post=None
 ) -> tuple[dict[tuple[str, str], pd.DataFrame], int]:
     """Section 4: ({(population, pooling): ranks frame} for the units to compute, number of identity prompts).
     Scores every prompt against every image on `score_device`, pools per pooling, ranks the GT image."""
@@ -787,7 +804,7 @@ def score_and_pool(
             n_identity += sum(pr == text for pr in prs)
             index.append(ids)
         wanted = [u.pooling for u in todo if u.pop is pop]
-        ranks = _rank_population(pop, index, m.P, Gt, wanted, tau, device=score_device)
+        ranks = _rank_population(pop, index, m.P, Gt, wanted, tau, device=score_device, post=post)
         for p, df in ranks.items():
             computed[(pop.name, p)] = df
     return computed, n_identity
@@ -864,8 +881,9 @@ def write_rows(
                 """
                 INSERT INTO improvement_runs (retrieval_run_id, categories, population, pooling, tau, template_set,
                     templates_sha256, template_mode, k_per_category, k_prompts, n_captions, max_subset, seed,
-                    is_overlap_included, model, config_hash, created_at, run_id)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    is_overlap_included, model, config_hash, created_at, run_id, method, method_params, bank_subset,
+                    n_bank, is_bank_overlap)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 RETURNING improvement_id
                 """,
                 [
@@ -887,6 +905,11 @@ def write_rows(
                     h,
                     db.now(),
                     run_id,
+                    s.method,
+                    s.method_params,
+                    (s.bank or {}).get("bank_subset"),
+                    (s.bank or {}).get("n_bank"),
+                    (s.bank or {}).get("is_bank_overlap"),
                 ],
             ).fetchall()[0]
             imp_id = int(row[0])
@@ -921,8 +944,20 @@ def improve(
     cache_dir: str | Path | None = None,
     k: int = DEFAULT_K,
     recompute_prompts: bool = False,
+    method: str = "templates",
+    beta: float = 20.0,  # = toolkit.hubness.DEFAULT_BETA (not imported here: it imports torch)
+    k_bank: int = 1,
+    bank: str | None = None,
+    allow_bank_overlap: bool = False,
+    top: int = 3,
+    alpha: float = 0.5,
 ) -> ImproveResult:
     """Run (or reuse) prompt ensembling on a labelled failure subset; see the module docstring.
+
+    `method` (see the module docstring, "Methods"): "templates"; "inverted-softmax" (`beta`), "qb-norm" (`beta`,
+    `k_bank`, `bank`: a subset name, `allow_bank_overlap`) or "query-expansion" (`top`, `alpha`), which
+    `toolkit.hubness.improve_method` runs (the template and pooling arguments do not apply to them); or
+    "templates+inverted-softmax" / "templates+qb-norm" (templates, then the method on the pooled scores).
 
     `encoder(texts) -> (len(texts), d) float32 L2-normalised array` encodes prompts. Without one,
     `encoder_factory(identity)` (default: `model_encoder_factory()`) builds it from the model that
@@ -936,6 +971,25 @@ def improve(
     (5, 6: statistics and rows, in one transaction).
     """
     started = db.now()
+    method = str(method).strip().lower()
+    if method in METHODS[1:4]:
+        from toolkit import hubness
+
+        return hubness.improve_method(
+            con, method, categories, retrieval_run_id=retrieval_run_id, max_subset=max_subset, seed=seed,
+            include_overlap=include_overlap, control=control, beta=beta, k_bank=k_bank, bank=bank,
+            allow_bank_overlap=allow_bank_overlap, top=top, alpha=alpha,
+        )  # fmt: skip
+    if method not in METHODS:
+        raise UserError(f"Unknown --method {method!r}; use one of: {', '.join(METHODS)}.")
+    combo = method.split("+", 1)[1] if "+" in method else None
+    if bank is not None and combo != "qb-norm":
+        raise UserError(f"--bank is an option of the qb-norm methods, not of {method}.")
+    combo_params = None
+    if combo is not None:
+        from toolkit import hubness
+
+        combo_params = hubness.check_params(combo, beta, k_bank, top, alpha)
     pools, tau, max_subset, seed, k, ctl = check_options(poolings, tau, max_subset, seed, k, control)
     cats = parse_categories(con, categories)
     rr = resolve_retrieval_run(con, retrieval_run_id, need="labels", purpose="improve")
@@ -963,6 +1017,13 @@ def improve(
         .to_dict()
     )
     s.identity = model_identity(s.text_set)
+    s.method = method
+    plan = None
+    if combo is not None:  # the normalising queries: checked (the bank refused if it leaks) before any encoding
+        evaluated = sorted({int(c) for pop in pops for c in pop.captions["caption_id"]})
+        plan = hubness.plan_normaliser(con, combo, rr, s.text_set, s.identity, evaluated, combo_params, bank,
+                                       allow_bank_overlap)  # fmt: skip
+        s.method_params, s.bank = hubness.params_text(plan.params), plan.info
     build_population_prompts(pops, s)
     score_device, recorded_device, device_note = scoring_device(con, rr)
 
@@ -982,6 +1043,8 @@ def improve(
         "k": k,
         "score_device": score_device.split(":")[0],
     }
+    if plan is not None:  # a plain templates run keeps the configuration (and hash) it always had
+        common |= {"combination": combo, "combination_params": plan.params} | plan.signature
     units = plan_units(pops, s, common)
     existing = dict(
         con.execute(
@@ -1011,7 +1074,15 @@ def improve(
     )
     result.n_prompts = len(matrix.other)
     result.n_encoded = len(matrix.new_texts)
-    computed, result.n_identity = score_and_pool(pops_run, todo, matrix, tau, score_device)
+    post = None
+    if plan is not None:
+        from toolkit.artifacts import load_embedding_set
+
+        fix = "Re-run clipfail embed (with --recompute) and clipfail evaluate."
+        txt = load_embedding_set(con, int(rr["text_embedding_set_id"]), fix=fix)
+        stats_ = plan.load(matrix.images, hubness.load_bank_texts(con, plan, txt, fix))
+        post = hubness.pooled_transform(stats_, combo)
+    computed, result.n_identity = score_and_pool(pops_run, todo, matrix, tau, score_device, post=post)
 
     run_config = dict(
         common,
