@@ -12,6 +12,7 @@ import pytest
 
 from toolkit import db
 from toolkit import hubness as H
+from toolkit import improve as imp
 from toolkit import retrieval as R
 from toolkit.study import open_study
 
@@ -371,7 +372,7 @@ def test_qb_norm_run_matches_numpy_and_is_recorded(lab):
     w = lab
     con = open_study(w["path"])
     try:
-        res = H.improve_method(con, "qb-norm", "Object,Attribute,Count", beta=20.0, k_bank=1,
+        res = imp.improve_method(con, "qb-norm", "Object,Attribute,Count", beta=20.0, k_bank=1,
                                control="successes:20", retrieval_run_id=w["t2i"])  # fmt: skip
         assert res.run_id is not None and len(res.improvement_ids) == 2
         runs = con.execute(
@@ -404,7 +405,7 @@ def test_qb_norm_run_matches_numpy_and_is_recorded(lab):
         assert stats.fetchone()[0] >= 3
         # the same call again is a no-op
         n_runs = con.execute("SELECT count(*) FROM runs").fetchone()[0]
-        again = H.improve_method(con, "qb-norm", "Object,Attribute,Count", beta=20.0, k_bank=1,
+        again = imp.improve_method(con, "qb-norm", "Object,Attribute,Count", beta=20.0, k_bank=1,
                                  control="successes:20", retrieval_run_id=w["t2i"])  # fmt: skip
         assert again.is_noop and again.improvement_ids == res.improvement_ids
         assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == n_runs
@@ -416,16 +417,18 @@ def test_inverted_softmax_and_query_expansion_runs(lab):
     w = lab
     con = open_study(w["path"])
     try:
-        inv = H.improve_method(con, "inverted-softmax", "Object,Attribute", beta=10.0, retrieval_run_id=w["t2i"])
+        inv = imp.improve_method(con, "inverted-softmax", "Object,Attribute", beta=10.0, retrieval_run_id=w["t2i"])
         df = _ranks(con, inv.improvement_ids[0])
         rows, gt = _rows(w, df["caption_id"])
         S = w["txt"][rows] @ w["img"].T
         T = 10.0 * S.astype(np.float64) - np_logsumexp_cols(w["txt"] @ w["img"].T, 10.0)[None, :]
         assert np.array_equal(df["improved_rank"].to_numpy(), np_ranks(T, gt)[0])
-        qe = H.improve_method(con, "query-expansion", "Object,Attribute", top=2, alpha=0.0, retrieval_run_id=w["t2i"])
+        qe = imp.improve_method(con, "query-expansion", "Object,Attribute", top=2, alpha=0.0, retrieval_run_id=w["t2i"])
         df0 = _ranks(con, qe.improvement_ids[0])
         assert np.array_equal(df0["improved_rank"], df0["baseline_rank"])  # alpha 0 reproduces the baseline
-        qe1 = H.improve_method(con, "query-expansion", "Object,Attribute", top=2, alpha=1.0, retrieval_run_id=w["t2i"])
+        qe1 = imp.improve_method(
+            con, "query-expansion", "Object,Attribute", top=2, alpha=1.0, retrieval_run_id=w["t2i"]
+        )
         df1 = _ranks(con, qe1.improvement_ids[0])
         ti = np.argsort(-S, axis=1, kind="stable")[:, :2]
         Qe = w["txt"][rows] + np.float32(1.0) * w["img"][ti].mean(axis=1)
@@ -442,11 +445,13 @@ def test_bank_overlap_refused_unless_allowed_and_empty_bank_refused(lab):
     try:
         before = con.execute("SELECT count(*) FROM improvement_runs").fetchone()[0]
         with pytest.raises(UserError, match="allow-bank-overlap"):
-            H.improve_method(con, "qb-norm", "Object", bank="s30", retrieval_run_id=w["t2i"])
+            imp.improve_method(con, "qb-norm", "Object", bank="s30", retrieval_run_id=w["t2i"])
         with pytest.raises(UserError, match="bank is empty"):
-            H.improve_method(con, "qb-norm", "Object", control="all", retrieval_run_id=w["t2i"])
+            imp.improve_method(con, "qb-norm", "Object", control="all", retrieval_run_id=w["t2i"])
         assert con.execute("SELECT count(*) FROM improvement_runs").fetchone()[0] == before
-        res = H.improve_method(con, "qb-norm", "Object", bank="s30", allow_bank_overlap=True, retrieval_run_id=w["t2i"])
+        res = imp.improve_method(
+            con, "qb-norm", "Object", bank="s30", allow_bank_overlap=True, retrieval_run_id=w["t2i"]
+        )
         flag = con.execute(
             "SELECT is_bank_overlap, n_bank FROM improvement_runs WHERE improvement_id = ?", [res.improvement_ids[0]]
         ).fetchone()
@@ -462,20 +467,20 @@ def test_methods_refuse_bad_parameters_and_missing_labels(lab):
     con = open_study(w["unlabelled"])
     try:
         with pytest.raises(UserError, match="No labels have been imported"):
-            H.improve_method(con, "qb-norm", "Object")
+            imp.improve_method(con, "qb-norm", "Object")
     finally:
         con.close()
     con = open_study(w["path"])
     try:
         for kw, msg in (({"beta": 0}, "--beta"), ({"beta": -2}, "--beta"), ({"k_bank": 0}, "--k-bank")):
             with pytest.raises(UserError, match=msg):
-                H.improve_method(con, "qb-norm", "Object", **kw)
+                imp.improve_method(con, "qb-norm", "Object", **kw)
         with pytest.raises(UserError, match="--top"):
-            H.improve_method(con, "query-expansion", "Object", top=0)
+            imp.improve_method(con, "query-expansion", "Object", top=0)
         with pytest.raises(UserError, match="--alpha"):
-            H.improve_method(con, "query-expansion", "Object", alpha=-1)
+            imp.improve_method(con, "query-expansion", "Object", alpha=-1)
         with pytest.raises(UserError, match="--beta"):
-            H.improve_method(con, "inverted-softmax", "Object", beta=float("nan"))
+            imp.improve_method(con, "inverted-softmax", "Object", beta=float("nan"))
         assert con.execute("SELECT count(*) FROM improvement_runs").fetchone()[0] == 0
     finally:
         con.close()
@@ -485,10 +490,10 @@ def test_method_comparison_view_equals_python(lab):
     w = lab
     con = open_study(w["path"])
     try:
-        qb = H.improve_method(con, "qb-norm", "Object,Attribute,Count", beta=30.0, control="all", bank="s30",
+        qb = imp.improve_method(con, "qb-norm", "Object,Attribute,Count", beta=30.0, control="all", bank="s30",
                               allow_bank_overlap=True,
                               retrieval_run_id=w["t2i"])  # fmt: skip
-        qe = H.improve_method(con, "query-expansion", "Object,Attribute,Count", top=2, alpha=1.0,
+        qe = imp.improve_method(con, "query-expansion", "Object,Attribute,Count", top=2, alpha=1.0,
                               retrieval_run_id=w["t2i"])  # fmt: skip
         mc = con.execute("SELECT * FROM method_comparison WHERE retrieval_run_id = ?", [w["t2i"]]).df()
         for imp_id in (qb.improvement_ids[0], qe.improvement_ids[0]):
@@ -530,8 +535,8 @@ def test_report_method_comparison_section_flags_bank_overlap(lab, tmp_path, run_
     w = lab
     con = open_study(w["path"])
     try:
-        H.improve_method(con, "qb-norm", "Object,Attribute", control="successes:20", retrieval_run_id=w["t2i"])
-        H.improve_method(con, "query-expansion", "Object,Attribute", retrieval_run_id=w["t2i"])
+        imp.improve_method(con, "qb-norm", "Object,Attribute", control="successes:20", retrieval_run_id=w["t2i"])
+        imp.improve_method(con, "query-expansion", "Object,Attribute", retrieval_run_id=w["t2i"])
         view = con.execute(
             "SELECT category, method_label, delta_r1_pp FROM method_comparison WHERE retrieval_run_id = ? ORDER BY ALL",
             [w["t2i"]],
@@ -552,7 +557,7 @@ def test_report_method_comparison_section_flags_bank_overlap(lab, tmp_path, run_
     # a run whose bank overlapped the evaluated captions is flagged on the page
     con = open_study(w["path"])
     try:
-        H.improve_method(con, "qb-norm", "Object", bank="s30", allow_bank_overlap=True, retrieval_run_id=w["t2i"])
+        imp.improve_method(con, "qb-norm", "Object", bank="s30", allow_bank_overlap=True, retrieval_run_id=w["t2i"])
     finally:
         con.close()
     run_cli("--db", w["path"], "report", "--out", out, "--run", w["t2i"])
@@ -605,7 +610,7 @@ def test_templates_then_qb_norm_with_the_caption_alone_is_qb_norm(lab):
     with open_study(w["path"]) as con:
         combo = improve(con, "Object,Attribute", method="templates+qb-norm", k=1, poolings="max", beta=20.0,
                         retrieval_run_id=w["t2i"])  # fmt: skip
-        alone = H.improve_method(con, "qb-norm", "Object,Attribute", beta=20.0, retrieval_run_id=w["t2i"])
+        alone = imp.improve_method(con, "qb-norm", "Object,Attribute", beta=20.0, retrieval_run_id=w["t2i"])
         a, b = _ranks(con, combo.improvement_ids[0]), _ranks(con, alone.improvement_ids[0])
         assert list(a["caption_id"]) == list(b["caption_id"])
         assert np.array_equal(a["improved_rank"], b["improved_rank"])
