@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -204,3 +205,18 @@ def test_report_renders_in_headless_chromium_without_broken_images(demo, tmp_pat
     im = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert im.shape == (4000, 1280)
     assert im.std() > 20  # text, tables and charts, not a blank page
+
+
+def test_the_readmes_example_queries_run_on_the_demo(demo):
+    # README.md's "Asking the database" block: every query runs read-only and returns rows
+    from toolkit.adhoc import run_query
+    from toolkit.study import open_study
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```sql\n(.*?)```", text, re.S).group(1)
+    queries = [q.strip() for q in block.split(";") if q.strip()]
+    assert len(queries) >= 4
+    out, _ = demo
+    with open_study(out / "demo.duckdb", read_only=True) as con:
+        for query in queries:
+            assert not run_query(con, query).empty, query
