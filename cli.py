@@ -1227,6 +1227,7 @@ def improve(
       clipfail improve --categories Object,Attribute --template-mode union --k 15 --pooling all
       clipfail improve --categories Object,Attribute --method qb-norm --control successes:200
     """
+    _check_method_options(method)
     from toolkit.improve import effective_k as improve_effective_k
     from toolkit.improve import improve as run_improve
     from toolkit.improve import model_encoder_factory
@@ -1282,6 +1283,34 @@ def improve(
     click.echo(
         f"Improvement ids: {', '.join(map(str, res.improvement_ids))} (views improvement_recall, category_recall_delta)"
     )
+
+
+_METHOD_OPTIONS = {  # improve: the options that only some --method values read (issue 17)
+    "pooling": ("--pooling", "templates"),
+    "tau": ("--tau", "templates"),
+    "template_set": ("--template-set", "templates"),
+    "template_mode": ("--template-mode", "templates"),
+    "k": ("--k", "templates"),
+    "recompute_prompts": ("--recompute-prompts", "templates"),
+    "beta": ("--beta", "inverted-softmax", "qb-norm"),
+    "k_bank": ("--k-bank", "qb-norm"),
+    "bank": ("--bank", "qb-norm"),
+    "allow_bank_overlap": ("--allow-bank-overlap", "qb-norm"),
+    "top": ("--top", "query-expansion"),
+    "alpha": ("--alpha", "query-expansion"),
+}
+
+
+def _check_method_options(method: str) -> None:
+    """Refuse an option given on the command line that the chosen --method would ignore."""
+    ctx = click.get_current_context()
+    parts = method.split("+")
+    for name, (flag, *methods) in _METHOD_OPTIONS.items():
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and not set(parts) & set(methods):
+            raise UserError(
+                f"{flag} does not apply to --method {method} (it is an option of {' or '.join(methods)} and of the "
+                "templates combinations that include it); leave it out."
+            )
 
 
 @cli.command("report")

@@ -592,7 +592,10 @@ def test_cli_improve_methods_record_runs_and_refuse_bad_input(lab, run_cli):
         (["--method", "query-expansion", "--top", 0], "--top must be"),
         (["--method", "query-expansion", "--alpha", -0.5], "--alpha must be"),
         (["--method", "qb-norm", "--bank", "s30"], "--allow-bank-overlap"),
-        (["--method", "query-expansion", "--bank", "s30"], "--bank is an option"),
+        (["--method", "query-expansion", "--bank", "s30"], "--bank does not apply to --method query-expansion"),
+        (["--method", "qb-norm", "--pooling", "max"], "--pooling does not apply to --method qb-norm"),
+        (["--beta", 5], "--beta does not apply to --method templates"),
+        (["--method", "templates+qb-norm", "--top", 2], "--top does not apply"),
         (["--method", "templates+qb-norm", "--bank", "s30", "--k", 1], "--allow-bank-overlap"),
     ):
         res = run_cli("--db", db_, "improve", "--categories", "Object", *args, expect=2)
