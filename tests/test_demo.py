@@ -154,9 +154,12 @@ def test_demo_report_tables(demo):
     for name in study_tables:
         t = pd.read_csv(rep / "tables" / name)
         assert t["pooling"].tolist() == ["max", "mean", "logsumexp (tau=1)"]
-    figures = sorted(p.name for p in (rep / "figures").glob("*.png"))
-    assert [f.split("_")[0] for f in figures] == [f"figure{i}" for i in range(1, 8)]
-    assert figures[-1] == "figure7_triage.png"  # the triage confusion matrix (issue 16)
+    figures = sorted((p.name for p in (rep / "figures").glob("*.png")), key=lambda f: int(f.split("_")[0][6:]))
+    assert [f.split("_")[0] for f in figures] == [f"figure{i}" for i in range(1, len(figures) + 1)]
+    assert figures[6] == "figure7_triage.png"  # the triage confusion matrix (issue 16)
+    # issue 17: the k-occurrence histogram, the top hubs, then one method-comparison chart per category
+    assert figures[7:9] == ["figure8_hubness.png", "figure9_hubs.png"]
+    assert len(figures) > 9 and all("_methods_" in f for f in figures[9:])
     page = (rep / "report.html").read_text(encoding="utf-8")
     assert 'id="simulated-banner"' in page and "randomly initialised" in page
     assert '<h2 id="triage">7. Automatic triage</h2>' in page
@@ -186,7 +189,9 @@ def test_report_renders_in_headless_chromium_without_broken_images(demo, tmp_pat
     m = re.search(r'<pre id="clipfail-check">(.*?)</pre>', dom.stdout, re.S)
     assert m, f"the check did not run; chromium said:\n{dom.stderr[-2000:]}"
     found = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    assert found["n_images"] == 7 and found["broken"] == []  # 6 + the triage confusion matrix
+    n_figures = len(list((out / "report" / "figures").glob("*.png")))
+    assert n_figures > 9  # 6 + the triage confusion matrix + hubness (2) + method comparison (issue 17)
+    assert found["n_images"] == n_figures and found["broken"] == []
     assert all(w > 300 and h > 200 for w, h in found["sizes"])
     assert found["n_tables"] >= 10 and found["errors"] == []
     assert [r for r in found["resources"] if not r.startswith("data:")] == []  # nothing fetched
