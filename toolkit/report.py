@@ -11,8 +11,9 @@ and nothing else: the files are staged and swapped in, so a reused out_dir keeps
 earlier report, and a folder holding files that no report wrote is refused (toolkit.outdir).
 
 Every number on the page is a value that a SQL view returned (recall_summary, taxonomy_distribution,
-taxonomy_actionable, taxonomy_by_annotator, annotator_agreement, improvement_summary,
-improvement_controls, ...): the queries below only select, filter and order. Python formats
+taxonomy_actionable, taxonomy_by_annotator, annotator_agreement, improvement_recall,
+category_recall_delta, improvement_effective_k, triage_*, run_comparison, ...): the queries below only
+select, filter and order. Python formats
 values (decimal places, a sign) and never computes one. The provenance section lists what made
 the numbers: model, weights, subset, seeds, package versions and every run's config hash.
 
