@@ -110,3 +110,23 @@ def test_report_does_not_put_two_subsets_of_one_category_under_one_heading(label
     # each table's CSV is written (no file name shared by the two subsets)
     csvs = sorted(p.name for p in (out / "tables").glob("improvement_object*.csv"))
     assert len(csvs) == 2, csvs
+
+
+def test_templates_export_never_overwrites_an_edited_template_csv(run_cli, tmp_db, tmp_path):
+    """`templates export --out FILE` wrote over FILE whatever it held: a template CSV the user had edited (the very
+    file `templates import` reads) was lost. It is now refused, the file left as it was; the same content again is
+    fine, and an --out in a missing folder is one clear message, not a traceback."""
+    run_cli("--db", tmp_db, "init")
+    mine = tmp_path / "my_templates.csv"
+    edited = "template_set,category,position,template\nmine,Object,0,{caption}\nmine,Object,1,my own {objects}\n"
+    mine.write_text(edited, encoding="utf-8")
+    res = run_cli("--db", tmp_db, "templates", "export", "--set", "default-v2", "--out", mine, expect=2)
+    assert "my_templates.csv" in res.output and "--out" in res.output
+    assert mine.read_text(encoding="utf-8") == edited
+    fresh = tmp_path / "fresh.csv"
+    run_cli("--db", tmp_db, "templates", "export", "--set", "default-v2", "--out", fresh)
+    first = fresh.read_text(encoding="utf-8")
+    run_cli("--db", tmp_db, "templates", "export", "--set", "default-v2", "--out", fresh)  # nothing would be lost
+    assert fresh.read_text(encoding="utf-8") == first
+    res = run_cli("--db", tmp_db, "templates", "export", "--out", tmp_path / "nowhere" / "t.csv", expect=2)
+    assert "nowhere" in res.output and "Traceback" not in res.output
