@@ -432,6 +432,8 @@ def build_app(wb: Workbench):
             return JSONResponse({"error": "notes must be text"}, status_code=400)
         if len(parts) == 1 and body.get("secondary"):
             return JSONResponse({"error": "give a category before a secondary category"}, status_code=400)
+        if not parts and not body.get("clear"):  # only an explicit clear removes a stored label
+            return JSONResponse({"error": "give a category, or clear: true to remove the label"}, status_code=400)
         raw = "; ".join(parts) if not body.get("clear") else ""
         try:
             with wb.database() as con:
