@@ -7,8 +7,10 @@ and improve runs with a seeded fake prompt encoder (as tests/test_report.py buil
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from html import unescape
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -130,3 +132,36 @@ def test_templates_export_never_overwrites_an_edited_template_csv(run_cli, tmp_d
     assert fresh.read_text(encoding="utf-8") == first
     res = run_cli("--db", tmp_db, "templates", "export", "--out", tmp_path / "nowhere" / "t.csv", expect=2)
     assert "nowhere" in res.output and "Traceback" not in res.output
+
+
+def test_annotate_and_labelstudio_find_images_stored_relative_to_the_database(labelled, tmp_path, monkeypatch):
+    """Since studies are movable (issue 11) an image root under the database's folder is stored relative to it
+    ("coco/val2017"). annotate resolved it against the current folder, so started anywhere else it served no
+    image (every picture 404), and export-labelstudio wrote relative file paths and told Label Studio a relative
+    document root. Both now resolve it against the database's folder, as sample-failures' pictures do."""
+    from toolkit import annotate
+    from toolkit.labelstudio import export_labelstudio
+
+    path, root = labelled
+    con = open_study(path, read_only=True)
+    try:
+        stored = con.execute("SELECT image_root FROM subsets").fetchone()[0]
+    finally:
+        con.close()
+    assert not stored.startswith("/") and (root / stored).is_dir()  # the case at hand: stored relative
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    wb = annotate.prepare(str(path), ["A"], set_choice="mine")
+    files = [p for imgs in wb.images.values() for p in imgs.values()]
+    assert files and all(p is not None and p.is_file() for p in files)
+    con = open_study(path, read_only=True)
+    try:
+        res = export_labelstudio(con, tmp_path / "ls")
+    finally:
+        con.close()
+    assert res.image_root == str((root / stored).resolve())
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text(encoding="utf-8"))
+    assert tasks and all(
+        Path(t["data"]["gt_file"]).is_absolute() and Path(t["data"]["gt_file"]).is_file() for t in tasks
+    )
