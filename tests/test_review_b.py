@@ -165,3 +165,29 @@ def test_annotate_and_labelstudio_find_images_stored_relative_to_the_database(la
     assert tasks and all(
         Path(t["data"]["gt_file"]).is_absolute() and Path(t["data"]["gt_file"]).is_file() for t in tasks
     )
+
+
+def test_demo_refuses_a_folder_made_with_another_seed_or_size(run_cli, tmp_path, monkeypatch):
+    """`clipfail demo --seed 1` in a folder made with --seed 0 reused its data, model and simulated labels and printed
+    the seed-0 numbers as if they were seed 1's (measured: identical R@K and report). The folder now records its
+    settings and another --seed or --images is refused before anything is reused; the same settings go on.
+    (The generator is stopped by the test so that no model is built: the check comes first.)"""
+    import toolkit.synthetic
+    from toolkit.errors import UserError
+
+    calls = []
+
+    def stop(dest, n_images, seed=0):
+        calls.append((n_images, seed))
+        raise UserError("stopped here by the test")
+
+    monkeypatch.setattr(toolkit.synthetic, "make_synthetic_coco", stop)
+    out = tmp_path / "demo"
+    res = run_cli("demo", "--out", out, "--seed", 0, "--no-pictures", expect=2)
+    assert "stopped here" in res.output and calls == [(100, 0)]
+    res = run_cli("demo", "--out", out, "--seed", 1, "--no-pictures", expect=2)
+    assert "--seed 0 --images 100" in res.output and "--seed 1" in res.output and len(calls) == 1
+    res = run_cli("demo", "--out", out, "--images", 60, "--no-pictures", expect=2)
+    assert "--images 60" in res.output and len(calls) == 1
+    res = run_cli("demo", "--out", out, "--no-pictures", expect=2)  # the same settings (the defaults) go on
+    assert "stopped here" in res.output and calls == [(100, 0), (100, 0)]
