@@ -1127,9 +1127,21 @@ def templates_export(db_path, template_set, out_file):
         text = tpl.export_csv(con, template_set)
     if out_file is None:
         click.echo(text, nl=False)
-    else:
-        Path(out_file).write_text(text, encoding="utf-8")
-        click.echo(f"Wrote {out_file}")
+        return
+    out = Path(out_file)
+    # a template CSV the user edited is never written over (only the same content again)
+    if out.exists() and (not out.is_file() or out.read_bytes() != text.encode("utf-8")):
+        raise UserError(
+            f"{out_file} already exists and holds something else (perhaps templates you edited); it was left as it "
+            "was. Give another --out, or move that file away first."
+        )
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(
+            f"Cannot write {out_file}: {exc.strerror or exc}. Give --out in a folder that exists."
+        ) from None
+    click.echo(f"Wrote {out_file}")
 
 
 @cli.command()

@@ -4,9 +4,10 @@
 category table shaped like the taxonomy views): one bar per category in the order of `df`,
 each labelled with its count and percentage as the view gives them (nothing is recomputed).
 The report stage reuses it, and draws its other charts here too:
-`improvement_bar_chart` (baseline vs improved Recall@K per pooling, from improvement_recall) and
-`triage_confusion_figure` (a heatmap of the triage_confusion view). Every chart draws the values it
-is given; none computes a number.
+`improvement_bar_chart` (baseline vs improved Recall@K per pooling, from improvement_recall),
+`triage_confusion_figure` (a heatmap of the triage_confusion view), and for each comparison of two
+runs `rank_scatter` (view run_pairs) and `fixed_broken_shared_chart` (view
+failure_overlap_by_category). Every chart draws the values it is given; none computes a number.
 
 Files are reproducible: the SVG has a fixed hash salt and no date, the PNG no timestamp.
 """

@@ -11,8 +11,9 @@ and nothing else: the files are staged and swapped in, so a reused out_dir keeps
 earlier report, and a folder holding files that no report wrote is refused (toolkit.outdir).
 
 Every number on the page is a value that a SQL view returned (recall_summary, taxonomy_distribution,
-taxonomy_actionable, taxonomy_by_annotator, annotator_agreement, improvement_summary,
-improvement_controls, ...): the queries below only select, filter and order. Python formats
+taxonomy_actionable, taxonomy_by_annotator, annotator_agreement, improvement_recall,
+category_recall_delta, improvement_effective_k, triage_*, run_comparison, ...): the queries below only
+select, filter and order. Python formats
 values (decimal places, a sign) and never computes one. The provenance section lists what made
 the numbers: model, weights, subset, seeds, package versions and every run's config hash.
 
@@ -530,6 +531,18 @@ GROUP BY improvement_id, run_id, retrieval_run_id, categories, population, pooli
 ORDER BY categories, template_set, template_mode, population, {POOLING_ORDER}, tau, improvement_id
 """
 
+# improvement_id -> what makes its failure subset and prompts (captions with their labels, templates' content):
+# the report's sections group the poolings of one subset, and only those.
+SUBSET_KEY_SQL = """
+SELECT u.improvement_id,
+       md5(u.templates_sha256 || '|' || string_agg(r.caption_id::VARCHAR || ':' || coalesce(r.category, ''), ','
+           ORDER BY r.caption_id)) AS subset_key
+FROM improvement_runs u
+JOIN improvement_ranks r USING (improvement_id)
+WHERE u.retrieval_run_id = ?
+GROUP BY u.improvement_id, u.templates_sha256
+"""
+
 PCT = {
     "baseline_r1": "f2",
     "baseline_r5": "f2",
@@ -597,9 +610,16 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
     )
     keys = ["categories", "template_set", "template_mode", "k_prompts"]
     failures = wide[wide["population"] == "failures"]
+    # One section per subset: runs that share categories and templates but not their captions (another
+    # --max-subset, --seed, --include-overlap, or labels imported since) or their templates' content have
+    # their own n and baseline, so they are never put under one heading (or into one CSV).
+    subset_key = failures["improvement_id"].map(dict(con.execute(SUBSET_KEY_SQL, [rrid]).fetchall()))
+    used_slugs: set[str] = set()
     # dropna=False: runs made before K could be chosen have no k_prompts and must still be shown
-    for n_sub, (key, group) in enumerate(failures.groupby(keys, sort=False, dropna=False), start=1):
-        categories, template_set, template_mode, k_prompts = key
+    for n_sub, (key, group) in enumerate(
+        failures.groupby([*keys, subset_key.rename("subset_key")], sort=False, dropna=False), start=1
+    ):
+        categories, template_set, template_mode, k_prompts, _subset = key
         group = group.reset_index(drop=True)
         first = group.iloc[0]
         k_asked = None if pd.isna(k_prompts) else int(k_prompts)
@@ -612,6 +632,9 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
             f"R@10 {_fmt(first['baseline_r10'], 'f2')}. {_effective_k_text(con, first, k_asked)}"
         )
         slug = _slug(f"{categories}_{template_set}_{template_mode}" + ("" if k_asked in (None, 10) else f"_k{k_asked}"))
+        if slug in used_slugs:  # another subset of the same categories: its own CSV, named by its first run
+            slug = f"{slug}_run{int(first['improvement_id'])}"
+        used_slugs.add(slug)
         page.table(
             improvement_table(improve_summary(con, group["improvement_id"]), group["improvement_id"]),
             f"improvement_{slug}",
