@@ -734,7 +734,11 @@ def sample_failures(
     help="mine, overlap or all (mine + overlap); backup is assigned to nobody and refused.",
 )
 @click.option(
-    "--run", "retrieval_run_id", type=click.IntRange(1, 2**63 - 1), default=None, help="Retrieval run id (default: the one sampled last)."
+    "--run",
+    "retrieval_run_id",
+    type=click.IntRange(1, 2**63 - 1),
+    default=None,
+    help="Retrieval run id (default: the one sampled last).",
 )
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: any free port.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Any other host requires the printed tokens.")
@@ -790,7 +794,11 @@ def annotate(db_path, annotators, set_choice, retrieval_run_id, port, host, open
 @cli.command("export-labelstudio")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option(
-    "--run", "retrieval_run_id", type=click.IntRange(1, 2**63 - 1), default=None, help="Retrieval run id (default: the one sampled last)."
+    "--run",
+    "retrieval_run_id",
+    type=click.IntRange(1, 2**63 - 1),
+    default=None,
+    help="Retrieval run id (default: the one sampled last).",
 )
 @click.option("--image-url-prefix", default=None, help="Image URLs = PREFIX + path under the image root.")
 @click.option("--force", is_flag=True, help="Overwrite tasks.json / labeling_config.xml that differ.")
