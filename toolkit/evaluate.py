@@ -123,14 +123,15 @@ def recompute_command(con, subset: str, sets: list[dict], recompute: bool = True
     return " ".join(p for p in parts if p)
 
 
-def _resolve(model: str) -> tuple[list[str], str | None]:
+def _resolve(model: str, pretrained: str | None = None) -> tuple[list[str], str | None]:
     """The names an embedding set may record for a model spec (the spec itself and the open_clip
-    name it resolves to), and the pretrained tag the spec implies (openai/clip-vit-base-patch32 ->
-    ViT-B-32-quickgelu with 'openai' weights)."""
+    name it resolves to, with `pretrained` as embed resolved it: ViT-B-32 + openai -> ViT-B-32-quickgelu),
+    and the pretrained tag the spec implies (openai/clip-vit-base-patch32 -> ViT-B-32-quickgelu with
+    'openai' weights)."""
     try:
         from toolkit.models import resolve_spec
 
-        resolved = resolve_spec(model)
+        resolved = resolve_spec(model, pretrained)
     except Exception:  # not a spec this toolkit resolves: match the recorded name as given
         return [model], None
     names = [model] + ([resolved.model_name] if resolved.model_name != model else [])
@@ -144,8 +145,8 @@ def find_embedding_sets(
 
     Sets belong to the same model when model, pretrained tag and checkpoint sha256 agree. Without
     `model`, the subset must have embeddings of exactly one model. If a model was embedded more
-    than once (another precision, draft decoding, --recompute), the newest set of each kind is
-    used; retrieval_runs records which.
+    than once (another precision, draft decoding, --recompute), the newest set of each kind with the
+    precision of the newest set is used; retrieval_runs records which.
     """
     name = subset["name"]
     fix = f"Run: {_embed_command(con, name, model, pretrained, checkpoint)}"
@@ -158,7 +159,7 @@ def find_embedding_sets(
         [int(subset["subset_id"])],
     ).df()
     if model is not None:
-        names, implied = _resolve(model)
+        names, implied = _resolve(model, pretrained)
         sets = sets[sets["model"].isin(names)]
         pretrained = pretrained or implied
     if pretrained is not None:
@@ -174,6 +175,9 @@ def find_embedding_sets(
     if len(keys) > 1:
         options = ", ".join(sorted({_describe(r) for r in sets.itertuples()}))
         raise UserError(f"Subset {name!r} has embeddings of several models: {options}. Choose one with --model.")
+    # The newest set's precision decides: an image set and a text set of two precisions are never paired
+    # (embed fp16 after fp32, then fp32 --draft-decode, makes a new fp32 image set but reuses the fp32 text set).
+    sets = sets[sets["precision"] == sets.iloc[-1]["precision"]]
     images = sets[sets["kind"] == "image"]
     texts = sets[sets["kind"] == "text"]
     if images.empty or texts.empty:
