@@ -25,7 +25,6 @@ under ``torch.inference_mode``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from toolkit.devices import resolve_device
 from toolkit.errors import UserError
+from toolkit.paths import sha256_file  # the one file checksum (also reached as models.sha256_file)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 RANDOM_INIT_SEED = 0  # a model built without any weights is initialised from this seed
@@ -413,14 +413,6 @@ def _tag_preprocess_overrides(model_name: str, pretrained: str) -> dict:
         if cfg.get(key) is not None:
             out[arg] = cfg[key]
     return out
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _resolve_light(spec: str, pretrained: str | None) -> ModelSpec | None:
