@@ -11,3 +11,18 @@ def test_one_sha256_file():
     assert outdir.sha256_file is paths.sha256_file
     assert artifacts.sha256_file is paths.sha256_file
     assert not hasattr(outdir, "_sha256")
+
+
+def test_a_weights_file_given_as_pretrained_is_refused(synthetic_coco, tmp_db, run_cli, tmp_path):
+    """open_clip accepts a file path as a pretrained tag, but the set's identity then recorded the path's text,
+    not the file's sha256: weights rewritten at that path were answered with the old cached embeddings."""
+    from toolkit import models
+    from toolkit.study import open_study
+
+    ckpt = tmp_path / "weights.pt"
+    models.save_random_checkpoint(ckpt)
+    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 6, "--name", "s6")
+    res = run_cli("--db", tmp_db, "embed", "--model", "tiny-clip", "--pretrained", ckpt, "--num-workers", "0", expect=2)
+    assert f"--checkpoint {ckpt}" in res.output and "Traceback" not in res.output
+    with open_study(tmp_db, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM embedding_sets").fetchone()[0] == 0
