@@ -327,3 +327,22 @@ def test_architecture_name_with_pretrained_finds_its_quickgelu_sets(subset_db, t
     res = evaluate(con, "s30", model="ViT-B-32", pretrained="openai", device="cpu")
     assert res.model == "ViT-B-32-quickgelu" and not res.is_noop
     con.close()
+
+
+def test_recompute_command_keeps_gpu_decode(subset_db, tmp_path):
+    """The embed command that evaluate suggests for a damaged set rebuilds it as it was made: a set made with
+    --decode gpu has another identity than a --decode cpu one, so the command must say --decode gpu."""
+
+    con = open_study(subset_db)
+    sid, img_ids, caps = _members(con)
+    img, rng, d, _ = _embeddings(caps, len(img_ids))
+    txt = img[np.searchsorted(img_ids, caps["image_id"].to_numpy())]
+    for kind, array, ids in (("image", img, img_ids), ("text", txt, caps["caption_id"].to_numpy())):
+        cfg = {"kind": kind, "spec": "tiny-clip", "precision": "fp32", "draft": False}
+        if kind == "image":
+            cfg["decode"] = "gpu"
+        register_hand_built(con, tmp_path / f"{kind}.npy", kind, array, ids, sid, model="tiny-clip", config=cfg)
+    np.save(tmp_path / "image.npy", img[::-1].copy())  # damaged
+    with pytest.raises(UserError, match=r"embed --subset s30 --model tiny-clip --decode gpu --recompute"):
+        evaluate(con, "s30", model="tiny-clip", device="cpu")
+    con.close()

@@ -91,7 +91,7 @@ def _db_flag(con) -> str:
 
 def recompute_command(con, subset: str, sets: list[dict], recompute: bool = True) -> str:
     """The `embed ... --recompute` command that rebuilds these embedding sets exactly as they were made:
-    the model spec, weights (--pretrained tag or --checkpoint file), precision and draft decoding
+    the model spec, weights (--pretrained tag or --checkpoint file), precision, draft and GPU decoding
     recorded in their config, and --db. Without the weights it would embed a randomly initialised model."""
     configs = []
     for s in sets:
@@ -118,6 +118,8 @@ def recompute_command(con, subset: str, sets: list[dict], recompute: bool = True
         parts += ["--precision", precision]
     if cfg.get("draft"):
         parts.append("--draft-decode")
+    if cfg.get("decode") == "gpu":  # part of the image set's identity (only recorded when not cpu)
+        parts += ["--decode", "gpu"]
     if recompute:
         parts.append("--recompute")
     return " ".join(p for p in parts if p)
