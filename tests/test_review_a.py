@@ -26,3 +26,16 @@ def test_a_weights_file_given_as_pretrained_is_refused(synthetic_coco, tmp_db, r
     assert f"--checkpoint {ckpt}" in res.output and "Traceback" not in res.output
     with open_study(tmp_db, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM embedding_sets").fetchone()[0] == 0
+
+
+def test_sql_csv_never_overwrites_the_database(tmp_db, run_cli):
+    """clipfail sql ... --csv PATH wrote over whatever PATH was, the study's own database file included."""
+    from toolkit.study import open_study
+
+    run_cli("--db", tmp_db, "init")
+    before = open(tmp_db, "rb").read()
+    res = run_cli("--db", tmp_db, "sql", "SELECT 1 AS x", "--csv", tmp_db, expect=2)
+    assert "is the database" in res.output and "Traceback" not in res.output
+    assert open(tmp_db, "rb").read() == before
+    with open_study(tmp_db, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM schema_info").fetchone()[0] >= 1
