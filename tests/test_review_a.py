@@ -39,3 +39,11 @@ def test_sql_csv_never_overwrites_the_database(tmp_db, run_cli):
     assert open(tmp_db, "rb").read() == before
     with open_study(tmp_db, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM schema_info").fetchone()[0] >= 1
+
+
+def test_no_leftover_aliases():
+    """coco.load_karpathy (ingest calls load_karpathy_dataset now) and embed.embed_subset were called by nothing."""
+    from toolkit import coco, embed
+
+    assert not hasattr(coco, "load_karpathy") and hasattr(coco, "load_karpathy_dataset")
+    assert not hasattr(embed, "embed_subset")

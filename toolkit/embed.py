@@ -765,8 +765,3 @@ def _made_with(bundle, kind: str, batch_size: int, num_workers) -> dict:
         out["image_size"] = list(bundle.image_size)
         out["num_workers"] = num_workers
     return out
-
-
-def embed_subset(con, subset_name: str | None, model_spec: str, **kwargs) -> EmbedResult:
-    """`embed` with the model spec as a positional argument."""
-    return embed(con, subset_name, model=model_spec, **kwargs)
