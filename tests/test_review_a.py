@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 
 def test_one_sha256_file():
     """models and outdir each had their own copy of paths.sha256_file after the merges."""
@@ -47,3 +51,21 @@ def test_no_leftover_aliases():
 
     assert not hasattr(coco, "load_karpathy") and hasattr(coco, "load_karpathy_dataset")
     assert not hasattr(embed, "embed_subset")
+
+
+def test_run_refuses_a_tag_and_a_checkpoint_together(synthetic_coco, tmp_db, run_cli, tmp_path):
+    """embed refused --pretrained with --checkpoint only in cli.py: clipfail run (and the Python API) embedded with
+    both, recording the checkpoint's sha256 but applying the tag's preprocess (its mean/std), so a later
+    `embed --checkpoint` alone was answered with those embeddings although it means another preprocess."""
+    from toolkit import models
+    from toolkit.embed import embed
+    from toolkit.errors import UserError
+
+    ckpt = tmp_path / "w.safetensors"
+    models.save_random_checkpoint(ckpt)
+    args = ["--db", tmp_db, "run", "--coco-root", synthetic_coco, "--num-images", 6, "--model", "tiny-clip"]
+    res = run_cli(*args, "--pretrained", "openai", "--checkpoint", ckpt, "--device", "cpu", "--no-pictures", expect=2)
+    assert "either --pretrained TAG or --checkpoint PATH" in res.output and "Traceback" not in res.output
+    with pytest.raises(UserError, match="not both"):
+        embed(tmp_db, model="tiny-clip", pretrained="openai", checkpoint=ckpt)
+    assert not os.path.exists(tmp_db)  # refused before anything was written, ingest included

@@ -443,6 +443,9 @@ def embed(
 
     t0 = time.perf_counter()
     started = db.now()
+    if pretrained and checkpoint is not None:
+        # the identity records a checkpoint by its sha256 alone, while load_model would apply the tag's preprocess
+        raise UserError("Give either --pretrained TAG or --checkpoint PATH, not both.")
     if precision not in models.PRECISIONS:
         raise UserError(f"Unknown precision {precision!r}; use one of {', '.join(models.PRECISIONS)}.")
     if batch_size is not None and batch_size < 1:

@@ -109,9 +109,13 @@ def run_pipeline(
 
     `database` is a path (each stage opens it and closes it again, so the long embed stage does not
     hold the database while it encodes and `clipfail status` can watch it) or an open connection."""
+    from toolkit.errors import UserError
     from toolkit.evaluate import evaluate
     from toolkit.failures import parse_annotators, sample_failures
     from toolkit.ingest import ingest
+
+    if pretrained and checkpoint is not None:  # refused before ingest writes anything
+        raise UserError("Give either --pretrained TAG or --checkpoint PATH, not both.")
 
     def _in(stage_fn, *args, **kwargs):
         with _connection(database) as con:
