@@ -346,3 +346,19 @@ def test_recompute_command_keeps_gpu_decode(subset_db, tmp_path):
     with pytest.raises(UserError, match=r"embed --subset s30 --model tiny-clip --decode gpu --recompute"):
         evaluate(con, "s30", model="tiny-clip", device="cpu")
     con.close()
+
+
+def test_sets_named_by_id_must_be_of_one_model_and_precision(subset_db, tmp_path):
+    """evaluate(embedding_set_ids=...) (the Python API, benchmark, clipfail run) checked kind and subset only:
+    an image set of one model and a text set of another were ranked against each other."""
+    con = open_study(subset_db)
+    _make_sets(con, tmp_path, model="model-a")
+    _make_sets(con, tmp_path, model="model-b", seed=2)
+    ids = dict(con.execute("SELECT model || '/' || kind, embedding_set_id FROM embedding_sets").fetchall())
+    before = _counts(con)
+    with pytest.raises(UserError, match=r"image: model-a .*text: model-b .*not made alike"):
+        evaluate(con, "s30", device="cpu", embedding_set_ids=(ids["model-a/image"], ids["model-b/text"]))
+    assert _counts(con) == before
+    res = evaluate(con, "s30", device="cpu", embedding_set_ids=(ids["model-b/image"], ids["model-b/text"]))
+    assert res.model == "model-b"
+    con.close()

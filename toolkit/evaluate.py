@@ -205,6 +205,14 @@ def embedding_sets_by_id(con, subset: dict, image_set_id: int, text_set_id: int)
         if rows.empty or rows.iloc[0]["kind"] != kind or int(rows.iloc[0]["subset_id"]) != int(subset["subset_id"]):
             raise UserError(f"Embedding set {set_id} is not a {kind} embedding set of subset {subset['name']!r}.")
         out.append(rows.iloc[0].drop("subset_id").to_dict())
+    made = [tuple(_str_or_none(s[k]) for k in ("model", "pretrained", "checkpoint_sha256", "precision")) for s in out]
+    if made[0] != made[1]:
+        shown = [_describe(pd.Series(s)) + f" ({s['precision']})" for s in out]
+        raise UserError(
+            f"Embedding sets {image_set_id} (image: {shown[0]}) and {text_set_id} (text: {shown[1]}) were not made "
+            "alike (model, weights and precision must agree); their scores cannot be compared. Name two sets of one "
+            "embed run."
+        )
     return out[0], out[1]
 
 
