@@ -69,3 +69,17 @@ def test_run_refuses_a_tag_and_a_checkpoint_together(synthetic_coco, tmp_db, run
     with pytest.raises(UserError, match="not both"):
         embed(tmp_db, model="tiny-clip", pretrained="openai", checkpoint=ckpt)
     assert not os.path.exists(tmp_db)  # refused before anything was written, ingest included
+
+
+def test_instances_file_is_stored_relative_like_every_other_path(tmp_path, run_cli):
+    """instance_files.source_file was stored absolute where every other path under the study folder is relative."""
+    from toolkit.study import open_study
+    from toolkit.synthetic import make_synthetic_coco
+
+    study = tmp_path / "study"
+    make_synthetic_coco(study / "coco", 8, seed=0)
+    db = study / "s.duckdb"
+    run_cli("--db", db, "ingest", "--coco-root", study / "coco", "--num-images", 6)
+    with open_study(db, read_only=True) as con:
+        stored = con.execute("SELECT source_file FROM instance_files").fetchall()
+    assert stored == [("coco/annotations/instances_val2017.json",)]
