@@ -83,3 +83,17 @@ def test_instances_file_is_stored_relative_like_every_other_path(tmp_path, run_c
     with open_study(db, read_only=True) as con:
         stored = con.execute("SELECT source_file FROM instance_files").fetchall()
     assert stored == [("coco/annotations/instances_val2017.json",)]
+
+
+def test_embed_with_a_moved_cache_names_relocate(synthetic_coco, tmp_db, run_cli, tmp_path):
+    """embed found its cached file missing and only said --recompute (hours on real data); evaluate already named
+    `relocate --cache-dir`, which rebinds the moved files in seconds."""
+    import shutil
+
+    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 6, "--name", "s6")
+    cache = tmp_path / "cache"
+    args = ["--db", tmp_db, "embed", "--model", "tiny-clip", "--num-workers", "0"]
+    run_cli(*args, "--cache-dir", cache)
+    shutil.move(cache, tmp_path / "moved")
+    res = run_cli(*args, "--cache-dir", cache, expect=2)
+    assert "relocate --cache-dir NEW_FOLDER" in res.output and "--recompute" in res.output

@@ -387,7 +387,8 @@ def _plan(con, subset_name, model, pretrained, checkpoint, precision, cache_dir,
         found = _existing_set(con, subset_id, kind, hashes[kind])
         known[kind] = None if found is None else int(found["embedding_set_id"])
         if found is not None and not recompute:
-            artifacts.verify_file(found["path"], found["sha256"], what=f"{kind} embedding file", fix=fix)
+            moved = "" if os.path.exists(found["path"]) else f"{study_paths.moved_hint(con, '--cache-dir')} Or: "
+            artifacts.verify_file(found["path"], found["sha256"], what=f"{kind} embedding file", fix=moved + fix)
             existing[kind] = found
         else:
             todo.append(kind)
