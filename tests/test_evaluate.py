@@ -362,3 +362,14 @@ def test_sets_named_by_id_must_be_of_one_model_and_precision(subset_db, tmp_path
     res = evaluate(con, "s30", device="cpu", embedding_set_ids=(ids["model-b/image"], ids["model-b/text"]))
     assert res.model == "model-b"
     con.close()
+
+
+def test_embed_command_in_the_message_can_be_pasted(subset_db, tmp_path):
+    """The 'No cached embeddings' message printed --checkpoint and --model unquoted: a path with a space broke it."""
+    ckpt = tmp_path / "my weights.pt"
+    ckpt.write_bytes(b"not used")
+    con = open_study(subset_db)
+    with pytest.raises(UserError) as exc:
+        evaluate(con, "s30", model="tiny-clip", checkpoint=str(ckpt))
+    assert f"--model tiny-clip --checkpoint '{ckpt}'" in str(exc.value)
+    con.close()

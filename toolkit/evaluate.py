@@ -72,11 +72,12 @@ def _clipfail(con) -> str:
 
 
 def _embed_command(con, subset: str, model: str | None, pretrained: str | None, checkpoint: str | None) -> str:
-    cmd = f"{_clipfail(con)} embed --subset {shlex.quote(subset)} --model {model or 'openai/clip-vit-base-patch32'}"
+    spec = model or "openai/clip-vit-base-patch32"
+    cmd = f"{_clipfail(con)} embed --subset {shlex.quote(subset)} --model {shlex.quote(spec)}"
     if pretrained:
-        cmd += f" --pretrained {pretrained}"
+        cmd += f" --pretrained {shlex.quote(pretrained)}"
     if checkpoint:
-        cmd += f" --checkpoint {checkpoint}"
+        cmd += f" --checkpoint {shlex.quote(str(checkpoint))}"
     return cmd
 
 
