@@ -97,3 +97,15 @@ def test_embed_with_a_moved_cache_names_relocate(synthetic_coco, tmp_db, run_cli
     shutil.move(cache, tmp_path / "moved")
     res = run_cli(*args, "--cache-dir", cache, expect=2)
     assert "relocate --cache-dir NEW_FOLDER" in res.output and "--recompute" in res.output
+
+
+def test_named_toolkit_functions_exist():
+    """queries/ named toolkit.db.view_sql and toolkit.db.apply_views, which moved to toolkit.study (issue 12)."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for rel in ("queries/__init__.py", "queries/README.md"):
+        for mod, name in re.findall(r"toolkit\.(\w+)\.(\w+)", (root / rel).read_text(encoding="utf-8")):
+            assert hasattr(importlib.import_module(f"toolkit.{mod}"), name), f"{rel} names toolkit.{mod}.{name}"
