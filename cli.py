@@ -8,6 +8,7 @@ with status 2, without a traceback.
 from __future__ import annotations
 
 import functools
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -1620,13 +1621,18 @@ def sql(db_path, query, csv_path):
             raise UserError(
                 f"Folder {folder} for --csv {csv_path} does not exist (or is not a folder). Create it first."
             )
+        if Path(csv_path).exists() and Path(db_path).exists() and Path(csv_path).samefile(db_path):
+            raise UserError(f"--csv {csv_path} is the database itself; give another file for the result.")
     with open_study(db_path, read_only=True) as con:
         df = run_query(con, query)
     echo_df(df)
     if csv_path:
-        try:
-            df.to_csv(csv_path, index=False)
+        tmp = Path(csv_path).with_name(f".{Path(csv_path).name}.tmp{os.getpid()}")
+        try:  # whole or not at all: a failed write leaves the file as it was
+            df.to_csv(tmp, index=False)
+            os.replace(tmp, csv_path)
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
             raise UserError(f"Cannot write --csv {csv_path}: {exc.strerror or exc}.") from None
         click.echo(f"Wrote {len(df)} rows to {csv_path}.")
 

@@ -277,3 +277,99 @@ def test_cli_prints_the_view(subset_db, tmp_path, run_cli):
     assert "already evaluated, nothing changed" in again
     i2t = run_cli("--db", subset_db, "evaluate", "--direction", "image-to-text", "--topk", "3").output
     assert "image-to-text" in i2t and ": 30 queries ranked" in i2t
+
+
+def _register_precision(con, tmp_path, kind, array, item_ids, precision, tag):
+    """Register a hand-built set of MODEL recorded with `precision` (register_hand_built records fp32)."""
+    from toolkit import artifacts
+
+    sid = int(db.get_subset(con, "s30")["subset_id"])
+    path = tmp_path / f"{kind}-{tag}.npy"
+    cfg = {"kind": kind, "model": MODEL, "precision": precision, "test": tag}
+    sha = artifacts.save_array(path, array)
+    with db.transaction(con):
+        run_id = db.insert_run(con, "embed", cfg, db.now(), model=MODEL)
+        return artifacts.register_embedding_set(
+            con, kind=kind, subset_id=sid, model=MODEL, pretrained=None, checkpoint_sha256=None,
+            precision=precision, config=cfg, path=path, array=array,
+            item_ids=np.asarray(item_ids, dtype=np.int64), sha256=sha, run_id=run_id,
+        )  # fmt: skip
+
+
+def test_newest_sets_are_never_of_two_precisions(subset_db, tmp_path):
+    """embed fp32, then fp16, then fp32 with --draft-decode (a new image set; the fp32 text set is reused):
+    evaluate must pair the newest image set with the fp32 text set, not with the newer fp16 one."""
+    con = open_study(subset_db)
+    _, img_ids, caps = _members(con)
+    cap_ids = caps["caption_id"].to_numpy(np.int64)
+    img, rng, d, _ = _embeddings(caps, len(img_ids))
+    txt = rng.standard_normal((len(cap_ids), d)).astype(np.float32)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    _register_precision(con, tmp_path, "image", img, img_ids, "fp32", "a")
+    text32 = _register_precision(con, tmp_path, "text", txt, cap_ids, "fp32", "a")
+    _register_precision(con, tmp_path, "image", img[::-1].copy(), img_ids, "fp16", "b")
+    _register_precision(con, tmp_path, "text", txt[::-1].copy(), cap_ids, "fp16", "b")
+    draft = _register_precision(con, tmp_path, "image", img[:, ::-1].copy(), img_ids, "fp32", "c")
+    res = evaluate(con, "s30", model=MODEL, device="cpu")
+    used = con.execute(
+        "SELECT image_embedding_set_id, text_embedding_set_id FROM retrieval_runs WHERE retrieval_run_id = ?",
+        [res.retrieval_run_id],
+    ).fetchone()
+    assert used == (draft, text32)
+    con.close()
+
+
+def test_architecture_name_with_pretrained_finds_its_quickgelu_sets(subset_db, tmp_path):
+    """embed --model ViT-B-32 --pretrained openai records ViT-B-32-quickgelu (OpenAI's weights need QuickGELU);
+    evaluate (and clipfail run) with the same options must find those sets."""
+    con = open_study(subset_db)
+    _make_sets(con, tmp_path, model="ViT-B-32-quickgelu", pretrained="openai")
+    res = evaluate(con, "s30", model="ViT-B-32", pretrained="openai", device="cpu")
+    assert res.model == "ViT-B-32-quickgelu" and not res.is_noop
+    con.close()
+
+
+def test_recompute_command_keeps_gpu_decode(subset_db, tmp_path):
+    """The embed command that evaluate suggests for a damaged set rebuilds it as it was made: a set made with
+    --decode gpu has another identity than a --decode cpu one, so the command must say --decode gpu."""
+
+    con = open_study(subset_db)
+    sid, img_ids, caps = _members(con)
+    img, rng, d, _ = _embeddings(caps, len(img_ids))
+    txt = img[np.searchsorted(img_ids, caps["image_id"].to_numpy())]
+    for kind, array, ids in (("image", img, img_ids), ("text", txt, caps["caption_id"].to_numpy())):
+        cfg = {"kind": kind, "spec": "tiny-clip", "precision": "fp32", "draft": False}
+        if kind == "image":
+            cfg["decode"] = "gpu"
+        register_hand_built(con, tmp_path / f"{kind}.npy", kind, array, ids, sid, model="tiny-clip", config=cfg)
+    np.save(tmp_path / "image.npy", img[::-1].copy())  # damaged
+    with pytest.raises(UserError, match=r"embed --subset s30 --model tiny-clip --decode gpu --recompute"):
+        evaluate(con, "s30", model="tiny-clip", device="cpu")
+    con.close()
+
+
+def test_sets_named_by_id_must_be_of_one_model_and_precision(subset_db, tmp_path):
+    """evaluate(embedding_set_ids=...) (the Python API, benchmark, clipfail run) checked kind and subset only:
+    an image set of one model and a text set of another were ranked against each other."""
+    con = open_study(subset_db)
+    _make_sets(con, tmp_path, model="model-a")
+    _make_sets(con, tmp_path, model="model-b", seed=2)
+    ids = dict(con.execute("SELECT model || '/' || kind, embedding_set_id FROM embedding_sets").fetchall())
+    before = _counts(con)
+    with pytest.raises(UserError, match=r"image: model-a .*text: model-b .*not made alike"):
+        evaluate(con, "s30", device="cpu", embedding_set_ids=(ids["model-a/image"], ids["model-b/text"]))
+    assert _counts(con) == before
+    res = evaluate(con, "s30", device="cpu", embedding_set_ids=(ids["model-b/image"], ids["model-b/text"]))
+    assert res.model == "model-b"
+    con.close()
+
+
+def test_embed_command_in_the_message_can_be_pasted(subset_db, tmp_path):
+    """The 'No cached embeddings' message printed --checkpoint and --model unquoted: a path with a space broke it."""
+    ckpt = tmp_path / "my weights.pt"
+    ckpt.write_bytes(b"not used")
+    con = open_study(subset_db)
+    with pytest.raises(UserError) as exc:
+        evaluate(con, "s30", model="tiny-clip", checkpoint=str(ckpt))
+    assert f"--model tiny-clip --checkpoint '{ckpt}'" in str(exc.value)
+    con.close()

@@ -51,3 +51,25 @@ def test_run_resumes_and_ends_with_next_steps(run_cli, tmp_db, tmp_path, synthet
 def test_run_without_data_is_one_clear_error(run_cli, tmp_db, tmp_path):
     res = run_cli("--db", tmp_db, "run", "--coco-root", tmp_path / "nope", expect=2)
     assert "Error:" in res.output and "download-coco" in res.output and "Traceback" not in res.output
+
+
+def test_run_evaluates_the_embedding_sets_of_its_own_precision(run_cli, tmp_db, tmp_path, synthetic_coco, checkpoint):
+    """clipfail run (fp32), then embed --precision bf16, then clipfail run again: its evaluate stage used to pick
+    the newest sets of the model (the bf16 ones) and sampled failures from them; it must rank the fp32 sets its
+    embed stage returned."""
+    common = ["--db", tmp_db, "run", "--coco-root", synthetic_coco, "--num-images", 12]
+    weights = ["--model", TINY_CONFIG, "--checkpoint", checkpoint, "--device", "cpu"]
+    opts = [*weights, "--n", 4, "--overlap", 2, "--per-annotator", 1, "--annotators", "A,B", "--no-pictures"]
+    run_cli(*common, *opts, "--out", tmp_path / "fa")
+    run_cli("--db", tmp_db, "embed", *weights, "--precision", "bf16", "--num-workers", 0)
+    again = run_cli(*common, *opts, "--out", tmp_path / "fa2").output
+    assert [line.split()[1] for line in again.splitlines()[1:5]] == ["already"] * 4
+    con = open_study(tmp_db, read_only=True)
+    try:
+        used = con.execute(
+            "SELECT DISTINCT e.precision FROM retrieval_runs r JOIN embedding_sets e "
+            "ON e.embedding_set_id IN (r.image_embedding_set_id, r.text_embedding_set_id)"
+        ).fetchall()
+    finally:
+        con.close()
+    assert used == [("fp32",)]

@@ -1,6 +1,6 @@
 """Readers for COCO-format caption files and Karpathy's split files (COCO and Flickr30k).
 
-Both return two DataFrames:
+Both return two DataFrames (`load_karpathy_dataset` also the dataset name, coco or flickr30k):
 - images:   image_id, file_name, width, height, rel_path (relative to the image root)
 - captions: caption_id, image_id, text
 
@@ -173,12 +173,6 @@ def load_coco_captions(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 KARPATHY_DATASETS = ("coco", "flickr30k")
 FLICKR30K_IMAGE_FOLDER = "flickr30k-images"
-
-
-def load_karpathy(path: str | Path, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`load_karpathy_dataset` without the dataset name."""
-    images, captions, _ = load_karpathy_dataset(path, split)
-    return images, captions
 
 
 def load_karpathy_dataset(path: str | Path, split: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:

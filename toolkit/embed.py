@@ -387,7 +387,8 @@ def _plan(con, subset_name, model, pretrained, checkpoint, precision, cache_dir,
         found = _existing_set(con, subset_id, kind, hashes[kind])
         known[kind] = None if found is None else int(found["embedding_set_id"])
         if found is not None and not recompute:
-            artifacts.verify_file(found["path"], found["sha256"], what=f"{kind} embedding file", fix=fix)
+            moved = "" if os.path.exists(found["path"]) else f"{study_paths.moved_hint(con, '--cache-dir')} Or: "
+            artifacts.verify_file(found["path"], found["sha256"], what=f"{kind} embedding file", fix=moved + fix)
             existing[kind] = found
         else:
             todo.append(kind)
@@ -443,6 +444,9 @@ def embed(
 
     t0 = time.perf_counter()
     started = db.now()
+    if pretrained and checkpoint is not None:
+        # the identity records a checkpoint by its sha256 alone, while load_model would apply the tag's preprocess
+        raise UserError("Give either --pretrained TAG or --checkpoint PATH, not both.")
     if precision not in models.PRECISIONS:
         raise UserError(f"Unknown precision {precision!r}; use one of {', '.join(models.PRECISIONS)}.")
     if batch_size is not None and batch_size < 1:
@@ -765,8 +769,3 @@ def _made_with(bundle, kind: str, batch_size: int, num_workers) -> dict:
         out["image_size"] = list(bundle.image_size)
         out["num_workers"] = num_workers
     return out
-
-
-def embed_subset(con, subset_name: str | None, model_spec: str, **kwargs) -> EmbedResult:
-    """`embed` with the model spec as a positional argument."""
-    return embed(con, subset_name, model=model_spec, **kwargs)

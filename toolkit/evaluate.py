@@ -72,11 +72,12 @@ def _clipfail(con) -> str:
 
 
 def _embed_command(con, subset: str, model: str | None, pretrained: str | None, checkpoint: str | None) -> str:
-    cmd = f"{_clipfail(con)} embed --subset {shlex.quote(subset)} --model {model or 'openai/clip-vit-base-patch32'}"
+    spec = model or "openai/clip-vit-base-patch32"
+    cmd = f"{_clipfail(con)} embed --subset {shlex.quote(subset)} --model {shlex.quote(spec)}"
     if pretrained:
-        cmd += f" --pretrained {pretrained}"
+        cmd += f" --pretrained {shlex.quote(pretrained)}"
     if checkpoint:
-        cmd += f" --checkpoint {checkpoint}"
+        cmd += f" --checkpoint {shlex.quote(str(checkpoint))}"
     return cmd
 
 
@@ -91,7 +92,7 @@ def _db_flag(con) -> str:
 
 def recompute_command(con, subset: str, sets: list[dict], recompute: bool = True) -> str:
     """The `embed ... --recompute` command that rebuilds these embedding sets exactly as they were made:
-    the model spec, weights (--pretrained tag or --checkpoint file), precision and draft decoding
+    the model spec, weights (--pretrained tag or --checkpoint file), precision, draft and GPU decoding
     recorded in their config, and --db. Without the weights it would embed a randomly initialised model."""
     configs = []
     for s in sets:
@@ -118,19 +119,22 @@ def recompute_command(con, subset: str, sets: list[dict], recompute: bool = True
         parts += ["--precision", precision]
     if cfg.get("draft"):
         parts.append("--draft-decode")
+    if cfg.get("decode") == "gpu":  # part of the image set's identity (only recorded when not cpu)
+        parts += ["--decode", "gpu"]
     if recompute:
         parts.append("--recompute")
     return " ".join(p for p in parts if p)
 
 
-def _resolve(model: str) -> tuple[list[str], str | None]:
+def _resolve(model: str, pretrained: str | None = None) -> tuple[list[str], str | None]:
     """The names an embedding set may record for a model spec (the spec itself and the open_clip
-    name it resolves to), and the pretrained tag the spec implies (openai/clip-vit-base-patch32 ->
-    ViT-B-32-quickgelu with 'openai' weights)."""
+    name it resolves to, with `pretrained` as embed resolved it: ViT-B-32 + openai -> ViT-B-32-quickgelu),
+    and the pretrained tag the spec implies (openai/clip-vit-base-patch32 -> ViT-B-32-quickgelu with
+    'openai' weights)."""
     try:
         from toolkit.models import resolve_spec
 
-        resolved = resolve_spec(model)
+        resolved = resolve_spec(model, pretrained)
     except Exception:  # not a spec this toolkit resolves: match the recorded name as given
         return [model], None
     names = [model] + ([resolved.model_name] if resolved.model_name != model else [])
@@ -144,8 +148,8 @@ def find_embedding_sets(
 
     Sets belong to the same model when model, pretrained tag and checkpoint sha256 agree. Without
     `model`, the subset must have embeddings of exactly one model. If a model was embedded more
-    than once (another precision, draft decoding, --recompute), the newest set of each kind is
-    used; retrieval_runs records which.
+    than once (another precision, draft decoding, --recompute), the newest set of each kind with the
+    precision of the newest set is used; retrieval_runs records which.
     """
     name = subset["name"]
     fix = f"Run: {_embed_command(con, name, model, pretrained, checkpoint)}"
@@ -158,7 +162,7 @@ def find_embedding_sets(
         [int(subset["subset_id"])],
     ).df()
     if model is not None:
-        names, implied = _resolve(model)
+        names, implied = _resolve(model, pretrained)
         sets = sets[sets["model"].isin(names)]
         pretrained = pretrained or implied
     if pretrained is not None:
@@ -174,6 +178,9 @@ def find_embedding_sets(
     if len(keys) > 1:
         options = ", ".join(sorted({_describe(r) for r in sets.itertuples()}))
         raise UserError(f"Subset {name!r} has embeddings of several models: {options}. Choose one with --model.")
+    # The newest set's precision decides: an image set and a text set of two precisions are never paired
+    # (embed fp16 after fp32, then fp32 --draft-decode, makes a new fp32 image set but reuses the fp32 text set).
+    sets = sets[sets["precision"] == sets.iloc[-1]["precision"]]
     images = sets[sets["kind"] == "image"]
     texts = sets[sets["kind"] == "text"]
     if images.empty or texts.empty:
@@ -199,6 +206,14 @@ def embedding_sets_by_id(con, subset: dict, image_set_id: int, text_set_id: int)
         if rows.empty or rows.iloc[0]["kind"] != kind or int(rows.iloc[0]["subset_id"]) != int(subset["subset_id"]):
             raise UserError(f"Embedding set {set_id} is not a {kind} embedding set of subset {subset['name']!r}.")
         out.append(rows.iloc[0].drop("subset_id").to_dict())
+    made = [tuple(_str_or_none(s[k]) for k in ("model", "pretrained", "checkpoint_sha256", "precision")) for s in out]
+    if made[0] != made[1]:
+        shown = [_describe(pd.Series(s)) + f" ({s['precision']})" for s in out]
+        raise UserError(
+            f"Embedding sets {image_set_id} (image: {shown[0]}) and {text_set_id} (text: {shown[1]}) were not made "
+            "alike (model, weights and precision must agree); their scores cannot be compared. Name two sets of one "
+            "embed run."
+        )
     return out[0], out[1]
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from toolkit import db
+from toolkit import paths as study_paths
 from toolkit.artifacts import sha256_file
 from toolkit.coco import _read_json
 from toolkit.errors import UserError, list_offenders
@@ -188,7 +189,8 @@ def store(con, subset_id: int, run_id: int, data: Instances) -> int:
         return 0
     if known:
         raise UserError(
-            f"Subset {subset_id} already has instances from {known[1]} (a different file than {data.path}). "
+            f"Subset {subset_id} already has instances from {study_paths.resolve(con, known[1])} (a different file "
+            f"than {data.path}). "
             "Ingest into a separate --db to use another instances file."
         )
     con.register("_new_cats", data.categories)
@@ -231,7 +233,7 @@ def store(con, subset_id: int, run_id: int, data: Instances) -> int:
     con.execute(
         "INSERT INTO instance_files (subset_id, source_file, source_sha256, n_instances, created_at, run_id) "
         "VALUES (?, ?, ?, ?, ?, ?)",
-        [subset_id, str(data.path.resolve()), data.sha256, len(inst), db.now(), run_id],
+        [subset_id, study_paths.to_stored(con, data.path), data.sha256, len(inst), db.now(), run_id],
     )
     return len(inst)
 

@@ -25,7 +25,6 @@ under ``torch.inference_mode``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from toolkit.devices import resolve_device
 from toolkit.errors import UserError
+from toolkit.paths import sha256_file  # the one file checksum (also reached as models.sha256_file)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 RANDOM_INIT_SEED = 0  # a model built without any weights is initialised from this seed
@@ -148,6 +148,17 @@ def _register_config(path: Path) -> str:
     return name
 
 
+def _refuse_pretrained_file(pretrained: str | None) -> None:
+    """A weights file goes to --checkpoint (recorded by its sha256), never to --pretrained: open_clip loads a
+    file given as a pretrained tag, but the embeddings' identity would then hold only the path's text, so
+    other weights written at that path later would be answered with the old cached embeddings."""
+    if pretrained and os.path.isfile(os.path.expanduser(str(pretrained))):
+        raise UserError(
+            f"--pretrained {pretrained} is a file; --pretrained takes an open_clip tag (such as openai). Give a "
+            f"weights file with --checkpoint {pretrained} instead: its sha256 is then recorded with the embeddings."
+        )
+
+
 def resolve_spec(spec: str, pretrained: str | None = None) -> ModelSpec:
     """Turn a model spec (and optional pretrained tag) into what open_clip needs. Touches no network."""
     import open_clip
@@ -155,6 +166,7 @@ def resolve_spec(spec: str, pretrained: str | None = None) -> ModelSpec:
     spec = str(spec).strip()
     if not spec:
         raise UserError("Give a model with --model (for example openai/clip-vit-base-patch32).")
+    _refuse_pretrained_file(pretrained)
     if spec.startswith("hf-hub:"):
         if pretrained:
             raise UserError(f"{spec} names its own weights; drop --pretrained (or use --checkpoint PATH).")
@@ -183,7 +195,7 @@ def resolve_spec(spec: str, pretrained: str | None = None) -> ModelSpec:
         name = spec
         if pretrained:
             tags = open_clip.list_pretrained_tags_by_model(name)
-            if pretrained not in tags and not os.path.isfile(pretrained):
+            if pretrained not in tags:
                 shown = ", ".join(tags) if tags else "none"
                 raise UserError(f"open_clip has no pretrained tag {pretrained!r} for {name}. Known tags: {shown}.")
             cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
@@ -360,9 +372,7 @@ def _tag_weights_file(model_name: str, pretrained: str, cache_dir: str | None) -
     import open_clip
 
     cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
-    if not cfg:
-        if os.path.isfile(pretrained):
-            return pretrained
+    if not cfg:  # a file given as --pretrained was refused by resolve_spec
         raise UserError(f"open_clip has no pretrained tag {pretrained!r} for {model_name}.")
     if cfg.get("file"):
         return cfg["file"]
@@ -415,19 +425,12 @@ def _tag_preprocess_overrides(model_name: str, pretrained: str) -> dict:
     return out
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _resolve_light(spec: str, pretrained: str | None) -> ModelSpec | None:
     """`resolve_spec` for the specs that need no open_clip import (the reference HF-style names,
     hf-hub:, local-dir:, the packaged tiny config), else None. The same model_name and pretrained
     as `resolve_spec`; it lets a run with nothing to compute skip importing open_clip and torch."""
     spec = str(spec).strip()
+    _refuse_pretrained_file(pretrained)
     if spec.startswith("hf-hub:") and not pretrained:
         return ModelSpec(spec, "hf-hub", spec, None)
     if spec.startswith("local-dir:"):

@@ -21,7 +21,6 @@ was killed are removed by the next successful run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,18 +28,11 @@ import tempfile
 from pathlib import Path
 
 from toolkit.errors import UserError, list_offenders
+from toolkit.paths import sha256_file
 
 MANIFEST = ".clipfail-manifest.json"
 STAGING_PREFIX = ".clipfail-staging-"
 OLD_PREFIX = ".clipfail-old-"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_manifest(folder: Path, what: str | None) -> tuple[dict[str, str], set[str]]:
@@ -86,7 +78,7 @@ def foreign_files(folder: Path, what: str | None = None) -> list[str]:
                     foreign.append(name + "/")
             elif entry.is_file(follow_symlinks=False):
                 expected = files.get(name)
-                if expected is None or _sha256(Path(entry.path)) != expected:
+                if expected is None or sha256_file(Path(entry.path)) != expected:
                     foreign.append(name)
             else:  # a FIFO, socket or device
                 foreign.append(name)
@@ -161,7 +153,7 @@ class FreshFolder:
             for d in dirnames:
                 dirs.append((rel_root / d).as_posix())
             for f in filenames:
-                files[(rel_root / f).as_posix()] = _sha256(Path(root) / f)
+                files[(rel_root / f).as_posix()] = sha256_file(Path(root) / f)
         manifest = {"what": self.what, "files": dict(sorted(files.items())), "dirs": sorted(dirs)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         self._refuse_foreign()  # again: something may have appeared while the files were written

@@ -1,7 +1,8 @@
 """Stored paths: relative to the database's folder when they lie under it, so a study folder can move.
 
 Every path that a stage writes into the database (``subsets.image_root``, ``subsets.source_file``,
-``embedding_sets.path``, the checkpoint recorded in an embedding set's config) goes through
+``embedding_sets.path``, the checkpoint recorded in an embedding set's config,
+``instance_files.source_file``) goes through
 `to_stored`, and every reader goes through `resolve`:
 
 - a path under the folder of the database file is stored relative to that folder, with ``/``

@@ -109,9 +109,13 @@ def run_pipeline(
 
     `database` is a path (each stage opens it and closes it again, so the long embed stage does not
     hold the database while it encodes and `clipfail status` can watch it) or an open connection."""
+    from toolkit.errors import UserError
     from toolkit.evaluate import evaluate
     from toolkit.failures import parse_annotators, sample_failures
     from toolkit.ingest import ingest
+
+    if pretrained and checkpoint is not None:  # refused before ingest writes anything
+        raise UserError("Give either --pretrained TAG or --checkpoint PATH, not both.")
 
     def _in(stage_fn, *args, **kwargs):
         with _connection(database) as con:
@@ -139,7 +143,7 @@ def run_pipeline(
         emb_kw["batch_size"] = batch_size
     else:
         emb_kw["batch_size"] = None
-    _timed(
+    emb = _timed(
         stages,
         "embed",
         lambda: embed_stage(database, subset_name=ing.name, cache_dir=cache_dir, **emb_kw),
@@ -153,12 +157,12 @@ def run_pipeline(
         lambda: _in(
             evaluate,
             ing.name,
-            model=model,
-            pretrained=pretrained,
-            checkpoint=checkpoint,
             topk=topk,
             device=device,
             direction="text-to-image",
+            # exactly the sets the embed stage made or reused: the newest sets of the model may be of another
+            # --precision (an `embed --precision bf16` after an fp32 run)
+            embedding_set_ids=(emb.image_set_id, emb.text_set_id),
         ),
         lambda r: f"retrieval run {r.retrieval_run_id}: {r.n_queries} captions ranked",
     )
