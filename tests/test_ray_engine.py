@@ -26,7 +26,8 @@ from toolkit.study import open_study  # noqa: E402
 embed_mod = importlib.import_module("toolkit.embed")  # toolkit.embed is the function
 
 TINY = ["--model", "tiny-clip", "--num-workers", "0"]
-RAY = ["--engine", "ray", "--workers", "2"]
+RAY = ["--engine", "ray", "--workers", "1"]
+RAY2 = ["--engine", "ray", "--workers", "2"]  # two replicas on the 2-CPU instance
 SMALL_SHARDS = {"image": 4, "text": 20}  # 12 images -> 3 image shards; 60 captions -> 3 text shards
 
 
@@ -116,7 +117,7 @@ def cache_files(db_path) -> list[Path]:
 def test_ray_output_equals_local_and_each_engine_reuses_the_other(cluster, ingested, run_cli, tmp_path):
     other = copy_study(ingested, tmp_path / "other")
     run_cli("--db", ingested, "embed", *TINY)
-    out = run_cli("--db", other, "embed", *TINY, *RAY).output
+    out = run_cli("--db", other, "embed", *TINY, *RAY2).output
     assert "Embedded subset 's12'" in out
     local, remote = sets(ingested), sets(other)
     a, b = arrays(ingested), arrays(other)

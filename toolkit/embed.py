@@ -561,22 +561,24 @@ def _embed_compute(plan, con, db_path, cluster, t0, started, model, pretrained, 
             on_gpu = cluster.on_gpu if cluster is not None else bundle.device != "cpu"
             img_bs = batch_size or (256 if on_gpu else encode.DEFAULT_IMAGE_BATCH)
             txt_bs = batch_size or (1024 if on_gpu else encode.DEFAULT_TEXT_BATCH)
-            for kind in plan.todo:
-                n = len(items[kind])
-                shards = _Shards(partial / f"{kind}-{hashes[kind][:16]}", hashes[kind], n, rows_per[kind])
-                what = f"{kind} embeddings of subset {name!r} ({bundle.model_name}, {precision})"
-                unit = "image" if kind == "image" else "caption"
-                bar = _progress(total=n, desc=f"{kind} embeddings", unit=unit, enabled=progress)
-                done: dict[int, np.ndarray] = {}
-                dim = None
-                try:
+            jobs: dict[str, dict] = {}  # kind -> its shards, progress bar, shards done, shards to do, finish
+            try:
+                for kind in plan.todo:
+                    n = len(items[kind])
+                    shards = _Shards(partial / f"{kind}-{hashes[kind][:16]}", hashes[kind], n, rows_per[kind])
+                    what = f"{kind} embeddings of subset {name!r} ({bundle.model_name}, {precision})"
+                    unit = "image" if kind == "image" else "caption"
+                    bar = _progress(total=n, desc=f"{kind} embeddings", unit=unit, enabled=progress)
+                    done: dict[int, np.ndarray] = {}
+                    jobs[kind] = {"shards": shards, "what": what, "bar": bar, "done": done}
+                    dim = None
                     for i in range(shards.n):
                         arr = shards.load(i, dim)
                         if arr is not None:
                             done[i], dim = arr, arr.shape[1]
                             reused_shards += 1
                             bar.update(arr.shape[0])
-                    todo_shards = [i for i in range(shards.n) if i not in done]
+                    jobs[kind]["todo"] = [i for i in range(shards.n) if i not in done]
 
                     def finish(i: int, arr: np.ndarray, kind=kind, shards=shards, what=what, done=done) -> None:
                         a, b = shards.span(i)
@@ -588,16 +590,26 @@ def _embed_compute(plan, con, db_path, cluster, t0, started, model, pretrained, 
                         if on_shard is not None:
                             on_shard(kind, i, shards.n)
 
-                    if cluster is not None:  # the pluggable step: the rows of these shards, on Ray
-                        gather = ShardGather(shards, todo_shards, finish)
-                        if kind == "image":
-                            cluster.compute_images(plan.paths, gather, img_bs, bar)
-                        else:
-                            toks = encode.tokenize(bundle, plan.captions)  # on the driver, once
-                            n_truncated, context_length = toks.n_truncated, bundle.context_length
-                            fast_text = encode.fast_text_tower(bundle.model) is not None
-                            cluster.compute_texts(toks.ids, gather, shards, txt_bs, bar)
-                    elif kind == "image":
+                    jobs[kind]["finish"] = finish
+
+                if "text" in jobs:
+                    toks = encode.tokenize(bundle, plan.captions)  # every caption once; counts truncation
+                    n_truncated, context_length = toks.n_truncated, bundle.context_length
+                if cluster is not None:
+                    # The pluggable step, "compute the rows of these shards": on Ray, every kind in one pass
+                    # (one actor pool); `finish` saves each shard here, in the driver, as it completes.
+                    fast_text = encode.fast_text_tower(bundle.model) is not None
+                    gathers = {k: ShardGather(j["shards"], j["todo"], j["finish"]) for k, j in jobs.items()}
+                    cluster.compute(
+                        gathers,
+                        {k: j["bar"] for k, j in jobs.items()},
+                        paths=plan.paths,
+                        tokens=toks.ids if "text" in jobs else None,
+                        batch_sizes={"image": img_bs, "text": txt_bs},
+                    )
+                for kind, job in jobs.items() if cluster is None else ():
+                    shards, todo_shards, finish, bar = job["shards"], job["todo"], job["finish"], job["bar"]
+                    if kind == "image":
                         stats: dict = {}
                         _stream_images(encode, bundle, plan, shards, todo_shards, finish, img_bs, num_workers, draft,
                                        decode, bar, stats)  # fmt: skip
@@ -607,8 +619,6 @@ def _embed_compute(plan, con, db_path, cluster, t0, started, model, pretrained, 
                                 "the GPU decodes; they took the exact CPU path."
                             )
                     else:
-                        toks = encode.tokenize(bundle, plan.captions)  # every caption once; counts truncation
-                        n_truncated, context_length = toks.n_truncated, bundle.context_length
                         fast_text = None
                         for i in todo_shards:
                             a, b = shards.span(i)
@@ -616,8 +626,11 @@ def _embed_compute(plan, con, db_path, cluster, t0, started, model, pretrained, 
                             res = encode.encode_texts_with_info(bundle, plan.captions[a:b], txt_bs, bar, tokens=sub)
                             fast_text = res.fast_path
                             finish(i, res.embeddings)
-                finally:
-                    bar.close()
+            finally:
+                for job in jobs.values():
+                    job["bar"].close()
+            for kind, job in jobs.items():
+                shards, done, what = job["shards"], job["done"], job["what"]
                 if len(done) != shards.n:  # pragma: no cover - the stream yields every row once
                     raise RuntimeError(f"{shards.n - len(done)} {kind} shard(s) were not computed")
                 parts = [done[i] for i in range(shards.n)]

@@ -112,12 +112,15 @@ def _user_error_in(exc: BaseException) -> UserError | None:
     return None
 
 
-class Encoder:
-    """A model replica (the callable class of Ray Data's actor pool): a batch of row numbers in, their
-    L2-normalised embeddings out ({"row", "emb", "pid", "device"}), computed by `toolkit.encode` exactly
-    as the local engine computes them."""
+KIND_CODES = {"image": 0, "text": 1}
 
-    def __init__(self, kind, payload, model, pretrained, checkpoint, device, precision, weights, batch_size,
+
+class Encoder:
+    """A model replica (the callable class of Ray Data's actor pool): a block of (kind, row) pairs in,
+    their L2-normalised embeddings out ({"kind", "row", "emb", "pid", "device"}), computed by
+    `toolkit.encode` exactly as the local engine computes them."""
+
+    def __init__(self, payloads, model, pretrained, checkpoint, device, precision, weights, batch_sizes,
                  draft, num_workers, threads):  # fmt: skip
         import ray
         import torch
@@ -126,8 +129,9 @@ class Encoder:
 
         if threads:
             torch.set_num_threads(int(threads))
-        self.kind, self.batch_size, self.draft, self.num_workers = kind, batch_size, draft, num_workers
-        self.payload = ray.get(payload[0])  # image paths, or token ids [N, context] (int32)
+        self.batch_sizes, self.draft, self.num_workers = batch_sizes, draft, num_workers
+        # image paths (object array) and token ids [N, context] (int32), from the object store
+        self.paths, self.tokens = (ray.get(r) if r is not None else None for r in payloads)
         self.bundle = models.load_model(
             model, pretrained=pretrained, checkpoint=checkpoint, device=device, precision=precision
         )
@@ -148,24 +152,26 @@ class Encoder:
 
         from toolkit import encode
 
-        rows = np.asarray(batch["data"], dtype=np.int64)
-        if self.kind == "image":
+        data = np.asarray(batch["data"], dtype=np.int64)
+        code, rows = int(data[0, 0]), data[:, 1]
+        if code == KIND_CODES["image"]:
             feats = encode.encode_images(
                 self.bundle,
-                [self.payload[r] for r in rows],
-                batch_size=self.batch_size,
+                [self.paths[r] for r in rows],
+                batch_size=self.batch_sizes["image"],
                 num_workers=self.num_workers,
                 draft=self.draft,
                 progress=False,
             )
         else:
-            ids = torch.from_numpy(np.ascontiguousarray(self.payload[rows], dtype=np.int64))
-            toks = encode.Tokens(ids, None, None)
+            ids = torch.from_numpy(np.ascontiguousarray(self.tokens[rows], dtype=np.int64))
             feats = encode.encode_texts_with_info(
-                self.bundle, [""] * len(rows), self.batch_size, progress=False, tokens=toks
-            ).embeddings
+                self.bundle, [""] * len(rows), self.batch_sizes["text"], progress=False,
+                tokens=encode.Tokens(ids, None, None),
+            ).embeddings  # fmt: skip
         n = len(rows)
         return {
+            "kind": np.full(n, code, dtype=np.int64),
             "row": rows,
             "emb": feats,
             "pid": np.full(n, os.getpid(), dtype=np.int64),
@@ -267,25 +273,45 @@ class RayEngine:
                 "command again. Nothing was written."
             )
 
-    def _run(self, kind: str, payload, blocks: list, batch_size: int, gather, bar) -> None:
+    def compute(self, gathers: dict, bars: dict, *, paths, tokens, batch_sizes: dict) -> None:
+        """Compute the rows of every `gathers[kind]` (a `toolkit.embed.ShardGather`) in ONE Ray Data pass
+        (one actor pool for both kinds): images in blocks of one model batch, captions in blocks of one
+        shard (from the driver's token ids). Results are filed as they arrive; `gather.finish` saves
+        each shard on the driver as soon as it is complete."""
         import ray
 
-        ref = ray.put(payload)
+        blocks = []
+        for kind, gather in gathers.items():
+            rows = gather.rows
+            if kind == "image":
+                parts = [rows[a : a + batch_sizes["image"]] for a in range(0, len(rows), batch_sizes["image"])]
+            else:
+                owner = rows // gather.shards.shard_rows
+                parts = [rows[owner == i] for i in np.unique(owner).tolist()]
+            blocks += [np.stack([np.full(len(p), KIND_CODES[kind], np.int64), p], axis=1) for p in parts]
+        if not blocks:
+            return
+        refs = {
+            "image": ray.put(np.asarray(paths, dtype=object)) if "image" in gathers else None,
+            "text": ray.put(np.asarray(tokens, dtype=np.int32)) if "text" in gathers else None,
+        }
         with warnings.catch_warnings():  # max_restarts / max_task_retries go as ray_remote_args (deprecated form)
             warnings.simplefilter("ignore")
-            ds = self._dataset(ray, kind, ref, blocks, batch_size)
+            ds = self._dataset(ray, blocks, refs, batch_sizes)
         it = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
         quiet = logging.getLogger("ray.data")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # no "execution finished" lines on the CLI's stderr
+        kinds = {code: kind for kind, code in KIND_CODES.items()}
         try:
             with warnings.catch_warnings():  # Ray Data's hints on block counts and deprecations
                 warnings.simplefilter("ignore")
                 for out in it:
+                    kind = kinds[int(out["kind"][0])]
                     rows = np.asarray(out["row"], dtype=np.int64)
                     self.devices.update(str(d) for d in np.unique(out["device"]))
-                    gather.add(rows, np.asarray(out["emb"], dtype=np.float32))
-                    bar.update(len(rows))
+                    gathers[kind].add(rows, np.asarray(out["emb"], dtype=np.float32))
+                    bars[kind].update(len(rows))
         except KeyboardInterrupt:
             raise
         except Exception as exc:
@@ -298,26 +324,25 @@ class RayEngine:
             close = getattr(it, "close", None)
             if close is not None:
                 close()
-            del ref
-        if not gather.complete:  # pragma: no cover - every block comes back once
+            del refs
+        if not all(g.complete for g in gathers.values()):  # pragma: no cover - every block comes back once
             raise RuntimeError("the Ray dataset ended before every row was computed")
 
-    def _dataset(self, ray, kind, ref, blocks, batch_size):
+    def _dataset(self, ray, blocks, refs, batch_sizes):
         opts = self.options
         return ray.data.from_numpy(blocks).map_batches(
             ENCODER,
             batch_size=None,  # one block = one call: the blocks are cut to size here
             batch_format="numpy",
             fn_constructor_kwargs=dict(
-                kind=kind,
-                payload=[ref],
+                payloads=[refs["image"], refs["text"]],
                 model=opts["model"],
                 pretrained=opts["pretrained"],
                 checkpoint=opts["checkpoint"],
                 device=opts["device"],
                 precision=opts["precision"],
                 weights=opts["weights"],
-                batch_size=batch_size,
+                batch_sizes=batch_sizes,
                 draft=bool(opts.get("draft")),
                 num_workers=int(opts.get("num_workers") or 0),
                 threads=0 if self.on_gpu else int(self.cpus_per_worker),
@@ -328,23 +353,6 @@ class RayEngine:
             max_restarts=-1,
             max_task_retries=-1,
         )
-
-    def compute_images(self, paths: list, gather, batch_size: int, bar) -> None:
-        """Embed the rows of `gather`'s shards: blocks of one model batch each."""
-        rows = gather.rows
-        if not len(rows):
-            return
-        blocks = [rows[a : a + batch_size] for a in range(0, len(rows), batch_size)]
-        self._run("image", np.asarray(paths, dtype=object), blocks, batch_size, gather, bar)
-
-    def compute_texts(self, ids, gather, shards, batch_size: int, bar) -> None:
-        """Embed the captions of `gather`'s shards from the driver's token ids: one block per shard."""
-        rows = gather.rows
-        if not len(rows):
-            return
-        owner = rows // shards.shard_rows
-        blocks = [rows[owner == i] for i in np.unique(owner).tolist()]
-        self._run("text", np.asarray(ids, dtype=np.int32), blocks, batch_size, gather, bar)
 
     def made_with(self) -> dict:
         """How the rows were computed (recorded in the set's config; not part of its identity)."""
