@@ -353,6 +353,7 @@ def ingest(db_path, **options):
 )
 @click.option(
     "--ray-address",
+    metavar="ADDRESS",
     default=None,
     help="--engine ray: the cluster, HOST:PORT or ray://HOST:PORT or auto (default: RAY_ADDRESS, else a new "
     "local Ray instance).",
@@ -360,12 +361,14 @@ def ingest(db_path, **options):
 @click.option(
     "--gpus-per-worker",
     type=click.FloatRange(0, None),
+    metavar="G",
     default=None,
     help="--engine ray: GPUs per model replica (default: 1 when the cluster has GPUs, else 0: CPU replicas).",
 )
 @click.option(
     "--workers",
     type=click.IntRange(1, 100000),
+    metavar="N",
     default=None,
     help="--engine ray: model replicas (default: one per GPU, or 1 CPU replica).",
 )

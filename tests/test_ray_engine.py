@@ -253,3 +253,14 @@ def test_without_ray_installed_the_message_names_the_extra(ingested, run_cli, mo
     res = run_cli("--db", ingested, "embed", *TINY, "--engine", "ray", expect=2)
     assert "pip install 'clipfail[ray]'" in res.output and "Traceback" not in res.output
     assert sets(ingested).empty and cache_files(ingested) == []
+
+
+def test_an_image_a_worker_cannot_decode_is_named_once_without_a_traceback(cluster, ingested, run_cli):
+    root = paths.resolve(ingested, query(ingested, "SELECT image_root FROM subsets")["image_root"][0])
+    rel = query(ingested, "SELECT rel_path FROM images JOIN subset_images USING (image_id) ORDER BY position")
+    bad = Path(root) / rel["rel_path"][5]
+    bad.write_bytes(b"not an image at all")  # present (the pre-check passes), but the replica cannot decode it
+    res = run_cli("--db", ingested, "embed", *TINY, *RAY, expect=2)
+    assert "Cannot decode image file(s)" in res.output and str(bad) in res.output
+    assert "Traceback" not in res.output and "RayTaskError" not in res.output
+    assert sets(ingested).empty

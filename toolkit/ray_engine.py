@@ -122,6 +122,15 @@ class Encoder:
 
     def __init__(self, payloads, model, pretrained, checkpoint, device, precision, weights, batch_sizes,
                  draft, num_workers, threads):  # fmt: skip
+        self.error = ""  # a UserError of the constructor, reported by the first call (see __call__)
+        try:
+            self._setup(payloads, model, pretrained, checkpoint, device, precision, weights, batch_sizes, draft,
+                        num_workers, threads)  # fmt: skip
+        except UserError as exc:
+            self.error = str(exc)
+
+    def _setup(self, payloads, model, pretrained, checkpoint, device, precision, weights, batch_sizes,
+               draft, num_workers, threads):  # fmt: skip
         import ray
         import torch
 
@@ -148,12 +157,29 @@ class Encoder:
             )
 
     def __call__(self, batch: dict) -> dict:
+        """A UserError (a file that does not decode, other weights) comes back as one row whose "error"
+        the driver raises as it is: an exception would reach it only as Ray's wrapped traceback."""
+        data = np.asarray(batch["data"], dtype=np.int64)
+        code, rows = int(data[0, 0]), data[:, 1]
+        if not self.error:
+            try:
+                return self._encode(code, rows)
+            except UserError as exc:
+                self.error = str(exc)
+        return {
+            "kind": np.array([code]),
+            "row": np.array([-1]),
+            "emb": np.zeros((1, 1), np.float32),
+            "pid": np.array([os.getpid()]),
+            "device": np.array([""]),
+            "error": np.array([self.error]),
+        }
+
+    def _encode(self, code: int, rows: np.ndarray) -> dict:
         import torch
 
         from toolkit import encode
 
-        data = np.asarray(batch["data"], dtype=np.int64)
-        code, rows = int(data[0, 0]), data[:, 1]
         if code == KIND_CODES["image"]:
             feats = encode.encode_images(
                 self.bundle,
@@ -176,6 +202,7 @@ class Encoder:
             "emb": feats,
             "pid": np.full(n, os.getpid(), dtype=np.int64),
             "device": np.full(n, self.bundle.device),
+            "error": np.full(n, ""),
         }
 
 
@@ -238,7 +265,11 @@ class RayEngine:
         if workers is None:
             workers = max(1, int(gpus_total // gpus_per_worker)) if gpus_per_worker else 1
         if gpus_per_worker:
-            cpus = float(max(1, options.get("num_workers") or 0))
+            # A GPU replica decodes its images with --num-workers processes (default: up to 8, as the CPUs
+            # of the cluster per replica allow) and reserves that many CPUs.
+            if options.get("num_workers") is None:
+                options["num_workers"] = max(0, min(8, int(cpus_total // workers) - 1))
+            cpus = float(max(1, options["num_workers"]))
             if device in ("auto", ""):
                 options["device"] = "cuda"
         else:
@@ -284,7 +315,9 @@ class RayEngine:
         for kind, gather in gathers.items():
             rows = gather.rows
             if kind == "image":
-                parts = [rows[a : a + batch_sizes["image"]] for a in range(0, len(rows), batch_sizes["image"])]
+                # one model batch per block; 8 with decode processes, whose start is then paid per 8 batches
+                step = batch_sizes["image"] * (8 if self.options.get("num_workers") else 1)
+                parts = [rows[a : a + step] for a in range(0, len(rows), step)]
             else:
                 owner = rows // gather.shards.shard_rows
                 parts = [rows[owner == i] for i in np.unique(owner).tolist()]
@@ -307,12 +340,14 @@ class RayEngine:
             with warnings.catch_warnings():  # Ray Data's hints on block counts and deprecations
                 warnings.simplefilter("ignore")
                 for out in it:
+                    if len(out["error"]) and out["error"][0]:
+                        raise UserError(str(out["error"][0]))
                     kind = kinds[int(out["kind"][0])]
                     rows = np.asarray(out["row"], dtype=np.int64)
                     self.devices.update(str(d) for d in np.unique(out["device"]))
                     gathers[kind].add(rows, np.asarray(out["emb"], dtype=np.float32))
                     bars[kind].update(len(rows))
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, UserError):
             raise
         except Exception as exc:
             err = _user_error_in(exc)
