@@ -2,6 +2,8 @@
 
 One Ray instance serves the whole file (Ray starts slowly); it is shut down at the end, and the file
 checks that no Ray process it started is left behind. 12 generated images, the tiny open_clip config.
+Without ray installed, every test that needs it skips (`pytest.importorskip` in the `cluster` fixture);
+the test of the message that names the extra runs either way.
 """
 
 from __future__ import annotations
@@ -17,11 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.data")
-
-from toolkit import artifacts, paths, ray_engine  # noqa: E402
-from toolkit.study import open_study  # noqa: E402
+from toolkit import artifacts, paths, ray_engine
+from toolkit.study import open_study
 
 embed_mod = importlib.import_module("toolkit.embed")  # toolkit.embed is the function
 
@@ -60,6 +59,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster():
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
     before = _children(os.getpid())
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     started = _children(os.getpid()) - before
@@ -72,14 +73,38 @@ def cluster():
     assert not left, f"Ray processes left behind: {left}"
 
 
+def _study(coco_master: Path, folder: Path) -> str:
+    """A database with the 12-image subset s12, its images under the database's folder (copyable)."""
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    db = folder / "s.duckdb"
+    shutil.copytree(coco_master, folder / "coco")
+    args = ["--db", db, "ingest", "--coco-root", folder / "coco", "--num-images", 12, "--name", "s12"]
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return str(db)
+
+
 @pytest.fixture
-def ingested(synthetic_coco, tmp_path, run_cli, monkeypatch):
-    db = str(tmp_path / "study" / "s.duckdb")
-    Path(db).parent.mkdir()
-    coco = tmp_path / "study" / "coco"
-    shutil.move(str(synthetic_coco), coco)  # under the database's folder: the whole study can be copied
-    run_cli("--db", db, "ingest", "--coco-root", coco, "--num-images", 12, "--name", "s12")
+def ingested(synthetic_coco_master, tmp_path, monkeypatch):
     monkeypatch.setattr(embed_mod, "SHARD_ROWS", SMALL_SHARDS)
+    return _study(synthetic_coco_master, tmp_path / "study")
+
+
+@pytest.fixture(scope="module")
+def local_study(synthetic_coco_master, tmp_path_factory):
+    """The same study embedded by the local engine, once for the file (copy it before writing to it)."""
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(embed_mod, "SHARD_ROWS", SMALL_SHARDS)
+        db = _study(synthetic_coco_master, tmp_path_factory.mktemp("local") / "study")
+        res = CliRunner().invoke(cli, ["--db", db, "embed", *TINY])
+        assert res.exit_code == 0, res.output
     return db
 
 
@@ -114,9 +139,9 @@ def cache_files(db_path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
-def test_ray_output_equals_local_and_each_engine_reuses_the_other(cluster, ingested, run_cli, tmp_path):
-    other = copy_study(ingested, tmp_path / "other")
-    run_cli("--db", ingested, "embed", *TINY)
+def test_ray_output_equals_local_and_each_engine_reuses_the_other(cluster, ingested, local_study, run_cli, tmp_path):
+    other = ingested
+    ingested = copy_study(local_study, tmp_path / "local")  # embedded by the local engine
     out = run_cli("--db", other, "embed", *TINY, *RAY2).output
     assert "Embedded subset 's12'" in out
     local, remote = sets(ingested), sets(other)
@@ -135,36 +160,33 @@ def test_ray_output_equals_local_and_each_engine_reuses_the_other(cluster, inges
     assert len(sets(other)) == 2 and len(sets(ingested)) == 2
 
 
-@ray.remote
-class Killer:
-    """Kills (ray.kill, restart allowed) the first replica that asks, while it is in its first batch."""
+def test_a_killed_replica_is_restarted_and_the_set_completes(cluster, ingested, local_study, run_cli, monkeypatch):
+    import ray
 
-    def __init__(self):
-        self.victims = []
+    @ray.remote
+    class Killer:
+        """Kills (ray.kill, restart allowed) the first replica that asks, while it is in its first batch."""
 
-    def first_call(self, handle, pid):
-        if self.victims:
-            return False
-        self.victims.append(pid)
-        ray.kill(handle, no_restart=False)
-        return True
+        def __init__(self):
+            self.victims = []
 
-    def killed(self):
-        return self.victims
+        def first_call(self, handle, pid):
+            if self.victims:
+                return False
+            self.victims.append(pid)
+            ray.kill(handle, no_restart=False)
+            return True
 
+        def killed(self):
+            return self.victims
 
-class KilledOnce(ray_engine.Encoder):
-    def __call__(self, batch):
-        killer = ray.get_actor("clipfail-test-killer")
-        if ray.get(killer.first_call.remote(ray.get_runtime_context().current_actor, os.getpid())):
-            time.sleep(120)  # killed meanwhile; the batch must be retried by a restarted replica
-        return super().__call__(batch)
+    class KilledOnce(ray_engine.Encoder):  # a local class: Ray's cloudpickle sends it by value
+        def __call__(self, batch):
+            killer = ray.get_actor("clipfail-test-killer")
+            if ray.get(killer.first_call.remote(ray.get_runtime_context().current_actor, os.getpid())):
+                time.sleep(120)  # killed meanwhile; the batch must be retried by a restarted replica
+            return super().__call__(batch)
 
-
-def test_a_killed_replica_is_restarted_and_the_set_completes(cluster, ingested, run_cli, tmp_path, monkeypatch):
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test file
     killer = Killer.options(name="clipfail-test-killer").remote()
     monkeypatch.setattr(ray_engine, "ENCODER", KilledOnce)
     seen_sets = []
@@ -180,19 +202,16 @@ def test_a_killed_replica_is_restarted_and_the_set_completes(cluster, ingested, 
         victims = ray.get(killer.killed.remote())
     finally:
         ray.kill(killer)
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert len(victims) == 1 and not _alive(victims[0])  # one replica really died
     assert "Embedded subset 's12'" in out
     assert seen_sets == [0] * 6  # 3 image + 3 text shards, and no set registered before the last one
-    reference = copy_study(ingested, tmp_path / "ref")
-    run_cli("--db", reference, "embed", *TINY, "--recompute")
-    got, want = arrays(ingested), arrays(reference)
+    got, want = arrays(ingested), arrays(local_study)
     for kind in ("image", "text"):
         np.testing.assert_allclose(got[kind], want[kind], atol=1e-6)
 
 
 def test_interrupted_ray_driver_leaves_complete_shards_and_either_engine_resumes(
-    cluster, ingested, run_cli, tmp_path, monkeypatch
+    cluster, ingested, local_study, run_cli, tmp_path, monkeypatch
 ):
     real_save = embed_mod._Shards.save
     saved = []
@@ -217,9 +236,10 @@ def test_interrupted_ray_driver_leaves_complete_shards_and_either_engine_resumes
         out = run_cli("--db", db, "embed", *TINY, *engine).output
         assert "2 shard(s) reused from an interrupted run" in out, out
         assert len(sets(db)) == 2 and not [p for p in cache_files(db) if ".partial" in p.parts]
-    a, b = arrays(ingested), arrays(twin)
+    a, b, want = arrays(ingested), arrays(twin), arrays(local_study)
     for kind in ("image", "text"):
-        np.testing.assert_allclose(a[kind], b[kind], atol=1e-6)
+        np.testing.assert_allclose(a[kind], want[kind], atol=1e-6)
+        np.testing.assert_allclose(b[kind], want[kind], atol=1e-6)
 
 
 def test_images_missing_on_the_workers_are_named_and_nothing_is_written(cluster, ingested, run_cli):
@@ -235,6 +255,8 @@ def test_images_missing_on_the_workers_are_named_and_nothing_is_written(cluster,
 
 
 def test_unreachable_ray_address_is_one_message_and_writes_nothing(ingested, run_cli, monkeypatch):
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as a fresh CLI process would be
     monkeypatch.setattr(ray_engine, "CONNECT_TIMEOUT_S", 2.0)
     with socket.socket() as s:  # a port that nothing listens on
@@ -264,3 +286,11 @@ def test_an_image_a_worker_cannot_decode_is_named_once_without_a_traceback(clust
     assert "Cannot decode image file(s)" in res.output and str(bad) in res.output
     assert "Traceback" not in res.output and "RayTaskError" not in res.output
     assert sets(ingested).empty
+
+
+def test_cuda_replicas_on_a_cluster_without_gpus_are_refused_before_anything_is_written(cluster, ingested, run_cli):
+    res = run_cli("--db", ingested, "embed", *TINY, "--engine", "ray", "--device", "cuda", expect=2)
+    assert "needs GPU replicas" in res.output and "has no GPUs" in res.output
+    res = run_cli("--db", ingested, "embed", *TINY, "--engine", "ray", "--gpus-per-worker", 1, expect=2)
+    assert "asks for more GPUs than the Ray cluster has (0)" in res.output
+    assert sets(ingested).empty and cache_files(ingested) == []

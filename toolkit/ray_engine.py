@@ -262,6 +262,14 @@ class RayEngine:
                 f"--gpus-per-worker {gpus_per_worker:g} asks for more GPUs than the Ray cluster has ({gpus_total:g}). "
                 "Add GPU nodes, or lower --gpus-per-worker (0 for CPU actors)."
             )
+        if not gpus_per_worker and device.startswith("cuda"):
+            if started:
+                ray.shutdown()
+            raise UserError(
+                f"--device {device} with --engine ray needs GPU replicas, and "
+                + ("the Ray cluster has no GPUs" if not gpus_total else "--gpus-per-worker is 0")
+                + ". Add GPU nodes (or pass --gpus-per-worker), or drop --device for CPU replicas."
+            )
         if workers is None:
             workers = max(1, int(gpus_total // gpus_per_worker)) if gpus_per_worker else 1
         if gpus_per_worker:
