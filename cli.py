@@ -774,7 +774,11 @@ def sample_failures(
     help="mine, overlap or all (mine + overlap); backup is assigned to nobody and refused.",
 )
 @click.option(
-    "--run", "retrieval_run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last)."
+    "--run",
+    "retrieval_run_id",
+    type=click.IntRange(1, 2**63 - 1),
+    default=None,
+    help="Retrieval run id (default: the one sampled last).",
 )
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: any free port.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Any other host requires the printed tokens.")
@@ -830,7 +834,11 @@ def annotate(db_path, annotators, set_choice, retrieval_run_id, port, host, open
 @cli.command("export-labelstudio")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option(
-    "--run", "retrieval_run_id", type=int, default=None, help="Retrieval run id (default: the one sampled last)."
+    "--run",
+    "retrieval_run_id",
+    type=click.IntRange(1, 2**63 - 1),
+    default=None,
+    help="Retrieval run id (default: the one sampled last).",
 )
 @click.option("--image-url-prefix", default=None, help="Image URLs = PREFIX + path under the image root.")
 @click.option("--force", is_flag=True, help="Overwrite tasks.json / labeling_config.xml that differ.")
@@ -894,6 +902,7 @@ def import_labels(db_path, files, annotator, clear_blank, fmt, user_map):
     Example:
       clipfail import-labels failure_analysis/assign_A.csv failure_analysis/assign_B.csv
     """
+    from toolkit.annotations import ENCODING_NAMES
     from toolkit.annotations import import_labels as run_import
 
     if user_map and fmt != "labelstudio":
@@ -926,6 +935,9 @@ def import_labels(db_path, files, annotator, clear_blank, fmt, user_map):
             }
         )
     )
+    for f in res.files:
+        if f.encoding != "utf-8":
+            click.echo(f"{f.path} was read as {ENCODING_NAMES.get(f.encoding, f.encoding)} (it is not UTF-8).")
     if res.n_unlabeled:
         click.echo(f"{res.n_unlabeled} rows have no label yet (unlabeled); they were not imported.")
     if res.n_replaced and not res.is_noop:
@@ -1163,9 +1175,21 @@ def templates_export(db_path, template_set, out_file):
         text = tpl.export_csv(con, template_set)
     if out_file is None:
         click.echo(text, nl=False)
-    else:
-        Path(out_file).write_text(text, encoding="utf-8")
-        click.echo(f"Wrote {out_file}")
+        return
+    out = Path(out_file)
+    # a template CSV the user edited is never written over (only the same content again)
+    if out.exists() and (not out.is_file() or out.read_bytes() != text.encode("utf-8")):
+        raise UserError(
+            f"{out_file} already exists and holds something else (perhaps templates you edited); it was left as it "
+            "was. Give another --out, or move that file away first."
+        )
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(
+            f"Cannot write {out_file}: {exc.strerror or exc}. Give --out in a folder that exists."
+        ) from None
+    click.echo(f"Wrote {out_file}")
 
 
 @cli.command()
@@ -1201,6 +1225,20 @@ def templates_export(db_path, template_set, out_file):
 @model_options()
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True, help="Prompts per batch.")
 @click.option("--recompute-prompts", is_flag=True, help="Drop and re-encode this model's cached prompt embeddings.")
+@click.option(
+    "--method",
+    type=click.Choice(["templates", "inverted-softmax", "qb-norm", "query-expansion", "templates+inverted-softmax",
+                       "templates+qb-norm"]),
+    default="templates",
+    show_default=True,
+    help="The fix: prompt ensembling, a hubness fix, query expansion, or templates then a hubness fix.",
+)  # fmt: skip
+@click.option("--beta", type=float, default=20.0, show_default=True, help="inverted-softmax / qb-norm: > 0.")
+@click.option("--k-bank", type=int, default=1, show_default=True, help="qb-norm: top-k of each bank caption.")
+@click.option("--bank", default=None, help="qb-norm: a subset whose captions form the bank (default: see README).")
+@click.option("--allow-bank-overlap", is_flag=True, help="qb-norm: run even if the bank holds evaluated captions.")
+@click.option("--top", type=int, default=3, show_default=True, help="query-expansion: images averaged in (>= 1).")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="query-expansion: their weight (>= 0).")
 @db_option
 def improve(
     db_path,
@@ -1221,6 +1259,13 @@ def improve(
     device,
     batch_size,
     recompute_prompts,
+    method,
+    beta,
+    k_bank,
+    bank,
+    allow_bank_overlap,
+    top,
+    alpha,
 ):
     """Category-aware prompt ensembling on labelled R@1 failures: baseline vs improved R@1/5/10.
 
@@ -1235,10 +1280,18 @@ def improve(
     improvement_recall, category_recall_delta and improvement_effective_k. The model options give the
     model that encodes the new prompts; without them, the model of the text embeddings.
 
+    --method runs another training-free fix on the same captions, with the same statistics and
+    controls: inverted-softmax (--beta), qb-norm (QB-Norm with the Dynamic Inverted Softmax over a
+    query bank: --beta, --k-bank, --bank; by default the bank is the subset's captions that the call
+    does not evaluate), query-expansion (--top, --alpha), or templates followed by inverted-softmax or
+    qb-norm on the pooled scores. View method_comparison compares them per category.
+
     \b
-    Example:
+    Examples:
       clipfail improve --categories Object,Attribute --template-mode union --k 15 --pooling all
+      clipfail improve --categories Object,Attribute --method qb-norm --control successes:200
     """
+    _check_method_options(method)
     from toolkit.improve import effective_k as improve_effective_k
     from toolkit.improve import improve as run_improve
     from toolkit.improve import model_encoder_factory
@@ -1262,6 +1315,13 @@ def improve(
             encoder_factory=model_encoder_factory(
                 model=model, pretrained=pretrained, checkpoint=checkpoint, device=device, batch_size=batch_size
             ),
+            method=method,
+            beta=beta,
+            k_bank=k_bank,
+            bank=bank,
+            allow_bank_overlap=allow_bank_overlap,
+            top=top,
+            alpha=alpha,
         )
         summary = improve_summary(con, res.improvement_ids)
         eff_k = improve_effective_k(con, res.improvement_ids)
@@ -1269,6 +1329,8 @@ def improve(
         click.echo(f"Note: {note}")
     if res.is_noop:
         click.echo("Already computed with exactly this configuration; nothing changed.")
+    elif method in ("inverted-softmax", "qb-norm", "query-expansion"):
+        click.echo(f"Improve run {res.run_id}: method {method} (view method_comparison compares the methods).")
     else:
         click.echo(
             f"Improve run {res.run_id}: {res.n_prompts} distinct prompts besides the captions, "
@@ -1285,6 +1347,34 @@ def improve(
     click.echo(
         f"Improvement ids: {', '.join(map(str, res.improvement_ids))} (views improvement_recall, category_recall_delta)"
     )
+
+
+_METHOD_OPTIONS = {  # improve: the options that only some --method values read (issue 17)
+    "pooling": ("--pooling", "templates"),
+    "tau": ("--tau", "templates"),
+    "template_set": ("--template-set", "templates"),
+    "template_mode": ("--template-mode", "templates"),
+    "k": ("--k", "templates"),
+    "recompute_prompts": ("--recompute-prompts", "templates"),
+    "beta": ("--beta", "inverted-softmax", "qb-norm"),
+    "k_bank": ("--k-bank", "qb-norm"),
+    "bank": ("--bank", "qb-norm"),
+    "allow_bank_overlap": ("--allow-bank-overlap", "qb-norm"),
+    "top": ("--top", "query-expansion"),
+    "alpha": ("--alpha", "query-expansion"),
+}
+
+
+def _check_method_options(method: str) -> None:
+    """Refuse an option given on the command line that the chosen --method would ignore."""
+    ctx = click.get_current_context()
+    parts = method.split("+")
+    for name, (flag, *methods) in _METHOD_OPTIONS.items():
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and not set(parts) & set(methods):
+            raise UserError(
+                f"{flag} does not apply to --method {method} (it is an option of {' or '.join(methods)} and of the "
+                "templates combinations that include it); leave it out."
+            )
 
 
 @cli.command("report")

@@ -29,4 +29,8 @@ VIEWS = [
     "run_pairs",  # reads run_comparisons, retrieval_ranks
     "run_comparison",  # reads run_pairs
     "failure_overlap_by_category",  # reads sample_labels
+    # hubness and the methods of improve (issue 17)
+    "image_hubness",  # reads retrieval_runs, embedding_rows, retrieval_ranks
+    "hubness_summary",  # reads image_hubness
+    "method_comparison",  # reads improvement_runs, improvement_stats, categories
 ]

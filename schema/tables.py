@@ -274,6 +274,13 @@ improvement_runs = sa.Table(
     sa.Column("config_hash", sa.Text, nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
     _run_id(),
+    # issue 17: the fix applied. 'templates' | 'inverted-softmax' | 'qb-norm' | 'query-expansion' (NULL: templates,
+    # runs made before methods); method_params: its parameters as 'name=value' pairs; the query bank of qb-norm
+    sa.Column("method", sa.Text),
+    sa.Column("method_params", sa.Text),
+    sa.Column("bank_subset", sa.Text),
+    sa.Column("n_bank", sa.Integer),
+    sa.Column("is_bank_overlap", sa.Boolean),  # the bank holds evaluated captions (--allow-bank-overlap)
 )
 
 improvement_ranks = sa.Table(

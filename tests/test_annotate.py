@@ -208,6 +208,21 @@ def test_saving_follows_import_labels_rules_and_overlap_is_blind(study, server, 
                 [a[1]]) == [("Action", str(csv_path.resolve()))]  # fmt: skip
 
 
+def test_a_request_without_a_category_never_wipes_a_label(study, server):
+    """A label request with notes but no category (or a blank one) deleted the stored label and its notes, as if
+    `clear` had been asked: the page always sends the category, but any other client (or a page out of step)
+    lost work that way. Only an explicit clear removes a label; anything else without a category is a 400."""
+    run = server(names=("A",))
+    sid = run.wb.items["A"][0]["sample_id"]
+    assert post(f"{run.url}/a/A/api/label", {"sample_id": sid, "category": "Object", "notes": "keep me"})[0] == 200
+    for body in ({"sample_id": sid, "notes": "new note"}, {"sample_id": sid, "category": " ", "notes": "x"}):
+        status, answer = post(f"{run.url}/a/A/api/label", body)
+        assert status == 400 and "clear" in answer["error"], (body, answer)
+    assert rows(study, "SELECT category, notes FROM annotations WHERE sample_id = ?", [sid]) == [("Object", "keep me")]
+    assert post(f"{run.url}/a/A/api/label", {"sample_id": sid, "clear": True})[1]["action"] == "cleared"
+    assert rows(study, "SELECT count(*) FROM annotations") == [(0,)]
+
+
 def test_status_and_the_views_see_browser_labels(study, server, tmp_path):
     run = server(names=("A",), set_choice="mine")
     mine = [s for s in items_of(study, "A") if s not in items_of(study, "B")]

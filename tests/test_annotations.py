@@ -512,6 +512,56 @@ def test_resaved_spreadsheets_import_the_same(study, tmp_path, variant):
         assert rec.raw_label.strip() == labels[rec.sample_id].strip()
 
 
+def test_a_stray_byte_in_a_utf8_file_is_refused_not_read_as_windows_1252(study, tmp_path):
+    # one non-UTF-8 byte used to make the whole file decode as cp1252, garbling every accented note
+    dbpath, export, _ = study
+    ids = sample_ids(export, "assign_B.csv")
+    good = write_labels(
+        export / "assign_B.csv", tmp_path / "assign_B.csv", {sid: "Object" for sid in ids}, notes=lambda s: "café"
+    )
+    data = good.read_bytes()
+    at = data.index(b"caf\xc3\xa9", len(data) // 2)  # a note in the middle of the file
+    bad = tmp_path / "stray" / "assign_B.csv"
+    bad.parent.mkdir()
+    bad.write_bytes(data[:at] + b"caf\xe9" + data[at + 5 :])
+    res = invoke("--db", dbpath, "import-labels", bad)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    row = data[:at].count(b"\n") + 1
+    assert f"row {row} (byte offset {at + 3}: 0xe9)" in res.output and "UTF-8" in res.output
+    assert n_annotations(dbpath) == 0
+    # the clean UTF-8 file imports with its accents intact, and says nothing about its encoding
+    res = invoke("--db", dbpath, "import-labels", good)
+    assert res.exit_code == 0 and "was read as" not in res.output
+    assert set(table(dbpath, "SELECT notes FROM annotations")["notes"]) == {"café"}
+
+
+def test_a_windows_1252_file_says_so_and_one_that_is_neither_is_refused(study, tmp_path):
+    dbpath, export, _ = study
+    ids = sample_ids(export, "assign_B.csv")
+    ansi = write_labels(
+        export / "assign_B.csv",
+        tmp_path / "assign_B.csv",
+        {sid: "Object" for sid in ids},
+        notes=lambda s: "café",
+        encoding="cp1252",
+    )
+    res = invoke("--db", dbpath, "import-labels", ansi)
+    assert res.exit_code == 0 and f"{ansi} was read as Windows-1252 (it is not UTF-8)." in res.output
+    assert set(table(dbpath, "SELECT notes FROM annotations")["notes"]) == {"café"}
+    # 0x81 is undefined in Windows-1252 and not UTF-8: refused with where it is
+    data = ansi.read_bytes()
+    at = data.index(b"caf\xe9")
+    other = tmp_path / "other" / "assign_B.csv"
+    other.parent.mkdir()
+    other.write_bytes(data[:at] + b"\x81" + data[at + 1 :])
+    res = invoke("--db", dbpath, "import-labels", other)
+    assert (
+        res.exit_code == 2
+        and f"byte offset {at}: 0x81" in res.output
+        and "neither UTF-8 nor Windows-1252" in res.output
+    )
+
+
 def test_quoted_newlines_and_row_numbers(study, tmp_path):
     """A caption or note with line breaks is one spreadsheet row; errors name spreadsheet rows."""
     dbpath, export, rrid = study

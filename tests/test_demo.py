@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -153,9 +154,12 @@ def test_demo_report_tables(demo):
     for name in study_tables:
         t = pd.read_csv(rep / "tables" / name)
         assert t["pooling"].tolist() == ["max", "mean", "logsumexp (tau=1)"]
-    figures = sorted(p.name for p in (rep / "figures").glob("*.png"))
-    assert [f.split("_")[0] for f in figures] == [f"figure{i}" for i in range(1, 8)]
-    assert figures[-1] == "figure7_triage.png"  # the triage confusion matrix (issue 16)
+    figures = sorted((p.name for p in (rep / "figures").glob("*.png")), key=lambda f: int(f.split("_")[0][6:]))
+    assert [f.split("_")[0] for f in figures] == [f"figure{i}" for i in range(1, len(figures) + 1)]
+    assert figures[6] == "figure7_triage.png"  # the triage confusion matrix (issue 16)
+    # issue 17: the k-occurrence histogram, the top hubs, then one method-comparison chart per category
+    assert figures[7:9] == ["figure8_hubness.png", "figure9_hubs.png"]
+    assert len(figures) > 9 and all("_methods_" in f for f in figures[9:])
     page = (rep / "report.html").read_text(encoding="utf-8")
     assert 'id="simulated-banner"' in page and "randomly initialised" in page
     assert '<h2 id="triage">7. Automatic triage</h2>' in page
@@ -185,7 +189,9 @@ def test_report_renders_in_headless_chromium_without_broken_images(demo, tmp_pat
     m = re.search(r'<pre id="clipfail-check">(.*?)</pre>', dom.stdout, re.S)
     assert m, f"the check did not run; chromium said:\n{dom.stderr[-2000:]}"
     found = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    assert found["n_images"] == 7 and found["broken"] == []  # 6 + the triage confusion matrix
+    n_figures = len(list((out / "report" / "figures").glob("*.png")))
+    assert n_figures > 9  # 6 + the triage confusion matrix + hubness (2) + method comparison (issue 17)
+    assert found["n_images"] == n_figures and found["broken"] == []
     assert all(w > 300 and h > 200 for w, h in found["sizes"])
     assert found["n_tables"] >= 10 and found["errors"] == []
     assert [r for r in found["resources"] if not r.startswith("data:")] == []  # nothing fetched
@@ -199,3 +205,18 @@ def test_report_renders_in_headless_chromium_without_broken_images(demo, tmp_pat
     im = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert im.shape == (4000, 1280)
     assert im.std() > 20  # text, tables and charts, not a blank page
+
+
+def test_the_readmes_example_queries_run_on_the_demo(demo):
+    # README.md's "Asking the database" block: every query runs read-only and returns rows
+    from toolkit.adhoc import run_query
+    from toolkit.study import open_study
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```sql\n(.*?)```", text, re.S).group(1)
+    queries = [q.strip() for q in block.split(";") if q.strip()]
+    assert len(queries) >= 4
+    out, _ = demo
+    with open_study(out / "demo.duckdb", read_only=True) as con:
+        for query in queries:
+            assert not run_query(con, query).empty, query

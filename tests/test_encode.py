@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from toolkit import encode, models
+from toolkit.devices import resolve_device
 from toolkit.errors import UserError
 
 WORDS = (
@@ -186,10 +187,10 @@ def test_config_json_path_and_bad_config(tmp_path):
 
 
 def test_device_auto_and_unavailable_device():
-    assert models.pick_device("auto") in ("cuda", "mps", "cpu")
+    assert resolve_device("auto") in ("cuda", "mps", "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
-            models.pick_device("cuda")
+            resolve_device("cuda")
 
 
 def test_checkpoint_gives_the_same_embeddings_as_the_in_memory_model(tiny, tmp_path):

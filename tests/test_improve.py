@@ -780,6 +780,30 @@ def test_readme_example_queries_run(con):
     assert list(table["pooling"]) == ["max", "mean"] and set(table["categories"]) == {"Object,Attribute"}
 
 
+def test_readme_example_reference_table_keeps_two_runs_of_one_subset_apart(con):
+    """The first example query grouped by (categories, pooling, tau, n) and took max() of each K's value: two runs
+    of the same captions with another --k (or template set or mode) were merged into one row holding the larger
+    Recall@K of either. Each row must be one improvement run's values, as the view gives them."""
+    ids = [run_improve(con, "Object", poolings="max", k=k).improvement_ids[0] for k in (2, 10)]
+    view = con.execute(
+        "SELECT improvement_id, k, improved_pct, delta_pp FROM improvement_recall "
+        "WHERE list_contains(?, improvement_id)",
+        [ids],
+    ).df()
+    assert view.groupby("k")["improved_pct"].nunique().max() > 1  # the two runs differ somewhere
+    examples = Path(__file__).parent.parent / "queries" / "examples" / "improve.sql"
+    first = examples.read_text(encoding="utf-8").split(";")[0]
+    table = con.execute(first).df()
+    rows = table[(table["categories"] == "Object") & (table["pooling"] == "max")]
+    assert len(rows) == 2
+    got = sorted(tuple(r) for r in rows[["r1", "r5", "r10", "d1", "d5", "d10"]].itertuples(index=False))
+    want = sorted(
+        tuple(g.set_index("k").loc[k, c] for c in ("improved_pct", "delta_pp") for k in (1, 5, 10))
+        for _, g in view.groupby("improvement_id")
+    )
+    assert got == want
+
+
 # ------------------------------------------------------------------------------------------------
 # end to end with a real (tiny, randomly initialised) open_clip model through every stage's CLI
 

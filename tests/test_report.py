@@ -183,16 +183,20 @@ def test_report_is_self_contained_and_flags_simulated_labels(study):
     assert res.is_simulated and 'id="simulated-banner"' in page and page.count("SIMULATED") >= 5
     # Figures 1-2 (taxonomy) and 3-5 (one per improvement subset), each as PNG + SVG, each embedded.
     pngs = sorted(p.name for p in res.figures if p.suffix == ".png")
-    assert pngs == [
+    n_methods = sum("_methods_" in p for p in pngs)  # section 9 (issue 17): one chart per category
+    assert n_methods >= 1
+    assert [p for p in pngs if "_methods_" not in p] == [
         "figure1_taxonomy.png",
         "figure2_actionable.png",
         "figure3_attribute_default_v2_own.png",
         "figure4_object_default_v2_own.png",
         "figure5_object_attribute_default_v2_union.png",
+        "figure6_hubness.png",  # section 8 (issue 17): N_k histogram and top hubs
+        "figure7_hubs.png",
     ]
     assert all(p.with_suffix(".svg").exists() for p in res.figures)
     srcs = re.findall(r'<img src="([^"]+)"', page)
-    assert len(srcs) == 5 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert len(srcs) == 7 + n_methods and all(s.startswith("data:image/png;base64,") for s in srcs)
     for src in srcs:
         im = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
         im.verify()

@@ -20,6 +20,7 @@ from helpers import register_hand_built
 
 from toolkit import db
 from toolkit import study as study_db
+from toolkit.errors import UserError
 from toolkit.evaluate import evaluate
 from toolkit.failures import sample_failures
 from toolkit.ingest import ingest
@@ -303,3 +304,14 @@ def test_report_on_a_writable_study_is_recorded_so_status_stops_asking_for_it(ru
         assert not db.is_writable(study)  # protected by its mode bits, even for root
     finally:
         os.chmod(study, 0o644)
+
+
+def test_run_query_twice_on_one_connection(study):
+    # the Python API: a notebook runs several queries on one read-only connection
+    from toolkit.adhoc import run_query
+
+    with open_study(study, read_only=True) as con:
+        assert len(run_query(con, "SELECT 1 AS x")) == 1
+        assert len(run_query(con, "SELECT 2 AS x")) == 1
+        with pytest.raises(UserError):
+            run_query(con, "COPY (SELECT 1) TO 'x.csv'")

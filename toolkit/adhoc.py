@@ -81,7 +81,12 @@ def check_query(con, query: str) -> None:
 
 
 def lock_down(con) -> None:
-    """Make `con` unable to touch any file but the (read-only) database it has open."""
+    """Make `con` unable to touch any file but the (read-only) database it has open. A connection
+    that is already locked down (a second query on it) stays as it is: its settings cannot change."""
+    if con.execute("SELECT current_setting('lock_configuration')").fetchall()[0][0]:
+        if con.execute("SELECT current_setting('enable_external_access')").fetchall()[0][0]:
+            raise UserError("This connection's configuration is locked with external access on; open a new one.")
+        return
     for stmt in _LOCKDOWN:
         con.execute(stmt)
 

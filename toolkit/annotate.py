@@ -48,6 +48,7 @@ from pathlib import Path
 import duckdb
 
 from toolkit import db
+from toolkit import paths as study_paths
 from toolkit.errors import UserError
 from toolkit.runs import resolve_retrieval_run
 from toolkit.study import open_study
@@ -206,10 +207,12 @@ def prepare(
             [rrid],
         ).fetchone()
         tax = Taxonomy.load(con)
+        # stored relative to the database's folder when under it (movable studies): never to the current folder
+        root_path = study_paths.resolve(con, root_row[0]) if root_row and root_row[0] else None
     finally:
         con.close()
 
-    root = Path(root_row[0]).resolve() if root_row and root_row[0] else None
+    root = root_path.resolve() if root_path is not None else None
 
     def image_file(image_id: int) -> Path | None:
         if root is None or image_id not in lookup:
@@ -432,6 +435,8 @@ def build_app(wb: Workbench):
             return JSONResponse({"error": "notes must be text"}, status_code=400)
         if len(parts) == 1 and body.get("secondary"):
             return JSONResponse({"error": "give a category before a secondary category"}, status_code=400)
+        if not parts and not body.get("clear"):  # only an explicit clear removes a stored label
+            return JSONResponse({"error": "give a category, or clear: true to remove the label"}, status_code=400)
         raw = "; ".join(parts) if not body.get("clear") else ""
         try:
             with wb.database() as con:

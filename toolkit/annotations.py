@@ -15,7 +15,8 @@ Whose labels (per row, first that applies):
 Names are matched to the sample's annotators ignoring case (`b` -> B).
 
 Reading is lenient about what spreadsheet programs do when they re-save a file: a UTF-8 BOM (or
-none), UTF-16 ("Unicode text"), Windows-1252, CRLF or LF line ends, `,` `;` or tab separators
+none), UTF-16 ("Unicode text"), Windows-1252 (only for a file with no UTF-8 in it; a UTF-8 file
+with a stray byte is refused with its row and byte offset), CRLF or LF line ends, `,` `;` or tab separators
 (the one under which the header has a `sample_id` column, or the one an Excel `sep=` line
 names), quoted fields with separators, quotes and newlines, extra, missing optional or
 reordered columns, header case and spaces (`Sample ID`), and trailing empty rows. The label
@@ -86,6 +87,7 @@ class FileSummary:
     n_replaced: int = 0  # labelled rows whose sample already had a label from that annotator
     n_cleared: int = 0  # stored labels removed because the row is blank now (clear_blank)
     n_kept: int = 0  # blank rows whose stored label was kept (without clear_blank)
+    encoding: str = "utf-8"  # what the file was read as (utf-8, utf-16 or cp1252)
 
 
 @dataclass
@@ -134,6 +136,7 @@ class _ParsedFile:
     rows: list[_Row] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # "row N: ..." or a whole-file message
     has_label_errors: bool = False
+    encoding: str = "utf-8"
 
 
 @dataclass
@@ -213,9 +216,25 @@ def canonical_annotator(info: _SampleInfo, name: str) -> str | None:
 # Reading one file
 
 
-def _decode(data: bytes, path: Path) -> str:
+ENCODING_NAMES = {"utf-8": "UTF-8", "utf-16": "UTF-16", "cp1252": "Windows-1252"}
+
+
+def _decode(data: bytes, path: Path) -> tuple[str, str]:
+    """The file's text and the encoding it was read in ('utf-8', 'utf-16' or 'cp1252').
+
+    UTF-8 (with or without a BOM) and UTF-16 with a BOM are read as they are. A file that is not
+    UTF-8 is read as Windows-1252 (what Excel's "CSV" writes on Windows) only when it holds no valid
+    UTF-8 multi-byte character and decodes cleanly in Windows-1252: a UTF-8 file with a stray byte
+    would otherwise have every accented letter garbled. Such a file, or one that decodes in neither,
+    is refused with the row and byte offset of the first bad byte."""
     if data.startswith(codecs.BOM_UTF16_LE) or data.startswith(codecs.BOM_UTF16_BE):
-        return data.decode("utf-16")
+        try:
+            return data.decode("utf-16"), "utf-16"
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"{path} starts as UTF-16 text but has broken bytes at byte offset {exc.start}. Save it again "
+                "from the spreadsheet (CSV UTF-8) and import that."
+            ) from None
     if data.startswith(b"PK\x03\x04"):
         raise UserError(
             f"{path} is a zip archive, probably a spreadsheet workbook (.xlsx or .ods), not a CSV. "
@@ -225,12 +244,40 @@ def _decode(data: bytes, path: Path) -> str:
         raise UserError(f"{path} is an old Excel workbook (.xls), not a CSV. Save it as CSV and import that.")
     if b"\x00" in data[:8192]:
         raise UserError(f"{path} is not a text CSV file (it holds binary data). Give the CSV that you filled in.")
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
+        return data[bom:].decode("utf-8").lstrip("\ufeff"), "utf-8"
+    except UnicodeDecodeError as exc:
+        bad = bom + exc.start  # an offset in the file, BOM included
+    row = data[:bad].count(b"\n") + 1
+    where = f"row {row} (byte offset {bad}: 0x{data[bad]:02x})"
+    if _utf8_chars(data) > 0:
+        raise UserError(
+            f"{path} is UTF-8 text with a byte that is not UTF-8 at {where}. Reading the whole file in another "
+            "encoding would garble its other accented letters. Fix or retype that cell (or save the file "
+            "again as CSV UTF-8) and import it again."
+        )
+    try:
         # Excel's "CSV (Comma delimited)" on Windows writes the ANSI code page.
-        text = data.decode("cp1252", errors="replace")
-    return text.lstrip("\ufeff")
+        return data.decode("cp1252"), "cp1252"
+    except UnicodeDecodeError as exc:
+        row = data[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"{path} is neither UTF-8 nor Windows-1252 text (row {row}, byte offset {exc.start}: "
+            f"0x{data[exc.start]:02x}). Save it from the spreadsheet as CSV UTF-8 and import that."
+        ) from None
+
+
+def _utf8_chars(data: bytes) -> int:
+    """How many valid UTF-8 multi-byte characters the bytes hold (a stray byte does not count)."""
+    n = 0
+    for m in re.finditer(rb"[\xc2-\xf4][\x80-\xbf]{1,3}", data):
+        try:
+            m.group().decode("utf-8")
+            n += 1
+        except UnicodeDecodeError:
+            pass
+    return n
 
 
 def norm_header(name: str) -> str:
@@ -324,6 +371,7 @@ class LabelTable:
     header: list[str]
     columns: dict[str, int]  # key of COLUMN_NAMES -> column index
     records: list[list[str]]  # the data records (after the header), as csv gives them
+    encoding: str = "utf-8"  # what the bytes were read as: utf-8, utf-16 or cp1252
 
 
 def read_label_table(path: Path, require_category: bool = True) -> LabelTable:
@@ -340,7 +388,7 @@ def read_label_table(path: Path, require_category: bool = True) -> LabelTable:
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"{path} cannot be read: {exc.strerror or exc}.") from None
-    text = _decode(data, path)
+    text, encoding = _decode(data, path)
     if not text.strip():
         raise UserError(f"{path} is empty. Fill in the exported file and import that.")
     # Excel's "sep=;" hint line: Excel hides it and shows the header as row 1, so do we.
@@ -354,13 +402,13 @@ def read_label_table(path: Path, require_category: bool = True) -> LabelTable:
         records = list(_records(text, delim))
     except csv.Error as exc:
         raise UserError(f"{path} is not a readable CSV ({exc}). Save it again as CSV from the spreadsheet.") from None
-    return LabelTable(path, hashlib.sha256(data).hexdigest(), header, col, records[1:])
+    return LabelTable(path, hashlib.sha256(data).hexdigest(), header, col, records[1:], encoding)
 
 
 def _read_file(path: Path, option: str | None, info: _SampleInfo, tax: Taxonomy, seen: dict) -> _ParsedFile:
     """Parse and check one file. File-level problems raise UserError; row problems are collected."""
     table = read_label_table(path)
-    parsed = _ParsedFile(path=path, sha256=table.sha256)
+    parsed = _ParsedFile(path=path, sha256=table.sha256, encoding=table.encoding)
     col = table.columns
     known = info.all_annotators
 
@@ -592,6 +640,7 @@ def _write_labels(
                 n_replaced=sum((s, a) in stored_keys for s, a in zip(labelled["sample_id"], labelled["annotator"])),
                 n_cleared=blank_stored if clear_blank else 0,
                 n_kept=0 if clear_blank else blank_stored,
+                encoding=p.encoding,
             )
         )
     info_runs = sorted({info.run_of[int(s)] for s in rows["sample_id"]})

@@ -16,12 +16,15 @@
 instances_val2017.json; the report's section 7 compares the suggestions with the simulated labels.)
 
 Everything is seeded; a second run in the same folder finds every stage done and only rewrites
-the report. A random model's retrieval is near chance and the labels are simulated, so the
-numbers show the pipeline working, not anything about CLIP.
+the report. The folder remembers the --seed and --images it was made with (OUT/demo_settings.json):
+another value there is refused, since its data, model and labels would be reused and the numbers
+would silently be those of the first settings. A random model's retrieval is near chance and the
+labels are simulated, so the numbers show the pipeline working, not anything about CLIP.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ from toolkit.errors import UserError
 from toolkit.study import open_study
 
 CHECKPOINT_NAME = "tiny-clip-random.safetensors"
+SETTINGS_NAME = "demo_settings.json"  # the --seed and --images a demo folder was made with
 DEMO_NOTE = (
     "DEMO. This report was made by `clipfail demo` on generated images with a small, randomly initialised "
     "model (tiny-clip, loaded from a local checkpoint): its retrieval is near chance. Run the study on COCO "
@@ -91,6 +95,7 @@ def run_demo(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"Cannot create the demo folder {out}: {exc.strerror or exc}.") from None
+    _check_settings(out, {"seed": int(seed), "images": int(n_images)})
     timings: list[tuple[str, float]] = []
     t0 = time.perf_counter()
 
@@ -178,6 +183,30 @@ def run_demo(
         timings=timings,
         recall=pipe.summary,
     )
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    """Refuse a demo folder made with another --seed or --images (its data, model and labels would be reused);
+    record the settings in a folder that has no generated data yet."""
+    marker = out / SETTINGS_NAME
+    if marker.exists():
+        try:
+            made = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            made = None
+        if made != settings:
+            was = f"--seed {made['seed']} --images {made['images']}" if isinstance(made, dict) and made else "?"
+            raise UserError(
+                f"{out} holds a demo made with {was} (see {marker.name}); this run asks for --seed {settings['seed']} "
+                f"--images {settings['images']}. Its data, model and labels would be reused, so the numbers would be "
+                "those of the first settings. Give another --out, or the same --seed and --images."
+            )
+        return
+    if not (out / "coco").exists() and not (out / "model").exists():
+        try:
+            marker.write_text(json.dumps(settings, sort_keys=True) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"Cannot write in the demo folder {out}: {exc.strerror or exc}.") from None
 
 
 def _encoder_factory(ckpt: Path, device: str):

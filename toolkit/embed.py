@@ -55,6 +55,7 @@ import numpy as np
 
 from toolkit import artifacts, db
 from toolkit import paths as study_paths
+from toolkit.devices import resolve_device
 from toolkit.errors import UserError, list_offenders
 from toolkit.progress import progress as _progress
 from toolkit.study import open_study
@@ -469,7 +470,7 @@ def embed(
     # An unavailable or unknown --device (or --decode gpu without CUDA) is refused before any work.
     # auto and cpu need no check, so a run with nothing to compute does not even import torch.
     elif str(device).strip().lower() not in ("auto", "cpu", "") or decode != "cpu":
-        encode.check_decode(decode, models.pick_device(device), draft)
+        encode.check_decode(decode, resolve_device(device), draft)
     args = (subset_name, model, pretrained, checkpoint, precision, cache_dir, recompute, draft, decode)
     db_path = str(database) if isinstance(database, str | os.PathLike) else None
     if db_path is not None:

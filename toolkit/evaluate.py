@@ -40,6 +40,7 @@ import pandas as pd
 from toolkit import artifacts, db
 from toolkit import paths as study_paths
 from toolkit import retrieval as R
+from toolkit.devices import resolve_device
 from toolkit.errors import UserError
 
 STAGE = "evaluate"
@@ -240,7 +241,8 @@ def evaluate(
         raise UserError("--topk must be at least 1.")
     if chunk is not None and chunk < 1:
         raise UserError("--chunk must be at least 1.")
-    device = str(R.resolve_device(device))  # an unavailable or unknown --device is a UserError, before any work
+    # ranks never run on mps; an unavailable or unknown --device is a UserError, before any work
+    device = resolve_device(device, auto_mps=False)
     subset = db.get_subset(con, subset_name)
     subset_id, name = int(subset["subset_id"]), str(subset["name"])
     if embedding_set_ids is not None:

@@ -4,9 +4,10 @@
 category table shaped like the taxonomy views): one bar per category in the order of `df`,
 each labelled with its count and percentage as the view gives them (nothing is recomputed).
 The report stage reuses it, and draws its other charts here too:
-`improvement_bar_chart` (baseline vs improved Recall@K per pooling, from improvement_recall) and
-`triage_confusion_figure` (a heatmap of the triage_confusion view). Every chart draws the values it
-is given; none computes a number.
+`improvement_bar_chart` (baseline vs improved Recall@K per pooling, from improvement_recall),
+`triage_confusion_figure` (a heatmap of the triage_confusion view), and for each comparison of two
+runs `rank_scatter` (view run_pairs) and `fixed_broken_shared_chart` (view
+failure_overlap_by_category). Every chart draws the values it is given; none computes a number.
 
 Files are reproducible: the SVG has a fixed hash salt and no date, the PNG no timestamp.
 """
@@ -245,4 +246,92 @@ def fixed_broken_shared_chart(df, title: str, path_stem, *, subtitle: str | None
     fig.suptitle(title, fontsize=11, fontweight="bold")
     if subtitle:
         ax.set_title(subtitle, fontsize=8, color="#444444")
+    return _save(fig, path_stem)
+
+
+# --------------------------------------------------------------------------- hubness and methods (issue 17)
+
+
+def k_occurrence_histogram(hist, title: str, path_stem, *, subtitle: str | None = None) -> list[Path]:
+    """Histogram of the k-occurrence N_k of a run's gallery items, log-scaled counts.
+
+    `hist` has columns k (1 or 10), n_k (a k-occurrence value) and n_items (how many gallery items
+    have it), as the report's query of view image_hubness returns them; nothing is recomputed.
+    One panel per k; the y axis (number of items) is logarithmic, so the long tail of hubs shows."""
+    path_stem = Path(path_stem)
+    ks = sorted({int(k) for k in hist["k"]})
+    fig = Figure(figsize=(4.2 * max(1, len(ks)), 3.8), layout="constrained")
+    for i, k in enumerate(ks):
+        ax = fig.add_subplot(1, len(ks), i + 1)
+        part = hist[hist["k"] == k]
+        ax.bar([int(v) for v in part["n_k"]], [int(c) for c in part["n_items"]], width=1.0,
+               color=ACTIONABLE_COLOUR, edgecolor="#2b2b2b", linewidth=0.3)  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xlabel(f"N_{k} (queries with the item in their top {k})")
+        ax.set_ylabel("gallery items (log scale)")
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(title, fontsize=12, fontweight="bold")
+    if subtitle:
+        fig.text(0.5, 0.0, subtitle, ha="center", va="bottom", fontsize=8, color="#444444")
+    return _save(fig, path_stem)
+
+
+def thumbnail_grid(items, title: str, path_stem, *, columns: int = 5) -> list[Path]:
+    """A grid of image thumbnails: `items` is a list of (image file path or None, label). A missing or
+    unreadable file is drawn as a grey box labelled "(image file not found)"."""
+    from PIL import Image
+
+    path_stem = Path(path_stem)
+    n = max(1, len(items))
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(2.2 * cols, 2.5 * rows + 0.5), layout="constrained")
+    for i, (path, label) in enumerate(items):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        img = None
+        if path is not None:
+            try:
+                with Image.open(path) as src:
+                    src.thumbnail((256, 256))
+                    img = src.convert("RGB")
+            except OSError:
+                img = None
+        if img is not None:
+            ax.imshow(img)
+        else:
+            ax.set_facecolor("#dddddd")
+            ax.text(0.5, 0.5, "(image file\nnot found)", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+        ax.set_title(label, fontsize=8)
+    fig.suptitle(title, fontsize=11, fontweight="bold")
+    return _save(fig, path_stem)
+
+
+def method_comparison_chart(df, title: str, path_stem, *, subtitle: str | None = None) -> list[Path]:
+    """Grouped bars for one category: for R@1, R@5, R@10 the baseline and each method's improved Recall@K
+    (in %), as view method_comparison gives them. `df` has one row per method (columns method_label,
+    baseline_r1/5/10_pct, improved_r1/5/10_pct)."""
+    path_stem = Path(path_stem)
+    first = df.iloc[0]
+    series = [("baseline", [first["baseline_r1_pct"], first["baseline_r5_pct"], first["baseline_r10_pct"]])]
+    for row in df.itertuples():
+        series.append((str(row.method_label), [row.improved_r1_pct, row.improved_r5_pct, row.improved_r10_pct]))
+    colours = ["#9a9a9a", "#3b6ea5", "#e08a2c", "#4e9a4e", "#a04ea0", "#c44e52", "#5aa0c8", "#8c6d31"]
+    fig = Figure(figsize=(max(7.5, 1.5 + 0.5 * len(series) * 3), 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    for j, (label, values) in enumerate(series):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(3)]
+        ax.bar(xs, [float(v) for v in values], width=width, label=label, color=colours[j % len(colours)],
+               edgecolor="#2b2b2b", linewidth=0.5)  # fmt: skip
+    ax.set_xticks(range(3), ["R@1", "R@5", "R@10"])
+    ax.set_ylabel("Recall@K (%)")
+    top = max(float(v) for _, values in series for v in values)
+    ax.set_ylim(0, max(10.0, top * 1.18))
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(frameon=False, fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=12, fontweight="bold")
+    if subtitle:
+        ax.set_title(subtitle, fontsize=9, color="#444444")
     return _save(fig, path_stem)

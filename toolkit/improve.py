@@ -61,6 +61,13 @@ run, categories, subset, prompts, K, model, scoring device, pooling, tau, seed, 
 is reused, not recomputed; when all were, the call is a no-op. ``recompute_prompts`` drops this
 model's cached prompt embeddings (every prompt shard of its identity) and encodes their texts and
 this call's prompts again, in the same transaction (the fix for a damaged or missing shard file).
+
+Methods (issue 17). ``method`` is "templates" (the above, the default); "inverted-softmax", "qb-norm"
+or "query-expansion" (`improve_method` below: the same populations, statistics and tables,
+with the method's ranks); or "templates+inverted-softmax" / "templates+qb-norm": the templates'
+pooled scores are normalised with the method's normaliser (`toolkit.hubness.pooled_transform`),
+its queries (every caption of the run, or the bank) scored as captions. `improvement_runs.method`
+and ``method_params`` record which; a plain templates run's configuration is unchanged.
 """
 
 from __future__ import annotations
@@ -82,6 +89,10 @@ from toolkit.runs import resolve_retrieval_run
 STAGE = "improve"
 METHOD = "prompt-ensemble/v2"  # v2: distinct prompts, K chosen (v1 kept copies of the caption)
 POPULATIONS = ("failures", "successes", "all")
+# --method: prompt ensembling, the hubness fixes and query expansion (toolkit.hubness), and the combinations
+METHODS = (
+    "templates", "inverted-softmax", "qb-norm", "query-expansion", "templates+inverted-softmax", "templates+qb-norm",
+)  # fmt: skip
 RECALL_KS = (1, 5, 10)
 DEFAULT_K = 10  # prompts per caption, the reference study's K
 SEED_MAX = 2**32 - 1
@@ -467,9 +478,10 @@ class _Population:
 
 
 def _rank_population(
-    pop: _Population, prompt_index, P: np.ndarray, Gt, poolings, tau, device: str = "cpu"
+    pop: _Population, prompt_index, P: np.ndarray, Gt, poolings, tau, device: str = "cpu", post=None
 ) -> dict[str, pd.DataFrame]:
-    """Improved rank and GT score per caption, for each pooling (scores made on `device`)."""
+    """Improved rank and GT score per caption, for each pooling (scores made on `device`); `post`, if given,
+    transforms each block of pooled scores before ranking (a templates combination, `hubness.pooled_transform`)."""
     from toolkit import retrieval  # imports torch; only needed once there is something to score
 
     caps = pop.captions
@@ -489,6 +501,8 @@ def _rank_population(
             gt = caps["gt_index"].to_numpy()[rows]
             for p in poolings:
                 pooled = pooling.pool_scores(S, p, tau=tau)
+                if post is not None:
+                    pooled = post(pooled)
                 out[p][0][rows] = pooling.gt_ranks(pooled, gt)
                 out[p][1][rows] = pooled[np.arange(len(rows)), gt]
     return {
@@ -558,6 +572,9 @@ class _Settings:
     include_overlap: bool
     control: tuple[str, int | None] | None
     text_set: dict | None = None  # the retrieval run's text embedding set (read after section 1, as before)
+    method: str = "templates"  # or a templates combination, "templates+qb-norm" (issue 17)
+    method_params: str | None = None  # its parameters as improvement_runs.method_params
+    bank: dict | None = None  # improvement_runs bank columns (bank_subset, n_bank, is_bank_overlap)
     identity: dict | None = None  # its model_identity: the prompt cache's key
 
     @property
@@ -771,7 +788,7 @@ def encode_or_reuse_prompts(
 
 
 def score_and_pool(
-    pops_run: list[_Population], todo: list[_Unit], m: _PromptMatrix, tau: float, score_device: str
+    pops_run: list[_Population], todo: list[_Unit], m: _PromptMatrix, tau: float, score_device: str, post=None
 ) -> tuple[dict[tuple[str, str], pd.DataFrame], int]:
     """Section 4: ({(population, pooling): ranks frame} for the units to compute, number of identity prompts).
     Scores every prompt against every image on `score_device`, pools per pooling, ranks the GT image."""
@@ -787,7 +804,7 @@ def score_and_pool(
             n_identity += sum(pr == text for pr in prs)
             index.append(ids)
         wanted = [u.pooling for u in todo if u.pop is pop]
-        ranks = _rank_population(pop, index, m.P, Gt, wanted, tau, device=score_device)
+        ranks = _rank_population(pop, index, m.P, Gt, wanted, tau, device=score_device, post=post)
         for p, df in ranks.items():
             computed[(pop.name, p)] = df
     return computed, n_identity
@@ -864,8 +881,9 @@ def write_rows(
                 """
                 INSERT INTO improvement_runs (retrieval_run_id, categories, population, pooling, tau, template_set,
                     templates_sha256, template_mode, k_per_category, k_prompts, n_captions, max_subset, seed,
-                    is_overlap_included, model, config_hash, created_at, run_id)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    is_overlap_included, model, config_hash, created_at, run_id, method, method_params, bank_subset,
+                    n_bank, is_bank_overlap)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 RETURNING improvement_id
                 """,
                 [
@@ -887,6 +905,11 @@ def write_rows(
                     h,
                     db.now(),
                     run_id,
+                    s.method,
+                    s.method_params,
+                    (s.bank or {}).get("bank_subset"),
+                    (s.bank or {}).get("n_bank"),
+                    (s.bank or {}).get("is_bank_overlap"),
                 ],
             ).fetchall()[0]
             imp_id = int(row[0])
@@ -921,8 +944,20 @@ def improve(
     cache_dir: str | Path | None = None,
     k: int = DEFAULT_K,
     recompute_prompts: bool = False,
+    method: str = "templates",
+    beta: float = 20.0,  # = toolkit.hubness.DEFAULT_BETA (not imported here: it imports torch)
+    k_bank: int = 1,
+    bank: str | None = None,
+    allow_bank_overlap: bool = False,
+    top: int = 3,
+    alpha: float = 0.5,
 ) -> ImproveResult:
     """Run (or reuse) prompt ensembling on a labelled failure subset; see the module docstring.
+
+    `method` (see the module docstring, "Methods"): "templates"; "inverted-softmax" (`beta`), "qb-norm" (`beta`,
+    `k_bank`, `bank`: a subset name, `allow_bank_overlap`) or "query-expansion" (`top`, `alpha`), which
+    `improve_method` runs (the template and pooling arguments do not apply to them); or
+    "templates+inverted-softmax" / "templates+qb-norm" (templates, then the method on the pooled scores).
 
     `encoder(texts) -> (len(texts), d) float32 L2-normalised array` encodes prompts. Without one,
     `encoder_factory(identity)` (default: `model_encoder_factory()`) builds it from the model that
@@ -936,6 +971,23 @@ def improve(
     (5, 6: statistics and rows, in one transaction).
     """
     started = db.now()
+    method = str(method).strip().lower()
+    if method in METHODS[1:4]:
+        return improve_method(
+            con, method, categories, retrieval_run_id=retrieval_run_id, max_subset=max_subset, seed=seed,
+            include_overlap=include_overlap, control=control, beta=beta, k_bank=k_bank, bank=bank,
+            allow_bank_overlap=allow_bank_overlap, top=top, alpha=alpha,
+        )  # fmt: skip
+    if method not in METHODS:
+        raise UserError(f"Unknown --method {method!r}; use one of: {', '.join(METHODS)}.")
+    combo = method.split("+", 1)[1] if "+" in method else None
+    if bank is not None and combo != "qb-norm":
+        raise UserError(f"--bank is an option of the qb-norm methods, not of {method}.")
+    combo_params = None
+    if combo is not None:
+        from toolkit import hubness
+
+        combo_params = hubness.check_params(combo, beta, k_bank, top, alpha)
     pools, tau, max_subset, seed, k, ctl = check_options(poolings, tau, max_subset, seed, k, control)
     cats = parse_categories(con, categories)
     rr = resolve_retrieval_run(con, retrieval_run_id, need="labels", purpose="improve")
@@ -963,6 +1015,13 @@ def improve(
         .to_dict()
     )
     s.identity = model_identity(s.text_set)
+    s.method = method
+    plan = None
+    if combo is not None:  # the normalising queries: checked (the bank refused if it leaks) before any encoding
+        evaluated = sorted({int(c) for pop in pops for c in pop.captions["caption_id"]})
+        plan = plan_normaliser(con, combo, rr, s.text_set, s.identity, evaluated, combo_params, bank,
+                                       allow_bank_overlap)  # fmt: skip
+        s.method_params, s.bank = hubness.params_text(plan.params), plan.info
     build_population_prompts(pops, s)
     score_device, recorded_device, device_note = scoring_device(con, rr)
 
@@ -982,6 +1041,8 @@ def improve(
         "k": k,
         "score_device": score_device.split(":")[0],
     }
+    if plan is not None:  # a plain templates run keeps the configuration (and hash) it always had
+        common |= {"combination": combo, "combination_params": plan.params} | plan.signature
     units = plan_units(pops, s, common)
     existing = dict(
         con.execute(
@@ -1011,7 +1072,15 @@ def improve(
     )
     result.n_prompts = len(matrix.other)
     result.n_encoded = len(matrix.new_texts)
-    computed, result.n_identity = score_and_pool(pops_run, todo, matrix, tau, score_device)
+    post = None
+    if plan is not None:
+        from toolkit.artifacts import load_embedding_set
+
+        fix = "Re-run clipfail embed (with --recompute) and clipfail evaluate."
+        txt = load_embedding_set(con, int(rr["text_embedding_set_id"]), fix=fix)
+        stats_ = plan.load(matrix.images, load_bank_texts(con, plan, txt, fix))
+        post = hubness.pooled_transform(stats_, combo)
+    computed, result.n_identity = score_and_pool(pops_run, todo, matrix, tau, score_device, post=post)
 
     run_config = dict(
         common,
@@ -1117,3 +1186,305 @@ def effective_k(con, improvement_ids: Sequence[int]) -> dict[str, str]:
             f"{int(r.effective_k)} for {int(r.n)} caption{'s' if r.n != 1 else ''}" for r in g.itertuples()
         )
     return out
+
+
+# ------------------------------------------------------------------------------ the methods of issue 17
+# (toolkit.hubness holds the score transforms; it imports nothing of improve, so there is no import circle)
+
+HUBNESS_METHOD_VERSION = "hubness/v1"
+
+
+def _text_set_of(con, subset_id: int, identity: dict) -> dict | None:
+    """The newest text embedding set of a subset made by the same model (identity as improve.model_identity)."""
+    df = con.execute(
+        """
+        SELECT * FROM embedding_sets
+        WHERE kind = 'text' AND subset_id = ? AND model = ? AND precision = ?
+          AND pretrained IS NOT DISTINCT FROM ? AND checkpoint_sha256 IS NOT DISTINCT FROM ?
+        ORDER BY embedding_set_id DESC LIMIT 1
+        """,
+        [subset_id, identity["model"], identity["precision"], identity["pretrained"], identity["checkpoint_sha256"]],
+    ).df()
+    return None if df.empty else df.iloc[0].to_dict()
+
+
+@dataclass
+class NormaliserPlan:
+    """Which queries normalise the scores of inverted-softmax / qb-norm (and of their templates combinations)."""
+
+    method: str
+    params: dict  # the method's parameters, with the bank's subset name for qb-norm
+    signature: dict  # what identifies the normaliser in a run's config (bank file, its kept caption ids)
+    info: dict  # improvement_runs columns: bank_subset, n_bank, is_bank_overlap
+    embedding_set_id: int | None = None  # the bank's text embedding set (qb-norm)
+    keep_ids: np.ndarray | None = None  # the bank's caption ids that are used
+
+    def load(self, image_array: np.ndarray, texts):
+        """The `hubness.BankStats` over the images. `texts`: the EmbeddingSet of the normalising captions
+        (`load_bank_texts`): for inverted-softmax the run's own (every caption is used), for qb-norm the bank's
+        (its kept captions)."""
+        from toolkit import hubness as H
+
+        if self.method == "inverted-softmax":
+            return H.bank_stats(texts.array, image_array, self.params["beta"], 1)
+        rows = np.isin(np.asarray(texts.item_ids), self.keep_ids)
+        return H.bank_stats(texts.array[rows], image_array, self.params["beta"], self.params["k_bank"])
+
+
+def plan_normaliser(con, method, rr, text_set, identity, evaluated, params, bank, allow_bank_overlap):
+    """Check and describe the normalising queries (see `improve_method`); a UserError for a bad bank."""
+
+    if method == "inverted-softmax":
+        return NormaliserPlan(method, dict(params), {"normaliser": "every caption of the retrieval run"},
+                              {"bank_subset": None, "n_bank": None, "is_bank_overlap": None})  # fmt: skip
+    rrid = int(rr["retrieval_run_id"])
+    if bank is None:
+        subset_name = con.execute("SELECT name FROM subsets WHERE subset_id = ?", [int(rr["subset_id"])]).fetchall()
+        bank_name, bank_set = subset_name[0][0], text_set
+    else:
+        bsub = db.get_subset(con, bank)
+        bank_name = str(bsub["name"])
+        bank_set = _text_set_of(con, int(bsub["subset_id"]), identity)
+        if bank_set is None:
+            raise UserError(
+                f"Subset {bank_name!r} has no caption embeddings of model {identity['model']} for the bank. "
+                f"Run: clipfail embed --subset {bank_name} with the model of retrieval run {rrid}."
+            )
+    bank_ids = con.execute(
+        "SELECT item_id FROM embedding_rows WHERE embedding_set_id = ? ORDER BY row_index",
+        [int(bank_set["embedding_set_id"])],
+    ).fetchnumpy()["item_id"]
+    overlap = np.isin(bank_ids, evaluated)
+    if bank is None:
+        keep = ~overlap  # the default bank: the subset's captions that this call does not evaluate
+        is_overlap = False
+    else:
+        keep = np.ones(len(bank_ids), dtype=bool)
+        is_overlap = bool(overlap.any())
+        if is_overlap and not allow_bank_overlap:
+            raise UserError(
+                f"The bank (subset {bank_name!r}) holds {int(overlap.sum())} of the {len(evaluated)} captions "
+                "this call evaluates, so their own text would normalise their scores (a leak). Name a bank "
+                "subset without them, leave --bank out (the default bank is the subset's other captions), or "
+                "give --allow-bank-overlap to run anyway (the report then flags the run)."
+            )
+    if not keep.any():
+        raise UserError(
+            f"The bank is empty: every caption of subset {bank_name!r} is evaluated by this call (--control "
+            "all?). Name another subset's captions with --bank SUBSET, or drop --control all."
+        )
+    signature = {
+        "bank_subset": bank_name,
+        "bank_sha256": str(bank_set["sha256"]),
+        "bank_ids_sha256": _sha([int(i) for i in bank_ids[keep]]),
+        "allow_bank_overlap": bool(allow_bank_overlap),
+    }
+    info = {"bank_subset": bank_name, "n_bank": int(keep.sum()), "is_bank_overlap": is_overlap}
+    return NormaliserPlan(method, dict(params) | {"bank": bank_name}, signature, info,
+                          int(bank_set["embedding_set_id"]), np.asarray(bank_ids[keep]))  # fmt: skip
+
+
+def load_bank_texts(con, plan: NormaliserPlan, run_texts, fix: str):
+    """The EmbeddingSet holding the bank's captions (the run's own when the bank is its subset)."""
+    from toolkit.artifacts import load_embedding_set
+
+    if plan.embedding_set_id is None or int(plan.embedding_set_id) == int(run_texts.embedding_set_id):
+        return run_texts
+    return load_embedding_set(con, int(plan.embedding_set_id), fix=fix)
+
+
+def improve_method(
+    con,
+    method: str,
+    categories,
+    *,
+    retrieval_run_id: int | None = None,
+    max_subset: int | None = 200,
+    seed: int = 42,
+    include_overlap: bool = False,
+    control=None,
+    beta: float = 20.0,
+    k_bank: int = 1,
+    bank: str | None = None,
+    allow_bank_overlap: bool = False,
+    top: int = 3,
+    alpha: float = 0.5,
+):
+    """`clipfail improve --method inverted-softmax|qb-norm|query-expansion`: the same populations (labelled
+    failures of the chosen categories, optional controls), statistics and tables as the templates method,
+    with the method's ranks (see the module docstring) as improved ranks.
+
+    The query sets, all from the retrieval run's model:
+    - inverted-softmax: the normaliser is taken over every caption of the retrieval run (its queries);
+    - qb-norm: the bank is, by default, the captions of the retrieval run's subset that this call does not
+      evaluate (neither the failures nor a control); `bank` names another subset, whose captions (its newest
+      text embedding set of the same model) form the bank. A bank holding an evaluated caption is refused
+      unless `allow_bank_overlap` (the run row then has is_bank_overlap = true, and the report says so).
+    A configuration that was already run is reused (a no-op)."""
+    from toolkit import hubness as H
+    from toolkit.artifacts import load_embedding_set
+
+    started = db.now()
+    params = H.check_params(method, beta, k_bank, top, alpha)
+    if max_subset is not None and int(max_subset) < 1:
+        raise UserError("--max-subset must be at least 1.")
+    max_subset = None if max_subset is None else int(max_subset)
+    seed = int(seed)
+    if not 0 <= seed <= SEED_MAX:
+        raise UserError(f"--seed must be a whole number from 0 to {SEED_MAX} (got {seed}).")
+    if bank is not None and method != "qb-norm":
+        raise UserError(f"--bank is an option of --method qb-norm, not of {method}.")
+    ctl = parse_control(control) if not isinstance(control, tuple) else control
+    cats = parse_categories(con, categories)
+    rr = resolve_retrieval_run(con, retrieval_run_id, need="labels", purpose="improve")  # no labels: refused
+    rrid = int(rr["retrieval_run_id"])
+    frames = [("failures", select_failures(con, rrid, cats, max_subset, seed, include_overlap))]
+    if ctl is not None:
+        frames.append((ctl[0], select_control(con, rrid, ctl, seed)))
+    base = con.execute(
+        "SELECT query_id AS caption_id, gt_rank AS baseline_rank, gt_id AS image_id FROM retrieval_ranks "
+        "WHERE retrieval_run_id = ?",
+        [rrid],
+    ).df()
+    base = base.set_index("caption_id")
+    pops = []
+    for name, df in frames:
+        df = df.join(base, on="caption_id")
+        if df["baseline_rank"].isna().any():
+            raise UserError(f"Some captions of the {name} subset have no rank in retrieval run {rrid}.")
+        pops.append((name, df.reset_index(drop=True)))
+    evaluated = sorted({int(c) for _, df in pops for c in df["caption_id"]})
+
+    text_set = con.execute(
+        "SELECT * FROM embedding_sets WHERE embedding_set_id = ?", [int(rr["text_embedding_set_id"])]
+    ).df()
+    text_set = text_set.iloc[0].to_dict()
+    image_set = con.execute(
+        "SELECT sha256 FROM embedding_sets WHERE embedding_set_id = ?", [int(rr["image_embedding_set_id"])]
+    ).fetchall()[0]
+    identity = model_identity(text_set)
+    fix = "Re-run clipfail embed (with --recompute) and clipfail evaluate."
+
+    norm = None
+    bank_sig: dict = {}
+    bank_info = {"bank_subset": None, "n_bank": None, "is_bank_overlap": None}
+    if method != "query-expansion":
+        norm = plan_normaliser(con, method, rr, text_set, identity, evaluated, params, bank, allow_bank_overlap)
+        params, bank_sig, bank_info = norm.params, norm.signature, norm.info
+
+    common = {
+        "stage": STAGE,
+        "method": method,
+        "method_version": HUBNESS_METHOD_VERSION,
+        "params": params,
+        "retrieval_run_id": rrid,
+        "categories": cats,
+        "max_subset": max_subset,
+        "seed": seed,
+        "include_overlap": bool(include_overlap),
+        "model": identity,
+        "image_sha256": str(image_set[0]),
+        "text_sha256": str(text_set["sha256"]),
+    } | bank_sig
+    units = []
+    for name, df in pops:
+        sig = _sha(
+            [
+                [int(c), None if pd.isna(s) else int(s), None if pd.isna(lab) else str(lab)]
+                for c, s, lab in zip(df["caption_id"], df["sample_id"], df["category"])
+            ]
+        )
+        cfg = dict(common, population=name, control=list(ctl) if ctl and name != "failures" else None,
+                   subset_sha256=sig)  # fmt: skip
+        units.append((name, df, cfg, db.config_hash(cfg)))
+    existing = dict(
+        con.execute(
+            "SELECT config_hash, improvement_id FROM improvement_runs WHERE list_contains(?, config_hash)",
+            [[u[3] for u in units]],
+        ).fetchall()
+    )
+    result = ImproveResult(
+        run_id=None,
+        retrieval_run_id=rrid,
+        improvement_ids=[],
+        reused_ids=[],
+        populations={name: len(df) for name, df, _c, _h in units},
+        k_per_category={},
+    )
+    _dev, recorded, _note = scoring_device(con, rr)
+    if recorded and not str(recorded).startswith("cpu"):
+        result.notes.append(
+            f"Retrieval run {rrid} ranked on {recorded}; {method} scores on the cpu, so its scores may differ from "
+            "the retrieval run's in the last bit (~1e-7) and images scoring that close could swap."
+        )
+    todo = [u for u in units if u[3] not in existing]
+    if not todo:
+        result.improvement_ids = [int(existing[u[3]]) for u in units]
+        result.reused_ids = list(result.improvement_ids)
+        return result
+
+    img = load_embedding_set(con, int(rr["image_embedding_set_id"]), fix=fix)
+    txt = load_embedding_set(con, int(rr["text_embedding_set_id"]), fix=fix)
+    img_row = {int(i): r for r, i in enumerate(img.item_ids)}
+    txt_row = {int(i): r for r, i in enumerate(txt.item_ids)}
+    st = norm.load(img.array, load_bank_texts(con, norm, txt, fix)) if norm is not None else None
+
+    computed = {}
+    for _name, df, _cfg, h in todo:
+        try:
+            rows = np.array([txt_row[int(c)] for c in df["caption_id"]], dtype=np.int64)
+            gt = np.array([img_row[int(i)] for i in df["image_id"]], dtype=np.int64)
+        except KeyError:
+            raise UserError(f"Retrieval run {rrid}'s embedding sets lack some of its own items. {fix}") from None
+        Q = txt.array[rows]
+        if method == "query-expansion":
+            r = H.rank_query_expansion(Q, img.array, gt, params["top"], params["alpha"])
+        elif method == "inverted-softmax":
+            r = H._rank_with(*H._check(Q, img.array), gt, lambda b, e, S: H.inverted_softmax(S, st.log_norm, st.beta))
+        else:
+            r = H.rank_qb_norm_with(Q, img.array, gt, st)
+        computed[h] = pd.DataFrame(
+            {
+                "caption_id": df["caption_id"].to_numpy(np.int64),
+                "sample_id": df["sample_id"].astype("Int64"),
+                "category": df["category"].astype(object).where(df["category"].notna(), None),
+                "n_prompts": np.ones(len(df), dtype=np.int32),
+                "n_distinct_prompts": np.ones(len(df), dtype=np.int32),
+                "baseline_rank": df["baseline_rank"].to_numpy(np.int64),
+                "improved_rank": r.gt_rank,
+                "improved_score": r.gt_score,
+            }
+        )
+
+    run_config = dict(common, control=list(ctl) if ctl else None, units=[u[3] for u in units], score_device="cpu",
+                      retrieval_device=recorded, n_bank=bank_info["n_bank"])  # fmt: skip
+    with db.transaction(con):
+        run_id = db.insert_run(con, STAGE, run_config, started, seed=seed, model=identity["model"])
+        for name, df, _cfg, h in units:
+            if h in existing:
+                result.improvement_ids.append(int(existing[h]))
+                result.reused_ids.append(int(existing[h]))
+                continue
+            row = con.execute(
+                """
+                INSERT INTO improvement_runs (retrieval_run_id, categories, population, pooling, tau, template_set,
+                    templates_sha256, template_mode, k_per_category, k_prompts, n_captions, max_subset, seed,
+                    is_overlap_included, model, config_hash, created_at, run_id, method, method_params, bank_subset,
+                    n_bank, is_bank_overlap)
+                VALUES (?, ?, ?, 'none', NULL, '', '', 'none', '{}', NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                RETURNING improvement_id
+                """,
+                [rrid, ",".join(cats), name, len(df), max_subset, seed, bool(include_overlap), identity["model"], h,
+                 db.now(), run_id, method, H.params_text(params), bank_info["bank_subset"], bank_info["n_bank"],
+                 bank_info["is_bank_overlap"]],
+            ).fetchall()[0]  # fmt: skip
+            imp_id = int(row[0])
+            ranks = computed[h].copy()
+            ranks.insert(0, "improvement_id", imp_id)
+            db.insert_df(con, "improvement_ranks", ranks)
+            stt = compute_stats(ranks, seed)
+            stt.insert(0, "improvement_id", imp_id)
+            db.insert_df(con, "improvement_stats", stt)
+            result.improvement_ids.append(imp_id)
+    result.run_id = run_id
+    return result

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
+from toolkit import paths as study_paths
 from toolkit.errors import UserError
 from toolkit.runs import resolve_retrieval_run
 
@@ -126,7 +127,8 @@ def export_labelstudio(
         "SELECT s.image_root FROM retrieval_runs r JOIN subsets s USING (subset_id) WHERE r.retrieval_run_id = ?",
         [rrid],
     ).fetchone()
-    root = row[0] if row else None
+    # stored relative to the database's folder when under it (movable studies): Label Studio needs the real folder
+    root = str(study_paths.resolve(con, row[0]).resolve()) if row and row[0] else None
     tax = Taxonomy.load(con)
     categories = [{"name": str(c.name), "definition": str(c.definition or "")} for c in tax.categories.itertuples()]
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from toolkit.devices import resolve_device
 from toolkit.errors import UserError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -202,13 +203,6 @@ def resolve_spec(spec: str, pretrained: str | None = None) -> ModelSpec:
 
 
 # --------------------------------------------------------------------------- weights, offline handling
-
-
-def pick_device(device: str = "auto") -> str:
-    """The device to run on; an alias of `toolkit.devices.resolve_device` (the one resolver)."""
-    from toolkit.devices import resolve_device
-
-    return resolve_device(device)
 
 
 _PROBED: dict[tuple[str, str], str | None] = {}
@@ -534,7 +528,7 @@ def load_model(
     if precision not in PRECISIONS:
         raise UserError(f"Unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
     resolved = resolve_spec(spec, pretrained)
-    dev = pick_device(device)
+    dev = resolve_device(device)
     check_precision(dev, precision)
     notes: list[str] = []
     if resolved.model_name != spec and resolved.kind == "open_clip":

@@ -11,8 +11,9 @@ and nothing else: the files are staged and swapped in, so a reused out_dir keeps
 earlier report, and a folder holding files that no report wrote is refused (toolkit.outdir).
 
 Every number on the page is a value that a SQL view returned (recall_summary, taxonomy_distribution,
-taxonomy_actionable, taxonomy_by_annotator, annotator_agreement, improvement_summary,
-improvement_controls, ...): the queries below only select, filter and order. Python formats
+taxonomy_actionable, taxonomy_by_annotator, annotator_agreement, improvement_recall,
+category_recall_delta, improvement_effective_k, triage_*, run_comparison, ...): the queries below only
+select, filter and order. Python formats
 values (decimal places, a sign) and never computes one. The provenance section lists what made
 the numbers: model, weights, subset, seeds, package versions and every run's config hash.
 
@@ -40,7 +41,7 @@ from toolkit.improve import summary as improve_summary
 from toolkit.outdir import FreshFolder
 from toolkit.runs import resolve_retrieval_run
 from toolkit.sheets import write_frame_csv
-from toolkit.tables import improvement_table, pooling_label
+from toolkit.tables import ci_text, improvement_table, pooling_label
 
 PACKAGES = ["clipfail", "torch", "torchvision", "open_clip_torch", "duckdb", "numpy", "pandas", "matplotlib", "pillow"]
 
@@ -437,6 +438,8 @@ def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> 
     _improvement_sections(con, page, rrid, simulated, missing)
     _triage_section(con, page, rrid, simulated, missing)
     _comparison_sections(con, page)
+    _hubness_section(con, page, rrid, missing)
+    _method_comparison_section(con, page, rrid, simulated, missing)
     _provenance(con, page, rrid)
 
     # The run row: the same database state and options again is a no-op (the files are rewritten anyway).
@@ -491,6 +494,10 @@ def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> 
 
 
 POOLING_ORDER = "CASE pooling WHEN 'max' THEN 0 WHEN 'mean' THEN 1 WHEN 'logsumexp' THEN 2 ELSE 3 END"
+# sections 4-6 are about prompt ensembling; the other methods' runs are compared in section 9 (issue 17)
+TEMPLATES_ONLY = (
+    "improvement_id IN (SELECT improvement_id FROM improvement_runs WHERE coalesce(method, 'templates') = 'templates')"
+)
 
 # One row per improvement run, its K = 1/5/10 rows of improvement_recall side by side (SQL only selects).
 WIDE_SQL = f"""
@@ -518,10 +525,22 @@ SELECT
     any_value(n_fixed) FILTER (WHERE k = 1) AS n_fixed_r1,
     any_value(n_broken) FILTER (WHERE k = 1) AS n_broken_r1
 FROM improvement_recall
-WHERE retrieval_run_id = ?
+WHERE retrieval_run_id = ? AND {TEMPLATES_ONLY}
 GROUP BY improvement_id, run_id, retrieval_run_id, categories, population, pooling, tau, template_set,
     template_mode, k_per_category, k_prompts
 ORDER BY categories, template_set, template_mode, population, {POOLING_ORDER}, tau, improvement_id
+"""
+
+# improvement_id -> what makes its failure subset and prompts (captions with their labels, templates' content):
+# the report's sections group the poolings of one subset, and only those.
+SUBSET_KEY_SQL = """
+SELECT u.improvement_id,
+       md5(u.templates_sha256 || '|' || string_agg(r.caption_id::VARCHAR || ':' || coalesce(r.category, ''), ','
+           ORDER BY r.caption_id)) AS subset_key
+FROM improvement_runs u
+JOIN improvement_ranks r USING (improvement_id)
+WHERE u.retrieval_run_id = ?
+GROUP BY u.improvement_id, u.templates_sha256
 """
 
 PCT = {
@@ -591,9 +610,16 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
     )
     keys = ["categories", "template_set", "template_mode", "k_prompts"]
     failures = wide[wide["population"] == "failures"]
+    # One section per subset: runs that share categories and templates but not their captions (another
+    # --max-subset, --seed, --include-overlap, or labels imported since) or their templates' content have
+    # their own n and baseline, so they are never put under one heading (or into one CSV).
+    subset_key = failures["improvement_id"].map(dict(con.execute(SUBSET_KEY_SQL, [rrid]).fetchall()))
+    used_slugs: set[str] = set()
     # dropna=False: runs made before K could be chosen have no k_prompts and must still be shown
-    for n_sub, (key, group) in enumerate(failures.groupby(keys, sort=False, dropna=False), start=1):
-        categories, template_set, template_mode, k_prompts = key
+    for n_sub, (key, group) in enumerate(
+        failures.groupby([*keys, subset_key.rename("subset_key")], sort=False, dropna=False), start=1
+    ):
+        categories, template_set, template_mode, k_prompts, _subset = key
         group = group.reset_index(drop=True)
         first = group.iloc[0]
         k_asked = None if pd.isna(k_prompts) else int(k_prompts)
@@ -606,6 +632,9 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
             f"R@10 {_fmt(first['baseline_r10'], 'f2')}. {_effective_k_text(con, first, k_asked)}"
         )
         slug = _slug(f"{categories}_{template_set}_{template_mode}" + ("" if k_asked in (None, 10) else f"_k{k_asked}"))
+        if slug in used_slugs:  # another subset of the same categories: its own CSV, named by its first run
+            slug = f"{slug}_run{int(first['improvement_id'])}"
+        used_slugs.add(slug)
         page.table(
             improvement_table(improve_summary(con, group["improvement_id"]), group["improvement_id"]),
             f"improvement_{slug}",
@@ -666,7 +695,7 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
         SELECT improvement_id, categories, population, pooling, tau, k, n, baseline_pct, improved_pct, delta_pp,
                ci_low_pp, ci_high_pp, mcnemar_p, n_fixed, n_broken
         FROM improvement_recall
-        WHERE retrieval_run_id = ? AND population <> 'failures'
+        WHERE retrieval_run_id = ? AND population <> 'failures' AND {TEMPLATES_ONLY}
         ORDER BY categories, population, {POOLING_ORDER}, tau, improvement_id, k
         """,
         [rrid],
@@ -866,4 +895,183 @@ def _comparison_sections(con, page: _Page) -> None:
             ),
             f"Figure {num}. Labelled failures per category: fixed by B, broken by B, shared (view "
             f"failure_overlap_by_category).{flag}",
+        )
+
+
+# --------------------------------------------------------------------------- hubness (issue 17)
+
+HUB_THUMBNAILS = 10
+
+
+def _hubness_section(con, page: _Page, rrid, missing: list[str]) -> None:
+    """Section 9: hubness of the retrieval runs of the report's subset (view hubness_summary, both
+    directions), the N_1 / N_10 histograms of the report's run (view image_hubness), and its top hubs
+    as thumbnails."""
+    from toolkit.figures import k_occurrence_histogram, thumbnail_grid
+
+    page.h2("hubness", "9. Hubness")
+    if rrid is None or not db.table_exists(con, "hubness_summary"):
+        page.p("No retrieval run yet. Run: clipfail evaluate", cls="missing")
+        return
+    page.p(
+        "A hub is a gallery item that many queries retrieve. N_k (k-occurrence) counts the queries that have an "
+        "item in their top k; its skewness over the gallery is the standard measure of hubness (0 for a symmetric "
+        "spread; CLIP-like embeddings are typically strongly right-skewed). An item is a hub when N_10 is at least "
+        "3 times the N_10 it would have if top-10 lists were spread evenly (view image_hubness, column "
+        "hub_threshold). Shares are fractions."
+    )
+    summary = con.execute(
+        """
+        SELECT h.* FROM hubness_summary h
+        JOIN retrieval_runs r USING (retrieval_run_id)
+        WHERE r.subset_id = (SELECT subset_id FROM retrieval_runs WHERE retrieval_run_id = ?)
+        ORDER BY h.retrieval_run_id
+        """,
+        [rrid],
+    ).df()
+    page.table(
+        summary,
+        "hubness_summary",
+        "Table 12. Hubness of each retrieval run of this subset, both directions (view hubness_summary).",
+        {
+            "skewness_n10": "f2",
+            "skewness_n1": "f2",
+            "share_never_top10": "f4",
+            "share_never_top1": "f4",
+            "share_r1_failures_top1_hub": "f4",
+        },
+    )
+    hist = con.execute(
+        """
+        SELECT 1 AS k, n_1 AS n_k, count(*) AS n_items FROM image_hubness WHERE retrieval_run_id = ? GROUP BY ALL
+        UNION ALL
+        SELECT 10, n_10, count(*) FROM image_hubness WHERE retrieval_run_id = ? AND n_10 IS NOT NULL GROUP BY ALL
+        ORDER BY 1, 2
+        """,
+        [rrid, rrid],
+    ).df()
+    if hist.empty:
+        return
+    num = page.next_figure()
+    page.figure(
+        k_occurrence_histogram(
+            hist, f"Figure {num}. k-occurrence of the gallery (run {rrid})", page.figures_dir / f"figure{num}_hubness"
+        ),
+        f"Figure {num}. How many gallery items each number of queries retrieves (N_1, N_10; log-scaled counts; "
+        "view image_hubness).",
+    )
+    hubs = con.execute(
+        f"""
+        SELECT h.gallery_kind, h.gallery_id, h.n_1, h.n_10, h.is_hub, i.rel_path, s.image_root
+        FROM image_hubness h
+        JOIN retrieval_runs r USING (retrieval_run_id)
+        JOIN subsets s ON s.subset_id = r.subset_id
+        LEFT JOIN images i ON i.image_id = h.gallery_id AND h.gallery_kind = 'image'
+        WHERE h.retrieval_run_id = ?
+        ORDER BY h.n_10 DESC NULLS LAST, h.n_1 DESC, h.gallery_id
+        LIMIT {HUB_THUMBNAILS}
+        """,
+        [rrid],
+    ).df()
+    page.table(
+        hubs[["gallery_kind", "gallery_id", "n_1", "n_10", "is_hub"]],
+        "top_hubs",
+        f"Table 13. The {len(hubs)} gallery items most often in a top 10 (view image_hubness).",
+    )
+    if (hubs["gallery_kind"] == "image").all():
+        items = []
+        for r in hubs.itertuples():
+            root = study_paths.resolve(con, r.image_root) if isinstance(r.image_root, str) else None
+            path = root / r.rel_path if root is not None and isinstance(r.rel_path, str) else None
+            items.append((path, f"image {int(r.gallery_id)}\nN_10 {r.n_10}, N_1 {r.n_1}"))
+        num = page.next_figure()
+        page.figure(
+            thumbnail_grid(items, f"Figure {num}. Top hubs (run {rrid})", page.figures_dir / f"figure{num}_hubs"),
+            f"Figure {num}. The images most often retrieved in a top 10, with their N_10 and N_1.",
+        )
+
+
+# --------------------------------------------------------------------------- method comparison (issue 17)
+
+METHOD_COLUMNS = [
+    "category", "method_rank_r1", "method_label", "n", "baseline_r1_pct", "improved_r1_pct", "delta_r1_pp",
+    "ci_low_r1_pp", "ci_high_r1_pp", "mcnemar_p_r1", "delta_r5_pp", "delta_r10_pp", "mcnemar_p_r5", "mcnemar_p_r10",
+    "share_r1_successes_broken", "control_population", "is_bank_overlap", "improvement_id",
+]  # fmt: skip
+
+
+def _method_comparison_section(con, page: _Page, rrid, simulated: bool, missing: list[str]) -> None:
+    """Section 10: every method's improvement runs on the labelled failures, per category (view method_comparison):
+    a ranked table of which method helps which category most, and one grouped chart per category."""
+    from toolkit.figures import method_comparison_chart
+
+    page.h2("methods", "10. Which fix helps which category")
+    flag = " SIMULATED labels chose these captions." if simulated else ""
+    df = (
+        con.execute("SELECT * FROM method_comparison WHERE retrieval_run_id = ?", [rrid]).df()
+        if rrid is not None and db.table_exists(con, "method_comparison")
+        else pd.DataFrame()
+    )
+    if df.empty:
+        page.p(
+            "No improvement run yet. Compare the fixes with, e.g.: clipfail improve --categories Object,Attribute "
+            "--method qb-norm --control successes:200 (methods: templates, inverted-softmax, qb-norm, "
+            "query-expansion).",
+            cls="missing",
+        )
+        missing.append("method comparison: clipfail improve --method ...")
+        return
+    page.p(
+        "Each training-free fix is an improvement run on the same labelled failures: templates (prompt "
+        "ensembling, one row per pooling), inverted-softmax, qb-norm (QB-Norm with the Dynamic Inverted Softmax "
+        "over a query bank) and query-expansion (Rocchio-style). Per category ('*' = all the run's captions), "
+        "rank 1 is the method with the largest R@1 gain there; deltas are pp with the paired bootstrap 95% "
+        "interval and the exact McNemar p; the share of R@1 successes broken comes from the method's control "
+        "run (blank without one; a gain on failures alone is biased upward). Values from view method_comparison." + flag
+    )
+    overlap = df[df["is_bank_overlap"]]
+    if not overlap.empty:
+        ids = ", ".join(str(int(i)) for i in sorted(set(overlap["improvement_id"])))
+        page.p(
+            f"WARNING: the query bank of improvement run(s) {ids} held evaluated captions (--allow-bank-overlap): "
+            "their own text normalised their scores, so those gains are not a fair test.",
+            cls="banner",
+        )
+    table = df[METHOD_COLUMNS].copy()
+    table.insert(
+        table.columns.get_loc("mcnemar_p_r1"),
+        "95% CI ΔR@1",
+        [ci_text(a, b) for a, b in zip(table.pop("ci_low_r1_pp"), table.pop("ci_high_r1_pp"))],
+    )
+    page.table(
+        table,
+        "method_comparison",
+        "Table 14. Which method helps which category most: methods ranked by ΔR@1 within each category "
+        "(view method_comparison)." + flag,
+        {
+            "baseline_r1_pct": "f2",
+            "improved_r1_pct": "f2",
+            "delta_r1_pp": "pp",
+            "delta_r5_pp": "pp",
+            "delta_r10_pp": "pp",
+            "mcnemar_p_r1": "p",
+            "mcnemar_p_r5": "p",
+            "mcnemar_p_r10": "p",
+            "share_r1_successes_broken": "f4",
+            "method_rank_r1": "int",
+            "improvement_id": "int",
+        },  # fmt: skip
+    )
+    for category, group in df.groupby("category", sort=False):
+        group = group.sort_values("improvement_id")
+        num = page.next_figure()
+        name = "all captions" if category == "*" else str(category)
+        page.figure(
+            method_comparison_chart(
+                group,
+                f"Figure {num}. {name}: baseline vs each method" + (" (SIMULATED labels)" if simulated else ""),
+                page.figures_dir / f"figure{num}_methods_{_slug(name)}",
+                subtitle="Recall@K (%) of the labelled failures; view method_comparison",
+            ),
+            f"Figure {num}. {name}: baseline and improved R@1/5/10 per method.{flag}",
         )

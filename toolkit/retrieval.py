@@ -87,9 +87,10 @@ def recall_at_k(gt_rank, k: int) -> float:
     return float(np.mean(gt_rank <= k))
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`toolkit.devices.resolve_device` as a torch.device: 'auto' picks cuda when available, else cpu
-    (never mps: ranks stay on the CPU on a Mac); a device that is unavailable or unknown is a UserError."""
+def _torch_device(device: str | torch.device = "auto") -> torch.device:
+    """`toolkit.devices.resolve_device` (the one device resolver) as a torch.device: 'auto' picks cuda
+    when available, else cpu (never mps: ranks stay on the CPU on a Mac); a device that is unavailable
+    or unknown is a UserError."""
     from toolkit.devices import resolve_device as _resolve
 
     return torch.device(_resolve(device, auto_mps=False))
@@ -238,7 +239,7 @@ def rank_queries(
     _check_finite(Q, "queries")
     _check_finite(G, "gallery")
 
-    dev = resolve_device(device)
+    dev = _torch_device(device)
     k = min(k, M)
     Gt = G.to(dev, torch.float32).T  # d x M view; no copy when already float32 on dev
     indices_t = torch.from_numpy(indices).to(dev)
@@ -407,7 +408,7 @@ def score_rows(queries, gallery, device: str | torch.device = "cpu") -> np.ndarr
     """
     Q = _as_2d(queries, "queries")
     G = _as_2d(gallery, "gallery")
-    dev = resolve_device(device)
+    dev = _torch_device(device)
     Gt = G.to(dev, torch.float32).T
     N, d = Q.shape
     M = G.shape[0]

@@ -13,8 +13,9 @@ Shipped sets (`SHIPPED_SETS`, files in ``toolkit/data/``) are inserted into ever
 lacks a set of that name when it is opened; a set's name then always stands for the same content:
 
 - ``default-v2`` (``templates_default_v2.csv``, the default of `improve` since prompts are distinct
-  and K is chosen with ``--k``): per actionable category the identity ``{caption}``, the nine slot
-  templates of the first set (one Action template reworded), then nine templates that always apply
+  and K is chosen with ``--k``): per actionable category the identity ``{caption}``, the slot templates
+  of the first set (nine; Context three; one Action template reworded), then the templates that always
+  apply (nine; Context fifteen)
   (the whole caption, ``{caption}`` or ``{caption_lc}``, in a category-specific frame), so that K=10
   distinct prompts are reached for nearly every caption.
 - ``default`` (``templates_default.csv``, unchanged): the first default set, ten templates per

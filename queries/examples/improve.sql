@@ -1,13 +1,14 @@
 -- Example ad-hoc queries over the improve stage (README: improve). Run with clipfail sql "..." or any DuckDB client.
 
--- the reference study's table: one row per pooling, improved R@1/5/10 and the deltas, for the failure subsets
-SELECT categories, pooling, tau, n,
+-- the reference study's table: one row per improvement run (a pooling of one subset, template mode and K), improved
+-- R@1/5/10 and the deltas, for the failure subsets
+SELECT improvement_id, categories, template_mode, k_prompts, pooling, tau, n,
        max(improved_pct) FILTER (WHERE k = 1) AS r1, max(improved_pct) FILTER (WHERE k = 5) AS r5,
        max(improved_pct) FILTER (WHERE k = 10) AS r10,
        max(delta_pp) FILTER (WHERE k = 1) AS d1, max(delta_pp) FILTER (WHERE k = 5) AS d5,
        max(delta_pp) FILTER (WHERE k = 10) AS d10
 FROM improvement_recall WHERE population = 'failures'
-GROUP BY ALL ORDER BY categories, pooling, tau;
+GROUP BY ALL ORDER BY categories, template_mode, k_prompts, pooling, tau, improvement_id;
 
 -- deltas with their 95% bootstrap interval and exact McNemar p, and what the prompts fixed and broke
 SELECT improvement_id, categories, population, pooling, k, delta_pp, ci_low_pp, ci_high_pp,

@@ -1,0 +1,147 @@
+-- method_comparison: which training-free fix helps which failure category. One row per improvement
+-- run of the labelled failures (population 'failures') and category of its captions ('*' = all of
+-- them), for every method (templates: prompt ensembling, one row per pooling; inverted-softmax;
+-- qb-norm; query-expansion): n, the baseline and improved Recall@1/5/10 in %, the deltas in pp with
+-- their stored paired-bootstrap 95% intervals and exact McNemar p-values (improvement_stats, as in
+-- improvement_recall), the captions fixed and broken at R@1, and from the matching control run
+-- (same retrieval run, categories, method and parameters, pooling, tau, seed, subset size; the newest
+-- if several) the share of its R@1 successes that the method breaks (n_broken / baseline hits at K=1;
+-- NULL without a control). method_rank_r1 ranks the methods within (retrieval run, category) by the
+-- R@1 delta, 1 = largest gain (ties share a rank). is_bank_overlap flags a qb-norm bank that held
+-- evaluated captions (--allow-bank-overlap).
+-- Rows: by retrieval run, category ('*' first, then taxonomy order), rank, improvement run.
+-- Reads: improvement_runs, improvement_stats, categories.
+CREATE OR REPLACE VIEW method_comparison AS
+WITH improvement_runs AS (
+    SELECT
+        improvement_id, run_id, retrieval_run_id, categories, population, pooling, tau, template_set,
+        template_mode, k_prompts, seed, max_subset, is_overlap_included, method, method_params, is_bank_overlap
+    FROM improvement_runs
+),
+improvement_stats AS (
+    SELECT
+        improvement_id, category, k, n, baseline_hits, improved_hits, n_fixed, n_broken, ci_low_pp, ci_high_pp,
+        mcnemar_p
+    FROM improvement_stats
+),
+categories AS (
+    SELECT name AS category, position FROM categories
+),
+labelled_runs AS (
+    SELECT
+        *,
+        coalesce(method, 'templates') AS method_name,
+        CASE
+            WHEN coalesce(method, 'templates') = 'templates'
+                THEN 'templates ' || template_set || '/' || template_mode
+                     || coalesce(' K' || k_prompts::VARCHAR, '') || ' ' || pooling
+                     || CASE WHEN pooling = 'logsumexp' AND tau IS NOT NULL THEN ' tau=' || tau::VARCHAR ELSE '' END
+            ELSE method || ' ' || coalesce(method_params, '')
+        END AS method_label
+    FROM improvement_runs
+),
+failures AS (
+    SELECT * FROM labelled_runs WHERE population = 'failures'
+),
+controls AS (
+    SELECT
+        u.improvement_id, u.retrieval_run_id, u.categories, u.method_name, u.method_params, u.pooling, u.tau,
+        u.template_set, u.template_mode, u.k_prompts, u.seed, u.max_subset, u.is_overlap_included, u.population,
+        s.n, s.baseline_hits, s.n_broken
+    FROM labelled_runs u
+    JOIN improvement_stats s ON s.improvement_id = u.improvement_id AND s.category = '*' AND s.k = 1
+    WHERE u.population <> 'failures'
+),
+matched_control AS (
+    SELECT
+        f.improvement_id,
+        arg_max(c.population, c.improvement_id) AS control_population,
+        max(c.improvement_id) AS control_improvement_id,
+        arg_max(c.n, c.improvement_id) AS control_n,
+        arg_max(c.n_broken, c.improvement_id) AS control_n_broken_r1,
+        arg_max(c.n_broken / nullif(c.baseline_hits, 0)::DOUBLE, c.improvement_id) AS share_r1_successes_broken
+    FROM failures f
+    JOIN controls c
+        ON c.retrieval_run_id = f.retrieval_run_id AND c.categories = f.categories
+        AND c.method_name = f.method_name AND c.method_params IS NOT DISTINCT FROM f.method_params
+        AND c.pooling = f.pooling AND c.tau IS NOT DISTINCT FROM f.tau AND c.template_set = f.template_set
+        AND c.template_mode = f.template_mode AND c.k_prompts IS NOT DISTINCT FROM f.k_prompts AND c.seed = f.seed
+        AND c.max_subset IS NOT DISTINCT FROM f.max_subset AND c.is_overlap_included = f.is_overlap_included
+    GROUP BY f.improvement_id
+),
+wide AS (
+    SELECT
+        improvement_id,
+        category,
+        any_value(n) AS n,
+        any_value(100.0 * baseline_hits / n) FILTER (WHERE k = 1) AS baseline_r1,
+        any_value(100.0 * baseline_hits / n) FILTER (WHERE k = 5) AS baseline_r5,
+        any_value(100.0 * baseline_hits / n) FILTER (WHERE k = 10) AS baseline_r10,
+        any_value(100.0 * improved_hits / n) FILTER (WHERE k = 1) AS improved_r1,
+        any_value(100.0 * improved_hits / n) FILTER (WHERE k = 5) AS improved_r5,
+        any_value(100.0 * improved_hits / n) FILTER (WHERE k = 10) AS improved_r10,
+        any_value(ci_low_pp) FILTER (WHERE k = 1) AS ci_low_r1,
+        any_value(ci_high_pp) FILTER (WHERE k = 1) AS ci_high_r1,
+        any_value(ci_low_pp) FILTER (WHERE k = 5) AS ci_low_r5,
+        any_value(ci_high_pp) FILTER (WHERE k = 5) AS ci_high_r5,
+        any_value(ci_low_pp) FILTER (WHERE k = 10) AS ci_low_r10,
+        any_value(ci_high_pp) FILTER (WHERE k = 10) AS ci_high_r10,
+        any_value(mcnemar_p) FILTER (WHERE k = 1) AS mcnemar_p_r1,
+        any_value(mcnemar_p) FILTER (WHERE k = 5) AS mcnemar_p_r5,
+        any_value(mcnemar_p) FILTER (WHERE k = 10) AS mcnemar_p_r10,
+        any_value(n_fixed) FILTER (WHERE k = 1) AS n_fixed_r1,
+        any_value(n_broken) FILTER (WHERE k = 1) AS n_broken_r1
+    FROM improvement_stats
+    GROUP BY improvement_id, category
+),
+final AS (
+    SELECT
+        f.retrieval_run_id,
+        w.category,
+        f.method_name AS method,
+        f.method_params,
+        f.method_label,
+        f.pooling,
+        f.tau,
+        f.improvement_id,
+        f.run_id,
+        f.categories,
+        w.n,
+        round(w.baseline_r1, 2) AS baseline_r1_pct,
+        round(w.baseline_r5, 2) AS baseline_r5_pct,
+        round(w.baseline_r10, 2) AS baseline_r10_pct,
+        round(w.improved_r1, 2) AS improved_r1_pct,
+        round(w.improved_r5, 2) AS improved_r5_pct,
+        round(w.improved_r10, 2) AS improved_r10_pct,
+        round(w.improved_r1 - w.baseline_r1, 2) AS delta_r1_pp,
+        round(w.improved_r5 - w.baseline_r5, 2) AS delta_r5_pp,
+        round(w.improved_r10 - w.baseline_r10, 2) AS delta_r10_pp,
+        round(w.ci_low_r1, 2) AS ci_low_r1_pp,
+        round(w.ci_high_r1, 2) AS ci_high_r1_pp,
+        round(w.ci_low_r5, 2) AS ci_low_r5_pp,
+        round(w.ci_high_r5, 2) AS ci_high_r5_pp,
+        round(w.ci_low_r10, 2) AS ci_low_r10_pp,
+        round(w.ci_high_r10, 2) AS ci_high_r10_pp,
+        w.mcnemar_p_r1,
+        w.mcnemar_p_r5,
+        w.mcnemar_p_r10,
+        w.n_fixed_r1,
+        w.n_broken_r1,
+        mc.control_population,
+        mc.control_improvement_id,
+        mc.control_n,
+        mc.control_n_broken_r1,
+        mc.share_r1_successes_broken,
+        rank() OVER (
+            PARTITION BY f.retrieval_run_id, w.category ORDER BY w.improved_r1 - w.baseline_r1 DESC
+        ) AS method_rank_r1,
+        coalesce(f.is_bank_overlap, false) AS is_bank_overlap,
+        w.category <> '*' AS is_category_row,
+        o.position AS category_position
+    FROM failures f
+    JOIN wide w ON w.improvement_id = f.improvement_id
+    LEFT JOIN matched_control mc ON mc.improvement_id = f.improvement_id
+    LEFT JOIN categories o ON o.category = w.category
+)
+SELECT * EXCLUDE (is_category_row, category_position) FROM final
+ORDER BY retrieval_run_id, is_category_row, category_position NULLS LAST, category, method_rank_r1, improvement_id
