@@ -344,6 +344,35 @@ def ingest(db_path, **options):
 @click.option(
     "--num-workers", type=click.IntRange(0, 64), default=None, help="Image decoding workers (default: automatic)."
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where the rows are computed: this process, or a Ray cluster (needs pip install 'clipfail[ray]'). "
+    "Same sets either way; the engine is recorded, not part of the identity.",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDRESS",
+    default=None,
+    help="--engine ray: the cluster, HOST:PORT or ray://HOST:PORT or auto (default: RAY_ADDRESS, else a new "
+    "local Ray instance).",
+)
+@click.option(
+    "--gpus-per-worker",
+    type=click.FloatRange(0, None),
+    metavar="G",
+    default=None,
+    help="--engine ray: GPUs per model replica (default: 1 when the cluster has GPUs, else 0: CPU replicas).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 100000),
+    metavar="N",
+    default=None,
+    help="--engine ray: model replicas (default: one per GPU, or 1 CPU replica).",
+)
 @db_option
 def embed(
     db_path,
@@ -359,15 +388,22 @@ def embed(
     draft,
     decode,
     num_workers,
+    engine,
+    ray_address,
+    gpus_per_worker,
+    workers,
 ):
     """Compute (or reuse) L2-normalised CLIP embeddings of a subset's images and captions.
 
     Files go to a cache folder beside the database and are registered in embedding_sets with
     their sha256; a re-run reuses them, an interrupted run resumes from its last shard.
+    --engine ray computes the rows on a Ray cluster (model replicas as Ray Data actors); the
+    driver still writes the same shards and files and registers the same sets.
 
     \b
     Example:
       clipfail embed --subset 5000-seed42 --model openai/clip-vit-base-patch32
+      clipfail embed --model openai/clip-vit-base-patch32 --engine ray --ray-address 10.0.0.5:6379
     """
     from toolkit.embed import embed as run_embed
 
@@ -388,6 +424,10 @@ def embed(
         draft=draft,
         num_workers=num_workers,
         decode=decode,
+        engine=engine,
+        ray_address=ray_address,
+        gpus_per_worker=gpus_per_worker,
+        workers=workers,
     )
     weights = res.pretrained or (f"checkpoint {res.checkpoint_sha256[:12]}" if res.checkpoint_sha256 else "random")
     how = (", draft decode" if res.draft else "") + (", GPU decode" if res.decode == "gpu" else "")

@@ -429,6 +429,10 @@ def embed(
     progress: bool | None = None,
     shard_rows: dict | None = None,
     on_shard: Callable[[str, int, int], None] | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    gpus_per_worker: float | None = None,
+    workers: int | None = None,
 ) -> EmbedResult:
     """Embed a subset's images and captions (or reuse the cached sets); see the module docstring.
 
@@ -439,6 +443,12 @@ def embed(
 
     `on_shard(kind, shard_index, n_shards)` is called after each shard is on disk (tests use it
     to simulate an interruption).
+
+    `engine`: ``local`` (this process) or ``ray`` (a Ray cluster at `ray_address`, `workers` model
+    replicas with `gpus_per_worker` GPUs each; see `toolkit.ray_engine`). The engine is the one
+    pluggable step, "compute the rows of these shards": planning, shards, manifest, lock, the final
+    file and the registration are this function's whatever the engine, and the engine is recorded in
+    the set's config but is not part of its identity (sets and shards are shared across engines).
     """
     from toolkit import encode, models
 
@@ -455,9 +465,15 @@ def embed(
         raise UserError("--num-workers must be 0 or more.")
     if decode not in encode.DECODES:
         raise UserError(f"Unknown --decode {decode!r}; use cpu or gpu.")
+    if engine not in ENGINES:
+        raise UserError(f"Unknown --engine {engine!r}; use one of {', '.join(ENGINES)}.")
+    if engine == "ray":  # the model runs on the cluster's workers: their devices are checked there
+        from toolkit import ray_engine
+
+        ray_engine.check_options(decode=decode, device=device, gpus_per_worker=gpus_per_worker, workers=workers)
     # An unavailable or unknown --device (or --decode gpu without CUDA) is refused before any work.
     # auto and cpu need no check, so a run with nothing to compute does not even import torch.
-    if str(device).strip().lower() not in ("auto", "cpu", "") or decode != "cpu":
+    elif str(device).strip().lower() not in ("auto", "cpu", "") or decode != "cpu":
         encode.check_decode(decode, resolve_device(device), draft)
     args = (subset_name, model, pretrained, checkpoint, precision, cache_dir, recompute, draft, decode)
     db_path = str(database) if isinstance(database, str | os.PathLike) else None
@@ -471,6 +487,33 @@ def embed(
     else:
         con = database
         plan = _plan(con, *args)
+    cluster = None
+    if plan.todo and engine == "ray":
+        # Connect (or refuse an unreachable address) before any model, lock or shard folder.
+        cluster = ray_engine.RayEngine.connect(
+            ray_address, gpus_per_worker=gpus_per_worker, workers=workers, device=device,
+            model=model, pretrained=pretrained, checkpoint=checkpoint, precision=precision, weights=plan.weights,
+            draft=draft, num_workers=num_workers,
+        )  # fmt: skip
+    try:
+        return _embed_compute(
+            plan, con, db_path, cluster, t0, started, model, pretrained, checkpoint, device, batch_size, precision,
+            recompute, draft, num_workers, decode, progress, shard_rows, on_shard,
+        )  # fmt: skip
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+ENGINES = ("local", "ray")
+
+
+def _embed_compute(plan, con, db_path, cluster, t0, started, model, pretrained, checkpoint, device, batch_size,
+                   precision, recompute, draft, num_workers, decode, progress, shard_rows, on_shard):  # fmt: skip
+    """embed() once the plan is read: compute what is missing (with the local engine or `cluster`),
+    write the final files and register them."""
+    from toolkit import encode, models
+
     name, items, weights, hashes = plan.name, plan.items, plan.weights, plan.hashes
     existing = plan.existing
     notes: list[str] = []
@@ -479,7 +522,9 @@ def embed(
     n_truncated = context_length = None
     run_id, registered = None, []
     if plan.todo:
-        if "image" in plan.todo:
+        if cluster is not None and "image" in plan.todo:
+            cluster.check_images(plan.paths, name)  # on the workers' filesystems; names what they miss
+        elif "image" in plan.todo:
             missing = [p for p in plan.paths if not os.path.isfile(p)]
             if missing:
                 raise UserError(
@@ -488,8 +533,13 @@ def embed(
                     f"{study_paths.moved_hint(db_path if db_path is not None else con, '--images-root', name)}"
                 )
         partial = plan.folder / ".partial"
+        # With Ray the driver's copy of the model only tokenizes and describes the preprocess: on its CPU.
         bundle = models.load_model(
-            model, pretrained=pretrained, checkpoint=checkpoint, device=device, precision=precision
+            model,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            device="cpu" if cluster is not None else device,
+            precision="fp32" if cluster is not None else precision,
         )
         got = {
             "model": bundle.model_name,
@@ -513,25 +563,27 @@ def embed(
             for lock in locks.values():
                 lock.acquire()
             rows_per = dict(SHARD_ROWS, **(shard_rows or {}))
-            on_gpu = bundle.device != "cpu"
+            on_gpu = cluster.on_gpu if cluster is not None else bundle.device != "cpu"
             img_bs = batch_size or (256 if on_gpu else encode.DEFAULT_IMAGE_BATCH)
             txt_bs = batch_size or (1024 if on_gpu else encode.DEFAULT_TEXT_BATCH)
-            for kind in plan.todo:
-                n = len(items[kind])
-                shards = _Shards(partial / f"{kind}-{hashes[kind][:16]}", hashes[kind], n, rows_per[kind])
-                what = f"{kind} embeddings of subset {name!r} ({bundle.model_name}, {precision})"
-                unit = "image" if kind == "image" else "caption"
-                bar = _progress(total=n, desc=f"{kind} embeddings", unit=unit, enabled=progress)
-                done: dict[int, np.ndarray] = {}
-                dim = None
-                try:
+            jobs: dict[str, dict] = {}  # kind -> its shards, progress bar, shards done, shards to do, finish
+            try:
+                for kind in plan.todo:
+                    n = len(items[kind])
+                    shards = _Shards(partial / f"{kind}-{hashes[kind][:16]}", hashes[kind], n, rows_per[kind])
+                    what = f"{kind} embeddings of subset {name!r} ({bundle.model_name}, {precision})"
+                    unit = "image" if kind == "image" else "caption"
+                    bar = _progress(total=n, desc=f"{kind} embeddings", unit=unit, enabled=progress)
+                    done: dict[int, np.ndarray] = {}
+                    jobs[kind] = {"shards": shards, "what": what, "bar": bar, "done": done}
+                    dim = None
                     for i in range(shards.n):
                         arr = shards.load(i, dim)
                         if arr is not None:
                             done[i], dim = arr, arr.shape[1]
                             reused_shards += 1
                             bar.update(arr.shape[0])
-                    todo_shards = [i for i in range(shards.n) if i not in done]
+                    jobs[kind]["todo"] = [i for i in range(shards.n) if i not in done]
 
                     def finish(i: int, arr: np.ndarray, kind=kind, shards=shards, what=what, done=done) -> None:
                         a, b = shards.span(i)
@@ -543,6 +595,25 @@ def embed(
                         if on_shard is not None:
                             on_shard(kind, i, shards.n)
 
+                    jobs[kind]["finish"] = finish
+
+                if "text" in jobs:
+                    toks = encode.tokenize(bundle, plan.captions)  # every caption once; counts truncation
+                    n_truncated, context_length = toks.n_truncated, bundle.context_length
+                if cluster is not None:
+                    # The pluggable step, "compute the rows of these shards": on Ray, every kind in one pass
+                    # (one actor pool); `finish` saves each shard here, in the driver, as it completes.
+                    fast_text = encode.fast_text_tower(bundle.model) is not None
+                    gathers = {k: ShardGather(j["shards"], j["todo"], j["finish"]) for k, j in jobs.items()}
+                    cluster.compute(
+                        gathers,
+                        {k: j["bar"] for k, j in jobs.items()},
+                        paths=plan.paths,
+                        tokens=toks.ids if "text" in jobs else None,
+                        batch_sizes={"image": img_bs, "text": txt_bs},
+                    )
+                for kind, job in jobs.items() if cluster is None else ():
+                    shards, todo_shards, finish, bar = job["shards"], job["todo"], job["finish"], job["bar"]
                     if kind == "image":
                         stats: dict = {}
                         _stream_images(encode, bundle, plan, shards, todo_shards, finish, img_bs, num_workers, draft,
@@ -553,8 +624,6 @@ def embed(
                                 "the GPU decodes; they took the exact CPU path."
                             )
                     else:
-                        toks = encode.tokenize(bundle, plan.captions)  # every caption once; counts truncation
-                        n_truncated, context_length = toks.n_truncated, bundle.context_length
                         fast_text = None
                         for i in todo_shards:
                             a, b = shards.span(i)
@@ -562,8 +631,11 @@ def embed(
                             res = encode.encode_texts_with_info(bundle, plan.captions[a:b], txt_bs, bar, tokens=sub)
                             fast_text = res.fast_path
                             finish(i, res.embeddings)
-                finally:
-                    bar.close()
+            finally:
+                for job in jobs.values():
+                    job["bar"].close()
+            for kind, job in jobs.items():
+                shards, done, what = job["shards"], job["done"], job["what"]
                 if len(done) != shards.n:  # pragma: no cover - the stream yields every row once
                     raise RuntimeError(f"{shards.n - len(done)} {kind} shard(s) were not computed")
                 parts = [done[i] for i in range(shards.n)]
@@ -577,6 +649,7 @@ def embed(
                     raise
                 set_cfg = dict(plan.identities[kind], identity_hash=hashes[kind], spec=model, checkpoint=plan.ckpt_path)
                 set_cfg.update(_made_with(bundle, kind, img_bs if kind == "image" else txt_bs, num_workers))
+                set_cfg.update(cluster.made_with() if cluster is not None else {"engine": "local"})
                 if kind == "image":
                     set_cfg["decode"] = decode
                 else:
@@ -655,24 +728,8 @@ def _stream_images(encode, bundle, plan, shards, todo_shards, finish, batch_size
     are on disk, checksummed, while the stream goes on (a kill loses at most the shard in flight)."""
     if not todo_shards:
         return
-    spans = [shards.span(i) for i in todo_shards]
-    rows = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in spans])
-    left = {i: b - a for i, (a, b) in zip(todo_shards, spans)}
-    buffers: dict[int, np.ndarray] = {}
-
-    def on_batch(idx: np.ndarray, feats: np.ndarray) -> None:
-        glob = rows[idx]
-        owner = glob // shards.shard_rows  # shard i holds rows [i * shard_rows, (i + 1) * shard_rows)
-        for i in np.unique(owner).tolist():
-            sel = owner == i
-            a, b = shards.span(i)
-            if i not in buffers:
-                buffers[i] = np.empty((b - a, feats.shape[1]), dtype=np.float32)
-            buffers[i][glob[sel] - a] = feats[sel]
-            left[i] -= int(sel.sum())
-            if left[i] == 0:
-                finish(i, buffers.pop(i))
-
+    gather = ShardGather(shards, todo_shards, finish)
+    rows = gather.rows
     encode.encode_images(
         bundle,
         [plan.paths[r] for r in rows],
@@ -681,9 +738,51 @@ def _stream_images(encode, bundle, plan, shards, todo_shards, finish, batch_size
         draft=draft,
         progress=bar,
         decode=decode,
-        on_batch=on_batch,
+        on_batch=lambda idx, feats: gather.add(rows[idx], feats),
         stats=stats,
     )
+
+
+class ShardGather:
+    """Cut shards out of embedding rows that arrive in any order and any grouping.
+
+    `rows` are the set's row numbers of every shard in `todo_shards` (in order); `add(rows, feats)`
+    files each row into its shard's buffer and calls `finish(i, array)` as soon as shard i is
+    complete. A row that arrives twice (a retried task on a distributed engine) is counted once."""
+
+    def __init__(self, shards: _Shards, todo_shards, finish: Callable[[int, np.ndarray], None]):
+        self.shards, self.finish = shards, finish
+        spans = [shards.span(i) for i in todo_shards]
+        self.rows = (
+            np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in spans]) if spans else np.zeros(0, np.int64)
+        )
+        self.left = {i: b - a for i, (a, b) in zip(todo_shards, spans)}
+        self.buffers: dict[int, np.ndarray] = {}
+        self.seen: dict[int, np.ndarray] = {}
+
+    def add(self, glob: np.ndarray, feats: np.ndarray) -> None:
+        glob = np.asarray(glob, dtype=np.int64)
+        owner = glob // self.shards.shard_rows  # shard i holds rows [i * shard_rows, (i + 1) * shard_rows)
+        for i in np.unique(owner).tolist():
+            if self.left.get(i, 0) == 0:  # complete already (or not asked for): a duplicate
+                continue
+            sel = owner == i
+            a, b = self.shards.span(i)
+            if i not in self.buffers:
+                self.buffers[i] = np.empty((b - a, feats.shape[1]), dtype=np.float32)
+                self.seen[i] = np.zeros(b - a, dtype=bool)
+            local = glob[sel] - a
+            fresh = ~self.seen[i][local]
+            self.buffers[i][local[fresh]] = feats[sel][fresh]
+            self.seen[i][local[fresh]] = True
+            self.left[i] -= int(fresh.sum())
+            if self.left[i] == 0:
+                del self.seen[i]
+                self.finish(i, self.buffers.pop(i))
+
+    @property
+    def complete(self) -> bool:
+        return not any(self.left.values())
 
 
 def _register(con, plan: _Plan, computed: dict, run_config: dict, started, precision: str, notes: list):
