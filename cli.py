@@ -784,13 +784,19 @@ def sample_failures(
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: any free port.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Any other host requires the printed tokens.")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in the default web browser.")
+@click.option(
+    "--show-suggestions-on-overlap",
+    is_flag=True,
+    help="Also show triage suggestions on overlap items (hidden by default: they would bias agreement).",
+)
 @db_option
-def annotate(db_path, annotators, set_choice, retrieval_run_id, port, host, open_browser):
+def annotate(db_path, annotators, set_choice, retrieval_run_id, port, host, open_browser, show_suggestions_on_overlap):
     """Label the failure sample in the browser; each label is saved to the database as it is given.
 
     Serves one item per page (caption, ground truth and top-5 images, keys 1-7 for the categories)
     until Ctrl-C. Labels go through import-labels' checks and replace rules. The database is
-    opened only for each save, so other commands can run meanwhile.
+    opened only for each save, so other commands can run meanwhile. After clipfail triage, an
+    item shows the suggested category and its evidence as a hint (never selected for you).
 
     \b
     Example:
@@ -798,7 +804,14 @@ def annotate(db_path, annotators, set_choice, retrieval_run_id, port, host, open
     """
     from toolkit import annotate as wb_mod
 
-    wb = wb_mod.prepare(db_path, list(annotators), set_choice=set_choice, retrieval_run_id=retrieval_run_id, host=host)
+    wb = wb_mod.prepare(
+        db_path,
+        list(annotators),
+        set_choice=set_choice,
+        retrieval_run_id=retrieval_run_id,
+        host=host,
+        show_suggestions_on_overlap=show_suggestions_on_overlap,
+    )
     sock = wb_mod.bind(host, port)
     try:
         wb.port = sock.getsockname()[1]
@@ -843,9 +856,18 @@ def annotate(db_path, annotators, set_choice, retrieval_run_id, port, host, open
 )
 @click.option("--image-url-prefix", default=None, help="Image URLs = PREFIX + path under the image root.")
 @click.option("--force", is_flag=True, help="Overwrite tasks.json / labeling_config.xml that differ.")
+@click.option(
+    "--show-suggestions-on-overlap",
+    is_flag=True,
+    help="Also give overlap tasks the triage predictions (left out by default: they would bias agreement).",
+)
 @db_option
-def export_labelstudio(db_path, out_dir, retrieval_run_id, image_url_prefix, force):
+def export_labelstudio(db_path, out_dir, retrieval_run_id, image_url_prefix, force, show_suggestions_on_overlap):
     """Write the failure sample as Label Studio tasks (tasks.json) and labelling config (labeling_config.xml).
+
+    After clipfail triage, each task carries the suggested category as a Label Studio prediction
+    (shown pre-filled; overlap tasks carry none by default). The import reads annotations only,
+    never predictions.
 
     Import the labels back with: clipfail import-labels --format labelstudio EXPORT.json
 
@@ -857,9 +879,17 @@ def export_labelstudio(db_path, out_dir, retrieval_run_id, image_url_prefix, for
 
     with open_study(db_path, read_only=True) as con:
         res = run_export(
-            con, out_dir, retrieval_run_id=retrieval_run_id, image_url_prefix=image_url_prefix, force=force
+            con,
+            out_dir,
+            retrieval_run_id=retrieval_run_id,
+            image_url_prefix=image_url_prefix,
+            force=force,
+            show_suggestions_on_overlap=show_suggestions_on_overlap,
         )
     click.echo(f"{res.n_tasks} tasks of retrieval run {res.retrieval_run_id} (every set but backup) in {res.out_dir}/.")
+    if res.triage_run_id is not None:
+        hidden = "" if show_suggestions_on_overlap else " (none on the overlap set)"
+        click.echo(f"  {res.n_predictions} carry a prediction from triage run {res.triage_run_id}{hidden}.")
     if res.written:
         click.echo(f"  written: {', '.join(res.written)}")
     if res.unchanged:

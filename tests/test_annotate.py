@@ -71,6 +71,61 @@ def study(base, tmp_path):
     return str(dest)
 
 
+@pytest.fixture(scope="module")
+def triaged_base(synthetic_coco_master, tmp_path_factory):
+    """A study with a real triage run: 30 generated images with their instances, seeded random embeddings
+    (as in test_queries.py), evaluate, the same sample sizes as `base`, then clipfail triage."""
+    import numpy as np
+    from helpers import register_hand_built
+
+    root = tmp_path_factory.mktemp("annotate_triaged")
+    path = root / "t.duckdb"
+    res = invoke("--db", path, "ingest", "--coco-root", synthetic_coco_master, "--num-images", 30)
+    assert res.exit_code == 0, res.output
+    con = open_study(path)
+    sid, name = con.execute("SELECT subset_id, name FROM subsets").fetchone()
+    imgs = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
+    caps = con.execute("SELECT caption_id, image_id FROM subset_captions WHERE subset_id = ? ORDER BY 1", [sid]).df()
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(len(imgs), 16)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    pos = {int(i): k for k, i in enumerate(imgs["image_id"])}
+    txt = img[[pos[int(i)] for i in caps["image_id"]]] + 1.2 * rng.normal(size=(len(caps), 16)).astype(np.float32)
+    txt = (txt / np.linalg.norm(txt, axis=1, keepdims=True)).astype(np.float32)
+    register_hand_built(con, root / "image.npy", "image", img, imgs["image_id"].to_numpy(), sid)
+    register_hand_built(con, root / "text.npy", "text", txt, caps["caption_id"].to_numpy(), sid)
+    con.close()
+    for args in (
+        ["evaluate", "--subset", name, "--device", "cpu"],
+        ["sample-failures", "--out", root / "fa", "--no-pictures", "--n", 20, "--overlap", 4, "--per-annotator", 6,
+         "--annotators", "A,B"],
+        ["triage"],
+    ):  # fmt: skip
+        res = invoke("--db", path, *args)
+        assert res.exit_code == 0, res.output
+    return path
+
+
+@pytest.fixture
+def triaged(triaged_base, tmp_path):
+    dest = tmp_path / "triaged.duckdb"
+    shutil.copy(triaged_base, dest)
+    return str(dest)
+
+
+def suggestions_in_db(dbpath) -> dict[int, tuple[str, str, str]]:
+    """sample_id -> (set_name, suggested category, evidence) of the newest triage run, straight from the tables."""
+    return {
+        s: (set_name, c, e)
+        for s, set_name, c, e in rows(
+            dbpath,
+            "SELECT f.sample_id, f.set_name, t.suggested_category, t.evidence FROM failure_samples f "
+            "JOIN triage_suggestions t ON t.caption_id = f.caption_id AND t.retrieval_run_id = f.retrieval_run_id "
+            "WHERE t.triage_run_id = (SELECT max(triage_run_id) FROM triage_runs) AND t.suggested_category IS NOT NULL",
+        )
+    }
+
+
 def rows(dbpath, sql, params=None):
     con = duckdb.connect(str(dbpath), read_only=True)  # the schema and views are there already
     try:
@@ -581,3 +636,74 @@ def test_two_pages_label_different_items_at_once(study, server, browser):
     assert pa.inner_text("#count") == "10 / 10 labelled"
     pa.close()
     pb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Triage suggestions on the page
+
+
+def test_suggestions_on_own_items_never_on_overlap_unless_asked(triaged, study, monkeypatch):
+    want = suggestions_in_db(triaged)
+    sets_with = {v[0] for v in want.values()}
+    assert {"overlap", "A"} <= sets_with  # the fixture has suggestions on both, so hiding is tested
+    for flag in (False, True):
+        run = annotate.serve_in_thread(
+            annotate.prepare(triaged, ["A"], show_suggestions_on_overlap=flag), annotate.bind("127.0.0.1", 0)
+        )
+        try:
+            code, body = get(f"{run.url}/a/A/api/state")
+            assert code == 200
+            items = json.loads(body)["items"]
+            got = {it["sample_id"]: it["suggestion"] for it in items}
+            expected = {
+                it["sample_id"]: (
+                    {"category": want[it["sample_id"]][1], "evidence": want[it["sample_id"]][2]}
+                    if it["sample_id"] in want and (flag or it["set_name"] != "overlap")
+                    else None
+                )
+                for it in items
+            }
+            assert got == expected
+            assert any(v for k, v in got.items() if want.get(k, ("",))[0] == "A")
+            assert any(v for k, v in got.items() if want.get(k, ("",))[0] == "overlap") == flag
+        finally:
+            run.stop()
+    # Showing suggestions saves nothing.
+    assert rows(triaged, "SELECT count(*) FROM annotations") == [(0,)]
+    # No triage run: no suggestion and no error.
+    wb = annotate.prepare(study, ["A"])
+    assert [it["suggestion"] for it in wb.items["A"]] == [None] * len(wb.items["A"])
+
+    # The CLI flag reaches the workbench (serve replaced: no server is started).
+    seen = []
+    monkeypatch.setattr(annotate, "serve", lambda wb, sock: seen.append(wb))
+    for extra, flag in (([], False), (["--show-suggestions-on-overlap"], True)):
+        res = invoke("--db", triaged, "annotate", "--annotator", "A", "--port", 0, *extra)
+        assert res.exit_code == 0, res.output
+        wb = seen[-1]
+        assert wb.show_suggestions_on_overlap is flag
+        overlap = [it["suggestion"] for it in wb.items["A"] if it["set_name"] == "overlap"]
+        assert any(overlap) is flag
+
+
+def test_the_page_shows_the_suggestion_without_selecting_it(triaged, browser):
+    run = annotate.serve_in_thread(annotate.prepare(triaged, ["A"]), annotate.bind("127.0.0.1", 0))
+    try:
+        items = run.wb.items["A"]
+        page = open_page(browser, f"{run.url}/a/A/")
+        j = next(i for i, it in enumerate(items) if it["suggestion"])
+        k = next(i for i, it in enumerate(items) if it["set_name"] == "overlap")
+        page.evaluate(f"show({j})")
+        sug = items[j]["suggestion"]
+        assert page.locator("#suggestion").is_visible()
+        text = page.inner_text("#suggestion")
+        assert sug["category"] in text and sug["evidence"][:40] in text
+        assert page.locator("button[data-cat].suggested").count() == 1
+        assert page.get_attribute("button[data-cat].suggested", "data-cat") == sug["category"]
+        assert page.locator("button[data-cat].on").count() == 0 and page.inner_text("#count") == "0 / 10 labelled"
+        page.evaluate(f"show({k})")  # an overlap item: nothing shown
+        assert not page.locator("#suggestion").is_visible() and page.locator("button.suggested").count() == 0
+        page.close()
+    finally:
+        run.stop()
+    assert rows(triaged, "SELECT count(*) FROM annotations") == [(0,)]

@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from test_annotate import base, invoke, rows  # noqa: F401  (the shared study fixture)
+from test_annotate import base, invoke, rows, suggestions_in_db, triaged, triaged_base  # noqa: F401  (shared fixtures)
 
 from toolkit.study import open_study
 
@@ -241,6 +241,77 @@ def test_import_problems_are_all_or_nothing(study, tmp_path):
         assert res.exit_code == 2 and message in res.output, res.output
     res = invoke("--db", study, "import-labels", "--user-map", "1=A", tmp_path / "x.json")
     assert res.exit_code == 2 and "--user-map is for --format labelstudio" in res.output
+
+
+def test_export_carries_triage_suggestions_as_predictions(triaged, study, tmp_path):  # noqa: F811
+    want = suggestions_in_db(triaged)
+    scores = dict(
+        rows(
+            triaged,
+            "SELECT f.sample_id, t.score FROM failure_samples f JOIN triage_suggestions t USING (caption_id) "
+            "WHERE t.triage_run_id = (SELECT max(triage_run_id) FROM triage_runs)",
+        )
+    )
+    trid = rows(triaged, "SELECT max(triage_run_id) FROM triage_runs")[0][0]
+    for extra, on_overlap in (([], False), (["--show-suggestions-on-overlap"], True)):
+        out = tmp_path / f"ls{int(on_overlap)}"
+        res = export(triaged, out, *extra)
+        tasks = json.loads((out / "tasks.json").read_text("utf-8"))
+        cat = ET.fromstring((out / "labeling_config.xml").read_text("utf-8")).find(".//Choices[@name='category']")
+        n = 0
+        for t in tasks:
+            sid, set_name = t["data"]["sample_id"], t["data"]["set_name"]
+            if sid in want and (on_overlap or set_name != "overlap"):
+                n += 1
+                assert t["predictions"] == [
+                    {
+                        "model_version": f"clipfail triage run {trid}",
+                        "score": pytest.approx(scores[sid]),
+                        "result": [
+                            {"from_name": cat.get("name"), "to_name": cat.get("toName"), "type": "choices",
+                             "value": {"choices": [want[sid][1]]}}
+                        ],
+                    }
+                ]  # fmt: skip
+                assert want[sid][1] in [c.get("value") for c in cat]
+                assert (t["data"]["suggested_category"], t["data"]["evidence"]) == want[sid][1:]
+            else:
+                assert "predictions" not in t and t["data"]["suggested_category"] == t["data"]["evidence"] == ""
+        assert n and any(want[s][0] == "overlap" for s in want)  # the hiding had something to hide
+        assert f"{n} carry a prediction from triage run {trid}" in res.output
+        assert ("none on the overlap set" in res.output) is not on_overlap
+    # No triage run: no predictions, no error.
+    export(study, tmp_path / "plain")
+    assert all("predictions" not in t for t in json.loads((tmp_path / "plain" / "tasks.json").read_text("utf-8")))
+
+
+def test_import_reads_annotations_never_predictions(triaged, tmp_path):  # noqa: F811
+    out = tmp_path / "ls"
+    export(triaged, out)
+    tasks = json.loads((out / "tasks.json").read_text("utf-8"))
+    predicted = [t for t in tasks if t.get("predictions")]
+    assert predicted
+    # Label Studio's export of the project before anyone labelled: the predictions come back, no annotations.
+    export_json = ls_export(out / "tasks.json", {})
+    for task, t in zip(export_json, tasks):
+        task["predictions"] = t.get("predictions", [])
+    path = write(tmp_path / "predictions-only.json", export_json)
+    before = rows(triaged, "SELECT count(*) FROM runs")
+    res = invoke("--db", triaged, "import-labels", "--format", "labelstudio", "--annotator", "A", path)
+    assert res.exit_code == 2 and "holds no annotations" in res.output, res.output
+    assert labels(triaged) == [] and rows(triaged, "SELECT count(*) FROM runs") == before
+    # An annotator who changed the pre-filled prediction: the annotation's category is stored, not the prediction's.
+    task = next(t for t in predicted if t["data"]["set_name"] == "A")
+    suggested = task["data"]["suggested_category"]
+    other = next(c for c in ("Context", "Action") if c != suggested)
+    export_json = ls_export(
+        out / "tasks.json", {task["data"]["sample_id"]: [ls_annotation(1, {"id": 1, "email": "a@x"}, other)]}
+    )
+    for t_out, t in zip(export_json, tasks):
+        t_out["predictions"] = t.get("predictions", [])
+    res = invoke("--db", triaged, "import-labels", "--format", "labelstudio", write(tmp_path / "one.json", export_json))
+    assert res.exit_code == 0, res.output
+    assert [(r[0], r[1], r[3]) for r in labels(triaged)] == [(task["data"]["sample_id"], "A", other)]
 
 
 def test_export_needs_a_sample(tmp_path):

@@ -21,6 +21,10 @@ server is idle; a request that cannot get the file answers with the process to s
 
 Blind overlap: a page only ever receives its own annotator's labels.
 
+Triage suggestions (`clipfail triage`): an item shows the newest triage run's suggested category and
+its evidence as a hint line and a marker on that category's button; it never selects or saves
+anything. Overlap items get none unless --show-suggestions-on-overlap (they measure agreement).
+
 Security: the default host is 127.0.0.1 (and then requests must name a local Host, against DNS
 rebinding). Any other --host needs a token per annotator, printed in the links; a request without
 the right token gets 403. Only the image files of the annotator's items (ground truth and top-5)
@@ -119,6 +123,7 @@ class Workbench:
     port: int = 0
     tokens: dict[str, str] | None = None  # annotator -> token; None on a local host
     run_id: int | None = None
+    show_suggestions_on_overlap: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -155,11 +160,18 @@ def prepare(
     set_choice: str = "all",
     retrieval_run_id: int | None = None,
     host: str = "127.0.0.1",
+    show_suggestions_on_overlap: bool = False,
 ) -> Workbench:
-    """Check everything and load what the pages show; writes nothing (see `start_session`)."""
+    """Check everything and load what the pages show; writes nothing (see `start_session`).
+
+    Each item carries `suggestion` ({category, evidence} from the newest triage run of the retrieval
+    run, by the lookup of the CSV export) or None: none without a triage run, none where triage had no
+    evidence, and none on the overlap set unless `show_suggestions_on_overlap` (a suggestion seen there
+    would bias the agreement that the overlap labels measure)."""
     from toolkit.annotations import _SampleInfo, canonical_annotator
     from toolkit.failures import _image_lookup, sample_table
     from toolkit.taxonomy import Taxonomy
+    from toolkit.triage import add_suggestions
 
     set_choice = (set_choice or "all").strip().lower()
     if set_choice not in SETS:
@@ -207,6 +219,14 @@ def prepare(
             [rrid],
         ).fetchone()
         tax = Taxonomy.load(con)
+        hints = [{"sample_id": int(r.sample_id), "set_name": str(r.set_name), "caption_id": int(r.caption_id)}
+                 for r in table.itertuples(index=False)]  # fmt: skip
+        add_suggestions(con, rrid, hints, show_on_overlap=show_suggestions_on_overlap)
+        suggestions = {
+            h["sample_id"]: {"category": h["suggested_category"], "evidence": h["evidence"]}
+            for h in hints
+            if h["suggested_category"]
+        }
         # stored relative to the database's folder when under it (movable studies): never to the current folder
         root_path = study_paths.resolve(con, root_row[0]) if root_row and root_row[0] else None
     finally:
@@ -257,6 +277,7 @@ def prepare(
                         "name": _name(lookup, gt),
                     },
                     "top": top,
+                    "suggestion": suggestions.get(int(row.sample_id)),
                 }
             )
     categories = [
@@ -265,7 +286,18 @@ def prepare(
     ]
     host = host or "127.0.0.1"
     tokens = None if host in LOCAL_HOSTS else {n: secrets.token_urlsafe(18) for n in canonical}
-    return Workbench(db_path, rrid, set_choice, canonical, items, images, categories, host=host, tokens=tokens)
+    return Workbench(
+        db_path,
+        rrid,
+        set_choice,
+        canonical,
+        items,
+        images,
+        categories,
+        host=host,
+        tokens=tokens,
+        show_suggestions_on_overlap=bool(show_suggestions_on_overlap),
+    )
 
 
 def _name(lookup: dict, image_id: int) -> str:
@@ -279,6 +311,7 @@ def start_session(wb: Workbench) -> int:
         "annotators": wb.annotators,
         "set": wb.set_choice,
         "host": wb.host,
+        "show_suggestions_on_overlap": wb.show_suggestions_on_overlap,
     }
     with wb.database() as con:
         with db.transaction(con):

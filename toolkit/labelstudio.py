@@ -17,6 +17,14 @@ from a running instance):
   the ground truth and top-5, `Choices name="category"` (the taxonomy's categories, hotkeys 1-7),
   `Choices name="secondary"` (hotkeys q w e r t y u) and `TextArea name="notes"`, all with
   `toName="caption"`.
+- Predictions: after `clipfail triage`, a task whose failure has a suggestion from the newest triage
+  run carries it as Label Studio's pre-annotation, `"predictions": [{"model_version": "clipfail
+  triage run N", "score": the rule's score, "result": [{"from_name": "category", "to_name":
+  "caption", "type": "choices", "value": {"choices": [CATEGORY]}}]}]`, and the evidence text in
+  `data.suggested_category` / `data.evidence`. Overlap tasks carry neither unless
+  show_suggestions_on_overlap (a suggestion seen there biases the agreement they measure). Label
+  Studio shows a prediction pre-filled on the labelling page; the annotator's submission is an
+  annotation. The import reads annotations only, never predictions.
 - The export (Label Studio's "JSON" export): a list of tasks, each with `id`, `data` (as imported)
   and `annotations`, each annotation with `completed_by` (a user id, or an object with `id`,
   `email`, `first_name`, `last_name` in older versions and API exports), `was_cancelled`, and
@@ -66,6 +74,8 @@ class ExportResult:
     unchanged: list[str]
     image_root: str | None
     url_mode: str  # 'local-files' or 'prefix'
+    triage_run_id: int | None = None  # the triage run whose suggestions are the predictions (None: no triage run)
+    n_predictions: int = 0
 
 
 def labeling_config(categories: list[dict]) -> str:
@@ -109,11 +119,17 @@ def labeling_config(categories: list[dict]) -> str:
 
 
 def export_labelstudio(
-    con, out_dir, retrieval_run_id: int | None = None, image_url_prefix: str | None = None, force: bool = False
+    con,
+    out_dir,
+    retrieval_run_id: int | None = None,
+    image_url_prefix: str | None = None,
+    force: bool = False,
+    show_suggestions_on_overlap: bool = False,
 ) -> ExportResult:
     """Write tasks.json and labeling_config.xml for the failure sample (every set but backup) into out_dir."""
     from toolkit.failures import _image_lookup, sample_table
     from toolkit.taxonomy import Taxonomy
+    from toolkit.triage import add_suggestions, latest_suggestions
 
     run = resolve_retrieval_run(con, retrieval_run_id, need="sample", purpose="the Label Studio export")
     rrid = int(run["retrieval_run_id"])
@@ -168,6 +184,27 @@ def export_labelstudio(
             data[f"top{k}_title"] = f"#{k}{' = GROUND TRUTH' if iid == gt else ''}: score {float(score):.4f}"
         tasks.append({"data": data})
 
+    # The same lookup and overlap rule as the annotator CSVs; the score and run come from the same newest run.
+    add_suggestions(con, rrid, [t["data"] for t in tasks], show_on_overlap=show_suggestions_on_overlap)
+    found = latest_suggestions(con, rrid)
+    triage_run_id = int(found["triage_run_id"].iloc[0]) if len(found) else None
+    scores = {int(c): (None if v != v else float(v)) for c, v in zip(found["caption_id"], found["score"])}
+    choice_names = {c["name"] for c in categories}
+    n_predictions = 0
+    for t in tasks:
+        category = t["data"]["suggested_category"]
+        if not category or category not in choice_names:  # a category the taxonomy no longer has is no choice
+            continue
+        prediction = {"model_version": f"clipfail triage run {triage_run_id}"}
+        score = scores.get(t["data"]["caption_id"])
+        if score is not None:
+            prediction["score"] = score
+        prediction["result"] = [
+            {"from_name": "category", "to_name": "caption", "type": "choices", "value": {"choices": [category]}}
+        ]
+        t["predictions"] = [prediction]
+        n_predictions += 1
+
     out_dir = Path(out_dir)
     contents = {
         "tasks.json": json.dumps(tasks, ensure_ascii=False, indent=1) + "\n",
@@ -194,7 +231,15 @@ def export_labelstudio(
         tmp.replace(path)
         written.append(name)
     return ExportResult(
-        rrid, out_dir, len(tasks), written, unchanged, root, "prefix" if image_url_prefix else "local-files"
+        rrid,
+        out_dir,
+        len(tasks),
+        written,
+        unchanged,
+        root,
+        "prefix" if image_url_prefix else "local-files",
+        triage_run_id,
+        n_predictions,
     )
 
 

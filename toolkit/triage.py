@@ -497,9 +497,11 @@ def _result(con, rrid, triage_run_id, run_id, n, is_noop, used, hub_threshold) -
 
 
 def latest_suggestions(con, retrieval_run_id: int) -> pd.DataFrame:
-    """caption_id, suggested_category, evidence of the newest triage run of a retrieval run (empty if none)."""
+    """caption_id, suggested_category, evidence, score, triage_run_id of the newest triage run of a retrieval run
+    (empty if none)."""
     return con.execute(
-        "SELECT caption_id, suggested_category, evidence FROM triage_suggestions WHERE triage_run_id = "
+        "SELECT caption_id, suggested_category, evidence, score, triage_run_id FROM triage_suggestions "
+        "WHERE triage_run_id = "
         "(SELECT max(triage_run_id) FROM triage_runs WHERE retrieval_run_id = ?)",
         [retrieval_run_id],
     ).df()
