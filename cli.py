@@ -330,7 +330,10 @@ def ingest(db_path, **options):
     "--batch-size", type=click.IntRange(1, 65536), default=None, help="Default: 64 images / 256 captions on CPU."
 )
 @click.option(
-    "--cache-dir", type=click.Path(file_okay=False), default=None, help="Default: <db stem>_cache/ beside the database."
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Embedding cache folder (default: <db stem>_cache/embeddings/ beside the database).",
 )
 @click.option("--recompute", is_flag=True, help="Rebuild the embeddings even if a cached set exists.")
 @click.option("--draft-decode", "draft", is_flag=True, help="Opt-in JPEG draft decoding (faster; resize noise only).")
@@ -511,7 +514,10 @@ def evaluate(db_path, subset_name, model, pretrained, checkpoint, topk, device, 
 @model_options(weights=False, precision=True)
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=None, help="Embedding batch size.")
 @click.option(
-    "--cache-dir", type=click.Path(file_okay=False), default=None, help="Default: <db stem>_cache/ beside the database."
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Embedding cache folder (default: <db stem>_cache/embeddings/ beside the database).",
 )
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the table here.")
 @db_option
@@ -1472,7 +1478,10 @@ def report(db_path, out_dir, retrieval_run_id):
     "--batch-size", type=click.IntRange(1, 65536), default=None, help="Embedding batch size (default: embed's)."
 )
 @click.option(
-    "--cache-dir", type=click.Path(file_okay=False), default=None, help="Embedding cache (default: beside the db)."
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Embedding cache folder (default: <db stem>_cache/embeddings/ beside the database).",
 )
 @click.option(
     "--n",
