@@ -256,7 +256,7 @@ def evaluate(
         raise UserError("--topk must be at least 1.")
     if chunk is not None and chunk < 1:
         raise UserError("--chunk must be at least 1.")
-    # ranks never run on mps; an unavailable or unknown --device is a UserError, before any work
+    # auto never picks mps for ranking (an explicit --device mps does); a bad --device is a UserError, first
     device = resolve_device(device, auto_mps=False)
     subset = db.get_subset(con, subset_name)
     subset_id, name = int(subset["subset_id"]), str(subset["name"])
