@@ -65,7 +65,11 @@ class ClipfailGroup(click.Group):
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
-            click.echo("Interrupted. The interrupted stage wrote nothing to the database.", err=True)
+            click.echo(
+                "Interrupted. The stage that was running wrote nothing to the database (stages that had "
+                "finished keep their results); run the same command again to carry on.",
+                err=True,
+            )
             ctx.exit(130)
 
 
