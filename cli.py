@@ -144,11 +144,105 @@ def model_options(
                     "are opt-in (recorded in the embedding set's config).",
                 )
             )
+        return _stack(options)(f)
+
+    return decorate
+
+
+def _stack(options):
+    """Apply click options so that --help lists them in the order given."""
+
+    def decorate(f):
         for option in reversed(options):
             f = option(f)
         return f
 
     return decorate
+
+
+def subset_options(f):
+    """Where the COCO data is and how the subset is drawn, declared once for `ingest` and `run`."""
+    return _stack(
+        [
+            click.option(
+                "--coco-root", type=click.Path(), help="Folder with annotations/captions_val2017.json and val2017/."
+            ),
+            click.option("--captions-json", type=click.Path(), help="A COCO captions JSON (instead of --coco-root)."),
+            click.option("--images-dir", type=click.Path(), help="The folder its file_names are relative to."),
+            click.option(
+                "--num-images",
+                default=None,
+                help="Images to sample, or 'all' (default: 5000; Flickr30k: the whole split).",
+            ),
+            click.option(
+                "--captions-per-image",
+                type=click.IntRange(1, 2**31 - 1),
+                default=5,
+                show_default=True,
+                help="Captions kept per image (the first, by annotation id).",
+            ),
+            click.option(
+                "--seed",
+                type=click.IntRange(0, 2**32 - 1),
+                default=42,
+                show_default=True,
+                help="Seed of the image sample.",
+            ),
+            click.option("--name", default=None, help="Subset name (default: <num-images>-seed<seed>)."),
+            click.option("--skip-bad-images", is_flag=True, help="Exclude missing/unreadable images before sampling."),
+        ]
+    )(f)
+
+
+def sample_options(*, n_param: str = "n", seed_flag: str = "--seed", seed_param: str = "seed"):
+    """How failures are drawn and exported for annotators, declared once for `sample-failures` and `run`
+    (which names the count and the seed n_failures / --failure-seed beside its other seeds)."""
+    return _stack(
+        [
+            click.option(
+                "--n",
+                n_param,
+                type=click.IntRange(1, 1_000_000),
+                default=200,
+                show_default=True,
+                help="R@1 failures to draw.",
+            ),
+            click.option(
+                seed_flag,
+                seed_param,
+                type=click.IntRange(0, 2**32 - 1),
+                default=42,
+                show_default=True,
+                help="Seed of the failure draw.",
+            ),
+            click.option(
+                "--overlap",
+                type=click.IntRange(0, 1_000_000),
+                default=30,
+                show_default=True,
+                help="Failures drawn first; every annotator labels them.",
+            ),
+            click.option(
+                "--per-annotator",
+                type=click.IntRange(0, 1_000_000),
+                default=50,
+                show_default=True,
+                help="Failures for each annotator alone, after the overlap.",
+            ),
+            click.option("--annotators", default="A,B,C", show_default=True, help="Comma-separated annotator names."),
+            click.option(
+                "--out",
+                "out_dir",
+                type=click.Path(file_okay=False),
+                default="failure_analysis",
+                show_default=True,
+                help="Folder for the annotators' CSVs, README.txt and pictures.",
+            ),
+            click.option(
+                "--pictures/--no-pictures", default=True, show_default=True, help="Write vis_<sample_id>.png."
+            ),
+        ]
+    )
 
 
 def echo_df(df: pd.DataFrame, floatfmt: str = "{:.4f}") -> None:
@@ -266,30 +360,13 @@ def make_synthetic_coco(dest, n_images, seed):
 
 
 @cli.command()
-@click.option("--coco-root", type=click.Path(), help="Folder with annotations/captions_val2017.json and val2017/.")
-@click.option("--captions-json", type=click.Path(), help="A COCO captions JSON (instead of --coco-root).")
-@click.option("--images-dir", type=click.Path(), help="The folder its file_names are relative to.")
+@subset_options
 @click.option(
     "--karpathy-json",
     type=click.Path(),
     help="Karpathy's dataset_coco.json or dataset_flickr30k.json (image root: --images-dir).",
 )
 @click.option("--split", default=None, help="Karpathy split to take (default: test).")
-@click.option(
-    "--num-images", default=None, help="Images to sample, or 'all' (default: 5000; Flickr30k: the whole split)."
-)
-@click.option(
-    "--captions-per-image",
-    type=click.IntRange(1, 2**31 - 1),
-    default=5,
-    show_default=True,
-    help="Captions kept per image (the first, by annotation id).",
-)
-@click.option(
-    "--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True, help="Seed of the image sample."
-)
-@click.option("--name", default=None, help="Subset name (default: <num-images>-seed<seed>).")
-@click.option("--skip-bad-images", is_flag=True, help="Exclude missing/unreadable images before sampling.")
 @click.option("--replace", is_flag=True, help="Rebuild an existing subset of this name with a new config.")
 @click.option(
     "--instances-json",
@@ -680,34 +757,7 @@ def triage(db_path, retrieval_run_id, hub_factor):
     default=None,
     help="Retrieval run id (default: latest text-to-image).",
 )
-@click.option("--n", type=click.IntRange(max=1_000_000), default=200, show_default=True, help="Failures to draw.")
-@click.option(
-    "--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True, help="Seed of the failure draw."
-)
-@click.option(
-    "--overlap",
-    type=click.IntRange(max=1_000_000),
-    default=30,
-    show_default=True,
-    help="Drawn first; every annotator labels them.",
-)
-@click.option(
-    "--per-annotator",
-    type=click.IntRange(0, 1_000_000),
-    default=50,
-    show_default=True,
-    help="Failures for each annotator alone, after the overlap.",
-)
-@click.option("--annotators", default="A,B,C", show_default=True, help="Comma-separated annotator names.")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    default="failure_analysis",
-    show_default=True,
-    help="Folder for the CSVs, README.txt and pictures.",
-)
-@click.option("--pictures/--no-pictures", default=True, show_default=True, help="Write vis_<sample_id>.png.")
+@sample_options()
 @click.option("--replace", is_flag=True, help="Draw a new sample for a run that has one (refused once labelled).")
 @click.option(
     "--show-suggestions-on-overlap",
@@ -1463,20 +1513,7 @@ def report(db_path, out_dir, retrieval_run_id):
 
 
 @cli.command("run")
-@click.option("--coco-root", type=click.Path(), help="Folder with annotations/captions_val2017.json and val2017/.")
-@click.option("--captions-json", type=click.Path(), help="A COCO captions JSON (instead of --coco-root).")
-@click.option("--images-dir", type=click.Path(), help="The folder its file_names are relative to.")
-@click.option("--num-images", default="5000", show_default=True, help="Images to sample, or 'all'.")
-@click.option(
-    "--captions-per-image",
-    type=click.IntRange(1, 2**31 - 1),
-    default=5,
-    show_default=True,
-    help="Captions kept per image (the first, by annotation id).",
-)
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True, help="Subset seed.")
-@click.option("--name", default=None, help="Subset name (default: <num-images>-seed<seed>).")
-@click.option("--skip-bad-images", is_flag=True, help="Exclude missing/unreadable images before sampling.")
+@subset_options
 @model_options(model_default="openai/clip-vit-base-patch32", precision=True)
 @click.option(
     "--batch-size", type=click.IntRange(1, 65536), default=None, help="Embedding batch size (default: embed's)."
@@ -1487,45 +1524,7 @@ def report(db_path, out_dir, retrieval_run_id):
     default=None,
     help="Embedding cache folder (default: <db stem>_cache/embeddings/ beside the database).",
 )
-@click.option(
-    "--n",
-    "n_failures",
-    type=click.IntRange(1, 1_000_000),
-    default=200,
-    show_default=True,
-    help="R@1 failures to sample.",
-)
-@click.option(
-    "--failure-seed",
-    type=click.IntRange(0, 2**32 - 1),
-    default=42,
-    show_default=True,
-    help="Seed of the failure sample (sample-failures --seed).",
-)
-@click.option(
-    "--overlap",
-    type=click.IntRange(0, 1_000_000),
-    default=30,
-    show_default=True,
-    help="Failures drawn first; every annotator labels them.",
-)
-@click.option(
-    "--per-annotator",
-    type=click.IntRange(0, 1_000_000),
-    default=50,
-    show_default=True,
-    help="Failures for each annotator alone.",
-)
-@click.option("--annotators", default="A,B,C", show_default=True, help="Comma-separated annotator names.")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    default="failure_analysis",
-    show_default=True,
-    help="Folder for the annotators' CSVs, README.txt and pictures.",
-)
-@click.option("--pictures/--no-pictures", default=True, show_default=True, help="Write vis_<sample_id>.png.")
+@sample_options(n_param="n_failures", seed_flag="--failure-seed", seed_param="failure_seed")
 @db_option
 def run(db_path, **options):
     """Run init, ingest, embed, evaluate and sample-failures in one go, resuming what is done.

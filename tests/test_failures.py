@@ -193,8 +193,8 @@ def test_bad_sizes_and_inputs_are_refused_and_change_nothing(run_cli, dbfile, tm
     cases = [
         (["--n", 40, "--overlap", 20, "--per-annotator", 8], "do not fit"),  # 20 + 3*8 = 44 > 40
         (["--n", n_failures + 1, "--overlap", 0, "--per-annotator", 1], f"{n_failures} R@1 failures"),
-        (["--n", 0], "--n must be at least 1"),
-        (["--n", 10, "--overlap", -1, "--per-annotator", 1], "--overlap must be at least 0"),
+        (["--n", 0], "Invalid value for '--n': 0 is not in the range 1<=x<=1000000"),
+        (["--n", 10, "--overlap", -1, "--per-annotator", 1], "Invalid value for '--overlap': -1 is not in the range"),
         (["--n", 10, "--overlap", 1, "--per-annotator", 1, "--annotators", "A,a"], "must differ"),
         (["--n", 10, "--overlap", 1, "--per-annotator", 1, "--annotators", "A,../x"], "file names"),
         (["--n", 10, "--overlap", 1, "--per-annotator", 1, "--annotators", "A,backup"], "set name of its own"),

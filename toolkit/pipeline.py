@@ -84,7 +84,7 @@ def run_pipeline(
     coco_root=None,
     captions_json=None,
     images_dir=None,
-    num_images: int | str = 5000,
+    num_images: int | str | None = None,  # None: ingest's default (5000)
     captions_per_image: int = 5,
     seed: int = 42,
     name: str | None = None,
