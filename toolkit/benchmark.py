@@ -27,7 +27,6 @@ the device they were made on (from the sets' config). Python only picks and pivo
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ import pandas as pd
 
 from toolkit import db
 from toolkit.errors import UserError
-from toolkit.study import open_study
+from toolkit.study import connection
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 DIRECTIONS = ("text-to-image", "image-to-text")
@@ -150,18 +149,6 @@ def check_line(item: ModelLine) -> None:
         item.error = f"checkpoint file {item.checkpoint} does not exist"
 
 
-@contextlib.contextmanager
-def _open(database):
-    if isinstance(database, str | os.PathLike):
-        con = open_study(database)
-        try:
-            yield con
-        finally:
-            con.close()
-    else:
-        yield database
-
-
 def benchmark(
     database,
     models_file,
@@ -181,7 +168,7 @@ def benchmark(
     from toolkit.evaluate import evaluate
 
     lines = read_models_file(models_file)
-    with _open(database) as con:
+    with connection(database) as con:
         subset = str(db.get_subset(con, subset_name)["name"])
     for item in lines:
         check_line(item)
@@ -205,7 +192,7 @@ def benchmark(
                 progress=progress,
             )
             runs, noop = {}, e.is_noop
-            with _open(database) as con:
+            with connection(database) as con:
                 for direction in DIRECTIONS:
                     ev = evaluate(
                         con,
@@ -227,7 +214,7 @@ def benchmark(
             continue
         status = "already done" if noop else "done"
         outcomes.append(LineOutcome(item, status, None, runs, time.perf_counter() - t0))
-    with _open(database) as con:
+    with connection(database) as con:
         table = results_table(con, outcomes)
     return BenchmarkResult(subset, outcomes, table)
 

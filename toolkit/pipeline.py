@@ -9,14 +9,12 @@ database stands. What is left for people (labelling the exported CSVs) and the l
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolkit.study import open_study
+from toolkit.study import connection
 
 SUGGESTED_CONTROL = 200  # R@1 successes in the suggested improve control (fewer if the run has fewer)
 
@@ -65,19 +63,6 @@ def _timed(outcomes: list[StageOutcome], stage: str, fn, describe):
     return res
 
 
-@contextlib.contextmanager
-def _connection(database):
-    """The caller's open connection, or the database at this path opened for one stage and closed after."""
-    if isinstance(database, str | os.PathLike):
-        con = open_study(database)
-        try:
-            yield con
-        finally:
-            con.close()
-    else:
-        yield database
-
-
 def run_pipeline(
     database,
     *,
@@ -118,7 +103,7 @@ def run_pipeline(
         raise UserError("Give either --pretrained TAG or --checkpoint PATH, not both.")
 
     def _in(stage_fn, *args, **kwargs):
-        with _connection(database) as con:
+        with connection(database) as con:
             return stage_fn(con, *args, **kwargs)
 
     stages: list[StageOutcome] = []
@@ -186,7 +171,7 @@ def run_pipeline(
     out = Path(out_dir)
     files = " ".join(shlex.quote(str(out / f"assign_{a}.csv")) for a in names)
     # the control must fit the run: improve refuses successes:N beyond its R@1 successes
-    with _connection(database) as con:
+    with connection(database) as con:
         n_successes = con.execute(
             "SELECT count(*) FROM retrieval_ranks WHERE retrieval_run_id = ? AND gt_rank = 1", [ev.retrieval_run_id]
         ).fetchone()[0]

@@ -20,8 +20,10 @@ The connection it returns closes at the end of a `with` block:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -162,32 +164,20 @@ def open_study(
     from this clipfail's (`force_upgrade=True`, used by `clipfail init`, re-checks every table and column
     anyway). With `read_only=True` nothing is ever written: the file must exist and be up to date."""
     path = str(path or db.default_db_path())
-    if read_only:
-        con = db.connect(path, read_only=True)
-        try:
-            _refuse_newer(con, path)
-            if stored_schema_hash(con) != schema_hash():
-                raise UserError(
-                    f"Database {path} has not been set up by this version of clipfail yet (its tables, views or "
-                    "default data differ), and this command only reads it. Upgrade it once with: "
-                    f"clipfail --db {path} init (this needs write access to the file and its folder), then run "
-                    "the command again."
-                )
-        except duckdb.Error as exc:
-            con.close()
-            if db.is_corruption(exc):
-                raise db.damaged_database_error(path, exc) from None
-            raise
-        except BaseException:
-            con.close()
-            raise
-        return con
-    if Path(path).parent and not Path(path).parent.exists():
+    if not read_only and Path(path).parent and not Path(path).parent.exists():
         raise UserError(f"Folder {Path(path).parent} for database {path} does not exist. Create it first.")
-    con = db.connect(path)
+    con = db.connect(path, read_only=read_only)
     try:
         _refuse_newer(con, path)
-        if force_upgrade or stored_schema_hash(con) != schema_hash():
+        up_to_date = stored_schema_hash(con) == schema_hash()
+        if read_only and not up_to_date:
+            raise UserError(
+                f"Database {path} has not been set up by this version of clipfail yet (its tables, views or "
+                "default data differ), and this command only reads it. Upgrade it once with: "
+                f"clipfail --db {path} init (this needs write access to the file and its folder), then run "
+                "the command again."
+            )
+        if not read_only and (force_upgrade or not up_to_date):
             upgrade(con, path)
     except duckdb.Error as exc:
         con.close()
@@ -198,3 +188,17 @@ def open_study(
         con.close()
         raise
     return con
+
+
+@contextlib.contextmanager
+def connection(database):
+    """A connection for one block: the caller's open connection as it is, or the study at this path
+    opened for the block and closed after it (so that a long step between two blocks holds no lock)."""
+    if isinstance(database, str | os.PathLike):
+        con = open_study(database)
+        try:
+            yield con
+        finally:
+            con.close()
+    else:
+        yield database
