@@ -1,17 +1,15 @@
-"""queries/: the list of views, their order, their conventions, and their output before/after issue 12.
+"""queries/: the list of views, their order, their conventions, and the NULL-ordering rules.
 
-tests/views_before_issue12/ holds the view texts as they were on main (99a6260) before the SQL
-conventions of issue 12 (import CTEs, a final CTE, NULLS LAST, the shared improvement_hits view).
-That change is a refactor: on a populated study every one of those views must return exactly the
-same rows, columns, types and order. A later change that alters a view's output on purpose updates
-its file there in the same commit (and says why).
+(Issue 12's rewrite of the views to these conventions was checked to be a pure refactor: on this
+study every view returned the same rows, columns, types and order as the pre-issue-12 SQL. That
+one-off comparison kept a second copy of every view under tests/ and was removed once it had
+passed; the numbers themselves are checked against plain recomputations in each stage's tests.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 from pathlib import Path
 
 import duckdb
@@ -34,7 +32,6 @@ from toolkit.synthetic import make_synthetic_coco
 from toolkit.triage import triage
 
 QUERIES = Path(queries.__file__).parent
-BEFORE = Path(__file__).parent / "views_before_issue12"
 
 
 def _sql_files() -> list[str]:
@@ -197,20 +194,6 @@ def _edge_cases(con) -> None:
     con.execute(sql, ["Context", None, s2, c])
 
 
-def _apply_with_retries(con, texts: dict[str, str]) -> None:
-    """How views were applied before issue 12: retry the ones that fail until all resolve."""
-    pending = dict(texts)
-    while pending:
-        failed = {}
-        for name, sql in pending.items():
-            try:
-                con.execute(sql)
-            except duckdb.CatalogException:
-                failed[name] = sql
-        assert len(failed) < len(pending), f"old views do not apply: {sorted(failed)}"
-        pending = failed
-
-
 def _outputs(path: Path, names) -> dict[str, tuple[pd.DataFrame, list]]:
     con = duckdb.connect(str(path), read_only=True)
     try:
@@ -219,23 +202,11 @@ def _outputs(path: Path, names) -> dict[str, tuple[pd.DataFrame, list]]:
         con.close()
 
 
-def test_every_view_returns_what_it_returned_before(study, tmp_path):
-    before_texts = {p.stem: p.read_text(encoding="utf-8") for p in sorted(BEFORE.glob("*.sql"))}
-    assert set(before_texts) <= set(queries.VIEWS)  # every old view keeps its name
-    old_db = tmp_path / "before.duckdb"
-    shutil.copyfile(study, old_db)
-    con = duckdb.connect(str(old_db))
-    try:
-        _apply_with_retries(con, before_texts)
-    finally:
-        con.close()
-    new, old = _outputs(study, before_texts), _outputs(old_db, before_texts)
-    for name in sorted(before_texts):
-        (new_df, new_types), (old_df, old_types) = new[name], old[name]
-        assert len(old_df) > 0, f"{name} is empty on the test study: the comparison would prove nothing"
-        assert new_types == old_types, name
-        pd.testing.assert_frame_equal(new_df, old_df, check_exact=True, obj=name)
-    # the cases the NULL ordering rules are about occur in this study
+def test_null_ordering_rules_on_the_edge_cases(study):
+    # the cases the NULL ordering rules are about occur in this study, and come out in the documented order
+    new = _outputs(study, ["category_recall_delta", "triage_distribution", "triage_confusion", "sample_labels"])
+    for name, (df, _) in new.items():
+        assert len(df) > 0, f"{name} is empty on the test study"
     crd = new["category_recall_delta"][0]
     assert crd["category"].isna().any() and crd["category"].notna().any()
     for _, run in crd.groupby("improvement_id", sort=False):  # within a run, NULL category last
