@@ -23,3 +23,49 @@ def register_hand_built(
             precision="fp32", config=cfg, path=path, array=array,
             item_ids=np.asarray(item_ids, dtype=np.int64), sha256=sha, run_id=run_id,
         )  # fmt: skip
+
+
+def fake_text_encoder(texts) -> np.ndarray:
+    """A seeded 16-d unit embedding per distinct text: stands in for the model where prompts are encoded."""
+    import hashlib
+
+    rows = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:12], 16)).normal(size=16) for t in texts]
+    out = np.asarray(rows, dtype=np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def register_seeded_embeddings(con, folder: Path, subset_name: str, *, noise: float = 1.2, seed: int = 0) -> None:
+    """Random unit image embeddings, and each caption its image's plus `noise` x Gaussian (re-normalised):
+    a retrieval run with failures and successes, without a model. Files go to folder/{image,text}.npy."""
+    sid = int(db.get_subset(con, subset_name)["subset_id"])
+    imgs = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
+    caps = con.execute(
+        "SELECT c.caption_id, c.image_id FROM subset_captions c JOIN subset_images i USING (subset_id, image_id) "
+        "WHERE c.subset_id = ? ORDER BY i.position, c.position",
+        [sid],
+    ).df()
+    rng = np.random.default_rng(seed)
+    img = rng.normal(size=(len(imgs), 16)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    pos = {int(i): k for k, i in enumerate(imgs["image_id"])}
+    txt = img[[pos[int(i)] for i in caps["image_id"]]] + noise * rng.normal(size=(len(caps), 16)).astype(np.float32)
+    txt = (txt / np.linalg.norm(txt, axis=1, keepdims=True)).astype(np.float32)
+    register_hand_built(con, Path(folder) / "image.npy", "image", img, imgs["image_id"].to_numpy(), sid)
+    register_hand_built(con, Path(folder) / "text.npy", "text", txt, caps["caption_id"].to_numpy(), sid)
+
+
+def build_labelled_study(con, root: Path) -> None:
+    """On an open study: 60 generated images (subset s60), seeded embeddings, evaluate, a 200-failure sample
+    (30 overlap, 50 per annotator, pictures off) in root/fa and simulated labels from root/labels."""
+    from toolkit.evaluate import evaluate
+    from toolkit.failures import sample_failures
+    from toolkit.ingest import ingest
+    from toolkit.simulate import simulate_labels
+    from toolkit.synthetic import make_synthetic_coco
+
+    make_synthetic_coco(root / "coco", 60, seed=1)
+    ingest(con, coco_root=root / "coco", num_images=60, captions_per_image=5, seed=42, name="s60")
+    register_seeded_embeddings(con, root, "s60")
+    evaluate(con, "s60", device="cpu")
+    sample_failures(con, n=200, seed=42, overlap=30, per_annotator=50, out_dir=root / "fa", pictures=False)
+    simulate_labels(con, root / "fa", root / "labels", seed=0)

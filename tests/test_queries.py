@@ -8,27 +8,20 @@ passed; the numbers themselves are checked against plain recomputations in each 
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pandas as pd
 import pytest
-from helpers import register_hand_built
+from helpers import build_labelled_study, fake_text_encoder
 
 import queries
 from schema.tables import metadata
 from toolkit import db
 from toolkit import study as study_mod
-from toolkit.evaluate import evaluate
-from toolkit.failures import sample_failures
 from toolkit.improve import improve
-from toolkit.ingest import ingest
-from toolkit.simulate import simulate_labels
 from toolkit.study import open_study
-from toolkit.synthetic import make_synthetic_coco
 from toolkit.triage import triage
 
 QUERIES = Path(queries.__file__).parent
@@ -123,41 +116,16 @@ def test_improvement_views_share_the_hits_view():
 # --- the views return what they returned before issue 12 -------------------------------------------
 
 
-def _fake_encoder(texts):
-    rows = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:12], 16)).normal(size=16) for t in texts]
-    out = np.asarray(rows, dtype=np.float32)
-    return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """A generated study with every view populated: retrieval, labels (with the overlap set), improve runs
     (one with a NULL-category control, one mixed), and a triage run."""
     root = tmp_path_factory.mktemp("queries_study")
-    make_synthetic_coco(root / "coco", 60, seed=1)
     path = root / "study.duckdb"
     con = open_study(path)
     try:
-        ingest(con, coco_root=root / "coco", num_images=60, captions_per_image=5, seed=42, name="s60")
-        sid = int(db.get_subset(con, "s60")["subset_id"])
-        imgs = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
-        caps = con.execute(
-            "SELECT c.caption_id, c.image_id FROM subset_captions c JOIN subset_images i USING (subset_id, image_id) "
-            "WHERE c.subset_id = ? ORDER BY i.position, c.position",
-            [sid],
-        ).df()
-        rng = np.random.default_rng(0)
-        img = rng.normal(size=(len(imgs), 16)).astype(np.float32)
-        img /= np.linalg.norm(img, axis=1, keepdims=True)
-        pos = {int(i): k for k, i in enumerate(imgs["image_id"])}
-        txt = img[[pos[int(i)] for i in caps["image_id"]]] + 1.2 * rng.normal(size=(len(caps), 16)).astype(np.float32)
-        txt = (txt / np.linalg.norm(txt, axis=1, keepdims=True)).astype(np.float32)
-        register_hand_built(con, root / "image.npy", "image", img, imgs["image_id"].to_numpy(), sid)
-        register_hand_built(con, root / "text.npy", "text", txt, caps["caption_id"].to_numpy(), sid)
-        evaluate(con, "s60", device="cpu")
-        sample_failures(con, n=200, seed=42, overlap=30, per_annotator=50, out_dir=root / "fa", pictures=False)
-        simulate_labels(con, root / "fa", root / "labels", seed=0)
-        kw = dict(poolings="all", encoder=_fake_encoder, cache_dir=root / "cache")
+        build_labelled_study(con, root)
+        kw = dict(poolings="all", encoder=fake_text_encoder, cache_dir=root / "cache")
         improve(con, "Object", control="successes:20", **kw)
         improve(con, "Object,Attribute", template_mode="union", control="all", **kw)
         triage(con)

@@ -6,60 +6,27 @@ and improve runs with a seeded fake prompt encoder (as tests/test_report.py buil
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from html import unescape
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from helpers import register_hand_built
+from helpers import build_labelled_study, fake_text_encoder
 
-from toolkit import db
-from toolkit.evaluate import evaluate
-from toolkit.failures import sample_failures
 from toolkit.improve import improve
-from toolkit.ingest import ingest
-from toolkit.simulate import simulate_labels
 from toolkit.study import open_study
-from toolkit.synthetic import make_synthetic_coco
-
-
-def _fake_encoder(texts):
-    rows = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:12], 16)).normal(size=16) for t in texts]
-    out = np.asarray(rows, dtype=np.float32)
-    return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     """A labelled study (no improve run yet): (database path, root folder)."""
     root = tmp_path_factory.mktemp("review_b")
-    make_synthetic_coco(root / "coco", 60, seed=1)
     path = root / "study.duckdb"
     con = open_study(path)
     try:
-        ingest(con, coco_root=root / "coco", num_images=60, captions_per_image=5, seed=42, name="s60")
-        sid = int(db.get_subset(con, "s60")["subset_id"])
-        imgs = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
-        caps = con.execute(
-            "SELECT c.caption_id, c.image_id FROM subset_captions c JOIN subset_images i USING (subset_id, image_id) "
-            "WHERE c.subset_id = ? ORDER BY i.position, c.position",
-            [sid],
-        ).df()
-        rng = np.random.default_rng(0)
-        img = rng.normal(size=(len(imgs), 16)).astype(np.float32)
-        img /= np.linalg.norm(img, axis=1, keepdims=True)
-        pos = {int(i): k for k, i in enumerate(imgs["image_id"])}
-        txt = img[[pos[int(i)] for i in caps["image_id"]]] + 1.2 * rng.normal(size=(len(caps), 16)).astype(np.float32)
-        txt = (txt / np.linalg.norm(txt, axis=1, keepdims=True)).astype(np.float32)
-        register_hand_built(con, root / "image.npy", "image", img, imgs["image_id"].to_numpy(), sid)
-        register_hand_built(con, root / "text.npy", "text", txt, caps["caption_id"].to_numpy(), sid)
-        evaluate(con, "s60", device="cpu")
-        sample_failures(con, n=200, seed=42, overlap=30, per_annotator=50, out_dir=root / "fa", pictures=False)
-        simulate_labels(con, root / "fa", root / "labels", seed=0)
+        build_labelled_study(con, root)
     finally:
         con.close()
     return path, root
@@ -85,7 +52,7 @@ def test_report_does_not_put_two_subsets_of_one_category_under_one_heading(label
     path, root = labelled
     con = open_study(path)
     try:
-        kw = dict(poolings="max,mean", encoder=_fake_encoder, cache_dir=root / "cache")
+        kw = dict(poolings="max,mean", encoder=fake_text_encoder, cache_dir=root / "cache")
         full = improve(con, "Object", **kw)
         small = improve(con, "Object", max_subset=5, **kw)
         n_full, n_small = (
