@@ -847,6 +847,26 @@ def _write_prompt_shard(con, s: _Settings, m: _PromptMatrix, run_id: int, starte
     )
 
 
+def store_improvement(con, run_row: dict, ranks: pd.DataFrame, seed: int) -> int:
+    """Inside the caller's transaction: one improvement_runs row (stamped created_at), its ranks, and the
+    statistics computed from them (bootstrap seeded with `seed`). Returns the new improvement_id."""
+    row = {**run_row, "created_at": db.now()}
+    cols = ", ".join(row)  # the keys are this module's constants, never user input
+    marks = ", ".join("?" for _ in row)
+    imp_id = int(
+        con.execute(
+            f"INSERT INTO improvement_runs ({cols}) VALUES ({marks}) RETURNING improvement_id", list(row.values())
+        ).fetchall()[0][0]
+    )
+    ranks = ranks.copy()
+    ranks.insert(0, "improvement_id", imp_id)
+    db.insert_df(con, "improvement_ranks", ranks)
+    stats_rows = compute_stats(ranks, seed)
+    stats_rows.insert(0, "improvement_id", imp_id)
+    db.insert_df(con, "improvement_stats", stats_rows)
+    return imp_id
+
+
 def write_rows(
     con,
     s: _Settings,
@@ -877,48 +897,32 @@ def write_rows(
                 result.improvement_ids.append(int(existing[h]))
                 result.reused_ids.append(int(existing[h]))
                 continue
-            row = con.execute(
-                """
-                INSERT INTO improvement_runs (retrieval_run_id, categories, population, pooling, tau, template_set,
-                    templates_sha256, template_mode, k_per_category, k_prompts, n_captions, max_subset, seed,
-                    is_overlap_included, model, config_hash, created_at, run_id, method, method_params, bank_subset,
-                    n_bank, is_bank_overlap)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                RETURNING improvement_id
-                """,
-                [
-                    s.rrid,
-                    ",".join(s.categories),
-                    pop.name,
-                    u.pooling,
-                    u.config["tau"],
-                    s.template_set,
-                    s.templates_sha256,
-                    s.template_mode,
-                    json.dumps(pop.k_per_category),
-                    s.k,
-                    len(pop.captions),
-                    s.max_subset,
-                    s.seed,
-                    bool(s.include_overlap),
-                    s.identity["model"],
-                    h,
-                    db.now(),
-                    run_id,
-                    s.method,
-                    s.method_params,
-                    (s.bank or {}).get("bank_subset"),
-                    (s.bank or {}).get("n_bank"),
-                    (s.bank or {}).get("is_bank_overlap"),
-                ],
-            ).fetchall()[0]
-            imp_id = int(row[0])
-            ranks = computed[(pop.name, u.pooling)].copy()
-            ranks.insert(0, "improvement_id", imp_id)
-            db.insert_df(con, "improvement_ranks", ranks)
-            st = compute_stats(ranks, s.seed)
-            st.insert(0, "improvement_id", imp_id)
-            db.insert_df(con, "improvement_stats", st)
+            bank = s.bank or {}
+            run_row = dict(
+                retrieval_run_id=s.rrid,
+                categories=",".join(s.categories),
+                population=pop.name,
+                pooling=u.pooling,
+                tau=u.config["tau"],
+                template_set=s.template_set,
+                templates_sha256=s.templates_sha256,
+                template_mode=s.template_mode,
+                k_per_category=json.dumps(pop.k_per_category),
+                k_prompts=s.k,
+                n_captions=len(pop.captions),
+                max_subset=s.max_subset,
+                seed=s.seed,
+                is_overlap_included=bool(s.include_overlap),
+                model=s.identity["model"],
+                config_hash=h,
+                run_id=run_id,
+                method=s.method,
+                method_params=s.method_params,
+                bank_subset=bank.get("bank_subset"),
+                n_bank=bank.get("n_bank"),
+                is_bank_overlap=bank.get("is_bank_overlap"),
+            )
+            imp_id = store_improvement(con, run_row, computed[(pop.name, u.pooling)], s.seed)
             result.improvement_ids.append(imp_id)
     return run_id
 
@@ -1465,26 +1469,31 @@ def improve_method(
                 result.improvement_ids.append(int(existing[h]))
                 result.reused_ids.append(int(existing[h]))
                 continue
-            row = con.execute(
-                """
-                INSERT INTO improvement_runs (retrieval_run_id, categories, population, pooling, tau, template_set,
-                    templates_sha256, template_mode, k_per_category, k_prompts, n_captions, max_subset, seed,
-                    is_overlap_included, model, config_hash, created_at, run_id, method, method_params, bank_subset,
-                    n_bank, is_bank_overlap)
-                VALUES (?, ?, ?, 'none', NULL, '', '', 'none', '{}', NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                RETURNING improvement_id
-                """,
-                [rrid, ",".join(cats), name, len(df), max_subset, seed, bool(include_overlap), identity["model"], h,
-                 db.now(), run_id, method, H.params_text(params), bank_info["bank_subset"], bank_info["n_bank"],
-                 bank_info["is_bank_overlap"]],
-            ).fetchall()[0]  # fmt: skip
-            imp_id = int(row[0])
-            ranks = computed[h].copy()
-            ranks.insert(0, "improvement_id", imp_id)
-            db.insert_df(con, "improvement_ranks", ranks)
-            stt = compute_stats(ranks, seed)
-            stt.insert(0, "improvement_id", imp_id)
-            db.insert_df(con, "improvement_stats", stt)
+            run_row = dict(
+                retrieval_run_id=rrid,
+                categories=",".join(cats),
+                population=name,
+                pooling="none",  # a score transform: no prompts, so no pooling, templates or K
+                tau=None,
+                template_set="",
+                templates_sha256="",
+                template_mode="none",
+                k_per_category="{}",
+                k_prompts=None,
+                n_captions=len(df),
+                max_subset=max_subset,
+                seed=seed,
+                is_overlap_included=bool(include_overlap),
+                model=identity["model"],
+                config_hash=h,
+                run_id=run_id,
+                method=method,
+                method_params=H.params_text(params),
+                bank_subset=bank_info["bank_subset"],
+                n_bank=bank_info["n_bank"],
+                is_bank_overlap=bank_info["is_bank_overlap"],
+            )
+            imp_id = store_improvement(con, run_row, computed[h], seed)
             result.improvement_ids.append(imp_id)
     result.run_id = run_id
     return result
