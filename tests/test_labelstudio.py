@@ -320,3 +320,12 @@ def test_export_needs_a_sample(tmp_path):
     res = invoke("--db", empty, "export-labelstudio", tmp_path / "out")
     assert res.exit_code == 2 and "no sampled failures" in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_export_into_a_folder_that_cannot_be_made_is_one_message(study, tmp_path):
+    # an --out under a file: one message, no traceback, nothing written
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = export(study, blocker / "ls", expect=2)
+    assert "Cannot write the Label Studio files" in res.output and "Traceback" not in res.output
+    assert blocker.read_text() == "x"

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,17 +220,26 @@ def export_labelstudio(
             "content (an earlier export, or edited by hand). Nothing was written. Give another folder, or --force to "
             "overwrite."
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written, unchanged = [], []
-    for name, text in contents.items():
-        path = out_dir / name
-        if path.exists() and path.read_text("utf-8") == text:
-            unchanged.append(name)
-            continue
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-        written.append(name)
+    written = [
+        n for n, text in contents.items() if not ((out_dir / n).exists() and (out_dir / n).read_text("utf-8") == text)
+    ]
+    unchanged = [n for n in contents if n not in written]
+    temps = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in written:  # every file is written whole before any replaces its old version
+            tmp = out_dir / f".{name}.tmp{os.getpid()}"
+            tmp.write_text(contents[name], encoding="utf-8")
+            temps.append((tmp, out_dir / name))
+        for tmp, path in temps:
+            tmp.replace(path)
+    except OSError as exc:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        raise UserError(
+            f"Cannot write the Label Studio files into {out_dir}: {exc.strerror or exc}. "
+            "Give a folder you can write to."
+        ) from None
     return ExportResult(
         rrid,
         out_dir,
