@@ -43,6 +43,44 @@ def test_a_fifo_is_refused_without_blocking(fifo, reader):
     assert "FIFO" in str(out["exc"]) and str(fifo) in str(out["exc"])
 
 
+def test_read_under_resolves_and_checks_each_part_when_it_reads(tmp_path, fifo):
+    """read_under (the workbench's images): the real path must stay inside the root, no part of it may be a link
+    swapped in, and only a regular file is read, without blocking."""
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "other").mkdir()
+    (root / "sub" / "a.jpg").write_bytes(b"A")
+    (root / "other" / "a.jpg").write_bytes(b"B")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.jpg").write_bytes(b"SECRET")
+    assert uf.read_under(root, "sub/a.jpg", "Image") == b"A"
+    for rel in ("../outside/a.jpg", str(outside / "a.jpg"), "sub/../../outside/a.jpg", "", ".", "sub"):
+        with pytest.raises(UserError):
+            uf.read_under(root, rel, "Image")
+    (root / "sub").rename(root / "sub.old")
+    (root / "sub").symlink_to(outside)  # a folder on the way swapped for a link out of the root
+    with pytest.raises(UserError, match="not a file inside"):
+        uf.read_under(root, "sub/a.jpg", "Image")
+    (root / "sub").unlink()
+    (root / "sub").symlink_to(root / "other")  # a link that stays inside: its real path is read
+    assert uf.read_under(root, "sub/a.jpg", "Image") == b"B"
+    (root / "sub").unlink()
+    (root / "sub.old").rename(root / "sub")
+    os.replace(fifo, root / "sub" / "a.jpg")
+    out = _in_thread(uf.read_under, root, "sub/a.jpg", "Image")
+    assert isinstance(out.get("exc"), UserError) and "FIFO" in str(out["exc"]), out
+    (root / "sub" / "a.jpg").unlink()
+    (root / "sub" / "a.jpg").write_bytes(b"x" * 11)
+    with pytest.raises(UserError, match="more than the 10"):
+        uf.read_under(root, "sub/a.jpg", "Image", limit=10)
+    # The root is taken as it was resolved at the start: a link swapped in for it later is refused.
+    (root).rename(tmp_path / "root.old")
+    root.symlink_to(outside)
+    with pytest.raises(UserError, match="not a real path now"):
+        uf.read_under(root, "a.jpg", "Image")
+
+
 def test_folders_sockets_devices_and_missing_files_are_named(tmp_path):
     sock_path = tmp_path / "s.sock"
     s = socket.socket(socket.AF_UNIX)

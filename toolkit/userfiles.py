@@ -103,6 +103,60 @@ def read_bytes(path: str | Path, what: str, hint: str = "", limit: int | None = 
         return data
 
 
+def read_under(root: str | Path, rel: str | Path, what: str, limit: int | None = None) -> bytes:
+    """The bytes of the regular file `rel` (relative to `root`, or a path under it), resolved and checked *now*, for
+    a server that serves files long after it started. `root` is a real path, resolved when it was trusted (at the
+    start): if it leads elsewhere now (a link swapped in for it), it is refused. The file's real path must lie
+    inside `root`, and each part of it is opened without following a link, relative to the folder opened before
+    it, so a link or a folder swapped in after the check is refused, never followed. FIFOs, devices and sockets
+    are refused before they are opened, and again by fstat after the non-blocking open. UserError on any of these.
+    """
+    root_real = os.path.abspath(root)
+    if os.path.realpath(root_real) != root_real:
+        raise UserError(f"{what} {rel}: the folder {root_real} is not a real path now (a link leads elsewhere).")
+    real = os.path.realpath(os.path.join(root_real, rel))
+    if os.path.commonpath([root_real, real]) != root_real or real == root_real:
+        raise UserError(f"{what} {rel} is not a file inside {root_real}.")
+    parts = os.path.relpath(real, root_real).split(os.sep)
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    folder = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        if os.open in os.supports_dir_fd and os.stat in os.supports_dir_fd:
+            dir_fd = os.open(root_real, folder)
+            try:
+                for part in parts[:-1]:
+                    inner = os.open(part, folder, dir_fd=dir_fd)
+                    os.close(dir_fd)
+                    dir_fd = inner
+                st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    raise UserError(f"{what} {rel} is {_kind(st.st_mode)}, not a regular file.")
+                fd = os.open(parts[-1], flags, dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
+        else:  # no openat (Windows): the real path checked above, then opened without following a final link
+            problem = regular_problem(real)
+            if problem:
+                raise UserError(f"{what} {rel} {problem}.")
+            fd = os.open(real, flags)
+    except OSError as exc:
+        raise UserError(f"{what} {rel} cannot be read ({exc.strerror or exc}).") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{what} {rel} is {_kind(st.st_mode)}, not a regular file.")
+        if limit is not None and st.st_size > limit:
+            raise UserError(f"{what} {rel} is {st.st_size:,} bytes, more than the {limit:,} this reads.")
+        try:
+            data = f.read() if limit is None else f.read(limit + 1)
+        except OSError as exc:
+            raise UserError(f"{what} {rel} cannot be read ({exc.strerror or exc}).") from None
+        if limit is not None and len(data) > limit:
+            raise UserError(f"{what} {rel} is more than the {limit:,} bytes this reads.")
+        return data
+
+
 def decode_text(data: bytes, what: str, encoding: str = "utf-8-sig", hint: str = "") -> str:
     """Decode bytes, with a message that gives the byte offset where they do not decode."""
     try:
