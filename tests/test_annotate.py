@@ -197,6 +197,35 @@ def raw_get(port, path, host="127.0.0.1"):
     return resp.status, body
 
 
+def raw_request(port, data: bytes, host="127.0.0.1"):
+    """Send bytes exactly as written (request line, headers, body) and read one response: (status, headers, body).
+    The request need not be complete: a server that answers before reading it all is what some tests check."""
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(data)
+        resp = http.client.HTTPResponse(s)
+        resp.begin()
+        body = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+
+
+def post_bytes(port, body: bytes, content_type="application/json", path="/a/A/api/label", extra=""):
+    """POST a body given as bytes (any JSON text, valid or not); (status, parsed JSON answer or {'text': ...})."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Clipfail: 1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n"
+    )
+    status, _, answer = raw_request(port, head.encode() + body)
+    try:
+        return status, json.loads(answer)
+    except ValueError:
+        return status, {"text": answer.decode(errors="replace")}
+
+
+def labels_of(dbpath):
+    sql = "SELECT sample_id, annotator, category, secondary_category, notes FROM annotations ORDER BY 1, 2"
+    return rows(dbpath, sql)
+
+
 # ---------------------------------------------------------------------------------------------
 # Saving, blind overlap, images, security (HTTP, no browser)
 
@@ -392,6 +421,344 @@ def test_requests_cannot_run_sql_or_write_outside_annotations(study, server):
         k: v for k, v in before.items() if k != "annotations"
     }
     assert rows(study, "SELECT sample_id, category, notes FROM annotations") == [(sid, "Object", hostile)]
+
+
+def test_label_fields_must_have_their_json_types(study, server):
+    """Issue 24, finding 4: `sample_id: 31.7` was saved on sample 31, `sample_id: true` replaced the label on sample 1,
+    and `clear: "false"` (any truthy value) deleted the label. Every field now has one JSON type: ids are integers,
+    flags booleans, texts strings or null, and an unknown field is refused; nothing is written on a refusal."""
+    run = server(names=("A",))
+    a = [it["sample_id"] for it in run.wb.items["A"]]
+    for sid in a:  # every item of A labelled, so that a request landing on any of them would show
+        assert post(f"{run.url}/a/A/api/label", {"sample_id": sid, "category": "Object", "notes": "kept"})[0] == 200
+    before = labels_of(study)
+    assert 1 in a  # `true` would be sample 1, one of A's items
+    cases = [
+        ({"sample_id": a[1] + 0.7, "category": "Count"}, "sample_id"),
+        ({"sample_id": float(a[1]), "category": "Count"}, "sample_id"),
+        ({"sample_id": True, "category": "Count"}, "sample_id"),
+        ({"sample_id": False, "category": "Count"}, "sample_id"),
+        ({"sample_id": str(a[1]), "category": "Count"}, "sample_id"),
+        ({"sample_id": None, "category": "Count"}, "sample_id"),
+        ({"sample_id": [a[1]], "category": "Count"}, "sample_id"),
+        ({"sample_id": -a[1], "category": "Count"}, "sample_id"),
+        ({"category": "Count"}, "sample_id"),
+        ({"sample_id": a[1], "category": "Object", "clear": "false"}, "clear"),
+        ({"sample_id": a[1], "clear": "true"}, "clear"),
+        ({"sample_id": a[1], "clear": 1}, "clear"),
+        ({"sample_id": a[1], "clear": None}, "clear"),
+        ({"sample_id": a[1], "category": "Count", "clear": True}, "clear"),  # ambiguous: refused, not guessed
+        ({"sample_id": a[1], "category": 3}, "category"),
+        ({"sample_id": a[1], "category": True}, "category"),
+        ({"sample_id": a[1], "category": {"name": "Count"}}, "category"),
+        ({"sample_id": a[1], "category": "Count", "secondary": ["Object"]}, "secondary"),
+        ({"sample_id": a[1], "category": "Count", "secondary": 2}, "secondary"),
+        ({"sample_id": a[1], "category": "Count", "notes": 5}, "notes"),
+        ({"sample_id": a[1], "category": "Count", "notes": ["a"]}, "notes"),
+        ({"sample_id": a[1], "category": "Count", "notes": False}, "notes"),
+        ({"sample_id": a[1], "categroy": "Count"}, "categroy"),
+        ({"sample_id": a[1], "category": "Count", "annotator": "B"}, "annotator"),
+        ({"sample_id": a[1], "category": "Count", "sample_version": 7}, "sample_version"),
+    ]
+    for body, field in cases:
+        status, answer = post(f"{run.url}/a/A/api/label", body)
+        assert status == 400, (body, status, answer)
+        assert field in answer["error"], (body, answer)
+    assert labels_of(study) == before
+    # The same fields with their right types still work; clear: false is not a clear.
+    body = {"sample_id": a[1], "category": "Count", "secondary": None, "notes": None, "clear": False}
+    assert post(f"{run.url}/a/A/api/label", body)[1]["action"] == "replaced"
+    assert post(f"{run.url}/a/A/api/label", {"sample_id": a[1], "clear": True})[1]["action"] == "cleared"
+    assert len(labels_of(study)) == len(before) - 1
+
+
+BAD_BODIES = [
+    # (body bytes, what the message must name)
+    (b'{"sample_id": 1e400, "category": "Object"}', "sample_id"),
+    (b'{"sample_id": -1e400, "category": "Object"}', "sample_id"),
+    (b'{"sample_id": Infinity, "category": "Object"}', "sample_id"),
+    (b'{"sample_id": -Infinity, "category": "Object"}', "sample_id"),
+    (b'{"sample_id": NaN, "category": "Object"}', "sample_id"),
+    (b'{"sample_id": 1' + b"0" * 5000 + b', "category": "Object"}', "sample_id"),  # past Python's int digits
+    (b'{"sample_id": SID, "category": "Object", "notes": NaN}', "notes"),
+    (b'{"sample_id": SID, "category": "Object", "notes": "\\ud800"}', "notes"),  # a lone surrogate
+    (b'{"sample_id": SID, "category": "Object", "notes": "a\\udfffb"}', "notes"),
+    (b'{"sample_id": SID, "category": "\\ud800Object"}', "category"),
+    (b'{"sample_id": SID, "category": "Object", "secondary": "\\udbff"}', "secondary"),
+    (b'{"sample_id": SID, "category": "Object", "notes": ' + b"[" * 500 + b"]" * 500 + b"}", "notes"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested"),
+    (b'{"sample_id": SID, "notes": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
+    (b"[1]", "object"),
+    (b'"sample_id"', "object"),
+    (b"5", "object"),
+    (b"null", "object"),
+    (b"", "JSON"),
+    (b"   ", "JSON"),
+    (b'{"sample_id": SID, "category": "Object"} trailing', "JSON"),
+    (b'{"sample_id": SID, "category": "Object"', "JSON"),
+    (b"\xff\xfe{\x00}\x00", "UTF-8"),
+    (b'{"sample_id": SID, "category": "Obj\xe9ct"}', "UTF-8"),
+    (b'{"sample_id": SID, "category": "Object", "category": "Count"}', "category"),  # twice: ambiguous
+]
+
+
+def test_bad_bodies_are_a_400_that_names_the_problem(study, server):
+    """Issue 24, finding 14a: `1e400`, `Infinity`, a 100k-deep body and a lone surrogate in notes were 500s with a
+    traceback. Every malformed body is now a 400 whose JSON message names the field (or says what is wrong with the
+    body as a whole), and nothing is written."""
+    run = server(names=("A",))
+    sid = run.wb.items["A"][0]["sample_id"]
+    assert post(f"{run.url}/a/A/api/label", {"sample_id": sid, "category": "Object", "notes": "kept"})[0] == 200
+    before = labels_of(study)
+    for raw, named in BAD_BODIES:
+        raw = raw.replace(b"SID", str(sid).encode())
+        status, answer = post_bytes(run.wb.port, raw)
+        assert status == 400, (raw[:80], status, answer)
+        assert named in answer["error"], (raw[:80], answer)
+        assert "Traceback" not in answer["error"]
+    assert labels_of(study) == before
+    # The content type must be JSON itself (not a text type naming JSON in a parameter), in UTF-8.
+    good = json.dumps({"sample_id": sid, "category": "Count"}).encode()
+    for ctype in ("text/plain", "text/plain; x=application/json", "application/jsonx",
+                  "application/x-www-form-urlencoded", "multipart/form-data; boundary=application/json",
+                  "application/json; charset=latin-1", ""):  # fmt: skip
+        status, answer = post_bytes(run.wb.port, good, content_type=ctype)
+        assert status in (403, 415), (ctype, status, answer)
+        assert "error" in answer, (ctype, answer)
+    assert labels_of(study) == before
+    for ctype in ("application/json", "Application/JSON; charset=UTF-8", "application/json;charset=utf-8"):
+        status, answer = post_bytes(run.wb.port, good, content_type=ctype)
+        assert status == 200, (ctype, answer)
+
+
+def test_request_bodies_and_fields_are_capped(study, server):
+    """Issue 24, finding 12: a 20 MB notes POST was read whole and stored. Notes hold at most 10,000 characters, a
+    category 200, and a body over the cap is a 413 answered before it is read to the end: with an honest
+    Content-Length, one that claims more than is sent, or none at all (chunked)."""
+    run = server(names=("A",))
+    port = run.wb.port
+    sid = run.wb.items["A"][0]["sample_id"]
+    url = f"{run.url}/a/A/api/label"
+    assert post(url, {"sample_id": sid, "category": "Object", "notes": "kept"})[0] == 200
+    before = labels_of(study)
+    status, answer = post(url, {"sample_id": sid, "category": "Object", "notes": "x" * 10_001})
+    assert status == 400 and "notes" in answer["error"] and "10,000" in answer["error"], answer
+    status, answer = post(url, {"sample_id": sid, "category": "O" * 201})
+    assert status == 400 and "category" in answer["error"], answer
+    assert labels_of(study) == before
+
+    head = (
+        f"POST /a/A/api/label HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Clipfail: 1\r\nContent-Type: application/json\r\n"
+    )
+    start = b'{"sample_id": %d, "category": "Object", "notes": "' % sid
+    # 20 MB announced, 1 KB sent: refused on the header, without waiting for the rest.
+    data = (head + "Content-Length: 20000000\r\n\r\n").encode() + start + b"x" * 1000
+    status, headers, body = raw_request(port, data)
+    assert status == 413 and "bytes" in json.loads(body)["error"], body
+    assert headers.get("connection") == "close"
+    # No Content-Length (chunked): refused once more than the cap has come, the body still unfinished.
+    chunk = start + b"x" * (annotate.MAX_BODY_BYTES + 10)
+    data = (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+    status, headers, body = raw_request(port, data)
+    assert status == 413 and "bytes" in json.loads(body)["error"], body
+    # A Content-Length that is smaller than what follows: only that much is the body (not JSON here), never a 500.
+    status, _, body = raw_request(port, (head + "Content-Length: 10\r\n\r\n").encode() + start + b"x" * 5000)
+    assert status == 400, body
+    assert labels_of(study) == before
+    # At the limit: stored whole.
+    status, answer = post(url, {"sample_id": sid, "category": "Object", "notes": "y" * 10_000})
+    assert status == 200, answer
+    assert rows(study, "SELECT length(notes) FROM annotations WHERE sample_id = ?", [sid]) == [(10_000,)]
+
+
+@pytest.fixture
+def own_images(study, synthetic_coco_master, tmp_path):
+    """The study's images copied to a folder of this test (which it may damage), the study rebound to it."""
+    dest = tmp_path / "coco"
+    shutil.copytree(synthetic_coco_master, dest)
+    res = invoke("--db", study, "relocate", "--images-root", dest / "val2017")
+    assert res.exit_code == 0, res.output
+    return dest / "val2017"
+
+
+def test_images_are_resolved_and_checked_when_they_are_served(study, server, own_images, tmp_path):
+    """Issue 24, finding 9: an image swapped for a symlink to a file outside the image root after the server started
+    was served. Each request now resolves the file under the image root, refuses a real path outside it, opens
+    each part without following a link (a link or folder swapped in between is refused, not followed) and serves
+    regular files only: a FIFO swapped in is a 404 at once, never a hung worker."""
+    run = server(names=("A",), set_choice="mine")
+    item = run.wb.items["A"][0]
+    gt = item["gt"]["image_id"]
+    other = next(t["image_id"] for t in item["top"] if t["image_id"] != gt)
+    names = dict(rows(study, "SELECT image_id, rel_path FROM images WHERE image_id IN (?, ?)", [gt, other]))
+    target = own_images / names[gt]
+    original = target.read_bytes()
+    url = f"{run.url}/a/A/image/{gt}"
+    assert get(url) == (200, original)
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"\xff\xd8SECRET outside the image root")
+
+    def swap(make):
+        tmp = own_images / "swap.tmp"
+        make(tmp)
+        os.replace(tmp, target)
+
+    def refused():
+        status, body = get(url)
+        assert status == 404 and b"SECRET" not in body, (status, body[:60])
+
+    swap(lambda p: p.symlink_to(secret))
+    refused()
+    swap(lambda p: p.symlink_to(os.path.relpath(secret, own_images)))  # a relative link out
+    refused()
+    target.unlink()
+    os.link(own_images / names[other], target)  # a hard link inside the root is a regular file there: served
+    assert get(url) == (200, (own_images / names[other]).read_bytes())
+    target.unlink()
+    (own_images / "inside.jpg").write_bytes(original)
+    swap(lambda p: p.symlink_to(own_images / "inside.jpg"))  # a link that stays inside the root: served
+    assert get(url) == (200, original)
+    target.unlink()
+    os.mkfifo(target)  # a FIFO: refused without opening it for a blocking read
+    refused()
+    target.unlink()
+    target.mkdir()
+    refused()
+    target.rmdir()
+    refused()  # missing
+    target.write_bytes(original)
+    assert get(url) == (200, original)
+    # The image root itself swapped for a link to a folder outside it that holds a file of the same name.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / names[gt]).write_bytes(secret.read_bytes())
+    own_images.rename(tmp_path / "moved")
+    own_images.symlink_to(elsewhere)
+    refused()
+    own_images.unlink()
+    (tmp_path / "moved").rename(own_images)
+    assert get(url) == (200, original)
+    # An image id beyond any integer the database holds is a 404, not an error.
+    assert raw_get(run.wb.port, "/a/A/image/" + "9" * 5000)[0] == 404
+
+
+def test_without_its_token_a_known_and_an_unknown_annotator_get_the_same_answer(study, server):
+    """Issue 24, finding 10: with --host 0.0.0.0 an unknown annotator got 404 and a known one 403, so the names could
+    be listed without any token. A request that is not authorised now gets one answer, whatever the name."""
+    run = server(host="127.0.0.2")
+    base = f"http://127.0.0.2:{run.wb.port}"
+    token_b = run.wb.links()["B"].split("token=")[1]
+    sid = run.wb.items["A"][0]["sample_id"]
+    gt = run.wb.items["A"][0]["gt"]["image_id"]
+    for suffix in ("/", "/api/state", f"/image/{gt}", "/image/1", "/image/99999999"):
+        for query in ("", "?token=", "?token=wrong", f"?token={token_b}"):
+            answers = {name: get(f"{base}/a/{name}{suffix}{query}") for name in ("A", "Zed", "a", "b", "A%20")}
+            assert len(set(answers.values())) == 1, (suffix, query, answers)
+            assert answers["A"][0] == 403
+    answers = {name: post(f"{base}/a/{name}/api/label", {"sample_id": sid, "category": "Object"})
+               for name in ("A", "Zed")}  # fmt: skip
+    assert answers["A"] == answers["Zed"] and answers["A"][0] == 403
+    answers = {n: get(f"{base}/a/{n}/", headers={"Cookie": f"clipfail_{n}={token_b}"}) for n in ("A", "Zed")}
+    assert answers["A"] == answers["Zed"] and answers["A"][0] == 403
+    assert rows(study, "SELECT count(*) FROM annotations") == [(0,)]
+
+
+def host_get(port, host_lines, path="/a/A/api/state", connect="127.0.0.1"):
+    head = f"GET {path} HTTP/1.1\r\n" + "".join(f"Host: {h}\r\n" for h in host_lines) + "Connection: close\r\n\r\n"
+    return raw_request(port, head.encode(), host=connect)[0]
+
+
+MALFORMED_HOSTS = [
+    "127.0.0.1:80@evil.example", "user@127.0.0.1", "user:pw@localhost:80", "127.0.0.1 :80", "127.0.0.1: 80",
+    "local host", "127.0.0.1\t:80", "127.0.0.1:80:81", "127.0.0.1:80x", "127.0.0.1:", "localhost:99999",
+    "localhost:0", "localhost:-1", "localhost:+80", "localhost:0x50", "::1", "[::1", "::1]", "[::1]x",
+    "[::1]:80:81", "[::1]]", "[[::1]]", "[::1]:", "[fe80::1%25eth0]", "[::1%lo]", "[not-v6]", "[]", "[127.0.0.1]",
+    "localhost/evil", "localhost#x", "localhost?x", "localhost\\evil", "127.0.0.1,evil.example", "localhost;evil",
+    "", "http://localhost", "localhost..", ".localhost", "-localhost",
+]  # fmt: skip
+
+
+def test_the_host_header_is_parsed_strictly(study, server):
+    """Issue 24, finding 19: `Host: 127.0.0.1:80@evil.example` was taken for 127.0.0.1. A Host header is now a host
+    name, an IPv4 address or a bracketed IPv6 address, then at most one port: anything else is a 400 (also with
+    tokens), a well-formed host that is not local a 403 as before."""
+    run = server(names=("A",))
+    port = run.wb.port
+    for host in MALFORMED_HOSTS:
+        assert host_get(port, [host]) == 400, host
+    assert host_get(port, ["127.0.0.1", "evil.example"]) == 400  # two Host headers
+    assert host_get(port, ["127.0.0.1", "127.0.0.1"]) == 400
+    for host in ("evil.example", "evil.example:80", "127.0.0.2", "127.0.0.1.evil.example", "[::ffff:127.0.0.1]:80",
+                 "[::2]", "localhost.evil.example:8765", "0.0.0.0"):  # fmt: skip
+        assert host_get(port, [host]) == 403, host
+    for host in ("127.0.0.1", f"127.0.0.1:{port}", "localhost", "LocalHost:9000", "[::1]", "[::1]:8080",
+                 "[0:0:0:0:0:0:0:1]:80"):  # fmt: skip
+        assert host_get(port, [host]) == 200, host
+    # With tokens any well-formed host may name the server (a machine name, a proxy), never a malformed one.
+    run = server(names=("A",), host="127.0.0.2")
+    token = run.wb.links()["A"].split("token=")[1]
+    path = f"/a/A/api/state?token={token}"
+    for host in ("127.0.0.2:80@evil.example", "user@labserver", "labserver:80:81", "[::1", ""):
+        assert host_get(run.wb.port, [host], path, "127.0.0.2") == 400, host
+    for host in ("labserver", "labserver.example.org:8765", "127.0.0.2"):
+        assert host_get(run.wb.port, [host], path, "127.0.0.2") == 200, host
+
+
+def test_only_the_query_parameter_token_is_taken(study, server):
+    """The only query parameter is `token`, once: another name, or the token twice, is refused, never ignored."""
+    run = server(names=("A",))
+    assert get(f"{run.url}/a/A/api/state?token=x")[0] == 200  # harmless on a local host
+    status, body = get(f"{run.url}/a/A/api/state?sample_id=3")
+    assert status == 400 and "sample_id" in json.loads(body)["error"]
+    assert get(f"{run.url}/a/A/api/state?token=x&token=y")[0] == 400
+    run = server(names=("A",), host="127.0.0.2")
+    token = run.wb.links()["A"].split("token=")[1]
+    base = f"http://127.0.0.2:{run.wb.port}/a/A/api/state"
+    assert get(f"{base}?token={token}")[0] == 200
+    assert get(f"{base}?token={token}&token={token}")[0] == 403  # not authorised: the same answer as no token
+    assert get(f"{base}?token=wrong&token={token}")[0] == 403
+
+
+def test_a_sample_replaced_while_serving_is_named_and_nothing_is_saved(study, server, tmp_path):
+    """Issue 24, finding 16: after `sample-failures --replace` by another process, the server kept serving the old
+    items and each save failed with "Sample 206 is not in the failure sample." Each read and save now checks the
+    sample against the one the server loaded and says that it was replaced and to restart clipfail annotate; a page
+    from an earlier server (another sample) is told to reload. No label lands on a sample the person did not see."""
+    run = server(names=("A",))
+    url = f"{run.url}/a/A/api/"
+    status, body = get(url + "state")
+    assert status == 200
+    version = json.loads(body)["sample_version"]
+    old_ids = [it["sample_id"] for it in run.wb.items["A"]]
+    sid = old_ids[0]
+    status, answer = post(url + "label", {"sample_id": sid, "category": "Object", "sample_version": version + "x"})
+    assert status == 409 and "reload" in answer["error"], answer
+    res = invoke(
+        "--db", study, "sample-failures", "--run", run.wb.retrieval_run_id, "--out", tmp_path / "fa2",
+        "--no-pictures", "--n", 20, "--overlap", 4, "--per-annotator", 6, "--annotators", "A,B", "--seed", 7,
+        "--replace",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    for body in ({"sample_id": sid, "category": "Object", "sample_version": version},
+                 {"sample_id": sid, "category": "Object"}):  # fmt: skip
+        status, answer = post(url + "label", body)
+        assert status == 409, answer
+        assert "replaced" in answer["error"] and "restart clipfail annotate" in answer["error"], answer
+    status, body = get(url + "state")
+    assert status == 409 and "restart clipfail annotate" in json.loads(body)["error"]
+    assert rows(study, "SELECT count(*) FROM annotations") == [(0,)]
+    # A restarted server serves the new sample; the old page's version is refused there.
+    run.stop()
+    run = server(names=("A",))
+    url = f"{run.url}/a/A/api/"
+    new = json.loads(get(url + "state")[1])
+    new_sid = new["items"][0]["sample_id"]
+    assert new["sample_version"] != version and new_sid not in old_ids
+    status, answer = post(url + "label", {"sample_id": new_sid, "category": "Object", "sample_version": version})
+    assert status == 409 and "reload" in answer["error"], answer
+    body = {"sample_id": new_sid, "category": "Object", "sample_version": new["sample_version"]}
+    assert post(url + "label", body)[0] == 200
+    assert rows(study, "SELECT sample_id, category FROM annotations") == [(new_sid, "Object")]
 
 
 def test_a_locked_database_answers_which_process_to_stop_and_nothing_is_lost(study, server, monkeypatch):
@@ -611,6 +978,12 @@ def test_keyboard_labelling_reload_back_and_change(study, server, browser):
     rank = run.wb.items["A"][j]["gt"]["rank"]
     assert page.locator("#images figure.gt").count() == 2
     assert page.locator("#images figure.gt").nth(1).inner_text().startswith(f"#{rank} = ground truth")
+    # The page sends the version of the sample it was loaded for: a page from an earlier server is told to reload.
+    page.evaluate("sampleVersion = 'the sample of an earlier server'")
+    page.keyboard.press("3")
+    page.wait_for_function("document.getElementById('status').textContent.includes('reload the page')")
+    assert page.inner_text("#status").startswith("NOT SAVED")
+    assert stored() == expected
     page.close()
 
 

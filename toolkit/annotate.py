@@ -26,12 +26,24 @@ its evidence as a hint line and a marker on that category's button; it never sel
 anything. Overlap items get none unless --show-suggestions-on-overlap (they measure agreement).
 
 Security: the default host is 127.0.0.1 (and then requests must name a local Host, against DNS
-rebinding). Any other --host needs a token per annotator, printed in the links; a request without
-the right token gets 403. Only the image files of the annotator's items (ground truth and top-5)
-are served, by image id, resolved under the subset's image root; anything else is a 404. Requests
-run only the fixed statements of this module and `save_label`, which writes `annotations` only
-(the session's `runs` row is written by the command when it starts, not by a request).
-Writes need a JSON body and an `X-Clipfail` header, which cross-site pages cannot send.
+rebinding). The Host header must be exactly a host name, an IPv4 address or a bracketed IPv6 address
+and at most one port, else 400. Any other --host needs a token per annotator, printed in the links;
+a request without the right token gets one 403, the same for a known and an unknown annotator (the
+names cannot be listed). The only query parameter is `token`. Only the image files of the
+annotator's items (ground truth and top-5) are served, by image id; each request resolves the file
+under the subset's image root again and opens it without following links (`userfiles.read_under`),
+so a file swapped for a link, a FIFO or a folder after the start is a 404; anything else is a 404.
+Requests run only the fixed statements of this module and `save_label`, which writes `annotations`
+only (the session's `runs` row is written by the command when it starts, not by a request).
+Writes need a JSON body (`Content-Type: application/json`) and an `X-Clipfail` header, which
+cross-site pages cannot send. A body is read up to MAX_BODY_BYTES (413 past that, before the rest
+is read) and checked field by field (`parse_label_request`): 400 naming the field otherwise.
+
+A failure sample replaced while the server runs (`sample-failures --replace` by another process):
+each read and save compares the sample with the one the server loaded (`sample_version`) and
+answers 409, saying to restart `clipfail annotate`; a save never lands on a sample that the page
+did not show. The page sends the version it was loaded with, so a page left open from an earlier
+server is told to reload.
 """
 
 from __future__ import annotations
@@ -39,7 +51,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import html
+import ipaddress
 import json
+import mimetypes
 import re
 import secrets
 import socket
@@ -56,6 +70,7 @@ from toolkit import paths as study_paths
 from toolkit.errors import UserError
 from toolkit.runs import resolve_retrieval_run
 from toolkit.study import open_study
+from toolkit.userfiles import JsonShapeError, parse_json, read_under, want_bool, want_dict, want_int, want_str
 
 STAGE = "annotate"
 SOURCE = "clipfail annotate"
@@ -63,6 +78,11 @@ SETS = ("all", "mine", "overlap", "backup")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 TOPN = 5
 LOCK_WAIT_S = 5.0  # how long a request waits for a database that another process holds
+MAX_BODY_BYTES = 256 * 1024  # a label request is well under 1 KB; notes at their longest, escaped, under 128 KB
+MAX_NOTES_CHARS = 10_000
+MAX_LABEL_CHARS = 200  # a category or secondary category as typed
+MAX_IMAGE_BYTES = 100 * 1024 * 1024
+LABEL_FIELDS = ("sample_id", "category", "secondary", "notes", "clear", "sample_version")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +137,10 @@ class Workbench:
     set_choice: str
     annotators: list[str]
     items: dict[str, list[dict]]  # annotator -> items in draw order
-    images: dict[str, dict[int, Path | None]]  # annotator -> image id -> file under the image root (None: missing)
+    images: dict[str, dict[int, Path | None]]  # annotator -> image id -> its file under image_root (None: unknown)
     categories: list[dict]
+    image_root: Path | None = None  # the subset's image root, resolved at the start
+    sample_version: str = ""  # of the failure sample the items come from (see `sample_version`)
     host: str = "127.0.0.1"
     port: int = 0
     tokens: dict[str, str] | None = None  # annotator -> token; None on a local host
@@ -229,18 +251,12 @@ def prepare(
         }
         # stored relative to the database's folder when under it (movable studies): never to the current folder
         root_path = study_paths.resolve(con, root_row[0]) if root_row and root_row[0] else None
+        version = sample_version(con, rrid)
     finally:
         con.close()
 
+    # The files themselves are found and checked when they are served (they may change meanwhile).
     root = root_path.resolve() if root_path is not None else None
-
-    def image_file(image_id: int) -> Path | None:
-        if root is None or image_id not in lookup:
-            return None
-        path = (root / lookup[image_id][1]).resolve()
-        return path if path.is_relative_to(root) and path.is_file() else None
-
-    files: dict[int, Path | None] = {}
     items: dict[str, list[dict]] = {}
     images: dict[str, dict[int, Path | None]] = {}
     for name in canonical:
@@ -261,9 +277,8 @@ def prepare(
                     {"rank": k, "image_id": iid, "score": float(score), "is_gt": iid == gt, "name": _name(lookup, iid)}
                 )
             for iid in [gt] + [t["image_id"] for t in top]:
-                if iid not in files:
-                    files[iid] = image_file(iid)
-                images[name][iid] = files[iid]
+                known = root is not None and iid in lookup and lookup[iid][1]
+                images[name][iid] = root / lookup[iid][1] if known else None
             items[name].append(
                 {
                     "sample_id": int(row.sample_id),
@@ -294,6 +309,8 @@ def prepare(
         items,
         images,
         categories,
+        image_root=root,
+        sample_version=version,
         host=host,
         tokens=tokens,
         show_suggestions_on_overlap=bool(show_suggestions_on_overlap),
@@ -302,6 +319,149 @@ def prepare(
 
 def _name(lookup: dict, image_id: int) -> str:
     return lookup[image_id][0] if image_id in lookup else f"image {image_id}"
+
+
+def sample_version(con, retrieval_run_id: int) -> str:
+    """A fingerprint of the retrieval run's failure sample: its size, the run(s) that drew it and a hash of its rows.
+    `sample-failures --replace` changes it (a new run, new sample ids)."""
+    n, lo, hi, h = con.execute(
+        "SELECT count(*), min(run_id), max(run_id), bit_xor(hash(sample_id, caption_id, set_name, draw_order)) "
+        "FROM failure_samples WHERE retrieval_run_id = ?",
+        [retrieval_run_id],
+    ).fetchone()
+    return f"{n}.{lo}.{hi}.{h}"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a request may hold
+
+_HOST = re.compile(
+    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?))(?::(?P<port>[0-9]{1,5}))?",
+    re.ASCII,
+)
+
+
+def host_name(value: str) -> str | None:
+    """The host of a Host header, lower case (an IPv6 address compressed, in brackets), or None unless the value is
+    exactly a host name, an IPv4 address or a bracketed IPv6 address, then at most one `:port` (1-65535): no
+    userinfo (`127.0.0.1:80@evil.example`), spaces, second port, path or zone id."""
+    m = _HOST.fullmatch(value)
+    if m is None or (m["port"] is not None and not 0 < int(m["port"]) < 65536):
+        return None
+    if m["v6"] is not None:
+        try:
+            return f"[{ipaddress.IPv6Address(m['v6']).compressed}]"
+        except ValueError:
+            return None
+    return m["name"].lower()
+
+
+def _key(name) -> str:
+    """A field name as a message shows it: ASCII, short."""
+    text = json.dumps(str(name))
+    return text if len(text) <= 40 else text[:37] + '..."'
+
+
+def _no_duplicate_keys(pairs):
+    seen = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise JsonShapeError(f"{_key(k)} is given twice in the request body; give each field once.")
+        seen.add(k)
+    return dict(pairs)
+
+
+def _lenient(data: bytes):
+    """The body parsed again with NaN/Infinity and over-long integers as infinite numbers, and no depth limit of our
+    own (None if even that fails): parse_json refuses those without saying where, and the field check of this
+    version names the field that holds one."""
+    try:
+        return json.loads(
+            data.decode("utf-8-sig"), parse_constant=float, parse_int=lambda s: int(s) if len(s) <= 4000 else float(s)
+        )
+    except (ValueError, RecursionError):
+        return None
+
+
+def _label_fields(body) -> dict:
+    body = want_dict(body, "the request body")
+    unknown = [k for k in body if k not in LABEL_FIELDS]
+    if unknown:
+        raise JsonShapeError(
+            f"{_key(unknown[0])} is not a field of a label request; the fields are {', '.join(LABEL_FIELDS)}."
+        )
+    if "sample_id" not in body:
+        raise JsonShapeError("sample_id is missing: give the id of the sample to label (a whole number).")
+
+    def text(key: str, max_len: int) -> str | None:
+        return None if body.get(key) is None else want_str(body[key], key, max_len)
+
+    return {
+        "sample_id": want_int(body["sample_id"], "sample_id", lo=1),
+        "category": text("category", MAX_LABEL_CHARS),
+        "secondary": text("secondary", MAX_LABEL_CHARS),
+        "notes": text("notes", MAX_NOTES_CHARS),
+        "clear": want_bool(body["clear"], "clear") if "clear" in body else False,
+        "sample_version": text("sample_version", 200),
+    }
+
+
+def parse_label_request(data: bytes) -> dict:
+    """A label request's body, checked: a JSON object (UTF-8, nested at most userfiles.MAX_JSON_DEPTH, no NaN or
+    Infinity, each field once) with `sample_id` (an integer), `category`, `secondary`, `notes` (strings or null;
+    notes at most MAX_NOTES_CHARS characters, no lone surrogate), `clear` (true or false) and `sample_version`
+    (string or null), and nothing else. UserError (JsonShapeError) naming the field otherwise."""
+    try:
+        body = parse_json(data, "The request body")
+        json.loads(data.decode("utf-8-sig"), object_pairs_hook=_no_duplicate_keys)
+    except UserError:
+        lenient = _lenient(data)
+        if lenient is not None:
+            _label_fields(lenient)  # names the field that holds the value parse_json refused
+        raise
+    return _label_fields(body)
+
+
+def _json_media_type(value: str) -> bool:
+    """`application/json`, with at most a UTF-8 charset: not a text type that names JSON in a parameter."""
+    media, _, params = value.partition(";")
+    if media.strip().lower() != "application/json":
+        return False
+    for param in params.split(";"):
+        key, _, val = param.partition("=")
+        if key.strip().lower() == "charset" and val.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return False
+    return True
+
+
+class Refused(Exception):
+    """A request answered with an error (status, message) before it does anything."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def read_body(request, limit: int | None = None) -> bytes:
+    """The request body, read up to `limit` bytes (MAX_BODY_BYTES): Refused(413) as soon as more is announced or has
+    come, before the rest is read (with or without a Content-Length, chunked included)."""
+    limit = MAX_BODY_BYTES if limit is None else limit
+    too_big = (
+        f"The request body is more than {limit:,} bytes, more than a label request holds (notes hold at most "
+        f"{MAX_NOTES_CHARS:,} characters)."
+    )
+    lengths = request.headers.getlist("content-length")
+    if len(lengths) > 1 or (lengths and not (lengths[0].isascii() and lengths[0].isdigit())):
+        raise Refused(400, "The request's Content-Length is not one number of bytes.")
+    if lengths and (len(lengths[0]) > 15 or int(lengths[0]) > limit):
+        raise Refused(413, too_big)
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise Refused(413, too_big)
+    return bytes(data)
 
 
 def start_session(wb: Workbench) -> int:
@@ -347,37 +507,57 @@ def _json_for_script(value) -> str:
 
 def build_app(wb: Workbench):
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
-    from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
     from starlette.routing import Route
 
     from toolkit.annotations import save_label
     from toolkit.taxonomy import LabelError
 
     page_template = _page_html()
-    local_names = {"127.0.0.1", "localhost", "[::1]"}
+    local_names = {"127.0.0.1", "localhost", "[::1]"}  # as host_name() gives them; any port (an SSH tunnel)
+    decoy = secrets.token_urlsafe(18)  # compared for an unknown annotator, as a token would be
+    not_authorised = "Forbidden: open the link with your token that clipfail annotate printed."
 
-    def local_host_header(value: str) -> bool:
-        # Any port: an SSH tunnel (ssh -L 9000:localhost:8765) reaches us as localhost:9000.
-        name = value.rsplit(":", 1)[0] if not value.endswith("]") else value
-        return name.lower() in local_names
+    def error(status: int, message: str, **headers):
+        # A message may quote a request's text: never let a lone surrogate in it break the answer.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
     def not_found(_request=None):
         return PlainTextResponse("Not found", status_code=404)
 
     def refuse(request: Request, annotator: str | None):
         """None if the request may go on, else the response that refuses it."""
-        if not wb.needs_token and not local_host_header(request.headers.get("host", "")):
+        hosts = request.headers.getlist("host")
+        host = host_name(hosts[0]) if len(hosts) == 1 else None
+        if host is None:
+            return PlainTextResponse(
+                "Bad request: the Host header must be one host name or address and at most one port.", status_code=400
+            )
+        if not wb.needs_token and host not in local_names:
             return PlainTextResponse("Forbidden: unexpected Host header", status_code=403)
-        if annotator is not None and annotator not in wb.items:
-            return not_found()
+        if annotator is None:
+            return None
+        params = request.query_params.multi_items()
         if wb.needs_token:
-            want = wb.tokens.get(annotator or "", "")
-            given = request.query_params.get("token") or request.cookies.get(f"clipfail_{annotator}", "")
-            if not want or not secrets.compare_digest(given.encode(), want.encode()):
-                return PlainTextResponse(
-                    "Forbidden: open the link with your token that clipfail annotate printed.", status_code=403
-                )
+            # One answer for every request that is not authorised, whether the annotator exists or not.
+            want = wb.tokens.get(annotator)
+            given = [v for k, v in params if k == "token"]
+            if not given:
+                given = [request.cookies.get(f"clipfail_{annotator}", "")]
+            ok = secrets.compare_digest(given[0].encode(), (want or decoy).encode())
+            if not (ok and want is not None and len(given) == 1):
+                return PlainTextResponse(not_authorised, status_code=403)
+        elif annotator not in wb.items:
+            return not_found()
+        names = [k for k, _ in params]
+        unknown = [k for k in names if k != "token"]
+        if unknown:
+            return error(400, f"Unknown query parameter {_key(unknown[0])}: the only one is token.")
+        if names.count("token") > 1:
+            return error(400, "The query parameter token is given more than once.")
         return None
 
     def progress(name: str, labels: dict) -> dict:
@@ -390,11 +570,22 @@ def build_app(wb: Workbench):
         ).fetchall()
         return {str(s): {"category": c, "secondary_category": sc, "notes": n} for s, c, sc, n in rows if int(s) in ids}
 
+    def check_sample(con) -> None:
+        """Refused(409) if the failure sample is not the one the items were loaded from."""
+        if sample_version(con, wb.retrieval_run_id) != wb.sample_version:
+            raise Refused(
+                409,
+                f"The failure sample of retrieval run {wb.retrieval_run_id} was replaced after this clipfail annotate "
+                "started (another process ran sample-failures --replace?): the items on this page are not in it any "
+                "more, so nothing was saved. Stop the server (Ctrl-C), restart clipfail annotate, then reload the "
+                "page.",
+            )
+
     def db_error(exc: UserError):
         return JSONResponse({"error": str(exc)}, status_code=503)
 
     async def index(request: Request):
-        bad = refuse(request, None) if not wb.needs_token else None
+        bad = refuse(request, None)
         if bad:
             return bad
         if wb.needs_token:
@@ -429,6 +620,7 @@ def build_app(wb: Workbench):
 
     def state_sync(name: str) -> dict:
         with wb.database() as con:
+            check_sample(con)
             labels = my_labels(con, name)
         first = next((i for i, it in enumerate(wb.items[name]) if str(it["sample_id"]) not in labels), 0)
         return {
@@ -436,6 +628,7 @@ def build_app(wb: Workbench):
             "labels": labels,
             "progress": progress(name, labels),
             "first_unlabelled": first,
+            "sample_version": wb.sample_version,
         }
 
     def state(request: Request):
@@ -445,41 +638,41 @@ def build_app(wb: Workbench):
             return bad
         try:
             return JSONResponse(state_sync(name), headers={"Cache-Control": "no-store"})
+        except Refused as exc:
+            return error(exc.status, exc.message)
         except UserError as exc:
             return db_error(exc)
 
-    def label(request: Request, body: dict):
-        name = request.path_params["annotator"]
-        try:
-            sample_id = int(body.get("sample_id"))
-        except (TypeError, ValueError):
-            return JSONResponse({"error": "sample_id must be a whole number"}, status_code=400)
+    def label(name: str, body: dict):
+        sample_id = body["sample_id"]
+        if body["sample_version"] is not None and body["sample_version"] != wb.sample_version:
+            return error(
+                409,
+                "This page was loaded for another failure sample (from an earlier clipfail annotate): reload the "
+                "page. Nothing was saved.",
+            )
         if sample_id not in {it["sample_id"] for it in wb.items[name]}:
-            return JSONResponse({"error": f"sample {sample_id} is not one of {name}'s items here"}, status_code=404)
-        parts = []
-        for key in ("category", "secondary"):
-            value = body.get(key)
-            if value is not None and not isinstance(value, str):
-                return JSONResponse({"error": f"{key} must be text"}, status_code=400)
-            if value and value.strip():
-                parts.append(value.strip())
-        notes = body.get("notes")
-        if notes is not None and not isinstance(notes, str):
-            return JSONResponse({"error": "notes must be text"}, status_code=400)
-        if len(parts) == 1 and body.get("secondary"):
-            return JSONResponse({"error": "give a category before a secondary category"}, status_code=400)
-        if not parts and not body.get("clear"):  # only an explicit clear removes a stored label
-            return JSONResponse({"error": "give a category, or clear: true to remove the label"}, status_code=400)
-        raw = "; ".join(parts) if not body.get("clear") else ""
+            return error(404, f"sample {sample_id} is not one of {name}'s items here")
+        parts = [v.strip() for v in (body["category"], body["secondary"]) if v and v.strip()]
+        has_category = bool(body["category"] and body["category"].strip())
+        if body["clear"] and (parts or (body["notes"] or "").strip()):
+            return error(400, "clear: true removes the label; give no category, secondary or notes with it.")
+        if parts and not has_category:
+            return error(400, "give a category before a secondary category")
+        if not parts and not body["clear"]:  # only an explicit clear removes a stored label
+            return error(400, "give a category, or clear: true to remove the label")
+        raw = "; ".join(parts)
         try:
             with wb.database() as con:
-                saved = save_label(con, sample_id, name, raw, notes, run_id=wb.run_id, source_file=SOURCE)
+                check_sample(con)  # on this connection: no other process can change the sample before the save
+                saved = save_label(con, sample_id, name, raw, body["notes"], run_id=wb.run_id, source_file=SOURCE)
                 labels = my_labels(con, name)
+        except Refused as exc:
+            return error(exc.status, exc.message)
         except LabelError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
+            return error(400, str(exc))
         except UserError as exc:
-            status = 503 if "locked" in str(exc) else 400
-            return JSONResponse({"error": str(exc)}, status_code=status)
+            return error(503 if "locked" in str(exc) else 400, str(exc))
         return {
             "action": saved.action,
             "label": labels.get(str(sample_id)),
@@ -491,19 +684,17 @@ def build_app(wb: Workbench):
         bad = refuse(request, name)
         if bad:
             return bad
-        if request.headers.get("x-clipfail") != "1" or "application/json" not in request.headers.get(
-            "content-type", ""
-        ):
-            return JSONResponse({"error": "a JSON request with the X-Clipfail header is required"}, status_code=403)
+        if request.headers.get("x-clipfail") != "1":
+            return error(403, "a JSON request with the X-Clipfail header is required")
+        if not _json_media_type(request.headers.get("content-type", "")):
+            return error(415, "the body must be JSON: send it with Content-Type: application/json (UTF-8)")
         try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse({"error": "the body is not JSON"}, status_code=400)
-        if not isinstance(body, dict):
-            return JSONResponse({"error": "the body must be a JSON object"}, status_code=400)
-        from starlette.concurrency import run_in_threadpool
-
-        result = await run_in_threadpool(label, request, body)
+            body = parse_label_request(await read_body(request))
+        except Refused as exc:
+            return error(exc.status, exc.message, **({"Connection": "close"} if exc.status == 413 else {}))
+        except UserError as exc:
+            return error(400, str(exc))
+        result = await run_in_threadpool(label, name, body)
         return result if not isinstance(result, dict) else JSONResponse(result)
 
     def image(request: Request):
@@ -511,11 +702,20 @@ def build_app(wb: Workbench):
         bad = refuse(request, name)
         if bad:
             return bad
-        path = wb.images.get(name, {}).get(request.path_params["image_id"])
-        if path is None:
+        text = request.path_params["image_id"]
+        if not (text.isascii() and text.isdigit() and len(text) <= 19):
             return not_found()
-        return FileResponse(
-            path, headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
+        path = wb.images.get(name, {}).get(int(text))
+        if path is None or wb.image_root is None:
+            return not_found()
+        try:  # resolved and checked now: the file may have been swapped since the start
+            data = read_under(wb.image_root, path, "Image", limit=MAX_IMAGE_BYTES)
+        except UserError:
+            return not_found()
+        return Response(
+            data,
+            media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+            headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"},
         )
 
     routes = [
@@ -523,7 +723,7 @@ def build_app(wb: Workbench):
         Route("/a/{annotator}/", page),
         Route("/a/{annotator}/api/state", state),
         Route("/a/{annotator}/api/label", post_label, methods=["POST"]),
-        Route("/a/{annotator}/image/{image_id:int}", image),
+        Route("/a/{annotator}/image/{image_id}", image),
     ]
     return Starlette(routes=routes)
 
