@@ -879,30 +879,32 @@ def annotate(db_path, annotators, set_choice, retrieval_run_id, port, host, open
     except BaseException:
         sock.close()
         raise
-    click.echo(
-        f"Labelling retrieval run {wb.retrieval_run_id} (set {wb.set_choice}) into {db_path}; "
-        f"session run {wb.run_id}. Stop with Ctrl-C."
-    )
-    for name, url in wb.links().items():
-        click.echo(f"  {name} ({len(wb.items[name])} items): {url}")
-    if wb.needs_token:
-        click.echo("  Each link holds that annotator's token: give it to them only.")
-    if open_browser:
-        import threading
-        import webbrowser
+    # SIGTERM and SIGHUP stop it like Ctrl-C: the same summary, and an empty session's run row removed.
+    with wb_mod.stop_signals_as_ctrl_c():
+        try:
+            click.echo(
+                f"Labelling retrieval run {wb.retrieval_run_id} (set {wb.set_choice}) into {db_path}; "
+                f"session run {wb.run_id}. Stop with Ctrl-C."
+            )
+            for name, url in wb.links().items():
+                click.echo(f"  {name} ({len(wb.items[name])} items): {url}")
+            if wb.needs_token:
+                click.echo("  Each link holds that annotator's token: give it to them only.")
+            if open_browser:
+                import threading
+                import webbrowser
 
-        first = next(iter(wb.links().values()))
-        threading.Timer(0.5, webbrowser.open, args=[first.replace("0.0.0.0", "127.0.0.1")]).start()
-    try:
-        wb_mod.serve(wb, sock)
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how the server is stopped; every label was saved as it was given
-    finally:
-        n = wb_mod.finish_session(wb)
-        if n:
-            click.echo(f"Stopped. The labels of {n} items carry this session's run id {wb.run_id}.")
-        else:
-            click.echo("Stopped. No label was saved in this session (its run record was removed).")
+                first = next(iter(wb.links().values()))
+                threading.Timer(0.5, webbrowser.open, args=[first.replace("0.0.0.0", "127.0.0.1")]).start()
+            wb_mod.serve(wb, sock)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C (or SIGTERM) is how the server is stopped; every label was saved as it was given
+        finally:
+            n = wb_mod.finish_session(wb)
+            if n:
+                click.echo(f"Stopped. The labels of {n} items carry this session's run id {wb.run_id}.")
+            else:
+                click.echo("Stopped. No label was saved in this session (its run record was removed).")
 
 
 @cli.command("export-labelstudio")

@@ -866,6 +866,34 @@ def test_cli_serves_a_killed_server_keeps_every_label_and_ctrl_c_stops_cleanly(s
     assert rows(study, "SELECT count(*) FROM runs WHERE stage = 'annotate'") == [(1,)]  # the killed one's
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_like_ctrl_c(study, signame):
+    """Issue 24, finding 18: SIGTERM (kill, systemd, docker stop) killed the server with status 143, no summary, and
+    left the empty session's run row. It (and SIGHUP, a closed terminal) now stops it like Ctrl-C: the summary,
+    the same cleanup, exit status 0. SIGHUP is sent after a label is saved, so the run is kept and finished."""
+    import signal
+
+    proc, url = start_cli(study)
+    try:
+        if signame == "SIGHUP":
+            sid = items_of(study, "A")[0]
+            assert post(url + "api/label", {"sample_id": sid, "category": "Count"})[0] == 200
+        else:
+            assert get(url + "api/state")[0] == 200
+    finally:
+        proc.send_signal(getattr(signal, signame))
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, (proc.returncode, out)
+    assert "Traceback" not in out
+    runs = rows(study, "SELECT run_id, finished_at IS NOT NULL FROM runs WHERE stage = 'annotate'")
+    if signame == "SIGHUP":
+        assert len(runs) == 1 and runs[0][1], runs
+        assert f"Stopped. The labels of 1 items carry this session's run id {runs[0][0]}." in out, out
+    else:
+        assert "Stopped. No label was saved in this session (its run record was removed)." in out, out
+        assert runs == []
+
+
 # ---------------------------------------------------------------------------------------------
 # The page in a real browser
 

@@ -56,6 +56,7 @@ import json
 import mimetypes
 import re
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -764,8 +765,33 @@ def _server(wb: Workbench):
     return uvicorn.Server(config)
 
 
+@contextlib.contextmanager
+def stop_signals_as_ctrl_c():
+    """Within it, SIGTERM (kill, systemd, docker stop) and SIGHUP (a closed terminal) stop the server as Ctrl-C does:
+    uvicorn shuts down on SIGTERM and raises it again when done, which lands here as KeyboardInterrupt; SIGHUP is
+    turned into SIGTERM. The previous handlers come back on the way out (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    def as_term(signum, frame):
+        signal.raise_signal(signal.SIGTERM)
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt)}
+    if hasattr(signal, "SIGHUP"):
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, as_term)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def serve(wb: Workbench, sock: socket.socket) -> None:
-    """Serve until Ctrl-C (blocking)."""
+    """Serve until Ctrl-C (blocking; with `stop_signals_as_ctrl_c`, SIGTERM and SIGHUP too)."""
     wb.port = sock.getsockname()[1]
     _server(wb).run(sockets=[sock])
 
