@@ -447,7 +447,7 @@ def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> 
     config = {"out_dir": str(out_dir.resolve()), "retrieval_run_id": rrid, "last_run_id": int(state)}
     run_id = db.find_run(con, "report", config)
     is_noop = run_id is not None
-    if not is_noop and not db.is_read_only(con):  # `clipfail report` reads only: no run row
+    if not is_noop and not db.is_read_only(con):  # a write-protected study is only read: no run row
         with db.transaction(con):
             run_id = db.insert_run(con, "report", config, started)
 
