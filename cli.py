@@ -245,6 +245,22 @@ def sample_options(*, n_param: str = "n", seed_flag: str = "--seed", seed_param:
     )
 
 
+class FiniteFloat(click.FloatRange):
+    """A real-valued option: a finite number in [min, max] (open ends with min_open / max_open). click's
+    FloatRange lets NaN through (it compares false with both ends), and an infinity where an end is open-ended;
+    here each is one message that names the option, and `--help` shows the range."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number; give one in {self._describe_range()}.", param, ctx)
+        return rv
+
+
 def echo_df(df: pd.DataFrame, floatfmt: str = "{:.4f}") -> None:
     """Print a DataFrame as a plain aligned table."""
     if df.empty:
@@ -710,7 +726,7 @@ def compare(db_path, run_a, run_b, ks, seed):
 )
 @click.option(
     "--hub-factor",
-    type=click.FloatRange(0, min_open=True),
+    type=FiniteFloat(0, 1e6, min_open=True),  # toolkit.triage.HUB_FACTOR_MAX
     default=3.0,
     show_default=True,
     help="Hub flag: top-1 of at least this many times the queries-per-image of the run.",
