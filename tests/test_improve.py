@@ -776,7 +776,7 @@ def test_readme_example_queries_run(con):
     run_improve(con, "Object,Attribute", poolings="max,mean", control="successes:4")
     examples = Path(__file__).parent.parent / "queries" / "examples" / "improve.sql"
     statements = [s for s in examples.read_text(encoding="utf-8").split(";") if s.strip()]
-    assert len(statements) == 7
+    assert len(statements) == 8
     results = [con.execute(s).df() for s in statements]
     assert all(len(r) > 0 for r in results)
     table = results[0]
