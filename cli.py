@@ -20,6 +20,7 @@ import pandas as pd
 from toolkit import db
 from toolkit._version import __version__
 from toolkit.errors import UserError
+from toolkit.pooling import ALPHA_RANGE, BETA_RANGE, TAU_RANGE
 from toolkit.study import open_study, schema_version
 
 # The commands in the order of the study's stages (docs/cli.md and `clipfail --help` list them so):
@@ -243,6 +244,22 @@ def sample_options(*, n_param: str = "n", seed_flag: str = "--seed", seed_param:
             ),
         ]
     )
+
+
+class FiniteFloat(click.FloatRange):
+    """A real-valued option: a finite number in [min, max] (open ends with min_open / max_open). click's
+    FloatRange lets NaN through (it compares false with both ends), and an infinity where an end is open-ended;
+    here each is one message that names the option, and `--help` shows the range."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number; give one in {self._describe_range()}.", param, ctx)
+        return rv
 
 
 def echo_df(df: pd.DataFrame, floatfmt: str = "{:.4f}") -> None:
@@ -710,7 +727,7 @@ def compare(db_path, run_a, run_b, ks, seed):
 )
 @click.option(
     "--hub-factor",
-    type=click.FloatRange(0, min_open=True),
+    type=FiniteFloat(0, 1e6, min_open=True),  # toolkit.triage.HUB_FACTOR_MAX
     default=3.0,
     show_default=True,
     help="Hub flag: top-1 of at least this many times the queries-per-image of the run.",
@@ -1298,7 +1315,7 @@ def templates_export(db_path, template_set, out_file):
     "--max-subset", type=click.IntRange(1, 2**31 - 1), default=200, show_default=True, help="Cap (seeded draw)."
 )
 @click.option("--pooling", default="logsumexp", show_default=True, help="max, mean, logsumexp, or all (comma list ok).")
-@click.option("--tau", type=float, default=1.0, show_default=True, help="logsumexp temperature.")
+@click.option("--tau", type=FiniteFloat(*TAU_RANGE), default=1.0, show_default=True, help="logsumexp temperature.")
 @click.option(
     "--template-set", default="default-v2", show_default=True, help="Prompt-template set (see clipfail templates list)."
 )
@@ -1326,12 +1343,28 @@ def templates_export(db_path, template_set, out_file):
     show_default=True,
     help="The fix: prompt ensembling, a hubness fix, query expansion, or templates then a hubness fix.",
 )  # fmt: skip
-@click.option("--beta", type=float, default=20.0, show_default=True, help="inverted-softmax / qb-norm: > 0.")
-@click.option("--k-bank", type=int, default=1, show_default=True, help="qb-norm: top-k of each bank caption.")
+@click.option(
+    "--beta", type=FiniteFloat(*BETA_RANGE), default=20.0, show_default=True, help="inverted-softmax / qb-norm."
+)
+@click.option(
+    "--k-bank",
+    type=click.IntRange(1, 2**31 - 1),
+    default=1,
+    show_default=True,
+    help="qb-norm: top-k of each bank caption.",
+)
 @click.option("--bank", default=None, help="qb-norm: a subset whose captions form the bank (default: see README).")
 @click.option("--allow-bank-overlap", is_flag=True, help="qb-norm: run even if the bank holds evaluated captions.")
-@click.option("--top", type=int, default=3, show_default=True, help="query-expansion: images averaged in (>= 1).")
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="query-expansion: their weight (>= 0).")
+@click.option(
+    "--top",
+    type=click.IntRange(1, 2**31 - 1),
+    default=3,
+    show_default=True,
+    help="query-expansion: images averaged in.",
+)
+@click.option(
+    "--alpha", type=FiniteFloat(*ALPHA_RANGE), default=0.5, show_default=True, help="query-expansion: their weight."
+)
 @db_option
 def improve(
     db_path,
@@ -1379,6 +1412,11 @@ def improve(
     does not evaluate), query-expansion (--top, --alpha), or templates followed by inverted-softmax or
     qb-norm on the pooled scores. View method_comparison compares them per category.
 
+    No method gains from ties: each rank records how many images tie with the ground truth, and a
+    run whose optimistic and pessimistic Recall@K differ by more than 0.01 pp is flagged (TIES, view
+    improvement_ties) and shown with its pessimistic figures. Scores that come out NaN or infinite
+    are refused, and nothing is written.
+
     \b
     Examples:
       clipfail improve --categories Object,Attribute --template-mode union --k 15 --pooling all
@@ -1389,6 +1427,7 @@ def improve(
     from toolkit.improve import improve as run_improve
     from toolkit.improve import model_encoder_factory
     from toolkit.improve import summary as improve_summary
+    from toolkit.improve import ties as improve_ties
 
     with open_study(db_path) as con:
         res = run_improve(
@@ -1418,6 +1457,7 @@ def improve(
         )
         summary = improve_summary(con, res.improvement_ids)
         eff_k = improve_effective_k(con, res.improvement_ids)
+        ties = improve_ties(con, res.improvement_ids)
     for note in res.notes:
         click.echo(f"Note: {note}")
     if res.is_noop:
@@ -1434,8 +1474,10 @@ def improve(
     for title, table, stat in tables.improvement_tables(summary, eff_k):
         click.echo("")
         click.echo(title)
-        echo_df(table[["pooling", *tables.RECALL_COLUMNS]], floatfmt="{:.2f}")
+        echo_df(table[["pooling", tables.TIE_COLUMN, *tables.RECALL_COLUMNS]], floatfmt="{:.2f}")
         echo_df(stat, floatfmt="{:+.2f}")
+    for note in tables.tie_notes(ties):
+        click.echo(f"\n{note}")
     click.echo("")
     click.echo(
         f"Improvement ids: {', '.join(map(str, res.improvement_ids))} (views improvement_recall, category_recall_delta)"
@@ -1492,7 +1534,9 @@ def report(db_path, out_dir, retrieval_run_id):
 
     Every number in it is read from the views (recall_summary, taxonomy_distribution,
     taxonomy_actionable, annotator_agreement, improvement_recall, category_recall_delta);
-    simulated labels are flagged on the page.
+    simulated labels and runs whose figures count ties pessimistically are flagged on the page.
+    On a writable database it records its run (one `report` row per database state and folder,
+    so that status knows); a write-protected one is only read and stays byte-identical.
 
     \b
     Example:

@@ -18,9 +18,10 @@ VIEWS = [
     "taxonomy_by_annotator",  # reads taxonomy_percentages
     # improvement
     "improvement_hits",  # reads improvement_ranks
+    "improvement_ties",  # reads improvement_runs, improvement_hits
     "improvement_effective_k",  # reads improvement_ranks
-    "improvement_recall",  # reads improvement_hits, improvement_effective_k
-    "category_recall_delta",  # reads improvement_hits
+    "improvement_recall",  # reads improvement_hits, improvement_effective_k, improvement_ties
+    "category_recall_delta",  # reads improvement_hits, improvement_ties
     # triage
     "triage_agreement",  # reads sample_labels
     "triage_confusion",  # reads sample_labels
@@ -32,5 +33,5 @@ VIEWS = [
     # hubness and the methods of improve (issue 17)
     "image_hubness",  # reads retrieval_runs, embedding_rows, retrieval_ranks
     "hubness_summary",  # reads image_hubness
-    "method_comparison",  # reads improvement_runs, improvement_stats, categories
+    "method_comparison",  # reads improvement_runs, improvement_stats, categories, improvement_ties
 ]

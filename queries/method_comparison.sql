@@ -9,8 +9,13 @@
 -- NULL without a control). method_rank_r1 ranks the methods within (retrieval run, category) by the
 -- R@1 delta, 1 = largest gain (ties share a rank). is_bank_overlap flags a qb-norm bank that held
 -- evaluated captions (--allow-bank-overlap).
+-- Ties: no method gains from them. The headline columns (baseline/improved/delta, intervals, p-values,
+-- fixed/broken, the control's share broken, and so method_rank_r1) use each run's tie_count (view
+-- improvement_ties): the pessimistic count (rank + n_tied <= K, baseline and improved alike) for a run that
+-- is_tie_affected, else the optimistic one; baseline_r{K}_pct_optimistic / _pessimistic and
+-- improved_r{K}_pct_optimistic / _pessimistic give both (pessimistic NULL: ties not recorded).
 -- Rows: by retrieval run, category ('*' first, then taxonomy order), rank, improvement run.
--- Reads: improvement_runs, improvement_stats, categories.
+-- Reads: improvement_runs, improvement_stats, categories, improvement_ties.
 CREATE OR REPLACE VIEW method_comparison AS
 WITH improvement_runs AS (
     SELECT
@@ -21,11 +26,36 @@ WITH improvement_runs AS (
 improvement_stats AS (
     SELECT
         improvement_id, category, k, n, baseline_hits, improved_hits, n_fixed, n_broken, ci_low_pp, ci_high_pp,
-        mcnemar_p
+        mcnemar_p, baseline_hits_pessimistic, improved_hits_pessimistic, n_fixed_pessimistic, n_broken_pessimistic,
+        ci_low_pp_pessimistic, ci_high_pp_pessimistic, mcnemar_p_pessimistic
     FROM improvement_stats
+),
+improvement_ties AS (
+    SELECT improvement_id, is_tie_affected, tie_count FROM improvement_ties
 ),
 categories AS (
     SELECT name AS category, position FROM categories
+),
+headline_stats AS (
+    -- each stored statistic in the count its run headlines (tie_count), and the hits under both counts
+    SELECT
+        s.improvement_id,
+        s.category,
+        s.k,
+        s.n,
+        CASE WHEN t.is_tie_affected THEN s.baseline_hits_pessimistic ELSE s.baseline_hits END AS baseline_hits,
+        CASE WHEN t.is_tie_affected THEN s.improved_hits_pessimistic ELSE s.improved_hits END AS improved_hits,
+        CASE WHEN t.is_tie_affected THEN s.n_fixed_pessimistic ELSE s.n_fixed END AS n_fixed,
+        CASE WHEN t.is_tie_affected THEN s.n_broken_pessimistic ELSE s.n_broken END AS n_broken,
+        CASE WHEN t.is_tie_affected THEN s.ci_low_pp_pessimistic ELSE s.ci_low_pp END AS ci_low_pp,
+        CASE WHEN t.is_tie_affected THEN s.ci_high_pp_pessimistic ELSE s.ci_high_pp END AS ci_high_pp,
+        CASE WHEN t.is_tie_affected THEN s.mcnemar_p_pessimistic ELSE s.mcnemar_p END AS mcnemar_p,
+        s.baseline_hits AS baseline_hits_optimistic,
+        s.improved_hits AS improved_hits_optimistic,
+        s.baseline_hits_pessimistic,
+        s.improved_hits_pessimistic
+    FROM improvement_stats s
+    JOIN improvement_ties t ON t.improvement_id = s.improvement_id
 ),
 labelled_runs AS (
     SELECT
@@ -49,7 +79,7 @@ controls AS (
         u.template_set, u.template_mode, u.k_prompts, u.seed, u.max_subset, u.is_overlap_included, u.population,
         s.n, s.baseline_hits, s.n_broken
     FROM labelled_runs u
-    JOIN improvement_stats s ON s.improvement_id = u.improvement_id AND s.category = '*' AND s.k = 1
+    JOIN headline_stats s ON s.improvement_id = u.improvement_id AND s.category = '*' AND s.k = 1
     WHERE u.population <> 'failures'
 ),
 matched_control AS (
@@ -90,8 +120,20 @@ wide AS (
         any_value(mcnemar_p) FILTER (WHERE k = 5) AS mcnemar_p_r5,
         any_value(mcnemar_p) FILTER (WHERE k = 10) AS mcnemar_p_r10,
         any_value(n_fixed) FILTER (WHERE k = 1) AS n_fixed_r1,
-        any_value(n_broken) FILTER (WHERE k = 1) AS n_broken_r1
-    FROM improvement_stats
+        any_value(n_broken) FILTER (WHERE k = 1) AS n_broken_r1,
+        any_value(100.0 * baseline_hits_optimistic / n) FILTER (WHERE k = 1) AS baseline_r1_optimistic,
+        any_value(100.0 * baseline_hits_pessimistic / n) FILTER (WHERE k = 1) AS baseline_r1_pessimistic,
+        any_value(100.0 * improved_hits_optimistic / n) FILTER (WHERE k = 1) AS improved_r1_optimistic,
+        any_value(100.0 * improved_hits_pessimistic / n) FILTER (WHERE k = 1) AS improved_r1_pessimistic,
+        any_value(100.0 * baseline_hits_optimistic / n) FILTER (WHERE k = 5) AS baseline_r5_optimistic,
+        any_value(100.0 * baseline_hits_pessimistic / n) FILTER (WHERE k = 5) AS baseline_r5_pessimistic,
+        any_value(100.0 * improved_hits_optimistic / n) FILTER (WHERE k = 5) AS improved_r5_optimistic,
+        any_value(100.0 * improved_hits_pessimistic / n) FILTER (WHERE k = 5) AS improved_r5_pessimistic,
+        any_value(100.0 * baseline_hits_optimistic / n) FILTER (WHERE k = 10) AS baseline_r10_optimistic,
+        any_value(100.0 * baseline_hits_pessimistic / n) FILTER (WHERE k = 10) AS baseline_r10_pessimistic,
+        any_value(100.0 * improved_hits_optimistic / n) FILTER (WHERE k = 10) AS improved_r10_optimistic,
+        any_value(100.0 * improved_hits_pessimistic / n) FILTER (WHERE k = 10) AS improved_r10_pessimistic
+    FROM headline_stats
     GROUP BY improvement_id, category
 ),
 final AS (
@@ -136,11 +178,26 @@ final AS (
             PARTITION BY f.retrieval_run_id, w.category ORDER BY w.improved_r1 - w.baseline_r1 DESC
         ) AS method_rank_r1,
         coalesce(f.is_bank_overlap, false) AS is_bank_overlap,
+        t.tie_count,
+        t.is_tie_affected,
+        round(w.baseline_r1_optimistic, 2) AS baseline_r1_pct_optimistic,
+        round(w.baseline_r1_pessimistic, 2) AS baseline_r1_pct_pessimistic,
+        round(w.improved_r1_optimistic, 2) AS improved_r1_pct_optimistic,
+        round(w.improved_r1_pessimistic, 2) AS improved_r1_pct_pessimistic,
+        round(w.baseline_r5_optimistic, 2) AS baseline_r5_pct_optimistic,
+        round(w.baseline_r5_pessimistic, 2) AS baseline_r5_pct_pessimistic,
+        round(w.improved_r5_optimistic, 2) AS improved_r5_pct_optimistic,
+        round(w.improved_r5_pessimistic, 2) AS improved_r5_pct_pessimistic,
+        round(w.baseline_r10_optimistic, 2) AS baseline_r10_pct_optimistic,
+        round(w.baseline_r10_pessimistic, 2) AS baseline_r10_pct_pessimistic,
+        round(w.improved_r10_optimistic, 2) AS improved_r10_pct_optimistic,
+        round(w.improved_r10_pessimistic, 2) AS improved_r10_pct_pessimistic,
         w.category <> '*' AS is_category_row,
         o.position AS category_position
     FROM failures f
     JOIN wide w ON w.improvement_id = f.improvement_id
     LEFT JOIN matched_control mc ON mc.improvement_id = f.improvement_id
+    JOIN improvement_ties t ON t.improvement_id = f.improvement_id
     LEFT JOIN categories o ON o.category = w.category
 )
 SELECT * EXCLUDE (is_category_row, category_position) FROM final

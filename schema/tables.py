@@ -295,6 +295,10 @@ improvement_ranks = sa.Table(
     sa.Column("baseline_rank", sa.BigInteger, nullable=False),  # retrieval_ranks.gt_rank
     sa.Column("improved_rank", sa.BigInteger, nullable=False),  # same tie policy, pooled scores
     sa.Column("improved_score", sa.Double, nullable=False),  # pooled score of the GT image
+    # ties (issue 24): other images with exactly the GT image's score, as retrieval_ranks.n_tied counts them
+    # (pessimistic rank = rank + n_tied); NULL: runs made before ties were recorded (unknown, not 0)
+    sa.Column("baseline_n_tied", sa.BigInteger),  # retrieval_ranks.n_tied
+    sa.Column("improved_n_tied", sa.BigInteger),  # same count, on the pooled / transformed scores
 )
 
 # Paired statistics of each delta (bootstrap interval, exact McNemar), computed by toolkit.stats
@@ -316,6 +320,15 @@ improvement_stats = sa.Table(
     sa.Column("bootstrap_resamples", sa.Integer, nullable=False),
     sa.Column("bootstrap_seed", sa.BigInteger, nullable=False),
     sa.Column("mcnemar_p", sa.Double, nullable=False),
+    # the same statistics on the pessimistic hits (rank + n_tied <= K, baseline and improved; issue 24).
+    # NULL: runs made before ties were recorded
+    sa.Column("baseline_hits_pessimistic", sa.Integer),
+    sa.Column("improved_hits_pessimistic", sa.Integer),
+    sa.Column("n_fixed_pessimistic", sa.Integer),
+    sa.Column("n_broken_pessimistic", sa.Integer),
+    sa.Column("ci_low_pp_pessimistic", sa.Double),
+    sa.Column("ci_high_pp_pessimistic", sa.Double),
+    sa.Column("mcnemar_p_pessimistic", sa.Double),
 )
 
 

@@ -272,6 +272,12 @@ def test_cli_prints_the_view(subset_db, tmp_path, run_cli):
         f"{row['mean_rank']:.4f}",
         f"{row['median_rank']:.4f}",
         str(row["n_r1_failures"]),
+        # both counts of ties (issue 24.7): the pessimistic R@K, the queries with a tie, the flag
+        f"{row['r_at_1_pessimistic']:.4f}",
+        f"{row['r_at_5_pessimistic']:.4f}",
+        f"{row['r_at_10_pessimistic']:.4f}",
+        str(row["n_tied_queries"]),
+        str(row["is_tie_affected"]),
     ]
     again = run_cli("--db", subset_db, "evaluate", "--direction", "text-to-image", "--device", "cpu").output
     assert "already evaluated, nothing changed" in again

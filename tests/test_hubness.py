@@ -5,9 +5,11 @@ each checked against a plain full-matrix NumPy reference on seeded random data."
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from toolkit import db
@@ -67,7 +69,9 @@ def test_inverted_softmax_matches_numpy(data):
 def test_bank_normaliser_does_not_depend_on_block_split(data):
     _, G, B, _ = data
     st = H.bank_stats(B, G, 20.0, 1)
-    assert np.allclose(st.log_norm, np_logsumexp_cols(B @ G.T, 20.0), rtol=0, atol=1e-12)
+    # the reference folds the same float32 scores (evaluate's GEMM blocks; NumPy's own BLAS may round B @ G.T
+    # differently in the last bit, which beta scales to ~1e-6) in one piece
+    assert np.allclose(st.log_norm, np_logsumexp_cols(H.raw_scores(B, G), 20.0), rtol=0, atol=1e-12)
     # large beta: no overflow in the log domain
     st = H.bank_stats(B, G, 5000.0, 1)
     assert np.isfinite(st.log_norm).all()
@@ -145,7 +149,7 @@ def test_stable_topk_breaks_ties_by_lower_index():
     assert H.stable_topk(S, 4).tolist() == [[1, 2, 4, 0]]
 
 
-@pytest.mark.parametrize("beta", [0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("beta", [0, -1.0, float("nan"), float("inf"), 1e-20, 5e-324, 1e7])
 def test_non_positive_beta_refused(data, beta):
     Q, G, B, gt = data
     with pytest.raises(ValueError, match="beta"):
@@ -156,8 +160,9 @@ def test_bad_top_and_alpha_refused(data):
     Q, G, _, gt = data
     with pytest.raises(ValueError, match="top"):
         H.rank_query_expansion(Q, G, gt, 0, 0.5)
-    with pytest.raises(ValueError, match="alpha"):
-        H.rank_query_expansion(Q, G, gt, 2, -0.1)
+    for alpha in (-0.1, float("nan"), float("inf"), 1e308):  # 1e308 overflowed float32 into NaN scores
+        with pytest.raises(ValueError, match="alpha"):
+            H.rank_query_expansion(Q, G, gt, 2, alpha)
 
 
 # ------------------------------------------------------------------------------ views on a real database
@@ -586,11 +591,14 @@ def test_cli_improve_methods_record_runs_and_refuse_bad_input(lab, run_cli):
                     "--control", "successes:10").output  # fmt: skip
     assert "Already computed" in again and n_runs() == 2
     for args, msg in (
-        (["--method", "qb-norm", "--beta", 0], "--beta must be a positive number"),
-        (["--method", "inverted-softmax", "--beta", -1], "--beta must be a positive number"),
-        (["--method", "qb-norm", "--k-bank", 0], "--k-bank must be"),
-        (["--method", "query-expansion", "--top", 0], "--top must be"),
-        (["--method", "query-expansion", "--alpha", -0.5], "--alpha must be"),
+        (
+            ["--method", "qb-norm", "--beta", 0],
+            "Invalid value for '--beta': 0.0 is not in the range 1e-06<=x<=1000000.0",
+        ),
+        (["--method", "inverted-softmax", "--beta", -1], "Invalid value for '--beta'"),
+        (["--method", "qb-norm", "--k-bank", 0], "Invalid value for '--k-bank'"),
+        (["--method", "query-expansion", "--top", 0], "Invalid value for '--top'"),
+        (["--method", "query-expansion", "--alpha", -0.5], "Invalid value for '--alpha'"),
         (["--method", "qb-norm", "--bank", "s30"], "--allow-bank-overlap"),
         (["--method", "query-expansion", "--bank", "s30"], "--bank does not apply to --method query-expansion"),
         (["--method", "qb-norm", "--pooling", "max"], "--pooling does not apply to --method qb-norm"),
@@ -633,3 +641,273 @@ def test_templates_then_qb_norm_with_the_caption_alone_is_qb_norm(lab):
             "SELECT DISTINCT method FROM method_comparison WHERE retrieval_run_id = ? ORDER BY 1", [w["t2i"]]
         ).fetchall()
         assert mc == [("qb-norm",), ("templates",), ("templates+qb-norm",)]
+
+
+# ------------------------------------------------------------------------------ ties (issue 24.7)
+
+
+def _file_sha(path):
+    import hashlib
+    from pathlib import Path
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_a_method_whose_scores_all_tie_gains_nothing_and_is_flagged(lab, run_cli, monkeypatch, tmp_path):
+    """`--beta 1e-20` gave every image the same score, and an optimistic rank (1 + images scoring strictly higher)
+    put every ground truth first: R@1 100%, +100 pp. Any method whose scores tie the ground truth with other images
+    (here inverted-softmax made to score every image 0, as a plugin might) must gain nothing: its pessimistic
+    figures are headlined, in every view, the CLI table and the flag."""
+    w = lab
+    monkeypatch.setattr(H, "inverted_softmax", lambda S, log_norm, beta: np.zeros(S.shape))
+    out = run_cli("--db", w["path"], "improve", "--categories", "Object,Attribute", "--method", "inverted-softmax",
+                  "--control", "successes:10").output  # fmt: skip
+    with open_study(w["path"], read_only=True) as con:
+        ranks = con.execute(
+            "SELECT r.*, t.n_tied FROM improvement_ranks r JOIN improvement_runs u USING (improvement_id) "
+            "JOIN retrieval_ranks t ON t.retrieval_run_id = u.retrieval_run_id AND t.query_id = r.caption_id"
+        ).df()
+        rec = con.execute("SELECT * FROM improvement_recall ORDER BY improvement_id, k").df()
+        ties = con.execute("SELECT * FROM improvement_ties ORDER BY improvement_id").df()
+        cat = con.execute("SELECT * FROM category_recall_delta").df()
+        mc = con.execute("SELECT * FROM method_comparison").df()
+    M = len(w["img"])
+    assert (ranks["improved_rank"] == 1).all() and (ranks["improved_n_tied"] == M - 1).all()
+    assert np.array_equal(ranks["baseline_n_tied"], ranks["n_tied"])  # the baseline's ties: retrieval_ranks.n_tied
+    assert ties["is_tie_affected"].all() and (ties["tie_count"] == "pessimistic").all()
+    assert (ties["n_improved_tied"] == ties["n_captions"]).all() and (ties["max_gap_pp"] == 100).all()
+    # what used to be the headline is still there, under its name...
+    assert (rec["improved_pct_optimistic"] == 100).all()
+    # ...but every headline is the pessimistic count: the GT image is last of the 30 tied images, never in the top 10
+    assert (rec["improved_pct"] == 0).all() and (rec["improved_pct_pessimistic"] == 0).all()
+    assert (rec["tie_count"] == "pessimistic").all() and rec["is_tie_affected"].all()
+    assert (rec["delta_pp"] == -rec["baseline_pct_pessimistic"]).all() and (rec["n_fixed"] == 0).all()
+    assert (rec["baseline_pct"] == rec["baseline_pct_pessimistic"]).all()
+    successes = rec[rec["population"] == "successes"]
+    assert (successes["n_broken"] == successes["n"]).all() and (successes["delta_pp"] == -100).all()
+    assert (cat["improved_pct"] == 0).all() and (cat["delta_pp"] <= 0).all() and (cat["n_fixed"].fillna(0) == 0).all()
+    assert (mc["improved_r1_pct"] == 0).all() and (mc["delta_r1_pp"] <= 0).all() and (mc["n_fixed_r1"] == 0).all()
+    assert (mc["improved_r1_pct_optimistic"] == 100).all() and (mc["tie_count"] == "pessimistic").all()
+    assert (mc["share_r1_successes_broken"] == 1).all()
+    # the CLI prints the pessimistic figures, names the count, and says why
+    assert re.search(r"none\s+pessimistic\s+0\.00\s+0\.00\s+0\.00\s+\+?0\.00", out), out
+    assert "TIES: improvement run 1 (inverted-softmax, failures)" in out and "of its 11 captions" in out
+    assert "+100.00" not in out
+    # and so does the report: the method table's figures are the view's pessimistic ones, with the flag beside them
+    run_cli("--db", w["path"], "report", "--out", tmp_path / "rep", "--run", w["t2i"])
+    table = pd.read_csv(tmp_path / "rep" / "tables" / "method_comparison.csv")
+    assert (table["improved_r1_pct"] == 0).all() and (table["tie_count"] == "pessimistic").all()
+    page = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert "TIES: improvement run 1 (inverted-softmax, failures)" in page
+
+
+def test_ties_under_both_counts_equal_a_numpy_reference(lab, monkeypatch):
+    """A transform with partial ties (scores rounded to a grid): the stored tie counts, improvement_ties,
+    improvement_recall, category_recall_delta and method_comparison under both counts, against NumPy on the
+    embeddings (the optimistic columns keep their meaning; the headline is the pessimistic count)."""
+    import pandas as pd
+
+    from toolkit import stats
+
+    w = lab
+    monkeypatch.setattr(H, "inverted_softmax", lambda S, log_norm, beta: np.round(S.astype(np.float64) * 8) / 8)
+    con = open_study(w["path"])
+    try:
+        res = imp.improve_method(con, "inverted-softmax", "Object,Attribute,Count", retrieval_run_id=w["t2i"])
+        imp_id = res.improvement_ids[0]
+        got = _ranks(con, imp_id).merge(
+            con.execute("SELECT caption_id, baseline_n_tied, improved_n_tied FROM improvement_ranks "
+                        "WHERE improvement_id = ?", [imp_id]).df()
+        )  # fmt: skip
+        views = {
+            name: con.execute(f"SELECT * FROM {name} WHERE improvement_id = ?", [imp_id]).df()
+            for name in ("improvement_recall", "category_recall_delta", "method_comparison", "improvement_ties")
+        }
+        st = con.execute("SELECT * FROM improvement_stats WHERE improvement_id = ?", [imp_id]).df()
+    finally:
+        con.close()
+    rows, gt = _rows(w, got["caption_id"])
+    S = H.raw_scores(w["txt"][rows], w["img"])  # evaluate's own float32 scores
+    rank, tied = np_ranks(np.round(S.astype(np.float64) * 8) / 8, gt)
+    base_rank, base_tied = np_ranks(S, gt)
+    assert np.array_equal(got["improved_rank"], rank) and np.array_equal(got["improved_n_tied"], tied)
+    assert np.array_equal(got["baseline_rank"], base_rank) and np.array_equal(got["baseline_n_tied"], base_tied)
+    assert (tied > 0).mean() > 0.5 and ((rank <= 5) & (rank + tied > 5)).any()  # ties that change hits
+    ref = pd.DataFrame({"category": got["category"], "b": base_rank, "bt": base_tied, "a": rank, "at": tied})
+
+    def recall(g, k):
+        o = (100 * (g["b"] <= k).mean(), 100 * (g["a"] <= k).mean())
+        p = (100 * (g["b"] + g["bt"] <= k).mean(), 100 * (g["a"] + g["at"] <= k).mean())
+        return o, p
+
+    groups = [("*", ref)] + list(ref.groupby("category"))
+    gaps = [max(o[0] - p[0], o[1] - p[1]) for _c, g in groups for k in (1, 5, 10) for o, p in [recall(g, k)]]
+    t = views["improvement_ties"].iloc[0]
+    assert t["is_tie_recorded"] and t["is_tie_affected"] and t["tie_count"] == "pessimistic"
+    assert t["max_gap_pp"] == pytest.approx(round(max(gaps), 2))
+    assert t["n_improved_tied"] == (tied > 0).sum() and t["n_baseline_tied"] == (base_tied > 0).sum()
+    for cat, g in groups:
+        for k in (1, 5, 10):
+            (bo, ao), (bp, ap) = recall(g, k)
+            if cat == "*":
+                row = views["improvement_recall"].set_index("k").loc[k]
+            else:
+                cv = views["category_recall_delta"]
+                row = cv[(cv["category"] == cat) & (cv["k"] == k)].iloc[0]
+            assert (row["baseline_pct_optimistic"], row["improved_pct_optimistic"]) == (round(bo, 2), round(ao, 2))
+            assert (row["baseline_pct_pessimistic"], row["improved_pct_pessimistic"]) == (round(bp, 2), round(ap, 2))
+            assert row["delta_pp_optimistic"] == pytest.approx(round(ao - bo, 2))
+            assert row["delta_pp_pessimistic"] == pytest.approx(round(ap - bp, 2))
+            # the headline is the pessimistic count, statistics included
+            assert (row["baseline_pct"], row["improved_pct"]) == (round(bp, 2), round(ap, 2))
+            b = (g["b"] + g["bt"] <= k).to_numpy()
+            a = (g["a"] + g["at"] <= k).to_numpy()
+            lo, hi = stats.paired_bootstrap_ci(b, a, seed=42)
+            assert (row["ci_low_pp"], row["ci_high_pp"]) == (round(100 * lo, 2), round(100 * hi, 2))
+            assert row["mcnemar_p"] == stats.mcnemar_exact(b, a)
+            assert (row["n_fixed"], row["n_broken"]) == ((~b & a).sum(), (b & ~a).sum())
+            s = st[(st["category"] == cat) & (st["k"] == k)].iloc[0]
+            assert (s["baseline_hits"], s["improved_hits"]) == ((g["b"] <= k).sum(), (g["a"] <= k).sum())
+            mc = views["method_comparison"]
+            m = mc[mc["category"] == cat].iloc[0]
+            assert m[f"improved_r{k}_pct"] == round(ap, 2) and m[f"baseline_r{k}_pct"] == round(bp, 2)
+            assert m[f"improved_r{k}_pct_optimistic"] == round(ao, 2)
+            assert m[f"improved_r{k}_pct_pessimistic"] == round(ap, 2)
+            assert m[f"delta_r{k}_pp"] == pytest.approx(round(ap - bp, 2))
+
+
+BAD_METHOD_NUMBERS = [
+    (["--method", "inverted-softmax", "--beta", "1e-20"], "--beta"),  # every image tied (issue 24.7)
+    (["--method", "qb-norm", "--beta", "1e-320"], "--beta"),  # a subnormal: R@1 97.73 against 0.00
+    (["--method", "qb-norm", "--beta", "0"], "--beta"),
+    (["--method", "qb-norm", "--beta", "-1"], "--beta"),
+    (["--method", "qb-norm", "--beta", "1e7"], "--beta"),
+    (["--method", "inverted-softmax", "--beta", "inf"], "--beta"),
+    (["--method", "inverted-softmax", "--beta", "nan"], "--beta"),
+    (["--method", "templates+qb-norm", "--beta", "nan", "--k", "1"], "--beta"),
+    (["--method", "query-expansion", "--alpha", "1e308"], "--alpha"),  # was a NOT NULL constraint error
+    (["--method", "query-expansion", "--alpha", "inf"], "--alpha"),
+    (["--method", "query-expansion", "--alpha", "nan"], "--alpha"),
+    (["--method", "query-expansion", "--alpha", "-0.5"], "--alpha"),
+    (["--method", "query-expansion", "--top", "0"], "--top"),
+    (["--method", "query-expansion", "--top", str(2**40)], "--top"),
+    (["--method", "query-expansion", "--top", "1.5"], "--top"),
+    (["--method", "qb-norm", "--k-bank", "0"], "--k-bank"),
+    (["--method", "qb-norm", "--k-bank", str(2**40)], "--k-bank"),
+    (["--pooling", "logsumexp", "--tau", "nan"], "--tau"),
+    (["--pooling", "logsumexp", "--tau", "inf"], "--tau"),
+    (["--pooling", "logsumexp", "--tau", "0"], "--tau"),
+    (["--pooling", "logsumexp", "--tau", "1e-320"], "--tau"),
+    (["--pooling", "logsumexp", "--tau", "1e7"], "--tau"),
+]
+
+
+def test_numbers_that_over_or_underflow_a_transform_are_refused(lab, run_cli):
+    """Every real-valued or count option of every method: NaN, infinities, out-of-range values are one message
+    that names the option and its range; nothing runs and the database is byte-identical."""
+    from toolkit.errors import UserError
+
+    w = lab
+    before = _file_sha(w["path"])
+    for args, flag in BAD_METHOD_NUMBERS:
+        res = run_cli("--db", w["path"], "improve", "--categories", "Object", *args, expect=2)
+        assert f"Invalid value for '{flag}'" in res.output and "Traceback" not in res.output, (args, res.output)
+        assert res.output.count("Error:") == 1, res.output  # one message (after click's usage line)
+    assert _file_sha(w["path"]) == before
+    # the same ranges through the Python API
+    with open_study(w["path"]) as con:
+        for method, kw, flag in (
+            ("inverted-softmax", {"beta": 1e-20}, "--beta must be a number from 1e-06 to 1e\\+06"),
+            ("qb-norm", {"beta": 5e-324}, "--beta"),
+            ("qb-norm", {"k_bank": 2**40}, "--k-bank"),
+            ("query-expansion", {"alpha": 1e308}, "--alpha must be a number from 0 to 1e\\+06"),
+            ("query-expansion", {"top": 2.5}, "--top"),
+        ):
+            with pytest.raises(UserError, match=flag):
+                imp.improve_method(con, method, "Object", retrieval_run_id=w["t2i"], **kw)
+        for tau in (float("nan"), float("inf"), 0.0, 1e-320, 1e7):
+            with pytest.raises(UserError, match="--tau must be a number from 1e-06 to 1e\\+06"):
+                imp.improve(con, "Object", poolings="logsumexp", tau=tau, retrieval_run_id=w["t2i"])
+        assert con.execute("SELECT count(*) FROM improvement_runs").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    "method,patch,extra",
+    [
+        ("inverted-softmax", "inverted_softmax", []),
+        ("templates+inverted-softmax", "inverted_softmax", ["--k", "1", "--pooling", "max"]),
+        ("query-expansion", "expand_queries", []),
+    ],
+)
+def test_scores_that_are_not_finite_are_one_message_and_nothing_is_written(lab, run_cli, monkeypatch, method, patch,
+                                                                          extra):  # fmt: skip
+    """Whatever the parameters, a transform whose scores come out NaN or infinite (an overflow) is refused after
+    computing and before writing: one message, exit 2, the database byte-identical."""
+    w = lab
+    real = getattr(H, patch)
+
+    def overflowing(*args):
+        out = real(*args).copy()
+        out[0] = np.inf if patch == "expand_queries" else np.nan  # an expanded query of inf: NaN / inf scores
+        return out
+
+    monkeypatch.setattr(H, patch, overflowing)
+    before = _file_sha(w["path"])
+    res = run_cli("--db", w["path"], "improve", "--categories", "Object,Attribute", "--method", method, *extra,
+                  expect=2)  # fmt: skip
+    assert "gave scores that are not finite numbers (NaN or infinite)" in res.output, res.output
+    assert "Nothing was written" in res.output and "Traceback" not in res.output
+    assert _file_sha(w["path"]) == before
+
+
+NEW_TIE_COLUMNS = {
+    "improvement_ranks": ["baseline_n_tied", "improved_n_tied"],
+    "improvement_stats": [
+        "baseline_hits_pessimistic", "improved_hits_pessimistic", "n_fixed_pessimistic", "n_broken_pessimistic",
+        "ci_low_pp_pessimistic", "ci_high_pp_pessimistic", "mcnemar_p_pessimistic",
+    ],
+}  # fmt: skip
+
+
+def test_a_study_made_before_ties_were_recorded_opens_and_its_runs_show_as_unknown(lab, run_cli, tmp_path):
+    """An older clipfail stored no tie counts (the columns did not exist). Such a study upgrades on its next writing
+    command; its runs keep every figure they had (their existing columns are those of the same runs with ties
+    recorded, here where nothing ties), their tie columns are NULL and say 'ties unknown', the report says so, and
+    the same configuration runs again (not reused) to record them."""
+    w = lab
+    views = ("improvement_hits", "improvement_recall", "category_recall_delta", "method_comparison")
+    with open_study(w["path"]) as con:
+        imp.improve_method(con, "qb-norm", "Object,Attribute", control="successes:10", retrieval_run_id=w["t2i"])
+        imp.improve_method(con, "query-expansion", "Object,Attribute", retrieval_run_id=w["t2i"])
+        assert not con.execute("SELECT bool_or(is_tie_affected) FROM improvement_ties").fetchone()[0]
+        recorded = {v: con.execute(f"SELECT * FROM {v}").df() for v in views}
+        for table, cols in NEW_TIE_COLUMNS.items():  # what an older clipfail wrote
+            for col in cols:
+                con.execute(f"ALTER TABLE {table} DROP COLUMN {col}")
+        con.execute("UPDATE schema_info SET value = 'older' WHERE key = 'schema_hash'")
+    run_cli("--db", w["path"], "init")  # any writing command upgrades
+    with open_study(w["path"], read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM improvement_ranks WHERE improved_n_tied IS NOT NULL").fetchone() == (
+            0,
+        )
+        for v in views:
+            old = con.execute(f"SELECT * FROM {v}").df()
+            kept = [c for c in recorded[v].columns if not re.search(r"tie|optimistic|pessimistic", c)]
+            pd.testing.assert_frame_equal(old[kept], recorded[v][kept])  # every existing column, row for row
+            tie_cols = [c for c in old.columns if re.search(r"pessimistic|tied|is_tie_affected", c)]
+            assert old[tie_cols].isna().all().all(), v  # unknown, never 0
+        ties = con.execute("SELECT * FROM improvement_ties").df()
+        assert (ties["tie_count"] == "optimistic (ties unknown)").all() and not ties["is_tie_recorded"].any()
+        assert ties[["is_tie_affected", "n_improved_tied", "max_gap_pp"]].isna().all().all()
+    run_cli("--db", w["path"], "report", "--out", tmp_path / "rep", "--run", w["t2i"])
+    page = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert "was made before ties were recorded" in page
+    # the same configuration again: a new run that records its ties; the old ones stay
+    out = run_cli(
+        "--db", w["path"], "improve", "--categories", "Object,Attribute", "--method", "query-expansion"
+    ).output
+    assert "Improvement run(s) 3 had this configuration but were made before tie counts were recorded" in out
+    with open_study(w["path"], read_only=True) as con:
+        rows = con.execute("SELECT improvement_id, tie_count FROM improvement_ties ORDER BY 1").fetchall()
+    assert rows == [(1, "optimistic (ties unknown)"), (2, "optimistic (ties unknown)"),
+                    (3, "optimistic (ties unknown)"), (4, "optimistic")]  # fmt: skip

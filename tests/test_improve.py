@@ -286,6 +286,7 @@ def reference_ranks(target, res, pooling_name, tau=1.0, mode="own", categories=(
                 pooled.append(m + tau * math.log(math.fsum(math.exp((x - m) / tau) for x in s) / len(s)))
         g = pooled[col[int(r.image_id)]]
         want.append(1 + sum(p > g for p in pooled))
+        assert r.improved_n_tied == sum(p == g for p in pooled) - 1  # the other images with the GT's score
     return rows, np.array(want)
 
 
@@ -301,11 +302,13 @@ def test_pooled_ranks_equal_a_reference_computation(con, mode):
     # the baseline is the retrieval run's own rank
     base = q(
         con,
-        "SELECT r.caption_id, r.baseline_rank, rr.gt_rank FROM improvement_ranks r JOIN retrieval_ranks rr "
+        "SELECT r.caption_id, r.baseline_rank, rr.gt_rank, r.baseline_n_tied, rr.n_tied FROM improvement_ranks r "
+        "JOIN retrieval_ranks rr "
         "ON rr.query_id = r.caption_id AND rr.retrieval_run_id = ? WHERE improvement_id = ?",
         [res.retrieval_run_id, res.improvement_ids[0]],
     )
     assert (base["baseline_rank"] == base["gt_rank"]).all() and (base["gt_rank"] > 1).all()
+    assert (base["baseline_n_tied"] == base["n_tied"]).all()
     k = q(con, "SELECT DISTINCT k_per_category, k_prompts FROM improvement_runs")
     assert k.values.tolist() == [['{"Object": 10, "Count": 10}', 10]]
 
@@ -530,7 +533,7 @@ BAD_IMPROVE = [
     (["--categories", "Nonsense"], "Unknown categories: Nonsense"),
     (["--categories", "Ambiguous"], "no templates for Ambiguous"),
     (["--categories", "Object", "--pooling", "median"], "Unknown pooling"),
-    (["--categories", "Object", "--pooling", "logsumexp", "--tau", "0"], "--tau must be a positive"),
+    (["--categories", "Object", "--pooling", "logsumexp", "--tau", "0"], "Invalid value for '--tau': 0.0 is not in"),
     (["--categories", "Object", "--control", "some"], "--control 'some' is not understood"),
     (["--categories", "Object", "--control", "successes:100000"], "more than the"),
     (["--categories", "Object", "--template-set", "nope"], "No template set named 'nope'"),
@@ -773,7 +776,7 @@ def test_readme_example_queries_run(con):
     run_improve(con, "Object,Attribute", poolings="max,mean", control="successes:4")
     examples = Path(__file__).parent.parent / "queries" / "examples" / "improve.sql"
     statements = [s for s in examples.read_text(encoding="utf-8").split(";") if s.strip()]
-    assert len(statements) == 7
+    assert len(statements) == 8
     results = [con.execute(s).df() for s in statements]
     assert all(len(r) > 0 for r in results)
     table = results[0]

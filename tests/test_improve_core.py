@@ -258,6 +258,99 @@ def test_gt_ranks_tie_policy_is_optimistic():
     assert pooling.gt_ranks(pooled, [0, 3]).tolist() == [2, 1]  # ties do not push the GT down
 
 
+def _plain_counts(scores, gt):
+    """A plain loop: 1 + #other columns strictly higher, and #other columns exactly equal, per row."""
+    out = []
+    for row, g in zip(np.asarray(scores), gt):
+        v = row[g]
+        higher = sum(1 for j, x in enumerate(row) if j != g and x > v)
+        same = sum(1 for j, x in enumerate(row) if j != g and x == v)
+        out.append((1 + higher, same))
+    return np.array(out)
+
+
+def test_tie_counts_equal_a_plain_reference_on_scores_with_known_ties():
+    rng = np.random.default_rng(11)
+    N, M = 60, 25
+    scores = np.round(rng.uniform(0, 1, (N, M)) * 6) / 6  # 7 levels: most GT scores tie with others
+    gt = rng.integers(0, M, N)
+    rank, tied = pooling.gt_rank_counts(scores, gt)
+    want = _plain_counts(scores, gt)
+    assert np.array_equal(rank, want[:, 0]) and np.array_equal(tied, want[:, 1])
+    assert (tied > 0).mean() > 0.5 and (rank + tied > rank).any()  # the ties are real
+    assert np.array_equal(pooling.gt_ranks(scores, gt), rank)
+    # every image ties: rank 1 counted optimistically, M pessimistically (a method must not win this way)
+    r, t = pooling.gt_rank_counts(np.full((3, M), 0.25), [0, 7, M - 1])
+    assert r.tolist() == [1, 1, 1] and (r + t).tolist() == [M, M, M]
+
+
+def test_tie_counts_are_retrieval_ranks_n_tied():
+    """The same definition as evaluate's retrieval_ranks (gt_rank, n_tied), on float32 scores with exact ties
+    (duplicated images)."""
+    from toolkit import retrieval as R
+
+    rng = np.random.default_rng(4)
+    images = _normed(rng, 30, 8)
+    images[10:20] = images[:10]  # every image 0..19 has a twin: its captions tie with it
+    gt = rng.integers(0, 30, 90)
+    texts = images[gt] + 0.3 * _normed(rng, 90, 8)
+    r = R.rank_text_to_image(texts, images, gt, device="cpu")
+    rank, tied = pooling.gt_rank_counts(R.score_rows(texts, images), gt)
+    assert np.array_equal(rank, r.gt_rank) and np.array_equal(tied, r.n_tied)
+    assert np.array_equal(rank + tied, r.pessimistic_rank) and (tied > 0).sum() > 30
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_scores_that_are_not_finite_are_refused(bad):
+    scores = np.zeros((4, 6))
+    scores[2, 5] = bad  # a NaN would compare false with everything and rank its row first
+    with pytest.raises(pooling.NonFiniteScores, match="1 scores of 1 queries"):
+        pooling.gt_rank_counts(scores, [0, 1, 2, 3])
+
+
+def test_stats_are_stored_for_both_counts_and_ties_do_not_win():
+    """compute_stats: the optimistic columns from rank <= K, the *_pessimistic ones from rank + n_tied <= K
+    (baseline and improved alike), each equal to toolkit.stats on those hits; a fix that only ties the GT image
+    with every other image fixes nothing pessimistically."""
+    import pandas as pd
+
+    from toolkit.improve import compute_stats
+
+    rng = np.random.default_rng(8)
+    n, M = 80, 40
+    base = rng.integers(1, 30, n)
+    base_tied = rng.integers(0, 3, n) * (rng.uniform(size=n) < 0.3)
+    ranks = pd.DataFrame(
+        {
+            "category": np.where(np.arange(n) % 2, "Object", "Count"),
+            "baseline_rank": base,
+            "baseline_n_tied": base_tied,
+            "improved_rank": np.ones(n, np.int64),  # every image ties with the GT image
+            "improved_n_tied": np.full(n, M - 1),
+        }
+    )
+    st = compute_stats(ranks, seed=3, n_resamples=500).set_index(["category", "k"])
+    for (cat, k), row in st.iterrows():
+        g = ranks if cat == "*" else ranks[ranks["category"] == cat]
+        for suffix, b, a in (
+            ("", g["baseline_rank"] <= k, g["improved_rank"] <= k),
+            (
+                "_pessimistic",
+                g["baseline_rank"] + g["baseline_n_tied"] <= k,
+                g["improved_rank"] + g["improved_n_tied"] <= k,
+            ),
+        ):
+            b, a = b.to_numpy(), a.to_numpy()
+            lo, hi = stats.paired_bootstrap_ci(b, a, n_resamples=500, seed=3)
+            assert row[f"baseline_hits{suffix}"] == b.sum() and row[f"improved_hits{suffix}"] == a.sum()
+            assert row[f"n_fixed{suffix}"] == (~b & a).sum() and row[f"n_broken{suffix}"] == (b & ~a).sum()
+            assert row[f"ci_low_pp{suffix}"] == 100 * lo and row[f"ci_high_pp{suffix}"] == 100 * hi
+            assert row[f"mcnemar_p{suffix}"] == stats.mcnemar_exact(b, a)
+        assert row["improved_hits"] == row["n"]  # optimistically everything is "fixed"...
+        assert row["improved_hits_pessimistic"] == 0 and row["n_fixed_pessimistic"] == 0  # ...pessimistically nothing
+    assert (st["baseline_hits"] != st["baseline_hits_pessimistic"]).any()  # the baseline's ties count too
+
+
 def test_pooling_rejects_bad_input():
     with pytest.raises(ValueError):
         pooling.pool_scores(np.zeros((0, 3)), "max")

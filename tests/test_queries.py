@@ -68,8 +68,8 @@ def test_views_apply_in_list_order_on_a_fresh_database_once_each():
 
 def test_apply_views_names_the_view_that_does_not_apply(monkeypatch):
     # the order matters: a view listed before a view it reads does not apply, and nothing retries it
-    order = [v for v in queries.VIEWS if v != "improvement_hits"]
-    order.insert(order.index("improvement_recall") + 1, "improvement_hits")
+    order = [v for v in queries.VIEWS if v != "improvement_ties"]
+    order.insert(order.index("improvement_recall") + 1, "improvement_ties")
     monkeypatch.setattr(queries, "VIEWS", order)
     con = _schema_only()
     try:
@@ -234,3 +234,57 @@ def test_charts_are_drawn_in_figures_only():
         if p.name != "figures.py":
             text = p.read_text(encoding="utf-8")
             assert "savefig" not in text and "matplotlib.figure" not in text, p.name
+
+
+# --- ties in the baseline (issue 24.7) --------------------------------------------------------------
+
+
+def test_recall_summary_gives_both_counts_and_flags_a_tied_run(run_cli, synthetic_coco, tmp_path):
+    """recall_summary keeps its optimistic r_at_K (values unchanged) and adds r_at_K_pessimistic (rank + n_tied <=
+    K), n_tied_queries and is_tie_affected, against NumPy on the embeddings; the report flags such a run."""
+    import numpy as np
+    from helpers import register_hand_built
+
+    path = tmp_path / "ties.duckdb"
+    run_cli("--db", path, "ingest", "--coco-root", synthetic_coco, "--num-images", 12, "--name", "s12")
+    con = open_study(path)
+    try:
+        sid = int(db.get_subset(con, "s12")["subset_id"])
+        imgs = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
+        caps = con.execute("SELECT caption_id, image_id FROM subset_captions WHERE subset_id = ?", [sid]).df()
+        rng = np.random.default_rng(3)
+        img = rng.normal(size=(12, 8)).astype(np.float32)
+        img[6:] = img[:6]  # six pairs of identical images: each caption ties with its image's twin
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        row = {int(i): k for k, i in enumerate(imgs["image_id"])}
+        gt = np.array([row[int(i)] for i in caps["image_id"]])
+        txt = img[gt] + 0.6 * rng.normal(size=(len(gt), 8)).astype(np.float32)
+        register_hand_built(con, tmp_path / "i.npy", "image", img, imgs["image_id"], sid)
+        register_hand_built(con, tmp_path / "t.npy", "text", txt, caps["caption_id"], sid)
+    finally:
+        con.close()
+    run_cli("--db", path, "evaluate", "--device", "cpu")
+    run_cli("--db", path, "evaluate", "--device", "cpu", "--direction", "image-to-text")
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        got = con.execute("SELECT * FROM recall_summary ORDER BY retrieval_run_id").df()
+        ranks = con.execute("SELECT gt_rank, n_tied FROM retrieval_ranks WHERE retrieval_run_id = 1").df()
+    finally:
+        con.close()
+    S = txt.astype(np.float64) @ img.T.astype(np.float64)  # any rounding: only the ties matter below
+    g = S[np.arange(len(gt)), gt][:, None]
+    opt, pess = 1 + (S > g + 1e-9).sum(1), (S >= g - 1e-9).sum(1)
+    assert np.array_equal(ranks["gt_rank"], opt) and np.array_equal(ranks["gt_rank"] + ranks["n_tied"], pess)
+    t2i = got.iloc[0]
+    for k in (1, 5, 10):
+        assert t2i[f"r_at_{k}"] == pytest.approx((opt <= k).mean())  # the optimistic column as before
+        assert t2i[f"r_at_{k}_pessimistic"] == pytest.approx((pess <= k).mean())
+    assert t2i["r_at_1"] > t2i["r_at_1_pessimistic"] and t2i["n_tied_queries"] == len(gt)
+    assert bool(t2i["is_tie_affected"])
+    i2t = got.iloc[1]  # image queries: the twins are queries, not gallery items, and nothing ties
+    assert i2t["n_tied_queries"] == 0 and not i2t["is_tie_affected"]
+    assert [i2t[f"r_at_{k}_pessimistic"] for k in (1, 5, 10)] == [i2t[f"r_at_{k}"] for k in (1, 5, 10)]
+    page_dir = tmp_path / "rep"
+    run_cli("--db", path, "report", "--out", page_dir)
+    page = (page_dir / "report.html").read_text(encoding="utf-8")
+    assert "TIES: in retrieval run(s) 1 the ground truth ties" in page

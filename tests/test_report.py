@@ -184,3 +184,44 @@ def test_report_of_an_empty_database_says_what_is_missing(run_cli, tmp_db, tmp_p
     assert "No retrieval run yet" in page and "SIMULATED" not in page
     res = run_cli("--db", tmp_db, "report", "--run", 7, "--out", tmp_path / "r", expect=2)
     assert "No retrieval run with id 7. Run clipfail evaluate first." in res.output
+
+
+def test_report_records_its_run_on_a_writable_study_only_and_the_guide_says_so(run_cli, tmp_db, tmp_path):
+    """Issue 24.8: the guide said in one place that `clipfail report` opens the database read-only and records
+    nothing, in another that it records its run. What it does: on a writable file it adds one `report` run row (so
+    that status knows; the same report again adds nothing); a write-protected file stays byte-identical. Every
+    sentence of the guide about it says the same."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    import duckdb
+
+    def sha():
+        return hashlib.sha256(Path(tmp_db).read_bytes()).hexdigest()
+
+    def n_reports():
+        con = duckdb.connect(tmp_db, read_only=True)
+        try:
+            return con.execute("SELECT count(*) FROM runs WHERE stage = 'report'").fetchone()[0]
+        finally:
+            con.close()
+
+    run_cli("--db", tmp_db, "init")
+    before = sha()
+    run_cli("--db", tmp_db, "report", "--out", tmp_path / "r1")
+    assert sha() != before and n_reports() == 1  # recorded
+    os.chmod(tmp_db, 0o444)
+    try:
+        protected = sha()
+        run_cli("--db", tmp_db, "report", "--out", tmp_path / "r2")
+        assert sha() == protected and n_reports() == 1  # only read
+    finally:
+        os.chmod(tmp_db, 0o644)
+
+    guide = " ".join((Path(__file__).parents[1] / "docs" / "guide.md").read_text(encoding="utf-8").split())
+    sentences = [s for s in re.split(r"(?<=[.;])\s", guide) if "report" in s and re.search(r"\brecord", s)]
+    assert not [s for s in sentences if re.search(r"records? (no run|nothing)", s) and "write-protected" not in s]
+    assert "on a writable file `report` records its run" in guide
+    assert "On a writable database `clipfail report` records its run" in guide
+    assert "On a write-protected database it only reads, records nothing and leaves the file byte-identical" in guide

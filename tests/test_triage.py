@@ -408,3 +408,18 @@ def test_karpathy_ingest_does_not_pick_up_the_val2017_instances(run_cli, synthet
     path.write_text(json.dumps({"images": images}))
     run_cli("--db", tmp_db, "ingest", "--karpathy-json", path, "--coco-root", synthetic_coco, "--num-images", "all")
     assert _counts(tmp_db)["instance_files"] == 0 and _counts(tmp_db)["subsets"] == 1
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "0", "-1", "1e7", "1e400"])
+def test_a_hub_factor_that_is_not_a_usable_number_is_one_message(run_cli, tmp_db, value):
+    """Issue 24.14e: --hub-factor inf ended in a traceback (OverflowError in ceil); NaN passed click's range.
+    Each is one message naming the option and its range, before anything opens the database."""
+    res = run_cli("--db", tmp_db, "triage", "--hub-factor", value, expect=2)
+    assert "Invalid value for '--hub-factor'" in res.output and "0<x<=1000000.0" in res.output
+    assert "Traceback" not in res.output and res.output.count("Error:") == 1
+    from toolkit.errors import UserError
+    from toolkit.triage import triage
+
+    run_cli("--db", tmp_db, "init")
+    with open_study(tmp_db) as con, pytest.raises(UserError, match="--hub-factor must be a number greater than 0"):
+        triage(con, hub_factor=float(value))  # the Python API refuses the same values

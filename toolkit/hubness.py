@@ -31,7 +31,9 @@ log Z_j = log sum_{b in B} exp(beta * s_bj) is gallery item j's column-wise soft
 
 Ranks follow the retrieval tie policy ("optimistic"): 1 + the number of gallery items whose
 transformed score is strictly higher than the ground-truth item's; `n_tied` counts the other items
-with exactly the same transformed score.
+with exactly the same transformed score (`pooling.gt_rank_counts`, the one ranking improve uses, so
+rank + n_tied is the pessimistic rank). A transform that gives NaN or an infinity is refused
+(`pooling.NonFiniteScores`), and so are parameters outside `pooling.BETA_RANGE` / `ALPHA_RANGE`.
 
 Memory: each worker thread (torch's thread count) holds one MM_ROWS x M float32 score block and a
 few float64 temporaries of the same shape (about 30 bytes x 512 x M: ~80 MB for a 5,000-image
@@ -49,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from toolkit import pooling
 from toolkit import retrieval as R
 
 METHODS = ("inverted-softmax", "qb-norm", "query-expansion")
@@ -97,12 +100,10 @@ def expand_queries(Q: np.ndarray, S: np.ndarray, gallery: np.ndarray, top: int, 
 
 
 def ranks_from_scores(T: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(gt_rank, n_tied, gt_score) of each row of transformed scores T against its one GT column."""
-    ar = np.arange(T.shape[0])
-    g = T[ar, gt]
-    rank = 1 + (T > g[:, None]).sum(axis=1)
-    tied = (T == g[:, None]).sum(axis=1) - 1
-    return rank.astype(np.int64), tied.astype(np.int64), g.astype(np.float64)
+    """(gt_rank, n_tied, gt_score) of each row of transformed scores T against its one GT column
+    (`pooling.gt_rank_counts`: a NaN or infinite score is refused)."""
+    rank, tied = pooling.gt_rank_counts(T, gt)
+    return rank, tied, T[np.arange(T.shape[0]), gt].astype(np.float64)
 
 
 # ------------------------------------------------------------------------------ streaming
@@ -213,8 +214,12 @@ def bank_stats(bank, gallery, beta: float, k_bank: int = DEFAULT_K_BANK) -> Bank
 
 
 def _check_beta(beta) -> None:
-    if not (isinstance(beta, (int, float)) and np.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite number > 0 (got {beta!r}); at beta 0 every item ties")
+    lo, hi = pooling.BETA_RANGE
+    if not (isinstance(beta, (int, float)) and np.isfinite(beta) and lo <= beta <= hi):
+        raise ValueError(
+            f"beta must be a finite number from {lo:g} to {hi:g} (got {beta!r}); at beta 0 every item ties, and "
+            "so it does, through rounding, at a tiny beta"
+        )
 
 
 @dataclass
@@ -279,8 +284,9 @@ def rank_query_expansion(queries, gallery, gt, top: int = DEFAULT_TOP, alpha: fl
     """Rocchio-style query expansion (see the module docstring), scored with evaluate's GEMM blocks."""
     if int(top) < 1:
         raise ValueError("top must be >= 1")
-    if not (np.isfinite(alpha) and alpha >= 0):
-        raise ValueError("alpha must be a finite number >= 0")
+    lo, hi = pooling.ALPHA_RANGE
+    if not (np.isfinite(alpha) and lo <= alpha <= hi):
+        raise ValueError(f"alpha must be a finite number from {lo:g} to {hi:g}")
     Q, G = _check(queries, gallery)
     Gt = torch.from_numpy(G).T
     M, d = G.shape
@@ -311,34 +317,54 @@ def _user_error(msg: str):
     return UserError(msg)
 
 
-def check_params(method: str, beta, k_bank, top, alpha) -> dict:
-    """The parameters of `method`, validated (a UserError for a value that cannot work)."""
-    import math
+def _number(value, flag: str, lo: float, hi: float, why: str) -> float:
+    """A finite float in [lo, hi], else a UserError that names the option and the range."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):
+        v = float("nan")
+    if isinstance(value, bool) or not (np.isfinite(v) and lo <= v <= hi):
+        raise _user_error(f"{flag} must be a number from {lo:g} to {hi:g} (got {value}): {why}")
+    return v
 
+
+def _count(value, flag: str, why: str) -> int:
+    """A whole number from 1 to 2^31-1, else a UserError that names the option."""
+    try:
+        ok = not isinstance(value, bool) and float(value) == int(value) and 1 <= int(value) <= COUNT_MAX
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise _user_error(f"{flag} must be a whole number from 1 to {COUNT_MAX} (got {value}){why}.")
+    return int(value)
+
+
+COUNT_MAX = 2**31 - 1  # --k-bank, --top
+
+
+def check_params(method: str, beta, k_bank, top, alpha) -> dict:
+    """The parameters of `method`, validated (a UserError for a value that cannot work; ranges: `pooling`)."""
     if method not in METHODS:
         raise _user_error(f"Unknown method {method!r}; use templates, {', '.join(METHODS)}.")
     if method in ("inverted-softmax", "qb-norm"):
-        try:
-            b = float(beta)
-        except (TypeError, ValueError):
-            b = float("nan")
-        if not (math.isfinite(b) and b > 0):
-            raise _user_error(
-                f"--beta must be a positive number (got {beta}): it scales the scores before the softmax; at 0 every "
-                f"image would tie. The QB-Norm paper uses {DEFAULT_BETA:g}."
-            )
+        lo, hi = pooling.BETA_RANGE
+        b = _number(
+            beta, "--beta", lo, hi,
+            f"it scales the scores before the softmax; at 0 every image would tie, and below {lo:g} distinct "
+            f"scores round to the same value and tie too. The QB-Norm paper uses {DEFAULT_BETA:g}.",
+        )  # fmt: skip
         params = {"beta": b}
         if method == "qb-norm":
-            if isinstance(k_bank, bool) or int(k_bank) != k_bank or int(k_bank) < 1:
-                raise _user_error(f"--k-bank must be a whole number of at least 1 (got {k_bank}).")
-            params["k_bank"] = int(k_bank)
+            params["k_bank"] = _count(k_bank, "--k-bank", "")
         return params
-    if isinstance(top, bool) or int(top) != top or int(top) < 1:
-        raise _user_error(f"--top must be a whole number of at least 1 (got {top}): images averaged into the query.")
-    a = float(alpha)
-    if not (math.isfinite(a) and a >= 0):
-        raise _user_error(f"--alpha must be a number >= 0 (got {alpha}); 0 reproduces the baseline.")
-    return {"top": int(top), "alpha": a}
+    top = _count(top, "--top", ": images averaged into the query")
+    lo, hi = pooling.ALPHA_RANGE
+    a = _number(
+        alpha, "--alpha", lo, hi,
+        "0 reproduces the baseline; above the maximum the caption's own embedding is lost in float32 rounding "
+        "next to the expansion (and the scores overflow near 3e38).",
+    )  # fmt: skip
+    return {"top": top, "alpha": a}
 
 
 def params_text(params: dict) -> str:

@@ -38,15 +38,21 @@ Method (one `improve` invocation, `improve()` below):
    baseline and identity prompts then agree with the retrieval run within float32 rounding
    (~1e-7), not bit for bit. The K scores per image are pooled (`toolkit.pooling`: max, mean, or
    tau * log-mean-exp), and the GT image's rank is 1 + the number of images with a strictly
-   higher pooled score (retrieval's optimistic tie policy). The baseline rank is the retrieval
-   run's own `gt_rank`.
+   higher pooled score (retrieval's optimistic tie policy), with the number of other images that
+   tie with it exactly (``improved_n_tied``; `pooling.gt_rank_counts`, the same count as
+   `retrieval_ranks.n_tied`), so rank + n_tied is the pessimistic rank. The baseline rank is the
+   retrieval run's own `gt_rank`, its ties that run's `n_tied` (``baseline_n_tied``). A pooled or
+   transformed score that is not finite is refused, and nothing is written.
    Mean pooling ranks exactly as CLIP's embedding-average prompt ensemble (mean of the K
    normalised prompt embeddings, re-normalised, dotted with the image embeddings): see
    `toolkit.pooling` and `tests/test_improve_core.py`.
 5. Statistics (`toolkit.stats`), stored per improvement run and per category, for K in 1, 5, 10:
    a paired bootstrap 95% interval of the delta (10,000 resamples, seeded with ``seed``) and the
    exact McNemar p-value of the paired hit/miss outcomes, with the counts of fixed and broken
-   captions.
+   captions; once on the optimistic hits (rank <= K) and once on the pessimistic hits
+   (rank + n_tied <= K, baseline and improved alike: the ``*_pessimistic`` columns). No method gains
+   from ties: a run whose two counts differ by more than 0.01 pp (view `improvement_ties`) is
+   flagged, and the views headline its pessimistic figures (see `improvement_recall`).
 6. Controls. A gain measured on R@1 failures only is biased upward (their baseline R@1 is 0, so
    R@1 can only improve). ``control=("successes", N)`` also runs the configuration on N R@1
    successes of the same retrieval run (drawn with ``default_rng(seed)`` from the caption-id-sorted
@@ -58,9 +64,12 @@ Each (population, pooling) is one `improvement_runs` row with its `improvement_r
 `improvement_stats`; all of an invocation's rows, new prompts and prompt shards are written in
 one transaction under one `runs` row. A (population, pooling) whose full configuration (retrieval
 run, categories, subset, prompts, K, model, scoring device, pooling, tau, seed, ...) was already run
-is reused, not recomputed; when all were, the call is a no-op. ``recompute_prompts`` drops this
-model's cached prompt embeddings (every prompt shard of its identity) and encodes their texts and
-this call's prompts again, in the same transaction (the fix for a damaged or missing shard file).
+is reused, not recomputed; when all were, the call is a no-op. A run stored before tie counts were
+recorded (its improvement_ranks.improved_n_tied is NULL) is not reused: the configuration runs again
+as a new run, with its ties counted (the old run stays, its pessimistic figures unknown).
+``recompute_prompts`` drops this model's cached prompt embeddings (every prompt shard of its identity)
+and encodes their texts and this call's prompts again, in the same transaction (the fix for a damaged
+or missing shard file).
 
 Methods (issue 17). ``method`` is "templates" (the above, the default); "inverted-softmax", "qb-norm"
 or "query-expansion" (`improve_method` below: the same populations, statistics and tables,
@@ -487,7 +496,7 @@ def _rank_population(
     caps = pop.captions
     M = Gt.shape[1]
     n = len(caps)
-    out = {p: (np.empty(n, np.int64), np.empty(n, np.float64)) for p in poolings}
+    out = {p: (np.empty(n, np.int64), np.empty(n, np.float64), np.empty(n, np.int64)) for p in poolings}
     # group captions with the same K so that the (c, K, M) blocks are rectangular
     ks = np.array([len(p) for p in pop.prompts])
     n_distinct = np.array([len({phrases.prompt_key(t) for t in p}) for p in pop.prompts])
@@ -503,7 +512,7 @@ def _rank_population(
                 pooled = pooling.pool_scores(S, p, tau=tau)
                 if post is not None:
                     pooled = post(pooled)
-                out[p][0][rows] = pooling.gt_ranks(pooled, gt)
+                out[p][0][rows], out[p][2][rows] = pooling.gt_rank_counts(pooled, gt)  # refuses NaN / inf
                 out[p][1][rows] = pooled[np.arange(len(rows)), gt]
     return {
         p: pd.DataFrame(
@@ -516,40 +525,88 @@ def _rank_population(
                 "baseline_rank": caps["baseline_rank"].to_numpy(np.int64),
                 "improved_rank": r,
                 "improved_score": sc,
+                "baseline_n_tied": caps["baseline_n_tied"].to_numpy(np.int64),
+                "improved_n_tied": tied,
             }
         )
-        for p, (r, sc) in out.items()
+        for p, (r, sc, tied) in out.items()
+    }
+
+
+def _paired_stats(b: np.ndarray, a: np.ndarray, n_resamples: int, seed: int) -> dict:
+    lo, hi = stats.paired_bootstrap_ci(b, a, n_resamples=n_resamples, seed=seed)
+    return {
+        "baseline_hits": int(b.sum()),
+        "improved_hits": int(a.sum()),
+        "n_fixed": int((~b & a).sum()),
+        "n_broken": int((b & ~a).sum()),
+        "ci_low_pp": 100 * lo,
+        "ci_high_pp": 100 * hi,
+        "mcnemar_p": stats.mcnemar_exact(b, a),
     }
 
 
 def compute_stats(ranks: pd.DataFrame, seed: int, n_resamples: int = stats.BOOTSTRAP_RESAMPLES) -> pd.DataFrame:
-    """improvement_stats rows (without improvement_id) for the whole run ('*') and each category."""
+    """improvement_stats rows (without improvement_id) for the whole run ('*') and each category: the paired
+    statistics of the optimistic hits (rank <= K), and, when `ranks` has the tie counts (baseline_n_tied,
+    improved_n_tied), the same statistics of the pessimistic hits (rank + n_tied <= K, both sides) in the
+    ``*_pessimistic`` columns (the same seed, so equal hits give equal intervals)."""
     rows = []
     groups = [("*", ranks)] + [(c, g) for c, g in ranks.groupby("category", sort=True)]
+    has_ties = {"baseline_n_tied", "improved_n_tied"} <= set(ranks.columns)
     for cat, g in groups:
         base_r = g["baseline_rank"].to_numpy()
         new_r = g["improved_rank"].to_numpy()
+        if has_ties:
+            base_p = base_r + g["baseline_n_tied"].to_numpy()
+            new_p = new_r + g["improved_n_tied"].to_numpy()
         for k in RECALL_KS:
-            b, a = base_r <= k, new_r <= k
-            lo, hi = stats.paired_bootstrap_ci(b, a, n_resamples=n_resamples, seed=seed)
-            rows.append(
-                {
-                    "category": cat,
-                    "k": k,
-                    "n": len(g),
-                    "baseline_hits": int(b.sum()),
-                    "improved_hits": int(a.sum()),
-                    "n_fixed": int((~b & a).sum()),
-                    "n_broken": int((b & ~a).sum()),
-                    "ci_low_pp": 100 * lo,
-                    "ci_high_pp": 100 * hi,
-                    "ci_level": 0.95,
-                    "bootstrap_resamples": n_resamples,
-                    "bootstrap_seed": seed,
-                    "mcnemar_p": stats.mcnemar_exact(b, a),
-                }
-            )
+            row = {"category": cat, "k": k, "n": len(g)}
+            row |= _paired_stats(base_r <= k, new_r <= k, n_resamples, seed)
+            row |= {"ci_level": 0.95, "bootstrap_resamples": n_resamples, "bootstrap_seed": seed}
+            if has_ties:
+                pess = _paired_stats(base_p <= k, new_p <= k, n_resamples, seed)
+                row |= {f"{name}_pessimistic": v for name, v in pess.items()}
+            rows.append(row)
     return pd.DataFrame(rows)
+
+
+def reusable_runs(con, config_hashes: Sequence[str]) -> tuple[dict[str, int], list[int]]:
+    """({config_hash: improvement_id} of the stored runs of these configurations that are reused, [ids of
+    runs of them stored before tie counts were recorded]): those are not reused (see the module docstring)."""
+    rows = con.execute(
+        """
+        SELECT u.config_hash, u.improvement_id,
+               NOT EXISTS (SELECT 1 FROM improvement_ranks r
+                           WHERE r.improvement_id = u.improvement_id
+                             AND (r.improved_n_tied IS NULL OR r.baseline_n_tied IS NULL)) AS is_tie_recorded
+        FROM improvement_runs u WHERE list_contains(?, u.config_hash) ORDER BY u.improvement_id
+        """,
+        [list(config_hashes)],
+    ).fetchall()
+    return {h: int(i) for h, i, ok in rows if ok}, [int(i) for h, i, ok in rows if not ok]
+
+
+def untied_notes(ids: Sequence[int]) -> list[str]:
+    if not ids:
+        return []
+    runs = ", ".join(map(str, ids))
+    return [
+        f"Improvement run(s) {runs} had this configuration but were made before tie counts were recorded, so their "
+        "pessimistic figures are unknown: it runs again as a new run that records them (the old runs stay)."
+    ]
+
+
+def non_finite_error(exc: pooling.NonFiniteScores, method: str, params: str | None, pools=None, tau=None):
+    """The UserError for scores that are NaN or infinite (`pooling.NonFiniteScores`)."""
+    what = f"--method {method}" + (f" ({params})" if params else "")
+    if pools is not None:
+        what += f", pooling {', '.join(pools)}" + (f" (tau {tau:g})" if "logsumexp" in pools else "")
+    return UserError(
+        f"{what} gave scores that are not finite numbers (NaN or infinite) for {exc.n_rows} caption(s), "
+        f"{exc.n_values} score(s) in all: the transform overflowed or underflowed with these parameters (or an "
+        "embedding is damaged). Nothing was written. Give parameters within the ranges clipfail improve --help shows."
+    )
 
 
 # ------------------------------------------------------------------------------ the stage, section by section
@@ -609,8 +666,16 @@ class _PromptMatrix:
 def check_options(poolings, tau, max_subset, seed, k, control) -> tuple:
     """The option values checked and normalised: (poolings, tau, max_subset, seed, k, control)."""
     pools = parse_poolings(poolings)
-    if "logsumexp" in pools and not (float(tau) > 0 and np.isfinite(float(tau))):
-        raise UserError(f"--tau must be a positive number (got {tau}).")
+    lo, hi = pooling.TAU_RANGE
+    try:
+        tau_ok = not isinstance(tau, bool) and bool(np.isfinite(float(tau))) and lo <= float(tau) <= hi
+    except (TypeError, ValueError, OverflowError):
+        tau_ok = False
+    if not tau_ok:
+        raise UserError(
+            f"--tau must be a number from {lo:g} to {hi:g} (got {tau}): the logsumexp temperature; near 0 it pools "
+            "as max, at large values as mean, and beyond the range the pooled scores under- or overflow."
+        )
     tau = float(tau)
     if max_subset is not None and int(max_subset) < 1:
         raise UserError("--max-subset must be at least 1.")
@@ -634,7 +699,8 @@ def select_populations(con, s: _Settings, per_cat: dict[str, list[str]], union: 
         frames.append((s.control[0], select_control(con, rrid, s.control, s.seed)))
     base = con.execute(
         """
-        SELECT r.query_id AS caption_id, r.gt_rank AS baseline_rank, r.gt_id AS image_id, c.text
+        SELECT r.query_id AS caption_id, r.gt_rank AS baseline_rank, r.n_tied AS baseline_n_tied, r.gt_id AS image_id,
+               c.text
         FROM retrieval_ranks r JOIN captions c ON c.caption_id = r.query_id
         WHERE r.retrieval_run_id = ?
         """,
@@ -1048,12 +1114,7 @@ def improve(
     if plan is not None:  # a plain templates run keeps the configuration (and hash) it always had
         common |= {"combination": combo, "combination_params": plan.params} | plan.signature
     units = plan_units(pops, s, common)
-    existing = dict(
-        con.execute(
-            "SELECT config_hash, improvement_id FROM improvement_runs WHERE list_contains(?, config_hash)",
-            [[u.config_hash for u in units]],
-        ).fetchall()
-    )
+    existing, untied = reusable_runs(con, [u.config_hash for u in units])
     result = ImproveResult(
         run_id=None,
         retrieval_run_id=s.rrid,
@@ -1061,7 +1122,7 @@ def improve(
         reused_ids=[],
         populations={pop.name: len(pop.captions) for pop in pops},
         k_per_category={pop.name: pop.k_per_category for pop in pops},
-        notes=[device_note] if device_note else [],
+        notes=([device_note] if device_note else []) + untied_notes(untied),
     )
     todo = [u for u in units if u.config_hash not in existing]
     if not todo and not (recompute_prompts and prompt_shards(con, s.identity)):
@@ -1084,7 +1145,10 @@ def improve(
         txt = load_embedding_set(con, int(rr["text_embedding_set_id"]), fix=fix)
         stats_ = plan.load(matrix.images, load_bank_texts(con, plan, txt, fix))
         post = hubness.pooled_transform(stats_, combo)
-    computed, result.n_identity = score_and_pool(pops_run, todo, matrix, tau, score_device, post=post)
+    try:
+        computed, result.n_identity = score_and_pool(pops_run, todo, matrix, tau, score_device, post=post)
+    except pooling.NonFiniteScores as exc:
+        raise non_finite_error(exc, method, s.method_params, pools, tau) from None
 
     run_config = dict(
         common,
@@ -1169,6 +1233,14 @@ def summary(con, improvement_ids: Sequence[int]) -> pd.DataFrame:
     """Rows of the view `improvement_recall` for these improvement runs (K = 1, 5, 10)."""
     return con.execute(
         "SELECT * FROM improvement_recall WHERE list_contains(?, improvement_id) ORDER BY improvement_id, k",
+        [[int(i) for i in improvement_ids]],
+    ).df()
+
+
+def ties(con, improvement_ids: Sequence[int]) -> pd.DataFrame:
+    """Rows of the view `improvement_ties` for these improvement runs: which count their figures use, and why."""
+    return con.execute(
+        "SELECT * FROM improvement_ties WHERE list_contains(?, improvement_id) ORDER BY improvement_id",
         [[int(i) for i in improvement_ids]],
     ).df()
 
@@ -1346,8 +1418,8 @@ def improve_method(
     if ctl is not None:
         frames.append((ctl[0], select_control(con, rrid, ctl, seed)))
     base = con.execute(
-        "SELECT query_id AS caption_id, gt_rank AS baseline_rank, gt_id AS image_id FROM retrieval_ranks "
-        "WHERE retrieval_run_id = ?",
+        "SELECT query_id AS caption_id, gt_rank AS baseline_rank, n_tied AS baseline_n_tied, gt_id AS image_id "
+        "FROM retrieval_ranks WHERE retrieval_run_id = ?",
         [rrid],
     ).df()
     base = base.set_index("caption_id")
@@ -1401,12 +1473,7 @@ def improve_method(
         cfg = dict(common, population=name, control=list(ctl) if ctl and name != "failures" else None,
                    subset_sha256=sig)  # fmt: skip
         units.append((name, df, cfg, db.config_hash(cfg)))
-    existing = dict(
-        con.execute(
-            "SELECT config_hash, improvement_id FROM improvement_runs WHERE list_contains(?, config_hash)",
-            [[u[3] for u in units]],
-        ).fetchall()
-    )
+    existing, untied = reusable_runs(con, [u[3] for u in units])
     result = ImproveResult(
         run_id=None,
         retrieval_run_id=rrid,
@@ -1414,6 +1481,7 @@ def improve_method(
         reused_ids=[],
         populations={name: len(df) for name, df, _c, _h in units},
         k_per_category={},
+        notes=untied_notes(untied),
     )
     _dev, recorded, _note = scoring_device(con, rr)
     if recorded and not str(recorded).startswith("cpu"):
@@ -1441,12 +1509,17 @@ def improve_method(
         except KeyError:
             raise UserError(f"Retrieval run {rrid}'s embedding sets lack some of its own items. {fix}") from None
         Q = txt.array[rows]
-        if method == "query-expansion":
-            r = H.rank_query_expansion(Q, img.array, gt, params["top"], params["alpha"])
-        elif method == "inverted-softmax":
-            r = H._rank_with(*H._check(Q, img.array), gt, lambda b, e, S: H.inverted_softmax(S, st.log_norm, st.beta))
-        else:
-            r = H.rank_qb_norm_with(Q, img.array, gt, st)
+        try:
+            if method == "query-expansion":
+                r = H.rank_query_expansion(Q, img.array, gt, params["top"], params["alpha"])
+            elif method == "inverted-softmax":
+                r = H._rank_with(
+                    *H._check(Q, img.array), gt, lambda b, e, S: H.inverted_softmax(S, st.log_norm, st.beta)
+                )
+            else:
+                r = H.rank_qb_norm_with(Q, img.array, gt, st)
+        except pooling.NonFiniteScores as exc:
+            raise non_finite_error(exc, method, H.params_text(params)) from None
         computed[h] = pd.DataFrame(
             {
                 "caption_id": df["caption_id"].to_numpy(np.int64),
@@ -1457,6 +1530,8 @@ def improve_method(
                 "baseline_rank": df["baseline_rank"].to_numpy(np.int64),
                 "improved_rank": r.gt_rank,
                 "improved_score": r.gt_score,
+                "baseline_n_tied": df["baseline_n_tied"].to_numpy(np.int64),
+                "improved_n_tied": r.n_tied,
             }
         )
 

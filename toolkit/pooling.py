@@ -19,8 +19,22 @@ float32 values is exact, so ``mean`` of K identical scores returns the score bit
 log-mean-exp is computed as ``m + tau * log1p(mean(expm1((s - m) / tau)))`` with ``m`` the max,
 which is stable for any tau and exact (= m) when all scores equal m.
 
-Ranking uses the same tie policy as retrieval (`toolkit.retrieval`, "optimistic"): the rank of the
-ground-truth image is 1 + the number of images whose pooled score is STRICTLY higher.
+Ranking (`gt_rank_counts`, the one ranking of improve's scores, whatever the method) counts as
+retrieval does (`toolkit.retrieval`, `retrieval_ranks`): the optimistic rank of the ground-truth
+image is 1 + the number of images whose score is STRICTLY higher, and ``n_tied`` the number of
+OTHER images with exactly its score, so that ``rank + n_tied`` is the pessimistic rank (the worst
+place the GT image could take among the images it ties with). A method whose scores tie the GT
+image with others therefore cannot gain from it where the pessimistic count is read (views
+`improvement_ties`, `improvement_recall`). Scores that are not finite (NaN, +-inf: a transform that
+overflowed) are refused (`NonFiniteScores`): NaN compares false with everything, so it would rank 1.
+
+Parameter ranges (`TAU_RANGE`, `BETA_RANGE`, `ALPHA_RANGE`; `clipfail improve` and the functions of
+`toolkit.improve` / `toolkit.hubness` refuse values outside them): tau from 1e-6 to 1e6 (below,
+logsumexp is max pooling to float64 precision; far above, (s - m) / tau underflows); beta of the
+inverted softmax and QB-Norm from 1e-6 to 1e6 (below, beta times one float32 step of a cosine,
+~6e-8, is lost in float64 rounding next to the normaliser log Z (~5-20), so distinct scores tie:
+beta 1e-20 ties every image); alpha of query expansion from 0 to 1e6 (above, the caption's own
+embedding is lost in float32 rounding next to the expansion, and near 3e38 it overflows).
 
 Mean pooling = CLIP's embedding-average ensemble. Since the dot product is linear,
 ``mean_k <t_k, x> = <mean_k t_k, x>``: mean pooling of the K prompt cosines equals scoring the
@@ -37,6 +51,17 @@ from __future__ import annotations
 import numpy as np
 
 POOLINGS = ("max", "mean", "logsumexp")
+TAU_RANGE = (1e-6, 1e6)  # logsumexp temperature (see the module docstring)
+BETA_RANGE = (1e-6, 1e6)  # inverted-softmax / qb-norm
+ALPHA_RANGE = (0.0, 1e6)  # query-expansion
+
+
+class NonFiniteScores(ValueError):
+    """Scores to rank hold NaN or an infinity (a transform overflowed or underflowed)."""
+
+    def __init__(self, n_rows: int, n_values: int):
+        self.n_rows, self.n_values = n_rows, n_values
+        super().__init__(f"{n_values} scores of {n_rows} queries are not finite numbers (NaN or infinite)")
 
 
 def pool_scores(scores, method: str, tau: float = 1.0) -> np.ndarray:
@@ -59,14 +84,26 @@ def pool_scores(scores, method: str, tau: float = 1.0) -> np.ndarray:
     raise ValueError(f"unknown pooling {method!r}; choose one of {', '.join(POOLINGS)}")
 
 
-def gt_ranks(pooled, gt_index) -> np.ndarray:
-    """Optimistic rank of each row's GT column: 1 + #columns with a strictly higher score.
+def gt_rank_counts(scores, gt_index) -> tuple[np.ndarray, np.ndarray]:
+    """(optimistic rank, n_tied) of each row's GT column, as `retrieval_ranks` counts them: rank = 1 + #columns
+    with a strictly higher score; n_tied = #OTHER columns with exactly the GT score (pessimistic rank =
+    rank + n_tied). Refuses scores that are not finite (`NonFiniteScores`).
 
-    pooled: (N, M) scores; gt_index: (N,) column of each row's ground-truth image.
+    scores: (N, M); gt_index: (N,) column of each row's ground-truth image.
     """
-    p = np.asarray(pooled)
+    p = np.asarray(scores)
     g = np.asarray(gt_index, dtype=np.int64)
     if p.ndim != 2 or g.shape != (p.shape[0],):
-        raise ValueError(f"pooled must be (N, M) and gt_index (N,), got {p.shape} and {g.shape}")
-    gt_score = p[np.arange(p.shape[0]), g]
-    return 1 + (p > gt_score[:, None]).sum(axis=1).astype(np.int64)
+        raise ValueError(f"scores must be (N, M) and gt_index (N,), got {p.shape} and {g.shape}")
+    finite = np.isfinite(p)
+    if not finite.all():
+        raise NonFiniteScores(int((~finite.all(axis=1)).sum()), int((~finite).sum()))
+    gt_score = p[np.arange(p.shape[0]), g][:, None]
+    higher = (p > gt_score).sum(axis=1).astype(np.int64)
+    tied = (p == gt_score).sum(axis=1).astype(np.int64) - 1  # the GT column itself is not counted
+    return 1 + higher, tied
+
+
+def gt_ranks(pooled, gt_index) -> np.ndarray:
+    """Optimistic rank of each row's GT column: 1 + #columns with a strictly higher score (`gt_rank_counts`)."""
+    return gt_rank_counts(pooled, gt_index)[0]

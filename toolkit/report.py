@@ -207,7 +207,8 @@ def _baseline(con, page: _Page, rrid: int | None) -> None:
     df = con.execute(
         """
         SELECT retrieval_run_id, subset, model, direction, n_queries, r_at_1, r_at_5, r_at_10,
-               mean_rank, median_rank, n_r1_failures
+               mean_rank, median_rank, n_r1_failures, r_at_1_pessimistic, r_at_5_pessimistic, r_at_10_pessimistic,
+               n_tied_queries, is_tie_affected
         FROM recall_summary ORDER BY retrieval_run_id
         """
     ).df()
@@ -217,8 +218,19 @@ def _baseline(con, page: _Page, rrid: int | None) -> None:
     page.p(
         "Recall@K is the share of queries whose own image ranks within the top K among all images of the "
         "subset (fractions, as in the reference study). Ranks are optimistic: 1 + the number of images "
-        "scoring strictly higher." + (f" The rest of this report is about retrieval run {rrid}." if rrid else "")
+        "scoring strictly higher; the *_pessimistic columns count every image that ties with the ground truth "
+        "against it (rank + n_tied), and n_tied_queries is how many queries have such a tie."
+        + (f" The rest of this report is about retrieval run {rrid}." if rrid else "")
     )
+    flagged = df[df["is_tie_affected"].fillna(False).astype(bool)]
+    if not flagged.empty:
+        ids = ", ".join(str(int(i)) for i in flagged["retrieval_run_id"])
+        page.p(
+            f"TIES: in retrieval run(s) {ids} the ground truth ties with other items often enough that the optimistic "
+            "and pessimistic Recall@K differ by more than 0.01 pp: quote the pessimistic figures (r_at_K_pessimistic) "
+            "beside the optimistic ones, never the optimistic ones alone.",
+            cls="banner",
+        )
     page.table(
         df,
         "recall_summary",
@@ -447,7 +459,7 @@ def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> 
     config = {"out_dir": str(out_dir.resolve()), "retrieval_run_id": rrid, "last_run_id": int(state)}
     run_id = db.find_run(con, "report", config)
     is_noop = run_id is not None
-    if not is_noop and not db.is_read_only(con):  # `clipfail report` reads only: no run row
+    if not is_noop and not db.is_read_only(con):  # a write-protected study is only read: no run row
         with db.transaction(con):
             run_id = db.insert_run(con, "report", config, started)
 
@@ -503,7 +515,7 @@ TEMPLATES_ONLY = (
 WIDE_SQL = f"""
 SELECT
     improvement_id, run_id, retrieval_run_id, categories, population, pooling, tau, template_set, template_mode,
-    k_per_category, k_prompts, any_value(n) AS n,
+    k_per_category, k_prompts, tie_count, any_value(n) AS n,
     any_value(baseline_pct) FILTER (WHERE k = 1) AS baseline_r1,
     any_value(baseline_pct) FILTER (WHERE k = 5) AS baseline_r5,
     any_value(baseline_pct) FILTER (WHERE k = 10) AS baseline_r10,
@@ -527,7 +539,7 @@ SELECT
 FROM improvement_recall
 WHERE retrieval_run_id = ? AND {TEMPLATES_ONLY}
 GROUP BY improvement_id, run_id, retrieval_run_id, categories, population, pooling, tau, template_set,
-    template_mode, k_per_category, k_prompts
+    template_mode, k_per_category, k_prompts, tie_count
 ORDER BY categories, template_set, template_mode, population, {POOLING_ORDER}, tau, improvement_id
 """
 
@@ -608,6 +620,7 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
         "The 95% interval is a paired bootstrap (10,000 resamples, seeded) and p is the exact McNemar test "
         "of the paired hit/miss outcomes; both are stored by improve and read from view improvement_recall." + flag
     )
+    _tie_banner(con, page, rrid, TEMPLATES_ONLY)
     keys = ["categories", "template_set", "template_mode", "k_prompts"]
     failures = wide[wide["population"] == "failures"]
     # One section per subset: runs that share categories and templates but not their captions (another
@@ -657,8 +670,8 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
         if len(str(categories).split(",")) > 1:
             per_cat = con.execute(
                 f"""
-                SELECT improvement_id, pooling, tau, category, k, n, baseline_pct, improved_pct, delta_pp,
-                       ci_low_pp, ci_high_pp, mcnemar_p
+                SELECT improvement_id, pooling, tau, tie_count, category, k, n, baseline_pct, improved_pct,
+                       delta_pp, ci_low_pp, ci_high_pp, mcnemar_p
                 FROM category_recall_delta
                 WHERE list_contains(?, improvement_id)
                 ORDER BY {POOLING_ORDER}, improvement_id, category, k
@@ -692,8 +705,8 @@ def _improvement_sections(con, page: _Page, rrid, simulated: bool, missing: list
     page.h2("controls", "6. Controls")
     controls = con.execute(
         f"""
-        SELECT improvement_id, categories, population, pooling, tau, k, n, baseline_pct, improved_pct, delta_pp,
-               ci_low_pp, ci_high_pp, mcnemar_p, n_fixed, n_broken
+        SELECT improvement_id, categories, population, pooling, tau, tie_count, k, n, baseline_pct, improved_pct,
+               delta_pp, ci_low_pp, ci_high_pp, mcnemar_p, n_fixed, n_broken
         FROM improvement_recall
         WHERE retrieval_run_id = ? AND population <> 'failures' AND {TEMPLATES_ONLY}
         ORDER BY categories, population, {POOLING_ORDER}, tau, improvement_id, k
@@ -996,8 +1009,26 @@ def _hubness_section(con, page: _Page, rrid, missing: list[str]) -> None:
 METHOD_COLUMNS = [
     "category", "method_rank_r1", "method_label", "n", "baseline_r1_pct", "improved_r1_pct", "delta_r1_pp",
     "ci_low_r1_pp", "ci_high_r1_pp", "mcnemar_p_r1", "delta_r5_pp", "delta_r10_pp", "mcnemar_p_r5", "mcnemar_p_r10",
-    "share_r1_successes_broken", "control_population", "is_bank_overlap", "improvement_id",
+    "share_r1_successes_broken", "control_population", "is_bank_overlap", "tie_count", "improvement_id",
 ]  # fmt: skip
+
+
+def _tie_banner(con, page: _Page, rrid, where: str) -> None:
+    """A banner naming this retrieval run's improvement runs (those `where` selects) whose figures count ties
+    pessimistically (view improvement_ties: tie-affected) or whose ties were not recorded (toolkit.tables)."""
+    from toolkit.tables import tie_notes
+
+    ties = con.execute(
+        f"SELECT * FROM improvement_ties WHERE retrieval_run_id = ? AND {where} ORDER BY improvement_id", [rrid]
+    ).df()
+    notes = tie_notes(ties)
+    if notes:
+        page.p(
+            "No method gains from ties: a run whose optimistic and pessimistic Recall@K differ by more than 0.01 pp "
+            "is shown with its pessimistic figures (column tie count). "
+            + " ".join(n[0].upper() + n[1:] for n in notes),
+            cls="banner",
+        )
 
 
 def _method_comparison_section(con, page: _Page, rrid, simulated: bool, missing: list[str]) -> None:
@@ -1025,10 +1056,12 @@ def _method_comparison_section(con, page: _Page, rrid, simulated: bool, missing:
         "Each training-free fix is an improvement run on the same labelled failures: templates (prompt "
         "ensembling, one row per pooling), inverted-softmax, qb-norm (QB-Norm with the Dynamic Inverted Softmax "
         "over a query bank) and query-expansion (Rocchio-style). Per category ('*' = all the run's captions), "
-        "rank 1 is the method with the largest R@1 gain there; deltas are pp with the paired bootstrap 95% "
+        "rank 1 is the method with the largest R@1 gain there (counted pessimistically for a run whose ties "
+        "would otherwise decide it: no method gains from ties); deltas are pp with the paired bootstrap 95% "
         "interval and the exact McNemar p; the share of R@1 successes broken comes from the method's control "
         "run (blank without one; a gain on failures alone is biased upward). Values from view method_comparison." + flag
     )
+    _tie_banner(con, page, rrid, "population = 'failures'")
     overlap = df[df["is_bank_overlap"]]
     if not overlap.empty:
         ids = ", ".join(str(int(i)) for i in sorted(set(overlap["improvement_id"])))

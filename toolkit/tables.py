@@ -9,6 +9,11 @@ broken captions. `improvement_tables(recall, effective_k)` groups both per popul
 
 Every number is a value of the view: nothing here computes one, it only selects, pivots and labels
 (an interval's text is its two stored bounds, signed, with 2 decimals).
+
+Ties: each table row carries the run's ``tie count`` (view improvement_ties: 'pessimistic' for a run whose
+optimistic and pessimistic Recall@K differ by more than 0.01 pp, whose figures are then the pessimistic
+ones), and `tie_notes(ties)` words the flag of each such run, and of runs whose ties were not recorded,
+for the CLI and the report alike.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ RECALL_KS = (1, 5, 10)
 
 #: improvement_table's columns that hold Recall@K values (in %) and their deltas (in pp)
 RECALL_COLUMNS = [f"improved R@{k}" for k in RECALL_KS] + [f"ΔR@{k} (pp)" for k in RECALL_KS]
+#: the column naming the count of a row's figures (view improvement_ties.tie_count)
+TIE_COLUMN = "tie count"
 
 
 def pooling_label(pooling: str, tau) -> str:
@@ -47,8 +54,9 @@ def _runs(recall: pd.DataFrame, improvement_ids: Sequence[int] | None):
 
 def improvement_table(recall: pd.DataFrame, improvement_ids: Sequence[int] | None = None) -> pd.DataFrame:
     """One row per improvement run of `recall` (rows of view improvement_recall), in the order of
-    `improvement_ids` (default: as they come). Columns: pooling, improved R@1/5/10 (%), ΔR@1/5/10 (pp),
-    95% CI ΔR@1/5/10 (text), McNemar p R@1/5/10, improvement_id."""
+    `improvement_ids` (default: as they come). Columns: pooling, improved R@1/5/10 (%), ΔR@1/5/10 (pp), 95% CI
+    ΔR@1/5/10 (text), McNemar p R@1/5/10, tie count (which count the figures use: improvement_recall.tie_count),
+    improvement_id."""
     rows = []
     for imp_id, g in _runs(recall, improvement_ids):
         row = {"pooling": pooling_label(g["pooling"].iloc[0], g["tau"].iloc[0])}
@@ -56,10 +64,11 @@ def improvement_table(recall: pd.DataFrame, improvement_ids: Sequence[int] | Non
         row |= {f"ΔR@{k} (pp)": g.loc[k, "delta_pp"] for k in RECALL_KS}
         row |= {f"95% CI ΔR@{k}": ci_text(g.loc[k, "ci_low_pp"], g.loc[k, "ci_high_pp"]) for k in RECALL_KS}
         row |= {f"McNemar p R@{k}": g.loc[k, "mcnemar_p"] for k in RECALL_KS}
+        row[TIE_COLUMN] = g["tie_count"].iloc[0]
         row["improvement_id"] = imp_id
         rows.append(row)
     columns = ["pooling", *RECALL_COLUMNS, *(f"95% CI ΔR@{k}" for k in RECALL_KS)]
-    columns += [*(f"McNemar p R@{k}" for k in RECALL_KS), "improvement_id"]
+    columns += [*(f"McNemar p R@{k}" for k in RECALL_KS), TIE_COLUMN, "improvement_id"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -88,7 +97,8 @@ def improvement_title(recall: pd.DataFrame, effective_k: str | None = None) -> s
     """The heading of one population's rows: categories, population, n, K, retrieval run, baseline Recall@K,
     and (given) the effective K text of `improve.effective_k`."""
     first = recall.iloc[0]
-    base = recall.drop_duplicates("k").set_index("k")["baseline_pct"]
+    base = recall.drop_duplicates("k").set_index("k")["baseline_pct_optimistic"]
+    pess = recall.drop_duplicates("k").set_index("k")["baseline_pct_pessimistic"]
     k_asked = first["k_prompts"]
     k_text = f"K per category {first['k_per_category']}" if pd.isna(k_asked) else f"K {int(k_asked)}"
     title = (
@@ -96,9 +106,33 @@ def improvement_title(recall: pd.DataFrame, effective_k: str | None = None) -> s
         f"retrieval run {first['retrieval_run_id']}). Baseline: R@1 {base[1]:.2f}, R@5 {base[5]:.2f}, "
         f"R@10 {base[10]:.2f}"
     )
+    if pess.notna().all() and not pess.equals(base):  # ties at the baseline: the worst place among them too
+        title += f" (pessimistic, ties counted against: R@1 {pess[1]:.2f}, R@5 {pess[5]:.2f}, R@10 {pess[10]:.2f})"
     if effective_k:
         title += f"\nPrompts per caption (effective K): {effective_k}"
     return title
+
+
+def tie_notes(ties: pd.DataFrame) -> list[str]:
+    """One sentence per run of `ties` (rows of view improvement_ties) whose figures are not plainly optimistic:
+    a tie-affected run (its figures are the pessimistic ones) or one whose ties were not recorded."""
+    out = []
+    for r in ties.itertuples():
+        run = f"improvement run {int(r.improvement_id)} ({r.method}, {r.population})"
+        if not r.is_tie_recorded:
+            out.append(
+                f"{run} was made before ties were recorded: its figures count ties optimistically and its "
+                "pessimistic figures are unknown (running the same configuration again records them)."
+            )
+        elif r.is_tie_affected:
+            out.append(
+                f"TIES: {run}: the ground-truth image ties with other images for {int(r.n_improved_tied)} of its "
+                f"{int(r.n_captions)} captions ({int(r.n_baseline_tied)} at the baseline), so its optimistic and "
+                f"pessimistic Recall@K differ by up to {r.max_gap_pp:.2f} pp. No method gains from ties: its "
+                "figures count every tie against it (pessimistic), baseline and improved alike; both counts are in "
+                "view improvement_recall (*_optimistic, *_pessimistic)."
+            )
+    return out
 
 
 def improvement_tables(

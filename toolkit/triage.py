@@ -52,6 +52,7 @@ RULES_VERSION = "v1"
 PRIORITY = ("Object", "Count", "Spatial", "Ambiguous", "Attribute", "Action")
 RULE_SCORES = {"Object": 0.9, "Count": 0.8, "Spatial": 0.7, "Ambiguous": 0.5, "Attribute": 0.3, "Action": 0.3}
 DEFAULT_HUB_FACTOR = 3.0
+HUB_FACTOR_MAX = 1e6  # far beyond any use (the threshold then exceeds the run's queries), and it fits 32 bits
 
 _PUNCT = frozenset('.,;:!?()"')
 # relation phrase -> (kind, needs a second object). Longest phrases are matched first.
@@ -350,8 +351,14 @@ def _caption_cosines(con, run: dict, failures: pd.DataFrame, subset_caps: pd.Dat
 def triage(con, retrieval_run_id: int | None = None, *, hub_factor: float = DEFAULT_HUB_FACTOR) -> TriageResult:
     """Suggest a category, with evidence, for every R@1 failure of a text-to-image retrieval run."""
     started = db.now()
-    if not hub_factor > 0:
-        raise UserError("--hub-factor must be greater than 0.")
+    try:
+        ok = not isinstance(hub_factor, bool) and 0 < float(hub_factor) <= HUB_FACTOR_MAX
+    except (TypeError, ValueError, OverflowError):
+        ok = False  # NaN compares false above
+    if not ok:
+        raise UserError(
+            f"--hub-factor must be a number greater than 0 and at most {HUB_FACTOR_MAX:g} (got {hub_factor})."
+        )
     run = resolve_retrieval_run(con, retrieval_run_id, need="ranks", purpose="triage")
     rrid = int(run["retrieval_run_id"])
     subset_id = int(run["subset_id"])

@@ -36,3 +36,10 @@ WHERE es.kind = 'prompt' GROUP BY ALL;
 -- how many prompts each caption really got (effective K) against the K asked for, per run and category
 SELECT improvement_id, population, template_set, k_prompts, category, effective_k, n_captions, pct_of_category
 FROM improvement_effective_k WHERE pooling = 'max' ORDER BY improvement_id, category, effective_k DESC;
+
+-- ties: which count each run's figures use (tie_count 'pessimistic': its ties would otherwise have counted for it),
+-- with R@1 under both counts
+SELECT t.improvement_id, t.method, t.population, t.n_captions, t.n_improved_tied, t.max_gap_pp, t.tie_count,
+       r.improved_pct_optimistic, r.improved_pct_pessimistic, r.delta_pp
+FROM improvement_ties t JOIN improvement_recall r USING (improvement_id)
+WHERE r.k = 1 ORDER BY t.tie_count DESC, t.improvement_id;
