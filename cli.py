@@ -86,7 +86,12 @@ def db_option(f):
     @click.pass_context
     @functools.wraps(f)
     def wrapper(ctx, db_path, *args, **kwargs):
-        path = db_path or (ctx.obj or {}).get("db_path") or db.default_db_path()
+        given = db_path if db_path is not None else (ctx.obj or {}).get("db_path")
+        path = given if given is not None else db.default_db_path()  # --db "" is refused, never the default
+        # before the command does anything: a CSV, a folder, a FIFO, :memory: ... is no study's database
+        db.check_db_path(
+            path, "--db" if given is not None else "$CLIPFAIL_DB" if os.environ.get("CLIPFAIL_DB") else "Database"
+        )
         try:
             return ctx.invoke(f, *args, db_path=path, **kwargs)
         except duckdb.Error as exc:

@@ -315,3 +315,79 @@ def test_run_query_twice_on_one_connection(study):
         assert len(run_query(con, "SELECT 2 AS x")) == 1
         with pytest.raises(UserError):
             run_query(con, "COPY (SELECT 1) TO 'x.csv'")
+
+
+# ------------------------------------------------------------- issue 24, items 6 and 13: --db names no database
+
+
+@pytest.fixture
+def bad_db_paths(tmp_path):
+    """Paths that name no DuckDB file a study can live in, each with a word its message must hold."""
+    csv = tmp_path / "assign_A.csv"
+    csv.write_text("sample_id,category\n1,Object\n", encoding="utf-8")
+    (tmp_path / "empty.duckdb").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "dangling.duckdb").symlink_to(tmp_path / "nowhere.duckdb")
+    (tmp_path / "embeddings.npy").write_bytes(b"\x93NUMPY\x01\x00" + b" " * 64)
+    return {
+        "a CSV": (csv, "not a DuckDB database file"),
+        "a .npy file": (tmp_path / "embeddings.npy", "not a DuckDB database file"),
+        "an empty file": (tmp_path / "empty.duckdb", "empty file"),
+        "a folder": (tmp_path / "folder", "folder"),
+        "a device": ("/dev/null", "device"),
+        "a missing parent": (tmp_path / "no" / "such" / "study.duckdb", "does not exist"),
+        "a parent that is a file": (csv / "study.duckdb", "is not a folder"),
+        "a dangling link": (tmp_path / "dangling.duckdb", "symbolic link"),
+        ":memory:": (":memory:", "in-memory"),
+        "an empty string": ("", "is empty"),
+        "a remote name": ("md:study", "not a local file"),
+    }
+
+
+@pytest.mark.parametrize("command", [["init"], ["status"], ["ingest", "--coco-root", "coco"], ["sql", "SELECT 1"]])
+def test_a_db_that_is_no_database_file_is_refused_by_name_and_nothing_changes(
+    run_cli, bad_db_paths, tmp_path, monkeypatch, command
+):
+    monkeypatch.chdir(tmp_path)  # :memory:, "" and md:study would otherwise land in the working folder
+    before = {p: (sha256(p) if p.is_file() else None) for p in tmp_path.rglob("*") if not p.is_symlink()}
+    for name, (path, needle) in bad_db_paths.items():
+        for args in (["--db", path, *command], [command[0], "--db", path, *command[1:]]):
+            res = run_cli(*args, expect=None)
+            assert_one_message(res, needle)
+            assert "ready" not in res.output and "Ingested" not in res.output, (name, res.output)
+        after = {p: (sha256(p) if p.is_file() else None) for p in tmp_path.rglob("*") if not p.is_symlink()}
+        assert after == before, name  # no file created (a study, a .wal) and none changed
+
+
+def test_clipfail_db_from_the_environment_is_checked_the_same_way(run_cli, bad_db_paths, monkeypatch):
+    csv, _ = bad_db_paths["a CSV"]
+    monkeypatch.setenv("CLIPFAIL_DB", str(csv))
+    assert_one_message(run_cli("init", expect=None), "$CLIPFAIL_DB", str(csv), "not a DuckDB database file")
+
+
+FIFO_RUN = """
+import sys
+from click.testing import CliRunner
+from cli import cli
+for command in (["status"], ["init"], ["sql", "SELECT 1"]):
+    r = CliRunner().invoke(cli, ["--db", sys.argv[1], *command])
+    print(r.exit_code, r.output.strip())
+"""
+
+
+def test_a_db_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "study.duckdb"
+    os.mkfifo(fifo)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", FIFO_RUN, str(fifo)], capture_output=True, text=True, env=env, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("clipfail --db FIFO blocked")
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("2 Error:") and "FIFO" in line for line in lines), proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.duckdb"]
