@@ -198,6 +198,26 @@ def test_sql_refuses_every_statement_that_could_write(run_cli, study, tmp_path):
         f"EXPLAIN ANALYZE COPY subsets TO '{target}.csv'",
         f"SELECT * FROM read_csv('{Path(__file__).parent.parent / 'toolkit' / 'data' / 'categories.csv'}')",
         f"SELECT * FROM query('COPY subsets TO ''{target}.csv''')",
+        # issue 24, item 15: comments anywhere, and EXPLAIN ANALYZE (which runs its statement) of a write
+        f"/**/COPY subsets TO '{target}.csv'",
+        f"-- x\nATTACH '{other}' AS o (READ_WRITE)",
+        f"/* a */ EXPLAIN /* b */ ANALYZE /**/ COPY subsets TO '{target}.csv'",
+        f"EXPLAIN ANALYZE COPY (SELECT 1) TO '{target}.csv'",
+        "EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1",
+        "EXPLAIN ANALYZE -- x\nCREATE TABLE t AS SELECT 1",
+        "EXPLAIN (ANALYZE) CREATE TABLE t AS SELECT 1",
+        "EXPLAIN (ANALYZE, FORMAT json) INSERT INTO schema_info VALUES ('x', 'y')",
+        "EXPLAIN ANALYZE DELETE FROM subsets",
+        "EXPLAIN ANALYZE UPDATE subsets SET name = 'x'",
+        f"EXPLAIN ANALYZE ATTACH '{other}' AS o",
+        "EXPLAIN ANALYZE SET threads = 1",
+        "EXPLAIN ANALYZE WITH d AS (DELETE FROM subsets RETURNING *) SELECT * FROM d",
+        "EXPLAIN ANALYZE SELECT 1; DELETE FROM subsets",
+        "EXPLAIN /* SELECT 1 */ DELETE FROM subsets",
+        "EXPLAIN ANALYZE /* SELECT */ CREATE /* */ TABLE t AS SELECT 1",
+        "/* EXPLAIN SELECT 1 */ DELETE FROM subsets",
+        "EXPLAIN ANALYZE (CREATE TABLE t AS SELECT 1)",
+        f"EXPLAIN ANALYZE SELECT * FROM read_json('{Path(__file__).parents[1] / 'toolkit/data/tiny-clip.json'}')",
     ]
     for q in attacks:
         res = run_cli("--db", study, "sql", q, expect=None)
@@ -238,6 +258,17 @@ def test_sql_runs_one_select_and_saves_it_with_csv(run_cli, study, tmp_path):
     out = run_cli("--db", study, "sql", "SELECT name FROM subsets").output
     assert "s20" in out
     assert "physical_plan" in run_cli("--db", study, "sql", "EXPLAIN SELECT * FROM subsets").output
+    # issue 24, item 15: EXPLAIN ANALYZE of a SELECT is read-only, with comments anywhere
+    for q in (
+        "/* */ EXPLAIN /* */ ANALYZE /**/ SELECT 1",
+        "EXPLAIN ANALYZE SELECT count(*) FROM subsets",
+        "explain analyse -- why\nselect * from subsets",
+        "EXPLAIN (ANALYZE) SELECT 1",
+        "EXPLAIN /* nested /* comment */ here */ SELECT '/*' AS x",
+        "-- a note\n/* and another */ EXPLAIN SELECT 1 -- trailing",
+        "EXPLAIN (SELECT 1)",
+    ):
+        assert "_plan" in run_cli("--db", study, "sql", q).output, q
     assert "categories" in run_cli("--db", study, "sql", "SHOW TABLES").output
     # a query that starts with a comment: as it is, and after a lone `--` (documented in --help)
     query = "-- subsets by name\nSELECT name AS the_name FROM subsets"
