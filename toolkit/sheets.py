@@ -55,12 +55,22 @@ def guard_frame(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def unguard_text(value: str) -> str:
-    """The text that `sheet_text` guarded: a leading ' before a formula start is taken off again (a file
-    written by the toolkit, edited in a spreadsheet and read back, keeps its exact text)."""
-    if value[:1] == "'" and value[1:2] in FORMULA_STARTS and not _is_number(value[1:]):
-        return value[1:]
-    return value
+def _guarded(s: str) -> bool:
+    """Whether `sheet_text_exact` prefixes s: a would-be formula, after any leading quotes."""
+    rest = s.lstrip("'")
+    return rest[:1] in FORMULA_STARTS and not _is_number(rest)
+
+
+def sheet_text_exact(value: str) -> str:
+    """`sheet_text` for a file that is read back (a templates CSV): also a text that already starts with
+    quotes before a formula start gets one more, so that `unsheet_text` gives back exactly the text."""
+    s = str(value)
+    return "'" + s if _guarded(s) else s
+
+
+def unsheet_text(value: str) -> str:
+    """The text that `sheet_text_exact` wrote (a cell as the toolkit or a person wrote it)."""
+    return value[1:] if value[:1] == "'" and _guarded(value[1:]) else value
 
 
 def write_frame_csv(df: pd.DataFrame, path: str | Path) -> Path:
