@@ -362,8 +362,10 @@ def make_synthetic_coco(dest, n_images, seed):
     Example:
       clipfail make-synthetic-coco /tmp/coco --images 40
     """
+    from toolkit.paths import check_output_path
     from toolkit.synthetic import make_synthetic_coco as make
 
+    check_output_path(dest, "DEST", writes=())  # a folder that can be made and written, before any image is drawn
     path = make(dest, n_images, seed=seed)
     click.echo(f"Wrote {n_images} images and {path}. Ingest with: clipfail ingest --coco-root {dest}")
 

@@ -559,3 +559,11 @@ def test_run_checks_its_out_folder_before_any_stage(run_cli, study, monkeypatch)
     res = run_cli("--db", study, "run", "--coco-root", study.parent, "--out", study.parent / "study_cache", expect=None)
     assert_one_message(res, "cache folder")
     assert calls == []
+
+
+def test_make_synthetic_coco_into_a_folder_that_cannot_be_made_is_one_message(run_cli, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x", encoding="utf-8")
+    for dest, needle in ((blocker / "coco", "is not a folder"), ("/proc/1/coco", "does not take new files")):
+        assert_one_message(run_cli("make-synthetic-coco", dest, "--images", 2, expect=None), needle)
+    assert blocker.read_text(encoding="utf-8") == "x"
