@@ -87,7 +87,12 @@ def db_option(f):
     @click.pass_context
     @functools.wraps(f)
     def wrapper(ctx, db_path, *args, **kwargs):
-        path = db_path or (ctx.obj or {}).get("db_path") or db.default_db_path()
+        given = db_path if db_path is not None else (ctx.obj or {}).get("db_path")
+        path = given if given is not None else db.default_db_path()  # --db "" is refused, never the default
+        # before the command does anything: a CSV, a folder, a FIFO, :memory: ... is no study's database
+        db.check_db_path(
+            path, "--db" if given is not None else "$CLIPFAIL_DB" if os.environ.get("CLIPFAIL_DB") else "Database"
+        )
         try:
             return ctx.invoke(f, *args, db_path=path, **kwargs)
         except duckdb.Error as exc:
@@ -262,6 +267,10 @@ class FiniteFloat(click.FloatRange):
         return rv
 
 
+# the files sample-failures (and run) write into --out: checked against the study's files before any work
+SAMPLE_FILES = ("failure_samples.csv", "assign_*.csv", "README.txt", "vis_*.png")
+
+
 def echo_df(df: pd.DataFrame, floatfmt: str = "{:.4f}") -> None:
     """Print a DataFrame as a plain aligned table."""
     if df.empty:
@@ -370,8 +379,10 @@ def make_synthetic_coco(dest, n_images, seed):
     Example:
       clipfail make-synthetic-coco /tmp/coco --images 40
     """
+    from toolkit.paths import check_output_path
     from toolkit.synthetic import make_synthetic_coco as make
 
+    check_output_path(dest, "DEST", writes=())  # a folder that can be made and written, before any image is drawn
     path = make(dest, n_images, seed=seed)
     click.echo(f"Wrote {n_images} images and {path}. Ingest with: clipfail ingest --coco-root {dest}")
 
@@ -635,9 +646,10 @@ def benchmark(db_path, models_file, subset_name, device, batch_size, precision, 
     """
     from toolkit.benchmark import benchmark as run_benchmark
     from toolkit.benchmark import describe_failures, write_table_csv
+    from toolkit.paths import check_output_path
 
-    if csv_path and not Path(csv_path).parent.is_dir():
-        raise UserError(f"Folder {Path(csv_path).parent} for --csv {csv_path} does not exist. Create it first.")
+    if csv_path:  # before any model runs: a folder that takes the file, and never a database or its files
+        check_output_path(csv_path, "--csv", db_path)
     res = run_benchmark(
         db_path,
         models_file,
@@ -806,8 +818,10 @@ def sample_failures(
       clipfail sample-failures --n 200 --seed 42 --overlap 30 --per-annotator 50 --annotators A,B,C
     """
     from toolkit.failures import sample_failures as run_sample
+    from toolkit.paths import check_output_path
 
     with open_study(db_path) as con:
+        check_output_path(out_dir, "--out", con, writes=SAMPLE_FILES, probe=False)
         res = run_sample(
             con,
             retrieval_run_id=retrieval_run_id,
@@ -955,8 +969,10 @@ def export_labelstudio(db_path, out_dir, retrieval_run_id, image_url_prefix, for
       clipfail export-labelstudio labelstudio/
     """
     from toolkit.labelstudio import export_labelstudio as run_export
+    from toolkit.paths import check_output_path
 
     with open_study(db_path, read_only=True) as con:
+        check_output_path(out_dir, "OUT_DIR", con, writes=("tasks.json", "labeling_config.xml"), probe=False)
         res = run_export(
             con,
             out_dir,
@@ -1182,8 +1198,10 @@ def analyze(db_path, out_dir, retrieval_run_id):
       clipfail analyze --out failure_analysis/analysis
     """
     from toolkit.analysis import analyze as run_analyze
+    from toolkit.paths import check_output_path
 
     with open_study(db_path, read_only=True) as con:
+        check_output_path(out_dir, "--out", con, writes=("**",), probe=False)
         res = run_analyze(con, out_dir=out_dir, retrieval_run_id=retrieval_run_id)
     if res.is_simulated:
         click.echo("NOTE: some of these labels are SIMULATED (demo annotators), not human judgements.")
@@ -1280,8 +1298,11 @@ def templates_export(db_path, template_set, out_file):
     from pathlib import Path
 
     from toolkit import templates as tpl
+    from toolkit.paths import check_output_path
 
     with open_study(db_path) as con:
+        if out_file is not None:
+            check_output_path(out_file, "--out", con)
         text = tpl.export_csv(con, template_set)
     if out_file is None:
         click.echo(text, nl=False)
@@ -1542,6 +1563,7 @@ def report(db_path, out_dir, retrieval_run_id):
     Example:
       clipfail report --out report/
     """
+    from toolkit.paths import check_output_path
     from toolkit.report import write_report
 
     # A writable study records the report as a run (so `status` knows it is written); a write-protected
@@ -1549,6 +1571,7 @@ def report(db_path, out_dir, retrieval_run_id):
     if not Path(db_path).exists():
         raise UserError(db.missing_database_message(db_path))
     with open_study(db_path, read_only=not db.is_writable(db_path)) as con:
+        check_output_path(out_dir, "--out", con, writes=("**",), probe=False)
         res = write_report(con, out_dir=out_dir, retrieval_run_id=retrieval_run_id, db_path=db_path)
     if res.is_simulated:
         click.echo("NOTE: the labels in this report are SIMULATED (demo annotators); the page says so.")
@@ -1582,8 +1605,10 @@ def run(db_path, **options):
     Example:
       clipfail run --coco-root ~/coco --model openai/clip-vit-base-patch32 --num-images 5000
     """
+    from toolkit.paths import check_output_path
     from toolkit.pipeline import run_pipeline
 
+    check_output_path(options["out_dir"], "--out", db_path, writes=SAMPLE_FILES)  # before ingest and embed
     res = run_pipeline(db_path, **options)  # each stage opens the database; embed does not hold it while encoding
     echo_df(
         pd.DataFrame(
@@ -1742,22 +1767,18 @@ def sql(db_path, query, csv_path):
     from pathlib import Path
 
     from toolkit.adhoc import run_query
+    from toolkit.paths import check_output_path
+    from toolkit.sheets import write_frame_csv
 
-    if csv_path:
-        folder = Path(csv_path).parent
-        if not folder.is_dir():
-            raise UserError(
-                f"Folder {folder} for --csv {csv_path} does not exist (or is not a folder). Create it first."
-            )
-        if Path(csv_path).exists() and Path(db_path).exists() and Path(csv_path).samefile(db_path):
-            raise UserError(f"--csv {csv_path} is the database itself; give another file for the result.")
     with open_study(db_path, read_only=True) as con:
+        if csv_path:  # before the query runs: never the study, its .wal, its caches or another database
+            check_output_path(csv_path, "--csv", con)
         df = run_query(con, query)
     echo_df(df)
     if csv_path:
         tmp = Path(csv_path).with_name(f".{Path(csv_path).name}.tmp{os.getpid()}")
         try:  # whole or not at all: a failed write leaves the file as it was
-            df.to_csv(tmp, index=False)
+            write_frame_csv(df, tmp)  # cells and column names guarded against spreadsheet formulas
             os.replace(tmp, csv_path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)

@@ -10,6 +10,8 @@ two different seeds as two checkpoints.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -452,3 +454,39 @@ def test_benchmark_reports_a_line_whose_stage_fails_and_runs_the_next(run_cli, t
     assert calls == ["tiny-clip", "tiny-clip"]  # the second line ran after the first one failed
     assert "line 1 (tiny-clip): unexpected RuntimeError: CUDA out of memory (simulated)" in out
     assert "line 2 (tiny-clip,tiny.safetensors): unexpected RuntimeError" in out
+
+
+def test_benchmark_checks_its_csv_before_any_model_runs(run_cli, tmp_path, synthetic_coco, monkeypatch):
+    """Issue 24, items 5, 13 and 14d: a --csv that cannot or must not be written is refused before the work."""
+    import duckdb
+
+    import toolkit.embed
+
+    dbp = tmp_path / "bench.duckdb"
+    run_cli("--db", dbp, "ingest", "--coco-root", synthetic_coco, "--num-images", "4", "--name", "s4")
+    calls = []
+
+    def embed_that_records(database, subset_name=None, model="", **kwargs):
+        calls.append(model)
+        raise RuntimeError("no model in this test")
+
+    monkeypatch.setattr(toolkit.embed, "embed", embed_that_records)
+    models = tmp_path / "models.txt"
+    models.write_text("tiny-clip\n", encoding="utf-8")
+    (tmp_path / "bench_cache" / "embeddings").mkdir(parents=True)
+    duckdb.connect(str(tmp_path / "other.duckdb")).close()
+    os.mkfifo(tmp_path / "pipe.csv")
+    for target, needle in (
+        ("/proc/1/x.csv", "does not take new files"),
+        (tmp_path / "no" / "such" / "b.csv", "does not exist"),
+        (f"{dbp}.wal", "write-ahead log"),
+        (tmp_path / "bench_cache" / "embeddings" / "b.csv", "cache folder"),
+        (tmp_path / "other.duckdb", "DuckDB database file"),
+        (tmp_path / "pipe.csv", "FIFO"),
+    ):
+        res = run_cli("--db", dbp, "benchmark", "--models", models, "--device", "cpu", "--csv", target, expect=None)
+        assert res.exit_code == 2 and res.output.count("Error:") == 1 and needle in res.output, (target, res.output)
+        assert calls == [], target  # no model ran
+    assert not Path(f"{dbp}.wal").exists() and not (tmp_path / "no").exists()
+    res = run_cli("--db", dbp, "benchmark", "--models", tmp_path / "pipe.csv", expect=2)
+    assert "Models file" in res.output and "FIFO" in res.output and calls == []

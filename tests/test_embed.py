@@ -211,3 +211,64 @@ def test_bad_inputs_give_one_message_and_write_nothing(ingested, run_cli, monkey
     res = run_cli("--db", ingested, "embed", *TINY, expect=2)
     assert corrupt.name in res.output and "Cannot decode" in res.output
     assert sets(ingested).empty and query(ingested, "SELECT * FROM runs WHERE stage = 'embed'").empty
+
+
+NOOP = """
+import sys
+from click.testing import CliRunner
+from cli import cli
+r = CliRunner().invoke(cli, sys.argv[1:])
+print(r.output)
+print("LOADED", sorted(m for m in ("torch", "open_clip", "torchvision") if m in sys.modules))
+sys.exit(r.exit_code)
+"""
+
+
+def test_a_rerun_with_a_json_model_config_imports_no_open_clip(synthetic_coco, tmp_path, run_cli):
+    """Issue 24, item 20: the config's identity (its file's stem) is read without open_clip, as for model names."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    dbp = tmp_path / "j.duckdb"
+    run_cli("--db", dbp, "ingest", "--coco-root", synthetic_coco, "--num-images", 4, "--name", "s4")
+    cfg, ckpt = tmp_path / "tiny.json", tmp_path / "tiny.pt"
+    shutil.copy(models.tiny_config_path(), cfg)
+    models.save_random_checkpoint(ckpt)
+    args = ["--db", dbp, "embed", "--model", cfg, "--checkpoint", ckpt, "--num-workers", 0]
+    run_cli(*args)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", NOOP, *map(str, args)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "Already embedded" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "LOADED []" in proc.stdout  # neither open_clip nor torch imported to name the model
+
+
+def test_the_light_config_identity_equals_open_clips(tmp_path, monkeypatch):
+    import json
+    import shutil
+    import sys
+
+    import open_clip
+
+    mine = tmp_path / "tiny.json"
+    shutil.copy(models.tiny_config_path(), mine)
+    builtin = Path(open_clip.__file__).parent / "model_configs" / "ViT-B-32.json"
+    same = tmp_path / "ViT-B-32.json"
+    shutil.copy(builtin, same)
+    clash = tmp_path / "other" / "ViT-B-32.json"
+    clash.parent.mkdir()
+    shutil.copy(mine, clash)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"embed_dim": 8}), encoding="utf-8")
+    full = {str(p): models.resolve_spec(str(p)) for p in (mine, same)}
+    monkeypatch.delitem(sys.modules, "open_clip")  # a fresh process: open_clip's registry is not loaded
+    for p, spec in full.items():
+        light = models._resolve_light(p, None)
+        assert (light.kind, light.model_name, light.config_path) == (spec.kind, spec.model_name, spec.config_path)
+    assert models._resolve_light(str(clash), None) is None  # another architecture under a built-in name
+    assert models._resolve_light(str(bad), None) is None  # resolve_spec names what it lacks
+    assert "open_clip" not in sys.modules
+    monkeypatch.undo()
+    with pytest.raises(models.UserError, match="already knows"):
+        models.resolve_spec(str(clash))

@@ -916,3 +916,31 @@ def test_report_shows_the_effective_k_of_each_subset(con, tmp_path):
     assert f"Distinct prompts per caption: K 15 asked; effective K {parts} (view improvement_effective_k)" in page
     assert "mode own, K 15)" in page
     assert "Templates per category (K, copies of the caption included): {&quot;Object&quot;: 10}" in page
+
+
+def test_templates_export_guards_formulas_and_import_reads_its_own_guard_back(dbfile, run_cli, tmp_path):
+    """Issue 24, item 11 (same class): the templates CSV is opened in spreadsheets too."""
+    rows = [
+        ["=set", "Object", 0, "{caption}"],
+        ["=set", "Object", 1, '=HYPERLINK("http://x") {objects}'],
+        ["=set", "Object", 2, "''=quoted {objects}"],  # a guarded cell: the template is '=quoted {objects}'
+        ["=set", "Object", 6, "'=guarded {objects}"],  # and this one =guarded {objects}
+        ["=set", "Object", 3, "@{objects}"],
+        ["=set", "Object", 4, "- {caption}"],
+        ["=set", "Object", 5, "'plain quote {objects}"],
+    ]
+    run_cli("--db", dbfile, "templates", "import", _write(tmp_path / "f.csv", rows))
+    out = tmp_path / "out.csv"
+    run_cli("--db", dbfile, "templates", "export", "--set", "=set", "--out", out)
+    with open(out, encoding="utf-8", newline="") as fh:
+        cells = list(csv.reader(fh))[1:]
+    assert [c[0] for c in cells] == ["'=set"] * 7
+    assert sorted(c[3] for c in cells) == sorted(
+        ["{caption}", "'=HYPERLINK(\"http://x\") {objects}", "''=quoted {objects}", "'@{objects}",
+         "'- {caption}", "'plain quote {objects}", "'=guarded {objects}"]
+    )  # fmt: skip
+    stored = q(dbfile, "SELECT template FROM prompt_templates WHERE template_set = '=set'")["template"]
+    assert {"'=quoted {objects}", "=guarded {objects}", "'plain quote {objects}"} <= set(stored)
+    run_cli("--db", dbfile, "templates", "import", out, "--set", "copy")
+    sql = "SELECT category, position, template FROM prompt_templates WHERE template_set = ? ORDER BY ALL"
+    pd.testing.assert_frame_equal(q(dbfile, sql, ["=set"]), q(dbfile, sql, ["copy"]))

@@ -19,6 +19,7 @@ import pytest
 from helpers import register_hand_built
 
 from toolkit import db
+from toolkit import paths as study_paths
 from toolkit import study as study_db
 from toolkit.errors import UserError
 from toolkit.evaluate import evaluate
@@ -198,6 +199,26 @@ def test_sql_refuses_every_statement_that_could_write(run_cli, study, tmp_path):
         f"EXPLAIN ANALYZE COPY subsets TO '{target}.csv'",
         f"SELECT * FROM read_csv('{Path(__file__).parent.parent / 'toolkit' / 'data' / 'categories.csv'}')",
         f"SELECT * FROM query('COPY subsets TO ''{target}.csv''')",
+        # issue 24, item 15: comments anywhere, and EXPLAIN ANALYZE (which runs its statement) of a write
+        f"/**/COPY subsets TO '{target}.csv'",
+        f"-- x\nATTACH '{other}' AS o (READ_WRITE)",
+        f"/* a */ EXPLAIN /* b */ ANALYZE /**/ COPY subsets TO '{target}.csv'",
+        f"EXPLAIN ANALYZE COPY (SELECT 1) TO '{target}.csv'",
+        "EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1",
+        "EXPLAIN ANALYZE -- x\nCREATE TABLE t AS SELECT 1",
+        "EXPLAIN (ANALYZE) CREATE TABLE t AS SELECT 1",
+        "EXPLAIN (ANALYZE, FORMAT json) INSERT INTO schema_info VALUES ('x', 'y')",
+        "EXPLAIN ANALYZE DELETE FROM subsets",
+        "EXPLAIN ANALYZE UPDATE subsets SET name = 'x'",
+        f"EXPLAIN ANALYZE ATTACH '{other}' AS o",
+        "EXPLAIN ANALYZE SET threads = 1",
+        "EXPLAIN ANALYZE WITH d AS (DELETE FROM subsets RETURNING *) SELECT * FROM d",
+        "EXPLAIN ANALYZE SELECT 1; DELETE FROM subsets",
+        "EXPLAIN /* SELECT 1 */ DELETE FROM subsets",
+        "EXPLAIN ANALYZE /* SELECT */ CREATE /* */ TABLE t AS SELECT 1",
+        "/* EXPLAIN SELECT 1 */ DELETE FROM subsets",
+        "EXPLAIN ANALYZE (CREATE TABLE t AS SELECT 1)",
+        f"EXPLAIN ANALYZE SELECT * FROM read_json('{Path(__file__).parents[1] / 'toolkit/data/tiny-clip.json'}')",
     ]
     for q in attacks:
         res = run_cli("--db", study, "sql", q, expect=None)
@@ -238,6 +259,17 @@ def test_sql_runs_one_select_and_saves_it_with_csv(run_cli, study, tmp_path):
     out = run_cli("--db", study, "sql", "SELECT name FROM subsets").output
     assert "s20" in out
     assert "physical_plan" in run_cli("--db", study, "sql", "EXPLAIN SELECT * FROM subsets").output
+    # issue 24, item 15: EXPLAIN ANALYZE of a SELECT is read-only, with comments anywhere
+    for q in (
+        "/* */ EXPLAIN /* */ ANALYZE /**/ SELECT 1",
+        "EXPLAIN ANALYZE SELECT count(*) FROM subsets",
+        "explain analyse -- why\nselect * from subsets",
+        "EXPLAIN (ANALYZE) SELECT 1",
+        "EXPLAIN /* nested /* comment */ here */ SELECT '/*' AS x",
+        "-- a note\n/* and another */ EXPLAIN SELECT 1 -- trailing",
+        "EXPLAIN (SELECT 1)",
+    ):
+        assert "_plan" in run_cli("--db", study, "sql", q).output, q
     assert "categories" in run_cli("--db", study, "sql", "SHOW TABLES").output
     # a query that starts with a comment: as it is, and after a lone `--` (documented in --help)
     query = "-- subsets by name\nSELECT name AS the_name FROM subsets"
@@ -315,3 +347,223 @@ def test_run_query_twice_on_one_connection(study):
         assert len(run_query(con, "SELECT 2 AS x")) == 1
         with pytest.raises(UserError):
             run_query(con, "COPY (SELECT 1) TO 'x.csv'")
+
+
+# ------------------------------------------------------------- issue 24, items 6 and 13: --db names no database
+
+
+@pytest.fixture
+def bad_db_paths(tmp_path):
+    """Paths that name no DuckDB file a study can live in, each with a word its message must hold."""
+    csv = tmp_path / "assign_A.csv"
+    csv.write_text("sample_id,category\n1,Object\n", encoding="utf-8")
+    (tmp_path / "empty.duckdb").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "dangling.duckdb").symlink_to(tmp_path / "nowhere.duckdb")
+    (tmp_path / "embeddings.npy").write_bytes(b"\x93NUMPY\x01\x00" + b" " * 64)
+    return {
+        "a CSV": (csv, "not a DuckDB database file"),
+        "a .npy file": (tmp_path / "embeddings.npy", "not a DuckDB database file"),
+        "an empty file": (tmp_path / "empty.duckdb", "empty file"),
+        "a folder": (tmp_path / "folder", "folder"),
+        "a device": ("/dev/null", "device"),
+        "a missing parent": (tmp_path / "no" / "such" / "study.duckdb", "does not exist"),
+        "a parent that is a file": (csv / "study.duckdb", "is not a folder"),
+        "a dangling link": (tmp_path / "dangling.duckdb", "symbolic link"),
+        ":memory:": (":memory:", "in-memory"),
+        "an empty string": ("", "is empty"),
+        "a remote name": ("md:study", "not a local file"),
+    }
+
+
+@pytest.mark.parametrize("command", [["init"], ["status"], ["ingest", "--coco-root", "coco"], ["sql", "SELECT 1"]])
+def test_a_db_that_is_no_database_file_is_refused_by_name_and_nothing_changes(
+    run_cli, bad_db_paths, tmp_path, monkeypatch, command
+):
+    monkeypatch.chdir(tmp_path)  # :memory:, "" and md:study would otherwise land in the working folder
+    before = {p: (sha256(p) if p.is_file() else None) for p in tmp_path.rglob("*") if not p.is_symlink()}
+    for name, (path, needle) in bad_db_paths.items():
+        for args in (["--db", path, *command], [command[0], "--db", path, *command[1:]]):
+            res = run_cli(*args, expect=None)
+            assert_one_message(res, needle)
+            assert "ready" not in res.output and "Ingested" not in res.output, (name, res.output)
+        after = {p: (sha256(p) if p.is_file() else None) for p in tmp_path.rglob("*") if not p.is_symlink()}
+        assert after == before, name  # no file created (a study, a .wal) and none changed
+
+
+def test_clipfail_db_from_the_environment_is_checked_the_same_way(run_cli, bad_db_paths, monkeypatch):
+    csv, _ = bad_db_paths["a CSV"]
+    monkeypatch.setenv("CLIPFAIL_DB", str(csv))
+    assert_one_message(run_cli("init", expect=None), "$CLIPFAIL_DB", str(csv), "not a DuckDB database file")
+
+
+FIFO_RUN = """
+import sys
+from click.testing import CliRunner
+from cli import cli
+for command in (["status"], ["init"], ["sql", "SELECT 1"]):
+    r = CliRunner().invoke(cli, ["--db", sys.argv[1], *command])
+    print(r.exit_code, r.output.strip())
+"""
+
+
+def test_a_db_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "study.duckdb"
+    os.mkfifo(fifo)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", FIFO_RUN, str(fifo)], capture_output=True, text=True, env=env, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("clipfail --db FIFO blocked")
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("2 Error:") and "FIFO" in line for line in lines), proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.duckdb"]
+
+
+# ------------------------------------------------ issue 24, items 5, 11 and 14d: outputs never write over a database
+
+
+@pytest.fixture
+def crashed(study, tmp_path):
+    """The study as a crash leaves it: a committed change still in its write-ahead log, not checkpointed."""
+    folder = tmp_path / "crashed"
+    folder.mkdir()
+    con = duckdb.connect(str(study))
+    try:
+        con.execute(
+            "UPDATE annotations SET notes = 'committed before the crash' "
+            "WHERE sample_id = (SELECT min(sample_id) FROM annotations)"
+        )
+        shutil.copy(study, folder / "study.duckdb")  # what the disk holds while the process is still running
+        shutil.copy(f"{study}.wal", folder / "study.duckdb.wal")
+    finally:
+        con.close()
+    (folder / "study_cache" / "embeddings").mkdir(parents=True)
+    return folder / "study.duckdb"
+
+
+def _committed_note(path) -> int:
+    con = duckdb.connect(str(path))
+    try:
+        return con.execute("SELECT count(*) FROM annotations WHERE notes = 'committed before the crash'").fetchone()[0]
+    finally:
+        con.close()
+
+
+def _fingerprint(*folders) -> dict:
+    return {p: (sha256(p) if p.is_file() else p.is_symlink()) for f in folders for p in Path(f).rglob("*")}
+
+
+def test_sql_csv_never_writes_over_a_database_its_wal_or_the_studys_files(run_cli, crashed, tmp_path, monkeypatch):
+    wal = Path(f"{crashed}.wal")
+    other = tmp_path / "other.duckdb"
+    duckdb.connect(str(other)).close()
+    con = duckdb.connect(str(crashed), read_only=True)
+    registered = study_paths.resolve(con, con.execute("SELECT path FROM embedding_sets").fetchall()[0][0])
+    con.close()
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "wal.csv").symlink_to(wal)
+    os.link(wal, links / "wal-hard.csv")
+    (links / "db.csv").symlink_to(crashed)
+    os.link(crashed, links / "db-hard.csv")
+    os.mkfifo(links / "pipe.csv")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    targets = {
+        "the WAL": (wal, "write-ahead log"),
+        "the WAL, relative": ("../crashed/study.duckdb.wal", "write-ahead log"),
+        "the WAL through ..": (crashed.parent / ".." / "crashed" / "study.duckdb.wal", "write-ahead log"),
+        "the WAL through a symlink": (links / "wal.csv", "write-ahead log"),
+        "the WAL through a hard link": (links / "wal-hard.csv", "hard link"),
+        "the study through a symlink": (links / "db.csv", "database file of this study"),
+        "the study through a hard link": (links / "db-hard.csv", "database"),
+        "the study's cache folder": (crashed.parent / "study_cache" / "embeddings" / "x.csv", "cache folder"),
+        "a registered embedding file": (registered, "embedding file"),
+        "another DuckDB database": (other, "DuckDB database file"),
+        "the WAL of another database": (tmp_path / "other.duckdb.wal", "write-ahead log"),
+        "a FIFO": (links / "pipe.csv", "FIFO"),
+    }
+    before = _fingerprint(tmp_path / "crashed", links, registered.parent)
+    for name, (target, needle) in targets.items():
+        res = run_cli("--db", crashed, "sql", "SELECT 1 AS x", "--csv", target, expect=None)
+        assert_one_message(res, needle)
+        assert "Wrote" not in res.output, name
+        assert _fingerprint(tmp_path / "crashed", links, registered.parent) == before, name
+    assert not (tmp_path / "other.duckdb.wal").exists()
+    assert listing(cwd) == []
+    assert _committed_note(crashed) > 0  # the crash's committed work is still there on reopen
+
+
+def test_sql_csv_guards_cells_and_column_names_against_spreadsheet_formulas(run_cli, study, tmp_path):
+    out = tmp_path / "q.csv"
+    query = """SELECT '=HYPERLINK("http://x")' AS "=cmd", '+1+1' AS "+a", '-2' AS "-b", '@SUM(A1)' AS "@c",
+               'plain' AS d, -0.5 AS e, 3 AS f"""
+    run_cli("--db", study, "sql", query, "--csv", out)
+    header, row = out.read_text(encoding="utf-8").splitlines()
+    assert header == "'=cmd,'+a,'-b,'@c,d,e,f"
+    assert row == '"\'=HYPERLINK(""http://x"")",\'+1+1,-2,\'@SUM(A1),plain,-0.5,3'
+
+
+SAMPLE = ["sample-failures", "--n", 20, "--seed", 1, "--overlap", 5, "--per-annotator", 5, "--no-pictures"]
+
+
+@pytest.mark.parametrize(
+    "args, name",  # the command (its folder last), and a file it writes there (None: it rewrites the whole folder)
+    [
+        (["analyze", "--out"], None),
+        (["report", "--out"], None),
+        (["export-labelstudio", "--force"], "tasks.json"),
+        ([*SAMPLE, "--out"], "README.txt"),
+    ],
+    ids=["analyze", "report", "export-labelstudio", "sample-failures"],
+)
+def test_every_output_folder_is_checked_against_the_studys_files_before_the_work(run_cli, study, tmp_path, args, name):
+    other = tmp_path / "other.duckdb"
+    duckdb.connect(str(other)).close()
+    cache = study.parent / "study_cache" / "embeddings"
+    cache.mkdir(parents=True)
+    before = _fingerprint(study.parent)
+    res = run_cli("--db", study, *args, cache / "out", expect=None)
+    assert_one_message(res, "cache folder")
+    assert _fingerprint(study.parent) == before and listing(cache) == []
+    if name is not None:  # another database where the command writes one of its files
+        folder = tmp_path / "out"
+        folder.mkdir()
+        shutil.copy(other, folder / name)
+        res = run_cli("--db", study, *args, folder, expect=None)
+        assert_one_message(res, f"{folder / name} is a DuckDB database file")
+        assert sha256(folder / name) == sha256(other) and _fingerprint(study.parent) == before
+
+
+def test_templates_export_out_never_writes_over_the_studys_wal(run_cli, crashed):
+    wal = Path(f"{crashed}.wal")
+    before = sha256(wal)
+    res = run_cli("--db", crashed, "templates", "export", "--out", wal, expect=None)
+    assert_one_message(res, "write-ahead log")
+    # its writing open replayed the WAL into the file (it may be gone now); no CSV took its place
+    assert (not wal.exists() or sha256(wal) == before) and _committed_note(crashed) > 0
+
+
+def test_run_checks_its_out_folder_before_any_stage(run_cli, study, monkeypatch):
+    import toolkit.pipeline
+
+    calls = []
+    monkeypatch.setattr(toolkit.pipeline, "run_pipeline", lambda *a, **k: calls.append(a) or pytest.fail("ran"))
+    res = run_cli("--db", study, "run", "--coco-root", study.parent, "--out", study.parent / "study_cache", expect=None)
+    assert_one_message(res, "cache folder")
+    assert calls == []
+
+
+def test_make_synthetic_coco_into_a_folder_that_cannot_be_made_is_one_message(run_cli, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x", encoding="utf-8")
+    for dest, needle in ((blocker / "coco", "is not a folder"), ("/proc/1/coco", "does not take new files")):
+        assert_one_message(run_cli("make-synthetic-coco", dest, "--images", 2, expect=None), needle)
+    assert blocker.read_text(encoding="utf-8") == "x"

@@ -3,9 +3,12 @@
 Three locks, each enough to stop a write on its own for the cases it covers:
 1. The text must hold exactly one statement, of DuckDB's statement type SELECT (which includes
    WITH ... SELECT, FROM ..., VALUES, DESCRIBE, SHOW, SUMMARIZE, UNPIVOT, and PIVOT with an explicit
-   `IN (...)` list; a PIVOT without one is several statements for DuckDB), or an EXPLAIN of one.
+   `IN (...)` list; a PIVOT without one is several statements for DuckDB), or an EXPLAIN or EXPLAIN
+   ANALYZE of one (EXPLAIN ANALYZE runs its statement, so the statement is checked the same way; the
+   words are read with DuckDB's tokenizer, so comments may stand anywhere).
    COPY, EXPORT, ATTACH, DETACH, SET, RESET, PRAGMA, CALL, INSTALL, LOAD, CREATE, INSERT, UPDATE,
-   DELETE, PREPARE/EXECUTE and several statements at once are refused before anything runs.
+   DELETE, PREPARE/EXECUTE, an EXPLAIN [ANALYZE] of any of them and several statements at once are
+   refused before anything runs.
 2. The database is opened read-only (a data-modifying CTE inside a SELECT is refused by DuckDB).
 3. Before the query runs, the connection turns off spilling to a temporary folder
    (`temp_directory = ''`) and `enable_external_access` (no file, URL or extension can be read or
@@ -20,8 +23,6 @@ directory, checked with duckdb 2.0.1), so no setting grants reads without granti
 
 from __future__ import annotations
 
-import re
-
 import duckdb
 import pandas as pd
 
@@ -34,11 +35,6 @@ _LOCKDOWN = (  # in this order: once external access is off, temp_directory cann
     "SET lock_configuration = true",
 )
 _READ_KINDS = "SELECT (or WITH ... SELECT, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE) or EXPLAIN of one"
-# An EXPLAIN's own words, after any leading comments: EXPLAIN [ANALYZE] [(options)] <statement>.
-_COMMENTS = r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*"
-_EXPLAIN_RE = re.compile(
-    r"^" + _COMMENTS + r"explain\s+(?:analy[sz]e\s+)?(?:\([^()]*\)\s*)?(?P<inner>.*)$", re.IGNORECASE | re.DOTALL
-)
 
 
 def _statements(con, text: str) -> list:
@@ -46,6 +42,48 @@ def _statements(con, text: str) -> list:
         return con.extract_statements(text)
     except duckdb.Error as exc:
         raise UserError(f"The query does not parse: {exc}") from None
+
+
+def _explained(text: str) -> list[str]:
+    """The text of the statement that an EXPLAIN explains, read with DuckDB's own tokenizer, so that a
+    comment anywhere (`/* */ EXPLAIN /* */ ANALYZE -- x`) is skipped like whitespace and a comment marker
+    inside a string is not one: EXPLAIN [ANALYZE | ANALYSE] [(options)] <statement>. Both readings of a
+    parenthesis after EXPLAIN are returned (an options list, or a parenthesised statement); the caller
+    accepts the query only if one of them is exactly one SELECT."""
+    try:
+        tokens = duckdb.tokenize(text)
+    except duckdb.Error:
+        return []
+    # (start, text, kind) of every token but comments; a token ends where the next one (comments too) starts
+    words = [
+        (pos, text[pos : (tokens[k + 1][0] if k + 1 < len(tokens) else len(text))].strip(), kind)
+        for k, (pos, kind) in enumerate(tokens)
+        if kind != duckdb.token_type.comment
+    ]
+    if not words or words[0][1].lower() != "explain":
+        return []
+    i = 2 if len(words) > 1 and words[1][1].lower() in ("analyze", "analyse") else 1
+    if i >= len(words):
+        return []
+    out = [text[words[i][0] :]]
+    if words[i][1].startswith("("):  # an options list: the statement starts after its closing parenthesis
+        depth = 0
+        for j in range(i, len(words)):
+            if words[j][2] == duckdb.token_type.operator:
+                depth += words[j][1].count("(") - words[j][1].count(")")
+            if depth <= 0:
+                if j + 1 < len(words):
+                    out.append(text[words[j + 1][0] :])
+                break
+    return out
+
+
+def _is_one_select(con, text: str) -> bool:
+    try:
+        inner = con.extract_statements(text)
+    except duckdb.Error:
+        return False
+    return len(inner) == 1 and inner[0].type == duckdb.StatementType.SELECT
 
 
 def check_query(con, query: str) -> None:
@@ -62,9 +100,7 @@ def check_query(con, query: str) -> None:
         )
     kind = statements[0].type
     if kind == duckdb.StatementType.EXPLAIN:
-        m = _EXPLAIN_RE.match(statements[0].query)
-        inner = _statements(con, m.group("inner")) if m else []
-        if len(inner) == 1 and inner[0].type == duckdb.StatementType.SELECT:
+        if any(_is_one_select(con, inner) for inner in _explained(statements[0].query)):
             return
     elif kind == duckdb.StatementType.SELECT:
         return

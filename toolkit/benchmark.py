@@ -98,17 +98,11 @@ def _is_checkpoint(field_text: str) -> bool:
 def read_models_file(path) -> list[ModelLine]:
     """The model lines of a models file, each with `error` set when it cannot run. A file that cannot be
     read, or that names no model at all, is a UserError."""
+    from toolkit.userfiles import read_text
+
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"Models file {path} not found. Give --models FILE with one model[,pretrained] per line.")
-    if not path.is_file():
-        raise UserError(f"--models {path} is not a file. Give a text file with one model[,pretrained] per line.")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"Models file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
-    except OSError as exc:
-        raise UserError(f"Cannot read models file {path}: {exc.strerror or exc}.") from None
+    # the one check for a user's file: missing, a folder, a FIFO or a device is refused before it is opened
+    text = read_text(path, "Models file", "Give --models FILE, a text file with one model[,pretrained] per line.")
     out = []
     for no, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -145,8 +139,12 @@ def check_line(item: ModelLine) -> None:
     except UserError as exc:
         item.error = str(exc)
         return
-    if item.checkpoint is not None and not Path(item.checkpoint).is_file():
-        item.error = f"checkpoint file {item.checkpoint} does not exist"
+    if item.checkpoint is not None:
+        from toolkit.userfiles import regular_problem
+
+        problem = regular_problem(item.checkpoint)  # a FIFO or a device is named, never opened
+        if problem:
+            item.error = f"checkpoint file {item.checkpoint} {'does not exist' if problem == 'not found' else problem}"
 
 
 def benchmark(

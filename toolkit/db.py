@@ -68,14 +68,80 @@ def damaged_database_error(path: str, exc: BaseException) -> UserError:
     )
 
 
+DUCKDB_MAGIC = b"DUCK"  # a DuckDB database file holds these bytes at offset 8 (after a checksum)
+_REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # md:, motherduck:, s3://, http://: DuckDB reads them as no file
+
+
+def is_duckdb_file(path: str | Path) -> bool:
+    """Whether `path` is a regular file that starts like a DuckDB database (its magic bytes). Opens nothing
+    that could block: a FIFO or a device is not a database."""
+    from toolkit import userfiles
+
+    if userfiles.regular_problem(path) is not None:
+        return False
+    try:
+        return userfiles.read_head(path, 12, "Database")[8:12] == DUCKDB_MAGIC
+    except UserError:
+        return False
+
+
+def check_db_path(path, what: str = "--db") -> None:
+    """Refuse, before DuckDB opens anything, a database path that names no DuckDB file a study can live in.
+
+    Refused, each with one message (nothing is created or changed): an empty path; `:memory:` and
+    DuckDB's other names for what is not a local file (`md:`, `s3://`, ...); a folder, a FIFO, a socket
+    or a device (opening a FIFO would block); a symbolic link to nothing; a path under a parent that is
+    missing or not a folder; an existing empty file; an existing file that is not a DuckDB database (a CSV
+    would otherwise be opened by DuckDB as an in-memory database over the file, and nothing would be
+    stored). A path that does not exist yet is fine here: `connect` creates it, or refuses it for reading.
+    """
+    from toolkit import userfiles
+
+    text = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"{what} is empty. Give the study's database file, for example --db study.duckdb.")
+    if text.startswith(":memory:"):
+        raise UserError(
+            f"{what} {text} would be an in-memory database: nothing would be stored. Give the study's database "
+            "file, for example --db study.duckdb."
+        )
+    if _REMOTE.match(text) and not os.path.lexists(text):
+        raise UserError(
+            f"{what} {text} is not a local file (DuckDB reads a name with {text.split(':', 1)[0]}: as a remote or "
+            f"special database). Give the study's database file; for a local file of that name write ./{text}."
+        )
+    hint = "Give the study's database file with --db PATH."
+    if not os.path.lexists(text):  # a new database: its folder must be there
+        parent = Path(text).parent
+        if not parent.is_dir():
+            state = "is not a folder" if parent.exists() else "does not exist"
+            raise UserError(f"Folder {parent} for database {text} {state}. Create it first, or give another --db path.")
+        return
+    problem = userfiles.regular_problem(text)
+    if problem == "not found":
+        raise UserError(f"{what} {text} is a symbolic link to {os.readlink(text)}, which does not exist. {hint}")
+    if problem:
+        raise UserError(f"{what} {text} {problem}. {hint}")
+    head = userfiles.read_head(text, 12, what, hint)
+    if not head:
+        raise UserError(
+            f"{what} {text} is an empty file, not a DuckDB database. Remove it to start a new study there "
+            "(clipfail --db PATH init creates the file), or give the study's database file."
+        )
+    if head[8:12] != DUCKDB_MAGIC:
+        raise UserError(
+            f"{what} {text} is not a DuckDB database file (it holds something else, perhaps a CSV); it was left as "
+            f"it is. {hint}"
+        )
+
+
 def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    path = str(path)
+    path = str(path) if isinstance(path, os.PathLike) else path
+    check_db_path(path, "Database")
     if read_only and not Path(path).exists():
         raise UserError(missing_database_message(path))
-    if Path(path).is_dir():
-        raise UserError(f"--db {path} is a folder, not a DuckDB database file. Give the database file's path.")
     try:
-        return duckdb.connect(path, read_only=read_only)
+        con = duckdb.connect(path, read_only=read_only)
     except duckdb.IOException as exc:
         msg = str(exc)
         if is_corruption(exc):
@@ -92,6 +158,13 @@ def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnect
         if is_corruption(exc):
             raise damaged_database_error(path, exc) from None
         raise UserError(f"Cannot open database {path}: {exc}") from None
+    # DuckDB opens some names as an in-memory database over a file (a .csv or .parquet it can read): refuse
+    # whatever did not open the file itself, so that nothing is ever "stored" where it cannot be.
+    row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
+    if not row or not row[0][0]:
+        con.close()
+        raise UserError(f"{path} did not open as a DuckDB database file. Give the study's database file with --db.")
+    return con
 
 
 def table_exists(con, name: str) -> bool:

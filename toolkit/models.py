@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -122,20 +123,48 @@ def tiny_config_path() -> Path:
     return Path(str(resources.files("toolkit") / "data" / f"{TINY_CONFIG}.json"))
 
 
-def _register_config(path: Path) -> str:
-    """Register an open_clip model-config JSON under its stem; return that name."""
-    import open_clip
+_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # what open_clip needs to see a model config
 
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"Cannot read the model config {path}: {exc}") from None
-    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
+
+def _read_config(path: Path) -> dict:
+    """A model-config JSON file's content (a FIFO or a device refused before it is opened, see userfiles)."""
+    from toolkit.userfiles import load_json
+
+    cfg = load_json(path, "Model config", "Give --model an open_clip model-config JSON file.")
+    missing = [k for k in _CONFIG_KEYS if not isinstance(cfg, dict) or k not in cfg]
     if missing:
         raise UserError(
             f"{path} is not an open_clip model config: it lacks {', '.join(missing)}. "
             "See open_clip's model_configs/*.json for the format."
         )
+    return cfg
+
+
+def _builtin_config(name: str) -> dict | None:
+    """open_clip's own model config of that name, read from its package folder without importing open_clip
+    (what open_clip's registry holds in a fresh process); None when it ships none."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("open_clip")  # finds the package; imports nothing
+    except (ImportError, ValueError):
+        return None
+    for folder in (found.submodule_search_locations or []) if found else []:
+        f = Path(folder) / "model_configs" / f"{name}.json"
+        if f.is_file():
+            try:
+                cfg = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            return cfg if isinstance(cfg, dict) and all(k in cfg for k in _CONFIG_KEYS) else None
+    return None
+
+
+def _register_config(path: Path) -> str:
+    """Register an open_clip model-config JSON under its stem; return that name."""
+    import open_clip
+
+    cfg = _read_config(path)
     name = path.stem
     known = open_clip.get_model_config(name)
     if known is not None and known != cfg:
@@ -184,8 +213,9 @@ def resolve_spec(spec: str, pretrained: str | None = None) -> ModelSpec:
     if spec.endswith(".json") or os.sep in spec or (os.altsep and os.altsep in spec):
         path = Path(spec).expanduser()
         if spec.endswith(".json") or path.exists():
-            if not path.is_file():
-                raise UserError(f"Model config file {path} does not exist.")
+            from toolkit.userfiles import check_regular
+
+            check_regular(path, "Model config file")  # missing, a folder, a FIFO or a device: named, not opened
             name = _register_config(path.resolve())
             return ModelSpec(spec, "config-json", name, pretrained, str(path.resolve()))
     if spec == TINY_CONFIG and open_clip.get_model_config(spec) is None:
@@ -427,8 +457,8 @@ def _tag_preprocess_overrides(model_name: str, pretrained: str) -> dict:
 
 def _resolve_light(spec: str, pretrained: str | None) -> ModelSpec | None:
     """`resolve_spec` for the specs that need no open_clip import (the reference HF-style names,
-    hf-hub:, local-dir:, the packaged tiny config), else None. The same model_name and pretrained
-    as `resolve_spec`; it lets a run with nothing to compute skip importing open_clip and torch."""
+    hf-hub:, local-dir:, the packaged tiny config, a model-config JSON file), else None. The same model_name
+    and pretrained as `resolve_spec`; it lets a run with nothing to compute skip importing open_clip and torch."""
     spec = str(spec).strip()
     _refuse_pretrained_file(pretrained)
     if spec.startswith("hf-hub:") and not pretrained:
@@ -440,6 +470,22 @@ def _resolve_light(spec: str, pretrained: str | None) -> ModelSpec | None:
         return ModelSpec(spec, "hf-name", arch, tag)
     if spec == TINY_CONFIG and not pretrained:
         return ModelSpec(spec, "config-json", spec, None, str(tiny_config_path()))
+    if (
+        spec.endswith(".json") or os.sep in spec or (os.altsep and os.altsep in spec)
+    ) and "open_clip" not in sys.modules:
+        # a model-config JSON: named by its file's stem, as `resolve_spec` registers it, unless open_clip ships
+        # another architecture under that name (then `resolve_spec` says so). With open_clip imported, its
+        # registry may hold configs registered in this process: `resolve_spec` answers.
+        path = Path(spec).expanduser()
+        if (spec.endswith(".json") or path.exists()) and path.is_file():
+            try:
+                cfg = _read_config(path.resolve())
+            except UserError:
+                return None  # resolve_spec gives the message
+            name = path.resolve().stem
+            builtin = _builtin_config(name)
+            if builtin is None or builtin == cfg:
+                return ModelSpec(spec, "config-json", name, pretrained, str(path.resolve()))
     return None
 
 

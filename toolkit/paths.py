@@ -124,6 +124,194 @@ def moved_hint(con_or_dbpath, option: str, subset: str | None = None) -> str:
     return f"If the files moved, rebind them: {cmd} relocate {option} NEW_FOLDER{where}."
 
 
+# ------------------------------------------------------------------------------ output paths
+
+
+def _real(path) -> Path:
+    """The absolute path with every symlink and `..` resolved (a path that does not exist yet too)."""
+    return Path(os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(path)))))
+
+
+def _inode(path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+class _StudyFiles:
+    """What belongs to one study's database: the file and its WAL (never written over), the folders that
+    DuckDB and clipfail keep beside it (its temporary folder, `<db stem>_cache/`: nothing is written into
+    them), and every file registered in it (embedding and prompt-cache .npy files)."""
+
+    def __init__(self, study):
+        from toolkit import db
+
+        self.files: dict[Path, str] = {}  # resolved path -> what it is
+        self.inodes: dict[tuple[int, int], str] = {}
+        self.folders: dict[Path, str] = {}
+        dbf = db_file(study)
+        if dbf is None:
+            return
+        real = _real(dbf)
+        for f in {dbf, real}:
+            self.files[_real(f)] = f"the database file of this study ({dbf})"
+            wal = f"the write-ahead log of this study's database {dbf} (committed work waits there)"
+            self.files[_real(f"{f}.wal")] = wal
+            self.folders[_real(f"{f}.tmp")] = f"DuckDB's temporary folder of this study's database {dbf}"
+        for parent in {dbf.parent, real.parent}:  # embed and improve name it from the database's path
+            for stem in {dbf.stem, real.stem}:
+                cache = parent / f"{stem}_cache"
+                self.folders[_real(cache)] = f"this study's cache folder {cache}"
+        for f, what in list(self.files.items()):
+            ino = _inode(f)
+            if ino is not None:
+                self.inodes[ino] = what
+        con, close = study, False
+        if isinstance(study, str | os.PathLike):
+            if not db.is_duckdb_file(dbf):
+                return
+            try:  # a short read-only look at the registered files; a caller that has the study open passes con
+                import duckdb
+
+                con, close = duckdb.connect(str(dbf), read_only=True), True
+            except Exception:  # locked or damaged: the command that opens it next says so
+                return
+        try:
+            if not db.table_exists(con, "embedding_sets"):
+                return
+            for set_id, kind, stored in con.execute(
+                "SELECT embedding_set_id, kind, path FROM embedding_sets ORDER BY embedding_set_id"
+            ).fetchall():
+                f = resolve(dbf, stored)
+                what = f"the {kind} embedding file of set {set_id}, registered in this study"
+                self.files.setdefault(_real(f), what)
+                ino = _inode(f)
+                if ino is not None:
+                    self.inodes.setdefault(ino, what)
+        finally:
+            if close:
+                con.close()
+
+    def owner(self, path) -> str | None:
+        """What `path` (a file to be written) is, if it belongs to the study or to any database."""
+        from toolkit import db
+
+        real = _real(path)
+        if real in self.files:
+            return self.files[real]
+        for folder, what in self.folders.items():
+            if _inside(real, folder):
+                return f"inside {what}"
+        ino = _inode(real)
+        if ino is not None and ino in self.inodes:
+            return f"the same file as {self.inodes[ino]} (a hard link)"
+        if ino is not None and db.is_duckdb_file(real):
+            return "a DuckDB database file"
+        if real.name.endswith(".wal") and db.is_duckdb_file(real.with_name(real.name[: -len(".wal")])):
+            return f"the write-ahead log of the DuckDB database {real.with_name(real.name[: -len('.wal')])}"
+        return None
+
+
+def _probe_writable(folder: Path, option: str, target) -> None:
+    """Create and remove a file in `folder`: the one sure test that a file can be written there."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".clipfail-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(
+            f"Cannot write {option} {target}: folder {folder} does not take new files ({exc.strerror or exc}). "
+            f"Give {option} in a folder you can write to."
+        ) from None
+
+
+def check_output_path(
+    target, option: str, study=None, *, writes: tuple[str, ...] | None = None, probe: bool = True
+) -> Path:
+    """Refuse, before a command does any work, an output path it must not write. The one such check
+    (`sql --csv`, `benchmark --csv`, `templates export --out`, `analyze --out`, `report --out`,
+    `sample-failures --out`, `export-labelstudio`, `run --out`).
+
+    `study` is the study's open connection or its database path (None: no study). With `writes`
+    None, `target` is a file: it must not exist as anything but a regular file (a FIFO or a device is
+    refused), its folder must exist and take new files, and it must not be the study's database, its
+    write-ahead log (`.wal`), a file inside the study's cache folder (`<db stem>_cache/`) or DuckDB's
+    temporary folder, a file registered in the study (embedding and prompt .npy files), any other
+    DuckDB database file or the `.wal` beside one. Every spelling counts: paths are compared after
+    resolving symlinks and `..`, and existing files also by (st_dev, st_ino), so a hard link is caught.
+
+    With `writes` (name patterns, `**` for everything at any depth), `target` is a folder the command
+    writes those files into: it must be a folder (or not exist yet, under a folder that takes new
+    files), must not lie in the study's cache or temporary folder, and no file in it that the command
+    could write over may be one of the above. `probe=False` leaves the test that the folder can be made and
+    written to a command that makes it itself before its work (analyze, report, sample-failures,
+    export-labelstudio); `run` probes here, before ingest and embed."""
+    from toolkit import userfiles
+
+    target_path = Path(os.path.expanduser(os.fspath(target)))
+    if not os.fspath(target).strip():
+        raise UserError(f"{option} is empty. Give a {'folder' if writes is not None else 'file'} name.")
+    owned = _StudyFiles(study)
+
+    def refuse(path, what: str) -> None:
+        where = f"{option} {target} is" if Path(path) == target_path else f"{option} {target}: {path} is"
+        raise UserError(
+            f"{where} {what}. clipfail never writes over a database, its write-ahead log or a study's own files; "
+            f"nothing was written. Give another {option}."
+        )
+
+    if writes is None:
+        userfiles.refuse_non_regular(target_path, option, "Give a file name for the output.")
+        folder = target_path.parent
+        if not folder.is_dir():
+            raise UserError(
+                f"Folder {folder} for {option} {target} does not exist (or is not a folder). Create it first."
+            )
+        what = owned.owner(target_path)
+        if what:
+            refuse(target_path, what)
+        _probe_writable(folder, option, target)
+        return target_path
+
+    if probe and target_path.exists() and not target_path.is_dir():
+        raise UserError(f"{option} {target} is a file, not a folder. Give {option} a folder.")
+    real = _real(target_path)
+    for folder, what in owned.folders.items():
+        if _inside(real, folder):
+            refuse(target_path, f"inside {what}")
+    if target_path.is_dir():
+        import fnmatch
+
+        walk = "**" in writes
+        entries = (
+            (Path(root) / name for root, _dirs, names in os.walk(target_path) for name in names)
+            if walk
+            else (
+                target_path / e.name for e in os.scandir(target_path) if any(fnmatch.fnmatch(e.name, w) for w in writes)
+            )
+        )
+        for entry in entries:
+            what = owned.owner(entry)
+            if what:
+                refuse(entry, what)
+        if probe:
+            _probe_writable(target_path, option, target)
+    elif probe:
+        existing = next((p for p in target_path.absolute().parents if p.exists()), None)
+        if existing is None or not existing.is_dir():
+            raise UserError(f"{option} {target} cannot be created: {existing} is not a folder.")
+        _probe_writable(existing, option, target)
+    return target_path
+
+
 # ------------------------------------------------------------------------------ checks
 
 

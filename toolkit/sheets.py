@@ -7,7 +7,9 @@ spreadsheet shows as text. Plain numbers (`-0.25`, `+3`, `1e-5`) are left alone:
 reads them as the number they are, never as a formula. The exact text stays in the database.
 
 Used by every CSV the toolkit writes for people: the annotators' exports (toolkit.failures), the
-analysis tables (toolkit.analysis) and the report's tables (toolkit.report).
+analysis tables (toolkit.analysis), the report's tables (toolkit.report), `benchmark --csv`
+(toolkit.benchmark), `sql --csv` (whose column names a query chooses, so `write_frame_csv` guards
+the header too) and `templates export` (toolkit.templates; `templates import` takes the guard off).
 """
 
 from __future__ import annotations
@@ -53,8 +55,29 @@ def guard_frame(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _guarded(s: str) -> bool:
+    """Whether `sheet_text_exact` prefixes s: a would-be formula, after any leading quotes."""
+    rest = s.lstrip("'")
+    return rest[:1] in FORMULA_STARTS and not _is_number(rest)
+
+
+def sheet_text_exact(value: str) -> str:
+    """`sheet_text` for a file that is read back (a templates CSV): also a text that already starts with
+    quotes before a formula start gets one more, so that `unsheet_text` gives back exactly the text."""
+    s = str(value)
+    return "'" + s if _guarded(s) else s
+
+
+def unsheet_text(value: str) -> str:
+    """The text that `sheet_text_exact` wrote (a cell as the toolkit or a person wrote it)."""
+    return value[1:] if value[:1] == "'" and _guarded(value[1:]) else value
+
+
 def write_frame_csv(df: pd.DataFrame, path: str | Path) -> Path:
-    """df as CSV (UTF-8, LF, header, no index) with its text cells guarded against formulas."""
+    """df as CSV (UTF-8, LF, header, no index) with its text cells and its column names guarded against
+    formulas (a query's column name, such as `=cmd`, is a cell of the header row)."""
     path = Path(path)
-    guard_frame(df).to_csv(path, index=False, lineterminator="\n")
+    out = guard_frame(df)
+    out.columns = [sheet_text(c) for c in out.columns]
+    out.to_csv(path, index=False, lineterminator="\n")
     return path

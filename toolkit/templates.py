@@ -44,6 +44,7 @@ import pandas as pd
 
 from toolkit import db, phrases
 from toolkit.errors import UserError
+from toolkit.sheets import sheet_text_exact, unsheet_text
 
 DEFAULT_SET = "default-v2"
 LEGACY_SET = "default"
@@ -141,7 +142,9 @@ def export_csv(con, template_set: str | None = None) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
     for row in df.itertuples(index=False):
-        w.writerow([row.template_set, row.category, int(row.position), row.template])
+        # the spreadsheet formula guard on every text cell (`templates import` takes it off again)
+        cells = [sheet_text_exact(row.template_set), sheet_text_exact(row.category)]
+        w.writerow([*cells, int(row.position), sheet_text_exact(row.template)])
     return buf.getvalue()
 
 
@@ -161,6 +164,7 @@ def _parse(text: str, source: str, known_categories: set[str] | None, set_name: 
     reader.fieldnames = header
     rows, problems = [], []
     for lineno, rec in enumerate(reader, start=2):
+        rec = {k: unsheet_text(v) if isinstance(v, str) else v for k, v in rec.items()}  # the export's guard
         cat = (rec.get("category") or "").strip()
         tmpl = rec.get("template") or ""
         tset = set_name if set_name is not None else (rec.get("template_set") or "").strip()

@@ -173,6 +173,24 @@ def read_text(path: str | Path, what: str, hint: str = "", encoding: str = "utf-
     return decode_text(read_bytes(path, what, hint), f"{what} {path}", encoding, hint)
 
 
+def read_head(path: str | Path, n: int, what: str, hint: str = "") -> bytes:
+    """The first `n` bytes (fewer if the file is shorter) of a regular file, opened without blocking:
+    enough to tell a file's format by its magic bytes without reading all of it."""
+    path = check_regular(path, what, hint)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise UserError(_join(f"{what} {path} cannot be read ({exc.strerror or exc}).", hint)) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):  # swapped for something else after the check
+            raise UserError(_join(f"{what} {path} is {_kind(st.st_mode)}, not a regular file.", hint))
+        try:
+            return f.read(n)
+        except OSError as exc:
+            raise UserError(_join(f"{what} {path} cannot be read ({exc.strerror or exc}).", hint)) from None
+
+
 def _depth_exceeds(value, limit: int) -> bool:
     stack = [(value, 1)]
     while stack:
