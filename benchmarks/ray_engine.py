@@ -10,8 +10,9 @@ them once, and embeds them with the packaged tiny model:
 
 Each run goes into a fresh copy of the ingested database (so nothing is reused) and is timed from the
 call to its return (planning, computing, the final files and the registration). Prints a Markdown
-table: seconds, images/s (image part excluded captions: the whole stage's rows over its time), and
-the ratio to local; and checks that every run's arrays equal local's within 1e-5.
+table: seconds, images per second of that whole stage (its images over its seconds, which include
+the captions, model loads and registration: not the image part's own throughput), and the ratio to
+local; and checks that every run's arrays equal local's within 1e-5.
 
     python benchmarks/ray_engine.py [--n 2000] [--repeat 1] [--data DIR]
 """
@@ -91,7 +92,7 @@ def main() -> None:
         ray.shutdown()
     local = rows[0][1]
     print(f"\n{args.n} images + {5 * args.n} captions, tiny-clip, {cores} cores, load {os.getloadavg()[0]:.1f}\n")
-    print("| engine | seconds | images/s | vs local |")
+    print("| engine | stage seconds | images / stage second | vs local |")
     print("|---|---:|---:|---:|")
     for label, s in rows:
         print(f"| {label} | {s:.1f} | {args.n / s:.0f} | {local / s:.2f}x |")

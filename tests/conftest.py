@@ -12,6 +12,8 @@ from toolkit.synthetic import make_synthetic_coco
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+pytest_plugins = ("pytester",)  # tests/test_suite_honesty.py runs pytest on small test files
+
 
 @pytest.fixture(scope="session")
 def synthetic_coco_master(tmp_path_factory):

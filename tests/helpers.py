@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
+import pytest
 
 from toolkit import artifacts, db
 
@@ -69,3 +73,43 @@ def build_labelled_study(con, root: Path) -> None:
     evaluate(con, "s60", device="cpu")
     sample_failures(con, n=200, seed=42, overlap=30, per_annotator=50, out_dir=root / "fa", pictures=False)
     simulate_labels(con, root / "fa", root / "labels", seed=0)
+
+
+def assert_one_message(res, *needles, code: int = 2) -> None:
+    """A refused command, run with click's CliRunner: exit status `code` (a SystemExit with that code, never
+    an exception that escaped: CliRunner keeps those out of the output, so "no Traceback" alone proves
+    little), no traceback printed, exactly one line that starts with "Error:", and every needle in the output."""
+    assert res.exit_code == code, f"exit status {res.exit_code}, expected {code}:\n{res.output}"
+    assert "Traceback" not in res.output, res.output
+    if res.exception is not None:
+        assert isinstance(res.exception, SystemExit), repr(res.exception)
+        assert res.exception.code == code, repr(res.exception)
+    assert [line.startswith("Error:") for line in res.output.splitlines()].count(True) == 1, res.output
+    for needle in needles:
+        assert needle in res.output, (needle, res.output)
+
+
+def in_ci() -> bool:
+    """True where the environment variable CI says so (`true`, `1`, `yes`, any case), as CI services set it
+    and `.ci/run` exports it."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require_tool(name: str, reason: str) -> NoReturn:
+    """The one rule for a tool a test needs but cannot use here (Chromium, Playwright, Ray, cog; later a live
+    Label Studio server or a second DuckDB): in CI the test FAILS, naming the tool and why; on a developer's
+    machine (CI unset) it skips, saying the same. Call it where the tool turned out missing or broken."""
+    message = f"{name}: {reason}"
+    if in_ci():
+        pytest.fail(f"{message} (required in CI: CI={os.environ.get('CI')!r})", pytrace=False)
+    pytest.skip(message)
+
+
+def import_tool(module: str, hint: str):
+    """`pytest.importorskip` under require_tool's rule: the imported module, or a skip (a failure in CI)
+    that says what is missing and `hint` (how to install it)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        problem = str(exc)
+    require_tool(module, f"cannot be imported ({problem}); {hint}")  # outside `except`: no chained traceback

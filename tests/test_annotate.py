@@ -21,6 +21,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from click.testing import CliRunner
+from helpers import import_tool, require_tool
 from test_failures import make_retrieval_run
 
 from toolkit import annotate
@@ -901,20 +902,17 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(study, signame):
 @pytest.fixture(scope="module")
 def browser():
     if CHROMIUM is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
+        require_tool("chromium", "not installed (Debian: apt-get install chromium)")
+    sync_playwright = import_tool("playwright.sync_api", "pip install -e '.[dev]'").sync_playwright
     try:
         pw = sync_playwright().start()
     except Exception as exc:  # pragma: no cover - environment
-        pytest.skip(f"Playwright cannot start: {exc}")
+        require_tool("playwright", f"cannot start: {exc}")
     try:
         b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
     except Exception as exc:  # pragma: no cover - environment
         pw.stop()
-        pytest.skip(f"Chromium cannot be started by Playwright: {str(exc)[:300]}")
+        require_tool("chromium", f"cannot be started by Playwright: {str(exc)[:300]}")
     yield b
     b.close()
     pw.stop()

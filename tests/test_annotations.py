@@ -410,7 +410,8 @@ def test_fleiss_kappa_textbook_example(tmp_path):
 
 
 def test_agreement_matches_toolkit_stats(study, tmp_path):
-    stats = pytest.importorskip("toolkit.stats", reason="toolkit.stats (cohen_kappa, fleiss_kappa) not there yet")
+    from toolkit import stats
+
     dbpath, export, rrid = study
     ids = sample_ids(export, "assign_overlap.csv")
     rng = random.Random(3)

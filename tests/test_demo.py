@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import require_tool
 from PIL import Image
 
 from toolkit import paths
@@ -174,8 +175,9 @@ def test_demo_report_tables(demo):
     pd.testing.assert_frame_equal(table[["category", "n_triage", "n_human"]], view, check_dtype=False)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")
 def test_report_renders_in_headless_chromium_without_broken_images(demo, tmp_path):
+    if CHROMIUM is None:
+        require_tool("chromium", "not installed (Debian: apt-get install chromium)")
     out, _ = demo
     page = (out / "report" / "report.html").read_text(encoding="utf-8")
     check = out / "report" / "report_check.html"  # beside the report: same relative links

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 import pytest
+from helpers import import_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -31,7 +32,7 @@ def section(path: tuple[str, ...]) -> str:
 
 
 def test_cli_reference_is_what_cog_generates():
-    pytest.importorskip("cogapp")
+    import_tool("cogapp", "pip install -e '.[dev]'")
     done = subprocess.run(
         [sys.executable, "-m", "cogapp", "--check", "-I", str(DOCS), str(DOCS / "cli.md")],
         cwd=ROOT,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -272,3 +273,57 @@ def test_the_light_config_identity_equals_open_clips(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(models.UserError, match="already knows"):
         models.resolve_spec(str(clash))
+
+
+def _embed_pipeline_benchmark(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module("embed_pipeline")
+
+
+def test_the_stage_marks_each_step_where_its_work_happens(ingested, monkeypatch):
+    """on_step marks (issue 29): tokenizing every caption happens inside "tokenize", before the image
+    stream starts, so no interval between shard saves can time it; images are saved inside "image",
+    captions inside "text", and the final files inside "finish"."""
+    embed_mod = importlib.import_module("toolkit.embed")
+    monkeypatch.setattr(embed_mod, "SHARD_ROWS", {"image": 8, "text": 40})  # 4 image + 4 text shards
+    events = []
+    real_tokenize, real_save = encode.tokenize, artifacts.save_array
+    monkeypatch.setattr(encode, "tokenize", lambda *a, **k: events.append("tokenizer") or real_tokenize(*a, **k))
+    monkeypatch.setattr(artifacts, "save_array", lambda *a, **k: events.append("final file") or real_save(*a, **k))
+    embed_mod.embed(ingested, "s30", model="tiny-clip", num_workers=0, device="cpu", progress=False,
+                    on_step=events.append, on_shard=lambda kind, i, n: events.append(f"{kind} shard"))  # fmt: skip
+    assert events == ["model", "tokenize", "tokenizer", "image", *["image shard"] * 4, "text", *["text shard"] * 4,
+                      "finish", "final file", "final file"]  # fmt: skip
+    events.clear()
+    embed_mod.embed(ingested, "s30", model="tiny-clip", num_workers=0, device="cpu", progress=False,
+                    on_step=events.append)  # fmt: skip
+    assert events == []  # nothing to compute: no step
+
+
+def test_the_embed_benchmark_books_each_part_to_its_own_step(synthetic_coco, tmp_db, run_cli, monkeypatch):
+    """benchmarks/embed_pipeline.py on a clock that only the stage's work moves: tokenizing (5 s) is the
+    caption part's, the image stream's (1 s a call) the image part's, caption encoding (0.25 s a shard) the
+    caption part's. Timed between shard saves, as it was, tokenizing went to the images."""
+    bench = _embed_pipeline_benchmark(monkeypatch)
+    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 30, "--name", "bench")
+    embed_mod = importlib.import_module("toolkit.embed")
+    monkeypatch.setattr(embed_mod, "SHARD_ROWS", {"image": 8, "text": 40})  # 4 text shards (150 captions)
+    clock = [100.0]
+
+    def costs(fn, seconds):
+        def timed(*a, **k):
+            out = fn(*a, **k)
+            clock[0] += seconds
+            return out
+
+        return timed
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))  # the benchmark's clock
+    monkeypatch.setattr(encode, "tokenize", costs(encode.tokenize, 5.0))
+    monkeypatch.setattr(encode, "encode_images", costs(encode.encode_images, 1.0))
+    monkeypatch.setattr(encode, "encode_texts_with_info", costs(encode.encode_texts_with_info, 0.25))
+    stage = bench.run_stage(Path(tmp_db), "tiny-clip", num_workers=0, device="cpu")
+    parts = {k: v for k, v in stage.items() if k != "res"}
+    assert parts == {"plan": 0.0, "model": 0.0, "tokenize": 5.0, "image": 1.0, "text": 1.0, "finish": 0.0,
+                     "captions": 6.0, "total": 7.0}  # fmt: skip
+    assert bench.step_seconds([("a", 0.0), ("b", 1.5), ("a", 2.0)], 4.0) == {"a": 3.5, "b": 0.5}

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import require_tool
 from PIL import Image
 
 from toolkit import encode, models
@@ -328,7 +329,7 @@ def test_half_precision_means_half_weights_throughout(precision):
     try:
         b = models.load_model("tiny-clip", device="cpu", precision=precision)
     except UserError as exc:  # pragma: no cover - a torch without CPU half kernels
-        pytest.skip(str(exc))
+        require_tool(f"{precision} kernels for the CPU", str(exc))
     matrices = {n: p.dtype for n, p in b.model.named_parameters() if p.ndim >= 2 and "embedding" not in n}
     assert set(matrices.values()) == {dtype}, matrices  # convolution, attention, MLP and projections
     assert b.input_dtype == dtype and b.model.transformer.get_cast_dtype() == dtype

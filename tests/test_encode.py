@@ -186,11 +186,33 @@ def test_config_json_path_and_bad_config(tmp_path):
         models.load_model(str(bad))
 
 
-def test_device_auto_and_unavailable_device():
-    assert resolve_device("auto") in ("cuda", "mps", "cpu")
-    if not torch.cuda.is_available():
+@pytest.mark.parametrize(
+    "cuda,mps,auto_mps,expected",
+    [(True, True, True, "cuda"), (False, True, True, "mps"), (False, True, False, "cpu"), (False, False, True, "cpu")],
+)
+def test_device_auto_picks_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, auto_mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    for spec in ("auto", None, " AUTO ", ""):
+        assert resolve_device(spec, auto_mps=auto_mps) == expected, spec
+    assert resolve_device("cpu", auto_mps=auto_mps) == "cpu"
+
+
+def test_an_unavailable_device_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for spec in ("cuda", "cuda:0"):
         with pytest.raises(UserError, match="CUDA is not available"):
-            resolve_device("cuda")
+            resolve_device(spec)
+    with pytest.raises(UserError, match="MPS is not available"):
+        resolve_device("mps")
+    with pytest.raises(UserError, match="Unknown --device 'tpu'"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("CUDA:1") == "cuda:1"
+    with pytest.raises(UserError, match="has 2 CUDA device"):
+        resolve_device("cuda:2")
 
 
 def test_checkpoint_gives_the_same_embeddings_as_the_in_memory_model(tiny, tmp_path):

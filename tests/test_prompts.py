@@ -169,6 +169,51 @@ def test_default_set_meets_the_coverage_targets_at_k_10():
     assert len(bench.targets(imp.prompt_coverage(captions(), templates.shipped_set("default"), k=10))) >= 4
 
 
+def test_prompt_coverage_figures_recounted_by_hand():
+    """Every figure of prompt_coverage on 5 captions, recounted without the code under test: which caption
+    names a number or an attribute was read off its words by hand, and the templates are such that each
+    caption's prompts can be counted from that alone."""
+    import pandas as pd
+
+    names = {  # caption: (names a number, names an attribute word)
+        "two red buses on a street": (True, True),
+        "a man riding a horse": (False, False),
+        "three dogs in a field": (True, False),
+        "a large white kitchen": (False, True),
+        "a cat next to a laptop": (False, False),
+    }
+    # The caption itself; "a photo of ..."; the 3rd gives the same prompt as the 2nd (case and spaces aside);
+    # the 4th needs a number, the 5th an attribute. So a caption has 2 + (number) + (attribute) prompts, of
+    # which the last (number) + (attribute) come from slot templates; k cuts the list.
+    tlist = ["{caption}", "a photo of {caption}", "A Photo  of {caption}", "{count}. {caption}",
+             "{attributes}. {caption}"]  # fmt: skip
+    tdf = pd.DataFrame([{"template_set": "t", "category": cat, "position": i, "template": t}
+                        for cat in ("Count", "Attribute", "Action") for i, t in enumerate(tlist)])  # fmt: skip
+    for k in (1, 2, 3, 4):
+        cov = imp.prompt_coverage(list(names), tdf, k=k)
+
+        def row(cat, label, group, k=k):
+            ks = [min(k, 2 + num + att) for num, att in (names[c] for c in group)]
+            slot = [min(k, 2 + num + att) - min(k, 2) for num, att in (names[c] for c in group)]
+            return {"category": cat, "captions": label, "n": len(group), "n_at_k": sum(x == k for x in ks),
+                    "pct_at_k": round(100 * sum(x == k for x in ks) / len(group), 1),
+                    "mean_k": round(sum(ks) / len(group), 2),
+                    "mean_slot_prompts": round(sum(slot) / len(group), 2)}  # fmt: skip
+
+        every = list(names)
+        expected = [
+            row("Count", "all", every),
+            row("Count", "mention a number", [c for c in every if names[c][0]]),
+            row("Attribute", "all", every),
+            row("Attribute", "mention an attribute", [c for c in every if names[c][1]]),
+            row("Action", "all", every),
+        ]
+        assert cov.to_dict("records") == expected, k
+    # at k 4, written out: 1 of the 5 captions has both slots, and 1 of the 2 that name a number
+    assert [r["pct_at_k"] for r in expected] == [20.0, 50.0, 20.0, 50.0, 20.0]
+    assert [r["mean_k"] for r in expected] == [2.8, 3.5, 2.8, 3.5, 2.8]
+
+
 def test_union_object_attribute_reaches_k_15():
     cov = imp.prompt_coverage(
         captions(), templates.shipped_set(), k=15, mode="union", categories=["Object", "Attribute"]

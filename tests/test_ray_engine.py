@@ -2,8 +2,8 @@
 
 One Ray instance serves the whole file (Ray starts slowly); it is shut down at the end, and the file
 checks that no Ray process it started is left behind. 12 generated images, the tiny open_clip config.
-Without ray installed, every test that needs it skips (`pytest.importorskip` in the `cluster` fixture);
-the test of the message that names the extra runs either way.
+Without ray installed, every test that needs it skips, saying so, and fails in CI (`helpers.import_tool` in the
+`cluster` fixture); the test of the message that names the extra runs either way.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import import_tool
 
 from toolkit import artifacts, paths, ray_engine
 from toolkit.study import open_study
@@ -27,6 +28,7 @@ embed_mod = importlib.import_module("toolkit.embed")  # toolkit.embed is the fun
 TINY = ["--model", "tiny-clip", "--num-workers", "0"]
 RAY = ["--engine", "ray", "--workers", "1"]
 RAY2 = ["--engine", "ray", "--workers", "2"]  # two replicas on the 2-CPU instance
+RAY_HINT = "pip install -e '.[ray]'"
 SMALL_SHARDS = {"image": 4, "text": 20}  # 12 images -> 3 image shards; 60 captions -> 3 text shards
 
 
@@ -59,8 +61,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
+    ray = import_tool("ray", RAY_HINT)
+    import_tool("ray.data", RAY_HINT)
     before = _children(os.getpid())
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     started = _children(os.getpid()) - before
@@ -255,8 +257,8 @@ def test_images_missing_on_the_workers_are_named_and_nothing_is_written(cluster,
 
 
 def test_unreachable_ray_address_is_one_message_and_writes_nothing(ingested, run_cli, monkeypatch):
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
+    ray = import_tool("ray", RAY_HINT)
+    import_tool("ray.data", RAY_HINT)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as a fresh CLI process would be
     monkeypatch.setattr(ray_engine, "CONNECT_TIMEOUT_S", 2.0)
     with socket.socket() as s:  # a port that nothing listens on

@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
-from helpers import register_hand_built
+from helpers import assert_one_message, register_hand_built
 
 from toolkit import db
 from toolkit import paths as study_paths
@@ -84,14 +84,6 @@ def protected(study):
     yield study
     folder.chmod(0o755)
     study.chmod(0o644)
-
-
-def assert_one_message(res, *needles):
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
-    assert res.output.count("Error:") == 1, res.output
-    for needle in needles:
-        assert needle in res.output, (needle, res.output)
 
 
 # --------------------------------------------------------------------------- item 8: reads never write

@@ -429,6 +429,7 @@ def embed(
     progress: bool | None = None,
     shard_rows: dict | None = None,
     on_shard: Callable[[str, int, int], None] | None = None,
+    on_step: Callable[[str], None] | None = None,
     engine: str = "local",
     ray_address: str | None = None,
     gpus_per_worker: float | None = None,
@@ -442,7 +443,10 @@ def embed(
     it then stays open, and locked, throughout.
 
     `on_shard(kind, shard_index, n_shards)` is called after each shard is on disk (tests use it
-    to simulate an interruption).
+    to simulate an interruption). `on_step(step)` is called as each step of a computation starts:
+    ``model`` (load the model, take the locks, find shards already on disk), ``tokenize`` (every
+    caption), ``image`` and ``text`` (encode; ``compute`` for both on Ray), ``finish`` (the final
+    files and the registration); benchmarks/embed_pipeline.py times each part with it.
 
     `engine`: ``local`` (this process) or ``ray`` (a Ray cluster at `ray_address`, `workers` model
     replicas with `gpus_per_worker` GPUs each; see `toolkit.ray_engine`). The engine is the one
@@ -498,7 +502,7 @@ def embed(
     try:
         return _embed_compute(
             plan, con, db_path, cluster, t0, started, model, pretrained, checkpoint, device, batch_size, precision,
-            recompute, draft, num_workers, decode, progress, shard_rows, on_shard,
+            recompute, draft, num_workers, decode, progress, shard_rows, on_shard, on_step,
         )  # fmt: skip
     finally:
         if cluster is not None:
@@ -509,7 +513,8 @@ ENGINES = ("local", "ray")
 
 
 def _embed_compute(plan, con, db_path, cluster, t0, started, model, pretrained, checkpoint, device, batch_size,
-                   precision, recompute, draft, num_workers, decode, progress, shard_rows, on_shard):  # fmt: skip
+                   precision, recompute, draft, num_workers, decode, progress, shard_rows, on_shard,
+                   on_step=None):  # fmt: skip
     """embed() once the plan is read: compute what is missing (with the local engine or `cluster`),
     write the final files and register them."""
     from toolkit import encode, models
@@ -521,6 +526,7 @@ def _embed_compute(plan, con, db_path, cluster, t0, started, model, pretrained, 
     reused_shards = 0
     n_truncated = context_length = None
     run_id, registered = None, []
+    step = on_step or (lambda name: None)
     if plan.todo:
         if cluster is not None and "image" in plan.todo:
             cluster.check_images(plan.paths, name)  # on the workers' filesystems; names what they miss
@@ -533,6 +539,7 @@ def _embed_compute(plan, con, db_path, cluster, t0, started, model, pretrained, 
                     f"{study_paths.moved_hint(db_path if db_path is not None else con, '--images-root', name)}"
                 )
         partial = plan.folder / ".partial"
+        step("model")
         # With Ray the driver's copy of the model only tokenizes and describes the preprocess: on its CPU.
         bundle = models.load_model(
             model,
@@ -598,12 +605,14 @@ def _embed_compute(plan, con, db_path, cluster, t0, started, model, pretrained, 
                     jobs[kind]["finish"] = finish
 
                 if "text" in jobs:
+                    step("tokenize")
                     toks = encode.tokenize(bundle, plan.captions)  # every caption once; counts truncation
                     n_truncated, context_length = toks.n_truncated, bundle.context_length
                 if cluster is not None:
                     # The pluggable step, "compute the rows of these shards": on Ray, every kind in one pass
                     # (one actor pool); `finish` saves each shard here, in the driver, as it completes.
                     fast_text = encode.fast_text_tower(bundle.model) is not None
+                    step("compute")
                     gathers = {k: ShardGather(j["shards"], j["todo"], j["finish"]) for k, j in jobs.items()}
                     cluster.compute(
                         gathers,
@@ -614,6 +623,7 @@ def _embed_compute(plan, con, db_path, cluster, t0, started, model, pretrained, 
                     )
                 for kind, job in jobs.items() if cluster is None else ():
                     shards, todo_shards, finish, bar = job["shards"], job["todo"], job["finish"], job["bar"]
+                    step(kind)
                     if kind == "image":
                         stats: dict = {}
                         _stream_images(encode, bundle, plan, shards, todo_shards, finish, img_bs, num_workers, draft,
@@ -634,6 +644,7 @@ def _embed_compute(plan, con, db_path, cluster, t0, started, model, pretrained, 
             finally:
                 for job in jobs.values():
                     job["bar"].close()
+            step("finish")
             for kind, job in jobs.items():
                 shards, done, what = job["shards"], job["done"], job["what"]
                 if len(done) != shards.n:  # pragma: no cover - the stream yields every row once
