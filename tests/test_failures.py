@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -389,6 +391,48 @@ def test_labelled_csvs_are_never_overwritten(run_cli, dbfile, tmp_path):
     assert "filled-in labels" in res.output and "assign_A.csv" in res.output
     assert_unchanged(dbfile, before)
     assert path.read_bytes() == text.encode("utf-8")
+
+
+@pytest.mark.parametrize("name", ["assign_A.csv", "failure_samples.csv"])
+def test_a_fifo_in_place_of_an_export_is_refused_not_opened(run_cli, dbfile, tmp_path, name):
+    from helpers import invoke_unblocking
+
+    out = tmp_path / "fa"
+    sample(run_cli, dbfile, out, *SMALL, "--no-pictures")
+    (out / name).unlink()
+    os.mkfifo(out / name)
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    before = snapshot(dbfile)
+    for extra in ([], ["--seed", 5, "--replace"]):  # the same sample again, and a new one
+        res = invoke_unblocking(["--db", dbfile, "sample-failures", "--out", out, *SMALL, "--no-pictures", *extra],
+                                [out / name])  # fmt: skip
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert f"{out / name} is a FIFO" in res.output and "move it away" in res.output, res.output
+        assert_unchanged(dbfile, before)
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
+        assert stat.S_ISFIFO(os.stat(out / name).st_mode)
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_an_image_that_became_a_fifo_is_drawn_as_a_placeholder(run_cli, dbfile, tmp_path, synthetic_coco_master):
+    from helpers import invoke_unblocking
+
+    images = tmp_path / "images"
+    shutil.copytree(synthetic_coco_master / "val2017", images)
+    fifos = []
+    for jpg in sorted(images.glob("*.jpg")):  # every image of the subset: some are in the sample
+        jpg.unlink()
+        os.mkfifo(jpg)
+        fifos.append(jpg)
+    con = open_study(dbfile)
+    con.execute("UPDATE subsets SET image_root = ?", [str(images)])
+    con.close()
+    out = tmp_path / "fa"
+    args = ["--n", 4, "--overlap", 1, "--per-annotator", 1, "--annotators", "A,B"]
+    res = invoke_unblocking(["--db", dbfile, "sample-failures", "--out", out, *args], fifos)
+    assert res.exit_code == 0, res.output
+    assert "4 pictures written" in res.output and "images could not be read and are drawn as placeholders" in res.output
+    assert len(list(out.glob("vis_*.png"))) == 4 and all(stat.S_ISFIFO(os.stat(f).st_mode) for f in fifos)
 
 
 def test_csv_quoting_is_what_spreadsheets_expect(run_cli, dbfile, tmp_path):

@@ -648,6 +648,8 @@ def test_a_fifo_given_as_the_export_is_refused_not_opened(lstudy, tmp_path):
     assert res.exit_code == 2 and "FIFO" in res.output and str(fifo) in res.output, res.output
     assert "Traceback" not in res.output and snapshot(dbpath) == before
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    res = invoke("--db", dbpath, "import-labels", "--format", "labelstudio", "/dev/zero")  # would never end
+    assert res.exit_code == 2 and "/dev/zero is a device" in res.output and snapshot(dbpath) == before
 
 
 @pytest.mark.parametrize("name", ["tasks.json", "labeling_config.xml"])

@@ -45,6 +45,7 @@ import collections
 import concurrent.futures
 import csv
 import importlib.util
+import io
 import os
 import re
 import shutil
@@ -64,6 +65,7 @@ from toolkit.annotations import COLUMN_NAMES, norm_header, parse_sample_id, read
 from toolkit.errors import UserError, list_offenders
 from toolkit.runs import resolve_retrieval_run
 from toolkit.sheets import sheet_text
+from toolkit.userfiles import read_bytes
 
 STAGE = "sample-failures"
 METHOD = "v1: failures sorted by caption id; numpy default_rng(seed).choice(n_failures, n, replace=False)"
@@ -375,14 +377,17 @@ def read_labelled_ids(path: Path) -> set[str] | None:
     column. A file that cannot be read so (not a CSV, no sample_id column, two category columns, ...)
     raises UserError: it is not written over on a guess. An empty file holds nothing.
     """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"{path} exists but cannot be read ({exc.strerror or exc}); move it away, run again.") from None
+    # a FIFO, a folder or a device in the file's place is refused before it is opened
+    data = read_bytes(
+        path,
+        "The existing",
+        f"sample-failures writes {path.name} there: move it away (or give another --out) and run again. "
+        "Nothing was changed.",
+    )
     if not data.replace(codecs.BOM_UTF8, b"").strip():
         return None
     try:
-        table = read_label_table(path, require_category=False)
+        table = read_label_table(path, require_category=False, data=data)
     except UserError as exc:
         raise UserError(
             f"{path} would be written over, but it cannot be read to check that it holds no labels, so it is left as "
@@ -725,7 +730,9 @@ class PictureRenderer:
         im = None
         if info and self.image_root is not None:
             try:
-                with Image.open(self.image_root / info[1]) as src:
+                # read without blocking: a FIFO or device in the image's place is a placeholder, never opened
+                data = read_bytes(self.image_root / info[1], "Image file")
+                with Image.open(io.BytesIO(data)) as src:
                     src.draft("RGB", self.BOX)  # JPEG: decode at reduced scale, still >= BOX
                     im = ImageOps.contain(src.convert("RGB"), self.BOX, Image.Resampling.BILINEAR)
             except Exception:  # missing, truncated, not an image, too large: all become a placeholder
