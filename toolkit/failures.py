@@ -33,7 +33,8 @@ a CSV at all is refused rather than guessed about.
 The files are written into a staging folder inside `out_dir` (`.clipfail-staging-*`) and renamed
 into place only once all of them, pictures included, were written. A new sample's database rows are
 committed only after that: if the folder cannot be written, or writing fails half-way, the database
-keeps its earlier sample and the folder its earlier files.
+keeps its earlier sample and the folder its earlier files. A run that is killed cannot remove its
+staging folder; the next run removes every staging folder that no live run holds (toolkit.staging).
 
 Pictures: `vis_<sample_id>.png`, 1500x600 px (see `PictureRenderer`).
 """
@@ -48,8 +49,6 @@ import importlib.util
 import io
 import os
 import re
-import shutil
-import tempfile
 import textwrap
 import threading
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from toolkit import db
+from toolkit import db, staging
 from toolkit import paths as study_paths
 from toolkit.annotations import COLUMN_NAMES, norm_header, parse_sample_id, read_label_table
 from toolkit.errors import UserError, list_offenders
@@ -495,7 +494,7 @@ def prepare_out_dir(out_dir: Path) -> None:
         raise UserError(f"--out {out_dir} is a file, not a folder. Give --out a folder for the annotators' files.")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+        staging.make(out_dir, STAGING_PREFIX).remove()
     except OSError as exc:
         raise UserError(
             f"Cannot write the annotators' files into {out_dir}: {exc.strerror or exc}. Give --out a folder that "
@@ -521,16 +520,20 @@ def export(
     before the renames leaves out_dir as it was."""
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    staging.remove_stale(out_dir, (STAGING_PREFIX,))  # what a killed run left; never a live run's
+    try:
+        stage = staging.make(out_dir, STAGING_PREFIX)
+    except OSError as exc:
+        raise UserError(f"Could not write the annotators' files into {out_dir}: {exc.strerror or exc}.") from None
     placing = False
     try:
         staged = _write_exports(
-            con, retrieval_run_id, out_dir, staging, pictures, result, only_missing_pictures,
+            con, retrieval_run_id, out_dir, stage.path, pictures, result, only_missing_pictures,
             show_suggestions_on_overlap,
         )  # fmt: skip
         placing = True
         for name in staged:
-            os.replace(staging / name, out_dir / name)
+            os.replace(stage.path / name, out_dir / name)
         for name in remove:
             (out_dir / name).unlink(missing_ok=True)
     except OSError as exc:
@@ -541,7 +544,7 @@ def export(
             "run again; the database keeps its earlier sample."
         ) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        stage.remove()
 
 
 def _write_exports(
