@@ -688,3 +688,20 @@ def test_export_over_a_file_that_is_not_utf8_is_a_clash_not_a_traceback(study, t
     export(study, out, "--force")
     assert (out / name).read_bytes() != junk
     assert "already up to date: tasks.json, labeling_config.xml" in export(study, out).output
+
+
+def test_export_removes_what_a_killed_export_left_and_keeps_a_live_ones(study, tmp_path):
+    from toolkit import staging
+    from toolkit.labelstudio import STAGING_PREFIX
+
+    out = tmp_path / "ls"
+    export(study, out)
+    dead = staging.make(out, STAGING_PREFIX)  # killed while writing: the lock file is there, held by nobody
+    (dead.path / "tasks.json").write_text("[", "utf-8")
+    os.close(dead.fd)
+    live = staging.make(out, STAGING_PREFIX)  # another export writing into the folder now
+    try:
+        assert "already up to date" in export(study, out).output
+        assert sorted(p.name for p in out.iterdir()) == sorted([live.path.name, "labeling_config.xml", "tasks.json"])
+    finally:
+        live.remove()

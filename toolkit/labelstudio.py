@@ -37,6 +37,14 @@ Whose label (per annotation, first that applies): `annotator` (the CLI's --annot
 the email before `@`, username, first name, or first and last name, matched to the sample's
 annotators ignoring case (also `created_username`, which some versions write).
 
+Before any of that, the whole export is checked for shape (`check_export`: the type of every value
+the import reads, each message naming the path to the bad value, such as
+`tasks[3].annotations[0].result[1].value.text`), and the file is read through toolkit.userfiles (a
+FIFO or a device is refused before it is opened; invalid UTF-8, NaN and deep nesting are refused). A
+label is never guessed at: each Choices control holds one choice and each choice names one category,
+so two choices in `category` (or `secondary`), a choice such as "Object; Count", or a `secondary`
+choice without a `category` is a problem of that annotation, never a primary plus a secondary.
+
 The rows then go through the same checks as an import of CSVs (sample in the failure sample and
 the annotator's, known categories, no sample twice for one annotator) and the same writing: all or
 nothing in one transaction, a label replaces that annotator's stored one, a cancelled (skipped) or
@@ -54,6 +62,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from toolkit import paths as study_paths
+from toolkit import staging
 from toolkit.errors import UserError
 from toolkit.runs import resolve_retrieval_run
 from toolkit.userfiles import (
@@ -73,6 +82,7 @@ from toolkit.userfiles import (
 TOPN = 5
 SECONDARY_KEYS = "qwertyu"
 MAX_LISTED = 30
+STAGING_PREFIX = ".clipfail-staging-"  # the files are written there first (toolkit.staging)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,22 +253,24 @@ def export_labelstudio(
         )
     written = [n for n, text in contents.items() if old.get(n) != text.encode("utf-8")]
     unchanged = [n for n in contents if n not in written]
-    temps = []
+    stage = None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name in written:  # every file is written whole before any replaces its old version
-            tmp = out_dir / f".{name}.tmp{os.getpid()}"
-            tmp.write_text(contents[name], encoding="utf-8")
-            temps.append((tmp, out_dir / name))
-        for tmp, path in temps:
-            tmp.replace(path)
+        staging.remove_stale(out_dir, (STAGING_PREFIX,))  # what a killed export left; never a live one's
+        if written:
+            stage = staging.make(out_dir, STAGING_PREFIX)
+            for name in written:  # every file is written whole before any replaces its old version
+                (stage.path / name).write_text(contents[name], encoding="utf-8")
+            for name in written:
+                os.replace(stage.path / name, out_dir / name)
     except OSError as exc:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
         raise UserError(
             f"Cannot write the Label Studio files into {out_dir}: {exc.strerror or exc}. "
             "Give a folder you can write to."
         ) from None
+    finally:
+        if stage is not None:
+            stage.remove()
     return ExportResult(
         rrid,
         out_dir,
