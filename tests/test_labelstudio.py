@@ -414,6 +414,8 @@ def test_a_secondary_choice_alone_never_replaces_the_stored_category(lstudy, tmp
         ("a choice naming two categories", "choice 'Object; Count' in 'category' names two categories"),
         ("an empty choice", "an empty choice in 'category'"),
         ("unknown choice", "unknown category 'zebra'"),
+        ("a textarea from category", "a 'textarea' result from 'category', which is a choices control"),
+        ("choices from notes", "choices from 'notes', which the clipfail config does not have"),
     ],
 )
 def test_ambiguous_choices_are_refused_naming_the_task_and_annotation(lstudy, tmp_path, case, needle):
@@ -430,6 +432,10 @@ def test_ambiguous_choices_are_refused_naming_the_task_and_annotation(lstudy, tm
         choice["value"]["choices"] = ["Object; Count"]
     elif case == "an empty choice":
         choice["value"]["choices"] = [""]
+    elif case == "a textarea from category":
+        ann["result"] = [{**choice, "type": "textarea", "value": {"text": ["Object"]}}]
+    elif case == "choices from notes":
+        ann["result"].append({**choice, "from_name": "notes", "value": {"choices": ["Count"]}})
     else:
         choice["value"]["choices"] = ["Zebra"]
     exp = ls_export(tasks_json, {a0: [ann]})

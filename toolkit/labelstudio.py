@@ -479,6 +479,12 @@ def _read_export(path: Path, option: str | None, user_map: dict, info, tax, seen
                         f"choices from {name!r}, which the clipfail config does not have (it has category "
                         "and secondary); export with the config that clipfail export-labelstudio wrote"
                     )
+                elif name in (*CONTROLS, "notes"):  # a control of clipfail's config, of another type: not read
+                    want = "textarea" if name == "notes" else "choices"
+                    bad.append(
+                        f"a {kind!r} result from {name!r}, which is a {want} control in the config that clipfail "
+                        "export-labelstudio wrote; export with that config"
+                    )
             # Each control holds one choice, and each choice names one category: anything else is refused,
             # never read as a primary and a secondary category.
             chosen: dict[str, str | None] = {}
