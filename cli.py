@@ -1299,6 +1299,7 @@ def templates_export(db_path, template_set, out_file):
 
     from toolkit import templates as tpl
     from toolkit.paths import check_output_path
+    from toolkit.userfiles import read_bytes
 
     with open_study(db_path) as con:
         if out_file is not None:
@@ -1309,7 +1310,7 @@ def templates_export(db_path, template_set, out_file):
         return
     out = Path(out_file)
     # a template CSV the user edited is never written over (only the same content again)
-    if out.exists() and (not out.is_file() or out.read_bytes() != text.encode("utf-8")):
+    if out.exists() and (not out.is_file() or read_bytes(out, "The existing") != text.encode("utf-8")):
         raise UserError(
             f"{out_file} already exists and holds something else (perhaps templates you edited); it was left as it "
             "was. Give another --out, or move that file away first."

@@ -113,3 +113,35 @@ def import_tool(module: str, hint: str):
     except ImportError as exc:
         problem = str(exc)
     require_tool(module, f"cannot be imported ({problem}); {hint}")  # outside `except`: no chained traceback
+
+
+def invoke_unblocking(args, fifos=(), timeout: float = 20.0):
+    """Run the real CLI (click's CliRunner) in a thread and return click's Result.
+
+    A command that opens one of `fifos` for reading blocks until a writer comes, which would hang the
+    suite. After `timeout` seconds the FIFOs are opened for writing and closed again (so the blocked
+    open returns and the command reads nothing), and the test fails saying that the command blocked."""
+    import os
+    import threading
+
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    box = {}
+
+    def target():
+        box["result"] = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        thread.join(timeout)
+        raise AssertionError(f"clipfail {' '.join(map(str, args))} blocked opening a FIFO for {timeout:.0f} s")
+    return box["result"]

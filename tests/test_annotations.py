@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import random
 import shutil
+import stat
 from fractions import Fraction
 from pathlib import Path
 
@@ -707,6 +709,23 @@ def test_each_malformed_file_has_its_message_and_imports_nothing(study, tmp_path
     res = invoke("--db", dbpath, "import-labels", *[b for b, _ in bads])
     assert res.exit_code == 2 and "3 problems in 3 files" in res.output
     assert all(m in res.output for _, m in bads)
+
+
+def test_a_fifo_or_device_given_as_a_label_file_is_refused_not_opened(study, tmp_path):
+    from helpers import invoke_unblocking
+
+    dbpath, export, rrid = study
+    good = write_labels(export / "assign_B.csv", tmp_path / "assign_B.csv", lambda s: "Object")
+    fifo = tmp_path / "assign_A.csv"
+    os.mkfifo(fifo)
+    runs_before = table(dbpath, "SELECT * FROM runs ORDER BY run_id")
+    for bad, kind in ((fifo, "a FIFO"), (Path("/dev/zero"), "a device")):  # /dev/zero would never end
+        res = invoke_unblocking(["--db", dbpath, "import-labels", good, bad], [fifo])
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert f"{bad} is {kind}" in res.output and "Nothing was imported" in res.output, res.output
+    assert n_annotations(dbpath) == 0
+    pd.testing.assert_frame_equal(table(dbpath, "SELECT * FROM runs ORDER BY run_id"), runs_before)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
 def test_annotator_option_and_column(study, tmp_path):

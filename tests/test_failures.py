@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +40,7 @@ HOSTILE = [
     "  leading and trailing spaces  ",
 ]
 N_CAPTIONS = None  # filled by the base fixture
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_retrieval_run(con, subset_id: int, seed: int = 0, direction: str = "text-to-image", topk: int = 10) -> int:
@@ -389,6 +397,115 @@ def test_labelled_csvs_are_never_overwritten(run_cli, dbfile, tmp_path):
     assert "filled-in labels" in res.output and "assign_A.csv" in res.output
     assert_unchanged(dbfile, before)
     assert path.read_bytes() == text.encode("utf-8")
+
+
+@pytest.mark.parametrize("name", ["assign_A.csv", "failure_samples.csv"])
+def test_a_fifo_in_place_of_an_export_is_refused_not_opened(run_cli, dbfile, tmp_path, name):
+    from helpers import invoke_unblocking
+
+    out = tmp_path / "fa"
+    sample(run_cli, dbfile, out, *SMALL, "--no-pictures")
+    (out / name).unlink()
+    os.mkfifo(out / name)
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    before = snapshot(dbfile)
+    for extra in ([], ["--seed", 5, "--replace"]):  # the same sample again, and a new one
+        res = invoke_unblocking(["--db", dbfile, "sample-failures", "--out", out, *SMALL, "--no-pictures", *extra],
+                                [out / name])  # fmt: skip
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert f"{out / name} is a FIFO" in res.output and "move it away" in res.output, res.output
+        assert_unchanged(dbfile, before)
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
+        assert stat.S_ISFIFO(os.stat(out / name).st_mode)
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_an_image_that_became_a_fifo_is_drawn_as_a_placeholder(run_cli, dbfile, tmp_path, synthetic_coco_master):
+    from helpers import invoke_unblocking
+
+    images = tmp_path / "images"
+    shutil.copytree(synthetic_coco_master / "val2017", images)
+    fifos = []
+    for jpg in sorted(images.glob("*.jpg")):  # every image of the subset: some are in the sample
+        jpg.unlink()
+        os.mkfifo(jpg)
+        fifos.append(jpg)
+    con = open_study(dbfile)
+    con.execute("UPDATE subsets SET image_root = ?", [str(images)])
+    con.close()
+    out = tmp_path / "fa"
+    args = ["--n", 4, "--overlap", 1, "--per-annotator", 1, "--annotators", "A,B"]
+    res = invoke_unblocking(["--db", dbfile, "sample-failures", "--out", out, *args], fifos)
+    assert res.exit_code == 0, res.output
+    assert "4 pictures written" in res.output and "images could not be read and are drawn as placeholders" in res.output
+    assert len(list(out.glob("vis_*.png"))) == 4 and all(stat.S_ISFIFO(os.stat(f).st_mode) for f in fifos)
+
+
+def test_a_run_killed_while_staging_leaves_nothing_after_the_next_run(run_cli, dbfile, tmp_path):
+    out = tmp_path / "fa"
+    marker = tmp_path / "staged"
+    args = ["--db", dbfile, "sample-failures", "--out", out, "--n", 4, "--overlap", 1, "--per-annotator", 1]
+    args = [str(a) for a in [*args, "--annotators", "A,B"]]
+    script = textwrap.dedent(
+        f"""
+        import pathlib, time
+        from toolkit import failures
+        real = failures.PictureRenderer.render
+        def render(self, **kw):  # the CSVs are staged; hang on the first picture until killed
+            picture = real(self, **kw)
+            pathlib.Path({str(marker)!r}).touch()
+            time.sleep(120)
+            return picture
+        failures.PictureRenderer.render = render
+        from cli import cli
+        cli({args!r})
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "the run did not get to its pictures"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    left = [p for p in out.iterdir() if p.name.startswith(".clipfail-staging-")]
+    assert left and any(p.is_dir() and any(p.iterdir()) for p in left)  # what kill -9 leaves behind
+    run_cli(*args)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert len(list(out.glob("vis_*.png"))) == 4
+
+
+def test_stale_staging_folders_are_removed_and_a_live_one_is_kept(run_cli, dbfile, tmp_path):
+    from toolkit import staging
+    from toolkit.failures import STAGING_PREFIX
+
+    out = tmp_path / "fa"
+    sample(run_cli, dbfile, out, *SMALL, "--no-pictures")
+    legacy = out / ".clipfail-staging-k3x9"  # as a clipfail without locks left it
+    legacy.mkdir()
+    (legacy / "assign_A.csv").write_text("x", encoding="utf-8")
+    dead = staging.make(out, STAGING_PREFIX)  # as a killed run leaves it: the lock file, held by nobody
+    (dead.path / "vis_1.png").write_bytes(b"x" * 1000)
+    os.close(dead.fd)
+    half = out / ".clipfail-new-abc"  # killed between making a folder and locking it, an hour ago
+    half.mkdir()
+    os.utime(half, (time.time() - 7200, time.time() - 7200))
+    young = out / ".clipfail-new-def"  # the same a moment ago: perhaps a live run about to lock it
+    young.mkdir()
+    live = staging.make(out, STAGING_PREFIX)  # another run that is writing into the folder now
+    (live.path / "vis_2.png").write_bytes(b"y")
+    try:
+        sample(run_cli, dbfile, out, *SMALL, "--no-pictures", "--seed", 5, "--replace")
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == sorted([live.path.name, young.name])
+        assert (live.path / "vis_2.png").read_bytes() == b"y"
+        assert (live.path / staging.LOCK_NAME).read_text().strip() == str(os.getpid())
+    finally:
+        live.remove()
+    young.rmdir()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 def test_csv_quoting_is_what_spreadsheets_expect(run_cli, dbfile, tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -173,6 +175,30 @@ def test_json_not_in_coco_captions_format(run_cli, seeded_db, synthetic_coco):
     _assert_refused(run_cli, seeded_db, ["--coco-root", synthetic_coco, "--name", "x"], "instances", "positions")
     _ann(synthetic_coco).write_text(json.dumps([1, 2, 3]), encoding="utf-8")
     _assert_refused(run_cli, seeded_db, ["--coco-root", synthetic_coco, "--name", "x"], "not in COCO captions format")
+
+
+@pytest.mark.parametrize("which", ["captions", "karpathy", "instances", "default instances"])
+def test_a_fifo_in_place_of_a_json_file_is_refused_not_opened(seeded_db, synthetic_coco, which):
+    from helpers import invoke_unblocking
+
+    fifo = {
+        "captions": _ann(synthetic_coco),
+        "karpathy": synthetic_coco / "dataset_coco.json",
+        "instances": synthetic_coco / "my_instances.json",
+        "default instances": synthetic_coco / "annotations" / "instances_val2017.json",
+    }[which]
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    args = ["--coco-root", synthetic_coco, "--num-images", 5, "--name", "x"]
+    if which == "karpathy":
+        args = ["--karpathy-json", fifo, "--images-dir", synthetic_coco, "--num-images", 5]
+    elif which == "instances":
+        args += ["--instances-json", fifo]
+    before = counts(seeded_db)
+    res = invoke_unblocking(["--db", seeded_db, "ingest", *args], [fifo])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"{fifo} is a FIFO" in res.output, res.output
+    assert counts(seeded_db) == before and stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
 def test_captions_pointing_at_unknown_images(run_cli, seeded_db, synthetic_coco):

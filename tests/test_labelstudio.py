@@ -7,11 +7,14 @@ not needed): tasks with `id`, `data`, and `annotations[]` with `completed_by`, `
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import duckdb
 import pytest
 from test_annotate import base, invoke, rows, suggestions_in_db, triaged, triaged_base  # noqa: F401  (shared fixtures)
 
@@ -231,7 +234,7 @@ def test_import_problems_are_all_or_nothing(study, tmp_path):
     assert labels(study) == [(s["A"][0], "A", "count", "Count", None, None)]
 
     for content, message in [
-        ("not json", "is not JSON"),
+        ("not json", "is not valid JSON"),
         ('{"tasks": 1}', "is not a Label Studio JSON export"),
         ("[]", "holds no annotations"),
     ]:
@@ -329,3 +332,382 @@ def test_export_into_a_folder_that_cannot_be_made_is_one_message(study, tmp_path
     res = export(study, blocker / "ls", expect=2)
     assert "Cannot write the Label Studio files" in res.output and "Traceback" not in res.output
     assert blocker.read_text() == "x"
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 24: a label is never made up from input that only looks like one; the export's shape is checked
+# as a whole before anything is written; FIFOs and other non-regular files are refused, never opened.
+
+
+@pytest.fixture(scope="module")
+def ls_labelled(base, tmp_path_factory):  # noqa: F811
+    """A copy of `base` where A labelled A's first sample 'Attribute' (through a Label Studio import), and
+    clipfail's tasks.json for it."""
+    root = tmp_path_factory.mktemp("ls_labelled")
+    dest = root / "db.duckdb"
+    shutil.copy(base, dest)
+    export(str(dest), root / "ls")
+    a0 = sets(str(dest))["A"][0]
+    path = write(
+        root / "first.json", ls_export(root / "ls" / "tasks.json", {a0: [ls_annotation(1, USER_A, "Attribute")]})
+    )
+    res = invoke("--db", dest, "import-labels", "--format", "labelstudio", path)
+    assert res.exit_code == 0, res.output
+    return dest, root / "ls" / "tasks.json"
+
+
+USER_A = {"id": 1, "email": "a@lab.example"}
+
+
+@pytest.fixture
+def lstudy(ls_labelled, tmp_path):
+    """(database with A's stored 'Attribute' label on A's first sample, tasks.json, A's first two samples)."""
+    src, tasks_json = ls_labelled
+    dest = tmp_path / "db.duckdb"
+    shutil.copy(src, dest)
+    a = sets(str(dest))["A"]
+    return str(dest), tasks_json, a[0], a[1]
+
+
+def snapshot(dbpath) -> dict[str, list]:
+    """What an import writes (annotations, and runs for its run row): a refused one leaves them as they were."""
+    con = duckdb.connect(str(dbpath), read_only=True)
+    try:
+        return {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in ("annotations", "runs")}
+    finally:
+        con.close()
+
+
+def refused_import(dbpath, path, *needles, extra=()):
+    before = snapshot(dbpath)
+    data = Path(path).read_bytes()
+    res = invoke("--db", dbpath, "import-labels", "--format", "labelstudio", *extra, path)
+    assert res.exit_code == 2, res.output
+    assert isinstance(res.exception, SystemExit) and "Traceback" not in res.output, repr(res.exception)
+    assert res.output.count("Error:") == 1, res.output
+    for needle in needles:
+        assert needle in res.output, res.output
+    assert snapshot(dbpath) == before and Path(path).read_bytes() == data
+    return res
+
+
+def _task_index(export_json, sample_id):
+    return next(i for i, t in enumerate(export_json) if t["data"]["sample_id"] == sample_id)
+
+
+def test_a_secondary_choice_alone_never_replaces_the_stored_category(lstudy, tmp_path):
+    dbpath, tasks_json, a0, _ = lstudy
+    assert [r[2:5] for r in labels(dbpath)] == [("Attribute", "Attribute", None)]
+    # only the secondary control chosen (the category left empty): not a label of category Object
+    exp = ls_export(tasks_json, {a0: [ls_annotation(7, USER_A, secondary="Object")]})
+    res = refused_import(dbpath, write(tmp_path / "sec.json", exp), "a secondary category (Object) but no category")
+    assert f"task {exp[_task_index(exp, a0)]['id']} (sample {a0}), annotation 7" in res.output
+    assert [r[2:5] for r in labels(dbpath)] == [("Attribute", "Attribute", None)]
+
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("two choices in category", "2 choices (Object, Count) in 'category'"),
+        ("two category results", "2 choices (Object, Count) in 'category'"),
+        ("two choices in secondary", "2 choices (Object, Count) in 'secondary'"),
+        ("a choice naming two categories", "choice 'Object; Count' in 'category' names two categories"),
+        ("an empty choice", "an empty choice in 'category'"),
+        ("unknown choice", "unknown category 'zebra'"),
+        ("a textarea from category", "a 'textarea' result from 'category', which is a choices control"),
+        ("choices from notes", "choices from 'notes', which the clipfail config does not have"),
+    ],
+)
+def test_ambiguous_choices_are_refused_naming_the_task_and_annotation(lstudy, tmp_path, case, needle):
+    dbpath, tasks_json, a0, _ = lstudy
+    ann = ls_annotation(7, USER_A, "Object")
+    choice = ann["result"][0]
+    if case == "two choices in category":
+        choice["value"]["choices"] = ["Object", "Count"]
+    elif case == "two category results":
+        ann["result"].append({**choice, "id": "r7z", "value": {"choices": ["Count"]}})
+    elif case == "two choices in secondary":
+        ann["result"].append({**choice, "from_name": "secondary", "value": {"choices": ["Object", "Count"]}})
+    elif case == "a choice naming two categories":
+        choice["value"]["choices"] = ["Object; Count"]
+    elif case == "an empty choice":
+        choice["value"]["choices"] = [""]
+    elif case == "a textarea from category":
+        ann["result"] = [{**choice, "type": "textarea", "value": {"text": ["Object"]}}]
+    elif case == "choices from notes":
+        ann["result"].append({**choice, "from_name": "notes", "value": {"choices": ["Count"]}})
+    else:
+        choice["value"]["choices"] = ["Zebra"]
+    exp = ls_export(tasks_json, {a0: [ann]})
+    res = refused_import(dbpath, write(tmp_path / "amb.json", exp), needle, "Nothing was imported")
+    assert f"task {exp[_task_index(exp, a0)]['id']} (sample {a0}), annotation 7" in res.output
+    assert [r[2:5] for r in labels(dbpath)] == [("Attribute", "Attribute", None)]
+
+
+def _ann0(exp, i):
+    return exp[i]["annotations"][0]
+
+
+def _setter(get, key, value):
+    def fn(exp, i):
+        get(exp, i)[key] = value
+
+    return fn
+
+
+def _deleter(get, key):
+    def fn(exp, i):
+        del get(exp, i)[key]
+
+    return fn
+
+
+_task = lambda exp, i: exp[i]  # noqa: E731
+_data = lambda exp, i: exp[i]["data"]  # noqa: E731
+_res = lambda k: lambda exp, i: _ann0(exp, i)["result"][k]  # noqa: E731
+_val = lambda k: lambda exp, i: _ann0(exp, i)["result"][k]["value"]  # noqa: E731
+_user = lambda exp, i: _ann0(exp, i)["completed_by"]  # noqa: E731
+
+
+def _replace_all(value):
+    def fn(exp, i):
+        exp.clear()
+        exp.append(value)
+
+    return fn
+
+
+# (mutation of an export where A labels A's first sample Object with notes, the path the message names)
+SHAPES = {
+    "a task that is not an object": (lambda exp, i: exp.__setitem__(i, 5), "tasks[{i}] must be an object"),
+    "task id a string": (_setter(_task, "id", "7"), "tasks[{i}].id must be a whole number"),
+    "task id a fraction": (_setter(_task, "id", 7.5), "tasks[{i}].id must be a whole number"),
+    "task id a boolean": (_setter(_task, "id", True), "tasks[{i}].id must be a whole number"),
+    "data missing": (_deleter(_task, "data"), "tasks[{i}].data must be an object"),
+    "data a list": (_setter(_task, "data", [1]), "tasks[{i}].data must be an object"),
+    "sample_id a string": (_setter(_data, "sample_id", "12"), "tasks[{i}].data.sample_id must be a whole number"),
+    "sample_id a fraction": (_setter(_data, "sample_id", 12.5), "tasks[{i}].data.sample_id must be a whole number"),
+    "sample_id a boolean": (_setter(_data, "sample_id", True), "tasks[{i}].data.sample_id must be a whole number"),
+    "annotations a number": (_setter(_task, "annotations", 5), "tasks[{i}].annotations must be a list"),
+    "annotations an object": (_setter(_task, "annotations", {}), "tasks[{i}].annotations must be a list"),
+    "annotations null": (_setter(_task, "annotations", None), "tasks[{i}].annotations must be a list"),
+    "an annotation that is a string": (
+        lambda exp, i: exp[i]["annotations"].__setitem__(0, "Object"),
+        "tasks[{i}].annotations[0] must be an object",
+    ),
+    "annotation id a string": (_setter(_ann0, "id", "1"), "tasks[{i}].annotations[0].id must be a whole number"),
+    "completed_by a string": (
+        _setter(_ann0, "completed_by", "7"),
+        "tasks[{i}].annotations[0].completed_by must be a user id or an object",
+    ),
+    "completed_by a list": (
+        _setter(_ann0, "completed_by", [1]),
+        "tasks[{i}].annotations[0].completed_by must be a user id or an object",
+    ),
+    "completed_by a boolean": (
+        _setter(_ann0, "completed_by", True),
+        "tasks[{i}].annotations[0].completed_by must be a user id or an object",
+    ),
+    "completed_by.id a string": (_setter(_user, "id", "1"), "tasks[{i}].annotations[0].completed_by.id"),
+    "completed_by.email a number": (_setter(_user, "email", 5), "tasks[{i}].annotations[0].completed_by.email"),
+    "was_cancelled a string": (
+        _setter(_ann0, "was_cancelled", "false"),
+        "tasks[{i}].annotations[0].was_cancelled must be true or false",
+    ),
+    "was_cancelled a number": (
+        _setter(_ann0, "was_cancelled", 0),
+        "tasks[{i}].annotations[0].was_cancelled must be true or false",
+    ),
+    "created_username a number": (
+        _setter(_ann0, "created_username", 5),
+        "tasks[{i}].annotations[0].created_username must be a string",
+    ),
+    "result a number": (_setter(_ann0, "result", 5), "tasks[{i}].annotations[0].result must be a list"),
+    "result an object": (_setter(_ann0, "result", {}), "tasks[{i}].annotations[0].result must be a list"),
+    "result null": (_setter(_ann0, "result", None), "tasks[{i}].annotations[0].result must be a list"),
+    "a result that is a string": (
+        lambda exp, i: _ann0(exp, i)["result"].__setitem__(0, "Object"),
+        "tasks[{i}].annotations[0].result[0] must be an object",
+    ),
+    "from_name a number": (_setter(_res(0), "from_name", 5), "result[0].from_name must be a string"),
+    "from_name missing": (_deleter(_res(0), "from_name"), "result[0].from_name must be a string"),
+    "type a number": (_setter(_res(0), "type", 5), "result[0].type must be a string"),
+    "type missing": (_deleter(_res(0), "type"), "result[0].type must be a string"),
+    "to_name a number": (_setter(_res(0), "to_name", 5), "result[0].to_name must be a string"),
+    "value a list": (_setter(_res(0), "value", ["Object"]), "tasks[{i}].annotations[0].result[0].value must be an"),
+    "value a string": (_setter(_res(0), "value", "Object"), "tasks[{i}].annotations[0].result[0].value must be an"),
+    "value missing": (_deleter(_res(0), "value"), "tasks[{i}].annotations[0].result[0].value must be an object"),
+    "choices a number": (_setter(_val(0), "choices", 5), "result[0].value.choices must be a list"),
+    "choices a bare string": (_setter(_val(0), "choices", "Object"), "result[0].value.choices must be a list"),
+    "choices missing": (_deleter(_val(0), "choices"), "result[0].value.choices must be a list"),
+    "a choice that is a number": (_setter(_val(0), "choices", [5]), "result[0].value.choices[0] must be a string"),
+    "a choice that is null": (_setter(_val(0), "choices", [None]), "result[0].value.choices[0] must be a string"),
+    "a choice with a lone surrogate": (
+        _setter(_val(0), "choices", ["Obj\ud800ect"]),
+        "result[0].value.choices[0] holds a lone surrogate",
+    ),
+    "text a bare string": (_setter(_val(1), "text", "hello"), "tasks[{i}].annotations[0].result[1].value.text must"),
+    "text a number": (_setter(_val(1), "text", 5), "result[1].value.text must be a list"),
+    "a text that is a number": (_setter(_val(1), "text", [5]), "result[1].value.text[0] must be a string"),
+    "notes with a lone surrogate": (
+        _setter(_val(1), "text", ["red \udc80 not blue"]),
+        "tasks[{i}].annotations[0].result[1].value.text[0] holds a lone surrogate",
+    ),
+    "top level a number": (lambda exp, i: None, "tasks must be a list"),
+}
+
+
+# The cases of the finding (and one of each kind besides) go through the CLI; every case through check_export.
+CLI_SHAPES = [
+    "annotations a number",
+    "result a number",
+    "choices a number",
+    "value a list",
+    "value a string",
+    "text a bare string",
+    "notes with a lone surrogate",
+    "choices a bare string",
+    "a task that is not an object",
+    "task id a string",
+    "data missing",
+    "sample_id a string",
+    "completed_by a string",
+    "was_cancelled a string",
+    "a choice that is a number",
+    "top level a number",
+]
+
+
+def _malformed(tasks_json, a0, a1, case):
+    anns = {
+        a0: [ls_annotation(1, dict(USER_A), "Object", notes="red, not blue")],
+        a1: [ls_annotation(2, dict(USER_A), "Count")],  # a good label beside it is not imported either
+    }
+    exp = ls_export(tasks_json, anns)
+    i = _task_index(exp, a0)
+    mutate, needle = SHAPES[case]
+    mutate(exp, i)
+    return (5 if case == "top level a number" else exp), needle.format(i=i)
+
+
+@pytest.fixture(scope="module")
+def shared_lstudy(ls_labelled, tmp_path_factory):
+    """One copy of ls_labelled for the refusals (each checks that it left the tables as they were)."""
+    src, tasks_json = ls_labelled
+    dest = tmp_path_factory.mktemp("ls_refusals") / "db.duckdb"
+    shutil.copy(src, dest)
+    a = sets(str(dest))["A"]
+    return str(dest), tasks_json, a[0], a[1]
+
+
+@pytest.mark.parametrize("case", CLI_SHAPES)
+def test_a_malformed_export_is_refused_naming_the_path_to_the_bad_value(shared_lstudy, tmp_path, case):
+    dbpath, tasks_json, a0, a1 = shared_lstudy
+    doc, needle = _malformed(tasks_json, a0, a1, case)
+    res = refused_import(dbpath, write(tmp_path / "export.json", doc), needle, "Nothing was imported")
+    assert "not a Label Studio JSON export" in res.output
+
+
+def test_every_malformed_shape_names_its_path(shared_lstudy):
+    from toolkit.labelstudio import check_export
+    from toolkit.userfiles import JsonShapeError
+
+    _, tasks_json, a0, a1 = shared_lstudy
+    for case in SHAPES:
+        doc, needle = _malformed(tasks_json, a0, a1, case)
+        with pytest.raises(JsonShapeError) as exc:
+            check_export(json.loads(json.dumps(doc)))  # as parsed from a file
+        assert needle in str(exc.value), (case, str(exc.value))
+    # the unchanged export passes as it is (and so does an empty one)
+    exp = json.loads(json.dumps(ls_export(tasks_json, {a0: [ls_annotation(1, dict(USER_A), "Object", "Count", "n")]})))
+    assert check_export(exp) == exp and check_export([]) == []
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b"[" * 100 + b"]" * 100, "nested more than"),
+        (b'[{"id": NaN, "data": {"sample_id": 1}}]', "NaN is not a JSON number"),
+        (b'[{"id": 1, "data": {"sample_id": 1, "caption": "\xff"}}]', "is not UTF-8 text (byte 48"),
+        (b"", "is not valid JSON"),
+        (b'{"tasks": 1}', "tasks must be a list"),
+        (b'"tasks"', "tasks must be a list"),
+        (b'[{"id": 1, "data": {"sample_id": 1}, "annotations": [], "completions": [{"result": []}]}]', "both"),
+    ],
+)
+def test_an_export_that_is_not_json_of_the_right_kind_is_one_message(lstudy, tmp_path, content, needle):
+    dbpath = lstudy[0]
+    path = tmp_path / "export.json"
+    path.write_bytes(content)
+    refused_import(dbpath, path, needle, "Nothing was imported")
+
+
+def test_a_fifo_given_as_the_export_is_refused_not_opened(lstudy, tmp_path):
+    from helpers import invoke_unblocking
+
+    dbpath = lstudy[0]
+    fifo = tmp_path / "export.json"
+    os.mkfifo(fifo)
+    before = snapshot(dbpath)
+    res = invoke_unblocking(["--db", dbpath, "import-labels", "--format", "labelstudio", fifo], [fifo])
+    assert res.exit_code == 2 and "FIFO" in res.output and str(fifo) in res.output, res.output
+    assert "Traceback" not in res.output and snapshot(dbpath) == before
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    res = invoke("--db", dbpath, "import-labels", "--format", "labelstudio", "/dev/zero")  # would never end
+    assert res.exit_code == 2 and "/dev/zero is a device" in res.output and snapshot(dbpath) == before
+
+
+@pytest.mark.parametrize("name", ["tasks.json", "labeling_config.xml"])
+def test_export_over_a_fifo_or_folder_is_refused_and_changes_nothing(study, tmp_path, name):
+    from helpers import invoke_unblocking
+
+    for kind in ("fifo", "folder"):
+        out = tmp_path / kind
+        out.mkdir()
+        if kind == "fifo":
+            os.mkfifo(out / name)
+        else:
+            (out / name).mkdir()
+            (out / name / "keep.txt").write_text("mine", "utf-8")
+        for extra in ([], ["--force"]):  # --force overwrites a file that differs, never a FIFO or a folder
+            res = invoke_unblocking(["--db", study, "export-labelstudio", out, *extra], [out / name])
+            assert res.exit_code == 2, res.output
+            assert "Traceback" not in res.output and str(out / name) in res.output, res.output
+            assert ("a FIFO" if kind == "fifo" else "a folder") in res.output, res.output
+            assert sorted(p.name for p in out.iterdir()) == [name]  # the other file is not written either
+        if kind == "fifo":
+            assert stat.S_ISFIFO(os.stat(out / name).st_mode)
+        else:
+            assert (out / name / "keep.txt").read_text("utf-8") == "mine"
+
+
+@pytest.mark.parametrize("name", ["tasks.json", "labeling_config.xml"])
+def test_export_over_a_file_that_is_not_utf8_is_a_clash_not_a_traceback(study, tmp_path, name):
+    out = tmp_path / "ls"
+    out.mkdir()
+    junk = b"\xff\xfe not UTF-8 \x80\x81"
+    (out / name).write_bytes(junk)
+    res = export(study, out, expect=2)
+    assert f"{name} already exists with other content" in res.output and "Traceback" not in res.output
+    assert (out / name).read_bytes() == junk and sorted(p.name for p in out.iterdir()) == [name]
+    export(study, out, "--force")
+    assert (out / name).read_bytes() != junk
+    assert "already up to date: tasks.json, labeling_config.xml" in export(study, out).output
+
+
+def test_export_removes_what_a_killed_export_left_and_keeps_a_live_ones(study, tmp_path):
+    from toolkit import staging
+    from toolkit.labelstudio import STAGING_PREFIX
+
+    out = tmp_path / "ls"
+    export(study, out)
+    dead = staging.make(out, STAGING_PREFIX)  # killed while writing: the lock file is there, held by nobody
+    (dead.path / "tasks.json").write_text("[", "utf-8")
+    os.close(dead.fd)
+    live = staging.make(out, STAGING_PREFIX)  # another export writing into the folder now
+    try:
+        assert "already up to date" in export(study, out).output
+        assert sorted(p.name for p in out.iterdir()) == sorted([live.path.name, "labeling_config.xml", "tasks.json"])
+    finally:
+        live.remove()

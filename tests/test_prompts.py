@@ -248,3 +248,40 @@ def test_k_above_the_lists_is_refused_with_their_sizes(mode, k, message):
         imp.template_lists(templates.shipped_set(), ["Object", "Attribute"], mode, k)
     assert message in str(err.value)
     imp.template_lists(templates.shipped_set(), ["Object", "Attribute"], mode, k - 1)  # the largest K allowed
+
+
+def test_templates_import_refuses_a_fifo_or_folder_without_opening_it(run_cli, tmp_db, tmp_path):
+    import os
+    import stat
+
+    import duckdb
+    from helpers import invoke_unblocking
+
+    run_cli("--db", tmp_db, "init")
+
+    def sets():
+        con = duckdb.connect(tmp_db, read_only=True)
+        try:
+            return con.execute("SELECT * FROM prompt_templates ORDER BY ALL").fetchall()
+        finally:
+            con.close()
+
+    before = sets()
+    fifo = tmp_path / "mine.csv"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.csv"
+    folder.mkdir()
+    cases = [
+        (fifo, f"Templates file {fifo} is a FIFO"),
+        (Path("/dev/zero"), "Templates file /dev/zero is a device"),  # would never end
+        (folder, "is a directory"),  # click's own check of the argument
+    ]
+    for bad, needle in cases:
+        res = invoke_unblocking(["--db", tmp_db, "templates", "import", bad, "--set", "mine"], [fifo])
+        assert res.exit_code == 2 and "Traceback" not in res.output and needle in res.output, res.output
+        assert sets() == before
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes("template_set,category,position,template\nmine,Object,0,{caption} caf\xe9\n".encode("latin-1"))
+    res = run_cli("--db", tmp_db, "templates", "import", bad, expect=2)
+    assert "is not UTF-8 text (byte" in res.output and sets() == before

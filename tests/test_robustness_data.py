@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import pandas as pd
@@ -342,6 +344,44 @@ def test_reused_analyze_folder_keeps_nothing_of_the_earlier_analysis(run_cli, la
 
 # ---------------------------------------------------------------------------------------------
 # 24. The formula guard in every CSV meant for spreadsheets
+
+
+def test_analyze_removes_what_killed_runs_left_and_keeps_a_live_runs_folder(run_cli, labelled, tmp_path):
+    from toolkit import staging
+    from toolkit.outdir import OLD_PREFIX, STAGING_PREFIX
+
+    dbfile, _ = labelled
+    an = tmp_path / "analysis"
+    run_cli("--db", dbfile, "analyze", "--out", an)
+    files = folder_bytes(an)
+    for name in (".clipfail-staging-old1", ".clipfail-old-old2"):  # left by a clipfail without locks
+        (an / name).mkdir()
+        (an / name / "figure1_taxonomy.png").write_bytes(b"old")
+    dead = staging.make(an, OLD_PREFIX)  # a killed run's: its lock file is there, held by nobody
+    (dead.path / "report.html").write_bytes(b"old")
+    os.close(dead.fd)
+    live = staging.make(an, STAGING_PREFIX)  # another run writing into the folder now
+    (live.path / "figure1_taxonomy.png").write_bytes(b"new")
+    try:
+        run_cli("--db", dbfile, "analyze", "--out", an)
+        assert sorted(p.name for p in an.iterdir() if p.name.startswith(".")) == sorted([MANIFEST, live.path.name])
+        assert (live.path / "figure1_taxonomy.png").read_bytes() == b"new"
+    finally:
+        live.remove()
+    assert folder_bytes(an).keys() == files.keys()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_in_place_of_the_manifest_is_refused_not_opened(labelled, tmp_path):
+    from helpers import invoke_unblocking
+
+    dbfile, _ = labelled
+    an = tmp_path / "analysis"
+    an.mkdir()
+    os.mkfifo(an / MANIFEST)
+    res = invoke_unblocking(["--db", dbfile, "analyze", "--out", an], [an / MANIFEST])
+    assert res.exit_code == 2 and MANIFEST in res.output and "Traceback" not in res.output, res.output
+    assert [p.name for p in an.iterdir()] == [MANIFEST] and stat.S_ISFIFO(os.stat(an / MANIFEST).st_mode)
 
 
 def test_formula_like_category_names_are_guarded_in_report_and_analyze_csvs(run_cli, dbfile, tmp_path):

@@ -62,6 +62,7 @@ import pandas as pd
 from toolkit import db
 from toolkit.errors import UserError
 from toolkit.taxonomy import LabelError, Taxonomy
+from toolkit.userfiles import read_bytes
 
 STAGE = "import-labels"
 RESERVED_SETS = ("overlap", "backup")
@@ -374,20 +375,22 @@ class LabelTable:
     encoding: str = "utf-8"  # what the bytes were read as: utf-8, utf-16 or cp1252
 
 
-def read_label_table(path: Path, require_category: bool = True) -> LabelTable:
+def read_label_table(path: Path, require_category: bool = True, data: bytes | None = None) -> LabelTable:
     """Read a label CSV the way import-labels does (encodings, separators, `sep=` line, header
     spellings). Anything that import-labels would refuse for the whole file raises UserError.
+    `data`: the file's bytes, where the caller read them already (toolkit.userfiles.read_bytes).
 
     sample-failures uses it too, to tell whether an export holds labels before it writes over it."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist. Check the path (give the filled-in assign_<annotator>.csv files).")
-    if path.is_dir():
-        raise UserError(f"{path} is a folder, not a CSV file. Give the CSV files inside it, e.g. {path}/assign_A.csv.")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"{path} cannot be read: {exc.strerror or exc}.") from None
+    if data is None:
+        if not path.exists():
+            raise UserError(f"{path} does not exist. Check the path (give the filled-in assign_<annotator>.csv files).")
+        if path.is_dir():
+            raise UserError(
+                f"{path} is a folder, not a CSV file. Give the CSV files inside it, e.g. {path}/assign_A.csv."
+            )
+        # a FIFO or a device is refused before it is opened (it would block, or never end)
+        data = read_bytes(path, "Label file", "Give the filled-in assign_<annotator>.csv files.")
     text, encoding = _decode(data, path)
     if not text.strip():
         raise UserError(f"{path} is empty. Fill in the exported file and import that.")

@@ -15,39 +15,29 @@ whitespace (COCO's own files have none; an empty query would only add noise to t
 
 from __future__ import annotations
 
-import json
+import hashlib
 from pathlib import Path
 
 import pandas as pd
 
 from toolkit.errors import UserError, list_offenders
+from toolkit.userfiles import parse_json, read_bytes
 
 MAX_ID = 2**63 - 1  # BIGINT ids
 MAX_INT32 = 2**31 - 1  # INTEGER width / height
 
 
+def read_json_file(path: Path, what: str, hint: str) -> tuple[object, str]:
+    """(the parsed JSON, the sha256 of its bytes) of a JSON file that a user gave: read once, through
+    toolkit.userfiles (a missing file, a folder, a FIFO or a device is refused before it is opened; invalid
+    UTF-8, NaN literals and nesting deeper than any COCO file are refused)."""
+    data = read_bytes(path, what, hint)
+    value = parse_json(data, f"{what} {path}", "Is the download complete? Fetch the file again.")
+    return value, hashlib.sha256(data).hexdigest()
+
+
 def _read_json(path: Path, what: str, hint: str):
-    if not path.exists():
-        raise UserError(f"{what} {path} not found. {hint}".strip())
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a folder, not a JSON file. {hint}".strip())
-    try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise UserError(
-            f"{what} {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}). "
-            "Is the download complete? Fetch the file again."
-        ) from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{what} {path} is not UTF-8 JSON ({exc.reason}).") from None
-    except RecursionError:
-        raise UserError(
-            f"{what} {path} is nested too deeply to read (thousands of levels of [ or {{). "
-            "It is not a captions file; fetch the file again."
-        ) from None
-    except ValueError as exc:  # e.g. an integer literal with more digits than Python converts
-        raise UserError(f"{what} {path} holds a value that cannot be read ({exc}). Fetch the file again.") from None
+    return read_json_file(path, what, hint)[0]
 
 
 def _short(value) -> str:

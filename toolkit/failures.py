@@ -33,7 +33,8 @@ a CSV at all is refused rather than guessed about.
 The files are written into a staging folder inside `out_dir` (`.clipfail-staging-*`) and renamed
 into place only once all of them, pictures included, were written. A new sample's database rows are
 committed only after that: if the folder cannot be written, or writing fails half-way, the database
-keeps its earlier sample and the folder its earlier files.
+keeps its earlier sample and the folder its earlier files. A run that is killed cannot remove its
+staging folder; the next run removes every staging folder that no live run holds (toolkit.staging).
 
 Pictures: `vis_<sample_id>.png`, 1500x600 px (see `PictureRenderer`).
 """
@@ -45,10 +46,9 @@ import collections
 import concurrent.futures
 import csv
 import importlib.util
+import io
 import os
 import re
-import shutil
-import tempfile
 import textwrap
 import threading
 from dataclasses import dataclass, field
@@ -58,12 +58,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from toolkit import db
+from toolkit import db, staging
 from toolkit import paths as study_paths
 from toolkit.annotations import COLUMN_NAMES, norm_header, parse_sample_id, read_label_table
 from toolkit.errors import UserError, list_offenders
 from toolkit.runs import resolve_retrieval_run
 from toolkit.sheets import sheet_text
+from toolkit.userfiles import read_bytes
 
 STAGE = "sample-failures"
 METHOD = "v1: failures sorted by caption id; numpy default_rng(seed).choice(n_failures, n, replace=False)"
@@ -375,14 +376,17 @@ def read_labelled_ids(path: Path) -> set[str] | None:
     column. A file that cannot be read so (not a CSV, no sample_id column, two category columns, ...)
     raises UserError: it is not written over on a guess. An empty file holds nothing.
     """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"{path} exists but cannot be read ({exc.strerror or exc}); move it away, run again.") from None
+    # a FIFO, a folder or a device in the file's place is refused before it is opened
+    data = read_bytes(
+        path,
+        "The existing",
+        f"sample-failures writes {path.name} there: move it away (or give another --out) and run again. "
+        "Nothing was changed.",
+    )
     if not data.replace(codecs.BOM_UTF8, b"").strip():
         return None
     try:
-        table = read_label_table(path, require_category=False)
+        table = read_label_table(path, require_category=False, data=data)
     except UserError as exc:
         raise UserError(
             f"{path} would be written over, but it cannot be read to check that it holds no labels, so it is left as "
@@ -490,7 +494,7 @@ def prepare_out_dir(out_dir: Path) -> None:
         raise UserError(f"--out {out_dir} is a file, not a folder. Give --out a folder for the annotators' files.")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+        staging.make(out_dir, STAGING_PREFIX).remove()
     except OSError as exc:
         raise UserError(
             f"Cannot write the annotators' files into {out_dir}: {exc.strerror or exc}. Give --out a folder that "
@@ -516,16 +520,20 @@ def export(
     before the renames leaves out_dir as it was."""
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    staging.remove_stale(out_dir, (STAGING_PREFIX,))  # what a killed run left; never a live run's
+    try:
+        stage = staging.make(out_dir, STAGING_PREFIX)
+    except OSError as exc:
+        raise UserError(f"Could not write the annotators' files into {out_dir}: {exc.strerror or exc}.") from None
     placing = False
     try:
         staged = _write_exports(
-            con, retrieval_run_id, out_dir, staging, pictures, result, only_missing_pictures,
+            con, retrieval_run_id, out_dir, stage.path, pictures, result, only_missing_pictures,
             show_suggestions_on_overlap,
         )  # fmt: skip
         placing = True
         for name in staged:
-            os.replace(staging / name, out_dir / name)
+            os.replace(stage.path / name, out_dir / name)
         for name in remove:
             (out_dir / name).unlink(missing_ok=True)
     except OSError as exc:
@@ -536,7 +544,7 @@ def export(
             "run again; the database keeps its earlier sample."
         ) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        stage.remove()
 
 
 def _write_exports(
@@ -725,7 +733,9 @@ class PictureRenderer:
         im = None
         if info and self.image_root is not None:
             try:
-                with Image.open(self.image_root / info[1]) as src:
+                # read without blocking: a FIFO or device in the image's place is a placeholder, never opened
+                data = read_bytes(self.image_root / info[1], "Image file")
+                with Image.open(io.BytesIO(data)) as src:
                     src.draft("RGB", self.BOX)  # JPEG: decode at reduced scale, still >= BOX
                     im = ImageOps.contain(src.convert("RGB"), self.BOX, Image.Resampling.BILINEAR)
             except Exception:  # missing, truncated, not an image, too large: all become a placeholder

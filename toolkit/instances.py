@@ -26,9 +26,9 @@ import pandas as pd
 
 from toolkit import db
 from toolkit import paths as study_paths
-from toolkit.artifacts import sha256_file
-from toolkit.coco import _read_json
+from toolkit.coco import read_json_file
 from toolkit.errors import UserError, list_offenders
+from toolkit.userfiles import check_regular, refuse_non_regular
 
 DEFAULT_NAME = Path("annotations") / "instances_val2017.json"
 FORMAT = (
@@ -48,16 +48,15 @@ class Instances:
 
 def find_file(coco_root=None, instances_json=None) -> Path | None:
     """The instances file to ingest: the explicit one (which must exist), else the default under coco_root."""
+    hint = (
+        "Give the path of instances_val2017.json, or leave out --instances-json (the toolkit works without it; "
+        "triage then has no object evidence)."
+    )
     if instances_json:
-        path = Path(instances_json)
-        if not path.is_file():
-            raise UserError(
-                f"Instances file {path} not found. Give the path of instances_val2017.json, or leave out "
-                "--instances-json (the toolkit works without it; triage then has no object evidence)."
-            )
-        return path
+        return check_regular(instances_json, "Instances file", hint)
     if coco_root:
         path = Path(coco_root) / DEFAULT_NAME
+        refuse_non_regular(path, "Instances file", "Move it away, or give --instances-json FILE.")
         if path.is_file():
             return path
     return None
@@ -74,7 +73,7 @@ def _is_int(v) -> bool:
 def load(path: str | Path) -> Instances:
     """Read and validate an instances file; every problem is a UserError naming the file."""
     path = Path(path)
-    data = _read_json(path, "Instances file", "Give --instances-json FILE, or leave it out.")
+    data, sha256 = read_json_file(path, "Instances file", "Give --instances-json FILE, or leave it out.")
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations")):
         found = list(data)[:6] if isinstance(data, dict) else type(data).__name__
         raise UserError(f"{path} is not a COCO instances file (found {found}). {FORMAT}")
@@ -161,7 +160,7 @@ def load(path: str | Path) -> Instances:
             ],
         }
     )
-    return Instances(path, sha256_file(path), image_ids, categories, inst)
+    return Instances(path, sha256, image_ids, categories, inst)
 
 
 def store(con, subset_id: int, run_id: int, data: Instances) -> int:

@@ -37,6 +37,14 @@ Whose label (per annotation, first that applies): `annotator` (the CLI's --annot
 the email before `@`, username, first name, or first and last name, matched to the sample's
 annotators ignoring case (also `created_username`, which some versions write).
 
+Before any of that, the whole export is checked for shape (`check_export`: the type of every value
+the import reads, each message naming the path to the bad value, such as
+`tasks[3].annotations[0].result[1].value.text`), and the file is read through toolkit.userfiles (a
+FIFO or a device is refused before it is opened; invalid UTF-8, NaN and deep nesting are refused). A
+label is never guessed at: each Choices control holds one choice and each choice names one category,
+so two choices in `category` (or `secondary`), a choice such as "Object; Count", or a `secondary`
+choice without a `category` is a problem of that annotation, never a primary plus a secondary.
+
 The rows then go through the same checks as an import of CSVs (sample in the failure sample and
 the annotator's, known categories, no sample twice for one annotator) and the same writing: all or
 nothing in one transaction, a label replaces that annotator's stored one, a cancelled (skipped) or
@@ -54,12 +62,27 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from toolkit import paths as study_paths
+from toolkit import staging
 from toolkit.errors import UserError
 from toolkit.runs import resolve_retrieval_run
+from toolkit.userfiles import (
+    JsonShapeError,
+    parse_json,
+    read_bytes,
+    regular_problem,
+    shape_error,
+    want_bool,
+    want_dict,
+    want_int,
+    want_list,
+    want_str,
+    want_str_list,
+)
 
 TOPN = 5
 SECONDARY_KEYS = "qwertyu"
 MAX_LISTED = 30
+STAGING_PREFIX = ".clipfail-staging-"  # the files are written there first (toolkit.staging)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,33 +236,41 @@ def export_labelstudio(
     }
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file; give a folder for the Label Studio files.")
-    clash = [n for n, text in contents.items() if (out_dir / n).exists() and (out_dir / n).read_text("utf-8") != text]
+    # What is there already, as bytes (an old file in another encoding simply differs); a FIFO or a folder in
+    # a file's place is refused before it is opened, --force or not.
+    hint = f"Move it out of {out_dir} (or give another folder) and run again. Nothing was written."
+    old = {
+        n: read_bytes(out_dir / n, "The existing", hint)
+        for n in contents
+        if out_dir.is_dir() and regular_problem(out_dir / n) != "not found"
+    }
+    clash = [n for n, text in contents.items() if n in old and old[n] != text.encode("utf-8")]
     if clash and not force:
         raise UserError(
             f"{', '.join(str(out_dir / n) for n in clash)} already exist{'s' if len(clash) == 1 else ''} with other "
             "content (an earlier export, or edited by hand). Nothing was written. Give another folder, or --force to "
             "overwrite."
         )
-    written = [
-        n for n, text in contents.items() if not ((out_dir / n).exists() and (out_dir / n).read_text("utf-8") == text)
-    ]
+    written = [n for n, text in contents.items() if old.get(n) != text.encode("utf-8")]
     unchanged = [n for n in contents if n not in written]
-    temps = []
+    stage = None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name in written:  # every file is written whole before any replaces its old version
-            tmp = out_dir / f".{name}.tmp{os.getpid()}"
-            tmp.write_text(contents[name], encoding="utf-8")
-            temps.append((tmp, out_dir / name))
-        for tmp, path in temps:
-            tmp.replace(path)
+        staging.remove_stale(out_dir, (STAGING_PREFIX,))  # what a killed export left; never a live one's
+        if written:
+            stage = staging.make(out_dir, STAGING_PREFIX)
+            for name in written:  # every file is written whole before any replaces its old version
+                (stage.path / name).write_text(contents[name], encoding="utf-8")
+            for name in written:
+                os.replace(stage.path / name, out_dir / name)
     except OSError as exc:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
         raise UserError(
             f"Cannot write the Label Studio files into {out_dir}: {exc.strerror or exc}. "
             "Give a folder you can write to."
         ) from None
+    finally:
+        if stage is not None:
+            stage.remove()
     return ExportResult(
         rrid,
         out_dir,
@@ -275,7 +306,13 @@ def _user_candidates(annotation: dict) -> tuple[list[str], str]:
     if isinstance(user, dict):
         email = str(user.get("email") or "")
         first, last = str(user.get("first_name") or ""), str(user.get("last_name") or "")
-        cands += [str(user.get("id", "")), email, email.split("@")[0], str(user.get("username") or ""), first]
+        cands += [
+            "" if user.get("id") is None else str(user["id"]),
+            email,
+            email.split("@")[0],
+            str(user.get("username") or ""),
+            first,
+        ]
         cands.append(f"{first} {last}".strip())
         shown = email or f"{first} {last}".strip() or f"user id {user.get('id')}"
     elif user is not None:
@@ -291,25 +328,97 @@ def _user_candidates(annotation: dict) -> tuple[list[str], str]:
     return [c for c in cands if c], shown
 
 
+EXPORT_HINT = (
+    "Nothing was imported. Export the project from Label Studio as JSON (not CSV or JSON-MIN) and import that."
+)
+CONTROLS = ("category", "secondary")  # the Choices of clipfail's labelling config; each holds one choice
+
+
+def _required(obj: dict, key: str, where: str, want, expected: str):
+    """obj[key] checked by `want`, or a JsonShapeError that says it is missing."""
+    if key not in obj:
+        raise JsonShapeError(f"{where}.{key} must be {expected}; it is missing.")
+    return want(obj[key], f"{where}.{key}")
+
+
+def _check_user(user, where: str) -> None:
+    if user is None:
+        return
+    if isinstance(user, dict):
+        if user.get("id") is not None:
+            want_int(user["id"], f"{where}.id")
+        for key in ("email", "first_name", "last_name", "username"):
+            if user.get(key) is not None:
+                want_str(user[key], f"{where}.{key}")
+    elif isinstance(user, int) and not isinstance(user, bool):
+        want_int(user, where)
+    else:
+        raise shape_error(where, "a user id or an object", user)
+
+
+def check_export(doc) -> list[dict]:
+    """The tasks of a Label Studio JSON export, after checking the type of every value the import reads.
+
+    Raises JsonShapeError naming the path to the first bad value (`tasks[3].annotations[0].result[1].value`):
+    a task is an object with an integer `id`, a `data` object whose `sample_id` is an integer, and a list of
+    `annotations` (or `completions`, the older name; both at once must agree); an annotation is an object
+    with an integer `id`, `completed_by` a user id or an object (integer `id`, string `email`, names),
+    `was_cancelled` true or false, `created_username` a string, and a list `result`; a result is an object
+    with string `from_name`, `type` and `to_name`, and a `value` object, which holds a list of strings,
+    `choices` for type choices and `text` for type textarea (a bare string is never split into letters)."""
+    if isinstance(doc, dict) and "data" in doc:  # one task on its own
+        doc = [doc]
+    tasks = want_list(doc, "tasks")
+    for i, task in enumerate(tasks):
+        w = f"tasks[{i}]"
+        want_dict(task, w)
+        if "id" in task:
+            want_int(task["id"], f"{w}.id")
+        data = _required(task, "data", w, want_dict, "an object")
+        if "sample_id" in data:
+            want_int(data["sample_id"], f"{w}.data.sample_id")
+        keys = [k for k in ("annotations", "completions") if k in task]
+        if len(keys) == 2 and task["annotations"] != task["completions"]:
+            raise JsonShapeError(
+                f"{w} has both annotations and completions (the older name for them), and they differ; "
+                "it is not clear which are the labels."
+            )
+        for key in keys[:1]:
+            for j, ann in enumerate(want_list(task[key], f"{w}.{key}")):
+                a = f"{w}.{key}[{j}]"
+                want_dict(ann, a)
+                if "id" in ann:
+                    want_int(ann["id"], f"{a}.id")
+                _check_user(ann.get("completed_by"), f"{a}.completed_by")
+                if "was_cancelled" in ann:
+                    want_bool(ann["was_cancelled"], f"{a}.was_cancelled")
+                if ann.get("created_username") is not None:
+                    want_str(ann["created_username"], f"{a}.created_username")
+                for k, res in enumerate(want_list(ann["result"], f"{a}.result") if "result" in ann else []):
+                    r = f"{a}.result[{k}]"
+                    want_dict(res, r)
+                    _required(res, "from_name", r, want_str, "a string")
+                    kind = _required(res, "type", r, want_str, "a string")
+                    if "to_name" in res:
+                        want_str(res["to_name"], f"{r}.to_name")
+                    value = _required(res, "value", r, want_dict, "an object")
+                    if kind == "choices":
+                        _required(value, "choices", f"{r}.value", want_str_list, "a list of strings")
+                    elif kind == "textarea":
+                        _required(value, "text", f"{r}.value", want_str_list, "a list of strings")
+    return tasks
+
+
 def _read_export(path: Path, option: str | None, user_map: dict, info, tax, seen: dict):
     from toolkit.annotations import _ParsedFile, _Row, assignment_problem, canonical_annotator
     from toolkit.taxonomy import LabelError
 
-    if not path.exists():
-        raise UserError(f"{path} does not exist. Give the JSON file that Label Studio exported (Export > JSON).")
-    if path.is_dir():
-        raise UserError(f"{path} is a folder. Give the JSON file that Label Studio exported (Export > JSON).")
-    data = path.read_bytes()
+    data = read_bytes(path, "Label Studio export", EXPORT_HINT)
+    doc = parse_json(data, f"Label Studio export {path}", EXPORT_HINT)
     try:
-        tasks = json.loads(data.decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise UserError(
-            f"{path} is not JSON ({exc}). Export the project from Label Studio as JSON (not CSV or JSON-MIN)."
-        ) from None
-    if isinstance(tasks, dict) and "data" in tasks:
-        tasks = [tasks]
-    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
-        raise UserError(f"{path} is not a Label Studio JSON export (a list of tasks with data and annotations).")
+        tasks = check_export(doc)
+    except JsonShapeError as exc:
+        raise UserError(f"{path} is not a Label Studio JSON export as clipfail reads it: {exc} {EXPORT_HINT}") from None
     parsed = _ParsedFile(path=path, sha256=hashlib.sha256(data).hexdigest())
     known = info.all_annotators
     option_name = None
@@ -321,23 +430,13 @@ def _read_export(path: Path, option: str | None, user_map: dict, info, tax, seen
             )
     for i, task in enumerate(tasks):
         where = f"task {task.get('id', '#' + str(i + 1))}"
-        raw_id = (task.get("data") or {}).get("sample_id") if isinstance(task.get("data"), dict) else None
-        try:
-            sample_id = int(str(raw_id).strip()) if raw_id is not None and not isinstance(raw_id, bool) else None
-        except ValueError:
-            sample_id = None
-        annotations = task.get("annotations", task.get("completions")) or []
+        sample_id = task["data"].get("sample_id")
+        annotations = task.get("annotations", task.get("completions", []))
         if sample_id is None:
             if annotations:
-                parsed.problems.append(
-                    f"{where}: no whole-number data.sample_id ({raw_id!r}); import tasks made by clipfail "
-                    "export-labelstudio"
-                )
+                parsed.problems.append(f"{where}: no data.sample_id; import tasks made by clipfail export-labelstudio")
             continue
         for j, ann in enumerate(annotations):
-            if not isinstance(ann, dict):
-                parsed.problems.append(f"{where}: annotation {j + 1} is not an object")
-                continue
             here = f"{where} (sample {sample_id}), annotation {ann.get('id', j + 1)}"
             cands, shown = _user_candidates(ann)
             if option_name is not None:
@@ -366,37 +465,60 @@ def _read_export(path: Path, option: str | None, user_map: dict, info, tax, seen
                 )
                 continue
             seen[key] = here
-            choices: dict[str, list[str]] = {"category": [], "secondary": []}
+            picked: dict[str, list[str]] = {name: [] for name in CONTROLS}
             notes: list[str] = []
-            bad = False
-            for res in [] if ann.get("was_cancelled") else ann.get("result") or []:
-                if not isinstance(res, dict):
-                    continue
-                name, kind, value = res.get("from_name"), res.get("type"), res.get("value") or {}
-                if kind == "choices" and name in choices:
-                    choices[name] += [str(c) for c in value.get("choices") or []]
+            bad = []
+            for res in [] if ann.get("was_cancelled") else ann.get("result", []):
+                name, kind, value = res["from_name"], res["type"], res["value"]
+                if kind == "choices" and name in picked:
+                    picked[name] += value["choices"]
                 elif kind == "textarea" and name == "notes":
-                    notes += [str(t) for t in value.get("text") or []]
+                    notes += value["text"]
                 elif kind == "choices":
-                    parsed.problems.append(
-                        f"{here}: choices from {name!r}, which the clipfail config does not have (it has category "
+                    bad.append(
+                        f"choices from {name!r}, which the clipfail config does not have (it has category "
                         "and secondary); export with the config that clipfail export-labelstudio wrote"
                     )
-                    bad = True
+                elif name in (*CONTROLS, "notes"):  # a control of clipfail's config, of another type: not read
+                    want = "textarea" if name == "notes" else "choices"
+                    bad.append(
+                        f"a {kind!r} result from {name!r}, which is a {want} control in the config that clipfail "
+                        "export-labelstudio wrote; export with that config"
+                    )
+            # Each control holds one choice, and each choice names one category: anything else is refused,
+            # never read as a primary and a secondary category.
+            chosen: dict[str, str | None] = {}
+            for control, choices in picked.items():
+                if len(choices) > 1:
+                    bad.append(
+                        f"{len(choices)} choices ({', '.join(choices)}) in {control!r}, which takes one; keep one "
+                        "in Label Studio (a second category goes in 'secondary') and export again"
+                    )
+                elif choices and not choices[0].strip():
+                    bad.append(f"an empty choice in {control!r}")
+                elif choices:
+                    try:
+                        category, secondary = tax.resolve(choices[0])
+                    except LabelError as exc:
+                        bad.append(str(exc).split("; known categories")[0])
+                        parsed.has_label_errors = True
+                        continue
+                    if secondary is not None:
+                        bad.append(f"choice {choices[0]!r} in {control!r} names two categories; a choice names one")
+                    chosen[control] = category
+            category, secondary = chosen.get("category"), chosen.get("secondary")
+            if not bad and category is None and secondary is not None:
+                bad.append(
+                    f"a secondary category ({secondary}) but no category; choose the category in Label Studio too"
+                )
             if bad:
+                parsed.problems += [f"{here}: {msg}" for msg in bad]
                 continue
-            raw = "; ".join(choices["category"] + choices["secondary"])
-            try:
-                category, secondary = tax.resolve(raw)
-            except LabelError as exc:
-                parsed.problems.append(f"{here}: {str(exc).split('; known categories')[0]}")
-                parsed.has_label_errors = True
-                continue
-            if category is None and choices["secondary"]:
-                parsed.problems.append(f"{here}: a secondary category but no category")
-                continue
+            raw = "; ".join(picked["category"] + picked["secondary"])
             text = "\n".join(n.strip() for n in notes if n.strip()) or None
-            parsed.rows.append(_Row(i + 1, sample_id, annotator, raw, category, secondary, text))
+            parsed.rows.append(
+                _Row(i + 1, sample_id, annotator, raw, category, None if secondary == category else secondary, text)
+            )
     return parsed
 
 

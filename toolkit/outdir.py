@@ -15,20 +15,21 @@ never deletes or moves them, and never copies them around.
 The staging folder (`.clipfail-staging-*`) and the folder of the replaced files
 (`.clipfail-old-*`) are created inside the output folder itself: on the same filesystem (each
 swap is a rename), with no write access needed beyond the output folder, and the output folder
-keeps its identity (`--out .`, a mount point or a symlinked folder work). Leftovers of a run that
-was killed are removed by the next successful run.
+keeps its identity (`--out .`, a mount point or a symlinked folder work). Each is locked while its
+run lives (toolkit.staging): leftovers of a run that was killed are removed by the next run before it
+writes, and a folder that another live run holds is left alone (never swept up with the old files).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from toolkit import staging as staging_mod
 from toolkit.errors import UserError, list_offenders
 from toolkit.paths import sha256_file
+from toolkit.userfiles import read_bytes
 
 MANIFEST = ".clipfail-manifest.json"
 STAGING_PREFIX = ".clipfail-staging-"
@@ -39,18 +40,19 @@ def _read_manifest(folder: Path, what: str | None) -> tuple[dict[str, str], set[
     """The files and folders that the manifest vouches for: none if it is missing, unreadable, or
     written by another command (a report never removes an analysis that shares its folder)."""
     try:
-        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        # a FIFO in the manifest's place is not opened (it would block); it is then foreign (foreign_files)
+        data = json.loads(read_bytes(folder / MANIFEST, "The manifest").decode("utf-8"))
         if what is not None and data.get("what") != what:
             return {}, set()
         files = {str(k): str(v) for k, v in dict(data.get("files", {})).items()}
         dirs = {str(d) for d in data.get("dirs", [])}
         return files, dirs
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (UserError, OSError, ValueError, TypeError, AttributeError):
         return {}, set()
 
 
 def _is_ours_temp(name: str) -> bool:
-    return name.startswith(STAGING_PREFIX) or name.startswith(OLD_PREFIX)
+    return name.startswith((STAGING_PREFIX, OLD_PREFIX, staging_mod.NEW_PREFIX))
 
 
 def foreign_files(folder: Path, what: str | None = None) -> list[str]:
@@ -66,7 +68,9 @@ def foreign_files(folder: Path, what: str | None = None) -> list[str]:
             entries = sorted(it, key=lambda e: e.name)
         for entry in entries:
             name = f"{rel}{entry.name}"
-            if not rel and (entry.name == MANIFEST or _is_ours_temp(entry.name)):
+            if not rel and _is_ours_temp(entry.name):
+                continue
+            if not rel and entry.name == MANIFEST and entry.is_file(follow_symlinks=False):
                 continue
             if entry.is_symlink():
                 foreign.append(name)
@@ -101,6 +105,7 @@ class FreshFolder:
         self.what = what
         self.option = option
         self.staging: Path | None = None
+        self._stage: staging_mod.Staging | None = None
 
     def _refuse_foreign(self) -> None:
         try:
@@ -126,8 +131,10 @@ class FreshFolder:
                 f"Give {self.option} a folder that you can write to."
             ) from None
         self._refuse_foreign()
+        staging_mod.remove_stale(self.out_dir, (STAGING_PREFIX, OLD_PREFIX))  # a killed run's; never a live run's
         try:
-            self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out_dir))
+            self._stage = staging_mod.make(self.out_dir, STAGING_PREFIX)
+            self.staging = self._stage.path
         except OSError as exc:
             raise UserError(
                 f"Cannot write into the {self.what} folder {self.out_dir}: {exc.strerror or exc}. "
@@ -136,9 +143,10 @@ class FreshFolder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.staging is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            self.staging = None
+        if self._stage is not None:
+            self._stage.remove()
+            self._stage = None
+        self.staging = None
 
     def final(self, path: str | Path) -> Path:
         """Where a file written under the staging folder will be once committed."""
@@ -153,24 +161,29 @@ class FreshFolder:
             for d in dirnames:
                 dirs.append((rel_root / d).as_posix())
             for f in filenames:
+                if rel_root == Path(".") and f == staging_mod.LOCK_NAME:
+                    continue
                 files[(rel_root / f).as_posix()] = sha256_file(Path(root) / f)
         manifest = {"what": self.what, "files": dict(sorted(files.items())), "dirs": sorted(dirs)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         self._refuse_foreign()  # again: something may have appeared while the files were written
 
         try:
-            trash = Path(tempfile.mkdtemp(prefix=OLD_PREFIX, dir=self.out_dir))
+            old = staging_mod.make(self.out_dir, OLD_PREFIX)
         except OSError as exc:
             raise UserError(f"Cannot write into {self.out_dir}: {exc.strerror or exc}.") from None
+        trash = old.path
         moved_old: list[str] = []
         moved_new: list[str] = []
         try:
             for entry in sorted(os.listdir(self.out_dir)):
-                if entry in (staging.name, trash.name):
+                if _is_ours_temp(entry):  # this run's folders, and another live run's (stale ones are gone)
                     continue
                 os.rename(self.out_dir / entry, trash / entry)
                 moved_old.append(entry)
             for entry in sorted(os.listdir(staging)):
+                if entry == staging_mod.LOCK_NAME:
+                    continue
                 os.rename(staging / entry, self.out_dir / entry)
                 moved_new.append(entry)
         except OSError as exc:
@@ -178,11 +191,12 @@ class FreshFolder:
                 os.rename(self.out_dir / entry, staging / entry)
             for entry in moved_old:
                 os.rename(trash / entry, self.out_dir / entry)
-            shutil.rmtree(trash, ignore_errors=True)
+            old.remove()
             raise UserError(
                 f"Could not swap the new {self.what} into {self.out_dir} ({exc.strerror or exc}); the folder is "
                 "as it was. Check that nothing else is using it and run again."
             ) from None
-        shutil.rmtree(trash, ignore_errors=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        old.remove()
+        self._stage.remove()
+        self._stage = None
         self.staging = None

@@ -45,6 +45,7 @@ import pandas as pd
 from toolkit import db, phrases
 from toolkit.errors import UserError
 from toolkit.sheets import sheet_text_exact, unsheet_text
+from toolkit.userfiles import read_text
 
 DEFAULT_SET = "default-v2"
 LEGACY_SET = "default"
@@ -230,12 +231,7 @@ class ImportResult:
 def import_templates(con, path: str | Path, set_name: str | None = None, replace: bool = False) -> ImportResult:
     """Import a templates CSV (all rows in one transaction; nothing on any error)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"Templates file {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"Cannot read templates file {path}: {exc}. Save it as UTF-8 CSV.") from None
+    text = read_text(path, "Templates file", "Give a CSV file saved as UTF-8; nothing was imported.")
     known = {r[0] for r in con.execute("SELECT name FROM categories").fetchall()}
     df = _parse(text, str(path), known_categories=known, set_name=set_name)
     result = ImportResult(sets={}, unchanged=[], replaced=[])

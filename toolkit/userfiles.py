@@ -312,3 +312,8 @@ def want_str_list(value, where: str, max_len: int | None = None, max_item_len: i
     """A list of strings (a bare string is refused, never split into characters)."""
     items = want_list(value, where, max_len)
     return [want_str(v, f"{where}[{i}]", max_item_len) for i, v in enumerate(items)]
+
+
+def shape_error(where: str, expected: str, value) -> JsonShapeError:
+    """The error for a value that none of the want_* helpers checks alone (say 'a user id or an object')."""
+    return _fail(where, expected, value)
