@@ -17,11 +17,11 @@ import click
 import duckdb
 import pandas as pd
 
-from toolkit import db
 from toolkit._version import __version__
 from toolkit.errors import UserError
-from toolkit.pooling import ALPHA_RANGE, BETA_RANGE, TAU_RANGE
-from toolkit.study import open_study, schema_version
+from toolkit.improve.pooling import ALPHA_RANGE, BETA_RANGE, TAU_RANGE
+from toolkit.store import db
+from toolkit.store.study import open_study, schema_version
 
 # The commands in the order of the study's stages (docs/cli.md and `clipfail --help` list them so):
 # set up, data, model, retrieval, failures and their labels, analysis, the fix, the report, then the
@@ -346,7 +346,7 @@ def download_coco(dest, base_url, images):
     Example:
       clipfail download-coco --dest ~/coco && clipfail ingest --coco-root ~/coco
     """
-    from toolkit.download import download_coco as run_download
+    from toolkit.ingest.download import download_coco as run_download
 
     res = run_download(dest, base_url=base_url, images=images)
     for f in res.files:
@@ -379,8 +379,8 @@ def make_synthetic_coco(dest, n_images, seed):
     Example:
       clipfail make-synthetic-coco /tmp/coco --images 40
     """
-    from toolkit.paths import check_output_path
-    from toolkit.synthetic import make_synthetic_coco as make
+    from toolkit.ingest.synthetic import make_synthetic_coco as make
+    from toolkit.store.paths import check_output_path
 
     check_output_path(dest, "DEST", writes=())  # a folder that can be made and written, before any image is drawn
     path = make(dest, n_images, seed=seed)
@@ -413,7 +413,7 @@ def ingest(db_path, **options):
     Example:
       clipfail ingest --coco-root ~/coco --num-images 5000 --seed 42
     """
-    from toolkit.ingest import ingest as run_ingest
+    from toolkit.ingest.stage import ingest as run_ingest
 
     with open_study(db_path) as con:
         res = run_ingest(con, **options)
@@ -517,7 +517,7 @@ def embed(
       clipfail embed --subset 5000-seed42 --model openai/clip-vit-base-patch32
       clipfail embed --model openai/clip-vit-base-patch32 --engine ray --ray-address 10.0.0.5:6379
     """
-    from toolkit.embed import embed as run_embed
+    from toolkit.embed.stage import embed as run_embed
 
     if pretrained and checkpoint:
         raise UserError("Give either --pretrained TAG or --checkpoint PATH, not both.")
@@ -590,7 +590,7 @@ def evaluate(db_path, subset_name, model, pretrained, checkpoint, topk, device, 
     Example:
       clipfail evaluate --subset 5000-seed42 --model openai/clip-vit-base-patch32
     """
-    from toolkit.evaluate import evaluate as run_evaluate
+    from toolkit.retrieval.evaluate import evaluate as run_evaluate
 
     with open_study(db_path) as con:
         res = run_evaluate(
@@ -644,9 +644,9 @@ def benchmark(db_path, models_file, subset_name, device, batch_size, precision, 
     Example:
       clipfail benchmark --models models.txt --subset karpathy-test --csv benchmark.csv
     """
-    from toolkit.benchmark import benchmark as run_benchmark
-    from toolkit.benchmark import describe_failures, write_table_csv
-    from toolkit.paths import check_output_path
+    from toolkit.retrieval.benchmark import benchmark as run_benchmark
+    from toolkit.retrieval.benchmark import describe_failures, write_table_csv
+    from toolkit.store.paths import check_output_path
 
     if csv_path:  # before any model runs: a folder that takes the file, and never a database or its files
         check_output_path(csv_path, "--csv", db_path)
@@ -694,7 +694,7 @@ def compare(db_path, run_a, run_b, ks, seed):
     Example:
       clipfail compare 1 2 --k 1,5,10
     """
-    from toolkit.compare import compare as run_compare
+    from toolkit.retrieval.compare import compare as run_compare
 
     with open_study(db_path) as con:
         res = run_compare(con, run_a, run_b, ks, seed=seed)
@@ -739,7 +739,7 @@ def compare(db_path, run_a, run_b, ks, seed):
 )
 @click.option(
     "--hub-factor",
-    type=FiniteFloat(0, 1e6, min_open=True),  # toolkit.triage.HUB_FACTOR_MAX
+    type=FiniteFloat(0, 1e6, min_open=True),  # toolkit.labels.triage.HUB_FACTOR_MAX
     default=3.0,
     show_default=True,
     help="Hub flag: top-1 of at least this many times the queries-per-image of the run.",
@@ -748,7 +748,7 @@ def compare(db_path, run_a, run_b, ks, seed):
 def triage(db_path, retrieval_run_id, hub_factor):
     """Suggest a failure category, with its evidence, for every R@1 failure of a run.
 
-    Rules (toolkit/triage.py), first that fires wins: Object, Count, Spatial (from the COCO
+    Rules (toolkit/labels/triage.py), first that fires wins: Object, Count, Spatial (from the COCO
     object instances that ingest stored), Ambiguous (caption-to-caption cosines, same category
     set), then Attribute/Action from the caption lexicon; else no suggestion. Writes
     triage_runs and triage_suggestions; see the views triage_agreement, triage_confusion and
@@ -758,7 +758,7 @@ def triage(db_path, retrieval_run_id, hub_factor):
     Example:
       clipfail triage --run 1
     """
-    from toolkit.triage import triage as run_triage
+    from toolkit.labels.triage import triage as run_triage
 
     with open_study(db_path) as con:
         res = run_triage(con, retrieval_run_id, hub_factor=hub_factor)
@@ -817,8 +817,8 @@ def sample_failures(
     Example:
       clipfail sample-failures --n 200 --seed 42 --overlap 30 --per-annotator 50 --annotators A,B,C
     """
-    from toolkit.failures import sample_failures as run_sample
-    from toolkit.paths import check_output_path
+    from toolkit.labels.sample import sample_failures as run_sample
+    from toolkit.store.paths import check_output_path
 
     with open_study(db_path) as con:
         check_output_path(out_dir, "--out", con, writes=SAMPLE_FILES, probe=False)
@@ -893,7 +893,7 @@ def annotate(db_path, annotators, set_choice, retrieval_run_id, port, host, open
     Example:
       clipfail annotate --annotator A --set all --open
     """
-    from toolkit import annotate as wb_mod
+    from toolkit.labels import workbench as wb_mod
 
     wb = wb_mod.prepare(
         db_path,
@@ -968,8 +968,8 @@ def export_labelstudio(db_path, out_dir, retrieval_run_id, image_url_prefix, for
     Example:
       clipfail export-labelstudio labelstudio/
     """
-    from toolkit.labelstudio import export_labelstudio as run_export
-    from toolkit.paths import check_output_path
+    from toolkit.labels.labelstudio import export_labelstudio as run_export
+    from toolkit.store.paths import check_output_path
 
     with open_study(db_path, read_only=True) as con:
         check_output_path(out_dir, "OUT_DIR", con, writes=("tasks.json", "labeling_config.xml"), probe=False)
@@ -1028,14 +1028,14 @@ def import_labels(db_path, files, annotator, clear_blank, fmt, user_map):
     Example:
       clipfail import-labels failure_analysis/assign_A.csv failure_analysis/assign_B.csv
     """
-    from toolkit.annotations import ENCODING_NAMES
-    from toolkit.annotations import import_labels as run_import
+    from toolkit.labels.label_import import ENCODING_NAMES
+    from toolkit.labels.label_import import import_labels as run_import
 
     if user_map and fmt != "labelstudio":
         raise UserError("--user-map is for --format labelstudio (Label Studio users); CSV files name annotators.")
     with open_study(db_path) as con:
         if fmt == "labelstudio":
-            from toolkit.labelstudio import import_labelstudio
+            from toolkit.labels.labelstudio import import_labelstudio
 
             res = import_labelstudio(con, list(files), annotator=annotator, user_map=user_map, clear_blank=clear_blank)
         else:
@@ -1097,7 +1097,7 @@ def categories_list(db_path):
     Example:
       clipfail categories list
     """
-    from toolkit.taxonomy import list_categories
+    from toolkit.labels.taxonomy import list_categories
 
     with open_study(db_path) as con:
         df = list_categories(con)
@@ -1130,7 +1130,7 @@ def categories_add(db_path, name, definition, actionable, example, position):
     Example:
       clipfail categories add Text --definition "The caption quotes text in the image." --example "A STOP sign"
     """
-    from toolkit.taxonomy import add_category
+    from toolkit.labels.taxonomy import add_category
 
     with open_study(db_path) as con:
         row = add_category(con, name, definition, is_actionable=actionable, example=example, position=position)
@@ -1150,7 +1150,7 @@ def categories_add_alias(db_path, alias, category, replace):
     Example:
       clipfail categories add-alias "wrong colour" Attribute
     """
-    from toolkit.taxonomy import add_alias
+    from toolkit.labels.taxonomy import add_alias
 
     with open_study(db_path) as con:
         res = add_alias(con, alias, category, replace=replace)
@@ -1197,8 +1197,8 @@ def analyze(db_path, out_dir, retrieval_run_id):
     Example:
       clipfail analyze --out failure_analysis/analysis
     """
-    from toolkit.analysis import analyze as run_analyze
-    from toolkit.paths import check_output_path
+    from toolkit.report.analysis import analyze as run_analyze
+    from toolkit.store.paths import check_output_path
 
     with open_study(db_path, read_only=True) as con:
         check_output_path(out_dir, "--out", con, writes=("**",), probe=False)
@@ -1249,7 +1249,7 @@ def templates_list(db_path, template_set):
     Example:
       clipfail templates list --set default-v2
     """
-    from toolkit import templates as tpl
+    from toolkit.improve import templates as tpl
 
     with open_study(db_path) as con:
         df = tpl.list_sets(con) if template_set is None else tpl.load_set(con, template_set)
@@ -1271,7 +1271,7 @@ def templates_import(db_path, file, template_set, replace):
     Example:
       clipfail templates import my_templates.csv --set mine
     """
-    from toolkit import templates as tpl
+    from toolkit.improve import templates as tpl
 
     with open_study(db_path) as con:
         res = tpl.import_templates(con, file, set_name=template_set, replace=replace)
@@ -1297,8 +1297,8 @@ def templates_export(db_path, template_set, out_file):
     """
     from pathlib import Path
 
-    from toolkit import templates as tpl
-    from toolkit.paths import check_output_path
+    from toolkit.improve import templates as tpl
+    from toolkit.store.paths import check_output_path
     from toolkit.userfiles import read_bytes
 
     with open_study(db_path) as con:
@@ -1445,11 +1445,11 @@ def improve(
       clipfail improve --categories Object,Attribute --method qb-norm --control successes:200
     """
     _check_method_options(method)
-    from toolkit.improve import effective_k as improve_effective_k
-    from toolkit.improve import improve as run_improve
-    from toolkit.improve import model_encoder_factory
-    from toolkit.improve import summary as improve_summary
-    from toolkit.improve import ties as improve_ties
+    from toolkit.improve.stage import effective_k as improve_effective_k
+    from toolkit.improve.stage import improve as run_improve
+    from toolkit.improve.stage import model_encoder_factory
+    from toolkit.improve.stage import summary as improve_summary
+    from toolkit.improve.stage import ties as improve_ties
 
     with open_study(db_path) as con:
         res = run_improve(
@@ -1491,7 +1491,7 @@ def improve(
             f"Improve run {res.run_id}: {res.n_prompts} distinct prompts besides the captions, "
             f"{res.n_encoded} encoded now, {res.n_prompts - res.n_encoded} from the cache."
         )
-    from toolkit import tables
+    from toolkit.report import display as tables
 
     for title, table, stat in tables.improvement_tables(summary, eff_k):
         click.echo("")
@@ -1564,8 +1564,8 @@ def report(db_path, out_dir, retrieval_run_id):
     Example:
       clipfail report --out report/
     """
-    from toolkit.paths import check_output_path
-    from toolkit.report import write_report
+    from toolkit.report.page import write_report
+    from toolkit.store.paths import check_output_path
 
     # A writable study records the report as a run (so `status` knows it is written); a write-protected
     # one is only read, and left byte-identical.
@@ -1606,8 +1606,8 @@ def run(db_path, **options):
     Example:
       clipfail run --coco-root ~/coco --model openai/clip-vit-base-patch32 --num-images 5000
     """
-    from toolkit.paths import check_output_path
-    from toolkit.pipeline import run_pipeline
+    from toolkit.store.paths import check_output_path
+    from toolkit.workflows.pipeline import run_pipeline
 
     check_output_path(options["out_dir"], "--out", db_path, writes=SAMPLE_FILES)  # before ingest and embed
     res = run_pipeline(db_path, **options)  # each stage opens the database; embed does not hold it while encoding
@@ -1660,7 +1660,7 @@ def demo(out_dir, n_images, seed, pictures):
     Example:
       clipfail demo --out demo_out
     """
-    from toolkit.demo import run_demo
+    from toolkit.workflows.demo import run_demo
 
     res = run_demo(out_dir, n_images=n_images, seed=seed, pictures=pictures)
     echo_df(pd.DataFrame({"step": [s for s, _ in res.timings], "seconds": [f"{t:.1f}" for _, t in res.timings]}))
@@ -1691,7 +1691,7 @@ def relocate(db_path, images_root, subset_name, captions_json, cache_dir):
     """
     from pathlib import Path
 
-    from toolkit import paths
+    from toolkit.store import paths
 
     if not Path(db_path).is_file():
         raise UserError(f"Database {db_path} does not exist. Give the study's database with --db PATH.")
@@ -1726,7 +1726,7 @@ def status(db_path):
     Example:
       clipfail --db study.duckdb status
     """
-    from toolkit.status import study_status
+    from toolkit.report.status import study_status
 
     with open_study(db_path, read_only=True) as con:
         res = study_status(con)
@@ -1767,9 +1767,9 @@ def sql(db_path, query, csv_path):
     """
     from pathlib import Path
 
-    from toolkit.adhoc import run_query
-    from toolkit.paths import check_output_path
     from toolkit.sheets import write_frame_csv
+    from toolkit.store.paths import check_output_path
+    from toolkit.store.sql import run_query
 
     with open_study(db_path, read_only=True) as con:
         if csv_path:  # before the query runs: never the study, its .wal, its caches or another database

@@ -2,9 +2,9 @@
 
 Writes N photo-like 640x480 JPEGs (quality 90, as benchmarks/image_encode.py does) and 5 COCO-like
 captions each into a COCO-format folder, ingests them, and runs the embed stage
-(`toolkit.embed.embed`, what `clipfail embed` calls) with the packaged tiny model, whose forward is
+(`toolkit.embed.stage.embed`, what `clipfail embed` calls) with the packaged tiny model, whose forward is
 cheap, so the stage is decode- and tokenize-bound, as ViT-B/32 is on a GPU. Each part of the stage
-is timed inside it (the `on_step` marks of `toolkit.embed.embed`: it tokenizes every caption before
+is timed inside it (the `on_step` marks of `toolkit.embed.stage.embed`: it tokenizes every caption before
 the image stream starts, so no interval between shards isolates a part). It measures:
 
 - images: the stage's image stream (decode, preprocess, forward, shards saved), against (a) decode +
@@ -88,7 +88,7 @@ def decode_alone(bundle, paths, workers: int, batch_size: int) -> float:
     """(a): decode + the model's preprocess over every file, as the stage's loader does, no model."""
     from torch.utils.data import DataLoader
 
-    from toolkit import encode
+    from toolkit.embed import encode
 
     ds = encode.ImageFiles(paths, bundle.preprocess, bundle.image_size)
     t = time.perf_counter()
@@ -113,7 +113,7 @@ def run_stage(db_path: Path, model: str, **kw) -> dict:
     """The stage once, and the seconds of each of its steps as the stage marks them: plan (read the
     database), model (load it, take the locks), tokenize, image, text (encode), finish (final files and
     registration); total from the call to its return."""
-    from toolkit.embed import embed
+    from toolkit.embed.stage import embed
 
     marks = [("plan", time.perf_counter())]
     res = embed(str(db_path), "bench", model=model, progress=False,
@@ -140,8 +140,8 @@ def rerun_cli(db_path: Path, model: str, extra=()) -> float:
 def cpu_job(args) -> None:
     import torch
 
-    from toolkit import encode, models
-    from toolkit.study import open_study
+    from toolkit.embed import encode, models
+    from toolkit.store.study import open_study
 
     with tempfile.TemporaryDirectory() as tmp:
         coco = Path(args.data) if args.data else Path(tmp) / "coco"
@@ -211,7 +211,7 @@ def bare_forwards(bundle, paths, texts, batch: int) -> tuple[float, float]:
     """The tiny model's image forward on pre-made tensors, and its text forward on pre-made tokens."""
     import torch
 
-    from toolkit import encode
+    from toolkit.embed import encode
 
     h, w = bundle.image_size
     xs = [torch.randn(min(batch, len(paths) - i), 3, h, w) for i in range(0, len(paths), batch)]
@@ -227,7 +227,7 @@ def bare_forwards(bundle, paths, texts, batch: int) -> tuple[float, float]:
 
 
 def run_stage_noop(db_path: Path, workers) -> bool:
-    from toolkit.embed import embed
+    from toolkit.embed.stage import embed
 
     return embed(str(db_path), "bench", model="tiny-clip", num_workers=workers, device="cpu", progress=False).is_noop
 

@@ -1,8 +1,8 @@
 """QB-Norm benchmark (issue 17): QB-Norm with the Dynamic Inverted Softmax against evaluate's ranking.
 
 25,000 captions x 5,000 images, random L2-normalised 512-d vectors, a bank of 5,000 other random
-unit vectors (beta 20, k-bank 1). Times `toolkit.hubness.rank_qb_norm` (the bank pass and the
-query pass, exact ranks against the whole gallery) and `toolkit.retrieval.rank_text_to_image`
+unit vectors (beta 20, k-bank 1). Times `toolkit.improve.transforms.rank_qb_norm` (the bank pass and the
+query pass, exact ranks against the whole gallery) and `toolkit.retrieval.ranking.rank_text_to_image`
 (what `clipfail evaluate` runs: ranks, ties, top-10), alternately, `--repeats` times each, and
 prints the ratio of the best times (target: at most 3x) and the median of per-pair ratios.
 Inverted softmax (normaliser over the 25,000 queries) and query expansion (top 3, alpha 0.5) are
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from retrieval import PeakRss  # noqa: E402  (benchmarks/retrieval.py)
 
-from toolkit import hubness as H  # noqa: E402
-from toolkit import retrieval as R  # noqa: E402
+from toolkit.improve import transforms as H  # noqa: E402
+from toolkit.retrieval import ranking as R  # noqa: E402
 
 MB = 1024 * 1024
 

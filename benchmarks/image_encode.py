@@ -5,7 +5,7 @@ drawn scenes would decode unrealistically fast), then with a randomly initialise
 ViT-B-32-quickgelu (the same cost as the OpenAI weights) times
 
 - bare: ``model.encode_image`` + normalisation on pre-made 224x224 tensors, nothing else;
-- embed: ``toolkit.encode.encode_images`` on the files: DataLoader workers decoding, converting
+- embed: ``toolkit.embed.encode.encode_images`` on the files: DataLoader workers decoding, converting
   and preprocessing with the model's own transform, the forward, normalisation and float32 output;
 
 at the same batch size. The order is bare, embed, bare, and the bare time is the mean of its two
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from toolkit import encode, models
+from toolkit.embed import encode, models
 
 
 def photo_like_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:

@@ -32,14 +32,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from toolkit import db, templates
-from toolkit.annotations import import_labels
-from toolkit.artifacts import register_embedding_set, save_array
-from toolkit.evaluate import evaluate
-from toolkit.failures import sample_failures
-from toolkit.improve import improve
-from toolkit.ingest import ingest
-from toolkit.study import open_study
+from toolkit.improve import templates
+from toolkit.improve.stage import improve
+from toolkit.ingest.stage import ingest
+from toolkit.labels.label_import import import_labels
+from toolkit.labels.sample import sample_failures
+from toolkit.retrieval.evaluate import evaluate
+from toolkit.store import db
+from toolkit.store.artifacts import register_embedding_set, save_array
+from toolkit.store.study import open_study
 
 MODEL = "ViT-B-32-quickgelu"
 SUBJECTS = "a man|a woman|two dogs|a black cat|three people|a red bus|a small boy|a white horse|several giraffes|a girl"
@@ -151,8 +152,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from toolkit.encode import encode_texts
-    from toolkit.models import load_model
+    from toolkit.embed.encode import encode_texts
+    from toolkit.embed.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

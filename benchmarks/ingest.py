@@ -18,10 +18,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from toolkit import db
-from toolkit.study import open_study
+from toolkit.store import db
+from toolkit.store.study import open_study
 
-ingest_mod = importlib.import_module("toolkit.ingest")  # toolkit.ingest is the function
+ingest_mod = importlib.import_module("toolkit.ingest.stage")
 
 
 def make_dataset(root: Path, n_images: int, seed: int = 0) -> None:

@@ -2,7 +2,7 @@
 
 Reads `tests/data/coco_style_captions.txt` (about 300 captions in COCO's style, written for the
 project) or the file given, builds every caption's prompts exactly as `clipfail improve` does
-(`toolkit.phrases.build_prompts` over a shipped template set, `toolkit.improve.prompt_coverage`)
+(`toolkit.labels.phrases.build_prompts` over a shipped template set, `toolkit.improve.stage.prompt_coverage`)
 and prints, per category, on all captions and (Attribute, Count, Spatial) on the captions that
 mention an attribute / a number / a relation:
 - pct_at_k: the share that reach K distinct prompts (the caption itself included);
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from toolkit import improve, templates
+from toolkit.improve import stage as improve
+from toolkit.improve import templates
 
 CAPTIONS = Path(__file__).resolve().parent.parent / "tests" / "data" / "coco_style_captions.txt"
 

@@ -35,8 +35,8 @@ from embed_pipeline import ingest, make_coco  # noqa: E402
 
 
 def arrays(db_path: str) -> dict:
-    from toolkit import artifacts
-    from toolkit.study import open_study
+    from toolkit.store import artifacts
+    from toolkit.store.study import open_study
 
     con = open_study(db_path, read_only=True)
     try:
@@ -56,7 +56,7 @@ def main() -> None:
     import numpy as np
     import ray
 
-    from toolkit.embed import embed
+    from toolkit.embed.stage import embed
 
     tmp = Path(tempfile.mkdtemp(prefix="clipfail-ray-bench-"))
     coco = Path(args.data) if args.data else tmp / "coco"

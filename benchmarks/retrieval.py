@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toolkit import retrieval as R  # noqa: E402
+from toolkit.retrieval import ranking as R  # noqa: E402
 
 MB = 1024 * 1024
 

@@ -4,7 +4,7 @@ On 2,000 COCO-like captions of 8-25 words, with a randomly initialised ViT-B-32-
 same architecture and cost as the OpenAI weights), both at the same batch size:
 
 - baseline: ``bundle.tokenizer(texts)`` then ``model.encode_text`` on all 77 positions;
-- fast: ``toolkit.encode.encode_texts`` (length-sorted batches, each run to its own length).
+- fast: ``toolkit.embed.encode.encode_texts`` (length-sorted batches, each run to its own length).
 
 Tokenization is included in both timings. Prints captions/s of each, the speed-up (target: at
 least 4x) and the max abs difference of the normalised embeddings (target: identical within 1e-5).
@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from toolkit import encode, models
+from toolkit.embed import encode, models
 
 SUBJECTS = [
     "a man",

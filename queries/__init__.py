@@ -2,7 +2,7 @@
 
 `VIEWS` lists every view in the order it is applied: each view comes after every view it reads, so
 one pass creates them all on a fresh database (no retries). A new queries/*.sql file must be added
-here; toolkit.study.view_sql refuses a file that is missing from the list. Conventions: README.md.
+here; toolkit.store.study.view_sql refuses a file that is missing from the list. Conventions: README.md.
 """
 
 VIEWS = [

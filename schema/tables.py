@@ -1,6 +1,6 @@
 """Every table of a clipfail database, as SQLAlchemy Core metadata.
 
-`toolkit.study` compiles these definitions with the DuckDB dialect and creates
+`toolkit.store.study` compiles these definitions with the DuckDB dialect and creates
 whatever is missing each time a database is opened. Adding a table or a
 nullable column is an upgrade that `clipfail init` (and every other command)
 applies by itself; bump SCHEMA_VERSION whenever the declared schema changes so
@@ -396,7 +396,7 @@ triage_suggestions = sa.Table(
     sa.Column("top1_image_id", sa.BigInteger, nullable=False),
     sa.Column("gt_rank", sa.BigInteger, nullable=False),
     sa.Column("suggested_category", sa.Text),  # NULL: no suggestion
-    sa.Column("score", sa.Double),  # the firing rule's fixed confidence (toolkit.triage.RULE_SCORES)
+    sa.Column("score", sa.Double),  # the firing rule's fixed confidence (toolkit.labels.triage.RULE_SCORES)
     sa.Column("evidence", sa.Text, nullable=False),  # short text: what each rule that fired found
     sa.Column("rules_fired", sa.Text, nullable=False),  # comma-separated, in priority order
     sa.Column("mentioned_objects", sa.Text),  # categories the caption mentions, comma-separated

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from toolkit.synthetic import make_synthetic_coco
+from toolkit.ingest.synthetic import make_synthetic_coco
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

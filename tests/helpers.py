@@ -10,7 +10,7 @@ from typing import NoReturn
 import numpy as np
 import pytest
 
-from toolkit import artifacts, db
+from toolkit.store import artifacts, db
 
 
 def register_hand_built(
@@ -61,11 +61,11 @@ def register_seeded_embeddings(con, folder: Path, subset_name: str, *, noise: fl
 def build_labelled_study(con, root: Path) -> None:
     """On an open study: 60 generated images (subset s60), seeded embeddings, evaluate, a 200-failure sample
     (30 overlap, 50 per annotator, pictures off) in root/fa and simulated labels from root/labels."""
-    from toolkit.evaluate import evaluate
-    from toolkit.failures import sample_failures
-    from toolkit.ingest import ingest
-    from toolkit.simulate import simulate_labels
-    from toolkit.synthetic import make_synthetic_coco
+    from toolkit.ingest.stage import ingest
+    from toolkit.ingest.synthetic import make_synthetic_coco
+    from toolkit.labels.sample import sample_failures
+    from toolkit.labels.simulate import simulate_labels
+    from toolkit.retrieval.evaluate import evaluate
 
     make_synthetic_coco(root / "coco", 60, seed=1)
     ingest(con, coco_root=root / "coco", num_images=60, captions_per_image=5, seed=42, name="s60")

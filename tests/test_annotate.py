@@ -24,9 +24,9 @@ from click.testing import CliRunner
 from helpers import import_tool, require_tool
 from test_failures import make_retrieval_run
 
-from toolkit import annotate
 from toolkit.errors import UserError
-from toolkit.study import open_study
+from toolkit.labels import workbench as annotate
+from toolkit.store.study import open_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = [
@@ -268,7 +268,7 @@ def test_saving_follows_import_labels_rules_and_overlap_is_blind(study, server, 
     status, body = post(f"{run.url}/a/A/api/label", {"sample_id": b_own, "category": "Object"})
     assert status == 404
     # save_label itself (what the page calls) refuses B's sample for A with import-labels' reason.
-    from toolkit.annotations import save_label
+    from toolkit.labels.label_import import save_label
 
     con = annotate.connect(study)
     try:

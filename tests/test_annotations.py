@@ -21,8 +21,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from toolkit import db
-from toolkit.study import open_study
+from toolkit.store import db
+from toolkit.store.study import open_study
 
 REFERENCE_COUNTS = {
     "Ambiguous": 67,
@@ -874,7 +874,7 @@ def test_analyze_without_labels(study, tmp_path):
 
 def test_simulated_labels_are_marked(study, tmp_path):
     """The demo's simulated annotators go through the same import, flagged in the rows, views and output."""
-    from toolkit.annotations import import_labels
+    from toolkit.labels.label_import import import_labels
 
     dbpath, export, rrid = study
     f = write_labels(export / "assign_A.csv", tmp_path / "assign_A.csv", lambda s: "Object")

@@ -18,13 +18,14 @@ import pandas as pd
 import pytest
 from helpers import register_hand_built
 
-from toolkit import db, stats
-from toolkit.evaluate import evaluate
-from toolkit.failures import sample_failures
-from toolkit.ingest import ingest
-from toolkit.simulate import simulate_labels
-from toolkit.study import open_study
-from toolkit.synthetic import make_synthetic_coco
+from toolkit import stats
+from toolkit.ingest.stage import ingest
+from toolkit.ingest.synthetic import make_synthetic_coco
+from toolkit.labels.sample import sample_failures
+from toolkit.labels.simulate import simulate_labels
+from toolkit.retrieval.evaluate import evaluate
+from toolkit.store import db
+from toolkit.store.study import open_study
 
 
 def _members(con, name):
@@ -311,12 +312,12 @@ def test_runs_that_do_not_rank_the_same_queries_are_refused(study, run_cli):
 
 
 def test_report_has_the_comparison_section(study, tmp_path):
-    from toolkit.report import write_report
+    from toolkit.report.page import write_report
 
     path, runs, _ = study
     con = open_study(path)
     try:
-        from toolkit.compare import compare
+        from toolkit.retrieval.compare import compare
 
         res = compare(con, runs["a"], runs["b"])
         out = write_report(con, out_dir=tmp_path / "report", db_path=str(path))
@@ -341,7 +342,7 @@ def test_report_has_the_comparison_section(study, tmp_path):
 
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
-    from toolkit.models import TINY_CONFIG, save_random_checkpoint
+    from toolkit.embed.models import TINY_CONFIG, save_random_checkpoint
 
     root = tmp_path_factory.mktemp("ckpts")
     save_random_checkpoint(root / "tiny-seed0.safetensors", spec=TINY_CONFIG, seed=0)
@@ -436,7 +437,7 @@ def test_benchmark_file_problems_are_one_message(run_cli, tmp_path, synthetic_co
 
 
 def test_benchmark_reports_a_line_whose_stage_fails_and_runs_the_next(run_cli, tmp_path, synthetic_coco, monkeypatch):
-    import toolkit.embed
+    import toolkit.embed.stage
 
     dbp = str(tmp_path / "bench.duckdb")
     run_cli("--db", dbp, "ingest", "--coco-root", synthetic_coco, "--num-images", "4", "--name", "s4")
@@ -446,7 +447,7 @@ def test_benchmark_reports_a_line_whose_stage_fails_and_runs_the_next(run_cli, t
         calls.append(model)
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(toolkit.embed, "embed", failing_embed)
+    monkeypatch.setattr(toolkit.embed.stage, "embed", failing_embed)
     models = tmp_path / "models.txt"
     models.write_text("tiny-clip\ntiny-clip,tiny.safetensors\n", encoding="utf-8")
     (tmp_path / "tiny.safetensors").write_bytes(b"x")
@@ -460,7 +461,7 @@ def test_benchmark_checks_its_csv_before_any_model_runs(run_cli, tmp_path, synth
     """Issue 24, items 5, 13 and 14d: a --csv that cannot or must not be written is refused before the work."""
     import duckdb
 
-    import toolkit.embed
+    import toolkit.embed.stage
 
     dbp = tmp_path / "bench.duckdb"
     run_cli("--db", dbp, "ingest", "--coco-root", synthetic_coco, "--num-images", "4", "--name", "s4")
@@ -470,7 +471,7 @@ def test_benchmark_checks_its_csv_before_any_model_runs(run_cli, tmp_path, synth
         calls.append(model)
         raise RuntimeError("no model in this test")
 
-    monkeypatch.setattr(toolkit.embed, "embed", embed_that_records)
+    monkeypatch.setattr(toolkit.embed.stage, "embed", embed_that_records)
     models = tmp_path / "models.txt"
     models.write_text("tiny-clip\n", encoding="utf-8")
     (tmp_path / "bench_cache" / "embeddings").mkdir(parents=True)

@@ -21,9 +21,9 @@ import pytest
 from helpers import require_tool
 from PIL import Image
 
-from toolkit import paths
-from toolkit.status import study_status
-from toolkit.study import open_study
+from toolkit.report.status import study_status
+from toolkit.store import paths
+from toolkit.store.study import open_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [
@@ -211,8 +211,8 @@ def test_report_renders_in_headless_chromium_without_broken_images(demo, tmp_pat
 
 def test_the_readmes_example_queries_run_on_the_demo(demo):
     # README.md's "Asking the database" block: every query runs read-only and returns rows
-    from toolkit.adhoc import run_query
-    from toolkit.study import open_study
+    from toolkit.store.sql import run_query
+    from toolkit.store.study import open_study
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     block = re.search(r"```sql\n(.*?)```", text, re.S).group(1)

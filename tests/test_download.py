@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.download import download_coco
 from toolkit.errors import UserError
+from toolkit.ingest.download import download_coco
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit import artifacts, encode, models, paths
-from toolkit.study import open_study
+from toolkit.embed import encode, models
+from toolkit.store import artifacts, paths
+from toolkit.store.study import open_study
 
 TINY = ["--model", "tiny-clip", "--num-workers", "0"]
 
@@ -127,7 +128,7 @@ def test_tampered_or_missing_file_is_refused_until_recompute(ingested, run_cli):
 
 
 def test_interrupted_run_resumes_from_its_shards(ingested, run_cli, monkeypatch, tmp_path):
-    embed_mod = importlib.import_module("toolkit.embed")  # toolkit.embed is the function
+    embed_mod = importlib.import_module("toolkit.embed.stage")
 
     monkeypatch.setattr(embed_mod, "SHARD_ROWS", {"image": 8, "text": 40})  # 4 image + 4 text shards
     saved = []
@@ -284,7 +285,7 @@ def test_the_stage_marks_each_step_where_its_work_happens(ingested, monkeypatch)
     """on_step marks (issue 29): tokenizing every caption happens inside "tokenize", before the image
     stream starts, so no interval between shard saves can time it; images are saved inside "image",
     captions inside "text", and the final files inside "finish"."""
-    embed_mod = importlib.import_module("toolkit.embed")
+    embed_mod = importlib.import_module("toolkit.embed.stage")
     monkeypatch.setattr(embed_mod, "SHARD_ROWS", {"image": 8, "text": 40})  # 4 image + 4 text shards
     events = []
     real_tokenize, real_save = encode.tokenize, artifacts.save_array
@@ -306,7 +307,7 @@ def test_the_embed_benchmark_books_each_part_to_its_own_step(synthetic_coco, tmp
     caption part's. Timed between shard saves, as it was, tokenizing went to the images."""
     bench = _embed_pipeline_benchmark(monkeypatch)
     run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 30, "--name", "bench")
-    embed_mod = importlib.import_module("toolkit.embed")
+    embed_mod = importlib.import_module("toolkit.embed.stage")
     monkeypatch.setattr(embed_mod, "SHARD_ROWS", {"image": 8, "text": 40})  # 4 text shards (150 captions)
     clock = [100.0]
 

@@ -20,10 +20,10 @@ import torch
 from helpers import require_tool
 from PIL import Image
 
-from toolkit import encode, models
-from toolkit import paths as study_paths
+from toolkit.embed import encode, models
 from toolkit.errors import UserError
-from toolkit.study import open_study
+from toolkit.store import paths as study_paths
+from toolkit.store.study import open_study
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
@@ -33,7 +33,7 @@ SMALL = {"image": 4, "text": 20}  # 12 images -> 3 image shards; ~60 captions ->
 
 @pytest.fixture
 def ingested(synthetic_coco, tmp_db, run_cli, monkeypatch):
-    from toolkit import embed as embed_mod
+    from toolkit.embed import stage as embed_mod
 
     monkeypatch.setattr(embed_mod, "SHARD_ROWS", SMALL)
     run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 12, "--name", "s12")
@@ -89,7 +89,7 @@ def array_of(db_path, kind, decode=None):
 
 
 def test_one_image_stream_per_stage_cuts_shards_as_results_arrive(ingested, run_cli, monkeypatch):
-    from toolkit import embed as embed_mod
+    from toolkit.embed import stage as embed_mod
 
     calls, loaders, saved = [], [], []
     inside = []
@@ -341,7 +341,7 @@ def test_half_precision_means_half_weights_throughout(precision):
 KILLER = """
 import os, signal, sys
 import numpy as np
-from toolkit import embed as E, encode
+from toolkit.embed import stage as E, encode
 E.SHARD_ROWS = {"image": 4, "text": 20}
 point = sys.argv[1]
 count = [0]

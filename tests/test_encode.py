@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from toolkit import encode, models
-from toolkit.devices import resolve_device
+from toolkit.embed import encode, models
+from toolkit.embed.devices import resolve_device
 from toolkit.errors import UserError
 
 WORDS = (

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from helpers import register_hand_built
 
-from toolkit import db, paths
-from toolkit import retrieval as R
 from toolkit.errors import UserError
-from toolkit.evaluate import evaluate
-from toolkit.ingest import ingest
-from toolkit.study import open_study
+from toolkit.ingest.stage import ingest
+from toolkit.retrieval import ranking as R
+from toolkit.retrieval.evaluate import evaluate
+from toolkit.store import db, paths
+from toolkit.store.study import open_study
 
 MODEL = "hand-built-16d"
 
@@ -287,7 +287,7 @@ def test_cli_prints_the_view(subset_db, tmp_path, run_cli):
 
 def _register_precision(con, tmp_path, kind, array, item_ids, precision, tag):
     """Register a hand-built set of MODEL recorded with `precision` (register_hand_built records fp32)."""
-    from toolkit import artifacts
+    from toolkit.store import artifacts
 
     sid = int(db.get_subset(con, "s30")["subset_id"])
     path = tmp_path / f"{kind}-{tag}.npy"

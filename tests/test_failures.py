@@ -25,9 +25,9 @@ import pytest
 from helpers import register_hand_built
 from PIL import Image
 
-from toolkit import db
-from toolkit.failures import ASSIGN_COLUMNS, PICTURE_SIZE, SAMPLE_COLUMNS, PictureRenderer, _font, wrap_to_width
-from toolkit.study import open_study
+from toolkit.labels.sample import ASSIGN_COLUMNS, PICTURE_SIZE, SAMPLE_COLUMNS, PictureRenderer, _font, wrap_to_width
+from toolkit.store import db
+from toolkit.store.study import open_study
 
 HOSTILE = [
     "A dog, a cat, and a bird",
@@ -449,7 +449,7 @@ def test_a_run_killed_while_staging_leaves_nothing_after_the_next_run(run_cli, d
     script = textwrap.dedent(
         f"""
         import pathlib, time
-        from toolkit import failures
+        from toolkit.labels import sample as failures
         real = failures.PictureRenderer.render
         def render(self, **kw):  # the CSVs are staged; hang on the first picture until killed
             picture = real(self, **kw)
@@ -480,7 +480,7 @@ def test_a_run_killed_while_staging_leaves_nothing_after_the_next_run(run_cli, d
 
 def test_stale_staging_folders_are_removed_and_a_live_one_is_kept(run_cli, dbfile, tmp_path):
     from toolkit import staging
-    from toolkit.failures import STAGING_PREFIX
+    from toolkit.labels.sample import STAGING_PREFIX
 
     out = tmp_path / "fa"
     sample(run_cli, dbfile, out, *SMALL, "--no-pictures")

@@ -11,9 +11,9 @@ import json
 import numpy as np
 import pytest
 
-from toolkit import db
-from toolkit.study import open_study
-from toolkit.synthetic import make_synthetic_flickr30k
+from toolkit.ingest.synthetic import make_synthetic_flickr30k
+from toolkit.store import db
+from toolkit.store.study import open_study
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_images_dir_may_be_the_flickr30k_images_folder_itself(run_cli, tmp_path,
 def test_the_flickr_subset_goes_through_evaluate(run_cli, tmp_path, flickr_master):
     from helpers import register_hand_built
 
-    from toolkit.evaluate import evaluate
+    from toolkit.retrieval.evaluate import evaluate
 
     dbp = str(tmp_path / "f.duckdb")
     run_cli("--db", dbp, "ingest", "--karpathy-json", flickr_master / "dataset_flickr30k.json",

@@ -1,5 +1,5 @@
 """Hubness diagnostics (views image_hubness, hubness_summary) and the training-free methods of
-toolkit.hubness (inverted softmax, QB-Norm with the Dynamic Inverted Softmax, query expansion),
+toolkit.improve.transforms (inverted softmax, QB-Norm with the Dynamic Inverted Softmax, query expansion),
 each checked against a plain full-matrix NumPy reference on seeded random data."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from toolkit import db
-from toolkit import hubness as H
-from toolkit import improve as imp
-from toolkit import retrieval as R
-from toolkit.study import open_study
+from toolkit.improve import stage as imp
+from toolkit.improve import transforms as H
+from toolkit.retrieval import ranking as R
+from toolkit.store import db
+from toolkit.store.study import open_study
 
 
 def unit(rng, n, d=16):
@@ -181,8 +181,8 @@ def hub_world(synthetic_coco_master, tmp_path_factory):
     """A 30-image study with hand-built embeddings (image 0 is a planted hub) and both directions evaluated."""
     from helpers import register_hand_built
 
-    from toolkit.evaluate import evaluate
-    from toolkit.ingest import ingest
+    from toolkit.ingest.stage import ingest
+    from toolkit.retrieval.evaluate import evaluate
 
     root = tmp_path_factory.mktemp("hub_world")
     path = str(root / "hub.duckdb")
@@ -615,7 +615,7 @@ def test_cli_improve_methods_record_runs_and_refuse_bad_input(lab, run_cli):
 
 def test_templates_then_qb_norm_with_the_caption_alone_is_qb_norm(lab):
     """K = 1 (each caption's only prompt is itself) and max pooling: templates+qb-norm ranks exactly as qb-norm."""
-    from toolkit.improve import improve
+    from toolkit.improve.stage import improve
 
     w = lab
     with open_study(w["path"]) as con:

@@ -83,9 +83,9 @@ def import_graph() -> dict[str, set[str]]:
 def test_finder_sees_a_cycle_through_function_local_imports(tmp_path):
     # the checker itself: an import inside a function is an edge, and a two-module circle is found
     mod = tmp_path / "taxonomy.py"
-    mod.write_text("import os\n\ndef seed():\n    from toolkit import db\n    from . import errors\n")
-    assert imports_of("toolkit.taxonomy", mod, {"toolkit", "toolkit.db", "toolkit.errors"}) == {
-        "toolkit.db",
+    mod.write_text("import os\n\ndef seed():\n    from toolkit.store import db\n    from .. import errors\n")
+    assert imports_of("toolkit.labels.taxonomy", mod, {"toolkit", "toolkit.store.db", "toolkit.errors"}) == {
+        "toolkit.store.db",
         "toolkit.errors",
     }
     graph = {"a": {"b"}, "b": set()}
@@ -96,8 +96,8 @@ def test_finder_sees_a_cycle_through_function_local_imports(tmp_path):
 
 def test_graph_covers_the_project():
     graph = import_graph()
-    assert {"cli", "toolkit", "toolkit.db", "schema"} <= set(graph)
-    assert "toolkit.db" in graph["cli"] or any(m.startswith("toolkit.") for m in graph["cli"])
+    assert {"cli", "toolkit", "toolkit.store.db", "schema"} <= set(graph)
+    assert "toolkit.store.db" in graph["cli"] or any(m.startswith("toolkit.") for m in graph["cli"])
 
 
 def test_no_import_cycle():

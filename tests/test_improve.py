@@ -20,10 +20,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from toolkit import db, paths, phrases, pooling, stats
-from toolkit.study import open_study
+from toolkit import stats
+from toolkit.improve import pooling
+from toolkit.labels import phrases
+from toolkit.store import db, paths
+from toolkit.store.study import open_study
 
-imp = importlib.import_module("toolkit.improve")  # toolkit.improve is the function
+imp = importlib.import_module("toolkit.improve.stage")
 
 D = 16
 MODEL = "fake-16"
@@ -99,7 +102,7 @@ def _cli(args):
 @pytest.fixture(scope="module")
 def world(synthetic_coco_master, tmp_path_factory):
     """Path of a database with a labelled failure sample of a text-to-image retrieval run."""
-    from toolkit.artifacts import register_embedding_set, save_array
+    from toolkit.store.artifacts import register_embedding_set, save_array
 
     root = tmp_path_factory.mktemp("improve_world")
     path = root / "db" / "base.duckdb"  # the .npy files lie outside its folder: stored absolute, so copies share them
@@ -260,7 +263,7 @@ def reference_ranks(target, res, pooling_name, tau=1.0, mode="own", categories=(
             [imp_id],
         ).df()
         rr = con.execute("SELECT * FROM retrieval_runs WHERE retrieval_run_id = ?", [res.retrieval_run_id]).df()
-        from toolkit.artifacts import load_embedding_set
+        from toolkit.store.artifacts import load_embedding_set
 
         images = load_embedding_set(con, int(rr["image_embedding_set_id"][0]))
         tdf = con.execute("SELECT * FROM prompt_templates WHERE template_set = 'default-v2' ORDER BY position").df()
@@ -658,7 +661,7 @@ def test_improve_follows_the_retrieval_runs_device(dbfile, monkeypatch, cuda_her
     """Evaluate ranked on CUDA: improve re-scores on CUDA when it can, else on the CPU and says so."""
     import torch
 
-    from toolkit import retrieval
+    from toolkit.retrieval import ranking as retrieval
 
     _record_device(dbfile, "cuda:0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_here)
@@ -813,7 +816,7 @@ def test_readme_example_reference_table_keeps_two_runs_of_one_subset_apart(con):
 
 @pytest.fixture(scope="module")
 def tiny_world(synthetic_coco_master, tmp_path_factory):
-    from toolkit.models import save_random_checkpoint
+    from toolkit.embed.models import save_random_checkpoint
 
     root = tmp_path_factory.mktemp("improve_tiny")
     path = root / "tiny.duckdb"
@@ -854,9 +857,9 @@ def test_end_to_end_with_a_tiny_open_clip_model(tiny_world, tmp_path, run_cli):
     for label in ("max", "mean", "logsumexp (tau=0.5)"):
         assert label in again.output
     # the cache holds exactly what the embed stage's fast text path gives for those prompts
-    from toolkit.artifacts import load_embedding_set
-    from toolkit.encode import encode_texts
-    from toolkit.models import load_model
+    from toolkit.embed.encode import encode_texts
+    from toolkit.embed.models import load_model
+    from toolkit.store.artifacts import load_embedding_set
 
     con = open_study(path)
     try:
@@ -894,7 +897,7 @@ def test_end_to_end_with_a_tiny_open_clip_model(tiny_world, tmp_path, run_cli):
     assert np.array_equal(ranks["improved_score"].to_numpy(), ranks["gt_score"].to_numpy(np.float64))
     # another model's weights are refused for new prompts, with a clear message
     other = tmp_path / "other.pt"
-    from toolkit.models import save_random_checkpoint
+    from toolkit.embed.models import save_random_checkpoint
 
     save_random_checkpoint(other, "tiny-clip", seed=4)
     res = run_cli("--db", path, "improve", "--categories", "Spatial", "--checkpoint", other, expect=2)
@@ -902,7 +905,7 @@ def test_end_to_end_with_a_tiny_open_clip_model(tiny_world, tmp_path, run_cli):
 
 
 def test_report_shows_the_effective_k_of_each_subset(con, tmp_path):
-    from toolkit.report import write_report
+    from toolkit.report.page import write_report
 
     a = run_improve(con, "Object", poolings="max")
     b = run_improve(con, "Attribute", poolings="max", k=15)

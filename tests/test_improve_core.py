@@ -9,7 +9,9 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from toolkit import phrases, pooling, stats
+from toolkit import stats
+from toolkit.improve import pooling
+from toolkit.labels import phrases
 
 # ------------------------------------------------------------------------------------------
 # phrase extractor
@@ -287,7 +289,7 @@ def test_tie_counts_equal_a_plain_reference_on_scores_with_known_ties():
 def test_tie_counts_are_retrieval_ranks_n_tied():
     """The same definition as evaluate's retrieval_ranks (gt_rank, n_tied), on float32 scores with exact ties
     (duplicated images)."""
-    from toolkit import retrieval as R
+    from toolkit.retrieval import ranking as R
 
     rng = np.random.default_rng(4)
     images = _normed(rng, 30, 8)
@@ -314,7 +316,7 @@ def test_stats_are_stored_for_both_counts_and_ties_do_not_win():
     with every other image fixes nothing pessimistically."""
     import pandas as pd
 
-    from toolkit.improve import compute_stats
+    from toolkit.improve.stage import compute_stats
 
     rng = np.random.default_rng(8)
     n, M = 80, 40

@@ -18,7 +18,7 @@ import duckdb
 import pytest
 from test_annotate import base, invoke, rows, suggestions_in_db, triaged, triaged_base  # noqa: F401  (shared fixtures)
 
-from toolkit.study import open_study
+from toolkit.store.study import open_study
 
 
 @pytest.fixture
@@ -609,7 +609,7 @@ def test_a_malformed_export_is_refused_naming_the_path_to_the_bad_value(shared_l
 
 
 def test_every_malformed_shape_names_its_path(shared_lstudy):
-    from toolkit.labelstudio import check_export
+    from toolkit.labels.labelstudio import check_export
     from toolkit.userfiles import JsonShapeError
 
     _, tasks_json, a0, a1 = shared_lstudy
@@ -698,7 +698,7 @@ def test_export_over_a_file_that_is_not_utf8_is_a_clash_not_a_traceback(study, t
 
 def test_export_removes_what_a_killed_export_left_and_keeps_a_live_ones(study, tmp_path):
     from toolkit import staging
-    from toolkit.labelstudio import STAGING_PREFIX
+    from toolkit.labels.labelstudio import STAGING_PREFIX
 
     out = tmp_path / "ls"
     export(study, out)

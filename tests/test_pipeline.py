@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from toolkit.models import TINY_CONFIG, save_random_checkpoint
-from toolkit.study import open_study
+from toolkit.embed.models import TINY_CONFIG, save_random_checkpoint
+from toolkit.store.study import open_study
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import improve as imp
-from toolkit import phrases, study, templates
 from toolkit.errors import UserError
+from toolkit.improve import stage as imp
+from toolkit.improve import templates
+from toolkit.labels import phrases
+from toolkit.store import study
 
 CAPTIONS_FILE = Path(__file__).parent / "data" / "coco_style_captions.txt"
 

@@ -56,23 +56,33 @@ def test_every_public_name_resolves_and_is_listed():
     assert set(toolkit.__all__) == {"__version__", *toolkit._API}
     for name in toolkit.__all__:
         assert getattr(toolkit, name) is not None
-    assert toolkit.analyze.__module__ == "toolkit.analysis" and toolkit.open_study.__module__ == "toolkit.study"
+    assert (
+        toolkit.analyze.__module__ == "toolkit.report.analysis"
+        and toolkit.open_study.__module__ == "toolkit.store.study"
+    )
     with pytest.raises(AttributeError):
         toolkit.no_such_stage  # noqa: B018
 
 
 def test_stage_modules_stay_modules_and_their_functions_are_run_names():
-    # `import toolkit.improve` is the module whatever was imported before (mock.patch and monkeypatch
-    # rely on that); the stage function of a module with its name is toolkit.run_<stage>
+    # a stage module's dotted path reaches the module as attributes whatever was imported before
+    # (mock.patch and monkeypatch walk it), and a stage function named as its old module is toolkit.run_<stage>
     code = """
-import types
+import functools, importlib, types
 import toolkit
 f = toolkit.run_ingest
-import toolkit.ingest, toolkit.embed, toolkit.evaluate, toolkit.triage, toolkit.improve
-for name in ("ingest", "embed", "evaluate", "triage", "improve"):
-    assert isinstance(getattr(toolkit, name), types.ModuleType), name
+for name, module in (
+    ("ingest", "toolkit.ingest.stage"),
+    ("embed", "toolkit.embed.stage"),
+    ("evaluate", "toolkit.retrieval.evaluate"),
+    ("triage", "toolkit.labels.triage"),
+    ("improve", "toolkit.improve.stage"),
+):
+    mod = importlib.import_module(module)
+    assert isinstance(mod, types.ModuleType), module
+    assert functools.reduce(getattr, module.split(".")[1:], toolkit) is mod, module
     f = getattr(toolkit, "run_" + name)
-    assert isinstance(f, types.FunctionType) and f.__module__ == "toolkit." + name, (name, f)
-    assert f is getattr(getattr(toolkit, name), name)
+    assert isinstance(f, types.FunctionType) and f.__module__ == module, (name, f)
+    assert f is getattr(mod, name)
 """
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

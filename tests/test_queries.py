@@ -18,11 +18,11 @@ from helpers import build_labelled_study, fake_text_encoder
 
 import queries
 from schema.tables import metadata
-from toolkit import db
-from toolkit import study as study_mod
-from toolkit.improve import improve
-from toolkit.study import open_study
-from toolkit.triage import triage
+from toolkit.improve.stage import improve
+from toolkit.labels.triage import triage
+from toolkit.store import db
+from toolkit.store import study as study_mod
+from toolkit.store.study import open_study
 
 QUERIES = Path(queries.__file__).parent
 
@@ -211,9 +211,9 @@ def test_improvement_hits_add_up_to_the_recall_views(study):
         con.close()
 
 
-# --- one table_exists, charts in toolkit.figures (issue 12.6) ---------------------------------------
+# --- one table_exists, charts in toolkit.report.figures (issue 12.6) ---------------------------------------
 
-TOOLKIT = Path(db.__file__).parent
+TOOLKIT = Path(__file__).resolve().parents[1] / "toolkit"
 
 
 def test_one_table_exists_check():
@@ -224,14 +224,14 @@ def test_one_table_exists_check():
         assert not db.table_exists(con, "no_such_table")
     finally:
         con.close()
-    sources = {p.name: p.read_text(encoding="utf-8") for p in sorted(TOOLKIT.glob("*.py"))}
+    sources = {p.relative_to(TOOLKIT).as_posix(): p.read_text(encoding="utf-8") for p in TOOLKIT.rglob("*.py")}
     sources["cli.py"] = (TOOLKIT.parent / "cli.py").read_text(encoding="utf-8")
-    assert [n for n, s in sources.items() if "information_schema.tables" in s] == ["db.py"]
+    assert [n for n, s in sources.items() if "information_schema.tables" in s] == ["store/db.py"]
 
 
 def test_charts_are_drawn_in_figures_only():
-    for p in sorted(TOOLKIT.glob("*.py")):
-        if p.name != "figures.py":
+    for p in sorted(TOOLKIT.rglob("*.py")):
+        if p.relative_to(TOOLKIT).as_posix() != "report/figures.py":
             text = p.read_text(encoding="utf-8")
             assert "savefig" not in text and "matplotlib.figure" not in text, p.name
 

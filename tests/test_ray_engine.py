@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 from helpers import import_tool
 
-from toolkit import artifacts, paths, ray_engine
-from toolkit.study import open_study
+from toolkit.embed import ray_engine
+from toolkit.store import artifacts, paths
+from toolkit.store.study import open_study
 
-embed_mod = importlib.import_module("toolkit.embed")  # toolkit.embed is the function
+embed_mod = importlib.import_module("toolkit.embed.stage")
 
 TINY = ["--model", "tiny-clip", "--num-workers", "0"]
 RAY = ["--engine", "ray", "--workers", "1"]

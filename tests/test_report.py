@@ -17,9 +17,9 @@ import pytest
 from helpers import build_labelled_study, fake_text_encoder
 from PIL import Image
 
-from toolkit.improve import improve
-from toolkit.report import write_report
-from toolkit.study import open_study
+from toolkit.improve.stage import improve
+from toolkit.report.page import write_report
+from toolkit.store.study import open_study
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,11 @@ def _html_tables(html: str) -> dict[str, pd.DataFrame]:
 
 
 def test_the_report_and_clipfail_improve_print_one_improvement_table(study):
-    """Both render toolkit.tables.improvement_table of view improvement_recall (issue 12.6): the report's CSV is it,
-    row for row, and the CLI prints its pooling / improved / delta columns per population."""
-    from toolkit import tables
-    from toolkit.improve import summary
+    """Both render toolkit.report.display.improvement_table of view improvement_recall (issue
+    12.6): the report's CSV is it, row for row, and the CLI prints its pooling / improved /
+    delta columns per population."""
+    from toolkit.improve.stage import summary
+    from toolkit.report import display as tables
 
     con, res, root = study
     paths = sorted((root / "report" / "tables").glob("improvement_*_own.csv"))

@@ -1,11 +1,11 @@
-"""toolkit.retrieval: chunked exact ranks equal a plain full-matrix reference, ties follow the policy."""
+"""toolkit.retrieval.ranking: chunked exact ranks equal a plain full-matrix reference, ties follow the policy."""
 
 import numpy as np
 import pytest
 import torch
 
-from toolkit import retrieval as R
-from toolkit.devices import resolve_device
+from toolkit.embed.devices import resolve_device
+from toolkit.retrieval import ranking as R
 
 BACKENDS = ["numpy", "torch"]  # numpy = the CPU counting path; torch = the path CUDA uses
 

@@ -9,7 +9,9 @@ import pytest
 
 def test_one_sha256_file():
     """models and outdir each had their own copy of paths.sha256_file after the merges."""
-    from toolkit import artifacts, models, outdir, paths
+    from toolkit.embed import models
+    from toolkit.report import outdir
+    from toolkit.store import artifacts, paths
 
     assert models.sha256_file is paths.sha256_file
     assert outdir.sha256_file is paths.sha256_file
@@ -20,8 +22,8 @@ def test_one_sha256_file():
 def test_a_weights_file_given_as_pretrained_is_refused(synthetic_coco, tmp_db, run_cli, tmp_path):
     """open_clip accepts a file path as a pretrained tag, but the set's identity then recorded the path's text,
     not the file's sha256: weights rewritten at that path were answered with the old cached embeddings."""
-    from toolkit import models
-    from toolkit.study import open_study
+    from toolkit.embed import models
+    from toolkit.store.study import open_study
 
     ckpt = tmp_path / "weights.pt"
     models.save_random_checkpoint(ckpt)
@@ -34,7 +36,7 @@ def test_a_weights_file_given_as_pretrained_is_refused(synthetic_coco, tmp_db, r
 
 def test_sql_csv_never_overwrites_the_database(tmp_db, run_cli):
     """clipfail sql ... --csv PATH wrote over whatever PATH was, the study's own database file included."""
-    from toolkit.study import open_study
+    from toolkit.store.study import open_study
 
     run_cli("--db", tmp_db, "init")
     before = open(tmp_db, "rb").read()
@@ -47,7 +49,8 @@ def test_sql_csv_never_overwrites_the_database(tmp_db, run_cli):
 
 def test_no_leftover_aliases():
     """coco.load_karpathy (ingest calls load_karpathy_dataset now) and embed.embed_subset were called by nothing."""
-    from toolkit import coco, embed
+    from toolkit.embed import stage as embed
+    from toolkit.ingest import coco
 
     assert not hasattr(coco, "load_karpathy") and hasattr(coco, "load_karpathy_dataset")
     assert not hasattr(embed, "embed_subset")
@@ -57,8 +60,8 @@ def test_run_refuses_a_tag_and_a_checkpoint_together(synthetic_coco, tmp_db, run
     """embed refused --pretrained with --checkpoint only in cli.py: clipfail run (and the Python API) embedded with
     both, recording the checkpoint's sha256 but applying the tag's preprocess (its mean/std), so a later
     `embed --checkpoint` alone was answered with those embeddings although it means another preprocess."""
-    from toolkit import models
-    from toolkit.embed import embed
+    from toolkit.embed import models
+    from toolkit.embed.stage import embed
     from toolkit.errors import UserError
 
     ckpt = tmp_path / "w.safetensors"
@@ -73,8 +76,8 @@ def test_run_refuses_a_tag_and_a_checkpoint_together(synthetic_coco, tmp_db, run
 
 def test_instances_file_is_stored_relative_like_every_other_path(tmp_path, run_cli):
     """instance_files.source_file was stored absolute where every other path under the study folder is relative."""
-    from toolkit.study import open_study
-    from toolkit.synthetic import make_synthetic_coco
+    from toolkit.ingest.synthetic import make_synthetic_coco
+    from toolkit.store.study import open_study
 
     study = tmp_path / "study"
     make_synthetic_coco(study / "coco", 8, seed=0)
@@ -100,12 +103,13 @@ def test_embed_with_a_moved_cache_names_relocate(synthetic_coco, tmp_db, run_cli
 
 
 def test_named_toolkit_functions_exist():
-    """queries/ named toolkit.db.view_sql and toolkit.db.apply_views, which moved to toolkit.study (issue 12)."""
+    """queries/ named toolkit.store.db.view_sql and toolkit.store.db.apply_views, which moved to toolkit.store.study
+    (issue 12)."""
     import importlib
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     for rel in ("queries/__init__.py", "queries/README.md"):
-        for mod, name in re.findall(r"toolkit\.(\w+)\.(\w+)", (root / rel).read_text(encoding="utf-8")):
-            assert hasattr(importlib.import_module(f"toolkit.{mod}"), name), f"{rel} names toolkit.{mod}.{name}"
+        for mod, name in re.findall(r"(toolkit(?:\.\w+)+)\.(\w+)", (root / rel).read_text(encoding="utf-8")):
+            assert hasattr(importlib.import_module(mod), name), f"{rel} names {mod}.{name}"

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from helpers import build_labelled_study, fake_text_encoder
 
-from toolkit.improve import improve
-from toolkit.study import open_study
+from toolkit.improve.stage import improve
+from toolkit.store.study import open_study
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +106,8 @@ def test_annotate_and_labelstudio_find_images_stored_relative_to_the_database(la
     ("coco/val2017"). annotate resolved it against the current folder, so started anywhere else it served no
     image (every picture 404), and export-labelstudio wrote relative file paths and told Label Studio a relative
     document root. Both now resolve it against the database's folder, as sample-failures' pictures do."""
-    from toolkit import annotate
-    from toolkit.labelstudio import export_labelstudio
+    from toolkit.labels import workbench as annotate
+    from toolkit.labels.labelstudio import export_labelstudio
 
     path, root = labelled
     con = open_study(path, read_only=True)
@@ -139,7 +139,7 @@ def test_demo_refuses_a_folder_made_with_another_seed_or_size(run_cli, tmp_path,
     the seed-0 numbers as if they were seed 1's (measured: identical R@K and report). The folder now records its
     settings and another --seed or --images is refused before anything is reused; the same settings go on.
     (The generator is stopped by the test so that no model is built: the check comes first.)"""
-    import toolkit.synthetic
+    import toolkit.ingest.synthetic
     from toolkit.errors import UserError
 
     calls = []
@@ -148,7 +148,7 @@ def test_demo_refuses_a_folder_made_with_another_seed_or_size(run_cli, tmp_path,
         calls.append((n_images, seed))
         raise UserError("stopped here by the test")
 
-    monkeypatch.setattr(toolkit.synthetic, "make_synthetic_coco", stop)
+    monkeypatch.setattr(toolkit.ingest.synthetic, "make_synthetic_coco", stop)
     out = tmp_path / "demo"
     res = run_cli("demo", "--out", out, "--seed", 0, "--no-pictures", expect=2)
     assert "stopped here" in res.output and calls == [(100, 0)]

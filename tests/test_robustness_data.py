@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 from test_failures import make_retrieval_run
 
-from toolkit.outdir import MANIFEST
+from toolkit.report.outdir import MANIFEST
 from toolkit.sheets import sheet_text
-from toolkit.study import open_study
+from toolkit.store.study import open_study
 
 SMALL = ["--n", 40, "--overlap", 10, "--per-annotator", 8, "--annotators", "A,B,C", "--no-pictures"]
 EVIL = '=HYPERLINK("evil.example")'
@@ -196,7 +196,7 @@ def test_a_file_that_cannot_be_read_is_not_written_over(run_cli, dbfile, tmp_pat
 
 
 def test_rerunning_run_keeps_labels_saved_under_another_header_spelling(run_cli, tmp_db, tmp_path, synthetic_coco):
-    from toolkit.models import TINY_CONFIG, save_random_checkpoint
+    from toolkit.embed.models import TINY_CONFIG, save_random_checkpoint
 
     ckpt = tmp_path / "tiny.safetensors"
     save_random_checkpoint(ckpt, spec=TINY_CONFIG, seed=1)
@@ -236,7 +236,7 @@ def test_replace_that_fails_while_writing_rolls_back(run_cli, dbfile, tmp_path, 
     files = folder_bytes(out)
     before = samples_and_runs(dbfile)
 
-    from toolkit import failures
+    from toolkit.labels import sample as failures
 
     calls = []
     real_render = failures.PictureRenderer.render
@@ -348,7 +348,7 @@ def test_reused_analyze_folder_keeps_nothing_of_the_earlier_analysis(run_cli, la
 
 def test_analyze_removes_what_killed_runs_left_and_keeps_a_live_runs_folder(run_cli, labelled, tmp_path):
     from toolkit import staging
-    from toolkit.outdir import OLD_PREFIX, STAGING_PREFIX
+    from toolkit.report.outdir import OLD_PREFIX, STAGING_PREFIX
 
     dbfile, _ = labelled
     an = tmp_path / "analysis"

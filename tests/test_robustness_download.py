@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.download import ExtractLimits, copy_limited, download_coco
 from toolkit.errors import UserError
+from toolkit.ingest.download import ExtractLimits, copy_limited, download_coco
 
 ANN_ZIP = "annotations_trainval2017.zip"
 IMG_ZIP = "val2017.zip"

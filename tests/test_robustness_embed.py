@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit import artifacts, encode, models
-from toolkit import paths as study_paths
-from toolkit.devices import resolve_device
+from toolkit.embed import encode, models
+from toolkit.embed.devices import resolve_device
 from toolkit.errors import UserError
-from toolkit.study import open_study
+from toolkit.store import artifacts
+from toolkit.store import paths as study_paths
+from toolkit.store.study import open_study
 
 TINY = ["--model", "tiny-clip", "--num-workers", "0"]
 SMALL_SHARDS = {"image": 4, "text": 20}  # 12 images -> 3 image shards; ~60 captions -> 3 text shards
@@ -70,7 +71,7 @@ def partial_folders(db_path, kind):
 
 def interrupt_after(monkeypatch, n_saved):
     """Make the n-th shard save raise KeyboardInterrupt (as a Ctrl-C would); returns the restore function."""
-    embed_mod = importlib.import_module("toolkit.embed")  # toolkit.embed is the function
+    embed_mod = importlib.import_module("toolkit.embed.stage")
 
     real = embed_mod._Shards.save
     count = []
@@ -89,7 +90,7 @@ def interrupt_after(monkeypatch, n_saved):
 
 
 def test_a_tampered_or_unrecorded_shard_is_recomputed_not_stitched_in(ingested, run_cli, monkeypatch):
-    embed_mod = importlib.import_module("toolkit.embed")  # toolkit.embed is the function
+    embed_mod = importlib.import_module("toolkit.embed.stage")
 
     monkeypatch.setattr(embed_mod, "SHARD_ROWS", SMALL_SHARDS)
     restore = interrupt_after(monkeypatch, 2)  # image shards 0 and 1 are on disk, then Ctrl-C
@@ -146,7 +147,7 @@ def test_embeddings_that_are_not_finite_and_unit_length_are_never_registered(
 def test_a_set_another_process_is_computing_is_refused_and_its_shards_kept(ingested, run_cli, monkeypatch):
     import fcntl
 
-    embed_mod = importlib.import_module("toolkit.embed")  # toolkit.embed is the function
+    embed_mod = importlib.import_module("toolkit.embed.stage")
 
     monkeypatch.setattr(embed_mod, "SHARD_ROWS", SMALL_SHARDS)
     restore = interrupt_after(monkeypatch, 1)
@@ -173,7 +174,7 @@ def test_a_set_another_process_is_computing_is_refused_and_its_shards_kept(inges
 
 def test_the_database_can_be_opened_while_embed_encodes(ingested, run_cli, monkeypatch, tmp_path):
     """Another process opens the database mid-encoding; a set registered meanwhile is reused, not doubled."""
-    from toolkit.embed import embed as toolkit_embed
+    from toolkit.embed.stage import embed as toolkit_embed
 
     probe = (
         "import duckdb, sys; c = duckdb.connect(sys.argv[1], read_only=True); "
@@ -240,7 +241,7 @@ def test_a_precision_this_torch_cannot_run_is_refused_clearly(ingested, run_cli,
 
 
 def test_unavailable_or_unknown_devices_are_messages_in_every_stage(ingested, run_cli, monkeypatch):
-    from toolkit import retrieval
+    from toolkit.retrieval import ranking as retrieval
 
     run_cli("--db", ingested, "embed", *TINY)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

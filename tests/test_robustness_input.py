@@ -21,7 +21,7 @@ import duckdb
 import pytest
 from helpers import assert_one_message
 
-from toolkit.models import TINY_CONFIG, save_random_checkpoint
+from toolkit.embed.models import TINY_CONFIG, save_random_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def base_db(tmp_path_factory):
     from click.testing import CliRunner
 
     from cli import cli
-    from toolkit.synthetic import make_synthetic_coco
+    from toolkit.ingest.synthetic import make_synthetic_coco
 
     root = tmp_path_factory.mktemp("robust_base")
     make_synthetic_coco(root / "coco", 12, seed=3)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from toolkit import paths
-from toolkit.study import open_study
+from toolkit.store import paths
+from toolkit.store.study import open_study
 
 TINY = ["--model", "tiny-clip", "--num-workers", "0"]
 

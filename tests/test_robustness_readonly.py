@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 from helpers import assert_one_message, register_hand_built
 
-from toolkit import db
-from toolkit import paths as study_paths
-from toolkit import study as study_db
 from toolkit.errors import UserError
-from toolkit.evaluate import evaluate
-from toolkit.failures import sample_failures
-from toolkit.ingest import ingest
-from toolkit.simulate import simulate_labels
-from toolkit.study import open_study
+from toolkit.ingest.stage import ingest
+from toolkit.labels.sample import sample_failures
+from toolkit.labels.simulate import simulate_labels
+from toolkit.retrieval.evaluate import evaluate
+from toolkit.store import db
+from toolkit.store import paths as study_paths
+from toolkit.store import study as study_db
+from toolkit.store.study import open_study
 
 
 def sha256(path) -> str:
@@ -226,7 +226,7 @@ def test_sql_refuses_every_statement_that_could_write(run_cli, study, tmp_path):
 
 def test_the_locked_connection_refuses_writes_even_past_the_statement_check(study, tmp_path):
     """Layer 3 alone: the connection `sql` runs on cannot reach any file, and cannot be unlocked."""
-    from toolkit import adhoc
+    from toolkit.store import sql as adhoc
 
     con = open_study(study, read_only=True)
     try:
@@ -332,7 +332,7 @@ def test_report_on_a_writable_study_is_recorded_so_status_stops_asking_for_it(ru
 
 def test_run_query_twice_on_one_connection(study):
     # the Python API: a notebook runs several queries on one read-only connection
-    from toolkit.adhoc import run_query
+    from toolkit.store.sql import run_query
 
     with open_study(study, read_only=True) as con:
         assert len(run_query(con, "SELECT 1 AS x")) == 1
@@ -544,10 +544,12 @@ def test_templates_export_out_never_writes_over_the_studys_wal(run_cli, crashed)
 
 
 def test_run_checks_its_out_folder_before_any_stage(run_cli, study, monkeypatch):
-    import toolkit.pipeline
+    import toolkit.workflows.pipeline
 
     calls = []
-    monkeypatch.setattr(toolkit.pipeline, "run_pipeline", lambda *a, **k: calls.append(a) or pytest.fail("ran"))
+    monkeypatch.setattr(
+        toolkit.workflows.pipeline, "run_pipeline", lambda *a, **k: calls.append(a) or pytest.fail("ran")
+    )
     res = run_cli("--db", study, "run", "--coco-root", study.parent, "--out", study.parent / "study_cache", expect=None)
     assert_one_message(res, "cache folder")
     assert calls == []

@@ -1,4 +1,4 @@
-"""One resolver for "which retrieval run": `toolkit.runs.resolve_retrieval_run`, its rule per need, and the
+"""One resolver for "which retrieval run": `toolkit.store.runs.resolve_retrieval_run`, its rule per need, and the
 commands that use it (sample-failures, triage, annotate, export-labelstudio, analyze, improve, report).
 
 The world (built once, copied per test): three text-to-image runs made by hand (every caption an R@1
@@ -19,10 +19,10 @@ import duckdb
 import pytest
 from test_annotations import invoke, make_retrieval_run, sample, write_labels
 
-from toolkit import db
 from toolkit.errors import UserError
-from toolkit.runs import resolve_retrieval_run
-from toolkit.study import open_study
+from toolkit.store import db
+from toolkit.store.runs import resolve_retrieval_run
+from toolkit.store.study import open_study
 
 
 def _image_to_text_run(con) -> int:

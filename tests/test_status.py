@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from toolkit.status import study_status
-from toolkit.study import open_study
+from toolkit.report.status import study_status
+from toolkit.store.study import open_study
 
 
 def test_status_of_an_empty_database(run_cli, tmp_db):

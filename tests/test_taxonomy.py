@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from toolkit.study import open_study
-from toolkit.taxonomy import LabelError, Taxonomy, normalise_label, resolve_label
+from toolkit.labels.taxonomy import LabelError, Taxonomy, normalise_label, resolve_label
+from toolkit.store.study import open_study
 
 SEVEN = ["Ambiguous", "Object", "Attribute", "Action", "Context", "Count", "Spatial"]
 

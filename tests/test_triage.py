@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from helpers import register_hand_built
 
-from toolkit import db
-from toolkit.study import open_study
-from toolkit.synthetic import Group, Scene, make_synthetic_coco
+from toolkit.ingest.synthetic import Group, Scene, make_synthetic_coco
+from toolkit.store import db
+from toolkit.store.study import open_study
 
 
 def _table(path, sql, params=None):
@@ -140,7 +140,7 @@ def test_generated_failures_get_count_object_and_spatial(run_cli, tmp_path, tmp_
 
 
 def test_caption_facts_use_the_phrases_lexicon_and_category_names():
-    T = importlib.import_module("toolkit.triage")  # toolkit.triage is the function
+    T = importlib.import_module("toolkit.labels.triage")
 
     index = T.object_index(["circle"])
     facts = T.caption_facts("Two men riding horses to the left of 3 circles", index)
@@ -163,11 +163,11 @@ def _kappa(pairs):
 
 
 def test_agreement_views_match_a_python_reference(tmp_path, synthetic_coco):
-    from toolkit.evaluate import evaluate
-    from toolkit.failures import sample_failures
-    from toolkit.ingest import ingest
-    from toolkit.simulate import simulate_labels
-    from toolkit.triage import triage
+    from toolkit.ingest.stage import ingest
+    from toolkit.labels.sample import sample_failures
+    from toolkit.labels.simulate import simulate_labels
+    from toolkit.labels.triage import triage
+    from toolkit.retrieval.evaluate import evaluate
 
     con = open_study(tmp_path / "agree.duckdb")
     ingest(con, coco_root=synthetic_coco, num_images=40, captions_per_image=5, seed=42, name="s40")
@@ -249,7 +249,7 @@ def test_agreement_views_match_a_python_reference(tmp_path, synthetic_coco):
         assert dist.loc[cat, "n_human"] == n
 
     # the report's triage section shows the views' rows and the confusion matrix as a figure
-    from toolkit.report import write_report
+    from toolkit.report.page import write_report
 
     rep = write_report(con, out_dir=tmp_path / "report")
     assert "7. Automatic triage" in rep.sections
@@ -418,7 +418,7 @@ def test_a_hub_factor_that_is_not_a_usable_number_is_one_message(run_cli, tmp_db
     assert "Invalid value for '--hub-factor'" in res.output and "0<x<=1000000.0" in res.output
     assert "Traceback" not in res.output and res.output.count("Error:") == 1
     from toolkit.errors import UserError
-    from toolkit.triage import triage
+    from toolkit.labels.triage import triage
 
     run_cli("--db", tmp_db, "init")
     with open_study(tmp_db) as con, pytest.raises(UserError, match="--hub-factor must be a number greater than 0"):

@@ -6,10 +6,10 @@ a caption becomes a live link). `sheet_text` writes such text with a leading `'`
 spreadsheet shows as text. Plain numbers (`-0.25`, `+3`, `1e-5`) are left alone: a spreadsheet
 reads them as the number they are, never as a formula. The exact text stays in the database.
 
-Used by every CSV the toolkit writes for people: the annotators' exports (toolkit.failures), the
-analysis tables (toolkit.analysis), the report's tables (toolkit.report), `benchmark --csv`
-(toolkit.benchmark), `sql --csv` (whose column names a query chooses, so `write_frame_csv` guards
-the header too) and `templates export` (toolkit.templates; `templates import` takes the guard off).
+Used by every CSV the toolkit writes for people: the annotators' exports (toolkit.labels.sample), the
+analysis tables (toolkit.report.analysis), the report's tables (toolkit.report.page), `benchmark --csv`
+(toolkit.retrieval.benchmark), `sql --csv` (whose column names a query chooses, so `write_frame_csv` guards
+the header too) and `templates export` (toolkit.improve.templates; `templates import` takes the guard off).
 """
 
 from __future__ import annotations

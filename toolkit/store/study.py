@@ -1,0 +1,204 @@
+"""Opening a study: its database's schema, views and seed rows, created or upgraded.
+
+This module sits above the primitives in `toolkit.store.db` and the seed data of `toolkit.labels.taxonomy` and
+`toolkit.improve.templates` (which import only `toolkit.store.db`, never this module). Every command goes through
+`open_study`, which
+- refuses a database written by a newer schema version,
+- for writing: when the stored schema hash (`schema_info.schema_hash`) differs from this clipfail's
+  (declared tables and columns, `queries/*.sql`, the default taxonomy and templates), creates missing
+  tables and sequences, adds missing columns, applies every view with CREATE OR REPLACE, inserts the
+  missing seed rows, and then stores the new hash; when the hash matches it writes nothing,
+- for reading (`read_only=True`): never writes; refuses a missing file, and a database whose hash is
+  out of date (with the command that upgrades it),
+- turns DuckDB's lock, "not a database" and corrupt-file errors into a UserError (`toolkit.store.db.connect`).
+
+The connection it returns closes at the end of a `with` block:
+
+    with open_study("study.duckdb", read_only=True) as con:
+        con.sql("SELECT * FROM recall_summary").df()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+import duckdb_engine
+from sqlalchemy.schema import CreateSequence, CreateTable
+
+from schema import SCHEMA_VERSION, metadata
+from toolkit._version import __version__
+from toolkit.errors import UserError
+from toolkit.improve.templates import seed_templates
+from toolkit.labels.taxonomy import seed_taxonomy
+from toolkit.store import db
+
+_DIALECT = duckdb_engine.Dialect()
+
+
+def schema_version(con) -> int | None:
+    if not db.table_exists(con, "schema_info"):
+        return None
+    # fetchall, not fetchone: a half-read result blocks the connection's next register() (DuckDB 2)
+    row = next(iter(con.execute("SELECT value FROM schema_info WHERE key = 'schema_version'").fetchall()), None)
+    return int(row[0]) if row else None
+
+
+def stored_schema_hash(con) -> str | None:
+    if not db.table_exists(con, "schema_info"):
+        return None
+    row = next(iter(con.execute("SELECT value FROM schema_info WHERE key = 'schema_hash'").fetchall()), None)
+    return row[0] if row else None
+
+
+def _seed_files() -> list[str]:
+    """Every shipped seed file (toolkit/data/*.csv: the taxonomy, its aliases, the template sets)."""
+    return sorted(
+        f"data/{e.name}" for e in resources.files("toolkit").joinpath("data").iterdir() if e.name.endswith(".csv")
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def schema_hash() -> str:
+    """A hash of everything an upgrade applies: the schema version, the declared sequences, tables and
+    columns (their DDL), the views in queries/*.sql and the shipped seed data. Any change to one of
+    them makes the next writing command upgrade the database."""
+    h = hashlib.sha256(f"schema_version={SCHEMA_VERSION}\n".encode())
+    for name in sorted(metadata._sequences):
+        h.update(str(CreateSequence(metadata._sequences[name]).compile(dialect=_DIALECT)).encode("utf-8"))
+    for table in sorted(metadata.sorted_tables, key=lambda t: t.name):
+        h.update(str(CreateTable(table).compile(dialect=_DIALECT)).encode("utf-8"))
+    for name, sql in view_sql().items():
+        h.update(f"\nview {name}\n".encode() + sql.encode("utf-8"))
+    for rel in _seed_files():
+        h.update(f"\nseed {rel}\n".encode() + resources.files("toolkit").joinpath(rel).read_bytes())
+    return h.hexdigest()
+
+
+def _refuse_newer(con, path: str) -> None:
+    found = schema_version(con)
+    if found is not None and found > SCHEMA_VERSION:
+        raise UserError(
+            f"Database {path} was written by a newer clipfail (schema version {found}; this clipfail "
+            f"{__version__} knows up to {SCHEMA_VERSION}). Upgrade clipfail to use it."
+        )
+
+
+def ensure_schema(con, path: str = "") -> None:
+    """Create or upgrade the declared schema in one transaction (missing sequences, tables, columns)."""
+    _refuse_newer(con, path)
+    with db.transaction(con):
+        for seq in metadata._sequences.values():
+            con.execute(str(CreateSequence(seq, if_not_exists=True).compile(dialect=_DIALECT)))
+        for table in metadata.sorted_tables:
+            if not db.table_exists(con, table.name):
+                con.execute(str(CreateTable(table, if_not_exists=True).compile(dialect=_DIALECT)))
+                continue
+            have = {
+                r[0]
+                for r in con.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table.name]
+                ).fetchall()
+            }
+            for col in table.columns:
+                if col.name not in have:
+                    coltype = col.type.compile(dialect=_DIALECT)
+                    con.execute(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {coltype}')
+        con.execute(
+            "INSERT OR REPLACE INTO schema_info (key, value) VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
+        )
+
+
+def view_sql() -> dict[str, str]:
+    """The view definitions shipped in queries/*.sql, by view name (file stem), in the order of
+    queries.VIEWS (dependency order). A .sql file missing from that list, or a listed view without its
+    file, is a packaging mistake and raises RuntimeError."""
+    from queries import VIEWS
+
+    files = {
+        entry.name[: -len(".sql")]: entry
+        for entry in resources.files("queries").iterdir()
+        if entry.name.endswith(".sql")
+    }
+    unlisted = sorted(set(files) - set(VIEWS))
+    missing = [name for name in VIEWS if name not in files]
+    if unlisted or missing:
+        raise RuntimeError(
+            f"queries/__init__.py VIEWS does not match queries/*.sql: not listed {unlisted}, no file for {missing}"
+        )
+    return {name: files[name].read_text(encoding="utf-8") for name in VIEWS}
+
+
+def apply_views(con) -> None:
+    """CREATE OR REPLACE every view, once each, in the dependency order of queries.VIEWS."""
+    for name, sql in view_sql().items():
+        try:
+            con.execute(sql)
+        except duckdb.Error as exc:
+            raise RuntimeError(f"view {name} in queries/{name}.sql does not apply: {exc}") from exc
+
+
+def upgrade(con, path: str = "") -> None:
+    """Apply the declared schema, the views and the missing seed rows, then store the schema hash.
+
+    Each step only adds what is missing, so a run interrupted before the hash is stored is simply
+    completed by the next writing open."""
+    ensure_schema(con, path)
+    apply_views(con)
+    seed_taxonomy(con)  # inserts only missing default categories/aliases
+    seed_templates(con)  # the shipped default prompt-template set, when the database has none
+    con.execute("INSERT OR REPLACE INTO schema_info (key, value) VALUES ('schema_hash', ?)", [schema_hash()])
+
+
+def open_study(
+    path: str | Path | None = None, read_only: bool = False, *, force_upgrade: bool = False
+) -> duckdb.DuckDBPyConnection:
+    """Open a study's database (default: $CLIPFAIL_DB or ./clipfail.duckdb); use it in a `with` block.
+
+    For writing (the default) the file is created if needed, and upgraded when its schema hash differs
+    from this clipfail's (`force_upgrade=True`, used by `clipfail init`, re-checks every table and column
+    anyway). With `read_only=True` nothing is ever written: the file must exist and be up to date."""
+    path = str(path or db.default_db_path())
+    if not read_only and Path(path).parent and not Path(path).parent.exists():
+        raise UserError(f"Folder {Path(path).parent} for database {path} does not exist. Create it first.")
+    con = db.connect(path, read_only=read_only)
+    try:
+        _refuse_newer(con, path)
+        up_to_date = stored_schema_hash(con) == schema_hash()
+        if read_only and not up_to_date:
+            raise UserError(
+                f"Database {path} has not been set up by this version of clipfail yet (its tables, views or "
+                "default data differ), and this command only reads it. Upgrade it once with: "
+                f"clipfail --db {path} init (this needs write access to the file and its folder), then run "
+                "the command again."
+            )
+        if not read_only and (force_upgrade or not up_to_date):
+            upgrade(con, path)
+    except duckdb.Error as exc:
+        con.close()
+        if db.is_corruption(exc):
+            raise db.damaged_database_error(path, exc) from None
+        raise
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+@contextlib.contextmanager
+def connection(database):
+    """A connection for one block: the caller's open connection as it is, or the study at this path
+    opened for the block and closed after it (so that a long step between two blocks holds no lock)."""
+    if isinstance(database, str | os.PathLike):
+        con = open_study(database)
+        try:
+            yield con
+        finally:
+            con.close()
+    else:
+        yield database
