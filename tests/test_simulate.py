@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from helpers import register_hand_built
 
-from toolkit import db
-from toolkit.evaluate import evaluate
-from toolkit.failures import sample_failures
-from toolkit.ingest import ingest
-from toolkit.simulate import NOTE, simulate_labels
-from toolkit.study import open_study
+from toolkit.ingest.stage import ingest
+from toolkit.labels.sample import sample_failures
+from toolkit.labels.simulate import NOTE, simulate_labels
+from toolkit.retrieval.evaluate import evaluate
+from toolkit.store import db
+from toolkit.store.study import open_study
 
 
 def _register(con, tmp_path, kind, array, item_ids, subset_id):
@@ -65,3 +65,36 @@ def test_simulated_labels_are_flagged_seeded_and_disagree_on_the_overlap(sampled
     assert [p.read_bytes() for p in other.files] != [p.read_bytes() for p in res.files]
     now = con.execute("SELECT sample_id, annotator, category FROM annotations ORDER BY sample_id, annotator").df()
     assert len(now) == len(first) and not now.equals(first)
+
+
+@pytest.mark.parametrize("where", ["fa", "labels"])
+def test_a_fifo_in_place_of_an_export_or_an_output_is_refused_not_opened(sampled, where):
+    """A FIFO where simulate reads an export (fa/) or writes its filled copy (labels/) would block the open;
+    it is refused by name and nothing is imported."""
+    import os
+    import threading
+
+    from toolkit.errors import UserError
+
+    con, tmp_path = sampled
+    folder = tmp_path / where
+    folder.mkdir(exist_ok=True)
+    fifo = folder / "assign_A.csv"
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    box = {}
+
+    def target():
+        try:
+            simulate_labels(con, tmp_path / "fa", tmp_path / "labels", seed=3)
+        except UserError as exc:
+            box["error"] = str(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))  # release the blocked open before failing
+        raise AssertionError("simulate_labels blocked on a FIFO")
+    assert "FIFO" in box.get("error", "") and str(fifo) in box["error"], box
+    assert con.execute("SELECT count(*) FROM annotations").fetchone()[0] == 0

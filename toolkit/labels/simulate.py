@@ -21,12 +21,14 @@ they say nothing about CLIP.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from toolkit.errors import UserError
+from toolkit.userfiles import read_text, refuse_non_regular
 
 PRIOR = {"Ambiguous": 67, "Object": 62, "Attribute": 25, "Action": 24, "Context": 16, "Count": 15, "Spatial": 1}
 NOTE = "simulated annotator (clipfail demo), not a human judgement"
@@ -40,12 +42,13 @@ class SimulatedLabels:
 
 
 def _read_export(path: Path) -> tuple[list[str], list[dict]]:
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
-        return list(reader.fieldnames or []), list(reader)
+    # through userfiles: a FIFO or device in place of an export is refused, never opened (it would block)
+    reader = csv.DictReader(io.StringIO(read_text(path, "Exported label file"), newline=""))
+    return list(reader.fieldnames or []), list(reader)
 
 
 def _write(path: Path, columns: list[str], rows: list[dict]) -> Path:
+    refuse_non_regular(path, "Simulated label file")  # opening a FIFO for writing blocks too
     with open(path, "w", encoding="utf-8-sig", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\r\n")
         writer.writeheader()
