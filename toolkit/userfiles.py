@@ -81,26 +81,36 @@ def refuse_non_regular(path: str | Path, what: str, hint: str = "") -> None:
         raise UserError(_join(f"{what} {path} {problem}.", hint))
 
 
-def read_bytes(path: str | Path, what: str, hint: str = "", limit: int | None = None) -> bytes:
-    """The bytes of a regular file, opened without blocking; `limit` caps the size read."""
-    path = check_regular(path, what, hint)
+def _open_checked(path: Path, what: str, hint: str) -> int:
+    """A non-blocking read descriptor of a path that `check_regular` accepted."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        return os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except OSError as exc:
         raise UserError(_join(f"{what} {path} cannot be read ({exc.strerror or exc}).", hint)) from None
+
+
+def _read_fd(fd: int, label: str, hint: str = "", limit: int | None = None, head: int | None = None) -> bytes:
+    """Read an open descriptor (closed afterwards) if fstat says it is a regular file: all of it, at most `limit`
+    bytes (more is refused), or its first `head` bytes. `label` names the file in messages."""
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):  # swapped for something else after the check
-            raise UserError(_join(f"{what} {path} is {_kind(st.st_mode)}, not a regular file.", hint))
+            raise UserError(_join(f"{label} is {_kind(st.st_mode)}, not a regular file.", hint))
         if limit is not None and st.st_size > limit:
-            raise UserError(_join(f"{what} {path} is {st.st_size:,} bytes, more than the {limit:,} this reads.", hint))
+            raise UserError(_join(f"{label} is {st.st_size:,} bytes, more than the {limit:,} this reads.", hint))
         try:
-            data = f.read() if limit is None else f.read(limit + 1)
+            data = f.read(head if head is not None else -1 if limit is None else limit + 1)
         except OSError as exc:
-            raise UserError(_join(f"{what} {path} cannot be read ({exc.strerror or exc}).", hint)) from None
+            raise UserError(_join(f"{label} cannot be read ({exc.strerror or exc}).", hint)) from None
         if limit is not None and len(data) > limit:
-            raise UserError(_join(f"{what} {path} is more than the {limit:,} bytes this reads.", hint))
+            raise UserError(_join(f"{label} is more than the {limit:,} bytes this reads.", hint))
         return data
+
+
+def read_bytes(path: str | Path, what: str, hint: str = "", limit: int | None = None) -> bytes:
+    """The bytes of a regular file, opened without blocking; `limit` caps the size read."""
+    path = check_regular(path, what, hint)
+    return _read_fd(_open_checked(path, what, hint), f"{what} {path}", hint, limit=limit)
 
 
 def read_under(root: str | Path, rel: str | Path, what: str, limit: int | None = None) -> bytes:
@@ -142,19 +152,7 @@ def read_under(root: str | Path, rel: str | Path, what: str, limit: int | None =
             fd = os.open(real, flags)
     except OSError as exc:
         raise UserError(f"{what} {rel} cannot be read ({exc.strerror or exc}).") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise UserError(f"{what} {rel} is {_kind(st.st_mode)}, not a regular file.")
-        if limit is not None and st.st_size > limit:
-            raise UserError(f"{what} {rel} is {st.st_size:,} bytes, more than the {limit:,} this reads.")
-        try:
-            data = f.read() if limit is None else f.read(limit + 1)
-        except OSError as exc:
-            raise UserError(f"{what} {rel} cannot be read ({exc.strerror or exc}).") from None
-        if limit is not None and len(data) > limit:
-            raise UserError(f"{what} {rel} is more than the {limit:,} bytes this reads.")
-        return data
+    return _read_fd(fd, f"{what} {rel}", limit=limit)
 
 
 def decode_text(data: bytes, what: str, encoding: str = "utf-8-sig", hint: str = "") -> str:
@@ -177,18 +175,7 @@ def read_head(path: str | Path, n: int, what: str, hint: str = "") -> bytes:
     """The first `n` bytes (fewer if the file is shorter) of a regular file, opened without blocking:
     enough to tell a file's format by its magic bytes without reading all of it."""
     path = check_regular(path, what, hint)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-    except OSError as exc:
-        raise UserError(_join(f"{what} {path} cannot be read ({exc.strerror or exc}).", hint)) from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):  # swapped for something else after the check
-            raise UserError(_join(f"{what} {path} is {_kind(st.st_mode)}, not a regular file.", hint))
-        try:
-            return f.read(n)
-        except OSError as exc:
-            raise UserError(_join(f"{what} {path} cannot be read ({exc.strerror or exc}).", hint)) from None
+    return _read_fd(_open_checked(path, what, hint), f"{what} {path}", hint, head=n)
 
 
 def _depth_exceeds(value, limit: int) -> bool:
