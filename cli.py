@@ -688,6 +688,8 @@ def compare(db_path, run_a, run_b, ks, seed):
     (10,000 resamples, --seed), the exact McNemar p, and the queries fixed (A miss, B hit), broken
     (A hit, B miss), shared (both miss) and neither (both hit). Stored in run_comparisons and
     run_comparison_stats; see the views run_pairs, run_comparison and failure_overlap_by_category.
+    Neither run gains from ties: where counting them optimistically would move some R@K by more than
+    0.01 pp, every figure counts them pessimistically (rank + n_tied <= K) and the command says so.
     Runs on different subsets or directions are refused. The same comparison again is a no-op.
 
     \b
@@ -712,6 +714,14 @@ def compare(db_path, run_a, run_b, ks, seed):
         click.echo("Run A and run B are the same run: every delta is zero and nothing is fixed or broken.")
     elif res.is_identical_ranks:
         click.echo("The two runs rank every query identically: every delta is zero and nothing is fixed or broken.")
+    if bool(res.summary["is_tie_affected"].any()):
+        tied_a, tied_b = int(res.summary["n_tied_queries_a"].iloc[0]), int(res.summary["n_tied_queries_b"].iloc[0])
+        click.echo(
+            f"Ties: the ground truth ties with other items for {tied_a:,} queries in run A and {tied_b:,} in run B, "
+            "and counting them optimistically would move R@K by more than 0.01 pp. Every figure below counts "
+            "them pessimistically (rank + n_tied <= K, both runs), so neither run gains from ties; the view "
+            "run_comparison also gives r_at_k_a/b_optimistic and _pessimistic."
+        )
     cols = ["k", "r_at_k_a", "r_at_k_b", "delta_pp", "ci_low_pp", "ci_high_pp", "mcnemar_p"]
     counts = ["k", "n_fixed", "n_broken", "n_shared", "n_neither"]
     shown = res.summary[cols].copy()

@@ -29,7 +29,7 @@ VIEWS = [
     # comparisons of two retrieval runs (issue 18)
     "run_pairs",  # reads run_comparisons, retrieval_ranks
     "run_comparison",  # reads run_pairs
-    "failure_overlap_by_category",  # reads sample_labels
+    "failure_overlap_by_category",  # reads sample_labels, run_comparison
     # hubness and the methods of improve (issue 17)
     "image_hubness",  # reads retrieval_runs, embedding_rows, retrieval_ranks
     "hubness_summary",  # reads image_hubness

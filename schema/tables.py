@@ -446,6 +446,16 @@ run_comparison_stats = sa.Table(
     sa.Column("bootstrap_resamples", sa.Integer, nullable=False),
     sa.Column("bootstrap_seed", sa.BigInteger, nullable=False),
     sa.Column("mcnemar_p", sa.Double, nullable=False),
+    # the same statistics on the pessimistic hits (gt_rank + n_tied <= K, both runs), so that neither run gains
+    # from ties (the view run_comparison headlines them for a tie-affected comparison). NULL: comparisons stored
+    # before ties were compared (the same `clipfail compare` again fills them in)
+    sa.Column("hits_a_pessimistic", sa.BigInteger),
+    sa.Column("hits_b_pessimistic", sa.BigInteger),
+    sa.Column("n_fixed_pessimistic", sa.BigInteger),
+    sa.Column("n_broken_pessimistic", sa.BigInteger),
+    sa.Column("ci_low_pp_pessimistic", sa.Double),
+    sa.Column("ci_high_pp_pessimistic", sa.Double),
+    sa.Column("mcnemar_p_pessimistic", sa.Double),
 )
 
 # Natural keys (COCO ids, names) are given, never generated: without this, single-column

@@ -252,6 +252,104 @@ def test_the_same_comparison_again_is_a_noop_and_other_options_add_one(study, ru
     con.close()
 
 
+def test_no_run_gains_from_ties_in_a_comparison(study, run_cli, tmp_path):
+    """Run B gives every image the same score: counted optimistically every ground truth is first (R@1 = 100%),
+    pessimistically last. The comparison's headline (view run_comparison, the stored interval and p-value,
+    failure_overlap_by_category) counts the pessimistic hits, recomputed here from the rank rows."""
+    import shutil
+
+    path, runs, _ = study
+    copy = tmp_path / "ties.duckdb"
+    shutil.copy(path, copy)
+    con = open_study(copy)
+    try:
+        sid, img_ids, caps = _members(con, "s40")
+        img = np.tile(np.float32([1.0] + [0.0] * 15), (len(img_ids), 1))  # every image the same embedding
+        txt = np.random.default_rng(5).normal(size=(len(caps), 16)).astype(np.float32)
+        txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+        for kind, arr, ids in (("image", img, img_ids), ("text", txt, caps["caption_id"].to_numpy(np.int64))):
+            cfg = {"kind": kind, "model": "hand-tied", "subset": "s40"}
+            register_hand_built(con, tmp_path / f"{kind}.npy", kind, arr, ids, sid, model="hand-tied", config=cfg)
+        tied = evaluate(con, "s40", model="hand-tied", device="cpu").retrieval_run_id
+    finally:
+        con.close()
+    out = run_cli("--db", copy, "compare", runs["a"], tied, "--k", "1,5,10").output
+    assert "Ties:" in out and "pessimistically" in out
+    con = open_study(copy, read_only=True)
+    try:
+        cid = con.execute(
+            "SELECT run_comparison_id FROM run_comparisons WHERE retrieval_run_b_id = ?", [tied]
+        ).fetchone()[0]
+        view = con.execute("SELECT * FROM run_comparison WHERE run_comparison_id = ? ORDER BY k", [cid]).df()
+        ranks = {
+            rr: con.execute(
+                "SELECT gt_rank, n_tied FROM retrieval_ranks WHERE retrieval_run_id = ? ORDER BY query_id", [rr]
+            ).df()
+            for rr in (runs["a"], tied)
+        }
+        overlap = con.execute("SELECT * FROM failure_overlap_by_category WHERE run_comparison_id = ?", [cid]).df()
+        labelled = con.execute("SELECT count(*) FROM sample_labels WHERE retrieval_run_id = ?", [runs["a"]]).fetchone()[
+            0
+        ]
+    finally:
+        con.close()
+    a_rank = ranks[runs["a"]]["gt_rank"].to_numpy() + ranks[runs["a"]]["n_tied"].to_numpy()
+    b_opt = ranks[tied]["gt_rank"].to_numpy()
+    b_rank = b_opt + ranks[tied]["n_tied"].to_numpy()
+    assert (b_opt == 1).all() and (b_rank == len(img_ids)).all()  # the premise: every image ties
+    n = len(a_rank)
+    assert view["is_tie_affected"].all() and (view["tie_count"] == "pessimistic").all()
+    for row in view.itertuples():
+        ha, hb = a_rank <= row.k, b_rank <= row.k
+        assert row.r_at_k_b_optimistic == 1.0 and row.r_at_k_b == 0.0 == hb.mean()
+        assert row.r_at_k_a == pytest.approx(ha.mean(), abs=1e-12)
+        assert row.delta_pp == pytest.approx(round(100 * (hb.sum() - ha.sum()) / n, 2), abs=1e-9)
+        assert row.delta_pp <= 0  # optimistically B would have gained up to 100 pp from its ties
+        assert (row.n_fixed, row.n_broken) == (int((~ha & hb).sum()), int((ha & ~hb).sum()))
+        assert (row.n_shared, row.n_neither) == (int((~ha & ~hb).sum()), int((ha & hb).sum()))
+        assert row.mcnemar_p == pytest.approx(_mcnemar_reference(ha, hb), rel=1e-12)
+        lo, hi = stats.paired_bootstrap_ci(ha, hb, seed=42)
+        assert (row.ci_low_pp, row.ci_high_pp) == pytest.approx((round(100 * lo, 2), round(100 * hi, 2)))
+        assert row.n_tied_queries_b == n
+    # A's labelled failures: none is "fixed" by B's ties
+    assert labelled > 0 and int(overlap["n_labelled_a"].sum()) == labelled
+    assert int(overlap["n_fixed"].sum()) == 0 and (overlap["tie_count"] == "pessimistic").all()
+
+
+def test_a_comparison_stored_before_ties_were_compared_gets_its_pessimistic_statistics(study, run_cli, tmp_path):
+    """The pessimistic columns of an older comparison are NULL; the same compare again fills them in and changes
+    nothing else. Two untied runs: the comparison is not tie-affected and headlines the optimistic count."""
+    import shutil
+
+    path, runs, _ = study
+    copy = tmp_path / "old.duckdb"
+    shutil.copy(path, copy)
+    run_cli("--db", copy, "compare", runs["a"], runs["b"], "--k", "1,5", "--seed", "3")
+    cols = "hits_a, hits_b, n_fixed, n_broken, ci_low_pp, ci_high_pp, mcnemar_p"
+    pess = ", ".join(f"{c}_pessimistic" for c in cols.split(", "))
+    con = open_study(copy)
+    try:
+        cid = con.execute("SELECT max(run_comparison_id) FROM run_comparisons").fetchone()[0]
+        full = con.execute(f"SELECT k, {cols}, {pess} FROM run_comparison_stats WHERE run_comparison_id = ?", [cid])
+        full = full.fetchall()
+        con.execute(f"UPDATE run_comparison_stats SET ({pess}) = ({', '.join(['NULL'] * 7)})")
+        n_runs = _count(con, "runs")
+    finally:
+        con.close()
+    assert all(v is not None for row in full for v in row)
+    out = run_cli("--db", copy, "compare", runs["a"], runs["b"], "--k", "1,5", "--seed", "3").output
+    assert "already stored, nothing changed" in out and "Ties:" not in out
+    con = open_study(copy, read_only=True)
+    try:
+        again = con.execute(f"SELECT k, {cols}, {pess} FROM run_comparison_stats WHERE run_comparison_id = ?", [cid])
+        assert again.fetchall() == full and _count(con, "runs") == n_runs
+        view = con.execute("SELECT * FROM run_comparison WHERE run_comparison_id = ?", [cid]).df()
+    finally:
+        con.close()
+    assert not view["is_tie_affected"].any() and (view["tie_count"] == "optimistic").all()
+    assert (view["r_at_k_a"] == view["r_at_k_a_optimistic"]).all()
+
+
 @pytest.mark.parametrize(
     "which, args, message",
     [

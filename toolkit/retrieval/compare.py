@@ -10,18 +10,23 @@ the outcomes are paired. It writes, in one transaction,
 - one `run_comparison_stats` row per K: hits of A and B, fixed (A miss -> B hit) and broken
   (A hit -> B miss) counts, a paired bootstrap 95% interval of ΔR@K = R@K(B) - R@K(A) in
   percentage points (`toolkit.stats.paired_bootstrap_ci`, 10,000 resamples, seeded) and the exact
-  McNemar p-value (`toolkit.stats.mcnemar_exact`).
+  McNemar p-value (`toolkit.stats.mcnemar_exact`); the same statistics again on the pessimistic hits
+  (gt_rank + n_tied <= K: a query whose ground truth ties with other items counts at the worst place
+  among them), so that neither run gains from ties.
 
 The numbers a report quotes come from the views, which read the ranks and the stored statistics:
 `run_pairs` (per query: both ranks, the rank change, hit@1/5/10 of each run), `run_comparison`
 (per comparison and K: R@K of each run, ΔR@K in pp with the stored interval and p-value, and the
 counts of failures fixed, broken, shared and neither) and `failure_overlap_by_category` (A's
 labelled R@1 failures per category: fixed by B or still failing in B; and B's labelled failures
-that A retrieved at rank 1, i.e. broken).
+that A retrieved at rank 1, i.e. broken). Ties: `run_comparison` headlines the pessimistic figures of
+a comparison in which, for some K, either run's optimistic and pessimistic R@K differ by more than
+0.01 pp (is_tie_affected; tie_count names the count used), as improvement_ties does for improvement runs.
 
 Runs on different subsets or in different directions are refused. A run compared with itself (or
 two runs with identical ranks) gives zero deltas, and the result says so. The same comparison
-again is a no-op that returns the stored one.
+again is a no-op that returns the stored one (a comparison stored before ties were compared gets its
+pessimistic statistics filled in, nothing else changes).
 """
 
 from __future__ import annotations
@@ -98,13 +103,11 @@ def _run_row(con, rrid: int, which: str) -> dict:
 
 
 def load_pair_ranks(con, run_a: int, run_b: int) -> pd.DataFrame:
-    """query_id, rank_a, rank_b of two runs over the same queries (refused when the query sets differ)."""
-    a = con.execute(
-        "SELECT query_id, gt_rank FROM retrieval_ranks WHERE retrieval_run_id = ? ORDER BY query_id", [int(run_a)]
-    ).df()
-    b = con.execute(
-        "SELECT query_id, gt_rank FROM retrieval_ranks WHERE retrieval_run_id = ? ORDER BY query_id", [int(run_b)]
-    ).df()
+    """query_id, rank_a, rank_b, n_tied_a, n_tied_b of two runs over the same queries (refused when the query
+    sets differ)."""
+    sql = "SELECT query_id, gt_rank, n_tied FROM retrieval_ranks WHERE retrieval_run_id = ? ORDER BY query_id"
+    a = con.execute(sql, [int(run_a)]).df()
+    b = con.execute(sql, [int(run_b)]).df()
     if len(a) != len(b) or not np.array_equal(a["query_id"].to_numpy(), b["query_id"].to_numpy()):
         only_a = len(set(a["query_id"]) - set(b["query_id"]))
         only_b = len(set(b["query_id"]) - set(a["query_id"]))
@@ -118,35 +121,71 @@ def load_pair_ranks(con, run_a: int, run_b: int) -> pd.DataFrame:
             "query_id": a["query_id"].to_numpy(np.int64),
             "rank_a": a["gt_rank"].to_numpy(np.int64),
             "rank_b": b["gt_rank"].to_numpy(np.int64),
+            "n_tied_a": a["n_tied"].to_numpy(np.int64),
+            "n_tied_b": b["n_tied"].to_numpy(np.int64),
         }
     )
 
 
+def _paired(ha: np.ndarray, hb: np.ndarray, seed: int, n_resamples: int) -> dict:
+    lo, hi = stats.paired_bootstrap_ci(ha, hb, n_resamples=n_resamples, seed=seed, level=CI_LEVEL)
+    return {
+        "hits_a": int(ha.sum()),
+        "hits_b": int(hb.sum()),
+        "n_fixed": int((~ha & hb).sum()),
+        "n_broken": int((ha & ~hb).sum()),
+        "ci_low_pp": 100 * lo,
+        "ci_high_pp": 100 * hi,
+        "mcnemar_p": stats.mcnemar_exact(ha, hb),
+    }
+
+
+PESSIMISTIC = ("hits_a", "hits_b", "n_fixed", "n_broken", "ci_low_pp", "ci_high_pp", "mcnemar_p")
+
+
 def compute_stats(
-    rank_a: np.ndarray, rank_b: np.ndarray, ks, seed: int, n_resamples: int = stats.BOOTSTRAP_RESAMPLES
+    rank_a: np.ndarray,
+    rank_b: np.ndarray,
+    ks,
+    seed: int,
+    n_resamples: int = stats.BOOTSTRAP_RESAMPLES,
+    n_tied_a: np.ndarray | None = None,
+    n_tied_b: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """run_comparison_stats rows (without run_comparison_id), one per K."""
+    """run_comparison_stats rows (without run_comparison_id), one per K: the optimistic statistics (rank <= K)
+    and, given the tie counts, the pessimistic ones (rank + n_tied <= K; the `*_pessimistic` columns)."""
     rows = []
     for k in ks:
-        ha, hb = rank_a <= k, rank_b <= k
-        lo, hi = stats.paired_bootstrap_ci(ha, hb, n_resamples=n_resamples, seed=seed, level=CI_LEVEL)
-        rows.append(
-            {
-                "k": int(k),
-                "n": int(len(ha)),
-                "hits_a": int(ha.sum()),
-                "hits_b": int(hb.sum()),
-                "n_fixed": int((~ha & hb).sum()),
-                "n_broken": int((ha & ~hb).sum()),
-                "ci_low_pp": 100 * lo,
-                "ci_high_pp": 100 * hi,
-                "ci_level": CI_LEVEL,
-                "bootstrap_resamples": int(n_resamples),
-                "bootstrap_seed": int(seed),
-                "mcnemar_p": stats.mcnemar_exact(ha, hb),
-            }
-        )
+        row = {"k": int(k), "n": int(len(rank_a))}
+        row |= _paired(rank_a <= k, rank_b <= k, seed, n_resamples)
+        row |= {"ci_level": CI_LEVEL, "bootstrap_resamples": int(n_resamples), "bootstrap_seed": int(seed)}
+        if n_tied_a is not None and n_tied_b is not None:
+            pess = _paired(rank_a + n_tied_a <= k, rank_b + n_tied_b <= k, seed, n_resamples)
+            row |= {f"{name}_pessimistic": pess[name] for name in PESSIMISTIC}
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _fill_pessimistic(con, cid: int, pairs: pd.DataFrame, ks, seed: int, n_resamples: int) -> None:
+    """A comparison stored before ties were compared: add its pessimistic statistics (nothing else changes)."""
+    missing = con.execute(
+        "SELECT count(*) FROM run_comparison_stats WHERE run_comparison_id = ? AND mcnemar_p_pessimistic IS NULL",
+        [cid],
+    ).fetchone()[0]
+    if not missing:
+        return
+    st = compute_stats(
+        pairs["rank_a"].to_numpy(), pairs["rank_b"].to_numpy(), ks, seed, n_resamples,
+        pairs["n_tied_a"].to_numpy(), pairs["n_tied_b"].to_numpy(),
+    )  # fmt: skip
+    cols = [f"{name}_pessimistic" for name in PESSIMISTIC]
+    sets = ", ".join(f"{c} = ?" for c in cols)
+    with db.transaction(con):
+        for row in st.to_dict("records"):
+            con.execute(
+                f"UPDATE run_comparison_stats SET {sets} WHERE run_comparison_id = ? AND k = ?",
+                [row[c] for c in cols] + [cid, int(row["k"])],
+            )
 
 
 def summary(con, run_comparison_id: int) -> pd.DataFrame:
@@ -216,9 +255,13 @@ def compare(
     )
     if existing is not None:
         cid, run_id = int(existing[0]), int(existing[1])
+        if not db.is_read_only(con):
+            _fill_pessimistic(con, cid, pairs, ks, int(seed), int(n_resamples))
         return CompareResult(cid, run_id, True, summary=summary(con, cid), **common)
 
-    st = compute_stats(rank_a, rank_b, ks, seed, n_resamples)
+    st = compute_stats(
+        rank_a, rank_b, ks, seed, n_resamples, pairs["n_tied_a"].to_numpy(), pairs["n_tied_b"].to_numpy()
+    )
     with db.transaction(con):
         run_id = db.insert_run(con, STAGE, config | {"subset": str(a["subset"])}, started, seed=int(seed))
         cid = con.execute(
