@@ -19,7 +19,6 @@ import pandas as pd
 
 from toolkit._version import __version__
 from toolkit.errors import UserError
-from toolkit.improve.pooling import ALPHA_RANGE, BETA_RANGE, TAU_RANGE
 from toolkit.store import db
 from toolkit.store.study import open_study, schema_version
 
@@ -1334,6 +1333,67 @@ def templates_export(db_path, template_set, out_file):
     click.echo(f"Wrote {out_file}")
 
 
+class MethodOption(click.Option):
+    """A method option: its value is None unless given (each method applies its own default), and --help shows
+    the methods' default when they agree."""
+
+    def __init__(self, *args, method_default=None, **kw):
+        super().__init__(*args, **kw)
+        self.method_default = method_default
+
+    def get_help_extra(self, ctx):
+        extra = super().get_help_extra(ctx)
+        if self.method_default is not None and not self.is_flag:
+            extra = {"default": str(self.method_default), **extra}
+        return extra
+
+
+def method_options():
+    """improve's --method (every registered method, broken plugins included, so that choosing one names it) and
+    the methods' options, built from the registry (`toolkit.improve.methods`): one option per parameter name,
+    shared by the methods that declare it (default None: each method applies its own default)."""
+    from toolkit.improve import methods
+
+    def click_type(row):
+        lo, hi = row["lo"], row["hi"]
+        if row["kind"] == "float":
+            return FiniteFloat(lo, hi) if lo is not None or hi is not None else FiniteFloat()
+        if row["kind"] in ("count", "int"):
+            return click.IntRange(lo or 1, hi or methods.COUNT_MAX)
+        if row["kind"] == "choice":
+            return click.Choice(list(row["choices"]))
+        return None
+
+    def decorate(f):
+        for row in reversed(list(methods.option_table().values())):
+            parts = [n for n in row["methods"] if not methods.registry()[n].method.is_combination] or row["methods"]
+            who = " / ".join(dict.fromkeys(parts))
+            defaults = {repr(d) for d in row["defaults"].values()}
+            shown = next(iter(row["defaults"].values())) if len(defaults) == 1 else None
+            kw = {"is_flag": True} if row["kind"] == "flag" else {"type": click_type(row)}
+            help_text = f"{who}: {row['help']}" if row["help"] else f"{who}."
+            f = click.option(row["flag"], row["name"], cls=MethodOption, default=None, method_default=shown,
+                             help=help_text, **kw)(f)  # fmt: skip
+        names = methods.names()
+        f = click.option(
+            "--method",
+            type=click.Choice(names),
+            default="templates",
+            show_default=True,
+            help="The fix: templates (prompt ensembling), a score transform, templates then one, or a plugin's method "
+            "(docs/plugins.md).",
+        )(f)
+        return f
+
+    return decorate
+
+
+def _given_method_options(method: str, values: dict) -> dict:
+    """The method options given on the command line (field name -> value); the method refuses the others."""
+    ctx = click.get_current_context()
+    return {n: v for n, v in values.items() if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE}
+
+
 @cli.command()
 @click.option("--categories", required=True, help="Comma-separated failure categories, e.g. Object,Attribute.")
 @click.option(
@@ -1346,68 +1406,18 @@ def templates_export(db_path, template_set, out_file):
 @click.option(
     "--max-subset", type=click.IntRange(1, 2**31 - 1), default=200, show_default=True, help="Cap (seeded draw)."
 )
-@click.option("--pooling", default="logsumexp", show_default=True, help="max, mean, logsumexp, or all (comma list ok).")
-@click.option("--tau", type=FiniteFloat(*TAU_RANGE), default=1.0, show_default=True, help="logsumexp temperature.")
-@click.option(
-    "--template-set", default="default-v2", show_default=True, help="Prompt-template set (see clipfail templates list)."
-)
-@click.option(
-    "--template-mode",
-    type=click.Choice(["own", "union"]),
-    default="own",
-    show_default=True,
-    help="own: each caption gets its category's templates; union: every chosen category's, in order, cut at --k.",
-)
-@click.option(
-    "--k", type=click.IntRange(1, 2**31 - 1), default=10, show_default=True, help="Distinct prompts per caption."
-)
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True, help="Draws, bootstrap.")
 @click.option("--include-overlap", is_flag=True, help="Add the overlap set with its majority labels.")
 @click.option("--control", default=None, help="Also run on R@1 successes: successes:N, or on every caption: all.")
 @model_options()
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True, help="Prompts per batch.")
-@click.option("--recompute-prompts", is_flag=True, help="Drop and re-encode this model's cached prompt embeddings.")
-@click.option(
-    "--method",
-    type=click.Choice(["templates", "inverted-softmax", "qb-norm", "query-expansion", "templates+inverted-softmax",
-                       "templates+qb-norm"]),
-    default="templates",
-    show_default=True,
-    help="The fix: prompt ensembling, a hubness fix, query expansion, or templates then a hubness fix.",
-)  # fmt: skip
-@click.option(
-    "--beta", type=FiniteFloat(*BETA_RANGE), default=20.0, show_default=True, help="inverted-softmax / qb-norm."
-)
-@click.option(
-    "--k-bank",
-    type=click.IntRange(1, 2**31 - 1),
-    default=1,
-    show_default=True,
-    help="qb-norm: top-k of each bank caption.",
-)
-@click.option("--bank", default=None, help="qb-norm: a subset whose captions form the bank (default: see README).")
-@click.option("--allow-bank-overlap", is_flag=True, help="qb-norm: run even if the bank holds evaluated captions.")
-@click.option(
-    "--top",
-    type=click.IntRange(1, 2**31 - 1),
-    default=3,
-    show_default=True,
-    help="query-expansion: images averaged in.",
-)
-@click.option(
-    "--alpha", type=FiniteFloat(*ALPHA_RANGE), default=0.5, show_default=True, help="query-expansion: their weight."
-)
+@method_options()
 @db_option
 def improve(
     db_path,
     categories,
     retrieval_run_id,
     max_subset,
-    pooling,
-    tau,
-    template_set,
-    template_mode,
-    k,
     seed,
     include_overlap,
     control,
@@ -1416,14 +1426,8 @@ def improve(
     checkpoint,
     device,
     batch_size,
-    recompute_prompts,
     method,
-    beta,
-    k_bank,
-    bank,
-    allow_bank_overlap,
-    top,
-    alpha,
+    **method_params,
 ):
     """Category-aware prompt ensembling on labelled R@1 failures: baseline vs improved R@1/5/10.
 
@@ -1454,7 +1458,8 @@ def improve(
       clipfail improve --categories Object,Attribute --template-mode union --k 15 --pooling all
       clipfail improve --categories Object,Attribute --method qb-norm --control successes:200
     """
-    _check_method_options(method)
+    given = _given_method_options(method, method_params)
+    from toolkit.improve import methods as improve_methods
     from toolkit.improve.stage import effective_k as improve_effective_k
     from toolkit.improve.stage import improve as run_improve
     from toolkit.improve.stage import model_encoder_factory
@@ -1467,12 +1472,6 @@ def improve(
             categories,
             retrieval_run_id=retrieval_run_id,
             max_subset=max_subset,
-            poolings=pooling,
-            tau=tau,
-            template_set=template_set,
-            template_mode=template_mode,
-            k=k,
-            recompute_prompts=recompute_prompts,
             seed=seed,
             include_overlap=include_overlap,
             control=control,
@@ -1480,12 +1479,7 @@ def improve(
                 model=model, pretrained=pretrained, checkpoint=checkpoint, device=device, batch_size=batch_size
             ),
             method=method,
-            beta=beta,
-            k_bank=k_bank,
-            bank=bank,
-            allow_bank_overlap=allow_bank_overlap,
-            top=top,
-            alpha=alpha,
+            **given,
         )
         summary = improve_summary(con, res.improvement_ids)
         eff_k = improve_effective_k(con, res.improvement_ids)
@@ -1494,7 +1488,7 @@ def improve(
         click.echo(f"Note: {note}")
     if res.is_noop:
         click.echo("Already computed with exactly this configuration; nothing changed.")
-    elif method in ("inverted-softmax", "qb-norm", "query-expansion"):
+    elif not improve_methods.get(method)[0].needs_prompts:
         click.echo(f"Improve run {res.run_id}: method {method} (view method_comparison compares the methods).")
     else:
         click.echo(
@@ -1514,34 +1508,6 @@ def improve(
     click.echo(
         f"Improvement ids: {', '.join(map(str, res.improvement_ids))} (views improvement_recall, category_recall_delta)"
     )
-
-
-_METHOD_OPTIONS = {  # improve: the options that only some --method values read (issue 17)
-    "pooling": ("--pooling", "templates"),
-    "tau": ("--tau", "templates"),
-    "template_set": ("--template-set", "templates"),
-    "template_mode": ("--template-mode", "templates"),
-    "k": ("--k", "templates"),
-    "recompute_prompts": ("--recompute-prompts", "templates"),
-    "beta": ("--beta", "inverted-softmax", "qb-norm"),
-    "k_bank": ("--k-bank", "qb-norm"),
-    "bank": ("--bank", "qb-norm"),
-    "allow_bank_overlap": ("--allow-bank-overlap", "qb-norm"),
-    "top": ("--top", "query-expansion"),
-    "alpha": ("--alpha", "query-expansion"),
-}
-
-
-def _check_method_options(method: str) -> None:
-    """Refuse an option given on the command line that the chosen --method would ignore."""
-    ctx = click.get_current_context()
-    parts = method.split("+")
-    for name, (flag, *methods) in _METHOD_OPTIONS.items():
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and not set(parts) & set(methods):
-            raise UserError(
-                f"{flag} does not apply to --method {method} (it is an option of {' or '.join(methods)} and of the "
-                "templates combinations that include it); leave it out."
-            )
 
 
 @cli.command("report")

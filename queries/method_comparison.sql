@@ -8,7 +8,8 @@
 -- if several) the share of its R@1 successes that the method breaks (n_broken / baseline hits at K=1;
 -- NULL without a control). method_rank_r1 ranks the methods within (retrieval run, category) by the
 -- R@1 delta, 1 = largest gain (ties share a rank). is_bank_overlap flags a qb-norm bank that held
--- evaluated captions (--allow-bank-overlap).
+-- evaluated captions (--allow-bank-overlap). pooling, tau and the template columns are NULL for a method without
+-- prompts (they match a control's NULL).
 -- Ties: no method gains from them. The headline columns (baseline/improved/delta, intervals, p-values,
 -- fixed/broken, the control's share broken, and so method_rank_r1) use each run's tie_count (view
 -- improvement_ties): the pessimistic count (rank + n_tied <= K, baseline and improved alike) for a run that
@@ -94,8 +95,9 @@ matched_control AS (
     JOIN controls c
         ON c.retrieval_run_id = f.retrieval_run_id AND c.categories = f.categories
         AND c.method_name = f.method_name AND c.method_params IS NOT DISTINCT FROM f.method_params
-        AND c.pooling = f.pooling AND c.tau IS NOT DISTINCT FROM f.tau AND c.template_set = f.template_set
-        AND c.template_mode = f.template_mode AND c.k_prompts IS NOT DISTINCT FROM f.k_prompts AND c.seed = f.seed
+        AND c.pooling IS NOT DISTINCT FROM f.pooling AND c.tau IS NOT DISTINCT FROM f.tau
+        AND c.template_set IS NOT DISTINCT FROM f.template_set AND c.template_mode IS NOT DISTINCT FROM f.template_mode
+        AND c.k_prompts IS NOT DISTINCT FROM f.k_prompts AND c.seed = f.seed
         AND c.max_subset IS NOT DISTINCT FROM f.max_subset AND c.is_overlap_included = f.is_overlap_included
     GROUP BY f.improvement_id
 ),

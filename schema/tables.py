@@ -12,7 +12,11 @@ booleans `is_<x>`.
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 1
+# 2: improvement_runs' prompt columns (pooling, template_set, templates_sha256, template_mode, k_per_category) are
+# nullable, NULL for a method without prompts (they held '' / 'none' / '{}' before); `toolkit.store.study` migrates
+# a version-1 file (drops NOT NULL, placeholders -> NULL) in its upgrade transaction. A clipfail of version 1 would
+# write the placeholders again and its views compare them with '=': it refuses a version-2 file instead.
+SCHEMA_VERSION = 2
 
 metadata = sa.MetaData()
 
@@ -251,7 +255,10 @@ prompts = sa.Table(
     sa.Column("text", sa.Text, nullable=False, unique=True),
 )
 
-# One row per (pooling, population) of an `improve` invocation; the invocation is the run_id.
+# One row per (population, variant) of an `improve` invocation (the variant: templates' pooling; a method without
+# prompts has one); the invocation is the run_id. The prompt columns (pooling, tau, template_set, templates_sha256,
+# template_mode, k_per_category, k_prompts) are NULL for a method that has no value for them (inverted-softmax,
+# qb-norm, query-expansion, a plugin's): NULL means "does not apply", never a placeholder.
 improvement_runs = sa.Table(
     "improvement_runs",
     metadata,
@@ -259,13 +266,13 @@ improvement_runs = sa.Table(
     sa.Column("retrieval_run_id", sa.BigInteger, nullable=False),
     sa.Column("categories", sa.Text, nullable=False),  # comma-separated, taxonomy order
     sa.Column("population", sa.Text, nullable=False),  # 'failures' | 'successes' | 'all'
-    sa.Column("pooling", sa.Text, nullable=False),  # 'max' | 'mean' | 'logsumexp'
+    sa.Column("pooling", sa.Text),  # 'max' | 'mean' | 'logsumexp' (NULL: a method without prompts)
     sa.Column("tau", sa.Double),  # logsumexp only, else NULL
-    sa.Column("template_set", sa.Text, nullable=False),
-    sa.Column("templates_sha256", sa.Text, nullable=False),  # of the set's content when run
-    sa.Column("template_mode", sa.Text, nullable=False),  # 'own' | 'union'
-    sa.Column("k_per_category", sa.Text, nullable=False),  # JSON {category: K asked} ('*': controls)
-    sa.Column("k_prompts", sa.Integer),  # --k: prompts asked per caption (NULL: runs before K was chosen)
+    sa.Column("template_set", sa.Text),  # NULL: a method without prompts
+    sa.Column("templates_sha256", sa.Text),  # of the set's content when run (NULL: a method without prompts)
+    sa.Column("template_mode", sa.Text),  # 'own' | 'union' (NULL: a method without prompts)
+    sa.Column("k_per_category", sa.Text),  # JSON {category: K asked} ('*': controls); NULL: no prompts
+    sa.Column("k_prompts", sa.Integer),  # --k asked per caption (NULL: no prompts, or runs before K was chosen)
     sa.Column("n_captions", sa.Integer, nullable=False),
     sa.Column("max_subset", sa.Integer),
     sa.Column("seed", sa.BigInteger, nullable=False),
@@ -274,8 +281,10 @@ improvement_runs = sa.Table(
     sa.Column("config_hash", sa.Text, nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
     _run_id(),
-    # issue 17: the fix applied. 'templates' | 'inverted-softmax' | 'qb-norm' | 'query-expansion' (NULL: templates,
-    # runs made before methods); method_params: its parameters as 'name=value' pairs; the query bank of qb-norm
+    # issue 17: the fix applied, a registered method's name: 'templates', 'inverted-softmax', 'qb-norm',
+    # 'query-expansion', 'templates+inverted-softmax', 'templates+qb-norm' or a plugin's (NULL: templates, runs made
+    # before methods); method_params: its parameters as 'name=value' pairs (NULL: none, or plain templates); the
+    # query bank of qb-norm (NULL for the others)
     sa.Column("method", sa.Text),
     sa.Column("method_params", sa.Text),
     sa.Column("bank_subset", sa.Text),

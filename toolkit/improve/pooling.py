@@ -54,6 +54,10 @@ POOLINGS = ("max", "mean", "logsumexp")
 TAU_RANGE = (1e-6, 1e6)  # logsumexp temperature (see the module docstring)
 BETA_RANGE = (1e-6, 1e6)  # inverted-softmax / qb-norm
 ALPHA_RANGE = (0.0, 1e6)  # query-expansion
+DEFAULT_BETA = 20.0  # the QB-Norm paper's and code's default
+DEFAULT_K_BANK = 1
+DEFAULT_TOP = 3
+DEFAULT_ALPHA = 0.5
 
 
 class NonFiniteScores(ValueError):

@@ -71,12 +71,18 @@ as a new run, with its ties counted (the old run stays, its pessimistic figures 
 and encodes their texts and this call's prompts again, in the same transaction (the fix for a damaged
 or missing shard file).
 
-Methods (issue 17). ``method`` is "templates" (the above, the default); "inverted-softmax", "qb-norm"
-or "query-expansion" (`improve_method` below: the same populations, statistics and tables,
-with the method's ranks); or "templates+inverted-softmax" / "templates+qb-norm": the templates'
-pooled scores are normalised with the method's normaliser (`toolkit.improve.transforms.pooled_transform`),
-its queries (every caption of the run, or the bank) scored as captions. `improvement_runs.method`
-and ``method_params`` record which; a plain templates run's configuration is unchanged.
+Methods. ``method`` names a registered improvement method (`toolkit.improve.methods`, entry-point group
+``clipfail.methods``; docs/plugins.md): "templates" (the above, the default, `methods.prompt_ensemble`);
+"inverted-softmax", "qb-norm" or "query-expansion" (`toolkit.improve.transforms` on each caption's raw scores);
+"templates+inverted-softmax" / "templates+qb-norm" (the templates' pooled scores normalised with the method's
+normaliser, `transforms.pooled_transform`, its queries, every caption of the run or the bank, scored as
+captions); or a plugin's. Every method goes through the one skeleton below: populations (step 1, the same for
+all) -> units -> "already done?" -> the method's scores of each block of captions -> ranks and ties with
+`pooling.gt_rank_counts` (so no method, built-in or plugin, gains from ties) -> statistics, intervals, McNemar
+and controls (steps 5 and 6) -> one transaction. `improvement_runs.method` and ``method_params`` record which;
+the columns a method has no value for (pooling, tau, template_set, templates_sha256, template_mode,
+k_per_category, k_prompts for a method without prompts) are NULL. A plain templates run's configuration is
+unchanged.
 """
 
 from __future__ import annotations
@@ -92,23 +98,19 @@ import pandas as pd
 
 from toolkit import stats
 from toolkit.errors import UserError
-from toolkit.improve import pooling, templates
+from toolkit.improve import methods, pooling
 from toolkit.labels import phrases
 from toolkit.store import db
-from toolkit.store import paths as study_paths
 from toolkit.store.runs import resolve_retrieval_run
 
 STAGE = "improve"
 METHOD = "prompt-ensemble/v2"  # v2: distinct prompts, K chosen (v1 kept copies of the caption)
 POPULATIONS = ("failures", "successes", "all")
-# --method: prompt ensembling, the hubness fixes and query expansion (toolkit.improve.transforms), and the combinations
-METHODS = (
-    "templates", "inverted-softmax", "qb-norm", "query-expansion", "templates+inverted-softmax", "templates+qb-norm",
-)  # fmt: skip
 RECALL_KS = (1, 5, 10)
 DEFAULT_K = 10  # prompts per caption, the reference study's K
 SEED_MAX = 2**32 - 1
 SCORE_BUDGET = 8_000_000  # score elements (c captions x K prompts x M images) held at once
+FIX = "Re-run clipfail embed (with --recompute) and clipfail evaluate."
 
 Encoder = Callable[[list[str]], np.ndarray]
 
@@ -444,31 +446,6 @@ def prompt_shards(con, identity: dict) -> list[int]:
     ]
 
 
-def recompute_command(
-    con, cats, retrieval_run_id, pools, tau, template_set, template_mode, k, max_subset, seed, include_overlap, ctl
-) -> str:
-    """The improve command line of this call with --recompute-prompts (what a damaged prompt shard needs)."""
-    import shlex
-
-    parts = [
-        "clipfail",
-        "--db",
-        database_path(con),
-        "improve",
-        "--categories",
-        ",".join(cats),
-        "--run",
-        str(retrieval_run_id),
-    ]
-    parts += ["--pooling", ",".join(pools)] + (["--tau", f"{tau:g}"] if "logsumexp" in pools else [])
-    parts += ["--template-set", template_set, "--template-mode", template_mode, "--k", str(k), "--seed", str(seed)]
-    parts += ["--max-subset", str(max_subset)] if max_subset is not None else []
-    parts += ["--include-overlap"] if include_overlap else []
-    if ctl is not None:
-        parts += ["--control", "all" if ctl[0] == "all" else f"successes:{ctl[1]}"]
-    return " ".join(shlex.quote(p) for p in parts + ["--recompute-prompts"])
-
-
 def default_cache_dir(con) -> Path:
     """`<database folder>/<database stem>_cache/prompts` (beside the database file)."""
     rows = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
@@ -480,60 +457,69 @@ def default_cache_dir(con) -> Path:
 # ------------------------------------------------------------------------------ scoring
 
 
+# ------------------------------------------------------------------------------ what the sections share
+
+
 @dataclass
 class _Population:
+    """One population of captions (the labelled failures, or a control), as every method sees it."""
+
     name: str
-    captions: pd.DataFrame  # caption_id, sample_id, category, text, gt_index, baseline_rank, text_row
-    templates: list[list[str]]  # per caption
-    k_per_category: dict[str, int]
-    prompts: list[list[str]] = field(default_factory=list)  # per caption, filled
+    captions: pd.DataFrame  # caption_id, sample_id, category, image_id, text, baseline_rank, baseline_n_tied
+    k_per_category: dict[str, int] | None = None  # templates: {category: K asked} ('*': controls)
+    templates: list[list[str]] = field(default_factory=list)  # templates: the template list of each caption
+    prompts: list[list[str]] = field(default_factory=list)  # templates: the prompts of each caption
 
 
-def _rank_population(
-    pop: _Population, prompt_index, P: np.ndarray, Gt, poolings, tau, device: str = "cpu", post=None
-) -> dict[str, pd.DataFrame]:
-    """Improved rank and GT score per caption, for each pooling (scores made on `device`); `post`, if given,
-    transforms each block of pooled scores before ranking (a templates combination, `hubness.pooled_transform`)."""
-    from toolkit.retrieval import ranking as retrieval  # imports torch; only needed once there is something to score
+@dataclass
+class Runtime:
+    """What a call brings besides its options: the prompt encoder (tests pass a fake one) and the shard folder."""
 
-    caps = pop.captions
-    M = Gt.shape[1]
-    n = len(caps)
-    out = {p: (np.empty(n, np.int64), np.empty(n, np.float64), np.empty(n, np.int64)) for p in poolings}
-    # group captions with the same K so that the (c, K, M) blocks are rectangular
-    ks = np.array([len(p) for p in pop.prompts])
-    n_distinct = np.array([len({phrases.prompt_key(t) for t in p}) for p in pop.prompts])
-    for K in np.unique(ks):
-        members = np.flatnonzero(ks == K)
-        step = max(1, SCORE_BUDGET // (int(K) * M))
-        for s in range(0, len(members), step):
-            rows = members[s : s + step]
-            idx = np.array([prompt_index[i] for i in rows], dtype=np.int64)  # (c, K) rows of P
-            S = retrieval.score_rows(P[idx.reshape(-1)], Gt.T, device=device).reshape(len(rows), int(K), M)
-            gt = caps["gt_index"].to_numpy()[rows]
-            for p in poolings:
-                pooled = pooling.pool_scores(S, p, tau=tau)
-                if post is not None:
-                    pooled = post(pooled)
-                out[p][0][rows], out[p][2][rows] = pooling.gt_rank_counts(pooled, gt)  # refuses NaN / inf
-                out[p][1][rows] = pooled[np.arange(len(rows)), gt]
-    return {
-        p: pd.DataFrame(
-            {
-                "caption_id": caps["caption_id"].to_numpy(np.int64),
-                "sample_id": caps["sample_id"].astype("Int64"),
-                "category": caps["category"].astype(object).where(caps["category"].notna(), None),
-                "n_prompts": ks.astype(np.int32),
-                "n_distinct_prompts": n_distinct.astype(np.int32),
-                "baseline_rank": caps["baseline_rank"].to_numpy(np.int64),
-                "improved_rank": r,
-                "improved_score": sc,
-                "baseline_n_tied": caps["baseline_n_tied"].to_numpy(np.int64),
-                "improved_n_tied": tied,
-            }
-        )
-        for p, (r, sc, tied) in out.items()
-    }
+    encoder: Encoder | None = None
+    encoder_factory: Callable[[dict], Encoder] | None = None
+    cache_dir: str | Path | None = None
+
+
+@dataclass
+class Run:
+    """One improve call's checked settings, which the skeleton's sections and the method share."""
+
+    method: methods.Method
+    entry: methods.Entry
+    params: methods.MethodParams
+    rr: dict  # the retrieval_runs row
+    categories: list[str]
+    max_subset: int | None
+    seed: int
+    include_overlap: bool
+    control: tuple[str, int | None] | None
+    io: Runtime
+    text_set: dict | None = None  # the retrieval run's text embedding set
+    identity: dict | None = None  # its model_identity: the prompt cache's key
+    image_sha256: str | None = None
+    score_device: str = "cpu"
+    recorded_device: str | None = None
+    device_note: str | None = None
+    method_params: str | None = None  # improvement_runs.method_params
+    plan: dict = field(default_factory=dict)  # the method's own plan (template lists, a bank's normaliser)
+
+    @property
+    def rrid(self) -> int:
+        return int(self.rr["retrieval_run_id"])
+
+    @property
+    def text_sha256(self) -> str:
+        return str(self.text_set["sha256"])
+
+
+@dataclass
+class _Unit:
+    """One (population, variant): one improvement_runs row, new or reused."""
+
+    pop: _Population
+    key: object  # the method's variant (templates: the pooling; None for a method with one variant)
+    config: dict
+    config_hash: str
 
 
 def _paired_stats(b: np.ndarray, a: np.ndarray, n_resamples: int, seed: int) -> dict:
@@ -612,94 +598,32 @@ def non_finite_error(exc: pooling.NonFiniteScores, method: str, params: str | No
     )
 
 
-# ------------------------------------------------------------------------------ the stage, section by section
+# ------------------------------------------------------------------------------ the skeleton, section by section
 
 
-@dataclass
-class _Settings:
-    """One invocation's checked settings (what its sections share)."""
-
-    rr: dict  # the retrieval_runs row
-    categories: list[str]
-    poolings: list[str]
-    tau: float
-    template_set: str
-    templates_sha256: str
-    template_mode: str
-    k: int
-    max_subset: int | None
-    seed: int
-    include_overlap: bool
-    control: tuple[str, int | None] | None
-    text_set: dict | None = None  # the retrieval run's text embedding set (read after section 1, as before)
-    method: str = "templates"  # or a templates combination, "templates+qb-norm" (issue 17)
-    method_params: str | None = None  # its parameters as improvement_runs.method_params
-    bank: dict | None = None  # improvement_runs bank columns (bank_subset, n_bank, is_bank_overlap)
-    identity: dict | None = None  # its model_identity: the prompt cache's key
-
-    @property
-    def rrid(self) -> int:
-        return int(self.rr["retrieval_run_id"])
-
-
-@dataclass
-class _Unit:
-    """One (population, pooling): one improvement_runs row, new or reused."""
-
-    pop: _Population
-    pooling: str
-    config: dict
-    config_hash: str
-
-
-@dataclass
-class _PromptMatrix:
-    """Every prompt embedding the scoring needs (section 3's result)."""
-
-    P: np.ndarray  # the caption text rows first, then the other prompts
-    pos_text: dict[int, int]  # text embedding row -> row of P
-    pos_other: dict[str, int]  # prompt text (not a caption) -> row of P
-    images: np.ndarray  # the retrieval run's image embeddings
-    other: list[str]  # the distinct prompt texts that are not their caption
-    new_texts: list[str]  # of which encoded now
-    new_arr: np.ndarray | None  # their embeddings, in new_texts order
-    drop_ids: list[int]  # prompt shards of this model that --recompute-prompts replaces
-
-
-def check_options(poolings, tau, max_subset, seed, k, control) -> tuple:
-    """The option values checked and normalised: (poolings, tau, max_subset, seed, k, control)."""
-    pools = parse_poolings(poolings)
-    lo, hi = pooling.TAU_RANGE
-    try:
-        tau_ok = not isinstance(tau, bool) and bool(np.isfinite(float(tau))) and lo <= float(tau) <= hi
-    except (TypeError, ValueError, OverflowError):
-        tau_ok = False
-    if not tau_ok:
-        raise UserError(
-            f"--tau must be a number from {lo:g} to {hi:g} (got {tau}): the logsumexp temperature; near 0 it pools "
-            "as max, at large values as mean, and beyond the range the pooled scores under- or overflow."
-        )
-    tau = float(tau)
+def start(con, m, entry, params, categories, retrieval_run_id, max_subset, seed, include_overlap, control, io) -> Run:
+    """The call's checked settings; the method's `prepare` (templates: the set and its lists) runs last."""
     if max_subset is not None and int(max_subset) < 1:
         raise UserError("--max-subset must be at least 1.")
     max_subset = None if max_subset is None else int(max_subset)
-    seed = int(seed)
-    if not 0 <= seed <= SEED_MAX:
+    if isinstance(seed, bool) or int(seed) != seed or not 0 <= int(seed) <= SEED_MAX:
         raise UserError(f"--seed must be a whole number from 0 to {SEED_MAX} (got {seed}).")
-    if isinstance(k, bool) or int(k) != k or int(k) < 1:
-        raise UserError(f"--k must be a whole number of at least 1 (got {k}): prompts per caption, itself included.")
-    k = int(k)
     ctl = parse_control(control) if not isinstance(control, tuple) else control
-    return pools, tau, max_subset, seed, k, ctl
+    cats = parse_categories(con, categories)
+    rr = resolve_retrieval_run(con, retrieval_run_id, need="labels", purpose="improve")  # no labels: refused
+    run = Run(m, entry, params, rr, cats, max_subset, int(seed), bool(include_overlap), ctl, io)
+    run.method_params = params.text()
+    m.prepare(con, run)
+    return run
 
 
-def select_populations(con, s: _Settings, per_cat: dict[str, list[str]], union: list[str]) -> list[_Population]:
-    """Section 1: the failure subset (and the control population, if any) with their baseline ranks, texts
-    and template lists: a failure uses its category's list (per `per_cat`), a control caption the union."""
-    rrid = s.rrid
-    frames = [("failures", select_failures(con, rrid, s.categories, s.max_subset, s.seed, s.include_overlap))]
-    if s.control is not None:
-        frames.append((s.control[0], select_control(con, rrid, s.control, s.seed)))
+def select_populations(con, run: Run) -> list[_Population]:
+    """Section 1: the failure subset (and the control population, if any) with their baseline ranks and texts;
+    then the method's `attach` (a bank that must not leak; templates: each caption's prompts)."""
+    rrid = run.rrid
+    frames = [("failures", select_failures(con, rrid, run.categories, run.max_subset, run.seed, run.include_overlap))]
+    if run.control is not None:
+        frames.append((run.control[0], select_control(con, rrid, run.control, run.seed)))
     base = con.execute(
         """
         SELECT r.query_id AS caption_id, r.gt_rank AS baseline_rank, r.n_tied AS baseline_n_tied, r.gt_id AS image_id,
@@ -715,205 +639,129 @@ def select_populations(con, s: _Settings, per_cat: dict[str, list[str]], union: 
         df = df.join(base, on="caption_id")
         if df["baseline_rank"].isna().any():
             raise UserError(f"Some captions of the {name} subset have no rank in retrieval run {rrid}.")
-        if name == "failures":
-            tl = [per_cat[c] for c in df["category"]]
-            kpc = {c: s.k for c in s.categories if (df["category"] == c).any()}
-        else:
-            tl = [union] * len(df)
-            kpc = {"*": s.k}
-        pops.append(_Population(name, df.reset_index(drop=True), tl, kpc))
+        pops.append(_Population(name, df.reset_index(drop=True)))
+    run.text_set = con.execute(
+        "SELECT * FROM embedding_sets WHERE embedding_set_id = ?", [int(run.rr["text_embedding_set_id"])]
+    ).df().iloc[0].to_dict()  # fmt: skip
+    run.identity = model_identity(run.text_set)
+    run.image_sha256 = str(
+        con.execute(
+            "SELECT sha256 FROM embedding_sets WHERE embedding_set_id = ?", [int(run.rr["image_embedding_set_id"])]
+        ).fetchall()[0][0]
+    )
+    run.score_device, run.recorded_device, run.device_note = scoring_device(con, run.rr)
+    run.method.attach(con, run, pops)
     return pops
 
 
-def build_population_prompts(pops: list[_Population], s: _Settings) -> None:
-    """Section 2: fill each caption's prompts (`phrases.build_prompts`, up to K distinct texts, the caption
-    first). Refuses, before anything is encoded, a set that gives no failure a prompt besides its caption."""
-    slot_cache: dict[str, dict[str, str]] = {}
-    for pop in pops:
-        for text, tl in zip(pop.captions["text"], pop.templates):
-            slots = slot_cache.get(text)
-            if slots is None:
-                slots = slot_cache[text] = phrases.extract(text)
-            pop.prompts.append(phrases.build_prompts(text, tl, s.k, slots))
-    subset = pops[0]
-    if s.k >= 2 and all(len(prs) == 1 for prs in subset.prompts):
-        raise UserError(
-            f"Template set {s.template_set!r} ({s.template_mode} mode) gives none of the {len(subset.prompts)} "
-            f"captions of the subset a prompt other than the caption itself: each template either uses a slot that "
-            f"the phrase extractor finds empty in them or gives the caption's own text again (see clipfail templates "
-            f"list --set {s.template_set}). Nothing was encoded or written. Use a set whose templates apply (the "
-            f"default {templates.DEFAULT_SET} has templates that always do), or --k 1 for the baseline itself."
-        )
-
-
-def plan_units(pops: list[_Population], s: _Settings, common: dict) -> list[_Unit]:
-    """One unit per (population, pooling), with its full configuration and hash (the idempotence key)."""
+def plan_units(run: Run, pops: list[_Population]) -> list[_Unit]:
+    """One unit per (population, variant), with its full configuration and hash (the "already done?" key)."""
+    common = {
+        "stage": STAGE,
+        "retrieval_run_id": run.rrid,
+        "categories": run.categories,
+        "max_subset": run.max_subset,
+        "seed": run.seed,
+        "include_overlap": run.include_overlap,
+        "model": run.identity,
+    } | run.method.config(run)
+    run.plan["common"] = common
     units = []
     for pop in pops:
-        subset_sig = _sha(
-            [
-                [int(c), None if pd.isna(sid) else int(sid), None if pd.isna(lab) else str(lab), p]
-                for c, sid, lab, p in zip(
-                    pop.captions["caption_id"], pop.captions["sample_id"], pop.captions["category"], pop.prompts
-                )
-            ]
-        )
-        for p in s.poolings:
-            cfg = dict(
-                common,
-                population=pop.name,
-                control=list(s.control) if s.control and pop.name != "failures" else None,
-                pooling=p,
-                tau=s.tau if p == "logsumexp" else None,
-                subset_sha256=subset_sig,
-            )
-            units.append(_Unit(pop, p, cfg, db.config_hash(cfg)))
+        sig = _sha(run.method.signature_rows(pop))
+        ctl = list(run.control) if run.control and pop.name != "failures" else None
+        for key, extra in run.method.variants(run):
+            cfg = dict(common, population=pop.name, control=ctl, **extra, subset_sha256=sig)
+            units.append(_Unit(pop, key, cfg, db.config_hash(cfg)))
     return units
 
 
-def encode_or_reuse_prompts(
-    con,
-    s: _Settings,
-    pops_run: list[_Population],
-    *,
-    recompute_prompts: bool,
-    encoder: Encoder | None,
-    encoder_factory: Callable[[dict], Encoder] | None,
-) -> _PromptMatrix:
-    """Section 3: the embedding of every prompt of `pops_run`. A prompt that is its caption takes the caption's
-    row of the text embedding set; the others come from the prompt cache, and only those not cached (all of
-    this model's cached texts too, with `recompute_prompts`) are encoded. Adds gt_index and text_row to each
-    population's captions."""
-    from toolkit.store.artifacts import load_embedding_set
-
-    rr, rrid, identity = s.rr, s.rrid, s.identity
-    fix = "Re-run clipfail embed (with --recompute) and clipfail evaluate."
-    img = load_embedding_set(con, int(rr["image_embedding_set_id"]), fix=fix)
-    txt = load_embedding_set(con, int(rr["text_embedding_set_id"]), fix=fix)
-    img_row = {int(i): r for r, i in enumerate(img.item_ids)}
-    txt_row = {int(i): r for r, i in enumerate(txt.item_ids)}
-    for pop in pops_run:
+def index_populations(run: Run, pops: list[_Population], images, texts) -> None:
+    """Each caption's row in the text embedding set (text_row) and its GT image's row in the image set (gt_index)."""
+    img_row = {int(i): r for r, i in enumerate(images.item_ids)}
+    txt_row = {int(i): r for r, i in enumerate(texts.item_ids)}
+    for pop in pops:
         missing = [int(i) for i in pop.captions["image_id"] if int(i) not in img_row]
         missing += [int(c) for c in pop.captions["caption_id"] if int(c) not in txt_row]
         if missing:
-            raise UserError(f"Retrieval run {rrid}'s embedding sets lack {len(missing)} of its own items. {fix}")
+            raise UserError(f"Retrieval run {run.rrid}'s embedding sets lack {len(missing)} of its own items. {FIX}")
         pop.captions["gt_index"] = [img_row[int(i)] for i in pop.captions["image_id"]]
         pop.captions["text_row"] = [txt_row[int(c)] for c in pop.captions["caption_id"]]
 
-    other = sorted(
-        {pr for pop in pops_run for text, prs in zip(pop.captions["text"], pop.prompts) for pr in prs if pr != text}
-    )
-    drop_ids: list[int] = []
-    if recompute_prompts:
-        drop_ids = prompt_shards(con, identity)
-        old_texts = [
-            r[0]
-            for r in con.execute(
-                "SELECT DISTINCT p.text FROM embedding_rows er JOIN prompts p ON p.prompt_id = er.item_id "
-                "WHERE list_contains(?, er.embedding_set_id)",
-                [drop_ids],
-            ).fetchall()
-        ]
-        have = {}
-        new_texts = sorted(set(other) | set(old_texts))
-    else:
-        cached = cached_prompts(con, identity, other)
-        have = dict(zip(cached["text"], zip(cached["embedding_set_id"], cached["row_index"])))
-        new_texts = [t for t in other if t not in have]
-    dim = txt.array.shape[1]
-    vec: dict[str, np.ndarray] = {}
-    shard_fix = (
-        "Encode this model's cached prompts again (the damaged shard is dropped in the same transaction) with: "
-        + recompute_command(con, s.categories, rrid, s.poolings, s.tau, s.template_set, s.template_mode, s.k,
-                            s.max_subset, s.seed, s.include_overlap, s.control)
-    )  # fmt: skip
-    for set_id, grp in pd.DataFrame(
-        {"text": list(have), "set": [v[0] for v in have.values()], "row": [v[1] for v in have.values()]}
-    ).groupby("set"):
-        arr = load_embedding_set(con, int(set_id), fix=shard_fix).array
-        for t, r in zip(grp["text"], grp["row"]):
-            vec[t] = arr[int(r)]
-    new_arr = None
-    if new_texts:
-        if encoder is None:
-            make = encoder_factory or model_encoder_factory()
-            set_config = study_paths.resolve_keys(con, json.loads(s.text_set["config_json"] or "{}"), ("checkpoint",))
-            encoder = make(dict(identity, config=set_config))
-        new_arr = np.asarray(encoder(list(new_texts)), dtype=np.float32)
-        if new_arr.shape != (len(new_texts), dim):
-            raise RuntimeError(f"encoder returned shape {new_arr.shape}, expected {(len(new_texts), dim)}")
-        for t, v in zip(new_texts, new_arr):
-            vec[t] = v
 
-    # prompt matrix: the caption text rows first, then the other prompts
-    text_rows = sorted({int(r) for pop in pops_run for r in pop.captions["text_row"]})
-    pos_text = {r: i for i, r in enumerate(text_rows)}
-    pos_other = {t: len(text_rows) + i for i, t in enumerate(other)}
-    P = np.empty((len(text_rows) + len(other), dim), dtype=np.float32)
-    P[: len(text_rows)] = txt.array[text_rows]
-    for t, i in pos_other.items():
-        P[i] = vec[t]
-    return _PromptMatrix(P, pos_text, pos_other, img.array, other, list(new_texts), new_arr, drop_ids)
-
-
-def score_and_pool(
-    pops_run: list[_Population], todo: list[_Unit], m: _PromptMatrix, tau: float, score_device: str, post=None
-) -> tuple[dict[tuple[str, str], pd.DataFrame], int]:
-    """Section 4: ({(population, pooling): ranks frame} for the units to compute, number of identity prompts).
-    Scores every prompt against every image on `score_device`, pools per pooling, ranks the GT image."""
-    import torch
-
-    Gt = torch.from_numpy(np.ascontiguousarray(m.images, dtype=np.float32)).T
-    computed = {}
-    n_identity = 0
-    for pop in pops_run:
-        index = []
-        for text, row, prs in zip(pop.captions["text"], pop.captions["text_row"], pop.prompts):
-            ids = [m.pos_text[int(row)] if pr == text else m.pos_other[pr] for pr in prs]
-            n_identity += sum(pr == text for pr in prs)
-            index.append(ids)
-        wanted = [u.pooling for u in todo if u.pop is pop]
-        ranks = _rank_population(pop, index, m.P, Gt, wanted, tau, device=score_device, post=post)
-        for p, df in ranks.items():
-            computed[(pop.name, p)] = df
-    return computed, n_identity
-
-
-def _write_prompt_shard(con, s: _Settings, m: _PromptMatrix, run_id: int, started, cache_dir, recompute: bool) -> None:
-    """The new prompt texts (a prompts row each, unless another model cached them) and their shard file."""
-    from toolkit.store.artifacts import register_embedding_set, save_array
-
-    new_texts, identity = m.new_texts, s.identity
-    con.register("_improve_new_texts", pd.DataFrame({"text": list(new_texts)}))
+def _checked_scores(run: Run, block: methods.Block, keys) -> dict:
+    """The method's scores of a block, {variant: (n, M) array}; a plugin's failure or wrong shape is one message."""
+    m, entry = run.method, run.entry
+    n, M = len(block.rows), block.images.shape[0]
     try:
-        con.execute(
-            "INSERT INTO prompts (text) SELECT n.text FROM _improve_new_texts n "
-            "ANTI JOIN prompts p ON p.text = n.text ORDER BY n.text"
-        )
-    finally:
-        con.unregister("_improve_new_texts")
-    ids = dict(
-        con.execute("SELECT text, prompt_id FROM prompts WHERE list_contains(?, text)", [list(new_texts)]).fetchall()
-    )
-    shard_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(con)
-    tag = f"-r{_sha(started.isoformat())[:8]}" if recompute else ""  # never the dropped file
-    shard = shard_dir / f"prompts-{_sha(identity)[:12]}-{_sha(new_texts)[:16]}{tag}.npy"
-    sha = save_array(shard, m.new_arr)
-    register_embedding_set(
-        con,
-        kind="prompt",
-        subset_id=None,
-        model=identity["model"],
-        pretrained=identity["pretrained"],
-        checkpoint_sha256=identity["checkpoint_sha256"],
-        precision=identity["precision"],
-        config={"stage": STAGE, "model": identity, "n_prompts": len(new_texts)},
-        path=shard,
-        array=m.new_arr,
-        item_ids=[ids[t] for t in new_texts],
-        sha256=sha,
-        run_id=run_id,
-    )
+        got = m.score_variants(block)
+    except (UserError, pooling.NonFiniteScores):
+        raise
+    except Exception as exc:
+        if entry.is_builtin:
+            raise
+        raise UserError(
+            f"Improvement method {m.name!r} ({entry.origin}) failed on a block of {n} captions: "
+            f"{type(exc).__name__}: {exc}. Nothing was written."
+        ) from None
+    out = {}
+    for key in keys:
+        a = got.get(key) if isinstance(got, dict) else None
+        a = None if a is None else np.asarray(a)
+        numeric = a is not None and (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer))
+        if not numeric or a.shape != (n, M):
+            what = "no array" if a is None else f"an array of shape {a.shape} and dtype {a.dtype}"
+            raise UserError(
+                f"Improvement method {m.name!r} ({entry.origin}) returned {what} for a block of {n} captions and "
+                f"{M} images; score() must return a ({n}, {M}) array of floats. Nothing was written."
+            )
+        out[key] = a
+    return out
+
+
+def compute(run: Run, state, pops_run: list[_Population], todo: list[_Unit], images, texts) -> dict:
+    """Section 4: {(population, variant): ranks frame}. Each block's scores come from the method; every method's
+    improved rank and n_tied come from the one ranking, `pooling.gt_rank_counts` (NaN or inf refused)."""
+    m = run.method
+    computed = {}
+    for pop in pops_run:
+        caps, keys = pop.captions, [u.key for u in todo if u.pop is pop]
+        n, gt = len(caps), caps["gt_index"].to_numpy(np.int64)
+        cids = caps["caption_id"].to_numpy(np.int64)
+        out = {k: (np.empty(n, np.int64), np.empty(n, np.float64), np.empty(n, np.int64)) for k in keys}
+        Q = texts.array[caps["text_row"].to_numpy(np.int64)] if m.uses_scores else None
+
+        def rank(rows, S, Q=Q, G=images.array, out=out, gt=gt, cids=cids, keys=keys, pop=pop):
+            block = methods.Block(pop.name, rows, cids[rows], None if Q is None else Q[rows], G, S, state, run.params)
+            for key, sc in _checked_scores(run, block, keys).items():
+                out[key][0][rows], out[key][2][rows] = pooling.gt_rank_counts(sc, gt[rows])
+                out[key][1][rows] = sc[np.arange(len(rows)), gt[rows]]
+
+        if m.uses_scores and n:
+            from toolkit.improve import transforms as H  # torch: only once something is scored
+
+            Qc, Gc = H._check(Q, images.array)
+            H._blocks(Qc, Gc, lambda b, e, S, Gc=Gc, rank=rank: rank(np.arange(b, e), S, G=Gc))
+        else:
+            for rows in m.blocks(pop, state):
+                rank(rows, None)
+        extra = m.caption_columns(pop, state)
+        for key, (r, sc, tied) in out.items():
+            computed[(pop.name, key)] = pd.DataFrame(
+                {
+                    "caption_id": cids,
+                    "sample_id": caps["sample_id"].astype("Int64"),
+                    "category": caps["category"].astype(object).where(caps["category"].notna(), None),
+                    "n_prompts": extra["n_prompts"],
+                    "n_distinct_prompts": extra["n_distinct_prompts"],
+                    "baseline_rank": caps["baseline_rank"].to_numpy(np.int64),
+                    "improved_rank": r,
+                    "improved_score": sc,
+                    "baseline_n_tied": caps["baseline_n_tied"].to_numpy(np.int64),
+                    "improved_n_tied": tied,
+                }
+            )
+    return computed
 
 
 def store_improvement(con, run_row: dict, ranks: pd.DataFrame, seed: int) -> int:
@@ -936,63 +784,38 @@ def store_improvement(con, run_row: dict, ranks: pd.DataFrame, seed: int) -> int
     return imp_id
 
 
-def write_rows(
-    con,
-    s: _Settings,
-    units: list[_Unit],
-    existing: dict[str, int],
-    computed: dict[tuple[str, str], pd.DataFrame],
-    m: _PromptMatrix,
-    run_config: dict,
-    result: ImproveResult,
-    *,
-    started,
-    cache_dir,
-    recompute_prompts: bool,
-) -> int:
-    """Sections 5 and 6: in one transaction, the runs row, the dropped and new prompt shards, and per new
-    unit its improvement_runs row, improvement_ranks and improvement_stats (`compute_stats`); reused units
-    only add their id to `result`. Returns the runs row's id."""
+def write_rows(con, run: Run, state, units, existing, computed, result: ImproveResult, started) -> int:
+    """Sections 5 and 6: in one transaction, the runs row, the method's own rows (templates: prompt shards), and
+    per new unit its improvement_runs row (the columns the method has no value for are NULL), improvement_ranks
+    and improvement_stats (`compute_stats`); reused units only add their id to `result`. Returns the run id."""
+    m = run.method
+    run_config = dict(
+        run.plan["common"],
+        control=list(run.control) if run.control else None,
+        units=[u.config_hash for u in units],
+    ) | m.run_config(run, state)
     with db.transaction(con):
-        run_id = db.insert_run(con, STAGE, run_config, started, seed=s.seed, model=s.identity["model"])
-        if m.drop_ids:
-            con.execute("DELETE FROM embedding_rows WHERE list_contains(?, embedding_set_id)", [m.drop_ids])
-            con.execute("DELETE FROM embedding_sets WHERE list_contains(?, embedding_set_id)", [m.drop_ids])
-        if m.new_texts:
-            _write_prompt_shard(con, s, m, run_id, started, cache_dir, recompute_prompts)
+        run_id = db.insert_run(con, STAGE, run_config, started, seed=run.seed, model=run.identity["model"])
+        m.write(con, run, state, run_id, started)
         for u in units:
-            h, pop = u.config_hash, u.pop
+            h = u.config_hash
             if h in existing:
                 result.improvement_ids.append(int(existing[h]))
                 result.reused_ids.append(int(existing[h]))
                 continue
-            bank = s.bank or {}
             run_row = dict(
-                retrieval_run_id=s.rrid,
-                categories=",".join(s.categories),
-                population=pop.name,
-                pooling=u.pooling,
-                tau=u.config["tau"],
-                template_set=s.template_set,
-                templates_sha256=s.templates_sha256,
-                template_mode=s.template_mode,
-                k_per_category=json.dumps(pop.k_per_category),
-                k_prompts=s.k,
-                n_captions=len(pop.captions),
-                max_subset=s.max_subset,
-                seed=s.seed,
-                is_overlap_included=bool(s.include_overlap),
-                model=s.identity["model"],
+                retrieval_run_id=run.rrid,
+                categories=",".join(run.categories),
+                population=u.pop.name,
+                n_captions=len(u.pop.captions),
+                max_subset=run.max_subset,
+                seed=run.seed,
+                is_overlap_included=run.include_overlap,
+                model=run.identity["model"],
                 config_hash=h,
                 run_id=run_id,
-                method=s.method,
-                method_params=s.method_params,
-                bank_subset=bank.get("bank_subset"),
-                n_bank=bank.get("n_bank"),
-                is_bank_overlap=bank.get("is_bank_overlap"),
-            )
-            imp_id = store_improvement(con, run_row, computed[(pop.name, u.pooling)], s.seed)
-            result.improvement_ids.append(imp_id)
+            ) | m.columns(run, u.pop, u.key)
+            result.improvement_ids.append(store_improvement(con, run_row, computed[(u.pop.name, u.key)], run.seed))
     return run_id
 
 
@@ -1005,179 +828,85 @@ def improve(
     *,
     retrieval_run_id: int | None = None,
     max_subset: int | None = 200,
-    poolings: str | Sequence[str] = "logsumexp",
-    tau: float = 1.0,
-    template_set: str = templates.DEFAULT_SET,
-    template_mode: str = "own",
+    poolings: str | Sequence[str] | None = None,
+    tau: float | None = None,
+    template_set: str | None = None,
+    template_mode: str | None = None,
     seed: int = 42,
     include_overlap: bool = False,
     control: str | tuple | None = None,
     encoder: Encoder | None = None,
     encoder_factory: Callable[[dict], Encoder] | None = None,
     cache_dir: str | Path | None = None,
-    k: int = DEFAULT_K,
+    k: int | None = None,
     recompute_prompts: bool = False,
     method: str = "templates",
-    beta: float = 20.0,  # = toolkit.improve.transforms.DEFAULT_BETA (not imported here: it imports torch)
-    k_bank: int = 1,
+    beta: float | None = None,
+    k_bank: int | None = None,
     bank: str | None = None,
     allow_bank_overlap: bool = False,
-    top: int = 3,
-    alpha: float = 0.5,
+    top: int | None = None,
+    alpha: float | None = None,
+    **options,
 ) -> ImproveResult:
-    """Run (or reuse) prompt ensembling on a labelled failure subset; see the module docstring.
+    """Run (or reuse) an improvement method on a labelled failure subset; see the module docstring.
 
-    `method` (see the module docstring, "Methods"): "templates"; "inverted-softmax" (`beta`), "qb-norm" (`beta`,
-    `k_bank`, `bank`: a subset name, `allow_bank_overlap`) or "query-expansion" (`top`, `alpha`), which
-    `improve_method` runs (the template and pooling arguments do not apply to them); or
-    "templates+inverted-softmax" / "templates+qb-norm" (templates, then the method on the pooled scores).
+    `method`: a registered method (`toolkit.improve.methods`): "templates" (the default), "inverted-softmax"
+    (`beta`), "qb-norm" (`beta`, `k_bank`, `bank`: a subset name, `allow_bank_overlap`), "query-expansion"
+    (`top`, `alpha`), "templates+inverted-softmax" / "templates+qb-norm" (templates, then the method on the
+    pooled scores), or a plugin's (its parameters as keyword `options`, by field name). A parameter left None
+    takes the method's default; one the method does not read is refused. Templates: `poolings` (default
+    logsumexp), `tau` (1), `template_set`, `template_mode` (own), `k` (10), `recompute_prompts`.
 
     `encoder(texts) -> (len(texts), d) float32 L2-normalised array` encodes prompts. Without one,
     `encoder_factory(identity)` (default: `model_encoder_factory()`) builds it from the model that
     made the retrieval run's text embeddings; `identity` is `model_identity` of that set plus its
     recorded config under "config". The model is built only when some prompt is not cached.
     Prompt shards go to `cache_dir` (default: `default_cache_dir`). Tests pass a fake encoder.
-    `k`: prompts per caption (the caption included); `recompute_prompts`: see the module docstring.
 
-    The sections, in order: `check_options`; `select_populations` (1); `build_population_prompts` (2);
-    `plan_units` (idempotence); `encode_or_reuse_prompts` (3); `score_and_pool` (4); `write_rows`
+    The sections, in order: `start` (checks); `select_populations` (1; the method's prompts, 2);
+    `plan_units` and `reusable_runs` (already done?); the method's `load` (3) and `compute` (4); `write_rows`
     (5, 6: statistics and rows, in one transaction).
     """
     started = db.now()
-    method = str(method).strip().lower()
-    if method in METHODS[1:4]:
-        return improve_method(
-            con, method, categories, retrieval_run_id=retrieval_run_id, max_subset=max_subset, seed=seed,
-            include_overlap=include_overlap, control=control, beta=beta, k_bank=k_bank, bank=bank,
-            allow_bank_overlap=allow_bank_overlap, top=top, alpha=alpha,
-        )  # fmt: skip
-    if method not in METHODS:
-        raise UserError(f"Unknown --method {method!r}; use one of: {', '.join(METHODS)}.")
-    combo = method.split("+", 1)[1] if "+" in method else None
-    if bank is not None and combo != "qb-norm":
-        raise UserError(f"--bank is an option of the qb-norm methods, not of {method}.")
-    combo_params = None
-    if combo is not None:
-        from toolkit.improve import transforms as hubness
-
-        combo_params = hubness.check_params(combo, beta, k_bank, top, alpha)
-    pools, tau, max_subset, seed, k, ctl = check_options(poolings, tau, max_subset, seed, k, control)
-    cats = parse_categories(con, categories)
-    rr = resolve_retrieval_run(con, retrieval_run_id, need="labels", purpose="improve")
-    tdf = templates.load_set(con, template_set)
-    per_cat, union = template_lists(tdf, cats, template_mode, k)
-    s = _Settings(
-        rr=rr,
-        categories=cats,
-        poolings=pools,
-        tau=tau,
-        template_set=template_set,
-        templates_sha256=templates.templates_sha256(tdf),
-        template_mode=template_mode,
-        k=k,
-        max_subset=max_subset,
-        seed=seed,
-        include_overlap=bool(include_overlap),
-        control=ctl,
-    )
-    pops = select_populations(con, s, per_cat, union)
-    s.text_set = (
-        con.execute("SELECT * FROM embedding_sets WHERE embedding_set_id = ?", [int(rr["text_embedding_set_id"])])
-        .df()
-        .iloc[0]
-        .to_dict()
-    )
-    s.identity = model_identity(s.text_set)
-    s.method = method
-    plan = None
-    if combo is not None:  # the normalising queries: checked (the bank refused if it leaks) before any encoding
-        evaluated = sorted({int(c) for pop in pops for c in pop.captions["caption_id"]})
-        plan = plan_normaliser(con, combo, rr, s.text_set, s.identity, evaluated, combo_params, bank,
-                                       allow_bank_overlap)  # fmt: skip
-        s.method_params, s.bank = hubness.params_text(plan.params), plan.info
-    build_population_prompts(pops, s)
-    score_device, recorded_device, device_note = scoring_device(con, rr)
-
-    # --- unit configs and idempotence
-    common = {
-        "stage": STAGE,
-        "method": METHOD,
-        "retrieval_run_id": s.rrid,
-        "categories": cats,
-        "template_set": template_set,
-        "templates_sha256": s.templates_sha256,
-        "template_mode": template_mode,
-        "max_subset": max_subset,
-        "seed": seed,
-        "include_overlap": bool(include_overlap),
-        "model": s.identity,
-        "k": k,
-        "score_device": score_device.split(":")[0],
-    }
-    if plan is not None:  # a plain templates run keeps the configuration (and hash) it always had
-        common |= {"combination": combo, "combination_params": plan.params} | plan.signature
-    units = plan_units(pops, s, common)
+    m, entry = methods.get(method)
+    given = dict(poolings=poolings, tau=tau, template_set=template_set, template_mode=template_mode, k=k,
+                 recompute_prompts=recompute_prompts or None, beta=beta, k_bank=k_bank, bank=bank,
+                 allow_bank_overlap=allow_bank_overlap or None, top=top, alpha=alpha) | options  # fmt: skip
+    params = methods.make_params(m, entry, {name: v for name, v in given.items() if v is not None})
+    io = Runtime(encoder, encoder_factory, cache_dir)
+    run = start(con, m, entry, params, categories, retrieval_run_id, max_subset, seed, include_overlap, control, io)
+    pops = select_populations(con, run)
+    units = plan_units(run, pops)
     existing, untied = reusable_runs(con, [u.config_hash for u in units])
     result = ImproveResult(
         run_id=None,
-        retrieval_run_id=s.rrid,
+        retrieval_run_id=run.rrid,
         improvement_ids=[],
         reused_ids=[],
         populations={pop.name: len(pop.captions) for pop in pops},
-        k_per_category={pop.name: pop.k_per_category for pop in pops},
-        notes=([device_note] if device_note else []) + untied_notes(untied),
+        k_per_category={pop.name: pop.k_per_category for pop in pops if pop.k_per_category is not None},
+        notes=m.notes(run) + untied_notes(untied),
     )
     todo = [u for u in units if u.config_hash not in existing]
-    if not todo and not (recompute_prompts and prompt_shards(con, s.identity)):
+    if not todo and not m.must_run(con, run):
         result.improvement_ids = [int(existing[u.config_hash]) for u in units]
         result.reused_ids = list(result.improvement_ids)
         return result
 
-    todo_pops = {u.pop.name for u in todo}
-    pops_run = [p for p in pops if p.name in todo_pops]
-    matrix = encode_or_reuse_prompts(
-        con, s, pops_run, recompute_prompts=recompute_prompts, encoder=encoder, encoder_factory=encoder_factory
-    )
-    result.n_prompts = len(matrix.other)
-    result.n_encoded = len(matrix.new_texts)
-    post = None
-    if plan is not None:
-        from toolkit.store.artifacts import load_embedding_set
+    from toolkit.store.artifacts import load_embedding_set
 
-        fix = "Re-run clipfail embed (with --recompute) and clipfail evaluate."
-        txt = load_embedding_set(con, int(rr["text_embedding_set_id"]), fix=fix)
-        stats_ = plan.load(matrix.images, load_bank_texts(con, plan, txt, fix))
-        post = hubness.pooled_transform(stats_, combo)
+    pops_run = [p for p in pops if p.name in {u.pop.name for u in todo}]
+    images = load_embedding_set(con, int(run.rr["image_embedding_set_id"]), fix=FIX)
+    texts = load_embedding_set(con, int(run.rr["text_embedding_set_id"]), fix=FIX)
+    index_populations(run, pops_run, images, texts)
+    state = m.load(con, run, pops_run, images, texts)
     try:
-        computed, result.n_identity = score_and_pool(pops_run, todo, matrix, tau, score_device, post=post)
+        computed = compute(run, state, pops_run, todo, images, texts)
     except pooling.NonFiniteScores as exc:
-        raise non_finite_error(exc, method, s.method_params, pools, tau) from None
-
-    run_config = dict(
-        common,
-        poolings=pools,
-        tau=tau,
-        control=list(ctl) if ctl else None,
-        units=[u.config_hash for u in units],
-        score_device=score_device,
-        retrieval_device=recorded_device,
-        score_device_note=device_note,
-        recompute_prompts=bool(recompute_prompts),
-        dropped_prompt_shards=matrix.drop_ids,
-    )
-    result.run_id = write_rows(
-        con,
-        s,
-        units,
-        existing,
-        computed,
-        matrix,
-        run_config,
-        result,
-        started=started,
-        cache_dir=cache_dir,
-        recompute_prompts=recompute_prompts,
-    )
+        raise non_finite_error(exc, m.name, run.method_params, *m.non_finite_context(run)) from None
+    m.fill_result(result, state)
+    result.run_id = write_rows(con, run, state, units, existing, computed, result, started)
     return result
 
 
@@ -1267,311 +996,6 @@ def effective_k(con, improvement_ids: Sequence[int]) -> dict[str, str]:
     return out
 
 
-# ------------------------------------------------------------------------------ the methods of issue 17
-# (toolkit.improve.transforms holds the score transforms; it imports nothing of improve, so there is no import circle)
-
-HUBNESS_METHOD_VERSION = "hubness/v1"
-
-
-def _text_set_of(con, subset_id: int, identity: dict) -> dict | None:
-    """The newest text embedding set of a subset made by the same model (identity as improve.model_identity)."""
-    df = con.execute(
-        """
-        SELECT * FROM embedding_sets
-        WHERE kind = 'text' AND subset_id = ? AND model = ? AND precision = ?
-          AND pretrained IS NOT DISTINCT FROM ? AND checkpoint_sha256 IS NOT DISTINCT FROM ?
-        ORDER BY embedding_set_id DESC LIMIT 1
-        """,
-        [subset_id, identity["model"], identity["precision"], identity["pretrained"], identity["checkpoint_sha256"]],
-    ).df()
-    return None if df.empty else df.iloc[0].to_dict()
-
-
-@dataclass
-class NormaliserPlan:
-    """Which queries normalise the scores of inverted-softmax / qb-norm (and of their templates combinations)."""
-
-    method: str
-    params: dict  # the method's parameters, with the bank's subset name for qb-norm
-    signature: dict  # what identifies the normaliser in a run's config (bank file, its kept caption ids)
-    info: dict  # improvement_runs columns: bank_subset, n_bank, is_bank_overlap
-    embedding_set_id: int | None = None  # the bank's text embedding set (qb-norm)
-    keep_ids: np.ndarray | None = None  # the bank's caption ids that are used
-
-    def load(self, image_array: np.ndarray, texts):
-        """The `hubness.BankStats` over the images. `texts`: the EmbeddingSet of the normalising captions
-        (`load_bank_texts`): for inverted-softmax the run's own (every caption is used), for qb-norm the bank's
-        (its kept captions)."""
-        from toolkit.improve import transforms as H
-
-        if self.method == "inverted-softmax":
-            return H.bank_stats(texts.array, image_array, self.params["beta"], 1)
-        rows = np.isin(np.asarray(texts.item_ids), self.keep_ids)
-        return H.bank_stats(texts.array[rows], image_array, self.params["beta"], self.params["k_bank"])
-
-
-def plan_normaliser(con, method, rr, text_set, identity, evaluated, params, bank, allow_bank_overlap):
-    """Check and describe the normalising queries (see `improve_method`); a UserError for a bad bank."""
-
-    if method == "inverted-softmax":
-        return NormaliserPlan(method, dict(params), {"normaliser": "every caption of the retrieval run"},
-                              {"bank_subset": None, "n_bank": None, "is_bank_overlap": None})  # fmt: skip
-    rrid = int(rr["retrieval_run_id"])
-    if bank is None:
-        subset_name = con.execute("SELECT name FROM subsets WHERE subset_id = ?", [int(rr["subset_id"])]).fetchall()
-        bank_name, bank_set = subset_name[0][0], text_set
-    else:
-        bsub = db.get_subset(con, bank)
-        bank_name = str(bsub["name"])
-        bank_set = _text_set_of(con, int(bsub["subset_id"]), identity)
-        if bank_set is None:
-            raise UserError(
-                f"Subset {bank_name!r} has no caption embeddings of model {identity['model']} for the bank. "
-                f"Run: clipfail embed --subset {bank_name} with the model of retrieval run {rrid}."
-            )
-    bank_ids = con.execute(
-        "SELECT item_id FROM embedding_rows WHERE embedding_set_id = ? ORDER BY row_index",
-        [int(bank_set["embedding_set_id"])],
-    ).fetchnumpy()["item_id"]
-    overlap = np.isin(bank_ids, evaluated)
-    if bank is None:
-        keep = ~overlap  # the default bank: the subset's captions that this call does not evaluate
-        is_overlap = False
-    else:
-        keep = np.ones(len(bank_ids), dtype=bool)
-        is_overlap = bool(overlap.any())
-        if is_overlap and not allow_bank_overlap:
-            raise UserError(
-                f"The bank (subset {bank_name!r}) holds {int(overlap.sum())} of the {len(evaluated)} captions "
-                "this call evaluates, so their own text would normalise their scores (a leak). Name a bank "
-                "subset without them, leave --bank out (the default bank is the subset's other captions), or "
-                "give --allow-bank-overlap to run anyway (the report then flags the run)."
-            )
-    if not keep.any():
-        raise UserError(
-            f"The bank is empty: every caption of subset {bank_name!r} is evaluated by this call (--control "
-            "all?). Name another subset's captions with --bank SUBSET, or drop --control all."
-        )
-    signature = {
-        "bank_subset": bank_name,
-        "bank_sha256": str(bank_set["sha256"]),
-        "bank_ids_sha256": _sha([int(i) for i in bank_ids[keep]]),
-        "allow_bank_overlap": bool(allow_bank_overlap),
-    }
-    info = {"bank_subset": bank_name, "n_bank": int(keep.sum()), "is_bank_overlap": is_overlap}
-    return NormaliserPlan(method, dict(params) | {"bank": bank_name}, signature, info,
-                          int(bank_set["embedding_set_id"]), np.asarray(bank_ids[keep]))  # fmt: skip
-
-
-def load_bank_texts(con, plan: NormaliserPlan, run_texts, fix: str):
-    """The EmbeddingSet holding the bank's captions (the run's own when the bank is its subset)."""
-    from toolkit.store.artifacts import load_embedding_set
-
-    if plan.embedding_set_id is None or int(plan.embedding_set_id) == int(run_texts.embedding_set_id):
-        return run_texts
-    return load_embedding_set(con, int(plan.embedding_set_id), fix=fix)
-
-
-def improve_method(
-    con,
-    method: str,
-    categories,
-    *,
-    retrieval_run_id: int | None = None,
-    max_subset: int | None = 200,
-    seed: int = 42,
-    include_overlap: bool = False,
-    control=None,
-    beta: float = 20.0,
-    k_bank: int = 1,
-    bank: str | None = None,
-    allow_bank_overlap: bool = False,
-    top: int = 3,
-    alpha: float = 0.5,
-):
-    """`clipfail improve --method inverted-softmax|qb-norm|query-expansion`: the same populations (labelled
-    failures of the chosen categories, optional controls), statistics and tables as the templates method,
-    with the method's ranks (see the module docstring) as improved ranks.
-
-    The query sets, all from the retrieval run's model:
-    - inverted-softmax: the normaliser is taken over every caption of the retrieval run (its queries);
-    - qb-norm: the bank is, by default, the captions of the retrieval run's subset that this call does not
-      evaluate (neither the failures nor a control); `bank` names another subset, whose captions (its newest
-      text embedding set of the same model) form the bank. A bank holding an evaluated caption is refused
-      unless `allow_bank_overlap` (the run row then has is_bank_overlap = true, and the report says so).
-    A configuration that was already run is reused (a no-op)."""
-    from toolkit.improve import transforms as H
-    from toolkit.store.artifacts import load_embedding_set
-
-    started = db.now()
-    params = H.check_params(method, beta, k_bank, top, alpha)
-    if max_subset is not None and int(max_subset) < 1:
-        raise UserError("--max-subset must be at least 1.")
-    max_subset = None if max_subset is None else int(max_subset)
-    seed = int(seed)
-    if not 0 <= seed <= SEED_MAX:
-        raise UserError(f"--seed must be a whole number from 0 to {SEED_MAX} (got {seed}).")
-    if bank is not None and method != "qb-norm":
-        raise UserError(f"--bank is an option of --method qb-norm, not of {method}.")
-    ctl = parse_control(control) if not isinstance(control, tuple) else control
-    cats = parse_categories(con, categories)
-    rr = resolve_retrieval_run(con, retrieval_run_id, need="labels", purpose="improve")  # no labels: refused
-    rrid = int(rr["retrieval_run_id"])
-    frames = [("failures", select_failures(con, rrid, cats, max_subset, seed, include_overlap))]
-    if ctl is not None:
-        frames.append((ctl[0], select_control(con, rrid, ctl, seed)))
-    base = con.execute(
-        "SELECT query_id AS caption_id, gt_rank AS baseline_rank, n_tied AS baseline_n_tied, gt_id AS image_id "
-        "FROM retrieval_ranks WHERE retrieval_run_id = ?",
-        [rrid],
-    ).df()
-    base = base.set_index("caption_id")
-    pops = []
-    for name, df in frames:
-        df = df.join(base, on="caption_id")
-        if df["baseline_rank"].isna().any():
-            raise UserError(f"Some captions of the {name} subset have no rank in retrieval run {rrid}.")
-        pops.append((name, df.reset_index(drop=True)))
-    evaluated = sorted({int(c) for _, df in pops for c in df["caption_id"]})
-
-    text_set = con.execute(
-        "SELECT * FROM embedding_sets WHERE embedding_set_id = ?", [int(rr["text_embedding_set_id"])]
-    ).df()
-    text_set = text_set.iloc[0].to_dict()
-    image_set = con.execute(
-        "SELECT sha256 FROM embedding_sets WHERE embedding_set_id = ?", [int(rr["image_embedding_set_id"])]
-    ).fetchall()[0]
-    identity = model_identity(text_set)
-    fix = "Re-run clipfail embed (with --recompute) and clipfail evaluate."
-
-    norm = None
-    bank_sig: dict = {}
-    bank_info = {"bank_subset": None, "n_bank": None, "is_bank_overlap": None}
-    if method != "query-expansion":
-        norm = plan_normaliser(con, method, rr, text_set, identity, evaluated, params, bank, allow_bank_overlap)
-        params, bank_sig, bank_info = norm.params, norm.signature, norm.info
-
-    common = {
-        "stage": STAGE,
-        "method": method,
-        "method_version": HUBNESS_METHOD_VERSION,
-        "params": params,
-        "retrieval_run_id": rrid,
-        "categories": cats,
-        "max_subset": max_subset,
-        "seed": seed,
-        "include_overlap": bool(include_overlap),
-        "model": identity,
-        "image_sha256": str(image_set[0]),
-        "text_sha256": str(text_set["sha256"]),
-    } | bank_sig
-    units = []
-    for name, df in pops:
-        sig = _sha(
-            [
-                [int(c), None if pd.isna(s) else int(s), None if pd.isna(lab) else str(lab)]
-                for c, s, lab in zip(df["caption_id"], df["sample_id"], df["category"])
-            ]
-        )
-        cfg = dict(common, population=name, control=list(ctl) if ctl and name != "failures" else None,
-                   subset_sha256=sig)  # fmt: skip
-        units.append((name, df, cfg, db.config_hash(cfg)))
-    existing, untied = reusable_runs(con, [u[3] for u in units])
-    result = ImproveResult(
-        run_id=None,
-        retrieval_run_id=rrid,
-        improvement_ids=[],
-        reused_ids=[],
-        populations={name: len(df) for name, df, _c, _h in units},
-        k_per_category={},
-        notes=untied_notes(untied),
-    )
-    _dev, recorded, _note = scoring_device(con, rr)
-    if recorded and not str(recorded).startswith("cpu"):
-        result.notes.append(
-            f"Retrieval run {rrid} ranked on {recorded}; {method} scores on the cpu, so its scores may differ from "
-            "the retrieval run's in the last bit (~1e-7) and images scoring that close could swap."
-        )
-    todo = [u for u in units if u[3] not in existing]
-    if not todo:
-        result.improvement_ids = [int(existing[u[3]]) for u in units]
-        result.reused_ids = list(result.improvement_ids)
-        return result
-
-    img = load_embedding_set(con, int(rr["image_embedding_set_id"]), fix=fix)
-    txt = load_embedding_set(con, int(rr["text_embedding_set_id"]), fix=fix)
-    img_row = {int(i): r for r, i in enumerate(img.item_ids)}
-    txt_row = {int(i): r for r, i in enumerate(txt.item_ids)}
-    st = norm.load(img.array, load_bank_texts(con, norm, txt, fix)) if norm is not None else None
-
-    computed = {}
-    for _name, df, _cfg, h in todo:
-        try:
-            rows = np.array([txt_row[int(c)] for c in df["caption_id"]], dtype=np.int64)
-            gt = np.array([img_row[int(i)] for i in df["image_id"]], dtype=np.int64)
-        except KeyError:
-            raise UserError(f"Retrieval run {rrid}'s embedding sets lack some of its own items. {fix}") from None
-        Q = txt.array[rows]
-        try:
-            if method == "query-expansion":
-                r = H.rank_query_expansion(Q, img.array, gt, params["top"], params["alpha"])
-            elif method == "inverted-softmax":
-                r = H._rank_with(
-                    *H._check(Q, img.array), gt, lambda b, e, S: H.inverted_softmax(S, st.log_norm, st.beta)
-                )
-            else:
-                r = H.rank_qb_norm_with(Q, img.array, gt, st)
-        except pooling.NonFiniteScores as exc:
-            raise non_finite_error(exc, method, H.params_text(params)) from None
-        computed[h] = pd.DataFrame(
-            {
-                "caption_id": df["caption_id"].to_numpy(np.int64),
-                "sample_id": df["sample_id"].astype("Int64"),
-                "category": df["category"].astype(object).where(df["category"].notna(), None),
-                "n_prompts": np.ones(len(df), dtype=np.int32),
-                "n_distinct_prompts": np.ones(len(df), dtype=np.int32),
-                "baseline_rank": df["baseline_rank"].to_numpy(np.int64),
-                "improved_rank": r.gt_rank,
-                "improved_score": r.gt_score,
-                "baseline_n_tied": df["baseline_n_tied"].to_numpy(np.int64),
-                "improved_n_tied": r.n_tied,
-            }
-        )
-
-    run_config = dict(common, control=list(ctl) if ctl else None, units=[u[3] for u in units], score_device="cpu",
-                      retrieval_device=recorded, n_bank=bank_info["n_bank"])  # fmt: skip
-    with db.transaction(con):
-        run_id = db.insert_run(con, STAGE, run_config, started, seed=seed, model=identity["model"])
-        for name, df, _cfg, h in units:
-            if h in existing:
-                result.improvement_ids.append(int(existing[h]))
-                result.reused_ids.append(int(existing[h]))
-                continue
-            run_row = dict(
-                retrieval_run_id=rrid,
-                categories=",".join(cats),
-                population=name,
-                pooling="none",  # a score transform: no prompts, so no pooling, templates or K
-                tau=None,
-                template_set="",
-                templates_sha256="",
-                template_mode="none",
-                k_per_category="{}",
-                k_prompts=None,
-                n_captions=len(df),
-                max_subset=max_subset,
-                seed=seed,
-                is_overlap_included=bool(include_overlap),
-                model=identity["model"],
-                config_hash=h,
-                run_id=run_id,
-                method=method,
-                method_params=H.params_text(params),
-                bank_subset=bank_info["bank_subset"],
-                n_bank=bank_info["n_bank"],
-                is_bank_overlap=bank_info["is_bank_overlap"],
-            )
-            imp_id = store_improvement(con, run_row, computed[h], seed)
-            result.improvement_ids.append(imp_id)
-    result.run_id = run_id
-    return result
+def improve_method(con, method: str, categories, **options) -> ImproveResult:
+    """`improve` with `method` first (the inverted-softmax / qb-norm / query-expansion entry of issue 17)."""
+    return improve(con, categories, method=method, **options)

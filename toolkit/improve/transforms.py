@@ -54,11 +54,8 @@ import torch
 from toolkit.improve import pooling
 from toolkit.retrieval import ranking as R
 
-METHODS = ("inverted-softmax", "qb-norm", "query-expansion")
-DEFAULT_BETA = 20.0  # the QB-Norm paper's and code's default
-DEFAULT_K_BANK = 1
-DEFAULT_TOP = 3
-DEFAULT_ALPHA = 0.5
+DEFAULT_BETA, DEFAULT_K_BANK = pooling.DEFAULT_BETA, pooling.DEFAULT_K_BANK
+DEFAULT_TOP, DEFAULT_ALPHA = pooling.DEFAULT_TOP, pooling.DEFAULT_ALPHA
 
 
 # ------------------------------------------------------------------------------ pure block functions
@@ -288,92 +285,21 @@ def rank_query_expansion(queries, gallery, gt, top: int = DEFAULT_TOP, alpha: fl
     if not (np.isfinite(alpha) and lo <= alpha <= hi):
         raise ValueError(f"alpha must be a finite number from {lo:g} to {hi:g}")
     Q, G = _check(queries, gallery)
-    Gt = torch.from_numpy(G).T
+    return _rank_with(Q, G, gt, lambda b, e, S: expanded_scores(Q[b:e], S, G, top, alpha))
+
+
+def expanded_scores(Q: np.ndarray, S: np.ndarray, G: np.ndarray, top: int, alpha: float) -> np.ndarray:
+    """The scores (float64) of a block of at most MM_ROWS queries expanded with `expand_queries` (S: their raw
+    scores), made with evaluate's GEMM block."""
+    Qe = expand_queries(Q, S, G, int(top), float(alpha))
     M, d = G.shape
-    bufs: queue.SimpleQueue = queue.SimpleQueue()
-
-    def transform(b, e, S):
-        Qe = expand_queries(Q[b:e], S, G, int(top), float(alpha))
-        try:
-            q_buf, s_buf = bufs.get_nowait()
-        except queue.Empty:
-            q_buf, s_buf = torch.empty((R.MM_ROWS, d)), torch.empty((R.MM_ROWS, M))
-        try:
-            with torch.inference_mode():
-                n = R._scores(torch.from_numpy(Qe), Gt, 0, q_buf, s_buf)
-            return s_buf[:n].numpy().astype(np.float64)
-        finally:
-            bufs.put((q_buf, s_buf))
-
-    return _rank_with(Q, G, gt, transform)
-
-
-# ------------------------------------------------------------------------------ parameters of improve's methods
-
-
-def _user_error(msg: str):
-    from toolkit.errors import UserError
-
-    return UserError(msg)
-
-
-def _number(value, flag: str, lo: float, hi: float, why: str) -> float:
-    """A finite float in [lo, hi], else a UserError that names the option and the range."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError, OverflowError):
-        v = float("nan")
-    if isinstance(value, bool) or not (np.isfinite(v) and lo <= v <= hi):
-        raise _user_error(f"{flag} must be a number from {lo:g} to {hi:g} (got {value}): {why}")
-    return v
-
-
-def _count(value, flag: str, why: str) -> int:
-    """A whole number from 1 to 2^31-1, else a UserError that names the option."""
-    try:
-        ok = not isinstance(value, bool) and float(value) == int(value) and 1 <= int(value) <= COUNT_MAX
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise _user_error(f"{flag} must be a whole number from 1 to {COUNT_MAX} (got {value}){why}.")
-    return int(value)
-
-
-COUNT_MAX = 2**31 - 1  # --k-bank, --top
-
-
-def check_params(method: str, beta, k_bank, top, alpha) -> dict:
-    """The parameters of `method`, validated (a UserError for a value that cannot work; ranges: `pooling`)."""
-    if method not in METHODS:
-        raise _user_error(f"Unknown method {method!r}; use templates, {', '.join(METHODS)}.")
-    if method in ("inverted-softmax", "qb-norm"):
-        lo, hi = pooling.BETA_RANGE
-        b = _number(
-            beta, "--beta", lo, hi,
-            f"it scales the scores before the softmax; at 0 every image would tie, and below {lo:g} distinct "
-            f"scores round to the same value and tie too. The QB-Norm paper uses {DEFAULT_BETA:g}.",
-        )  # fmt: skip
-        params = {"beta": b}
-        if method == "qb-norm":
-            params["k_bank"] = _count(k_bank, "--k-bank", "")
-        return params
-    top = _count(top, "--top", ": images averaged into the query")
-    lo, hi = pooling.ALPHA_RANGE
-    a = _number(
-        alpha, "--alpha", lo, hi,
-        "0 reproduces the baseline; above the maximum the caption's own embedding is lost in float32 rounding "
-        "next to the expansion (and the scores overflow near 3e38).",
-    )  # fmt: skip
-    return {"top": top, "alpha": a}
-
-
-def params_text(params: dict) -> str:
-    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    q_buf, s_buf = torch.empty((R.MM_ROWS, d)), torch.empty((R.MM_ROWS, M))
+    with torch.inference_mode():
+        n = R._scores(torch.from_numpy(Qe), torch.from_numpy(G).T, 0, q_buf, s_buf)
+    return s_buf[:n].numpy().astype(np.float64)
 
 
 # ------------------------------------------------------------------------------ combinations with templates
-
-COMBINATIONS = ("templates+inverted-softmax", "templates+qb-norm")
 
 
 def pooled_transform(st: BankStats, method: str) -> Callable[[np.ndarray], np.ndarray]:

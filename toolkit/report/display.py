@@ -31,7 +31,9 @@ TIE_COLUMN = "tie count"
 
 
 def pooling_label(pooling: str, tau) -> str:
-    """'max', 'mean', or 'logsumexp (tau=1)' (the temperature with %g)."""
+    """'max', 'mean', or 'logsumexp (tau=1)' (the temperature with %g); 'none' for a method without pooling (NULL)."""
+    if pooling is None or pd.isna(pooling):
+        return "none"
     return f"logsumexp (tau={float(tau):g})" if pooling == "logsumexp" and not pd.isna(tau) else str(pooling)
 
 
@@ -100,9 +102,11 @@ def improvement_title(recall: pd.DataFrame, effective_k: str | None = None) -> s
     base = recall.drop_duplicates("k").set_index("k")["baseline_pct_optimistic"]
     pess = recall.drop_duplicates("k").set_index("k")["baseline_pct_pessimistic"]
     k_asked = first["k_prompts"]
-    k_text = f"K per category {first['k_per_category']}" if pd.isna(k_asked) else f"K {int(k_asked)}"
+    k_text = f"K per category {first['k_per_category']}, " if pd.isna(k_asked) else f"K {int(k_asked)}, "
+    if pd.isna(k_asked) and pd.isna(first["k_per_category"]):
+        k_text = ""  # a method without prompts
     title = (
-        f"{first['categories'].replace(',', '+')} {first['population']} (n={int(first['n'])}, {k_text}, "
+        f"{first['categories'].replace(',', '+')} {first['population']} (n={int(first['n'])}, {k_text}"
         f"retrieval run {first['retrieval_run_id']}). Baseline: R@1 {base[1]:.2f}, R@5 {base[5]:.2f}, "
         f"R@10 {base[10]:.2f}"
     )

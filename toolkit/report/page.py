@@ -547,8 +547,8 @@ ORDER BY categories, template_set, template_mode, population, {POOLING_ORDER}, t
 # the report's sections group the poolings of one subset, and only those.
 SUBSET_KEY_SQL = """
 SELECT u.improvement_id,
-       md5(u.templates_sha256 || '|' || string_agg(r.caption_id::VARCHAR || ':' || coalesce(r.category, ''), ','
-           ORDER BY r.caption_id)) AS subset_key
+       md5(coalesce(u.templates_sha256, '') || '|' || string_agg(r.caption_id::VARCHAR || ':'
+           || coalesce(r.category, ''), ',' ORDER BY r.caption_id)) AS subset_key
 FROM improvement_runs u
 JOIN improvement_ranks r USING (improvement_id)
 WHERE u.retrieval_run_id = ?

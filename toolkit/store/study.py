@@ -109,9 +109,35 @@ def ensure_schema(con, path: str = "") -> None:
                 if col.name not in have:
                     coltype = col.type.compile(dialect=_DIALECT)
                     con.execute(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {coltype}')
+            _drop_not_null(con, table)
+        _clear_placeholders(con)
         con.execute(
             "INSERT OR REPLACE INTO schema_info (key, value) VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
         )
+
+
+def _drop_not_null(con, table) -> None:
+    """A column declared nullable that the file still has NOT NULL (an older schema) loses the constraint."""
+    strict = {
+        r[0]
+        for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ? AND is_nullable = 'NO'",
+            [table.name],
+        ).fetchall()
+    }
+    for col in table.columns:
+        if col.name in strict and col.nullable and not col.primary_key:
+            con.execute(f'ALTER TABLE {table.name} ALTER COLUMN "{col.name}" DROP NOT NULL')
+
+
+# schema version 2: what version 1 stored in improvement_runs for a method without prompts, now NULL
+_PLACEHOLDERS = {"pooling": "none", "template_set": "", "templates_sha256": "", "template_mode": "none",
+                 "k_per_category": "{}"}  # fmt: skip
+
+
+def _clear_placeholders(con) -> None:
+    for col, value in _PLACEHOLDERS.items():
+        con.execute(f'UPDATE improvement_runs SET "{col}" = NULL WHERE "{col}" = ?', [value])
 
 
 def view_sql() -> dict[str, str]:
