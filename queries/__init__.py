@@ -20,8 +20,9 @@ VIEWS = [
     "improvement_hits",  # reads improvement_ranks
     "improvement_ties",  # reads improvement_runs, improvement_hits
     "improvement_effective_k",  # reads improvement_ranks
-    "improvement_recall",  # reads improvement_hits, improvement_effective_k, improvement_ties
-    "category_recall_delta",  # reads improvement_hits, improvement_ties
+    "improvement_headline",  # reads improvement_hits, improvement_stats, improvement_ties
+    "improvement_recall",  # reads improvement_effective_k, improvement_headline
+    "category_recall_delta",  # reads improvement_headline
     # triage
     "triage_agreement",  # reads sample_labels
     "triage_confusion",  # reads sample_labels

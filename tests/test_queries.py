@@ -68,8 +68,8 @@ def test_views_apply_in_list_order_on_a_fresh_database_once_each():
 
 def test_apply_views_names_the_view_that_does_not_apply(monkeypatch):
     # the order matters: a view listed before a view it reads does not apply, and nothing retries it
-    order = [v for v in queries.VIEWS if v != "improvement_ties"]
-    order.insert(order.index("improvement_recall") + 1, "improvement_ties")
+    order = [v for v in queries.VIEWS if v != "improvement_headline"]
+    order.insert(order.index("improvement_recall") + 1, "improvement_headline")
     monkeypatch.setattr(queries, "VIEWS", order)
     con = _schema_only()
     try:
@@ -108,9 +108,13 @@ def test_view_follows_the_conventions(name):
 
 
 def test_improvement_views_share_the_hits_view():
+    # improvement_headline reads the hits once and picks the headline count (ties); both views read it
+    text = (QUERIES / "improvement_headline.sql").read_text(encoding="utf-8")
+    assert "FROM improvement_hits" in text and "improvement_ranks" not in text and "unnest" not in text
     for name in ("improvement_recall", "category_recall_delta"):
         text = (QUERIES / f"{name}.sql").read_text(encoding="utf-8")
-        assert "FROM improvement_hits" in text and "improvement_ranks" not in text and "unnest" not in text
+        assert "FROM improvement_headline" in text and "improvement_ranks" not in text and "unnest" not in text
+        assert "is_tie_affected THEN" not in text, "the headline count is chosen in improvement_headline only"
 
 
 # --- the views return what they returned before issue 12 -------------------------------------------
