@@ -8,6 +8,7 @@ here; toolkit.store.study.view_sql refuses a file that is missing from the list.
 VIEWS = [
     # retrieval
     "recall_summary",
+    "retrieval_run_provenance",  # reads retrieval_runs, subsets, embedding_sets
     # labels
     "sample_labels",  # reads failure_samples, annotations, categories
     "annotator_agreement",
@@ -16,6 +17,7 @@ VIEWS = [
     "taxonomy_distribution",  # reads taxonomy_percentages
     "taxonomy_actionable",  # reads taxonomy_percentages
     "taxonomy_by_annotator",  # reads taxonomy_percentages
+    "sample_label_counts",  # reads sample_labels
     # improvement
     "improvement_hits",  # reads improvement_ranks
     "improvement_ties",  # reads improvement_runs, improvement_hits
@@ -23,6 +25,9 @@ VIEWS = [
     "improvement_headline",  # reads improvement_hits, improvement_stats, improvement_ties
     "improvement_recall",  # reads improvement_effective_k, improvement_headline
     "category_recall_delta",  # reads improvement_headline
+    "improvement_recall_wide",  # reads improvement_recall, improvement_runs
+    "improvement_subset_keys",  # reads improvement_runs, improvement_ranks
+    "improvement_prompt_counts",  # reads improvement_effective_k
     # triage
     "triage_agreement",  # reads sample_labels
     "triage_confusion",  # reads sample_labels
@@ -34,5 +39,7 @@ VIEWS = [
     # hubness and the methods of improve (issue 17)
     "image_hubness",  # reads retrieval_runs, embedding_rows, retrieval_ranks
     "hubness_summary",  # reads image_hubness
+    "hubness_histogram",  # reads image_hubness
+    "hub_ranking",  # reads image_hubness, retrieval_runs, subsets, images
     "method_comparison",  # reads improvement_runs, improvement_stats, categories, improvement_ties
 ]
