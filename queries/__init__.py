@@ -42,4 +42,17 @@ VIEWS = [
     "hubness_histogram",  # reads image_hubness
     "hub_ranking",  # reads image_hubness, retrieval_runs, subsets, images
     "method_comparison",  # reads improvement_runs, improvement_stats, categories, improvement_ties
+    # clipfail status: one status_<stage> view per stage, all with the same columns (toolkit.report.status lists
+    # every view named status_*, in stage_order, so a new stage adds its view here and nothing else)
+    "runs_by_stage",  # reads runs
+    "status_ingest",  # reads subsets, subset_images, subset_captions, embedding_sets
+    "status_embed",  # reads embedding_sets, subsets, retrieval_runs
+    "status_evaluate",  # reads retrieval_runs, subsets, retrieval_ranks, failure_samples, triage_runs
+    "status_compare",  # reads run_comparison, retrieval_runs
+    "status_triage",  # reads triage_runs, triage_suggestions, retrieval_runs, subsets, failure_samples, annotations
+    "status_sample_failures",  # reads failure_samples, annotations, retrieval_runs, subsets
+    "status_import_labels",  # reads annotations, failure_samples, retrieval_runs, subsets, improvement_runs
+    "status_improve",  # reads improvement_runs, improvement_ranks, retrieval_runs, subsets
+    "status_method_comparison",  # reads method_comparison, retrieval_runs, subsets
+    "status_report",  # reads runs, retrieval_runs
 ]
