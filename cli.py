@@ -1709,8 +1709,9 @@ def status(db_path):
     click.echo(f"Database {db_path}")
     if res.stages.empty:
         click.echo("No stage has run yet.")
-    else:
-        echo_df(res.stages)
+    else:  # each row with what comes next for it, the --db of this study spelt out
+        nexts = [" ".join(_with_db(line, db_path) for line in n.split("\n")) if n else "" for n in res.stages["next"]]
+        echo_df(res.stages.assign(next=nexts))
     if res.has_simulated_labels:
         click.echo("NOTE: some labels are SIMULATED (demo annotators), not human judgements.")
     if res.missing_files:

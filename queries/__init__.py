@@ -8,6 +8,7 @@ here; toolkit.store.study.view_sql refuses a file that is missing from the list.
 VIEWS = [
     # retrieval
     "recall_summary",
+    "retrieval_run_provenance",  # reads retrieval_runs, subsets, embedding_sets
     # labels
     "sample_labels",  # reads failure_samples, annotations, categories
     "annotator_agreement",
@@ -16,12 +17,17 @@ VIEWS = [
     "taxonomy_distribution",  # reads taxonomy_percentages
     "taxonomy_actionable",  # reads taxonomy_percentages
     "taxonomy_by_annotator",  # reads taxonomy_percentages
+    "sample_label_counts",  # reads sample_labels
     # improvement
     "improvement_hits",  # reads improvement_ranks
     "improvement_ties",  # reads improvement_runs, improvement_hits
     "improvement_effective_k",  # reads improvement_ranks
-    "improvement_recall",  # reads improvement_hits, improvement_effective_k, improvement_ties
-    "category_recall_delta",  # reads improvement_hits, improvement_ties
+    "improvement_headline",  # reads improvement_hits, improvement_stats, improvement_ties
+    "improvement_recall",  # reads improvement_effective_k, improvement_headline
+    "category_recall_delta",  # reads improvement_headline
+    "improvement_recall_wide",  # reads improvement_recall, improvement_runs
+    "improvement_subset_keys",  # reads improvement_runs, improvement_ranks
+    "improvement_prompt_counts",  # reads improvement_effective_k
     # triage
     "triage_agreement",  # reads sample_labels
     "triage_confusion",  # reads sample_labels
@@ -33,5 +39,20 @@ VIEWS = [
     # hubness and the methods of improve (issue 17)
     "image_hubness",  # reads retrieval_runs, embedding_rows, retrieval_ranks
     "hubness_summary",  # reads image_hubness
+    "hubness_histogram",  # reads image_hubness
+    "hub_ranking",  # reads image_hubness, retrieval_runs, subsets, images
     "method_comparison",  # reads improvement_runs, improvement_stats, categories, improvement_ties
+    # clipfail status: one status_<stage> view per stage, all with the same columns (toolkit.report.status lists
+    # every view named status_*, in stage_order, so a new stage adds its view here and nothing else)
+    "runs_by_stage",  # reads runs
+    "status_ingest",  # reads subsets, subset_images, subset_captions, embedding_sets
+    "status_embed",  # reads embedding_sets, subsets, retrieval_runs
+    "status_evaluate",  # reads retrieval_runs, subsets, retrieval_ranks, failure_samples, triage_runs
+    "status_compare",  # reads run_comparison, retrieval_runs
+    "status_triage",  # reads triage_runs, triage_suggestions, retrieval_runs, subsets, failure_samples, annotations
+    "status_sample_failures",  # reads failure_samples, annotations, retrieval_runs, subsets
+    "status_import_labels",  # reads annotations, failure_samples, retrieval_runs, subsets, improvement_runs
+    "status_improve",  # reads improvement_runs, improvement_ranks, retrieval_runs, subsets
+    "status_method_comparison",  # reads method_comparison, retrieval_runs, subsets
+    "status_report",  # reads runs, retrieval_runs
 ]

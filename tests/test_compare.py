@@ -159,6 +159,26 @@ def test_comparison_numbers_equal_a_plain_recomputation_from_the_rank_rows(study
     assert some_change  # the two hand-built models differ, so the test exercises real deltas
 
 
+def test_status_lists_each_comparison(study, run_cli):
+    path, runs, _ = study
+    run_cli("--db", path, "compare", runs["a"], runs["b"])
+    con = open_study(path, read_only=True)
+    try:
+        cid, n, delta = con.execute(
+            "SELECT run_comparison_id, n_queries, delta_pp FROM run_comparison "
+            "WHERE retrieval_run_a_id = ? AND retrieval_run_b_id = ? AND k = 1 ORDER BY run_comparison_id LIMIT 1",
+            [runs["a"], runs["b"]],
+        ).fetchone()
+    finally:
+        con.close()
+    out = run_cli("--db", path, "status").output
+    row = next(line for line in out.splitlines() if f"comparison {cid}:" in line)
+    assert row.split()[0] == "compare" and "hand-b vs hand-a" in row
+    assert f"comparison {cid}: run {runs['b']} against run {runs['a']} (text-to-image)" in row
+    assert f"{n} paired queries, ΔR@1 {delta:+.2f} pp" in row
+    assert "no comparison of two retrieval runs yet" not in out
+
+
 def test_failure_overlap_by_category_equals_the_labels_joined_with_both_ranks(study, run_cli):
     path, runs, _ = study
     run_cli("--db", path, "compare", runs["a"], runs["b"])

@@ -114,18 +114,50 @@ def test_demo_fills_every_table(demo):
         assert {"ingest", "embed", "evaluate", "sample-failures", "import-labels", "improve", "report"} <= stages
 
         status = study_status(con)
-        assert list(status.stages["stage"].drop_duplicates()) == [
+        assert list(status.stages["stage"].drop_duplicates()) == [  # every stage, in the study's order
             "ingest",
             "embed",
             "evaluate",
+            "compare",
+            "triage",
             "sample-failures",
             "import-labels",
             "improve",
+            "method-comparison",
             "report",
         ]
         assert status.has_simulated_labels
     finally:
         con.close()
+
+
+def test_status_names_the_triage_run_and_the_comparisons(demo):
+    """clipfail status on the demo lists every stage: its triage run, its comparison of improvement methods, that
+    no two retrieval runs were compared yet, and each with what comes next, --db spelt out."""
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    out, _ = demo
+    db_path = str(out / "demo.duckdb")
+    res = CliRunner().invoke(cli, ["--db", db_path, "status"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    lines = {line.split()[0]: line for line in res.output.splitlines()[2:] if line.strip()}
+    assert "triage run 1 of retrieval run 1" in lines["triage"]
+    con = open_study(db_path, read_only=True)
+    try:
+        n_fail = con.execute("SELECT n_r1_failures FROM recall_summary").fetchone()[0]
+        n_suggested = con.execute("SELECT count(suggested_category) FROM triage_suggestions").fetchone()[0]
+    finally:
+        con.close()
+    assert f"{n_suggested} suggestions for {n_fail} R@1 failures" in lines["triage"]
+    assert f'clipfail --db {db_path} sql "select * from triage_agreement where retrieval_run_id = 1"' in lines["triage"]
+    assert "retrieval run 1, methods templates" in lines["method-comparison"]
+    assert f"clipfail --db {db_path} improve --method qb-norm" in lines["method-comparison"]
+    assert "no comparison of two retrieval runs yet" in lines["compare"]
+    assert f"clipfail --db {db_path} compare RUN_A RUN_B" in lines["compare"]
+    assert "method templates, populations failures,successes" in lines["improve"]
+    assert "Everything is up to date" in res.output  # optional next steps do not hold the study up
 
 
 def test_demo_report_tables(demo):

@@ -68,8 +68,8 @@ def test_views_apply_in_list_order_on_a_fresh_database_once_each():
 
 def test_apply_views_names_the_view_that_does_not_apply(monkeypatch):
     # the order matters: a view listed before a view it reads does not apply, and nothing retries it
-    order = [v for v in queries.VIEWS if v != "improvement_ties"]
-    order.insert(order.index("improvement_recall") + 1, "improvement_ties")
+    order = [v for v in queries.VIEWS if v != "improvement_headline"]
+    order.insert(order.index("improvement_recall") + 1, "improvement_headline")
     monkeypatch.setattr(queries, "VIEWS", order)
     con = _schema_only()
     try:
@@ -108,9 +108,13 @@ def test_view_follows_the_conventions(name):
 
 
 def test_improvement_views_share_the_hits_view():
+    # improvement_headline reads the hits once and picks the headline count (ties); both views read it
+    text = (QUERIES / "improvement_headline.sql").read_text(encoding="utf-8")
+    assert "FROM improvement_hits" in text and "improvement_ranks" not in text and "unnest" not in text
     for name in ("improvement_recall", "category_recall_delta"):
         text = (QUERIES / f"{name}.sql").read_text(encoding="utf-8")
-        assert "FROM improvement_hits" in text and "improvement_ranks" not in text and "unnest" not in text
+        assert "FROM improvement_headline" in text and "improvement_ranks" not in text and "unnest" not in text
+        assert "is_tie_affected THEN" not in text, "the headline count is chosen in improvement_headline only"
 
 
 # --- the views return what they returned before issue 12 -------------------------------------------
@@ -288,3 +292,48 @@ def test_recall_summary_gives_both_counts_and_flags_a_tied_run(run_cli, syntheti
     run_cli("--db", path, "report", "--out", page_dir)
     page = (page_dir / "report.html").read_text(encoding="utf-8")
     assert "TIES: in retrieval run(s) 1 the ground truth ties" in page
+
+
+# --- report and status read views (issue 25.4) -------------------------------------------------------
+
+
+def test_a_method_with_null_template_columns_gets_its_own_status_row_and_stays_out_of_templates(study, tmp_path):
+    """A method other than prompt ensembling (a plugin's), whose runs store NULL template set, pooling, mode and
+    templates hash: status lists its runs on a row of their own (status_improve, per method), and the report's
+    prompt-ensembling rows (improvement_recall_wide, method IS NULL OR 'templates') leave it out."""
+    import shutil
+
+    from toolkit.report.status import study_status
+
+    copy = tmp_path / "plugin.duckdb"
+    shutil.copy(study, copy)
+    con = duckdb.connect(str(copy))
+    try:
+        iid, n_ranks = con.execute(
+            "SELECT improvement_id, (SELECT count(*) FROM improvement_ranks r "
+            "WHERE r.improvement_id = u.improvement_id) FROM improvement_runs u ORDER BY improvement_id DESC LIMIT 1"
+        ).fetchone()
+        for column in ("template_set", "pooling", "template_mode", "templates_sha256"):  # NULL allowed (issue 25.3)
+            con.execute(f"ALTER TABLE improvement_runs ALTER COLUMN {column} DROP NOT NULL")
+        con.execute(
+            "UPDATE improvement_runs SET method = 'my-plugin', template_set = NULL, pooling = NULL, "
+            "template_mode = NULL, templates_sha256 = NULL WHERE improvement_id = ?",
+            [iid],
+        )
+        status = study_status(con)
+        wide = con.execute(
+            "SELECT method, pooling_position FROM improvement_recall_wide WHERE improvement_id = ?", [iid]
+        ).fetchone()
+        templates = con.execute(
+            "SELECT improvement_id FROM improvement_recall_wide WHERE method IS NULL OR method = 'templates'"
+        ).df()
+        key = con.execute("SELECT subset_key FROM improvement_subset_keys WHERE improvement_id = ?", [iid]).fetchone()
+    finally:
+        con.close()
+    improve_rows = status.stages[status.stages["stage"] == "improve"]
+    plugin = improve_rows[improve_rows["detail"].str.contains("method my-plugin")]
+    assert len(plugin) == 1 and plugin["rows"].iloc[0] == f"1 improvement runs from 1 invocations, {n_ranks} ranks"
+    assert improve_rows["detail"].str.contains("method templates").sum() == 1
+    assert wide == ("my-plugin", 3)  # an unnamed pooling sorts after max, mean, logsumexp
+    assert iid not in set(templates["improvement_id"]) and len(templates) > 0
+    assert key is not None and key[0] is not None  # NULL templates hash: the captions still key the subset
