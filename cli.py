@@ -103,6 +103,17 @@ def db_option(f):
     return wrapper
 
 
+def run_option(default: str):
+    """--run: the retrieval run a command works on, declared once; `default` says which run it takes without one."""
+    return click.option(
+        "--run",
+        "retrieval_run_id",
+        type=click.IntRange(1, 2**63 - 1),
+        default=None,
+        help=f"Retrieval run id (default: {default}).",
+    )
+
+
 def model_options(
     *, model_default: str | None = None, model_required: bool = False, precision: bool = False, weights: bool = True
 ):
@@ -730,13 +741,7 @@ def compare(db_path, run_a, run_b, ks, seed):
 
 
 @cli.command("triage")
-@click.option(
-    "--run",
-    "retrieval_run_id",
-    type=click.IntRange(1, 2**63 - 1),
-    default=None,
-    help="Retrieval run id (default: the newest text-to-image run).",
-)
+@run_option("the newest text-to-image run")
 @click.option(
     "--hub-factor",
     type=FiniteFloat(0, 1e6, min_open=True),  # toolkit.labels.triage.HUB_FACTOR_MAX
@@ -779,13 +784,7 @@ def triage(db_path, retrieval_run_id, hub_factor):
 
 
 @cli.command("sample-failures")
-@click.option(
-    "--run",
-    "retrieval_run_id",
-    type=click.IntRange(1, 2**63 - 1),
-    default=None,
-    help="Retrieval run id (default: latest text-to-image).",
-)
+@run_option("latest text-to-image")
 @sample_options()
 @click.option("--replace", is_flag=True, help="Draw a new sample for a run that has one (refused once labelled).")
 @click.option(
@@ -865,13 +864,7 @@ def sample_failures(
     show_default=True,
     help="mine, overlap or all (mine + overlap); backup is assigned to nobody and refused.",
 )
-@click.option(
-    "--run",
-    "retrieval_run_id",
-    type=click.IntRange(1, 2**63 - 1),
-    default=None,
-    help="Retrieval run id (default: the one sampled last).",
-)
+@run_option("the one sampled last")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: any free port.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Any other host requires the printed tokens.")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in the default web browser.")
@@ -940,13 +933,7 @@ def annotate(db_path, annotators, set_choice, retrieval_run_id, port, host, open
 
 @cli.command("export-labelstudio")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option(
-    "--run",
-    "retrieval_run_id",
-    type=click.IntRange(1, 2**63 - 1),
-    default=None,
-    help="Retrieval run id (default: the one sampled last).",
-)
+@run_option("the one sampled last")
 @click.option("--image-url-prefix", default=None, help="Image URLs = PREFIX + path under the image root.")
 @click.option("--force", is_flag=True, help="Overwrite tasks.json / labeling_config.xml that differ.")
 @click.option(
@@ -1177,13 +1164,7 @@ def _percent_table(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     show_default=True,
     help="Folder for the CSV tables and figures, rewritten as a whole (refused if it holds files of others).",
 )
-@click.option(
-    "--run",
-    "retrieval_run_id",
-    type=click.IntRange(1, 2**63 - 1),
-    default=None,
-    help="Retrieval run id (default: the one labelled last).",
-)
+@run_option("the one labelled last")
 @db_option
 def analyze(db_path, out_dir, retrieval_run_id):
     """Print the failure taxonomy and annotator agreement; write them as CSV, with Figures 1-2.
@@ -1543,13 +1524,7 @@ def _check_method_options(method: str) -> None:
     show_default=True,
     help="Folder for report.html, figures/ and tables/, rewritten as a whole (refused if it holds files of others).",
 )
-@click.option(
-    "--run",
-    "retrieval_run_id",
-    type=click.IntRange(1, 2**63 - 1),
-    default=None,
-    help="Retrieval run id (default: the one labelled last).",
-)
+@run_option("the one labelled last")
 @db_option
 def report(db_path, out_dir, retrieval_run_id):
     """Write the study's report: a self-contained report.html, figures (PNG/SVG) and tables (CSV).
