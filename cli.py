@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from toolkit._version import __version__
 from toolkit.errors import UserError
 from toolkit.improve.pooling import ALPHA_RANGE, BETA_RANGE, TAU_RANGE
 from toolkit.store import db
+from toolkit.store.paths import clipfail_command
 from toolkit.store.study import open_study, schema_version
 
 # The commands in the order of the study's stages (docs/cli.md and `clipfail --help` list them so):
@@ -315,9 +315,7 @@ def cli(ctx, db_path):
 
 def _with_db(step: str, db_path: str) -> str:
     """Spell out --db in a suggested command when the database is not the default one."""
-    if db_path == db.default_db_path():
-        return step
-    return step.replace("clipfail ", f"clipfail --db {shlex.quote(db_path)} ", 1)
+    return step.replace("clipfail ", f"{clipfail_command(db_path)} ", 1)
 
 
 @cli.command()
@@ -735,7 +733,7 @@ def compare(db_path, run_a, run_b, ks, seed):
         click.echo("\nLabelled R@1 failures of run A per category (view failure_overlap_by_category):")
         echo_df(overlap, floatfmt="{:.2f}")
     click.echo(
-        f"\nPer query: clipfail --db {shlex.quote(db_path)} sql "
+        f"\nPer query: {clipfail_command(db_path, always=True)} sql "
         f'"SELECT * FROM run_pairs WHERE run_comparison_id = {res.run_comparison_id}"'
     )
 
@@ -1642,7 +1640,7 @@ def demo(out_dir, n_images, seed, pictures):
     click.echo("")
     echo_df(res.recall[["retrieval_run_id", "subset", "model", "n_queries", "r_at_1", "r_at_5", "r_at_10"]])
     click.echo(f"\nImprovement subsets: {'; '.join(res.improvement_subsets)} (labels are SIMULATED).")
-    click.echo(f"Database: {res.db_path}  (try: clipfail --db {res.db_path} status)")
+    click.echo(f"Database: {res.db_path}  (try: {clipfail_command(res.db_path, always=True)} status)")
     click.echo(f"Report:   {res.report_path}")
 
 

@@ -95,13 +95,6 @@ class EmbedResult:
         return not self.computed
 
 
-def default_cache_dir(con) -> Path:
-    """`<database folder>/<database stem>_cache/embeddings` (beside the database file)."""
-    rows = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
-    dbfile = Path(rows[0][0]) if rows and rows[0][0] else Path("clipfail.duckdb")
-    return dbfile.resolve().parent / f"{dbfile.stem}_cache" / "embeddings"
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-.") or "x"
 
@@ -351,7 +344,7 @@ def _plan(con, subset_name, model, pretrained, checkpoint, precision, cache_dir,
 
     subset = db.get_subset(con, subset_name)
     subset_id, name = int(subset["subset_id"]), str(subset["name"])
-    cache_root = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir(con)
+    cache_root = Path(cache_dir).expanduser().resolve() if cache_dir else study_paths.embedding_cache_dir(con)
     sums_file = cache_root / CHECKPOINT_SUMS
     weights = models.weights_identity(model, pretrained, checkpoint, sums_file=sums_file)
     remember = weights.pop("_remember", None)
