@@ -153,7 +153,6 @@ def export_labelstudio(
     """Write tasks.json and labeling_config.xml for the failure sample (every set but backup) into out_dir."""
     from toolkit.labels.sample import _image_lookup, sample_table
     from toolkit.labels.taxonomy import Taxonomy
-    from toolkit.labels.triage import add_suggestions, latest_suggestions
 
     run = resolve_retrieval_run(con, retrieval_run_id, need="sample", purpose="the Label Studio export")
     rrid = int(run["retrieval_run_id"])
@@ -171,6 +170,29 @@ def export_labelstudio(
     root = str(study_paths.resolve(con, row[0]).resolve()) if row and row[0] else None
     tax = Taxonomy.load(con)
     categories = [{"name": str(c.name), "definition": str(c.definition or "")} for c in tax.categories.itertuples()]
+    tasks = _tasks(table, rrid, lookup, root, image_url_prefix)
+    triage_run_id, n_predictions = _add_predictions(con, rrid, tasks, categories, show_suggestions_on_overlap)
+    out_dir = Path(out_dir)
+    contents = {
+        "tasks.json": json.dumps(tasks, ensure_ascii=False, indent=1) + "\n",
+        "labeling_config.xml": labeling_config(categories),
+    }
+    written, unchanged = _write_export(out_dir, contents, force)
+    return ExportResult(
+        rrid,
+        out_dir,
+        len(tasks),
+        written,
+        unchanged,
+        root,
+        "prefix" if image_url_prefix else "local-files",
+        triage_run_id,
+        n_predictions,
+    )
+
+
+def _tasks(table, rrid: int, lookup: dict, root: str | None, image_url_prefix: str | None) -> list[dict]:
+    """One Label Studio task per sampled failure: its caption, ground truth and top images (URL and file)."""
 
     def url(image_id: int) -> str:
         rel = lookup[image_id][1] if image_id in lookup else f"missing-image-{image_id}"
@@ -207,9 +229,16 @@ def export_labelstudio(
             data[f"top{k}_is_gt"] = iid == gt
             data[f"top{k}_title"] = f"#{k}{' = GROUND TRUTH' if iid == gt else ''}: score {float(score):.4f}"
         tasks.append({"data": data})
+    return tasks
+
+
+def _add_predictions(con, rrid: int, tasks: list[dict], categories: list[dict], show_on_overlap: bool):
+    """Triage's suggestions as each task's data and, where the taxonomy has the category, as a Label Studio
+    prediction. Returns (the triage run they come from or None, the number of predictions)."""
+    from toolkit.labels.triage import add_suggestions, latest_suggestions
 
     # The same lookup and overlap rule as the annotator CSVs; the score and run come from the same newest run.
-    add_suggestions(con, rrid, [t["data"] for t in tasks], show_on_overlap=show_suggestions_on_overlap)
+    add_suggestions(con, rrid, [t["data"] for t in tasks], show_on_overlap=show_on_overlap)
     found = latest_suggestions(con, rrid)
     triage_run_id = int(found["triage_run_id"].iloc[0]) if len(found) else None
     scores = {int(c): (None if v != v else float(v)) for c, v in zip(found["caption_id"], found["score"])}
@@ -228,12 +257,12 @@ def export_labelstudio(
         ]
         t["predictions"] = [prediction]
         n_predictions += 1
+    return triage_run_id, n_predictions
 
-    out_dir = Path(out_dir)
-    contents = {
-        "tasks.json": json.dumps(tasks, ensure_ascii=False, indent=1) + "\n",
-        "labeling_config.xml": labeling_config(categories),
-    }
+
+def _write_export(out_dir: Path, contents: dict[str, str], force: bool) -> tuple[list[str], list[str]]:
+    """Write the files whose content changed (all staged first, then moved in); other content in their place
+    only with --force. Returns (written, unchanged) file names."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file; give a folder for the Label Studio files.")
     # What is there already, as bytes (an old file in another encoding simply differs); a FIFO or a folder in
@@ -271,17 +300,7 @@ def export_labelstudio(
     finally:
         if stage is not None:
             stage.remove()
-    return ExportResult(
-        rrid,
-        out_dir,
-        len(tasks),
-        written,
-        unchanged,
-        root,
-        "prefix" if image_url_prefix else "local-files",
-        triage_run_id,
-        n_predictions,
-    )
+    return written, unchanged
 
 
 # ---------------------------------------------------------------------------------------------
