@@ -212,6 +212,48 @@ def summary(con, retrieval_run_id: int) -> pd.DataFrame:
     return con.execute("SELECT * FROM recall_summary WHERE retrieval_run_id = ?", [int(retrieval_run_id)]).df()
 
 
+def _rank(direction, images, texts, text_gt_row, topk, chunk, device, progress, name, fix) -> tuple[pd.DataFrame, int]:
+    """The ranks of every query (retrieval_ranks' columns) and the top-k width they hold."""
+    image_ids, caption_ids = images.item_ids, texts.item_ids
+    try:
+        if direction == "text-to-image":
+            res = R.rank_text_to_image(
+                texts.array, images.array, text_gt_row, k=topk, chunk=chunk, device=device, progress=progress
+            )
+            query_ids, gt_ids = caption_ids, image_ids[res.gt_index]
+            topk_ids = image_ids[res.topk_indices]
+        else:
+            has_caption = np.bincount(text_gt_row, minlength=len(image_ids)) > 0
+            keep = np.flatnonzero(has_caption)
+            remap = np.full(len(image_ids), -1, dtype=np.int64)
+            remap[keep] = np.arange(len(keep))
+            res = R.rank_image_to_text(
+                images.array[keep], texts.array, remap[text_gt_row], k=topk, chunk=chunk, device=device,
+                progress=progress,
+            )  # fmt: skip
+            query_ids, gt_ids = image_ids[keep], caption_ids[res.gt_index]
+            topk_ids = caption_ids[res.topk_indices]
+    except ValueError as exc:  # bad numbers in an embedding file (NaN, wrong dim)
+        raise UserError(f"Cannot rank the embeddings of subset {name!r}: {exc}. {fix}") from None
+    if len(query_ids) == 0:
+        raise UserError(f"Subset {name!r} has no queries for {direction}.")
+
+    ranks = pd.DataFrame(
+        {
+            "query_id": np.asarray(query_ids, dtype=np.int64),
+            "gt_id": np.asarray(gt_ids, dtype=np.int64),
+            "gt_rank": res.gt_rank,
+            "n_tied": res.n_tied,
+            "gt_score": res.gt_score,
+            "top1_id": topk_ids[:, 0],
+            "top1_score": res.topk_scores[:, 0],
+            "topk_ids": list(topk_ids),
+            "topk_scores": list(res.topk_scores),
+        }
+    )
+    return ranks, res.topk_indices.shape[1]
+
+
 def evaluate(
     con,
     subset_name: str | None = None,
@@ -276,42 +318,7 @@ def evaluate(
     order = np.argsort(image_ids, kind="stable")
     text_gt_row = order[np.searchsorted(image_ids, caption_image, sorter=order)]
 
-    try:
-        if direction == "text-to-image":
-            res = R.rank_text_to_image(
-                texts.array, images.array, text_gt_row, k=topk, chunk=chunk, device=device, progress=progress
-            )
-            query_ids, gt_ids = caption_ids, image_ids[res.gt_index]
-            topk_ids = image_ids[res.topk_indices]
-        else:
-            has_caption = np.bincount(text_gt_row, minlength=len(image_ids)) > 0
-            keep = np.flatnonzero(has_caption)
-            remap = np.full(len(image_ids), -1, dtype=np.int64)
-            remap[keep] = np.arange(len(keep))
-            res = R.rank_image_to_text(
-                images.array[keep], texts.array, remap[text_gt_row], k=topk, chunk=chunk, device=device,
-                progress=progress,
-            )  # fmt: skip
-            query_ids, gt_ids = image_ids[keep], caption_ids[res.gt_index]
-            topk_ids = caption_ids[res.topk_indices]
-    except ValueError as exc:  # bad numbers in an embedding file (NaN, wrong dim)
-        raise UserError(f"Cannot rank the embeddings of subset {name!r}: {exc}. {fix}") from None
-    if len(query_ids) == 0:
-        raise UserError(f"Subset {name!r} has no queries for {direction}.")
-
-    ranks = pd.DataFrame(
-        {
-            "query_id": np.asarray(query_ids, dtype=np.int64),
-            "gt_id": np.asarray(gt_ids, dtype=np.int64),
-            "gt_rank": res.gt_rank,
-            "n_tied": res.n_tied,
-            "gt_score": res.gt_score,
-            "top1_id": topk_ids[:, 0],
-            "top1_score": res.topk_scores[:, 0],
-            "topk_ids": list(topk_ids),
-            "topk_scores": list(res.topk_scores),
-        }
-    )
+    ranks, k = _rank(direction, images, texts, text_gt_row, topk, chunk, device, progress, name, fix)
     run_config = config | {"device": device, "chunk": chunk, "subset": name}
     with db.transaction(con):
         run_id = db.insert_run(
@@ -331,7 +338,7 @@ def evaluate(
                 config["image_embedding_set_id"],
                 direction,
                 R.TIE_POLICY,
-                res.topk_indices.shape[1],
+                k,
                 chash,
                 db.now(),
                 run_id,
