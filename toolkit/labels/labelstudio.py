@@ -428,9 +428,77 @@ def check_export(doc) -> list[dict]:
     return tasks
 
 
+def _annotator_of(ann: dict, option_name: str | None, user_map: dict, info) -> tuple[str | None, str]:
+    """(the sample's annotator who made a Label Studio annotation, or None; its user as a message shows it):
+    --annotator for every one, else the first of its user's names that --user-map or the sample knows."""
+    from toolkit.labels.label_import import canonical_annotator
+
+    cands, shown = _user_candidates(ann)
+    if option_name is not None:
+        return option_name, shown
+    annotator = None
+    for c in cands:
+        mapped = user_map.get(c.lower())
+        annotator = canonical_annotator(info, mapped) if mapped else canonical_annotator(info, c)
+        if annotator:
+            break
+    return annotator, shown
+
+
+def _read_results(ann: dict, tax, parsed):
+    """What one annotation chose: (choices per control, notes, category, secondary category, problems). Each
+    control holds one choice naming one category; a result of clipfail's config of another type is a problem."""
+    from toolkit.labels.taxonomy import LabelError
+
+    picked: dict[str, list[str]] = {name: [] for name in CONTROLS}
+    notes: list[str] = []
+    bad = []
+    for res in [] if ann.get("was_cancelled") else ann.get("result", []):
+        name, kind, value = res["from_name"], res["type"], res["value"]
+        if kind == "choices" and name in picked:
+            picked[name] += value["choices"]
+        elif kind == "textarea" and name == "notes":
+            notes += value["text"]
+        elif kind == "choices":
+            bad.append(
+                f"choices from {name!r}, which the clipfail config does not have (it has category "
+                "and secondary); export with the config that clipfail export-labelstudio wrote"
+            )
+        elif name in (*CONTROLS, "notes"):  # a control of clipfail's config, of another type: not read
+            want = "textarea" if name == "notes" else "choices"
+            bad.append(
+                f"a {kind!r} result from {name!r}, which is a {want} control in the config that clipfail "
+                "export-labelstudio wrote; export with that config"
+            )
+    # Each control holds one choice, and each choice names one category: anything else is refused,
+    # never read as a primary and a secondary category.
+    chosen: dict[str, str | None] = {}
+    for control, choices in picked.items():
+        if len(choices) > 1:
+            bad.append(
+                f"{len(choices)} choices ({', '.join(choices)}) in {control!r}, which takes one; keep one "
+                "in Label Studio (a second category goes in 'secondary') and export again"
+            )
+        elif choices and not choices[0].strip():
+            bad.append(f"an empty choice in {control!r}")
+        elif choices:
+            try:
+                category, secondary = tax.resolve(choices[0])
+            except LabelError as exc:
+                bad.append(str(exc).split("; known categories")[0])
+                parsed.has_label_errors = True
+                continue
+            if secondary is not None:
+                bad.append(f"choice {choices[0]!r} in {control!r} names two categories; a choice names one")
+            chosen[control] = category
+    category, secondary = chosen.get("category"), chosen.get("secondary")
+    if not bad and category is None and secondary is not None:
+        bad.append(f"a secondary category ({secondary}) but no category; choose the category in Label Studio too")
+    return picked, notes, category, secondary, bad
+
+
 def _read_export(path: Path, option: str | None, user_map: dict, info, tax, seen: dict):
     from toolkit.labels.label_import import _ParsedFile, _Row, assignment_problem, canonical_annotator
-    from toolkit.labels.taxonomy import LabelError
 
     data = read_bytes(path, "Label Studio export", EXPORT_HINT)
     doc = parse_json(data, f"Label Studio export {path}", EXPORT_HINT)
@@ -457,22 +525,13 @@ def _read_export(path: Path, option: str | None, user_map: dict, info, tax, seen
             continue
         for j, ann in enumerate(annotations):
             here = f"{where} (sample {sample_id}), annotation {ann.get('id', j + 1)}"
-            cands, shown = _user_candidates(ann)
-            if option_name is not None:
-                annotator = option_name
-            else:
-                annotator = None
-                for c in cands:
-                    mapped = user_map.get(c.lower())
-                    annotator = canonical_annotator(info, mapped) if mapped else canonical_annotator(info, c)
-                    if annotator:
-                        break
-                if annotator is None:
-                    parsed.problems.append(
-                        f"{here}: its user ({shown}) is not an annotator of the sample ({', '.join(known)}); give "
-                        "--annotator NAME, or --user-map USER=NAME"
-                    )
-                    continue
+            annotator, shown = _annotator_of(ann, option_name, user_map, info)
+            if annotator is None:
+                parsed.problems.append(
+                    f"{here}: its user ({shown}) is not an annotator of the sample ({', '.join(known)}); give "
+                    "--annotator NAME, or --user-map USER=NAME"
+                )
+                continue
             problem = assignment_problem(info, sample_id, annotator)
             if problem:
                 parsed.problems.append(f"{here}: {problem}")
@@ -484,52 +543,7 @@ def _read_export(path: Path, option: str | None, user_map: dict, info, tax, seen
                 )
                 continue
             seen[key] = here
-            picked: dict[str, list[str]] = {name: [] for name in CONTROLS}
-            notes: list[str] = []
-            bad = []
-            for res in [] if ann.get("was_cancelled") else ann.get("result", []):
-                name, kind, value = res["from_name"], res["type"], res["value"]
-                if kind == "choices" and name in picked:
-                    picked[name] += value["choices"]
-                elif kind == "textarea" and name == "notes":
-                    notes += value["text"]
-                elif kind == "choices":
-                    bad.append(
-                        f"choices from {name!r}, which the clipfail config does not have (it has category "
-                        "and secondary); export with the config that clipfail export-labelstudio wrote"
-                    )
-                elif name in (*CONTROLS, "notes"):  # a control of clipfail's config, of another type: not read
-                    want = "textarea" if name == "notes" else "choices"
-                    bad.append(
-                        f"a {kind!r} result from {name!r}, which is a {want} control in the config that clipfail "
-                        "export-labelstudio wrote; export with that config"
-                    )
-            # Each control holds one choice, and each choice names one category: anything else is refused,
-            # never read as a primary and a secondary category.
-            chosen: dict[str, str | None] = {}
-            for control, choices in picked.items():
-                if len(choices) > 1:
-                    bad.append(
-                        f"{len(choices)} choices ({', '.join(choices)}) in {control!r}, which takes one; keep one "
-                        "in Label Studio (a second category goes in 'secondary') and export again"
-                    )
-                elif choices and not choices[0].strip():
-                    bad.append(f"an empty choice in {control!r}")
-                elif choices:
-                    try:
-                        category, secondary = tax.resolve(choices[0])
-                    except LabelError as exc:
-                        bad.append(str(exc).split("; known categories")[0])
-                        parsed.has_label_errors = True
-                        continue
-                    if secondary is not None:
-                        bad.append(f"choice {choices[0]!r} in {control!r} names two categories; a choice names one")
-                    chosen[control] = category
-            category, secondary = chosen.get("category"), chosen.get("secondary")
-            if not bad and category is None and secondary is not None:
-                bad.append(
-                    f"a secondary category ({secondary}) but no category; choose the category in Label Studio too"
-                )
+            picked, notes, category, secondary, bad = _read_results(ann, tax, parsed)
             if bad:
                 parsed.problems += [f"{here}: {msg}" for msg in bad]
                 continue
