@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pandas as pd
 from toolkit._version import __version__
 from toolkit.errors import UserError
 from toolkit.store import db
+from toolkit.store.paths import clipfail_command
 from toolkit.store.study import open_study, schema_version
 
 # The commands in the order of the study's stages (docs/cli.md and `clipfail --help` list them so):
@@ -100,6 +100,17 @@ def db_option(f):
             raise
 
     return wrapper
+
+
+def run_option(default: str):
+    """--run: the retrieval run a command works on, declared once; `default` says which run it takes without one."""
+    return click.option(
+        "--run",
+        "retrieval_run_id",
+        type=click.IntRange(1, 2**63 - 1),
+        default=None,
+        help=f"Retrieval run id (default: {default}).",
+    )
 
 
 def model_options(
@@ -303,9 +314,7 @@ def cli(ctx, db_path):
 
 def _with_db(step: str, db_path: str) -> str:
     """Spell out --db in a suggested command when the database is not the default one."""
-    if db_path == db.default_db_path():
-        return step
-    return step.replace("clipfail ", f"clipfail --db {shlex.quote(db_path)} ", 1)
+    return step.replace("clipfail ", f"{clipfail_command(db_path)} ", 1)
 
 
 @cli.command()
@@ -733,19 +742,13 @@ def compare(db_path, run_a, run_b, ks, seed):
         click.echo("\nLabelled R@1 failures of run A per category (view failure_overlap_by_category):")
         echo_df(overlap, floatfmt="{:.2f}")
     click.echo(
-        f"\nPer query: clipfail --db {shlex.quote(db_path)} sql "
+        f"\nPer query: {clipfail_command(db_path, always=True)} sql "
         f'"SELECT * FROM run_pairs WHERE run_comparison_id = {res.run_comparison_id}"'
     )
 
 
 @cli.command("triage")
-@click.option(
-    "--run",
-    "retrieval_run_id",
-    type=click.IntRange(1, 2**63 - 1),
-    default=None,
-    help="Retrieval run id (default: the newest text-to-image run).",
-)
+@run_option("the newest text-to-image run")
 @click.option(
     "--hub-factor",
     type=FiniteFloat(0, 1e6, min_open=True),  # toolkit.labels.triage.HUB_FACTOR_MAX
@@ -788,13 +791,7 @@ def triage(db_path, retrieval_run_id, hub_factor):
 
 
 @cli.command("sample-failures")
-@click.option(
-    "--run",
-    "retrieval_run_id",
-    type=click.IntRange(1, 2**63 - 1),
-    default=None,
-    help="Retrieval run id (default: latest text-to-image).",
-)
+@run_option("latest text-to-image")
 @sample_options()
 @click.option("--replace", is_flag=True, help="Draw a new sample for a run that has one (refused once labelled).")
 @click.option(
@@ -874,13 +871,7 @@ def sample_failures(
     show_default=True,
     help="mine, overlap or all (mine + overlap); backup is assigned to nobody and refused.",
 )
-@click.option(
-    "--run",
-    "retrieval_run_id",
-    type=click.IntRange(1, 2**63 - 1),
-    default=None,
-    help="Retrieval run id (default: the one sampled last).",
-)
+@run_option("the one sampled last")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: any free port.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Any other host requires the printed tokens.")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in the default web browser.")
@@ -949,13 +940,7 @@ def annotate(db_path, annotators, set_choice, retrieval_run_id, port, host, open
 
 @cli.command("export-labelstudio")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option(
-    "--run",
-    "retrieval_run_id",
-    type=click.IntRange(1, 2**63 - 1),
-    default=None,
-    help="Retrieval run id (default: the one sampled last).",
-)
+@run_option("the one sampled last")
 @click.option("--image-url-prefix", default=None, help="Image URLs = PREFIX + path under the image root.")
 @click.option("--force", is_flag=True, help="Overwrite tasks.json / labeling_config.xml that differ.")
 @click.option(
@@ -1186,13 +1171,7 @@ def _percent_table(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     show_default=True,
     help="Folder for the CSV tables and figures, rewritten as a whole (refused if it holds files of others).",
 )
-@click.option(
-    "--run",
-    "retrieval_run_id",
-    type=click.IntRange(1, 2**63 - 1),
-    default=None,
-    help="Retrieval run id (default: the one labelled last).",
-)
+@run_option("the one labelled last")
 @db_option
 def analyze(db_path, out_dir, retrieval_run_id):
     """Print the failure taxonomy and annotator agreement; write them as CSV, with Figures 1-2.
@@ -1519,13 +1498,7 @@ def improve(
     show_default=True,
     help="Folder for report.html, figures/ and tables/, rewritten as a whole (refused if it holds files of others).",
 )
-@click.option(
-    "--run",
-    "retrieval_run_id",
-    type=click.IntRange(1, 2**63 - 1),
-    default=None,
-    help="Retrieval run id (default: the one labelled last).",
-)
+@run_option("the one labelled last")
 @db_option
 def report(db_path, out_dir, retrieval_run_id):
     """Write the study's report: a self-contained report.html, figures (PNG/SVG) and tables (CSV).
@@ -1643,7 +1616,7 @@ def demo(out_dir, n_images, seed, pictures):
     click.echo("")
     echo_df(res.recall[["retrieval_run_id", "subset", "model", "n_queries", "r_at_1", "r_at_5", "r_at_10"]])
     click.echo(f"\nImprovement subsets: {'; '.join(res.improvement_subsets)} (labels are SIMULATED).")
-    click.echo(f"Database: {res.db_path}  (try: clipfail --db {res.db_path} status)")
+    click.echo(f"Database: {res.db_path}  (try: {clipfail_command(res.db_path, always=True)} status)")
     click.echo(f"Report:   {res.report_path}")
 
 

@@ -591,29 +591,7 @@ def load_model(
         check_checkpoint_file(ckpt_path)
 
     kwargs = dict(precision=precision, device=dev, cache_dir=cache_dir)
-    offline = False
-    if resolved.kind in ("hf-hub",):
-        repo_id = resolved.model_name[len("hf-hub:") :]
-        have_cfg = _hf_cached(repo_id, ["open_clip_config.json"], cache_dir)
-        have_weights = ckpt_path is not None or _hf_cached(repo_id, _HF_WEIGHT_FILES, cache_dir)
-        if have_cfg and have_weights:
-            offline = True
-        else:
-            _need_download(f"The hub model {repo_id}", "huggingface.co")
-        create_name, create_pretrained = resolved.model_name, None
-        if ckpt_path:
-            kwargs["load_weights"] = False
-    else:
-        create_name = resolved.model_name
-        create_pretrained = None
-        if ckpt_path is None and resolved.pretrained and resolved.kind != "local-dir":
-            create_pretrained = _tag_weights_file(resolved.model_name, resolved.pretrained, cache_dir)
-            kwargs.update(_tag_preprocess_overrides(resolved.model_name, resolved.pretrained))
-        elif (
-            ckpt_path and resolved.pretrained and open_clip.get_pretrained_cfg(resolved.model_name, resolved.pretrained)
-        ):
-            kwargs.update(_tag_preprocess_overrides(resolved.model_name, resolved.pretrained))
-        offline = True  # everything is local from here on
+    create_name, create_pretrained, offline = _create_args(resolved, ckpt_path, cache_dir, kwargs)
 
     # No weights at all: random initialisation, seeded so that the same spec always gives the same
     # model (its embeddings are then reproducible and safe to cache under the same identity).
@@ -660,6 +638,38 @@ def load_model(
         image_size=size,
         notes=notes,
     )
+
+
+def _create_args(resolved, ckpt_path: str | None, cache_dir, kwargs: dict) -> tuple[str, str | None, bool]:
+    """How open_clip is to build the model: (model name, pretrained weights file or None, whether everything it
+    needs is local, so the hub is not asked). `kwargs` (create_model_and_transforms') gets what the weights
+    imply: a tag's preprocess, or no hub weights under a checkpoint."""
+    import open_clip
+
+    offline = False
+    if resolved.kind in ("hf-hub",):
+        repo_id = resolved.model_name[len("hf-hub:") :]
+        have_cfg = _hf_cached(repo_id, ["open_clip_config.json"], cache_dir)
+        have_weights = ckpt_path is not None or _hf_cached(repo_id, _HF_WEIGHT_FILES, cache_dir)
+        if have_cfg and have_weights:
+            offline = True
+        else:
+            _need_download(f"The hub model {repo_id}", "huggingface.co")
+        create_name, create_pretrained = resolved.model_name, None
+        if ckpt_path:
+            kwargs["load_weights"] = False
+    else:
+        create_name = resolved.model_name
+        create_pretrained = None
+        if ckpt_path is None and resolved.pretrained and resolved.kind != "local-dir":
+            create_pretrained = _tag_weights_file(resolved.model_name, resolved.pretrained, cache_dir)
+            kwargs.update(_tag_preprocess_overrides(resolved.model_name, resolved.pretrained))
+        elif (
+            ckpt_path and resolved.pretrained and open_clip.get_pretrained_cfg(resolved.model_name, resolved.pretrained)
+        ):
+            kwargs.update(_tag_preprocess_overrides(resolved.model_name, resolved.pretrained))
+        offline = True  # everything is local from here on
+    return create_name, create_pretrained, offline
 
 
 def _first_line(exc: BaseException) -> str:

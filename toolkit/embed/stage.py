@@ -95,13 +95,6 @@ class EmbedResult:
         return not self.computed
 
 
-def default_cache_dir(con) -> Path:
-    """`<database folder>/<database stem>_cache/embeddings` (beside the database file)."""
-    rows = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
-    dbfile = Path(rows[0][0]) if rows and rows[0][0] else Path("clipfail.duckdb")
-    return dbfile.resolve().parent / f"{dbfile.stem}_cache" / "embeddings"
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-.") or "x"
 
@@ -351,7 +344,7 @@ def _plan(con, subset_name, model, pretrained, checkpoint, precision, cache_dir,
 
     subset = db.get_subset(con, subset_name)
     subset_id, name = int(subset["subset_id"]), str(subset["name"])
-    cache_root = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir(con)
+    cache_root = Path(cache_dir).expanduser().resolve() if cache_dir else study_paths.embedding_cache_dir(con)
     sums_file = cache_root / CHECKPOINT_SUMS
     weights = models.weights_identity(model, pretrained, checkpoint, sums_file=sums_file)
     remember = weights.pop("_remember", None)
@@ -411,6 +404,36 @@ def _plan(con, subset_name, model, pretrained, checkpoint, precision, cache_dir,
     )
 
 
+@dataclass
+class EmbedOptions:
+    """How `embed` makes (or finds) a subset's embeddings: every option but the database and the subset,
+    travelling as one value through the steps of the stage (see `embed` for what each one does)."""
+
+    model: str = "openai/clip-vit-base-patch32"
+    pretrained: str | None = None
+    checkpoint: str | Path | None = None
+    device: str = "auto"
+    batch_size: int | None = None
+    precision: str = "fp32"
+    cache_dir: str | Path | None = None
+    recompute: bool = False
+    draft: bool = False
+    num_workers: int | None = None
+    decode: str = "cpu"
+    progress: bool | None = None
+    shard_rows: dict | None = None
+    on_shard: Callable[[str, int, int], None] | None = None
+    on_step: Callable[[str], None] | None = None
+    engine: str = "local"
+    ray_address: str | None = None
+    gpus_per_worker: float | None = None
+    workers: int | None = None
+
+    def step(self, name: str) -> None:
+        if self.on_step is not None:
+            self.on_step(name)
+
+
 def embed(
     database,
     subset_name: str | None = None,
@@ -453,33 +476,55 @@ def embed(
     pluggable step, "compute the rows of these shards": planning, shards, manifest, lock, the final
     file and the registration are this function's whatever the engine, and the engine is recorded in
     the set's config but is not part of its identity (sets and shards are shared across engines).
+
+    The options travel on as one `EmbedOptions`; `embed_with(database, subset_name, options)` takes them so.
     """
+    options = EmbedOptions(
+        model=model, pretrained=pretrained, checkpoint=checkpoint, device=device, batch_size=batch_size,
+        precision=precision, cache_dir=cache_dir, recompute=recompute, draft=draft, num_workers=num_workers,
+        decode=decode, progress=progress, shard_rows=shard_rows, on_shard=on_shard, on_step=on_step, engine=engine,
+        ray_address=ray_address, gpus_per_worker=gpus_per_worker, workers=workers,
+    )  # fmt: skip
+    return embed_with(database, subset_name, options)
+
+
+def _check_options(opts: EmbedOptions) -> None:
+    """Refuse options that cannot work, before anything is read or written."""
     from toolkit.embed import encode, models
 
-    t0 = time.perf_counter()
-    started = db.now()
-    if pretrained and checkpoint is not None:
+    if opts.pretrained and opts.checkpoint is not None:
         # the identity records a checkpoint by its sha256 alone, while load_model would apply the tag's preprocess
         raise UserError("Give either --pretrained TAG or --checkpoint PATH, not both.")
-    if precision not in models.PRECISIONS:
-        raise UserError(f"Unknown precision {precision!r}; use one of {', '.join(models.PRECISIONS)}.")
-    if batch_size is not None and batch_size < 1:
+    if opts.precision not in models.PRECISIONS:
+        raise UserError(f"Unknown precision {opts.precision!r}; use one of {', '.join(models.PRECISIONS)}.")
+    if opts.batch_size is not None and opts.batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
-    if num_workers is not None and num_workers < 0:
+    if opts.num_workers is not None and opts.num_workers < 0:
         raise UserError("--num-workers must be 0 or more.")
-    if decode not in encode.DECODES:
-        raise UserError(f"Unknown --decode {decode!r}; use cpu or gpu.")
-    if engine not in ENGINES:
-        raise UserError(f"Unknown --engine {engine!r}; use one of {', '.join(ENGINES)}.")
-    if engine == "ray":  # the model runs on the cluster's workers: their devices are checked there
+    if opts.decode not in encode.DECODES:
+        raise UserError(f"Unknown --decode {opts.decode!r}; use cpu or gpu.")
+    if opts.engine not in ENGINES:
+        raise UserError(f"Unknown --engine {opts.engine!r}; use one of {', '.join(ENGINES)}.")
+    if opts.engine == "ray":  # the model runs on the cluster's workers: their devices are checked there
         from toolkit.embed import ray_engine
 
-        ray_engine.check_options(decode=decode, device=device, gpus_per_worker=gpus_per_worker, workers=workers)
+        ray_engine.check_options(
+            decode=opts.decode, device=opts.device, gpus_per_worker=opts.gpus_per_worker, workers=opts.workers
+        )
     # An unavailable or unknown --device (or --decode gpu without CUDA) is refused before any work.
     # auto and cpu need no check, so a run with nothing to compute does not even import torch.
-    elif str(device).strip().lower() not in ("auto", "cpu", "") or decode != "cpu":
-        encode.check_decode(decode, resolve_device(device), draft)
-    args = (subset_name, model, pretrained, checkpoint, precision, cache_dir, recompute, draft, decode)
+    elif str(opts.device).strip().lower() not in ("auto", "cpu", "") or opts.decode != "cpu":
+        encode.check_decode(opts.decode, resolve_device(opts.device), opts.draft)
+
+
+def embed_with(database, subset_name: str | None, opts: EmbedOptions) -> EmbedResult:
+    """`embed` with its options as one `EmbedOptions`: check them, read the plan in one short connection,
+    connect to the Ray cluster if that is the engine, then compute and register what is missing."""
+    t0 = time.perf_counter()
+    started = db.now()
+    _check_options(opts)
+    args = (subset_name, opts.model, opts.pretrained, opts.checkpoint, opts.precision, opts.cache_dir,
+            opts.recompute, opts.draft, opts.decode)  # fmt: skip
     db_path = str(database) if isinstance(database, str | os.PathLike) else None
     if db_path is not None:
         con = open_study(db_path)
@@ -492,18 +537,17 @@ def embed(
         con = database
         plan = _plan(con, *args)
     cluster = None
-    if plan.todo and engine == "ray":
+    if plan.todo and opts.engine == "ray":
+        from toolkit.embed import ray_engine
+
         # Connect (or refuse an unreachable address) before any model, lock or shard folder.
         cluster = ray_engine.RayEngine.connect(
-            ray_address, gpus_per_worker=gpus_per_worker, workers=workers, device=device,
-            model=model, pretrained=pretrained, checkpoint=checkpoint, precision=precision, weights=plan.weights,
-            draft=draft, num_workers=num_workers,
+            opts.ray_address, gpus_per_worker=opts.gpus_per_worker, workers=opts.workers, device=opts.device,
+            model=opts.model, pretrained=opts.pretrained, checkpoint=opts.checkpoint, precision=opts.precision,
+            weights=plan.weights, draft=opts.draft, num_workers=opts.num_workers,
         )  # fmt: skip
     try:
-        return _embed_compute(
-            plan, con, db_path, cluster, t0, started, model, pretrained, checkpoint, device, batch_size, precision,
-            recompute, draft, num_workers, decode, progress, shard_rows, on_shard, on_step,
-        )  # fmt: skip
+        return _embed_compute(plan, con, db_path, cluster, t0, started, opts)
     finally:
         if cluster is not None:
             cluster.close()
@@ -512,223 +556,284 @@ def embed(
 ENGINES = ("local", "ray")
 
 
-def _embed_compute(plan, con, db_path, cluster, t0, started, model, pretrained, checkpoint, device, batch_size,
-                   precision, recompute, draft, num_workers, decode, progress, shard_rows, on_shard,
-                   on_step=None):  # fmt: skip
+@dataclass
+class _Computed:
+    """What the computation of one embed() call found and made (read back into its EmbedResult)."""
+
+    notes: list[str] = field(default_factory=list)
+    computed: dict[str, dict] = field(default_factory=dict)  # kind -> the final file, its array and config
+    reused_shards: int = 0
+    n_truncated: int | None = None
+    context_length: int | None = None
+    fast_text: bool | None = None
+    run_id: int | None = None
+    registered: list[str] = field(default_factory=list)
+
+
+def _embed_compute(plan, con, db_path, cluster, t0, started, opts: EmbedOptions) -> EmbedResult:
     """embed() once the plan is read: compute what is missing (with the local engine or `cluster`),
     write the final files and register them."""
-    from toolkit.embed import encode, models
+    from toolkit.embed import models
 
-    name, items, weights, hashes = plan.name, plan.items, plan.weights, plan.hashes
-    existing = plan.existing
-    notes: list[str] = []
-    computed: dict[str, dict] = {}
-    reused_shards = 0
-    n_truncated = context_length = None
-    run_id, registered = None, []
-    step = on_step or (lambda name: None)
+    out = _Computed()
     if plan.todo:
-        if cluster is not None and "image" in plan.todo:
-            cluster.check_images(plan.paths, name)  # on the workers' filesystems; names what they miss
-        elif "image" in plan.todo:
-            missing = [p for p in plan.paths if not os.path.isfile(p)]
-            if missing:
-                raise UserError(
-                    f"Image files of subset {name!r} are missing under {plan.image_root}: "
-                    f"{list_offenders(missing, limit=3)}. Restore them, or ingest again with --skip-bad-images. "
-                    f"{study_paths.moved_hint(db_path if db_path is not None else con, '--images-root', name)}"
-                )
-        partial = plan.folder / ".partial"
-        step("model")
-        # With Ray the driver's copy of the model only tokenizes and describes the preprocess: on its CPU.
-        bundle = models.load_model(
-            model,
-            pretrained=pretrained,
-            checkpoint=checkpoint,
-            device="cpu" if cluster is not None else device,
-            precision="fp32" if cluster is not None else precision,
-        )
-        got = {
-            "model": bundle.model_name,
-            "pretrained": bundle.pretrained,
-            "checkpoint_sha256": bundle.checkpoint_sha256,
-        }
-        if got != weights:
-            raise UserError(
-                f"The model's weights changed while this command read them ({got['checkpoint_sha256']} is not "
-                f"{weights['checkpoint_sha256']}). Nothing was registered. Run the command again."
-            )
-        notes.extend(bundle.notes)
-        if decode == "gpu" and "image" in plan.todo:
-            encode.gpu_preprocess_or_refuse(bundle)  # before any lock or shard folder
-        locks = {
-            kind: _PartialLock(partial / f"{kind}-{hashes[kind][:16]}.lock", f"{kind} embeddings of subset {name!r}")
-            for kind in plan.todo
-        }
-        new_dirs = [d for d in (partial, *partial.parents) if not d.exists()]  # removed again if left empty
-        try:
-            for lock in locks.values():
-                lock.acquire()
-            rows_per = dict(SHARD_ROWS, **(shard_rows or {}))
-            on_gpu = cluster.on_gpu if cluster is not None else bundle.device != "cpu"
-            img_bs = batch_size or (256 if on_gpu else encode.DEFAULT_IMAGE_BATCH)
-            txt_bs = batch_size or (1024 if on_gpu else encode.DEFAULT_TEXT_BATCH)
-            jobs: dict[str, dict] = {}  # kind -> its shards, progress bar, shards done, shards to do, finish
-            try:
-                for kind in plan.todo:
-                    n = len(items[kind])
-                    shards = _Shards(partial / f"{kind}-{hashes[kind][:16]}", hashes[kind], n, rows_per[kind])
-                    what = f"{kind} embeddings of subset {name!r} ({bundle.model_name}, {precision})"
-                    unit = "image" if kind == "image" else "caption"
-                    bar = _progress(total=n, desc=f"{kind} embeddings", unit=unit, enabled=progress)
-                    done: dict[int, np.ndarray] = {}
-                    jobs[kind] = {"shards": shards, "what": what, "bar": bar, "done": done}
-                    dim = None
-                    for i in range(shards.n):
-                        arr = shards.load(i, dim)
-                        if arr is not None:
-                            done[i], dim = arr, arr.shape[1]
-                            reused_shards += 1
-                            bar.update(arr.shape[0])
-                    jobs[kind]["todo"] = [i for i in range(shards.n) if i not in done]
-
-                    def finish(i: int, arr: np.ndarray, kind=kind, shards=shards, what=what, done=done) -> None:
-                        a, b = shards.span(i)
-                        if arr.shape[0] != b - a:  # pragma: no cover - encoders return one row per item
-                            raise RuntimeError("encoder returned the wrong number of rows")
-                        check_embeddings(arr, kind, precision, items[kind][a:b], what)  # never saved if bad
-                        shards.save(i, arr)
-                        done[i] = arr
-                        if on_shard is not None:
-                            on_shard(kind, i, shards.n)
-
-                    jobs[kind]["finish"] = finish
-
-                if "text" in jobs:
-                    step("tokenize")
-                    toks = encode.tokenize(bundle, plan.captions)  # every caption once; counts truncation
-                    n_truncated, context_length = toks.n_truncated, bundle.context_length
-                if cluster is not None:
-                    # The pluggable step, "compute the rows of these shards": on Ray, every kind in one pass
-                    # (one actor pool); `finish` saves each shard here, in the driver, as it completes.
-                    fast_text = encode.fast_text_tower(bundle.model) is not None
-                    step("compute")
-                    gathers = {k: ShardGather(j["shards"], j["todo"], j["finish"]) for k, j in jobs.items()}
-                    cluster.compute(
-                        gathers,
-                        {k: j["bar"] for k, j in jobs.items()},
-                        paths=plan.paths,
-                        tokens=toks.ids if "text" in jobs else None,
-                        batch_sizes={"image": img_bs, "text": txt_bs},
-                    )
-                for kind, job in jobs.items() if cluster is None else ():
-                    shards, todo_shards, finish, bar = job["shards"], job["todo"], job["finish"], job["bar"]
-                    step(kind)
-                    if kind == "image":
-                        stats: dict = {}
-                        _stream_images(encode, bundle, plan, shards, todo_shards, finish, img_bs, num_workers, draft,
-                                       decode, bar, stats)  # fmt: skip
-                        if stats.get("cpu_fallbacks"):
-                            notes.append(
-                                f"--decode gpu: {stats['cpu_fallbacks']} image(s) were not baseline RGB JPEGs that "
-                                "the GPU decodes; they took the exact CPU path."
-                            )
-                    else:
-                        fast_text = None
-                        for i in todo_shards:
-                            a, b = shards.span(i)
-                            sub = encode.Tokens(toks.ids[a:b], None, None)
-                            res = encode.encode_texts_with_info(bundle, plan.captions[a:b], txt_bs, bar, tokens=sub)
-                            fast_text = res.fast_path
-                            finish(i, res.embeddings)
-            finally:
-                for job in jobs.values():
-                    job["bar"].close()
-            step("finish")
-            for kind, job in jobs.items():
-                shards, done, what = job["shards"], job["done"], job["what"]
-                if len(done) != shards.n:  # pragma: no cover - the stream yields every row once
-                    raise RuntimeError(f"{shards.n - len(done)} {kind} shard(s) were not computed")
-                parts = [done[i] for i in range(shards.n)]
-                dim = parts[0].shape[1] if parts else 0
-                array = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
-                array = np.ascontiguousarray(array, dtype=np.float32)
-                try:
-                    check_embeddings(array, kind, precision, items[kind], what)
-                except UserError:
-                    shutil.rmtree(shards.folder, ignore_errors=True)  # nothing in it is to be trusted again
-                    raise
-                set_cfg = dict(plan.identities[kind], identity_hash=hashes[kind], spec=model, checkpoint=plan.ckpt_path)
-                set_cfg.update(_made_with(bundle, kind, img_bs if kind == "image" else txt_bs, num_workers))
-                set_cfg.update(cluster.made_with() if cluster is not None else {"engine": "local"})
-                if kind == "image":
-                    set_cfg["decode"] = decode
-                else:
-                    set_cfg.update(n_truncated=n_truncated, context_length=context_length, fast_text_path=fast_text)
-                stem = f"{kind}-{_slug(bundle.model_name)}-{hashes[kind][:12]}"
-                tmp = plan.folder / f".{stem}.npy.tmp{os.getpid()}"
-                sha = artifacts.save_array(tmp, array)
-                final = plan.folder / f"{stem}-{sha[:12]}.npy"
-                os.replace(tmp, final)
-                computed[kind] = {"array": array, "sha": sha, "path": final, "config": set_cfg, "shards": shards}
-
-            run_config = {
-                "stage": "embed",
-                "subset_id": plan.subset_id,
-                **weights,
-                "precision": precision,
-                "draft": bool(draft),
-                "decode": decode,
-                "spec": model,
-                "checkpoint": plan.ckpt_path,
-                "computed": {k: hashes[k] for k in computed},
-                "recompute": bool(recompute),
-            }
-            reg = open_study(db_path) if db_path is not None else con
-            try:
-                run_id, registered = _register(reg, plan, computed, run_config, started, precision, notes)
-            finally:
-                if db_path is not None:
-                    reg.close()
-            for c in computed.values():
-                shutil.rmtree(c["shards"].folder, ignore_errors=True)
-        finally:
-            for lock in locks.values():
-                lock.release()
-            for d in (partial, *new_dirs):  # deepest first; a folder another process uses is not empty
-                try:
-                    d.rmdir()
-                except OSError:
-                    pass
-
+        _compute_and_register(plan, con, db_path, cluster, started, opts, out)
     if plan.remember is not None and plan.remember[0].parent.is_dir():
         models.remember_checkpoint_sha256(*plan.remember)
+    return _result(plan, opts, out, t0)
+
+
+def _check_images(plan, con, db_path, cluster) -> None:
+    """Refuse a subset whose image files are missing (on the Ray workers' filesystems, with a cluster)."""
+    if "image" not in plan.todo:
+        return
+    if cluster is not None:
+        cluster.check_images(plan.paths, plan.name)  # on the workers' filesystems; names what they miss
+        return
+    missing = [p for p in plan.paths if not os.path.isfile(p)]
+    if missing:
+        raise UserError(
+            f"Image files of subset {plan.name!r} are missing under {plan.image_root}: "
+            f"{list_offenders(missing, limit=3)}. Restore them, or ingest again with --skip-bad-images. "
+            f"{study_paths.moved_hint(db_path if db_path is not None else con, '--images-root', plan.name)}"
+        )
+
+
+def _load_bundle(plan, opts: EmbedOptions, cluster, out: _Computed):
+    """The model, checked to be the weights that the plan's identity records."""
+    from toolkit.embed import encode, models
+
+    # With Ray the driver's copy of the model only tokenizes and describes the preprocess: on its CPU.
+    bundle = models.load_model(
+        opts.model,
+        pretrained=opts.pretrained,
+        checkpoint=opts.checkpoint,
+        device="cpu" if cluster is not None else opts.device,
+        precision="fp32" if cluster is not None else opts.precision,
+    )
+    got = {
+        "model": bundle.model_name,
+        "pretrained": bundle.pretrained,
+        "checkpoint_sha256": bundle.checkpoint_sha256,
+    }
+    if got != plan.weights:
+        raise UserError(
+            f"The model's weights changed while this command read them ({got['checkpoint_sha256']} is not "
+            f"{plan.weights['checkpoint_sha256']}). Nothing was registered. Run the command again."
+        )
+    out.notes.extend(bundle.notes)
+    if opts.decode == "gpu" and "image" in plan.todo:
+        encode.gpu_preprocess_or_refuse(bundle)  # before any lock or shard folder
+    return bundle
+
+
+def _compute_and_register(plan, con, db_path, cluster, started, opts: EmbedOptions, out: _Computed) -> None:
+    """Under a lock per kind: compute the missing shards, join them into final files, register those."""
+    from toolkit.embed import encode
+
+    _check_images(plan, con, db_path, cluster)
+    partial = plan.folder / ".partial"
+    opts.step("model")
+    bundle = _load_bundle(plan, opts, cluster, out)
+    hashes, name = plan.hashes, plan.name
+    locks = {
+        kind: _PartialLock(partial / f"{kind}-{hashes[kind][:16]}.lock", f"{kind} embeddings of subset {name!r}")
+        for kind in plan.todo
+    }
+    new_dirs = [d for d in (partial, *partial.parents) if not d.exists()]  # removed again if left empty
+    try:
+        for lock in locks.values():
+            lock.acquire()
+        on_gpu = cluster.on_gpu if cluster is not None else bundle.device != "cpu"
+        batch = {
+            "image": opts.batch_size or (256 if on_gpu else encode.DEFAULT_IMAGE_BATCH),
+            "text": opts.batch_size or (1024 if on_gpu else encode.DEFAULT_TEXT_BATCH),
+        }
+        jobs: dict[str, dict] = {}  # kind -> its shards, progress bar, shards done, shards to do, finish
+        try:
+            _add_shard_jobs(jobs, plan, opts, bundle, partial, out)
+            _compute_shards(jobs, plan, opts, bundle, cluster, batch, out)
+        finally:
+            for job in jobs.values():
+                job["bar"].close()
+        opts.step("finish")
+        for kind, job in jobs.items():
+            out.computed[kind] = _final_file(kind, job, plan, opts, bundle, cluster, batch[kind], out)
+        _register_run(plan, con, db_path, started, opts, out)
+        for c in out.computed.values():
+            shutil.rmtree(c["shards"].folder, ignore_errors=True)
+    finally:
+        for lock in locks.values():
+            lock.release()
+        for d in (partial, *new_dirs):  # deepest first; a folder another process uses is not empty
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def _add_shard_jobs(jobs: dict, plan, opts: EmbedOptions, bundle, partial: Path, out: _Computed) -> None:
+    """One job per kind to compute: its shards (those already on disk are loaded and counted as reused),
+    its progress bar, and `finish`, which checks and saves a computed shard. Filled in place, so that the
+    caller closes the bars opened so far whatever fails."""
+    rows_per = dict(SHARD_ROWS, **(opts.shard_rows or {}))
+    items, hashes, name, precision = plan.items, plan.hashes, plan.name, opts.precision
+    for kind in plan.todo:
+        n = len(items[kind])
+        shards = _Shards(partial / f"{kind}-{hashes[kind][:16]}", hashes[kind], n, rows_per[kind])
+        what = f"{kind} embeddings of subset {name!r} ({bundle.model_name}, {precision})"
+        unit = "image" if kind == "image" else "caption"
+        bar = _progress(total=n, desc=f"{kind} embeddings", unit=unit, enabled=opts.progress)
+        done: dict[int, np.ndarray] = {}
+        jobs[kind] = {"shards": shards, "what": what, "bar": bar, "done": done}
+        dim = None
+        for i in range(shards.n):
+            arr = shards.load(i, dim)
+            if arr is not None:
+                done[i], dim = arr, arr.shape[1]
+                out.reused_shards += 1
+                bar.update(arr.shape[0])
+        jobs[kind]["todo"] = [i for i in range(shards.n) if i not in done]
+
+        def finish(i: int, arr: np.ndarray, kind=kind, shards=shards, what=what, done=done) -> None:
+            a, b = shards.span(i)
+            if arr.shape[0] != b - a:  # pragma: no cover - encoders return one row per item
+                raise RuntimeError("encoder returned the wrong number of rows")
+            check_embeddings(arr, kind, precision, items[kind][a:b], what)  # never saved if bad
+            shards.save(i, arr)
+            done[i] = arr
+            if opts.on_shard is not None:
+                opts.on_shard(kind, i, shards.n)
+
+        jobs[kind]["finish"] = finish
+
+
+def _compute_shards(jobs: dict, plan, opts: EmbedOptions, bundle, cluster, batch: dict, out: _Computed) -> None:
+    """Compute every job's missing shards: on Ray every kind in one pass, else image then text here."""
+    from toolkit.embed import encode
+
+    toks = None
+    if "text" in jobs:
+        opts.step("tokenize")
+        toks = encode.tokenize(bundle, plan.captions)  # every caption once; counts truncation
+        out.n_truncated, out.context_length = toks.n_truncated, bundle.context_length
+    if cluster is not None:
+        # The pluggable step, "compute the rows of these shards": on Ray, every kind in one pass
+        # (one actor pool); `finish` saves each shard here, in the driver, as it completes.
+        out.fast_text = encode.fast_text_tower(bundle.model) is not None
+        opts.step("compute")
+        gathers = {k: ShardGather(j["shards"], j["todo"], j["finish"]) for k, j in jobs.items()}
+        cluster.compute(
+            gathers,
+            {k: j["bar"] for k, j in jobs.items()},
+            paths=plan.paths,
+            tokens=toks.ids if "text" in jobs else None,
+            batch_sizes={"image": batch["image"], "text": batch["text"]},
+        )
+        return
+    for kind, job in jobs.items():
+        shards, todo_shards, finish, bar = job["shards"], job["todo"], job["finish"], job["bar"]
+        opts.step(kind)
+        if kind == "image":
+            stats: dict = {}
+            _stream_images(encode, bundle, plan, shards, todo_shards, finish, batch["image"], opts.num_workers,
+                           opts.draft, opts.decode, bar, stats)  # fmt: skip
+            if stats.get("cpu_fallbacks"):
+                out.notes.append(
+                    f"--decode gpu: {stats['cpu_fallbacks']} image(s) were not baseline RGB JPEGs that "
+                    "the GPU decodes; they took the exact CPU path."
+                )
+        else:
+            out.fast_text = None
+            for i in todo_shards:
+                a, b = shards.span(i)
+                sub = encode.Tokens(toks.ids[a:b], None, None)
+                res = encode.encode_texts_with_info(bundle, plan.captions[a:b], batch["text"], bar, tokens=sub)
+                out.fast_text = res.fast_path
+                finish(i, res.embeddings)
+
+
+def _final_file(kind: str, job: dict, plan, opts: EmbedOptions, bundle, cluster, batch_size: int, out: _Computed):
+    """Join a kind's shards into one checked array, write its final .npy file and describe the set."""
+    shards, done, what = job["shards"], job["done"], job["what"]
+    hashes = plan.hashes
+    if len(done) != shards.n:  # pragma: no cover - the stream yields every row once
+        raise RuntimeError(f"{shards.n - len(done)} {kind} shard(s) were not computed")
+    parts = [done[i] for i in range(shards.n)]
+    dim = parts[0].shape[1] if parts else 0
+    array = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    try:
+        check_embeddings(array, kind, opts.precision, plan.items[kind], what)
+    except UserError:
+        shutil.rmtree(shards.folder, ignore_errors=True)  # nothing in it is to be trusted again
+        raise
+    set_cfg = dict(plan.identities[kind], identity_hash=hashes[kind], spec=opts.model, checkpoint=plan.ckpt_path)
+    set_cfg.update(_made_with(bundle, kind, batch_size, opts.num_workers))
+    set_cfg.update(cluster.made_with() if cluster is not None else {"engine": "local"})
+    if kind == "image":
+        set_cfg["decode"] = opts.decode
+    else:
+        set_cfg.update(n_truncated=out.n_truncated, context_length=out.context_length, fast_text_path=out.fast_text)
+    stem = f"{kind}-{_slug(bundle.model_name)}-{hashes[kind][:12]}"
+    tmp = plan.folder / f".{stem}.npy.tmp{os.getpid()}"
+    sha = artifacts.save_array(tmp, array)
+    final = plan.folder / f"{stem}-{sha[:12]}.npy"
+    os.replace(tmp, final)
+    return {"array": array, "sha": sha, "path": final, "config": set_cfg, "shards": shards}
+
+
+def _register_run(plan, con, db_path, started, opts: EmbedOptions, out: _Computed) -> None:
+    """Register the final files and the run, in one transaction (on a new connection when given a path)."""
+    run_config = {
+        "stage": "embed",
+        "subset_id": plan.subset_id,
+        **plan.weights,
+        "precision": opts.precision,
+        "draft": bool(opts.draft),
+        "decode": opts.decode,
+        "spec": opts.model,
+        "checkpoint": plan.ckpt_path,
+        "computed": {k: plan.hashes[k] for k in out.computed},
+        "recompute": bool(opts.recompute),
+    }
+    reg = open_study(db_path) if db_path is not None else con
+    try:
+        out.run_id, out.registered = _register(reg, plan, out.computed, run_config, started, opts.precision, out.notes)
+    finally:
+        if db_path is not None:
+            reg.close()
+
+
+def _result(plan, opts: EmbedOptions, out: _Computed, t0: float) -> EmbedResult:
+    existing, weights = plan.existing, plan.weights
+    n_truncated, context_length = out.n_truncated, out.context_length
     text_cfg = existing["text"]["config"]
     if n_truncated is None:
         n_truncated, context_length = text_cfg.get("n_truncated"), text_cfg.get("context_length")
     return EmbedResult(
-        subset=name,
+        subset=plan.name,
         subset_id=plan.subset_id,
         model=weights["model"],
         pretrained=weights["pretrained"],
         checkpoint_sha256=weights["checkpoint_sha256"],
-        precision=precision,
-        draft=bool(draft),
+        precision=opts.precision,
+        draft=bool(opts.draft),
         image_set_id=int(existing["image"]["embedding_set_id"]),
         text_set_id=int(existing["text"]["embedding_set_id"]),
         image_path=str(existing["image"]["path"]),
         text_path=str(existing["text"]["path"]),
-        n_images=len(items["image"]),
-        n_captions=len(items["text"]),
+        n_images=len(plan.items["image"]),
+        n_captions=len(plan.items["text"]),
         dim=int(existing["image"]["dim"]),
         n_truncated=n_truncated,
         context_length=context_length,
-        computed=[k for k in computed if k in registered],
-        reused_shards=reused_shards,
-        run_id=run_id,
+        computed=[k for k in out.computed if k in out.registered],
+        reused_shards=out.reused_shards,
+        run_id=out.run_id,
         seconds=time.perf_counter() - t0,
-        notes=notes,
-        decode=decode,
+        notes=out.notes,
+        decode=opts.decode,
     )
 
 

@@ -139,6 +139,71 @@ def ingest(
     instances_json=None,
 ) -> IngestResult:
     started = db.now()
+    src = _read_source(coco_root, captions_json, images_dir, karpathy_json, split, instances_json)
+    num_images, take_all = _image_count(num_images, captions_per_image, src.dataset)
+    if karpathy_json:
+        default_name = f"{'flickr30k' if src.dataset == 'flickr30k' else 'karpathy'}-{src.split}"
+    else:
+        default_name = f"{'all' if take_all else num_images}-seed{seed}"
+    name = name or default_name
+    source_sha = sha256_file(src.ann_path)
+    config = {
+        "source_sha256": source_sha,
+        "image_root": study_paths.to_stored(con, src.image_root),
+        "split": src.split,
+        "num_images": "all" if take_all else num_images,
+        "captions_per_image": captions_per_image,
+        "seed": seed,
+        "skip_bad_images": skip_bad_images,
+        "sampling": "sorted-ids/numpy-default_rng-choice/v1",
+    }
+    chash = db.config_hash(config)
+    existing = con.execute("SELECT subset_id, config_hash, run_id FROM subsets WHERE name = ?", [name]).fetchone()
+    if existing and existing[1] in (chash, study_paths.rebound_config_hash(con, existing[0], config, src.image_root)):
+        result = _summary(con, existing[0], name, existing[2], is_noop=True)
+        if src.inst is not None:
+            result.num_instances = instances_mod.store_for_existing_subset(con, int(existing[0]), src.inst)
+        return result
+    _check_replaceable(con, name, existing, replace)
+    chosen, bad, n_candidates = _sample(src, num_images, take_all, seed, skip_bad_images)
+    chosen = chosen.sort_values("image_id").reset_index(drop=True)
+    caps = src.captions.loc[src.captions["image_id"].isin(chosen["image_id"])].sort_values(["image_id", "caption_id"])
+    caps = caps.assign(position=caps.groupby("image_id").cumcount())
+    kept = caps.loc[caps["position"] < captions_per_image]
+
+    with db.transaction(con):
+        _check_conflicts(con, chosen, caps)
+        if existing:
+            for table in ("subset_captions", "subset_images"):
+                con.execute(f"DELETE FROM {table} WHERE subset_id = ?", [existing[0]])
+            con.execute("DELETE FROM subsets WHERE subset_id = ?", [existing[0]])
+        run_id = db.insert_run(con, STAGE, {**config, "name": name}, started, seed=seed)
+        subset_id = _insert_subset(con, src, chosen, caps, kept, bad, run_id, name, seed, captions_per_image,
+                                   source_sha, chash)  # fmt: skip
+        n_instances = instances_mod.store(con, int(subset_id), run_id, src.inst) if src.inst is not None else None
+    result = _summary(con, subset_id, name, run_id, is_noop=False)
+    result.num_instances = n_instances
+    result.num_bad_images = len(bad)
+    result.bad_images = bad
+    result.truncated_from = n_candidates
+    return result
+
+
+@dataclass
+class _Source:
+    """A captions file read for ingest: its images and captions, where the images are, and its instances."""
+
+    ann_path: Path
+    image_root: Path
+    images: pd.DataFrame
+    captions: pd.DataFrame
+    dataset: str  # coco, karpathy's coco or flickr30k
+    split: str | None
+    inst: object  # the instances file, read and checked (None: none)
+
+
+def _read_source(coco_root, captions_json, images_dir, karpathy_json, split, instances_json) -> _Source:
+    """Read the captions (COCO's file or a Karpathy split) and the instances file, checked before any write."""
     ann_path, image_root = resolve_paths(coco_root, captions_json, images_dir, karpathy_json)
     # found under --coco-root only for COCO's own layout: Karpathy's split holds val2014 images
     inst_path = instances_mod.find_file(None if karpathy_json else coco_root, instances_json)
@@ -154,6 +219,11 @@ def ingest(
         if split:
             raise UserError("--split only applies with --karpathy-json.")
         images, captions = coco.load_coco_captions(ann_path)
+    return _Source(ann_path, image_root, images, captions, dataset, split, inst)
+
+
+def _image_count(num_images, captions_per_image: int, dataset: str) -> tuple[int | str, bool]:
+    """(--num-images as a number, or as given when 'all'; whether it is 'all'), after checking both counts."""
     if num_images is None:  # the whole split of Flickr30k's file (its test split is the standard 1k)
         num_images = "all" if dataset == "flickr30k" else 5000
     if captions_per_image < 1:
@@ -166,30 +236,12 @@ def ingest(
             raise UserError(f"--num-images must be a whole number or 'all', not {num_images!r}.") from None
         if num_images < 1:
             raise UserError("--num-images must be at least 1.")
+    return num_images, take_all
 
-    if karpathy_json:
-        default_name = f"{'flickr30k' if dataset == 'flickr30k' else 'karpathy'}-{split}"
-    else:
-        default_name = f"{'all' if take_all else num_images}-seed{seed}"
-    name = name or default_name
-    source_sha = sha256_file(ann_path)
-    config = {
-        "source_sha256": source_sha,
-        "image_root": study_paths.to_stored(con, image_root),
-        "split": split,
-        "num_images": "all" if take_all else num_images,
-        "captions_per_image": captions_per_image,
-        "seed": seed,
-        "skip_bad_images": skip_bad_images,
-        "sampling": "sorted-ids/numpy-default_rng-choice/v1",
-    }
-    chash = db.config_hash(config)
-    existing = con.execute("SELECT subset_id, config_hash, run_id FROM subsets WHERE name = ?", [name]).fetchone()
-    if existing and existing[1] in (chash, study_paths.rebound_config_hash(con, existing[0], config, image_root)):
-        result = _summary(con, existing[0], name, existing[2], is_noop=True)
-        if inst is not None:
-            result.num_instances = instances_mod.store_for_existing_subset(con, int(existing[0]), inst)
-        return result
+
+def _check_replaceable(con, name: str, existing, replace: bool) -> None:
+    """A subset of this name with another configuration is rebuilt only with --replace, and only if nothing
+    was built on it yet."""
     if existing and not replace:
         raise UserError(
             f"A subset named {name!r} already exists with a different configuration. "
@@ -203,7 +255,11 @@ def ingest(
                 "Ingest the new configuration under another --name."
             )
 
-    has_caption = images["image_id"].isin(captions["image_id"])
+
+def _sample(src: _Source, num_images, take_all: bool, seed: int, skip_bad_images: bool):
+    """The seeded draw of the module docstring: (chosen images, bad images skipped, candidates before the draw)."""
+    images, image_root, ann_path = src.images, src.image_root, src.ann_path
+    has_caption = images["image_id"].isin(src.captions["image_id"])
     candidates = images.loc[has_caption].sort_values("image_id").reset_index(drop=True)
     bad: list[tuple[int, str, str]] = []
     if skip_bad_images:
@@ -232,81 +288,65 @@ def ingest(
                 f"Sampled images under {image_root} are missing or unreadable, {list_offenders(offenders)}. "
                 "Fix the image folder, or give --skip-bad-images to exclude such images before sampling."
             )
+    return chosen, bad, n_candidates
 
-    chosen = chosen.sort_values("image_id").reset_index(drop=True)
-    caps = captions.loc[captions["image_id"].isin(chosen["image_id"])].sort_values(["image_id", "caption_id"])
-    caps = caps.assign(position=caps.groupby("image_id").cumcount())
-    kept = caps.loc[caps["position"] < captions_per_image]
 
-    with db.transaction(con):
-        _check_conflicts(con, chosen, caps)
-        if existing:
-            for table in ("subset_captions", "subset_images"):
-                con.execute(f"DELETE FROM {table} WHERE subset_id = ?", [existing[0]])
-            con.execute("DELETE FROM subsets WHERE subset_id = ?", [existing[0]])
-        run_id = db.insert_run(con, STAGE, {**config, "name": name}, started, seed=seed)
-        new_images = chosen[["image_id", "file_name", "width", "height", "rel_path"]]
-        con.register("_new_images", new_images)
-        con.execute(
-            "INSERT INTO images BY NAME SELECT * FROM _new_images WHERE image_id NOT IN (SELECT image_id FROM images)"
-        )
-        con.unregister("_new_images")
-        con.register("_new_caps", caps[["caption_id", "image_id", "text"]])
-        con.execute(
-            "INSERT INTO captions BY NAME SELECT * FROM _new_caps "
-            "WHERE caption_id NOT IN (SELECT caption_id FROM captions)"
-        )
-        con.unregister("_new_caps")
-        subset_id = con.execute(
-            """
-            INSERT INTO subsets (name, seed, num_images, captions_per_image, source_file, source_sha256,
-                                 image_root, split, config_hash, created_at, run_id)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING subset_id
-            """,
-            [
-                name,
-                seed,
-                len(chosen),
-                captions_per_image,
-                study_paths.to_stored(con, ann_path),
-                source_sha,
-                study_paths.to_stored(con, image_root),
-                split,
-                chash,
-                db.now(),
-                run_id,
-            ],
-        ).fetchone()[0]
+def _insert_subset(con, src: _Source, chosen, caps, kept, bad, run_id, name, seed, captions_per_image, source_sha,
+                   chash) -> int:  # fmt: skip
+    """Inside ingest's transaction: the new images and captions, the subset row, its members and bad images."""
+    new_images = chosen[["image_id", "file_name", "width", "height", "rel_path"]]
+    con.register("_new_images", new_images)
+    con.execute(
+        "INSERT INTO images BY NAME SELECT * FROM _new_images WHERE image_id NOT IN (SELECT image_id FROM images)"
+    )
+    con.unregister("_new_images")
+    con.register("_new_caps", caps[["caption_id", "image_id", "text"]])
+    con.execute(
+        "INSERT INTO captions BY NAME SELECT * FROM _new_caps WHERE caption_id NOT IN (SELECT caption_id FROM captions)"
+    )
+    con.unregister("_new_caps")
+    subset_id = con.execute(
+        """
+        INSERT INTO subsets (name, seed, num_images, captions_per_image, source_file, source_sha256,
+                             image_root, split, config_hash, created_at, run_id)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING subset_id
+        """,
+        [
+            name,
+            seed,
+            len(chosen),
+            captions_per_image,
+            study_paths.to_stored(con, src.ann_path),
+            source_sha,
+            study_paths.to_stored(con, src.image_root),
+            src.split,
+            chash,
+            db.now(),
+            run_id,
+        ],
+    ).fetchone()[0]
+    db.insert_df(
+        con,
+        "subset_images",
+        pd.DataFrame({"subset_id": subset_id, "image_id": chosen["image_id"], "position": np.arange(len(chosen))}),
+    )
+    db.insert_df(
+        con,
+        "subset_captions",
+        pd.DataFrame(
+            {
+                "subset_id": subset_id,
+                "caption_id": kept["caption_id"].to_numpy(),
+                "image_id": kept["image_id"].to_numpy(),
+                "position": kept["position"].to_numpy(),
+            }
+        ),
+    )
+    if bad:
         db.insert_df(
-            con,
-            "subset_images",
-            pd.DataFrame({"subset_id": subset_id, "image_id": chosen["image_id"], "position": np.arange(len(chosen))}),
+            con, "bad_images", pd.DataFrame(bad, columns=["image_id", "file_name", "reason"]).assign(run_id=run_id)
         )
-        db.insert_df(
-            con,
-            "subset_captions",
-            pd.DataFrame(
-                {
-                    "subset_id": subset_id,
-                    "caption_id": kept["caption_id"].to_numpy(),
-                    "image_id": kept["image_id"].to_numpy(),
-                    "position": kept["position"].to_numpy(),
-                }
-            ),
-        )
-        if bad:
-            db.insert_df(
-                con,
-                "bad_images",
-                pd.DataFrame(bad, columns=["image_id", "file_name", "reason"]).assign(run_id=run_id),
-            )
-        n_instances = instances_mod.store(con, int(subset_id), run_id, inst) if inst is not None else None
-    result = _summary(con, subset_id, name, run_id, is_noop=False)
-    result.num_instances = n_instances
-    result.num_bad_images = len(bad)
-    result.bad_images = bad
-    result.truncated_from = n_candidates
-    return result
+    return subset_id
 
 
 def _check_conflicts(con, images: pd.DataFrame, captions: pd.DataFrame) -> None:

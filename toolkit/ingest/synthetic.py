@@ -139,19 +139,7 @@ def make_synthetic_coco(
     ids = rng.sample(range(first_image_id, first_image_id + 50 * max(n_images, 1)), n_images)
     for index, image_id in enumerate(sorted(ids)):
         width, height = size if size else (rng.randint(96, 160), rng.randint(72, 120))
-        n_groups = rng.randint(1, 3)
-        sides = ["left", "right"]
-        rng.shuffle(sides)
-        groups = [
-            Group(
-                count=rng.randint(1, 4),
-                colour=rng.choice(list(COLOURS)),
-                shape=rng.choice(SHAPES),
-                side=sides[i % 2],
-                size=rng.choice(["small", "large"]),
-            )
-            for i in range(n_groups)
-        ]
+        groups = _random_groups(rng)
         background = rng.choice(list(BACKGROUNDS))
         grey = rng.random() < grey_fraction
         scene = scenes[index] if scenes is not None else None
@@ -159,36 +147,12 @@ def make_synthetic_coco(
             groups, background, grey = scene.groups, scene.background, False
         shapes: list = []
         img = _draw_scene(rng, width, height, groups, background, shapes)
-        for shape, (x0, y0, x1, y1), r in shapes:
-            bx0, by0, bx1, by1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
-            area = {"circle": math.pi * r * r, "square": 4.0 * r * r, "triangle": 2.0 * r * r}[shape]
-            instances.append(
-                {
-                    "id": 900_000 + len(instances),
-                    "image_id": image_id,
-                    "category_id": SHAPE_CATEGORY_IDS[shape],
-                    "bbox": [float(bx0), float(by0), float(bx1 - bx0), float(by1 - by0)],
-                    "area": round(area, 2),
-                    "iscrowd": 0,
-                    "segmentation": [],
-                }
-            )
+        _add_instances(instances, shapes, image_id, width, height)
         if grey:
             img = img.convert("L")
         file_name = f"{image_id:012d}.jpg"
         img.save(img_dir / file_name, quality=90)
-        images.append(
-            {
-                "license": 1,
-                "file_name": file_name,
-                "coco_url": f"http://images.cocodataset.org/val2017/{file_name}",
-                "height": height,
-                "width": width,
-                "date_captured": "2013-11-14 17:02:52",
-                "flickr_url": "",
-                "id": image_id,
-            }
-        )
+        images.append(_image_entry(file_name, image_id, width, height))
         texts = _captions(rng, groups, background, grey)
         if scene is not None and scene.captions is not None:
             texts = list(scene.captions)
@@ -199,6 +163,59 @@ def make_synthetic_coco(
     for ann, ann_id in zip(annotations, ann_ids):
         ann["id"] = ann_id
     rng.shuffle(annotations)
+    return _write_annotations(ann_dir, images, annotations, instances)
+
+
+def _random_groups(rng: random.Random) -> list[Group]:
+    """One to three random groups of shapes, on different sides (drawn from `rng` in a fixed order)."""
+    n_groups = rng.randint(1, 3)
+    sides = ["left", "right"]
+    rng.shuffle(sides)
+    return [
+        Group(
+            count=rng.randint(1, 4),
+            colour=rng.choice(list(COLOURS)),
+            shape=rng.choice(SHAPES),
+            side=sides[i % 2],
+            size=rng.choice(["small", "large"]),
+        )
+        for i in range(n_groups)
+    ]
+
+
+def _add_instances(instances: list, shapes: list, image_id: int, width: int, height: int) -> None:
+    """The drawn shapes as COCO object instances (boxes clipped to the image), appended to `instances`."""
+    for shape, (x0, y0, x1, y1), r in shapes:
+        bx0, by0, bx1, by1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
+        area = {"circle": math.pi * r * r, "square": 4.0 * r * r, "triangle": 2.0 * r * r}[shape]
+        instances.append(
+            {
+                "id": 900_000 + len(instances),
+                "image_id": image_id,
+                "category_id": SHAPE_CATEGORY_IDS[shape],
+                "bbox": [float(bx0), float(by0), float(bx1 - bx0), float(by1 - by0)],
+                "area": round(area, 2),
+                "iscrowd": 0,
+                "segmentation": [],
+            }
+        )
+
+
+def _image_entry(file_name: str, image_id: int, width: int, height: int) -> dict:
+    return {
+        "license": 1,
+        "file_name": file_name,
+        "coco_url": f"http://images.cocodataset.org/val2017/{file_name}",
+        "height": height,
+        "width": width,
+        "date_captured": "2013-11-14 17:02:52",
+        "flickr_url": "",
+        "id": image_id,
+    }
+
+
+def _write_annotations(ann_dir: Path, images: list, annotations: list, instances: list) -> Path:
+    """captions_val2017.json and instances_val2017.json, in COCO's layout; returns the captions file."""
     data = {
         "info": {
             "description": "clipfail synthetic COCO-format captions",

@@ -408,6 +408,23 @@ def read_label_table(path: Path, require_category: bool = True, data: bytes | No
     return LabelTable(path, hashlib.sha256(data).hexdigest(), header, col, records[1:], encoding)
 
 
+def _row_annotator(written: str, option_name, from_name, why_not, canonical, known) -> tuple[str | None, str | None]:
+    """Whose label a row is: (annotator, None), or (None, the problem). --annotator wins (a different name in the
+    row's annotator column is a problem), then the annotator column, then the name in the file's name."""
+    if option_name is not None:
+        if written and canonical(written) != option_name:
+            return None, f"the annotator column says {written!r} but --annotator says {option_name}"
+        return option_name, None
+    if written:
+        annotator = canonical(written)
+        if annotator is None:
+            return None, f"annotator {written!r} is not an annotator of the sample ({', '.join(known)})"
+        return annotator, None
+    if from_name is not None:
+        return from_name, None
+    return None, f"the annotator column is blank ({why_not})"
+
+
 def _read_file(path: Path, option: str | None, info: _SampleInfo, tax: Taxonomy, seen: dict) -> _ParsedFile:
     """Parse and check one file. File-level problems raise UserError; row problems are collected."""
     table = read_label_table(path)
@@ -456,26 +473,9 @@ def _read_file(path: Path, option: str | None, info: _SampleInfo, tax: Taxonomy,
             parsed.problems.append(f"row {row_number}: sample_id {raw_id!r} is not a whole number")
             continue
 
-        # Whose label is it?
-        written = cell("annotator")
-        if option_name is not None:
-            if written and canonical(written) != option_name:
-                parsed.problems.append(
-                    f"row {row_number}: the annotator column says {written!r} but --annotator says {option_name}"
-                )
-                continue
-            annotator = option_name
-        elif written:
-            annotator = canonical(written)
-            if annotator is None:
-                parsed.problems.append(
-                    f"row {row_number}: annotator {written!r} is not an annotator of the sample ({', '.join(known)})"
-                )
-                continue
-        elif from_name is not None:
-            annotator = from_name
-        else:
-            parsed.problems.append(f"row {row_number}: the annotator column is blank ({why_not})")
+        annotator, problem = _row_annotator(cell("annotator"), option_name, from_name, why_not, canonical, known)
+        if problem:
+            parsed.problems.append(f"row {row_number}: {problem}")
             continue
 
         # Is the sample there, and this annotator's to label?

@@ -153,7 +153,6 @@ def export_labelstudio(
     """Write tasks.json and labeling_config.xml for the failure sample (every set but backup) into out_dir."""
     from toolkit.labels.sample import _image_lookup, sample_table
     from toolkit.labels.taxonomy import Taxonomy
-    from toolkit.labels.triage import add_suggestions, latest_suggestions
 
     run = resolve_retrieval_run(con, retrieval_run_id, need="sample", purpose="the Label Studio export")
     rrid = int(run["retrieval_run_id"])
@@ -171,6 +170,29 @@ def export_labelstudio(
     root = str(study_paths.resolve(con, row[0]).resolve()) if row and row[0] else None
     tax = Taxonomy.load(con)
     categories = [{"name": str(c.name), "definition": str(c.definition or "")} for c in tax.categories.itertuples()]
+    tasks = _tasks(table, rrid, lookup, root, image_url_prefix)
+    triage_run_id, n_predictions = _add_predictions(con, rrid, tasks, categories, show_suggestions_on_overlap)
+    out_dir = Path(out_dir)
+    contents = {
+        "tasks.json": json.dumps(tasks, ensure_ascii=False, indent=1) + "\n",
+        "labeling_config.xml": labeling_config(categories),
+    }
+    written, unchanged = _write_export(out_dir, contents, force)
+    return ExportResult(
+        rrid,
+        out_dir,
+        len(tasks),
+        written,
+        unchanged,
+        root,
+        "prefix" if image_url_prefix else "local-files",
+        triage_run_id,
+        n_predictions,
+    )
+
+
+def _tasks(table, rrid: int, lookup: dict, root: str | None, image_url_prefix: str | None) -> list[dict]:
+    """One Label Studio task per sampled failure: its caption, ground truth and top images (URL and file)."""
 
     def url(image_id: int) -> str:
         rel = lookup[image_id][1] if image_id in lookup else f"missing-image-{image_id}"
@@ -207,9 +229,16 @@ def export_labelstudio(
             data[f"top{k}_is_gt"] = iid == gt
             data[f"top{k}_title"] = f"#{k}{' = GROUND TRUTH' if iid == gt else ''}: score {float(score):.4f}"
         tasks.append({"data": data})
+    return tasks
+
+
+def _add_predictions(con, rrid: int, tasks: list[dict], categories: list[dict], show_on_overlap: bool):
+    """Triage's suggestions as each task's data and, where the taxonomy has the category, as a Label Studio
+    prediction. Returns (the triage run they come from or None, the number of predictions)."""
+    from toolkit.labels.triage import add_suggestions, latest_suggestions
 
     # The same lookup and overlap rule as the annotator CSVs; the score and run come from the same newest run.
-    add_suggestions(con, rrid, [t["data"] for t in tasks], show_on_overlap=show_suggestions_on_overlap)
+    add_suggestions(con, rrid, [t["data"] for t in tasks], show_on_overlap=show_on_overlap)
     found = latest_suggestions(con, rrid)
     triage_run_id = int(found["triage_run_id"].iloc[0]) if len(found) else None
     scores = {int(c): (None if v != v else float(v)) for c, v in zip(found["caption_id"], found["score"])}
@@ -228,12 +257,12 @@ def export_labelstudio(
         ]
         t["predictions"] = [prediction]
         n_predictions += 1
+    return triage_run_id, n_predictions
 
-    out_dir = Path(out_dir)
-    contents = {
-        "tasks.json": json.dumps(tasks, ensure_ascii=False, indent=1) + "\n",
-        "labeling_config.xml": labeling_config(categories),
-    }
+
+def _write_export(out_dir: Path, contents: dict[str, str], force: bool) -> tuple[list[str], list[str]]:
+    """Write the files whose content changed (all staged first, then moved in); other content in their place
+    only with --force. Returns (written, unchanged) file names."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file; give a folder for the Label Studio files.")
     # What is there already, as bytes (an old file in another encoding simply differs); a FIFO or a folder in
@@ -271,17 +300,7 @@ def export_labelstudio(
     finally:
         if stage is not None:
             stage.remove()
-    return ExportResult(
-        rrid,
-        out_dir,
-        len(tasks),
-        written,
-        unchanged,
-        root,
-        "prefix" if image_url_prefix else "local-files",
-        triage_run_id,
-        n_predictions,
-    )
+    return written, unchanged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,9 +428,77 @@ def check_export(doc) -> list[dict]:
     return tasks
 
 
+def _annotator_of(ann: dict, option_name: str | None, user_map: dict, info) -> tuple[str | None, str]:
+    """(the sample's annotator who made a Label Studio annotation, or None; its user as a message shows it):
+    --annotator for every one, else the first of its user's names that --user-map or the sample knows."""
+    from toolkit.labels.label_import import canonical_annotator
+
+    cands, shown = _user_candidates(ann)
+    if option_name is not None:
+        return option_name, shown
+    annotator = None
+    for c in cands:
+        mapped = user_map.get(c.lower())
+        annotator = canonical_annotator(info, mapped) if mapped else canonical_annotator(info, c)
+        if annotator:
+            break
+    return annotator, shown
+
+
+def _read_results(ann: dict, tax, parsed):
+    """What one annotation chose: (choices per control, notes, category, secondary category, problems). Each
+    control holds one choice naming one category; a result of clipfail's config of another type is a problem."""
+    from toolkit.labels.taxonomy import LabelError
+
+    picked: dict[str, list[str]] = {name: [] for name in CONTROLS}
+    notes: list[str] = []
+    bad = []
+    for res in [] if ann.get("was_cancelled") else ann.get("result", []):
+        name, kind, value = res["from_name"], res["type"], res["value"]
+        if kind == "choices" and name in picked:
+            picked[name] += value["choices"]
+        elif kind == "textarea" and name == "notes":
+            notes += value["text"]
+        elif kind == "choices":
+            bad.append(
+                f"choices from {name!r}, which the clipfail config does not have (it has category "
+                "and secondary); export with the config that clipfail export-labelstudio wrote"
+            )
+        elif name in (*CONTROLS, "notes"):  # a control of clipfail's config, of another type: not read
+            want = "textarea" if name == "notes" else "choices"
+            bad.append(
+                f"a {kind!r} result from {name!r}, which is a {want} control in the config that clipfail "
+                "export-labelstudio wrote; export with that config"
+            )
+    # Each control holds one choice, and each choice names one category: anything else is refused,
+    # never read as a primary and a secondary category.
+    chosen: dict[str, str | None] = {}
+    for control, choices in picked.items():
+        if len(choices) > 1:
+            bad.append(
+                f"{len(choices)} choices ({', '.join(choices)}) in {control!r}, which takes one; keep one "
+                "in Label Studio (a second category goes in 'secondary') and export again"
+            )
+        elif choices and not choices[0].strip():
+            bad.append(f"an empty choice in {control!r}")
+        elif choices:
+            try:
+                category, secondary = tax.resolve(choices[0])
+            except LabelError as exc:
+                bad.append(str(exc).split("; known categories")[0])
+                parsed.has_label_errors = True
+                continue
+            if secondary is not None:
+                bad.append(f"choice {choices[0]!r} in {control!r} names two categories; a choice names one")
+            chosen[control] = category
+    category, secondary = chosen.get("category"), chosen.get("secondary")
+    if not bad and category is None and secondary is not None:
+        bad.append(f"a secondary category ({secondary}) but no category; choose the category in Label Studio too")
+    return picked, notes, category, secondary, bad
+
+
 def _read_export(path: Path, option: str | None, user_map: dict, info, tax, seen: dict):
     from toolkit.labels.label_import import _ParsedFile, _Row, assignment_problem, canonical_annotator
-    from toolkit.labels.taxonomy import LabelError
 
     data = read_bytes(path, "Label Studio export", EXPORT_HINT)
     doc = parse_json(data, f"Label Studio export {path}", EXPORT_HINT)
@@ -438,22 +525,13 @@ def _read_export(path: Path, option: str | None, user_map: dict, info, tax, seen
             continue
         for j, ann in enumerate(annotations):
             here = f"{where} (sample {sample_id}), annotation {ann.get('id', j + 1)}"
-            cands, shown = _user_candidates(ann)
-            if option_name is not None:
-                annotator = option_name
-            else:
-                annotator = None
-                for c in cands:
-                    mapped = user_map.get(c.lower())
-                    annotator = canonical_annotator(info, mapped) if mapped else canonical_annotator(info, c)
-                    if annotator:
-                        break
-                if annotator is None:
-                    parsed.problems.append(
-                        f"{here}: its user ({shown}) is not an annotator of the sample ({', '.join(known)}); give "
-                        "--annotator NAME, or --user-map USER=NAME"
-                    )
-                    continue
+            annotator, shown = _annotator_of(ann, option_name, user_map, info)
+            if annotator is None:
+                parsed.problems.append(
+                    f"{here}: its user ({shown}) is not an annotator of the sample ({', '.join(known)}); give "
+                    "--annotator NAME, or --user-map USER=NAME"
+                )
+                continue
             problem = assignment_problem(info, sample_id, annotator)
             if problem:
                 parsed.problems.append(f"{here}: {problem}")
@@ -465,52 +543,7 @@ def _read_export(path: Path, option: str | None, user_map: dict, info, tax, seen
                 )
                 continue
             seen[key] = here
-            picked: dict[str, list[str]] = {name: [] for name in CONTROLS}
-            notes: list[str] = []
-            bad = []
-            for res in [] if ann.get("was_cancelled") else ann.get("result", []):
-                name, kind, value = res["from_name"], res["type"], res["value"]
-                if kind == "choices" and name in picked:
-                    picked[name] += value["choices"]
-                elif kind == "textarea" and name == "notes":
-                    notes += value["text"]
-                elif kind == "choices":
-                    bad.append(
-                        f"choices from {name!r}, which the clipfail config does not have (it has category "
-                        "and secondary); export with the config that clipfail export-labelstudio wrote"
-                    )
-                elif name in (*CONTROLS, "notes"):  # a control of clipfail's config, of another type: not read
-                    want = "textarea" if name == "notes" else "choices"
-                    bad.append(
-                        f"a {kind!r} result from {name!r}, which is a {want} control in the config that clipfail "
-                        "export-labelstudio wrote; export with that config"
-                    )
-            # Each control holds one choice, and each choice names one category: anything else is refused,
-            # never read as a primary and a secondary category.
-            chosen: dict[str, str | None] = {}
-            for control, choices in picked.items():
-                if len(choices) > 1:
-                    bad.append(
-                        f"{len(choices)} choices ({', '.join(choices)}) in {control!r}, which takes one; keep one "
-                        "in Label Studio (a second category goes in 'secondary') and export again"
-                    )
-                elif choices and not choices[0].strip():
-                    bad.append(f"an empty choice in {control!r}")
-                elif choices:
-                    try:
-                        category, secondary = tax.resolve(choices[0])
-                    except LabelError as exc:
-                        bad.append(str(exc).split("; known categories")[0])
-                        parsed.has_label_errors = True
-                        continue
-                    if secondary is not None:
-                        bad.append(f"choice {choices[0]!r} in {control!r} names two categories; a choice names one")
-                    chosen[control] = category
-            category, secondary = chosen.get("category"), chosen.get("secondary")
-            if not bad and category is None and secondary is not None:
-                bad.append(
-                    f"a secondary category ({secondary}) but no category; choose the category in Label Studio too"
-                )
+            picked, notes, category, secondary, bad = _read_results(ann, tax, parsed)
             if bad:
                 parsed.problems += [f"{here}: {msg}" for msg in bad]
                 continue

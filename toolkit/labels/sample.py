@@ -198,34 +198,7 @@ def sample_failures(
         )  # fmt: skip
         return result
 
-    old_ids: list[int] = []
-    if existing:
-        old_cfg = con.execute(
-            "SELECT config_json FROM runs WHERE run_id = ?", [int(min(r[1] for r in existing))]
-        ).fetchone()
-        if not replace:
-            raise UserError(
-                f"Retrieval run {rrid} already has a failure sample with another configuration "
-                f"({old_cfg[0] if old_cfg else 'unknown'}). Re-run with the same options to keep it, or give "
-                "--replace to draw a new one (refused once labels were imported for it)."
-            )
-        old_ids = [
-            int(r[0])
-            for r in con.execute(
-                "SELECT sample_id FROM failure_samples WHERE retrieval_run_id = ? ORDER BY 1", [rrid]
-            ).fetchall()
-        ]
-        labelled = con.execute(
-            "SELECT count(*), count(DISTINCT a.sample_id) FROM annotations a "
-            "JOIN failure_samples f USING (sample_id) WHERE f.retrieval_run_id = ?",
-            [rrid],
-        ).fetchone()
-        if labelled[0]:
-            raise UserError(
-                f"--replace refused: {labelled[0]} labels were imported for {labelled[1]} samples of the existing "
-                f"sample of retrieval run {rrid}; replacing it would orphan them. Keep the sample (re-run with its "
-                "options), or sample another retrieval run."
-            )
+    old_ids = _replaceable_sample(con, rrid, existing, replace)
 
     if not failures:
         raise UserError(f"Retrieval run {rrid} has no R@1 failures (every caption's image is ranked first).")
@@ -264,6 +237,40 @@ def sample_failures(
             show_suggestions_on_overlap=show_suggestions_on_overlap,
         )  # fmt: skip
     return result
+
+
+def _replaceable_sample(con, rrid: int, existing, replace: bool) -> list[int]:
+    """The sample ids of the run's existing sample (another configuration), which --replace draws anew: refused
+    without --replace, and once labels were imported for it. [] when the run has no sample yet."""
+    if not existing:
+        return []
+    old_cfg = con.execute(
+        "SELECT config_json FROM runs WHERE run_id = ?", [int(min(r[1] for r in existing))]
+    ).fetchone()
+    if not replace:
+        raise UserError(
+            f"Retrieval run {rrid} already has a failure sample with another configuration "
+            f"({old_cfg[0] if old_cfg else 'unknown'}). Re-run with the same options to keep it, or give "
+            "--replace to draw a new one (refused once labels were imported for it)."
+        )
+    old_ids = [
+        int(r[0])
+        for r in con.execute(
+            "SELECT sample_id FROM failure_samples WHERE retrieval_run_id = ? ORDER BY 1", [rrid]
+        ).fetchall()
+    ]
+    labelled = con.execute(
+        "SELECT count(*), count(DISTINCT a.sample_id) FROM annotations a "
+        "JOIN failure_samples f USING (sample_id) WHERE f.retrieval_run_id = ?",
+        [rrid],
+    ).fetchone()
+    if labelled[0]:
+        raise UserError(
+            f"--replace refused: {labelled[0]} labels were imported for {labelled[1]} samples of the existing "
+            f"sample of retrieval run {rrid}; replacing it would orphan them. Keep the sample (re-run with its "
+            "options), or sample another retrieval run."
+        )
+    return old_ids
 
 
 def _sizes(sets: list[str]) -> dict[str, int]:

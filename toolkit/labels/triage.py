@@ -352,14 +352,7 @@ def _caption_cosines(con, run: dict, failures: pd.DataFrame, subset_caps: pd.Dat
 def triage(con, retrieval_run_id: int | None = None, *, hub_factor: float = DEFAULT_HUB_FACTOR) -> TriageResult:
     """Suggest a category, with evidence, for every R@1 failure of a text-to-image retrieval run."""
     started = db.now()
-    try:
-        ok = not isinstance(hub_factor, bool) and 0 < float(hub_factor) <= HUB_FACTOR_MAX
-    except (TypeError, ValueError, OverflowError):
-        ok = False  # NaN compares false above
-    if not ok:
-        raise UserError(
-            f"--hub-factor must be a number greater than 0 and at most {HUB_FACTOR_MAX:g} (got {hub_factor})."
-        )
+    _check_hub_factor(hub_factor)
     run = resolve_retrieval_run(con, retrieval_run_id, need="ranks", purpose="triage")
     rrid = int(run["retrieval_run_id"])
     subset_id = int(run["subset_id"])
@@ -404,84 +397,16 @@ def triage(con, retrieval_run_id: int | None = None, *, hub_factor: float = DEFA
     )
     top1_cos, own_cos, _emb = _caption_cosines(con, run, failures, subset_caps)
     k_occ = ranks["top1_id"].value_counts()
-
-    facts_by_image: dict[int, ImageFacts] = {}
-    known: set[str] = set()
-    index = object_index()
-    if inst_file:
-        needed = pd.DataFrame({"image_id": pd.unique(pd.concat([failures["gt_id"], failures["top1_id"]]))})
-        con.register("_triage_images", needed)
-        try:
-            inst = con.execute(
-                "SELECT ii.image_id, ii.category_name, ii.bbox_x, ii.bbox_y, ii.bbox_w, ii.bbox_h, ii.is_crowd "
-                "FROM image_instances ii JOIN _triage_images USING (image_id)"
-            ).df()
-            sizes = con.execute(
-                "SELECT i.image_id, i.width, i.height FROM images i JOIN _triage_images USING (image_id)"
-            ).df()
-        finally:
-            con.unregister("_triage_images")
-        known = {r[0] for r in con.execute("SELECT DISTINCT name FROM coco_categories").fetchall()}
-        index = object_index(sorted(known))
-        facts_by_image = image_facts(inst, sizes)
+    facts_by_image, known, index = _object_facts(con, failures, inst_file is not None)
     longest = max(len(k) for k in index)
-
     records = []
     for i, row in enumerate(failures.itertuples(index=False)):
         caption = texts.get(int(row.query_id), "")
         facts = caption_facts(caption, index, longest)
-        gt = facts_by_image.get(int(row.gt_id))
-        top = facts_by_image.get(int(row.top1_id))
-        found: dict[str, str] = {}
-        obj = cnt = spa = None
-        if gt is not None and top is not None:
-            obj = rule_object(facts, gt, top, known)
-            cnt = rule_count(facts, gt, top)
-            spa = rule_spatial(facts, gt, top)
-            for name, ev in (("Object", obj), ("Count", cnt), ("Spatial", spa)):
-                if ev:
-                    found[name] = ev
-        amb, same = rule_ambiguous(top1_cos[i], own_cos[i], gt, top)
-        if amb:
-            found["Ambiguous"] = amb
-        lex = rule_lexicon(caption)
-        if lex:
-            found[lex[0]] = lex[1]
-        fired = [c for c in PRIORITY if c in found]
-        suggestion = fired[0] if fired else None
         k = int(k_occ.get(row.top1_id, 0))
-        is_hub = k >= hub_threshold
-        evidence = f"{suggestion}: {found[suggestion]}" if suggestion else "no rule fired"
-        if gt is None or top is None:
-            evidence += " (no object instances ingested)"
-        if is_hub:
-            evidence += f"; hub: top-1 is the top-1 of {k} queries"
-        records.append(
-            {
-                "caption_id": int(row.query_id),
-                "gt_image_id": int(row.gt_id),
-                "top1_image_id": int(row.top1_id),
-                "gt_rank": int(row.gt_rank),
-                "suggested_category": suggestion,
-                "score": RULE_SCORES[suggestion] if suggestion else None,
-                "evidence": evidence,
-                "rules_fired": ",".join(fired),
-                "mentioned_objects": ",".join(facts.mentioned) or None,
-                "object_evidence": obj,
-                "count_evidence": cnt,
-                "spatial_evidence": spa,
-                "top1_caption_cosine": top1_cos[i],
-                "own_caption_cosine": own_cos[i],
-                "is_same_categories": same,
-                "top1_k_occurrence": k,
-                "is_hub": is_hub,
-            }
-        )
-    df = pd.DataFrame.from_records(records)
-    df["score"] = df["score"].astype("float64")
-    for col in ("top1_caption_cosine", "own_caption_cosine"):
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    df["is_same_categories"] = df["is_same_categories"].astype("boolean")
+        hub = k >= hub_threshold
+        records.append(_suggestion(row, caption, facts, facts_by_image, known, top1_cos[i], own_cos[i], k, hub))
+    df = _frame(records)
     with db.transaction(con):
         stage_run = db.insert_run(con, STAGE, config, started)
         triage_run_id = con.execute(
@@ -491,6 +416,95 @@ def triage(con, retrieval_run_id: int | None = None, *, hub_factor: float = DEFA
         ).fetchone()[0]
         db.insert_df(con, "triage_suggestions", df.assign(triage_run_id=int(triage_run_id), retrieval_run_id=rrid))
     return _result(con, rrid, int(triage_run_id), stage_run, len(df), False, inst_file is not None, hub_threshold)
+
+
+def _check_hub_factor(hub_factor) -> None:
+    try:
+        ok = not isinstance(hub_factor, bool) and 0 < float(hub_factor) <= HUB_FACTOR_MAX
+    except (TypeError, ValueError, OverflowError):
+        ok = False  # NaN compares false above
+    if not ok:
+        raise UserError(
+            f"--hub-factor must be a number greater than 0 and at most {HUB_FACTOR_MAX:g} (got {hub_factor})."
+        )
+
+
+def _object_facts(con, failures: pd.DataFrame, has_instances: bool):
+    """(image id -> ImageFacts of the failures' ground-truth and top-1 images, the COCO category names, the
+    object index captions are matched with): empty facts and the default index without an instances file."""
+    if not has_instances:
+        return {}, set(), object_index()
+    needed = pd.DataFrame({"image_id": pd.unique(pd.concat([failures["gt_id"], failures["top1_id"]]))})
+    con.register("_triage_images", needed)
+    try:
+        inst = con.execute(
+            "SELECT ii.image_id, ii.category_name, ii.bbox_x, ii.bbox_y, ii.bbox_w, ii.bbox_h, ii.is_crowd "
+            "FROM image_instances ii JOIN _triage_images USING (image_id)"
+        ).df()
+        sizes = con.execute(
+            "SELECT i.image_id, i.width, i.height FROM images i JOIN _triage_images USING (image_id)"
+        ).df()
+    finally:
+        con.unregister("_triage_images")
+    known = {r[0] for r in con.execute("SELECT DISTINCT name FROM coco_categories").fetchall()}
+    return image_facts(inst, sizes), known, object_index(sorted(known))
+
+
+def _suggestion(row, caption, facts, facts_by_image, known, top1_cos, own_cos, k: int, is_hub: bool) -> dict:
+    """The rules on one failure: the first category in PRIORITY that a rule fired for, with the evidence."""
+    gt = facts_by_image.get(int(row.gt_id))
+    top = facts_by_image.get(int(row.top1_id))
+    found: dict[str, str] = {}
+    obj = cnt = spa = None
+    if gt is not None and top is not None:
+        obj = rule_object(facts, gt, top, known)
+        cnt = rule_count(facts, gt, top)
+        spa = rule_spatial(facts, gt, top)
+        for name, ev in (("Object", obj), ("Count", cnt), ("Spatial", spa)):
+            if ev:
+                found[name] = ev
+    amb, same = rule_ambiguous(top1_cos, own_cos, gt, top)
+    if amb:
+        found["Ambiguous"] = amb
+    lex = rule_lexicon(caption)
+    if lex:
+        found[lex[0]] = lex[1]
+    fired = [c for c in PRIORITY if c in found]
+    suggestion = fired[0] if fired else None
+    evidence = f"{suggestion}: {found[suggestion]}" if suggestion else "no rule fired"
+    if gt is None or top is None:
+        evidence += " (no object instances ingested)"
+    if is_hub:
+        evidence += f"; hub: top-1 is the top-1 of {k} queries"
+    return {
+        "caption_id": int(row.query_id),
+        "gt_image_id": int(row.gt_id),
+        "top1_image_id": int(row.top1_id),
+        "gt_rank": int(row.gt_rank),
+        "suggested_category": suggestion,
+        "score": RULE_SCORES[suggestion] if suggestion else None,
+        "evidence": evidence,
+        "rules_fired": ",".join(fired),
+        "mentioned_objects": ",".join(facts.mentioned) or None,
+        "object_evidence": obj,
+        "count_evidence": cnt,
+        "spatial_evidence": spa,
+        "top1_caption_cosine": top1_cos,
+        "own_caption_cosine": own_cos,
+        "is_same_categories": same,
+        "top1_k_occurrence": k,
+        "is_hub": is_hub,
+    }
+
+
+def _frame(records: list[dict]) -> pd.DataFrame:
+    """The suggestions as triage_suggestions' columns (nullable numbers and booleans typed as such)."""
+    df = pd.DataFrame.from_records(records)
+    df["score"] = df["score"].astype("float64")
+    for col in ("top1_caption_cosine", "own_caption_cosine"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    df["is_same_categories"] = df["is_same_categories"].astype("boolean")
+    return df
 
 
 def _result(con, rrid, triage_run_id, run_id, n, is_noop, used, hub_threshold) -> TriageResult:

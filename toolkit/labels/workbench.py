@@ -191,11 +191,6 @@ def prepare(
     run, by the lookup of the CSV export) or None: none without a triage run, none where triage had no
     evidence, and none on the overlap set unless `show_suggestions_on_overlap` (a suggestion seen there
     would bias the agreement that the overlap labels measure)."""
-    from toolkit.labels.label_import import _SampleInfo, canonical_annotator
-    from toolkit.labels.sample import _image_lookup, sample_table
-    from toolkit.labels.taxonomy import Taxonomy
-    from toolkit.labels.triage import add_suggestions
-
     set_choice = (set_choice or "all").strip().lower()
     if set_choice not in SETS:
         raise UserError(f"--set {set_choice!r} is not a set: give one of {', '.join(SETS)}.")
@@ -208,114 +203,139 @@ def prepare(
     connect(db_path).close()  # a lock held by another process: name it before anything else
     con = open_study(db_path)
     try:
-        if not con.execute("SELECT count(*) FROM failure_samples").fetchone()[0]:
-            raise UserError(
-                f"Database {db_path} has no sampled failures to label. Run clipfail sample-failures first "
-                "(and check --db)."
-            )
-        rrid = int(resolve_retrieval_run(con, retrieval_run_id, need="sample", purpose="annotate")["retrieval_run_id"])
-        info = _SampleInfo.load(con)
-        known = info.annotators.get(rrid, [])
-        canonical = []
-        for n in names:
-            c = canonical_annotator(info, n)
-            if c is None or c not in known:
-                raise UserError(
-                    f"{n!r} is not an annotator of the failure sample of retrieval run {rrid} "
-                    f"(its annotators: {', '.join(known) or 'none'})."
-                )
-            if c not in canonical:
-                canonical.append(c)
-        if set_choice == "backup":
-            raise UserError(
-                "The backup set is assigned to nobody, and import-labels refuses labels for it, so the workbench "
-                "does not label it either. Label --set mine, overlap or all; to label backup samples, draw them "
-                "into an annotator's set with clipfail sample-failures (--per-annotator) before labelling."
-            )
-        table = sample_table(con, rrid)
-        image_ids = set(table["gt_id"].astype(int))
-        for ids in table["topk_ids"]:
-            image_ids.update(int(x) for x in list(ids)[:TOPN])
-        lookup = _image_lookup(con, image_ids)
-        root_row = con.execute(
-            "SELECT s.image_root FROM retrieval_runs r JOIN subsets s USING (subset_id) WHERE r.retrieval_run_id = ?",
-            [rrid],
-        ).fetchone()
-        tax = Taxonomy.load(con)
-        hints = [{"sample_id": int(r.sample_id), "set_name": str(r.set_name), "caption_id": int(r.caption_id)}
-                 for r in table.itertuples(index=False)]  # fmt: skip
-        add_suggestions(con, rrid, hints, show_on_overlap=show_suggestions_on_overlap)
-        suggestions = {
-            h["sample_id"]: {"category": h["suggested_category"], "evidence": h["evidence"]}
-            for h in hints
-            if h["suggested_category"]
-        }
-        # stored relative to the database's folder when under it (movable studies): never to the current folder
-        root_path = study_paths.resolve(con, root_row[0]) if root_row and root_row[0] else None
-        version = sample_version(con, rrid)
+        s = _read_sample(con, db_path, names, set_choice, retrieval_run_id, show_suggestions_on_overlap)
     finally:
         con.close()
 
     # The files themselves are found and checked when they are served (they may change meanwhile).
-    root = root_path.resolve() if root_path is not None else None
+    root = s.root_path.resolve() if s.root_path is not None else None
     items: dict[str, list[dict]] = {}
     images: dict[str, dict[int, Path | None]] = {}
-    for name in canonical:
+    for name in s.canonical:
         wanted = {"mine": [name], "overlap": ["overlap"], "all": ["overlap", name]}[set_choice]
-        mine = table[table["set_name"].isin(wanted)]
+        mine = s.table[s.table["set_name"].isin(wanted)]
         if mine.empty:
             raise UserError(
-                f"{name} has no samples in set {set_choice!r} of retrieval run {rrid}. Give another --set "
+                f"{name} has no samples in set {set_choice!r} of retrieval run {s.rrid}. Give another --set "
                 "(mine, overlap or all)."
             )
         items[name], images[name] = [], {}
         for row in mine.itertuples(index=False):
-            gt = int(row.gt_id)
-            top = []
-            for k, (iid, score) in enumerate(zip(list(row.topk_ids)[:TOPN], list(row.topk_scores)[:TOPN]), start=1):
-                iid = int(iid)
-                top.append(
-                    {"rank": k, "image_id": iid, "score": float(score), "is_gt": iid == gt, "name": _name(lookup, iid)}
-                )
-            for iid in [gt] + [t["image_id"] for t in top]:
-                known = root is not None and iid in lookup and lookup[iid][1]
-                images[name][iid] = root / lookup[iid][1] if known else None
-            items[name].append(
-                {
-                    "sample_id": int(row.sample_id),
-                    "set_name": str(row.set_name),
-                    "caption_id": int(row.caption_id),
-                    "caption": "" if row.caption is None else str(row.caption),
-                    "gt": {
-                        "image_id": gt,
-                        "rank": int(row.gt_rank),
-                        "score": float(row.gt_score),
-                        "name": _name(lookup, gt),
-                    },
-                    "top": top,
-                    "suggestion": suggestions.get(int(row.sample_id)),
-                }
-            )
+            items[name].append(_item(row, s.lookup, s.suggestions, root, images[name]))
     categories = [
         {"name": str(c.name), "definition": str(c.definition or ""), "example": str(c.example or "")}
-        for c in tax.categories.itertuples(index=False)
+        for c in s.tax.categories.itertuples(index=False)
     ]
     host = host or "127.0.0.1"
-    tokens = None if host in LOCAL_HOSTS else {n: secrets.token_urlsafe(18) for n in canonical}
+    tokens = None if host in LOCAL_HOSTS else {n: secrets.token_urlsafe(18) for n in s.canonical}
     return Workbench(
         db_path,
-        rrid,
+        s.rrid,
         set_choice,
-        canonical,
+        s.canonical,
         items,
         images,
         categories,
         image_root=root,
-        sample_version=version,
+        sample_version=s.version,
         host=host,
         tokens=tokens,
         show_suggestions_on_overlap=bool(show_suggestions_on_overlap),
     )
+
+
+@dataclass
+class _SampleRead:
+    """What `prepare` reads from the database, in one connection."""
+
+    rrid: int
+    canonical: list[str]  # the annotators, as the failure sample names them
+    table: object  # sample_table(): one row per sampled failure
+    lookup: dict  # image id -> (file name, path under the image root)
+    tax: object  # the taxonomy (its categories are the page's buttons)
+    suggestions: dict  # sample id -> {category, evidence} from triage
+    root_path: Path | None
+    version: str  # sample_version()
+
+
+def _read_sample(con, db_path, names, set_choice, retrieval_run_id, show_suggestions_on_overlap) -> _SampleRead:
+    """The failure sample to label, checked: it exists, the annotators are its own, the set is labelled here."""
+    from toolkit.labels.label_import import _SampleInfo, canonical_annotator
+    from toolkit.labels.sample import _image_lookup, sample_table
+    from toolkit.labels.taxonomy import Taxonomy
+    from toolkit.labels.triage import add_suggestions
+
+    if not con.execute("SELECT count(*) FROM failure_samples").fetchone()[0]:
+        raise UserError(
+            f"Database {db_path} has no sampled failures to label. Run clipfail sample-failures first (and check --db)."
+        )
+    rrid = int(resolve_retrieval_run(con, retrieval_run_id, need="sample", purpose="annotate")["retrieval_run_id"])
+    info = _SampleInfo.load(con)
+    known = info.annotators.get(rrid, [])
+    canonical = []
+    for n in names:
+        c = canonical_annotator(info, n)
+        if c is None or c not in known:
+            raise UserError(
+                f"{n!r} is not an annotator of the failure sample of retrieval run {rrid} "
+                f"(its annotators: {', '.join(known) or 'none'})."
+            )
+        if c not in canonical:
+            canonical.append(c)
+    if set_choice == "backup":
+        raise UserError(
+            "The backup set is assigned to nobody, and import-labels refuses labels for it, so the workbench "
+            "does not label it either. Label --set mine, overlap or all; to label backup samples, draw them "
+            "into an annotator's set with clipfail sample-failures (--per-annotator) before labelling."
+        )
+    table = sample_table(con, rrid)
+    image_ids = set(table["gt_id"].astype(int))
+    for ids in table["topk_ids"]:
+        image_ids.update(int(x) for x in list(ids)[:TOPN])
+    lookup = _image_lookup(con, image_ids)
+    root_row = con.execute(
+        "SELECT s.image_root FROM retrieval_runs r JOIN subsets s USING (subset_id) WHERE r.retrieval_run_id = ?",
+        [rrid],
+    ).fetchone()
+    tax = Taxonomy.load(con)
+    hints = [{"sample_id": int(r.sample_id), "set_name": str(r.set_name), "caption_id": int(r.caption_id)}
+             for r in table.itertuples(index=False)]  # fmt: skip
+    add_suggestions(con, rrid, hints, show_on_overlap=show_suggestions_on_overlap)
+    suggestions = {
+        h["sample_id"]: {"category": h["suggested_category"], "evidence": h["evidence"]}
+        for h in hints
+        if h["suggested_category"]
+    }
+    # stored relative to the database's folder when under it (movable studies): never to the current folder
+    root_path = study_paths.resolve(con, root_row[0]) if root_row and root_row[0] else None
+    return _SampleRead(rrid, canonical, table, lookup, tax, suggestions, root_path, sample_version(con, rrid))
+
+
+def _item(row, lookup: dict, suggestions: dict, root: Path | None, images: dict) -> dict:
+    """One sampled failure as the page shows it (its caption, ground truth and top images); the paths of the
+    images it shows are added to `images` (image id -> path, None where the image is unknown)."""
+    gt = int(row.gt_id)
+    top = []
+    for k, (iid, score) in enumerate(zip(list(row.topk_ids)[:TOPN], list(row.topk_scores)[:TOPN]), start=1):
+        iid = int(iid)
+        top.append({"rank": k, "image_id": iid, "score": float(score), "is_gt": iid == gt, "name": _name(lookup, iid)})
+    for iid in [gt] + [t["image_id"] for t in top]:
+        known = root is not None and iid in lookup and lookup[iid][1]
+        images[iid] = root / lookup[iid][1] if known else None
+    return {
+        "sample_id": int(row.sample_id),
+        "set_name": str(row.set_name),
+        "caption_id": int(row.caption_id),
+        "caption": "" if row.caption is None else str(row.caption),
+        "gt": {
+            "image_id": gt,
+            "rank": int(row.gt_rank),
+            "score": float(row.gt_score),
+            "name": _name(lookup, gt),
+        },
+        "top": top,
+        "suggestion": suggestions.get(int(row.sample_id)),
+    }
 
 
 def _name(lookup: dict, image_id: int) -> str:
@@ -506,38 +526,64 @@ def _json_for_script(value) -> str:
     return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
+_LOCAL_NAMES = {"127.0.0.1", "localhost", "[::1]"}  # as host_name() gives them; any port (an SSH tunnel)
+_NOT_AUTHORISED = "Forbidden: open the link with your token that clipfail annotate printed."
+
+
 def build_app(wb: Workbench):
+    """The Starlette app that serves `wb`: one route per page or API call, each a method of `_App`."""
     from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
     from starlette.routing import Route
 
-    from toolkit.labels.label_import import save_label
-    from toolkit.labels.taxonomy import LabelError
+    app = _App(wb)
+    routes = [
+        Route("/", app.index),
+        Route("/a/{annotator}/", app.page),
+        Route("/a/{annotator}/api/state", app.state),
+        Route("/a/{annotator}/api/label", app.post_label, methods=["POST"]),
+        Route("/a/{annotator}/image/{image_id}", app.image),
+    ]
+    return Starlette(routes=routes)
 
-    page_template = _page_html()
-    local_names = {"127.0.0.1", "localhost", "[::1]"}  # as host_name() gives them; any port (an SSH tunnel)
-    decoy = secrets.token_urlsafe(18)  # compared for an unknown annotator, as a token would be
-    not_authorised = "Forbidden: open the link with your token that clipfail annotate printed."
 
-    def error(status: int, message: str, **headers):
-        # A message may quote a request's text: never let a lone surrogate in it break the answer.
-        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-        return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+def _error(status: int, message: str, **headers):
+    """A JSON error answer."""
+    from starlette.responses import JSONResponse
 
-    def not_found(_request=None):
-        return PlainTextResponse("Not found", status_code=404)
+    # A message may quote a request's text: never let a lone surrogate in it break the answer.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
-    def refuse(request: Request, annotator: str | None):
+
+def _not_found(_request=None):
+    from starlette.responses import PlainTextResponse
+
+    return PlainTextResponse("Not found", status_code=404)
+
+
+class _App:
+    """The workbench's web app over one `Workbench`: who may ask (`refuse`), what the pages read, and the label
+    requests that write (through `save_label`, on one short connection each)."""
+
+    def __init__(self, wb: Workbench):
+        self.wb = wb
+        self.page_template = _page_html()
+        self.decoy = secrets.token_urlsafe(18)  # compared for an unknown annotator, as a token would be
+
+    # -------------------------------------------------------------------- who may ask
+
+    def refuse(self, request, annotator: str | None):
         """None if the request may go on, else the response that refuses it."""
+        from starlette.responses import PlainTextResponse
+
+        wb = self.wb
         hosts = request.headers.getlist("host")
         host = host_name(hosts[0]) if len(hosts) == 1 else None
         if host is None:
             return PlainTextResponse(
                 "Bad request: the Host header must be one host name or address and at most one port.", status_code=400
             )
-        if not wb.needs_token and host not in local_names:
+        if not wb.needs_token and host not in _LOCAL_NAMES:
             return PlainTextResponse("Forbidden: unexpected Host header", status_code=403)
         if annotator is None:
             return None
@@ -548,31 +594,34 @@ def build_app(wb: Workbench):
             given = [v for k, v in params if k == "token"]
             if not given:
                 given = [request.cookies.get(f"clipfail_{annotator}", "")]
-            ok = secrets.compare_digest(given[0].encode(), (want or decoy).encode())
+            ok = secrets.compare_digest(given[0].encode(), (want or self.decoy).encode())
             if not (ok and want is not None and len(given) == 1):
-                return PlainTextResponse(not_authorised, status_code=403)
+                return PlainTextResponse(_NOT_AUTHORISED, status_code=403)
         elif annotator not in wb.items:
-            return not_found()
+            return _not_found()
         names = [k for k, _ in params]
         unknown = [k for k in names if k != "token"]
         if unknown:
-            return error(400, f"Unknown query parameter {_key(unknown[0])}: the only one is token.")
+            return _error(400, f"Unknown query parameter {_key(unknown[0])}: the only one is token.")
         if names.count("token") > 1:
-            return error(400, "The query parameter token is given more than once.")
+            return _error(400, "The query parameter token is given more than once.")
         return None
 
-    def progress(name: str, labels: dict) -> dict:
-        return {"labelled": len(labels), "total": len(wb.items[name])}
+    # -------------------------------------------------------------------- what the pages read
 
-    def my_labels(con, name: str) -> dict:
-        ids = {it["sample_id"] for it in wb.items[name]}
+    def progress(self, name: str, labels: dict) -> dict:
+        return {"labelled": len(labels), "total": len(self.wb.items[name])}
+
+    def my_labels(self, con, name: str) -> dict:
+        ids = {it["sample_id"] for it in self.wb.items[name]}
         rows = con.execute(
             "SELECT sample_id, category, secondary_category, notes FROM annotations WHERE annotator = ?", [name]
         ).fetchall()
         return {str(s): {"category": c, "secondary_category": sc, "notes": n} for s, c, sc, n in rows if int(s) in ids}
 
-    def check_sample(con) -> None:
+    def check_sample(self, con) -> None:
         """Refused(409) if the failure sample is not the one the items were loaded from."""
+        wb = self.wb
         if sample_version(con, wb.retrieval_run_id) != wb.sample_version:
             raise Refused(
                 409,
@@ -582,13 +631,13 @@ def build_app(wb: Workbench):
                 "page.",
             )
 
-    def db_error(exc: UserError):
-        return JSONResponse({"error": str(exc)}, status_code=503)
+    async def index(self, request):
+        from starlette.responses import HTMLResponse
 
-    async def index(request: Request):
-        bad = refuse(request, None)
+        bad = self.refuse(request, None)
         if bad:
             return bad
+        wb = self.wb
         if wb.needs_token:
             return HTMLResponse("<p>Open the link with your token that <code>clipfail annotate</code> printed.</p>")
         links = "".join(
@@ -597,11 +646,14 @@ def build_app(wb: Workbench):
         )
         return HTMLResponse(f"<!doctype html><title>clipfail annotate</title><h1>Annotators</h1><ul>{links}</ul>")
 
-    async def page(request: Request):
+    async def page(self, request):
+        from starlette.responses import HTMLResponse, RedirectResponse
+
         name = request.path_params["annotator"]
-        bad = refuse(request, name)
+        bad = self.refuse(request, name)
         if bad:
             return bad
+        wb = self.wb
         if wb.needs_token and "token" in request.query_params:
             # Keep the token in a cookie for this annotator's pages, then drop it from the address bar.
             response = RedirectResponse(f"/a/{name}/", status_code=303)
@@ -616,117 +668,123 @@ def build_app(wb: Workbench):
             "set": wb.set_choice,
             "categories": wb.categories,
         }
-        body = page_template.replace("{{CONFIG}}", _json_for_script(config))
+        body = self.page_template.replace("{{CONFIG}}", _json_for_script(config))
         return HTMLResponse(body, headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
 
-    def state_sync(name: str) -> dict:
+    def state_sync(self, name: str) -> dict:
+        wb = self.wb
         with wb.database() as con:
-            check_sample(con)
-            labels = my_labels(con, name)
+            self.check_sample(con)
+            labels = self.my_labels(con, name)
         first = next((i for i, it in enumerate(wb.items[name]) if str(it["sample_id"]) not in labels), 0)
         return {
             "items": wb.items[name],
             "labels": labels,
-            "progress": progress(name, labels),
+            "progress": self.progress(name, labels),
             "first_unlabelled": first,
             "sample_version": wb.sample_version,
         }
 
-    def state(request: Request):
+    def state(self, request):
+        from starlette.responses import JSONResponse
+
         name = request.path_params["annotator"]
-        bad = refuse(request, name)
+        bad = self.refuse(request, name)
         if bad:
             return bad
         try:
-            return JSONResponse(state_sync(name), headers={"Cache-Control": "no-store"})
+            return JSONResponse(self.state_sync(name), headers={"Cache-Control": "no-store"})
         except Refused as exc:
-            return error(exc.status, exc.message)
+            return _error(exc.status, exc.message)
         except UserError as exc:
-            return db_error(exc)
+            return JSONResponse({"error": str(exc)}, status_code=503)
 
-    def label(name: str, body: dict):
-        sample_id = body["sample_id"]
-        if body["sample_version"] is not None and body["sample_version"] != wb.sample_version:
-            return error(
-                409,
-                "This page was loaded for another failure sample (from an earlier clipfail annotate): reload the "
-                "page. Nothing was saved.",
-            )
-        if sample_id not in {it["sample_id"] for it in wb.items[name]}:
-            return error(404, f"sample {sample_id} is not one of {name}'s items here")
-        parts = [v.strip() for v in (body["category"], body["secondary"]) if v and v.strip()]
-        has_category = bool(body["category"] and body["category"].strip())
-        if body["clear"] and (parts or (body["notes"] or "").strip()):
-            return error(400, "clear: true removes the label; give no category, secondary or notes with it.")
-        if parts and not has_category:
-            return error(400, "give a category before a secondary category")
-        if not parts and not body["clear"]:  # only an explicit clear removes a stored label
-            return error(400, "give a category, or clear: true to remove the label")
-        raw = "; ".join(parts)
-        try:
-            with wb.database() as con:
-                check_sample(con)  # on this connection: no other process can change the sample before the save
-                saved = save_label(con, sample_id, name, raw, body["notes"], run_id=wb.run_id, source_file=SOURCE)
-                labels = my_labels(con, name)
-        except Refused as exc:
-            return error(exc.status, exc.message)
-        except LabelError as exc:
-            return error(400, str(exc))
-        except UserError as exc:
-            return error(503 if "locked" in str(exc) else 400, str(exc))
-        return {
-            "action": saved.action,
-            "label": labels.get(str(sample_id)),
-            "progress": progress(name, labels),
-        }
+    def image(self, request):
+        from starlette.responses import Response
 
-    async def post_label(request: Request):
         name = request.path_params["annotator"]
-        bad = refuse(request, name)
+        bad = self.refuse(request, name)
         if bad:
             return bad
-        if request.headers.get("x-clipfail") != "1":
-            return error(403, "a JSON request with the X-Clipfail header is required")
-        if not _json_media_type(request.headers.get("content-type", "")):
-            return error(415, "the body must be JSON: send it with Content-Type: application/json (UTF-8)")
-        try:
-            body = parse_label_request(await read_body(request))
-        except Refused as exc:
-            return error(exc.status, exc.message, **({"Connection": "close"} if exc.status == 413 else {}))
-        except UserError as exc:
-            return error(400, str(exc))
-        result = await run_in_threadpool(label, name, body)
-        return result if not isinstance(result, dict) else JSONResponse(result)
-
-    def image(request: Request):
-        name = request.path_params["annotator"]
-        bad = refuse(request, name)
-        if bad:
-            return bad
+        wb = self.wb
         text = request.path_params["image_id"]
         if not (text.isascii() and text.isdigit() and len(text) <= 19):
-            return not_found()
+            return _not_found()
         path = wb.images.get(name, {}).get(int(text))
         if path is None or wb.image_root is None:
-            return not_found()
+            return _not_found()
         try:  # resolved and checked now: the file may have been swapped since the start
             data = read_under(wb.image_root, path, "Image", limit=MAX_IMAGE_BYTES)
         except UserError:
-            return not_found()
+            return _not_found()
         return Response(
             data,
             media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
             headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"},
         )
 
-    routes = [
-        Route("/", index),
-        Route("/a/{annotator}/", page),
-        Route("/a/{annotator}/api/state", state),
-        Route("/a/{annotator}/api/label", post_label, methods=["POST"]),
-        Route("/a/{annotator}/image/{image_id}", image),
-    ]
-    return Starlette(routes=routes)
+    # -------------------------------------------------------------------- the one request that writes
+
+    def label(self, name: str, body: dict):
+        from toolkit.labels.label_import import save_label
+        from toolkit.labels.taxonomy import LabelError
+
+        wb = self.wb
+        sample_id = body["sample_id"]
+        if body["sample_version"] is not None and body["sample_version"] != wb.sample_version:
+            return _error(
+                409,
+                "This page was loaded for another failure sample (from an earlier clipfail annotate): reload the "
+                "page. Nothing was saved.",
+            )
+        if sample_id not in {it["sample_id"] for it in wb.items[name]}:
+            return _error(404, f"sample {sample_id} is not one of {name}'s items here")
+        parts = [v.strip() for v in (body["category"], body["secondary"]) if v and v.strip()]
+        has_category = bool(body["category"] and body["category"].strip())
+        if body["clear"] and (parts or (body["notes"] or "").strip()):
+            return _error(400, "clear: true removes the label; give no category, secondary or notes with it.")
+        if parts and not has_category:
+            return _error(400, "give a category before a secondary category")
+        if not parts and not body["clear"]:  # only an explicit clear removes a stored label
+            return _error(400, "give a category, or clear: true to remove the label")
+        raw = "; ".join(parts)
+        try:
+            with wb.database() as con:
+                self.check_sample(con)  # on this connection: no other process can change the sample before the save
+                saved = save_label(con, sample_id, name, raw, body["notes"], run_id=wb.run_id, source_file=SOURCE)
+                labels = self.my_labels(con, name)
+        except Refused as exc:
+            return _error(exc.status, exc.message)
+        except LabelError as exc:
+            return _error(400, str(exc))
+        except UserError as exc:
+            return _error(503 if "locked" in str(exc) else 400, str(exc))
+        return {
+            "action": saved.action,
+            "label": labels.get(str(sample_id)),
+            "progress": self.progress(name, labels),
+        }
+
+    async def post_label(self, request):
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import JSONResponse
+
+        name = request.path_params["annotator"]
+        bad = self.refuse(request, name)
+        if bad:
+            return bad
+        if request.headers.get("x-clipfail") != "1":
+            return _error(403, "a JSON request with the X-Clipfail header is required")
+        if not _json_media_type(request.headers.get("content-type", "")):
+            return _error(415, "the body must be JSON: send it with Content-Type: application/json (UTF-8)")
+        try:
+            body = parse_label_request(await read_body(request))
+        except Refused as exc:
+            return _error(exc.status, exc.message, **({"Connection": "close"} if exc.status == 413 else {}))
+        except UserError as exc:
+            return _error(400, str(exc))
+        result = await run_in_threadpool(self.label, name, body)
+        return result if not isinstance(result, dict) else JSONResponse(result)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,20 +60,9 @@ class EvaluateResult:
     summary: pd.DataFrame  # this run's row of the recall_summary view
 
 
-def _clipfail(con) -> str:
-    """`clipfail`, with `--db PATH` when the connection is not the default database."""
-    try:
-        path = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
-    except Exception:
-        return "clipfail"
-    if not path or not path[0] or Path(path[0]).resolve() == Path(db.default_db_path()).resolve():
-        return "clipfail"
-    return f"clipfail --db {shlex.quote(str(path[0]))}"
-
-
 def _embed_command(con, subset: str, model: str | None, pretrained: str | None, checkpoint: str | None) -> str:
     spec = model or "openai/clip-vit-base-patch32"
-    cmd = f"{_clipfail(con)} embed --subset {shlex.quote(subset)} --model {shlex.quote(spec)}"
+    cmd = f"{study_paths.clipfail_command(con)} embed --subset {shlex.quote(subset)} --model {shlex.quote(spec)}"
     if pretrained:
         cmd += f" --pretrained {shlex.quote(pretrained)}"
     if checkpoint:
@@ -81,16 +70,7 @@ def _embed_command(con, subset: str, model: str | None, pretrained: str | None, 
     return cmd
 
 
-def _db_flag(con) -> str:
-    """`--db PATH` of the connection's database file (always given, so a command can be pasted anywhere)."""
-    try:
-        path = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
-    except Exception:
-        path = None
-    return f"--db {shlex.quote(str(path[0]))}" if path and path[0] else ""
-
-
-def recompute_command(con, subset: str, sets: list[dict], recompute: bool = True) -> str:
+def rebuild_embeddings_command(con, subset: str, sets: list[dict], recompute: bool = True) -> str:
     """The `embed ... --recompute` command that rebuilds these embedding sets exactly as they were made:
     the model spec, weights (--pretrained tag or --checkpoint file), precision, draft and GPU decoding
     recorded in their config, and --db. Without the weights it would embed a randomly initialised model."""
@@ -107,7 +87,8 @@ def recompute_command(con, subset: str, sets: list[dict], recompute: bool = True
     cfg = {k: v for c in reversed(configs) for k, v in c.items()}
     first = sets[0] if sets else {}
     spec = cfg.get("spec") or cfg.get("model") or first.get("model") or "openai/clip-vit-base-patch32"
-    parts = ["clipfail", _db_flag(con), "embed", "--subset", shlex.quote(subset), "--model", shlex.quote(str(spec))]
+    parts = [study_paths.clipfail_command(con, always=True), "embed", "--subset", shlex.quote(subset)]
+    parts += ["--model", shlex.quote(str(spec))]
     checkpoint = cfg.get("checkpoint")
     pretrained = cfg.get("pretrained") or _str_or_none(first.get("pretrained"))
     if checkpoint:  # stored relative to the database's folder when it lies under it
@@ -186,7 +167,7 @@ def find_embedding_sets(
     if images.empty or texts.empty:
         missing = "image" if images.empty else "text"
         have = (texts if images.empty else images).iloc[-1].to_dict()
-        fix = f"Run: {recompute_command(con, name, [have], recompute=False)}"  # the same spec as the other kind
+        fix = f"Run: {rebuild_embeddings_command(con, name, [have], recompute=False)}"  # the other kind's spec
         raise UserError(f"The {missing} embeddings for {what} are missing. {fix}")
     return images.iloc[-1].to_dict(), texts.iloc[-1].to_dict()
 
@@ -229,6 +210,48 @@ def _describe(row) -> str:
 def summary(con, retrieval_run_id: int) -> pd.DataFrame:
     """This run's row of the recall_summary view."""
     return con.execute("SELECT * FROM recall_summary WHERE retrieval_run_id = ?", [int(retrieval_run_id)]).df()
+
+
+def _rank(direction, images, texts, text_gt_row, topk, chunk, device, progress, name, fix) -> tuple[pd.DataFrame, int]:
+    """The ranks of every query (retrieval_ranks' columns) and the top-k width they hold."""
+    image_ids, caption_ids = images.item_ids, texts.item_ids
+    try:
+        if direction == "text-to-image":
+            res = R.rank_text_to_image(
+                texts.array, images.array, text_gt_row, k=topk, chunk=chunk, device=device, progress=progress
+            )
+            query_ids, gt_ids = caption_ids, image_ids[res.gt_index]
+            topk_ids = image_ids[res.topk_indices]
+        else:
+            has_caption = np.bincount(text_gt_row, minlength=len(image_ids)) > 0
+            keep = np.flatnonzero(has_caption)
+            remap = np.full(len(image_ids), -1, dtype=np.int64)
+            remap[keep] = np.arange(len(keep))
+            res = R.rank_image_to_text(
+                images.array[keep], texts.array, remap[text_gt_row], k=topk, chunk=chunk, device=device,
+                progress=progress,
+            )  # fmt: skip
+            query_ids, gt_ids = image_ids[keep], caption_ids[res.gt_index]
+            topk_ids = caption_ids[res.topk_indices]
+    except ValueError as exc:  # bad numbers in an embedding file (NaN, wrong dim)
+        raise UserError(f"Cannot rank the embeddings of subset {name!r}: {exc}. {fix}") from None
+    if len(query_ids) == 0:
+        raise UserError(f"Subset {name!r} has no queries for {direction}.")
+
+    ranks = pd.DataFrame(
+        {
+            "query_id": np.asarray(query_ids, dtype=np.int64),
+            "gt_id": np.asarray(gt_ids, dtype=np.int64),
+            "gt_rank": res.gt_rank,
+            "n_tied": res.n_tied,
+            "gt_score": res.gt_score,
+            "top1_id": topk_ids[:, 0],
+            "top1_score": res.topk_scores[:, 0],
+            "topk_ids": list(topk_ids),
+            "topk_scores": list(res.topk_scores),
+        }
+    )
+    return ranks, res.topk_indices.shape[1]
 
 
 def evaluate(
@@ -286,7 +309,7 @@ def evaluate(
             int(existing[0]), int(existing[1]), True, name, model_name, direction, int(n), summary(con, existing[0])
         )
 
-    fix = f"Run: {recompute_command(con, name, [img_set, txt_set])}"
+    fix = f"Run: {rebuild_embeddings_command(con, name, [img_set, txt_set])}"
     images = artifacts.load_embedding_set(con, int(img_set["embedding_set_id"]), fix=fix)
     texts = artifacts.load_embedding_set(con, int(txt_set["embedding_set_id"]), fix=fix)
     image_ids, caption_ids = images.item_ids, texts.item_ids
@@ -295,42 +318,7 @@ def evaluate(
     order = np.argsort(image_ids, kind="stable")
     text_gt_row = order[np.searchsorted(image_ids, caption_image, sorter=order)]
 
-    try:
-        if direction == "text-to-image":
-            res = R.rank_text_to_image(
-                texts.array, images.array, text_gt_row, k=topk, chunk=chunk, device=device, progress=progress
-            )
-            query_ids, gt_ids = caption_ids, image_ids[res.gt_index]
-            topk_ids = image_ids[res.topk_indices]
-        else:
-            has_caption = np.bincount(text_gt_row, minlength=len(image_ids)) > 0
-            keep = np.flatnonzero(has_caption)
-            remap = np.full(len(image_ids), -1, dtype=np.int64)
-            remap[keep] = np.arange(len(keep))
-            res = R.rank_image_to_text(
-                images.array[keep], texts.array, remap[text_gt_row], k=topk, chunk=chunk, device=device,
-                progress=progress,
-            )  # fmt: skip
-            query_ids, gt_ids = image_ids[keep], caption_ids[res.gt_index]
-            topk_ids = caption_ids[res.topk_indices]
-    except ValueError as exc:  # bad numbers in an embedding file (NaN, wrong dim)
-        raise UserError(f"Cannot rank the embeddings of subset {name!r}: {exc}. {fix}") from None
-    if len(query_ids) == 0:
-        raise UserError(f"Subset {name!r} has no queries for {direction}.")
-
-    ranks = pd.DataFrame(
-        {
-            "query_id": np.asarray(query_ids, dtype=np.int64),
-            "gt_id": np.asarray(gt_ids, dtype=np.int64),
-            "gt_rank": res.gt_rank,
-            "n_tied": res.n_tied,
-            "gt_score": res.gt_score,
-            "top1_id": topk_ids[:, 0],
-            "top1_score": res.topk_scores[:, 0],
-            "topk_ids": list(topk_ids),
-            "topk_scores": list(res.topk_scores),
-        }
-    )
+    ranks, k = _rank(direction, images, texts, text_gt_row, topk, chunk, device, progress, name, fix)
     run_config = config | {"device": device, "chunk": chunk, "subset": name}
     with db.transaction(con):
         run_id = db.insert_run(
@@ -350,7 +338,7 @@ def evaluate(
                 config["image_embedding_set_id"],
                 direction,
                 R.TIE_POLICY,
-                res.topk_indices.shape[1],
+                k,
                 chash,
                 db.now(),
                 run_id,

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import stat
 from pathlib import Path
 
@@ -42,10 +43,44 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
 
 
+def db_file(con_or_dbpath) -> Path | None:
+    """The database file of a DuckDB connection (or a path given as such); None for an in-memory one."""
+    if con_or_dbpath is None:
+        return None
+    if isinstance(con_or_dbpath, (str, os.PathLike)):
+        raw = os.fspath(con_or_dbpath)
+    else:
+        row = con_or_dbpath.execute(
+            "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
+        ).fetchone()
+        raw = row[0] if row else None
+    if not raw or raw == ":memory:":
+        return None
+    return Path(os.path.abspath(os.path.expanduser(raw)))
+
+
+def clipfail_command(con_or_dbpath, *, always: bool = False) -> str:
+    """`clipfail --db PATH` (PATH shell-quoted): how a message that suggests a command starts. The one place
+    that spells the hint. `--db` is left out for the default database ($CLIPFAIL_DB or ./clipfail.duckdb)
+    unless `always` (a command meant to be pasted anywhere), and for an in-memory database. A path given as
+    text is shown as given; a connection shows DuckDB's (absolute) path of its file."""
+    if isinstance(con_or_dbpath, (str, os.PathLike)):
+        shown, f = os.fspath(con_or_dbpath), db_file(con_or_dbpath)
+    else:
+        try:  # a closed or broken connection: the hint goes without --db, the message itself still shows
+            f = db_file(con_or_dbpath)
+        except Exception:
+            f = None
+        shown = None if f is None else str(f)
+    if f is None or (not always and f.resolve() == Path(default_db_path()).resolve()):
+        return "clipfail"
+    return f"clipfail --db {shlex.quote(shown)}"
+
+
 def missing_database_message(path: str) -> str:
     return (
         f"Database {path} does not exist. Give the study's database file with --db PATH (or $CLIPFAIL_DB); "
-        f"to start a new study there: clipfail --db {path} init"
+        f"to start a new study there: {clipfail_command(path, always=True)} init"
     )
 
 
@@ -160,8 +195,7 @@ def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnect
         raise UserError(f"Cannot open database {path}: {exc}") from None
     # DuckDB opens some names as an in-memory database over a file (a .csv or .parquet it can read): refuse
     # whatever did not open the file itself, so that nothing is ever "stored" where it cannot be.
-    row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
-    if not row or not row[0][0]:
+    if db_file(con) is None:
         con.close()
         raise UserError(f"{path} did not open as a DuckDB database file. Give the study's database file with --db.")
     return con

@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from toolkit.errors import UserError, list_offenders
+from toolkit.store.db import clipfail_command, db_file  # the connection's file and the hint: also reached here
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -38,22 +39,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def db_file(con_or_dbpath) -> Path | None:
-    """The database file of a DuckDB connection (or a path given as such); None for an in-memory one."""
-    if con_or_dbpath is None:
-        return None
-    if isinstance(con_or_dbpath, (str, os.PathLike)):
-        raw = os.fspath(con_or_dbpath)
-    else:
-        row = con_or_dbpath.execute(
-            "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
-        ).fetchone()
-        raw = row[0] if row else None
-    if not raw or raw == ":memory:":
-        return None
-    return Path(os.path.abspath(os.path.expanduser(raw)))
 
 
 def base_dir(con_or_dbpath) -> Path | None:
@@ -110,17 +95,31 @@ def resolve_keys(con_or_dbpath, config: dict, keys) -> dict:
     return out
 
 
+def cache_root(con_or_dbpath) -> Path:
+    """The study's cache folder, `<database folder>/<database stem>_cache` beside the database file
+    (`./clipfail_cache` for an in-memory database). It holds two caches kept apart on purpose:
+    `embedding_cache_dir` (embed's image and text embeddings) and `prompt_cache_dir` (improve's
+    encoded prompts)."""
+    dbfile = db_file(con_or_dbpath) or Path("clipfail.duckdb")
+    return dbfile.resolve().parent / f"{dbfile.stem}_cache"
+
+
+def embedding_cache_dir(con_or_dbpath) -> Path:
+    """`<db stem>_cache/embeddings`: where embed writes its .npy files unless given --cache-dir."""
+    return cache_root(con_or_dbpath) / "embeddings"
+
+
+def prompt_cache_dir(con_or_dbpath) -> Path:
+    """`<db stem>_cache/prompts`: where improve keeps encoded prompt shards unless given a cache_dir."""
+    return cache_root(con_or_dbpath) / "prompts"
+
+
 def moved_hint(con_or_dbpath, option: str, subset: str | None = None) -> str:
     """'If the files moved, rebind them: clipfail --db DB relocate OPTION NEW_FOLDER [--subset NAME].'"""
     import shlex
 
-    from toolkit.store import db
-
-    f = db_file(con_or_dbpath)
-    cmd = "clipfail"
-    if f is not None and f.resolve() != Path(db.default_db_path()).resolve():
-        cmd += f" --db {shlex.quote(str(f))}"
     where = f" --subset {shlex.quote(subset)}" if subset else ""
+    cmd = clipfail_command(db_file(con_or_dbpath))  # the absolute path, however the database was given
     return f"If the files moved, rebind them: {cmd} relocate {option} NEW_FOLDER{where}."
 
 

@@ -200,8 +200,8 @@ def open_study(
             raise UserError(
                 f"Database {path} has not been set up by this version of clipfail yet (its tables, views or "
                 "default data differ), and this command only reads it. Upgrade it once with: "
-                f"clipfail --db {path} init (this needs write access to the file and its folder), then run "
-                "the command again."
+                f"{db.clipfail_command(path, always=True)} init (this needs write access to the file and its "
+                "folder), then run the command again."
             )
         if not read_only and (force_upgrade or not up_to_date):
             upgrade(con, path)

@@ -83,10 +83,7 @@ def run_demo(
     per_annotator: int = 50,
     control_successes: int = 50,
 ) -> DemoResult:
-    from toolkit.embed.models import TINY_CONFIG, save_random_checkpoint
-    from toolkit.improve.stage import improve
-    from toolkit.ingest.synthetic import make_synthetic_coco
-    from toolkit.labels.simulate import simulate_labels
+    from toolkit.embed.models import TINY_CONFIG
     from toolkit.report.page import write_report
     from toolkit.workflows.pipeline import run_pipeline
 
@@ -96,24 +93,8 @@ def run_demo(
     except OSError as exc:
         raise UserError(f"Cannot create the demo folder {out}: {exc.strerror or exc}.") from None
     _check_settings(out, {"seed": int(seed), "images": int(n_images)})
-    timings: list[tuple[str, float]] = []
-    t0 = time.perf_counter()
-
-    def lap(step: str) -> None:
-        nonlocal t0
-        now = time.perf_counter()
-        timings.append((step, now - t0))
-        t0 = now
-
-    coco = out / "coco"
-    if not (coco / "annotations" / "captions_val2017.json").exists():
-        make_synthetic_coco(coco, n_images, seed=seed)
-    lap("generate COCO-format data")
-    ckpt = out / "model" / CHECKPOINT_NAME
-    if not ckpt.exists():
-        save_random_checkpoint(ckpt, spec=TINY_CONFIG, seed=seed)
-    lap("save random tiny-clip checkpoint")
-
+    laps = _Laps()
+    coco, ckpt = _demo_inputs(out, n_images, seed, laps)
     db_path = out / "demo.duckdb"
     con = open_study(db_path)
     try:
@@ -135,42 +116,16 @@ def run_demo(
             out_dir=out / "failure_analysis",
             pictures=pictures,
         )
-        for s in pipe.stages:
-            timings.append((s.stage, s.seconds))
-        t0 = time.perf_counter()
+        laps.add_stages(pipe.stages)
         rrid = pipe.retrieval_run_id
         demo_triage(con, rrid)
-        lap("triage")
-        labelled = con.execute(
-            "SELECT count(*) FROM annotations JOIN failure_samples USING (sample_id) WHERE retrieval_run_id = ?",
-            [rrid],
-        ).fetchone()[0]
-        if not labelled:
-            simulate_labels(con, out / "failure_analysis", out / "labels_simulated", seed=seed, retrieval_run_id=rrid)
-        lap("simulated labels + import-labels")
-
-        subsets = pick_subsets(con, rrid)
-        n_successes = con.execute(
-            "SELECT count(*) FROM retrieval_ranks WHERE retrieval_run_id = ? AND gt_rank = 1", [rrid]
-        ).fetchone()[0]
-        control = f"successes:{min(control_successes, n_successes)}" if n_successes else "all"
-        for i, (categories, mode) in enumerate(subsets):
-            improve(
-                con,
-                categories,
-                retrieval_run_id=rrid,
-                poolings="all",
-                tau=1.0,
-                template_mode=mode,
-                k=15 if mode == "union" else 10,  # the reference study's K: 10 per category, 15 for the mixed run
-                seed=42,
-                control=control if i == 0 else None,
-                encoder_factory=_encoder_factory(ckpt, device),
-                cache_dir=out / "prompt_cache",
-            )
-        lap("improve (4 subsets x 3 poolings + control)")
+        laps("triage")
+        _demo_labels(con, out, rrid, seed)
+        laps("simulated labels + import-labels")
+        subsets = _demo_improve(con, rrid, ckpt, device, out, control_successes)
+        laps("improve (4 subsets x 3 poolings + control)")
         rep = write_report(con, out_dir=out / "report", retrieval_run_id=rrid, db_path=str(db_path), notes=[DEMO_NOTE])
-        lap("report")
+        laps("report")
     finally:
         con.close()
     return DemoResult(
@@ -180,9 +135,82 @@ def run_demo(
         checkpoint=ckpt,
         retrieval_run_id=rrid,
         improvement_subsets=[c for c, _ in subsets],
-        timings=timings,
+        timings=laps.timings,
         recall=pipe.summary,
     )
+
+
+class _Laps:
+    """The demo's timings: each call records the seconds since the previous one under a step's name."""
+
+    def __init__(self):
+        self.timings: list[tuple[str, float]] = []
+        self.t0 = time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        self.timings.append((step, now - self.t0))
+        self.t0 = now
+
+    def add_stages(self, stages) -> None:
+        """The pipeline's own stage timings; the next lap starts now."""
+        for s in stages:
+            self.timings.append((s.stage, s.seconds))
+        self.t0 = time.perf_counter()
+
+
+def _demo_inputs(out: Path, n_images: int, seed: int, laps: _Laps) -> tuple[Path, Path]:
+    """The synthetic COCO folder and the random tiny-clip checkpoint (kept when they are there already)."""
+    from toolkit.embed.models import TINY_CONFIG, save_random_checkpoint
+    from toolkit.ingest.synthetic import make_synthetic_coco
+
+    coco = out / "coco"
+    if not (coco / "annotations" / "captions_val2017.json").exists():
+        make_synthetic_coco(coco, n_images, seed=seed)
+    laps("generate COCO-format data")
+    ckpt = out / "model" / CHECKPOINT_NAME
+    if not ckpt.exists():
+        save_random_checkpoint(ckpt, spec=TINY_CONFIG, seed=seed)
+    laps("save random tiny-clip checkpoint")
+    return coco, ckpt
+
+
+def _demo_labels(con, out: Path, rrid: int, seed: int) -> None:
+    """Simulated annotators label the sample, unless it holds labels already."""
+    from toolkit.labels.simulate import simulate_labels
+
+    labelled = con.execute(
+        "SELECT count(*) FROM annotations JOIN failure_samples USING (sample_id) WHERE retrieval_run_id = ?",
+        [rrid],
+    ).fetchone()[0]
+    if not labelled:
+        simulate_labels(con, out / "failure_analysis", out / "labels_simulated", seed=seed, retrieval_run_id=rrid)
+
+
+def _demo_improve(con, rrid: int, ckpt: Path, device: str, out: Path, control_successes: int) -> list:
+    """improve on each subset of pick_subsets (the first with a control); returns the subsets."""
+    from toolkit.improve.stage import improve
+
+    subsets = pick_subsets(con, rrid)
+    n_successes = con.execute(
+        "SELECT count(*) FROM retrieval_ranks WHERE retrieval_run_id = ? AND gt_rank = 1", [rrid]
+    ).fetchone()[0]
+    control = f"successes:{min(control_successes, n_successes)}" if n_successes else "all"
+    for i, (categories, mode) in enumerate(subsets):
+        improve(
+            con,
+            categories,
+            retrieval_run_id=rrid,
+            poolings="all",
+            tau=1.0,
+            template_mode=mode,
+            k=15 if mode == "union" else 10,  # the reference study's K: 10 per category, 15 for the mixed run
+            seed=42,
+            control=control if i == 0 else None,
+            encoder_factory=_encoder_factory(ckpt, device),
+            cache_dir=out / "prompt_cache",
+        )
+    return subsets
 
 
 def _check_settings(out: Path, settings: dict) -> None:
