@@ -1375,13 +1375,7 @@ def _given_method_options(method: str, values: dict) -> dict:
 
 @cli.command()
 @click.option("--categories", required=True, help="Comma-separated failure categories, e.g. Object,Attribute.")
-@click.option(
-    "--run",
-    "retrieval_run_id",
-    type=click.IntRange(1, 2**63 - 1),
-    default=None,
-    help="Retrieval run id (default: the one labelled last).",
-)
+@run_option("the one labelled last")
 @click.option(
     "--max-subset", type=click.IntRange(1, 2**31 - 1), default=200, show_default=True, help="Cap (seeded draw)."
 )

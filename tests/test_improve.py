@@ -210,7 +210,7 @@ def q(target, sql, params=None):
 
 def run_improve(target, categories="Object", encoder=None, **kw):
     with Opened(target) as con:
-        cache = imp.default_cache_dir(con)
+        cache = paths.prompt_cache_dir(con)
         return imp.improve(con, categories, encoder=encoder or FakeEncoder(), cache_dir=cache, **kw)
 
 

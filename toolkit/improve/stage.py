@@ -328,12 +328,6 @@ def scoring_device(con, rr: dict) -> tuple[str, str | None, str | None]:
     )
 
 
-def database_path(con) -> str:
-    """The path of the connection's database file, as DuckDB reports it."""
-    rows = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
-    return str(rows[0][0]) if rows and rows[0][0] else "clipfail.duckdb"
-
-
 #: category -> the captions its coverage target is about (besides all captions): `phrases.mentions` key
 COVERAGE_FOCUS = {"Attribute": "attribute", "Count": "number", "Spatial": "relation"}
 
@@ -444,14 +438,6 @@ def prompt_shards(con, identity: dict) -> list[int]:
             [identity["model"], identity["precision"], identity["pretrained"], identity["checkpoint_sha256"]],
         ).fetchall()
     ]
-
-
-def default_cache_dir(con) -> Path:
-    """`<database folder>/<database stem>_cache/prompts` (beside the database file)."""
-    rows = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
-    row = rows[0] if rows else None
-    dbfile = Path(row[0]) if row and row[0] else Path("clipfail.duckdb")
-    return dbfile.resolve().parent / f"{dbfile.stem}_cache" / "prompts"
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -862,7 +848,7 @@ def improve(
     `encoder_factory(identity)` (default: `model_encoder_factory()`) builds it from the model that
     made the retrieval run's text embeddings; `identity` is `model_identity` of that set plus its
     recorded config under "config". The model is built only when some prompt is not cached.
-    Prompt shards go to `cache_dir` (default: `default_cache_dir`). Tests pass a fake encoder.
+    Prompt shards go to `cache_dir` (default: `toolkit.store.paths.prompt_cache_dir`). Tests pass a fake encoder.
 
     The sections, in order: `start` (checks); `select_populations` (1; the method's prompts, 2);
     `plan_units` and `reusable_runs` (already done?); the method's `load` (3) and `compute` (4); `write_rows`

@@ -22,6 +22,7 @@ from toolkit.improve import pooling, templates
 from toolkit.improve import stage as S
 from toolkit.improve.methods import COUNT_MAX, Method, MethodParams, option
 from toolkit.labels import phrases
+from toolkit.store import db
 from toolkit.store import paths as study_paths
 
 
@@ -233,10 +234,10 @@ def build_prompts(pops, run) -> None:
         )
 
 
-def recompute_command(con, run) -> str:
+def recompute_prompts_command(con, run) -> str:
     """The improve command line of this call with --recompute-prompts (what a damaged prompt shard needs)."""
     p, ctl = run.params, run.control
-    parts = ["clipfail", "--db", S.database_path(con), "improve", "--categories", ",".join(run.categories)]
+    parts = ["improve", "--categories", ",".join(run.categories)]
     parts += ["--run", str(run.rrid), "--pooling", ",".join(p.poolings)]
     parts += ["--tau", f"{p.tau:g}"] if "logsumexp" in p.poolings else []
     parts += ["--template-set", p.template_set, "--template-mode", p.template_mode, "--k", str(p.k)]
@@ -245,7 +246,8 @@ def recompute_command(con, run) -> str:
     parts += ["--include-overlap"] if run.include_overlap else []
     if ctl is not None:
         parts += ["--control", "all" if ctl[0] == "all" else f"successes:{ctl[1]}"]
-    return " ".join(shlex.quote(x) for x in parts + ["--recompute-prompts"])
+    args = " ".join(shlex.quote(x) for x in parts + ["--recompute-prompts"])
+    return f"{db.clipfail_command(con, always=True)} {args}"
 
 
 def _cached_vectors(con, run, have: dict) -> dict[str, np.ndarray]:
@@ -253,7 +255,7 @@ def _cached_vectors(con, run, have: dict) -> dict[str, np.ndarray]:
 
     shard_fix = (
         "Encode this model's cached prompts again (the damaged shard is dropped in the same transaction) with: "
-        + recompute_command(con, run)
+        + recompute_prompts_command(con, run)
     )
     vec: dict[str, np.ndarray] = {}
     for set_id, grp in pd.DataFrame(
@@ -343,7 +345,7 @@ def write_prompt_shard(con, run, m: PromptMatrix, run_id: int, started) -> None:
         con.execute("SELECT text, prompt_id FROM prompts WHERE list_contains(?, text)", [list(new_texts)]).fetchall()
     )
     cache_dir = run.io.cache_dir
-    shard_dir = Path(cache_dir) if cache_dir is not None else S.default_cache_dir(con)
+    shard_dir = Path(cache_dir) if cache_dir is not None else study_paths.prompt_cache_dir(con)
     tag = f"-r{S._sha(started.isoformat())[:8]}" if run.params.recompute_prompts else ""  # never the dropped file
     shard = shard_dir / f"prompts-{S._sha(identity)[:12]}-{S._sha(new_texts)[:16]}{tag}.npy"
     sha = save_array(shard, m.new_arr)

@@ -38,7 +38,7 @@ def _comparison(ctx: Context, cid: int) -> None:
         SELECT k, n_queries, r_at_k_a, r_at_k_b, delta_pp, ci_low_pp, ci_high_pp, mcnemar_p,
                n_fixed, n_broken, n_shared, n_neither,
                retrieval_run_a_id, retrieval_run_b_id, subset, direction, model_a, weights_a, model_b, weights_b,
-               is_same_run
+               is_same_run, is_tie_affected, tie_count, n_tied_queries_a, n_tied_queries_b
         FROM run_comparison WHERE run_comparison_id = ? ORDER BY k
         """,
         [cid],
@@ -52,6 +52,15 @@ def _comparison(ctx: Context, cid: int) -> None:
     page.p(f"Subset {first['subset']}, {first['direction']}, {int(first['n_queries']):,} paired queries.")
     if bool(first["is_same_run"]):
         page.p("A and B are the same run: every delta is zero.", cls="note")
+    if bool(first["is_tie_affected"]):
+        page.p(
+            f"TIES: the ground truth ties with other items for {int(first['n_tied_queries_a']):,} queries in A and "
+            f"{int(first['n_tied_queries_b']):,} in B, and counting them optimistically would move R@K by more than "
+            "0.01 pp. Every figure of this comparison counts them pessimistically (rank + n_tied <= K, both runs), "
+            "so neither run gains from ties (view run_comparison, tie_count; the optimistic figures are its "
+            "r_at_k_a/b_optimistic columns).",
+            cls="banner",
+        )
     cols = ["k", "n_queries", "r_at_k_a", "r_at_k_b", "delta_pp", "ci_low_pp", "ci_high_pp", "mcnemar_p"]
     cols += ["n_fixed", "n_broken", "n_shared", "n_neither"]
     page.table(
@@ -61,7 +70,10 @@ def _comparison(ctx: Context, cid: int) -> None:
         "outcomes (view run_comparison)",
         {"delta_pp": "pp", "ci_low_pp": "pp", "ci_high_pp": "pp", "mcnemar_p": "p"},
     )
-    pairs = con.execute("SELECT rank_a, rank_b FROM run_pairs WHERE run_comparison_id = ?", [cid]).df()
+    ranks = (
+        "rank_a_pessimistic AS rank_a, rank_b_pessimistic AS rank_b" if first["is_tie_affected"] else "rank_a, rank_b"
+    )
+    pairs = con.execute(f"SELECT {ranks} FROM run_pairs WHERE run_comparison_id = ?", [cid]).df()  # what it counts
     from toolkit.report.figures import fixed_broken_shared_chart, rank_scatter
 
     num = page.next_figure()

@@ -31,10 +31,11 @@ def render(ctx: Context) -> None:
         else pd.DataFrame()
     )
     if df.empty:
+        from toolkit.improve.methods import names
+
         page.p(
             "No improvement run yet. Compare the fixes with, e.g.: clipfail improve --categories Object,Attribute "
-            "--method qb-norm --control successes:200 (methods: templates, inverted-softmax, qb-norm, "
-            "query-expansion).",
+            f"--method qb-norm --control successes:200 (methods: {', '.join(names())}).",
             cls="missing",
         )
         missing.append("method comparison: clipfail improve --method ...")
@@ -46,7 +47,9 @@ def render(ctx: Context) -> None:
         "rank 1 is the method with the largest R@1 gain there (counted pessimistically for a run whose ties "
         "would otherwise decide it: no method gains from ties); deltas are pp with the paired bootstrap 95% "
         "interval and the exact McNemar p; the share of R@1 successes broken comes from the method's control "
-        "run (blank without one; a gain on failures alone is biased upward). Values from view method_comparison." + flag
+        "run (blank without one; a gain on failures alone is biased upward). Values from view method_comparison."
+        + _plugin_note(df)
+        + flag
     )
     tie_banner(ctx, "population = 'failures'")
     overlap = df[df["is_bank_overlap"]]
@@ -95,3 +98,19 @@ def render(ctx: Context) -> None:
             ),
             f"Figure {num}. {name}: baseline and improved R@1/5/10 per method.{flag}",
         )
+
+
+BUILTIN = {"templates", "inverted-softmax", "qb-norm", "query-expansion", "templates+inverted-softmax",
+           "templates+qb-norm"}  # fmt: skip
+
+
+def _plugin_note(df: pd.DataFrame) -> str:
+    """A sentence naming the methods on the page that are not clipfail's own (plugins, entry-point group
+    clipfail.methods); empty when there are none."""
+    other = sorted({str(m) for m in df["method"].dropna()} - BUILTIN)
+    if not other:
+        return ""
+    return (
+        f" Also here: {', '.join(other)}, improvement method(s) added by a plugin (entry-point group "
+        "clipfail.methods): see that package's documentation for what they do."
+    )
