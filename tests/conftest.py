@@ -127,3 +127,21 @@ def labelled_study(labelled_study_master, tmp_path):
     dest = tmp_path / "labelled"
     shutil.copytree(root, dest)
     return dest / path.name, dest
+
+
+@pytest.fixture(scope="session")
+def ingested12_master(synthetic_coco_master, tmp_path_factory):
+    """The 40-image generated dataset in coco/ and test.duckdb beside it with its first 12 images ingested as s12."""
+    root = tmp_path_factory.mktemp("ingested12")
+    shutil.copytree(synthetic_coco_master, root / "coco")
+    _cli_ok("--db", root / "test.duckdb", "ingest", "--coco-root", root / "coco", "--num-images", 12, "--name", "s12")
+    return root
+
+
+@pytest.fixture
+def ingested12(ingested12_master, tmp_path):
+    """A private copy of ingested12_master as tmp_path/coco and tmp_path/test.duckdb (the layout of synthetic_coco
+    and tmp_db: the images lie under the database's folder, stored relative); returns the database's path."""
+    shutil.copytree(ingested12_master / "coco", tmp_path / "coco")
+    shutil.copy(ingested12_master / "test.duckdb", tmp_path / "test.duckdb")
+    return str(tmp_path / "test.duckdb")
