@@ -10,11 +10,12 @@ from __future__ import annotations
 import base64
 import io
 import re
+import shutil
 from html import unescape
 
 import pandas as pd
 import pytest
-from helpers import build_labelled_study, fake_text_encoder
+from helpers import fake_text_encoder
 from PIL import Image
 
 from toolkit.improve.stage import improve
@@ -23,11 +24,11 @@ from toolkit.store.study import open_study
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(labelled_study_master, tmp_path_factory):
     root = tmp_path_factory.mktemp("report_study")
+    shutil.copytree(labelled_study_master[1], root, dirs_exist_ok=True)  # build_labelled_study's, made once
     path = root / "study.duckdb"
     con = open_study(path)
-    build_labelled_study(con, root)
     kw = dict(poolings="all", encoder=fake_text_encoder, cache_dir=root / "cache")
     improve(con, "Object", control="successes:20", **kw)
     improve(con, "Attribute", **kw)
