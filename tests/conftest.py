@@ -15,6 +15,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = ("pytester",)  # tests/test_suite_honesty.py runs pytest on small test files
 
 
+# The files that take longest, collected first: under pytest-xdist (`--dist loadfile` in pyproject.toml) each file
+# runs whole on one worker, in collection order, and a long file started last would be the whole suite's tail.
+SLOW_FILES_FIRST = ("test_ray_engine.py", "test_demo.py", "test_embed_speed.py", "test_hubness.py", "test_compare.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES_FIRST)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def synthetic_coco_master(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco_master")
