@@ -15,6 +15,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = ("pytester",)  # tests/test_suite_honesty.py runs pytest on small test files
 
 
+# The files that take longest, collected first: under pytest-xdist (`--dist loadfile` in pyproject.toml) each file
+# runs whole on one worker, in collection order, and a long file started last would be the whole suite's tail.
+SLOW_FILES_FIRST = ("test_ray_engine.py", "test_demo.py", "test_embed_speed.py", "test_hubness.py", "test_compare.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES_FIRST)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def synthetic_coco_master(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco_master")
@@ -52,3 +62,96 @@ def run_cli():
         return result
 
     return _run
+
+
+def _cli_ok(*args) -> None:
+    """Run the real CLI in-process for a fixture; fail loudly if it does not exit 0."""
+    from cli import cli
+
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.fixture(scope="session")
+def ranked_db_master(synthetic_coco_master, tmp_path_factory):
+    """A 30-image subset and one hand-made text-to-image retrieval run (helpers.make_retrieval_run): no model runs."""
+    from helpers import make_retrieval_run
+
+    from toolkit.store.study import open_study
+
+    path = tmp_path_factory.mktemp("ranked_base") / "base.duckdb"
+    _cli_ok("--db", path, "ingest", "--coco-root", synthetic_coco_master, "--num-images", 30)
+    con = open_study(path)
+    make_retrieval_run(con, con.execute("SELECT subset_id FROM subsets").fetchone()[0], seed=0)
+    con.close()
+    return path
+
+
+@pytest.fixture
+def ranked_db(ranked_db_master, tmp_path):
+    """A private copy of ranked_db_master (its images stay where they are: stored absolute)."""
+    dest = tmp_path / "db.duckdb"
+    shutil.copy(ranked_db_master, dest)
+    return str(dest)
+
+
+@pytest.fixture(scope="session")
+def study_db_master(tmp_path_factory):
+    """A database with one ingested subset (5 images of a 12-image generated dataset, seed 3), made once."""
+    root = tmp_path_factory.mktemp("study_db_base")
+    make_synthetic_coco(root / "coco", 12, seed=3)
+    db_path = root / "base.duckdb"
+    _cli_ok("--db", db_path, "ingest", "--coco-root", root / "coco", "--num-images", 5)
+    return db_path
+
+
+@pytest.fixture
+def study_db(study_db_master, tmp_path):
+    """A private copy of study_db_master."""
+    dest = tmp_path / "study.duckdb"
+    shutil.copy(study_db_master, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def labelled_study_master(tmp_path_factory):
+    """A labelled study, no improve run yet (helpers.build_labelled_study), made once: (database path, root)."""
+    from helpers import build_labelled_study
+
+    from toolkit.store.study import open_study
+
+    root = tmp_path_factory.mktemp("labelled_study")
+    path = root / "study.duckdb"
+    con = open_study(path)
+    try:
+        build_labelled_study(con, root)
+    finally:
+        con.close()
+    return path, root
+
+
+@pytest.fixture
+def labelled_study(labelled_study_master, tmp_path):
+    """A private copy of the labelled study's folder (its paths are stored relative): (database path, root)."""
+    path, root = labelled_study_master
+    dest = tmp_path / "labelled"
+    shutil.copytree(root, dest)
+    return dest / path.name, dest
+
+
+@pytest.fixture(scope="session")
+def ingested12_master(synthetic_coco_master, tmp_path_factory):
+    """The 40-image generated dataset in coco/ and test.duckdb beside it with its first 12 images ingested as s12."""
+    root = tmp_path_factory.mktemp("ingested12")
+    shutil.copytree(synthetic_coco_master, root / "coco")
+    _cli_ok("--db", root / "test.duckdb", "ingest", "--coco-root", root / "coco", "--num-images", 12, "--name", "s12")
+    return root
+
+
+@pytest.fixture
+def ingested12(ingested12_master, tmp_path):
+    """A private copy of ingested12_master as tmp_path/coco and tmp_path/test.duckdb (the layout of synthetic_coco
+    and tmp_db: the images lie under the database's folder, stored relative); returns the database's path."""
+    shutil.copytree(ingested12_master / "coco", tmp_path / "coco")
+    shutil.copy(ingested12_master / "test.duckdb", tmp_path / "test.duckdb")
+    return str(tmp_path / "test.duckdb")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import importlib
+import io
 import os
 from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from toolkit.store import artifacts, db
@@ -27,6 +30,54 @@ def register_hand_built(
             precision="fp32", config=cfg, path=path, array=array,
             item_ids=np.asarray(item_ids, dtype=np.int64), sha256=sha, run_id=run_id,
         )  # fmt: skip
+
+
+def make_retrieval_run(con, subset_id: int, seed: int = 0, direction: str = "text-to-image", topk: int = 10) -> int:
+    """A self-consistent retrieval run: each caption gets a seeded gt rank, top-k lists agree with it."""
+    rng = np.random.default_rng(seed)
+    caps = con.execute(
+        "SELECT caption_id, image_id FROM subset_captions WHERE subset_id = ? ORDER BY caption_id", [subset_id]
+    ).df()
+    image_ids = [
+        r[0]
+        for r in con.execute(
+            "SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [subset_id]
+        ).fetchall()
+    ]
+    m = len(image_ids)
+    rows = []
+    for cap, gt in zip(caps["caption_id"], caps["image_id"]):
+        rank = int(rng.integers(1, m + 1)) if rng.random() < 0.8 else 1
+        others = [i for i in rng.permutation(image_ids).tolist() if i != gt]
+        order = others[: rank - 1] + [gt] + others[rank - 1 :]
+        scores = [round(0.6 - 0.01 * k, 4) for k in range(m)]
+        rows.append(
+            {
+                "query_id": int(cap),
+                "gt_id": int(gt),
+                "gt_rank": rank,
+                "n_tied": 0,
+                "gt_score": scores[rank - 1],
+                "top1_id": int(order[0]),
+                "top1_score": scores[0],
+                "topk_ids": [int(x) for x in order[:topk]],
+                "topk_scores": scores[:topk],
+            }
+        )
+    with db.transaction(con):
+        rrid = con.execute(
+            """
+            INSERT INTO retrieval_runs (subset_id, model, text_embedding_set_id, image_embedding_set_id, direction,
+                                        tie_policy, topk, config_hash, created_at, run_id)
+            VALUES (?, 'hand-made', 0, 0, ?, 'optimistic', ?, ?, now(), 0)
+            RETURNING retrieval_run_id
+            """,
+            [subset_id, direction, topk, f"test-{seed}-{direction}"],
+        ).fetchone()[0]
+        df = pd.DataFrame(rows)
+        df.insert(0, "retrieval_run_id", rrid)
+        db.insert_df(con, "retrieval_ranks", df)
+    return int(rrid)
 
 
 def fake_text_encoder(texts) -> np.ndarray:
@@ -87,6 +138,48 @@ def assert_one_message(res, *needles, code: int = 2) -> None:
     assert [line.startswith("Error:") for line in res.output.splitlines()].count(True) == 1, res.output
     for needle in needles:
         assert needle in res.output, (needle, res.output)
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under folder (hidden ones too) and its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def label_all(path: Path, label: str) -> None:
+    """Fill the category column of every row of an exported assign_*.csv with `label`, saved as a spreadsheet would."""
+    rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"), newline="")))
+    header, rows = rows[0], rows[1:]
+    for row in rows:
+        row[header.index("category")] = label
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\r\n").writerows([header, *rows])
+    path.write_text(buf.getvalue(), encoding="utf-8-sig")
+
+
+def snapshot(db_path) -> dict[str, list]:
+    """Every base table's rows, sorted: what a refused command must leave exactly as it was."""
+    import duckdb
+
+    con = duckdb.connect(str(db_path), read_only=True)
+    try:
+        tables = [
+            r[0]
+            for r in con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' ORDER BY 1"
+            ).fetchall()
+        ]
+        return {t: sorted(map(repr, con.execute(f'SELECT * FROM "{t}"').fetchall())) for t in tables}
+    finally:
+        con.close()
+
+
+def refused(run_cli, db_path, *args, needles=()):
+    """Run a command that must be refused; check status 2, no traceback, the needles, and unchanged tables."""
+    before = snapshot(db_path)
+    res = run_cli("--db", db_path, *args, expect=2)
+    assert_one_message(res, *needles)
+    assert snapshot(db_path) == before
+    return res
 
 
 def in_ci() -> bool:

@@ -12,6 +12,7 @@ import csv
 import io
 import os
 import random
+import re
 import shutil
 import stat
 from fractions import Fraction
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import label_all
 from PIL import Image
 
 from toolkit.store import db
@@ -913,3 +915,33 @@ def test_analyze_with_overlap_labels_only(study, tmp_path):
     ag = pd.read_csv(tmp_path / "an" / "annotator_agreement.csv")
     assert ag["n_items"].tolist() == [30, 30] and ag["n_agree"].tolist() == [30, 30]
     assert ag["kappa"].isna().all()  # p_e = 1: kappa is undefined, not 1 and not 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 11: a file given twice has a sentence of its own. On ranked_db
+# (conftest.py).
+
+
+def test_a_file_given_twice_has_a_sentence_of_its_own(run_cli, ranked_db, tmp_path):
+    out = tmp_path / "fa"
+    run_cli(
+        "--db",
+        ranked_db,
+        "sample-failures",
+        "--out",
+        out,
+        "--n",
+        40,
+        "--overlap",
+        10,
+        "--per-annotator",
+        8,
+        "--annotators",
+        "A,B,C",
+        "--no-pictures",
+    )
+    label_all(out / "assign_A.csv", "Object")
+    res = run_cli("--db", ranked_db, "import-labels", out / "assign_A.csv", out / "assign_A.csv", expect=2)
+    assert "given twice Nothing" not in res.output
+    assert re.search(r"given twice; give each file once\. Nothing was imported\.", res.output), res.output
+    assert table(ranked_db, "SELECT count(*) AS n FROM annotations")["n"][0] == 0

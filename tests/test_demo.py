@@ -254,3 +254,71 @@ def test_the_readmes_example_queries_run_on_the_demo(demo):
     with open_study(out / "demo.duckdb", read_only=True) as con:
         for query in queries:
             assert not run_query(con, query).empty, query
+
+
+# ----------------------------------------------------------------------------- the demo folder: reused, moved, refused
+
+
+def rows(db_path, sql, params=()):
+    con = open_study(db_path, read_only=True)
+    try:
+        return con.execute(sql, list(params)).fetchall()
+    finally:
+        con.close()
+
+
+def test_demo_in_a_copied_folder_reuses_every_stage(demo, run_cli, tmp_path):
+    out = tmp_path / "demo"  # a copy of the module's demo, as it was written (not the files the tests above added)
+    shutil.copytree(demo[0], out, ignore=shutil.ignore_patterns("report_check.html", "screenshot.png"))
+    dbp = out / "demo.duckdb"
+    counts = "SELECT (SELECT count(*) FROM embedding_sets), (SELECT count(*) FROM improvement_runs), " \
+        "(SELECT count(*) FROM retrieval_runs), (SELECT count(*) FROM annotations)"  # fmt: skip
+    stages = "SELECT stage, count(*) FROM runs WHERE stage <> 'report' GROUP BY stage ORDER BY stage"
+    before = rows(dbp, counts), rows(dbp, stages)
+    copy = tmp_path / "moved"
+    shutil.copytree(out, copy)
+    shutil.rmtree(out)
+
+    res = run_cli("demo", "--out", copy, "--no-pictures")
+    assert "Report:" in res.output
+    cdb = copy / "demo.duckdb"
+    assert (rows(cdb, counts), rows(cdb, stages)) == before  # nothing embedded, ranked, improved or labelled again
+    status = run_cli("--db", cdb, "status").output
+    assert "MISSING" not in status
+    # new prompts are encoded with the checkpoint recorded (relative to the folder) with the text embeddings
+    assert rows(cdb, "SELECT DISTINCT json_extract_string(config_json, '$.checkpoint') FROM embedding_sets "
+                     "WHERE kind = 'text'") == [("model/tiny-clip-random.safetensors",)]  # fmt: skip
+    n_prompt_sets = rows(cdb, "SELECT count(*) FROM embedding_sets WHERE kind = 'prompt'")[0][0]
+    cat = rows(
+        cdb,
+        "SELECT s.category FROM sample_labels s JOIN categories c ON c.name = s.category WHERE c.is_actionable "
+        "AND s.category NOT IN (SELECT categories FROM improvement_runs) GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1",
+    )[0][0]
+    run_cli("--db", cdb, "improve", "--categories", cat, "--pooling", "max", "--device", "cpu")
+    assert rows(cdb, "SELECT count(*) FROM embedding_sets WHERE kind = 'prompt'")[0][0] == n_prompt_sets + 1
+
+
+def test_demo_refuses_a_folder_made_with_another_seed_or_size(run_cli, tmp_path, monkeypatch):
+    """`clipfail demo --seed 1` in a folder made with --seed 0 reused its data, model and simulated labels and printed
+    the seed-0 numbers as if they were seed 1's (measured: identical R@K and report). The folder now records its
+    settings and another --seed or --images is refused before anything is reused; the same settings go on.
+    (The generator is stopped by the test so that no model is built: the check comes first.)"""
+    import toolkit.ingest.synthetic
+    from toolkit.errors import UserError
+
+    calls = []
+
+    def stop(dest, n_images, seed=0):
+        calls.append((n_images, seed))
+        raise UserError("stopped here by the test")
+
+    monkeypatch.setattr(toolkit.ingest.synthetic, "make_synthetic_coco", stop)
+    out = tmp_path / "demo"
+    res = run_cli("demo", "--out", out, "--seed", 0, "--no-pictures", expect=2)
+    assert "stopped here" in res.output and calls == [(100, 0)]
+    res = run_cli("demo", "--out", out, "--seed", 1, "--no-pictures", expect=2)
+    assert "--seed 0 --images 100" in res.output and "--seed 1" in res.output and len(calls) == 1
+    res = run_cli("demo", "--out", out, "--images", 60, "--no-pictures", expect=2)
+    assert "--images 60" in res.output and len(calls) == 1
+    res = run_cli("demo", "--out", out, "--no-pictures", expect=2)  # the same settings (the defaults) go on
+    assert "stopped here" in res.output and calls == [(100, 0), (100, 0)]

@@ -32,12 +32,12 @@ SMALL = {"image": 4, "text": 20}  # 12 images -> 3 image shards; ~60 captions ->
 
 
 @pytest.fixture
-def ingested(synthetic_coco, tmp_db, run_cli, monkeypatch):
+def ingested(ingested12, monkeypatch):
+    """conftest's ingested12 (s12: 12 images ingested, copied from a study made once), cut into SMALL shards."""
     from toolkit.embed import stage as embed_mod
 
     monkeypatch.setattr(embed_mod, "SHARD_ROWS", SMALL)
-    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 12, "--name", "s12")
-    return tmp_db
+    return ingested12
 
 
 @pytest.fixture(scope="module")

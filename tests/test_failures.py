@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import register_hand_built
+from helpers import folder_bytes, make_retrieval_run, register_hand_built
 from PIL import Image
 
 from toolkit.labels.sample import ASSIGN_COLUMNS, PICTURE_SIZE, SAMPLE_COLUMNS, PictureRenderer, _font, wrap_to_width
@@ -41,54 +41,6 @@ HOSTILE = [
 ]
 N_CAPTIONS = None  # filled by the base fixture
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_retrieval_run(con, subset_id: int, seed: int = 0, direction: str = "text-to-image", topk: int = 10) -> int:
-    """A self-consistent retrieval run: each caption gets a seeded gt rank, top-k lists agree with it."""
-    rng = np.random.default_rng(seed)
-    caps = con.execute(
-        "SELECT caption_id, image_id FROM subset_captions WHERE subset_id = ? ORDER BY caption_id", [subset_id]
-    ).df()
-    image_ids = [
-        r[0]
-        for r in con.execute(
-            "SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [subset_id]
-        ).fetchall()
-    ]
-    m = len(image_ids)
-    rows = []
-    for cap, gt in zip(caps["caption_id"], caps["image_id"]):
-        rank = int(rng.integers(1, m + 1)) if rng.random() < 0.8 else 1
-        others = [i for i in rng.permutation(image_ids).tolist() if i != gt]
-        order = others[: rank - 1] + [gt] + others[rank - 1 :]
-        scores = [round(0.6 - 0.01 * k, 4) for k in range(m)]
-        rows.append(
-            {
-                "query_id": int(cap),
-                "gt_id": int(gt),
-                "gt_rank": rank,
-                "n_tied": 0,
-                "gt_score": scores[rank - 1],
-                "top1_id": int(order[0]),
-                "top1_score": scores[0],
-                "topk_ids": [int(x) for x in order[:topk]],
-                "topk_scores": scores[:topk],
-            }
-        )
-    with db.transaction(con):
-        rrid = con.execute(
-            """
-            INSERT INTO retrieval_runs (subset_id, model, text_embedding_set_id, image_embedding_set_id, direction,
-                                        tie_policy, topk, config_hash, created_at, run_id)
-            VALUES (?, 'hand-made', 0, 0, ?, 'optimistic', ?, ?, now(), 0)
-            RETURNING retrieval_run_id
-            """,
-            [subset_id, direction, topk, f"test-{seed}-{direction}"],
-        ).fetchone()[0]
-        df = pd.DataFrame(rows)
-        df.insert(0, "retrieval_run_id", rrid)
-        db.insert_df(con, "retrieval_ranks", df)
-    return int(rrid)
 
 
 @pytest.fixture(scope="module")
@@ -608,3 +560,183 @@ def test_end_to_end_from_evaluate(run_cli, synthetic_coco, tmp_db, tmp_path):
     assert got.groupby("set_name").size().to_dict() == {"overlap": 5, "A": 6, "B": 6, "backup": 3}
     for sid_ in got["sample_id"]:
         assert (out / f"vis_{sid_}.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 11, data safety: a re-run never writes over labels, whatever header spelling import-labels reads;
+# --replace into a folder that cannot be written changes nothing. On ranked_db (conftest.py: 30 images and
+# a hand-made run, plain captions).
+
+SMALL_QUIET = [*SMALL, "--no-pictures"]
+
+
+def export_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"), newline="")))
+    return rows[0], rows[1:]
+
+
+def resave(path: Path, edit, *, rename=None, delimiter=",", encoding="utf-8-sig", extra=None) -> bytes:
+    """Re-save an export as a spreadsheet would, after edit(header, row) filled something in.
+    rename: header spellings; extra: (column name, value for the first row) appended."""
+    header, rows = export_rows(path)
+    for row in rows:
+        edit(header, row)
+    header = [(rename or {}).get(h, h) for h in header]
+    if extra:
+        header.append(extra[0])
+        rows = [r + [extra[1] if i == 0 else ""] for i, r in enumerate(rows)]
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter=delimiter, lineterminator="\r\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    data = buf.getvalue().encode(encoding)
+    path.write_bytes(data)
+    return data
+
+
+def first_row(column: str, value: str):
+    """An edit that fills `column` of the first row only."""
+    done = []
+
+    def edit(header, row):
+        if not done:
+            row[header.index(column)] = value
+            done.append(1)
+
+    return edit
+
+
+def test_rerun_keeps_labels_in_every_header_spelling_that_import_labels_reads(run_cli, ranked_db, tmp_path):
+    out = tmp_path / "fa"
+    run_cli("--db", ranked_db, "sample-failures", "--out", out, *SMALL_QUIET)
+    edited = {
+        # Excel capitalised the header
+        "assign_A.csv": resave(out / "assign_A.csv", first_row("category", "Object"), rename={"category": "Category"}),
+        # 'label' (an accepted spelling), ';' separators, no BOM, and a primary; secondary label
+        "assign_B.csv": resave(
+            out / "assign_B.csv",
+            first_row("category", "Object; Attribute"),
+            rename={"category": "label"},
+            delimiter=";",
+            encoding="utf-8",
+        ),
+        # only a note, under the accepted spelling 'Comments'
+        "assign_C.csv": resave(out / "assign_C.csv", first_row("notes", "two dogs?"), rename={"notes": "Comments"}),
+        # a column the export does not write, filled in by the annotator
+        "assign_overlap.csv": resave(out / "assign_overlap.csv", lambda h, r: None, extra=("my remarks", "unsure")),
+        # "Unicode text" from Excel: UTF-16, tab-separated, header 'LABEL'
+        "assign_backup.csv": resave(
+            out / "assign_backup.csv",
+            first_row("category", "Count"),
+            rename={"category": "LABEL"},
+            delimiter="\t",
+            encoding="utf-16",
+        ),
+    }
+    res = run_cli("--db", ranked_db, "sample-failures", "--out", out, *SMALL_QUIET)
+    assert "kept as they were" in res.output
+    for name, data in edited.items():
+        assert name in res.output.split("kept as they were")[1]
+        assert (out / name).read_bytes() == data, f"{name} was written over"
+
+    # A new sample would overwrite them: refused before the database or any file changes.
+    before = snapshot(ranked_db)
+    res = run_cli("--db", ranked_db, "sample-failures", "--out", out, *SMALL_QUIET, "--seed", 5, "--replace", expect=2)
+    assert "filled-in labels" in res.output and "5 in all" in res.output
+    assert_unchanged(ranked_db, before)
+    for name, data in edited.items():
+        assert (out / name).read_bytes() == data
+
+    # import-labels reads the same files the same way (the detection is its header matching).
+    res = run_cli("--db", ranked_db, "import-labels", out / "assign_A.csv", out / "assign_B.csv")
+    assert "Imported 2 labels" in res.output
+
+
+def test_a_file_that_cannot_be_read_is_not_written_over(run_cli, ranked_db, tmp_path):
+    out = tmp_path / "fa"
+    run_cli("--db", ranked_db, "sample-failures", "--out", out, *SMALL_QUIET)
+    # a workbook saved under the CSV's name: cannot be checked for labels, so it is left alone
+    workbook = b"PK\x03\x04" + bytes(range(256)) * 4
+    (out / "assign_A.csv").write_bytes(workbook)
+    # a file whose header lost its sample_id column
+    (out / "assign_B.csv").write_text("Category,notes\r\nObject,\r\n", encoding="utf-8")
+    for name in ("assign_A.csv", "assign_B.csv"):
+        data = (out / name).read_bytes()
+        before = snapshot(ranked_db)
+        res = run_cli("--db", ranked_db, "sample-failures", "--out", out, *SMALL_QUIET, expect=2)
+        assert name in res.output and "cannot be read to check that it holds no labels" in res.output
+        assert_unchanged(ranked_db, before)
+        assert (out / name).read_bytes() == data
+        (out / name).unlink()  # moved away, as the message says: the next file is checked next
+    res = run_cli("--db", ranked_db, "sample-failures", "--out", out, *SMALL_QUIET)
+    assert (out / "assign_A.csv").read_bytes().startswith(b"\xef\xbb\xbfsample_id,")
+    # an empty file holds nothing and is simply written again
+    (out / "assign_C.csv").write_bytes(b"")
+    run_cli("--db", ranked_db, "sample-failures", "--out", out, *SMALL_QUIET)
+    assert (out / "assign_C.csv").stat().st_size > 100
+
+
+def test_rerunning_run_keeps_labels_saved_under_another_header_spelling(run_cli, tmp_db, tmp_path, synthetic_coco):
+    from toolkit.embed.models import TINY_CONFIG, save_random_checkpoint
+
+    ckpt = tmp_path / "tiny.safetensors"
+    save_random_checkpoint(ckpt, spec=TINY_CONFIG, seed=1)
+    out = tmp_path / "fa"
+    cmd = ["--db", tmp_db, "run", "--coco-root", synthetic_coco, "--num-images", 20, "--model", TINY_CONFIG]
+    cmd += ["--checkpoint", ckpt, "--device", "cpu", "--n", 20, "--overlap", 4, "--per-annotator", 6]
+    cmd += ["--annotators", "A,B", "--out", out, "--no-pictures"]
+    run_cli(*cmd)
+    data = resave(out / "assign_A.csv", first_row("category", "Object"), rename={"category": "label"})
+    res = run_cli(*cmd)
+    assert (out / "assign_A.csv").read_bytes() == data
+    assert [line.split()[1] for line in res.output.splitlines()[1:5]] == ["already"] * 4
+
+
+def test_replace_into_an_unwritable_out_changes_nothing(run_cli, ranked_db, tmp_path):
+    out = tmp_path / "fa"
+    run_cli("--db", ranked_db, "sample-failures", "--out", out, *SMALL_QUIET)
+    files = folder_bytes(out)
+    before = snapshot(ranked_db)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    for bad in (blocker, blocker / "sub"):  # a file, and a folder under a file (root can write anywhere else)
+        res = run_cli(
+            "--db", ranked_db, "sample-failures", "--out", bad, *SMALL_QUIET, "--seed", 5, "--replace", expect=2
+        )
+        assert str(bad) in res.output and "Traceback" not in res.output
+        assert_unchanged(ranked_db, before)
+    assert folder_bytes(out) == files
+    assert blocker.read_text() == "x"
+
+
+def test_replace_that_fails_while_writing_rolls_back(run_cli, ranked_db, tmp_path, monkeypatch):
+    out = tmp_path / "fa"
+    run_cli("--db", ranked_db, "sample-failures", "--out", out, *SMALL_QUIET)
+    files = folder_bytes(out)
+    before = snapshot(ranked_db)
+
+    from toolkit.labels import sample as failures
+
+    calls = []
+    real_render = failures.PictureRenderer.render
+
+    def render(self, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_render(self, **kw)
+
+    monkeypatch.setattr(failures.PictureRenderer, "render", render)
+    args = ["--n", 12, "--overlap", 3, "--per-annotator", 3, "--annotators", "A,B,C"]
+    res = run_cli("--db", ranked_db, "sample-failures", "--out", out, *args, "--seed", 5, "--replace", expect=2)
+    assert "No space left on device" in res.output and "earlier sample" in res.output
+    assert_unchanged(ranked_db, before)  # the new sample was not committed
+    assert folder_bytes(out) == files  # no new CSV, no picture, no staging folder left behind
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+    monkeypatch.setattr(failures.PictureRenderer, "render", real_render)
+    res = run_cli("--db", ranked_db, "sample-failures", "--out", out, *args, "--seed", 5, "--replace")
+    ids = table(ranked_db, "SELECT sample_id FROM failure_samples ORDER BY 1")["sample_id"].tolist()
+    assert sorted(p.name for p in out.glob("vis_*.png")) == sorted(f"vis_{i}.png" for i in ids)
+    header, rows = export_rows(out / "failure_samples.csv")
+    assert sorted(int(r[0]) for r in rows) == ids

@@ -103,3 +103,27 @@ def test_graph_covers_the_project():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# --------------------------------------------------------------- one copy of each helper, no leftover aliases
+
+
+def test_one_sha256_file():
+    """models and outdir each had their own copy of paths.sha256_file after the merges."""
+    from toolkit.embed import models
+    from toolkit.report import outdir
+    from toolkit.store import artifacts, paths
+
+    assert models.sha256_file is paths.sha256_file
+    assert outdir.sha256_file is paths.sha256_file
+    assert artifacts.sha256_file is paths.sha256_file
+    assert not hasattr(outdir, "_sha256")
+
+
+def test_no_leftover_aliases():
+    """coco.load_karpathy (ingest calls load_karpathy_dataset now) and embed.embed_subset were called by nothing."""
+    from toolkit.embed import stage as embed
+    from toolkit.ingest import coco
+
+    assert not hasattr(coco, "load_karpathy") and hasattr(coco, "load_karpathy_dataset")
+    assert not hasattr(embed, "embed_subset")

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
+import zlib
+from pathlib import Path
 
 import duckdb
 import numpy as np
 import pytest
-from helpers import assert_one_message
+from helpers import assert_one_message, refused, snapshot
 
 from schema import SCHEMA_VERSION, metadata
 
@@ -384,3 +387,203 @@ def test_make_synthetic_coco_looks_like_coco(run_cli, tmp_path):
     assert all(5 <= n <= 7 for n in per.values())
     for im in data["images"]:
         assert (tmp_path / "c" / "val2017" / im["file_name"]).exists()
+
+
+# ---------------------------------------------------------------- issue 11 (findings 14, 16): malformed JSON values
+# Every refusal: exit status 2, one clean message that names the record, no traceback, and the database's tables
+# exactly as they were (helpers.refused). study_db: conftest.py's 5-image study.
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _mutate(root: Path, fn) -> None:
+    data = json.loads(_ann(root).read_text())
+    fn(data)
+    _ann(root).write_text(json.dumps(data), encoding="utf-8")
+
+
+def _set(section: str, index: int, key: str, value):
+    def fn(data):
+        data[section][index][key] = value
+
+    return fn
+
+
+MALFORMED = {
+    "image id string": (_set("images", 2, "id", "abc"), ["images[2]", "id 'abc'", "whole number"]),
+    "image id null": (_set("images", 2, "id", None), ["images[2]", "id None"]),
+    "image id 2**70": (_set("images", 2, "id", 2**70), ["images[2]", str(2**70), "2^63-1"]),
+    "image id list": (_set("images", 2, "id", [1]), ["images[2]", "id [1]"]),
+    "image id fractional": (_set("images", 2, "id", 1000.5), ["images[2]", "1000.5", "whole number"]),
+    "caption id fractional": (_set("annotations", 4, "id", 1.5), ["annotations[4]", "id 1.5", "whole number"]),
+    "caption image_id fractional": (_set("annotations", 4, "image_id", 1000.5), ["annotations[4]", "image_id 1000.5"]),
+    "caption id true": (_set("annotations", 4, "id", True), ["annotations[4]", "id True"]),
+    "width string": (_set("images", 3, "width", "wide"), ["images[3]", "width 'wide'"]),
+    "width 1e12": (_set("images", 3, "width", 1e12), ["images[3]", "width 1000000000000.0", "2^31-1"]),
+    "height negative": (_set("images", 3, "height", -5), ["images[3]", "height -5"]),
+    "lone surrogate": (_set("annotations", 6, "caption", "a dog \ud800 on grass"), ["annotations[6]", "surrogate"]),
+    "lone surrogate in file_name": (_set("images", 1, "file_name", "x\udc80.jpg"), ["images[1]", "surrogate"]),
+    "empty caption": (_set("annotations", 7, "caption", ""), ["annotations[7]", "empty", "refused"]),
+    "whitespace caption": (_set("annotations", 7, "caption", " \t\n "), ["annotations[7]", "empty"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_json_values_are_refused_naming_the_record(run_cli, study_db, synthetic_coco, case):
+    mutate, needles = MALFORMED[case]
+    _mutate(synthetic_coco, mutate)
+    refused(
+        run_cli,
+        study_db,
+        "ingest",
+        "--coco-root",
+        synthetic_coco,
+        "--num-images",
+        "all",
+        "--name",
+        "x",
+        needles=needles,
+    )
+
+
+def test_every_bad_record_is_listed_in_one_message(run_cli, study_db, synthetic_coco):
+    def fn(data):
+        data["images"][0]["id"] = "abc"
+        data["annotations"][1]["caption"] = "   "
+        data["annotations"][2]["id"] = 2.5
+
+    _mutate(synthetic_coco, fn)
+    res = refused(run_cli, study_db, "ingest", "--coco-root", synthetic_coco, "--name", "x")
+    for needle in ("images[0]", "annotations[1]", "annotations[2]"):
+        assert needle in res.output
+
+
+def test_deeply_nested_json_is_refused(run_cli, study_db, synthetic_coco):
+    depth = 100_000
+    _ann(synthetic_coco).write_text('{"images": ' + "[" * depth + "]" * depth + "}", encoding="utf-8")
+    refused(run_cli, study_db, "ingest", "--coco-root", synthetic_coco, "--name", "x", needles=["nested too deeply"])
+
+
+def test_integer_with_too_many_digits_is_refused(run_cli, study_db, synthetic_coco):
+    _ann(synthetic_coco).write_text('{"images": [{"id": ' + "9" * 5000 + "}]}", encoding="utf-8")
+    refused(run_cli, study_db, "ingest", "--coco-root", synthetic_coco, "--name", "x", needles=["cannot be read"])
+
+
+def _karpathy(path: Path, images: list[dict]) -> None:
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "image, needles",
+    [
+        ({"cocoid": 7.5}, ["images[1]", "cocoid 7.5"]),
+        ({"cocoid": "7"}, ["images[1]", "cocoid '7'"]),
+        ({"sentences": [{"sentid": 2**64, "raw": "a cat"}]}, ["images[1]", "sentences[0]", "sentid"]),
+        ({"sentences": [{"sentid": 11, "raw": "  "}]}, ["images[1]", "sentences[0]", "empty"]),
+        ({"sentences": [{"sentid": 11, "raw": 5}]}, ["images[1]", "raw 5"]),
+    ],
+)
+def test_karpathy_records_are_validated(run_cli, study_db, synthetic_coco, tmp_path, image, needles):
+    files = sorted(p.name for p in (synthetic_coco / "val2017").glob("*.jpg"))
+    good = [
+        {
+            "filepath": "val2017",
+            "filename": files[i],
+            "cocoid": 1000 + i,
+            "split": "test",
+            "sentences": [{"sentid": 10 + i, "raw": "a red circle"}],
+        }
+        for i in range(2)
+    ]
+    good[1].update(image)
+    karpathy = tmp_path / "dataset_coco.json"
+    _karpathy(karpathy, good)
+    refused(
+        run_cli, study_db, "ingest", "--karpathy-json", karpathy, "--images-dir", synthetic_coco, "--num-images", "all",
+        needles=needles,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- 14. ingest: hostile image files
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (a decompression bomb's header; no pixel data)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+# 10^10 pixels: Pillow raises DecompressionBombError; 10^8: only a DecompressionBombWarning
+BOMBS = {"error": (100_000, 100_000), "warning": (10_000, 10_000)}
+
+
+@pytest.mark.parametrize("kind", list(BOMBS))
+def test_decompression_bomb_is_refused_naming_the_file(run_cli, study_db, synthetic_coco, kind):
+    victim = sorted((synthetic_coco / "val2017").glob("*.jpg"))[3]
+    victim.write_bytes(_png_header(*BOMBS[kind]))
+    args = ["ingest", "--coco-root", synthetic_coco, "--num-images", "all", "--name", "x"]
+    refused(run_cli, study_db, *args, needles=[victim.name, "decompression bomb", "--skip-bad-images"])
+
+
+@pytest.mark.parametrize("kind", list(BOMBS))
+def test_decompression_bomb_is_skipped_with_skip_bad_images(run_cli, tmp_db, synthetic_coco, kind):
+    victim = sorted((synthetic_coco / "val2017").glob("*.jpg"))[3]
+    victim.write_bytes(_png_header(*BOMBS[kind]))
+    res = run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", "all", "--skip-bad-images")
+    assert "1 bad images were excluded" in res.output
+    con = duckdb.connect(tmp_db, read_only=True)
+    try:
+        bad = con.execute("SELECT file_name, reason FROM bad_images").fetchall()
+        in_subset = con.execute(
+            "SELECT count(*) FROM subset_images JOIN images USING (image_id) WHERE file_name = ?", [victim.name]
+        ).fetchone()[0]
+        n_images = con.execute("SELECT count(*) FROM subset_images").fetchone()[0]
+    finally:
+        con.close()
+    assert len(bad) == 1 and bad[0][0] == victim.name and "decompression bomb" in bad[0][1]
+    assert in_subset == 0 and n_images == 39
+
+
+def _cli_subprocess(*args, timeout=90):
+    """The real CLI in a child process, so that a hang (the bug) fails the test instead of blocking it."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_in_place_of_an_image_is_refused_not_opened(study_db, synthetic_coco):
+    victim = sorted((synthetic_coco / "val2017").glob("*.jpg"))[2]
+    victim.unlink()
+    os.mkfifo(victim)
+    before = snapshot(study_db)
+    res = _cli_subprocess("--db", study_db, "ingest", "--coco-root", synthetic_coco, "--num-images", "all")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr and victim.name in res.stderr and "not a regular file" in res.stderr
+    assert snapshot(study_db) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_is_skipped_with_skip_bad_images(tmp_db, synthetic_coco):
+    victim = sorted((synthetic_coco / "val2017").glob("*.jpg"))[2]
+    victim.unlink()
+    os.mkfifo(victim)
+    res = _cli_subprocess(
+        "--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 10, "--skip-bad-images"
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    con = duckdb.connect(tmp_db, read_only=True)
+    try:
+        assert con.execute("SELECT file_name, reason FROM bad_images").fetchall() == [
+            (victim.name, "not a regular file")
+        ]
+    finally:
+        con.close()

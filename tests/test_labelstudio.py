@@ -711,3 +711,39 @@ def test_export_removes_what_a_killed_export_left_and_keeps_a_live_ones(study, t
         assert sorted(p.name for p in out.iterdir()) == sorted([live.path.name, "labeling_config.xml", "tasks.json"])
     finally:
         live.remove()
+
+
+# ----------------------------------------------------------------------------- images stored relative to the database
+
+
+def test_annotate_and_labelstudio_find_images_stored_relative_to_the_database(labelled_study, tmp_path, monkeypatch):
+    """Since studies are movable (issue 11) an image root under the database's folder is stored relative to it
+    ("coco/val2017"). annotate resolved it against the current folder, so started anywhere else it served no
+    image (every picture 404), and export-labelstudio wrote relative file paths and told Label Studio a relative
+    document root. Both now resolve it against the database's folder, as sample-failures' pictures do."""
+    from toolkit.labels import workbench as annotate
+    from toolkit.labels.labelstudio import export_labelstudio
+
+    path, root = labelled_study
+    con = open_study(path, read_only=True)
+    try:
+        stored = con.execute("SELECT image_root FROM subsets").fetchone()[0]
+    finally:
+        con.close()
+    assert not stored.startswith("/") and (root / stored).is_dir()  # the case at hand: stored relative
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    wb = annotate.prepare(str(path), ["A"], set_choice="mine")
+    files = [p for imgs in wb.images.values() for p in imgs.values()]
+    assert files and all(p is not None and p.is_file() for p in files)
+    con = open_study(path, read_only=True)
+    try:
+        res = export_labelstudio(con, tmp_path / "ls")
+    finally:
+        con.close()
+    assert res.image_root == str((root / stored).resolve())
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text(encoding="utf-8"))
+    assert tasks and all(
+        Path(t["data"]["gt_file"]).is_absolute() and Path(t["data"]["gt_file"]).is_file() for t in tasks
+    )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shlex
+import shutil
+
+import duckdb
 import pytest
 
 from toolkit.embed.models import TINY_CONFIG, save_random_checkpoint
@@ -73,3 +77,43 @@ def test_run_evaluates_the_embedding_sets_of_its_own_precision(run_cli, tmp_db, 
     finally:
         con.close()
     assert used == [("fp32",)]
+
+
+# ----------------------------------------------------------------------------- issue 11: run's suggested next steps
+
+
+def test_run_suggests_a_control_that_fits_and_commands_that_work(run_cli, tmp_path, synthetic_coco):
+    """12 images give a handful of R@1 successes: the suggested control must not ask for 200, and the
+    suggested commands must carry --db in a form a shell splits correctly (a path with a space)."""
+    ckpt = tmp_path / "tiny.safetensors"
+    save_random_checkpoint(ckpt, spec=TINY_CONFIG, seed=1)
+    db_path = tmp_path / "my study" / "s 1.duckdb"
+    db_path.parent.mkdir()
+    out_dir = tmp_path / "fail out"
+    res = run_cli(
+        "--db", db_path, "run", "--coco-root", synthetic_coco, "--num-images", 12, "--model", TINY_CONFIG,
+        "--checkpoint", ckpt, "--device", "cpu", "--n", 10, "--overlap", 2, "--per-annotator", 4,
+        "--annotators", "A,B", "--out", out_dir, "--no-pictures",
+    )  # fmt: skip
+    con = duckdb.connect(str(db_path), read_only=True)
+    try:
+        n_successes = con.execute("SELECT count(*) FROM retrieval_ranks WHERE gt_rank = 1").fetchone()[0]
+    finally:
+        con.close()
+    assert n_successes < 200  # 60 queries (2 R@1 successes with this seed and CPU)
+    steps = [line.split(". ", 1)[1] for line in res.output.split("Next steps:")[1].strip().splitlines()]
+    commands = [shlex.split(s) for s in steps if s.startswith("clipfail ")]
+    assert len(commands) == 6
+    for argv in commands:
+        assert argv[1:3] == ["--db", str(db_path)], argv
+    improve = next(a for a in commands if a[3] == "improve")
+    if n_successes:
+        assert improve[improve.index("--control") + 1] == f"successes:{n_successes}"
+    else:  # no success to draw a control from: no control is suggested
+        assert "--control" not in improve
+    # the suggested import commands, split as a shell would, run against the same database
+    for name in "AB":  # each annotator's own copy of the overlap file (still blank)
+        shutil.copy(out_dir / "assign_overlap.csv", out_dir / f"assign_overlap_{name}.csv")
+    for argv in (a for a in commands if a[3] == "import-labels"):
+        done = run_cli(*argv[1:])
+        assert "Nothing to import" in done.output

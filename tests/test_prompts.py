@@ -1,6 +1,8 @@
-"""Prompt lists (issue 13): K distinct prompts per caption, the shipped template sets, and coverage.
+"""Prompt lists (issue 13): K distinct prompts per caption, the shipped template sets, and coverage; and the
+`templates import` / `templates export` commands' refusals.
 
-Pure functions and the shipped data only (no database but for the seeding test), so the file is fast.
+Pure functions and the shipped data only (a small database only for the seeding test and the templates
+commands), so the file is fast.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from helpers import refused
 
 from toolkit.errors import UserError
 from toolkit.improve import stage as imp
@@ -287,3 +290,44 @@ def test_templates_import_refuses_a_fifo_or_folder_without_opening_it(run_cli, t
     bad.write_bytes("template_set,category,position,template\nmine,Object,0,{caption} caf\xe9\n".encode("latin-1"))
     res = run_cli("--db", tmp_db, "templates", "import", bad, expect=2)
     assert "is not UTF-8 text (byte" in res.output and sets() == before
+
+
+# ------------------------------------------------------------------ templates import and export (issue 11)
+
+
+@pytest.mark.parametrize("position", [2**31, 2**32, 2**32 + 1, -1])
+def test_template_positions_beyond_int32_are_refused_naming_the_row(run_cli, study_db, tmp_path, position):
+    csv = tmp_path / "t.csv"
+    rows = [("mine", "Object", 0, "{caption}"), ("mine", "Object", position, "a photo of {objects}")]
+    csv.write_text(
+        "template_set,category,position,template\n" + "".join(f"{s},{c},{p},{t}\n" for s, c, p, t in rows),
+        encoding="utf-8",
+    )
+    refused(run_cli, study_db, "templates", "import", csv, needles=["row 3", f"position '{position}'", "2147483647"])
+
+
+def test_one_template_problem_is_one_problem(run_cli, tmp_db, tmp_path):
+    bad = tmp_path / "one_bad.csv"
+    bad.write_text("template_set,category,position,template\nmine,Object,0,{caption}\nmine,Object,1,{nope}\n")
+    res = run_cli("--db", tmp_db, "templates", "import", bad, expect=2)
+    assert "(1 problem)" in res.output and "problems)" not in res.output
+
+
+def test_templates_export_never_overwrites_an_edited_template_csv(run_cli, tmp_db, tmp_path):
+    """`templates export --out FILE` wrote over FILE whatever it held: a template CSV the user had edited (the very
+    file `templates import` reads) was lost. It is now refused, the file left as it was; the same content again is
+    fine, and an --out in a missing folder is one clear message, not a traceback."""
+    run_cli("--db", tmp_db, "init")
+    mine = tmp_path / "my_templates.csv"
+    edited = "template_set,category,position,template\nmine,Object,0,{caption}\nmine,Object,1,my own {objects}\n"
+    mine.write_text(edited, encoding="utf-8")
+    res = run_cli("--db", tmp_db, "templates", "export", "--set", "default-v2", "--out", mine, expect=2)
+    assert "my_templates.csv" in res.output and "--out" in res.output
+    assert mine.read_text(encoding="utf-8") == edited
+    fresh = tmp_path / "fresh.csv"
+    run_cli("--db", tmp_db, "templates", "export", "--set", "default-v2", "--out", fresh)
+    first = fresh.read_text(encoding="utf-8")
+    run_cli("--db", tmp_db, "templates", "export", "--set", "default-v2", "--out", fresh)  # nothing would be lost
+    assert fresh.read_text(encoding="utf-8") == first
+    res = run_cli("--db", tmp_db, "templates", "export", "--out", tmp_path / "nowhere" / "t.csv", expect=2)
+    assert "nowhere" in res.output and "Traceback" not in res.output

@@ -337,3 +337,16 @@ def test_a_method_with_null_template_columns_gets_its_own_status_row_and_stays_o
     assert wide == ("my-plugin", 3)  # an unnamed pooling sorts after max, mean, logsumexp
     assert iid not in set(templates["improvement_id"]) and len(templates) > 0
     assert key is not None and key[0] is not None  # NULL templates hash: the captions still key the subset
+
+
+def test_named_toolkit_functions_exist():
+    """queries/ named toolkit.store.db.view_sql and toolkit.store.db.apply_views, which moved to toolkit.store.study
+    (issue 12)."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for rel in ("queries/__init__.py", "queries/README.md"):
+        for mod, name in re.findall(r"(toolkit(?:\.\w+)+)\.(\w+)", (root / rel).read_text(encoding="utf-8")):
+            assert hasattr(importlib.import_module(mod), name), f"{rel} names {mod}.{name}"

@@ -10,11 +10,12 @@ from __future__ import annotations
 import base64
 import io
 import re
+import shutil
 from html import unescape
 
 import pandas as pd
 import pytest
-from helpers import build_labelled_study, fake_text_encoder
+from helpers import fake_text_encoder
 from PIL import Image
 
 from toolkit.improve.stage import improve
@@ -23,11 +24,11 @@ from toolkit.store.study import open_study
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(labelled_study_master, tmp_path_factory):
     root = tmp_path_factory.mktemp("report_study")
+    shutil.copytree(labelled_study_master[1], root, dirs_exist_ok=True)  # build_labelled_study's, made once
     path = root / "study.duckdb"
     con = open_study(path)
-    build_labelled_study(con, root)
     kw = dict(poolings="all", encoder=fake_text_encoder, cache_dir=root / "cache")
     improve(con, "Object", control="successes:20", **kw)
     improve(con, "Attribute", **kw)
@@ -226,3 +227,42 @@ def test_report_records_its_run_on_a_writable_study_only_and_the_guide_says_so(r
     assert "on a writable file `report` records its run" in guide
     assert "On a writable database `clipfail report` records its run" in guide
     assert "On a write-protected database it only reads, records nothing and leaves the file byte-identical" in guide
+
+
+# ----------------------------------------------------------------------------- two subsets of one category
+
+
+def test_report_does_not_put_two_subsets_of_one_category_under_one_heading(labelled_study, tmp_path, run_cli):
+    """Two improve runs of the same categories and templates but different subsets (--max-subset) are two
+    experiments with their own n and baseline: the report gave them one section, headed with the first one's
+    n and baseline, and one CSV (a row per pooling twice), so the second run's rows sat under the wrong n."""
+    path, root = labelled_study
+    con = open_study(path)
+    try:
+        kw = dict(poolings="max,mean", encoder=fake_text_encoder, cache_dir=root / "cache")
+        full = improve(con, "Object", **kw)
+        small = improve(con, "Object", max_subset=5, **kw)
+        n_full, n_small = (
+            con.execute(
+                "SELECT n FROM improvement_recall WHERE improvement_id = ? AND k = 1", [r.improvement_ids[0]]
+            ).fetchone()[0]
+            for r in (full, small)
+        )
+        assert n_small == 5 < n_full
+    finally:
+        con.close()
+    out = tmp_path / "report"
+    run_cli("--db", str(path), "report", "--out", str(out))
+    page = (out / "report.html").read_text(encoding="utf-8")
+    headings = [unescape(h) for h in re.findall(r"<h3>(4\.\d+ [^<]*)</h3>", page)]
+    assert len(headings) == 2, headings
+    assert any(f"(n={n_full}," in h for h in headings) and any(f"(n={n_small}," in h for h in headings), headings
+    tables = {k: v for k, v in _html_tables(page).items() if k.startswith("improvement_") and "consolidated" not in k}
+    assert len(tables) == 2, list(tables)
+    ids = sorted(int(i) for t in tables.values() for i in t["improvement_id"])
+    assert ids == sorted(full.improvement_ids + small.improvement_ids)
+    for t in tables.values():
+        assert len(t) == 2 and t["pooling"].tolist() == ["max", "mean"]
+    # each table's CSV is written (no file name shared by the two subsets)
+    csvs = sorted(p.name for p in (out / "tables").glob("improvement_object*.csv"))
+    assert len(csvs) == 2, csvs

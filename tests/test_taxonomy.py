@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from toolkit.labels.taxonomy import LabelError, Taxonomy, normalise_label, resolve_label
@@ -193,3 +195,34 @@ def test_categories_cli_refusals_change_nothing(tmp_db, run_cli, args, message):
     assert message in res.output
     after = _tables(tmp_db)
     assert before[0].equals(after[0]) and before[1].equals(after[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 11: a category without an example shows no "nan", in `categories list` and in the README of a
+# sample. On ranked_db (conftest.py).
+
+
+def test_a_category_without_an_example_shows_no_nan(run_cli, ranked_db, tmp_path):
+    run_cli("--db", ranked_db, "categories", "add", "Text", "--definition", "The caption quotes text.")
+    res = run_cli("--db", ranked_db, "categories", "list")
+    text_entry = res.output.split("Text (actionable)")[1]
+    assert not re.search(r"\bnan\b", res.output, re.IGNORECASE), res.output
+    assert "example:" not in text_entry.split("aliases:")[0]
+    run_cli(
+        "--db",
+        ranked_db,
+        "sample-failures",
+        "--out",
+        tmp_path / "fa",
+        "--n",
+        40,
+        "--overlap",
+        10,
+        "--per-annotator",
+        8,
+        "--annotators",
+        "A,B,C",
+        "--no-pictures",
+    )
+    readme = (tmp_path / "fa" / "README.txt").read_bytes().decode("utf-8-sig")
+    assert "Example: nan" not in readme and "Text\r\n  Definition: The caption quotes text." in readme

@@ -1,4 +1,4 @@
-"""Issue 11, finding 6: a study folder that can move.
+"""A study folder that can move (issue 11, finding 6).
 
 Paths under the database's folder are stored relative to it, so a copied study (database, cache,
 images) keeps working; other paths stay absolute and `clipfail relocate` rebinds them after a
@@ -75,37 +75,6 @@ def test_a_copied_study_folder_works_and_reuses_its_cached_sets(run_cli, synthet
     run_cli("--db", cdb, "sample-failures", "--n", 8, "--overlap", 2, "--per-annotator", 2, "--out", copy / "fa")
     assert len(list((copy / "fa").glob("vis_*.png"))) == 8
     assert rows(cdb, "SELECT count(*) FROM embedding_sets") == [(2,)]
-
-
-def test_demo_in_a_copied_folder_reuses_every_stage(run_cli, tmp_path):
-    out = tmp_path / "demo"
-    run_cli("demo", "--out", out, "--images", 60, "--no-pictures")
-    dbp = out / "demo.duckdb"
-    counts = "SELECT (SELECT count(*) FROM embedding_sets), (SELECT count(*) FROM improvement_runs), " \
-        "(SELECT count(*) FROM retrieval_runs), (SELECT count(*) FROM annotations)"  # fmt: skip
-    stages = "SELECT stage, count(*) FROM runs WHERE stage <> 'report' GROUP BY stage ORDER BY stage"
-    before = rows(dbp, counts), rows(dbp, stages)
-    copy = tmp_path / "moved"
-    shutil.copytree(out, copy)
-    shutil.rmtree(out)
-
-    res = run_cli("demo", "--out", copy, "--images", 60, "--no-pictures")
-    assert "Report:" in res.output
-    cdb = copy / "demo.duckdb"
-    assert (rows(cdb, counts), rows(cdb, stages)) == before  # nothing embedded, ranked, improved or labelled again
-    status = run_cli("--db", cdb, "status").output
-    assert "MISSING" not in status
-    # new prompts are encoded with the checkpoint recorded (relative to the folder) with the text embeddings
-    assert rows(cdb, "SELECT DISTINCT json_extract_string(config_json, '$.checkpoint') FROM embedding_sets "
-                     "WHERE kind = 'text'") == [("model/tiny-clip-random.safetensors",)]  # fmt: skip
-    n_prompt_sets = rows(cdb, "SELECT count(*) FROM embedding_sets WHERE kind = 'prompt'")[0][0]
-    cat = rows(
-        cdb,
-        "SELECT s.category FROM sample_labels s JOIN categories c ON c.name = s.category WHERE c.is_actionable "
-        "AND s.category NOT IN (SELECT categories FROM improvement_runs) GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1",
-    )[0][0]
-    run_cli("--db", cdb, "improve", "--categories", cat, "--pooling", "max", "--device", "cpu")
-    assert rows(cdb, "SELECT count(*) FROM embedding_sets WHERE kind = 'prompt'")[0][0] == n_prompt_sets + 1
 
 
 def test_relocate_images_outside_the_folder_is_checked_then_rebound(run_cli, synthetic_coco, tmp_path):
@@ -228,3 +197,34 @@ def test_databases_with_absolute_paths_keep_working(run_cli, synthetic_coco, tmp
     run_cli("--db", dbp, "evaluate", "--device", "cpu", "--direction", "image-to-text")
     assert "MISSING" not in run_cli("--db", dbp, "status").output
     assert rows(dbp, "SELECT image_root FROM subsets") == [(root,)]  # absolute stays absolute
+
+
+# ----------------------------------------------------------------------------- more paths stored relative
+
+
+def test_instances_file_is_stored_relative_like_every_other_path(tmp_path, run_cli):
+    """instance_files.source_file was stored absolute where every other path under the study folder is relative."""
+    from toolkit.ingest.synthetic import make_synthetic_coco
+    from toolkit.store.study import open_study
+
+    study = tmp_path / "study"
+    make_synthetic_coco(study / "coco", 8, seed=0)
+    db = study / "s.duckdb"
+    run_cli("--db", db, "ingest", "--coco-root", study / "coco", "--num-images", 6)
+    with open_study(db, read_only=True) as con:
+        stored = con.execute("SELECT source_file FROM instance_files").fetchall()
+    assert stored == [("coco/annotations/instances_val2017.json",)]
+
+
+def test_embed_with_a_moved_cache_names_relocate(synthetic_coco, tmp_db, run_cli, tmp_path):
+    """embed found its cached file missing and only said --recompute (hours on real data); evaluate already named
+    `relocate --cache-dir`, which rebinds the moved files in seconds."""
+    import shutil
+
+    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 6, "--name", "s6")
+    cache = tmp_path / "cache"
+    args = ["--db", tmp_db, "embed", "--model", "tiny-clip", "--num-workers", "0"]
+    run_cli(*args, "--cache-dir", cache)
+    shutil.move(cache, tmp_path / "moved")
+    res = run_cli(*args, "--cache-dir", cache, expect=2)
+    assert "relocate --cache-dir NEW_FOLDER" in res.output and "--recompute" in res.output

@@ -1,5 +1,6 @@
-"""Issue 11, items 7, 8, 17 and 25 (part): read-only commands never write, `sql` runs one read-only query,
-missing or damaged databases get one clear message.
+"""The study's database file (issue 11, items 7, 8, 17 and 25 in part; issue 24): read-only commands never write
+it, `sql` runs one read-only query and its --csv never writes over a database, its WAL or the study's files,
+no output folder is one of the study's, and a missing, damaged or not-a-database --db gets one clear message.
 
 Note: when the tests run as root, chmod does not stop writes; the byte-identical and
 no-new-file checks below are what prove that nothing was written.
@@ -561,3 +562,19 @@ def test_make_synthetic_coco_into_a_folder_that_cannot_be_made_is_one_message(ru
     for dest, needle in ((blocker / "coco", "is not a folder"), ("/proc/1/coco", "does not take new files")):
         assert_one_message(run_cli("make-synthetic-coco", dest, "--images", 2, expect=None), needle)
     assert blocker.read_text(encoding="utf-8") == "x"
+
+
+# ------------------------------------------------------------- sql --csv on a fresh study
+
+
+def test_sql_csv_never_overwrites_the_database(tmp_db, run_cli):
+    """clipfail sql ... --csv PATH wrote over whatever PATH was, the study's own database file included."""
+    from toolkit.store.study import open_study
+
+    run_cli("--db", tmp_db, "init")
+    before = open(tmp_db, "rb").read()
+    res = run_cli("--db", tmp_db, "sql", "SELECT 1 AS x", "--csv", tmp_db, expect=2)
+    assert "is the database" in res.output and "Traceback" not in res.output
+    assert open(tmp_db, "rb").read() == before
+    with open_study(tmp_db, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM schema_info").fetchone()[0] >= 1
