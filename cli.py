@@ -988,10 +988,14 @@ def export_labelstudio(db_path, out_dir, retrieval_run_id, image_url_prefix, for
         "In Label Studio: create a project, paste labeling_config.xml as its labelling interface, import tasks.json."
     )
     if res.url_mode == "local-files":
+        above = Path(res.image_root).parent if res.image_root else "<the folder above the images>"
         click.echo(
             "  Images are local-files URLs: start Label Studio with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true and "
-            f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={res.image_root}, and add a Local Files storage for that folder."
+            f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={above} (the folder above the images: Label Studio refuses a "
+            "storage on the root itself), and add a Local Files storage (Settings > Cloud Storage > Add Source "
+            f"Storage) with the absolute path {res.image_root}. Do not sync it: the tasks come from tasks.json."
         )
+        click.echo("  (clipfail labelstudio push does all of this through Label Studio's API.)")
     click.echo("Then export as JSON and run: clipfail import-labels --format labelstudio EXPORT.json")
 
 

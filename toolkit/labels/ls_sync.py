@@ -493,9 +493,9 @@ def fetch_export(
         more = f"; and {len(alien) - MAX_LISTED} more" if len(alien) > MAX_LISTED else ""
         raise UserError(
             f"Nothing was imported: project {pid} holds annotations on {len(alien)} "
-            f"task{'s' if len(alien) != 1 else ''} that are not of this study's failure sample: {shown}{more}. "
-            "Pull from the project that was pushed from "
-            "this database, or delete those tasks in Label Studio."
+            f"{'tasks that are' if len(alien) != 1 else 'task that is'} not of this study's failure sample: "
+            f"{shown}{more}. Pull from the project that was pushed from this database, or delete those tasks in "
+            "Label Studio."
         )
 
     annotated: dict[int, str] = {}
