@@ -319,20 +319,41 @@ def _with_db(step: str, db_path: str) -> str:
 
 
 @cli.command()
+@click.option(
+    "--compat",
+    is_flag=True,
+    help="Rewrite a file in a newer DuckDB storage format in DuckDB 1.4's (keeps the original as a backup).",
+)
 @db_option
-def init(db_path):
+def init(db_path, compat):
     """Create the database, or upgrade its schema, and apply the views.
 
     Every writing command upgrades by itself; run init once before read-only commands (status, sql,
     analyze, report) on a database made by an older clipfail. It also restores missing tables/columns.
+    Studies are written in DuckDB 1.4's storage format, so DuckDB 1.4.x clients open them; --compat
+    rewrites a file that an older clipfail wrote in a newer format.
 
     \b
     Example:
       clipfail --db study.duckdb init
     """
+    from toolkit.store.compat import is_newer_than_compatible, rewrite_compatible, storage_version
+
     with open_study(db_path, force_upgrade=True) as con:
         version = schema_version(con)
+        storage = storage_version(con)
     click.echo(f"Database {db_path} is ready (schema version {version}).")
+    if compat and is_newer_than_compatible(storage):
+        res = rewrite_compatible(db_path)
+        click.echo(
+            f"Rewrote it in DuckDB's {db.STORAGE_COMPATIBILITY} storage format (it was {res.old_version}), which "
+            f"DuckDB 1.4.x opens; the original is kept as {res.backup}."
+        )
+    elif is_newer_than_compatible(storage):
+        click.echo(
+            f"Its DuckDB storage format is {storage}, which DuckDB 1.4.x (the long-term-support line: its CLI, R, "
+            "DBeaver) cannot open. " + _with_db("clipfail init --compat", db_path) + " rewrites it (keeping a backup)."
+        )
 
 
 @cli.command("download-coco")
