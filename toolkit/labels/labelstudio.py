@@ -1,8 +1,8 @@
 """The Label Studio round trip: export the failure sample as Label Studio tasks and a labelling config,
 and import Label Studio's JSON export into `annotations` with import-labels' checks and rules.
 
-Label Studio is not a dependency. The formats follow its documentation (written from it, not
-from a running instance):
+Label Studio is not a dependency. The formats follow its documentation, and were checked against a
+running Label Studio 1.23.2 (tests/test_labelstudio_live.py; toolkit.labels.ls_sync talks to its API):
 
 - Tasks (`tasks.json`, imported in Label Studio with Import): a JSON list of `{"data": {...}}`; the
   labelling config refers to data fields as `$field`. clipfail's tasks carry `sample_id`,
@@ -28,8 +28,8 @@ from a running instance):
   Studio shows a prediction pre-filled on the labelling page; the annotator's submission is an
   annotation. The import reads annotations only, never predictions.
 - The export (Label Studio's "JSON" export): a list of tasks, each with `id`, `data` (as imported)
-  and `annotations`, each annotation with `completed_by` (a user id, or an object with `id`,
-  `email`, `first_name`, `last_name` in older versions and API exports), `was_cancelled`, and
+  and `annotations`, each annotation with `completed_by` (a bare user id in 1.23, or an object with `id`,
+  `email`, `first_name`, `last_name` in older versions and in what `labelstudio pull` saves), `was_cancelled`, and
   `result`: a list of `{"from_name", "to_name", "type", "value"}` where a Choices result has
   `type: "choices"` and `value: {"choices": [...]}` and a TextArea result `type: "textarea"` and
   `value: {"text": [...]}`. The older `completions` key is read as `annotations`.
