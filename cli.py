@@ -1143,13 +1143,7 @@ def labelstudio_group():
 
 @labelstudio_group.command("push")
 @labelstudio_options
-@click.option(
-    "--run",
-    "retrieval_run_id",
-    type=click.IntRange(1, 2**63 - 1),
-    default=None,
-    help="Retrieval run id (default: the one sampled last).",
-)
+@run_option("the one sampled last")
 @click.option("--image-url-prefix", default=None, help="Image URLs = PREFIX + path under the image root (no storage).")
 @click.option(
     "--document-root",
