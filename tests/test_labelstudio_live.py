@@ -182,6 +182,7 @@ def test_push_annotate_pull_against_a_live_label_studio(demo, tmp_path, run_cli)
             call(base, "POST", f"/api/tasks/{task['id']}/annotations", body, token=token)
         users = {u["email"]: u for u in call(base, "GET", "/api/users")}
         assert set(users) == {ADMIN, "bob@lab.example"}
+        assert users["bob@lab.example"]["username"] == "bob"  # a signed-up user is named after the e-mail's local part
 
         kept = duckdb.connect(str(db), read_only=True).execute(
             "SELECT category FROM annotations WHERE sample_id = ? AND annotator = 'B'", [own_b[1]["data"]["sample_id"]]
@@ -191,9 +192,16 @@ def test_push_annotate_pull_against_a_live_label_studio(demo, tmp_path, run_cli)
         saved = tmp_path / "pulled.json"
         res = run_cli(
             "--db", db, "labelstudio", "pull", *ls, "--project", pid, "--out", saved,
-            "--user-map", f"{ADMIN}=A", "--user-map", f"{users['bob@lab.example']['username'] or 'bob'}=B",
+            "--user-map", f"{ADMIN}=A", "--user-map", f"{users['bob@lab.example']['username']}=B",
         )  # fmt: skip
         assert "5 annotations on 4 tasks" in res.output and "Imported 4 labels" in res.output, res.output
+        # A personal access token (a JWT, exchanged at /api/token/refresh/) works as well: the same pull, a no-op.
+        pat = call(base, "POST", "/api/token/")["token"]
+        res = run_cli(
+            "--db", db, "labelstudio", "pull", "--url", base, "--token", pat, "--project", pid, "--out", saved,
+            "--user-map", f"{users[ADMIN]['id']}=A", "--user-map", f"{users['bob@lab.example']['id']}=B",
+        )  # fmt: skip
+        assert "already imported exactly as they are" in res.output, res.output
 
     con = duckdb.connect(str(db), read_only=True)
     try:
