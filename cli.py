@@ -339,15 +339,17 @@ def init(db_path, compat):
     """
     from toolkit.store.compat import is_newer_than_compatible, rewrite_compatible, storage_version
 
+    res = None
+    if compat and Path(db_path).exists():  # before the upgrade, so that the backup is the study as it was
+        res = rewrite_compatible(db_path)
     with open_study(db_path, force_upgrade=True) as con:
         version = schema_version(con)
         storage = storage_version(con)
     click.echo(f"Database {db_path} is ready (schema version {version}).")
-    if compat and is_newer_than_compatible(storage):
-        res = rewrite_compatible(db_path)
+    if res is not None and res.backup is not None:
         click.echo(
             f"Rewrote it in DuckDB's {db.STORAGE_COMPATIBILITY} storage format (it was {res.old_version}), which "
-            f"DuckDB 1.4.x opens; the original is kept as {res.backup}."
+            f"DuckDB 1.4.x opens; the original is kept, as it was, as {res.backup}."
         )
     elif is_newer_than_compatible(storage):
         click.echo(

@@ -89,8 +89,8 @@ def test_init_compat_rewrites_a_study_in_a_newer_format(tmp_path, run_cli):
     res = run_cli("--db", db, "init", "--compat")
     backup = tmp_path / "old.duckdb.pre-compat.bak"
     assert f"Rewrote it in DuckDB's v1.4.0 storage format (it was {newer})" in res.output and str(backup) in res.output
-    # the backup is the original file, renamed: still in its format, with its rows (init's own open before the
-    # rewrite checkpoints it, so its bytes are not those of before)
+    # the backup is the original file, renamed: still in its format, with its rows (the rewrite checkpoints it
+    # first, so that no .wal is left behind, so its bytes are not those of before)
     assert storage_of(db) == "v1.4.0+" and storage_of(backup) == newer
     con = duckdb.connect(str(backup), read_only=True)
     try:
@@ -106,3 +106,21 @@ def test_init_compat_rewrites_a_study_in_a_newer_format(tmp_path, run_cli):
     res = run_cli("--db", db, "init", "--compat")  # compatible now: left alone, no second backup
     assert "Rewrote" not in res.output and sorted(p.name for p in tmp_path.iterdir()) == sorted([backup.name, db.name])
     assert run_in_lts(db, ["SELECT count(*) FROM kept_by_hand"])["rows"] == [[[2]]]
+
+
+def test_init_compat_keeps_the_study_as_it_was_before_any_upgrade(tmp_path, run_cli):
+    """The backup is taken before init upgrades the schema: an older clipfail can still open it."""
+    db = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(db))  # newer format, and no clipfail schema yet (as an older clipfail left it)
+    con.execute("CREATE TABLE kept_by_hand (x INTEGER); INSERT INTO kept_by_hand VALUES (7)")
+    con.close()
+    newer = storage_of(db)
+    res = run_cli("--db", db, "init", "--compat")
+    backup = tmp_path / "old.duckdb.pre-compat.bak"
+    assert f"(it was {newer})" in res.output and storage_of(backup) == newer and storage_of(db) == "v1.4.0+"
+    con = duckdb.connect(str(backup), read_only=True)
+    try:
+        names = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        assert names == {"kept_by_hand"}  # untouched by the upgrade: no schema_info, no clipfail table
+    finally:
+        con.close()
