@@ -1220,7 +1220,8 @@ def labelstudio_push(
     "--out",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Where to save the export (default: labelstudio-project-<ID>.json beside the database).",
+    help="Where to save the export, a new file (default: labelstudio-project-<ID>.json beside the database, or "
+    "-2, -3, ... when an earlier pull's file holds something else).",
 )
 @db_option
 @click.pass_context

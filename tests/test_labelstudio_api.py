@@ -297,6 +297,30 @@ def test_pull_maps_users_by_email_or_username(study, fake, tmp_path):
     assert res.exit_code == 0 and "already imported exactly as they are" in res.output, res.output
 
 
+def test_pull_never_overwrites_a_saved_export(study, fake, tmp_path):
+    """An existing --out with other content is refused and left as it is; without --out, a later export that
+    differs is saved beside the earlier one (-2), which keeps what it held."""
+    import shutil
+
+    s = sample_tasks(study)
+    db = tmp_path / "copy.duckdb"
+    shutil.copy(study, db)
+    users = [{"id": 1, "email": "a@x"}]
+    pull_routes(fake, db, tmp_path, {s[0][0]: [ls_annotation(1, 1, "Object")]}, users)
+    mine = write(tmp_path / "mine.json", {"kept": "by hand"})
+    before = mine.read_bytes()
+    res = ls(db, fake.url, "pull", "--project", 3, "--user-map", "1=A", "--out", mine)
+    assert_one_message(res, f"--out {mine} exists and holds something else", "nothing was imported")
+    assert mine.read_bytes() == before and rows(db, "SELECT count(*) FROM annotations") == [(0,)]
+    assert ls(db, fake.url, "pull", "--project", 3, "--user-map", "1=A").exit_code == 0
+    first = tmp_path / "labelstudio-project-3.json"
+    kept = first.read_bytes()
+    pull_routes(fake, db, tmp_path, {s[0][0]: [ls_annotation(1, 1, "Count")]}, users)  # relabelled in Label Studio
+    res = ls(db, fake.url, "pull", "--project", 3, "--user-map", "1=A")
+    assert res.exit_code == 0 and str(tmp_path / "labelstudio-project-3-2.json") in res.output, res.output
+    assert first.read_bytes() == kept and b'"Count"' in (tmp_path / "labelstudio-project-3-2.json").read_bytes()
+
+
 def test_pull_refuses_annotations_of_another_sample(study, fake, tmp_path):
     s = sample_tasks(study)
     export = pull_routes(fake, study, tmp_path, {s[0][0]: [ls_annotation(1, 1, "Object")]}, [{"id": 1, "email": "a@x"}])

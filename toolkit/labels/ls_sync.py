@@ -512,8 +512,10 @@ def fetch_export(
         if "completions" in t and "annotations" in t:  # both, equal (checked): keep the filled-in one
             t["completions"] = t["annotations"]
 
-    target = Path(out) if out else Path(db_path).resolve().parent / f"labelstudio-project-{pid}.json"
-    _write_atomic(target, json.dumps(tasks, ensure_ascii=False, indent=1) + "\n")
+    text = json.dumps(tasks, ensure_ascii=False, indent=1) + "\n"
+    target = _export_target(Path(out) if out else None, Path(db_path).resolve().parent, pid, text)
+    if not target.exists():  # else it holds exactly this export already
+        _write_atomic(target, text)
     return PullResult(pid, target, len(tasks), n_annotations, annotated)
 
 
@@ -535,6 +537,37 @@ def _users(ls: LabelStudio) -> dict[int, dict]:
         return out
 
     return ls.checked(answer, check, name)
+
+
+def _same_text(path: Path, text: str) -> bool:
+    from toolkit.userfiles import read_bytes
+
+    return read_bytes(path, "the saved export") == text.encode("utf-8")
+
+
+def _default_export(folder: Path, pid: int, text: str) -> Path:
+    """labelstudio-project-<ID>.json, or -2, -3, ...: the first name that is free or already holds this very
+    export (an earlier pull's file is never overwritten: it may hold annotations deleted in Label Studio since)."""
+    n = 1
+    while True:
+        path = folder / f"labelstudio-project-{pid}{'' if n == 1 else f'-{n}'}.json"
+        if not os.path.lexists(path) or (path.is_file() and _same_text(path, text)):
+            return path
+        n += 1
+
+
+def _export_target(out: Path | None, folder: Path, pid: int, text: str) -> Path:
+    """Where to save the export: a free name, or a file that holds exactly this export already. An existing --out
+    with other content is refused: it is never overwritten."""
+    if out is None:
+        return _default_export(folder, pid, text)
+    if os.path.lexists(out) and not (out.is_file() and _same_text(out, text)):
+        raise UserError(
+            f"--out {out} exists and holds something else; it was left as it is and nothing was imported. Give "
+            "--out a new file name (or leave --out out: pull then saves labelstudio-project-<ID>.json, or -2, -3, "
+            "..., beside the database)."
+        )
+    return out
 
 
 def _write_atomic(target: Path, text: str) -> None:
