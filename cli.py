@@ -39,6 +39,7 @@ STAGE_ORDER = (
     "annotate",
     "export-labelstudio",
     "import-labels",
+    "labelstudio",
     "categories",
     "analyze",
     "templates",
@@ -318,20 +319,43 @@ def _with_db(step: str, db_path: str) -> str:
 
 
 @cli.command()
+@click.option(
+    "--compat",
+    is_flag=True,
+    help="Rewrite a file in a newer DuckDB storage format in DuckDB 1.4's (keeps the original as a backup).",
+)
 @db_option
-def init(db_path):
+def init(db_path, compat):
     """Create the database, or upgrade its schema, and apply the views.
 
     Every writing command upgrades by itself; run init once before read-only commands (status, sql,
     analyze, report) on a database made by an older clipfail. It also restores missing tables/columns.
+    Studies are written in DuckDB 1.4's storage format, so DuckDB 1.4.x clients open them; --compat
+    rewrites a file that an older clipfail wrote in a newer format.
 
     \b
     Example:
       clipfail --db study.duckdb init
     """
+    from toolkit.store.compat import is_newer_than_compatible, rewrite_compatible, storage_version
+
+    res = None
+    if compat and Path(db_path).exists():  # before the upgrade, so that the backup is the study as it was
+        res = rewrite_compatible(db_path)
     with open_study(db_path, force_upgrade=True) as con:
         version = schema_version(con)
+        storage = storage_version(con)
     click.echo(f"Database {db_path} is ready (schema version {version}).")
+    if res is not None and res.backup is not None:
+        click.echo(
+            f"Rewrote it in DuckDB's {db.STORAGE_COMPATIBILITY} storage format (it was {res.old_version}), which "
+            f"DuckDB 1.4.x opens; the original is kept, as it was, as {res.backup}."
+        )
+    elif is_newer_than_compatible(storage):
+        click.echo(
+            f"Its DuckDB storage format is {storage}, which DuckDB 1.4.x (the long-term-support line: its CLI, R, "
+            "DBeaver) cannot open. " + _with_db("clipfail init --compat", db_path) + " rewrites it (keeping a backup)."
+        )
 
 
 @cli.command("download-coco")
@@ -987,10 +1011,14 @@ def export_labelstudio(db_path, out_dir, retrieval_run_id, image_url_prefix, for
         "In Label Studio: create a project, paste labeling_config.xml as its labelling interface, import tasks.json."
     )
     if res.url_mode == "local-files":
+        above = Path(res.image_root).parent if res.image_root else "<the folder above the images>"
         click.echo(
             "  Images are local-files URLs: start Label Studio with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true and "
-            f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={res.image_root}, and add a Local Files storage for that folder."
+            f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={above} (the folder above the images: Label Studio refuses a "
+            "storage on the root itself), and add a Local Files storage (Settings > Cloud Storage > Add Source "
+            f"Storage) with the absolute path {res.image_root}. Do not sync it: the tasks come from tasks.json."
         )
+        click.echo("  (clipfail labelstudio push does all of this through Label Studio's API.)")
     click.echo("Then export as JSON and run: clipfail import-labels --format labelstudio EXPORT.json")
 
 
@@ -1070,6 +1098,162 @@ def import_labels(db_path, files, annotator, clear_blank, fmt, user_map):
     if res.n_cleared and not res.is_noop:
         click.echo(f"{res.n_cleared} earlier labels were removed (--clear-blank): their rows are blank in the file.")
     click.echo("Next: " + _with_db("clipfail analyze", db_path))
+
+
+def labelstudio_options(f):
+    """--url, --token, --project and --title: which Label Studio project (push and pull alike)."""
+    for option in reversed(
+        [
+            click.option(
+                "--url",
+                envvar="LABEL_STUDIO_URL",
+                default="http://localhost:8080",
+                show_default=True,
+                help="Label Studio's address (or $LABEL_STUDIO_URL).",
+            ),
+            click.option(
+                "--token",
+                envvar="LABEL_STUDIO_API_KEY",
+                default=None,
+                help="API token (or $LABEL_STUDIO_API_KEY): a legacy token or a personal access token.",
+            ),
+            click.option(
+                "--project",
+                "project_id",
+                type=click.IntRange(1, 2**63 - 1),
+                default=None,
+                help="Project id (default: the project titled --title).",
+            ),
+            click.option("--title", default=None, help="Project title (default: clipfail <database file> run <N>)."),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+@cli.group("labelstudio")
+def labelstudio_group():
+    """Push the failure sample to a Label Studio server and pull its labels back, through its API.
+
+    Without API access, use export-labelstudio and import-labels --format labelstudio instead.
+
+    \b
+    Example:
+      clipfail labelstudio push --url http://localhost:8080 --token TOKEN
+    """
+
+
+@labelstudio_group.command("push")
+@labelstudio_options
+@run_option("the one sampled last")
+@click.option("--image-url-prefix", default=None, help="Image URLs = PREFIX + path under the image root (no storage).")
+@click.option(
+    "--document-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (default: the folder above the images).",
+)
+@click.option("--force", is_flag=True, help="Push even into a project that holds tasks of another sample.")
+@click.option(
+    "--show-suggestions-on-overlap",
+    is_flag=True,
+    help="Also give overlap tasks the triage predictions (left out by default: they would bias agreement).",
+)
+@db_option
+def labelstudio_push(
+    db_path, url, token, project_id, title, retrieval_run_id, image_url_prefix, document_root, force,
+    show_suggestions_on_overlap,
+):  # fmt: skip
+    """Create or update a Label Studio project with the failure sample, and print its address.
+
+    Sends what export-labelstudio writes: the labelling config and the tasks (every set but backup),
+    with the triage predictions on each annotator's own items. Tasks already in the project are not
+    sent again; a project holding tasks of another sample is refused unless --force. Images: a Local
+    Files storage on the image folder (start Label Studio with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true
+    and LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT set to the folder above the images), or URLs under
+    --image-url-prefix.
+
+    \b
+    Example:
+      clipfail labelstudio push --url http://localhost:8080 --token TOKEN
+    """
+    from toolkit.labels.ls_api import LabelStudio
+    from toolkit.labels.ls_sync import push
+
+    ls = LabelStudio(url, token)
+    with open_study(db_path, read_only=True) as con:
+        res = push(
+            con, ls, db_path=db_path, project_id=project_id, title=title, retrieval_run_id=retrieval_run_id,
+            image_url_prefix=image_url_prefix, document_root=document_root, force=force,
+            show_suggestions_on_overlap=show_suggestions_on_overlap,
+        )  # fmt: skip
+    what = "Created" if res.created else "Updated"
+    click.echo(f"{what} project {res.project_id} ({res.title!r}): {res.project_url}")
+    click.echo(
+        f"  {res.n_tasks} tasks of retrieval run {res.retrieval_run_id}: {res.n_added} added, {res.n_present} there "
+        "already."
+    )
+    if res.n_foreign:
+        click.echo(f"  The project also holds {res.n_foreign} tasks of another sample (--force); pull refuses them.")
+    if res.triage_run_id is not None and res.n_added:
+        click.echo(f"  {res.n_predictions} of the added tasks carry a prediction from triage run {res.triage_run_id}.")
+    if res.config_updated:
+        click.echo("  The labelling config was updated.")
+    if res.storage != "none":
+        click.echo(
+            f"  Images: Local Files storage on {res.image_root} ({res.storage}); Label Studio must run with "
+            f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={res.document_root}."
+        )
+    click.echo("Next, once labelled: " + _with_db(f"clipfail labelstudio pull --project {res.project_id}", db_path))
+
+
+@labelstudio_group.command("pull")
+@labelstudio_options
+@click.option("--annotator", default=None, help="Whose labels these are (default: each annotation's user).")
+@click.option(
+    "--user-map",
+    multiple=True,
+    help="USER=ANNOTATOR: a Label Studio user id, e-mail or user name, and the annotator's name.",
+)
+@click.option("--clear-blank", is_flag=True, help="Skipped tasks remove labels imported earlier (default: keep them).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to save the export, a new file (default: labelstudio-project-<ID>.json beside the database, or "
+    "-2, -3, ... when an earlier pull's file holds something else).",
+)
+@db_option
+@click.pass_context
+def labelstudio_pull(ctx, db_path, url, token, project_id, title, annotator, user_map, clear_blank, out):
+    """Export a Label Studio project's annotations and import them as labels.
+
+    Users are looked up in Label Studio's user list, so --user-map takes an id, an e-mail or a user
+    name, and an annotator named like a user's e-mail (before the @) or user name is found. The
+    export is saved, then imported as import-labels --format labelstudio would: every annotation is
+    checked first, and any problem imports nothing.
+
+    \b
+    Example:
+      clipfail labelstudio pull --project 3 --user-map alice@lab.org=A --user-map bob=B
+    """
+    from toolkit.labels.ls_api import LabelStudio
+    from toolkit.labels.ls_sync import fetch_export
+    from toolkit.store.paths import check_output_path
+
+    ls = LabelStudio(url, token)
+    with open_study(db_path) as con:
+        if out is not None:
+            check_output_path(out, "--out", con)
+        pulled = fetch_export(con, ls, db_path=db_path, project_id=project_id, title=title, out=out, user_map=user_map)
+    click.echo(
+        f"Project {pulled.project_id}: {pulled.n_annotations} annotations on {pulled.n_tasks} tasks, saved in "
+        f"{pulled.export_path}."
+    )
+    ctx.invoke(
+        import_labels, db_path=db_path, files=(str(pulled.export_path),), annotator=annotator,
+        clear_blank=clear_blank, fmt="labelstudio", user_map=user_map,
+    )  # fmt: skip
 
 
 @cli.group()

@@ -32,6 +32,18 @@ def synthetic_coco_master(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """`clipfail demo --no-pictures`, run once for the session: (its folder, its output). Read it; a test that
+    writes copies the folder first (paths in the database are relative to it, so a copy works)."""
+    from cli import cli
+
+    out = tmp_path_factory.mktemp("demo") / "demo_out"
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--no-pictures"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
 @pytest.fixture
 def synthetic_coco(synthetic_coco_master, tmp_path):
     """A private copy of a 40-image generated COCO dataset (tests may damage it)."""

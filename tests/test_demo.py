@@ -62,18 +62,6 @@ window.addEventListener('load', () => {
 """
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from click.testing import CliRunner
-
-    from cli import cli
-
-    out = tmp_path_factory.mktemp("demo") / "demo_out"
-    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--no-pictures"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out, result.output
-
-
 def test_demo_fills_every_table(demo):
     out, output = demo
     assert f"Report:   {out / 'report' / 'report.html'}" in output

@@ -87,3 +87,16 @@ def test_model_options_are_declared_once():
                 users.add(path)
     assert {("embed",), ("evaluate",), ("improve",), ("run",)} <= users
     assert all(len(texts) == 1 for texts in helps.values()), helps
+
+
+def test_ci_runs_the_readmes_test_command_with_the_same_extras():
+    """What a newcomer runs is what CI checks: README's test command appears in .ci/run word for word, and it
+    installs the extras that CI installs (the Ray tests run for a newcomer too)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"Run the tests:\s*```bash\n(.+?)\n```", readme, re.S)
+    assert block, "README.md has no 'Run the tests:' bash block"
+    command = block.group(1).strip()
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert command in ci.splitlines(), f".ci/run does not run README's test command {command!r}"
+    assert "-e '.[dev,ray]'" in command and "python -m pytest -q" in command
+    assert "'label-studio==1.23.2' 'sentry-sdk<3'" in ci  # tests/test_labelstudio_live.py's server

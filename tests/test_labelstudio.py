@@ -45,6 +45,9 @@ def test_export_tasks_and_config(study, tmp_path):
     out = tmp_path / "ls"
     res = export(study, out)
     assert "tasks.json" in res.output and "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=" in res.output
+    root = Path(rows(study, "SELECT image_root FROM subsets")[0][0])
+    flat = " ".join(res.output.split())
+    assert f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={root.parent} " in flat and f"absolute path {root}." in flat
     tasks = json.loads((out / "tasks.json").read_text("utf-8"))
     s = sets(study)
     assert sorted(t["data"]["sample_id"] for t in tasks) == sorted(s["overlap"] + s["A"] + s["B"])  # no backup
@@ -63,7 +66,9 @@ def test_export_tasks_and_config(study, tmp_path):
         d = t["data"]
         cap, gt, rank, ids, scores = truth[d["sample_id"]]
         assert d["caption"] == cap and d["gt_rank"] == rank
-        assert d["gt_image"] == "/data/local-files/?d=" + files[gt]
+        # d= is relative to Label Studio's document root, the folder above the images (it refuses a storage on the
+        # root itself), so the URL names the image folder too
+        assert d["gt_image"] == "/data/local-files/?d=" + root.name + "/" + files[gt]
         assert Path(d["gt_file"]) == root / files[gt] and Path(d["gt_file"]).is_file()
         for k in range(5):
             assert d[f"top{k + 1}_file"] == str(root / files[ids[k]])

@@ -1,18 +1,20 @@
 """The Label Studio round trip: export the failure sample as Label Studio tasks and a labelling config,
 and import Label Studio's JSON export into `annotations` with import-labels' checks and rules.
 
-Label Studio is not a dependency. The formats follow its documentation (written from it, not
-from a running instance):
+Label Studio is not a dependency. The formats follow its documentation, and were checked against a
+running Label Studio 1.23.2 (tests/test_labelstudio_live.py; toolkit.labels.ls_sync talks to its API):
 
 - Tasks (`tasks.json`, imported in Label Studio with Import): a JSON list of `{"data": {...}}`; the
   labelling config refers to data fields as `$field`. clipfail's tasks carry `sample_id`,
   `set_name`, `caption`, `gt_image`, `top1_image` ... `top5_image` (URLs), titles for them, and the
   local file paths (`gt_file`, `top1_file`, ...).
-- Image URLs: by default Label Studio's local-files form `/data/local-files/?d=<path>`, the path
-  relative to the subset's image root. Start Label Studio with
-  `LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true` and `LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=<image
-  root>`, and add a Local Files storage for that folder. `image_url_prefix` gives plain URLs
-  instead (prefix + the image's path under the root), for images served elsewhere.
+- Image URLs: by default Label Studio's local-files form `/data/local-files/?d=<folder>/<path>`, the
+  image folder's name and the path under it. Label Studio serves such a URL only from a Local Files
+  storage that is a subfolder of its document root (it refuses a storage on the root itself), so start
+  it with `LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true` and
+  `LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=<the folder above the images>`, and add a Local Files storage
+  for the image folder (no sync: the tasks are imported). `image_url_prefix` gives plain URLs instead
+  (prefix + the image's path under the root), for images served elsewhere or another document root.
 - The labelling config (`labeling_config.xml`): a `Text` control for the caption, `Image` tags for
   the ground truth and top-5, `Choices name="category"` (the taxonomy's categories, hotkeys 1-7),
   `Choices name="secondary"` (hotkeys q w e r t y u) and `TextArea name="notes"`, all with
@@ -26,8 +28,8 @@ from a running instance):
   Studio shows a prediction pre-filled on the labelling page; the annotator's submission is an
   annotation. The import reads annotations only, never predictions.
 - The export (Label Studio's "JSON" export): a list of tasks, each with `id`, `data` (as imported)
-  and `annotations`, each annotation with `completed_by` (a user id, or an object with `id`,
-  `email`, `first_name`, `last_name` in older versions and API exports), `was_cancelled`, and
+  and `annotations`, each annotation with `completed_by` (a bare user id in 1.23, or an object with `id`,
+  `email`, `first_name`, `last_name` in older versions and in what `labelstudio pull` saves), `was_cancelled`, and
   `result`: a list of `{"from_name", "to_name", "type", "value"}` where a Choices result has
   `type: "choices"` and `value: {"choices": [...]}` and a TextArea result `type: "textarea"` and
   `value: {"text": [...]}`. The older `completions` key is read as `annotations`.
@@ -194,12 +196,15 @@ def export_labelstudio(
 def _tasks(table, rrid: int, lookup: dict, root: str | None, image_url_prefix: str | None) -> list[dict]:
     """One Label Studio task per sampled failure: its caption, ground truth and top images (URL and file)."""
 
+    # d= is relative to Label Studio's document root, which must be a folder above the image folder
+    folder = urllib.parse.quote(Path(root).name + "/", safe="/") if root and Path(root).name else ""
+
     def url(image_id: int) -> str:
         rel = lookup[image_id][1] if image_id in lookup else f"missing-image-{image_id}"
         rel = rel.replace("\\", "/")
         if image_url_prefix:
             return image_url_prefix + urllib.parse.quote(rel)
-        return "/data/local-files/?d=" + urllib.parse.quote(rel, safe="/")
+        return "/data/local-files/?d=" + folder + urllib.parse.quote(rel, safe="/")
 
     def file(image_id: int) -> str:
         if image_id not in lookup or root is None:
@@ -350,6 +355,10 @@ def _user_candidates(annotation: dict) -> tuple[list[str], str]:
 EXPORT_HINT = (
     "Nothing was imported. Export the project from Label Studio as JSON (not CSV or JSON-MIN) and import that."
 )
+BY_ID_HINT = (
+    "Label Studio's JSON export names a user by id only: map the id (--user-map 1=A), or run clipfail "
+    "labelstudio pull, which reads Label Studio's user list and so also takes an e-mail or user name."
+)
 CONTROLS = ("category", "secondary")  # the Choices of clipfail's labelling config; each holds one choice
 
 
@@ -497,11 +506,28 @@ def _read_results(ann: dict, tax, parsed):
     return picked, notes, category, secondary, bad
 
 
+def is_json_min(doc) -> bool:
+    """True for Label Studio's JSON-MIN export: a list of flat records, one per annotation, each with the
+    task's data fields at the top level and `annotation_id` / `annotator` beside them (no `data`, no
+    `annotations`)."""
+    return (
+        isinstance(doc, list)
+        and any(isinstance(t, dict) for t in doc)
+        and all(isinstance(t, dict) and not {"data", "annotations", "completions"} & t.keys() for t in doc)
+        and any({"annotation_id", "annotator"} & t.keys() for t in doc)
+    )
+
+
 def _read_export(path: Path, option: str | None, user_map: dict, info, tax, seen: dict):
     from toolkit.labels.label_import import _ParsedFile, _Row, assignment_problem, canonical_annotator
 
     data = read_bytes(path, "Label Studio export", EXPORT_HINT)
     doc = parse_json(data, f"Label Studio export {path}", EXPORT_HINT)
+    if is_json_min(doc):  # it leaves out skipped annotations and turns a choice into a bare string: not read
+        raise UserError(
+            f"{path} is Label Studio's JSON-MIN export (one flat record per annotation), which clipfail does not "
+            "read. Export the project as JSON (not JSON-MIN) and import that. Nothing was imported."
+        )
     try:
         tasks = check_export(doc)
     except JsonShapeError as exc:
@@ -583,6 +609,8 @@ def import_labelstudio(con, files, annotator: str | None = None, user_map=None, 
             lines.append(f"  ... and {len(problems) - MAX_LISTED} more.")
         if any(p.has_label_errors for p in parsed):
             lines.append(f"Known categories: {', '.join(tax.names)}.")
+        if any("its user (user id " in m for _, m in problems):
+            lines.append(BY_ID_HINT)
         lines.append("Fix these (in Label Studio, or with --annotator / --user-map) and import again.")
         raise UserError("\n".join(lines))
     if not any(p.rows for p in parsed):

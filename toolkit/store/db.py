@@ -24,6 +24,10 @@ from toolkit._version import __version__
 from toolkit.errors import UserError
 
 DEFAULT_DB = "clipfail.duckdb"
+# Study files are created in the storage format of DuckDB 1.4, the long-term-support line, so that 1.4.x clients
+# (its CLI, R, DBeaver, an older Python) open them; newer DuckDB reads and writes that format too. A file made in
+# a newer format keeps it until `clipfail init --compat` rewrites it (toolkit.store.compat).
+STORAGE_COMPATIBILITY = "v1.4.0"
 
 
 def default_db_path() -> str:
@@ -176,7 +180,7 @@ def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnect
     if read_only and not Path(path).exists():
         raise UserError(missing_database_message(path))
     try:
-        con = duckdb.connect(path, read_only=read_only)
+        con = duckdb.connect(path, read_only=read_only, config={"storage_compatibility_version": STORAGE_COMPATIBILITY})
     except duckdb.IOException as exc:
         msg = str(exc)
         if is_corruption(exc):
