@@ -964,12 +964,12 @@ def ties(con, improvement_ids: Sequence[int]) -> pd.DataFrame:
 
 
 def effective_k(con, improvement_ids: Sequence[int]) -> dict[str, str]:
-    """population -> "10 for 58 captions, 8 for 4" (view improvement_effective_k, first run of each population)."""
+    """population -> "10 for 58 captions, 8 for 4" (view improvement_prompt_counts, first run of each population)."""
     df = con.execute(
         """
-        SELECT population, improvement_id, effective_k, sum(n_captions) AS n
-        FROM improvement_effective_k WHERE list_contains(?, improvement_id)
-        GROUP BY ALL ORDER BY improvement_id, effective_k DESC
+        SELECT u.population, c.improvement_id, c.effective_k, c.n_captions AS n
+        FROM improvement_prompt_counts c JOIN improvement_runs u USING (improvement_id)
+        WHERE list_contains(?, c.improvement_id) ORDER BY c.improvement_id, c.effective_k DESC
         """,
         [[int(i) for i in improvement_ids]],
     ).df()

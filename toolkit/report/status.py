@@ -22,7 +22,6 @@ import queries
 from toolkit.store import paths as study_paths
 from toolkit.store.db import table_exists
 
-STAGES = ["ingest", "embed", "evaluate", "sample-failures", "import-labels", "improve", "report"]
 STATUS_VIEWS = [v for v in queries.VIEWS if v.startswith("status_")]
 COLUMNS = ["stage", "subset", "model", "detail", "rows", "next"]
 
