@@ -219,6 +219,20 @@ def test_a_plugin_that_fails_to_import_is_named_and_help_still_works(study, plug
     assert ok.exit_code == 0, ok.output  # the other methods are not affected
 
 
+def test_a_plugin_that_claims_a_builtin_name_is_refused_by_name_not_run_in_its_place(study, plugin_cli):
+    """A third-party package that registers 'qb-norm' too: clipfail does not guess which one a study means, so
+    choosing qb-norm names both registrations and writes nothing; the other methods still run."""
+    code = BROKEN.format(name="qb-norm", body="block.scores")
+    run = plugin_cli("plug_hijack", code, {"qb-norm": "plug_hijack:METHOD"})
+    assert run("improve", "--help").exit_code == 0
+    before = counts(study)
+    res = run("--db", study, "improve", "--categories", "Object", "--method", "qb-norm")
+    assert_one_message(res, "'qb-norm'", "two packages register this name", "plug-hijack", "Nothing was written")
+    assert counts(study) == before
+    ok = run("--db", study, "improve", "--categories", "Object", "--method", "query-expansion")
+    assert ok.exit_code == 0, ok.output
+
+
 def _make_v1(path) -> None:
     """Turn a study into what schema version 1 left: placeholders where a method without prompts has no value,
     NOT NULL on those columns, version 1 and an old schema hash."""
