@@ -42,6 +42,9 @@ VIEWS = [
     "hubness_histogram",  # reads image_hubness
     "hub_ranking",  # reads image_hubness, retrieval_runs, subsets, images
     "method_comparison",  # reads improvement_runs, improvement_stats, categories, improvement_ties
+    # phrase ablation (issue 28)
+    "failure_blame",  # reads explain_runs, failure_ablations, retrieval_ranks, failure_samples
+    "blame_by_category",  # reads explain_runs, failure_blame, sample_labels, categories
     # clipfail status: one status_<stage> view per stage, all with the same columns (toolkit.report.status lists
     # every view named status_*, in stage_order, so a new stage adds its view here and nothing else)
     "runs_by_stage",  # reads runs

@@ -338,3 +338,83 @@ def test_bad_input_is_refused_with_one_message_and_nothing_written(dbfile, encod
     res = run_cli("--db", dbfile, "explain", "--all-failures", expect=2)
     assert "has no R@1 failures" in res.output
     assert q(dbfile, "SELECT count(*) AS n FROM explain_runs")["n"][0] == 0 and not encoder.calls
+
+
+# ------------------------------------------------------------------------------ views
+
+
+def blame_reference(abl: pd.DataFrame) -> dict[int, tuple]:
+    """caption_id -> (blamed role, rank gain, n anchors, anchor role), from failure_ablations in pandas."""
+    out = {}
+    for cid, g in abl.groupby("caption_id"):
+        gain = (g["gt_rank_before"] + g["n_tied_before"]) - (g["gt_rank_after"] + g["n_tied_after"])
+        gap = g["score_gap_after"] - g["score_gap_before"]
+        rows = sorted(zip(gain, gap, g["variant_index"], g["role"]), key=lambda t: (-t[0], -t[1], t[2]))
+        worst = sorted(zip(gain, gap, g["variant_index"], g["role"]), key=lambda t: (t[0], t[1], t[2]))[0]
+        best = rows[0]
+        out[int(cid)] = (
+            best[3] if best[0] > 0 else "none",
+            max(int(best[0]), 0),
+            int((gain < 0).sum()),
+            worst[3] if worst[0] < 0 else None,
+        )
+    return out
+
+
+def test_failure_blame_names_the_most_helpful_role_none_and_the_anchors(dbfile, encoder, run_cli):
+    run_cli("--db", dbfile, "explain")
+    abl = q(dbfile, "SELECT * FROM failure_ablations")
+    blame = q(dbfile, "SELECT * FROM failure_blame")
+    n_failures = q(dbfile, "SELECT n_failures, n_no_phrase FROM explain_runs").iloc[0]
+    assert len(blame) == n_failures["n_failures"]
+    assert (blame["blamed_role"] == "no phrase").sum() == n_failures["n_no_phrase"] > 0
+    ref = blame_reference(abl)
+    got = blame[blame["blamed_role"] != "no phrase"]
+    assert {
+        int(r.caption_id): (r.blamed_role, int(r.rank_gain), int(r.n_anchors), r.anchor_role if r.n_anchors else None)
+        for r in got.itertuples()
+    } == ref
+    assert {"none", "attribute"} <= set(blame["blamed_role"]) and (blame["n_anchors"] > 0).any()
+    mapping = ablation.role_categories()
+    for r in got.itertuples():
+        want = mapping[r.blamed_role] if r.blamed_role != "none" else None
+        assert (None if pd.isna(r.blamed_category) else r.blamed_category) == want
+
+
+def test_blame_by_category_says_no_labels_then_follows_the_labels(dbfile, encoder, run_cli, world):
+    import csv
+
+    run_cli("--db", dbfile, "explain")
+    before = q(dbfile, "SELECT * FROM blame_by_category")
+    assert set(before["category"]) == {"no labels"} and before["is_match"].isna().all()
+    assert before["percent"].notna().all() and before["percent"].sum() == pytest.approx(100, abs=0.05)
+    # label annotator A's set (cycling through the categories); the rest stays 'no labels'
+    fa = world.parent.parent / "fa"
+    with open(fa / "assign_A.csv", encoding="utf-8-sig", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    cats = ["Attribute", "Object", "Count", "Action", "Spatial", "Ambiguous", "Context"]
+    for i, r in enumerate(rows):
+        r["category"] = cats[i % len(cats)]
+    labelled = fa.parent / "labelled_A.csv"
+    with open(labelled, "w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    run_cli("--db", dbfile, "import-labels", labelled, "--annotator", "A")
+    after = q(dbfile, "SELECT * FROM blame_by_category")
+    blame = q(dbfile, "SELECT * FROM failure_blame")
+    labels = q(dbfile, "SELECT caption_id, category FROM sample_labels")
+    ref = blame.merge(labels, on="caption_id", how="left").fillna({"category": "no labels"})
+    want = ref.groupby(["category", "blamed_role"]).size().to_dict()
+    assert {(r.category, r.blamed_role): r.n for r in after.itertuples()} == want
+    for _cat, g in after.groupby("category"):
+        assert g["percent"].sum() == pytest.approx(100, abs=0.05) and (g["n_category"] == g["n"].sum()).all()
+    mapping = ablation.role_categories()
+    for r in after.itertuples():
+        expect = (
+            None
+            if r.category == "no labels" or r.blamed_role in ("none", "no phrase")
+            else (mapping[r.blamed_role] == r.category)
+        )
+        assert (None if pd.isna(r.is_match) else bool(r.is_match)) == expect
+    assert len(set(after["category"])) > 2 and after["is_match"].notna().any()
