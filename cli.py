@@ -1689,7 +1689,7 @@ def explain(db_path, retrieval_run_id, use_sample, roles, model, pretrained, che
     attribute's adjectives dropped, the count dropped, the relation or the action phrase dropped,
     an object mention replaced by "thing". Variants are encoded through improve's prompt cache
     (no text is encoded twice) and ranked with evaluate's ranking and tie policy. Writes
-    explain_runs and failure_ablations; see the views failure_blame and blame_by_category.
+    explain_runs and failure_ablations; see the views failure_blame, blame_by_category and blame_agreement.
     Re-running with the same inputs is a no-op.
 
     \b

@@ -45,6 +45,7 @@ VIEWS = [
     # phrase ablation (issue 28)
     "failure_blame",  # reads explain_runs, failure_ablations, retrieval_ranks, failure_samples
     "blame_by_category",  # reads explain_runs, failure_blame, sample_labels, categories
+    "blame_agreement",  # reads explain_runs, failure_blame, annotations, failure_samples, sample_labels, triage_*
     # clipfail status: one status_<stage> view per stage, all with the same columns (toolkit.report.status lists
     # every view named status_*, in stage_order, so a new stage adds its view here and nothing else)
     "runs_by_stage",  # reads runs

@@ -418,3 +418,60 @@ def test_blame_by_category_says_no_labels_then_follows_the_labels(dbfile, encode
         )
         assert (None if pd.isna(r.is_match) else bool(r.is_match)) == expect
     assert len(set(after["category"])) > 2 and after["is_match"].notna().any()
+
+
+def kappa_reference(pairs: list[tuple[str | None, str]]) -> tuple[int, int, int, float | None]:
+    """(n_labelled, n, n_agree, Cohen's kappa) of (blamed category or None, reference category) pairs, in Python."""
+    blamed = [(b, h) for b, h in pairs if b is not None]
+    n = len(blamed)
+    agree = sum(b == h for b, h in blamed)
+    if n == 0:
+        return len(pairs), 0, 0, None
+    cats = {c for p in blamed for c in p}
+    p_o = agree / n
+    p_e = sum((sum(b == c for b, _ in blamed) / n) * (sum(h == c for _, h in blamed) / n) for c in cats)
+    return len(pairs), n, agree, (None if p_e >= 1 else (p_o - p_e) / (1 - p_e))
+
+
+def test_blame_agreement_against_each_annotator_and_triage(dbfile, encoder, run_cli, world):
+    import csv
+
+    run_cli("--db", dbfile, "explain")
+    empty = q(dbfile, "SELECT * FROM blame_agreement")
+    assert empty["reference"].tolist() == ["no labels"] and empty["n_labelled"].tolist() == [0]
+    assert empty[["coverage", "accuracy", "kappa"]].isna().all().all()
+    run_cli("--db", dbfile, "triage")
+    fa = world.parent.parent / "fa"
+    cats = ["Attribute", "Object", "Count", "Action", "Spatial"]
+    for name, annotator in (("assign_A.csv", "A"), ("assign_B.csv", "B"), ("assign_overlap.csv", "A")):
+        with open(fa / name, encoding="utf-8-sig", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        for i, r in enumerate(rows):
+            r["category"] = cats[(i + len(annotator)) % len(cats)]
+        out = fa.parent / f"{annotator}_{name}"
+        with open(out, "w", encoding="utf-8", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        run_cli("--db", dbfile, "import-labels", out, "--annotator", annotator)
+    got = q(dbfile, "SELECT * FROM blame_agreement")
+    assert got["reference"].tolist() == ["A", "B", "overlap majority", "all labels", "triage"]
+    blame = q(dbfile, "SELECT caption_id, blamed_category FROM failure_blame")
+    blamed = {int(c): (None if pd.isna(b) else b) for c, b in zip(blame["caption_id"], blame["blamed_category"])}
+    refs = {
+        "A": q(dbfile, "SELECT s.caption_id, a.category FROM annotations a JOIN failure_samples s USING (sample_id) "
+                       "WHERE a.annotator = 'A'"),
+        "B": q(dbfile, "SELECT s.caption_id, a.category FROM annotations a JOIN failure_samples s USING (sample_id) "
+                       "WHERE a.annotator = 'B'"),
+        "overlap majority": q(dbfile, "SELECT caption_id, category FROM sample_labels WHERE is_overlap"),
+        "all labels": q(dbfile, "SELECT caption_id, category FROM sample_labels"),
+        "triage": q(dbfile, "SELECT caption_id, suggested_category AS category FROM triage_suggestions "
+                            "WHERE suggested_category IS NOT NULL"),
+    }  # fmt: skip
+    for r in got.itertuples():
+        ref = refs[r.reference]
+        pairs = [(blamed[int(c)], h) for c, h in zip(ref["caption_id"], ref["category"]) if int(c) in blamed]
+        n_labelled, n, agree, kappa = kappa_reference(pairs)
+        assert (r.n_labelled, r.n, r.n_agree) == (n_labelled, n, agree) and n > 0
+        assert r.coverage == pytest.approx(n / n_labelled) and r.accuracy == pytest.approx(agree / n)
+        assert (r.kappa is None or pd.isna(r.kappa)) if kappa is None else r.kappa == pytest.approx(kappa)
