@@ -475,3 +475,40 @@ def test_blame_agreement_against_each_annotator_and_triage(dbfile, encoder, run_
         assert (r.n_labelled, r.n, r.n_agree) == (n_labelled, n, agree) and n > 0
         assert r.coverage == pytest.approx(n / n_labelled) and r.accuracy == pytest.approx(agree / n)
         assert (r.kappa is None or pd.isna(r.kappa)) if kappa is None else r.kappa == pytest.approx(kappa)
+
+
+# ------------------------------------------------------------------------------ the real model path
+
+
+def test_explain_end_to_end_with_the_tiny_open_clip_model(run_cli, tmp_db, tmp_path, synthetic_coco):
+    """run (ingest to sample-failures) with a random tiny open_clip checkpoint, then explain with no encoder
+    injected: the model is loaded from what the text embeddings recorded, and every stored rank equals a plain
+    recomputation (encode the stored texts with the model, rank with evaluate's ranking)."""
+    from toolkit.embed.encode import encode_texts
+    from toolkit.embed.models import TINY_CONFIG, load_model, save_random_checkpoint
+    from toolkit.retrieval import ranking
+
+    ckpt = tmp_path / "tiny.safetensors"
+    save_random_checkpoint(ckpt, spec=TINY_CONFIG, seed=1)
+    run_cli("--db", tmp_db, "run", "--coco-root", synthetic_coco, "--num-images", 20, "--model", TINY_CONFIG,
+            "--checkpoint", ckpt, "--device", "cpu", "--n", 20, "--overlap", 4, "--per-annotator", 8,
+            "--annotators", "A,B", "--out", tmp_path / "fa", "--no-pictures")  # fmt: skip
+    out = run_cli("--db", tmp_db, "explain", "--checkpoint", ckpt, "--device", "cpu").output
+    assert "explained" in out
+    rows = q(tmp_db, "SELECT * FROM failure_ablations ORDER BY caption_id, variant_index")
+    er = q(tmp_db, "SELECT * FROM explain_runs").iloc[0]
+    assert len(rows) == er["n_variants"] > 0 and er["n_failures"] == 20
+    texts = sorted(set(rows["ablated_text"]))
+    assert er["n_encoded"] == len(texts)
+    bundle = load_model(TINY_CONFIG, checkpoint=ckpt, device="cpu")
+    vec = dict(zip(texts, encode_texts(bundle, texts)))
+    ids, G = images_of(tmp_db)
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    Q = np.stack([vec[t] for t in rows["ablated_text"]])
+    res = ranking.rank_text_to_image(Q, G, [row_of[int(i)] for i in rows["gt_image_id"]], k=1, device="cpu")
+    assert np.array_equal(res.gt_rank, rows["gt_rank_after"]) and np.array_equal(res.n_tied, rows["n_tied_after"])
+    assert np.array_equal(ids[res.topk_indices[:, 0]], rows["top1_image_id_after"])
+    # the variants are prompts of improve's cache now: explain again encodes nothing and writes nothing
+    again = run_cli("--db", tmp_db, "explain", "--checkpoint", ckpt, "--device", "cpu").output
+    assert "nothing changed" in again and len(q(tmp_db, "SELECT * FROM explain_runs")) == 1
+    assert q(tmp_db, "SELECT count(*) AS n FROM prompts")["n"][0] == len(texts)
