@@ -56,6 +56,7 @@ VIEWS = [
     "status_triage",  # reads triage_runs, triage_suggestions, retrieval_runs, subsets, failure_samples, annotations
     "status_sample_failures",  # reads failure_samples, annotations, retrieval_runs, subsets
     "status_import_labels",  # reads annotations, failure_samples, retrieval_runs, subsets, improvement_runs
+    "status_explain",  # reads explain_runs, retrieval_runs, subsets
     "status_improve",  # reads improvement_runs, improvement_ranks, retrieval_runs, subsets
     "status_method_comparison",  # reads method_comparison, retrieval_runs, subsets
     "status_report",  # reads runs, retrieval_runs

@@ -512,3 +512,11 @@ def test_explain_end_to_end_with_the_tiny_open_clip_model(run_cli, tmp_db, tmp_p
     again = run_cli("--db", tmp_db, "explain", "--checkpoint", ckpt, "--device", "cpu").output
     assert "nothing changed" in again and len(q(tmp_db, "SELECT * FROM explain_runs")) == 1
     assert q(tmp_db, "SELECT count(*) AS n FROM prompts")["n"][0] == len(texts)
+
+
+def test_status_shows_the_explain_run(dbfile, encoder, run_cli):
+    run_cli("--db", dbfile, "explain", "--roles", "count,object")
+    n = q(dbfile, "SELECT n_variants, n_failures, n_no_phrase FROM explain_runs").iloc[0]
+    out = run_cli("--db", dbfile, "status").output
+    assert "explain run 1 of retrieval run 1 (sample; count,object)" in out
+    assert f"{n['n_variants']} variants of {n['n_failures']} R@1 failures ({n['n_no_phrase']} with no phrase)" in out
