@@ -520,3 +520,21 @@ def test_status_shows_the_explain_run(dbfile, encoder, run_cli):
     out = run_cli("--db", dbfile, "status").output
     assert "explain run 1 of retrieval run 1 (sample; count,object)" in out
     assert f"{n['n_variants']} variants of {n['n_failures']} R@1 failures ({n['n_no_phrase']} with no phrase)" in out
+
+
+def test_a_failure_while_writing_leaves_the_database_as_it_was(dbfile, encoder, monkeypatch):
+    from toolkit.retrieval import explain as stage
+
+    def boom(con, table, df):
+        if table == "failure_ablations":
+            raise RuntimeError("killed while writing")
+        return real(con, table, df)
+
+    real = stage.db.insert_df
+    monkeypatch.setattr(stage.db, "insert_df", boom)
+    before = {t: q(dbfile, f"SELECT count(*) AS n FROM {t}")["n"][0] for t in ("runs", "prompts", "embedding_sets")}
+    with open_study(dbfile) as con, pytest.raises(RuntimeError, match="killed while writing"):
+        stage.explain(con, encoder=encoder)
+    assert encoder.calls  # it got as far as encoding
+    after = {t: q(dbfile, f"SELECT count(*) AS n FROM {t}")["n"][0] for t in ("runs", "prompts", "embedding_sets")}
+    assert after == before and q(dbfile, "SELECT count(*) AS n FROM explain_runs")["n"][0] == 0
