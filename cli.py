@@ -1716,8 +1716,10 @@ def explain(db_path, retrieval_run_id, use_sample, roles, model, pretrained, che
         f"Retrieval run {res.retrieval_run_id} ({res.scope}): {res.n_failures:,} R@1 failures {state} "
         f"(explain run {res.explain_run_id})."
     )
+    encoded = f"{res.n_encoded:,} texts encoded now, {res.n_cached:,} from the cache"
+    encoded = "stored before" if res.is_reused else encoded
     click.echo(
-        f"  {res.n_variants:,} variants ({res.n_encoded:,} texts encoded now, {res.n_cached:,} from the cache); "
+        f"  {res.n_variants:,} variants ({encoded}); "
         f"skipped: {res.n_skipped_identical} identical to the caption, {res.n_skipped_empty} empty; "
         f"{res.n_no_phrase} caption(s) with no phrase found."
     )

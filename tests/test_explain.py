@@ -286,6 +286,7 @@ def test_explain_again_is_a_no_op_and_shares_improves_prompt_cache(dbfile, encod
     assert first
     out = run_cli("--db", dbfile, "explain", "--roles", "attribute").output
     assert "already explained with these inputs, nothing changed" in out and encoder.texts == first
+    assert "variants (stored before)" in out
     assert len(q(dbfile, "SELECT * FROM explain_runs")) == 1
     # all roles: the attribute variants come from the cache (stored as improve's prompt shards), only new texts
     run_cli("--db", dbfile, "explain")
