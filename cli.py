@@ -1667,6 +1667,65 @@ def improve(
     )
 
 
+@cli.command("explain")
+@run_option("the sampled one (with --all-failures: the newest text-to-image run)")
+@click.option(
+    "--sample/--all-failures",
+    "use_sample",
+    default=True,
+    show_default=True,
+    help="The failure sample (default) or every R@1 failure of the run.",
+)
+@click.option(
+    "--roles", default=None, help="Comma-separated roles (default all): attribute,count,relation,action,object."
+)
+@model_options()
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True, help="Texts per batch.")
+@db_option
+def explain(db_path, retrieval_run_id, use_sample, roles, model, pretrained, checkpoint, device, batch_size):
+    """Rank every R@1 failure again with one phrase of its caption removed or neutralised.
+
+    One variant per phrase the extractor finds (toolkit/labels/ablation.py, docs/design.md): the
+    attribute's adjectives dropped, the count dropped, the relation or the action phrase dropped,
+    an object mention replaced by "thing". Variants are encoded through improve's prompt cache
+    (no text is encoded twice) and ranked with evaluate's ranking and tie policy. Writes
+    explain_runs and failure_ablations; see the views failure_blame, blame_by_category and blame_agreement.
+    Re-running with the same inputs is a no-op.
+
+    \b
+    Example:
+      clipfail explain --run 1 --roles attribute,count
+    """
+    from toolkit.improve.stage import model_encoder_factory
+    from toolkit.retrieval.explain import explain as run_explain
+
+    with open_study(db_path) as con:
+        res = run_explain(
+            con,
+            retrieval_run_id,
+            scope="sample" if use_sample else "all-failures",
+            roles=roles,
+            encoder_factory=model_encoder_factory(
+                model=model, pretrained=pretrained, checkpoint=checkpoint, device=device, batch_size=batch_size
+            ),
+        )
+    for note in res.notes:
+        click.echo(f"Note: {note}")
+    state = "already explained with these inputs, nothing changed" if res.is_reused else "explained"
+    click.echo(
+        f"Retrieval run {res.retrieval_run_id} ({res.scope}): {res.n_failures:,} R@1 failures {state} "
+        f"(explain run {res.explain_run_id})."
+    )
+    encoded = f"{res.n_encoded:,} texts encoded now, {res.n_cached:,} from the cache"
+    encoded = "stored before" if res.is_reused else encoded
+    click.echo(
+        f"  {res.n_variants:,} variants ({encoded}); "
+        f"skipped: {res.n_skipped_identical} identical to the caption, {res.n_skipped_empty} empty; "
+        f"{res.n_no_phrase} caption(s) with no phrase found."
+    )
+    echo_df(pd.DataFrame({"role": list(res.variants_by_role), "variants": list(res.variants_by_role.values())}))
+
+
 @cli.command("report")
 @click.option(
     "--out",

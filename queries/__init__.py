@@ -42,6 +42,10 @@ VIEWS = [
     "hubness_histogram",  # reads image_hubness
     "hub_ranking",  # reads image_hubness, retrieval_runs, subsets, images
     "method_comparison",  # reads improvement_runs, improvement_stats, categories, improvement_ties
+    # phrase ablation (issue 28)
+    "failure_blame",  # reads explain_runs, failure_ablations, retrieval_ranks, failure_samples
+    "blame_by_category",  # reads explain_runs, failure_blame, sample_labels, categories
+    "blame_agreement",  # reads explain_runs, failure_blame, annotations, failure_samples, sample_labels, triage_*
     # clipfail status: one status_<stage> view per stage, all with the same columns (toolkit.report.status lists
     # every view named status_*, in stage_order, so a new stage adds its view here and nothing else)
     "runs_by_stage",  # reads runs
@@ -52,6 +56,7 @@ VIEWS = [
     "status_triage",  # reads triage_runs, triage_suggestions, retrieval_runs, subsets, failure_samples, annotations
     "status_sample_failures",  # reads failure_samples, annotations, retrieval_runs, subsets
     "status_import_labels",  # reads annotations, failure_samples, retrieval_runs, subsets, improvement_runs
+    "status_explain",  # reads explain_runs, retrieval_runs, subsets
     "status_improve",  # reads improvement_runs, improvement_ranks, retrieval_runs, subsets
     "status_method_comparison",  # reads method_comparison, retrieval_runs, subsets
     "status_report",  # reads runs, retrieval_runs

@@ -467,6 +467,49 @@ run_comparison_stats = sa.Table(
     sa.Column("mcnemar_p_pessimistic", sa.Double),
 )
 
+# --- phrase ablation (issue 28: clipfail explain) -----------------------------------------------------
+
+# One row per `clipfail explain` run of a retrieval run: its scope and what it found and skipped.
+explain_runs = sa.Table(
+    "explain_runs",
+    metadata,
+    _id("explain_run_id"),
+    sa.Column("retrieval_run_id", sa.BigInteger, nullable=False),
+    sa.Column("scope", sa.Text, nullable=False),  # 'sample' (the failure sample) | 'all-failures'
+    sa.Column("roles", sa.Text, nullable=False),  # comma-separated, in toolkit.labels.ablation.ROLES order
+    sa.Column("n_failures", sa.Integer, nullable=False),
+    sa.Column("n_no_phrase", sa.Integer, nullable=False),  # failures where the extractor found no phrase
+    sa.Column("n_variants", sa.Integer, nullable=False),  # failure_ablations rows
+    sa.Column("n_skipped_identical", sa.Integer, nullable=False),
+    sa.Column("n_skipped_empty", sa.Integer, nullable=False),
+    sa.Column("n_encoded", sa.Integer, nullable=False),  # texts encoded by this run (the rest were cached)
+    sa.Column("config_hash", sa.Text, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    _run_id(),
+)
+
+# One row per caption variant: a phrase removed or neutralised (toolkit.labels.ablation), ranked again.
+failure_ablations = sa.Table(
+    "failure_ablations",
+    metadata,
+    sa.Column("explain_run_id", sa.BigInteger, primary_key=True),
+    sa.Column("caption_id", sa.BigInteger, primary_key=True),
+    sa.Column("variant_index", sa.Integer, primary_key=True),  # 0.. per caption, in role then caption order
+    sa.Column("retrieval_run_id", sa.BigInteger, nullable=False),
+    sa.Column("role", sa.Text, nullable=False),  # attribute | count | relation | action | object
+    sa.Column("category", sa.Text, nullable=False),  # the role's category (toolkit/data/blame_roles.csv)
+    sa.Column("phrase", sa.Text, nullable=False),
+    sa.Column("ablated_text", sa.Text, nullable=False),
+    sa.Column("gt_image_id", sa.BigInteger, nullable=False),
+    sa.Column("gt_rank_before", sa.BigInteger, nullable=False),  # retrieval_ranks.gt_rank
+    sa.Column("n_tied_before", sa.BigInteger, nullable=False),
+    sa.Column("gt_rank_after", sa.BigInteger, nullable=False),  # optimistic, evaluate's tie policy
+    sa.Column("n_tied_after", sa.BigInteger, nullable=False),
+    sa.Column("top1_image_id_after", sa.BigInteger, nullable=False),  # ties broken by lower image row
+    sa.Column("score_gap_before", sa.REAL, nullable=False),  # GT score minus the best other image's score
+    sa.Column("score_gap_after", sa.REAL, nullable=False),
+)
+
 # Natural keys (COCO ids, names) are given, never generated: without this, single-column
 # integer keys would compile to SERIAL types that DuckDB does not have.
 for _table in metadata.tables.values():

@@ -389,19 +389,26 @@ def _join(phrases: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def extract_objects(tokens: list[str]) -> list[str]:
+def object_spans(tokens: list[str]) -> list[tuple[int, int]]:
+    """(start, end) token spans of the COCO object mentions (`extract_objects` joins them)."""
     out, i = [], 0
     while i < len(tokens):
         length = _object_at(tokens, i)
         if length:
-            out.append(" ".join(tokens[i : i + length]))
+            out.append((i, i + length))
             i += length
         else:
             i += 1
     return out
 
 
-def extract_attributes(tokens: list[str]) -> list[str]:
+def extract_objects(tokens: list[str]) -> list[str]:
+    return [" ".join(tokens[s:e]) for s, e in object_spans(tokens)]
+
+
+def attribute_spans(tokens: list[str]) -> list[tuple[int, int, int]]:
+    """(start, adjectives_end, end) token spans of the attribute phrases: tokens[start:adjectives_end] are the
+    adjectives (with their "and"/"or"), tokens[adjectives_end:end] the noun phrase."""
     out, i, n = [], 0, len(tokens)
     while i < n:
         if tokens[i] not in ATTRIBUTE_WORDS or _object_at(tokens, i) == 1 and tokens[i] == "orange":
@@ -419,14 +426,19 @@ def extract_attributes(tokens: list[str]) -> list[str]:
                 break
         end = _noun_phrase(tokens, k) if k < n and tokens[k] not in DETERMINERS else None
         if end is not None:
-            out.append(" ".join(tokens[start:end]))
+            out.append((start, k, end))
             i = end
         else:
             i = k
     return out
 
 
-def extract_actions(tokens: list[str]) -> list[str]:
+def extract_attributes(tokens: list[str]) -> list[str]:
+    return [" ".join(tokens[s:e]) for s, _k, e in attribute_spans(tokens)]
+
+
+def action_spans(tokens: list[str]) -> list[tuple[int, int]]:
+    """(start, end) token spans of the action phrases (`extract_actions` joins them)."""
     out, i, n = [], 0, len(tokens)
     while i < n:
         if not _is_verb(tokens, i):
@@ -442,12 +454,18 @@ def extract_actions(tokens: list[str]) -> list[str]:
             k = end
         elif particle is not None and particle[-1] in {"of", "to", "from", "with", "at", "into", "onto"}:
             k -= len(particle)  # a dangling preposition is not part of the phrase
-        out.append(" ".join(tokens[start:k]))
+        out.append((start, k))
         i = k
     return out
 
 
-def extract_count(tokens: list[str]) -> list[str]:
+def extract_actions(tokens: list[str]) -> list[str]:
+    return [" ".join(tokens[s:e]) for s, e in action_spans(tokens)]
+
+
+def count_spans(tokens: list[str]) -> list[tuple[int, int, int]]:
+    """(start, count_end, end) token spans of the count phrases: tokens[start:count_end] are the number
+    expression, tokens[count_end:end] its noun phrase."""
     out, i, n = [], 0, len(tokens)
     while i < n:
         seq = _match_seq(tokens, i, _COUNT_SPLIT)
@@ -461,12 +479,17 @@ def extract_count(tokens: list[str]) -> list[str]:
         if end is None:
             i += length
             continue
-        out.append(" ".join(tokens[i:end]))
+        out.append((i, k, end))
         i = end
     return out
 
 
-def extract_relation(tokens: list[str]) -> list[str]:
+def extract_count(tokens: list[str]) -> list[str]:
+    return [" ".join(tokens[s:e]) for s, _k, e in count_spans(tokens)]
+
+
+def relation_spans(tokens: list[str]) -> list[tuple[int, int]]:
+    """(start, end) token spans of the relation phrases: the strong ones, or the weak ones if there is none."""
     strong, weak = [], []
     i, n = 0, len(tokens)
     while i < n:
@@ -475,16 +498,19 @@ def extract_relation(tokens: list[str]) -> list[str]:
         if rel is not None:
             end = _noun_phrase(tokens, i + len(rel))
             if end is not None and (standalone is None or end > i + len(standalone)):
-                phrase = " ".join(tokens[i:end])
-                (weak if " ".join(rel) in RELATIONS_WEAK else strong).append(phrase)
+                (weak if " ".join(rel) in RELATIONS_WEAK else strong).append((i, end))
                 i = end
                 continue
         if standalone is not None:
-            strong.append(" ".join(standalone))
+            strong.append((i, i + len(standalone)))
             i += len(standalone)
             continue
         i += 1
     return strong or weak
+
+
+def extract_relation(tokens: list[str]) -> list[str]:
+    return [" ".join(tokens[s:e]) for s, e in relation_spans(tokens)]
 
 
 _EXTRACTORS = {

@@ -357,7 +357,7 @@ def write_prompt_shard(con, run, m: PromptMatrix, run_id: int, started) -> None:
         pretrained=identity["pretrained"],
         checkpoint_sha256=identity["checkpoint_sha256"],
         precision=identity["precision"],
-        config={"stage": S.STAGE, "model": identity, "n_prompts": len(new_texts)},
+        config={"stage": getattr(run, "stage", S.STAGE), "model": identity, "n_prompts": len(new_texts)},
         path=shard,
         array=m.new_arr,
         item_ids=[ids[t] for t in new_texts],

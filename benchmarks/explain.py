@@ -1,0 +1,156 @@
+"""Explain benchmark (issue 28): `explain --all-failures` against encoding the failure captions once.
+
+Setup (not timed): a generated COCO-format dataset of N/5 tiny images with 5 COCO-like captions each, ingested;
+image and caption embeddings are seeded random unit vectors (512-d) registered as the embedding sets of a
+randomly initialised ViT-B-32-quickgelu (the real model's cost), so nearly every caption is an R@1 failure; the
+real evaluate stage. Ranks and blames are therefore meaningless here; this measures time only.
+
+Timed, on the CPU, with the same model (random ViT-B-32-quickgelu through the embed stage's `encode_texts`):
+- (a) encoding the failure captions once;
+- (b) `toolkit.retrieval.explain.explain(scope="all-failures")`, every role, on a fresh database (an empty
+  prompt cache): variants, encoding (the same `encode_texts`), ranking, one transaction.
+
+Prints the failures, variants per failure (average and per role), the ratio (b) / (a), the time of (b) outside the
+encoder, and the target: the ratio is at most the average number of variants per failure + 1 (the cost is the
+encodings and nothing more).
+
+    python benchmarks/explain.py [--n 5000] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from toolkit.ingest.stage import ingest
+from toolkit.retrieval.evaluate import evaluate
+from toolkit.retrieval.explain import explain
+from toolkit.store import db
+from toolkit.store.artifacts import register_embedding_set, save_array
+from toolkit.store.study import open_study
+
+MODEL = "ViT-B-32-quickgelu"
+SUBJECTS = "a man|a woman|two dogs|a black cat|three people|a red bus|a small boy|a white horse|several giraffes|a girl"
+ACTIONS = "riding a horse|sitting on the couch|holding an umbrella|eating a pizza|walking down the street|flying a kite"
+PLACES = "on a beach|in a kitchen|next to a wooden bench|under a tree|in front of a large window|on top of a table"
+
+
+def coco_like(rng: random.Random) -> str:
+    parts = [rng.choice(SUBJECTS.split("|")), rng.choice(ACTIONS.split("|")), rng.choice(PLACES.split("|"))]
+    return " ".join(parts).capitalize() + "."
+
+
+def build(tmp: Path, n_captions: int) -> Path:
+    n_images = max(2, n_captions // 5)
+    rng = random.Random(0)
+    root = tmp / "coco"
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    tiny = Image.new("RGB", (8, 8), (120, 30, 200))
+    images, anns = [], []
+    for i in range(n_images):
+        image_id = 100_000 + i
+        name = f"{image_id:012d}.jpg"
+        tiny.save(root / "val2017" / name)
+        images.append({"id": image_id, "file_name": name, "width": 8, "height": 8})
+        for _ in range(5):
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "caption": coco_like(rng)})
+    payload = {"info": {}, "licenses": [], "images": images, "annotations": anns}
+    (root / "annotations" / "captions_val2017.json").write_text(json.dumps(payload))
+
+    path = tmp / "base.duckdb"
+    con = open_study(path)
+    ingest(con, coco_root=root, num_images=n_images)
+    sid = con.execute("SELECT subset_id FROM subsets").fetchall()[0][0]
+    image_ids = con.execute("SELECT image_id FROM subset_images WHERE subset_id = ? ORDER BY position", [sid]).df()
+    caption_ids = con.execute(
+        """
+        SELECT sc.caption_id FROM subset_captions sc
+        JOIN subset_images si ON si.subset_id = sc.subset_id AND si.image_id = sc.image_id
+        WHERE sc.subset_id = ? ORDER BY si.position, sc.position
+        """,
+        [sid],
+    ).df()
+    gen = np.random.default_rng(0)
+    with db.transaction(con):
+        run_id = db.insert_run(con, "embed", {"benchmark": "random vectors"}, db.now(), model=MODEL)
+        for kind, ids in (("image", image_ids["image_id"]), ("text", caption_ids["caption_id"])):
+            arr = gen.standard_normal((len(ids), 512)).astype(np.float32)
+            arr /= np.linalg.norm(arr, axis=1, keepdims=True)
+            f = tmp / f"{kind}.npy"
+            register_embedding_set(
+                con, kind=kind, subset_id=sid, model=MODEL, pretrained=None, checkpoint_sha256=None,
+                precision="fp32", config={"benchmark": True}, path=f, array=arr, item_ids=ids.to_numpy(),
+                sha256=save_array(f, arr), run_id=run_id,
+            )  # fmt: skip
+    evaluate(con, model=MODEL, device="cpu")
+    con.close()
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=5000, help="captions (nearly all are R@1 failures)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    import torch
+
+    from toolkit.embed.encode import encode_texts
+    from toolkit.embed.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        t0 = time.perf_counter()
+        base = build(tmp, args.n)
+        torch.manual_seed(0)
+        bundle = load_model(MODEL, device="cpu")
+        print(f"setup {time.perf_counter() - t0:.1f} s; model {MODEL} (random init), cpu, torch threads "
+              f"{torch.get_num_threads()}")  # fmt: skip
+        con = open_study(base)
+        captions = [
+            r[0]
+            for r in con.execute(
+                "SELECT c.text FROM retrieval_ranks r JOIN captions c ON c.caption_id = r.query_id "
+                "WHERE r.gt_rank > 1 ORDER BY r.query_id"
+            ).fetchall()
+        ]
+        encode_texts(bundle, ["warm-up caption"])
+        t = time.perf_counter()
+        encode_texts(bundle, captions)
+        t_once = time.perf_counter() - t
+        spent = {"seconds": 0.0, "texts": 0}
+
+        def encoder(texts):
+            t = time.perf_counter()
+            out = encode_texts(bundle, texts)
+            spent["seconds"] += time.perf_counter() - t
+            spent["texts"] += len(texts)
+            return out
+
+        t = time.perf_counter()
+        res = explain(con, scope="all-failures", encoder=encoder, cache_dir=tmp / "cache")
+        t_explain = time.perf_counter() - t
+        con.close()
+    per = res.n_variants / res.n_failures
+    ratio = t_explain / t_once
+    print(f"failures {res.n_failures:,}; variants {res.n_variants:,} ({per:.2f} per failure; per role "
+          f"{res.variants_by_role}); {res.n_encoded:,} distinct texts encoded; skipped {res.n_skipped_identical} "
+          f"identical, {res.n_skipped_empty} empty; {res.n_no_phrase} failures with no phrase")  # fmt: skip
+    print(f"  (a) encoding the {len(captions):,} failure captions once : {t_once:8.2f} s")
+    print(f"  (b) explain --all-failures                       : {t_explain:8.2f} s "
+          f"(encoder {spent['seconds']:.2f} s, the rest {t_explain - spent['seconds']:.2f} s)")  # fmt: skip
+    print(f"ratio (b) / (a): {ratio:.2f}   target <= variants per failure + 1 = {per + 1:.2f}: "
+          f"{'met' if ratio <= per + 1 else 'NOT met'}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
