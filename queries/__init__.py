@@ -46,6 +46,10 @@ VIEWS = [
     "failure_blame",  # reads explain_runs, failure_ablations, retrieval_ranks, failure_samples
     "blame_by_category",  # reads explain_runs, failure_blame, sample_labels, categories
     "blame_agreement",  # reads explain_runs, failure_blame, annotations, failure_samples, sample_labels, triage_*
+    # extended positives: ECCV Caption, CxC (issue 27)
+    "positive_coverage",  # reads positive_sets, extra_positives, subset_captions
+    "recall_extended",  # reads retrieval_runs, retrieval_ranks, subset_captions, positive_sets, extra_positives,
+    # positive_ranks
     # clipfail status: one status_<stage> view per stage, all with the same columns (toolkit.report.status lists
     # every view named status_*, in stage_order, so a new stage adds its view here and nothing else)
     "runs_by_stage",  # reads runs

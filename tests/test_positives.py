@@ -1,0 +1,294 @@
+"""Extended positives (issue 27): `clipfail positives import/rank` and the recall_extended view, checked against
+the eccv_caption package's own metric code on a study whose ids are the package's real COCO ids."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import assert_one_message, import_tool, register_seeded_embeddings
+
+from toolkit.store import db
+from toolkit.store.study import open_study
+
+# eccv_caption warns on import when ujson is missing (it then uses json): harmless here
+pytestmark = pytest.mark.filterwarnings("ignore:failed to import `ujson`:UserWarning")
+HINT = "pip install 'clipfail[positives]' (CI installs it with the dev extra)"
+
+
+def _package_data() -> dict:
+    pkg = import_tool("eccv_caption", HINT)
+    folder = Path(pkg.__file__).parent / "data"
+    out = {}
+    for name in ("original", "eccv", "cxc"):
+        for key in ("caption_to_image", "image_to_caption"):
+            raw = json.loads((folder / f"{name}_{key}.json").read_text())
+            out[name, key] = {int(k): [int(x) for x in v] for k, v in raw.items()}
+    return out
+
+
+def _study_ids(data: dict) -> tuple[list[int], dict[int, list[int]]]:
+    """A small slice of the 5k test: the positive images of three ECCV caption queries (with their own
+    images), and each image's five COCO captions; all ids are real."""
+    eccv = data["eccv", "caption_to_image"]
+    images: set[int] = set()
+    for cap in sorted(eccv)[:3]:
+        images |= set(eccv[cap])
+    orig = data["original", "image_to_caption"]
+    return sorted(images), {i: sorted(orig[i]) for i in sorted(images)}
+
+
+def _make_study(root: Path, data: dict) -> tuple[str, list[int], dict[int, list[int]]]:
+    """Generate drawn images in COCO format, give them the real ids, ingest, seeded embeddings, evaluate both
+    directions. Returns the database path, the image ids and each image's caption ids."""
+    from toolkit.ingest.stage import ingest
+    from toolkit.ingest.synthetic import make_synthetic_coco
+    from toolkit.retrieval.evaluate import evaluate
+
+    image_ids, captions = _study_ids(data)
+    make_synthetic_coco(root / "coco", len(image_ids), seed=3)
+    ann = root / "coco" / "annotations"
+    cap_json = json.loads((ann / "captions_val2017.json").read_text())
+    remap = {img["id"]: real for img, real in zip(sorted(cap_json["images"], key=lambda x: x["id"]), image_ids)}
+    for img in cap_json["images"]:
+        img["id"] = remap[img["id"]]
+    by_image: dict[int, list] = {}
+    for a in cap_json["annotations"]:
+        a["image_id"] = remap[a["image_id"]]
+        by_image.setdefault(a["image_id"], []).append(a)
+    kept = []
+    for image_id, anns in by_image.items():
+        for a, cid in zip(anns[:5], captions[image_id]):
+            a["id"] = cid
+            kept.append(a)
+    cap_json["annotations"] = kept
+    (ann / "captions_val2017.json").write_text(json.dumps(cap_json))
+    (ann / "instances_val2017.json").unlink()
+    dbp = str(root / "study.duckdb")
+    with open_study(dbp) as con:
+        ingest(con, coco_root=root / "coco", num_images="all", captions_per_image=5, seed=42, name="eccv-slice")
+        register_seeded_embeddings(con, root, "eccv-slice", noise=0.9, seed=7)
+        evaluate(con, "eccv-slice", device="cpu", direction="text-to-image")
+        evaluate(con, "eccv-slice", device="cpu", direction="image-to-text")
+    return dbp, image_ids, captions
+
+
+@pytest.fixture(scope="module")
+def study_master(tmp_path_factory):
+    data = _package_data()
+    root = tmp_path_factory.mktemp("positives")
+    dbp, image_ids, captions = _make_study(root, data)
+    return root, dbp, data, image_ids, captions
+
+
+@pytest.fixture
+def study(study_master, tmp_path):
+    """A private copy of the study folder (database, embeddings and images: paths are stored relative to it)."""
+    root, dbp, data, image_ids, captions = study_master
+    dest = tmp_path / "study"
+    shutil.copytree(root, dest)
+    return str(dest / Path(dbp).name), data, image_ids, captions
+
+
+def _restricted(gts: dict, queries: set[int], items: set[int], orig: dict) -> dict[int, list[int]]:
+    """A source's lists inside the study: queries and positives both in it, plus the query's COCO pairs."""
+    out = {}
+    for q, ps in gts.items():
+        if q in queries:
+            kept = [p for p in ps if p in items]
+            if kept:
+                out[q] = sorted(set(kept) | {p for p in orig[q] if p in items})
+    return out
+
+
+def _ranked_lists(con, rrid: int) -> dict[int, list[int]]:
+    """Each query's gallery ids by descending score, from the run's embedding files and the toolkit's scores."""
+    from toolkit.retrieval.ranking import score_rows
+    from toolkit.store import artifacts
+
+    direction, img_set, txt_set = con.execute(
+        "SELECT direction, image_embedding_set_id, text_embedding_set_id FROM retrieval_runs WHERE retrieval_run_id=?",
+        [rrid],
+    ).fetchone()
+    images, texts = artifacts.load_embedding_set(con, img_set), artifacts.load_embedding_set(con, txt_set)
+    q, g = (texts, images) if direction == "text-to-image" else (images, texts)
+    S = score_rows(q.array, g.array)
+    for row in S:  # the package compares lists, so a tie would make the order arbitrary: there is none
+        assert len(np.unique(row)) == len(row)
+    order = np.argsort(-S, axis=1, kind="stable")
+    return {int(qid): [int(x) for x in g.item_ids[order[i]]] for i, qid in enumerate(q.item_ids)}
+
+
+def test_import_coverage_and_idempotence(study, run_cli):
+    dbp, data, image_ids, captions = study
+    res = run_cli("positives", "import", "--source", "eccv", "--db", dbp)
+    n_caps = sum(len(v) for v in captions.values())
+    assert f"of {n_caps} captions and" in res.output
+    with open_study(dbp) as con:
+        ps = con.execute("SELECT * FROM positive_sets").df()
+        assert len(ps) == 1 and ps["source"][0] == "eccv" and ps["source_version"][0] == "0.1.0"
+        pairs = con.execute("SELECT direction, query_id, positive_id FROM extra_positives").fetchall()
+        cov = con.execute("SELECT * FROM positive_coverage ORDER BY direction DESC").df()
+    imgs, caps = set(image_ids), {c for v in captions.values() for c in v}
+    c2i, i2c = data["eccv", "caption_to_image"], data["eccv", "image_to_caption"]
+    expected = {("text-to-image", c, i) for c, v in c2i.items() for i in v if c in caps and i in imgs} | {
+        ("image-to-text", i, c) for i, v in i2c.items() for c in v if c in caps and i in imgs
+    }
+    assert set(pairs) == expected and len(pairs) == int(ps["n_pairs_kept"][0])
+    t2i = _restricted(data["eccv", "caption_to_image"], caps, imgs, data["original", "caption_to_image"])
+    i2t = _restricted(data["eccv", "image_to_caption"], imgs, caps, data["original", "image_to_caption"])
+    assert int(ps["n_captions_covered"][0]) == len(t2i) >= 3 and int(ps["n_images_covered"][0]) == len(i2t)
+    assert cov["n_covered"].tolist() == [len(t2i), len(i2t)]
+    assert cov["mean_positives"][0] == pytest.approx(np.mean([len(v) for v in t2i.values()]))
+    # unknown ids: every id of the package that the study does not hold, counted once
+    all_caps = set(data["eccv", "caption_to_image"]) | {c for v in data["eccv", "image_to_caption"].values() for c in v}
+    all_imgs = set(data["eccv", "image_to_caption"]) | {i for v in data["eccv", "caption_to_image"].values() for i in v}
+    assert int(ps["n_unknown_ids"][0]) == len(all_caps - caps) + len(all_imgs - imgs)
+    # the same source again changes nothing
+    with open_study(dbp) as con:
+        before = [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("runs", "extra_positives")]
+    again = run_cli("positives", "import", "--source", "eccv", "--db", dbp)
+    assert "already imported, nothing changed" in again.output
+    with open_study(dbp) as con:
+        after = [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("runs", "extra_positives")]
+    assert after == before
+
+
+def test_recall_extended_equals_eccv_caption(study, run_cli):
+    """Every metric of the view against eccv_caption.Metrics.compute_all_metrics (and the package's
+    compute_eccv_metrics for R-Precision/mAP@R of coco and cxc), both directions, on the same ranked lists."""
+    eccv_caption = import_tool("eccv_caption", HINT)
+    from eccv_caption._metrics import compute_eccv_metrics
+
+    dbp, data, image_ids, captions = study
+    run_cli("positives", "import", "--source", "eccv", "--db", dbp)
+    run_cli("positives", "import", "--source", "cxc", "--db", dbp)
+    imgs, caps = set(image_ids), {c for v in captions.values() for c in v}
+    with open_study(dbp) as con:
+        runs = dict(con.execute("SELECT direction, retrieval_run_id FROM retrieval_runs").fetchall())
+        lists = {d: _ranked_lists(con, r) for d, r in runs.items()}
+        view = con.execute("SELECT * FROM recall_extended").df()
+    metrics = eccv_caption.Metrics()
+    gts = {}
+    for source in ("original", "cxc", "eccv"):
+        oc, oi = data["original", "caption_to_image"], data["original", "image_to_caption"]
+        gts[source] = {
+            "t2i": _restricted(data[source, "caption_to_image"], caps, imgs, oc),
+            "i2t": _restricted(data[source, "image_to_caption"], imgs, caps, oi),
+        }
+    metrics.coco_gts, metrics.cxc_gts, metrics.eccv_gts = gts["original"], gts["cxc"], gts["eccv"]
+    i2t, t2i = lists["image-to-text"], lists["text-to-image"]
+    ref = metrics.compute_all_metrics(
+        i2t, t2i, target_metrics=("coco_5k_recalls", "cxc_recalls", "eccv_r1", "eccv_map_at_r", "eccv_rprecision"),
+        Ks=(1, 5, 10),
+    )  # fmt: skip
+    expected = {}
+    for mod, direction in (("t2i", "text-to-image"), ("i2t", "image-to-text")):
+        for src, name in (("coco_5k", "coco"), ("cxc", "cxc")):
+            for k in (1, 5, 10):
+                expected[direction, name, "r_at_k", k] = ref[f"{src}_r{k}"][mod]
+            rest = compute_eccv_metrics(lists[direction], gts["original" if name == "coco" else name][mod])
+            expected[direction, name, "r_precision", None] = rest["eccv_rprecision"]
+            expected[direction, name, "map_at_r", None] = rest["eccv_map_at_r"]
+        expected[direction, "eccv", "r_at_k", 1] = ref["eccv_r1"][mod]
+        expected[direction, "eccv", "r_precision", None] = ref["eccv_rprecision"][mod]
+        expected[direction, "eccv", "map_at_r", None] = ref["eccv_map_at_r"][mod]
+        for k in (5, 10):  # the package's R@K on ECCV lists: compute_r_at_k, which eccv_recalls calls
+            expected[direction, "eccv", "r_at_k", k] = metrics.eccv_recalls({mod: lists[direction]}, mod, K=k)[mod]
+    got = {(r.direction, r.source, r.metric, None if pd.isna(r.k) else int(r.k)): r.value for r in view.itertuples()}
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(float(value), abs=1e-12), key
+    n = view.groupby(["direction", "source"])["n_queries"].first().to_dict()
+    assert n["text-to-image", "eccv"] == len(gts["eccv"]["t2i"]) and n["image-to-text", "cxc"] == len(gts["cxc"]["i2t"])
+    assert n["text-to-image", "coco"] == len(caps) and n["image-to-text", "coco"] == len(imgs)
+    # the extended positives change something here (the slice is made of ECCV positives), so the check is not vacuous
+    assert got["text-to-image", "eccv", "r_at_k", 1] != got["text-to-image", "coco", "r_at_k", 1]
+
+
+def test_rank_after_a_later_evaluate(study, run_cli):
+    """A run evaluated after the import has no recall_extended rows until `positives rank` stores its ranks."""
+    dbp, *_ = study
+    with open_study(dbp) as con, db.transaction(con):
+        con.execute("DELETE FROM retrieval_ranks WHERE retrieval_run_id = 2")
+        con.execute("DELETE FROM retrieval_runs WHERE retrieval_run_id = 2")
+    run_cli("positives", "import", "--source", "eccv", "--db", dbp)
+    from toolkit.retrieval.evaluate import evaluate
+
+    with open_study(dbp) as con:
+        rrid = evaluate(con, "eccv-slice", device="cpu", direction="image-to-text").retrieval_run_id
+        assert con.execute("SELECT count(*) FROM recall_extended WHERE retrieval_run_id = ?", [rrid]).fetchone()[0] == 0
+    res = run_cli("positives", "rank", "--db", dbp)
+    assert f"Retrieval run {rrid}:" in res.output
+    with open_study(dbp) as con:
+        sources = con.execute(
+            "SELECT DISTINCT source FROM recall_extended WHERE retrieval_run_id = ? ORDER BY 1", [rrid]
+        ).fetchall()
+        n = con.execute("SELECT count(*) FROM positive_ranks").fetchone()[0]
+    assert sources == [("coco",), ("eccv",)]
+    again = run_cli("positives", "rank", "--db", dbp)
+    assert "none missing" in again.output
+    with open_study(dbp) as con:
+        assert con.execute("SELECT count(*) FROM positive_ranks").fetchone()[0] == n
+
+
+def _tables(dbp) -> list[int]:
+    with open_study(dbp) as con:
+        return [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("positive_sets", "extra_positives")]
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ('{"caption_to_image": {"1": [2.5]}}', "a whole number"),
+        ('{"caption_to_image": {"abc": [2]}}', "key 'abc'"),
+        ('{"caption_to_image": {"1": [true]}}', "a whole number"),
+        ('{"caption_to_image": {"1": 2}}', "a list"),
+        ('{"captions": {}}', "caption_to_image"),
+        ("[1, 2]", "an object"),
+    ],
+)
+def test_file_of_wrong_shape_writes_nothing(study, run_cli, tmp_path, content, needle):
+    dbp, *_ = study
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    res = run_cli("positives", "import", "--file", bad, "--db", dbp, expect=None)
+    assert_one_message(res, needle, "bad.json")
+    assert _tables(dbp) == [0, 0]
+
+
+def test_file_source_and_unknown_ids(study, run_cli, tmp_path):
+    """A file of the same shape imports like a packaged source; ids the study lacks are counted, not errors."""
+    dbp, data, image_ids, captions = study
+    cap = captions[image_ids[0]][0]
+    f = tmp_path / "mine.json"
+    f.write_text(json.dumps({"caption_to_image": {str(cap): [image_ids[1], 999999999]}, "image_to_caption": {}}))
+    res = run_cli("positives", "import", "--file", f, "--db", dbp)
+    assert "1 of 2 pairs" in res.output and "1 ids of the source are not in it" in res.output
+    with open_study(dbp) as con:
+        assert con.execute("SELECT source, n_unknown_ids FROM positive_sets").fetchall() == [("file:mine.json", 1)]
+        assert con.execute("SELECT query_id, positive_id FROM extra_positives").fetchall() == [(cap, image_ids[1])]
+        src = con.execute("SELECT DISTINCT source FROM recall_extended ORDER BY 1").fetchall()
+    assert src == [("coco",), ("file:mine.json",)]
+
+
+def test_no_overlap_two_sources_and_missing_package(run_cli, synthetic_coco, tmp_db, tmp_path, monkeypatch):
+    """The generated dataset's ids are not COCO's: 0 of N covered, with what to ingest; nothing written."""
+    run_cli("ingest", "--coco-root", synthetic_coco, "--num-images", "10", "--db", tmp_db)
+    res = run_cli("positives", "import", "--source", "eccv", "--db", tmp_db, expect=None)
+    assert_one_message(res, "0 of 50 captions", "captions_val2014.json")
+    assert _tables(tmp_db) == [0, 0]
+    res = run_cli("positives", "import", "--source", "eccv", "--source", "cxc", "--db", tmp_db, expect=None)
+    assert_one_message(res, "one source of positives per import", "--source cxc")
+    res = run_cli("positives", "import", "--source", "eccv", "--file", tmp_path / "x.json", "--db", tmp_db, expect=None)
+    assert_one_message(res, "one source of positives per import")
+    import sys
+
+    monkeypatch.setitem(sys.modules, "eccv_caption", None)  # as if it were not installed
+    res = run_cli("positives", "import", "--source", "cxc", "--db", tmp_db, expect=None)
+    assert_one_message(res, "eccv_caption", "pip install 'clipfail[positives]'")
+    assert _tables(tmp_db) == [0, 0]
