@@ -78,10 +78,12 @@ placed AS (
         query_id,
         rank,
         row_number() OVER w AS j,
-        rank + row_number() OVER w - rank() OVER w AS place,
+        rank + row_number() OVER w - rank() OVER by_rank AS place,
         count(*) OVER (PARTITION BY retrieval_run_id, source, query_id) AS r
     FROM ranked
-    WINDOW w AS (PARTITION BY retrieval_run_id, source, query_id ORDER BY rank, positive_id)
+    WINDOW
+        w AS (PARTITION BY retrieval_run_id, source, query_id ORDER BY rank, positive_id),
+        by_rank AS (PARTITION BY retrieval_run_id, source, query_id ORDER BY rank)
 ),
 per_query AS (
     SELECT

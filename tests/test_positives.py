@@ -292,3 +292,52 @@ def test_no_overlap_two_sources_and_missing_package(run_cli, synthetic_coco, tmp
     res = run_cli("positives", "import", "--source", "cxc", "--db", tmp_db, expect=None)
     assert_one_message(res, "eccv_caption", "pip install 'clipfail[positives]'")
     assert _tables(tmp_db) == [0, 0]
+
+
+def test_ties_follow_the_optimistic_policy(study, run_cli, tmp_path):
+    """A caption whose image A, a verified positive B and a negative N all score exactly alike: A and B take
+    places 1 and 2 before N (optimistic), so R@1, R-Precision and mAP@R are 1; positive_ranks records the tie."""
+    from helpers import register_hand_built
+
+    from toolkit.retrieval.evaluate import evaluate
+
+    dbp, data, image_ids, captions = study
+    with open_study(dbp) as con:
+        sid = int(db.get_subset(con, "eccv-slice")["subset_id"])
+        imgs = [
+            int(i) for i in con.execute("SELECT image_id FROM subset_images ORDER BY position").fetchnumpy()["image_id"]
+        ]
+        caps = con.execute("SELECT caption_id, image_id FROM subset_captions ORDER BY caption_id").df()
+        rng = np.random.default_rng(1)
+        img = rng.normal(size=(len(imgs), 8)).astype(np.float32)
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        txt = rng.normal(size=(len(caps), 8)).astype(np.float32)
+        txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+        c, a = int(caps["caption_id"][0]), int(caps["image_id"][0])
+        b, n = [i for i in imgs if i != a][:2]
+        v = np.float32([1, 0, 0, 0, 0, 0, 0, 0])
+        for i in (a, b, n):
+            img[imgs.index(i)] = v
+        img[:, 0] = np.where(np.isin(imgs, [a, b, n]), img[:, 0], np.minimum(img[:, 0], 0.5))  # the rest lower
+        txt[0] = v
+        register_hand_built(con, tmp_path / "ti.npy", "image", img, imgs, sid, model="tied")
+        register_hand_built(con, tmp_path / "tt.npy", "text", txt, caps["caption_id"].to_numpy(), sid, model="tied")
+        rrid = evaluate(con, "eccv-slice", model="tied", device="cpu").retrieval_run_id
+    f = tmp_path / "tie.json"
+    f.write_text(json.dumps({"caption_to_image": {str(c): [b]}}))
+    run_cli("positives", "import", "--file", f, "--db", dbp)
+    with open_study(dbp) as con:
+        ranks = con.execute(
+            "SELECT positive_id, rank, n_tied FROM positive_ranks WHERE retrieval_run_id = ? AND query_id = ? "
+            "ORDER BY positive_id",
+            [rrid, c],
+        ).fetchall()
+        got = dict(
+            con.execute(
+                "SELECT metric || coalesce(k::VARCHAR, ''), value FROM recall_extended "
+                "WHERE retrieval_run_id = ? AND source = 'file:tie.json'",
+                [rrid],
+            ).fetchall()
+        )
+    assert ranks == sorted([(a, 1, 2), (b, 1, 2)])
+    assert got == {"r_at_k1": 1.0, "r_at_k5": 1.0, "r_at_k10": 1.0, "r_precision": 1.0, "map_at_r": 1.0}
