@@ -341,3 +341,40 @@ def test_ties_follow_the_optimistic_policy(study, run_cli, tmp_path):
         )
     assert ranks == sorted([(a, 1, 2), (b, 1, 2)])
     assert got == {"r_at_k1": 1.0, "r_at_k5": 1.0, "r_at_k10": 1.0, "r_precision": 1.0, "map_at_r": 1.0}
+
+
+def test_failure_false_negatives(study, run_cli):
+    """Per R@1 failure: whether its top-1 item is a verified positive, which sources verify and cover it, and
+    the rank of its first extended positive, against the package's lists and the ranked lists."""
+    dbp, data, image_ids, captions = study
+    run_cli("positives", "import", "--source", "eccv", "--db", dbp)
+    run_cli("positives", "import", "--source", "cxc", "--db", dbp)
+    imgs, caps = set(image_ids), {c for v in captions.values() for c in v}
+    with open_study(dbp) as con:
+        runs = dict(con.execute("SELECT direction, retrieval_run_id FROM retrieval_runs").fetchall())
+        lists = {d: _ranked_lists(con, r) for d, r in runs.items()}
+        view = con.execute("SELECT * FROM failure_false_negatives").df()
+    expected = []
+    for direction, key, queries, items, orig in (
+        ("text-to-image", "caption_to_image", caps, imgs, data["original", "caption_to_image"]),
+        ("image-to-text", "image_to_caption", imgs, caps, data["original", "image_to_caption"]),
+    ):
+        src = {s: _restricted(data[s, key], queries, items, orig) for s in ("cxc", "eccv")}
+        for q, ranked in lists[direction].items():
+            if ranked[0] in orig[q]:
+                continue  # a hit at 1
+            covering = [s for s in ("cxc", "eccv") if q in src[s]]
+            verifying = [s for s in covering if ranked[0] in src[s][q]]
+            extended = {p for s in covering for p in src[s][q]} - set(orig[q])
+            first = min((ranked.index(p) + 1 for p in extended), default=None)
+            expected.append(
+                (runs[direction], q, ranked[0], bool(verifying), ", ".join(verifying) or None,
+                 ", ".join(covering) or None, first)
+            )  # fmt: skip
+    cols = ["retrieval_run_id", "query_id", "top1_id", "is_top1_extended_positive", "verifying_sources"]
+    got = [
+        tuple(None if pd.isna(v) else v for v in row)
+        for row in view[[*cols, "covering_sources", "first_extended_rank"]].itertuples(index=False)
+    ]
+    assert sorted(got, key=str) == sorted(expected, key=str)
+    assert any(e[3] for e in expected) and any(not e[3] for e in expected)  # both kinds occur here

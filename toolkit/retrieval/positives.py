@@ -51,6 +51,7 @@ INGEST_HINT = (
     "ingest`; a study made with --karpathy-json holds Karpathy sentence ids, which cannot join."
 )
 RANK_ROWS = 2048  # query rows scored at once (memory: RANK_ROWS x gallery x 4 bytes)
+PAIRS_AT_ONCE = 256  # (query, positive) pairs whose score rows are compared at once
 
 
 @dataclass
@@ -267,13 +268,15 @@ def _rank_into(con, rrid: int) -> int:
     for s in range(0, len(uq), RANK_ROWS):
         rows = uq[s : s + RANK_ROWS]
         S = R.score_rows(queries.array[rows], gallery.array)  # the scores evaluate ranked, bit for bit
-        at = np.flatnonzero(np.isin(qi, rows))
-        local = np.searchsorted(rows, qi[at])
-        sc = S[local, gi[at]]
-        block = S[local]
-        rank[at] = 1 + (block > sc[:, None]).sum(axis=1)
-        tied[at] = (block == sc[:, None]).sum(axis=1) - 1
-        score[at] = sc
+        at_all = np.flatnonzero(np.isin(qi, rows))
+        for p in range(0, len(at_all), PAIRS_AT_ONCE):  # bounded memory: PAIRS_AT_ONCE score rows compared at once
+            at = at_all[p : p + PAIRS_AT_ONCE]
+            local = np.searchsorted(rows, qi[at])
+            sc = S[local, gi[at]]
+            block = S[local]
+            rank[at] = 1 + (block > sc[:, None]).sum(axis=1)
+            tied[at] = (block == sc[:, None]).sum(axis=1) - 1
+            score[at] = sc
     db.insert_df(
         con,
         "positive_ranks",
