@@ -211,7 +211,8 @@ def test_recall_extended_equals_eccv_caption(study, run_cli):
 
 
 def test_rank_after_a_later_evaluate(study, run_cli):
-    """A run evaluated after the import has no recall_extended rows until `positives rank` stores its ranks."""
+    """A run evaluated after the import gets its positive ranks from evaluate; `positives rank` fills in what is
+    missing (here: deleted) and recall_extended shows a (run, source) only once all of its ranks are stored."""
     dbp, *_ = study
     with open_study(dbp) as con, db.transaction(con):
         con.execute("DELETE FROM retrieval_ranks WHERE retrieval_run_id = 2")
@@ -219,21 +220,27 @@ def test_rank_after_a_later_evaluate(study, run_cli):
     run_cli("positives", "import", "--source", "eccv", "--db", dbp)
     from toolkit.retrieval.evaluate import evaluate
 
+    query = "SELECT DISTINCT source FROM recall_extended WHERE retrieval_run_id = ? ORDER BY 1"
     with open_study(dbp) as con:
         rrid = evaluate(con, "eccv-slice", device="cpu", direction="image-to-text").retrieval_run_id
-        assert con.execute("SELECT count(*) FROM recall_extended WHERE retrieval_run_id = ?", [rrid]).fetchone()[0] == 0
+        assert con.execute(query, [rrid]).fetchall() == [("coco",), ("eccv",)]
+        n = con.execute("SELECT count(*) FROM positive_ranks WHERE retrieval_run_id = ?", [rrid]).fetchone()[0]
+        with db.transaction(con):
+            con.execute(
+                "DELETE FROM positive_ranks WHERE retrieval_run_id = ? AND (query_id, positive_id) IN "
+                "(SELECT (e.query_id, e.positive_id) FROM extra_positives e WHERE e.direction = 'image-to-text' AND "
+                "e.positive_id NOT IN (SELECT caption_id FROM subset_captions WHERE image_id = e.query_id) "
+                "ORDER BY ALL LIMIT 1)",
+                [rrid],
+            )
+        assert con.execute(query, [rrid]).fetchall() == [("coco",)]  # eccv incomplete: no rows, never partial ones
     res = run_cli("positives", "rank", "--db", dbp)
-    assert f"Retrieval run {rrid}:" in res.output
+    assert f"Retrieval run {rrid}: 1 positive ranks stored" in res.output
     with open_study(dbp) as con:
-        sources = con.execute(
-            "SELECT DISTINCT source FROM recall_extended WHERE retrieval_run_id = ? ORDER BY 1", [rrid]
-        ).fetchall()
-        n = con.execute("SELECT count(*) FROM positive_ranks").fetchone()[0]
-    assert sources == [("coco",), ("eccv",)]
-    again = run_cli("positives", "rank", "--db", dbp)
+        assert con.execute(query, [rrid]).fetchall() == [("coco",), ("eccv",)]
+        assert con.execute("SELECT count(*) FROM positive_ranks WHERE retrieval_run_id = ?", [rrid]).fetchone()[0] == n
+    again = run_cli("positives", "rank", "--run", rrid, "--db", dbp)
     assert "none missing" in again.output
-    with open_study(dbp) as con:
-        assert con.execute("SELECT count(*) FROM positive_ranks").fetchone()[0] == n
 
 
 def _tables(dbp) -> list[int]:

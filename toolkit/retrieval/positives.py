@@ -14,7 +14,8 @@ file of the same content, `{"caption_to_image": {"<caption id>": [image ids]}, "
   sha256 of the JSON bytes, counts and coverage;
 - `extra_positives`: the pairs of both directions whose two ends are in the subset (an id the subset
   does not hold is counted, never an error);
-- `positive_ranks` for every retrieval run of the subset that exists (see `rank_positives`).
+- `positive_ranks` for every retrieval run of the subset that exists (see `rank_positives`); evaluate
+  stores them for a run made later (`rank_if_imported`).
 
 The same source (same bytes) for the same subset again is a no-op. A subset that none of the source's
 queries falls in is refused ("0 of N captions covered") with what to ingest.
@@ -283,6 +284,16 @@ def _rank_into(con, rrid: int) -> int:
         todo.assign(retrieval_run_id=np.int64(rrid), rank=rank, n_tied=tied, score=score),
     )
     return len(todo)
+
+
+def rank_if_imported(con, retrieval_run_id: int) -> int:
+    """For evaluate, inside its transaction: the positive ranks of a new run whose subset has positive sets."""
+    rrid = int(retrieval_run_id)
+    imported = con.execute(
+        "SELECT count(*) FROM positive_sets p JOIN retrieval_runs r USING (subset_id) WHERE r.retrieval_run_id = ?",
+        [rrid],
+    ).fetchone()[0]
+    return _rank_into(con, rrid) if imported else 0
 
 
 def rank_positives(con, retrieval_run_id: int) -> int:
