@@ -1924,9 +1924,11 @@ def positives_import(db_path, sources, file, subset):
 @run_option("every retrieval run that lacks some")
 @db_option
 def positives_rank(db_path, retrieval_run_id):
-    """Store the rank of every positive of a retrieval run evaluated after the import (table positive_ranks).
+    """Store the positive ranks that a retrieval run lacks (table positive_ranks).
 
-    recall_extended shows a (run, source) only once all of its positives are ranked. Nothing to do is a no-op.
+    import and evaluate store them themselves; this fills in the rest (e.g. a run evaluated by an
+    older clipfail). recall_extended shows a (run, source) only once all of its positives are
+    ranked. Nothing to do is a no-op.
 
     \b
     Example:
