@@ -52,7 +52,6 @@ INGEST_HINT = (
     "ingest`; a study made with --karpathy-json holds Karpathy sentence ids, which cannot join."
 )
 RANK_ROWS = 2048  # query rows scored at once (memory: RANK_ROWS x gallery x 4 bytes)
-PAIRS_AT_ONCE = 256  # (query, positive) pairs whose score rows are compared at once
 
 
 @dataclass
@@ -135,9 +134,10 @@ def _pairs(lists: dict) -> pd.DataFrame:
 
 
 def import_positives(
-    con, subset_name: str | None, source: str | None = None, file: str | Path | None = None
+    con, subset_name: str | None, source: str | None = None, file: str | Path | None = None, *, rank_runs: bool = True
 ) -> ImportResult:
-    """Import one source of extended positives for a subset; see the module docstring."""
+    """Import one source of extended positives for a subset; see the module docstring. rank_runs=False leaves the
+    ranks of existing runs to `rank_positives` (benchmarks/extended_metrics.py times the two apart)."""
     started = db.now()
     if (source is None) == (file is None):
         raise UserError("Give one source of positives: --source eccv|cxc, or --file F (not both, not neither).")
@@ -194,7 +194,7 @@ def import_positives(
         runs = con.execute(
             "SELECT retrieval_run_id FROM retrieval_runs WHERE subset_id = ? ORDER BY 1", [subset_id]
         ).fetchnumpy()["retrieval_run_id"]
-        ranked = [int(r) for r in runs if _rank_into(con, int(r)) > 0]
+        ranked = [int(r) for r in runs if rank_runs and _rank_into(con, int(r)) > 0]
     return _result(con, int(psid), False, ranked)
 
 
@@ -234,8 +234,14 @@ def _missing_pairs(con, rrid: int) -> pd.DataFrame:
             JOIN extra_positives e ON e.positive_set_id = p.positive_set_id AND e.direction = run.direction
         ),
         wanted AS (SELECT * FROM coco UNION SELECT * FROM extra)
-        SELECT w.query_id, w.positive_id
+        SELECT w.query_id, w.positive_id,
+            -- text-to-image: the caption's own image is the one ground truth that evaluate ranked; its rank, ties
+            -- and score are stored already, from the same scores (image-to-text: n_tied there leaves out the
+            -- image's other captions, so every caption is ranked here)
+            q.gt_id = w.positive_id AND run.direction = 'text-to-image' AS is_evaluated,
+            q.gt_rank, q.n_tied AS gt_n_tied, q.gt_score
         FROM wanted w
+        CROSS JOIN run
         JOIN retrieval_ranks q ON q.retrieval_run_id = ? AND q.query_id = w.query_id
         ANTI JOIN (SELECT query_id, positive_id FROM positive_ranks WHERE retrieval_run_id = ?) done
             ON done.query_id = w.query_id AND done.positive_id = w.positive_id
@@ -247,9 +253,27 @@ def _missing_pairs(con, rrid: int) -> pd.DataFrame:
 
 def _rank_into(con, rrid: int) -> int:
     """Compute and insert the missing positive ranks of run `rrid` (inside the caller's transaction)."""
-    todo = _missing_pairs(con, rrid)
-    if todo.empty:
+    missing = _missing_pairs(con, rrid)
+    if missing.empty:
         return 0
+    known = missing[missing["is_evaluated"]]
+    db.insert_df(
+        con,
+        "positive_ranks",
+        pd.DataFrame(
+            {
+                "retrieval_run_id": np.int64(rrid),
+                "query_id": known["query_id"],
+                "positive_id": known["positive_id"],
+                "rank": known["gt_rank"],
+                "n_tied": known["gt_n_tied"],
+                "score": known["gt_score"],
+            }
+        ),
+    )
+    todo = missing.loc[~missing["is_evaluated"], ["query_id", "positive_id"]]
+    if todo.empty:
+        return len(missing)
     direction, img_set, txt_set = con.execute(
         "SELECT direction, image_embedding_set_id, text_embedding_set_id FROM retrieval_runs "
         "WHERE retrieval_run_id = ?",
@@ -269,21 +293,26 @@ def _rank_into(con, rrid: int) -> int:
     for s in range(0, len(uq), RANK_ROWS):
         rows = uq[s : s + RANK_ROWS]
         S = R.score_rows(queries.array[rows], gallery.array)  # the scores evaluate ranked, bit for bit
-        at_all = np.flatnonzero(np.isin(qi, rows))
-        for p in range(0, len(at_all), PAIRS_AT_ONCE):  # bounded memory: PAIRS_AT_ONCE score rows compared at once
-            at = at_all[p : p + PAIRS_AT_ONCE]
-            local = np.searchsorted(rows, qi[at])
-            sc = S[local, gi[at]]
-            block = S[local]
-            rank[at] = 1 + (block > sc[:, None]).sum(axis=1)
-            tied[at] = (block == sc[:, None]).sum(axis=1) - 1
-            score[at] = sc
+        at = np.flatnonzero(np.isin(qi, rows))
+        local = np.searchsorted(rows, qi[at])
+        sc = S[local, gi[at]]
+        S.sort(axis=1)  # ascending, in place: counts by binary search (exact float32 comparisons, as `>` and `==`)
+        order = np.argsort(local, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(local[order]) != 0])
+        for a, b in zip(starts, np.r_[starts[1:], len(order)]):
+            pick = order[a:b]
+            row = S[local[pick[0]]]
+            left = np.searchsorted(row, sc[pick], side="left")
+            right = np.searchsorted(row, sc[pick], side="right")
+            rank[at[pick]] = 1 + len(row) - right  # 1 + items scoring strictly higher
+            tied[at[pick]] = right - left - 1  # other items with exactly this score
+        score[at] = sc
     db.insert_df(
         con,
         "positive_ranks",
         todo.assign(retrieval_run_id=np.int64(rrid), rank=rank, n_tied=tied, score=score),
     )
-    return len(todo)
+    return len(missing)
 
 
 def rank_if_imported(con, retrieval_run_id: int) -> int:
