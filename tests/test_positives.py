@@ -385,3 +385,40 @@ def test_failure_false_negatives(study, run_cli):
     ]
     assert sorted(got, key=str) == sorted(expected, key=str)
     assert any(e[3] for e in expected) and any(not e[3] for e in expected)  # both kinds occur here
+
+
+def test_false_negatives_by_category(study, run_cli, tmp_path):
+    """Per human category of the labelled R@1 failures: checkable, verified false negatives and the shares,
+    against a plain join of sample_labels and failure_false_negatives."""
+    from toolkit.labels.sample import sample_failures
+    from toolkit.labels.simulate import simulate_labels
+
+    dbp, *_ = study
+    with open_study(dbp) as con:
+        sample_failures(con, n=30, seed=42, overlap=6, per_annotator=8, out_dir=tmp_path / "fa", pictures=False)
+        simulate_labels(con, tmp_path / "fa", tmp_path / "labels", seed=0)
+        assert con.execute("SELECT count(*) FROM false_negatives_by_category").fetchone()[0] == 0  # nothing imported
+    run_cli("positives", "import", "--source", "eccv", "--db", dbp)
+    run_cli("positives", "import", "--source", "cxc", "--db", dbp)
+    with open_study(dbp) as con:
+        labels = con.execute("SELECT retrieval_run_id, caption_id AS query_id, category FROM sample_labels").df()
+        fn = con.execute("SELECT * FROM failure_false_negatives").df()
+        view = con.execute("SELECT * FROM false_negatives_by_category").df()
+    joined = labels.merge(fn, on=["retrieval_run_id", "query_id"], how="left")
+    assert len(joined) == len(labels) >= 20
+    joined["checkable"] = joined["covering_sources"].notna()
+    joined["verified"] = joined["is_top1_extended_positive"].fillna(False).astype(bool)
+    exp = joined.groupby("category").agg(
+        n_labelled=("query_id", "size"), n_checkable=("checkable", "sum"), n_verified=("verified", "sum")
+    )
+    got = view.set_index("category")
+    assert got["n_labelled"].to_dict() == exp["n_labelled"].to_dict()
+    assert got["n_checkable"].to_dict() == exp["n_checkable"].to_dict()
+    assert got["n_verified"].to_dict() == exp["n_verified"].to_dict()
+    assert exp["n_checkable"].sum() > 0  # CxC covers every caption of the study: the shares are not all NULL
+    total = exp["n_verified"].sum()
+    for cat, row in exp.iterrows():
+        share = row.n_verified / row.n_checkable if row.n_checkable else None
+        assert (got.loc[cat, "share_verified"] if pd.notna(got.loc[cat, "share_verified"]) else None) == share
+        mine = got.loc[cat, "share_of_verified"]
+        assert (None if pd.isna(mine) else mine) == (row.n_verified / total if total else None)
