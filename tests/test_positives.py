@@ -422,3 +422,40 @@ def test_false_negatives_by_category(study, run_cli, tmp_path):
         assert (got.loc[cat, "share_verified"] if pd.notna(got.loc[cat, "share_verified"]) else None) == share
         mine = got.loc[cat, "share_of_verified"]
         assert (None if pd.isna(mine) else mine) == (row.n_verified / total if total else None)
+
+
+def test_sample_failures_exclude_verified_positives(study, run_cli, tmp_path):
+    """--exclude-verified-positives draws from the failures whose top-1 is not a verified positive, records the
+    positive sets it used in the sample's config, and is refused before any positives are imported."""
+    dbp, *_ = study
+    args = ("sample-failures", "--run", 1, "--overlap", 0, "--per-annotator", 1, "--annotators", "A", "--no-pictures")
+    res = run_cli(*args, "--n", 5, "--out", tmp_path / "fa0", "--exclude-verified-positives", "--db", dbp, expect=None)
+    assert_one_message(res, "clipfail positives import")
+    run_cli("positives", "import", "--source", "eccv", "--db", dbp)
+    run_cli("positives", "import", "--source", "cxc", "--db", dbp)
+    with open_study(dbp) as con:
+        verified = {
+            int(r[0])
+            for r in con.execute(
+                "SELECT query_id FROM failure_false_negatives WHERE retrieval_run_id = 1 AND is_top1_extended_positive"
+            ).fetchall()
+        }
+        n_fail = con.execute(
+            "SELECT count(*) FROM retrieval_ranks WHERE retrieval_run_id = 1 AND gt_rank > 1"
+        ).fetchone()[0]
+    assert verified  # the study has at least one known false negative to keep away
+    n = n_fail - len(verified)
+    run_cli(*args, "--n", n, "--out", tmp_path / "fa", "--exclude-verified-positives", "--db", dbp)
+    with open_study(dbp) as con:
+        drawn = {int(r[0]) for r in con.execute("SELECT caption_id FROM failure_samples").fetchall()}
+        cfg = json.loads(
+            con.execute("SELECT config_json FROM runs WHERE stage = 'sample-failures' ORDER BY run_id DESC").fetchone()[
+                0
+            ]
+        )
+    assert len(drawn) == n and not drawn & verified  # every other failure, none of the verified ones
+    assert cfg["exclude_verified_positives"] == [1, 2]
+    # one more than that pool is refused: the verified ones are not in it
+    res = run_cli(*args, "--n", n + 1, "--out", tmp_path / "fb", "--exclude-verified-positives", "--replace",
+                  "--db", dbp, expect=None)  # fmt: skip
+    assert_one_message(res, f"more than the {n} R@1 failures")
