@@ -459,3 +459,39 @@ def test_sample_failures_exclude_verified_positives(study, run_cli, tmp_path):
     res = run_cli(*args, "--n", n + 1, "--out", tmp_path / "fb", "--exclude-verified-positives", "--replace",
                   "--db", dbp, expect=None)  # fmt: skip
     assert_one_message(res, f"more than the {n} R@1 failures")
+
+
+def test_triage_verified_rule_comes_first(study, run_cli):
+    """Once positives are imported, a failure whose top-1 image is a verified positive is suggested Ambiguous by the
+    Verified rule, before every other rule, with the sources as evidence; before the import no rule says so."""
+    dbp, *_ = study
+    run_cli("triage", "--run", 1, "--db", dbp)
+    with open_study(dbp) as con:
+        assert (
+            con.execute("SELECT count(*) FROM triage_suggestions WHERE rules_fired LIKE 'Verified%'").fetchone()[0] == 0
+        )
+    run_cli("positives", "import", "--source", "eccv", "--db", dbp)
+    run_cli("positives", "import", "--source", "cxc", "--db", dbp)
+    run_cli("triage", "--run", 1, "--db", dbp)
+    with open_study(dbp) as con:
+        fn = con.execute(
+            "SELECT query_id, is_top1_extended_positive, verifying_sources FROM failure_false_negatives "
+            "WHERE retrieval_run_id = 1"
+        ).df()
+        sug = con.execute(
+            "SELECT caption_id, suggested_category, score, evidence, rules_fired FROM triage_suggestions "
+            "WHERE triage_run_id = (SELECT max(triage_run_id) FROM triage_runs)"
+        ).df()
+        cfg = json.loads(
+            con.execute("SELECT config_json FROM runs WHERE stage = 'triage' ORDER BY run_id DESC").fetchone()[0]
+        )
+    assert cfg["verified_positive_sets"] == [1, 2]
+    merged = sug.merge(fn, left_on="caption_id", right_on="query_id")
+    assert len(merged) == len(sug) == len(fn)
+    hits = merged[merged["is_top1_extended_positive"]]
+    assert len(hits) >= 1
+    for row in hits.itertuples():
+        assert row.suggested_category == "Ambiguous" and row.score == 1.0
+        assert row.rules_fired.split(",")[0] == "Verified"
+        assert f"verified positive of this caption (ECCV Caption / CxC: {row.verifying_sources})" in row.evidence
+    assert not merged.loc[~merged["is_top1_extended_positive"], "rules_fired"].str.contains("Verified").any()
