@@ -54,6 +54,8 @@ VIEWS = [
     # extra_positives, positive_ranks
     "false_negatives_by_category",  # reads sample_labels, failure_false_negatives, categories, retrieval_runs,
     # positive_sets
+    "false_negatives_by_triage_rule",  # reads triage_runs, triage_suggestions, failure_false_negatives,
+    # retrieval_runs, positive_sets
     # clipfail status: one status_<stage> view per stage, all with the same columns (toolkit.report.status lists
     # every view named status_*, in stage_order, so a new stage adds its view here and nothing else)
     "runs_by_stage",  # reads runs

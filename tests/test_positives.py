@@ -495,3 +495,29 @@ def test_triage_verified_rule_comes_first(study, run_cli):
         assert row.rules_fired.split(",")[0] == "Verified"
         assert f"verified positive of this caption (ECCV Caption / CxC: {row.verifying_sources})" in row.evidence
     assert not merged.loc[~merged["is_top1_extended_positive"], "rules_fired"].str.contains("Verified").any()
+
+
+def test_false_negatives_by_triage_rule(study, run_cli):
+    """Per deciding heuristic rule of the newest triage run (Verified set aside): failures, checkable, verified."""
+    dbp, *_ = study
+    run_cli("positives", "import", "--source", "eccv", "--db", dbp)
+    run_cli("positives", "import", "--source", "cxc", "--db", dbp)
+    run_cli("triage", "--run", 1, "--db", dbp)
+    with open_study(dbp) as con:
+        sug = con.execute("SELECT caption_id AS query_id, rules_fired FROM triage_suggestions").df()
+        fn = con.execute("SELECT * FROM failure_false_negatives WHERE retrieval_run_id = 1").df()
+        view = con.execute("SELECT * FROM false_negatives_by_triage_rule").df()
+    j = sug.merge(fn, on="query_id")
+    assert len(j) == len(sug) > 0
+    j["rule"] = j["rules_fired"].map(lambda s: next((r for r in s.split(",") if r and r != "Verified"), "(none)"))
+    exp = j.groupby("rule").agg(
+        n_failures=("query_id", "size"),
+        n_checkable=("covering_sources", lambda c: int(c.notna().sum())),
+        n_verified=("is_top1_extended_positive", "sum"),
+    )
+    got = view.assign(rule=view["rule"].fillna("(none)")).set_index("rule")
+    for col in ("n_failures", "n_checkable", "n_verified"):
+        assert got[col].to_dict() == exp[col].astype(int).to_dict(), col
+    assert exp["n_verified"].sum() >= 1
+    share = got["share_of_verified"].dropna()
+    assert abs(share.sum() - 1.0) < 1e-12
