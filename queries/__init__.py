@@ -60,6 +60,7 @@ VIEWS = [
     # every view named status_*, in stage_order, so a new stage adds its view here and nothing else)
     "runs_by_stage",  # reads runs
     "status_ingest",  # reads subsets, subset_images, subset_captions, embedding_sets
+    "status_positives",  # reads positive_sets, subsets
     "status_embed",  # reads embedding_sets, subsets, retrieval_runs
     "status_evaluate",  # reads retrieval_runs, subsets, retrieval_ranks, failure_samples, triage_runs
     "status_compare",  # reads run_comparison, retrieval_runs

@@ -521,3 +521,14 @@ def test_false_negatives_by_triage_rule(study, run_cli):
     assert exp["n_verified"].sum() >= 1
     share = got["share_of_verified"].dropna()
     assert abs(share.sum() - 1.0) < 1e-12
+
+
+def test_status_lists_the_positive_sets(study, run_cli):
+    dbp, data, image_ids, captions = study
+    before = run_cli("status", "--db", dbp).output
+    assert "positives" not in before  # optional stage: nothing said while none was imported
+    run_cli("positives", "import", "--source", "cxc", "--db", dbp)
+    out = run_cli("status", "--db", dbp).output
+    n_caps = sum(len(v) for v in captions.values())
+    assert "positive set 1: cxc 0.1.0" in out and f"{n_caps} of {n_caps} captions" in out
+    assert out.index("positive set 1") < out.index("retrieval run")  # after ingest, before evaluate
