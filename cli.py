@@ -30,6 +30,7 @@ STAGE_ORDER = (
     "download-coco",
     "make-synthetic-coco",
     "ingest",
+    "positives",
     "embed",
     "evaluate",
     "benchmark",
@@ -464,6 +465,96 @@ def ingest(db_path, **options):
         click.echo(f"  object instances: {res.num_instances} stored (table image_instances).")
 
 
+@cli.group()
+def positives():
+    """Extended positives: human-verified extra caption-image pairs (ECCV Caption, CxC) of the COCO 5k test.
+
+    COCO pairs each caption with one image; ECCV Caption and CxC verify more. Once imported, the view
+    recall_extended gives R@K, R-Precision and mAP@R per source with them counted as hits (the
+    original pairs always count). The packaged sources need the eccv_caption package:
+    pip install 'clipfail[positives]'.
+
+    \b
+    Example:
+      clipfail positives import --source eccv
+    """
+
+
+@positives.command("import")
+@click.option(
+    "--source", "sources", multiple=True, type=click.Choice(["eccv", "cxc"]),
+    help="A source that the eccv_caption package ships: eccv (ECCV Caption) or cxc (Crisscrossed Captions).",
+)  # fmt: skip
+@click.option(
+    "--file", "file", type=click.Path(dir_okay=False), default=None,
+    help='A JSON file of the same content: {"caption_to_image": {"<caption id>": [image ids]}, '
+    '"image_to_caption": {"<image id>": [caption ids]}}.',
+)  # fmt: skip
+@click.option("--subset", default=None, help="Subset name (default: the most recent).")
+@db_option
+def positives_import(db_path, sources, file, subset):
+    """Import one source of extended positives for a subset (tables positive_sets, extra_positives).
+
+    Keeps the pairs whose two ends are in the subset (ids are COCO caption annotation ids and COCO
+    image ids; the others are counted and skipped), reports the coverage (view positive_coverage) and
+    stores the ranks of every positive for the subset's retrieval runs (table positive_ranks). The
+    same source again is a no-op; a subset that the source does not reach at all is refused.
+
+    \b
+    Example:
+      clipfail positives import --source cxc --subset s5000
+    """
+    from toolkit.retrieval.positives import import_positives
+
+    if len(sources) + (file is not None) > 1:
+        given = [f"--source {s}" for s in sources] + ([f"--file {file}"] if file else [])
+        raise UserError(f"Give one source of positives per import, not {len(given)} ({', '.join(given)}).")
+    with open_study(db_path) as con:
+        res = import_positives(con, subset, source=sources[0] if sources else None, file=file)
+    state = "already imported, nothing changed" if res.reused else "imported"
+    version = f" {res.source_version}" if res.source_version else ""
+    click.echo(
+        f"Positive set {res.positive_set_id} ({state}): {res.source}{version} for subset {res.subset}: "
+        f"{res.n_pairs_kept:,} of {res.n_pairs_read:,} pairs have both ends in the subset; "
+        f"{res.n_unknown_ids:,} ids of the source are not in it (skipped)."
+    )
+    click.echo(
+        f"Coverage: {res.n_captions_covered:,} of {res.n_captions:,} captions and {res.n_images_covered:,} of "
+        f"{res.n_images:,} images are queries of {res.source} here."
+    )
+    echo_df(res.coverage[["direction", "n_queries", "n_covered", "mean_positives", "max_positives"]], floatfmt="{:.2f}")
+    if res.ranked_runs:
+        click.echo(f"Ranked the positives of retrieval run(s) {', '.join(map(str, res.ranked_runs))}.")
+    click.echo(f'Metrics: {clipfail_command(db_path, always=True)} sql "SELECT * FROM recall_extended"')
+
+
+@positives.command("rank")
+@run_option("every retrieval run that lacks some")
+@db_option
+def positives_rank(db_path, retrieval_run_id):
+    """Store the positive ranks that a retrieval run lacks (table positive_ranks).
+
+    import and evaluate store them themselves; this fills in the rest (e.g. a run evaluated by an
+    older clipfail). recall_extended shows a (run, source) only once all of its positives are
+    ranked. Nothing to do is a no-op.
+
+    \b
+    Example:
+      clipfail positives rank --run 3
+    """
+    from toolkit.retrieval.positives import rank_positives
+
+    with open_study(db_path) as con:
+        runs = (
+            [retrieval_run_id]
+            if retrieval_run_id is not None
+            else con.execute("SELECT retrieval_run_id FROM retrieval_runs ORDER BY 1").fetchnumpy()["retrieval_run_id"]
+        )
+        for rrid in runs:
+            n = rank_positives(con, int(rrid))
+            click.echo(f"Retrieval run {int(rrid)}: {n:,} positive ranks stored" + ("" if n else " (none missing)."))
+
+
 @cli.command()
 @click.option("--subset", "subset_name", default=None, help="Subset name (default: the most recent subset).")
 @model_options(model_required=True, precision=True)
@@ -823,6 +914,12 @@ def triage(db_path, retrieval_run_id, hub_factor):
     is_flag=True,
     help="Also show triage suggestions in assign_overlap.csv (hidden by default: they would bias agreement).",
 )
+@click.option(
+    "--exclude-verified-positives",
+    is_flag=True,
+    help="Leave out failures whose top-1 image is a verified positive (view failure_false_negatives; needs "
+    "`clipfail positives import`): known false negatives never reach annotators. Recorded in the sample's config.",
+)
 @db_option
 def sample_failures(
     db_path,
@@ -836,6 +933,7 @@ def sample_failures(
     pictures,
     replace,
     show_suggestions_on_overlap,
+    exclude_verified_positives,
 ):
     """Draw a seeded sample of R@1 failures and export CSVs and pictures for annotators.
 
@@ -864,6 +962,7 @@ def sample_failures(
             pictures=pictures,
             replace=replace,
             show_suggestions_on_overlap=show_suggestions_on_overlap,
+            exclude_verified_positives=exclude_verified_positives,
         )
     if res.is_noop:
         click.echo(

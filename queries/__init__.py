@@ -46,10 +46,21 @@ VIEWS = [
     "failure_blame",  # reads explain_runs, failure_ablations, retrieval_ranks, failure_samples
     "blame_by_category",  # reads explain_runs, failure_blame, sample_labels, categories
     "blame_agreement",  # reads explain_runs, failure_blame, annotations, failure_samples, sample_labels, triage_*
+    # extended positives: ECCV Caption, CxC (issue 27)
+    "positive_coverage",  # reads positive_sets, extra_positives, subset_captions
+    "recall_extended",  # reads retrieval_runs, retrieval_ranks, subset_captions, positive_sets, extra_positives,
+    # positive_ranks
+    "failure_false_negatives",  # reads retrieval_runs, retrieval_ranks, subset_captions, positive_sets,
+    # extra_positives, positive_ranks
+    "false_negatives_by_category",  # reads sample_labels, failure_false_negatives, categories, retrieval_runs,
+    # positive_sets
+    "false_negatives_by_triage_rule",  # reads triage_runs, triage_suggestions, failure_false_negatives,
+    # retrieval_runs, positive_sets
     # clipfail status: one status_<stage> view per stage, all with the same columns (toolkit.report.status lists
     # every view named status_*, in stage_order, so a new stage adds its view here and nothing else)
     "runs_by_stage",  # reads runs
     "status_ingest",  # reads subsets, subset_images, subset_captions, embedding_sets
+    "status_positives",  # reads positive_sets, subsets
     "status_embed",  # reads embedding_sets, subsets, retrieval_runs
     "status_evaluate",  # reads retrieval_runs, subsets, retrieval_ranks, failure_samples, triage_runs
     "status_compare",  # reads run_comparison, retrieval_runs

@@ -510,6 +510,56 @@ failure_ablations = sa.Table(
     sa.Column("score_gap_after", sa.REAL, nullable=False),
 )
 
+# --- extended positives: ECCV Caption, CxC (issue 27) ---------------------------------------------
+
+# One row per `clipfail positives import`: which source, which version of it, for which subset, and what it covered.
+positive_sets = sa.Table(
+    "positive_sets",
+    metadata,
+    _id("positive_set_id"),
+    sa.Column("subset_id", sa.BigInteger, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),  # 'eccv' | 'cxc' | 'file:<name>'
+    sa.Column("source_version", sa.Text),  # eccv_caption's version for a packaged source, NULL for a file
+    sa.Column("source_sha256", sa.Text, nullable=False),  # of the JSON bytes read (both files, in order)
+    sa.Column("n_pairs_read", sa.BigInteger, nullable=False),  # both directions, as read
+    sa.Column("n_pairs_kept", sa.BigInteger, nullable=False),  # both ends in the subset
+    sa.Column("n_unknown_ids", sa.BigInteger, nullable=False),  # distinct ids read that the study does not hold
+    sa.Column("n_captions", sa.BigInteger, nullable=False),  # captions of the subset
+    sa.Column("n_captions_covered", sa.BigInteger, nullable=False),  # ... that are text-to-image queries here
+    sa.Column("n_images", sa.BigInteger, nullable=False),
+    sa.Column("n_images_covered", sa.BigInteger, nullable=False),
+    sa.Column("config_hash", sa.Text, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    _run_id(),
+)
+
+# The verified pairs of a positive set whose two ends are in its subset. direction 'text-to-image': query_id is a
+# caption id and positive_id an image id; 'image-to-text': the other way round (the two lists are separate data:
+# ECCV's image queries are not its caption queries).
+extra_positives = sa.Table(
+    "extra_positives",
+    metadata,
+    sa.Column("positive_set_id", sa.BigInteger, primary_key=True),
+    sa.Column("direction", sa.Text, primary_key=True),
+    sa.Column("query_id", sa.BigInteger, primary_key=True),
+    sa.Column("positive_id", sa.BigInteger, primary_key=True),
+)
+
+# The rank of each positive (COCO's own pairs and every extended one) of each query of a retrieval run, from the
+# same float32 scores as retrieval_ranks: rank = 1 + #gallery items scoring strictly higher (the optimistic
+# policy), n_tied = #other gallery items with exactly its score. Filled by `clipfail positives import` for the
+# runs that exist and by `clipfail positives rank` for later ones; recall_extended reads it.
+positive_ranks = sa.Table(
+    "positive_ranks",
+    metadata,
+    sa.Column("retrieval_run_id", sa.BigInteger, primary_key=True),
+    sa.Column("query_id", sa.BigInteger, primary_key=True),
+    sa.Column("positive_id", sa.BigInteger, primary_key=True),
+    sa.Column("rank", sa.BigInteger, nullable=False),
+    sa.Column("n_tied", sa.BigInteger, nullable=False),
+    sa.Column("score", sa.REAL, nullable=False),
+)
+
 # Natural keys (COCO ids, names) are given, never generated: without this, single-column
 # integer keys would compile to SERIAL types that DuckDB does not have.
 for _table in metadata.tables.values():

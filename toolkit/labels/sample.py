@@ -153,6 +153,7 @@ def sample_failures(
     pictures: bool = True,
     replace: bool = False,
     show_suggestions_on_overlap: bool = False,
+    exclude_verified_positives: bool = False,
 ) -> SampleResult:
     """Draw (or reuse) the failure sample of a text-to-image retrieval run and export its files.
 
@@ -175,14 +176,22 @@ def sample_failures(
         "annotators": annotators,
         "method": METHOD,
     }
+    if exclude_verified_positives:  # only then in the config: the hash of every other sample stays as it was
+        config["exclude_verified_positives"] = _positive_sets(con, rrid)
     chash = db.config_hash(config)
     out_dir = Path(out_dir)
 
+    # known false negatives (the top-1 image is a verified positive of the caption) stay away from annotators
+    verified = (
+        "AND query_id NOT IN (SELECT query_id FROM failure_false_negatives "
+        "WHERE retrieval_run_id = $run AND is_top1_extended_positive) "
+    )
     failures = [
         int(r[0])
         for r in con.execute(
-            "SELECT query_id FROM retrieval_ranks WHERE retrieval_run_id = ? AND gt_rank > 1 ORDER BY query_id",
-            [rrid],
+            "SELECT query_id FROM retrieval_ranks WHERE retrieval_run_id = $run AND gt_rank > 1 "
+            f"{verified if exclude_verified_positives else ''}ORDER BY query_id",
+            {"run": rrid},
         ).fetchall()
     ]
     existing = con.execute(
@@ -237,6 +246,25 @@ def sample_failures(
             show_suggestions_on_overlap=show_suggestions_on_overlap,
         )  # fmt: skip
     return result
+
+
+def _positive_sets(con, rrid: int) -> list[int]:
+    """The positive sets (newest of each source) that --exclude-verified-positives uses for run `rrid`: refused
+    where none was imported for its subset, since nothing could then be excluded."""
+    ids = [
+        int(r[0])
+        for r in con.execute(
+            "SELECT max(p.positive_set_id) FROM positive_sets p JOIN retrieval_runs r USING (subset_id) "
+            "WHERE r.retrieval_run_id = ? GROUP BY p.source ORDER BY 1",
+            [rrid],
+        ).fetchall()
+    ]
+    if not ids:
+        raise UserError(
+            f"--exclude-verified-positives needs extended positives for the subset of retrieval run {rrid}, and none "
+            "were imported. Run first: clipfail positives import --source eccv (or cxc, or --file F)."
+        )
+    return ids
 
 
 def _replaceable_sample(con, rrid: int, existing, replace: bool) -> list[int]:

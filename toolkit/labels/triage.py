@@ -26,6 +26,11 @@ the run's cached text embeddings, and the run's top-1 ids. The rules, in priorit
 - `rule_lexicon`: otherwise Attribute if the caption has an attribute phrase ("red bus"), else
   Action if it has an action phrase ("riding a horse") (`toolkit.labels.phrases.extract`).
 
+Before all of them, where extended positives were imported for the subset (`clipfail positives import`):
+- `Verified` (suggests Ambiguous, score 1.0): the top-1 image is a verified positive of the caption (view
+  failure_false_negatives: ECCV Caption, CxC or a file), with the sources that verify it as evidence. The
+  positive sets used are in the triage config, so importing positives later makes a new triage run.
+
 `is_hub` is a flag, not a category: the top-1 image is the top-1 of at least `hub_threshold`
 queries of the run, where hub_threshold = max(2, ceil(hub_factor * queries / gallery images)),
 i.e. `hub_factor` times the k-occurrence an image would have if top-1s were spread evenly.
@@ -52,6 +57,10 @@ STAGE = "triage"
 RULES_VERSION = "v1"
 PRIORITY = ("Object", "Count", "Spatial", "Ambiguous", "Attribute", "Action")
 RULE_SCORES = {"Object": 0.9, "Count": 0.8, "Spatial": 0.7, "Ambiguous": 0.5, "Attribute": 0.3, "Action": 0.3}
+# issue 27: the rule before all others, once extended positives are imported (`clipfail positives import`): the
+# top-1 image is a verified positive of the caption (ECCV Caption / CxC), so the miss is Ambiguous, not a model error
+VERIFIED_RULE = "Verified"
+VERIFIED_SCORE = 1.0
 DEFAULT_HUB_FACTOR = 3.0
 HUB_FACTOR_MAX = 1e6  # far beyond any use (the threshold then exceeds the run's queries), and it fits 32 bits
 
@@ -376,6 +385,14 @@ def triage(con, retrieval_run_id: int | None = None, *, hub_factor: float = DEFA
         "instances_sha256": inst_file[0] if inst_file else None,
         "text_embeddings_sha256": text_sha[0] if text_sha else None,
     }
+    positive_sets = [
+        int(r[0])
+        for r in con.execute(
+            "SELECT max(positive_set_id) FROM positive_sets WHERE subset_id = ? GROUP BY source ORDER BY 1", [subset_id]
+        ).fetchall()
+    ]
+    if positive_sets:  # only then in the config: a study without extended positives keeps its triage runs
+        config["verified_positive_sets"] = positive_sets
     chash = db.config_hash(config)
     done = con.execute(
         "SELECT triage_run_id, run_id FROM triage_runs WHERE retrieval_run_id = ? AND config_hash = ? "
@@ -399,13 +416,25 @@ def triage(con, retrieval_run_id: int | None = None, *, hub_factor: float = DEFA
     k_occ = ranks["top1_id"].value_counts()
     facts_by_image, known, index = _object_facts(con, failures, inst_file is not None)
     longest = max(len(k) for k in index)
+    verified = dict(
+        con.execute(
+            "SELECT query_id, verifying_sources FROM failure_false_negatives "
+            "WHERE retrieval_run_id = ? AND is_top1_extended_positive",
+            [rrid],
+        ).fetchall()
+    )
     records = []
     for i, row in enumerate(failures.itertuples(index=False)):
         caption = texts.get(int(row.query_id), "")
         facts = caption_facts(caption, index, longest)
         k = int(k_occ.get(row.top1_id, 0))
         hub = k >= hub_threshold
-        records.append(_suggestion(row, caption, facts, facts_by_image, known, top1_cos[i], own_cos[i], k, hub))
+        records.append(
+            _suggestion(
+                row, caption, facts, facts_by_image, known, top1_cos[i], own_cos[i], k, hub,
+                verified=verified.get(int(row.query_id)),
+            )
+        )  # fmt: skip
     df = _frame(records)
     with db.transaction(con):
         stage_run = db.insert_run(con, STAGE, config, started)
@@ -450,8 +479,11 @@ def _object_facts(con, failures: pd.DataFrame, has_instances: bool):
     return image_facts(inst, sizes), known, object_index(sorted(known))
 
 
-def _suggestion(row, caption, facts, facts_by_image, known, top1_cos, own_cos, k: int, is_hub: bool) -> dict:
-    """The rules on one failure: the first category in PRIORITY that a rule fired for, with the evidence."""
+def _suggestion(
+    row, caption, facts, facts_by_image, known, top1_cos, own_cos, k: int, is_hub: bool, verified: str | None = None
+) -> dict:
+    """The rules on one failure: the first category in PRIORITY that a rule fired for, with the evidence; before
+    them the Verified rule where `verified` names the sources that list the top-1 image as a positive."""
     gt = facts_by_image.get(int(row.gt_id))
     top = facts_by_image.get(int(row.top1_id))
     found: dict[str, str] = {}
@@ -472,6 +504,11 @@ def _suggestion(row, caption, facts, facts_by_image, known, top1_cos, own_cos, k
     fired = [c for c in PRIORITY if c in found]
     suggestion = fired[0] if fired else None
     evidence = f"{suggestion}: {found[suggestion]}" if suggestion else "no rule fired"
+    score = RULE_SCORES[suggestion] if suggestion else None
+    if verified:
+        fired.insert(0, VERIFIED_RULE)
+        suggestion, score = "Ambiguous", VERIFIED_SCORE
+        evidence = f"Ambiguous: the top-1 image is a verified positive of this caption (ECCV Caption / CxC: {verified})"
     if gt is None or top is None:
         evidence += " (no object instances ingested)"
     if is_hub:
@@ -482,7 +519,7 @@ def _suggestion(row, caption, facts, facts_by_image, known, top1_cos, own_cos, k
         "top1_image_id": int(row.top1_id),
         "gt_rank": int(row.gt_rank),
         "suggested_category": suggestion,
-        "score": RULE_SCORES[suggestion] if suggestion else None,
+        "score": score,
         "evidence": evidence,
         "rules_fired": ",".join(fired),
         "mentioned_objects": ",".join(facts.mentioned) or None,

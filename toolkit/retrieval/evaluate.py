@@ -39,6 +39,7 @@ import pandas as pd
 
 from toolkit.embed.devices import resolve_device
 from toolkit.errors import UserError
+from toolkit.retrieval import positives
 from toolkit.retrieval import ranking as R
 from toolkit.store import artifacts, db
 from toolkit.store import paths as study_paths
@@ -345,6 +346,7 @@ def evaluate(
             ],
         ).fetchone()[0]
         db.insert_df(con, "retrieval_ranks", ranks.assign(retrieval_run_id=np.int64(rrid)))
+        positives.rank_if_imported(con, int(rrid))  # the ranks recall_extended needs, once positives are imported
     return EvaluateResult(int(rrid), run_id, False, name, model_name, direction, len(ranks), summary(con, rrid))
 
 
