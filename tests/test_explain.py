@@ -539,3 +539,80 @@ def test_a_failure_while_writing_leaves_the_database_as_it_was(dbfile, encoder, 
     assert encoder.calls  # it got as far as encoding
     after = {t: q(dbfile, f"SELECT count(*) AS n FROM {t}")["n"][0] for t in ("runs", "prompts", "embedding_sets")}
     assert after == before and q(dbfile, "SELECT count(*) AS n FROM explain_runs")["n"][0] == 0
+
+
+# ------------------------------------------------------------------------------ killed halfway, then resumed
+
+KILLER = """
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import test_explain as T
+from toolkit.improve import stage
+from toolkit.retrieval import explain as E
+E.CHUNK_TEXTS = int(sys.argv[2])
+log = sys.argv[3]
+calls = []
+def encode(texts):
+    calls.append(list(texts))
+    if len(calls) == 2:  # the first chunk is encoded and committed: die while encoding the second
+        os.kill(os.getpid(), signal.SIGKILL)
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(list(texts)) + "\\n")
+    return T.BowEncoder()(texts)
+stage.model_encoder_factory = lambda **kw: lambda identity: encode
+from cli import cli
+cli.main(sys.argv[4:], standalone_mode=True)
+"""
+
+
+def test_killed_after_its_first_chunk_explain_resumes_without_encoding_anything_twice(
+    dbfile, encoder, run_cli, tmp_path, monkeypatch
+):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from toolkit.retrieval import explain as stage
+
+    chunk = 20
+    monkeypatch.setattr(stage, "CHUNK_TEXTS", chunk)
+    clean = tmp_path / "clean.duckdb"
+    shutil.copy(dbfile, clean)
+    run_cli("--db", clean, "explain")  # the uninterrupted run, in chunks of 20
+    uninterrupted = list(encoder.texts)
+    assert len(uninterrupted) > 3 * chunk and all(len(c) <= chunk for c in encoder.calls)
+
+    tests = Path(__file__).parent
+    log = tmp_path / "encoded.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(tests.parent), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(tests), str(chunk), str(log), "--db", str(dbfile),
+                           "explain"], capture_output=True, text=True, env=env)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    first = [t for line in log.read_text(encoding="utf-8").splitlines() for t in json.loads(line)]
+    assert len(first) == chunk
+    # the first chunk is in the prompt cache; no result was written
+    assert q(dbfile, "SELECT count(*) AS n FROM prompts")["n"][0] == chunk
+    assert q(dbfile, "SELECT count(*) AS n FROM explain_runs")["n"][0] == 0
+    assert q(dbfile, "SELECT count(*) AS n FROM failure_ablations")["n"][0] == 0
+    assert q(dbfile, "SELECT stage FROM runs WHERE stage LIKE 'explain%'")["stage"].tolist() == [stage.CACHE_STAGE]
+
+    out = run_cli("--db", dbfile, "explain").output
+    resumed = encoder.texts[len(uninterrupted) :]
+    assert not set(resumed) & set(first) and sorted(first + resumed) == sorted(uninterrupted)
+    assert f"{len(resumed):,} texts encoded now, {chunk:,} from the cache" in out
+    cols = "* EXCLUDE (explain_run_id)"
+    a = q(clean, f"SELECT {cols} FROM failure_ablations ORDER BY caption_id, variant_index")
+    b = q(dbfile, f"SELECT {cols} FROM failure_ablations ORDER BY caption_id, variant_index")
+    pd.testing.assert_frame_equal(a, b)
+    ea = q(clean, "SELECT * EXCLUDE (explain_run_id, created_at, run_id, n_encoded) FROM explain_runs")
+    eb = q(dbfile, "SELECT * EXCLUDE (explain_run_id, created_at, run_id, n_encoded) FROM explain_runs")
+    pd.testing.assert_frame_equal(ea, eb)
+    assert q(dbfile, "SELECT n_encoded FROM explain_runs")["n_encoded"][0] == len(resumed)
+    texts = sorted(set(b["ablated_text"]))
+    for path in (clean, dbfile):
+        assert sorted(q(path, "SELECT text FROM prompts")["text"]) == texts  # each text cached once
+        shards = q(path, "SELECT sum(rows) AS n FROM embedding_sets WHERE kind = 'prompt'")["n"][0]
+        assert shards == len(texts)
