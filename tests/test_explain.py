@@ -616,3 +616,50 @@ def test_killed_after_its_first_chunk_explain_resumes_without_encoding_anything_
         assert sorted(q(path, "SELECT text FROM prompts")["text"]) == texts  # each text cached once
         shards = q(path, "SELECT sum(rows) AS n FROM embedding_sets WHERE kind = 'prompt'")["n"][0]
         assert shards == len(texts)
+
+
+# ------------------------------------------------------------------------------ triage uses the blame
+
+
+def test_triage_gives_the_blamed_phrase_as_evidence_and_fires_only_when_it_moves_the_ground_truth(
+    dbfile, encoder, run_cli
+):
+    from toolkit.labels import triage
+
+    run_cli("--db", dbfile, "triage")
+    without = q(dbfile, "SELECT * FROM triage_suggestions WHERE triage_run_id = 1").set_index("caption_id")
+    assert without["blame_evidence"].isna().all()
+    run_cli("--db", dbfile, "explain")
+    run_cli("--db", dbfile, "triage")  # a new explain run is a new input: a new triage run
+    run_cli("--db", dbfile, "triage")  # ... and the same again changes nothing
+    assert q(dbfile, "SELECT triage_run_id FROM triage_runs")["triage_run_id"].tolist() == [1, 2]
+    got = q(dbfile, "SELECT * FROM triage_suggestions WHERE triage_run_id = 2").set_index("caption_id")
+    blame = q(dbfile, "SELECT * FROM failure_blame").set_index("caption_id")
+    assert sorted(got.index) == sorted(without.index)
+    n_decided = n_kept = 0
+    for cid, g in got.iterrows():
+        old = without.loc[cid]
+        b = blame.loc[cid] if cid in blame.index else None
+        moves = b is not None and b["rank_gain"] >= 1
+        instance = any(c in str(old["rules_fired"]).split(",") for c in ("Object", "Count", "Spatial"))
+        if moves:
+            assert b["blamed_category"] == ablation.role_categories()[b["blamed_role"]]
+            assert g["blame_evidence"] == (
+                f"the model hangs on the {b['blamed_role']} '{b['blamed_phrase']}': without it the ground truth "
+                f"moves from rank {b['gt_rank_before_pessimistic']} to {b['gt_rank_after_pessimistic']} "
+                "(explain run 1)"
+            )
+            assert b["blamed_category"] in g["rules_fired"].split(",")
+        else:  # no explain row, 'none' or 'no phrase': no blame evidence, the suggestion as before
+            assert pd.isna(g["blame_evidence"])
+        if moves and not instance:
+            n_decided += 1
+            assert (g["suggested_category"], g["score"]) == (b["blamed_category"], triage.BLAME_SCORE)
+            assert g["evidence"].startswith(f"{b['blamed_category']}: {g['blame_evidence']}")  # then any hub note
+        else:
+            n_kept += 1
+            assert (g["suggested_category"], g["evidence"]) == (old["suggested_category"], old["evidence"]) or (
+                pd.isna(g["suggested_category"]) and pd.isna(old["suggested_category"])
+            )
+    assert n_decided > 5 and n_kept > 5
+    assert ((blame["rank_gain"] == 0) & (blame["blamed_role"] == "none")).any()  # 'none' exists, and never fires
