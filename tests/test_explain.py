@@ -702,3 +702,35 @@ def test_report_section_what_the_model_hangs_on(dbfile, encoder, run_cli, tmp_pa
     assert agree["reference"].tolist() == q(dbfile, "SELECT reference FROM blame_agreement")["reference"].tolist()
     names = {p.name for p in rep.figures}
     assert any(n.endswith("_blame.png") for n in names) and any(n.endswith("_blame_examples.png") for n in names)
+
+
+# ------------------------------------------------------------------------------ the workbench hint
+
+
+def test_the_workbench_shows_the_blamed_phrase_as_a_hint_never_on_overlap_unless_asked(dbfile, encoder, run_cli):
+    from toolkit.labels import workbench
+
+    wb = workbench.prepare(dbfile, ["A"])
+    assert [it["blame"] for it in wb.items["A"]] == [None] * len(wb.items["A"])  # no explain run: no hint
+    run_cli("--db", dbfile, "explain")
+    blame = q(dbfile, "SELECT * FROM failure_blame").set_index("caption_id")
+    for flag in (False, True):
+        items = workbench.prepare(dbfile, ["A"], show_suggestions_on_overlap=flag).items["A"]
+        for it in items:
+            b = blame.loc[it["caption_id"]] if it["caption_id"] in blame.index else None
+            shown = b is not None and b["rank_gain"] > 0 and (flag or it["set_name"] != "overlap")
+            if not shown:
+                assert it["blame"] is None
+                continue
+            assert it["blame"] == {
+                "role": b["blamed_role"], "phrase": b["blamed_phrase"], "category": b["blamed_category"],
+                "text": f"the model hangs on the {b['blamed_role']} '{b['blamed_phrase']}': without it the ground "
+                f"truth moves from rank {b['gt_rank_before_pessimistic']} to {b['gt_rank_after_pessimistic']} "
+                "(clipfail explain, run 1)",
+            }  # fmt: skip
+        on_overlap = [it["blame"] for it in items if it["set_name"] == "overlap"]
+        assert any(on_overlap) is flag and any(it["blame"] for it in items if it["set_name"] == "A")
+    # a hint, never a label: nothing was saved
+    assert q(dbfile, "SELECT count(*) AS n FROM annotations")["n"][0] == 0
+    page = (workbench.Path(workbench.__file__).parent.parent / "data" / "annotate.html").read_text(encoding="utf-8")
+    assert '$("blame").textContent = bl ?' in page  # shown as text (never as HTML), and no button is marked
