@@ -20,9 +20,6 @@ the run's cached text embeddings, and the run's top-1 ids. The rules, in priorit
   ("X on the left"), holds in the GT's boxes and not in the top-1's. X is the nearest mention before
   the relation words (within 6 tokens), Y the first after them (within 4). Positions are the mean
   box centres of the category's non-crowd instances; "within the frame" compares with the image centre.
-- `rule_ambiguous`: the best cosine between the query caption and the top-1 image's captions is at
-  or above the best cosine between the query and its own image's other captions (text embeddings of
-  the run), or the GT and the top-1 have the same non-empty set of categories.
 - `rule_blame` (only when an `explain` run exists for the retrieval run; the newest one is used): the model's
   own evidence. The failure's blamed phrase in `failure_blame` (the variant whose removal helps the ground truth
   most) gives its role's category (toolkit/data/blame_roles.csv), and fires only when the removal actually moves
@@ -31,6 +28,9 @@ the run's cached text embeddings, and the run's top-1 ids. The rules, in priorit
   Ambiguous and the lexicon (a caption's phrase that the model demonstrably hangs on beats a similar caption or
   a mere word). Its evidence is kept in `blame_evidence` whether or not it decides the suggestion; a suggestion
   it decides has the score `BLAME_SCORE` (0.6).
+- `rule_ambiguous`: the best cosine between the query caption and the top-1 image's captions is at
+  or above the best cosine between the query and its own image's other captions (text embeddings of
+  the run), or the GT and the top-1 have the same non-empty set of categories.
 - `rule_lexicon`: otherwise Attribute if the caption has an attribute phrase ("red bus"), else
   Action if it has an action phrase ("riding a horse") (`toolkit.labels.phrases.extract`).
 
