@@ -46,6 +46,7 @@ VIEWS = [
     "failure_blame",  # reads explain_runs, failure_ablations, retrieval_ranks, failure_samples
     "blame_by_category",  # reads explain_runs, failure_blame, sample_labels, categories
     "blame_agreement",  # reads explain_runs, failure_blame, annotations, failure_samples, sample_labels, triage_*
+    "blame_examples",  # reads explain_runs, failure_ablations, failure_blame, retrieval_ranks, captions, images, ...
     # extended positives: ECCV Caption, CxC (issue 27)
     "positive_coverage",  # reads positive_sets, extra_positives, subset_captions
     "recall_extended",  # reads retrieval_runs, retrieval_ranks, subset_captions, positive_sets, extra_positives,

@@ -417,6 +417,8 @@ triage_suggestions = sa.Table(
     sa.Column("is_same_categories", sa.Boolean),  # GT and top-1 have the same (non-empty) category set
     sa.Column("top1_k_occurrence", sa.Integer, nullable=False),  # queries of the run with this top-1
     sa.Column("is_hub", sa.Boolean, nullable=False),
+    # the model's own evidence (issue 28): the newest explain run's blamed phrase, when removing it moves the GT up
+    sa.Column("blame_evidence", sa.Text),
 )
 
 # --- paired comparison of two retrieval runs (issue 18) --------------------------------------------

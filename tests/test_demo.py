@@ -100,6 +100,10 @@ def test_demo_fills_every_table(demo):
         assert q("SELECT count(*) FROM improvement_stats WHERE category = '*'") == [(len(runs) * 3,)]
         stages = {r[0] for r in q("SELECT stage FROM runs")}
         assert {"ingest", "embed", "evaluate", "sample-failures", "import-labels", "improve", "report"} <= stages
+        assert "explain" in stages  # issue 28
+        n_sampled = q("SELECT count(DISTINCT caption_id) FROM failure_samples")[0][0]
+        assert q("SELECT scope, n_failures FROM explain_runs") == [("sample", n_sampled)]
+        assert q("SELECT count(*) FROM failure_blame")[0][0] == n_sampled
 
         status = study_status(con)
         assert list(status.stages["stage"].drop_duplicates()) == [  # every stage, in the study's order
@@ -110,6 +114,7 @@ def test_demo_fills_every_table(demo):
             "triage",
             "sample-failures",
             "import-labels",
+            "explain",  # issue 28: the demo explains its sample
             "improve",
             "method-comparison",
             "report",
@@ -180,10 +185,14 @@ def test_demo_report_tables(demo):
     assert figures[6] == "figure7_triage.png"  # the triage confusion matrix (issue 16)
     # issue 17: the k-occurrence histogram, the top hubs, then one method-comparison chart per category
     assert figures[7:9] == ["figure8_hubness.png", "figure9_hubs.png"]
-    assert len(figures) > 9 and all("_methods_" in f for f in figures[9:])
+    assert len(figures) > 11 and all("_methods_" in f for f in figures[9:-2])
+    # issue 28: what the model hangs on (blame per category, the examples' thumbnails), after the methods
+    assert [f.split("_", 1)[1] for f in figures[-2:]] == ["blame.png", "blame_examples.png"]
     page = (rep / "report.html").read_text(encoding="utf-8")
     assert 'id="simulated-banner"' in page and "randomly initialised" in page
     assert '<h2 id="triage">7. Automatic triage</h2>' in page
+    assert '<h2 id="blame">11. What the model hangs on</h2>' in page and "No explain run yet" not in page
+    assert "Made with the model of this report: DEMO." in page and "randomly initialised" in page
     con = open_study(out / "demo.duckdb", read_only=True)
     try:  # the demo triaged every failure of its run, and the report's table is the view
         n_fail = con.execute("SELECT n_r1_failures FROM recall_summary").fetchone()[0]

@@ -539,3 +539,198 @@ def test_a_failure_while_writing_leaves_the_database_as_it_was(dbfile, encoder, 
     assert encoder.calls  # it got as far as encoding
     after = {t: q(dbfile, f"SELECT count(*) AS n FROM {t}")["n"][0] for t in ("runs", "prompts", "embedding_sets")}
     assert after == before and q(dbfile, "SELECT count(*) AS n FROM explain_runs")["n"][0] == 0
+
+
+# ------------------------------------------------------------------------------ killed halfway, then resumed
+
+KILLER = """
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import test_explain as T
+from toolkit.improve import stage
+from toolkit.retrieval import explain as E
+E.CHUNK_TEXTS = int(sys.argv[2])
+log = sys.argv[3]
+calls = []
+def encode(texts):
+    calls.append(list(texts))
+    if len(calls) == 2:  # the first chunk is encoded and committed: die while encoding the second
+        os.kill(os.getpid(), signal.SIGKILL)
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(list(texts)) + "\\n")
+    return T.BowEncoder()(texts)
+stage.model_encoder_factory = lambda **kw: lambda identity: encode
+from cli import cli
+cli.main(sys.argv[4:], standalone_mode=True)
+"""
+
+
+def test_killed_after_its_first_chunk_explain_resumes_without_encoding_anything_twice(
+    dbfile, encoder, run_cli, tmp_path, monkeypatch
+):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from toolkit.retrieval import explain as stage
+
+    chunk = 20
+    monkeypatch.setattr(stage, "CHUNK_TEXTS", chunk)
+    clean = tmp_path / "clean.duckdb"
+    shutil.copy(dbfile, clean)
+    run_cli("--db", clean, "explain")  # the uninterrupted run, in chunks of 20
+    uninterrupted = list(encoder.texts)
+    assert len(uninterrupted) > 3 * chunk and all(len(c) <= chunk for c in encoder.calls)
+
+    tests = Path(__file__).parent
+    log = tmp_path / "encoded.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(tests.parent), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(tests), str(chunk), str(log), "--db", str(dbfile),
+                           "explain"], capture_output=True, text=True, env=env)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    first = [t for line in log.read_text(encoding="utf-8").splitlines() for t in json.loads(line)]
+    assert len(first) == chunk
+    # the first chunk is in the prompt cache; no result was written
+    assert q(dbfile, "SELECT count(*) AS n FROM prompts")["n"][0] == chunk
+    assert q(dbfile, "SELECT count(*) AS n FROM explain_runs")["n"][0] == 0
+    assert q(dbfile, "SELECT count(*) AS n FROM failure_ablations")["n"][0] == 0
+    assert q(dbfile, "SELECT stage FROM runs WHERE stage LIKE 'explain%'")["stage"].tolist() == [stage.CACHE_STAGE]
+
+    out = run_cli("--db", dbfile, "explain").output
+    resumed = encoder.texts[len(uninterrupted) :]
+    assert not set(resumed) & set(first) and sorted(first + resumed) == sorted(uninterrupted)
+    assert f"{len(resumed):,} texts encoded now, {chunk:,} from the cache" in out
+    cols = "* EXCLUDE (explain_run_id)"
+    a = q(clean, f"SELECT {cols} FROM failure_ablations ORDER BY caption_id, variant_index")
+    b = q(dbfile, f"SELECT {cols} FROM failure_ablations ORDER BY caption_id, variant_index")
+    pd.testing.assert_frame_equal(a, b)
+    ea = q(clean, "SELECT * EXCLUDE (explain_run_id, created_at, run_id, n_encoded) FROM explain_runs")
+    eb = q(dbfile, "SELECT * EXCLUDE (explain_run_id, created_at, run_id, n_encoded) FROM explain_runs")
+    pd.testing.assert_frame_equal(ea, eb)
+    assert q(dbfile, "SELECT n_encoded FROM explain_runs")["n_encoded"][0] == len(resumed)
+    texts = sorted(set(b["ablated_text"]))
+    for path in (clean, dbfile):
+        assert sorted(q(path, "SELECT text FROM prompts")["text"]) == texts  # each text cached once
+        shards = q(path, "SELECT sum(rows) AS n FROM embedding_sets WHERE kind = 'prompt'")["n"][0]
+        assert shards == len(texts)
+
+
+# ------------------------------------------------------------------------------ triage uses the blame
+
+
+def test_triage_gives_the_blamed_phrase_as_evidence_and_fires_only_when_it_moves_the_ground_truth(
+    dbfile, encoder, run_cli
+):
+    from toolkit.labels import triage
+
+    run_cli("--db", dbfile, "triage")
+    without = q(dbfile, "SELECT * FROM triage_suggestions WHERE triage_run_id = 1").set_index("caption_id")
+    assert without["blame_evidence"].isna().all()
+    run_cli("--db", dbfile, "explain")
+    run_cli("--db", dbfile, "triage")  # a new explain run is a new input: a new triage run
+    run_cli("--db", dbfile, "triage")  # ... and the same again changes nothing
+    assert q(dbfile, "SELECT triage_run_id FROM triage_runs")["triage_run_id"].tolist() == [1, 2]
+    got = q(dbfile, "SELECT * FROM triage_suggestions WHERE triage_run_id = 2").set_index("caption_id")
+    blame = q(dbfile, "SELECT * FROM failure_blame").set_index("caption_id")
+    assert sorted(got.index) == sorted(without.index)
+    n_decided = n_kept = 0
+    for cid, g in got.iterrows():
+        old = without.loc[cid]
+        b = blame.loc[cid] if cid in blame.index else None
+        moves = b is not None and b["rank_gain"] >= 1
+        instance = any(c in str(old["rules_fired"]).split(",") for c in ("Object", "Count", "Spatial"))
+        if moves:
+            assert b["blamed_category"] == ablation.role_categories()[b["blamed_role"]]
+            assert g["blame_evidence"] == (
+                f"the model hangs on the {b['blamed_role']} '{b['blamed_phrase']}': without it the ground truth "
+                f"moves from rank {b['gt_rank_before_pessimistic']} to {b['gt_rank_after_pessimistic']} "
+                "(explain run 1)"
+            )
+            assert b["blamed_category"] in g["rules_fired"].split(",")
+        else:  # no explain row, 'none' or 'no phrase': no blame evidence, the suggestion as before
+            assert pd.isna(g["blame_evidence"])
+        if moves and not instance:
+            n_decided += 1
+            assert (g["suggested_category"], g["score"]) == (b["blamed_category"], triage.BLAME_SCORE)
+            assert g["evidence"].startswith(f"{b['blamed_category']}: {g['blame_evidence']}")  # then any hub note
+        else:
+            n_kept += 1
+            assert g["evidence"] == old["evidence"]
+            assert g[["suggested_category"]].fillna("-").tolist() == old[["suggested_category"]].fillna("-").tolist()
+    assert n_decided > 5 and n_kept > 5
+    assert ((blame["rank_gain"] == 0) & (blame["blamed_role"] == "none")).any()  # 'none' exists, and never fires
+
+
+# ------------------------------------------------------------------------------ the report section
+
+
+def test_report_section_what_the_model_hangs_on(dbfile, encoder, run_cli, tmp_path):
+    import html
+
+    from toolkit.report.page import write_report
+
+    run_cli("--db", dbfile, "report", "--out", tmp_path / "r0")
+    page = (tmp_path / "r0" / "report.html").read_text(encoding="utf-8")
+    assert "11. What the model hangs on" in page and "No explain run yet. Run: clipfail explain" in page
+    run_cli("--db", dbfile, "explain")
+    ex = q(dbfile, "SELECT * FROM blame_examples WHERE example_order <= 10 ORDER BY example_order, variant_index")
+    assert ex["example_order"].nunique() == 10
+    # the caption is read from the view when the page is made, and escaped
+    with open_study(dbfile) as con:
+        con.execute("UPDATE captions SET text = text || ' <script>x</script> & co' WHERE caption_id = ?",
+                    [int(ex["caption_id"][0])])  # fmt: skip
+    with open_study(dbfile) as con:
+        rep = write_report(con, tmp_path / "r1", notes=["DEMO: a random model."])
+    page = (tmp_path / "r1" / "report.html").read_text(encoding="utf-8")
+    assert "No explain run yet" not in page and "explain: clipfail explain" not in rep.missing
+    assert "Made with the model of this report: DEMO: a random model." in page
+    assert "<script>x</script>" not in page and "&lt;script&gt;x&lt;/script&gt; &amp; co" in page
+    # every phrase of the ten examples, with its rank gain from the view
+    for r in ex.itertuples():
+        assert f"{html.escape(r.role)}: {html.escape(r.phrase)} {int(r.rank_gain):+d}</span>" in page
+    blamed = ex[ex["blamed_role"] != "none"].iloc[0]
+    assert f"{blamed['blamed_role']} '{html.escape(blamed['blamed_phrase'])}' (+{blamed['blame_rank_gain']})" in page
+    assert (ex["rank_gain"] > 0).any() and (ex["rank_gain"] < 0).any()  # both shades are shown
+    assert "rgba(46,139,87," in page and "rgba(192,57,43," in page
+    # the tables are the views' rows; the figures are written
+    by_cat = pd.read_csv(tmp_path / "r1" / "tables" / "blame_by_category.csv")
+    assert len(by_cat) == len(q(dbfile, "SELECT * FROM blame_by_category")) > 0
+    agree = pd.read_csv(tmp_path / "r1" / "tables" / "blame_agreement.csv")
+    assert agree["reference"].tolist() == q(dbfile, "SELECT reference FROM blame_agreement")["reference"].tolist()
+    names = {p.name for p in rep.figures}
+    assert any(n.endswith("_blame.png") for n in names) and any(n.endswith("_blame_examples.png") for n in names)
+
+
+# ------------------------------------------------------------------------------ the workbench hint
+
+
+def test_the_workbench_shows_the_blamed_phrase_as_a_hint_never_on_overlap_unless_asked(dbfile, encoder, run_cli):
+    from toolkit.labels import workbench
+
+    wb = workbench.prepare(dbfile, ["A"])
+    assert [it["blame"] for it in wb.items["A"]] == [None] * len(wb.items["A"])  # no explain run: no hint
+    run_cli("--db", dbfile, "explain")
+    blame = q(dbfile, "SELECT * FROM failure_blame").set_index("caption_id")
+    for flag in (False, True):
+        items = workbench.prepare(dbfile, ["A"], show_suggestions_on_overlap=flag).items["A"]
+        for it in items:
+            b = blame.loc[it["caption_id"]] if it["caption_id"] in blame.index else None
+            shown = b is not None and b["rank_gain"] > 0 and (flag or it["set_name"] != "overlap")
+            if not shown:
+                assert it["blame"] is None
+                continue
+            assert it["blame"] == {
+                "role": b["blamed_role"], "phrase": b["blamed_phrase"], "category": b["blamed_category"],
+                "text": f"the model hangs on the {b['blamed_role']} '{b['blamed_phrase']}': without it the ground "
+                f"truth moves from rank {b['gt_rank_before_pessimistic']} to {b['gt_rank_after_pessimistic']} "
+                "(clipfail explain, run 1)",
+            }  # fmt: skip
+        on_overlap = [it["blame"] for it in items if it["set_name"] == "overlap"]
+        assert any(on_overlap) is flag and any(it["blame"] for it in items if it["set_name"] == "A")
+    # a hint, never a label: nothing was saved
+    assert q(dbfile, "SELECT count(*) AS n FROM annotations")["n"][0] == 0
+    page = (workbench.Path(workbench.__file__).parent.parent / "data" / "annotate.html").read_text(encoding="utf-8")
+    assert '$("blame").textContent = bl ?' in page  # shown as text (never as HTML), and no button is marked

@@ -20,6 +20,14 @@ the run's cached text embeddings, and the run's top-1 ids. The rules, in priorit
   ("X on the left"), holds in the GT's boxes and not in the top-1's. X is the nearest mention before
   the relation words (within 6 tokens), Y the first after them (within 4). Positions are the mean
   box centres of the category's non-crowd instances; "within the frame" compares with the image centre.
+- `rule_blame` (only when an `explain` run exists for the retrieval run; the newest one is used): the model's
+  own evidence. The failure's blamed phrase in `failure_blame` (the variant whose removal helps the ground truth
+  most) gives its role's category (toolkit/data/blame_roles.csv), and fires only when the removal actually moves
+  the ground truth up: pessimistic rank gain (rank + ties) of at least `BLAME_MIN_RANK_GAIN` (1). It comes after
+  the three instance rules (what the images hold is more direct than what the model hangs on) and before
+  Ambiguous and the lexicon (a caption's phrase that the model demonstrably hangs on beats a similar caption or
+  a mere word). Its evidence is kept in `blame_evidence` whether or not it decides the suggestion; a suggestion
+  it decides has the score `BLAME_SCORE` (0.6).
 - `rule_ambiguous`: the best cosine between the query caption and the top-1 image's captions is at
   or above the best cosine between the query and its own image's other captions (text embeddings of
   the run), or the GT and the top-1 have the same non-empty set of categories.
@@ -61,6 +69,8 @@ RULE_SCORES = {"Object": 0.9, "Count": 0.8, "Spatial": 0.7, "Ambiguous": 0.5, "A
 # top-1 image is a verified positive of the caption (ECCV Caption / CxC), so the miss is Ambiguous, not a model error
 VERIFIED_RULE = "Verified"
 VERIFIED_SCORE = 1.0
+BLAME_SCORE = 0.6  # a suggestion decided by rule_blame (between Spatial and Ambiguous, like its place in the order)
+BLAME_MIN_RANK_GAIN = 1  # the pessimistic rank gain a blamed phrase needs to fire
 DEFAULT_HUB_FACTOR = 3.0
 HUB_FACTOR_MAX = 1e6  # far beyond any use (the threshold then exceeds the run's queries), and it fits 32 bits
 
@@ -311,6 +321,33 @@ def rule_ambiguous(top1_cos: float | None, own_cos: float | None, gt: ImageFacts
     return ("; ".join(parts) or None), same
 
 
+def rule_blame(blame) -> tuple[str, str] | None:
+    """(category, evidence) when the explain run's blamed phrase moves the ground truth up by at least
+    BLAME_MIN_RANK_GAIN ranks (pessimistic), else None. `blame`: the failure's failure_blame row (or None)."""
+    if blame is None or blame.get("blamed_category") is None or not blame["rank_gain"] >= BLAME_MIN_RANK_GAIN:
+        return None
+    ev = (
+        f"the model hangs on the {blame['blamed_role']} '{blame['blamed_phrase']}': without it the ground truth "
+        f"moves from rank {int(blame['before'])} to {int(blame['after'])} (explain run {int(blame['explain_run_id'])})"
+    )
+    return str(blame["blamed_category"]), ev
+
+
+def _blame(con, rrid: int) -> tuple[int | None, dict[int, dict]]:
+    """(newest explain run of the retrieval run or None, caption_id -> its failure_blame row)."""
+    row = con.execute("SELECT max(explain_run_id) FROM explain_runs WHERE retrieval_run_id = ?", [rrid]).fetchone()
+    if row is None or row[0] is None:
+        return None, {}
+    df = con.execute(
+        "SELECT caption_id, explain_run_id, blamed_role, blamed_category, blamed_phrase, rank_gain, "
+        "gt_rank_before_pessimistic AS before, gt_rank_after_pessimistic AS after FROM failure_blame "
+        "WHERE explain_run_id = ?",
+        [int(row[0])],
+    ).df()
+    recs = df.astype(object).where(df.notna(), None).to_dict("records")
+    return int(row[0]), {int(r["caption_id"]): r for r in recs}
+
+
 def rule_lexicon(caption: str) -> tuple[str, str] | None:
     """Attribute if the caption has an attribute phrase, else Action if it has an action phrase
     (the {attributes} and {actions} slots of toolkit.labels.phrases)."""
@@ -393,6 +430,9 @@ def triage(con, retrieval_run_id: int | None = None, *, hub_factor: float = DEFA
     ]
     if positive_sets:  # only then in the config: a study without extended positives keeps its triage runs
         config["verified_positive_sets"] = positive_sets
+    explain_run_id, blame = _blame(con, rrid)
+    if explain_run_id is not None:  # absent without one, so that older triage runs stay no-ops
+        config["explain_run_id"] = explain_run_id
     chash = db.config_hash(config)
     done = con.execute(
         "SELECT triage_run_id, run_id FROM triage_runs WHERE retrieval_run_id = ? AND config_hash = ? "
@@ -432,7 +472,7 @@ def triage(con, retrieval_run_id: int | None = None, *, hub_factor: float = DEFA
         records.append(
             _suggestion(
                 row, caption, facts, facts_by_image, known, top1_cos[i], own_cos[i], k, hub,
-                verified=verified.get(int(row.query_id)),
+                verified=verified.get(int(row.query_id)), blame=blame.get(int(row.query_id)),
             )
         )  # fmt: skip
     df = _frame(records)
@@ -480,10 +520,21 @@ def _object_facts(con, failures: pd.DataFrame, has_instances: bool):
 
 
 def _suggestion(
-    row, caption, facts, facts_by_image, known, top1_cos, own_cos, k: int, is_hub: bool, verified: str | None = None
+    row,
+    caption,
+    facts,
+    facts_by_image,
+    known,
+    top1_cos,
+    own_cos,
+    k: int,
+    is_hub: bool,
+    verified: str | None = None,
+    blame=None,
 ) -> dict:
-    """The rules on one failure: the first category in PRIORITY that a rule fired for, with the evidence; before
-    them the Verified rule where `verified` names the sources that list the top-1 image as a positive."""
+    """The rules on one failure: the first rule in order that fired (Object, Count, Spatial, the model's blame,
+    Ambiguous, the lexicon), with the evidence (without blame: the first category in PRIORITY); before them all
+    the Verified rule where `verified` names the sources that list the top-1 image as a positive."""
     gt = facts_by_image.get(int(row.gt_id))
     top = facts_by_image.get(int(row.top1_id))
     found: dict[str, str] = {}
@@ -501,10 +552,15 @@ def _suggestion(
     lex = rule_lexicon(caption)
     if lex:
         found[lex[0]] = lex[1]
-    fired = [c for c in PRIORITY if c in found]
-    suggestion = fired[0] if fired else None
-    evidence = f"{suggestion}: {found[suggestion]}" if suggestion else "no rule fired"
+    blamed = rule_blame(blame)
+    by_rules = [c for c in PRIORITY if c in found]
+    suggestion = by_rules[0] if by_rules else None
     score = RULE_SCORES[suggestion] if suggestion else None
+    evidence = f"{suggestion}: {found[suggestion]}" if suggestion else "no rule fired"
+    if blamed and not any(c in found for c in ("Object", "Count", "Spatial")):
+        suggestion, score = blamed[0], BLAME_SCORE
+        evidence = f"{suggestion}: {blamed[1]}"
+    fired = [c for c in PRIORITY if c in found or (blamed and blamed[0] == c)]  # the blamed category included
     if verified:
         fired.insert(0, VERIFIED_RULE)
         suggestion, score = "Ambiguous", VERIFIED_SCORE
@@ -531,6 +587,7 @@ def _suggestion(
         "is_same_categories": same,
         "top1_k_occurrence": k,
         "is_hub": is_hub,
+        "blame_evidence": blamed[1] if blamed else None,
     }
 
 

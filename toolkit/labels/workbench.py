@@ -24,6 +24,10 @@ Blind overlap: a page only ever receives its own annotator's labels.
 Triage suggestions (`clipfail triage`): an item shows the newest triage run's suggested category and
 its evidence as a hint line and a marker on that category's button; it never selects or saves
 anything. Overlap items get none unless --show-suggestions-on-overlap (they measure agreement).
+The model's blame (`clipfail explain`): an item shows the newest explain run's blamed phrase as a hint line
+("the model hangs on the attribute 'red' ...") when removing it moves the ground truth up (pessimistic rank
+gain > 0, as triage's blame rule); it never marks, selects or saves anything, and overlap items get none
+unless --show-suggestions-on-overlap.
 
 Security: the default host is 127.0.0.1 (and then requests must name a local Host, against DNS
 rebinding). The Host header must be exactly a host name, an IPv4 address or a bracketed IPv6 address
@@ -221,7 +225,7 @@ def prepare(
             )
         items[name], images[name] = [], {}
         for row in mine.itertuples(index=False):
-            items[name].append(_item(row, s.lookup, s.suggestions, root, images[name]))
+            items[name].append(_item(row, s.lookup, s.suggestions, root, images[name], s.blames))
     categories = [
         {"name": str(c.name), "definition": str(c.definition or ""), "example": str(c.example or "")}
         for c in s.tax.categories.itertuples(index=False)
@@ -256,6 +260,7 @@ class _SampleRead:
     suggestions: dict  # sample id -> {category, evidence} from triage
     root_path: Path | None
     version: str  # sample_version()
+    blames: dict = field(default_factory=dict)  # sample id -> {role, phrase, category, text} from explain
 
 
 def _read_sample(con, db_path, names, set_choice, retrieval_run_id, show_suggestions_on_overlap) -> _SampleRead:
@@ -306,12 +311,43 @@ def _read_sample(con, db_path, names, set_choice, retrieval_run_id, show_suggest
         for h in hints
         if h["suggested_category"]
     }
+    blames = _blame_hints(con, rrid, hints, show_suggestions_on_overlap)
     # stored relative to the database's folder when under it (movable studies): never to the current folder
     root_path = study_paths.resolve(con, root_row[0]) if root_row and root_row[0] else None
-    return _SampleRead(rrid, canonical, table, lookup, tax, suggestions, root_path, sample_version(con, rrid))
+    return _SampleRead(
+        rrid, canonical, table, lookup, tax, suggestions, root_path, sample_version(con, rrid), blames
+    )  # fmt: skip
 
 
-def _item(row, lookup: dict, suggestions: dict, root: Path | None, images: dict) -> dict:
+def _blame_hints(con, rrid: int, hints: list[dict], show_on_overlap: bool) -> dict:
+    """sample id -> the newest explain run's blamed phrase ({role, phrase, category, text}) for the failures where
+    removing it moves the ground truth up; none on the overlap set unless `show_on_overlap`; {} without a run."""
+    row = con.execute("SELECT max(explain_run_id) FROM explain_runs WHERE retrieval_run_id = ?", [rrid]).fetchone()
+    if row is None or row[0] is None:
+        return {}
+    found = {
+        int(r[0]): r[1:]
+        for r in con.execute(
+            "SELECT caption_id, blamed_role, blamed_phrase, blamed_category, gt_rank_before_pessimistic, "
+            "gt_rank_after_pessimistic FROM failure_blame WHERE explain_run_id = ? AND rank_gain > 0",
+            [int(row[0])],
+        ).fetchall()
+    }
+    out = {}
+    for h in hints:
+        hit = found.get(h["caption_id"])
+        if hit is None or (h["set_name"] == "overlap" and not show_on_overlap):
+            continue
+        role, phrase, category, before, after = hit
+        text = (
+            f"the model hangs on the {role} '{phrase}': without it the ground truth moves from rank {before} to "
+            f"{after} (clipfail explain, run {int(row[0])})"
+        )
+        out[h["sample_id"]] = {"role": role, "phrase": phrase, "category": category, "text": text}
+    return out
+
+
+def _item(row, lookup: dict, suggestions: dict, root: Path | None, images: dict, blames: dict | None = None) -> dict:
     """One sampled failure as the page shows it (its caption, ground truth and top images); the paths of the
     images it shows are added to `images` (image id -> path, None where the image is unknown)."""
     gt = int(row.gt_id)
@@ -335,6 +371,7 @@ def _item(row, lookup: dict, suggestions: dict, root: Path | None, images: dict)
         },
         "top": top,
         "suggestion": suggestions.get(int(row.sample_id)),
+        "blame": (blames or {}).get(int(row.sample_id)),
     }
 
 

@@ -335,3 +335,44 @@ def method_comparison_chart(df, title: str, path_stem, *, subtitle: str | None =
     if subtitle:
         ax.set_title(subtitle, fontsize=9, color="#444444")
     return _save(fig, path_stem)
+
+
+# --------------------------------------------------------------------------- phrase ablation (issue 28)
+
+BLAME_COLOURS = {
+    "attribute": "#d95f02", "count": "#7570b3", "relation": "#1b9e77", "action": "#e7298a", "object": "#3b6ea5",
+    "none": "#bdbdbd", "no phrase": "#eeeeee",
+}  # fmt: skip
+
+
+def blame_by_category_chart(df, title: str, path_stem, *, subtitle: str | None = None) -> list[Path]:
+    """Stacked horizontal bars of the blame_by_category view: one bar per human category (in the view's order),
+    split by blamed role into the view's percentages, each segment labelled with its count."""
+    path_stem = Path(path_stem)
+    cats = list(dict.fromkeys(str(c) for c in df["category"]))
+    roles = [r for r in BLAME_COLOURS if r in set(df["blamed_role"])]
+    cells = {(str(c), r): (float(p), int(n)) for c, r, p, n in zip(df["category"], df["blamed_role"], df["percent"],
+                                                                   df["n"])}  # fmt: skip
+    fig = Figure(figsize=(8.0, 1.4 + 0.45 * len(cats)), layout="constrained")
+    ax = fig.add_subplot()
+    ys = list(range(len(cats)))[::-1]
+    left = [0.0] * len(cats)
+    for role in roles:
+        widths = [cells.get((c, role), (0.0, 0))[0] for c in cats]
+        bars = ax.barh(ys, widths, left=left, color=BLAME_COLOURS[role], edgecolor="#2b2b2b", linewidth=0.4,
+                       label=role)  # fmt: skip
+        for bar, c in zip(bars, cats):
+            n = cells.get((c, role), (0.0, 0))[1]
+            if n and bar.get_width() >= 6:
+                ax.text(bar.get_x() + bar.get_width() / 2, bar.get_y() + bar.get_height() / 2, str(n),
+                        ha="center", va="center", fontsize=7)  # fmt: skip
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(ys, cats, fontsize=8)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("% of the category's explained failures")
+    ax.legend(frameon=False, fontsize=7, ncol=len(roles), loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(title, fontsize=11, fontweight="bold")
+    if subtitle:
+        fig.text(0.5, 0.0, subtitle, ha="center", va="bottom", fontsize=8, color="#444444")
+    return _save(fig, path_stem)

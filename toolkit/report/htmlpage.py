@@ -167,6 +167,7 @@ class Context:
     n_labelled: int = 0
     missing: list[str] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # rows that several sections read (sections.common)
+    notes: list[str] = field(default_factory=list)  # the page's notes (the demo's: its model is random)
 
     @property
     def flag(self) -> str:

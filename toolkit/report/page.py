@@ -11,12 +11,13 @@ and nothing else: the files are staged and swapped in, so a reused out_dir keeps
 earlier report, and a folder holding files that no report wrote is refused (toolkit.report.outdir).
 
 The page is built from a list of sections (toolkit.report.sections.SECTIONS, one module each: baseline,
-taxonomy, agreement, ensembling, consolidated, controls, triage, comparisons, hubness, methods,
+taxonomy, agreement, ensembling, consolidated, controls, triage, comparisons, hubness, methods, blame,
 provenance); this module calls them in turn and wraps what they wrote into one HTML document.
 
 Every number on the page is a value that a SQL view in queries/ returned (recall_summary, taxonomy_distribution,
 sample_label_counts, annotator_agreement, improvement_recall, improvement_recall_wide, category_recall_delta,
-improvement_prompt_counts, triage_*, run_comparison, hubness_histogram, hub_ranking, method_comparison, ...):
+improvement_prompt_counts, triage_*, run_comparison, hubness_histogram, hub_ranking, method_comparison,
+blame_by_category, blame_agreement, blame_examples, ...):
 the sections' queries only select, filter and order. Python formats values (decimal places, a sign) and never
 computes one. The provenance section lists what made the numbers: model, weights, subset, seeds, package
 versions and every run's config hash.
@@ -80,7 +81,7 @@ def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> 
     out_dir = fresh.out_dir
     run = resolve_retrieval_run(con, retrieval_run_id, need="report")
     rrid = None if run is None else int(run["retrieval_run_id"])
-    ctx = Context(con, Page(fresh.staging), rrid)
+    ctx = Context(con, Page(fresh.staging), rrid, notes=list(notes or []))
     if rrid is not None:
         row = con.execute(
             "SELECT is_simulated, n_labelled FROM sample_label_counts WHERE retrieval_run_id = ?", [rrid]

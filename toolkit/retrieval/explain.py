@@ -11,8 +11,13 @@ Method (one `explain` call):
 3. Embeddings. Through improve's prompt cache (`toolkit.improve.stage.cached_prompts`, the `prompts` table and
    the prompt shards keyed by the model identity of the run's text embeddings): a text that improve or an
    earlier explain already encoded with this model is read from its shard, never encoded again; the others are
-   encoded once (`improve.stage.model_encoder_factory`, or the ``encoder`` a test passes) and stored as a new
-   prompt shard (`improve.methods.prompt_ensemble.write_prompt_shard`), which improve reuses in turn.
+   encoded once (`improve.stage.model_encoder_factory`, or the ``encoder`` a test passes) and stored as new
+   prompt shards (`improve.methods.prompt_ensemble.write_prompt_shard`), which improve reuses in turn. The new
+   texts are encoded in chunks of `CHUNK_TEXTS` (sorted text order); every chunk but the last is committed as
+   soon as it is encoded, in its own transaction (its prompt shard, its `prompts` rows and a `runs` row of
+   stage "explain-prompts"): the cache is a cache, not a result, so a run killed halfway leaves the chunks it
+   finished in the cache and the same call again encodes only the rest. The last chunk is written with the
+   results (step 5), which follow it at once.
 4. Ranks. Every variant is ranked against the run's image embeddings with evaluate's own code
    (`toolkit.retrieval.ranking.rank_text_to_image`, top 2), on the device type the retrieval run recorded
    (`improve.stage.scoring_device`): ``gt_rank_after`` = 1 + the number of images scoring strictly higher than
@@ -20,9 +25,10 @@ Method (one `explain` call):
    ``top1_image_id_after`` the best image (ties broken by lower row), ``score_gap_after`` = the ground truth's
    score minus the best other image's score. The "before" columns are the retrieval run's own
    (`retrieval_ranks`: gt_rank, n_tied, gt_score - top1_score).
-5. Rows. One `runs` row (stage "explain"), one `explain_runs` row and the `failure_ablations` rows, with any new
-   prompt shard, in one transaction. The same call again (same retrieval run, scope, roles, failures, variant
-   method, role mapping, text embeddings) is a no-op that returns the stored run.
+5. Rows. One `runs` row (stage "explain"), one `explain_runs` row and the `failure_ablations` rows, with the
+   last chunk's prompt shard, in one transaction (``n_encoded``: the texts this call encoded). The same call
+   again (same retrieval run, scope, roles, failures, variant method, role mapping, text embeddings) is a no-op
+   that returns the stored run.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from toolkit.store import db
 from toolkit.store.runs import NO_SAMPLE, resolve_retrieval_run
 
 STAGE = "explain"
+CACHE_STAGE = "explain-prompts"  # the runs row of a prompt-cache chunk committed before the results
+CHUNK_TEXTS = 4096  # new texts encoded, and committed to the prompt cache, at a time
 SCOPES = ("sample", "all-failures")
 FIX = "Re-run clipfail embed (with --recompute) and clipfail evaluate."
 
@@ -116,6 +124,19 @@ def _load_cached(con, cached: pd.DataFrame) -> dict[str, np.ndarray]:
         for t, r in zip(grp["text"], grp["row_index"]):
             vec[t] = arr[int(r)]
     return vec
+
+
+def _write_shard(con, identity, cache_dir, texts, new_texts, new_arr, run_id, started) -> None:
+    """`new_texts` (encoded as `new_arr`) as a prompt shard of improve's cache; call inside a transaction."""
+    from toolkit.improve.methods.prompt_ensemble import PromptMatrix, write_prompt_shard
+
+    shard_run = SimpleNamespace(
+        identity=identity,
+        io=SimpleNamespace(cache_dir=cache_dir),
+        params=SimpleNamespace(recompute_prompts=False),
+        stage=STAGE,
+    )
+    write_prompt_shard(con, shard_run, PromptMatrix(None, {}, texts, list(new_texts), new_arr, [], 0), run_id, started)
 
 
 def explain(
@@ -202,7 +223,7 @@ def explain(
 
     images = load_embedding_set(con, int(rr["image_embedding_set_id"]), fix=FIX)
     dim = images.array.shape[1]
-    new_arr = None
+    last_texts, last_arr = [], None  # the last chunk: written with the results
     if new_texts:
         if encoder is None:
             import json
@@ -212,10 +233,24 @@ def explain(
             make = encoder_factory or S.model_encoder_factory()
             set_config = study_paths.resolve_keys(con, json.loads(text_set["config_json"] or "{}"), ("checkpoint",))
             encoder = make(dict(identity, config=set_config))
-        new_arr = np.asarray(encoder(list(new_texts)), dtype=np.float32)
-        if new_arr.shape != (len(new_texts), dim):
-            raise RuntimeError(f"encoder returned shape {new_arr.shape}, expected {(len(new_texts), dim)}")
-        vec.update(zip(new_texts, new_arr))
+        chunks = [new_texts[i : i + CHUNK_TEXTS] for i in range(0, len(new_texts), CHUNK_TEXTS)]
+        for j, chunk in enumerate(chunks):
+            chunk_started = db.now()
+            arr = np.asarray(encoder(list(chunk)), dtype=np.float32)
+            if arr.shape != (len(chunk), dim):
+                raise RuntimeError(f"encoder returned shape {arr.shape}, expected {(len(chunk), dim)}")
+            vec.update(zip(chunk, arr))
+            if j == len(chunks) - 1:
+                last_texts, last_arr = chunk, arr
+                continue
+            with db.transaction(con):
+                chunk_config = {"stage": CACHE_STAGE, "explain_config_hash": chash, "chunk": j, "model": identity,
+                                "texts_sha256": _sha(chunk)}  # fmt: skip
+                cache_run = db.insert_run(
+                    con, CACHE_STAGE, chunk_config, chunk_started,
+                    model=identity["model"], pretrained=identity["pretrained"],
+                )  # fmt: skip
+                _write_shard(con, identity, cache_dir, texts, chunk, arr, cache_run, chunk_started)
     result.n_encoded, result.n_cached = len(new_texts), len(texts) - len(new_texts)
 
     # ranks: evaluate's ranking of each variant against the run's images
@@ -263,17 +298,8 @@ def explain(
 
     with db.transaction(con):
         run_id = db.insert_run(con, STAGE, config, started, model=identity["model"], pretrained=identity["pretrained"])
-        if new_texts:
-            from toolkit.improve.methods.prompt_ensemble import PromptMatrix, write_prompt_shard
-
-            shard_run = SimpleNamespace(
-                identity=identity,
-                io=SimpleNamespace(cache_dir=cache_dir),
-                params=SimpleNamespace(recompute_prompts=False),
-                stage=STAGE,
-            )
-            m = PromptMatrix(None, {}, texts, new_texts, new_arr, [], 0)
-            write_prompt_shard(con, shard_run, m, run_id, started)
+        if last_texts:
+            _write_shard(con, identity, cache_dir, texts, last_texts, last_arr, run_id, started)
         erid = int(
             con.execute(
                 """

@@ -12,6 +12,9 @@
    labels (own templates) and the union of the top two, plus a control on R@1 successes for the
    largest one.
 6. The report in OUT/report/report.html.
+(After sample-failures, `clipfail explain` ablates each phrase of every sampled failure's caption with the same
+random model, and its blame is evidence for triage; the report's section 11 shows it, labelled as made with the
+demo's random model.)
 (After evaluate, `clipfail triage` suggests a category for every failure from the generated
 instances_val2017.json; the report's section 7 compares the suggestions with the simulated labels.)
 
@@ -118,6 +121,8 @@ def run_demo(
         )
         laps.add_stages(pipe.stages)
         rrid = pipe.retrieval_run_id
+        demo_explain(con, rrid, ckpt, device, out)
+        laps("explain (phrase ablation of the failure sample)")
         demo_triage(con, rrid)
         laps("triage")
         _demo_labels(con, out, rrid, seed)
@@ -242,6 +247,17 @@ def _encoder_factory(ckpt: Path, device: str):
     from toolkit.improve.stage import model_encoder_factory
 
     return model_encoder_factory(TINY_CONFIG, checkpoint=str(ckpt), device=device)
+
+
+def demo_explain(con, retrieval_run_id: int, ckpt: Path, device: str, out: Path):
+    """The demo's explain step: every phrase of every sampled failure's caption ablated with the demo's random model,
+    through the prompt cache improve uses later (a no-op when already done)."""
+    from toolkit.retrieval.explain import explain
+
+    return explain(
+        con, retrieval_run_id, scope="sample", encoder_factory=_encoder_factory(ckpt, device),
+        cache_dir=out / "prompt_cache",
+    )  # fmt: skip
 
 
 def demo_triage(con, retrieval_run_id: int):

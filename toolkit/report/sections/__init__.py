@@ -9,6 +9,7 @@ from __future__ import annotations
 from toolkit.report.sections import (
     agreement,
     baseline,
+    blame,
     comparisons,
     consolidated,
     controls,
@@ -31,5 +32,6 @@ SECTIONS = [
     comparisons.render,  # 8. comparisons of two retrieval runs
     hubness.render,  # 9. hubness
     methods.render,  # 10. which fix helps which category
+    blame.render,  # 11. what the model hangs on (explain)
     provenance.render,  # what made the numbers
 ]
