@@ -136,8 +136,14 @@ _PLACEHOLDERS = {"pooling": "none", "template_set": "", "templates_sha256": "", 
 
 
 def _clear_placeholders(con) -> None:
+    """Only runs of a method without prompts had them; a prompt-ensembling run (method NULL or 'templates')
+    keeps every value it has."""
     for col, value in _PLACEHOLDERS.items():
-        con.execute(f'UPDATE improvement_runs SET "{col}" = NULL WHERE "{col}" = ?', [value])
+        con.execute(
+            f'UPDATE improvement_runs SET "{col}" = NULL WHERE "{col}" = ? '
+            "AND method IS NOT NULL AND method <> 'templates'",
+            [value],
+        )
 
 
 def view_sql() -> dict[str, str]:
