@@ -17,7 +17,10 @@ pytest_plugins = ("pytester",)  # tests/test_suite_honesty.py runs pytest on sma
 
 # The files that take longest, collected first: under pytest-xdist (`--dist loadfile` in pyproject.toml) each file
 # runs whole on one worker, in collection order, and a long file started last would be the whole suite's tail.
-SLOW_FILES_FIRST = ("test_ray_engine.py", "test_demo.py", "test_embed_speed.py", "test_hubness.py", "test_compare.py")
+SLOW_FILES_FIRST = (
+    "test_ray_engine.py", "test_labelstudio_live.py", "test_demo.py", "test_embed_speed.py", "test_hubness.py",
+    "test_compare.py", "test_explain.py", "test_positives.py",
+)  # fmt: skip
 
 
 def pytest_collection_modifyitems(session, config, items):
