@@ -226,6 +226,118 @@ def local_files_prefix(image_root: Path, document_root: Path) -> str:
     return "/data/local-files/?d=" + urllib.parse.quote(rel + "/", safe="/")
 
 
+def _url_prefix(rrid: int, image_root, image_url_prefix, document_root):
+    """(Label Studio's document root or None, the image URL prefix of the tasks)."""
+    if image_url_prefix is not None:
+        return None, image_url_prefix
+    if image_root is None:
+        raise UserError(
+            f"Retrieval run {rrid}'s subset has no image folder, so Label Studio cannot serve its images; give "
+            "--image-url-prefix with the address where they are served."
+        )
+    doc_root = Path(os.path.abspath(os.path.expanduser(document_root))) if document_root else image_root.parent
+    return doc_root, local_files_prefix(image_root, doc_root)
+
+
+def _exported(con, rrid: int, prefix: str, show_suggestions_on_overlap: bool):
+    """(export result, tasks, labelling config) exactly as export-labelstudio writes them (written to a private
+    folder, read back)."""
+    from toolkit.labels.labelstudio import export_labelstudio
+
+    with tempfile.TemporaryDirectory(prefix="clipfail-labelstudio-") as tmp:
+        exp = export_labelstudio(
+            con,
+            tmp,
+            retrieval_run_id=rrid,
+            image_url_prefix=prefix,
+            show_suggestions_on_overlap=show_suggestions_on_overlap,
+        )
+        tasks = json.loads((Path(tmp) / "tasks.json").read_text("utf-8"))
+        config = (Path(tmp) / "labeling_config.xml").read_text("utf-8")
+    return exp, tasks, config
+
+
+def _create_project(ls: LabelStudio, title: str, rrid: int, db_path, config: str) -> dict:
+    answer = ls.request(
+        "POST",
+        "/api/projects",
+        {
+            "title": title,
+            "description": f"Failure sample of retrieval run {rrid} ({db_path}), by clipfail.",
+            "label_config": config,
+        },
+        what="create the project",
+        refused="Label Studio's reason is quoted; check --title.",
+    )
+    return _project(ls, answer, f"POST {ls.url}/api/projects")
+
+
+def _update_config(ls: LabelStudio, project: dict, config: str) -> bool:
+    """PATCH the project's labelling config when it differs; whether it did."""
+    pid = project["id"]
+    if (project.get("label_config") or "").strip() == config.strip():
+        return False
+    ls.request(
+        "PATCH",
+        f"/api/projects/{pid}",
+        {"label_config": config},
+        what=f"update the labelling config of project {pid}",
+        not_found=f"Label Studio has no project {pid} any more: it was deleted meanwhile",
+        refused="Label Studio keeps a project's config while annotations use what the new one lacks; push to "
+        "a new project (--title) or change the project by hand.",
+    )
+    return True
+
+
+def _refuse_foreign(project: dict, foreign: list, rrid: int, db_path) -> None:
+    pid = project["id"]
+    shown = "; ".join(_describe(t) for t in foreign[:MAX_LISTED])
+    more = f"; and {len(foreign) - MAX_LISTED} more" if len(foreign) > MAX_LISTED else ""
+    raise UserError(
+        f"Project {pid} ({project['title']!r}) holds {len(foreign)} task{'s' if len(foreign) != 1 else ''} "
+        f"that are not of this sample (retrieval run {rrid} of {db_path}): {shown}{more}. Nothing was pushed. "
+        "Push to another project (--title or --project), or give --force to add this sample's tasks beside "
+        "them (pull then refuses annotations on the others)."
+    )
+
+
+def _import_tasks(ls: LabelStudio, pid: int, new: list) -> None:
+    for start in range(0, len(new), IMPORT_CHUNK):
+        chunk = new[start : start + IMPORT_CHUNK]
+        answer = ls.request(
+            "POST",
+            f"/api/projects/{pid}/import",
+            chunk,
+            what=f"import the tasks into project {pid}",
+            not_found=f"Label Studio has no project {pid} any more: it was deleted meanwhile",
+            refused="Check that the project's labelling config is clipfail's.",
+        )
+        n = ls.checked(
+            answer, lambda v: want_int(want_dict(v, "answer").get("task_count"), "answer.task_count"), "import"
+        )
+        if n != len(chunk):
+            raise UserError(
+                f"Label Studio imported {n} of {len(chunk)} tasks into project {pid} (POST "
+                f"{ls.url}/api/projects/{pid}/import). Look at the project, then push again: tasks already there "
+                "are not sent twice."
+            )
+
+
+def _set_overlap(ls: LabelStudio, pid: int, new: list, ours: dict, present: set, n_annotators: int) -> None:
+    """Every annotator is handed the overlap tasks just imported (overlap = the number of annotators)."""
+    overlap_samples = {t["data"]["sample_id"] for t in new if t["data"].get("set_name") == "overlap"}
+    for t in list_tasks(ls, pid):
+        ident = _identity(t["data"])
+        if ident in ours and ident not in present and ident[0] in overlap_samples:
+            ls.request(
+                "PATCH",
+                f"/api/tasks/{t['id']}",
+                {"overlap": n_annotators},
+                what=f"let every annotator label overlap task {t['id']}",
+                not_found=f"Label Studio has no task {t['id']} any more: it was deleted meanwhile",
+            )
+
+
 def push(
     con,
     ls: LabelStudio,
@@ -241,31 +353,10 @@ def push(
 ) -> PushResult:
     """Create or update the Label Studio project of the failure sample (see the module docstring)."""
     from toolkit.labels.label_import import _SampleInfo
-    from toolkit.labels.labelstudio import export_labelstudio
 
     rrid, image_root = _image_folder(con, retrieval_run_id)
-    doc_root = None
-    if image_url_prefix is None:
-        if image_root is None:
-            raise UserError(
-                f"Retrieval run {rrid}'s subset has no image folder, so Label Studio cannot serve its images; give "
-                "--image-url-prefix with the address where they are served."
-            )
-        doc_root = Path(os.path.abspath(os.path.expanduser(document_root))) if document_root else image_root.parent
-        prefix = local_files_prefix(image_root, doc_root)
-    else:
-        prefix = image_url_prefix
-    # The tasks and config exactly as export-labelstudio writes them (written to a private folder, read back).
-    with tempfile.TemporaryDirectory(prefix="clipfail-labelstudio-") as tmp:
-        exp = export_labelstudio(
-            con,
-            tmp,
-            retrieval_run_id=rrid,
-            image_url_prefix=prefix,
-            show_suggestions_on_overlap=show_suggestions_on_overlap,
-        )
-        tasks = json.loads((Path(tmp) / "tasks.json").read_text("utf-8"))
-        config = (Path(tmp) / "labeling_config.xml").read_text("utf-8")
+    doc_root, prefix = _url_prefix(rrid, image_root, image_url_prefix, document_root)
+    exp, tasks, config = _exported(con, rrid, prefix, show_suggestions_on_overlap)
     info = _SampleInfo.load(con)
     n_annotators = max(1, len(info.annotators.get(rrid, [])))
     title = title or default_title(db_path, rrid)
@@ -273,83 +364,23 @@ def push(
     project = find_project(ls, project_id, None if project_id is not None else title)
     created = project is None
     if created:
-        answer = ls.request(
-            "POST",
-            "/api/projects",
-            {
-                "title": title,
-                "description": f"Failure sample of retrieval run {rrid} ({db_path}), by clipfail.",
-                "label_config": config,
-            },
-            what="create the project",
-            refused="Label Studio's reason is quoted; check --title.",
-        )
-        project = _project(ls, answer, f"POST {ls.url}/api/projects")
+        project = _create_project(ls, title, rrid, db_path, config)
     pid = project["id"]
     try:
-        config_updated = False
-        if not created and (project.get("label_config") or "").strip() != config.strip():
-            ls.request(
-                "PATCH",
-                f"/api/projects/{pid}",
-                {"label_config": config},
-                what=f"update the labelling config of project {pid}",
-                not_found=f"Label Studio has no project {pid} any more: it was deleted meanwhile",
-                refused="Label Studio keeps a project's config while annotations use what the new one lacks; push to "
-                "a new project (--title) or change the project by hand.",
-            )
-            config_updated = True
-
+        config_updated = not created and _update_config(ls, project, config)
         existing = [] if created else list_tasks(ls, pid)
         ours = {(t["data"]["sample_id"], rrid, t["data"]["caption_id"]): t for t in tasks}
         present = {_identity(t["data"]) for t in existing} & set(ours)
         foreign = [t for t in existing if _identity(t["data"]) not in ours]
         if foreign and not force:
-            shown = "; ".join(_describe(t) for t in foreign[:MAX_LISTED])
-            more = f"; and {len(foreign) - MAX_LISTED} more" if len(foreign) > MAX_LISTED else ""
-            raise UserError(
-                f"Project {pid} ({project['title']!r}) holds {len(foreign)} task{'s' if len(foreign) != 1 else ''} "
-                f"that are not of this sample (retrieval run {rrid} of {db_path}): {shown}{more}. Nothing was pushed. "
-                "Push to another project (--title or --project), or give --force to add this sample's tasks beside "
-                "them (pull then refuses annotations on the others)."
-            )
-
+            _refuse_foreign(project, foreign, rrid, db_path)
         storage = "none"
         if image_url_prefix is None:
             storage = _ensure_storage(ls, pid, image_root, doc_root)
-
         new = [t for key, t in ours.items() if key not in present]
-        for start in range(0, len(new), IMPORT_CHUNK):
-            chunk = new[start : start + IMPORT_CHUNK]
-            answer = ls.request(
-                "POST",
-                f"/api/projects/{pid}/import",
-                chunk,
-                what=f"import the tasks into project {pid}",
-                not_found=f"Label Studio has no project {pid} any more: it was deleted meanwhile",
-                refused="Check that the project's labelling config is clipfail's.",
-            )
-            n = ls.checked(
-                answer, lambda v: want_int(want_dict(v, "answer").get("task_count"), "answer.task_count"), "import"
-            )
-            if n != len(chunk):
-                raise UserError(
-                    f"Label Studio imported {n} of {len(chunk)} tasks into project {pid} (POST "
-                    f"{ls.url}/api/projects/{pid}/import). Look at the project, then push again: tasks already there "
-                    "are not sent twice."
-                )
+        _import_tasks(ls, pid, new)
         if new and n_annotators > 1:
-            overlap_samples = {t["data"]["sample_id"] for t in new if t["data"].get("set_name") == "overlap"}
-            for t in list_tasks(ls, pid):
-                ident = _identity(t["data"])
-                if ident in ours and ident not in present and ident[0] in overlap_samples:
-                    ls.request(
-                        "PATCH",
-                        f"/api/tasks/{t['id']}",
-                        {"overlap": n_annotators},
-                        what=f"let every annotator label overlap task {t['id']}",
-                        not_found=f"Label Studio has no task {t['id']} any more: it was deleted meanwhile",
-                    )
+            _set_overlap(ls, pid, new, ours, present, n_annotators)
     except BaseException:
         if created:  # leave nothing half-made behind: the project is new and only this push used it
             try:

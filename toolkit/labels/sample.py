@@ -141,6 +141,23 @@ def draw(n_failures: int, n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).choice(n_failures, size=n, replace=False)
 
 
+def _failure_ids(con, rrid: int, exclude_verified_positives: bool) -> list[int]:
+    """The run's R@1 failures by caption id; known false negatives (the top-1 image is a verified positive of the
+    caption) left out when asked, so that they stay away from annotators."""
+    verified = (
+        "AND query_id NOT IN (SELECT query_id FROM failure_false_negatives "
+        "WHERE retrieval_run_id = $run AND is_top1_extended_positive) "
+    )
+    return [
+        int(r[0])
+        for r in con.execute(
+            "SELECT query_id FROM retrieval_ranks WHERE retrieval_run_id = $run AND gt_rank > 1 "
+            f"{verified if exclude_verified_positives else ''}ORDER BY query_id",
+            {"run": rrid},
+        ).fetchall()
+    ]
+
+
 def sample_failures(
     con,
     retrieval_run_id: int | None = None,
@@ -181,19 +198,7 @@ def sample_failures(
     chash = db.config_hash(config)
     out_dir = Path(out_dir)
 
-    # known false negatives (the top-1 image is a verified positive of the caption) stay away from annotators
-    verified = (
-        "AND query_id NOT IN (SELECT query_id FROM failure_false_negatives "
-        "WHERE retrieval_run_id = $run AND is_top1_extended_positive) "
-    )
-    failures = [
-        int(r[0])
-        for r in con.execute(
-            "SELECT query_id FROM retrieval_ranks WHERE retrieval_run_id = $run AND gt_rank > 1 "
-            f"{verified if exclude_verified_positives else ''}ORDER BY query_id",
-            {"run": rrid},
-        ).fetchall()
-    ]
+    failures = _failure_ids(con, rrid, exclude_verified_positives)
     existing = con.execute(
         "SELECT config_hash, min(run_id), count(*) FROM failure_samples WHERE retrieval_run_id = ? GROUP BY 1",
         [rrid],

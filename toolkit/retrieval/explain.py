@@ -139,6 +139,136 @@ def _write_shard(con, identity, cache_dir, texts, new_texts, new_arr, run_id, st
     write_prompt_shard(con, shard_run, PromptMatrix(None, {}, texts, list(new_texts), new_arr, [], 0), run_id, started)
 
 
+def _resolve(con, retrieval_run_id, scope: str):
+    """The retrieval run (text-to-image) and its failures in the scope; a UserError for what cannot be explained."""
+    if scope not in SCOPES:
+        raise UserError(f"Unknown scope {scope!r}; use one of {', '.join(SCOPES)}.")
+    if scope == "sample" and retrieval_run_id is None:
+        rows = con.execute("SELECT DISTINCT retrieval_run_id FROM failure_samples ORDER BY 1").fetchall()
+        if not rows:
+            raise UserError(NO_SAMPLE + " Or explain every failure with --all-failures.")
+    rr = resolve_retrieval_run(con, retrieval_run_id, need="sample" if scope == "sample" else "ranks", purpose=STAGE)
+    if rr["direction"] != "text-to-image":
+        raise UserError(f"explain needs a text-to-image retrieval run; run {rr['retrieval_run_id']} is not one.")
+    rrid = int(rr["retrieval_run_id"])
+    fails = _failures(con, rrid, scope)
+    return rr, fails
+
+
+def _encode(con, text_set, identity, texts, dim: int, chash: str, *, encoder, encoder_factory, cache_dir):
+    """Every variant text's vector: improve's prompt cache first, then the encoder for the rest, in chunks whose
+    shards are committed one by one (a killed run resumes), but the last, which goes with the results.
+    Returns (text -> vector, the texts encoded now, (the last chunk's texts, their vectors))."""
+    from toolkit.improve import stage as S
+
+    cached = S.cached_prompts(con, identity, texts)
+    vec = _load_cached(con, cached)
+    new_texts = [t for t in texts if t not in vec]
+    last_texts, last_arr = [], None  # the last chunk: written with the results
+    if new_texts:
+        if encoder is None:
+            import json
+
+            from toolkit.store import paths as study_paths
+
+            make = encoder_factory or S.model_encoder_factory()
+            set_config = study_paths.resolve_keys(con, json.loads(text_set["config_json"] or "{}"), ("checkpoint",))
+            encoder = make(dict(identity, config=set_config))
+        chunks = [new_texts[i : i + CHUNK_TEXTS] for i in range(0, len(new_texts), CHUNK_TEXTS)]
+        for j, chunk in enumerate(chunks):
+            chunk_started = db.now()
+            arr = np.asarray(encoder(list(chunk)), dtype=np.float32)
+            if arr.shape != (len(chunk), dim):
+                raise RuntimeError(f"encoder returned shape {arr.shape}, expected {(len(chunk), dim)}")
+            vec.update(zip(chunk, arr))
+            if j == len(chunks) - 1:
+                last_texts, last_arr = chunk, arr
+                continue
+            with db.transaction(con):
+                chunk_config = {"stage": CACHE_STAGE, "explain_config_hash": chash, "chunk": j, "model": identity,
+                                "texts_sha256": _sha(chunk)}  # fmt: skip
+                cache_run = db.insert_run(
+                    con, CACHE_STAGE, chunk_config, chunk_started,
+                    model=identity["model"], pretrained=identity["pretrained"],
+                )  # fmt: skip
+                _write_shard(con, identity, cache_dir, texts, chunk, arr, cache_run, chunk_started)
+    return vec, new_texts, (last_texts, last_arr)
+
+
+def _ablation_rows(con, rr, fails, rows, vec, images, mapping, result) -> pd.DataFrame:
+    """failure_ablations rows (without explain_run_id): evaluate's ranking of each variant against the run's images."""
+    from toolkit.improve import stage as S
+
+    rrid = int(rr["retrieval_run_id"])
+    from toolkit.retrieval import ranking as R
+
+    img_row = {int(i): r for r, i in enumerate(images.item_ids)}
+    gt_of = dict(zip(fails["caption_id"].astype(int), fails["gt_id"].astype(int)))
+    missing = sorted({gt_of[c] for c, _i, _v in rows if gt_of[c] not in img_row})
+    if missing:
+        raise UserError(f"Retrieval run {rrid}'s image embedding set lacks {len(missing)} of its own images. {FIX}")
+    gt_index = np.array([img_row[gt_of[c]] for c, _i, _v in rows], dtype=np.int64)
+    Q = np.stack([vec[v.text] for _c, _i, v in rows]).astype(np.float32)
+    device, _recorded, note = S.scoring_device(con, rr)
+    if note:
+        result.notes.append(note.replace("improve re-scored", "explain scored"))
+    k = min(2, images.array.shape[0])
+    res = R.rank_text_to_image(Q, images.array, gt_index, k=k, device=device)
+    top = res.topk_indices
+    best_other = np.where(top[:, 0] == gt_index, res.topk_scores[:, min(1, k - 1)], res.topk_scores[:, 0])
+    if k == 1:
+        best_other = np.where(top[:, 0] == gt_index, np.float32(np.nan), best_other)
+
+    before = fails.set_index(fails["caption_id"].astype(int))
+    cids = np.array([c for c, _i, _v in rows], dtype=np.int64)
+    b = before.loc[cids]
+    return pd.DataFrame(
+        {
+            "caption_id": cids,
+            "variant_index": np.array([i for _c, i, _v in rows], dtype=np.int32),
+            "retrieval_run_id": rrid,
+            "role": [v.role for _c, _i, v in rows],
+            "category": [mapping[v.role] for _c, _i, v in rows],
+            "phrase": [v.phrase for _c, _i, v in rows],
+            "ablated_text": [v.text for _c, _i, v in rows],
+            "gt_image_id": b["gt_id"].to_numpy(np.int64),
+            "gt_rank_before": b["gt_rank"].to_numpy(np.int64),
+            "n_tied_before": b["n_tied"].to_numpy(np.int64),
+            "gt_rank_after": res.gt_rank.astype(np.int64),
+            "n_tied_after": res.n_tied.astype(np.int64),
+            "top1_image_id_after": np.asarray(images.item_ids, dtype=np.int64)[top[:, 0]],
+            "score_gap_before": (b["gt_score"] - b["top1_score"]).to_numpy(np.float32),
+            "score_gap_after": (res.gt_score - best_other).astype(np.float32),
+        }
+    )
+
+
+def _store(con, rr, config, chash, started, identity, cache_dir, texts, last, role_list, scope, counts, abl):
+    """The runs row, the last chunk's prompt shard, the explain_runs row and failure_ablations, in one transaction.
+    `counts`: failures, without a phrase, variants, skipped identical, skipped empty, encoded."""
+    rrid = int(rr["retrieval_run_id"])
+    last_texts, last_arr = last
+    n_failures, n_no_phrase, n_variants, n_identical, n_empty, n_encoded = counts
+    with db.transaction(con):
+        run_id = db.insert_run(con, STAGE, config, started, model=identity["model"], pretrained=identity["pretrained"])
+        if last_texts:
+            _write_shard(con, identity, cache_dir, texts, last_texts, last_arr, run_id, started)
+        erid = int(
+            con.execute(
+                """
+                INSERT INTO explain_runs (retrieval_run_id, scope, roles, n_failures, n_no_phrase, n_variants,
+                    n_skipped_identical, n_skipped_empty, n_encoded, config_hash, created_at, run_id)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING explain_run_id
+                """,
+                [rrid, scope, ",".join(role_list), n_failures, n_no_phrase, n_variants, n_identical, n_empty,
+                 n_encoded, chash, db.now(), run_id],
+            ).fetchall()[0][0]
+        )  # fmt: skip
+        abl.insert(0, "explain_run_id", erid)
+        db.insert_df(con, "failure_ablations", abl)
+    return erid, run_id
+
+
 def explain(
     con,
     retrieval_run_id: int | None = None,
@@ -153,18 +283,9 @@ def explain(
     from toolkit.improve import stage as S
 
     started = db.now()
-    if scope not in SCOPES:
-        raise UserError(f"Unknown scope {scope!r}; use one of {', '.join(SCOPES)}.")
     role_list = parse_roles(roles)
-    if scope == "sample" and retrieval_run_id is None:
-        rows = con.execute("SELECT DISTINCT retrieval_run_id FROM failure_samples ORDER BY 1").fetchall()
-        if not rows:
-            raise UserError(NO_SAMPLE + " Or explain every failure with --all-failures.")
-    rr = resolve_retrieval_run(con, retrieval_run_id, need="sample" if scope == "sample" else "ranks", purpose=STAGE)
-    if rr["direction"] != "text-to-image":
-        raise UserError(f"explain needs a text-to-image retrieval run; run {rr['retrieval_run_id']} is not one.")
+    rr, fails = _resolve(con, retrieval_run_id, scope)
     rrid = int(rr["retrieval_run_id"])
-    fails = _failures(con, rrid, scope)
     mapping = ablation.role_categories()
 
     made = [ablation.caption_variants(t, role_list) for t in fails["text"]]
@@ -214,104 +335,15 @@ def explain(
             f"to the caption, {n_empty} empty). Nothing was written."
         )
 
-    # embeddings: improve's prompt cache first, then the encoder for the rest
     texts = sorted({v.text for _c, _i, v in rows})
-    cached = S.cached_prompts(con, identity, texts)
-    vec = _load_cached(con, cached)
-    new_texts = [t for t in texts if t not in vec]
     from toolkit.store.artifacts import load_embedding_set
 
     images = load_embedding_set(con, int(rr["image_embedding_set_id"]), fix=FIX)
-    dim = images.array.shape[1]
-    last_texts, last_arr = [], None  # the last chunk: written with the results
-    if new_texts:
-        if encoder is None:
-            import json
-
-            from toolkit.store import paths as study_paths
-
-            make = encoder_factory or S.model_encoder_factory()
-            set_config = study_paths.resolve_keys(con, json.loads(text_set["config_json"] or "{}"), ("checkpoint",))
-            encoder = make(dict(identity, config=set_config))
-        chunks = [new_texts[i : i + CHUNK_TEXTS] for i in range(0, len(new_texts), CHUNK_TEXTS)]
-        for j, chunk in enumerate(chunks):
-            chunk_started = db.now()
-            arr = np.asarray(encoder(list(chunk)), dtype=np.float32)
-            if arr.shape != (len(chunk), dim):
-                raise RuntimeError(f"encoder returned shape {arr.shape}, expected {(len(chunk), dim)}")
-            vec.update(zip(chunk, arr))
-            if j == len(chunks) - 1:
-                last_texts, last_arr = chunk, arr
-                continue
-            with db.transaction(con):
-                chunk_config = {"stage": CACHE_STAGE, "explain_config_hash": chash, "chunk": j, "model": identity,
-                                "texts_sha256": _sha(chunk)}  # fmt: skip
-                cache_run = db.insert_run(
-                    con, CACHE_STAGE, chunk_config, chunk_started,
-                    model=identity["model"], pretrained=identity["pretrained"],
-                )  # fmt: skip
-                _write_shard(con, identity, cache_dir, texts, chunk, arr, cache_run, chunk_started)
+    vec, new_texts, last = _encode(con, text_set, identity, texts, images.array.shape[1], chash,
+                                   encoder=encoder, encoder_factory=encoder_factory, cache_dir=cache_dir)  # fmt: skip
     result.n_encoded, result.n_cached = len(new_texts), len(texts) - len(new_texts)
-
-    # ranks: evaluate's ranking of each variant against the run's images
-    from toolkit.retrieval import ranking as R
-
-    img_row = {int(i): r for r, i in enumerate(images.item_ids)}
-    gt_of = dict(zip(fails["caption_id"].astype(int), fails["gt_id"].astype(int)))
-    missing = sorted({gt_of[c] for c, _i, _v in rows if gt_of[c] not in img_row})
-    if missing:
-        raise UserError(f"Retrieval run {rrid}'s image embedding set lacks {len(missing)} of its own images. {FIX}")
-    gt_index = np.array([img_row[gt_of[c]] for c, _i, _v in rows], dtype=np.int64)
-    Q = np.stack([vec[v.text] for _c, _i, v in rows]).astype(np.float32)
-    device, _recorded, note = S.scoring_device(con, rr)
-    if note:
-        result.notes.append(note.replace("improve re-scored", "explain scored"))
-    k = min(2, images.array.shape[0])
-    res = R.rank_text_to_image(Q, images.array, gt_index, k=k, device=device)
-    top = res.topk_indices
-    best_other = np.where(top[:, 0] == gt_index, res.topk_scores[:, min(1, k - 1)], res.topk_scores[:, 0])
-    if k == 1:
-        best_other = np.where(top[:, 0] == gt_index, np.float32(np.nan), best_other)
-
-    before = fails.set_index(fails["caption_id"].astype(int))
-    cids = np.array([c for c, _i, _v in rows], dtype=np.int64)
-    b = before.loc[cids]
-    abl = pd.DataFrame(
-        {
-            "caption_id": cids,
-            "variant_index": np.array([i for _c, i, _v in rows], dtype=np.int32),
-            "retrieval_run_id": rrid,
-            "role": [v.role for _c, _i, v in rows],
-            "category": [mapping[v.role] for _c, _i, v in rows],
-            "phrase": [v.phrase for _c, _i, v in rows],
-            "ablated_text": [v.text for _c, _i, v in rows],
-            "gt_image_id": b["gt_id"].to_numpy(np.int64),
-            "gt_rank_before": b["gt_rank"].to_numpy(np.int64),
-            "n_tied_before": b["n_tied"].to_numpy(np.int64),
-            "gt_rank_after": res.gt_rank.astype(np.int64),
-            "n_tied_after": res.n_tied.astype(np.int64),
-            "top1_image_id_after": np.asarray(images.item_ids, dtype=np.int64)[top[:, 0]],
-            "score_gap_before": (b["gt_score"] - b["top1_score"]).to_numpy(np.float32),
-            "score_gap_after": (res.gt_score - best_other).astype(np.float32),
-        }
-    )
-
-    with db.transaction(con):
-        run_id = db.insert_run(con, STAGE, config, started, model=identity["model"], pretrained=identity["pretrained"])
-        if last_texts:
-            _write_shard(con, identity, cache_dir, texts, last_texts, last_arr, run_id, started)
-        erid = int(
-            con.execute(
-                """
-                INSERT INTO explain_runs (retrieval_run_id, scope, roles, n_failures, n_no_phrase, n_variants,
-                    n_skipped_identical, n_skipped_empty, n_encoded, config_hash, created_at, run_id)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING explain_run_id
-                """,
-                [rrid, scope, ",".join(role_list), len(fails), n_no_phrase, len(rows), n_identical, n_empty,
-                 len(new_texts), chash, db.now(), run_id],
-            ).fetchall()[0][0]
-        )  # fmt: skip
-        abl.insert(0, "explain_run_id", erid)
-        db.insert_df(con, "failure_ablations", abl)
-    result.explain_run_id, result.run_id = erid, run_id
+    abl = _ablation_rows(con, rr, fails, rows, vec, images, mapping, result)
+    counts = [len(fails), n_no_phrase, len(rows), n_identical, n_empty, len(new_texts)]
+    result.explain_run_id, result.run_id = _store(con, rr, config, chash, started, identity, cache_dir, texts, last,
+                                                  role_list, scope, counts, abl)  # fmt: skip
     return result

@@ -72,8 +72,7 @@ def shaded_caption(caption: str, variants: pd.DataFrame) -> str:
 def render(ctx: Context) -> None:
     """Section 11 (see the module docstring); without an explain run, one line saying how to make one."""
     con, page, rrid, missing = ctx.con, ctx.page, ctx.rrid, ctx.missing
-    from toolkit.report.figures import blame_by_category_chart, thumbnail_grid
-    from toolkit.store import paths as study_paths
+    from toolkit.report.figures import blame_by_category_chart
 
     page.h2("blame", "11. What the model hangs on")
     has = (
@@ -126,6 +125,15 @@ def render(ctx: Context) -> None:
         "triage (view blame_agreement; n counts the labelled failures with a blamed category; once triage used the "
         "blame, its row is not independent)." + flag,
     )
+    _examples(ctx, rrid, flag)
+
+
+def _examples(ctx: Context, rrid: int, flag: str) -> None:
+    """Table 17 (the failures whose miss hangs most on one phrase, each phrase shaded) and their thumbnails."""
+    con, page = ctx.con, ctx.page
+    from toolkit.report.figures import thumbnail_grid
+    from toolkit.store import paths as study_paths
+
     ex = con.execute(
         "SELECT * FROM blame_examples WHERE retrieval_run_id = ? AND example_order <= ? "
         "ORDER BY example_order, variant_index",
