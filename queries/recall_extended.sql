@@ -12,7 +12,12 @@
 -- consecutive places (by id), so place = rank + (its position among the query's positives - the positives
 -- ranked strictly higher - 1). Under ties R@K, R-Precision and mAP@R are therefore upper bounds (an
 -- adversarial order of the tied items could only lower them); without ties (float scores of real embeddings)
--- they equal the metrics of the plain ranked list. A (run, source) with a positive whose rank is not stored
+-- they equal the metrics of the plain ranked list. No run gains from ties: value_pessimistic places the
+-- positives of a tie group at its end instead (place = rank + n_tied - (the group's positives) + (its position
+-- among them)), is_tie_affected says that for some metric of the (run, source) the two differ by more than
+-- 0.01 pp (0.0001 as a fraction; the rule of recall_summary and improvement_ties), and value, the headline,
+-- is then the pessimistic one (tie_count names which); value_optimistic gives the other.
+-- A (run, source) with a positive whose rank is not stored
 -- yet (`clipfail positives rank`) has no rows, never partial ones.
 -- Ordered by run, source ('coco' first), metric, k.
 -- Reads: retrieval_runs, retrieval_ranks, subset_captions, positive_sets, extra_positives, positive_ranks.
@@ -33,7 +38,7 @@ extra_positives AS (
     SELECT positive_set_id, direction, query_id, positive_id FROM extra_positives
 ),
 positive_ranks AS (
-    SELECT retrieval_run_id, query_id, positive_id, rank FROM positive_ranks
+    SELECT retrieval_run_id, query_id, positive_id, rank, n_tied FROM positive_ranks
 ),
 newest_sets AS (
     SELECT subset_id, source, max(positive_set_id) AS positive_set_id
@@ -66,7 +71,7 @@ positives AS (
     JOIN coco c USING (retrieval_run_id, query_id)
 ),
 ranked AS (
-    SELECT p.retrieval_run_id, p.source, p.query_id, p.positive_id, k.rank
+    SELECT p.retrieval_run_id, p.source, p.query_id, p.positive_id, k.rank, k.n_tied
     FROM positives p
     JOIN retrieval_ranks q USING (retrieval_run_id, query_id)
     LEFT JOIN positive_ranks k USING (retrieval_run_id, query_id, positive_id)
@@ -79,11 +84,14 @@ placed AS (
         rank,
         row_number() OVER w AS j,
         rank + row_number() OVER w - rank() OVER by_rank AS place,
+        rank + n_tied - count(*) OVER tie_group + row_number() OVER tie_group_ordered AS place_pessimistic,
         count(*) OVER (PARTITION BY retrieval_run_id, source, query_id) AS r
     FROM ranked
     WINDOW
         w AS (PARTITION BY retrieval_run_id, source, query_id ORDER BY rank, positive_id),
-        by_rank AS (PARTITION BY retrieval_run_id, source, query_id ORDER BY rank)
+        by_rank AS (PARTITION BY retrieval_run_id, source, query_id ORDER BY rank),
+        tie_group AS (PARTITION BY retrieval_run_id, source, query_id, rank),
+        tie_group_ordered AS (PARTITION BY retrieval_run_id, source, query_id, rank ORDER BY positive_id)
 ),
 per_query AS (
     SELECT
@@ -93,7 +101,11 @@ per_query AS (
         count(*) FILTER (WHERE rank IS NULL) AS n_unranked,
         min(place) AS first_place,
         count(*) FILTER (WHERE place <= r) / any_value(r)::DOUBLE AS r_precision,
-        coalesce(sum(j / place::DOUBLE) FILTER (WHERE place <= r), 0) / any_value(r) AS map_at_r
+        coalesce(sum(j / place::DOUBLE) FILTER (WHERE place <= r), 0) / any_value(r) AS map_at_r,
+        min(place_pessimistic) AS first_place_p,
+        count(*) FILTER (WHERE place_pessimistic <= r) / any_value(r)::DOUBLE AS r_precision_p,
+        coalesce(sum(j / place_pessimistic::DOUBLE) FILTER (WHERE place_pessimistic <= r), 0) / any_value(r)
+            AS map_at_r_p
     FROM placed
     GROUP BY ALL
 ),
@@ -112,12 +124,17 @@ per_source AS (
         avg((q.first_place <= 5)::INTEGER) AS r_at_5,
         avg((q.first_place <= 10)::INTEGER) AS r_at_10,
         avg(q.r_precision) AS r_precision,
-        avg(q.map_at_r) AS map_at_r
+        avg(q.map_at_r) AS map_at_r,
+        avg((q.first_place_p <= 1)::INTEGER) AS r_at_1_p,
+        avg((q.first_place_p <= 5)::INTEGER) AS r_at_5_p,
+        avg((q.first_place_p <= 10)::INTEGER) AS r_at_10_p,
+        avg(q.r_precision_p) AS r_precision_p,
+        avg(q.map_at_r_p) AS map_at_r_p
     FROM per_query q
     JOIN complete USING (retrieval_run_id, source)
     GROUP BY ALL
 ),
-final AS (
+either_count AS (
     SELECT
         s.retrieval_run_id,
         r.direction,
@@ -128,15 +145,42 @@ final AS (
             WHEN 'r_precision' THEN s.r_precision
             WHEN 'map_at_r' THEN s.map_at_r
             WHEN 'r_at_k' THEN CASE m.k WHEN 1 THEN s.r_at_1 WHEN 5 THEN s.r_at_5 ELSE s.r_at_10 END
-        END AS value,
+        END AS value_optimistic,
+        CASE m.metric
+            WHEN 'r_precision' THEN s.r_precision_p
+            WHEN 'map_at_r' THEN s.map_at_r_p
+            WHEN 'r_at_k' THEN CASE m.k WHEN 1 THEN s.r_at_1_p WHEN 5 THEN s.r_at_5_p ELSE s.r_at_10_p END
+        END AS value_pessimistic,
         s.n_queries,
-        s.source <> 'coco' AS is_extended,  -- sort key only
-        m.position  -- sort key only
+        m.position
     FROM per_source s
     JOIN retrieval_runs r USING (retrieval_run_id)
     CROSS JOIN (
         VALUES ('r_at_k', 1, 1), ('r_at_k', 5, 2), ('r_at_k', 10, 3), ('r_precision', NULL, 4), ('map_at_r', NULL, 5)
     ) AS m (metric, k, position)
+),
+affected AS (
+    SELECT retrieval_run_id, source, bool_or(value_optimistic - value_pessimistic > 0.0001) AS is_tie_affected
+    FROM either_count
+    GROUP BY ALL
+),
+final AS (
+    SELECT
+        b.retrieval_run_id,
+        b.direction,
+        b.source,
+        b.metric,
+        b.k,
+        CASE WHEN a.is_tie_affected THEN b.value_pessimistic ELSE b.value_optimistic END AS value,
+        b.n_queries,
+        b.value_optimistic,
+        b.value_pessimistic,
+        a.is_tie_affected,
+        CASE WHEN a.is_tie_affected THEN 'pessimistic' ELSE 'optimistic' END AS tie_count,
+        b.source <> 'coco' AS is_extended,  -- sort key only
+        b.position  -- sort key only
+    FROM either_count b
+    JOIN affected a USING (retrieval_run_id, source)
 )
 SELECT * EXCLUDE (is_extended, position) FROM final
 ORDER BY retrieval_run_id, is_extended, source, position

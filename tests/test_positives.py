@@ -301,9 +301,10 @@ def test_no_overlap_two_sources_and_missing_package(run_cli, synthetic_coco, tmp
     assert _tables(tmp_db) == [0, 0]
 
 
-def test_ties_follow_the_optimistic_policy(study, run_cli, tmp_path):
+def test_ties_are_placed_both_ways_and_the_headline_counts_them_pessimistically(study, run_cli, tmp_path):
     """A caption whose image A, a verified positive B and a negative N all score exactly alike: A and B take
-    places 1 and 2 before N (optimistic), so R@1, R-Precision and mAP@R are 1; positive_ranks records the tie."""
+    places 1 and 2 before N (optimistic), so R@1, R-Precision and mAP@R are 1; positive_ranks records the tie.
+    Pessimistically they take places 2 and 3, and that is the headline value of the tie-affected source."""
     from helpers import register_hand_built
 
     from toolkit.retrieval.evaluate import evaluate
@@ -339,15 +340,19 @@ def test_ties_follow_the_optimistic_policy(study, run_cli, tmp_path):
             "ORDER BY positive_id",
             [rrid, c],
         ).fetchall()
-        got = dict(
-            con.execute(
-                "SELECT metric || coalesce(k::VARCHAR, ''), value FROM recall_extended "
-                "WHERE retrieval_run_id = ? AND source = 'file:tie.json'",
-                [rrid],
-            ).fetchall()
-        )
+        rows = con.execute(
+            "SELECT metric || coalesce(k::VARCHAR, ''), value_optimistic, value_pessimistic, value, tie_count "
+            "FROM recall_extended WHERE retrieval_run_id = ? AND source = 'file:tie.json'",
+            [rrid],
+        ).fetchall()
     assert ranks == sorted([(a, 1, 2), (b, 1, 2)])
-    assert got == {"r_at_k1": 1.0, "r_at_k5": 1.0, "r_at_k10": 1.0, "r_precision": 1.0, "map_at_r": 1.0}
+    optimistic = {m: o for m, o, _p, _v, _t in rows}
+    pessimistic = {m: p for m, _o, p, _v, _t in rows}
+    assert optimistic == {"r_at_k1": 1.0, "r_at_k5": 1.0, "r_at_k10": 1.0, "r_precision": 1.0, "map_at_r": 1.0}
+    # no run gains from ties: the two positives at the end of their three-item tie group take places 2 and 3, so
+    # R@1 = 0, R-Precision (R = 2) = 1/2 and mAP@R = (1/2) / 2; the headline value is the pessimistic one
+    assert pessimistic == {"r_at_k1": 0.0, "r_at_k5": 1.0, "r_at_k10": 1.0, "r_precision": 0.5, "map_at_r": 0.25}
+    assert all(v == p and t == "pessimistic" for _m, _o, p, v, t in rows)
 
 
 def test_failure_false_negatives(study, run_cli):
