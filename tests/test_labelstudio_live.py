@@ -11,6 +11,11 @@ push adds nothing); signs a second user up through the organization's invite lin
 token; posts annotations through the API as the two users; pulls; and asserts the labels in the database
 exactly. It also fetches one task's image URL, as a browser would, and compares the bytes with the file. The
 server is stopped by its PID (its process group) however the test ends.
+
+The fresh data folder is a copy of one whose database already has every Label Studio migration applied
+(`migrated_template`: made once per Label Studio venv, beside it, by `label-studio version`, which migrates
+before it prints; .ci/run makes it while it installs Label Studio). Migrating an empty database takes about a
+CPU-minute, a start on a migrated one seconds; the server still checks, at its start, that none is missing.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -37,7 +43,48 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(os.environ.get("CLIPFAIL_LABEL_STUDIO_VENV") or ROOT / ".venv-labelstudio")
 INSTALL = "python3 -m venv .venv-labelstudio && .venv-labelstudio/bin/pip install 'label-studio==1.23.2' 'sentry-sdk<3'"
 ADMIN, PASSWORD, TOKEN = "admin@lab.example", "clipfail-admin-pw", "clipfail-live-test-token"
-START_TIMEOUT_S = 420  # the first start of a fresh data folder runs every migration (2.5 min on 2 busy cores)
+START_TIMEOUT_S = 420  # a start that must migrate an empty database takes 2.5 min on 2 busy cores
+TEMPLATE = VENV / "clipfail-test-data"  # .ci/run makes it the same way: keep the two in step
+
+
+def ls_env(data_dir: Path, document_root: Path | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(
+        LABEL_STUDIO_BASE_DATA_DIR=str(data_dir),
+        LATEST_VERSION_CHECK="false",
+        COLLECT_ANALYTICS="false",
+        SENTRY_DSN="",
+        FRONTEND_SENTRY_DSN="",
+    )
+    if document_root is not None:
+        env.update(
+            LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="true",
+            LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(document_root),
+            LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true",
+        )
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    return env
+
+
+def migrated_template() -> Path:
+    """A Label Studio data folder with every migration applied, made once per venv (in a temporary folder
+    renamed into place, so a killed run leaves none half-made)."""
+    if (TEMPLATE / "label_studio.sqlite3").exists():
+        return TEMPLATE
+    making = Path(tempfile.mkdtemp(prefix=".clipfail-test-data.", dir=VENV))
+    try:
+        proc = subprocess.run(
+            [str(VENV / "bin" / "label-studio"), "version"], env=ls_env(making), capture_output=True, timeout=600
+        )
+        out = (proc.stdout + proc.stderr).decode("utf-8", "replace")[-3000:]
+        assert proc.returncode == 0, f"label-studio version (which migrates) failed:\n{out}"
+        try:
+            making.rename(TEMPLATE)
+        except OSError:  # another worker made it first
+            assert (TEMPLATE / "label_studio.sqlite3").exists(), f"could not make {TEMPLATE}"
+    finally:
+        shutil.rmtree(making, ignore_errors=True)
+    return TEMPLATE
 
 
 def free_port() -> int:
@@ -64,19 +111,9 @@ def label_studio(data_dir: Path, document_root: Path):
     exe = VENV / "bin" / "label-studio"
     if not exe.exists():
         require_tool("label-studio", f"not installed in {VENV} (set CLIPFAIL_LABEL_STUDIO_VENV, or run: {INSTALL})")
+    shutil.copytree(migrated_template(), data_dir, dirs_exist_ok=True)
     port = free_port()
-    env = dict(os.environ)
-    env.update(
-        LABEL_STUDIO_BASE_DATA_DIR=str(data_dir),
-        LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="true",
-        LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(document_root),
-        LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true",
-        LATEST_VERSION_CHECK="false",
-        COLLECT_ANALYTICS="false",
-        SENTRY_DSN="",
-        FRONTEND_SENTRY_DSN="",
-    )
-    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env = ls_env(data_dir, document_root)
     log_path = data_dir / "server.log"
     args = [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)]
     args += ["--username", ADMIN, "--password", PASSWORD, "--user-token", TOKEN, "--enable-legacy-api-token"]
