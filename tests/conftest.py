@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 
@@ -36,15 +37,28 @@ def synthetic_coco_master(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    """`clipfail demo --no-pictures`, run once for the session: (its folder, its output). Read it; a test that
-    writes copies the folder first (paths in the database are relative to it, so a copy works)."""
+def demo(tmp_path_factory, worker_id):
+    """`clipfail demo --no-pictures`, run once for the whole run: (its folder, its output). Read it; a test that
+    writes copies the folder first (paths in the database are relative to it, so a copy works).
+
+    Under pytest-xdist every worker shares one demo: the first to need it builds it in the run's common temporary
+    folder, holding a lock that the others wait on, and leaves its output beside it; a failed build leaves no
+    output, so the next worker builds it again (and fails the same way, with its own message)."""
     from cli import cli
 
-    out = tmp_path_factory.mktemp("demo") / "demo_out"
-    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--no-pictures"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out, result.output
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if worker_id != "master" else base  # xdist: .../pytest-N/popen-gwK -> .../pytest-N
+    folder = shared / "shared-demo"
+    folder.mkdir(exist_ok=True)
+    out, done = folder / "demo_out", folder / "demo_output.txt"
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # what a failed build left
+            result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--no-pictures"], catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+            done.write_text(result.output, "utf-8")
+    return out, done.read_text("utf-8")
 
 
 @pytest.fixture
