@@ -183,10 +183,22 @@ def subset_options(f):
     return _stack(
         [
             click.option(
-                "--coco-root", type=click.Path(), help="Folder with annotations/captions_val2017.json and val2017/."
+                "--coco-root",
+                type=click.Path(),
+                help="Folder with annotations/captions_val2017.json and val2017/ (--coco5k-test: 2014 or 2017's).",
             ),
-            click.option("--captions-json", type=click.Path(), help="A COCO captions JSON (instead of --coco-root)."),
-            click.option("--images-dir", type=click.Path(), help="The folder its file_names are relative to."),
+            click.option(
+                "--captions-json",
+                type=click.Path(),
+                multiple=True,
+                help="A COCO captions JSON (instead of --coco-root); twice only with --coco5k-test.",
+            ),
+            click.option(
+                "--images-dir",
+                type=click.Path(),
+                multiple=True,
+                help="The folder its file_names are relative to (one per --captions-json).",
+            ),
             click.option(
                 "--num-images",
                 default=None,
@@ -208,6 +220,13 @@ def subset_options(f):
             ),
             click.option("--name", default=None, help="Subset name (default: <num-images>-seed<seed>)."),
             click.option("--skip-bad-images", is_flag=True, help="Exclude missing/unreadable images before sampling."),
+            click.option(
+                "--coco5k-test",
+                is_flag=True,
+                help="Take the COCO 5k test split by COCO ids (from the eccv_caption package) instead of a sample, "
+                "from captions_val2014.json or captions_train2017.json + captions_val2017.json; ECCV Caption and "
+                "CxC join it.",
+            ),
         ]
     )(f)
 
@@ -442,9 +461,16 @@ def ingest(db_path, **options):
     Sampling: sort the image ids, draw with numpy's default_rng(seed); captions keep
     ascending annotation-id order, the first --captions-per-image of each image.
 
+    --coco5k-test draws nothing: it takes the 5,000 images of the COCO 5k test (Karpathy's
+    test split) and each one's own 5 captions of the split, by COCO ids, so that
+    `clipfail positives import` (ECCV Caption, CxC) joins them. Every id must be in the
+    captions JSON (COCO 2014 val, or 2017 train and val together) and every image on disk
+    (or --skip-bad-images). Needs pip install 'clipfail[positives]'.
+
     \b
     Example:
       clipfail ingest --coco-root ~/coco --num-images 5000 --seed 42
+      clipfail ingest --coco5k-test --coco-root ~/coco2014
     """
     from toolkit.ingest.stage import ingest as run_ingest
 
@@ -463,6 +489,8 @@ def ingest(db_path, **options):
         click.echo(f"  {res.num_bad_images} bad images were excluded before sampling (table bad_images).")
     if res.num_instances is not None:
         click.echo(f"  object instances: {res.num_instances} stored (table image_instances).")
+    if options["coco5k_test"]:
+        click.echo(f"Extended positives: {_with_db('clipfail positives import --source eccv', db_path)} (or cxc).")
 
 
 @cli.group()
@@ -518,6 +546,12 @@ def positives_import(db_path, sources, file, subset):
         f"{res.n_pairs_kept:,} of {res.n_pairs_read:,} pairs have both ends in the subset; "
         f"{res.n_unknown_ids:,} ids of the source are not in it (skipped)."
     )
+    if res.n_captions_in_5k_test is not None:
+        click.echo(
+            f"COCO 5k test: {res.n_captions_in_5k_test:,} of the subset's {res.n_captions:,} captions and "
+            f"{res.n_images_in_5k_test:,} of its {res.n_images:,} images are in it (the split that {res.source} "
+            "extends: its positives apply there only)."
+        )
     click.echo(
         f"Coverage: {res.n_captions_covered:,} of {res.n_captions:,} captions and {res.n_images_covered:,} of "
         f"{res.n_images:,} images are queries of {res.source} here."
