@@ -384,23 +384,36 @@ def init(db_path, compat):
     "--base-url",
     default="http://images.cocodataset.org",
     show_default=True,
-    help="Server holding annotations/annotations_trainval2017.zip and zips/val2017.zip (a mirror).",
+    help="Server holding annotations/annotations_trainval<year>.zip and zips/val<year>.zip (a mirror).",
 )
-@click.option("--images/--no-images", default=True, show_default=True, help="Also download val2017.zip (778 MiB).")
-def download_coco(dest, base_url, images):
-    """Download COCO 2017 val captions (and images) into the layout `ingest --coco-root` reads.
+@click.option(
+    "--year",
+    type=click.Choice(["2017", "2014"]),
+    default="2017",
+    show_default=True,
+    help="COCO 2017 val, or 2014 val (it holds the COCO 5k test: ingest --coco5k-test).",
+)
+@click.option(
+    "--images/--no-images",
+    default=True,
+    show_default=True,
+    help="Also download val<year>.zip (2017: 778 MiB; 2014: 6.2 GiB).",
+)
+def download_coco(dest, base_url, year, images):
+    """Download COCO val captions (and images) into the layout `ingest --coco-root` reads.
 
     Resumes interrupted downloads (HTTP Range on DEST/zips/*.part), checks sizes and every zip
-    member's CRC, extracts only val2017/*.jpg and the val annotation JSONs, refuses unsafe or
+    member's CRC, extracts only val<year>/*.jpg and the val annotation JSONs, refuses unsafe or
     oversized archives (renamed to *.rejected), and never replaces a different existing file.
 
     \b
     Example:
       clipfail download-coco --dest ~/coco && clipfail ingest --coco-root ~/coco
+      clipfail download-coco --year 2014 --dest ~/coco2014 && clipfail ingest --coco5k-test --coco-root ~/coco2014
     """
     from toolkit.ingest.download import download_coco as run_download
 
-    res = run_download(dest, base_url=base_url, images=images)
+    res = run_download(dest, base_url=base_url, images=images, year=year)
     for f in res.files:
         skipped = ""
         if f.n_skipped:
@@ -413,7 +426,7 @@ def download_coco(dest, base_url, images):
     click.echo(f"Captions: {res.captions_json}")
     if res.images_dir is not None:
         click.echo(f"Images:   {res.images_dir}/ ({res.n_images} files)")
-    click.echo(f"Next: clipfail ingest --coco-root {res.dest}")
+    click.echo(f"Next: clipfail ingest{' --coco5k-test' if year == '2014' else ''} --coco-root {res.dest}")
 
 
 @cli.command("make-synthetic-coco")
