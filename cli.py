@@ -183,10 +183,22 @@ def subset_options(f):
     return _stack(
         [
             click.option(
-                "--coco-root", type=click.Path(), help="Folder with annotations/captions_val2017.json and val2017/."
+                "--coco-root",
+                type=click.Path(),
+                help="Folder with annotations/captions_val2017.json and val2017/ (--coco5k-test: 2014 or 2017's).",
             ),
-            click.option("--captions-json", type=click.Path(), help="A COCO captions JSON (instead of --coco-root)."),
-            click.option("--images-dir", type=click.Path(), help="The folder its file_names are relative to."),
+            click.option(
+                "--captions-json",
+                type=click.Path(),
+                multiple=True,
+                help="A COCO captions JSON (instead of --coco-root); twice only with --coco5k-test.",
+            ),
+            click.option(
+                "--images-dir",
+                type=click.Path(),
+                multiple=True,
+                help="The folder its file_names are relative to (one per --captions-json).",
+            ),
             click.option(
                 "--num-images",
                 default=None,
@@ -208,6 +220,13 @@ def subset_options(f):
             ),
             click.option("--name", default=None, help="Subset name (default: <num-images>-seed<seed>)."),
             click.option("--skip-bad-images", is_flag=True, help="Exclude missing/unreadable images before sampling."),
+            click.option(
+                "--coco5k-test",
+                is_flag=True,
+                help="Take the COCO 5k test split by COCO ids (from the eccv_caption package) instead of a sample, "
+                "from captions_val2014.json or captions_train2017.json + captions_val2017.json; ECCV Caption and "
+                "CxC join it.",
+            ),
         ]
     )(f)
 
@@ -365,23 +384,36 @@ def init(db_path, compat):
     "--base-url",
     default="http://images.cocodataset.org",
     show_default=True,
-    help="Server holding annotations/annotations_trainval2017.zip and zips/val2017.zip (a mirror).",
+    help="Server holding annotations/annotations_trainval<year>.zip and zips/val<year>.zip (a mirror).",
 )
-@click.option("--images/--no-images", default=True, show_default=True, help="Also download val2017.zip (778 MiB).")
-def download_coco(dest, base_url, images):
-    """Download COCO 2017 val captions (and images) into the layout `ingest --coco-root` reads.
+@click.option(
+    "--year",
+    type=click.Choice(["2017", "2014"]),
+    default="2017",
+    show_default=True,
+    help="COCO 2017 val, or 2014 val (it holds the COCO 5k test: ingest --coco5k-test).",
+)
+@click.option(
+    "--images/--no-images",
+    default=True,
+    show_default=True,
+    help="Also download val<year>.zip (2017: 778 MiB; 2014: 6.2 GiB).",
+)
+def download_coco(dest, base_url, year, images):
+    """Download COCO val captions (and images) into the layout `ingest --coco-root` reads.
 
     Resumes interrupted downloads (HTTP Range on DEST/zips/*.part), checks sizes and every zip
-    member's CRC, extracts only val2017/*.jpg and the val annotation JSONs, refuses unsafe or
+    member's CRC, extracts only val<year>/*.jpg and the val annotation JSONs, refuses unsafe or
     oversized archives (renamed to *.rejected), and never replaces a different existing file.
 
     \b
     Example:
       clipfail download-coco --dest ~/coco && clipfail ingest --coco-root ~/coco
+      clipfail download-coco --year 2014 --dest ~/coco2014 && clipfail ingest --coco5k-test --coco-root ~/coco2014
     """
     from toolkit.ingest.download import download_coco as run_download
 
-    res = run_download(dest, base_url=base_url, images=images)
+    res = run_download(dest, base_url=base_url, images=images, year=year)
     for f in res.files:
         skipped = ""
         if f.n_skipped:
@@ -394,7 +426,7 @@ def download_coco(dest, base_url, images):
     click.echo(f"Captions: {res.captions_json}")
     if res.images_dir is not None:
         click.echo(f"Images:   {res.images_dir}/ ({res.n_images} files)")
-    click.echo(f"Next: clipfail ingest --coco-root {res.dest}")
+    click.echo(f"Next: clipfail ingest{' --coco5k-test' if year == '2014' else ''} --coco-root {res.dest}")
 
 
 @cli.command("make-synthetic-coco")
@@ -442,9 +474,16 @@ def ingest(db_path, **options):
     Sampling: sort the image ids, draw with numpy's default_rng(seed); captions keep
     ascending annotation-id order, the first --captions-per-image of each image.
 
+    --coco5k-test draws nothing: it takes the 5,000 images of the COCO 5k test (Karpathy's
+    test split) and each one's own 5 captions of the split, by COCO ids, so that
+    `clipfail positives import` (ECCV Caption, CxC) joins them. Every id must be in the
+    captions JSON (COCO 2014 val, or 2017 train and val together) and every image on disk
+    (or --skip-bad-images). Needs pip install 'clipfail[positives]'.
+
     \b
     Example:
       clipfail ingest --coco-root ~/coco --num-images 5000 --seed 42
+      clipfail ingest --coco5k-test --coco-root ~/coco2014
     """
     from toolkit.ingest.stage import ingest as run_ingest
 
@@ -463,6 +502,8 @@ def ingest(db_path, **options):
         click.echo(f"  {res.num_bad_images} bad images were excluded before sampling (table bad_images).")
     if res.num_instances is not None:
         click.echo(f"  object instances: {res.num_instances} stored (table image_instances).")
+    if options["coco5k_test"]:
+        click.echo(f"Extended positives: {_with_db('clipfail positives import --source eccv', db_path)} (or cxc).")
 
 
 @cli.group()
@@ -518,6 +559,12 @@ def positives_import(db_path, sources, file, subset):
         f"{res.n_pairs_kept:,} of {res.n_pairs_read:,} pairs have both ends in the subset; "
         f"{res.n_unknown_ids:,} ids of the source are not in it (skipped)."
     )
+    if res.n_captions_in_5k_test is not None:
+        click.echo(
+            f"COCO 5k test: {res.n_captions_in_5k_test:,} of the subset's {res.n_captions:,} captions and "
+            f"{res.n_images_in_5k_test:,} of its {res.n_images:,} images are in it (the split that {res.source} "
+            "extends: its positives apply there only)."
+        )
     click.echo(
         f"Coverage: {res.n_captions_covered:,} of {res.n_captions:,} captions and {res.n_images_covered:,} of "
         f"{res.n_images:,} images are queries of {res.source} here."

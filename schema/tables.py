@@ -90,7 +90,7 @@ subsets = sa.Table(
     sa.Column("source_file", sa.Text, nullable=False),  # absolute path of the captions JSON
     sa.Column("source_sha256", sa.Text, nullable=False),
     sa.Column("image_root", sa.Text, nullable=False),  # absolute path; images.rel_path is below it
-    sa.Column("split", sa.Text),  # Karpathy split name, else NULL
+    sa.Column("split", sa.Text),  # Karpathy split name, 'coco5k-test' (ingest --coco5k-test), else NULL
     sa.Column("config_hash", sa.Text, nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
     _run_id(),
@@ -533,6 +533,10 @@ positive_sets = sa.Table(
     sa.Column("config_hash", sa.Text, nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
     _run_id(),
+    # of the subset's captions / images, those in the COCO 5k test (the split ECCV Caption and CxC extend; the
+    # package's list); NULL for a --file source, and for a set imported before clipfail counted them
+    sa.Column("n_captions_in_5k_test", sa.BigInteger),
+    sa.Column("n_images_in_5k_test", sa.BigInteger),
 )
 
 # The verified pairs of a positive set whose two ends are in its subset. direction 'text-to-image': query_id is a

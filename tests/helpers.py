@@ -238,3 +238,64 @@ def invoke_unblocking(args, fifos=(), timeout: float = 20.0):
         thread.join(timeout)
         raise AssertionError(f"clipfail {' '.join(map(str, args))} blocked opening a FIFO for {timeout:.0f} s")
     return box["result"]
+
+
+# ------------------------------------------------------------------ the COCO 5k test by COCO ids (issue 27)
+
+ECCV_HINT = "pip install 'clipfail[positives]' (CI installs it with the dev extra)"
+EXTRA_IMAGE, EXTRA_CAPTIONS = 1, (1, 2)  # an image and its captions that are not in the 5k test (ids below the split's)
+SIXTH_CAPTION = 37  # a caption of a split image that is not one of its 5 of the split, with a lower id than those
+
+
+def eccv_data(name: str, key: str) -> dict[int, list[int]]:
+    """One of the installed eccv_caption package's JSON files (e.g. "original", "image_to_caption"), ids as ints."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("eccv_caption")
+    if spec is None:
+        require_tool("eccv_caption", f"is not installed; {ECCV_HINT}")
+    raw = json.loads((Path(list(spec.submodule_search_locations)[0]) / "data" / f"{name}_{key}.json").read_text())
+    return {int(k): [int(x) for x in v] for k, v in raw.items()}
+
+
+def eccv_slice() -> list[int]:
+    """A few real 5k-test images: the positive images of the ECCV caption query that has fewest (lowest id first);
+    that caption's own image is one of them."""
+    c2i = eccv_data("eccv", "caption_to_image")
+    query = min(c2i, key=lambda c: (len(c2i[c]), c))
+    return sorted(c2i[query])
+
+
+def write_coco5k_coco(root: Path, year: str = "2014", with_images=(), val2017=frozenset()) -> Path:
+    """COCO's layout under `root` with captions JSON that hold the whole 5k test by the package's real ids (the
+    texts are made up): 2014: annotations/captions_val2014.json and val2014/; 2017: captions_train2017.json and
+    captions_val2017.json, the images of `val2017` in the val file, the rest in train. Tiny JPEGs are drawn only
+    for `with_images`. The first file also holds an image that is not in the split (EXTRA_IMAGE), and the first
+    image of `with_images` has a sixth caption, SIXTH_CAPTION, lower in id than its 5 of the split."""
+    import json
+
+    from PIL import Image
+
+    split = eccv_data("original", "image_to_caption")
+    files = {"val2014": sorted(split)} if year == "2014" else {
+        "train2017": sorted(set(split) - set(val2017)), "val2017": sorted(val2017),
+    }  # fmt: skip
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    sixth_on = sorted(with_images)[0] if with_images else None
+    for i, (folder, ids) in enumerate(files.items()):
+        (root / folder).mkdir(exist_ok=True)
+        name = (lambda x: f"COCO_val2014_{x:012d}.jpg") if year == "2014" else (lambda x: f"{x:012d}.jpg")
+        images = [{"id": x, "file_name": name(x), "width": 16, "height": 12} for x in ids]
+        anns = [{"id": c, "image_id": x, "caption": f"caption {c} of image {x}."} for x in ids for c in split[x]]
+        if sixth_on in ids:
+            anns.append({"id": SIXTH_CAPTION, "image_id": sixth_on, "caption": "a sixth caption, not in the split."})
+        if i == 0:
+            images.append({"id": EXTRA_IMAGE, "file_name": name(EXTRA_IMAGE), "width": 16, "height": 12})
+            anns += [{"id": c, "image_id": EXTRA_IMAGE, "caption": f"not in the split {c}."} for c in EXTRA_CAPTIONS]
+        (root / "annotations" / f"captions_{folder}.json").write_text(
+            json.dumps({"images": images, "annotations": anns})
+        )
+        for x in set(with_images) & set(ids):
+            Image.new("RGB", (16, 12), (x % 256, 90, 30)).save(root / folder / name(x), "JPEG")
+    return root

@@ -567,3 +567,99 @@ def test_symlinked_val2017_and_annotations_folders_are_used(coco_served, synthet
     assert (dest / "val2017").is_symlink() and (dest / "annotations").is_symlink()
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".extracting")]
     assert os.path.realpath(dest / "val2017" / names[0]) == str((elsewhere / "val2017" / names[0]).resolve())
+
+
+# ------------------------------------------------------------------ --year 2014: COCO 2014 val, for the 5k test
+
+
+@pytest.fixture
+def coco2014_served(server, tmp_path):
+    """COCO 2014's two archives, generated: captions_val2014.json holds the whole 5k test by the eccv_caption
+    package's real ids; val2014.zip holds images of a few of them, and members that do not belong."""
+    from helpers import eccv_slice, write_coco5k_coco
+
+    src = write_coco5k_coco(tmp_path / "src2014", "2014", with_images=eccv_slice())
+    ann = {
+        "annotations/": b"",
+        "annotations/captions_val2014.json": (src / "annotations" / "captions_val2014.json").read_bytes(),
+        "annotations/captions_train2014.json": b'{"images": [], "annotations": []}',  # not needed: skipped
+        "annotations/captions_val2017.json": b"{}",  # another year's: skipped
+    }
+    img = {"val2014/": b""} | {f"val2014/{p.name}": p.read_bytes() for p in sorted((src / "val2014").iterdir())}
+    img["val2017/000000000042.jpg"] = b"another year's image"  # skipped
+    _write_zip(server.root / "annotations" / "annotations_trainval2014.zip", ann, zipfile.ZIP_DEFLATED)
+    _write_zip(server.root / "zips" / "val2014.zip", img)
+    server.src = src
+    return server
+
+
+def test_year_2014_downloads_val2014_then_the_5k_test_ingests_and_joins_eccv(coco2014_served, tmp_path, run_cli):
+    from helpers import eccv_slice
+
+    dest = tmp_path / "coco2014"
+    res = _dl(run_cli, dest, coco2014_served, "--year", "2014")
+    assert [r[0] for r in coco2014_served.requests] == [
+        "/annotations/annotations_trainval2014.zip",
+        "/zips/val2014.zip",
+    ]
+    assert f"Next: clipfail ingest --coco5k-test --coco-root {dest}" in res.output
+    assert "skipped 2 members" in res.output and "skipped 1 member " in res.output
+    assert sorted(p.name for p in (dest / "annotations").iterdir()) == ["captions_val2014.json"]
+    src = coco2014_served.src
+    assert (dest / "annotations" / "captions_val2014.json").read_bytes() == (
+        src / "annotations" / "captions_val2014.json"
+    ).read_bytes()
+    assert sorted(p.name for p in (dest / "val2014").iterdir()) == sorted(p.name for p in (src / "val2014").iterdir())
+    assert not (dest / "val2017").exists()
+
+    db = tmp_path / "study.duckdb"
+    run_cli("--db", db, "ingest", "--coco5k-test", "--coco-root", dest, "--skip-bad-images")
+    n = len(eccv_slice())
+    res = run_cli("--db", db, "positives", "import", "--source", "eccv")
+    assert f"COCO 5k test: {5 * n} of the subset's {5 * n} captions and {n} of its {n} images are in it" in res.output
+
+
+def test_year_2014_resumes_and_refuses_as_2017_does(coco2014_served, server, synthetic_coco, tmp_path, run_cli):
+    dest = tmp_path / "coco2014"
+    full = (server.root / "zips" / "val2014.zip").read_bytes()
+    (dest / "zips").mkdir(parents=True)
+    (dest / "zips" / "val2014.zip.part").write_bytes(full[: len(full) // 2])
+    res = download_coco(dest, base_url=server.base_url, year="2014")
+    assert {f.name: f.action for f in res.files} == {
+        "annotations_trainval2014.zip": "downloaded",
+        "val2014.zip": "resumed",
+    }
+    assert (dest / "zips" / "val2014.zip").read_bytes() == full and res.n_images == len(
+        list((dest / "val2014").iterdir())
+    )
+
+    # the images archive's limits are 2014's own, and can be given by its name
+    few = ExtractLimits(max_member_bytes=10**9, max_total_bytes=10**9, max_files=0)
+    with pytest.raises(UserError, match="more than the limit of 0"):
+        download_coco(tmp_path / "d", base_url=coco2014_served.base_url, year="2014", limits={"val2014.zip": few})
+    # 2017's annotations archive under 2014's name: it lacks captions_val2014.json, and is set aside
+    _write_zip(server.root / "annotations" / "annotations_trainval2014.zip", _ann_members(synthetic_coco))
+    res = _dl(run_cli, tmp_path / "b", server, "--year", "2014", "--no-images", expect=2)
+    assert "does not contain annotations/captions_val2014.json. Is it the COCO 2014 annotations archive?" in res.output
+    assert (tmp_path / "b" / "zips" / "annotations_trainval2014.zip.rejected").is_file()
+    # an unsafe member in val2014.zip: refused whole, nothing extracted
+    _write_zip(
+        server.root / "annotations" / "annotations_trainval2014.zip", {"annotations/captions_val2014.json": b"{}"}
+    )
+    _write_zip(server.root / "zips" / "val2014.zip", {"val2014/COCO_val2014_000000000042.jpg": b"x", "../evil": b"x"})
+    res = _dl(run_cli, tmp_path / "c", server, "--year", "2014", expect=2)
+    assert "a '..' component" in res.output and not list((tmp_path / "c" / "val2014").glob("*"))
+
+
+def test_the_2014_limits_fit_the_official_archive():
+    from toolkit.ingest.download import YEARS
+
+    annotations, images = YEARS["2014"]
+    assert images.name == "val2014.zip" and images.folder == "val2014" and images.known_size == 6_645_013_297
+    assert images.limits.max_files >= 40_504 and images.limits.max_total_bytes >= images.known_size
+    assert annotations.name == "annotations_trainval2014.zip" and annotations.members[0] == (
+        "annotations/captions_val2014.json",
+        True,
+    )
+    with pytest.raises(UserError, match="--year must be one of 2014, 2017"):
+        download_coco("/nonexistent/never", year="2015")

@@ -1,9 +1,14 @@
-"""Download COCO 2017 val captions and images into the layout `ingest --coco-root` reads.
+"""Download COCO val captions and images into the layout `ingest --coco-root` reads.
 
     DEST/annotations/captions_val2017.json     (from annotations_trainval2017.zip)
     DEST/annotations/instances_val2017.json    (same archive; extracted when present)
     DEST/val2017/000000xxxxxx.jpg              (from val2017.zip)
     DEST/zips/*.zip                            (the downloaded archives, kept so a re-run skips them)
+
+year="2014" fetches COCO 2014 val instead, which holds the COCO 5k test split (`ingest --coco5k-test
+--coco-root DEST`): annotations_trainval2014.zip gives DEST/annotations/captions_val2014.json (and
+instances_val2014.json), val2014.zip gives DEST/val2014/COCO_val2014_000000xxxxxx.jpg (40,504 images,
+6.2 GiB). Everything below applies to both years alike, with each archive's own members and limits.
 
 Downloading. Each archive is fetched from `<base_url>/<path>` into `DEST/zips/<name>.part`. An
 interrupted download keeps its `.part` file and the next run asks the server for the rest with an
@@ -15,8 +20,8 @@ the server gives none). The `.part` file is opened with O_NOFOLLOW (a fresh down
 it and creates it with O_EXCL), so a planted symbolic link is refused, never written through.
 
 Checking, before anything is extracted:
-- Only members that belong are extracted: `val2017/<name>.jpg` from the images archive, and
-  `annotations/captions_val2017.json` (required) and `annotations/instances_val2017.json` (optional)
+- Only members that belong are extracted: `val<year>/<name>.jpg` from the images archive, and
+  `annotations/captions_val<year>.json` (required) and `annotations/instances_val<year>.json` (optional)
   from the annotations archive. Every other member is skipped and counted in the report.
 - An archive with an unsafe member name (absolute, `..`, drive letter, symbolic link), a duplicate,
   an encrypted member or an unusual compression method among the wanted ones is refused whole.
@@ -31,7 +36,7 @@ A damaged archive (bad CRC, broken deflate stream, truncated) is deleted and the
 the next run downloads it afresh. A refused archive (unsafe, over the limits, not the COCO archive)
 is renamed to `DEST/zips/<name>.rejected`, so that it is not used again, and the message names it.
 
-Extracting. The target folders DEST/annotations and DEST/val2017 are resolved once (either may be
+Extracting. The target folders DEST/annotations and DEST/val<year> are resolved once (either may be
 a symbolic link to a real folder elsewhere: members land inside the folder it points to). A file
 already there with the member's size and CRC is kept, so an interrupted extraction resumes. A file
 already there that differs (other size or content, a symbolic link, not a regular file) is never
@@ -83,6 +88,10 @@ IMAGE_LIMITS = ExtractLimits(50 << 20, 2 * 815_585_330, 10_000, max_ratio=10.0)
 # annotations_trainval2017.zip: the val JSONs extracted here are a few MB to a few tens of MB each, JSON
 # deflates about 5-10:1. Limits: 256 MiB each, 512 MiB in all, ratio 50:1.
 ANNOTATION_LIMITS = ExtractLimits(256 << 20, 512 << 20, 2, max_ratio=50.0)
+# val2014.zip: 40,504 JPEGs, 6,645,013,297 bytes compressed. Limits: 50 MiB per JPEG, twice the official
+# archive's size in all, 50,000 files, ratio 10:1. annotations_trainval2014.zip: the limits of 2017's (its val
+# JSONs cover 40,504 images instead of 5,000 and stay under 256 MiB each).
+IMAGE_LIMITS_2014 = ExtractLimits(50 << 20, 2 * 6_645_013_297, 50_000, max_ratio=10.0)
 
 
 @dataclass(frozen=True)
@@ -92,22 +101,32 @@ class RemoteZip:
     known_size: int | None  # bytes of the official file, used only when the server announces no size
     folder: str  # the folder under DEST that its members are extracted into
     limits: ExtractLimits
+    members: tuple[tuple[str, bool], ...] = ()  # annotations: (member name, required); empty for images
+    what: str = ""  # what the archive is, for a message that refuses it
 
 
-ANNOTATIONS = RemoteZip(
-    "annotations_trainval2017.zip",
-    "annotations/annotations_trainval2017.zip",
-    252_907_541,
-    "annotations",
-    ANNOTATION_LIMITS,
-)
-IMAGES = RemoteZip("val2017.zip", "zips/val2017.zip", 815_585_330, "val2017", IMAGE_LIMITS)
+def _annotations(year: str, size: int) -> RemoteZip:
+    members = ((f"annotations/captions_val{year}.json", True), (f"annotations/instances_val{year}.json", False))
+    name = f"annotations_trainval{year}.zip"
+    return RemoteZip(name, f"annotations/{name}", size, "annotations", ANNOTATION_LIMITS, members,
+                     f"the COCO {year} annotations archive")  # fmt: skip
 
-ANNOTATION_MEMBERS = {  # member name -> required
-    "annotations/captions_val2017.json": True,
-    "annotations/instances_val2017.json": False,
+
+def _images(year: str, size: int, limits: ExtractLimits) -> RemoteZip:
+    return RemoteZip(f"val{year}.zip", f"zips/val{year}.zip", size, f"val{year}", limits,
+                     what=f"the COCO {year} val images archive")  # fmt: skip
+
+
+# the official files' sizes (bytes), as images.cocodataset.org serves them
+ANNOTATIONS = _annotations("2017", 252_907_541)
+IMAGES = _images("2017", 815_585_330, IMAGE_LIMITS)
+YEARS = {  # --year -> (annotations archive, images archive)
+    "2017": (ANNOTATIONS, IMAGES),
+    "2014": (_annotations("2014", 252_872_794), _images("2014", 6_645_013_297, IMAGE_LIMITS_2014)),
 }
-_IMAGE_MEMBER = re.compile(r"val2017/([A-Za-z0-9_-][A-Za-z0-9_.-]*\.jpg)", re.IGNORECASE)
+
+ANNOTATION_MEMBERS = dict(ANNOTATIONS.members)  # 2017's: member name -> required
+_IMAGE_NAME = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\.jpg"
 
 
 @dataclass
@@ -343,10 +362,10 @@ def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
 
 def _member_file(remote: RemoteZip, name: str) -> str | None:
     """The file name a member is extracted to inside remote.folder, or None when it does not belong."""
-    if remote.folder == "val2017":
-        m = _IMAGE_MEMBER.fullmatch(name)
+    if not remote.members:  # the images archive: <folder>/<name>.jpg
+        m = re.fullmatch(f"{re.escape(remote.folder)}/({_IMAGE_NAME})", name, re.IGNORECASE)
         return m.group(1) if m else None
-    return name.split("/", 1)[1] if name in ANNOTATION_MEMBERS else None
+    return name.split("/", 1)[1] if name in dict(remote.members) else None
 
 
 @dataclass
@@ -375,14 +394,12 @@ def _plan(zf: zipfile.ZipFile, remote: RemoteZip, limits: ExtractLimits, what: s
             members.append((info, target))
     if bad:
         raise _Refused(f"{what} has unsafe members, refused: {list_offenders(bad)}.")
-    if remote.folder == "annotations":
-        missing = [
-            m for m, required in ANNOTATION_MEMBERS.items() if required and m not in {i.filename for i, _ in members}
-        ]
+    if remote.members:
+        missing = [m for m, required in remote.members if required and m not in {i.filename for i, _ in members}]
         if missing:
-            raise _Refused(f"{what} does not contain {', '.join(missing)}. Is it the COCO 2017 annotations archive?")
+            raise _Refused(f"{what} does not contain {', '.join(missing)}. Is it {remote.what}?")
     elif not members:
-        raise _Refused(f"{what} holds no val2017/*.jpg files. Is it the COCO 2017 val images archive?")
+        raise _Refused(f"{what} holds no {remote.folder}/*.jpg files. Is it {remote.what}?")
 
     if len(members) > limits.max_files:
         raise _Refused(f"{what} holds {len(members):,} files to extract, more than the limit of {limits.max_files:,}.")
@@ -572,13 +589,20 @@ def _get(remote: RemoteZip, dest_root: Path, base_url: str, limits: ExtractLimit
 
 
 def download_coco(
-    dest, base_url: str = DEFAULT_BASE_URL, images: bool = True, limits: dict[str, ExtractLimits] | None = None
+    dest,
+    base_url: str = DEFAULT_BASE_URL,
+    images: bool = True,
+    limits: dict[str, ExtractLimits] | None = None,
+    year: str = "2017",
 ) -> DownloadResult:
-    """Download and safely extract COCO 2017 val captions (and, with images=True, the val images).
+    """Download and safely extract COCO val captions of `year` (2017 or 2014; with images=True, the val images).
 
     limits: per archive name (e.g. {"val2017.zip": ExtractLimits(...)}), replacing its default limits.
     """
     dest = Path(dest)
+    if str(year) not in YEARS:
+        raise UserError(f"--year must be one of {', '.join(sorted(YEARS))}, not {year!r}.")
+    annotations, image_zip = YEARS[str(year)]
     if not base_url.startswith(("http://", "https://")):
         raise UserError(f"--base-url must start with http:// or https:// (got {base_url!r}).")
     try:
@@ -587,15 +611,15 @@ def download_coco(
     except (OSError, RuntimeError) as exc:
         raise UserError(f"Cannot create the destination folder {dest}: {exc}") from None
     reports = []
-    for remote in [ANNOTATIONS] + ([IMAGES] if images else []):
+    for remote in [annotations] + ([image_zip] if images else []):
         reports.append(_get(remote, dest_root, base_url, (limits or {}).get(remote.name, remote.limits)))
-    images_dir = dest / "val2017"
+    images_dir = dest / image_zip.folder
     n_images = 0
     if images and images_dir.is_dir():  # the JPEGs only: not a leftover or planted *.extracting file
         n_images = sum(1 for p in images_dir.iterdir() if p.suffix.lower() == ".jpg" and p.is_file())
     return DownloadResult(
         dest=dest,
-        captions_json=dest / "annotations" / "captions_val2017.json",
+        captions_json=dest / annotations.members[0][0],
         images_dir=images_dir if images else None,
         n_images=n_images,
         files=reports,

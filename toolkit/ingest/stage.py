@@ -8,6 +8,9 @@ Sampling (documented, machine-independent):
    ascending image id.
 3. Each image keeps its captions in ascending COCO annotation id, the first `captions_per_image`
    of them, as position 0, 1, ...; an image with fewer keeps all it has.
+
+`coco5k_test=True` does not draw: it takes the COCO 5k test split by COCO ids, every image with its own
+5 captions of the split (toolkit.ingest.coco5k).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from toolkit.errors import UserError, list_offenders
-from toolkit.ingest import coco
+from toolkit.ingest import coco, coco5k
 from toolkit.ingest import instances as instances_mod
 from toolkit.store import db
 from toolkit.store import paths as study_paths
@@ -137,16 +140,20 @@ def ingest(
     skip_bad_images: bool = False,
     replace: bool = False,
     instances_json=None,
+    coco5k_test: bool = False,
 ) -> IngestResult:
     started = db.now()
-    src = _read_source(coco_root, captions_json, images_dir, karpathy_json, split, instances_json)
+    if coco5k_test:  # every image of the split, no draw: --num-images and --seed do not apply
+        coco5k.check_options(num_images, captions_per_image, karpathy_json, split)
+        num_images, seed = "all", None
+    src = _read_source(coco_root, captions_json, images_dir, karpathy_json, split, instances_json, coco5k_test)
     num_images, take_all = _image_count(num_images, captions_per_image, src.dataset)
     if karpathy_json:
         default_name = f"{'flickr30k' if src.dataset == 'flickr30k' else 'karpathy'}-{src.split}"
     else:
-        default_name = f"{'all' if take_all else num_images}-seed{seed}"
+        default_name = coco5k.SPLIT if coco5k_test else f"{'all' if take_all else num_images}-seed{seed}"
     name = name or default_name
-    source_sha = sha256_file(src.ann_path)
+    source_sha = src.sha256 or sha256_file(src.ann_path)
     config = {
         "source_sha256": source_sha,
         "image_root": study_paths.to_stored(con, src.image_root),
@@ -156,6 +163,7 @@ def ingest(
         "seed": seed,
         "skip_bad_images": skip_bad_images,
         "sampling": "sorted-ids/numpy-default_rng-choice/v1",
+        **src.config,
     }
     chash = db.config_hash(config)
     existing = con.execute("SELECT subset_id, config_hash, run_id FROM subsets WHERE name = ?", [name]).fetchone()
@@ -200,10 +208,28 @@ class _Source:
     dataset: str  # coco, karpathy's coco or flickr30k
     split: str | None
     inst: object  # the instances file, read and checked (None: none)
+    sha256: str | None = None  # of the captions file(s) (None: computed from ann_path)
+    config: dict = field(default_factory=dict)  # what the ingest run's config adds or overrides
+    what: str = ""  # how a message names the source (default: ann_path)
 
 
-def _read_source(coco_root, captions_json, images_dir, karpathy_json, split, instances_json) -> _Source:
-    """Read the captions (COCO's file or a Karpathy split) and the instances file, checked before any write."""
+def _single(value, flag: str):
+    """An option that click may give as a tuple (--captions-json, --images-dir): one value, or None."""
+    values = coco5k.as_list(value)
+    if len(values) > 1:
+        raise UserError(
+            f"{flag} is given {len(values)} times; more than one only with --coco5k-test (captions_train2017.json "
+            "and captions_val2017.json, each with its --images-dir)."
+        )
+    return values[0] if values else None
+
+
+def _read_source(coco_root, captions_json, images_dir, karpathy_json, split, instances_json, coco5k_test) -> _Source:
+    """Read the captions (COCO's file, a Karpathy split, or the COCO 5k test) and the instances file, checked
+    before any write."""
+    if coco5k_test:
+        return _read_coco5k(coco_root, captions_json, images_dir, instances_json)
+    captions_json, images_dir = _single(captions_json, "--captions-json"), _single(images_dir, "--images-dir")
     ann_path, image_root = resolve_paths(coco_root, captions_json, images_dir, karpathy_json)
     # found under --coco-root only for COCO's own layout: Karpathy's split holds val2014 images
     inst_path = instances_mod.find_file(None if karpathy_json else coco_root, instances_json)
@@ -220,6 +246,22 @@ def _read_source(coco_root, captions_json, images_dir, karpathy_json, split, ins
             raise UserError("--split only applies with --karpathy-json.")
         images, captions = coco.load_coco_captions(ann_path)
     return _Source(ann_path, image_root, images, captions, dataset, split, inst)
+
+
+def _read_coco5k(coco_root, captions_json, images_dir, instances_json) -> _Source:
+    """The COCO 5k test: its ids from the eccv_caption package, texts and images from the COCO file(s)."""
+    from toolkit.retrieval.eccv_package import coco5k_test_split
+
+    pairs, inst_default = coco5k.resolve_files(coco_root, captions_json, images_dir)
+    test = coco5k_test_split("--coco5k-test")  # the package first: without it, nothing else matters
+    got = coco5k.load(pairs, test)
+    inst_path = instances_mod.find_file(None, instances_json) or inst_default
+    inst = instances_mod.load(inst_path) if inst_path else None
+    return _Source(
+        got.files[0], got.image_root, got.images, got.captions, "coco", coco5k.SPLIT, inst,
+        sha256=got.sha256, config=got.config | {"captions_files": [p.name for p in got.files]},
+        what=f"The COCO 5k test in {' and '.join(str(p) for p in got.files)}",
+    )  # fmt: skip
 
 
 def _image_count(num_images, captions_per_image: int, dataset: str) -> tuple[int | str, bool]:
@@ -268,7 +310,7 @@ def _sample(src: _Source, num_images, take_all: bool, seed: int, skip_bad_images
         candidates = candidates.loc[~candidates["image_id"].isin(bad_ids)].reset_index(drop=True)
     n_candidates = len(candidates)
     if n_candidates == 0:
-        raise UserError(f"{ann_path} has no usable images with captions.")
+        raise UserError(f"{src.what or ann_path} has no usable images with captions.")
     if take_all:
         chosen = candidates
     else:

@@ -11,7 +11,8 @@ file of the same content, `{"caption_to_image": {"<caption id>": [image ids]}, "
 {"<image id>": [caption ids]}}`. In one transaction it writes
 
 - a `runs` row (stage 'positives') and a `positive_sets` row: source, package version or none,
-  sha256 of the JSON bytes, counts and coverage;
+  sha256 of the JSON bytes, counts and coverage (for a packaged source also how many of the subset's
+  captions and images are in the COCO 5k test, the split it extends: `coco5k_test_split`);
 - `extra_positives`: the pairs of both directions whose two ends are in the subset (an id the subset
   does not hold is counted, never an error);
 - `positive_ranks` for every retrieval run of the subset that exists (see `rank_positives`); evaluate
@@ -39,17 +40,18 @@ import pandas as pd
 from toolkit import userfiles
 from toolkit.errors import UserError
 from toolkit.retrieval import ranking as R
+from toolkit.retrieval.eccv_package import PACKAGE, coco5k_test_split
+from toolkit.retrieval.eccv_package import id_lists as _id_lists
+from toolkit.retrieval.eccv_package import package_dir as _package_dir
 from toolkit.store import artifacts, db
 
 STAGE = "positives"
-PACKAGE = "eccv_caption"
 PACKAGED_SOURCES = ("eccv", "cxc")
-INSTALL_HINT = "Install it: pip install 'clipfail[positives]' (or: pip install eccv_caption==0.1.0)."
 DIRECTIONS = {"caption_to_image": "text-to-image", "image_to_caption": "image-to-text"}
 INGEST_HINT = (
     "ECCV Caption and CxC cover the COCO 5k test split (Karpathy) by COCO caption annotation ids and COCO image "
-    "ids: ingest COCO captions whose ids are those (captions_val2014.json, or 2017 train+val) with `clipfail "
-    "ingest`; a study made with --karpathy-json holds Karpathy sentence ids, which cannot join."
+    "ids: ingest that split with `clipfail ingest --coco5k-test` (from captions_val2014.json, or 2017 train+val); "
+    "a study made with --karpathy-json holds Karpathy sentence ids, which cannot join."
 )
 RANK_ROWS = 2048  # query rows scored at once (memory: RANK_ROWS x gallery x 4 bytes)
 
@@ -71,34 +73,8 @@ class ImportResult:
     n_images_covered: int
     coverage: pd.DataFrame  # the positive_coverage view's rows of this set
     ranked_runs: list[int]
-
-
-def _package_dir() -> tuple[Path, str]:
-    """The package's data folder and version, found without importing it (only its JSON files are read)."""
-    import importlib.util
-    from importlib.metadata import PackageNotFoundError, version
-
-    spec = importlib.util.find_spec(PACKAGE)
-    try:
-        if spec is None or not spec.submodule_search_locations:
-            raise PackageNotFoundError(PACKAGE)
-        return Path(list(spec.submodule_search_locations)[0]) / "data", version(PACKAGE)
-    except PackageNotFoundError:
-        raise UserError(
-            f"--source eccv|cxc reads the {PACKAGE} package, which is not installed. {INSTALL_HINT}"
-        ) from None
-
-
-def _id_lists(obj, where: str) -> dict[int, list[int]]:
-    """{"<id>": [ids]} with every key a decimal whole number and every value a list of whole numbers."""
-    obj = userfiles.want_dict(obj, where)
-    out: dict[int, list[int]] = {}
-    for key, values in obj.items():
-        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 18):
-            raise userfiles.shape_error(f"{where} key {key!r}", "a whole number (an id)", key)
-        ids = userfiles.want_list(values, f"{where}[{key!r}]")
-        out[int(key)] = [userfiles.want_int(v, f"{where}[{key!r}][{i}]") for i, v in enumerate(ids)]
-    return out
+    n_captions_in_5k_test: int | None = None  # of the subset's captions, those in the COCO 5k test (NULL: a file)
+    n_images_in_5k_test: int | None = None
 
 
 def read_source(source: str | None, file: str | Path | None) -> tuple[str, str | None, str, dict]:
@@ -170,6 +146,7 @@ def import_positives(
     img_in = np.isin(img_col, list(imgs))
     kept = pairs[cap_in & img_in]
     unknown = len(set(cap_col[~cap_in].tolist())) + len(set(img_col[~img_in].tolist()))
+    in_test = _in_5k_test(caps, imgs) if file is None else [None, None]
     n_caps_cov = kept.loc[kept["direction"] == "text-to-image", "query_id"].nunique()
     n_imgs_cov = kept.loc[kept["direction"] == "image-to-text", "query_id"].nunique()
     if kept.empty:
@@ -183,12 +160,12 @@ def import_positives(
             """
             INSERT INTO positive_sets (subset_id, source, source_version, source_sha256, n_pairs_read, n_pairs_kept,
                                        n_unknown_ids, n_captions, n_captions_covered, n_images, n_images_covered,
-                                       config_hash, created_at, run_id)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                       config_hash, created_at, run_id, n_captions_in_5k_test, n_images_in_5k_test)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             RETURNING positive_set_id
             """,
             [subset_id, name, version, sha, len(pairs), len(kept), unknown, len(caps), n_caps_cov, len(imgs),
-             n_imgs_cov, chash, db.now(), run_id],
+             n_imgs_cov, chash, db.now(), run_id, *in_test],
         ).fetchone()[0]  # fmt: skip
         db.insert_df(con, "extra_positives", kept.assign(positive_set_id=np.int64(psid)))
         runs = con.execute(
@@ -215,7 +192,15 @@ def _result(con, psid: int, reused: bool, ranked: list[int]) -> ImportResult:
         *(int(row[c]) for c in ("n_pairs_read", "n_pairs_kept", "n_unknown_ids", "n_captions", "n_captions_covered",
                                 "n_images", "n_images_covered")),
         coverage, ranked,
+        *(None if pd.isna(row[c]) else int(row[c]) for c in ("n_captions_in_5k_test", "n_images_in_5k_test")),
     )  # fmt: skip
+
+
+def _in_5k_test(caps: set[int], imgs: set[int]) -> list[int]:
+    """How many of a subset's captions and images are in the COCO 5k test, the split that the packaged sources
+    extend (their positives can only apply there)."""
+    split = coco5k_test_split("--source eccv|cxc")
+    return [len(caps & split.caption_ids), len(imgs & split.image_to_captions.keys())]
 
 
 def _missing_pairs(con, rrid: int) -> pd.DataFrame:

@@ -77,6 +77,7 @@ class PipelineOptions:
     seed: int = 42
     name: str | None = None
     skip_bad_images: bool = False
+    coco5k_test: bool = False
     model: str = "openai/clip-vit-base-patch32"
     pretrained: str | None = None
     checkpoint: str | None = None
@@ -166,6 +167,7 @@ def _ingest(database, opts: PipelineOptions):
         seed=opts.seed,
         name=opts.name,
         skip_bad_images=opts.skip_bad_images,
+        coco5k_test=opts.coco5k_test,
     )
 
 
