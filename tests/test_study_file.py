@@ -113,6 +113,63 @@ def test_a_writing_command_with_nothing_to_upgrade_does_not_touch_the_file(run_c
     assert sha256(study) == before
 
 
+def _contents(path) -> dict:
+    """Everything a study file holds that a command could read: its storage format, tables with their rows, views
+    with their SQL, sequences with their next value."""
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        out = {"storage": con.execute("SELECT tags FROM duckdb_databases() WHERE database_name = current_database()")
+               .fetchall()}  # fmt: skip
+        for (name,) in con.execute("SELECT table_name FROM duckdb_tables() ORDER BY 1").fetchall():
+            out[f"table {name}"] = sorted(map(repr, con.execute(f'SELECT * FROM "{name}"').fetchall()))
+        out["views"] = con.execute("SELECT view_name, sql FROM duckdb_views() WHERE NOT internal ORDER BY 1").fetchall()
+        out["sequences"] = con.execute(
+            "SELECT sequence_name, start_value, last_value FROM duckdb_sequences()"
+        ).fetchall()
+        return out
+    finally:
+        con.close()
+
+
+def test_a_new_study_is_a_copy_of_one_made_the_usual_way_and_never_replaces_a_file(tmp_path, monkeypatch):
+    """open_study makes a new study by copying a new study this process made once (study._copy_new_study): the
+    copy holds exactly what creating the file the usual way gives, and is never put where a file already is."""
+    open_study(tmp_path / "first.duckdb").close()
+    open_study(tmp_path / "copied.duckdb").close()
+    assert study_db._NEW_STUDY.get(study_db.schema_hash()), "the second new study was not a copy"
+    with monkeypatch.context() as mp:
+        mp.setattr(study_db, "_copy_new_study", lambda path: None)
+        open_study(tmp_path / "usual.duckdb").close()
+    usual = _contents(tmp_path / "usual.duckdb")
+    assert usual["table prompt_templates"] and usual["views"] and usual["storage"]
+    assert _contents(tmp_path / "copied.duckdb") == usual == _contents(tmp_path / "first.duckdb")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copied.duckdb", "first.duckdb", "usual.duckdb"]
+
+    # A file that appears at the path (another process) is opened as it is, never replaced.
+    other = tmp_path / "other.duckdb"
+    real_copy = shutil.copyfile
+
+    def someone_else_first(src, dst, **kwargs):
+        real_copy(tmp_path / "usual.duckdb", other)
+        con = duckdb.connect(str(other))
+        con.execute(
+            "INSERT INTO categories (name, is_actionable, definition, position) VALUES ('Mine', true, 'theirs', 99)"
+        )
+        con.close()
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", someone_else_first)
+    with open_study(other) as con:
+        assert con.execute("SELECT definition FROM categories WHERE name = 'Mine'").fetchall() == [("theirs",)]
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "copied.duckdb",
+        "first.duckdb",
+        "other.duckdb",
+        "usual.duckdb",
+    ]
+
+
 def test_a_changed_declaration_upgrades_on_the_next_writing_command(run_cli, study, monkeypatch):
     # An older database: another schema hash, a column and a view missing.
     con = duckdb.connect(str(study))

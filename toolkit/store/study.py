@@ -20,10 +20,13 @@ The connection it returns closes at the end of a `with` block:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
 import os
+import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -198,6 +201,8 @@ def open_study(
     path = str(path or db.default_db_path())
     if not read_only and Path(path).parent and not Path(path).parent.exists():
         raise UserError(f"Folder {Path(path).parent} for database {path} does not exist. Create it first.")
+    if not read_only and not os.path.lexists(path):
+        _copy_new_study(path)
     con = db.connect(path, read_only=read_only)
     try:
         _refuse_newer(con, path)
@@ -220,6 +225,45 @@ def open_study(
         con.close()
         raise
     return con
+
+
+_NEW_STUDY: dict[str, Path] = {}  # schema hash -> a new, empty study this process made, closed (`_copy_new_study`)
+
+
+def _copy_new_study(path: str) -> None:
+    """Create the study at `path` (absent) as a copy of a new, empty study file that this process made the usual
+    way (schema, views, seed rows; about half a CPU-second, mostly DuckDB binding the views) the first time it
+    needed one for this schema hash, in a temporary folder removed at exit. A DuckDB file holds nothing of its
+    own path, so the copy is the file that creating it again would give; a process that creates many studies
+    (the tests, a script over the Python API) pays for one. The copy is put in place only if nothing is there
+    yet (a hard link of a finished copy). Where any of it fails (a read-only folder, no hard links), it leaves
+    no file and the caller creates the study the usual way, with the usual message if that fails too."""
+    key = schema_hash()
+    made = _NEW_STUDY.get(key)
+    if made is None or not made.exists():
+        try:
+            folder = Path(tempfile.mkdtemp(prefix="clipfail-new-study-"))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            con = db.connect(str(folder / "new.duckdb"))
+            try:
+                upgrade(con)
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+        except (OSError, duckdb.Error, UserError):
+            return
+        if (folder / "new.duckdb.wal").exists():  # not a single finished file: leave it to the usual way
+            return
+        made = _NEW_STUDY[key] = folder / "new.duckdb"
+    part = f"{path}.new-{os.getpid()}"
+    try:
+        shutil.copyfile(made, part)
+        os.link(part, path)  # fails if something appeared at `path` meanwhile: then that is opened
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
 
 
 @contextlib.contextmanager
