@@ -15,6 +15,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from test_annotate import browser, open_page  # noqa: F401  (shared fixture: one headless Chromium)
 
 from toolkit.labels import ablation, phrases
 from toolkit.store import db
@@ -800,3 +801,57 @@ def test_the_workbench_shows_the_blamed_phrase_as_a_hint_never_on_overlap_unless
     assert q(dbfile, "SELECT count(*) AS n FROM annotations")["n"][0] == 0
     page = (workbench.Path(workbench.__file__).parent.parent / "data" / "annotate.html").read_text(encoding="utf-8")
     assert '$("blame").textContent = bl ?' in page  # shown as text (never as HTML), and no button is marked
+
+
+def test_the_page_shows_the_model_hint_selects_nothing_and_hides_it_on_overlap_unless_asked(
+    dbfile,
+    encoder,
+    run_cli,
+    browser,  # noqa: F811  (test_annotate's fixture)
+):
+    """In real Chromium: the hint line is the failure_blame row's, no category is selected or marked by it, and
+    overlap items show it only with --show-suggestions-on-overlap."""
+    from toolkit.labels import workbench
+
+    run_cli("--db", dbfile, "explain")
+    blame = q(dbfile, "SELECT * FROM failure_blame WHERE rank_gain > 0").set_index("caption_id")
+    assert q(dbfile, "SELECT count(*) AS n FROM triage_runs")["n"][0] == 0  # no triage: no button is marked at all
+
+    def hint(cid: int) -> str:
+        b = blame.loc[cid]
+        return (
+            f"Model hint (clipfail explain, check it): the model hangs on the {b['blamed_role']} "
+            f"'{b['blamed_phrase']}': without it the ground truth moves from rank {b['gt_rank_before_pessimistic']} "
+            f"to {b['gt_rank_after_pessimistic']} (clipfail explain, run 1)"
+        )
+
+    def nothing_selected(page, n_items: int) -> bool:
+        return (
+            page.locator("button[data-cat].on, button[data-sec].on, button.suggested").count() == 0
+            and page.get_attribute("body", "data-labelled") == ""
+            and page.inner_text("#count") == f"0 / {n_items} labelled"
+            and page.input_value("#notes") == ""
+        )
+
+    for flag in (False, True):
+        wb = workbench.prepare(dbfile, ["A"], show_suggestions_on_overlap=flag)
+        run = workbench.serve_in_thread(wb, workbench.bind("127.0.0.1", 0))
+        try:
+            items = run.wb.items["A"]
+            own = next(i for i, it in enumerate(items) if it["set_name"] == "A" and it["caption_id"] in blame.index)
+            overlap = next(
+                i for i, it in enumerate(items) if it["set_name"] == "overlap" and it["caption_id"] in blame.index
+            )
+            page = open_page(browser, f"{run.url}/a/A/")
+            page.evaluate(f"show({own})")
+            assert page.locator("#blame").is_visible()
+            assert page.inner_text("#blame") == hint(items[own]["caption_id"])
+            assert nothing_selected(page, len(items))
+            page.evaluate(f"show({overlap})")
+            assert page.locator("#blame").is_visible() is flag
+            assert page.inner_text("#blame") == (hint(items[overlap]["caption_id"]) if flag else "")
+            assert nothing_selected(page, len(items))
+            page.close()
+        finally:
+            run.stop()
+    assert q(dbfile, "SELECT count(*) AS n FROM annotations")["n"][0] == 0  # a hint, never a label
