@@ -15,6 +15,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from test_annotate import browser, open_page  # noqa: F401  (shared fixture: one headless Chromium)
 
 from toolkit.labels import ablation, phrases
 from toolkit.store import db
@@ -523,7 +524,7 @@ def test_status_shows_the_explain_run(dbfile, encoder, run_cli):
     assert f"{n['n_variants']} variants of {n['n_failures']} R@1 failures ({n['n_no_phrase']} with no phrase)" in out
 
 
-def test_a_failure_while_writing_leaves_the_database_as_it_was(dbfile, encoder, monkeypatch):
+def test_a_failure_while_writing_leaves_no_result_and_keeps_the_prompt_cache(dbfile, encoder, monkeypatch):
     from toolkit.retrieval import explain as stage
 
     def boom(con, table, df):
@@ -538,7 +539,13 @@ def test_a_failure_while_writing_leaves_the_database_as_it_was(dbfile, encoder, 
         stage.explain(con, encoder=encoder)
     assert encoder.calls  # it got as far as encoding
     after = {t: q(dbfile, f"SELECT count(*) AS n FROM {t}")["n"][0] for t in ("runs", "prompts", "embedding_sets")}
-    assert after == before and q(dbfile, "SELECT count(*) AS n FROM explain_runs")["n"][0] == 0
+    # the results are not written; the prompt cache keeps what was encoded (a cache chunk each: runs row, shard)
+    n_chunks = len(encoder.calls)
+    assert after == {"runs": before["runs"] + n_chunks, "prompts": before["prompts"] + len(encoder.texts),
+                     "embedding_sets": before["embedding_sets"] + n_chunks}  # fmt: skip
+    assert q(dbfile, "SELECT count(*) AS n FROM explain_runs")["n"][0] == 0
+    assert q(dbfile, "SELECT count(*) AS n FROM failure_ablations")["n"][0] == 0
+    assert q(dbfile, "SELECT stage FROM runs WHERE stage = 'explain'").empty
 
 
 # ------------------------------------------------------------------------------ killed halfway, then resumed
@@ -548,26 +555,38 @@ import json, os, signal, sys
 sys.path.insert(0, sys.argv[1])
 import test_explain as T
 from toolkit.improve import stage
-from toolkit.retrieval import explain as E
+from toolkit.retrieval import explain as E, ranking
 E.CHUNK_TEXTS = int(sys.argv[2])
-log = sys.argv[3]
+log, at = sys.argv[3], sys.argv[4]
 calls = []
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
 def encode(texts):
     calls.append(list(texts))
-    if len(calls) == 2:  # the first chunk is encoded and committed: die while encoding the second
-        os.kill(os.getpid(), signal.SIGKILL)
+    if at == "encoding" and len(calls) == 2:  # the first chunk is encoded and committed: die encoding the second
+        die()
     with open(log, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(list(texts)) + "\\n")
     return T.BowEncoder()(texts)
 stage.model_encoder_factory = lambda **kw: lambda identity: encode
+rank = ranking.rank_text_to_image
+def rank_then_die(*a, **kw):  # every chunk is encoded: die while ranking
+    die() if at == "ranking" else None
+    return rank(*a, **kw)
+ranking.rank_text_to_image = rank_then_die
+insert_df = E.db.insert_df
+def insert_then_die(con, table, df):  # die inside the results' transaction, the ablation rows half written
+    out = insert_df(con, table, df)
+    die() if at == "writing" and table == "failure_ablations" else None
+    return out
+E.db.insert_df = insert_then_die
 from cli import cli
-cli.main(sys.argv[4:], standalone_mode=True)
+cli.main(sys.argv[5:], standalone_mode=True)
 """
 
 
-def test_killed_after_its_first_chunk_explain_resumes_without_encoding_anything_twice(
-    dbfile, encoder, run_cli, tmp_path, monkeypatch
-):
+def _killed_explain(dbfile, tmp_path, chunk: int, at: str) -> list[str]:
+    """`clipfail explain` on `dbfile` in a subprocess, SIGKILLed `at` a point; the texts it encoded."""
     import json
     import os
     import signal
@@ -575,6 +594,19 @@ def test_killed_after_its_first_chunk_explain_resumes_without_encoding_anything_
     import sys
     from pathlib import Path
 
+    tests = Path(__file__).parent
+    log = tmp_path / f"encoded-{at}.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(tests.parent), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(tests), str(chunk), str(log), at, "--db", str(dbfile),
+                           "explain"], capture_output=True, text=True, env=env)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    lines = log.read_text(encoding="utf-8").splitlines() if log.exists() else []
+    return [t for line in lines for t in json.loads(line)]
+
+
+def test_killed_after_its_first_chunk_explain_resumes_without_encoding_anything_twice(
+    dbfile, encoder, run_cli, tmp_path, monkeypatch
+):
     from toolkit.retrieval import explain as stage
 
     chunk = 20
@@ -585,13 +617,7 @@ def test_killed_after_its_first_chunk_explain_resumes_without_encoding_anything_
     uninterrupted = list(encoder.texts)
     assert len(uninterrupted) > 3 * chunk and all(len(c) <= chunk for c in encoder.calls)
 
-    tests = Path(__file__).parent
-    log = tmp_path / "encoded.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(tests.parent), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(tests), str(chunk), str(log), "--db", str(dbfile),
-                           "explain"], capture_output=True, text=True, env=env)  # fmt: skip
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    first = [t for line in log.read_text(encoding="utf-8").splitlines() for t in json.loads(line)]
+    first = _killed_explain(dbfile, tmp_path, chunk, "encoding")
     assert len(first) == chunk
     # the first chunk is in the prompt cache; no result was written
     assert q(dbfile, "SELECT count(*) AS n FROM prompts")["n"][0] == chunk
@@ -616,6 +642,47 @@ def test_killed_after_its_first_chunk_explain_resumes_without_encoding_anything_
         assert sorted(q(path, "SELECT text FROM prompts")["text"]) == texts  # each text cached once
         shards = q(path, "SELECT sum(rows) AS n FROM embedding_sets WHERE kind = 'prompt'")["n"][0]
         assert shards == len(texts)
+
+
+def test_killed_after_encoding_explain_resumes_encoding_nothing_and_stores_what_an_uninterrupted_run_does(
+    dbfile, encoder, run_cli, tmp_path, monkeypatch
+):
+    """Every chunk, the last one included, is in the prompt cache before ranking starts: a kill while ranking, or
+    inside the results' transaction, costs no encoding on the rerun."""
+    from toolkit.retrieval import explain as stage
+
+    chunk = 20
+    monkeypatch.setattr(stage, "CHUNK_TEXTS", chunk)
+    clean = tmp_path / "clean.duckdb"
+    shutil.copy(dbfile, clean)
+    run_cli("--db", clean, "explain")  # the uninterrupted run, in chunks of 20
+    uninterrupted, n_chunks = list(encoder.texts), len(encoder.calls)
+    assert n_chunks > 3 and len(uninterrupted) % chunk  # a last chunk shorter than the rest
+
+    encoded = _killed_explain(dbfile, tmp_path, chunk, "ranking")
+    assert sorted(encoded) == sorted(uninterrupted)  # it got past encoding, the last chunk included
+    assert _killed_explain(dbfile, tmp_path, chunk, "writing") == []  # killed again, in the results' transaction
+    assert sorted(q(dbfile, "SELECT text FROM prompts")["text"]) == sorted(uninterrupted)  # every chunk cached
+    assert q(dbfile, "SELECT count(*) AS n FROM explain_runs")["n"][0] == 0
+    assert q(dbfile, "SELECT count(*) AS n FROM failure_ablations")["n"][0] == 0
+    stages = q(dbfile, "SELECT stage FROM runs WHERE stage LIKE 'explain%'")["stage"].tolist()
+    assert stages == [stage.CACHE_STAGE] * n_chunks
+
+    out = run_cli("--db", dbfile, "explain").output
+    assert encoder.texts == uninterrupted  # the rerun encoded nothing
+    assert f"0 texts encoded now, {len(uninterrupted):,} from the cache" in out
+    cols = "* EXCLUDE (explain_run_id)"
+    a = q(clean, f"SELECT {cols} FROM failure_ablations ORDER BY caption_id, variant_index")
+    b = q(dbfile, f"SELECT {cols} FROM failure_ablations ORDER BY caption_id, variant_index")
+    pd.testing.assert_frame_equal(a, b)
+    ea = q(clean, "SELECT * EXCLUDE (explain_run_id, created_at, run_id, n_encoded) FROM explain_runs")
+    eb = q(dbfile, "SELECT * EXCLUDE (explain_run_id, created_at, run_id, n_encoded) FROM explain_runs")
+    pd.testing.assert_frame_equal(ea, eb)
+    assert q(dbfile, "SELECT n_encoded FROM explain_runs")["n_encoded"][0] == 0
+    for path in (clean, dbfile):
+        assert q(path, "SELECT count(*) AS n FROM prompts")["n"][0] == len(uninterrupted)  # each text cached once
+        shards = q(path, "SELECT count(*) AS k, sum(rows) AS n FROM embedding_sets WHERE kind = 'prompt'").iloc[0]
+        assert (shards["k"], shards["n"]) == (n_chunks, len(uninterrupted))
 
 
 # ------------------------------------------------------------------------------ triage uses the blame
@@ -734,3 +801,57 @@ def test_the_workbench_shows_the_blamed_phrase_as_a_hint_never_on_overlap_unless
     assert q(dbfile, "SELECT count(*) AS n FROM annotations")["n"][0] == 0
     page = (workbench.Path(workbench.__file__).parent.parent / "data" / "annotate.html").read_text(encoding="utf-8")
     assert '$("blame").textContent = bl ?' in page  # shown as text (never as HTML), and no button is marked
+
+
+def test_the_page_shows_the_model_hint_selects_nothing_and_hides_it_on_overlap_unless_asked(
+    dbfile,
+    encoder,
+    run_cli,
+    browser,  # noqa: F811  (test_annotate's fixture)
+):
+    """In real Chromium: the hint line is the failure_blame row's, no category is selected or marked by it, and
+    overlap items show it only with --show-suggestions-on-overlap."""
+    from toolkit.labels import workbench
+
+    run_cli("--db", dbfile, "explain")
+    blame = q(dbfile, "SELECT * FROM failure_blame WHERE rank_gain > 0").set_index("caption_id")
+    assert q(dbfile, "SELECT count(*) AS n FROM triage_runs")["n"][0] == 0  # no triage: no button is marked at all
+
+    def hint(cid: int) -> str:
+        b = blame.loc[cid]
+        return (
+            f"Model hint (clipfail explain, check it): the model hangs on the {b['blamed_role']} "
+            f"'{b['blamed_phrase']}': without it the ground truth moves from rank {b['gt_rank_before_pessimistic']} "
+            f"to {b['gt_rank_after_pessimistic']} (clipfail explain, run 1)"
+        )
+
+    def nothing_selected(page, n_items: int) -> bool:
+        return (
+            page.locator("button[data-cat].on, button[data-sec].on, button.suggested").count() == 0
+            and page.get_attribute("body", "data-labelled") == ""
+            and page.inner_text("#count") == f"0 / {n_items} labelled"
+            and page.input_value("#notes") == ""
+        )
+
+    for flag in (False, True):
+        wb = workbench.prepare(dbfile, ["A"], show_suggestions_on_overlap=flag)
+        run = workbench.serve_in_thread(wb, workbench.bind("127.0.0.1", 0))
+        try:
+            items = run.wb.items["A"]
+            own = next(i for i, it in enumerate(items) if it["set_name"] == "A" and it["caption_id"] in blame.index)
+            overlap = next(
+                i for i, it in enumerate(items) if it["set_name"] == "overlap" and it["caption_id"] in blame.index
+            )
+            page = open_page(browser, f"{run.url}/a/A/")
+            page.evaluate(f"show({own})")
+            assert page.locator("#blame").is_visible()
+            assert page.inner_text("#blame") == hint(items[own]["caption_id"])
+            assert nothing_selected(page, len(items))
+            page.evaluate(f"show({overlap})")
+            assert page.locator("#blame").is_visible() is flag
+            assert page.inner_text("#blame") == (hint(items[overlap]["caption_id"]) if flag else "")
+            assert nothing_selected(page, len(items))
+            page.close()
+        finally:
+            run.stop()
+    assert q(dbfile, "SELECT count(*) AS n FROM annotations")["n"][0] == 0  # a hint, never a label

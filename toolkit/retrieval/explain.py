@@ -13,11 +13,11 @@ Method (one `explain` call):
    earlier explain already encoded with this model is read from its shard, never encoded again; the others are
    encoded once (`improve.stage.model_encoder_factory`, or the ``encoder`` a test passes) and stored as new
    prompt shards (`improve.methods.prompt_ensemble.write_prompt_shard`), which improve reuses in turn. The new
-   texts are encoded in chunks of `CHUNK_TEXTS` (sorted text order); every chunk but the last is committed as
-   soon as it is encoded, in its own transaction (its prompt shard, its `prompts` rows and a `runs` row of
-   stage "explain-prompts"): the cache is a cache, not a result, so a run killed halfway leaves the chunks it
-   finished in the cache and the same call again encodes only the rest. The last chunk is written with the
-   results (step 5), which follow it at once.
+   texts are encoded in chunks of `CHUNK_TEXTS` (sorted text order); every chunk, the last one included, is
+   committed as soon as it is encoded, in its own transaction (its prompt shard, its `prompts` rows and a `runs`
+   row of stage "explain-prompts"), before any ranking: the cache is a cache, not a result, so a run killed
+   while encoding leaves the chunks it finished in the cache, and one killed after encoding (while ranking or
+   writing the results) leaves them all; the same call again encodes only what is not there.
 4. Ranks. Every variant is ranked against the run's image embeddings with evaluate's own code
    (`toolkit.retrieval.ranking.rank_text_to_image`, top 2), on the device type the retrieval run recorded
    (`improve.stage.scoring_device`): ``gt_rank_after`` = 1 + the number of images scoring strictly higher than
@@ -25,8 +25,8 @@ Method (one `explain` call):
    ``top1_image_id_after`` the best image (ties broken by lower row), ``score_gap_after`` = the ground truth's
    score minus the best other image's score. The "before" columns are the retrieval run's own
    (`retrieval_ranks`: gt_rank, n_tied, gt_score - top1_score).
-5. Rows. One `runs` row (stage "explain"), one `explain_runs` row and the `failure_ablations` rows, with the
-   last chunk's prompt shard, in one transaction (``n_encoded``: the texts this call encoded). The same call
+5. Rows. One `runs` row (stage "explain"), one `explain_runs` row and the `failure_ablations` rows, in one
+   transaction (``n_encoded``: the texts this call encoded). The same call
    again (same retrieval run, scope, roles, failures, variant method, role mapping, text embeddings) is a no-op
    that returns the stored run.
 """
@@ -157,14 +157,13 @@ def _resolve(con, retrieval_run_id, scope: str):
 
 def _encode(con, text_set, identity, texts, dim: int, chash: str, *, encoder, encoder_factory, cache_dir):
     """Every variant text's vector: improve's prompt cache first, then the encoder for the rest, in chunks whose
-    shards are committed one by one (a killed run resumes), but the last, which goes with the results.
-    Returns (text -> vector, the texts encoded now, (the last chunk's texts, their vectors))."""
+    shards are committed one by one, the last included, before anything is ranked (a killed run resumes).
+    Returns (text -> vector, the texts encoded now)."""
     from toolkit.improve import stage as S
 
     cached = S.cached_prompts(con, identity, texts)
     vec = _load_cached(con, cached)
     new_texts = [t for t in texts if t not in vec]
-    last_texts, last_arr = [], None  # the last chunk: written with the results
     if new_texts:
         if encoder is None:
             import json
@@ -181,9 +180,6 @@ def _encode(con, text_set, identity, texts, dim: int, chash: str, *, encoder, en
             if arr.shape != (len(chunk), dim):
                 raise RuntimeError(f"encoder returned shape {arr.shape}, expected {(len(chunk), dim)}")
             vec.update(zip(chunk, arr))
-            if j == len(chunks) - 1:
-                last_texts, last_arr = chunk, arr
-                continue
             with db.transaction(con):
                 chunk_config = {"stage": CACHE_STAGE, "explain_config_hash": chash, "chunk": j, "model": identity,
                                 "texts_sha256": _sha(chunk)}  # fmt: skip
@@ -192,7 +188,7 @@ def _encode(con, text_set, identity, texts, dim: int, chash: str, *, encoder, en
                     model=identity["model"], pretrained=identity["pretrained"],
                 )  # fmt: skip
                 _write_shard(con, identity, cache_dir, texts, chunk, arr, cache_run, chunk_started)
-    return vec, new_texts, (last_texts, last_arr)
+    return vec, new_texts
 
 
 def _ablation_rows(con, rr, fails, rows, vec, images, mapping, result) -> pd.DataFrame:
@@ -243,16 +239,13 @@ def _ablation_rows(con, rr, fails, rows, vec, images, mapping, result) -> pd.Dat
     )
 
 
-def _store(con, rr, config, chash, started, identity, cache_dir, texts, last, role_list, scope, counts, abl):
-    """The runs row, the last chunk's prompt shard, the explain_runs row and failure_ablations, in one transaction.
+def _store(con, rr, config, chash, started, identity, role_list, scope, counts, abl):
+    """The runs row, the explain_runs row and failure_ablations, in one transaction.
     `counts`: failures, without a phrase, variants, skipped identical, skipped empty, encoded."""
     rrid = int(rr["retrieval_run_id"])
-    last_texts, last_arr = last
     n_failures, n_no_phrase, n_variants, n_identical, n_empty, n_encoded = counts
     with db.transaction(con):
         run_id = db.insert_run(con, STAGE, config, started, model=identity["model"], pretrained=identity["pretrained"])
-        if last_texts:
-            _write_shard(con, identity, cache_dir, texts, last_texts, last_arr, run_id, started)
         erid = int(
             con.execute(
                 """
@@ -339,11 +332,11 @@ def explain(
     from toolkit.store.artifacts import load_embedding_set
 
     images = load_embedding_set(con, int(rr["image_embedding_set_id"]), fix=FIX)
-    vec, new_texts, last = _encode(con, text_set, identity, texts, images.array.shape[1], chash,
+    vec, new_texts = _encode(con, text_set, identity, texts, images.array.shape[1], chash,
                                    encoder=encoder, encoder_factory=encoder_factory, cache_dir=cache_dir)  # fmt: skip
     result.n_encoded, result.n_cached = len(new_texts), len(texts) - len(new_texts)
     abl = _ablation_rows(con, rr, fails, rows, vec, images, mapping, result)
     counts = [len(fails), n_no_phrase, len(rows), n_identical, n_empty, len(new_texts)]
-    result.explain_run_id, result.run_id = _store(con, rr, config, chash, started, identity, cache_dir, texts, last,
-                                                  role_list, scope, counts, abl)  # fmt: skip
+    result.explain_run_id, result.run_id = _store(con, rr, config, chash, started, identity, role_list, scope, counts,
+                                                  abl)  # fmt: skip
     return result
