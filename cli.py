@@ -1715,6 +1715,7 @@ def improve(
       clipfail improve --categories Object,Attribute --method qb-norm --control successes:200
     """
     given = _given_method_options(method, method_params)
+    from toolkit.improve import extended as improve_extended
     from toolkit.improve import methods as improve_methods
     from toolkit.improve.stage import effective_k as improve_effective_k
     from toolkit.improve.stage import improve as run_improve
@@ -1740,10 +1741,16 @@ def improve(
         summary = improve_summary(con, res.improvement_ids)
         eff_k = improve_effective_k(con, res.improvement_ids)
         ties = improve_ties(con, res.improvement_ids)
+        extended = improve_extended.summary(con, res.improvement_ids)
     for note in res.notes:
         click.echo(f"Note: {note}")
     if res.is_noop:
         click.echo("Already computed with exactly this configuration; nothing changed.")
+    elif res.run_id is None:
+        click.echo(
+            f"Extended positives ranked for improvement run(s) {', '.join(map(str, res.extended_ids))}, made before "
+            "the positives were imported (view improvement_recall_extended); nothing else changed."
+        )
     elif not improve_methods.get(method)[0].needs_prompts:
         click.echo(f"Improve run {res.run_id}: method {method} (view method_comparison compares the methods).")
     else:
@@ -1760,6 +1767,9 @@ def improve(
         echo_df(stat, floatfmt="{:+.2f}")
     for note in tables.tie_notes(ties):
         click.echo(f"\n{note}")
+    if len(extended):
+        click.echo("\nWith the verified extended positives counted as hits (view improvement_recall_extended):")
+        echo_df(tables.extended_improvement_table(extended), floatfmt="{:+.2f}")
     click.echo("")
     click.echo(
         f"Improvement ids: {', '.join(map(str, res.improvement_ids))} (views improvement_recall, category_recall_delta)"
