@@ -499,6 +499,8 @@ def positives_import(db_path, sources, file, subset):
     image ids; the others are counted and skipped), reports the coverage (view positive_coverage) and
     stores the ranks of every positive for the subset's retrieval runs (table positive_ranks). The
     same source again is a no-op; a subset that the source does not reach at all is refused.
+    Improvement runs made before the import get their extended figures (view
+    improvement_recall_extended) from their clipfail improve command run again; the command names them.
 
     \b
     Example:
@@ -509,8 +511,11 @@ def positives_import(db_path, sources, file, subset):
     if len(sources) + (file is not None) > 1:
         given = [f"--source {s}" for s in sources] + ([f"--file {file}"] if file else [])
         raise UserError(f"Give one source of positives per import, not {len(given)} ({', '.join(given)}).")
+    from toolkit.improve.extended import unranked_improvements
+
     with open_study(db_path) as con:
         res = import_positives(con, subset, source=sources[0] if sources else None, file=file)
+        late = unranked_improvements(con, int(db.get_subset(con, res.subset)["subset_id"]))
     state = "already imported, nothing changed" if res.reused else "imported"
     version = f" {res.source_version}" if res.source_version else ""
     click.echo(
@@ -526,6 +531,15 @@ def positives_import(db_path, sources, file, subset):
     if res.ranked_runs:
         click.echo(f"Ranked the positives of retrieval run(s) {', '.join(map(str, res.ranked_runs))}.")
     click.echo(f'Metrics: {clipfail_command(db_path, always=True)} sql "SELECT * FROM recall_extended"')
+    if late:
+        click.echo(LATE_IMPROVEMENTS.format(ids=", ".join(map(str, late))))
+
+
+LATE_IMPROVEMENTS = (
+    "Improvement run(s) {ids} were made before the positives were imported: run their clipfail improve command "
+    "again (the same options) to rank their extended positives (view improvement_recall_extended); nothing else "
+    "changes."
+)
 
 
 @positives.command("rank")
@@ -536,7 +550,8 @@ def positives_rank(db_path, retrieval_run_id):
 
     import and evaluate store them themselves; this fills in the rest (e.g. a run evaluated by an
     older clipfail). recall_extended shows a (run, source) only once all of its positives are
-    ranked. Nothing to do is a no-op.
+    ranked. Nothing to do is a no-op. Improvement runs are ranked by clipfail improve (the command
+    names those that lack their extended figures).
 
     \b
     Example:
@@ -553,6 +568,11 @@ def positives_rank(db_path, retrieval_run_id):
         for rrid in runs:
             n = rank_positives(con, int(rrid))
             click.echo(f"Retrieval run {int(rrid)}: {n:,} positive ranks stored" + ("" if n else " (none missing)."))
+        from toolkit.improve.extended import unranked_improvements
+
+        late = unranked_improvements(con)
+    if late:
+        click.echo(LATE_IMPROVEMENTS.format(ids=", ".join(map(str, late))))
 
 
 @cli.command()
@@ -1709,6 +1729,12 @@ def improve(
     improvement_ties) and shown with its pessimistic figures. Scores that come out NaN or infinite
     are refused, and nothing is written.
 
+    When the subset has imported positives (clipfail positives import: ECCV Caption, CxC), the same
+    scores rank each caption's verified extra positives too, and R@K with them counted as hits comes
+    with the same interval and McNemar (view improvement_recall_extended): a fix that only swaps one
+    valid image for another gains nothing there. Runs made before the import get them from the same
+    command again.
+
     \b
     Examples:
       clipfail improve --categories Object,Attribute --template-mode union --k 15 --pooling all
@@ -1769,7 +1795,9 @@ def improve(
         click.echo(f"\n{note}")
     if len(extended):
         click.echo("\nWith the verified extended positives counted as hits (view improvement_recall_extended):")
-        echo_df(tables.extended_improvement_table(extended), floatfmt="{:+.2f}")
+        shown = tables.extended_improvement_table(extended)
+        shown["McNemar p"] = [f"{p:.4g}" for p in shown["McNemar p"]]
+        echo_df(shown, floatfmt="{:+.2f}")
     click.echo("")
     click.echo(
         f"Improvement ids: {', '.join(map(str, res.improvement_ids))} (views improvement_recall, category_recall_delta)"

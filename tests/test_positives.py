@@ -809,7 +809,9 @@ def test_improve_again_ranks_a_run_made_before_the_import(labelled, run_cli, tmp
         assert [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables] == [0, 0, 0]
         n_runs = con.execute("SELECT count(*) FROM runs").fetchone()[0]
     for db_path, order in ((dbp, "improve first"), (str(first / Path(dbp).name), "import first")):
-        run_cli("positives", "import", "--source", "eccv", "--db", db_path)
+        imported = run_cli("positives", "import", "--source", "eccv", "--db", db_path)
+        late = "Improvement run(s) 1 were made before the positives were imported: run their clipfail improve"
+        assert (late in imported.output) == (order == "improve first")
         res = run_cli(*args, "--db", db_path)
         if order == "improve first":
             assert "Extended positives ranked for improvement run(s) 1" in res.output
@@ -827,3 +829,130 @@ def test_improve_again_ranks_a_run_made_before_the_import(labelled, run_cli, tmp
     for t in tables[:2]:
         pd.testing.assert_frame_equal(got[t], want[t])
     pd.testing.assert_frame_equal(view, view_first)
+
+
+def test_false_negatives_triage_agreement(labelled, run_cli):
+    """Triage against the human labels on the verified false negatives only, per reference, against a plain pandas
+    join and toolkit.stats.cohen_kappa; a triage run made before the import decided them with the heuristic rules,
+    the next one with the Verified rule (Ambiguous)."""
+    from toolkit.stats import cohen_kappa
+
+    dbp, *_ = labelled
+    run_cli("triage", "--run", 1, "--db", dbp)
+    with open_study(dbp) as con:
+        assert con.execute("SELECT count(*) FROM false_negatives_triage_agreement").fetchone()[0] == 0  # no positives
+    run_cli("positives", "import", "--source", "eccv", "--db", dbp)
+    run_cli("positives", "import", "--source", "cxc", "--db", dbp)
+    for when in ("triage before the import", "triage after the import"):
+        if when == "triage after the import":
+            run_cli("triage", "--run", 1, "--db", dbp)
+        with open_study(dbp) as con:
+            verified = {
+                int(r[0])
+                for r in con.execute(
+                    "SELECT query_id FROM failure_false_negatives "
+                    "WHERE retrieval_run_id = 1 AND is_top1_extended_positive"
+                ).fetchall()
+            }
+            sug = con.execute(
+                "SELECT caption_id, suggested_category, rules_fired FROM triage_suggestions "
+                "WHERE triage_run_id = (SELECT max(triage_run_id) FROM triage_runs)"
+            ).df()
+            labels = con.execute(
+                "SELECT s.caption_id, a.annotator AS reference, a.category FROM annotations a "
+                "JOIN failure_samples s USING (sample_id) WHERE s.set_name = 'overlap' OR a.annotator = s.set_name"
+            ).df()
+            everyone = con.execute(
+                "SELECT caption_id, 'all labels' AS reference, category FROM sample_labels UNION ALL "
+                "SELECT caption_id, 'overlap majority', category FROM sample_labels WHERE is_overlap"
+            ).df()
+            view = con.execute("SELECT * FROM false_negatives_triage_agreement WHERE retrieval_run_id = 1").df()
+        refs = pd.concat([labels, everyone])
+        refs = refs[refs["caption_id"].isin(verified)].merge(sug, on="caption_id")
+        assert len(refs) > 0  # some labelled failure is a verified false negative here
+        got = view.set_index("reference")
+        for ref, g in refs.groupby("reference"):
+            s = g[g["suggested_category"].notna()]
+            row = got.loc[ref]
+            assert (row["n_labelled"], row["n"]) == (len(g), len(s))
+            assert row["n_agree"] == int((s["suggested_category"] == s["category"]).sum())
+            assert row["n_human_ambiguous"] == int((g["category"] == "Ambiguous").sum())
+            assert row["n_suggested_ambiguous"] == int((g["suggested_category"] == "Ambiguous").sum())
+            by_rule = int(s["rules_fired"].str.startswith("Verified").sum())
+            assert row["n_by_verified_rule"] == by_rule
+            assert by_rule == (len(s) if when == "triage after the import" else 0)
+            kappa = cohen_kappa(s["category"].tolist(), s["suggested_category"].tolist())
+            assert (None if pd.isna(row["kappa"]) else row["kappa"]) == (
+                None if np.isnan(kappa) else pytest.approx(kappa, abs=1e-12)
+            )
+        assert sorted(got.index) == sorted(set(refs["reference"]))
+
+
+def test_report_section_are_the_misses_real(labelled, run_cli, tmp_path):
+    """Section 12 on a study with positives: every table is its view (the CSVs), the figure of the verified
+    false-negative share per category is embedded, a source's name is escaped, and an improvement run made before
+    the import is named with what to run until `clipfail improve` again adds its extended deltas."""
+    from html import unescape
+
+    from toolkit.report.display import extended_improvement_table
+    from toolkit.report.htmlpage import Context, Page
+    from toolkit.report.sections import positives as positives_section
+
+    dbp, *_ = labelled
+    args = ("improve", "--categories", CATEGORIES, "--run", 1, "--method", "inverted-softmax", "--max-subset", 1000)
+    run_cli(*args, "--db", dbp)
+    run_cli("positives", "import", "--source", "eccv", "--db", dbp)
+    run_cli("positives", "import", "--source", "cxc", "--db", dbp)
+    with open_study(dbp) as con:
+        c, i = con.execute("SELECT caption_id, image_id FROM subset_captions ORDER BY 1 LIMIT 1").fetchone()
+        other = con.execute("SELECT min(image_id) FROM subset_images WHERE image_id <> ?", [i]).fetchone()[0]
+    odd = tmp_path / "mine<b>&.json"
+    odd.write_text(json.dumps({"caption_to_image": {str(c): [other]}}))
+    run_cli("positives", "import", "--file", odd, "--db", dbp)
+    run_cli("triage", "--run", 1, "--db", dbp)
+    with open_study(dbp, read_only=True) as con:  # the section alone, before improve ranks the positives
+        ctx = Context(con, Page(tmp_path / "section"), 1)
+        positives_section.render(ctx)
+    late = "".join(ctx.page.parts)
+    assert "Improvement run(s) 1 were made before the positives were imported" in late
+    assert ctx.missing == ["extended positives of improvement run(s) 1: clipfail improve (the same options)"]
+    assert 'data-name="improvement_recall_extended"' not in late
+    run_cli(*args, "--db", dbp)
+    out = tmp_path / "report"
+    res = run_cli("report", "--out", out, "--db", dbp)
+    assert "extended positives of improvement run" not in res.output
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert '<h2 id="positives">12. Are the misses real?</h2>' in page
+    assert "were made before the positives were imported" not in page
+    assert "mine<b>" not in page and "file:mine&lt;b&gt;&amp;.json" in page
+    tables = out / "tables"
+    with open_study(dbp) as con:
+        views = {
+            "positive_coverage": "SELECT * FROM positive_coverage ORDER BY positive_set_id, direction DESC",
+            "false_negatives_by_category": "SELECT * EXCLUDE (retrieval_run_id) FROM false_negatives_by_category",
+            "false_negatives_triage_agreement": "SELECT reference, n_labelled, n, n_agree, accuracy, kappa, "
+            "n_human_ambiguous, n_suggested_ambiguous, n_by_verified_rule FROM false_negatives_triage_agreement",
+            "false_negatives_by_triage_rule": "SELECT * EXCLUDE (retrieval_run_id) FROM false_negatives_by_triage_rule",
+        }
+        want = {name: con.execute(sql).df() for name, sql in views.items()}
+        metrics = con.execute("SELECT * FROM recall_extended").df()
+        extended = con.execute("SELECT * FROM improvement_recall_extended ORDER BY improvement_id, source, k").df()
+    for name, df in want.items():
+        assert len(df) > 0, name
+        pd.testing.assert_frame_equal(pd.read_csv(tables / f"{name}.csv"), df, check_dtype=False)
+    shown = pd.read_csv(tables / "recall_extended.csv")
+    key = ["retrieval_run_id", "source", "metric", "k"]
+    joined = shown.merge(metrics, on=key, how="outer", suffixes=("", "_view"), indicator=True)
+    assert len(shown) == len(metrics) and (joined["_merge"] == "both").all()
+    assert np.allclose(joined["value"], joined["value_view"], rtol=1e-15, atol=0)
+    assert sorted(set(shown["source"])) == ["coco", "cxc", "eccv", "file:mine<b>&.json"]
+    assert len(extended) == 9  # eccv, cxc and the file, K 1/5/10
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tables / "improvement_recall_extended.csv"),
+        extended_improvement_table(extended),
+        check_dtype=False,
+    )
+    figure = next((out / "figures").glob("figure*_false_negatives.png"))
+    assert figure.with_suffix(".svg").exists()
+    caption = "Share of each category's checkable R@1 failures whose top-1 image is a verified positive"
+    assert f"{figure.stem.split('_')[0].replace('figure', 'Figure ')}. {caption}" in unescape(page)

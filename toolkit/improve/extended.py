@@ -9,7 +9,7 @@ caption (the text-to-image pairs of every positive set of the subset, other than
 stores them in `improvement_positive_ranks`. The view `improvement_hits_extended` then says, per positive set,
 caption and K, whether ANY positive is within K before (the retrieval run's ranks: improvement_ranks for the own
 image, positive_ranks for the others) and after, under both tie counts; the paired statistics of those hits
-(`toolkit.stats`, the same `_paired_stats` as improvement_stats) are stored per positive set and K in
+(`toolkit.stats.paired_outcomes`, as for improvement_stats) are stored per positive set and K in
 `improvement_stats_extended`, and the view `improvement_recall_extended` gives R@K, delta, interval and McNemar.
 
 A run made before an import has none of these rows: the same `clipfail improve` again (its units are reused)
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from toolkit import stats
 from toolkit.errors import UserError
 from toolkit.improve import pooling
 
@@ -88,14 +89,17 @@ def pending(con, improvement_ids) -> dict[int, bool]:
 
 def unranked_improvements(con, subset_id: int | None = None) -> list[int]:
     """Improvement runs (of `subset_id`, or of every subset) whose subset has positives but that lack the extended
-    figures of some positive set: made before the import; `clipfail improve` with their options again adds them."""
+    figures of some positive set: made before the import; `clipfail improve` with their options again adds them.
+    Runs made before ties were recorded are left out: that call runs their configuration again as a new run."""
     ids = con.execute(
         """
         SELECT DISTINCT u.improvement_id FROM improvement_runs u JOIN retrieval_runs r USING (retrieval_run_id)
         JOIN positive_sets p ON p.subset_id = r.subset_id
         ANTI JOIN improvement_stats_extended s
             ON s.improvement_id = u.improvement_id AND s.positive_set_id = p.positive_set_id
-        WHERE ? IS NULL OR r.subset_id = ?
+        WHERE (? IS NULL OR r.subset_id = ?)
+          AND NOT EXISTS (SELECT 1 FROM improvement_ranks k WHERE k.improvement_id = u.improvement_id
+                          AND (k.improved_n_tied IS NULL OR k.baseline_n_tied IS NULL))
         ORDER BY 1
         """,
         [subset_id, subset_id],
@@ -212,18 +216,16 @@ def _check_reproduced(con, improvement_id: int, computed: pd.DataFrame) -> None:
 
 def _stats_rows(hits: pd.DataFrame, seed: int) -> pd.DataFrame:
     """improvement_stats_extended rows (without improvement_id) from improvement_hits_extended rows: per positive set
-    and K, the paired statistics of the optimistic and of the pessimistic hits (improve's `_paired_stats`)."""
-    from toolkit import stats
-    from toolkit.improve.stage import _paired_stats
-
+    and K, the paired statistics of the optimistic and of the pessimistic hits (`stats.paired_outcomes`, as
+    improvement_stats)."""
     n_resamples = stats.BOOTSTRAP_RESAMPLES
     rows = []
     for (psid, k), g in hits.groupby(["positive_set_id", "k"], sort=True):
         b, a = g["is_baseline_hit"].to_numpy(bool), g["is_improved_hit"].to_numpy(bool)
         bp, ap = g["is_baseline_hit_pessimistic"].to_numpy(bool), g["is_improved_hit_pessimistic"].to_numpy(bool)
-        row = {"positive_set_id": int(psid), "k": int(k), "n": len(g)} | _paired_stats(b, a, n_resamples, seed)
+        row = {"positive_set_id": int(psid), "k": int(k), "n": len(g)} | stats.paired_outcomes(b, a, n_resamples, seed)
         row |= {"ci_level": 0.95, "bootstrap_resamples": n_resamples, "bootstrap_seed": seed}
-        row |= {f"{name}_pessimistic": v for name, v in _paired_stats(bp, ap, n_resamples, seed).items()}
+        row |= {f"{name}_pessimistic": v for name, v in stats.paired_outcomes(bp, ap, n_resamples, seed).items()}
         rows.append(row)
     return pd.DataFrame(rows)
 

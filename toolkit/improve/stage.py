@@ -515,19 +515,6 @@ class _Unit:
     config_hash: str
 
 
-def _paired_stats(b: np.ndarray, a: np.ndarray, n_resamples: int, seed: int) -> dict:
-    lo, hi = stats.paired_bootstrap_ci(b, a, n_resamples=n_resamples, seed=seed)
-    return {
-        "baseline_hits": int(b.sum()),
-        "improved_hits": int(a.sum()),
-        "n_fixed": int((~b & a).sum()),
-        "n_broken": int((b & ~a).sum()),
-        "ci_low_pp": 100 * lo,
-        "ci_high_pp": 100 * hi,
-        "mcnemar_p": stats.mcnemar_exact(b, a),
-    }
-
-
 def compute_stats(ranks: pd.DataFrame, seed: int, n_resamples: int = stats.BOOTSTRAP_RESAMPLES) -> pd.DataFrame:
     """improvement_stats rows (without improvement_id) for the whole run ('*') and each category: the paired
     statistics of the optimistic hits (rank <= K), and, when `ranks` has the tie counts (baseline_n_tied,
@@ -544,10 +531,10 @@ def compute_stats(ranks: pd.DataFrame, seed: int, n_resamples: int = stats.BOOTS
             new_p = new_r + g["improved_n_tied"].to_numpy()
         for k in RECALL_KS:
             row = {"category": cat, "k": k, "n": len(g)}
-            row |= _paired_stats(base_r <= k, new_r <= k, n_resamples, seed)
+            row |= stats.paired_outcomes(base_r <= k, new_r <= k, n_resamples, seed)
             row |= {"ci_level": 0.95, "bootstrap_resamples": n_resamples, "bootstrap_seed": seed}
             if has_ties:
-                pess = _paired_stats(base_p <= k, new_p <= k, n_resamples, seed)
+                pess = stats.paired_outcomes(base_p <= k, new_p <= k, n_resamples, seed)
                 row |= {f"{name}_pessimistic": v for name, v in pess.items()}
             rows.append(row)
     return pd.DataFrame(rows)

@@ -160,7 +160,7 @@ EXTENDED_COLUMNS = [
 def extended_improvement_table(extended: pd.DataFrame) -> pd.DataFrame:
     """One row per improvement run, source and K of `extended` (rows of view improvement_recall_extended), in its
     order: the run's plain delta (COCO pairs only: coco_delta_pp) beside the delta with the source's verified
-    positives counted as hits, with that delta's bootstrap interval (text), McNemar p (text, 4 significant digits),
+    positives counted as hits, with that delta's bootstrap interval (text), McNemar p,
     fixed and broken captions and its tie count; `covered`: the captions the source covers."""
     rows = [
         {
@@ -174,7 +174,7 @@ def extended_improvement_table(extended: pd.DataFrame) -> pd.DataFrame:
             "ΔR COCO pairs (pp)": r.coco_delta_pp,
             "ΔR with source (pp)": r.delta_pp,
             "95% CI (pp)": ci_text(r.ci_low_pp, r.ci_high_pp),
-            "McNemar p": f"{r.mcnemar_p:.4g}",
+            "McNemar p": r.mcnemar_p,
             "fixed": int(r.n_fixed),
             "broken": int(r.n_broken),
             TIE_COLUMN: r.tie_count,
