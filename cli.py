@@ -1742,7 +1742,6 @@ def improve(
     """
     given = _given_method_options(method, method_params)
     from toolkit.improve import extended as improve_extended
-    from toolkit.improve import methods as improve_methods
     from toolkit.improve.stage import effective_k as improve_effective_k
     from toolkit.improve.stage import improve as run_improve
     from toolkit.improve.stage import model_encoder_factory
@@ -1770,6 +1769,27 @@ def improve(
         extended = improve_extended.summary(con, res.improvement_ids)
     for note in res.notes:
         click.echo(f"Note: {note}")
+    _echo_improve_state(res, method)
+    from toolkit.report import display as tables
+
+    for title, table, stat in tables.improvement_tables(summary, eff_k):
+        click.echo("")
+        click.echo(title)
+        echo_df(table[["pooling", tables.TIE_COLUMN, *tables.RECALL_COLUMNS]], floatfmt="{:.2f}")
+        echo_df(stat, floatfmt="{:+.2f}")
+    for note in tables.tie_notes(ties):
+        click.echo(f"\n{note}")
+    _echo_extended(extended)
+    click.echo("")
+    click.echo(
+        f"Improvement ids: {', '.join(map(str, res.improvement_ids))} (views improvement_recall, category_recall_delta)"
+    )
+
+
+def _echo_improve_state(res, method: str) -> None:
+    """The line that says what an improve call did (nothing; extended ranks only; a run and its prompts)."""
+    from toolkit.improve import methods as improve_methods
+
     if res.is_noop:
         click.echo("Already computed with exactly this configuration; nothing changed.")
     elif res.run_id is None:
@@ -1784,24 +1804,17 @@ def improve(
             f"Improve run {res.run_id}: {res.n_prompts} distinct prompts besides the captions, "
             f"{res.n_encoded} encoded now, {res.n_prompts - res.n_encoded} from the cache."
         )
+
+
+def _echo_extended(extended) -> None:
+    """improve's table of view improvement_recall_extended (its runs' deltas with verified positives), if any."""
     from toolkit.report import display as tables
 
-    for title, table, stat in tables.improvement_tables(summary, eff_k):
-        click.echo("")
-        click.echo(title)
-        echo_df(table[["pooling", tables.TIE_COLUMN, *tables.RECALL_COLUMNS]], floatfmt="{:.2f}")
-        echo_df(stat, floatfmt="{:+.2f}")
-    for note in tables.tie_notes(ties):
-        click.echo(f"\n{note}")
     if len(extended):
         click.echo("\nWith the verified extended positives counted as hits (view improvement_recall_extended):")
         shown = tables.extended_improvement_table(extended)
         shown["McNemar p"] = [f"{p:.4g}" for p in shown["McNemar p"]]
         echo_df(shown, floatfmt="{:+.2f}")
-    click.echo("")
-    click.echo(
-        f"Improvement ids: {', '.join(map(str, res.improvement_ids))} (views improvement_recall, category_recall_delta)"
-    )
 
 
 @cli.command("explain")
