@@ -540,6 +540,8 @@ def positives_import(db_path, sources, file, subset):
     image ids; the others are counted and skipped), reports the coverage (view positive_coverage) and
     stores the ranks of every positive for the subset's retrieval runs (table positive_ranks). The
     same source again is a no-op; a subset that the source does not reach at all is refused.
+    Improvement runs made before the import get their extended figures (view
+    improvement_recall_extended) from their clipfail improve command run again; the command names them.
 
     \b
     Example:
@@ -550,8 +552,11 @@ def positives_import(db_path, sources, file, subset):
     if len(sources) + (file is not None) > 1:
         given = [f"--source {s}" for s in sources] + ([f"--file {file}"] if file else [])
         raise UserError(f"Give one source of positives per import, not {len(given)} ({', '.join(given)}).")
+    from toolkit.improve.extended import unranked_improvements
+
     with open_study(db_path) as con:
         res = import_positives(con, subset, source=sources[0] if sources else None, file=file)
+        late = unranked_improvements(con, int(db.get_subset(con, res.subset)["subset_id"]))
     state = "already imported, nothing changed" if res.reused else "imported"
     version = f" {res.source_version}" if res.source_version else ""
     click.echo(
@@ -573,6 +578,15 @@ def positives_import(db_path, sources, file, subset):
     if res.ranked_runs:
         click.echo(f"Ranked the positives of retrieval run(s) {', '.join(map(str, res.ranked_runs))}.")
     click.echo(f'Metrics: {clipfail_command(db_path, always=True)} sql "SELECT * FROM recall_extended"')
+    if late:
+        click.echo(LATE_IMPROVEMENTS.format(ids=", ".join(map(str, late))))
+
+
+LATE_IMPROVEMENTS = (
+    "Improvement run(s) {ids} were made before the positives were imported: run their clipfail improve command "
+    "again (the same options) to rank their extended positives (view improvement_recall_extended); nothing else "
+    "changes."
+)
 
 
 @positives.command("rank")
@@ -583,7 +597,8 @@ def positives_rank(db_path, retrieval_run_id):
 
     import and evaluate store them themselves; this fills in the rest (e.g. a run evaluated by an
     older clipfail). recall_extended shows a (run, source) only once all of its positives are
-    ranked. Nothing to do is a no-op.
+    ranked. Nothing to do is a no-op. Improvement runs are ranked by clipfail improve (the command
+    names those that lack their extended figures).
 
     \b
     Example:
@@ -600,6 +615,11 @@ def positives_rank(db_path, retrieval_run_id):
         for rrid in runs:
             n = rank_positives(con, int(rrid))
             click.echo(f"Retrieval run {int(rrid)}: {n:,} positive ranks stored" + ("" if n else " (none missing)."))
+        from toolkit.improve.extended import unranked_improvements
+
+        late = unranked_improvements(con)
+    if late:
+        click.echo(LATE_IMPROVEMENTS.format(ids=", ".join(map(str, late))))
 
 
 @cli.command()
@@ -1756,13 +1776,19 @@ def improve(
     improvement_ties) and shown with its pessimistic figures. Scores that come out NaN or infinite
     are refused, and nothing is written.
 
+    When the subset has imported positives (clipfail positives import: ECCV Caption, CxC), the same
+    scores rank each caption's verified extra positives too, and R@K with them counted as hits comes
+    with the same interval and McNemar (view improvement_recall_extended): a fix that only swaps one
+    valid image for another gains nothing there. Runs made before the import get them from the same
+    command again.
+
     \b
     Examples:
       clipfail improve --categories Object,Attribute --template-mode union --k 15 --pooling all
       clipfail improve --categories Object,Attribute --method qb-norm --control successes:200
     """
     given = _given_method_options(method, method_params)
-    from toolkit.improve import methods as improve_methods
+    from toolkit.improve import extended as improve_extended
     from toolkit.improve.stage import effective_k as improve_effective_k
     from toolkit.improve.stage import improve as run_improve
     from toolkit.improve.stage import model_encoder_factory
@@ -1787,17 +1813,10 @@ def improve(
         summary = improve_summary(con, res.improvement_ids)
         eff_k = improve_effective_k(con, res.improvement_ids)
         ties = improve_ties(con, res.improvement_ids)
+        extended = improve_extended.summary(con, res.improvement_ids)
     for note in res.notes:
         click.echo(f"Note: {note}")
-    if res.is_noop:
-        click.echo("Already computed with exactly this configuration; nothing changed.")
-    elif not improve_methods.get(method)[0].needs_prompts:
-        click.echo(f"Improve run {res.run_id}: method {method} (view method_comparison compares the methods).")
-    else:
-        click.echo(
-            f"Improve run {res.run_id}: {res.n_prompts} distinct prompts besides the captions, "
-            f"{res.n_encoded} encoded now, {res.n_prompts - res.n_encoded} from the cache."
-        )
+    _echo_improve_state(res, method)
     from toolkit.report import display as tables
 
     for title, table, stat in tables.improvement_tables(summary, eff_k):
@@ -1807,10 +1826,42 @@ def improve(
         echo_df(stat, floatfmt="{:+.2f}")
     for note in tables.tie_notes(ties):
         click.echo(f"\n{note}")
+    _echo_extended(extended)
     click.echo("")
     click.echo(
         f"Improvement ids: {', '.join(map(str, res.improvement_ids))} (views improvement_recall, category_recall_delta)"
     )
+
+
+def _echo_improve_state(res, method: str) -> None:
+    """The line that says what an improve call did (nothing; extended ranks only; a run and its prompts)."""
+    from toolkit.improve import methods as improve_methods
+
+    if res.is_noop:
+        click.echo("Already computed with exactly this configuration; nothing changed.")
+    elif res.run_id is None:
+        click.echo(
+            f"Extended positives ranked for improvement run(s) {', '.join(map(str, res.extended_ids))}, made before "
+            "the positives were imported (view improvement_recall_extended); nothing else changed."
+        )
+    elif not improve_methods.get(method)[0].needs_prompts:
+        click.echo(f"Improve run {res.run_id}: method {method} (view method_comparison compares the methods).")
+    else:
+        click.echo(
+            f"Improve run {res.run_id}: {res.n_prompts} distinct prompts besides the captions, "
+            f"{res.n_encoded} encoded now, {res.n_prompts - res.n_encoded} from the cache."
+        )
+
+
+def _echo_extended(extended) -> None:
+    """improve's table of view improvement_recall_extended (its runs' deltas with verified positives), if any."""
+    from toolkit.report import display as tables
+
+    if len(extended):
+        click.echo("\nWith the verified extended positives counted as hits (view improvement_recall_extended):")
+        shown = tables.extended_improvement_table(extended)
+        shown["McNemar p"] = [f"{p:.4g}" for p in shown["McNemar p"]]
+        echo_df(shown, floatfmt="{:+.2f}")
 
 
 @cli.command("explain")

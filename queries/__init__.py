@@ -57,6 +57,14 @@ VIEWS = [
     # positive_sets
     "false_negatives_by_triage_rule",  # reads triage_runs, triage_suggestions, failure_false_negatives,
     # retrieval_runs, positive_sets
+    "false_negatives_triage_agreement",  # reads triage_runs, triage_suggestions, annotations, failure_samples,
+    # sample_labels, failure_false_negatives
+    "improvement_positives",  # reads improvement_runs, retrieval_runs, improvement_ranks, positive_sets,
+    # extra_positives, subset_captions
+    "improvement_hits_extended",  # reads improvement_positives, improvement_ranks, improvement_positive_ranks,
+    # positive_ranks
+    "improvement_recall_extended",  # reads improvement_runs, positive_sets, improvement_hits_extended,
+    # improvement_stats_extended, improvement_headline
     # clipfail status: one status_<stage> view per stage, all with the same columns (toolkit.report.status lists
     # every view named status_*, in stage_order, so a new stage adds its view here and nothing else)
     "runs_by_stage",  # reads runs

@@ -566,6 +566,51 @@ positive_ranks = sa.Table(
     sa.Column("score", sa.REAL, nullable=False),
 )
 
+# The improved rank of each extended positive of each caption of an improvement run (issue 27, part 5): the pairs
+# (text-to-image) of every positive set of the run's subset other than the caption's own image, ranked on the
+# method's scores exactly as improvement_ranks ranks the caption's image (rank = 1 + images scoring strictly higher,
+# n_tied = other images with exactly its score). Written by `clipfail improve` when the subset has positives (and,
+# for a run made before an import, by the same `clipfail improve` again); view improvement_hits_extended reads it.
+improvement_positive_ranks = sa.Table(
+    "improvement_positive_ranks",
+    metadata,
+    sa.Column("improvement_id", sa.BigInteger, primary_key=True),
+    sa.Column("caption_id", sa.BigInteger, primary_key=True),
+    sa.Column("positive_id", sa.BigInteger, primary_key=True),  # an image id
+    sa.Column("rank", sa.BigInteger, nullable=False),
+    sa.Column("n_tied", sa.BigInteger, nullable=False),
+    sa.Column("score", sa.Double, nullable=False),  # the method's score of the positive
+)
+
+# Paired statistics of each improvement run's delta with the extended positives of one positive set counted as hits
+# (view improvement_hits_extended), computed by toolkit.stats as improvement_stats (the whole run only), once on the
+# optimistic hits and once on the pessimistic ones (the *_pessimistic columns).
+improvement_stats_extended = sa.Table(
+    "improvement_stats_extended",
+    metadata,
+    sa.Column("improvement_id", sa.BigInteger, primary_key=True),
+    sa.Column("positive_set_id", sa.BigInteger, primary_key=True),
+    sa.Column("k", sa.Integer, primary_key=True),
+    sa.Column("n", sa.Integer, nullable=False),
+    sa.Column("baseline_hits", sa.Integer, nullable=False),
+    sa.Column("improved_hits", sa.Integer, nullable=False),
+    sa.Column("n_fixed", sa.Integer, nullable=False),
+    sa.Column("n_broken", sa.Integer, nullable=False),
+    sa.Column("ci_low_pp", sa.Double),
+    sa.Column("ci_high_pp", sa.Double),
+    sa.Column("ci_level", sa.Double, nullable=False),
+    sa.Column("bootstrap_resamples", sa.Integer, nullable=False),
+    sa.Column("bootstrap_seed", sa.BigInteger, nullable=False),
+    sa.Column("mcnemar_p", sa.Double, nullable=False),
+    sa.Column("baseline_hits_pessimistic", sa.Integer, nullable=False),
+    sa.Column("improved_hits_pessimistic", sa.Integer, nullable=False),
+    sa.Column("n_fixed_pessimistic", sa.Integer, nullable=False),
+    sa.Column("n_broken_pessimistic", sa.Integer, nullable=False),
+    sa.Column("ci_low_pp_pessimistic", sa.Double),
+    sa.Column("ci_high_pp_pessimistic", sa.Double),
+    sa.Column("mcnemar_p_pessimistic", sa.Double, nullable=False),
+)
+
 # Natural keys (COCO ids, names) are given, never generated: without this, single-column
 # integer keys would compile to SERIAL types that DuckDB does not have.
 for _table in metadata.tables.values():

@@ -204,6 +204,28 @@ def test_demo_report_tables(demo):
     pd.testing.assert_frame_equal(table[["category", "n_triage", "n_human"]], view, check_dtype=False)
 
 
+def test_demo_report_says_why_no_positive_applies(demo):
+    """Section 12 on the demo (issue 27): its images are generated, not COCO's, so it says that no ECCV Caption /
+    CxC positive can apply and what a COCO study runs, shows no table, and no positive row was made up."""
+    from html import unescape
+
+    from toolkit.report.sections.positives import GENERATED
+
+    out, _ = demo
+    page = (out / "report" / "report.html").read_text(encoding="utf-8")
+    assert '<h2 id="positives">12. Are the misses real?</h2>' in page
+    section = page.split('<h2 id="positives">')[1].split("<h2 ")[0]
+    assert unescape(section) == f'12. Are the misses real?</h2><p class="missing">{GENERATED}</p>'
+    for needle in ("generated (clipfail demo), not COCO's", "no ECCV Caption or CxC positive can apply",
+                   "rather than simulate positives", "clipfail positives import --source eccv"):  # fmt: skip
+        assert needle in GENERATED
+    with open_study(out / "demo.duckdb", read_only=True) as con:
+        for table in ("positive_sets", "extra_positives", "positive_ranks", "improvement_positive_ranks",
+                      "improvement_stats_extended", "improvement_positives", "improvement_recall_extended",
+                      "false_negatives_triage_agreement"):  # fmt: skip
+            assert con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
+
+
 def test_report_renders_in_headless_chromium_without_broken_images(demo, tmp_path):
     if CHROMIUM is None:
         require_tool("chromium", "not installed (Debian: apt-get install chromium)")

@@ -92,6 +92,24 @@ def mcnemar_exact_counts(b: int, c: int) -> float:
     return min(1.0, 2 * tail / 2**n)
 
 
+def paired_outcomes(base_hits, new_hits, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 42) -> dict:
+    """The stored statistics of one paired delta (improvement_stats, improvement_stats_extended): hits before and
+    after, captions fixed (miss -> hit) and broken (hit -> miss), the `paired_bootstrap_ci` bounds in pp and the
+    `mcnemar_exact` p-value."""
+    b = np.asarray(base_hits, dtype=bool)
+    a = np.asarray(new_hits, dtype=bool)
+    lo, hi = paired_bootstrap_ci(b, a, n_resamples=n_resamples, seed=seed)
+    return {
+        "baseline_hits": int(b.sum()),
+        "improved_hits": int(a.sum()),
+        "n_fixed": int((~b & a).sum()),
+        "n_broken": int((b & ~a).sum()),
+        "ci_low_pp": 100 * lo,
+        "ci_high_pp": 100 * hi,
+        "mcnemar_p": mcnemar_exact(b, a),
+    }
+
+
 def cohen_kappa(labels_a: Sequence, labels_b: Sequence) -> float:
     """Cohen's kappa of two raters' categorical labels on the same items.
 

@@ -60,6 +60,12 @@ Method (one `improve` invocation, `improve()` below):
    failure label, so they use the union of the chosen categories' templates (the same templates as
    ``own`` when one category is chosen); their rows carry the caption's label when it has one.
 
+7. Extended positives (issue 27). When the retrieval run's subset has imported positives (ECCV Caption, CxC:
+   `clipfail positives import`), the same scores also rank every extended positive of each caption, with the same
+   `pooling.gt_rank_counts`, into `improvement_positive_ranks`, and the paired statistics of the hits with them
+   counted go to `improvement_stats_extended` (view `improvement_recall_extended`; `toolkit.improve.extended`). A
+   reused run made before the import gets them from the same call again. A subset without positives: no row.
+
 Each (population, pooling) is one `improvement_runs` row with its `improvement_ranks` and
 `improvement_stats`; all of an invocation's rows, new prompts and prompt shards are written in
 one transaction under one `runs` row. A (population, pooling) whose full configuration (retrieval
@@ -98,7 +104,7 @@ import pandas as pd
 
 from toolkit import stats
 from toolkit.errors import UserError
-from toolkit.improve import methods, pooling
+from toolkit.improve import extended, methods, pooling
 from toolkit.labels import phrases
 from toolkit.store import db
 from toolkit.store.runs import resolve_retrieval_run
@@ -127,10 +133,11 @@ class ImproveResult:
     n_encoded: int = 0  # of which encoded now (the rest came from the cache)
     n_identity: int = 0  # prompts that are their caption (baseline embedding reused)
     notes: list[str] = field(default_factory=list)
+    extended_ids: list[int] = field(default_factory=list)  # runs whose extended-positive figures this call wrote
 
     @property
     def is_noop(self) -> bool:
-        return self.run_id is None
+        return self.run_id is None and not self.extended_ids
 
 
 # ------------------------------------------------------------------------------ option parsing
@@ -508,19 +515,6 @@ class _Unit:
     config_hash: str
 
 
-def _paired_stats(b: np.ndarray, a: np.ndarray, n_resamples: int, seed: int) -> dict:
-    lo, hi = stats.paired_bootstrap_ci(b, a, n_resamples=n_resamples, seed=seed)
-    return {
-        "baseline_hits": int(b.sum()),
-        "improved_hits": int(a.sum()),
-        "n_fixed": int((~b & a).sum()),
-        "n_broken": int((b & ~a).sum()),
-        "ci_low_pp": 100 * lo,
-        "ci_high_pp": 100 * hi,
-        "mcnemar_p": stats.mcnemar_exact(b, a),
-    }
-
-
 def compute_stats(ranks: pd.DataFrame, seed: int, n_resamples: int = stats.BOOTSTRAP_RESAMPLES) -> pd.DataFrame:
     """improvement_stats rows (without improvement_id) for the whole run ('*') and each category: the paired
     statistics of the optimistic hits (rank <= K), and, when `ranks` has the tie counts (baseline_n_tied,
@@ -537,10 +531,10 @@ def compute_stats(ranks: pd.DataFrame, seed: int, n_resamples: int = stats.BOOTS
             new_p = new_r + g["improved_n_tied"].to_numpy()
         for k in RECALL_KS:
             row = {"category": cat, "k": k, "n": len(g)}
-            row |= _paired_stats(base_r <= k, new_r <= k, n_resamples, seed)
+            row |= stats.paired_outcomes(base_r <= k, new_r <= k, n_resamples, seed)
             row |= {"ci_level": 0.95, "bootstrap_resamples": n_resamples, "bootstrap_seed": seed}
             if has_ties:
-                pess = _paired_stats(base_p <= k, new_p <= k, n_resamples, seed)
+                pess = stats.paired_outcomes(base_p <= k, new_p <= k, n_resamples, seed)
                 row |= {f"{name}_pessimistic": v for name, v in pess.items()}
             rows.append(row)
     return pd.DataFrame(rows)
@@ -705,9 +699,10 @@ def _checked_scores(run: Run, block: methods.Block, keys) -> dict:
     return out
 
 
-def compute(run: Run, state, pops_run: list[_Population], todo: list[_Unit], images, texts) -> dict:
+def compute(run: Run, state, pops_run: list[_Population], todo: list[_Unit], images, texts, ext=None) -> dict:
     """Section 4: {(population, variant): ranks frame}. Each block's scores come from the method; every method's
-    improved rank and n_tied come from the one ranking, `pooling.gt_rank_counts` (NaN or inf refused)."""
+    improved rank and n_tied come from the one ranking, `pooling.gt_rank_counts` (NaN or inf refused). With
+    extended positives (`ext.pairs`, toolkit.improve.extended), their improved ranks go to ext.ranks, the same way."""
     m = run.method
     computed = {}
     for pop in pops_run:
@@ -716,12 +711,16 @@ def compute(run: Run, state, pops_run: list[_Population], todo: list[_Unit], ima
         cids = caps["caption_id"].to_numpy(np.int64)
         out = {k: (np.empty(n, np.int64), np.empty(n, np.float64), np.empty(n, np.int64)) for k in keys}
         Q = texts.array[caps["text_row"].to_numpy(np.int64)] if m.uses_scores else None
+        pairs = None if ext is None or ext.pairs is None else ext.pairs[pop.name]
+        pos = {k: extended.empty_ranks(pairs) for k in keys} if pairs is not None else {}
 
-        def rank(rows, S, Q=Q, G=images.array, out=out, gt=gt, cids=cids, keys=keys, pop=pop):
+        def rank(rows, S, Q=Q, G=images.array, out=out, gt=gt, cids=cids, keys=keys, pop=pop, pairs=pairs, pos=pos):
             block = methods.Block(pop.name, rows, cids[rows], None if Q is None else Q[rows], G, S, state, run.params)
             for key, sc in _checked_scores(run, block, keys).items():
                 out[key][0][rows], out[key][2][rows] = pooling.gt_rank_counts(sc, gt[rows])
                 out[key][1][rows] = sc[np.arange(len(rows)), gt[rows]]
+                if pairs is not None:
+                    extended.rank_block(sc, rows, pairs, pos[key])
 
         if m.uses_scores and n:
             from toolkit.improve import transforms as H  # torch: only once something is scored
@@ -732,6 +731,8 @@ def compute(run: Run, state, pops_run: list[_Population], todo: list[_Unit], ima
             for rows in m.blocks(pop, state):
                 rank(rows, None)
         extra = m.caption_columns(pop, state)
+        for key, ranks in pos.items():
+            ext.ranks[(pop.name, key)] = extended.ranks_frame(pairs, ranks)
         for key, (r, sc, tied) in out.items():
             computed[(pop.name, key)] = pd.DataFrame(
                 {
@@ -770,10 +771,12 @@ def store_improvement(con, run_row: dict, ranks: pd.DataFrame, seed: int) -> int
     return imp_id
 
 
-def write_rows(con, run: Run, state, units, existing, computed, result: ImproveResult, started) -> int:
+def write_rows(con, run: Run, state, units, existing, computed, result: ImproveResult, started, ext) -> int:
     """Sections 5 and 6: in one transaction, the runs row, the method's own rows (templates: prompt shards), and
     per new unit its improvement_runs row (the columns the method has no value for are NULL), improvement_ranks
-    and improvement_stats (`compute_stats`); reused units only add their id to `result`. Returns the run id."""
+    and improvement_stats (`compute_stats`); reused units only add their id to `result`. Then the extended
+    positives' ranks and statistics (`extended.write`: new units, and reused ones that lack them). Returns the
+    run id."""
     m = run.method
     run_config = dict(
         run.plan["common"],
@@ -788,6 +791,7 @@ def write_rows(con, run: Run, state, units, existing, computed, result: ImproveR
             if h in existing:
                 result.improvement_ids.append(int(existing[h]))
                 result.reused_ids.append(int(existing[h]))
+                ext.ids[h] = int(existing[h])
                 continue
             run_row = dict(
                 retrieval_run_id=run.rrid,
@@ -801,7 +805,9 @@ def write_rows(con, run: Run, state, units, existing, computed, result: ImproveR
                 config_hash=h,
                 run_id=run_id,
             ) | m.columns(run, u.pop, u.key)
-            result.improvement_ids.append(store_improvement(con, run_row, computed[(u.pop.name, u.key)], run.seed))
+            ext.ids[h] = store_improvement(con, run_row, computed[(u.pop.name, u.key)], run.seed)
+            result.improvement_ids.append(ext.ids[h])
+        result.extended_ids = extended.write(con, run.rrid, ext, units, computed, run.seed)
     return run_id
 
 
@@ -875,24 +881,46 @@ def improve(
         notes=m.notes(run) + untied_notes(untied),
     )
     todo = [u for u in units if u.config_hash not in existing]
-    if not todo and not m.must_run(con, run):
+    ext = extended.plan(con, run.rrid, existing.values())
+    ext.reused = set(existing)
+    if not todo and not ext.pending and not m.must_run(con, run):
         result.improvement_ids = [int(existing[u.config_hash]) for u in units]
         result.reused_ids = list(result.improvement_ids)
         return result
+    return score_and_write(con, run, pops, units, todo, existing, result, started, ext)
 
+
+def score_and_write(con, run: Run, pops, units, todo, existing, result: ImproveResult, started, ext) -> ImproveResult:
+    """Sections 3-6 for the units to score: the new ones (`todo`), and the reused ones whose extended positives
+    need the method's scores again (`toolkit.improve.extended`: runs made before the positives were imported).
+    When only those are left, their extended ranks and statistics are written in a transaction of their own,
+    without a runs row (the runs they complete are the ones that recorded the call)."""
     from toolkit.store.artifacts import load_embedding_set
 
-    pops_run = [p for p in pops if p.name in {u.pop.name for u in todo}]
-    images = load_embedding_set(con, int(run.rr["image_embedding_set_id"]), fix=FIX)
-    texts = load_embedding_set(con, int(run.rr["text_embedding_set_id"]), fix=FIX)
-    index_populations(run, pops_run, images, texts)
-    state = m.load(con, run, pops_run, images, texts)
-    try:
-        computed = compute(run, state, pops_run, todo, images, texts)
-    except pooling.NonFiniteScores as exc:
-        raise non_finite_error(exc, m.name, run.method_params, *m.non_finite_context(run)) from None
-    m.fill_result(result, state)
-    result.run_id = write_rows(con, run, state, units, existing, computed, result, started)
+    m = run.method
+    scored = todo + [u for u in units if ext.needs_scores(existing.get(u.config_hash))]
+    must_run = m.must_run(con, run)
+    computed, state = {}, None
+    if scored or must_run:
+        pops_run = [p for p in pops if p.name in {u.pop.name for u in scored}]
+        images = load_embedding_set(con, int(run.rr["image_embedding_set_id"]), fix=FIX)
+        texts = load_embedding_set(con, int(run.rr["text_embedding_set_id"]), fix=FIX)
+        index_populations(run, pops_run, images, texts)
+        state = m.load(con, run, pops_run, images, texts)
+        ext.pairs = extended.population_pairs(con, run.rrid, pops_run, images)
+        try:
+            computed = compute(run, state, pops_run, scored, images, texts, ext)
+        except pooling.NonFiniteScores as exc:
+            raise non_finite_error(exc, m.name, run.method_params, *m.non_finite_context(run)) from None
+        m.fill_result(result, state)
+    if todo or must_run:
+        result.run_id = write_rows(con, run, state, units, existing, computed, result, started, ext)
+        return result
+    result.improvement_ids = [int(existing[u.config_hash]) for u in units]
+    result.reused_ids = list(result.improvement_ids)
+    ext.ids = {u.config_hash: int(existing[u.config_hash]) for u in units}
+    with db.transaction(con):
+        result.extended_ids = extended.write(con, run.rrid, ext, units, computed, run.seed)
     return result
 
 

@@ -148,3 +148,37 @@ def improvement_tables(
         title = improvement_title(grp, (effective_k or {}).get(population))
         out.append((title, improvement_table(grp), improvement_stats_table(grp)))
     return out
+
+
+#: extended_improvement_table's columns
+EXTENDED_COLUMNS = [
+    "improvement_id", "method", "population", "source", "K", "n", "covered", "ΔR COCO pairs (pp)",
+    "ΔR with source (pp)", "95% CI (pp)", "McNemar p", "fixed", "broken", TIE_COLUMN,
+]  # fmt: skip
+
+
+def extended_improvement_table(extended: pd.DataFrame) -> pd.DataFrame:
+    """One row per improvement run, source and K of `extended` (rows of view improvement_recall_extended), in its
+    order: the run's plain delta (COCO pairs only: coco_delta_pp) beside the delta with the source's verified
+    positives counted as hits, with that delta's bootstrap interval (text), McNemar p,
+    fixed and broken captions and its tie count; `covered`: the captions the source covers."""
+    rows = [
+        {
+            "improvement_id": int(r.improvement_id),
+            "method": r.method,
+            "population": r.population,
+            "source": r.source,
+            "K": int(r.k),
+            "n": int(r.n),
+            "covered": int(r.n_covered),
+            "ΔR COCO pairs (pp)": r.coco_delta_pp,
+            "ΔR with source (pp)": r.delta_pp,
+            "95% CI (pp)": ci_text(r.ci_low_pp, r.ci_high_pp),
+            "McNemar p": r.mcnemar_p,
+            "fixed": int(r.n_fixed),
+            "broken": int(r.n_broken),
+            TIE_COLUMN: r.tie_count,
+        }
+        for r in extended.itertuples()
+    ]
+    return pd.DataFrame(rows, columns=EXTENDED_COLUMNS)

@@ -376,3 +376,31 @@ def blame_by_category_chart(df, title: str, path_stem, *, subtitle: str | None =
     if subtitle:
         fig.text(0.5, 0.0, subtitle, ha="center", va="bottom", fontsize=8, color="#444444")
     return _save(fig, path_stem)
+
+
+# --------------------------------------------------------------------------- extended positives (issue 27)
+
+
+def false_negative_share_chart(df, title: str, path_stem, *, subtitle: str | None = None) -> list[Path]:
+    """Horizontal bars of the false_negatives_by_category view: per human category (in the view's order), the share
+    of its checkable R@1 failures whose top-1 image is a verified positive (share_verified, a fraction), each bar
+    labelled "n_verified of n_checkable"; a category with nothing checkable gets no bar and says so."""
+    path_stem = Path(path_stem)
+    cats = [str(c) for c in df["category"]]
+    shares = [None if v is None or v != v else float(v) for v in df["share_verified"]]
+    fig = Figure(figsize=(7.5, 1.4 + 0.45 * len(cats)), layout="constrained")
+    ax = fig.add_subplot()
+    ys = list(range(len(cats)))[::-1]
+    bars = ax.barh(ys, [s or 0.0 for s in shares], color=ACTIONABLE_COLOUR, edgecolor="#2b2b2b", linewidth=0.5)
+    for bar, share, n_v, n_c in zip(bars, shares, df["n_verified"], df["n_checkable"]):
+        text = f"{int(n_v)} of {int(n_c)}" if share is not None else "none checkable"
+        ax.annotate(text, xy=(bar.get_width(), bar.get_y() + bar.get_height() / 2), xytext=(4, 0),
+                    textcoords="offset points", va="center", fontsize=8)  # fmt: skip
+    ax.set_yticks(ys, cats, fontsize=8)
+    ax.set_xlim(0, 1.15)
+    ax.set_xlabel("share of the category's checkable R@1 failures whose top-1 is a verified positive")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(title, fontsize=11, fontweight="bold")
+    if subtitle:
+        ax.set_title(subtitle, fontsize=8, color="#444444")
+    return _save(fig, path_stem)

@@ -168,6 +168,7 @@ class Context:
     missing: list[str] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # rows that several sections read (sections.common)
     notes: list[str] = field(default_factory=list)  # the page's notes (the demo's: its model is random)
+    generated_images: bool = False  # the study's images are generated (the demo): no COCO positive can apply
 
     @property
     def flag(self) -> str:

@@ -12,12 +12,13 @@ earlier report, and a folder holding files that no report wrote is refused (tool
 
 The page is built from a list of sections (toolkit.report.sections.SECTIONS, one module each: baseline,
 taxonomy, agreement, ensembling, consolidated, controls, triage, comparisons, hubness, methods, blame,
-provenance); this module calls them in turn and wraps what they wrote into one HTML document.
+positives, provenance); this module calls them in turn and wraps what they wrote into one HTML document.
 
 Every number on the page is a value that a SQL view in queries/ returned (recall_summary, taxonomy_distribution,
 sample_label_counts, annotator_agreement, improvement_recall, improvement_recall_wide, category_recall_delta,
 improvement_prompt_counts, triage_*, run_comparison, hubness_histogram, hub_ranking, method_comparison,
-blame_by_category, blame_agreement, blame_examples, ...):
+blame_by_category, blame_agreement, blame_examples, positive_coverage, recall_extended, false_negatives_by_category,
+false_negatives_triage_agreement, false_negatives_by_triage_rule, improvement_recall_extended, ...):
 the sections' queries only select, filter and order. Python formats values (decimal places, a sign) and never
 computes one. The provenance section lists what made the numbers: model, weights, subset, seeds, package
 versions and every run's config hash.
@@ -64,24 +65,26 @@ def write_report(
     retrieval_run_id: int | None = None,
     db_path: str | None = None,
     notes: list[str] | None = None,
+    generated_images: bool = False,
 ):
     """Write report.html, figures/ and tables/ for one retrieval run (default: the one labelled last).
 
     `notes` are shown in a box under the title (the demo says there that its model is random).
+    `generated_images` (the demo): section 12 says that no ECCV Caption / CxC positive can apply to its images.
 
     The report is written into a fresh staging folder and swapped into out_dir (toolkit.report.outdir), so
     out_dir then holds this report only. A folder holding files that an earlier report did not write
     (or that changed since) is refused, listing them, before anything is written."""
     with FreshFolder(out_dir, "report") as fresh:
-        return _write_report(con, fresh, retrieval_run_id, db_path, notes)
+        return _write_report(con, fresh, retrieval_run_id, db_path, notes, generated_images)
 
 
-def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes) -> ReportResult:
+def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes, generated_images=False) -> ReportResult:
     started = db.now()
     out_dir = fresh.out_dir
     run = resolve_retrieval_run(con, retrieval_run_id, need="report")
     rrid = None if run is None else int(run["retrieval_run_id"])
-    ctx = Context(con, Page(fresh.staging), rrid, notes=list(notes or []))
+    ctx = Context(con, Page(fresh.staging), rrid, notes=list(notes or []), generated_images=generated_images)
     if rrid is not None:
         row = con.execute(
             "SELECT is_simulated, n_labelled FROM sample_label_counts WHERE retrieval_run_id = ?", [rrid]

@@ -129,7 +129,8 @@ def run_demo(
         laps("simulated labels + import-labels")
         subsets = _demo_improve(con, rrid, ckpt, device, out, control_successes)
         laps("improve (4 subsets x 3 poolings + control)")
-        rep = write_report(con, out_dir=out / "report", retrieval_run_id=rrid, db_path=str(db_path), notes=[DEMO_NOTE])
+        rep = write_report(con, out_dir=out / "report", retrieval_run_id=rrid, db_path=str(db_path), notes=[DEMO_NOTE],
+                           generated_images=True)  # fmt: skip
         laps("report")
     finally:
         con.close()

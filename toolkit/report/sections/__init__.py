@@ -16,6 +16,7 @@ from toolkit.report.sections import (
     ensembling,
     hubness,
     methods,
+    positives,
     provenance,
     taxonomy,
     triage,
@@ -33,5 +34,6 @@ SECTIONS = [
     hubness.render,  # 9. hubness
     methods.render,  # 10. which fix helps which category
     blame.render,  # 11. what the model hangs on (explain)
+    positives.render,  # 12. are the misses real? (extended positives: ECCV Caption, CxC)
     provenance.render,  # what made the numbers
 ]
