@@ -66,18 +66,28 @@ def ls_env(data_dir: Path, document_root: Path | None = None) -> dict:
     return env
 
 
-def migrated_template() -> Path:
+def _migrate(data_dir: Path) -> None:
+    proc = subprocess.run(
+        [str(VENV / "bin" / "label-studio"), "version"], env=ls_env(data_dir), capture_output=True, timeout=600
+    )
+    out = (proc.stdout + proc.stderr).decode("utf-8", "replace")[-3000:]
+    assert proc.returncode == 0, f"label-studio version (which migrates) failed:\n{out}"
+
+
+def migrated_template(scratch: Path) -> Path:
     """A Label Studio data folder with every migration applied, made once per venv (in a temporary folder
-    renamed into place, so a killed run leaves none half-made)."""
+    renamed into place, so a killed run leaves none half-made); in `scratch`, for this run only, where the venv's
+    folder cannot be written to."""
     if (TEMPLATE / "label_studio.sqlite3").exists():
         return TEMPLATE
-    making = Path(tempfile.mkdtemp(prefix=".clipfail-test-data.", dir=VENV))
     try:
-        proc = subprocess.run(
-            [str(VENV / "bin" / "label-studio"), "version"], env=ls_env(making), capture_output=True, timeout=600
-        )
-        out = (proc.stdout + proc.stderr).decode("utf-8", "replace")[-3000:]
-        assert proc.returncode == 0, f"label-studio version (which migrates) failed:\n{out}"
+        making = Path(tempfile.mkdtemp(prefix=".clipfail-test-data.", dir=VENV))
+    except OSError:
+        (scratch / "migrated").mkdir()
+        _migrate(scratch / "migrated")
+        return scratch / "migrated"
+    try:
+        _migrate(making)
         try:
             making.rename(TEMPLATE)
         except OSError:  # another worker made it first
@@ -111,7 +121,7 @@ def label_studio(data_dir: Path, document_root: Path):
     exe = VENV / "bin" / "label-studio"
     if not exe.exists():
         require_tool("label-studio", f"not installed in {VENV} (set CLIPFAIL_LABEL_STUDIO_VENV, or run: {INSTALL})")
-    shutil.copytree(migrated_template(), data_dir, dirs_exist_ok=True)
+    shutil.copytree(migrated_template(data_dir.parent), data_dir, dirs_exist_ok=True)
     port = free_port()
     env = ls_env(data_dir, document_root)
     log_path = data_dir / "server.log"
