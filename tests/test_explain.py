@@ -15,6 +15,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import register_hand_built
 from test_annotate import browser, open_page  # noqa: F401  (shared fixture: one headless Chromium)
 
 from toolkit.labels import ablation, phrases
@@ -82,8 +83,6 @@ def _cli(args):
 @pytest.fixture(scope="module")
 def world(synthetic_coco_master, tmp_path_factory):
     """A database with a failure sample of a text-to-image run ranked with the bag-of-words model."""
-    from toolkit.store.artifacts import register_embedding_set, save_array
-
     root = tmp_path_factory.mktemp("explain_world")
     path = root / "db" / "base.duckdb"
     path.parent.mkdir()
@@ -114,15 +113,8 @@ def world(synthetic_coco_master, tmp_path_factory):
     imgs = np.stack(
         [T[(caps["image_id"] == i).to_numpy()].sum(axis=0) + rng.integers(0, 3, len(VOCAB)) for i in image_ids]
     ).astype(np.float32)
-    with db.transaction(con):
-        run_id = db.insert_run(con, "embed", {"test": "bag of words"}, db.now(), model=MODEL)
-        for kind, arr, item_ids in (("image", imgs, image_ids), ("text", T, caps["caption_id"].tolist())):
-            f = root / f"{kind}.npy"
-            register_embedding_set(
-                con, kind=kind, subset_id=sid, model=MODEL, pretrained=None, checkpoint_sha256=None,
-                precision="fp32", config={"kind": kind}, path=f, array=arr, item_ids=item_ids,
-                sha256=save_array(f, arr), run_id=run_id,
-            )  # fmt: skip
+    for kind, arr, item_ids in (("image", imgs, image_ids), ("text", T, caps["caption_id"].tolist())):
+        register_hand_built(con, root / f"{kind}.npy", kind, arr, item_ids, sid, model=MODEL, config={"kind": kind})
     con.close()
     _cli(["--db", path, "evaluate", "--model", MODEL, "--device", "cpu"])
     _cli(["--db", path, "sample-failures", "--n", 60, "--overlap", 9, "--per-annotator", 15, "--out", root / "fa",
