@@ -1038,6 +1038,11 @@ def sample_failures(
         )
     else:
         replaced = f", replacing {res.replaced_samples} earlier samples" if res.replaced_samples else ""
+        if res.removed_explain_runs:
+            replaced += (
+                f" and the {res.removed_explain_runs} explain run(s) of them: run clipfail explain again for the new"
+                " sample"
+            )
         click.echo(
             f"Sampled {res.n} of {res.n_failures} R@1 failures of retrieval run {res.retrieval_run_id} "
             f"(seed {res.seed}; run {res.run_id}{replaced})."

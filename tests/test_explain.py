@@ -375,6 +375,26 @@ def test_failure_blame_names_the_most_helpful_role_none_and_the_anchors(dbfile, 
         assert (None if pd.isna(r.blamed_category) else r.blamed_category) == want
 
 
+def test_a_replaced_sample_takes_its_explain_runs_with_it(dbfile, encoder, run_cli, tmp_path):
+    """The blame views read a sample-scoped explain run against the failure sample: once the sample is drawn anew,
+    the old run's results go with it (else the new sample's failures would show as 'no phrase')."""
+    run_cli("--db", dbfile, "explain")
+    assert len(q(dbfile, "SELECT * FROM failure_ablations")) > 0
+    res = run_cli("--db", dbfile, "sample-failures", "--n", 40, "--overlap", 4, "--per-annotator", 12, "--seed", 7,
+                  "--out", tmp_path / "fb", "--no-pictures", "--replace")  # fmt: skip
+    assert "and the 1 explain run(s) of them: run clipfail explain again" in res.output, res.output
+    assert q(dbfile, "SELECT * FROM explain_runs").empty and q(dbfile, "SELECT * FROM failure_ablations").empty
+    assert q(dbfile, "SELECT * FROM failure_blame").empty
+    encoded = len(encoder.texts)
+    run_cli("--db", dbfile, "explain")
+    blame = q(dbfile, "SELECT caption_id, blamed_role FROM failure_blame")
+    sample = q(dbfile, "SELECT caption_id FROM failure_samples")
+    assert sorted(blame["caption_id"]) == sorted(sample["caption_id"]) and len(sample) == 40
+    run = q(dbfile, "SELECT n_failures, n_no_phrase, n_encoded FROM explain_runs").iloc[0]
+    assert (blame["blamed_role"] == "no phrase").sum() == run["n_no_phrase"] and run["n_failures"] == 40
+    assert run["n_encoded"] == len(encoder.texts) - encoded  # texts of the old sample's variants came from the cache
+
+
 def test_blame_by_category_says_no_labels_then_follows_the_labels(dbfile, encoder, run_cli, world):
     import csv
 

@@ -95,6 +95,7 @@ class SampleResult:
     n_pictures: int = 0  # pictures written this time
     missing_images: list[str] = field(default_factory=list)  # drawn as placeholders
     replaced_samples: int = 0  # rows of an earlier sample removed by replace=True
+    removed_explain_runs: int = 0  # explain runs of that earlier sample, removed with it (they explained it)
 
 
 def parse_annotators(value) -> list[str]:
@@ -239,11 +240,13 @@ def sample_failures(
     with db.transaction(con):
         if old_ids:
             con.execute("DELETE FROM failure_samples WHERE retrieval_run_id = ?", [rrid])
+            gone = _remove_sample_explain_runs(con, rrid)
         new_run = db.insert_run(con, STAGE, config, started, seed=seed, model=rr.get("model"))
         rows["run_id"] = new_run
         db.insert_df(con, "failure_samples", rows)
         result = SampleResult(rrid, new_run, False, len(failures), n, seed, _sizes(sets), out_dir)
         result.replaced_samples = len(old_ids)
+        result.removed_explain_runs = gone if old_ids else 0
         # pictures of the replaced sample would only mislead: removed once the new files are in place
         stale = [f"vis_{sid}.png" for sid in old_ids]
         export(
@@ -251,6 +254,23 @@ def sample_failures(
             show_suggestions_on_overlap=show_suggestions_on_overlap,
         )  # fmt: skip
     return result
+
+
+def _remove_sample_explain_runs(con, rrid: int) -> int:
+    """Inside the replacing transaction: the results of `clipfail explain` runs of scope 'sample' on run `rrid`
+    (explain_runs, failure_ablations). They explained the sample being replaced; kept, the blame views would
+    read them against the new sample (its new failures as 'no phrase'). The prompt cache stays, so explaining the
+    new sample encodes only texts it has not seen. Returns how many runs were removed."""
+    ids = [
+        int(r[0])
+        for r in con.execute(
+            "SELECT explain_run_id FROM explain_runs WHERE retrieval_run_id = ? AND scope = 'sample'", [rrid]
+        ).fetchall()
+    ]
+    if ids:
+        con.execute("DELETE FROM failure_ablations WHERE list_contains(?, explain_run_id)", [ids])
+        con.execute("DELETE FROM explain_runs WHERE list_contains(?, explain_run_id)", [ids])
+    return len(ids)
 
 
 def _positive_sets(con, rrid: int) -> list[int]:
