@@ -123,6 +123,23 @@ def test_bad_token(study, fake, status):
     assert fake.requests[0][4]["Authorization"] == "Token tok-123"  # legacy token auth
 
 
+@pytest.mark.parametrize(
+    "option, value, needle",
+    [
+        ("--token", "tok\n123", "not plain ASCII"),  # a paste that took a line break: no header can carry it
+        ("--token", "tok-12€", "not plain ASCII"),
+        ("--token", "tok 123", "holds a space"),
+        ("--url", "http://[::1", "is not a Label Studio address"),
+        ("--url", "http://localhost:port", "is not a Label Studio address"),
+    ],
+)
+def test_a_token_or_url_that_cannot_make_a_request_is_one_message(study, fake, option, value, needle):
+    args = {"--url": fake.url, "--token": "tok-123", option: value}
+    res = invoke("--db", study, "labelstudio", "pull", "--project", 5, *[x for kv in args.items() for x in kv])
+    assert_one_message(res, needle)
+    assert fake.requests == []
+
+
 def test_no_token(study, fake, monkeypatch):
     monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
     res = invoke("--db", study, "labelstudio", "push", "--url", fake.url)
@@ -345,3 +362,9 @@ def test_import_hints_at_user_ids(study, tmp_path):
     path = write(tmp_path / "e.json", ls_export(out / "tasks.json", {s[0][0]: [ls_annotation(1, 4, "Object")]}))
     res = invoke("--db", study, "import-labels", "--format", "labelstudio", "--user-map", "bob@lab.org=A", path)
     assert_one_message(res, "(user id 4)", "names a user by id only", "--user-map 1=A", "labelstudio pull")
+
+
+def test_an_error_answer_nested_too_deep_for_the_parser_is_quoted_not_a_traceback():
+    from toolkit.labels import ls_api
+
+    assert ls_api._detail(b"[" * 200_000).startswith("[[[")  # json.loads raises RecursionError on it

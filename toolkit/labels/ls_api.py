@@ -42,8 +42,12 @@ class LabelStudio:
 
     def __init__(self, url: str | None, token: str | None, timeout: float = TIMEOUT_S):
         url = (url or DEFAULT_URL).strip()
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018  (a port that is not a number raises here, not in the first request)
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
             raise UserError(
                 f"--url {url!r} is not a Label Studio address; give one such as http://localhost:8080 "
                 "(where Label Studio's start page is)."
@@ -52,6 +56,11 @@ class LabelStudio:
         token = (token or "").strip()
         if not token:
             raise UserError(f"No Label Studio API token. {TOKEN_HINT}")
+        if not all("!" <= ch <= "~" for ch in token):  # it goes into an HTTP header: printable ASCII, no spaces
+            raise UserError(
+                f"The Label Studio API token holds a space, a line break or a character that is not plain ASCII "
+                f"(a paste that took more than the token?). {TOKEN_HINT}"
+            )
         self.timeout = timeout
         self._token = token
         self._auth: str | None = None
@@ -156,7 +165,7 @@ def _detail(body: bytes) -> str:
     """Label Studio's reason in an error answer: `detail` and `validation_errors`, or the start of the text."""
     try:
         doc = json.loads(body.decode("utf-8", "replace"))
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested beyond the parser (a broken proxy's answer)
         text = " ".join(body.decode("utf-8", "replace").split())
         return "" if text.lower().startswith(("<!doctype", "<html")) else text[:300]
     if not isinstance(doc, dict):

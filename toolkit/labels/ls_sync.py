@@ -131,7 +131,7 @@ def _project(ls: LabelStudio, value, name: str) -> dict:
         want_dict(v, "project")
         return {
             "id": want_int(v.get("id"), "project.id"),
-            "title": want_str(v.get("title", ""), "project.title"),
+            "title": "" if v.get("title") is None else want_str(v["title"], "project.title"),
             "label_config": None if v.get("label_config") is None else want_str(v["label_config"], "label_config"),
         }
 
