@@ -253,6 +253,7 @@ def _tables(dbp) -> list[int]:
     [
         ('{"caption_to_image": {"1": [2.5]}}', "a whole number"),
         ('{"caption_to_image": {"abc": [2]}}', "key 'abc'"),
+        ('{"caption_to_image": {"7": [1], "007": [2]}}', "without leading zeros"),  # one id named twice
         ('{"caption_to_image": {"1": [true]}}', "a whole number"),
         ('{"caption_to_image": {"1": 2}}', "a list"),
         ('{"captions": {}}', "caption_to_image"),

@@ -36,8 +36,9 @@ def id_lists(obj, where: str) -> dict[int, list[int]]:
     obj = userfiles.want_dict(obj, where)
     out: dict[int, list[int]] = {}
     for key, values in obj.items():
-        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 18):
-            raise userfiles.shape_error(f"{where} key {key!r}", "a whole number (an id)", key)
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 18 and key == str(int(key))):
+            # "007" beside "7" would name one id twice, one list silently replacing the other
+            raise userfiles.shape_error(f"{where} key {key!r}", "a whole number (an id) without leading zeros", key)
         ids = userfiles.want_list(values, f"{where}[{key!r}]")
         out[int(key)] = [userfiles.want_int(v, f"{where}[{key!r}][{i}]") for i, v in enumerate(ids)]
     return out
