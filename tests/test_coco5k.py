@@ -6,6 +6,7 @@ for a few of them only, and --skip-bad-images leaves the rest out, as it would f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
@@ -109,6 +110,9 @@ def test_2017_train_and_val_together_give_the_same_split(tmp_path, run_cli):
     assert {(c, i) for c, i in _rows(db, "SELECT caption_id, image_id FROM subset_captions")} == _expected_captions(
         images
     )
+    # the subset's source hash is of both files' bytes, in path order (train before val), each read once
+    both = (ann / "captions_train2017.json").read_bytes() + (ann / "captions_val2017.json").read_bytes()
+    assert _rows(db, "SELECT source_sha256 FROM subsets") == [(hashlib.sha256(both).hexdigest(),)]
     # one image root, the folder that holds both (stored relative to the database's folder); paths run through them
     assert _rows(db, "SELECT image_root, source_file FROM subsets") == [
         ("coco2017", "coco2017/annotations/captions_train2017.json")

@@ -27,17 +27,20 @@ MAX_ID = 2**63 - 1  # BIGINT ids
 MAX_INT32 = 2**31 - 1  # INTEGER width / height
 
 
-def read_json_file(path: Path, what: str, hint: str) -> tuple[object, str]:
+def read_json_file(path: Path, what: str, hint: str, *, sha=None) -> tuple[object, str]:
     """(the parsed JSON, the sha256 of its bytes) of a JSON file that a user gave: read once, through
     toolkit.userfiles (a missing file, a folder, a FIFO or a device is refused before it is opened; invalid
-    UTF-8, NaN literals and nesting deeper than any COCO file are refused)."""
+    UTF-8, NaN literals and nesting deeper than any COCO file are refused). `sha`, a hashlib object, is also
+    fed those bytes (a hash over several files, each read once)."""
     data = read_bytes(path, what, hint)
+    if sha is not None:
+        sha.update(data)
     value = parse_json(data, f"{what} {path}", "Is the download complete? Fetch the file again.")
     return value, hashlib.sha256(data).hexdigest()
 
 
-def _read_json(path: Path, what: str, hint: str):
-    return read_json_file(path, what, hint)[0]
+def _read_json(path: Path, what: str, hint: str, sha=None):
+    return read_json_file(path, what, hint, sha=sha)[0]
 
 
 def _short(value) -> str:
@@ -91,13 +94,15 @@ class _Problems:
         raise UserError(f"{self.path} has records that cannot be ingested. {'; '.join(parts)}. {hint}")
 
 
-def load_coco_captions(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read a COCO captions file such as annotations/captions_val2017.json."""
+def load_coco_captions(path: str | Path, *, sha=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read a COCO captions file such as annotations/captions_val2017.json (`sha`: a hashlib object fed the
+    bytes that were parsed)."""
     path = Path(path)
     data = _read_json(
         path,
         "Captions file",
         "Give --coco-root DIR (holding annotations/captions_val2017.json) or --captions-json FILE.",
+        sha,
     )
     fmt = "A COCO captions file is an object with 'images' (id, file_name) and 'annotations' (id, image_id, caption)."
     if (

@@ -123,12 +123,9 @@ def _read(pairs: list[tuple[Path, Path]]) -> tuple[list, Path, str]:
     root, prefixes = _image_root([d for _, d in pairs])
     read, sha = [], hashlib.sha256()
     for (path, _), prefix in zip(pairs, prefixes):
-        images, captions = coco.load_coco_captions(path)  # checked whole, as every captions file
+        images, captions = coco.load_coco_captions(path, sha=sha)  # checked whole; the bytes parsed are hashed
         if prefix:
             images = images.assign(rel_path=prefix + "/" + images["file_name"])
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                sha.update(block)
         read.append((path, images, captions))
     if len(read) == 2:
         _check_disjoint(read)
