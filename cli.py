@@ -1937,9 +1937,15 @@ def explain(db_path, retrieval_run_id, use_sample, roles, model, pretrained, che
     show_default=True,
     help="Folder for report.html, figures/ and tables/, rewritten as a whole (refused if it holds files of others).",
 )
+@click.option(
+    "--no-figures",
+    is_flag=True,
+    help="Draw no figure (a tables-only page in a fraction of the time): each figure keeps its number and caption, "
+    "and says that it was left out; every table and CSV is the same.",
+)
 @run_option("the one labelled last")
 @db_option
-def report(db_path, out_dir, retrieval_run_id):
+def report(db_path, out_dir, retrieval_run_id, no_figures):
     """Write the study's report: a self-contained report.html, figures (PNG/SVG) and tables (CSV).
 
     Every number in it is read from the views (recall_summary, taxonomy_distribution,
@@ -1961,10 +1967,13 @@ def report(db_path, out_dir, retrieval_run_id):
         raise UserError(db.missing_database_message(db_path))
     with open_study(db_path, read_only=not db.is_writable(db_path)) as con:
         check_output_path(out_dir, "--out", con, writes=("**",), probe=False)
-        res = write_report(con, out_dir=out_dir, retrieval_run_id=retrieval_run_id, db_path=db_path)
+        res = write_report(
+            con, out_dir=out_dir, retrieval_run_id=retrieval_run_id, db_path=db_path, figures=not no_figures
+        )
     if res.is_simulated:
         click.echo("NOTE: the labels in this report are SIMULATED (demo annotators); the page says so.")
-    click.echo(f"Wrote {res.html_path} ({len(res.figures)} figure files, {len(res.tables)} CSV tables).")
+    drawn = f"{len(res.figures)} figure files" if not no_figures else "no figures: --no-figures"
+    click.echo(f"Wrote {res.html_path} ({drawn}, {len(res.tables)} CSV tables).")
     click.echo("Sections: " + "; ".join(res.sections))
     for item in res.missing:
         click.echo(f"  not in the report yet: {item}")

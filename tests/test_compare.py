@@ -295,7 +295,7 @@ def test_no_run_gains_from_ties_in_a_comparison(study, run_cli, tmp_path):
         con.close()
     out = run_cli("--db", copy, "compare", runs["a"], tied, "--k", "1,5,10").output
     assert "Ties:" in out and "pessimistically" in out
-    run_cli("--db", copy, "report", "--run", runs["a"], "--out", tmp_path / "report")
+    run_cli("--db", copy, "report", "--run", runs["a"], "--out", tmp_path / "report", "--no-figures")
     html = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
     assert "TIES: the ground truth ties with other items for 0 queries in A and 200 in B" in html
     con = open_study(copy, read_only=True)

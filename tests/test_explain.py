@@ -751,7 +751,7 @@ def test_report_section_what_the_model_hangs_on(dbfile, encoder, run_cli, tmp_pa
 
     from toolkit.report.page import write_report
 
-    run_cli("--db", dbfile, "report", "--out", tmp_path / "r0")
+    run_cli("--db", dbfile, "report", "--out", tmp_path / "r0", "--no-figures")
     page = (tmp_path / "r0" / "report.html").read_text(encoding="utf-8")
     assert "11. What the model hangs on" in page and "No explain run yet. Run: clipfail explain" in page
     run_cli("--db", dbfile, "explain")

@@ -565,7 +565,7 @@ def test_report_method_comparison_section_flags_bank_overlap(lab, tmp_path, run_
         imp.improve_method(con, "qb-norm", "Object", bank="s30", allow_bank_overlap=True, retrieval_run_id=w["t2i"])
     finally:
         con.close()
-    run_cli("--db", w["path"], "report", "--out", out, "--run", w["t2i"])
+    run_cli("--db", w["path"], "report", "--out", out, "--run", w["t2i"], "--no-figures")
     assert "held evaluated captions (--allow-bank-overlap)" in (out / "report.html").read_text()
 
 
@@ -694,7 +694,7 @@ def test_a_method_whose_scores_all_tie_gains_nothing_and_is_flagged(lab, run_cli
     assert "TIES: improvement run 1 (inverted-softmax, failures)" in out and "of its 11 captions" in out
     assert "+100.00" not in out
     # and so does the report: the method table's figures are the view's pessimistic ones, with the flag beside them
-    run_cli("--db", w["path"], "report", "--out", tmp_path / "rep", "--run", w["t2i"])
+    run_cli("--db", w["path"], "report", "--out", tmp_path / "rep", "--run", w["t2i"], "--no-figures")
     table = pd.read_csv(tmp_path / "rep" / "tables" / "method_comparison.csv")
     assert (table["improved_r1_pct"] == 0).all() and (table["tie_count"] == "pessimistic").all()
     page = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
@@ -899,7 +899,7 @@ def test_a_study_made_before_ties_were_recorded_opens_and_its_runs_show_as_unkno
         ties = con.execute("SELECT * FROM improvement_ties").df()
         assert (ties["tie_count"] == "optimistic (ties unknown)").all() and not ties["is_tie_recorded"].any()
         assert ties[["is_tie_affected", "n_improved_tied", "max_gap_pp"]].isna().all().all()
-    run_cli("--db", w["path"], "report", "--out", tmp_path / "rep", "--run", w["t2i"])
+    run_cli("--db", w["path"], "report", "--out", tmp_path / "rep", "--run", w["t2i"], "--no-figures")
     page = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
     assert "was made before ties were recorded" in page
     # the same configuration again: a new run that records its ties; the old ones stay

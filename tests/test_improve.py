@@ -914,7 +914,7 @@ def test_report_shows_the_effective_k_of_each_subset(con, tmp_path):
     assert len(dist) == 2 and dist["n_prompts"].tolist() == [15, 10]  # captions without an attribute: 1 + 9 framings
     # a run made before K could be chosen (no k_prompts) is still shown, with what it recorded
     con.execute("UPDATE improvement_runs SET k_prompts = NULL WHERE improvement_id = ?", a.improvement_ids)
-    page = write_report(con, out_dir=tmp_path / "rep").html_path.read_text(encoding="utf-8")
+    page = write_report(con, out_dir=tmp_path / "rep", figures=False).html_path.read_text(encoding="utf-8")
     parts = ", ".join(f"{k} for {n} caption{'s' if n != 1 else ''}" for k, n in zip(dist["n_prompts"], dist["n"]))
     assert f"Distinct prompts per caption: K 15 asked; effective K {parts} (view improvement_effective_k)" in page
     assert "mode own, K 15)" in page

@@ -289,7 +289,7 @@ def test_recall_summary_gives_both_counts_and_flags_a_tied_run(run_cli, syntheti
     assert i2t["n_tied_queries"] == 0 and not i2t["is_tie_affected"]
     assert [i2t[f"r_at_{k}_pessimistic"] for k in (1, 5, 10)] == [i2t[f"r_at_{k}"] for k in (1, 5, 10)]
     page_dir = tmp_path / "rep"
-    run_cli("--db", path, "report", "--out", page_dir)
+    run_cli("--db", path, "report", "--out", page_dir, "--no-figures")
     page = (page_dir / "report.html").read_text(encoding="utf-8")
     assert "TIES: in retrieval run(s) 1 the ground truth ties" in page
 

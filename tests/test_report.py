@@ -178,6 +178,35 @@ def test_report_run_is_recorded_once_per_database_state(study):
     assert con.execute("SELECT count(*) FROM runs WHERE stage = 'report'").fetchone()[0] == 1
 
 
+def test_no_figures_writes_the_same_page_and_tables_without_drawing(study, run_cli):
+    """`report --no-figures` (a tables-only report, for a quick look; the suite's table checks use it): every CSV
+    is byte-identical to the full report's, every HTML table the same, and each figure keeps its number and
+    caption in a note that says it was left out; no image is drawn or embedded. It is a report run of its own."""
+    con, full, root = study
+    out = root / "tables-only"
+    res = run_cli("--db", root / "study.duckdb", "report", "--out", out, "--no-figures")
+    assert "(no figures: --no-figures," in res.output
+    assert not (out / "figures").exists() and not list(out.rglob("*.png")) and not list(out.rglob("*.svg"))
+    assert sorted(p.name for p in (out / "tables").iterdir()) == sorted(p.name for p in full.tables)
+    for p in full.tables:
+        assert (out / "tables" / p.name).read_bytes() == p.read_bytes(), p.name
+    page, full_page = (out / "report.html").read_text(encoding="utf-8"), full.html_path.read_text(encoding="utf-8")
+    assert _html_tables(page).keys() == _html_tables(full_page).keys()
+    for name, df in _html_tables(full_page).items():
+        pd.testing.assert_frame_equal(_html_tables(page)[name], df)
+    assert "<img" not in page and "<figure" not in page and "Tables only: written with --no-figures" in page
+    captions = [re.sub(r" \(<a .*</a>\)$", "", c) for c in re.findall(r"<figcaption>(.*?)</figcaption>", full_page)]
+    left_out = re.findall(r'<p class="missing figure-left-out">(.*?) Not drawn: this report was written with', page)
+    assert len(captions) == len(full.figures) // 2 >= 7 and left_out == captions
+    configs = [
+        r[0] for r in con.execute("SELECT config_json FROM runs WHERE stage = 'report' ORDER BY run_id").fetchall()
+    ]
+    assert len(configs) == 2 and '"figures":false' in configs[1].replace(" ", "") and "figures" not in configs[0]
+    again = run_cli("--db", root / "study.duckdb", "report", "--out", out, "--no-figures")
+    assert "(no figures: --no-figures," in again.output
+    assert con.execute("SELECT count(*) FROM runs WHERE stage = 'report'").fetchone()[0] == 2  # the same again: no row
+
+
 def test_report_of_an_empty_database_says_what_is_missing(run_cli, tmp_db, tmp_path, synthetic_coco):
     run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", 10)
     res = run_cli("--db", tmp_db, "report", "--out", tmp_path / "r")
@@ -252,7 +281,7 @@ def test_report_does_not_put_two_subsets_of_one_category_under_one_heading(label
     finally:
         con.close()
     out = tmp_path / "report"
-    run_cli("--db", str(path), "report", "--out", str(out))
+    run_cli("--db", str(path), "report", "--out", str(out), "--no-figures")
     page = (out / "report.html").read_text(encoding="utf-8")
     headings = [unescape(h) for h in re.findall(r"<h3>(4\.\d+ [^<]*)</h3>", page)]
     assert len(headings) == 2, headings

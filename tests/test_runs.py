@@ -104,7 +104,7 @@ def test_labelling_an_older_run_again_moves_every_labels_default_to_it(study, tm
     res = invoke("--db", study, "improve", "--categories", "Object")  # run 1 now says Spatial, run 2 Count
     assert res.exit_code == 2 and "Retrieval run 1 has no labelled failures in Object" in res.output, res.output
     assert "Spatial: 5" in res.output
-    res = invoke("--db", study, "report", "--out", tmp_path / "rep")
+    res = invoke("--db", study, "report", "--out", tmp_path / "rep", "--no-figures")
     assert res.exit_code == 0, res.output
     assert "retrieval run 1;" in (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
 

@@ -24,7 +24,7 @@ def test_formula_like_category_names_are_guarded_in_report_and_analyze_csvs(run_
     label_all(out / "assign_A.csv", EVIL)
     run_cli("--db", ranked_db, "import-labels", out / "assign_A.csv")
     run_cli("--db", ranked_db, "analyze", "--out", tmp_path / "an")
-    run_cli("--db", ranked_db, "report", "--out", tmp_path / "rep")
+    run_cli("--db", ranked_db, "report", "--out", tmp_path / "rep", "--no-figures")
 
     dist = pd.read_csv(tmp_path / "an" / "taxonomy_distribution.csv", dtype=str, keep_default_na=False)
     evil = dist[dist["category"] == "'" + EVIL]

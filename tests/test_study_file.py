@@ -100,7 +100,7 @@ def test_read_commands_leave_a_write_protected_study_byte_identical(run_cli, pro
     assert (tmp_path / "recall.csv").read_text().startswith("retrieval_run_id")
     run_cli("--db", protected, "analyze", "--out", tmp_path / "analysis")
     assert (tmp_path / "analysis" / "taxonomy_distribution.csv").exists()
-    res = run_cli("--db", protected, "report", "--out", tmp_path / "report")
+    res = run_cli("--db", protected, "report", "--out", tmp_path / "report", "--no-figures")
     assert (tmp_path / "report" / "report.html").exists() and "Wrote" in res.output
     assert sha256(protected) == before
     assert listing(protected.parent) == files  # no .wal, no .tmp folder beside the database
@@ -377,7 +377,7 @@ def test_a_damaged_database_gives_one_clear_message(run_cli, tmp_path, first_blo
 
 def test_report_on_a_writable_study_is_recorded_so_status_stops_asking_for_it(run_cli, study, tmp_path):
     assert "Write the report" in run_cli("--db", study, "status").output
-    run_cli("--db", study, "report", "--out", tmp_path / "report")
+    run_cli("--db", study, "report", "--out", tmp_path / "report", "--no-figures")
     out = run_cli("--db", study, "status").output
     assert "Write the report" not in out and "last written" in out
     assert db.is_writable(study)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,10 +57,12 @@ def guess_kind(series: pd.Series) -> str:
 
 
 class Page:
-    """Collects sections of HTML, the CSVs and the figures of one report."""
+    """Collects sections of HTML, the CSVs and the figures of one report. With `draw_figures=False` (clipfail
+    report --no-figures) no figure is drawn: each keeps its number and caption, and says that it was left out."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, draw_figures: bool = True):
         self.out_dir = out_dir
+        self.draw_figures = draw_figures
         self.tables_dir = out_dir / "tables"
         self.figures_dir = out_dir / "figures"
         self.parts: list[str] = []
@@ -116,7 +119,16 @@ class Page:
             f"</caption><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
         )
 
-    def figure(self, paths: list[Path], caption: str) -> None:
+    def figure(self, draw: Callable[[], list[Path]], caption: str) -> None:
+        """The figure that `draw()` writes (its PNG and SVG paths), embedded with its caption; with figures
+        left out, `draw` is not called and the caption stands in its place."""
+        if not self.draw_figures:
+            self.parts.append(
+                f'<p class="missing figure-left-out">{html.escape(caption)} Not drawn: this report was written with '
+                "clipfail report --no-figures.</p>"
+            )
+            return
+        paths = draw()
         png = next(p for p in paths if p.suffix == ".png")
         self.figures.extend(paths)
         data = base64.b64encode(png.read_bytes()).decode("ascii")

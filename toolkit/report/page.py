@@ -66,25 +66,32 @@ def write_report(
     db_path: str | None = None,
     notes: list[str] | None = None,
     generated_images: bool = False,
+    figures: bool = True,
 ):
     """Write report.html, figures/ and tables/ for one retrieval run (default: the one labelled last).
 
     `notes` are shown in a box under the title (the demo says there that its model is random).
     `generated_images` (the demo): section 12 says that no ECCV Caption / CxC positive can apply to its images.
+    `figures=False` (`--no-figures`) draws no figure: the page and the tables are the same, and each figure's place
+    gives its number and caption and says that it was left out (no figures/ folder).
 
     The report is written into a fresh staging folder and swapped into out_dir (toolkit.report.outdir), so
     out_dir then holds this report only. A folder holding files that an earlier report did not write
     (or that changed since) is refused, listing them, before anything is written."""
     with FreshFolder(out_dir, "report") as fresh:
-        return _write_report(con, fresh, retrieval_run_id, db_path, notes, generated_images)
+        return _write_report(con, fresh, retrieval_run_id, db_path, notes, generated_images, figures)
 
 
-def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes, generated_images=False) -> ReportResult:
+def _write_report(
+    con, fresh: FreshFolder, retrieval_run_id, db_path, notes, generated_images=False, figures=True
+) -> ReportResult:
     started = db.now()
     out_dir = fresh.out_dir
     run = resolve_retrieval_run(con, retrieval_run_id, need="report")
     rrid = None if run is None else int(run["retrieval_run_id"])
-    ctx = Context(con, Page(fresh.staging), rrid, notes=list(notes or []), generated_images=generated_images)
+    ctx = Context(
+        con, Page(fresh.staging, draw_figures=figures), rrid, notes=list(notes or []), generated_images=generated_images
+    )
     if rrid is not None:
         row = con.execute(
             "SELECT is_simulated, n_labelled FROM sample_label_counts WHERE retrieval_run_id = ?", [rrid]
@@ -97,6 +104,8 @@ def _write_report(con, fresh: FreshFolder, retrieval_run_id, db_path, notes, gen
     # The run row: the same database state and options again is a no-op (the files are rewritten anyway).
     state = con.execute("SELECT coalesce(max(run_id), 0) FROM runs WHERE stage <> 'report'").fetchone()[0]
     config = {"out_dir": str(out_dir.resolve()), "retrieval_run_id": rrid, "last_run_id": int(state)}
+    if not figures:  # only then: the config of a report with figures stays what earlier versions recorded
+        config["figures"] = False
     run_id = db.find_run(con, "report", config)
     is_noop = run_id is not None
     if not is_noop and not db.is_read_only(con):  # a write-protected study is only read: no run row
@@ -139,6 +148,7 @@ def _document(page: Page, simulated: bool, notes, db_path, rrid, run_id) -> str:
         + (f" from {html.escape(str(db_path))}" if db_path else "")
         + (f"; retrieval run {rrid}" if rrid is not None else "")
         + (f"; report run {run_id}." if run_id is not None else ".")
+        + ("" if page.draw_figures else " Tables only: written with --no-figures, no figure was drawn.")
     )
     toc = "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t in page.toc)
     doc = (

@@ -6,6 +6,7 @@ ground-truth and top-1 thumbnails."""
 from __future__ import annotations
 
 import html
+from functools import partial
 
 import pandas as pd
 
@@ -106,8 +107,11 @@ def render(ctx: Context) -> None:
     )
     num = page.next_figure()
     page.figure(
-        blame_by_category_chart(
-            dist, f"Figure {num}. What the model hangs on, per human category", page.figures_dir / f"figure{num}_blame"
+        partial(
+            blame_by_category_chart,
+            dist,
+            f"Figure {num}. What the model hangs on, per human category",
+            page.figures_dir / f"figure{num}_blame",
         ),
         f"Figure {num}. Share of each blamed role among the explained failures of each human category "
         f"(view blame_by_category).{flag}",
@@ -170,7 +174,8 @@ def _examples(ctx: Context, rrid: int, flag: str) -> None:
     )
     num = page.next_figure()
     page.figure(
-        thumbnail_grid(
+        partial(
+            thumbnail_grid,
             items,
             f"Figure {num}. Ground truth and top-1 of the examples",
             page.figures_dir / f"figure{num}_blame_examples",

@@ -3,6 +3,8 @@ failure_overlap_by_category)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from toolkit.report.htmlpage import Context
 
 
@@ -78,7 +80,8 @@ def _comparison(ctx: Context, cid: int) -> None:
 
     num = page.next_figure()
     page.figure(
-        rank_scatter(
+        partial(
+            rank_scatter,
             pairs,
             f"Figure {num}. Rank in A against rank in B",
             page.figures_dir / f"figure{num}_rank_scatter_{cid}",
@@ -114,7 +117,8 @@ def _comparison(ctx: Context, cid: int) -> None:
     )
     num = page.next_figure()
     page.figure(
-        fixed_broken_shared_chart(
+        partial(
+            fixed_broken_shared_chart,
             overlap,
             f"Figure {num}. Fixed, broken and shared failures per category",
             page.figures_dir / f"figure{num}_fixed_broken_shared_{cid}",

@@ -5,6 +5,8 @@ category_recall_delta) when the subset spans several."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pandas as pd
 
 from toolkit.improve.stage import summary as improve_summary
@@ -86,7 +88,8 @@ def _subset(ctx: Context, n_sub: int, key, group: pd.DataFrame, used_slugs: set[
     )
     num = page.next_figure()
     page.figure(
-        improvement_bar_chart(
+        partial(
+            improvement_bar_chart,
             group,
             [pooling_label(p, t) for p, t in zip(group["pooling"], group["tau"])],
             f"Figure {num}. {categories} subset (n={int(first['n'])})"

@@ -3,6 +3,8 @@ hub_ranking)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from toolkit.report.htmlpage import Context
 from toolkit.store import db
 from toolkit.store import paths as study_paths
@@ -56,8 +58,11 @@ def render(ctx: Context) -> None:
         return
     num = page.next_figure()
     page.figure(
-        k_occurrence_histogram(
-            hist, f"Figure {num}. k-occurrence of the gallery (run {rrid})", page.figures_dir / f"figure{num}_hubness"
+        partial(
+            k_occurrence_histogram,
+            hist,
+            f"Figure {num}. k-occurrence of the gallery (run {rrid})",
+            page.figures_dir / f"figure{num}_hubness",
         ),
         f"Figure {num}. How many gallery items each number of queries retrieves (N_1, N_10; log-scaled counts; "
         "view image_hubness).",
@@ -80,6 +85,8 @@ def render(ctx: Context) -> None:
             items.append((path, f"image {int(r.gallery_id)}\nN_10 {r.n_10}, N_1 {r.n_1}"))
         num = page.next_figure()
         page.figure(
-            thumbnail_grid(items, f"Figure {num}. Top hubs (run {rrid})", page.figures_dir / f"figure{num}_hubs"),
+            partial(
+                thumbnail_grid, items, f"Figure {num}. Top hubs (run {rrid})", page.figures_dir / f"figure{num}_hubs"
+            ),
             f"Figure {num}. The images most often retrieved in a top 10, with their N_10 and N_1.",
         )

@@ -3,6 +3,8 @@ improvement runs on the labelled failures, plugins' included."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pandas as pd
 
 from toolkit.report.display import ci_text
@@ -90,7 +92,8 @@ def render(ctx: Context) -> None:
         num = page.next_figure()
         name = "all captions" if category == "*" else str(category)
         page.figure(
-            method_comparison_chart(
+            partial(
+                method_comparison_chart,
                 group,
                 f"Figure {num}. {name}: baseline vs each method" + (" (SIMULATED labels)" if simulated else ""),
                 page.figures_dir / f"figure{num}_methods_{slug(name)}",

@@ -10,6 +10,8 @@ to run.
 
 from __future__ import annotations
 
+from functools import partial
+
 from toolkit.report.htmlpage import Context
 
 IMPORT = "clipfail positives import --source eccv (or --source cxc)"
@@ -100,7 +102,8 @@ def _false_negatives(ctx: Context) -> None:
     )
     num = page.next_figure()
     page.figure(
-        false_negative_share_chart(
+        partial(
+            false_negative_share_chart,
             by_cat,
             f"Figure {num}. Verified false negatives per human category",
             page.figures_dir / f"figure{num}_false_negatives",

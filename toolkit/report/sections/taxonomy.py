@@ -3,6 +3,8 @@ taxonomy_distribution, taxonomy_actionable, taxonomy_by_annotator), with its two
 
 from __future__ import annotations
 
+from functools import partial
+
 from toolkit.report.htmlpage import Context
 
 PCT = {"percent": "f2", "percent_lr": "f2"}
@@ -71,7 +73,8 @@ def _chart(ctx: Context, df, title: str, name: str, subtitle: str, caption: str)
         return
     num = ctx.page.next_figure()
     ctx.page.figure(
-        taxonomy_bar_chart(
+        partial(
+            taxonomy_bar_chart,
             df,
             f"Figure {num}. {title}" + (" (SIMULATED labels)" if ctx.simulated else ""),
             ctx.page.figures_dir / f"figure{num}_{name}",

@@ -3,6 +3,8 @@ triage_confusion), with the confusion matrix as a figure."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from toolkit.report.htmlpage import Context
 
 
@@ -60,8 +62,11 @@ def render(ctx: Context) -> None:
     page.table(conf, "triage_confusion", "Table 11. Human label by triage suggestion (view triage_confusion)." + flag)
     num = page.next_figure()
     page.figure(
-        triage_confusion_figure(
-            conf, f"Figure {num}. Triage confusion matrix", page.figures_dir / f"figure{num}_triage"
+        partial(
+            triage_confusion_figure,
+            conf,
+            f"Figure {num}. Triage confusion matrix",
+            page.figures_dir / f"figure{num}_triage",
         ),
         f"Figure {num}. Human labels (rows) against triage suggestions (columns).{flag}",
     )
