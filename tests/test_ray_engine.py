@@ -65,9 +65,14 @@ def cluster():
     ray = import_tool("ray", RAY_HINT)
     import_tool("ray.data", RAY_HINT)
     before = _children(os.getpid())
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    started = _children(os.getpid()) - before
+    # No prestarted workers, and idle ones kept instead of killed after 1 s and started again for the next task:
+    # on the suite's 2 cores that churn (a fresh Python importing Ray each time) cost about 50 CPU-seconds.
+    # The replicas (actors) are started, killed and restarted as before.
+    quiet = {"enable_worker_prestart": False, "prestart_worker_first_driver": False,
+             "idle_worker_killing_time_threshold_ms": 600_000}  # fmt: skip
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR", _system_config=quiet)
     yield
+    started = _children(os.getpid()) - before  # every Ray process alive now: daemons, workers, replicas
     ray.shutdown()
     deadline = time.time() + 20
     while time.time() < deadline and any(_alive(p) for p in started):
