@@ -299,3 +299,55 @@ def write_coco5k_coco(root: Path, year: str = "2014", with_images=(), val2017=fr
         for x in set(with_images) & set(ids):
             Image.new("RGB", (16, 12), (x % 256, 90, 30)).save(root / folder / name(x), "JPEG")
     return root
+
+
+def run_script_forked(script: str, argv: list[str], timeout: float = 300.0) -> tuple[int, str]:
+    """Run a Python `script` as `python -c script *argv` would, but in a forked copy of this process: the modules
+    this process has imported (torch and open_clip cost a fresh interpreter about 8 CPU-seconds) are there already,
+    and whatever the script changes stays in the copy. The copy also starts with this process's state, the test's
+    monkeypatches included: a script that relies on a value sets it itself. Torch runs single-threaded in the copy
+    (OpenMP is not fork-safe), and it must not use a DuckDB database this process has open.
+
+    Returns the exit status as subprocess gives it (-N: killed by signal N) and the tail of its stdout and stderr."""
+    import sys
+    import tempfile
+    import time
+    import traceback
+
+    code = compile(script, "<forked script>", "exec")
+    with tempfile.TemporaryFile() as out:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the copy: never returns into pytest
+            status = 1
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(out.fileno(), 2)
+                sys.stdout = sys.stderr = open(out.fileno(), "w", buffering=1, closefd=False)  # noqa: SIM115
+                import torch
+
+                torch.set_num_threads(1)
+                sys.argv = ["-c", *map(str, argv)]
+                exec(code, {"__name__": "__main__"})
+                status = 0
+            except SystemExit as exc:
+                status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                os._exit(status)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail(f"the forked script ran past {timeout} s")
+            time.sleep(0.05)
+        out.seek(0)
+        tail = out.read()[-4000:].decode("utf-8", "replace")
+    return (-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)), tail

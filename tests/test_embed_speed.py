@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import require_tool
+from helpers import require_tool, run_script_forked
 from PIL import Image
 
 from toolkit.embed import encode, models
@@ -388,9 +388,8 @@ cli.main(sys.argv[2:], standalone_mode=True)
 )
 def test_kill_9_at_any_point_then_rerun_resumes_with_nothing_lost_or_duplicated(ingested, run_cli, point, reused):
     args = ["--db", ingested, "embed", *TINY, "--batch-size", 2]
-    proc = subprocess.run([sys.executable, "-c", KILLER, point, *map(str, args)], capture_output=True, text=True,
-                          env=_env())  # fmt: skip
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    returncode, output = run_script_forked(KILLER, [point, *args])  # no fresh interpreter to import torch
+    assert returncode == -signal.SIGKILL, output
     assert sets(ingested).empty and query(ingested, "SELECT * FROM runs WHERE stage = 'embed'").empty
     out = run_cli(*args).output
     assert f"{reused} shard(s) reused" in out

@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import register_hand_built
+from helpers import register_hand_built, run_script_forked
 from test_annotate import browser, open_page  # noqa: F401  (shared fixture: one headless Chromium)
 
 from toolkit.labels import ablation, phrases
@@ -598,20 +598,16 @@ cli.main(sys.argv[5:], standalone_mode=True)
 
 
 def _killed_explain(dbfile, tmp_path, chunk: int, at: str) -> list[str]:
-    """`clipfail explain` on `dbfile` in a subprocess, SIGKILLed `at` a point; the texts it encoded."""
+    """`clipfail explain` on `dbfile` in a forked copy of this process (helpers.run_script_forked), SIGKILLed `at`
+    a point; the texts it encoded."""
     import json
-    import os
     import signal
-    import subprocess
-    import sys
     from pathlib import Path
 
     tests = Path(__file__).parent
     log = tmp_path / f"encoded-{at}.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(tests.parent), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(tests), str(chunk), str(log), at, "--db", str(dbfile),
-                           "explain"], capture_output=True, text=True, env=env)  # fmt: skip
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    returncode, output = run_script_forked(KILLER, [tests, chunk, log, at, "--db", dbfile, "explain"])
+    assert returncode == -signal.SIGKILL, output
     lines = log.read_text(encoding="utf-8").splitlines() if log.exists() else []
     return [t for line in lines for t in json.loads(line)]
 
