@@ -250,3 +250,43 @@ def test_run_takes_the_flag_to_ingest(tmp_path, run_cli):
     args = ("run", "--coco5k-test", "--coco-root", root, "--out", tmp_path / "fa")
     res = refused(run_cli, db, *args, needles=("missing or unreadable", "5000 in all", "--skip-bad-images"))
     assert "COCO_val2014_" in res.output
+
+
+def test_the_package_files_are_parsed_once_per_process_and_again_when_their_bytes_change(tmp_path, monkeypatch):
+    """positives import and ingest --coco5k-test read the package's split files each time (their sha256 is
+    recorded), but parse them once per process under the sha256 of the bytes read: the same bytes give the very
+    same read-only split, changed bytes are parsed and checked again."""
+    import shutil
+
+    from toolkit.errors import UserError
+    from toolkit.retrieval import eccv_package as E
+
+    folder, version = E.package_dir()
+    copy = tmp_path / "data"
+    copy.mkdir()
+    for name in ("original_image_to_caption.json", "original_caption_to_image.json"):
+        shutil.copy(folder / name, copy / name)
+    monkeypatch.setattr(E, "package_dir", lambda need="": (copy, version))
+    parsed, real = [], E.id_lists
+    monkeypatch.setattr(E, "id_lists", lambda obj, where: parsed.append(where) or real(obj, where))
+
+    first = E.coco5k_test_split()
+    assert parsed == ["original_image_to_caption.json", "original_caption_to_image.json"]
+    assert E.coco5k_test_split() is first and len(parsed) == 2  # the same bytes: not parsed again
+    assert len(first.image_to_captions) == 5000 and len(first.caption_ids) == 25000
+    with pytest.raises(TypeError):
+        first.image_to_captions[0] = (1,)  # read-only: one caller cannot change what the next one reads
+    assert isinstance(next(iter(first.image_to_captions.values())), tuple)
+
+    c2i = copy / "original_caption_to_image.json"
+    kept = c2i.read_bytes()
+    data = json.loads(kept)
+    caption, images = next(iter(data.items()))
+    other = next(i for i in first.image_to_captions if i != images[0])
+    data[caption] = [other]  # the two files now disagree on one pair
+    c2i.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="do not list the same caption-image pairs"):
+        E.coco5k_test_split()
+    assert parsed[2:] == ["original_caption_to_image.json"]  # changed bytes: parsed and checked again
+    c2i.write_bytes(kept)
+    assert E.coco5k_test_split() is first and len(parsed) == 3

@@ -7,8 +7,11 @@ the split without loading a model library. Only the package's JSON files are rea
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from types import MappingProxyType
 
 from toolkit import userfiles
 from toolkit.errors import UserError
@@ -44,17 +47,40 @@ def id_lists(obj, where: str) -> dict[int, list[int]]:
     return out
 
 
-@dataclass
-class Coco5kSplit:
-    """The COCO 5k test split as the package lists it (original_*.json: the pairs its metrics count as COCO's)."""
+_PARSED: dict[tuple[str, str], Mapping[int, tuple[int, ...]]] = {}  # (path, sha256 of its bytes) -> its id lists
 
-    image_to_captions: dict[int, list[int]]  # 5,000 image ids -> their 5 caption annotation ids, in the package's order
+
+def read_id_lists(path: Path) -> tuple[bytes, Mapping[int, tuple[int, ...]]]:
+    """One of the package's data files: its bytes (for the caller's hash) and its id lists, checked by `id_lists`,
+    read-only. The parse (about a quarter of a second for a file of 25,000 captions) is kept for the process under
+    the sha256 of the bytes read, so a process that imports several subsets' positives, or ingests and then imports,
+    parses each file once; a file whose bytes changed is parsed again."""
+    data = userfiles.read_bytes(path, f"{PACKAGE} data file")
+    key = (str(path), hashlib.sha256(data).hexdigest())
+    lists = _PARSED.get(key)
+    if lists is None:
+        parsed = id_lists(userfiles.parse_json(data, f"{PACKAGE} data file {path}"), path.name)
+        if len(_PARSED) >= 16:  # the package has 6 files; never more than a few versions of them
+            _PARSED.clear()
+        lists = _PARSED[key] = MappingProxyType({k: tuple(v) for k, v in parsed.items()})
+    return data, lists
+
+
+@dataclass(frozen=True)
+class Coco5kSplit:
+    """The COCO 5k test split as the package lists it (original_*.json: the pairs its metrics count as COCO's).
+    Read-only: one object may serve every caller in the process."""
+
+    image_to_captions: Mapping[int, tuple[int, ...]]  # 5,000 image ids -> their 5 caption ids, in the package's order
     version: str
     sha256: str  # of original_image_to_caption.json and original_caption_to_image.json, in that order
 
-    @property
-    def caption_ids(self) -> set[int]:
-        return {c for caps in self.image_to_captions.values() for c in caps}
+    @cached_property
+    def caption_ids(self) -> frozenset[int]:
+        return frozenset(c for caps in self.image_to_captions.values() for c in caps)
+
+
+_SPLITS: dict[tuple[str, str], Coco5kSplit] = {}  # (data folder, sha256 of both files) -> the split, checked
 
 
 def coco5k_test_split(need: str = "--coco5k-test") -> Coco5kSplit:
@@ -65,10 +91,11 @@ def coco5k_test_split(need: str = "--coco5k-test") -> Coco5kSplit:
     sha = hashlib.sha256()
     lists = {}
     for key in ("image_to_caption", "caption_to_image"):
-        path = folder / f"original_{key}.json"
-        data = userfiles.read_bytes(path, f"{PACKAGE} data file")
+        data, lists[key] = read_id_lists(folder / f"original_{key}.json")
         sha.update(data)
-        lists[key] = id_lists(userfiles.parse_json(data, f"{PACKAGE} data file {path}"), path.name)
+    done = _SPLITS.get((str(folder), sha.hexdigest()))
+    if done is not None and done.version == version:
+        return done
     i2c, c2i = lists["image_to_caption"], lists["caption_to_image"]
     pairs = {(i, c) for i, caps in i2c.items() for c in caps}
     if pairs != {(i, c) for c, imgs in c2i.items() for i in imgs} or len(pairs) != len(c2i):
@@ -76,4 +103,5 @@ def coco5k_test_split(need: str = "--coco5k-test") -> Coco5kSplit:
             f"The {PACKAGE} package's original_image_to_caption.json and original_caption_to_image.json do not list "
             f"the same caption-image pairs (one image per caption). Reinstall it: {INSTALL_HINT}"
         )
-    return Coco5kSplit(i2c, version, sha.hexdigest())
+    split = _SPLITS[(str(folder), sha.hexdigest())] = Coco5kSplit(i2c, version, sha.hexdigest())
+    return split

@@ -40,7 +40,7 @@ import pandas as pd
 from toolkit import userfiles
 from toolkit.errors import UserError
 from toolkit.retrieval import ranking as R
-from toolkit.retrieval.eccv_package import PACKAGE, coco5k_test_split
+from toolkit.retrieval.eccv_package import coco5k_test_split, read_id_lists
 from toolkit.retrieval.eccv_package import id_lists as _id_lists
 from toolkit.retrieval.eccv_package import package_dir as _package_dir
 from toolkit.store import artifacts, db
@@ -96,10 +96,8 @@ def read_source(source: str | None, file: str | Path | None) -> tuple[str, str |
     sha = hashlib.sha256()
     lists = {}
     for key, direction in DIRECTIONS.items():
-        path = folder / f"{source}_{key}.json"
-        data = userfiles.read_bytes(path, f"{PACKAGE} data file")
+        data, lists[direction] = read_id_lists(folder / f"{source}_{key}.json")  # parsed once per process
         sha.update(data)
-        lists[direction] = _id_lists(userfiles.parse_json(data, f"{PACKAGE} data file {path}"), f"{path.name}")
     return source, version, sha.hexdigest(), lists
 
 
