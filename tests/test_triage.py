@@ -378,10 +378,8 @@ def test_instances_added_to_a_subset_ingested_without_them(run_cli, synthetic_co
     res = run_cli(*args)
     assert "already ingested" in res.output
     n = _table(tmp_db, "SELECT count(*) AS n FROM image_instances")["n"].iloc[0]
-    expected = sum(
-        a["image_id"] in set(_table(tmp_db, "SELECT image_id FROM subset_images")["image_id"])
-        for a in json.loads(kept)["annotations"]
-    )
+    subset_images = set(_table(tmp_db, "SELECT image_id FROM subset_images")["image_id"])
+    expected = sum(a["image_id"] in subset_images for a in json.loads(kept)["annotations"])
     assert n == expected > 0 and f"object instances: {n} stored" in res.output
     before = _counts(tmp_db)
     res = run_cli(*args)  # nothing new
