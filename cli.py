@@ -2045,7 +2045,13 @@ def run(db_path, **options):
     help="Data, model and simulated-annotator seed.",
 )
 @click.option("--pictures/--no-pictures", default=True, show_default=True, help="Draw the annotators' pictures.")
-def demo(out_dir, n_images, seed, pictures):
+@click.option(
+    "--figures/--no-figures",
+    default=True,
+    show_default=True,
+    help="Draw the report's figures (--no-figures: the same page and tables, each figure left out; see report).",
+)
+def demo(out_dir, n_images, seed, pictures, figures):
     """Run the whole study offline on generated data with a random tiny model, and write the report.
 
     Generates a COCO-format dataset, saves a randomly initialised tiny open_clip model as a
@@ -2059,7 +2065,7 @@ def demo(out_dir, n_images, seed, pictures):
     """
     from toolkit.workflows.demo import run_demo
 
-    res = run_demo(out_dir, n_images=n_images, seed=seed, pictures=pictures)
+    res = run_demo(out_dir, n_images=n_images, seed=seed, pictures=pictures, figures=figures)
     echo_df(pd.DataFrame({"step": [s for s, _ in res.timings], "seconds": [f"{t:.1f}" for _, t in res.timings]}))
     click.echo("")
     echo_df(res.recall[["retrieval_run_id", "subset", "model", "n_queries", "r_at_1", "r_at_5", "r_at_10"]])

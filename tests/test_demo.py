@@ -298,8 +298,10 @@ def test_demo_in_a_copied_folder_reuses_every_stage(demo, run_cli, tmp_path):
     shutil.copytree(out, copy)
     shutil.rmtree(out)
 
-    res = run_cli("demo", "--out", copy, "--no-pictures")
+    res = run_cli("demo", "--out", copy, "--no-pictures", "--no-figures")
     assert "Report:" in res.output
+    page = (copy / "report" / "report.html").read_text(encoding="utf-8")  # rewritten, without drawing a chart
+    assert "Tables only: written with --no-figures" in page and not (copy / "report" / "figures").exists()
     cdb = copy / "demo.duckdb"
     assert (rows(cdb, counts), rows(cdb, stages)) == before  # nothing embedded, ranked, improved or labelled again
     status = run_cli("--db", cdb, "status").output

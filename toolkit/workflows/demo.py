@@ -81,6 +81,7 @@ def run_demo(
     seed: int = 0,
     device: str = "cpu",
     pictures: bool = True,
+    figures: bool = True,
     n_failures: int = 200,
     overlap: int = 30,
     per_annotator: int = 50,
@@ -130,7 +131,7 @@ def run_demo(
         subsets = _demo_improve(con, rrid, ckpt, device, out, control_successes)
         laps("improve (4 subsets x 3 poolings + control)")
         rep = write_report(con, out_dir=out / "report", retrieval_run_id=rrid, db_path=str(db_path), notes=[DEMO_NOTE],
-                           generated_images=True)  # fmt: skip
+                           generated_images=True, figures=figures)  # fmt: skip
         laps("report")
     finally:
         con.close()
