@@ -125,7 +125,7 @@ class Page:
         if not self.draw_figures:
             self.parts.append(
                 f'<p class="missing figure-left-out">{html.escape(caption)} Not drawn: this report was written with '
-                "clipfail report --no-figures.</p>"
+                "--no-figures.</p>"
             )
             return
         paths = draw()
