@@ -18,8 +18,8 @@ pytest_plugins = ("pytester",)  # tests/test_suite_honesty.py runs pytest on sma
 
 # The files that take longest, collected first: under pytest-xdist (`--dist loadfile --no-loadscope-reorder` in
 # pyproject.toml) each file runs whole on one worker, in collection order, and a long file started last would be the
-# whole suite's tail. Measured wall time per file in a full run (3 workers, 2 cores): Ray 180 s (mostly waiting
-# on its processes), the live Label Studio 25 s after the shared demo (built by whichever file needs it first),
+# whole suite's tail. Measured alone (2 cores): the Ray file about 95 s (its daemons and replicas keep 1.4 cores
+# busy meanwhile), the live Label Studio 25-50 s after the shared demo (built by whichever file needs it first),
 # then 85 s down to 30 s in this order.
 SLOW_FILES_FIRST = (
     "test_ray_engine.py", "test_labelstudio_live.py", "test_demo.py", "test_embed_speed.py", "test_positives.py",
@@ -30,11 +30,11 @@ SLOW_FILES_FIRST = (
 
 
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: a worker per core and one more. The Ray, live Label Studio and browser files mostly wait on
-    their servers (the Ray file uses about a core-minute in three minutes); the extra worker keeps the cores busy
-    meanwhile."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores + 1
+    """`-n auto`: one worker per core the process may use (xdist's own count may be physical cores only). One more
+    worker was tried: the files that wait on servers do not leave the cores idle (Ray's processes keep 1.4 cores
+    busy), and a third worker on 2 cores cost 60-100 CPU-seconds more for the same or a longer wall time
+    (benchmarks/suite.py: 472.7 s against 441.7 s with two, same tree, back to back)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def pytest_collection_modifyitems(session, config, items):
