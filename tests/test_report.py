@@ -175,7 +175,11 @@ def test_report_run_is_recorded_once_per_database_state(study):
     con, res, root = study
     again = write_report(con, out_dir=root / "report")
     assert again.is_noop and again.run_id == res.run_id
-    assert con.execute("SELECT count(*) FROM runs WHERE stage = 'report'").fetchone()[0] == 1
+    n = con.execute(  # this folder's rows only: the tables-only test writes its own report of the same study
+        "SELECT count(*) FROM runs WHERE stage = 'report' AND json_extract_string(config_json, '$.out_dir') = ?",
+        [str((root / "report").resolve())],
+    ).fetchone()[0]
+    assert n == 1
 
 
 def test_no_figures_writes_the_same_page_and_tables_without_drawing(study, run_cli):
