@@ -44,19 +44,23 @@ from toolkit.store import db
 _DIALECT = duckdb_engine.Dialect()
 
 
-def schema_version(con) -> int | None:
+def _schema_info(con) -> dict[str, str]:
+    """The keys of table schema_info (none where a database has no such table yet), in one query: every open reads
+    the schema version and hash, and each query costs DuckDB a few milliseconds to bind."""
     if not db.table_exists(con, "schema_info"):
-        return None
-    # fetchall, not fetchone: a half-read result blocks the connection's next register() (DuckDB 2)
-    row = next(iter(con.execute("SELECT value FROM schema_info WHERE key = 'schema_version'").fetchall()), None)
-    return int(row[0]) if row else None
+        return {}
+    return dict(
+        con.execute("SELECT key, value FROM schema_info WHERE key IN ('schema_version', 'schema_hash')").fetchall()
+    )
+
+
+def schema_version(con) -> int | None:
+    found = _schema_info(con).get("schema_version")
+    return int(found) if found is not None else None
 
 
 def stored_schema_hash(con) -> str | None:
-    if not db.table_exists(con, "schema_info"):
-        return None
-    row = next(iter(con.execute("SELECT value FROM schema_info WHERE key = 'schema_hash'").fetchall()), None)
-    return row[0] if row else None
+    return _schema_info(con).get("schema_hash")
 
 
 def _seed_files() -> list[str]:
@@ -83,8 +87,9 @@ def schema_hash() -> str:
     return h.hexdigest()
 
 
-def _refuse_newer(con, path: str) -> None:
-    found = schema_version(con)
+def _refuse_newer(con, path: str, info: dict[str, str] | None = None) -> None:
+    found = (info if info is not None else _schema_info(con)).get("schema_version")
+    found = int(found) if found is not None else None
     if found is not None and found > SCHEMA_VERSION:
         raise UserError(
             f"Database {path} was written by a newer clipfail (schema version {found}; this clipfail "
@@ -205,8 +210,9 @@ def open_study(
         _copy_new_study(path)
     con = db.connect(path, read_only=read_only)
     try:
-        _refuse_newer(con, path)
-        up_to_date = stored_schema_hash(con) == schema_hash()
+        info = _schema_info(con)
+        _refuse_newer(con, path, info)
+        up_to_date = info.get("schema_hash") == schema_hash()
         if read_only and not up_to_date:
             raise UserError(
                 f"Database {path} has not been set up by this version of clipfail yet (its tables, views or "
