@@ -206,8 +206,7 @@ def open_study(
     path = str(path or db.default_db_path())
     if not read_only and Path(path).parent and not Path(path).parent.exists():
         raise UserError(f"Folder {Path(path).parent} for database {path} does not exist. Create it first.")
-    if not read_only and not os.path.lexists(path):
-        _copy_new_study(path)
+    fresh = not read_only and not os.path.lexists(path) and _copy_new_study(path)
     con = db.connect(path, read_only=read_only)
     try:
         info = _schema_info(con)
@@ -220,7 +219,8 @@ def open_study(
                 f"{db.clipfail_command(path, always=True)} init (this needs write access to the file and its "
                 "folder), then run the command again."
             )
-        if not read_only and (force_upgrade or not up_to_date):
+        # force_upgrade re-checks every table and column, which a copy of a study made moments ago by upgrade() has
+        if not read_only and ((force_upgrade and not fresh) or not up_to_date):
             upgrade(con, path)
     except duckdb.Error as exc:
         con.close()
@@ -236,14 +236,15 @@ def open_study(
 _NEW_STUDY: dict[str, Path] = {}  # schema hash -> a new, empty study this process made, closed (`_copy_new_study`)
 
 
-def _copy_new_study(path: str) -> None:
+def _copy_new_study(path: str) -> bool:
     """Create the study at `path` (absent) as a copy of a new, empty study file that this process made the usual
     way (schema, views, seed rows; about half a CPU-second, mostly DuckDB binding the views) the first time it
     needed one for this schema hash, in a temporary folder removed at exit. A DuckDB file holds nothing of its
     own path, so the copy is the file that creating it again would give; a process that creates many studies
     (the tests, a script over the Python API) pays for one. The copy is put in place only if nothing is there
     yet (a hard link of a finished copy). Where any of it fails (a read-only folder, no hard links), it leaves
-    no file and the caller creates the study the usual way, with the usual message if that fails too."""
+    no file and the caller creates the study the usual way, with the usual message if that fails too. True when the
+    copy is what is at `path` now."""
     key = schema_hash()
     made = _NEW_STUDY.get(key)
     if made is None or not made.exists():
@@ -257,16 +258,17 @@ def _copy_new_study(path: str) -> None:
             finally:
                 con.close()
         except (OSError, duckdb.Error, UserError):
-            return
+            return False
         if (folder / "new.duckdb.wal").exists():  # not a single finished file: leave it to the usual way
-            return
+            return False
         made = _NEW_STUDY[key] = folder / "new.duckdb"
     part = f"{path}.new-{os.getpid()}"
     try:
         shutil.copyfile(made, part)
         os.link(part, path)  # fails if something appeared at `path` meanwhile: then that is opened
+        return True
     except OSError:
-        pass
+        return False
     finally:
         with contextlib.suppress(OSError):
             os.unlink(part)
