@@ -32,6 +32,7 @@ def _save(fig: Figure, path_stem: Path) -> list[Path]:
     png = path_stem.with_name(path_stem.name + ".png")
     svg = path_stem.with_name(path_stem.name + ".svg")
     fig.savefig(png, dpi=DPI, metadata={"Software": None})
+    fig.set_layout_engine("none")  # keep the layout the PNG was drawn with: the SVG has the same, without a second pass
     with matplotlib.rc_context({"svg.hashsalt": "clipfail", "svg.fonttype": "none"}):
         fig.savefig(svg, metadata={"Date": None, "Creator": None})
     return [png, svg]
