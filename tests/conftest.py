@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -49,29 +50,39 @@ def synthetic_coco_master(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory, worker_id):
-    """`clipfail demo --no-pictures`, run once for the whole run: (its folder, its output). Read it; a test that
-    writes copies the folder first (paths in the database are relative to it, so a copy works).
-
-    Under pytest-xdist every worker shares one demo: the first to need it builds it in the run's common temporary
-    folder, holding a lock that the others wait on, and leaves its output beside it; a failed build leaves no
-    output, so the next worker builds it again (and fails the same way, with its own message)."""
-    from cli import cli
-
+def shared_build(tmp_path_factory, worker_id: str, name: str, build) -> Path:
+    """`build(folder)` run once for the whole test run, under pytest-xdist once for all workers: the first worker to
+    need it builds it in the run's common temporary folder, holding a lock that the others wait on, and marks it
+    done; a failed build leaves no mark, so the next worker builds it again (and fails the same way, with its own
+    message). Returns the folder, which tests only read (a test that writes copies it first)."""
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if worker_id != "master" else base  # xdist: .../pytest-N/popen-gwK -> .../pytest-N
-    folder = shared / "shared-demo"
+    folder = shared / f"shared-{name}"
     folder.mkdir(exist_ok=True)
-    out, done = folder / "demo_out", folder / "demo_output.txt"
+    out, done = folder / "built", folder / "done"
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not done.exists():
             shutil.rmtree(out, ignore_errors=True)  # what a failed build left
-            result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--no-pictures"], catch_exceptions=False)
-            assert result.exit_code == 0, result.output
-            done.write_text(result.output, "utf-8")
-    return out, done.read_text("utf-8")
+            out.mkdir()
+            build(out)
+            done.touch()
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory, worker_id):
+    """`clipfail demo --no-pictures`, run once for the whole run (`shared_build`): (its folder, its output). Read
+    it; a test that writes copies the folder first (paths in the database are relative to it, so a copy works)."""
+    from cli import cli
+
+    def build(folder: Path) -> None:
+        result = CliRunner().invoke(cli, ["demo", "--out", str(folder), "--no-pictures"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        (folder.parent / "demo_output.txt").write_text(result.output, "utf-8")
+
+    out = shared_build(tmp_path_factory, worker_id, "demo", build)
+    return out, (out.parent / "demo_output.txt").read_text("utf-8")
 
 
 @pytest.fixture
@@ -156,20 +167,22 @@ def study_db(study_db_master, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def labelled_study_master(tmp_path_factory):
-    """A labelled study, no improve run yet (helpers.build_labelled_study), made once: (database path, root)."""
+def labelled_study_master(tmp_path_factory, worker_id):
+    """A labelled study, no improve run yet (helpers.build_labelled_study), made once for the run (`shared_build`):
+    (database path, root). Copy the root folder before writing (its paths are stored relative)."""
     from helpers import build_labelled_study
 
     from toolkit.store.study import open_study
 
-    root = tmp_path_factory.mktemp("labelled_study")
-    path = root / "study.duckdb"
-    con = open_study(path)
-    try:
-        build_labelled_study(con, root)
-    finally:
-        con.close()
-    return path, root
+    def build(root: Path) -> None:
+        con = open_study(root / "study.duckdb")
+        try:
+            build_labelled_study(con, root)
+        finally:
+            con.close()
+
+    root = shared_build(tmp_path_factory, worker_id, "labelled_study", build)
+    return root / "study.duckdb", root
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import assert_one_message, build_labelled_study
+from helpers import assert_one_message
 
 from toolkit.store.study import open_study
 
@@ -46,13 +46,9 @@ def install_plugin(folder: Path, module: str, code: str, entries: dict[str, str]
 
 
 @pytest.fixture(scope="module")
-def study_master(tmp_path_factory):
+def study_master(labelled_study_master, tmp_path_factory):
     root = tmp_path_factory.mktemp("plugin_study")
-    con = open_study(str(root / "study.duckdb"))
-    try:
-        build_labelled_study(con, root)
-    finally:
-        con.close()
+    shutil.copytree(labelled_study_master[1], root, dirs_exist_ok=True)  # build_labelled_study's, made once
     return root / "study.duckdb"
 
 

@@ -9,12 +9,13 @@ passed; the numbers themselves are checked against plain recomputations in each 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import duckdb
 import pandas as pd
 import pytest
-from helpers import build_labelled_study, fake_text_encoder
+from helpers import fake_text_encoder
 
 import queries
 from schema.tables import metadata
@@ -121,14 +122,14 @@ def test_improvement_views_share_the_hits_view():
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(labelled_study_master, tmp_path_factory):
     """A generated study with every view populated: retrieval, labels (with the overlap set), improve runs
     (one with a NULL-category control, one mixed), and a triage run."""
     root = tmp_path_factory.mktemp("queries_study")
+    shutil.copytree(labelled_study_master[1], root, dirs_exist_ok=True)  # build_labelled_study's, made once
     path = root / "study.duckdb"
     con = open_study(path)
     try:
-        build_labelled_study(con, root)
         kw = dict(poolings="all", encoder=fake_text_encoder, cache_dir=root / "cache")
         improve(con, "Object", control="successes:20", **kw)
         improve(con, "Object,Attribute", template_mode="union", control="all", **kw)
