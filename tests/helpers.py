@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
 import io
+import itertools
 import os
 from pathlib import Path
 from typing import NoReturn
@@ -156,21 +158,75 @@ def label_all(path: Path, label: str) -> None:
     path.write_text(buf.getvalue(), encoding="utf-8-sig")
 
 
-def snapshot(db_path) -> dict[str, list]:
-    """Every base table's rows, sorted: what a refused command must leave exactly as it was."""
+_READER: dict[int, object] = {}  # process id -> the in-memory DuckDB that study_reader attaches files to
+_ALIASES = itertools.count()
+
+
+@contextlib.contextmanager
+def study_reader(db_path):
+    """A read-only connection to a study's database file, for a test's checks: the file is attached READ_ONLY to an
+    in-memory DuckDB that the test process keeps (one thread: no worker threads that a forked test would inherit
+    mid-task), made the connection's default catalog, and detached on the way out, which releases the file. It
+    reads what a fresh connection reads (the views bind in the file's own catalog), in about a third of the CPU
+    time: each new DuckDB instance costs about 40 ms to start, and the suite's checks open thousands."""
     import duckdb
 
-    con = duckdb.connect(str(db_path), read_only=True)
+    reader = _READER.get(os.getpid())
+    if reader is None:
+        reader = _READER[os.getpid()] = duckdb.connect(":memory:", config={"threads": 1})
+    cur = reader.cursor()
+    alias = f"study_under_test_{next(_ALIASES)}"
     try:
+        cur.execute(f"ATTACH '{str(db_path).replace(chr(39), chr(39) * 2)}' AS {alias} (READ_ONLY)")
+    except duckdb.ResourceInUseException:  # the test holds the file open: a connection to that same instance
+        cur.close()
+        with contextlib.closing(_join_open_instance(db_path)) as con:
+            yield con
+        return
+    try:
+        cur.execute(f"USE {alias}")
+        yield cur
+    finally:
+        cur.execute("USE memory")
+        cur.execute(f"DETACH {alias}")
+        cur.close()
+
+
+def _join_open_instance(db_path):
+    """A connection to the DuckDB instance that this process already has `db_path` open in (duckdb.connect with the
+    same settings returns one; whether the test opened it for writing or only for reading)."""
+    import duckdb
+
+    try:
+        return duckdb.connect(str(db_path), config={"storage_compatibility_version": db.STORAGE_COMPATIBILITY})
+    except duckdb.ConnectionException:
+        return duckdb.connect(
+            str(db_path), read_only=True, config={"storage_compatibility_version": db.STORAGE_COMPATIBILITY}
+        )
+
+
+def query_rows(db_path, sql: str, params=()) -> list[tuple]:
+    """The rows of one query on a study file (`study_reader`)."""
+    with study_reader(db_path) as con:
+        return con.execute(sql, list(params or [])).fetchall()
+
+
+def query_df(db_path, sql: str, params=()) -> pd.DataFrame:
+    """One query on a study file as a DataFrame (`study_reader`)."""
+    with study_reader(db_path) as con:
+        return con.execute(sql, list(params or [])).df()
+
+
+def snapshot(db_path) -> dict[str, list]:
+    """Every base table's rows, sorted: what a refused command must leave exactly as it was."""
+    with study_reader(db_path) as con:
         tables = [
             r[0]
             for r in con.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' ORDER BY 1"
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() ORDER BY 1"
             ).fetchall()
         ]
         return {t: sorted(map(repr, con.execute(f'SELECT * FROM "{t}"').fetchall())) for t in tables}
-    finally:
-        con.close()
 
 
 def refused(run_cli, db_path, *args, needles=()):

@@ -18,10 +18,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import duckdb
 import pytest
 from click.testing import CliRunner
-from helpers import import_tool, require_tool
+from helpers import import_tool, query_rows, require_tool
 from test_failures import make_retrieval_run
 
 from toolkit.errors import UserError
@@ -128,11 +127,7 @@ def suggestions_in_db(dbpath) -> dict[int, tuple[str, str, str]]:
 
 
 def rows(dbpath, sql, params=None):
-    con = duckdb.connect(str(dbpath), read_only=True)  # the schema and views are there already
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
+    return query_rows(dbpath, sql, params)
 
 
 def items_of(dbpath, name):

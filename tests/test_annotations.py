@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import label_all
+from helpers import label_all, query_df
 from PIL import Image
 
 from toolkit.store import db
@@ -174,11 +174,7 @@ def sample_ids(export: Path, name: str) -> list[int]:
 
 
 def table(dbpath, sql, params=None) -> pd.DataFrame:
-    con = open_study(dbpath)
-    try:
-        return con.execute(sql, params or []).df()
-    finally:
-        con.close()
+    return query_df(dbpath, sql, params)
 
 
 def n_annotations(dbpath) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import require_tool
+from helpers import query_rows, require_tool
 from PIL import Image
 
 from toolkit.report.status import study_status
@@ -279,11 +279,7 @@ def test_the_readmes_example_queries_run_on_the_demo(demo):
 
 
 def rows(db_path, sql, params=()):
-    con = open_study(db_path, read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
+    return query_rows(db_path, sql, params)
 
 
 def test_demo_in_a_copied_folder_reuses_every_stage(demo, run_cli, tmp_path):

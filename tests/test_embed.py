@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import query_df
 
 from toolkit.embed import encode, models
 from toolkit.embed.devices import resolve_device
@@ -31,11 +32,7 @@ def ingested(synthetic_coco, tmp_db, run_cli):
 
 
 def query(db_path, sql, params=()):
-    con = open_study(db_path, read_only=True)
-    try:
-        return con.execute(sql, list(params)).df()
-    finally:
-        con.close()
+    return query_df(db_path, sql, params)
 
 
 def sets(db_path):

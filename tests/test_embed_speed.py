@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import require_tool, run_script_forked
+from helpers import query_df, require_tool, run_script_forked
 from PIL import Image
 
 from toolkit.embed import encode, models
 from toolkit.errors import UserError
 from toolkit.store import paths as study_paths
-from toolkit.store.study import open_study
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
@@ -46,11 +45,7 @@ def tiny():
 
 
 def query(db_path, sql, params=()):
-    con = open_study(db_path, read_only=True)
-    try:
-        return con.execute(sql, list(params)).df()
-    finally:
-        con.close()
+    return query_df(db_path, sql, params)
 
 
 def sets(db_path):

@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import register_hand_built, run_script_forked
+from helpers import query_df, register_hand_built, run_script_forked
 from test_annotate import browser, open_page  # noqa: F401  (shared fixture: one headless Chromium)
 
 from toolkit.labels import ablation, phrases
@@ -140,8 +140,7 @@ def encoder(monkeypatch):
 
 
 def q(path, sql, params=None) -> pd.DataFrame:
-    with open_study(path) as con:
-        return con.execute(sql, params or []).df()
+    return query_df(path, sql, params)
 
 
 def images_of(path) -> tuple[np.ndarray, np.ndarray]:

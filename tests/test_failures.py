@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import folder_bytes, make_retrieval_run, register_hand_built
+from helpers import folder_bytes, make_retrieval_run, query_df, register_hand_built
 from PIL import Image
 
 from toolkit.labels.sample import ASSIGN_COLUMNS, PICTURE_SIZE, SAMPLE_COLUMNS, PictureRenderer, _font, wrap_to_width
@@ -75,11 +75,7 @@ def dbfile(base_db, tmp_path):
 
 
 def table(path, sql, params=None):
-    con = open_study(path)
-    try:
-        return con.execute(sql, params or []).df()
-    finally:
-        con.close()
+    return query_df(path, sql, params)
 
 
 def snapshot(path):

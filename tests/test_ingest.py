@@ -15,7 +15,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
-from helpers import assert_one_message, refused, snapshot
+from helpers import assert_one_message, refused, snapshot, study_reader
 
 from schema import SCHEMA_VERSION, metadata
 
@@ -23,11 +23,8 @@ DATA_TABLES = ["runs", "images", "captions", "subsets", "subset_images", "subset
 
 
 def counts(db_path):
-    con = duckdb.connect(db_path, read_only=True)
-    try:
+    with study_reader(db_path) as con:
         return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in DATA_TABLES}
-    finally:
-        con.close()
 
 
 def query(db_path, sql):

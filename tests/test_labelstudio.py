@@ -14,8 +14,8 @@ import stat
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import duckdb
 import pytest
+from helpers import study_reader
 from test_annotate import base, invoke, rows, suggestions_in_db, triaged, triaged_base  # noqa: F401  (shared fixtures)
 
 from toolkit.store.study import open_study
@@ -376,11 +376,8 @@ def lstudy(ls_labelled, tmp_path):
 
 def snapshot(dbpath) -> dict[str, list]:
     """What an import writes (annotations, and runs for its run row): a refused one leaves them as they were."""
-    con = duckdb.connect(str(dbpath), read_only=True)
-    try:
+    with study_reader(dbpath) as con:
         return {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in ("annotations", "runs")}
-    finally:
-        con.close()
 
 
 def refused_import(dbpath, path, *needles, extra=()):

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from helpers import query_rows
 from PIL import Image
 
 from toolkit.store import paths
@@ -21,11 +22,7 @@ TINY = ["--model", "tiny-clip", "--num-workers", "0"]
 
 
 def rows(db_path, sql, params=()):
-    con = open_study(db_path, read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
+    return query_rows(db_path, sql, params)
 
 
 def study(run_cli, folder: Path, coco: Path, cache_dir: Path | None = None, n: int = 20) -> str:
@@ -205,7 +202,6 @@ def test_databases_with_absolute_paths_keep_working(run_cli, synthetic_coco, tmp
 def test_instances_file_is_stored_relative_like_every_other_path(tmp_path, run_cli):
     """instance_files.source_file was stored absolute where every other path under the study folder is relative."""
     from toolkit.ingest.synthetic import make_synthetic_coco
-    from toolkit.store.study import open_study
 
     study = tmp_path / "study"
     make_synthetic_coco(study / "coco", 8, seed=0)

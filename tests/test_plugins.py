@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import assert_one_message
+from helpers import assert_one_message, study_reader
 
 from toolkit.store.study import open_study
 
@@ -62,7 +62,7 @@ def study(study_master):
 
 
 def counts(path) -> tuple[int, int, int]:
-    with open_study(path, read_only=True) as con:
+    with study_reader(path) as con:
         return tuple(
             con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
             for t in ("runs", "improvement_runs", "improvement_ranks")

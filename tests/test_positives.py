@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import assert_one_message, import_tool, register_seeded_embeddings
+from helpers import assert_one_message, import_tool, register_seeded_embeddings, study_reader
 
 from toolkit.store import db
 from toolkit.store.study import open_study
@@ -244,7 +244,7 @@ def test_rank_after_a_later_evaluate(study, run_cli):
 
 
 def _tables(dbp) -> list[int]:
-    with open_study(dbp) as con:
+    with study_reader(dbp) as con:
         return [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("positive_sets", "extra_positives")]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import import_tool
+from helpers import import_tool, query_df
 
 from toolkit.embed import ray_engine
 from toolkit.store import artifacts, paths
@@ -117,11 +117,7 @@ def local_study(synthetic_coco_master, tmp_path_factory):
 
 
 def query(db_path, sql, params=()):
-    con = open_study(db_path, read_only=True)
-    try:
-        return con.execute(sql, list(params)).df()
-    finally:
-        con.close()
+    return query_df(db_path, sql, params)
 
 
 def sets(db_path):
