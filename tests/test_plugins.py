@@ -90,7 +90,7 @@ def reference_ranks(path, caption_ids, weight: float):
     return 1 + (T > g).sum(axis=1), (T == g).sum(axis=1) - 1, g[:, 0]
 
 
-def test_the_doc_plugin_runs_end_to_end_through_the_cli(study, tmp_path, run_cli):
+def test_the_doc_plugin_runs_end_to_end_through_the_cli(study, tmp_path, run_cli, plugin_cli):
     plugin = install_plugin(tmp_path / "site", "clipfail_centroid", doc_plugin_code(),
                             {"centroid-shift": "clipfail_centroid:METHOD"}, "clipfail-centroid")  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(plugin))  # `python cli.py` from the checkout: no install of it needed
@@ -116,9 +116,11 @@ def test_the_doc_plugin_runs_end_to_end_through_the_cli(study, tmp_path, run_cli
     assert np.allclose(ranks["improved_score"], score, rtol=0, atol=1e-6)
     assert len(mc) >= 1 and (mc["n"] > 0).all() and mc["share_r1_successes_broken"].notna().all()  # control matched
     assert len(rec) == 6 and set(rec["k"]) == {1, 5, 10}
-    before = counts(study)
-    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert again.returncode == 0 and "nothing changed" in again.stdout and counts(study) == before
+    before = counts(study)  # the same command again, in this process (a second fresh one costs 5 CPU-seconds)
+    again = plugin_cli("clipfail_centroid", doc_plugin_code(), {"centroid-shift": "clipfail_centroid:METHOD"})(
+        *args[2:]
+    )
+    assert again.exit_code == 0 and "nothing changed" in again.output and counts(study) == before
     run_cli("--db", study, "status")
     out = tmp_path / "report"
     run_cli("--db", study, "report", "--out", out, "--no-figures")
