@@ -226,6 +226,7 @@ def snapshot(db_path) -> dict[str, list]:
                 "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() ORDER BY 1"
             ).fetchall()
         ]
+        assert tables, f"no table read from {db_path}"  # a snapshot of nothing would make every comparison pass
         return {t: sorted(map(repr, con.execute(f'SELECT * FROM "{t}"').fetchall())) for t in tables}
 
 

@@ -170,6 +170,21 @@ def test_a_new_study_is_a_copy_of_one_made_the_usual_way_and_never_replaces_a_fi
     ]
 
 
+def test_init_of_a_new_path_does_not_check_again_the_copy_it_just_made(tmp_path, monkeypatch, run_cli):
+    """`init` (force_upgrade) re-checks every table, column and view of a study; a study that open_study has just
+    copied from one upgrade() made is not checked again (half a CPU-second per init), an existing one is, and the
+    new file holds what the usual way gives."""
+    open_study(tmp_path / "first.duckdb").close()  # this process's new-study copy exists from here on
+    calls = []
+    real = study_db.upgrade
+    monkeypatch.setattr(study_db, "upgrade", lambda con, path="": calls.append(path) or real(con, path))
+    run_cli("--db", tmp_path / "new.duckdb", "init")
+    assert calls == []
+    run_cli("--db", tmp_path / "new.duckdb", "init")  # now an existing file: checked
+    assert calls == [str(tmp_path / "new.duckdb")]
+    assert _contents(tmp_path / "new.duckdb") == _contents(tmp_path / "first.duckdb")
+
+
 def test_a_changed_declaration_upgrades_on_the_next_writing_command(run_cli, study, monkeypatch):
     # An older database: another schema hash, a column and a view missing.
     con = duckdb.connect(str(study))

@@ -54,9 +54,13 @@ def _schema_info(con) -> dict[str, str]:
     )
 
 
-def schema_version(con) -> int | None:
-    found = _schema_info(con).get("schema_version")
+def _version(info: dict[str, str]) -> int | None:
+    found = info.get("schema_version")
     return int(found) if found is not None else None
+
+
+def schema_version(con) -> int | None:
+    return _version(_schema_info(con))
 
 
 def stored_schema_hash(con) -> str | None:
@@ -88,8 +92,7 @@ def schema_hash() -> str:
 
 
 def _refuse_newer(con, path: str, info: dict[str, str] | None = None) -> None:
-    found = (info if info is not None else _schema_info(con)).get("schema_version")
-    found = int(found) if found is not None else None
+    found = _version(_schema_info(con) if info is None else info)
     if found is not None and found > SCHEMA_VERSION:
         raise UserError(
             f"Database {path} was written by a newer clipfail (schema version {found}; this clipfail "
