@@ -15,7 +15,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
-from helpers import assert_one_message, refused, snapshot, study_reader
+from helpers import assert_one_message, query_rows, refused, snapshot, study_reader
 
 from schema import SCHEMA_VERSION, metadata
 
@@ -420,6 +420,12 @@ MALFORMED = {
     "height negative": (_set("images", 3, "height", -5), ["images[3]", "height -5"]),
     "lone surrogate": (_set("annotations", 6, "caption", "a dog \ud800 on grass"), ["annotations[6]", "surrogate"]),
     "lone surrogate in file_name": (_set("images", 1, "file_name", "x\udc80.jpg"), ["images[1]", "surrogate"]),
+    "file_name with '..'": (_set("images", 1, "file_name", "../outside.jpg"), ["images[1]", "'..' component"]),
+    "file_name with '..' inside": (_set("images", 1, "file_name", "sub/../../x.jpg"), ["images[1]", "'..' component"]),
+    "file_name with Windows '..'": (_set("images", 1, "file_name", "sub\\..\\..\\x.jpg"), ["images[1]", "'..'"]),
+    "file_name absolute": (_set("images", 1, "file_name", "/etc/hostname"), ["images[1]", "an absolute path"]),
+    "file_name with a drive": (_set("images", 1, "file_name", "C:\\x.jpg"), ["images[1]", "an absolute path"]),
+    "file_name with NUL": (_set("images", 1, "file_name", "x\u0000.jpg"), ["images[1]", "a NUL character"]),
     "empty caption": (_set("annotations", 7, "caption", ""), ["annotations[7]", "empty", "refused"]),
     "whitespace caption": (_set("annotations", 7, "caption", " \t\n "), ["annotations[7]", "empty"]),
 }
@@ -441,6 +447,21 @@ def test_malformed_json_values_are_refused_naming_the_record(run_cli, study_db, 
         "x",
         needles=needles,
     )
+
+
+def test_a_file_name_in_a_subfolder_of_the_image_folder_is_ingested(run_cli, tmp_db, synthetic_coco):
+    """The file_name check refuses names that leave the image folder, not names with folders in them."""
+    data = json.loads(_ann(synthetic_coco).read_text())
+    moved = {}
+    for i, prefix in ((0, "sub/"), (1, "./sub/")):
+        name = data["images"][i]["file_name"]
+        (synthetic_coco / "val2017" / "sub").mkdir(exist_ok=True)
+        (synthetic_coco / "val2017" / name).rename(synthetic_coco / "val2017" / "sub" / name)
+        data["images"][i]["file_name"] = moved[data["images"][i]["id"]] = prefix + name
+    _ann(synthetic_coco).write_text(json.dumps(data), encoding="utf-8")
+    run_cli("--db", tmp_db, "ingest", "--coco-root", synthetic_coco, "--num-images", "all", "--name", "x")
+    got = dict(query_rows(tmp_db, "SELECT image_id, rel_path FROM images WHERE image_id IN (?, ?)", list(moved)))
+    assert got == moved
 
 
 def test_every_bad_record_is_listed_in_one_message(run_cli, study_db, synthetic_coco):

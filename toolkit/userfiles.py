@@ -113,6 +113,22 @@ def read_bytes(path: str | Path, what: str, hint: str = "", limit: int | None = 
     return _read_fd(_open_checked(path, what, hint), f"{what} {path}", hint, limit=limit)
 
 
+def unsafe_relative_name(name: str) -> str | None:
+    """Why a file name that a data file gives (a COCO file_name, an archive member) cannot stand for a file inside
+    the folder it is relative to, or None: an absolute path (/x, \\x, C:x), a '..' component (with / or \\ as the
+    separator: a name written on Windows), a NUL character, or no name at all."""
+    if "\0" in name:
+        return "a NUL character"
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return "an absolute path"
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return "a '..' component"
+    if not parts:
+        return "an empty name"
+    return None
+
+
 def read_under(root: str | Path, rel: str | Path, what: str, limit: int | None = None) -> bytes:
     """The bytes of the regular file `rel` (relative to `root`, or a path under it), resolved and checked *now*, for
     a server that serves files long after it started. `root` is a real path, resolved when it was trusted (at the

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from toolkit.errors import UserError, list_offenders
-from toolkit.userfiles import parse_json, read_bytes
+from toolkit.userfiles import parse_json, read_bytes, unsafe_relative_name
 
 MAX_ID = 2**63 - 1  # BIGINT ids
 MAX_INT32 = 2**31 - 1  # INTEGER width / height
@@ -84,6 +84,14 @@ class _Problems:
             return False
         return True
 
+    def relative_name(self, value: str, record: str) -> bool:
+        """A file name inside the image folder it is relative to (no absolute path, no '..'); else record why."""
+        reason = unsafe_relative_name(value)
+        if reason is None:
+            return True
+        self.add(f"file_name is {reason}, not a file inside the image folder", f"{record} (file_name {_short(value)})")
+        return False
+
     def raise_if_any(self) -> None:
         if not self.by_kind:
             return
@@ -136,7 +144,8 @@ def load_coco_captions(path: str | Path, *, sha=None) -> tuple[pd.DataFrame, pd.
     for i, im in enumerate(data["images"]):
         record = f"images[{i}]" + (f" (id {im['id']})" if isinstance(im["id"], int) else "")
         problems.whole(im["id"], 0, MAX_ID, f"images[{i}]", "id")
-        problems.text(im["file_name"], record, "file_name", non_empty=True)
+        if problems.text(im["file_name"], record, "file_name", non_empty=True):
+            problems.relative_name(im["file_name"], record)
         for key in ("width", "height"):
             if im.get(key) is not None:
                 problems.whole(im[key], 1, MAX_INT32, record, key)

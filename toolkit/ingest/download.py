@@ -58,10 +58,11 @@ import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from toolkit.errors import UserError, list_offenders
 from toolkit.progress import progress
+from toolkit.userfiles import unsafe_relative_name
 
 DEFAULT_BASE_URL = "http://images.cocodataset.org"
 TIMEOUT_S = 30
@@ -347,17 +348,9 @@ def copy_limited(src, out, declared: int, limit: int, what: str) -> int:
 
 
 def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
-    name = info.filename
-    parts = PurePosixPath(name.replace("\\", "/")).parts
     if stat.S_ISLNK(info.external_attr >> 16):
         return "a symbolic link"
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        return "an absolute path"
-    if ".." in parts:
-        return "a '..' component"
-    if not parts:
-        return "an empty name"
-    return None
+    return unsafe_relative_name(info.filename)
 
 
 def _member_file(remote: RemoteZip, name: str) -> str | None:
