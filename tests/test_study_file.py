@@ -392,9 +392,13 @@ def test_a_damaged_database_gives_one_clear_message(run_cli, tmp_path, first_blo
 
 def test_report_on_a_writable_study_is_recorded_so_status_stops_asking_for_it(run_cli, study, tmp_path):
     assert "Write the report" in run_cli("--db", study, "status").output
-    run_cli("--db", study, "report", "--out", tmp_path / "report", "--no-figures")
+    # a tables-only report is named, but is not the report: its figures were never drawn
+    run_cli("--db", study, "report", "--out", tmp_path / "quick", "--no-figures")
     out = run_cli("--db", study, "status").output
-    assert "Write the report" not in out and "last written" in out
+    assert "Write the report" in out and "not written yet; a tables-only one (--no-figures)" in out
+    run_cli("--db", study, "report", "--out", tmp_path / "report")
+    out = run_cli("--db", study, "status").output
+    assert "Write the report" not in out and "last written" in out and "tables-only" not in out
     assert db.is_writable(study)
     os.chmod(study, 0o444)
     try:
